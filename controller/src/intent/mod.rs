@@ -1,0 +1,341 @@
+//! The operators' intent: tenants, segments, sites (with their lines and
+//! attachments), policies and settings, as declared in YAML.
+//!
+//! Plain data with no positions; see [`source`] for where each field came from
+//! and [`parse`] for reading YAML.
+
+pub mod parse;
+pub mod source;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
+use serde::{Deserialize, Serialize};
+
+/// The kinds of object an intent document may declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Kind {
+    Tenant,
+    Segment,
+    Site,
+    Policy,
+    Settings,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [Kind::Tenant, Kind::Segment, Kind::Site, Kind::Policy, Kind::Settings];
+
+    /// The word used in YAML (`kind: Site`).
+    pub fn yaml(self) -> &'static str {
+        match self {
+            Kind::Tenant => "Tenant",
+            Kind::Segment => "Segment",
+            Kind::Site => "Site",
+            Kind::Policy => "Policy",
+            Kind::Settings => "Settings",
+        }
+    }
+
+    /// The word used in messages.
+    pub fn word(self) -> &'static str {
+        match self {
+            Kind::Tenant => "tenant",
+            Kind::Segment => "segment",
+            Kind::Site => "site",
+            Kind::Policy => "policy",
+            Kind::Settings => "settings",
+        }
+    }
+}
+
+/// A whole intent: every object, keyed by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    pub settings: Settings,
+    pub tenants: BTreeMap<String, Tenant>,
+    pub segments: BTreeMap<String, Segment>,
+    pub sites: BTreeMap<String, Site>,
+    pub policies: BTreeMap<String, Policy>,
+}
+
+/// An organisation: a ministry, a prefecture, a municipality, an operator body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tenant {
+    pub name: String,
+    pub description: String,
+}
+
+/// A business-specific logical network with its own address space.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    pub name: String,
+    /// The owner tenant.
+    pub tenant: String,
+    pub prefixes: Vec<IpNetwork>,
+    /// Other tenants whose sites may attach to this segment.
+    pub shared_with: Vec<String>,
+    pub description: String,
+}
+
+impl Segment {
+    /// May sites and policies of `tenant` use this segment?
+    pub fn usable_by(&self, tenant: &str) -> bool {
+        self.tenant == tenant || self.shared_with.iter().any(|t| t == tenant)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    #[default]
+    Site,
+    AccessPoint,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Region {
+    #[default]
+    East,
+    West,
+}
+
+impl Region {
+    pub fn other(self) -> Region {
+        match self {
+            Region::East => Region::West,
+            Region::West => Region::East,
+        }
+    }
+}
+
+/// A place with a site router running `musubi-agent`; an access point is a
+/// hub site of one region.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Site {
+    pub name: String,
+    pub tenant: String,
+    pub role: Role,
+    /// For a site: the region whose access point it prefers. For an access
+    /// point: the region it serves.
+    pub region: Region,
+    pub lines: Vec<Line>,
+    pub attachments: Vec<Attachment>,
+    pub description: String,
+}
+
+impl Site {
+    pub fn attachment(&self, segment: &str) -> Option<&Attachment> {
+        self.attachments.iter().find(|a| a.segment == segment)
+    }
+
+    pub fn is_access_point(&self) -> bool {
+        self.role == Role::AccessPoint
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LineKind {
+    DarkFiber,
+    WideAreaEthernet,
+    InternetVpn,
+    Mobile,
+    Satellite,
+}
+
+impl LineKind {
+    pub const ALL: [LineKind; 5] = [
+        LineKind::DarkFiber,
+        LineKind::WideAreaEthernet,
+        LineKind::InternetVpn,
+        LineKind::Mobile,
+        LineKind::Satellite,
+    ];
+
+    pub fn yaml(self) -> &'static str {
+        match self {
+            LineKind::DarkFiber => "dark-fiber",
+            LineKind::WideAreaEthernet => "wide-area-ethernet",
+            LineKind::InternetVpn => "internet-vpn",
+            LineKind::Mobile => "mobile",
+            LineKind::Satellite => "satellite",
+        }
+    }
+}
+
+/// A physical uplink of a site, shared by all of its segments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Line {
+    pub name: String,
+    pub kind: LineKind,
+    /// 1 is the first choice.
+    pub priority: u32,
+    /// Underlay address: the outer address of tunnels over this line.
+    pub address: IpAddr,
+    pub probe: ProbeOverride,
+}
+
+/// Probe timing; unset fields inherit from the line kind, then the settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeOverride {
+    pub interval_ms: Option<u32>,
+    pub multiplier: Option<u32>,
+}
+
+/// Resolved probe timing: a peer is down after `multiplier` missed probes
+/// sent every `interval_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    pub interval_ms: u32,
+    pub multiplier: u32,
+}
+
+impl Probe {
+    pub fn with(self, o: ProbeOverride) -> Probe {
+        Probe {
+            interval_ms: o.interval_ms.unwrap_or(self.interval_ms),
+            multiplier: o.multiplier.unwrap_or(self.multiplier),
+        }
+    }
+
+    /// Time to declare a path dead.
+    pub fn detect_ms(self) -> u64 {
+        u64::from(self.interval_ms) * u64::from(self.multiplier)
+    }
+}
+
+/// A segment present at a site: its LAN interface and prefixes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub segment: String,
+    /// LAN interface; optional on access points (a pure hub has no LAN).
+    pub interface: Option<String>,
+    pub prefixes: Vec<IpNetwork>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    #[default]
+    Any,
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl Protocol {
+    pub fn has_ports(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Udp)
+    }
+}
+
+/// An inclusive range of ports or ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NumRange {
+    pub first: u32,
+    pub last: u32,
+}
+
+impl NumRange {
+    pub fn new(first: u32, last: u32) -> Self {
+        Self { first, last }
+    }
+
+    pub fn len(self) -> u64 {
+        if self.last < self.first { 0 } else { u64::from(self.last - self.first) + 1 }
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn contains(self, v: u32) -> bool {
+        self.first <= v && v <= self.last
+    }
+}
+
+/// An allowed flow from one segment to another, enforced at the access
+/// points. Everything between segments that no policy allows is denied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub name: String,
+    /// The tenant that declares the policy; it must be allowed to use both segments.
+    pub tenant: String,
+    pub from: String,
+    pub to: String,
+    pub protocol: Protocol,
+    pub ports: Vec<NumRange>,
+    pub description: String,
+}
+
+/// Deployment-wide settings. At most one `Settings` document per intent;
+/// every field has a default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    pub probe: Probe,
+    /// Probe timing per line kind (e.g. slower on satellite).
+    pub line_kind_probe: BTreeMap<LineKind, ProbeOverride>,
+    /// One WireGuard listen port per segment is taken from here.
+    pub wireguard_ports: NumRange,
+    /// One routing table id per segment is taken from here.
+    pub routing_tables: NumRange,
+    /// Per-site tunnel addresses.
+    pub tunnel_ipv4: Ipv4Network,
+    pub tunnel_ipv6: Ipv6Network,
+    /// Per-segment AP-to-AP interconnect networks (/31 and /127).
+    pub interconnect_ipv4: Ipv4Network,
+    pub interconnect_ipv6: Ipv6Network,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        #[allow(clippy::unwrap_used)] // constant, valid networks
+        Settings {
+            probe: Probe { interval_ms: 100, multiplier: 3 },
+            line_kind_probe: BTreeMap::new(),
+            wireguard_ports: NumRange::new(51820, 52819),
+            routing_tables: NumRange::new(1000, 1999),
+            tunnel_ipv4: "100.64.0.0/11".parse().unwrap(),
+            tunnel_ipv6: "fd6d:7573:6269::/64".parse().unwrap(),
+            interconnect_ipv4: "100.127.0.0/16".parse().unwrap(),
+            interconnect_ipv6: "fd6d:7573:6269:ffff::/64".parse().unwrap(),
+        }
+    }
+}
+
+impl Settings {
+    /// Probe timing for a line: its own override, else its kind's, else the default.
+    pub fn probe_for(&self, line: &Line) -> Probe {
+        let by_kind = self.line_kind_probe.get(&line.kind).copied().unwrap_or_default();
+        self.probe.with(by_kind).with(line.probe)
+    }
+}
+
+/// Linux limits interface names to 15 bytes (IFNAMSIZ - 1).
+pub const IFNAME_MAX: usize = 15;
+/// Prefix of every WireGuard interface Musubi owns.
+pub const WG_PREFIX: &str = "mw-";
+/// Prefix of every VRF device Musubi owns.
+pub const VRF_PREFIX: &str = "mv-";
+/// Longest segment name that still fits in an interface name.
+pub const SEGMENT_NAME_MAX: usize = IFNAME_MAX - 3;
+
+pub fn wireguard_name(segment: &str) -> String {
+    format!("{WG_PREFIX}{segment}")
+}
+
+pub fn vrf_name(segment: &str) -> String {
+    format!("{VRF_PREFIX}{segment}")
+}
+
+/// Does this network contain that one (same family, at least as wide)?
+pub fn net_contains(outer: &IpNetwork, inner: &IpNetwork) -> bool {
+    outer.is_ipv4() == inner.is_ipv4() && outer.prefix() <= inner.prefix() && outer.contains(inner.network())
+}
+
+/// Do two networks share any address?
+pub fn nets_overlap(a: &IpNetwork, b: &IpNetwork) -> bool {
+    net_contains(a, b) || net_contains(b, a)
+}

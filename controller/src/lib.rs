@@ -1,0 +1,9 @@
+//! The Musubi controller's pure core and its operator CLI.
+//!
+//! Everything under [`intent`], [`validate`], [`allocate`], [`compile`] and
+//! [`plan`] is pure: data in, data out, no clock, no files, no network. Reading
+//! files lives in [`load`] and the binaries.
+
+pub mod diagnostic;
+pub mod intent;
+pub mod validate;
