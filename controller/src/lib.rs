@@ -7,3 +7,8 @@
 pub mod diagnostic;
 pub mod intent;
 pub mod validate;
+pub mod allocate;
+pub mod compile;
+pub mod load;
+pub mod plan;
+pub mod generate;

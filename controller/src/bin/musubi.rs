@@ -1,1 +1,230 @@
-fn main() {}
+//! `musubi`: the operator's command-line tool.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use musubi_controller::allocate::{Allocations, allocate};
+use musubi_controller::compile::{PublicKeys, compile};
+use musubi_controller::diagnostic::{Diagnostic, render};
+use musubi_controller::intent::source::{ObjectRef, SourceMap};
+use musubi_controller::intent::{Intent, Kind};
+use musubi_controller::{generate, load, plan, validate};
+
+#[derive(Parser, Debug)]
+#[command(name = "musubi", version, about = "Operate a Musubi network: validate, plan and compile intent")]
+struct Cli {
+    /// Colour output: auto (on a terminal unless NO_COLOR is set), always, never.
+    #[arg(long, global = true, default_value = "auto")]
+    color: ColorChoice,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ColorChoice {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Format {
+    Yaml,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check intent files; print every problem with its file, line and column.
+    Validate {
+        /// YAML files or directories (all their *.yaml files form one intent).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Show what each site would change, from an older intent (or nothing) to this one.
+    Plan {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// The intent currently deployed; without it every site is new.
+        #[arg(long, num_args = 1..)]
+        against: Vec<PathBuf>,
+        /// Allocations currently deployed (JSON, as written by `musubi compile --allocations`).
+        #[arg(long)]
+        allocations: Option<PathBuf>,
+        /// Print the plan as JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the configuration one site's agent would receive.
+    Compile {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long)]
+        site: String,
+        #[arg(long, default_value = "yaml")]
+        format: Format,
+        /// Allocations file: read if it exists, then written back with any new
+        /// allocations, so numbers stay stable from one run to the next.
+        #[arg(long)]
+        allocations: Option<PathBuf>,
+        /// Public keys reported by agents: YAML `site: {segment: key}`.
+        #[arg(long)]
+        keys: Option<PathBuf>,
+    },
+    /// Write a synthetic national-scale intent (for benchmarks) to stdout or a file.
+    Generate {
+        #[arg(long)]
+        sites: usize,
+        #[arg(long, default_value_t = 5)]
+        segments: usize,
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+/// A failure already explained to the user on stderr.
+#[derive(Debug)]
+struct Reported;
+
+impl std::fmt::Display for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("errors reported above")
+    }
+}
+
+impl std::error::Error for Reported {}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
+        tracing_subscriber::EnvFilter::try_from_env("MUSUBI_LOG").unwrap_or_else(|_| "warn".into()),
+    ).init();
+    let cli = Cli::parse();
+    let color = match cli.color {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        ColorChoice::Auto => std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal(),
+    };
+    match run(cli.command, color) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Reported>() => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command, color: bool) -> Result<()> {
+    match command {
+        Command::Validate { paths } => {
+            let (intent, _) = checked(&paths, color)?;
+            println!(
+                "valid: {} tenants, {} segments, {} sites, {} policies",
+                intent.tenants.len(),
+                intent.segments.len(),
+                intent.sites.len(),
+                intent.policies.len()
+            );
+            Ok(())
+        }
+        Command::Plan { paths, against, allocations, json } => {
+            let previous = read_allocations(allocations.as_deref())?;
+            let (old_intent, old_alloc) = if against.is_empty() {
+                (Intent::default(), previous)
+            } else {
+                let (old, sources) = checked(&against, color)?;
+                let alloc = allocated(&old, &sources, &previous, color)?;
+                (old, alloc)
+            };
+            let (new_intent, sources) = checked(&paths, color)?;
+            let new_alloc = allocated(&new_intent, &sources, &old_alloc, color)?;
+            let keys = PublicKeys::new();
+            let old = compile(&old_intent, &old_alloc, &keys)?;
+            let new = compile(&new_intent, &new_alloc, &keys)?;
+            let p = plan::diff(&old, &new);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                print!("{}", plan::render(&p, color));
+            }
+            Ok(())
+        }
+        Command::Compile { paths, site, format, allocations, keys } => {
+            let (intent, sources) = checked(&paths, color)?;
+            if !intent.sites.contains_key(&site) {
+                let known: Vec<&str> = intent.sites.keys().map(String::as_str).take(20).collect();
+                bail!("site `{site}` is not in the intent; expected one of: {}", known.join(", "));
+            }
+            let previous = read_allocations(allocations.as_deref())?;
+            let alloc = allocated(&intent, &sources, &previous, color)?;
+            if let Some(path) = &allocations
+                && alloc != previous
+            {
+                std::fs::write(path, serde_json::to_string_pretty(&alloc)? + "\n")
+                    .with_context(|| format!("writing allocations to {}", path.display()))?;
+            }
+            let keys = read_keys(keys.as_deref())?;
+            let index = musubi_controller::compile::Index::new(&intent, &alloc, &keys);
+            let config = index.site(&site)?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&config)?),
+                Format::Yaml => print!("{}", yaml_serde::to_string(&config)?),
+            }
+            Ok(())
+        }
+        Command::Generate { sites, segments, output } => {
+            let text = generate::generate(sites, segments);
+            match output {
+                Some(path) => std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?,
+                None => print!("{text}"),
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Loads and validates an intent, printing every diagnostic on failure.
+fn checked(paths: &[PathBuf], color: bool) -> Result<(Intent, SourceMap)> {
+    let parsed = load::load(paths)?;
+    let diags = validate::check(&parsed);
+    if diags.is_empty() {
+        return Ok((parsed.intent, parsed.sources));
+    }
+    report(&diags, &parsed.sources, color);
+    Err(Reported.into())
+}
+
+fn report(diags: &[Diagnostic], sources: &SourceMap, color: bool) {
+    let color = color && std::io::stderr().is_terminal();
+    eprint!("{}", render(diags, sources, color));
+}
+
+fn allocated(intent: &Intent, sources: &SourceMap, previous: &Allocations, color: bool) -> Result<Allocations> {
+    allocate(intent, previous).map_err(|e| {
+        let settings = ObjectRef::new(Kind::Settings, "settings");
+        report(&[Diagnostic::at(sources, &settings, e.field(), e.to_string()).expected("a larger range in Settings")], sources, color);
+        Reported.into()
+    })
+}
+
+fn read_allocations(path: Option<&Path>) -> Result<Allocations> {
+    match path {
+        Some(p) if p.exists() => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("{} is not an allocations file", p.display()))
+        }
+        _ => Ok(Allocations::default()),
+    }
+}
+
+fn read_keys(path: Option<&Path>) -> Result<PublicKeys> {
+    let Some(p) = path else { return Ok(PublicKeys::new()) };
+    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    let by_site: BTreeMap<String, BTreeMap<String, String>> =
+        yaml_serde::from_str(&text).with_context(|| format!("{}: expected `site: {{segment: public-key}}`", p.display()))?;
+    Ok(by_site.into_iter().flat_map(|(site, segs)| segs.into_iter().map(move |(seg, key)| ((site.clone(), seg), key))).collect())
+}

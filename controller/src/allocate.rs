@@ -1,0 +1,173 @@
+//! Numbers and addresses that the kernel sees: a routing table id and a
+//! WireGuard port per segment, tunnel addresses per site, an AP-to-AP
+//! interconnect network per segment.
+//!
+//! `allocate` is pure and sticky: every object that still exists keeps what
+//! it had, new objects take the lowest free value, removed objects free
+//! theirs. Renumbering would cut live traffic, so nothing else ever moves.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ipnetwork::{Ipv4Network, Ipv6Network};
+use serde::{Deserialize, Serialize};
+
+use crate::intent::{Intent, NumRange};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocations {
+    pub segments: BTreeMap<String, SegmentAllocation>,
+    pub sites: BTreeMap<String, SiteAllocation>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentAllocation {
+    pub table: u32,
+    pub port: u16,
+    /// /31: the east access point takes the first address, the west the second.
+    pub interconnect_ipv4: Ipv4Network,
+    /// /127, same order.
+    pub interconnect_ipv6: Ipv6Network,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteAllocation {
+    pub tunnel_ipv4: Ipv4Addr,
+    pub tunnel_ipv6: Ipv6Addr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AllocError {
+    #[error("{what} is exhausted: no free value left in {range} for {object}")]
+    Exhausted { what: &'static str, range: String, object: String },
+}
+
+/// Hands out the lowest free value of a range, skipping values in use.
+/// Values are offsets from the start of the range.
+struct Pool {
+    used: HashSet<u128>,
+    next: u128,
+    size: u128,
+}
+
+impl Pool {
+    fn new(first: u128, size: u128, used: impl IntoIterator<Item = u128>) -> Self {
+        Pool { used: used.into_iter().collect(), next: first, size }
+    }
+
+    fn take(&mut self) -> Option<u128> {
+        while self.next < self.size {
+            let v = self.next;
+            self.next += 1;
+            if self.used.insert(v) {
+                return Some(v);
+            }
+        }
+        None
+    }
+}
+
+fn range_pool(r: NumRange, used: impl IntoIterator<Item = u32>) -> Pool {
+    Pool::new(0, u128::from(r.len()), used.into_iter().filter(|v| r.contains(*v)).map(|v| u128::from(v - r.first)))
+}
+
+fn offset4(net: Ipv4Network, a: Ipv4Addr) -> Option<u128> {
+    net.contains(a).then(|| u128::from(u32::from(a) - u32::from(net.network())))
+}
+
+fn offset6(net: Ipv6Network, a: Ipv6Addr) -> Option<u128> {
+    net.contains(a).then(|| u128::from(a) - u128::from(net.network()))
+}
+
+fn size4(net: Ipv4Network) -> u128 {
+    1u128 << (32 - u32::from(net.prefix()))
+}
+
+fn size6(net: Ipv6Network) -> u128 {
+    let bits = 128 - u32::from(net.prefix());
+    if bits >= 127 { 1u128 << 126 } else { 1u128 << bits }
+}
+
+/// Allocations for `intent`, keeping every allocation in `previous` whose
+/// object still exists.
+pub fn allocate(intent: &Intent, previous: &Allocations) -> Result<Allocations, AllocError> {
+    let s = &intent.settings;
+    let mut out = Allocations::default();
+    for (name, a) in &previous.segments {
+        if intent.segments.contains_key(name) {
+            out.segments.insert(name.clone(), *a);
+        }
+    }
+    for (name, a) in &previous.sites {
+        if intent.sites.contains_key(name) {
+            out.sites.insert(name.clone(), *a);
+        }
+    }
+
+    let kept = out.segments.values();
+    let mut tables = range_pool(s.routing_tables, kept.clone().map(|a| a.table));
+    let mut ports = range_pool(s.wireguard_ports, kept.clone().map(|a| u32::from(a.port)));
+    // Interconnects are counted in pairs of addresses.
+    let mut ic4 = Pool::new(
+        0,
+        size4(s.interconnect_ipv4) / 2,
+        kept.clone().filter_map(|a| offset4(s.interconnect_ipv4, a.interconnect_ipv4.network())).map(|o| o / 2),
+    );
+    let mut ic6 = Pool::new(
+        0,
+        size6(s.interconnect_ipv6) / 2,
+        kept.filter_map(|a| offset6(s.interconnect_ipv6, a.interconnect_ipv6.network())).map(|o| o / 2),
+    );
+    for name in intent.segments.keys() {
+        if out.segments.contains_key(name) {
+            continue;
+        }
+        let exhausted = |what: &'static str, range: String| AllocError::Exhausted { what, range, object: format!("segment `{name}`") };
+        let table = tables.take().ok_or_else(|| exhausted("routing_tables", format!("{}-{}", s.routing_tables.first, s.routing_tables.last)))?;
+        let port = ports.take().ok_or_else(|| exhausted("wireguard_ports", format!("{}-{}", s.wireguard_ports.first, s.wireguard_ports.last)))?;
+        let i4 = ic4.take().ok_or_else(|| exhausted("interconnect_addresses.ipv4", s.interconnect_ipv4.to_string()))?;
+        let i6 = ic6.take().ok_or_else(|| exhausted("interconnect_addresses.ipv6", s.interconnect_ipv6.to_string()))?;
+        let a4 = Ipv4Addr::from(u32::from(s.interconnect_ipv4.network()) + (i4 * 2) as u32);
+        let a6 = Ipv6Addr::from(u128::from(s.interconnect_ipv6.network()) + i6 * 2);
+        #[allow(clippy::unwrap_used)] // /31 and /127 are valid prefix lengths
+        out.segments.insert(
+            name.clone(),
+            SegmentAllocation {
+                table: s.routing_tables.first + table as u32,
+                port: (s.wireguard_ports.first + port as u32) as u16,
+                interconnect_ipv4: Ipv4Network::new(a4, 31).unwrap(),
+                interconnect_ipv6: Ipv6Network::new(a6, 127).unwrap(),
+            },
+        );
+    }
+
+    let kept = out.sites.values();
+    // Offset 0 is the network address; IPv4 also loses its broadcast address.
+    let mut t4 = Pool::new(1, size4(s.tunnel_ipv4) - 1, kept.clone().filter_map(|a| offset4(s.tunnel_ipv4, a.tunnel_ipv4)));
+    let mut t6 = Pool::new(1, size6(s.tunnel_ipv6), kept.filter_map(|a| offset6(s.tunnel_ipv6, a.tunnel_ipv6)));
+    for name in intent.sites.keys() {
+        if out.sites.contains_key(name) {
+            continue;
+        }
+        let exhausted = |what: &'static str, range: String| AllocError::Exhausted { what, range, object: format!("site `{name}`") };
+        let o4 = t4.take().ok_or_else(|| exhausted("tunnel_addresses.ipv4", s.tunnel_ipv4.to_string()))?;
+        let o6 = t6.take().ok_or_else(|| exhausted("tunnel_addresses.ipv6", s.tunnel_ipv6.to_string()))?;
+        out.sites.insert(
+            name.clone(),
+            SiteAllocation {
+                tunnel_ipv4: Ipv4Addr::from(u32::from(s.tunnel_ipv4.network()) + o4 as u32),
+                tunnel_ipv6: Ipv6Addr::from(u128::from(s.tunnel_ipv6.network()) + o6),
+            },
+        );
+    }
+    Ok(out)
+}
+
+impl AllocError {
+    /// The Settings field whose range ran out.
+    pub fn field(&self) -> &'static str {
+        match self {
+            AllocError::Exhausted { what, .. } => what,
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! Reading intent files from disk: each path is a YAML file or a directory
+//! whose `*.yaml` / `*.yml` files (recursively, in name order) together form
+//! one intent.
+
+use std::path::{Path, PathBuf};
+
+use crate::intent::parse::{Parsed, parse_files};
+use crate::intent::source::SourceFile;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not valid UTF-8")]
+    NotUtf8 { path: PathBuf },
+    #[error("{path} holds no .yaml or .yml files")]
+    Empty { path: PathBuf },
+}
+
+fn collect(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
+    let meta = std::fs::metadata(path).map_err(|source| LoadError::Read { path: path.into(), source })?;
+    if !meta.is_dir() {
+        out.push(path.to_path_buf());
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|source| LoadError::Read { path: path.into(), source })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for e in entries {
+        if e.is_dir() {
+            collect(&e, out)?;
+        } else if matches!(e.extension().and_then(|x| x.to_str()), Some("yaml" | "yml")) {
+            out.push(e);
+        }
+    }
+    Ok(())
+}
+
+/// Reads the files behind `paths` (files or directories).
+pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<SourceFile>, LoadError> {
+    let mut files = Vec::new();
+    for p in paths {
+        let before = files.len();
+        collect(p, &mut files)?;
+        if files.len() == before {
+            return Err(LoadError::Empty { path: p.clone() });
+        }
+    }
+    files
+        .into_iter()
+        .map(|path| {
+            let bytes = std::fs::read(&path).map_err(|source| LoadError::Read { path: path.clone(), source })?;
+            let text = String::from_utf8(bytes).map_err(|_| LoadError::NotUtf8 { path: path.clone() })?;
+            Ok(SourceFile::new(path.display().to_string(), text))
+        })
+        .collect()
+}
+
+/// Reads and parses one intent from files and directories.
+pub fn load(paths: &[PathBuf]) -> Result<Parsed, LoadError> {
+    Ok(parse_files(read_sources(paths)?))
+}

@@ -1,0 +1,200 @@
+//! Plans: what changes on each site between two compilations, as data.
+//! "No change" is an empty plan. [`render`] prints it for people.
+
+mod affected;
+mod render;
+
+pub use affected::affected_sites;
+pub use render::render;
+
+use std::collections::BTreeMap;
+
+use musubi_proto::v1::{self as pb, SiteConfig};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Add,
+    Remove,
+    Change,
+}
+
+impl Action {
+    pub fn sign(self) -> char {
+        match self {
+            Action::Add => '+',
+            Action::Remove => '-',
+            Action::Change => '~',
+        }
+    }
+}
+
+/// One added, removed or changed thing, with what changed inside it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Change {
+    pub action: Action,
+    /// `site`, `segment`, `peer`, `route group`, `policy`, `import`, `lines`…
+    pub kind: &'static str,
+    pub name: String,
+    /// `field: old → new` lines for changed leaves.
+    pub details: Vec<String>,
+    pub children: Vec<Change>,
+}
+
+impl Change {
+    fn new(action: Action, kind: &'static str, name: impl Into<String>) -> Self {
+        Change { action, kind, name: name.into(), details: Vec::new(), children: Vec::new() }
+    }
+}
+
+/// Per-site changes, sorted by site name; empty when nothing changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Plan {
+    pub sites: Vec<Change>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.sites.is_empty()
+    }
+
+    /// Names of the sites that must receive a new configuration (or be torn down).
+    pub fn affected(&self) -> Vec<&str> {
+        self.sites.iter().map(|c| c.name.as_str()).collect()
+    }
+
+    pub fn count(&self, action: Action) -> usize {
+        self.sites.iter().filter(|c| c.action == action).count()
+    }
+}
+
+/// The plan that takes every site from `old` to `new`.
+pub fn diff(old: &BTreeMap<String, SiteConfig>, new: &BTreeMap<String, SiteConfig>) -> Plan {
+    let mut sites = Vec::new();
+    let names: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    for name in names {
+        match (old.get(name), new.get(name)) {
+            (None, Some(n)) => {
+                let mut c = Change::new(Action::Add, "site", name.clone());
+                c.children = n.segments.iter().map(|s| Change::new(Action::Add, "segment", s.segment.clone())).collect();
+                sites.push(c);
+            }
+            (Some(o), None) => {
+                let mut c = Change::new(Action::Remove, "site", name.clone());
+                c.children = o.segments.iter().map(|s| Change::new(Action::Remove, "segment", s.segment.clone())).collect();
+                sites.push(c);
+            }
+            (Some(o), Some(n)) if o != n => sites.push(diff_site(o, n)),
+            _ => {}
+        }
+    }
+    Plan { sites }
+}
+
+fn field<T: PartialEq + std::fmt::Debug>(details: &mut Vec<String>, name: &str, old: &T, new: &T, show: impl Fn(&T) -> String) {
+    if old != new {
+        details.push(format!("{name}: {} → {}", show(old), show(new)));
+    }
+}
+
+fn list(v: &[String]) -> String {
+    if v.is_empty() { "(none)".into() } else { v.join(", ") }
+}
+
+fn diff_site(o: &SiteConfig, n: &SiteConfig) -> Change {
+    let mut c = Change::new(Action::Change, "site", n.site.clone());
+    field(&mut c.details, "tenant", &o.tenant, &n.tenant, Clone::clone);
+    field(&mut c.details, "role", &o.role(), &n.role(), |r| format!("{r:?}").to_lowercase());
+    field(&mut c.details, "region", &o.region(), &n.region(), |r| format!("{r:?}").to_lowercase());
+    field(&mut c.details, "probe", &o.probe, &n.probe, |p| probe(p.as_ref()));
+    c.children.extend(diff_named(&o.lines, &n.lines, "line", |l| &l.name, |a, b| {
+        let mut d = Vec::new();
+        field(&mut d, "kind", &a.kind(), &b.kind(), |k| format!("{k:?}"));
+        field(&mut d, "priority", &a.priority, &b.priority, ToString::to_string);
+        field(&mut d, "address", &a.address, &b.address, Clone::clone);
+        field(&mut d, "probe", &a.probe, &b.probe, |p| probe(p.as_ref()));
+        (d, Vec::new())
+    }));
+    c.children.extend(diff_named(&o.segments, &n.segments, "segment", |s| &s.segment, diff_segment));
+    c
+}
+
+fn probe(p: Option<&pb::ProbeSettings>) -> String {
+    p.map_or("(none)".into(), |p| format!("{} ms × {}", p.interval_ms, p.multiplier))
+}
+
+fn diff_segment(o: &pb::SegmentConfig, n: &pb::SegmentConfig) -> (Vec<String>, Vec<Change>) {
+    let mut d = Vec::new();
+    field(&mut d, "owner", &o.owner, &n.owner, Clone::clone);
+    field(&mut d, "routing domain", &o.domain, &n.domain, |x| x.as_ref().map_or("(none)".into(), |x| format!("{} table {}", x.vrf, x.table)));
+    field(&mut d, "wireguard", &o.wireguard, &n.wireguard, |x| {
+        x.as_ref().map_or("(none)".into(), |x| format!("{} port {} [{}]", x.name, x.listen_port, x.addresses.join(", ")))
+    });
+    field(&mut d, "attachment", &o.attachment, &n.attachment, |x| {
+        x.as_ref().map_or("(none)".into(), |x| format!("{} [{}]", x.interface, x.prefixes.join(", ")))
+    });
+    let mut children = diff_named(&o.peers, &n.peers, "peer", |p| &p.name, |a, b| {
+        let mut d = Vec::new();
+        field(&mut d, "role", &a.role(), &b.role(), |r| format!("{r:?}").to_lowercase());
+        field(&mut d, "public key", &a.public_key, &b.public_key, |k| if k.is_empty() { "(not yet known)".into() } else { k.clone() });
+        field(&mut d, "endpoints", &a.endpoints, &b.endpoints, |e| {
+            list(&e.iter().map(|e| format!("{}→{}:{}", e.local_line, e.address, e.port)).collect::<Vec<_>>())
+        });
+        field(&mut d, "allowed prefixes", &a.allowed_prefixes, &b.allowed_prefixes, |v| list(v));
+        (d, Vec::new())
+    });
+    children.extend(diff_named(&o.route_groups, &n.route_groups, "route group", |g| &g.name, |a, b| {
+        let mut d = Vec::new();
+        field(&mut d, "prefixes", &a.prefixes, &b.prefixes, |v| list(v));
+        field(&mut d, "candidates", &a.candidates, &b.candidates, |v| list(v));
+        (d, Vec::new())
+    }));
+    children.extend(diff_named(&o.policy, &n.policy, "policy", |p| &p.name, |a, b| {
+        let mut d = Vec::new();
+        field(&mut d, "to", &a.to_segment, &b.to_segment, Clone::clone);
+        field(&mut d, "from prefixes", &a.from_prefixes, &b.from_prefixes, |v| list(v));
+        field(&mut d, "to prefixes", &a.to_prefixes, &b.to_prefixes, |v| list(v));
+        field(&mut d, "protocol", &a.protocol(), &b.protocol(), |p| format!("{p:?}").to_lowercase());
+        field(&mut d, "ports", &a.ports, &b.ports, |v| {
+            list(&v.iter().map(|r| if r.first == r.last { r.first.to_string() } else { format!("{}-{}", r.first, r.last) }).collect::<Vec<_>>())
+        });
+        (d, Vec::new())
+    }));
+    children.extend(diff_named(&o.imports, &n.imports, "import", |i| &i.segment, |a, b| {
+        let mut d = Vec::new();
+        field(&mut d, "table", &a.table, &b.table, ToString::to_string);
+        field(&mut d, "prefixes", &a.prefixes, &b.prefixes, |v| list(v));
+        (d, Vec::new())
+    }));
+    (d, children)
+}
+
+/// Added, removed and changed items of two lists keyed by name.
+fn diff_named<T: PartialEq>(
+    old: &[T],
+    new: &[T],
+    kind: &'static str,
+    name: impl Fn(&T) -> &String,
+    inner: impl Fn(&T, &T) -> (Vec<String>, Vec<Change>),
+) -> Vec<Change> {
+    let old_by: BTreeMap<&String, &T> = old.iter().map(|x| (name(x), x)).collect();
+    let new_by: BTreeMap<&String, &T> = new.iter().map(|x| (name(x), x)).collect();
+    let mut out = Vec::new();
+    let names: std::collections::BTreeSet<&&String> = old_by.keys().chain(new_by.keys()).collect();
+    for n in names {
+        match (old_by.get(*n), new_by.get(*n)) {
+            (None, Some(_)) => out.push(Change::new(Action::Add, kind, (*n).clone())),
+            (Some(_), None) => out.push(Change::new(Action::Remove, kind, (*n).clone())),
+            (Some(a), Some(b)) if a != b => {
+                let mut c = Change::new(Action::Change, kind, (*n).clone());
+                (c.details, c.children) = inner(a, b);
+                if c.details.is_empty() && c.children.is_empty() {
+                    c.details.push("order changed".into());
+                }
+                out.push(c);
+            }
+            _ => {}
+        }
+    }
+    out
+}

@@ -1,0 +1,46 @@
+//! Human-readable plans, in the style of `terraform plan`.
+
+use super::{Action, Change, Plan};
+
+const RESET: &str = "\x1b[0m";
+
+fn colour(a: Action) -> &'static str {
+    match a {
+        Action::Add => "\x1b[32m",
+        Action::Remove => "\x1b[31m",
+        Action::Change => "\x1b[33m",
+    }
+}
+
+fn write(out: &mut String, c: &Change, depth: usize, color: bool) {
+    let indent = "    ".repeat(depth);
+    let (on, off) = if color { (colour(c.action), RESET) } else { ("", "") };
+    out.push_str(&format!("{indent}{on}{} {} {}{off}\n", c.action.sign(), c.kind, c.name));
+    for d in &c.details {
+        out.push_str(&format!("{indent}      {d}\n"));
+    }
+    for child in &c.children {
+        write(out, child, depth + 1, color);
+    }
+}
+
+/// The whole plan, ending with a summary and the affected sites.
+pub fn render(plan: &Plan, color: bool) -> String {
+    if plan.is_empty() {
+        return "No changes. Every site's configuration is up to date.\n".into();
+    }
+    let mut out = String::new();
+    for c in &plan.sites {
+        write(&mut out, c, 0, color);
+        out.push('\n');
+    }
+    let bold = |s: String| if color { format!("\x1b[1m{s}{RESET}") } else { s };
+    out.push_str(&bold(format!(
+        "Plan: {} site(s) to add, {} to change, {} to remove.\n",
+        plan.count(Action::Add),
+        plan.count(Action::Change),
+        plan.count(Action::Remove)
+    )));
+    out.push_str(&format!("Affected sites ({}): {}\n", plan.sites.len(), plan.affected().join(", ")));
+    out
+}
