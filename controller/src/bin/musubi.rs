@@ -39,9 +39,10 @@ enum Format {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Check intent files; print every problem with its file, line and column.
+    /// Check intents; print every problem with its file, line and column.
     Validate {
-        /// YAML files or directories (all their *.yaml files form one intent).
+        /// Each path is one intent: a YAML file, or a directory whose *.yaml
+        /// files together form one intent.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
@@ -121,15 +122,22 @@ fn main() -> ExitCode {
 fn run(command: Command, color: bool) -> Result<()> {
     match command {
         Command::Validate { paths } => {
-            let (intent, _) = checked(&paths, color)?;
-            println!(
-                "valid: {} tenants, {} segments, {} sites, {} policies",
-                intent.tenants.len(),
-                intent.segments.len(),
-                intent.sites.len(),
-                intent.policies.len()
-            );
-            Ok(())
+            let mut failed = false;
+            for path in &paths {
+                match checked(std::slice::from_ref(path), color) {
+                    Ok((intent, _)) => println!(
+                        "{}: valid ({} tenants, {} segments, {} sites, {} policies)",
+                        path.display(),
+                        intent.tenants.len(),
+                        intent.segments.len(),
+                        intent.sites.len(),
+                        intent.policies.len()
+                    ),
+                    Err(e) if e.is::<Reported>() => failed = true,
+                    Err(e) => return Err(e),
+                }
+            }
+            if failed { Err(Reported.into()) } else { Ok(()) }
         }
         Command::Plan { paths, against, allocations, json } => {
             let previous = read_allocations(allocations.as_deref())?;

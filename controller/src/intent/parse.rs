@@ -416,7 +416,7 @@ fn read_document(p: &mut Parsed, file: usize, doc: &Node, settings_seen: &mut bo
             loc: Some(r.loc(at)),
             related: Vec::new(),
         }
-        .related(first, "first declared here");
+        .related(r.p.sources.field(&obj, "name"), "first declared here");
         r.p.diagnostics.push(d);
         return;
     }

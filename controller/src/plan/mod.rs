@@ -97,6 +97,22 @@ fn field<T: PartialEq + std::fmt::Debug>(details: &mut Vec<String>, name: &str, 
     }
 }
 
+/// A changed list as its removed and added items (or its new order).
+fn list_field(details: &mut Vec<String>, name: &str, old: &[String], new: &[String]) {
+    if old == new {
+        return;
+    }
+    let removed: Vec<&String> = old.iter().filter(|x| !new.contains(x)).collect();
+    let added: Vec<&String> = new.iter().filter(|x| !old.contains(x)).collect();
+    if removed.is_empty() && added.is_empty() {
+        details.push(format!("{name} order: {} → {}", list(old), list(new)));
+        return;
+    }
+    let mut parts: Vec<String> = removed.iter().map(|x| format!("-{x}")).collect();
+    parts.extend(added.iter().map(|x| format!("+{x}")));
+    details.push(format!("{name}: {}", parts.join(" ")));
+}
+
 fn list(v: &[String]) -> String {
     if v.is_empty() { "(none)".into() } else { v.join(", ") }
 }
@@ -137,23 +153,27 @@ fn diff_segment(o: &pb::SegmentConfig, n: &pb::SegmentConfig) -> (Vec<String>, V
         let mut d = Vec::new();
         field(&mut d, "role", &a.role(), &b.role(), |r| format!("{r:?}").to_lowercase());
         field(&mut d, "public key", &a.public_key, &b.public_key, |k| if k.is_empty() { "(not yet known)".into() } else { k.clone() });
-        field(&mut d, "endpoints", &a.endpoints, &b.endpoints, |e| {
-            list(&e.iter().map(|e| format!("{}→{}:{}", e.local_line, e.address, e.port)).collect::<Vec<_>>())
-        });
-        field(&mut d, "allowed prefixes", &a.allowed_prefixes, &b.allowed_prefixes, |v| list(v));
+        let endpoints = |p: &pb::Peer| -> Vec<String> {
+            p.endpoints.iter().map(|e| format!("{}→{}:{}", e.local_line, e.address, e.port)).collect()
+        };
+        list_field(&mut d, "endpoints", &endpoints(a), &endpoints(b));
+        if a.endpoints.iter().map(|e| &e.probe).ne(b.endpoints.iter().map(|e| &e.probe)) {
+            d.push("endpoint probe timing changed".into());
+        }
+        list_field(&mut d, "allowed prefixes", &a.allowed_prefixes, &b.allowed_prefixes);
         (d, Vec::new())
     });
     children.extend(diff_named(&o.route_groups, &n.route_groups, "route group", |g| &g.name, |a, b| {
         let mut d = Vec::new();
-        field(&mut d, "prefixes", &a.prefixes, &b.prefixes, |v| list(v));
-        field(&mut d, "candidates", &a.candidates, &b.candidates, |v| list(v));
+        list_field(&mut d, "prefixes", &a.prefixes, &b.prefixes);
+        list_field(&mut d, "candidates", &a.candidates, &b.candidates);
         (d, Vec::new())
     }));
     children.extend(diff_named(&o.policy, &n.policy, "policy", |p| &p.name, |a, b| {
         let mut d = Vec::new();
         field(&mut d, "to", &a.to_segment, &b.to_segment, Clone::clone);
-        field(&mut d, "from prefixes", &a.from_prefixes, &b.from_prefixes, |v| list(v));
-        field(&mut d, "to prefixes", &a.to_prefixes, &b.to_prefixes, |v| list(v));
+        list_field(&mut d, "from prefixes", &a.from_prefixes, &b.from_prefixes);
+        list_field(&mut d, "to prefixes", &a.to_prefixes, &b.to_prefixes);
         field(&mut d, "protocol", &a.protocol(), &b.protocol(), |p| format!("{p:?}").to_lowercase());
         field(&mut d, "ports", &a.ports, &b.ports, |v| {
             list(&v.iter().map(|r| if r.first == r.last { r.first.to_string() } else { format!("{}-{}", r.first, r.last) }).collect::<Vec<_>>())
@@ -163,7 +183,7 @@ fn diff_segment(o: &pb::SegmentConfig, n: &pb::SegmentConfig) -> (Vec<String>, V
     children.extend(diff_named(&o.imports, &n.imports, "import", |i| &i.segment, |a, b| {
         let mut d = Vec::new();
         field(&mut d, "table", &a.table, &b.table, ToString::to_string);
-        field(&mut d, "prefixes", &a.prefixes, &b.prefixes, |v| list(v));
+        list_field(&mut d, "prefixes", &a.prefixes, &b.prefixes);
         (d, Vec::new())
     }));
     (d, children)

@@ -36,11 +36,12 @@ pub fn render(plan: &Plan, color: bool) -> String {
     }
     let bold = |s: String| if color { format!("\x1b[1m{s}{RESET}") } else { s };
     out.push_str(&bold(format!(
-        "Plan: {} site(s) to add, {} to change, {} to remove.\n",
+        "Plan: {} site(s) to add, {} to change, {} to remove.",
         plan.count(Action::Add),
         plan.count(Action::Change),
         plan.count(Action::Remove)
     )));
+    out.push('\n');
     out.push_str(&format!("Affected sites ({}): {}\n", plan.sites.len(), plan.affected().join(", ")));
     out
 }

@@ -3,7 +3,7 @@
 
 use crate::diagnostic::Diagnostic;
 use crate::intent::source::{ObjectRef, SourceMap};
-use crate::intent::{Intent, Kind, nets_overlap};
+use crate::intent::{Intent, Kind, Region, nets_overlap};
 
 fn dangling(sources: &SourceMap, obj: &ObjectRef, field: &str, kind: Kind, name: &str) -> Diagnostic {
     Diagnostic::at(sources, obj, field, format!("{} `{name}` is not declared", kind.word()))
@@ -77,6 +77,25 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                     .expected("two different segments (traffic inside a segment is always allowed)"),
             );
         } else if let [from, to] = ends[..] {
+            // Policy traffic crosses from one segment's table to the other's
+            // at the access points, so both must be served by the same pair.
+            let served = |seg: &str, region| {
+                intent.sites.values().find(|s| s.is_access_point() && s.region == region && s.attachment(seg).is_some()).map(|s| s.name.as_str())
+            };
+            for region in [Region::East, Region::West] {
+                let (a, b) = (served(&from.name, region), served(&to.name, region));
+                if let (Some(a), Some(b)) = (a, b)
+                    && a != b
+                {
+                    out.push(
+                        Diagnostic::at(sources, &obj, "to", format!(
+                            "segments `{}` and `{}` use different access points ({a} and {b}), so no access point can enforce this policy",
+                            from.name, to.name
+                        ))
+                        .expected("segments served by the same access points"),
+                    );
+                }
+            }
             // Policy traffic is routed between the two segments' tables at the
             // access points: an address must mean one host.
             for a in &from.prefixes {

@@ -86,6 +86,42 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
         }
     }
     check_access_points(intent, sources, out);
+    check_reachability(intent, sources, out);
+}
+
+/// A site must share an address family with each access point of each of its
+/// segments, or no tunnel can be built between them.
+fn check_reachability(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnostic>) {
+    let families = |s: &crate::intent::Site| -> (bool, bool) {
+        (s.lines.iter().any(|l| l.address.is_ipv4()), s.lines.iter().any(|l| l.address.is_ipv6()))
+    };
+    let mut aps: HashMap<&str, Vec<&crate::intent::Site>> = HashMap::new();
+    for ap in intent.sites.values().filter(|s| s.is_access_point()) {
+        for a in &ap.attachments {
+            aps.entry(a.segment.as_str()).or_default().push(ap);
+        }
+    }
+    for (name, site) in &intent.sites {
+        if site.lines.is_empty() {
+            continue;
+        }
+        let (v4, v6) = families(site);
+        let obj = ObjectRef::new(Kind::Site, name);
+        for (i, a) in site.attachments.iter().enumerate() {
+            for ap in aps.get(a.segment.as_str()).into_iter().flatten() {
+                let (a4, a6) = families(ap);
+                if ap.name != site.name && !ap.lines.is_empty() && !((v4 && a4) || (v6 && a6)) {
+                    out.push(
+                        Diagnostic::at(sources, &obj, &format!("attachments[{i}].segment"), format!(
+                            "site `{name}` cannot reach access point `{}` of segment `{}`: their lines share no address family",
+                            ap.name, a.segment
+                        ))
+                        .expected("a line with an IPv4 or IPv6 address of the same family as one of the access point's lines"),
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// Every segment needs exactly one access point in each region.
