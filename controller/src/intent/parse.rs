@@ -148,6 +148,7 @@ impl Reader<'_> {
     }
 
     fn error(&mut self, n: &Node, field: &str, message: impl Into<String>, expected: impl Into<String>) {
+        self.p.sources.mark_unreadable(&self.obj, field);
         let d = Diagnostic {
             object: Some(self.obj.clone()),
             field: (!field.is_empty()).then(|| field.to_string()),

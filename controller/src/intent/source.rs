@@ -68,6 +68,9 @@ impl ObjectRef {
 
 impl std::fmt::Display for ObjectRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.kind == Kind::Settings {
+            return f.write_str("settings");
+        }
         write!(f, "{} `{}`", self.kind.word(), self.name)
     }
 }
@@ -78,6 +81,9 @@ pub struct SourceMap {
     pub files: Vec<SourceFile>,
     objects: HashMap<ObjectRef, Loc>,
     fields: HashMap<(ObjectRef, String), Loc>,
+    /// Fields (and their enclosing fields) that could not be read; checks
+    /// that depend on them stay quiet so one mistake gives one error.
+    unreadable: std::collections::HashSet<(ObjectRef, String)>,
 }
 
 impl SourceMap {
@@ -92,6 +98,22 @@ impl SourceMap {
 
     pub fn set_field(&mut self, object: &ObjectRef, field: String, loc: Loc) {
         self.fields.entry((object.clone(), field)).or_insert(loc);
+    }
+
+    pub fn mark_unreadable(&mut self, object: &ObjectRef, field: &str) {
+        let mut path = field;
+        loop {
+            self.unreadable.insert((object.clone(), path.to_string()));
+            match path.rfind(['.', '[']) {
+                Some(i) => path = &path[..i],
+                None => return,
+            }
+        }
+    }
+
+    /// Did reading this field (or anything inside it) fail?
+    pub fn is_unreadable(&self, object: &ObjectRef, field: &str) -> bool {
+        self.unreadable.contains(&(object.clone(), field.to_string()))
     }
 
     pub fn object(&self, object: &ObjectRef) -> Option<Loc> {

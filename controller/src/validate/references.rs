@@ -15,7 +15,7 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
 
     for (name, seg) in &intent.segments {
         let obj = ObjectRef::new(Kind::Segment, name);
-        if !tenant_exists(&seg.tenant) {
+        if !tenant_exists(&seg.tenant) && !sources.is_unreadable(&obj, "tenant") {
             out.push(dangling(sources, &obj, "tenant", Kind::Tenant, &seg.tenant));
         }
         for (i, t) in seg.shared_with.iter().enumerate() {
@@ -27,7 +27,8 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
 
     for (name, site) in &intent.sites {
         let obj = ObjectRef::new(Kind::Site, name);
-        if !tenant_exists(&site.tenant) {
+        let tenant_known = tenant_exists(&site.tenant);
+        if !tenant_known && !sources.is_unreadable(&obj, "tenant") {
             out.push(dangling(sources, &obj, "tenant", Kind::Tenant, &site.tenant));
         }
         for (i, a) in site.attachments.iter().enumerate() {
@@ -35,7 +36,7 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
             match intent.segments.get(&a.segment) {
                 None => out.push(dangling(sources, &obj, &field, Kind::Segment, &a.segment)),
                 // Access points carry segments for everyone; they are the shared hubs.
-                Some(seg) if !site.is_access_point() && !seg.usable_by(&site.tenant) => out.push(
+                Some(seg) if tenant_known && !site.is_access_point() && !seg.usable_by(&site.tenant) => out.push(
                     Diagnostic::at(sources, &obj, &field, format!(
                         "tenant `{}` may not use segment `{}` (owned by `{}`, not shared with it)",
                         site.tenant, a.segment, seg.tenant
@@ -50,12 +51,13 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
 
     for (name, policy) in &intent.policies {
         let obj = ObjectRef::new(Kind::Policy, name);
-        if !tenant_exists(&policy.tenant) {
+        if !tenant_exists(&policy.tenant) && !sources.is_unreadable(&obj, "tenant") {
             out.push(dangling(sources, &obj, "tenant", Kind::Tenant, &policy.tenant));
         }
         let mut ends = Vec::new();
         for (field, seg_name) in [("from", &policy.from), ("to", &policy.to)] {
             match intent.segments.get(seg_name) {
+                None if sources.is_unreadable(&obj, field) => {}
                 None => out.push(dangling(sources, &obj, field, Kind::Segment, seg_name)),
                 Some(seg) => {
                     if tenant_exists(&policy.tenant) && !seg.usable_by(&policy.tenant) {

@@ -10,7 +10,7 @@ use crate::intent::{Intent, Kind, Region};
 pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnostic>) {
     for (name, site) in &intent.sites {
         let obj = ObjectRef::new(Kind::Site, name);
-        if site.lines.is_empty() {
+        if site.lines.is_empty() && !sources.is_unreadable(&obj, "lines") {
             out.push(
                 Diagnostic::at(sources, &obj, "lines", "site has no lines").expected("at least one line"),
             );
@@ -38,7 +38,7 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
             }
             priorities.entry(line.priority).or_insert(i);
         }
-        if site.attachments.is_empty() {
+        if site.attachments.is_empty() && !sources.is_unreadable(&obj, "attachments") {
             out.push(
                 Diagnostic::at(sources, &obj, "attachments", "site has no attachments")
                     .expected("at least one attached segment"),
@@ -77,7 +77,7 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                 ),
                 None => {}
             }
-            if a.prefixes.is_empty() && !site.is_access_point() {
+            if a.prefixes.is_empty() && !site.is_access_point() && !sources.is_unreadable(&obj, &format!("attachments[{i}]")) {
                 out.push(
                     Diagnostic::at(sources, &obj, &format!("attachments[{i}]"), "attachment has no `prefixes`")
                         .expected("the LAN prefixes of the segment at this site"),
