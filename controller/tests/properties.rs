@@ -1,0 +1,306 @@
+//! Properties of the pure core over randomly built intents: determinism,
+//! sticky allocations, segment isolation, tenant independence and the
+//! soundness of `affected_sites`.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use ipnetwork::IpNetwork;
+use musubi_controller::allocate::{Allocations, allocate};
+use musubi_controller::compile::{PublicKeys, compile};
+use musubi_controller::intent::source::SourceMap;
+use musubi_controller::intent::*;
+use musubi_controller::plan::affected_sites;
+use musubi_controller::validate::validate;
+use musubi_proto::v1::SiteConfig;
+use proptest::prelude::*;
+use prost::Message;
+
+/// splitmix64: the generator's choices come from the proptest-chosen seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn coin(&mut self) -> bool {
+        self.next() & 1 == 1
+    }
+}
+
+fn net(s: &str) -> IpNetwork {
+    s.parse().expect("network")
+}
+
+fn line(name: &str, priority: u32, k: usize) -> Line {
+    Line {
+        name: name.into(),
+        kind: if priority == 1 { LineKind::DarkFiber } else { LineKind::Mobile },
+        priority,
+        address: format!("198.18.{}.{}", k / 250, k % 250 + 1).parse().expect("addr"),
+        probe: ProbeOverride::default(),
+    }
+}
+
+/// A valid prefecture-like intent: tenant `t0` owns shared segments and the
+/// two access points; every tenant has private segments that all reuse
+/// 192.168.0.0/16 (legal: segments are isolated).
+fn build(seed: u64, tenants: usize, shared: usize, private: usize, sites_per_tenant: usize) -> Intent {
+    let mut rng = Rng(seed);
+    let mut intent = Intent::default();
+    let mut k = 0;
+    for t in 0..tenants {
+        let name = format!("t{t}");
+        intent.tenants.insert(name.clone(), Tenant { name, description: format!("自治体{t}") });
+    }
+    let all_tenants: Vec<String> = (1..tenants).map(|t| format!("t{t}")).collect();
+    for s in 0..shared {
+        let name = format!("sh{s}");
+        intent.segments.insert(name.clone(), Segment {
+            name,
+            tenant: "t0".into(),
+            prefixes: vec![net(&format!("10.{s}.0.0/16"))],
+            shared_with: all_tenants.clone(),
+            description: String::new(),
+        });
+    }
+    for t in 0..tenants {
+        for p in 0..private {
+            let name = format!("p{t}-{p}");
+            intent.segments.insert(name.clone(), Segment {
+                name,
+                tenant: format!("t{t}"),
+                prefixes: vec![net("192.168.0.0/16")],
+                shared_with: vec![],
+                description: String::new(),
+            });
+        }
+    }
+    let segment_names: Vec<String> = intent.segments.keys().cloned().collect();
+    for (region, name) in [(Region::East, "ap-e"), (Region::West, "ap-w")] {
+        intent.sites.insert(name.into(), Site {
+            name: name.into(),
+            tenant: "t0".into(),
+            role: Role::AccessPoint,
+            region,
+            lines: vec![line("fiber", 1, k), line("lte", 2, k + 1)],
+            attachments: segment_names.iter().map(|s| Attachment { segment: s.clone(), interface: None, prefixes: vec![] }).collect(),
+            description: String::new(),
+        });
+        k += 2;
+    }
+    let mut site_no = 0;
+    for t in 0..tenants {
+        for _ in 0..sites_per_tenant {
+            add_site(&mut intent, &mut rng, t, site_no, &mut k);
+            site_no += 1;
+        }
+    }
+    if shared >= 2 && rng.coin() {
+        intent.policies.insert("pol0".into(), Policy {
+            name: "pol0".into(),
+            tenant: "t0".into(),
+            from: "sh0".into(),
+            to: "sh1".into(),
+            protocol: Protocol::Tcp,
+            ports: vec![NumRange::new(22, 22)],
+            description: String::new(),
+        });
+    }
+    intent
+}
+
+fn add_site(intent: &mut Intent, rng: &mut Rng, tenant: usize, n: usize, k: &mut usize) {
+    let tenant_name = format!("t{tenant}");
+    let usable: Vec<String> = intent.segments.values().filter(|s| s.usable_by(&tenant_name)).map(|s| s.name.clone()).collect();
+    let mut attachments = Vec::new();
+    for (i, seg) in usable.iter().enumerate() {
+        if rng.coin() || (i + 1 == usable.len() && attachments.is_empty()) {
+            let prefix = if seg.starts_with("sh") {
+                let base = intent.segments[seg].prefixes[0].ip().to_string();
+                let octets: Vec<&str> = base.split('.').collect();
+                format!("10.{}.{}.0/24", octets[1], n)
+            } else {
+                format!("192.168.{n}.0/24")
+            };
+            attachments.push(Attachment { segment: seg.clone(), interface: Some(format!("lan{i}")), prefixes: vec![net(&prefix)] });
+        }
+    }
+    let name = format!("s{n}");
+    let lines = if rng.coin() { vec![line("fiber", 1, *k)] } else { vec![line("fiber", 1, *k), line("lte", 2, *k + 1)] };
+    *k += 2;
+    intent.sites.insert(name.clone(), Site {
+        name,
+        tenant: tenant_name,
+        role: Role::Site,
+        region: if rng.coin() { Region::East } else { Region::West },
+        lines,
+        attachments,
+        description: String::new(),
+    });
+}
+
+fn valid(intent: &Intent) {
+    let diags = validate(intent, &SourceMap::default());
+    assert!(diags.is_empty(), "generated intent is invalid: {:#?}", diags.iter().map(ToString::to_string).collect::<Vec<_>>());
+}
+
+fn compiled(intent: &Intent, alloc: &Allocations) -> BTreeMap<String, SiteConfig> {
+    compile(intent, alloc, &PublicKeys::new()).expect("compile")
+}
+
+/// A change to one object of tenant `t` (never an access point).
+fn mutate(intent: &mut Intent, rng: &mut Rng, t: usize) {
+    let tenant = format!("t{t}");
+    let own_sites: Vec<String> = intent.sites.values().filter(|s| s.tenant == tenant && !s.is_access_point()).map(|s| s.name.clone()).collect();
+    match rng.below(4) {
+        0 => {
+            let mut k = 50_000 + rng.below(1000) * 2;
+            let n = 200 + rng.below(50);
+            add_site(intent, rng, t, n, &mut k);
+        }
+        1 if !own_sites.is_empty() => {
+            let victim = &own_sites[rng.below(own_sites.len())];
+            intent.sites.remove(victim);
+        }
+        2 if !own_sites.is_empty() => {
+            let s = intent.sites.get_mut(&own_sites[rng.below(own_sites.len())]).expect("site");
+            s.lines[0].address = format!("203.0.113.{}", 1 + rng.below(250)).parse().expect("addr");
+        }
+        _ => {
+            let own_private: Vec<String> = intent.segments.values().filter(|s| s.tenant == tenant && s.name.starts_with('p')).map(|s| s.name.clone()).collect();
+            if let Some(seg) = own_private.first() {
+                intent.segments.get_mut(seg).expect("seg").description = "変更".into();
+                intent.segments.get_mut(seg).expect("seg").prefixes = vec![net("192.168.0.0/15")];
+            }
+        }
+    }
+}
+
+fn intents() -> impl Strategy<Value = (u64, usize, usize, usize, usize)> {
+    (any::<u64>(), 1usize..4, 1usize..4, 0usize..3, 1usize..5)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn compilation_is_deterministic((seed, t, sh, p, s) in intents()) {
+        let intent = build(seed, t, sh, p, s);
+        valid(&intent);
+        let a1 = allocate(&intent, &Allocations::default()).expect("alloc");
+        let a2 = allocate(&intent.clone(), &Allocations::default()).expect("alloc");
+        prop_assert_eq!(&a1, &a2);
+        let c1 = compiled(&intent, &a1);
+        let c2 = compiled(&intent.clone(), &a2);
+        for (site, cfg) in &c1 {
+            prop_assert_eq!(cfg.encode_to_vec(), c2[site].encode_to_vec(), "site {}", site);
+        }
+    }
+
+    #[test]
+    fn allocations_survive_unrelated_changes((seed, t, sh, p, s) in intents(), steps in 1usize..6) {
+        let mut intent = build(seed, t, sh, p, s);
+        let mut alloc = allocate(&intent, &Allocations::default()).expect("alloc");
+        let mut rng = Rng(seed ^ 0xA5A5);
+        for _ in 0..steps {
+            let before = alloc.clone();
+            let who = rng.below(t);
+            mutate(&mut intent, &mut rng, who);
+            valid(&intent);
+            alloc = allocate(&intent, &before).expect("alloc");
+            for (name, a) in &alloc.segments {
+                if let Some(old) = before.segments.get(name) { prop_assert_eq!(a, old, "segment {} renumbered", name); }
+            }
+            for (name, a) in &alloc.sites {
+                if let Some(old) = before.sites.get(name) { prop_assert_eq!(a, old, "site {} renumbered", name); }
+            }
+            prop_assert_eq!(alloc.sites.len(), intent.sites.len());
+            prop_assert_eq!(alloc.segments.len(), intent.segments.len());
+            let tables: HashSet<u32> = alloc.segments.values().map(|a| a.table).collect();
+            let ports: HashSet<u16> = alloc.segments.values().map(|a| a.port).collect();
+            let tunnels: HashSet<_> = alloc.sites.values().map(|a| a.tunnel_ipv4).collect();
+            prop_assert_eq!(tables.len(), alloc.segments.len(), "tables unique");
+            prop_assert_eq!(ports.len(), alloc.segments.len(), "ports unique");
+            prop_assert_eq!(tunnels.len(), alloc.sites.len(), "tunnel addresses unique");
+        }
+    }
+
+    #[test]
+    fn sites_see_only_their_own_segments((seed, t, sh, p, s) in intents()) {
+        let intent = build(seed, t, sh, p, s);
+        let alloc = allocate(&intent, &Allocations::default()).expect("alloc");
+        for (name, cfg) in compiled(&intent, &alloc) {
+            let site = &intent.sites[&name];
+            let attached: BTreeSet<&str> = site.attachments.iter().map(|a| a.segment.as_str()).collect();
+            let mut tables = HashSet::new();
+            let mut vrfs = HashSet::new();
+            for seg in &cfg.segments {
+                prop_assert!(attached.contains(seg.segment.as_str()), "{} holds unattached segment {}", name, seg.segment);
+                let domain = seg.domain.as_ref().expect("domain");
+                prop_assert!(tables.insert(domain.table), "{}: table {} shared by two segments", name, domain.table);
+                prop_assert!(vrfs.insert(domain.vrf.clone()));
+                // Every peer is a site attached to this very segment.
+                for peer in &seg.peers {
+                    let other = &intent.sites[&peer.name];
+                    prop_assert!(other.attachment(&seg.segment).is_some(), "{}: peer {} is not in segment {}", name, peer.name, seg.segment);
+                }
+                // Routed prefixes belong to this segment or to one linked by a policy.
+                let mut allowed: Vec<IpNetwork> = intent.segments[&seg.segment].prefixes.clone();
+                for pol in intent.policies.values() {
+                    if pol.from == seg.segment { allowed.extend(intent.segments[&pol.to].prefixes.iter().copied()); }
+                    if pol.to == seg.segment { allowed.extend(intent.segments[&pol.from].prefixes.iter().copied()); }
+                }
+                for g in &seg.route_groups {
+                    for pfx in &g.prefixes {
+                        let pfx: IpNetwork = pfx.parse().expect("prefix");
+                        prop_assert!(allowed.iter().any(|a| net_contains(a, &pfx)), "{}: route {} leaks into segment {}", name, pfx, seg.segment);
+                    }
+                    for c in &g.candidates {
+                        prop_assert!(seg.peers.iter().any(|p| &p.name == c), "{}: candidate {} is not a peer", name, c);
+                    }
+                }
+                if let Some(a) = &seg.attachment {
+                    for pfx in &a.prefixes {
+                        let pfx: IpNetwork = pfx.parse().expect("prefix");
+                        prop_assert!(intent.segments[&seg.segment].prefixes.iter().any(|s| net_contains(s, &pfx)));
+                    }
+                }
+                for rule in &seg.policy {
+                    prop_assert_eq!(&rule.from_segment, &seg.segment);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn other_tenants_are_untouched_and_affected_sites_is_sound((seed, t, sh, p, s) in intents(), who in 0usize..4) {
+        let old = build(seed, t, sh, p, s);
+        let old_alloc = allocate(&old, &Allocations::default()).expect("alloc");
+        let before = compiled(&old, &old_alloc);
+        let mut new = old.clone();
+        let who = who % t;
+        mutate(&mut new, &mut Rng(seed.rotate_left(7)), who);
+        valid(&new);
+        let new_alloc = allocate(&new, &old_alloc).expect("alloc");
+        let after = compiled(&new, &new_alloc);
+        let affected = affected_sites(&old, &new);
+        let names: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+        for name in names {
+            let differs = before.get(name) != after.get(name);
+            if differs {
+                prop_assert!(affected.contains(name), "site {} changed but affected_sites missed it", name);
+            }
+            let site = new.sites.get(name).or_else(|| old.sites.get(name)).expect("site");
+            if differs && site.tenant != format!("t{who}") && !site.is_access_point() {
+                prop_assert!(false, "a change by tenant t{} changed site {} of tenant {}", who, name, site.tenant);
+            }
+        }
+    }
+}
