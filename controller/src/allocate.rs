@@ -39,7 +39,11 @@ pub struct SiteAllocation {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AllocError {
     #[error("{what} is exhausted: no free value left in {range} for {object}")]
-    Exhausted { what: &'static str, range: String, object: String },
+    Exhausted {
+        what: &'static str,
+        range: String,
+        object: String,
+    },
 }
 
 /// Hands out the lowest free value of a range, skipping values in use.
@@ -52,7 +56,11 @@ struct Pool {
 
 impl Pool {
     fn new(first: u128, size: u128, used: impl IntoIterator<Item = u128>) -> Self {
-        Pool { used: used.into_iter().collect(), next: first, size }
+        Pool {
+            used: used.into_iter().collect(),
+            next: first,
+            size,
+        }
     }
 
     fn take(&mut self) -> Option<u128> {
@@ -68,15 +76,23 @@ impl Pool {
 }
 
 fn range_pool(r: NumRange, used: impl IntoIterator<Item = u32>) -> Pool {
-    Pool::new(0, u128::from(r.len()), used.into_iter().filter(|v| r.contains(*v)).map(|v| u128::from(v - r.first)))
+    Pool::new(
+        0,
+        u128::from(r.len()),
+        used.into_iter()
+            .filter(|v| r.contains(*v))
+            .map(|v| u128::from(v - r.first)),
+    )
 }
 
 fn offset4(net: Ipv4Network, a: Ipv4Addr) -> Option<u128> {
-    net.contains(a).then(|| u128::from(u32::from(a) - u32::from(net.network())))
+    net.contains(a)
+        .then(|| u128::from(u32::from(a) - u32::from(net.network())))
 }
 
 fn offset6(net: Ipv6Network, a: Ipv6Addr) -> Option<u128> {
-    net.contains(a).then(|| u128::from(a) - u128::from(net.network()))
+    net.contains(a)
+        .then(|| u128::from(a) - u128::from(net.network()))
 }
 
 fn size4(net: Ipv4Network) -> u128 {
@@ -85,7 +101,11 @@ fn size4(net: Ipv4Network) -> u128 {
 
 fn size6(net: Ipv6Network) -> u128 {
     let bits = 128 - u32::from(net.prefix());
-    if bits >= 127 { 1u128 << 126 } else { 1u128 << bits }
+    if bits >= 127 {
+        1u128 << 126
+    } else {
+        1u128 << bits
+    }
 }
 
 /// Allocations for `intent`, keeping every allocation in `previous` whose
@@ -111,22 +131,49 @@ pub fn allocate(intent: &Intent, previous: &Allocations) -> Result<Allocations, 
     let mut ic4 = Pool::new(
         0,
         size4(s.interconnect_ipv4) / 2,
-        kept.clone().filter_map(|a| offset4(s.interconnect_ipv4, a.interconnect_ipv4.network())).map(|o| o / 2),
+        kept.clone()
+            .filter_map(|a| offset4(s.interconnect_ipv4, a.interconnect_ipv4.network()))
+            .map(|o| o / 2),
     );
     let mut ic6 = Pool::new(
         0,
         size6(s.interconnect_ipv6) / 2,
-        kept.filter_map(|a| offset6(s.interconnect_ipv6, a.interconnect_ipv6.network())).map(|o| o / 2),
+        kept.filter_map(|a| offset6(s.interconnect_ipv6, a.interconnect_ipv6.network()))
+            .map(|o| o / 2),
     );
     for name in intent.segments.keys() {
         if out.segments.contains_key(name) {
             continue;
         }
-        let exhausted = |what: &'static str, range: String| AllocError::Exhausted { what, range, object: format!("segment `{name}`") };
-        let table = tables.take().ok_or_else(|| exhausted("routing_tables", format!("{}-{}", s.routing_tables.first, s.routing_tables.last)))?;
-        let port = ports.take().ok_or_else(|| exhausted("wireguard_ports", format!("{}-{}", s.wireguard_ports.first, s.wireguard_ports.last)))?;
-        let i4 = ic4.take().ok_or_else(|| exhausted("interconnect_addresses.ipv4", s.interconnect_ipv4.to_string()))?;
-        let i6 = ic6.take().ok_or_else(|| exhausted("interconnect_addresses.ipv6", s.interconnect_ipv6.to_string()))?;
+        let exhausted = |what: &'static str, range: String| AllocError::Exhausted {
+            what,
+            range,
+            object: format!("segment `{name}`"),
+        };
+        let table = tables.take().ok_or_else(|| {
+            exhausted(
+                "routing_tables",
+                format!("{}-{}", s.routing_tables.first, s.routing_tables.last),
+            )
+        })?;
+        let port = ports.take().ok_or_else(|| {
+            exhausted(
+                "wireguard_ports",
+                format!("{}-{}", s.wireguard_ports.first, s.wireguard_ports.last),
+            )
+        })?;
+        let i4 = ic4.take().ok_or_else(|| {
+            exhausted(
+                "interconnect_addresses.ipv4",
+                s.interconnect_ipv4.to_string(),
+            )
+        })?;
+        let i6 = ic6.take().ok_or_else(|| {
+            exhausted(
+                "interconnect_addresses.ipv6",
+                s.interconnect_ipv6.to_string(),
+            )
+        })?;
         let a4 = Ipv4Addr::from(u32::from(s.interconnect_ipv4.network()) + (i4 * 2) as u32);
         let a6 = Ipv6Addr::from(u128::from(s.interconnect_ipv6.network()) + i6 * 2);
         #[allow(clippy::unwrap_used)] // /31 and /127 are valid prefix lengths
@@ -143,15 +190,32 @@ pub fn allocate(intent: &Intent, previous: &Allocations) -> Result<Allocations, 
 
     let kept = out.sites.values();
     // Offset 0 is the network address; IPv4 also loses its broadcast address.
-    let mut t4 = Pool::new(1, size4(s.tunnel_ipv4) - 1, kept.clone().filter_map(|a| offset4(s.tunnel_ipv4, a.tunnel_ipv4)));
-    let mut t6 = Pool::new(1, size6(s.tunnel_ipv6), kept.filter_map(|a| offset6(s.tunnel_ipv6, a.tunnel_ipv6)));
+    let mut t4 = Pool::new(
+        1,
+        size4(s.tunnel_ipv4) - 1,
+        kept.clone()
+            .filter_map(|a| offset4(s.tunnel_ipv4, a.tunnel_ipv4)),
+    );
+    let mut t6 = Pool::new(
+        1,
+        size6(s.tunnel_ipv6),
+        kept.filter_map(|a| offset6(s.tunnel_ipv6, a.tunnel_ipv6)),
+    );
     for name in intent.sites.keys() {
         if out.sites.contains_key(name) {
             continue;
         }
-        let exhausted = |what: &'static str, range: String| AllocError::Exhausted { what, range, object: format!("site `{name}`") };
-        let o4 = t4.take().ok_or_else(|| exhausted("tunnel_addresses.ipv4", s.tunnel_ipv4.to_string()))?;
-        let o6 = t6.take().ok_or_else(|| exhausted("tunnel_addresses.ipv6", s.tunnel_ipv6.to_string()))?;
+        let exhausted = |what: &'static str, range: String| AllocError::Exhausted {
+            what,
+            range,
+            object: format!("site `{name}`"),
+        };
+        let o4 = t4
+            .take()
+            .ok_or_else(|| exhausted("tunnel_addresses.ipv4", s.tunnel_ipv4.to_string()))?;
+        let o6 = t6
+            .take()
+            .ok_or_else(|| exhausted("tunnel_addresses.ipv6", s.tunnel_ipv6.to_string()))?;
         out.sites.insert(
             name.clone(),
             SiteAllocation {

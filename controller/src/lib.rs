@@ -4,11 +4,11 @@
 //! [`plan`] is pure: data in, data out, no clock, no files, no network. Reading
 //! files lives in [`load`] and the binaries.
 
-pub mod diagnostic;
-pub mod intent;
-pub mod validate;
 pub mod allocate;
 pub mod compile;
+pub mod diagnostic;
+pub mod generate;
+pub mod intent;
 pub mod load;
 pub mod plan;
-pub mod generate;
+pub mod validate;

@@ -3,6 +3,7 @@
 //! soundness of `affected_sites`.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
 use musubi_controller::allocate::{Allocations, allocate};
@@ -41,9 +42,15 @@ fn net(s: &str) -> IpNetwork {
 fn line(name: &str, priority: u32, k: usize) -> Line {
     Line {
         name: name.into(),
-        kind: if priority == 1 { LineKind::DarkFiber } else { LineKind::Mobile },
+        kind: if priority == 1 {
+            LineKind::DarkFiber
+        } else {
+            LineKind::Mobile
+        },
         priority,
-        address: format!("198.18.{}.{}", k / 250, k % 250 + 1).parse().expect("addr"),
+        address: format!("198.18.{}.{}", k / 250, k % 250 + 1)
+            .parse()
+            .expect("addr"),
         probe: ProbeOverride::default(),
     }
 }
@@ -51,48 +58,76 @@ fn line(name: &str, priority: u32, k: usize) -> Line {
 /// A valid prefecture-like intent: tenant `t0` owns shared segments and the
 /// two access points; every tenant has private segments that all reuse
 /// 192.168.0.0/16 (legal: segments are isolated).
-fn build(seed: u64, tenants: usize, shared: usize, private: usize, sites_per_tenant: usize) -> Intent {
+fn build(
+    seed: u64,
+    tenants: usize,
+    shared: usize,
+    private: usize,
+    sites_per_tenant: usize,
+) -> Intent {
     let mut rng = Rng(seed);
     let mut intent = Intent::default();
     let mut k = 0;
     for t in 0..tenants {
         let name = format!("t{t}");
-        intent.tenants.insert(name.clone(), Tenant { name, description: format!("自治体{t}") });
+        intent.tenants.insert(
+            name.clone(),
+            Arc::new(Tenant {
+                name,
+                description: format!("自治体{t}"),
+            }),
+        );
     }
     let all_tenants: Vec<String> = (1..tenants).map(|t| format!("t{t}")).collect();
     for s in 0..shared {
         let name = format!("sh{s}");
-        intent.segments.insert(name.clone(), Segment {
-            name,
-            tenant: "t0".into(),
-            prefixes: vec![net(&format!("10.{s}.0.0/16"))],
-            shared_with: all_tenants.clone(),
-            description: String::new(),
-        });
+        intent.segments.insert(
+            name.clone(),
+            Arc::new(Segment {
+                name,
+                tenant: "t0".into(),
+                prefixes: vec![net(&format!("10.{s}.0.0/16"))],
+                shared_with: all_tenants.clone(),
+                description: String::new(),
+            }),
+        );
     }
     for t in 0..tenants {
         for p in 0..private {
             let name = format!("p{t}-{p}");
-            intent.segments.insert(name.clone(), Segment {
-                name,
-                tenant: format!("t{t}"),
-                prefixes: vec![net("192.168.0.0/16")],
-                shared_with: vec![],
-                description: String::new(),
-            });
+            intent.segments.insert(
+                name.clone(),
+                Arc::new(Segment {
+                    name,
+                    tenant: format!("t{t}"),
+                    prefixes: vec![net("192.168.0.0/16")],
+                    shared_with: vec![],
+                    description: String::new(),
+                }),
+            );
         }
     }
     let segment_names: Vec<String> = intent.segments.keys().cloned().collect();
     for (region, name) in [(Region::East, "ap-e"), (Region::West, "ap-w")] {
-        intent.sites.insert(name.into(), Site {
-            name: name.into(),
-            tenant: "t0".into(),
-            role: Role::AccessPoint,
-            region,
-            lines: vec![line("fiber", 1, k), line("lte", 2, k + 1)],
-            attachments: segment_names.iter().map(|s| Attachment { segment: s.clone(), interface: None, prefixes: vec![] }).collect(),
-            description: String::new(),
-        });
+        intent.sites.insert(
+            name.into(),
+            Arc::new(Site {
+                name: name.into(),
+                tenant: "t0".into(),
+                role: Role::AccessPoint,
+                region,
+                lines: vec![line("fiber", 1, k), line("lte", 2, k + 1)],
+                attachments: segment_names
+                    .iter()
+                    .map(|s| Attachment {
+                        segment: s.clone(),
+                        interface: None,
+                        prefixes: vec![],
+                    })
+                    .collect(),
+                description: String::new(),
+            }),
+        );
         k += 2;
     }
     let mut site_no = 0;
@@ -103,22 +138,30 @@ fn build(seed: u64, tenants: usize, shared: usize, private: usize, sites_per_ten
         }
     }
     if shared >= 2 && rng.coin() {
-        intent.policies.insert("pol0".into(), Policy {
-            name: "pol0".into(),
-            tenant: "t0".into(),
-            from: "sh0".into(),
-            to: "sh1".into(),
-            protocol: Protocol::Tcp,
-            ports: vec![NumRange::new(22, 22)],
-            description: String::new(),
-        });
+        intent.policies.insert(
+            "pol0".into(),
+            Arc::new(Policy {
+                name: "pol0".into(),
+                tenant: "t0".into(),
+                from: "sh0".into(),
+                to: "sh1".into(),
+                protocol: Protocol::Tcp,
+                ports: vec![NumRange::new(22, 22)],
+                description: String::new(),
+            }),
+        );
     }
     intent
 }
 
 fn add_site(intent: &mut Intent, rng: &mut Rng, tenant: usize, n: usize, k: &mut usize) {
     let tenant_name = format!("t{tenant}");
-    let usable: Vec<String> = intent.segments.values().filter(|s| s.usable_by(&tenant_name)).map(|s| s.name.clone()).collect();
+    let usable: Vec<String> = intent
+        .segments
+        .values()
+        .filter(|s| s.usable_by(&tenant_name))
+        .map(|s| s.name.clone())
+        .collect();
     let mut attachments = Vec::new();
     for (i, seg) in usable.iter().enumerate() {
         if rng.coin() || (i + 1 == usable.len() && attachments.is_empty()) {
@@ -129,26 +172,45 @@ fn add_site(intent: &mut Intent, rng: &mut Rng, tenant: usize, n: usize, k: &mut
             } else {
                 format!("192.168.{n}.0/24")
             };
-            attachments.push(Attachment { segment: seg.clone(), interface: Some(format!("lan{i}")), prefixes: vec![net(&prefix)] });
+            attachments.push(Attachment {
+                segment: seg.clone(),
+                interface: Some(format!("lan{i}")),
+                prefixes: vec![net(&prefix)],
+            });
         }
     }
     let name = format!("s{n}");
-    let lines = if rng.coin() { vec![line("fiber", 1, *k)] } else { vec![line("fiber", 1, *k), line("lte", 2, *k + 1)] };
+    let lines = if rng.coin() {
+        vec![line("fiber", 1, *k)]
+    } else {
+        vec![line("fiber", 1, *k), line("lte", 2, *k + 1)]
+    };
     *k += 2;
-    intent.sites.insert(name.clone(), Site {
-        name,
-        tenant: tenant_name,
-        role: Role::Site,
-        region: if rng.coin() { Region::East } else { Region::West },
-        lines,
-        attachments,
-        description: String::new(),
-    });
+    intent.sites.insert(
+        name.clone(),
+        Arc::new(Site {
+            name,
+            tenant: tenant_name,
+            role: Role::Site,
+            region: if rng.coin() {
+                Region::East
+            } else {
+                Region::West
+            },
+            lines,
+            attachments,
+            description: String::new(),
+        }),
+    );
 }
 
 fn valid(intent: &Intent) {
     let diags = validate(intent, &SourceMap::default());
-    assert!(diags.is_empty(), "generated intent is invalid: {:#?}", diags.iter().map(ToString::to_string).collect::<Vec<_>>());
+    assert!(
+        diags.is_empty(),
+        "generated intent is invalid: {:#?}",
+        diags.iter().map(ToString::to_string).collect::<Vec<_>>()
+    );
 }
 
 fn compiled(intent: &Intent, alloc: &Allocations) -> BTreeMap<String, SiteConfig> {
@@ -158,7 +220,12 @@ fn compiled(intent: &Intent, alloc: &Allocations) -> BTreeMap<String, SiteConfig
 /// A change to one object of tenant `t` (never an access point).
 fn mutate(intent: &mut Intent, rng: &mut Rng, t: usize) {
     let tenant = format!("t{t}");
-    let own_sites: Vec<String> = intent.sites.values().filter(|s| s.tenant == tenant && !s.is_access_point()).map(|s| s.name.clone()).collect();
+    let own_sites: Vec<String> = intent
+        .sites
+        .values()
+        .filter(|s| s.tenant == tenant && !s.is_access_point())
+        .map(|s| s.name.clone())
+        .collect();
     match rng.below(4) {
         0 => {
             let mut k = 50_000 + rng.below(1000) * 2;
@@ -170,14 +237,21 @@ fn mutate(intent: &mut Intent, rng: &mut Rng, t: usize) {
             intent.sites.remove(victim);
         }
         2 if !own_sites.is_empty() => {
-            let s = intent.sites.get_mut(&own_sites[rng.below(own_sites.len())]).expect("site");
-            s.lines[0].address = format!("203.0.113.{}", 1 + rng.below(250)).parse().expect("addr");
+            let s = Arc::make_mut(intent.sites.get_mut(&own_sites[rng.below(own_sites.len())]).expect("site"));
+            s.lines[0].address = format!("203.0.113.{}", 1 + rng.below(250))
+                .parse()
+                .expect("addr");
         }
         _ => {
-            let own_private: Vec<String> = intent.segments.values().filter(|s| s.tenant == tenant && s.name.starts_with('p')).map(|s| s.name.clone()).collect();
+            let own_private: Vec<String> = intent
+                .segments
+                .values()
+                .filter(|s| s.tenant == tenant && s.name.starts_with('p'))
+                .map(|s| s.name.clone())
+                .collect();
             if let Some(seg) = own_private.first() {
-                intent.segments.get_mut(seg).expect("seg").description = "変更".into();
-                intent.segments.get_mut(seg).expect("seg").prefixes = vec![net("192.168.0.0/15")];
+                Arc::make_mut(intent.segments.get_mut(seg).expect("seg")).description = "変更".into();
+                Arc::make_mut(intent.segments.get_mut(seg).expect("seg")).prefixes = vec![net("192.168.0.0/15")];
             }
         }
     }

@@ -20,15 +20,30 @@ pub struct Index<'a> {
 
 impl<'a> Index<'a> {
     pub fn new(intent: &'a Intent, alloc: &'a Allocations, keys: &'a PublicKeys) -> Self {
-        let mut ix = Index { intent, alloc, keys, east: HashMap::new(), west: HashMap::new(), members: HashMap::new(), policies: HashMap::new() };
+        let mut ix = Index {
+            intent,
+            alloc,
+            keys,
+            east: HashMap::new(),
+            west: HashMap::new(),
+            members: HashMap::new(),
+            policies: HashMap::new(),
+        };
         // Sites are visited in name order, so member lists come out sorted.
         for site in intent.sites.values() {
             for a in &site.attachments {
                 if site.is_access_point() {
-                    let map = if site.region == Region::East { &mut ix.east } else { &mut ix.west };
+                    let map = if site.region == Region::East {
+                        &mut ix.east
+                    } else {
+                        &mut ix.west
+                    };
                     map.entry(a.segment.as_str()).or_insert(site);
                 } else {
-                    ix.members.entry(a.segment.as_str()).or_default().push(site.name.as_str());
+                    ix.members
+                        .entry(a.segment.as_str())
+                        .or_default()
+                        .push(site.name.as_str());
                 }
             }
         }
@@ -43,7 +58,10 @@ impl<'a> Index<'a> {
 
     /// The (east, west) access points of a segment.
     pub fn access_points(&self, segment: &str) -> (Option<&'a Site>, Option<&'a Site>) {
-        (self.east.get(segment).copied(), self.west.get(segment).copied())
+        (
+            self.east.get(segment).copied(),
+            self.west.get(segment).copied(),
+        )
     }
 
     /// Non-AP sites attached to a segment, by name.
@@ -61,7 +79,13 @@ impl<'a> Index<'a> {
     pub fn linked_segments(&self, segment: &str) -> BTreeSet<&'a str> {
         self.policies(segment)
             .iter()
-            .map(|p| if p.from == segment { p.to.as_str() } else { p.from.as_str() })
+            .map(|p| {
+                if p.from == segment {
+                    p.to.as_str()
+                } else {
+                    p.from.as_str()
+                }
+            })
             .filter(|s| *s != segment && self.intent.segments.contains_key(*s))
             .collect()
     }

@@ -29,15 +29,27 @@ pub enum CompileError {
 }
 
 /// Every site's configuration.
-pub fn compile(intent: &Intent, alloc: &Allocations, keys: &PublicKeys) -> Result<BTreeMap<String, SiteConfig>, CompileError> {
+pub fn compile(
+    intent: &Intent,
+    alloc: &Allocations,
+    keys: &PublicKeys,
+) -> Result<BTreeMap<String, SiteConfig>, CompileError> {
     let index = Index::new(intent, alloc, keys);
-    intent.sites.keys().map(|name| Ok((name.clone(), index.site(name)?))).collect()
+    intent
+        .sites
+        .keys()
+        .map(|name| Ok((name.clone(), index.site(name)?)))
+        .collect()
 }
 
 impl Index<'_> {
     /// One site's configuration.
     pub fn site(&self, name: &str) -> Result<SiteConfig, CompileError> {
-        let site = self.intent.sites.get(name).ok_or_else(|| CompileError::UnknownSite(name.to_string()))?;
+        let site = self
+            .intent
+            .sites
+            .get(name)
+            .ok_or_else(|| CompileError::UnknownSite(name.to_string()))?;
         let mut lines: Vec<&crate::intent::Line> = site.lines.iter().collect();
         lines.sort_by_key(|l| l.priority);
         let settings = &self.intent.settings;
@@ -69,11 +81,23 @@ impl Index<'_> {
 
     fn segment(&self, site: &Site, segment: &str) -> Result<pb::SegmentConfig, CompileError> {
         let seg = &self.intent.segments[segment];
-        let sa = self.alloc.segments.get(segment).ok_or_else(|| CompileError::MissingAllocation { object: format!("segment `{segment}`") })?;
+        let sa =
+            self.alloc
+                .segments
+                .get(segment)
+                .ok_or_else(|| CompileError::MissingAllocation {
+                    object: format!("segment `{segment}`"),
+                })?;
         let own = self.tunnel(&site.name)?;
-        let mut addresses = vec![format!("{}/32", own.tunnel_ipv4), format!("{}/128", own.tunnel_ipv6)];
+        let mut addresses = vec![
+            format!("{}/32", own.tunnel_ipv4),
+            format!("{}/128", own.tunnel_ipv6),
+        ];
         let attachment = site.attachment(segment).and_then(|a| {
-            a.interface.as_ref().map(|ifname| pb::Attachment { interface: ifname.clone(), prefixes: convert::prefixes(&a.prefixes) })
+            a.interface.as_ref().map(|ifname| pb::Attachment {
+                interface: ifname.clone(),
+                prefixes: convert::prefixes(&a.prefixes),
+            })
         });
         let (east, west) = self.access_points(segment);
         let mut peers = Vec::new();
@@ -81,28 +105,49 @@ impl Index<'_> {
         let mut policy = Vec::new();
         let mut imports = Vec::new();
         if site.is_access_point() {
-            let (own_ic, other) = if site.region == Region::East { (0, west) } else { (1, east) };
+            let (own_ic, other) = if site.region == Region::East {
+                (0, west)
+            } else {
+                (1, east)
+            };
             addresses.push(format!("{}/32", nth4(sa.interconnect_ipv4, own_ic)));
-            addresses.push(format!("{}/128", nth6(sa.interconnect_ipv6, u128::from(own_ic))));
+            addresses.push(format!(
+                "{}/128",
+                nth6(sa.interconnect_ipv6, u128::from(own_ic))
+            ));
             for member in self.members(segment) {
                 let m = &self.intent.sites[*member];
                 peers.push(self.peer(site, m, segment, pb::PeerRole::Site, Vec::new())?);
-                let prefixes = m.attachment(segment).map(|a| convert::prefixes(&a.prefixes)).unwrap_or_default();
+                let prefixes = m
+                    .attachment(segment)
+                    .map(|a| convert::prefixes(&a.prefixes))
+                    .unwrap_or_default();
                 if !prefixes.is_empty() {
                     route_groups.push(pb::RouteGroup {
                         name: m.name.clone(),
                         prefixes,
-                        candidates: [m.name.clone()].into_iter().chain(other.map(|o| o.name.clone())).collect(),
+                        candidates: [m.name.clone()]
+                            .into_iter()
+                            .chain(other.map(|o| o.name.clone()))
+                            .collect(),
                     });
                 }
             }
             if let Some(other) = other {
                 let ic = 1 - own_ic;
-                let extra = vec![format!("{}/32", nth4(sa.interconnect_ipv4, ic)), format!("{}/128", nth6(sa.interconnect_ipv6, u128::from(ic)))];
+                let extra = vec![
+                    format!("{}/32", nth4(sa.interconnect_ipv4, ic)),
+                    format!("{}/128", nth6(sa.interconnect_ipv6, u128::from(ic))),
+                ];
                 peers.push(self.peer(site, other, segment, pb::PeerRole::Interconnect, extra)?);
             }
             for p in self.policies(segment) {
-                let (Some(from), Some(to)) = (self.intent.segments.get(&p.from), self.intent.segments.get(&p.to)) else { continue };
+                let (Some(from), Some(to)) = (
+                    self.intent.segments.get(&p.from),
+                    self.intent.segments.get(&p.to),
+                ) else {
+                    continue;
+                };
                 if p.from == segment {
                     policy.push(pb::PolicyRule {
                         name: p.name.clone(),
@@ -116,7 +161,14 @@ impl Index<'_> {
                 }
             }
             for linked in self.linked_segments(segment) {
-                let table = self.alloc.segments.get(linked).ok_or_else(|| CompileError::MissingAllocation { object: format!("segment `{linked}`") })?.table;
+                let table = self
+                    .alloc
+                    .segments
+                    .get(linked)
+                    .ok_or_else(|| CompileError::MissingAllocation {
+                        object: format!("segment `{linked}`"),
+                    })?
+                    .table;
                 imports.push(pb::SegmentImport {
                     segment: linked.to_string(),
                     table,
@@ -124,12 +176,24 @@ impl Index<'_> {
                 });
             }
         } else {
-            let (home, away) = if site.region == Region::East { (east, west) } else { (west, east) };
-            let candidates: Vec<String> = [home, away].into_iter().flatten().map(|s| s.name.clone()).collect();
+            let (home, away) = if site.region == Region::East {
+                (east, west)
+            } else {
+                (west, east)
+            };
+            let candidates: Vec<String> = [home, away]
+                .into_iter()
+                .flatten()
+                .map(|s| s.name.clone())
+                .collect();
             for ap in [east, west].into_iter().flatten() {
                 peers.push(self.peer(site, ap, segment, pb::PeerRole::AccessPoint, Vec::new())?);
             }
-            route_groups.push(pb::RouteGroup { name: segment.to_string(), prefixes: convert::prefixes(&seg.prefixes), candidates: candidates.clone() });
+            route_groups.push(pb::RouteGroup {
+                name: segment.to_string(),
+                prefixes: convert::prefixes(&seg.prefixes),
+                candidates: candidates.clone(),
+            });
             for linked in self.linked_segments(segment) {
                 route_groups.push(pb::RouteGroup {
                     name: linked.to_string(),
@@ -145,8 +209,15 @@ impl Index<'_> {
         Ok(pb::SegmentConfig {
             segment: segment.to_string(),
             owner: seg.tenant.clone(),
-            domain: Some(pb::RoutingDomain { vrf: vrf_name(segment), table: sa.table }),
-            wireguard: Some(pb::WireguardInterface { name: wireguard_name(segment), listen_port: u32::from(sa.port), addresses }),
+            domain: Some(pb::RoutingDomain {
+                vrf: vrf_name(segment),
+                table: sa.table,
+            }),
+            wireguard: Some(pb::WireguardInterface {
+                name: wireguard_name(segment),
+                listen_port: u32::from(sa.port),
+                addresses,
+            }),
             peers,
             route_groups,
             attachment,
@@ -156,18 +227,37 @@ impl Index<'_> {
     }
 
     fn tunnel(&self, site: &str) -> Result<&crate::allocate::SiteAllocation, CompileError> {
-        self.alloc.sites.get(site).ok_or_else(|| CompileError::MissingAllocation { object: format!("site `{site}`") })
+        self.alloc
+            .sites
+            .get(site)
+            .ok_or_else(|| CompileError::MissingAllocation {
+                object: format!("site `{site}`"),
+            })
     }
 
-    fn peer(&self, local: &Site, remote: &Site, segment: &str, role: pb::PeerRole, extra: Vec<String>) -> Result<pb::Peer, CompileError> {
+    fn peer(
+        &self,
+        local: &Site,
+        remote: &Site,
+        segment: &str,
+        role: pb::PeerRole,
+        extra: Vec<String>,
+    ) -> Result<pb::Peer, CompileError> {
         let t = self.tunnel(&remote.name)?;
         let port = self.alloc.segments[segment].port;
-        let mut allowed = vec![format!("{}/32", t.tunnel_ipv4), format!("{}/128", t.tunnel_ipv6)];
+        let mut allowed = vec![
+            format!("{}/32", t.tunnel_ipv4),
+            format!("{}/128", t.tunnel_ipv6),
+        ];
         allowed.extend(extra);
         Ok(pb::Peer {
             name: remote.name.clone(),
             role: role.into(),
-            public_key: self.keys.get(&(remote.name.clone(), segment.to_string())).cloned().unwrap_or_default(),
+            public_key: self
+                .keys
+                .get(&(remote.name.clone(), segment.to_string()))
+                .cloned()
+                .unwrap_or_default(),
             endpoints: self.endpoints(local, remote, port),
             allowed_prefixes: allowed,
         })
@@ -183,9 +273,16 @@ impl Index<'_> {
         let mut remotes: Vec<_> = remote.lines.iter().collect();
         remotes.sort_by_key(|l| l.priority);
         for l in &locals {
-            for r in remotes.iter().filter(|r| r.address.is_ipv4() == l.address.is_ipv4()) {
+            for r in remotes
+                .iter()
+                .filter(|r| r.address.is_ipv4() == l.address.is_ipv4())
+            {
                 let (pl, pr) = (settings.probe_for(l), settings.probe_for(r));
-                let slower: Probe = if pr.detect_ms() > pl.detect_ms() { pr } else { pl };
+                let slower: Probe = if pr.detect_ms() > pl.detect_ms() {
+                    pr
+                } else {
+                    pl
+                };
                 out.push(pb::Endpoint {
                     local_line: l.name.clone(),
                     remote_line: r.name.clone(),

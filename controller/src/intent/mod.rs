@@ -9,6 +9,7 @@ pub mod source;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use serde::{Deserialize, Serialize};
@@ -24,7 +25,13 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::Tenant, Kind::Segment, Kind::Site, Kind::Policy, Kind::Settings];
+    pub const ALL: [Kind; 5] = [
+        Kind::Tenant,
+        Kind::Segment,
+        Kind::Site,
+        Kind::Policy,
+        Kind::Settings,
+    ];
 
     /// The word used in YAML (`kind: Site`).
     pub fn yaml(self) -> &'static str {
@@ -50,13 +57,18 @@ impl Kind {
 }
 
 /// A whole intent: every object, keyed by name.
+///
+/// Objects sit behind `Arc`, so a snapshot is cheap to clone and two
+/// snapshots that share an unchanged object compare it by pointer: diffing a
+/// 10,000-site intent after a one-site change costs microseconds. Change an
+/// object with `Arc::make_mut`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Intent {
     pub settings: Settings,
-    pub tenants: BTreeMap<String, Tenant>,
-    pub segments: BTreeMap<String, Segment>,
-    pub sites: BTreeMap<String, Site>,
-    pub policies: BTreeMap<String, Policy>,
+    pub tenants: BTreeMap<String, Arc<Tenant>>,
+    pub segments: BTreeMap<String, Arc<Segment>>,
+    pub sites: BTreeMap<String, Arc<Site>>,
+    pub policies: BTreeMap<String, Arc<Policy>>,
 }
 
 /// An organisation: a ministry, a prefecture, a municipality, an operator body.
@@ -85,7 +97,9 @@ impl Segment {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     #[default]
@@ -93,7 +107,9 @@ pub enum Role {
     AccessPoint,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Region {
     #[default]
@@ -215,7 +231,9 @@ pub struct Attachment {
     pub prefixes: Vec<IpNetwork>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Protocol {
     #[default]
@@ -244,7 +262,11 @@ impl NumRange {
     }
 
     pub fn len(self) -> u64 {
-        if self.last < self.first { 0 } else { u64::from(self.last - self.first) + 1 }
+        if self.last < self.first {
+            0
+        } else {
+            u64::from(self.last - self.first) + 1
+        }
     }
 
     pub fn is_empty(self) -> bool {
@@ -293,7 +315,10 @@ impl Default for Settings {
     fn default() -> Self {
         #[allow(clippy::unwrap_used)] // constant, valid networks
         Settings {
-            probe: Probe { interval_ms: 100, multiplier: 3 },
+            probe: Probe {
+                interval_ms: 100,
+                multiplier: 3,
+            },
             line_kind_probe: BTreeMap::new(),
             wireguard_ports: NumRange::new(51820, 52819),
             routing_tables: NumRange::new(1000, 1999),
@@ -308,7 +333,11 @@ impl Default for Settings {
 impl Settings {
     /// Probe timing for a line: its own override, else its kind's, else the default.
     pub fn probe_for(&self, line: &Line) -> Probe {
-        let by_kind = self.line_kind_probe.get(&line.kind).copied().unwrap_or_default();
+        let by_kind = self
+            .line_kind_probe
+            .get(&line.kind)
+            .copied()
+            .unwrap_or_default();
         self.probe.with(by_kind).with(line.probe)
     }
 }
@@ -332,7 +361,9 @@ pub fn vrf_name(segment: &str) -> String {
 
 /// Does this network contain that one (same family, at least as wide)?
 pub fn net_contains(outer: &IpNetwork, inner: &IpNetwork) -> bool {
-    outer.is_ipv4() == inner.is_ipv4() && outer.prefix() <= inner.prefix() && outer.contains(inner.network())
+    outer.is_ipv4() == inner.is_ipv4()
+        && outer.prefix() <= inner.prefix()
+        && outer.contains(inner.network())
 }
 
 /// Do two networks share any address?

@@ -43,7 +43,13 @@ pub struct Change {
 
 impl Change {
     fn new(action: Action, kind: &'static str, name: impl Into<String>) -> Self {
-        Change { action, kind, name: name.into(), details: Vec::new(), children: Vec::new() }
+        Change {
+            action,
+            kind,
+            name: name.into(),
+            details: Vec::new(),
+            children: Vec::new(),
+        }
     }
 }
 
@@ -76,12 +82,20 @@ pub fn diff(old: &BTreeMap<String, SiteConfig>, new: &BTreeMap<String, SiteConfi
         match (old.get(name), new.get(name)) {
             (None, Some(n)) => {
                 let mut c = Change::new(Action::Add, "site", name.clone());
-                c.children = n.segments.iter().map(|s| Change::new(Action::Add, "segment", s.segment.clone())).collect();
+                c.children = n
+                    .segments
+                    .iter()
+                    .map(|s| Change::new(Action::Add, "segment", s.segment.clone()))
+                    .collect();
                 sites.push(c);
             }
             (Some(o), None) => {
                 let mut c = Change::new(Action::Remove, "site", name.clone());
-                c.children = o.segments.iter().map(|s| Change::new(Action::Remove, "segment", s.segment.clone())).collect();
+                c.children = o
+                    .segments
+                    .iter()
+                    .map(|s| Change::new(Action::Remove, "segment", s.segment.clone()))
+                    .collect();
                 sites.push(c);
             }
             (Some(o), Some(n)) if o != n => sites.push(diff_site(o, n)),
@@ -91,7 +105,13 @@ pub fn diff(old: &BTreeMap<String, SiteConfig>, new: &BTreeMap<String, SiteConfi
     Plan { sites }
 }
 
-fn field<T: PartialEq + std::fmt::Debug>(details: &mut Vec<String>, name: &str, old: &T, new: &T, show: impl Fn(&T) -> String) {
+fn field<T: PartialEq + std::fmt::Debug>(
+    details: &mut Vec<String>,
+    name: &str,
+    old: &T,
+    new: &T,
+    show: impl Fn(&T) -> String,
+) {
     if old != new {
         details.push(format!("{name}: {} → {}", show(old), show(new)));
     }
@@ -114,78 +134,176 @@ fn list_field(details: &mut Vec<String>, name: &str, old: &[String], new: &[Stri
 }
 
 fn list(v: &[String]) -> String {
-    if v.is_empty() { "(none)".into() } else { v.join(", ") }
+    if v.is_empty() {
+        "(none)".into()
+    } else {
+        v.join(", ")
+    }
 }
 
 fn diff_site(o: &SiteConfig, n: &SiteConfig) -> Change {
     let mut c = Change::new(Action::Change, "site", n.site.clone());
     field(&mut c.details, "tenant", &o.tenant, &n.tenant, Clone::clone);
-    field(&mut c.details, "role", &o.role(), &n.role(), |r| format!("{r:?}").to_lowercase());
-    field(&mut c.details, "region", &o.region(), &n.region(), |r| format!("{r:?}").to_lowercase());
-    field(&mut c.details, "probe", &o.probe, &n.probe, |p| probe(p.as_ref()));
-    c.children.extend(diff_named(&o.lines, &n.lines, "line", |l| &l.name, |a, b| {
-        let mut d = Vec::new();
-        field(&mut d, "kind", &a.kind(), &b.kind(), |k| format!("{k:?}"));
-        field(&mut d, "priority", &a.priority, &b.priority, ToString::to_string);
-        field(&mut d, "address", &a.address, &b.address, Clone::clone);
-        field(&mut d, "probe", &a.probe, &b.probe, |p| probe(p.as_ref()));
-        (d, Vec::new())
-    }));
-    c.children.extend(diff_named(&o.segments, &n.segments, "segment", |s| &s.segment, diff_segment));
+    field(&mut c.details, "role", &o.role(), &n.role(), |r| {
+        format!("{r:?}").to_lowercase()
+    });
+    field(&mut c.details, "region", &o.region(), &n.region(), |r| {
+        format!("{r:?}").to_lowercase()
+    });
+    field(&mut c.details, "probe", &o.probe, &n.probe, |p| {
+        probe(p.as_ref())
+    });
+    c.children.extend(diff_named(
+        &o.lines,
+        &n.lines,
+        "line",
+        |l| &l.name,
+        |a, b| {
+            let mut d = Vec::new();
+            field(&mut d, "kind", &a.kind(), &b.kind(), |k| format!("{k:?}"));
+            field(
+                &mut d,
+                "priority",
+                &a.priority,
+                &b.priority,
+                ToString::to_string,
+            );
+            field(&mut d, "address", &a.address, &b.address, Clone::clone);
+            field(&mut d, "probe", &a.probe, &b.probe, |p| probe(p.as_ref()));
+            (d, Vec::new())
+        },
+    ));
+    c.children.extend(diff_named(
+        &o.segments,
+        &n.segments,
+        "segment",
+        |s| &s.segment,
+        diff_segment,
+    ));
     c
 }
 
 fn probe(p: Option<&pb::ProbeSettings>) -> String {
-    p.map_or("(none)".into(), |p| format!("{} ms × {}", p.interval_ms, p.multiplier))
+    p.map_or("(none)".into(), |p| {
+        format!("{} ms × {}", p.interval_ms, p.multiplier)
+    })
 }
 
 fn diff_segment(o: &pb::SegmentConfig, n: &pb::SegmentConfig) -> (Vec<String>, Vec<Change>) {
     let mut d = Vec::new();
     field(&mut d, "owner", &o.owner, &n.owner, Clone::clone);
-    field(&mut d, "routing domain", &o.domain, &n.domain, |x| x.as_ref().map_or("(none)".into(), |x| format!("{} table {}", x.vrf, x.table)));
+    field(&mut d, "routing domain", &o.domain, &n.domain, |x| {
+        x.as_ref()
+            .map_or("(none)".into(), |x| format!("{} table {}", x.vrf, x.table))
+    });
     field(&mut d, "wireguard", &o.wireguard, &n.wireguard, |x| {
-        x.as_ref().map_or("(none)".into(), |x| format!("{} port {} [{}]", x.name, x.listen_port, x.addresses.join(", ")))
+        x.as_ref().map_or("(none)".into(), |x| {
+            format!(
+                "{} port {} [{}]",
+                x.name,
+                x.listen_port,
+                x.addresses.join(", ")
+            )
+        })
     });
     field(&mut d, "attachment", &o.attachment, &n.attachment, |x| {
-        x.as_ref().map_or("(none)".into(), |x| format!("{} [{}]", x.interface, x.prefixes.join(", ")))
+        x.as_ref().map_or("(none)".into(), |x| {
+            format!("{} [{}]", x.interface, x.prefixes.join(", "))
+        })
     });
-    let mut children = diff_named(&o.peers, &n.peers, "peer", |p| &p.name, |a, b| {
-        let mut d = Vec::new();
-        field(&mut d, "role", &a.role(), &b.role(), |r| format!("{r:?}").to_lowercase());
-        field(&mut d, "public key", &a.public_key, &b.public_key, |k| if k.is_empty() { "(not yet known)".into() } else { k.clone() });
-        let endpoints = |p: &pb::Peer| -> Vec<String> {
-            p.endpoints.iter().map(|e| format!("{}→{}:{}", e.local_line, e.address, e.port)).collect()
-        };
-        list_field(&mut d, "endpoints", &endpoints(a), &endpoints(b));
-        if a.endpoints.iter().map(|e| &e.probe).ne(b.endpoints.iter().map(|e| &e.probe)) {
-            d.push("endpoint probe timing changed".into());
-        }
-        list_field(&mut d, "allowed prefixes", &a.allowed_prefixes, &b.allowed_prefixes);
-        (d, Vec::new())
-    });
-    children.extend(diff_named(&o.route_groups, &n.route_groups, "route group", |g| &g.name, |a, b| {
-        let mut d = Vec::new();
-        list_field(&mut d, "prefixes", &a.prefixes, &b.prefixes);
-        list_field(&mut d, "candidates", &a.candidates, &b.candidates);
-        (d, Vec::new())
-    }));
-    children.extend(diff_named(&o.policy, &n.policy, "policy", |p| &p.name, |a, b| {
-        let mut d = Vec::new();
-        field(&mut d, "to", &a.to_segment, &b.to_segment, Clone::clone);
-        list_field(&mut d, "from prefixes", &a.from_prefixes, &b.from_prefixes);
-        list_field(&mut d, "to prefixes", &a.to_prefixes, &b.to_prefixes);
-        field(&mut d, "protocol", &a.protocol(), &b.protocol(), |p| format!("{p:?}").to_lowercase());
-        field(&mut d, "ports", &a.ports, &b.ports, |v| {
-            list(&v.iter().map(|r| if r.first == r.last { r.first.to_string() } else { format!("{}-{}", r.first, r.last) }).collect::<Vec<_>>())
-        });
-        (d, Vec::new())
-    }));
-    children.extend(diff_named(&o.imports, &n.imports, "import", |i| &i.segment, |a, b| {
-        let mut d = Vec::new();
-        field(&mut d, "table", &a.table, &b.table, ToString::to_string);
-        list_field(&mut d, "prefixes", &a.prefixes, &b.prefixes);
-        (d, Vec::new())
-    }));
+    let mut children = diff_named(
+        &o.peers,
+        &n.peers,
+        "peer",
+        |p| &p.name,
+        |a, b| {
+            let mut d = Vec::new();
+            field(&mut d, "role", &a.role(), &b.role(), |r| {
+                format!("{r:?}").to_lowercase()
+            });
+            field(&mut d, "public key", &a.public_key, &b.public_key, |k| {
+                if k.is_empty() {
+                    "(not yet known)".into()
+                } else {
+                    k.clone()
+                }
+            });
+            let endpoints = |p: &pb::Peer| -> Vec<String> {
+                p.endpoints
+                    .iter()
+                    .map(|e| format!("{}→{}:{}", e.local_line, e.address, e.port))
+                    .collect()
+            };
+            list_field(&mut d, "endpoints", &endpoints(a), &endpoints(b));
+            if a.endpoints
+                .iter()
+                .map(|e| &e.probe)
+                .ne(b.endpoints.iter().map(|e| &e.probe))
+            {
+                d.push("endpoint probe timing changed".into());
+            }
+            list_field(
+                &mut d,
+                "allowed prefixes",
+                &a.allowed_prefixes,
+                &b.allowed_prefixes,
+            );
+            (d, Vec::new())
+        },
+    );
+    children.extend(diff_named(
+        &o.route_groups,
+        &n.route_groups,
+        "route group",
+        |g| &g.name,
+        |a, b| {
+            let mut d = Vec::new();
+            list_field(&mut d, "prefixes", &a.prefixes, &b.prefixes);
+            list_field(&mut d, "candidates", &a.candidates, &b.candidates);
+            (d, Vec::new())
+        },
+    ));
+    children.extend(diff_named(
+        &o.policy,
+        &n.policy,
+        "policy",
+        |p| &p.name,
+        |a, b| {
+            let mut d = Vec::new();
+            field(&mut d, "to", &a.to_segment, &b.to_segment, Clone::clone);
+            list_field(&mut d, "from prefixes", &a.from_prefixes, &b.from_prefixes);
+            list_field(&mut d, "to prefixes", &a.to_prefixes, &b.to_prefixes);
+            field(&mut d, "protocol", &a.protocol(), &b.protocol(), |p| {
+                format!("{p:?}").to_lowercase()
+            });
+            field(&mut d, "ports", &a.ports, &b.ports, |v| {
+                list(
+                    &v.iter()
+                        .map(|r| {
+                            if r.first == r.last {
+                                r.first.to_string()
+                            } else {
+                                format!("{}-{}", r.first, r.last)
+                            }
+                        })
+                        .collect::<Vec<_>>(),
+                )
+            });
+            (d, Vec::new())
+        },
+    ));
+    children.extend(diff_named(
+        &o.imports,
+        &n.imports,
+        "import",
+        |i| &i.segment,
+        |a, b| {
+            let mut d = Vec::new();
+            field(&mut d, "table", &a.table, &b.table, ToString::to_string);
+            list_field(&mut d, "prefixes", &a.prefixes, &b.prefixes);
+            (d, Vec::new())
+        },
+    ));
     (d, children)
 }
 

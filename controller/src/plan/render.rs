@@ -14,8 +14,17 @@ fn colour(a: Action) -> &'static str {
 
 fn write(out: &mut String, c: &Change, depth: usize, color: bool) {
     let indent = "    ".repeat(depth);
-    let (on, off) = if color { (colour(c.action), RESET) } else { ("", "") };
-    out.push_str(&format!("{indent}{on}{} {} {}{off}\n", c.action.sign(), c.kind, c.name));
+    let (on, off) = if color {
+        (colour(c.action), RESET)
+    } else {
+        ("", "")
+    };
+    out.push_str(&format!(
+        "{indent}{on}{} {} {}{off}\n",
+        c.action.sign(),
+        c.kind,
+        c.name
+    ));
     for d in &c.details {
         out.push_str(&format!("{indent}      {d}\n"));
     }
@@ -34,7 +43,13 @@ pub fn render(plan: &Plan, color: bool) -> String {
         write(&mut out, c, 0, color);
         out.push('\n');
     }
-    let bold = |s: String| if color { format!("\x1b[1m{s}{RESET}") } else { s };
+    let bold = |s: String| {
+        if color {
+            format!("\x1b[1m{s}{RESET}")
+        } else {
+            s
+        }
+    };
     out.push_str(&bold(format!(
         "Plan: {} site(s) to add, {} to change, {} to remove.",
         plan.count(Action::Add),
@@ -42,6 +57,10 @@ pub fn render(plan: &Plan, color: bool) -> String {
         plan.count(Action::Remove)
     )));
     out.push('\n');
-    out.push_str(&format!("Affected sites ({}): {}\n", plan.sites.len(), plan.affected().join(", ")));
+    out.push_str(&format!(
+        "Affected sites ({}): {}\n",
+        plan.sites.len(),
+        plan.affected().join(", ")
+    ));
     out
 }

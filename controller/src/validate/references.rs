@@ -5,9 +5,20 @@ use crate::diagnostic::Diagnostic;
 use crate::intent::source::{ObjectRef, SourceMap};
 use crate::intent::{Intent, Kind, Region, nets_overlap};
 
-fn dangling(sources: &SourceMap, obj: &ObjectRef, field: &str, kind: Kind, name: &str) -> Diagnostic {
-    Diagnostic::at(sources, obj, field, format!("{} `{name}` is not declared", kind.word()))
-        .expected(format!("the name of a declared {}", kind.word()))
+fn dangling(
+    sources: &SourceMap,
+    obj: &ObjectRef,
+    field: &str,
+    kind: Kind,
+    name: &str,
+) -> Diagnostic {
+    Diagnostic::at(
+        sources,
+        obj,
+        field,
+        format!("{} `{name}` is not declared", kind.word()),
+    )
+    .expected(format!("the name of a declared {}", kind.word()))
 }
 
 pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnostic>) {
@@ -20,7 +31,13 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
         }
         for (i, t) in seg.shared_with.iter().enumerate() {
             if !tenant_exists(t) {
-                out.push(dangling(sources, &obj, &format!("shared_with[{i}]"), Kind::Tenant, t));
+                out.push(dangling(
+                    sources,
+                    &obj,
+                    &format!("shared_with[{i}]"),
+                    Kind::Tenant,
+                    t,
+                ));
             }
         }
     }
@@ -29,7 +46,13 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
         let obj = ObjectRef::new(Kind::Site, name);
         let tenant_known = tenant_exists(&site.tenant);
         if !tenant_known && !sources.is_unreadable(&obj, "tenant") {
-            out.push(dangling(sources, &obj, "tenant", Kind::Tenant, &site.tenant));
+            out.push(dangling(
+                sources,
+                &obj,
+                "tenant",
+                Kind::Tenant,
+                &site.tenant,
+            ));
         }
         for (i, a) in site.attachments.iter().enumerate() {
             let field = format!("attachments[{i}].segment");
@@ -52,7 +75,13 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
     for (name, policy) in &intent.policies {
         let obj = ObjectRef::new(Kind::Policy, name);
         if !tenant_exists(&policy.tenant) && !sources.is_unreadable(&obj, "tenant") {
-            out.push(dangling(sources, &obj, "tenant", Kind::Tenant, &policy.tenant));
+            out.push(dangling(
+                sources,
+                &obj,
+                "tenant",
+                Kind::Tenant,
+                &policy.tenant,
+            ));
         }
         let mut ends = Vec::new();
         for (field, seg_name) in [("from", &policy.from), ("to", &policy.to)] {
@@ -75,14 +104,25 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
         }
         if policy.from == policy.to {
             out.push(
-                Diagnostic::at(sources, &obj, "to", format!("policy connects segment `{}` to itself", policy.to))
-                    .expected("two different segments (traffic inside a segment is always allowed)"),
+                Diagnostic::at(
+                    sources,
+                    &obj,
+                    "to",
+                    format!("policy connects segment `{}` to itself", policy.to),
+                )
+                .expected("two different segments (traffic inside a segment is always allowed)"),
             );
         } else if let [from, to] = ends[..] {
             // Policy traffic crosses from one segment's table to the other's
             // at the access points, so both must be served by the same pair.
             let served = |seg: &str, region| {
-                intent.sites.values().find(|s| s.is_access_point() && s.region == region && s.attachment(seg).is_some()).map(|s| s.name.as_str())
+                intent
+                    .sites
+                    .values()
+                    .find(|s| {
+                        s.is_access_point() && s.region == region && s.attachment(seg).is_some()
+                    })
+                    .map(|s| s.name.as_str())
             };
             for region in [Region::East, Region::West] {
                 let (a, b) = (served(&from.name, region), served(&to.name, region));
@@ -114,8 +154,13 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
         }
         if !policy.protocol.has_ports() && !policy.ports.is_empty() {
             out.push(
-                Diagnostic::at(sources, &obj, "ports", format!("{:?} has no ports", policy.protocol).to_lowercase())
-                    .expected("no ports, or protocol tcp or udp"),
+                Diagnostic::at(
+                    sources,
+                    &obj,
+                    "ports",
+                    format!("{:?} has no ports", policy.protocol).to_lowercase(),
+                )
+                .expected("no ports, or protocol tcp or udp"),
             );
         }
     }

@@ -12,7 +12,8 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
         let obj = ObjectRef::new(Kind::Site, name);
         if site.lines.is_empty() && !sources.is_unreadable(&obj, "lines") {
             out.push(
-                Diagnostic::at(sources, &obj, "lines", "site has no lines").expected("at least one line"),
+                Diagnostic::at(sources, &obj, "lines", "site has no lines")
+                    .expected("at least one line"),
             );
         }
         let mut line_names: HashMap<&str, usize> = HashMap::new();
@@ -20,20 +21,36 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
         for (i, line) in site.lines.iter().enumerate() {
             if let Some(&j) = line_names.get(line.name.as_str()) {
                 out.push(
-                    Diagnostic::at(sources, &obj, &format!("lines[{i}].name"), format!("duplicate line name `{}`", line.name))
-                        .expected("distinct line names within a site")
-                        .related(sources.field(&obj, &format!("lines[{j}].name")), "first used here"),
+                    Diagnostic::at(
+                        sources,
+                        &obj,
+                        &format!("lines[{i}].name"),
+                        format!("duplicate line name `{}`", line.name),
+                    )
+                    .expected("distinct line names within a site")
+                    .related(
+                        sources.field(&obj, &format!("lines[{j}].name")),
+                        "first used here",
+                    ),
                 );
             }
             line_names.entry(&line.name).or_insert(i);
             if let Some(&j) = priorities.get(&line.priority) {
                 out.push(
-                    Diagnostic::at(sources, &obj, &format!("lines[{i}].priority"), format!(
-                        "lines `{}` and `{}` share priority {}",
-                        site.lines[j].name, line.name, line.priority
-                    ))
+                    Diagnostic::at(
+                        sources,
+                        &obj,
+                        &format!("lines[{i}].priority"),
+                        format!(
+                            "lines `{}` and `{}` share priority {}",
+                            site.lines[j].name, line.name, line.priority
+                        ),
+                    )
                     .expected("distinct priorities, 1 for the first choice")
-                    .related(sources.field(&obj, &format!("lines[{j}].priority")), "first used here"),
+                    .related(
+                        sources.field(&obj, &format!("lines[{j}].priority")),
+                        "first used here",
+                    ),
                 );
             }
             priorities.entry(line.priority).or_insert(i);
@@ -49,12 +66,17 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
         for (i, a) in site.attachments.iter().enumerate() {
             if let Some(&j) = segments.get(a.segment.as_str()) {
                 out.push(
-                    Diagnostic::at(sources, &obj, &format!("attachments[{i}].segment"), format!(
-                        "segment `{}` is attached twice",
-                        a.segment
-                    ))
+                    Diagnostic::at(
+                        sources,
+                        &obj,
+                        &format!("attachments[{i}].segment"),
+                        format!("segment `{}` is attached twice", a.segment),
+                    )
                     .expected("one attachment per segment")
-                    .related(sources.field(&obj, &format!("attachments[{j}].segment")), "first attached here"),
+                    .related(
+                        sources.field(&obj, &format!("attachments[{j}].segment")),
+                        "first attached here",
+                    ),
                 );
             }
             segments.entry(&a.segment).or_insert(i);
@@ -62,25 +84,45 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                 Some(ifname) => {
                     if let Some(&j) = interfaces.get(ifname.as_str()) {
                         out.push(
-                            Diagnostic::at(sources, &obj, &format!("attachments[{i}].interface"), format!(
-                                "LAN interface `{ifname}` is used by segments `{}` and `{}`",
-                                site.attachments[j].segment, a.segment
-                            ))
-                            .expected("one LAN interface per segment (an interface belongs to one VRF)"),
+                            Diagnostic::at(
+                                sources,
+                                &obj,
+                                &format!("attachments[{i}].interface"),
+                                format!(
+                                    "LAN interface `{ifname}` is used by segments `{}` and `{}`",
+                                    site.attachments[j].segment, a.segment
+                                ),
+                            )
+                            .expected(
+                                "one LAN interface per segment (an interface belongs to one VRF)",
+                            ),
                         );
                     }
                     interfaces.entry(ifname).or_insert(i);
                 }
                 None if !site.is_access_point() => out.push(
-                    Diagnostic::at(sources, &obj, &format!("attachments[{i}]"), "attachment has no `interface`")
-                        .expected("the LAN interface of the segment at this site"),
+                    Diagnostic::at(
+                        sources,
+                        &obj,
+                        &format!("attachments[{i}]"),
+                        "attachment has no `interface`",
+                    )
+                    .expected("the LAN interface of the segment at this site"),
                 ),
                 None => {}
             }
-            if a.prefixes.is_empty() && !site.is_access_point() && !sources.is_unreadable(&obj, &format!("attachments[{i}]")) {
+            if a.prefixes.is_empty()
+                && !site.is_access_point()
+                && !sources.is_unreadable(&obj, &format!("attachments[{i}]"))
+            {
                 out.push(
-                    Diagnostic::at(sources, &obj, &format!("attachments[{i}]"), "attachment has no `prefixes`")
-                        .expected("the LAN prefixes of the segment at this site"),
+                    Diagnostic::at(
+                        sources,
+                        &obj,
+                        &format!("attachments[{i}]"),
+                        "attachment has no `prefixes`",
+                    )
+                    .expected("the LAN prefixes of the segment at this site"),
                 );
             }
         }
@@ -93,7 +135,10 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
 /// segments, or no tunnel can be built between them.
 fn check_reachability(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnostic>) {
     let families = |s: &crate::intent::Site| -> (bool, bool) {
-        (s.lines.iter().any(|l| l.address.is_ipv4()), s.lines.iter().any(|l| l.address.is_ipv6()))
+        (
+            s.lines.iter().any(|l| l.address.is_ipv4()),
+            s.lines.iter().any(|l| l.address.is_ipv6()),
+        )
     };
     let mut aps: HashMap<&str, Vec<&crate::intent::Site>> = HashMap::new();
     for ap in intent.sites.values().filter(|s| s.is_access_point()) {
@@ -129,25 +174,43 @@ fn check_access_points(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagn
     let mut aps: BTreeMap<(&str, Region), Vec<&str>> = BTreeMap::new();
     for site in intent.sites.values().filter(|s| s.is_access_point()) {
         for a in &site.attachments {
-            aps.entry((a.segment.as_str(), site.region)).or_default().push(&site.name);
+            aps.entry((a.segment.as_str(), site.region))
+                .or_default()
+                .push(&site.name);
         }
     }
     for name in intent.segments.keys() {
         let obj = ObjectRef::new(Kind::Segment, name);
         for region in [Region::East, Region::West] {
-            let word = if region == Region::East { "east" } else { "west" };
+            let word = if region == Region::East {
+                "east"
+            } else {
+                "west"
+            };
             match aps.get(&(name.as_str(), region)).map(Vec::as_slice) {
                 None | Some([]) => out.push(
-                    Diagnostic::at(sources, &obj, "name", format!("segment `{name}` has no access point in region {word}"))
-                        .expected(format!("an access-point site in region {word} attached to `{name}`")),
+                    Diagnostic::at(
+                        sources,
+                        &obj,
+                        "name",
+                        format!("segment `{name}` has no access point in region {word}"),
+                    )
+                    .expected(format!(
+                        "an access-point site in region {word} attached to `{name}`"
+                    )),
                 ),
                 Some([_]) => {}
                 Some(many) => out.push(
-                    Diagnostic::at(sources, &obj, "name", format!(
-                        "segment `{name}` has {} access points in region {word}: {}",
-                        many.len(),
-                        many.join(", ")
-                    ))
+                    Diagnostic::at(
+                        sources,
+                        &obj,
+                        "name",
+                        format!(
+                            "segment `{name}` has {} access points in region {word}: {}",
+                            many.len(),
+                            many.join(", ")
+                        ),
+                    )
                     .expected(format!("exactly one access point per region for `{name}`")),
                 ),
             }
