@@ -39,11 +39,7 @@ pub struct SiteAllocation {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AllocError {
     #[error("{what} is exhausted: no free value left in {range} for {object}")]
-    Exhausted {
-        what: &'static str,
-        range: String,
-        object: String,
-    },
+    Exhausted { what: &'static str, range: String, object: String },
 }
 
 /// Hands out the lowest free value of a range, skipping values in use.
@@ -56,11 +52,7 @@ struct Pool {
 
 impl Pool {
     fn new(first: u128, size: u128, used: impl IntoIterator<Item = u128>) -> Self {
-        Pool {
-            used: used.into_iter().collect(),
-            next: first,
-            size,
-        }
+        Pool { used: used.into_iter().collect(), next: first, size }
     }
 
     fn take(&mut self) -> Option<u128> {
@@ -76,23 +68,15 @@ impl Pool {
 }
 
 fn range_pool(r: NumRange, used: impl IntoIterator<Item = u32>) -> Pool {
-    Pool::new(
-        0,
-        u128::from(r.len()),
-        used.into_iter()
-            .filter(|v| r.contains(*v))
-            .map(|v| u128::from(v - r.first)),
-    )
+    Pool::new(0, u128::from(r.len()), used.into_iter().filter(|v| r.contains(*v)).map(|v| u128::from(v - r.first)))
 }
 
 fn offset4(net: Ipv4Network, a: Ipv4Addr) -> Option<u128> {
-    net.contains(a)
-        .then(|| u128::from(u32::from(a) - u32::from(net.network())))
+    net.contains(a).then(|| u128::from(u32::from(a) - u32::from(net.network())))
 }
 
 fn offset6(net: Ipv6Network, a: Ipv6Addr) -> Option<u128> {
-    net.contains(a)
-        .then(|| u128::from(a) - u128::from(net.network()))
+    net.contains(a).then(|| u128::from(a) - u128::from(net.network()))
 }
 
 fn size4(net: Ipv4Network) -> u128 {
@@ -101,130 +85,141 @@ fn size4(net: Ipv4Network) -> u128 {
 
 fn size6(net: Ipv6Network) -> u128 {
     let bits = 128 - u32::from(net.prefix());
-    if bits >= 127 {
-        1u128 << 126
-    } else {
-        1u128 << bits
-    }
+    if bits >= 127 { 1u128 << 126 } else { 1u128 << bits }
 }
 
 /// Allocations for `intent`, keeping every allocation in `previous` whose
 /// object still exists.
 pub fn allocate(intent: &Intent, previous: &Allocations) -> Result<Allocations, AllocError> {
-    let s = &intent.settings;
-    let mut out = Allocations::default();
-    for (name, a) in &previous.segments {
-        if intent.segments.contains_key(name) {
-            out.segments.insert(name.clone(), *a);
-        }
-    }
-    for (name, a) in &previous.sites {
-        if intent.sites.contains_key(name) {
-            out.sites.insert(name.clone(), *a);
-        }
-    }
-
-    let kept = out.segments.values();
-    let mut tables = range_pool(s.routing_tables, kept.clone().map(|a| a.table));
-    let mut ports = range_pool(s.wireguard_ports, kept.clone().map(|a| u32::from(a.port)));
-    // Interconnects are counted in pairs of addresses.
-    let mut ic4 = Pool::new(
-        0,
-        size4(s.interconnect_ipv4) / 2,
-        kept.clone()
-            .filter_map(|a| offset4(s.interconnect_ipv4, a.interconnect_ipv4.network()))
-            .map(|o| o / 2),
-    );
-    let mut ic6 = Pool::new(
-        0,
-        size6(s.interconnect_ipv6) / 2,
-        kept.filter_map(|a| offset6(s.interconnect_ipv6, a.interconnect_ipv6.network()))
-            .map(|o| o / 2),
-    );
-    for name in intent.segments.keys() {
-        if out.segments.contains_key(name) {
-            continue;
-        }
-        let exhausted = |what: &'static str, range: String| AllocError::Exhausted {
-            what,
-            range,
-            object: format!("segment `{name}`"),
-        };
-        let table = tables.take().ok_or_else(|| {
-            exhausted(
-                "routing_tables",
-                format!("{}-{}", s.routing_tables.first, s.routing_tables.last),
-            )
-        })?;
-        let port = ports.take().ok_or_else(|| {
-            exhausted(
-                "wireguard_ports",
-                format!("{}-{}", s.wireguard_ports.first, s.wireguard_ports.last),
-            )
-        })?;
-        let i4 = ic4.take().ok_or_else(|| {
-            exhausted(
-                "interconnect_addresses.ipv4",
-                s.interconnect_ipv4.to_string(),
-            )
-        })?;
-        let i6 = ic6.take().ok_or_else(|| {
-            exhausted(
-                "interconnect_addresses.ipv6",
-                s.interconnect_ipv6.to_string(),
-            )
-        })?;
-        let a4 = Ipv4Addr::from(u32::from(s.interconnect_ipv4.network()) + (i4 * 2) as u32);
-        let a6 = Ipv6Addr::from(u128::from(s.interconnect_ipv6.network()) + i6 * 2);
-        #[allow(clippy::unwrap_used)] // /31 and /127 are valid prefix lengths
-        out.segments.insert(
-            name.clone(),
-            SegmentAllocation {
-                table: s.routing_tables.first + table as u32,
-                port: (s.wireguard_ports.first + port as u32) as u16,
-                interconnect_ipv4: Ipv4Network::new(a4, 31).unwrap(),
-                interconnect_ipv6: Ipv6Network::new(a6, 127).unwrap(),
-            },
-        );
-    }
-
-    let kept = out.sites.values();
-    // Offset 0 is the network address; IPv4 also loses its broadcast address.
-    let mut t4 = Pool::new(
-        1,
-        size4(s.tunnel_ipv4) - 1,
-        kept.clone()
-            .filter_map(|a| offset4(s.tunnel_ipv4, a.tunnel_ipv4)),
-    );
-    let mut t6 = Pool::new(
-        1,
-        size6(s.tunnel_ipv6),
-        kept.filter_map(|a| offset6(s.tunnel_ipv6, a.tunnel_ipv6)),
-    );
-    for name in intent.sites.keys() {
-        if out.sites.contains_key(name) {
-            continue;
-        }
-        let exhausted = |what: &'static str, range: String| AllocError::Exhausted {
-            what,
-            range,
-            object: format!("site `{name}`"),
-        };
-        let o4 = t4
-            .take()
-            .ok_or_else(|| exhausted("tunnel_addresses.ipv4", s.tunnel_ipv4.to_string()))?;
-        let o6 = t6
-            .take()
-            .ok_or_else(|| exhausted("tunnel_addresses.ipv6", s.tunnel_ipv6.to_string()))?;
-        out.sites.insert(
-            name.clone(),
-            SiteAllocation {
-                tunnel_ipv4: Ipv4Addr::from(u32::from(s.tunnel_ipv4.network()) + o4 as u32),
-                tunnel_ipv6: Ipv6Addr::from(u128::from(s.tunnel_ipv6.network()) + o6),
-            },
-        );
-    }
+    let mut out = previous.clone();
+    reallocate(intent, &mut out)?;
     Ok(out)
+}
+
+/// Keys of `have` that are missing from `want`, and keys of `want` missing
+/// from `have`: one merge pass over two sorted maps.
+fn key_diff<'a, A, B>(have: &'a BTreeMap<String, A>, want: &'a BTreeMap<String, B>) -> (Vec<String>, Vec<&'a String>) {
+    let (mut gone, mut new) = (Vec::new(), Vec::new());
+    let (mut h, mut w) = (have.keys().peekable(), want.keys().peekable());
+    loop {
+        match (h.peek(), w.peek()) {
+            (None, None) => return (gone, new),
+            (Some(k), None) => {
+                gone.push((*k).clone());
+                h.next();
+            }
+            (None, Some(k)) => {
+                new.push(*k);
+                w.next();
+            }
+            (Some(a), Some(b)) => match a.cmp(b) {
+                std::cmp::Ordering::Less => {
+                    gone.push((*a).clone());
+                    h.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    new.push(*b);
+                    w.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    h.next();
+                    w.next();
+                }
+            },
+        }
+    }
+}
+
+/// Updates `alloc` in place for `intent`: frees what no longer exists and
+/// allocates what is new, touching nothing else. Returns whether anything
+/// changed. On error `alloc` is left as it was.
+pub fn reallocate(intent: &Intent, alloc: &mut Allocations) -> Result<bool, AllocError> {
+    let (gone_segments, new_segments) = key_diff(&alloc.segments, &intent.segments);
+    let (gone_sites, new_sites) = key_diff(&alloc.sites, &intent.sites);
+    if gone_segments.is_empty() && new_segments.is_empty() && gone_sites.is_empty() && new_sites.is_empty() {
+        return Ok(false);
+    }
+    let s = &intent.settings;
+    let mut segments = Vec::new();
+    if !new_segments.is_empty() {
+        let kept = alloc.segments.iter().filter(|(k, _)| intent.segments.contains_key(*k)).map(|(_, a)| a);
+        let mut tables = range_pool(s.routing_tables, kept.clone().map(|a| a.table));
+        let mut ports = range_pool(s.wireguard_ports, kept.clone().map(|a| u32::from(a.port)));
+        // Interconnects are counted in pairs of addresses.
+        let mut ic4 = Pool::new(
+            0,
+            size4(s.interconnect_ipv4) / 2,
+            kept.clone().filter_map(|a| offset4(s.interconnect_ipv4, a.interconnect_ipv4.network())).map(|o| o / 2),
+        );
+        let mut ic6 = Pool::new(
+            0,
+            size6(s.interconnect_ipv6) / 2,
+            kept.filter_map(|a| offset6(s.interconnect_ipv6, a.interconnect_ipv6.network())).map(|o| o / 2),
+        );
+        for name in &new_segments {
+            let exhausted = |what: &'static str, range: String| AllocError::Exhausted {
+                what,
+                range,
+                object: format!("segment `{name}`"),
+            };
+            let table = tables.take().ok_or_else(|| {
+                exhausted("routing_tables", format!("{}-{}", s.routing_tables.first, s.routing_tables.last))
+            })?;
+            let port = ports.take().ok_or_else(|| {
+                exhausted("wireguard_ports", format!("{}-{}", s.wireguard_ports.first, s.wireguard_ports.last))
+            })?;
+            let i4 =
+                ic4.take().ok_or_else(|| exhausted("interconnect_addresses.ipv4", s.interconnect_ipv4.to_string()))?;
+            let i6 =
+                ic6.take().ok_or_else(|| exhausted("interconnect_addresses.ipv6", s.interconnect_ipv6.to_string()))?;
+            let a4 = Ipv4Addr::from(u32::from(s.interconnect_ipv4.network()) + (i4 * 2) as u32);
+            let a6 = Ipv6Addr::from(u128::from(s.interconnect_ipv6.network()) + i6 * 2);
+            #[allow(clippy::unwrap_used)] // /31 and /127 are valid prefix lengths
+            segments.push((
+                (*name).clone(),
+                SegmentAllocation {
+                    table: s.routing_tables.first + table as u32,
+                    port: (s.wireguard_ports.first + port as u32) as u16,
+                    interconnect_ipv4: Ipv4Network::new(a4, 31).unwrap(),
+                    interconnect_ipv6: Ipv6Network::new(a6, 127).unwrap(),
+                },
+            ));
+        }
+    }
+    let mut sites = Vec::new();
+    if !new_sites.is_empty() {
+        let kept = alloc.sites.iter().filter(|(k, _)| intent.sites.contains_key(*k)).map(|(_, a)| a);
+        // Offset 0 is the network address; IPv4 also loses its broadcast address.
+        let mut t4 =
+            Pool::new(1, size4(s.tunnel_ipv4) - 1, kept.clone().filter_map(|a| offset4(s.tunnel_ipv4, a.tunnel_ipv4)));
+        let mut t6 = Pool::new(1, size6(s.tunnel_ipv6), kept.filter_map(|a| offset6(s.tunnel_ipv6, a.tunnel_ipv6)));
+        for name in &new_sites {
+            let exhausted = |what: &'static str, range: String| AllocError::Exhausted {
+                what,
+                range,
+                object: format!("site `{name}`"),
+            };
+            let o4 = t4.take().ok_or_else(|| exhausted("tunnel_addresses.ipv4", s.tunnel_ipv4.to_string()))?;
+            let o6 = t6.take().ok_or_else(|| exhausted("tunnel_addresses.ipv6", s.tunnel_ipv6.to_string()))?;
+            sites.push((
+                (*name).clone(),
+                SiteAllocation {
+                    tunnel_ipv4: Ipv4Addr::from(u32::from(s.tunnel_ipv4.network()) + o4 as u32),
+                    tunnel_ipv6: Ipv6Addr::from(u128::from(s.tunnel_ipv6.network()) + o6),
+                },
+            ));
+        }
+    }
+    // Everything succeeded: commit.
+    for k in &gone_segments {
+        alloc.segments.remove(k);
+    }
+    for k in &gone_sites {
+        alloc.sites.remove(k);
+    }
+    alloc.segments.extend(segments);
+    alloc.sites.extend(sites);
+    Ok(true)
 }
 
 impl AllocError {

@@ -24,28 +24,12 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn new(message: impl Into<String>) -> Self {
-        Self {
-            object: None,
-            field: None,
-            message: message.into(),
-            expected: None,
-            loc: None,
-            related: Vec::new(),
-        }
+        Self { object: None, field: None, message: message.into(), expected: None, loc: None, related: Vec::new() }
     }
 
     /// A problem with one field of one object, located through the source map.
-    pub fn at(
-        sources: &SourceMap,
-        object: &ObjectRef,
-        field: &str,
-        message: impl Into<String>,
-    ) -> Self {
-        let loc = if field.is_empty() {
-            sources.object(object)
-        } else {
-            sources.field(object, field)
-        };
+    pub fn at(sources: &SourceMap, object: &ObjectRef, field: &str, message: impl Into<String>) -> Self {
+        let loc = if field.is_empty() { sources.object(object) } else { sources.field(object, field) };
         Self {
             object: Some(object.clone()),
             field: (!field.is_empty()).then(|| field.to_string()),
@@ -117,11 +101,7 @@ pub fn render(diags: &[Diagnostic], sources: &SourceMap, color: bool) -> String 
         files.add(f.name.clone(), f.text.clone());
     }
     let config = Config::default();
-    let mut buffer = if color {
-        termcolor::Buffer::ansi()
-    } else {
-        termcolor::Buffer::no_color()
-    };
+    let mut buffer = if color { termcolor::Buffer::ansi() } else { termcolor::Buffer::no_color() };
     for d in diags {
         let mut labels = Vec::new();
         if let Some(loc) = &d.loc {
@@ -138,25 +118,15 @@ pub fn render(diags: &[Diagnostic], sources: &SourceMap, color: bool) -> String 
         if let Some(loc) = &d.loc {
             notes.push(format!("at {}", sources.describe(loc)));
         }
-        let cs = CsDiagnostic::error()
-            .with_message(d.headline())
-            .with_labels(labels)
-            .with_notes(notes);
+        let cs = CsDiagnostic::error().with_message(d.headline()).with_labels(labels).with_notes(notes);
         // Writing to an in-memory buffer only fails on a bad file id, which
         // the source map cannot produce; fall back to the short form anyway.
         if term::emit_to_write_style(&mut buffer, &config, &files, &cs).is_err() {
-            return diags
-                .iter()
-                .map(|d| d.short(sources))
-                .collect::<Vec<_>>()
-                .join("\n");
+            return diags.iter().map(|d| d.short(sources)).collect::<Vec<_>>().join("\n");
         }
     }
     let mut out = String::from_utf8_lossy(buffer.as_slice()).into_owned();
     let n = diags.len();
-    out.push_str(&format!(
-        "{n} error{} found\n",
-        if n == 1 { "" } else { "s" }
-    ));
+    out.push_str(&format!("{n} error{} found\n", if n == 1 { "" } else { "s" }));
     out
 }

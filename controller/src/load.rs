@@ -10,10 +10,7 @@ use crate::intent::source::SourceFile;
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path} is not valid UTF-8")]
     NotUtf8 { path: PathBuf },
     #[error("{path} holds no .yaml or .yml files")]
@@ -21,19 +18,13 @@ pub enum LoadError {
 }
 
 fn collect(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
-    let meta = std::fs::metadata(path).map_err(|source| LoadError::Read {
-        path: path.into(),
-        source,
-    })?;
+    let meta = std::fs::metadata(path).map_err(|source| LoadError::Read { path: path.into(), source })?;
     if !meta.is_dir() {
         out.push(path.to_path_buf());
         return Ok(());
     }
     let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-        .map_err(|source| LoadError::Read {
-            path: path.into(),
-            source,
-        })?
+        .map_err(|source| LoadError::Read { path: path.into(), source })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     entries.sort();
@@ -60,12 +51,8 @@ pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<SourceFile>, LoadError> {
     files
         .into_iter()
         .map(|path| {
-            let bytes = std::fs::read(&path).map_err(|source| LoadError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            let text =
-                String::from_utf8(bytes).map_err(|_| LoadError::NotUtf8 { path: path.clone() })?;
+            let bytes = std::fs::read(&path).map_err(|source| LoadError::Read { path: path.clone(), source })?;
+            let text = String::from_utf8(bytes).map_err(|_| LoadError::NotUtf8 { path: path.clone() })?;
             Ok(SourceFile::new(path.display().to_string(), text))
         })
         .collect()

@@ -24,17 +24,11 @@ fn text(b: &[u8]) -> String {
 
 #[test]
 fn shipped_topologies_are_valid() {
-    let out = musubi(&[
-        "validate",
-        "topologies/minimal.yaml",
-        "topologies/prefecture.yaml",
-    ]);
+    let out = musubi(&["validate", "topologies/minimal.yaml", "topologies/prefecture.yaml"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(
-        stdout.contains(
-            "topologies/prefecture.yaml: valid (4 tenants, 6 segments, 7 sites, 1 policies)"
-        ),
+        stdout.contains("topologies/prefecture.yaml: valid (4 tenants, 6 segments, 7 sites, 1 policies)"),
         "{stdout}"
     );
 }
@@ -42,10 +36,8 @@ fn shipped_topologies_are_valid() {
 #[test]
 fn every_invalid_example_fails_where_it_says() {
     let dir = root().join("topologies/invalid");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("invalid/")
-        .map(|e| e.expect("entry").path())
-        .collect();
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(&dir).expect("invalid/").map(|e| e.expect("entry").path()).collect();
     files.sort();
     assert!(files.len() >= 15, "only {} invalid examples", files.len());
     for file in files {
@@ -54,37 +46,17 @@ fn every_invalid_example_fails_where_it_says() {
             .lines()
             .find_map(|l| l.strip_prefix("# expect: "))
             .unwrap_or_else(|| panic!("{} has no `# expect:` line", file.display()));
-        let (pos, message) = expect
-            .split_once(' ')
-            .expect("`# expect: LINE:COL message`");
-        let rel = format!(
-            "topologies/invalid/{}",
-            file.file_name().expect("name").to_string_lossy()
-        );
+        let (pos, message) = expect.split_once(' ').expect("`# expect: LINE:COL message`");
+        let rel = format!("topologies/invalid/{}", file.file_name().expect("name").to_string_lossy());
         let out = musubi(&["validate", &rel]);
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{rel} should fail:\n{stderr}");
-        assert!(
-            stderr.contains(message),
-            "{rel}: expected message {message:?}, got:\n{stderr}"
-        );
+        assert!(stderr.contains(message), "{rel}: expected message {message:?}, got:\n{stderr}");
         let located = format!("{rel}:{pos}");
-        let block = stderr
-            .split("\nerror: ")
-            .find(|b| b.contains(message))
-            .expect("message block");
-        assert!(
-            block.contains(&located),
-            "{rel}: expected the error at {located}, got:\n{stderr}"
-        );
-        assert!(
-            block.contains('^'),
-            "{rel}: no caret under the source line:\n{stderr}"
-        );
-        assert!(
-            stderr.contains("1 error found"),
-            "{rel}: one mistake should give one error:\n{stderr}"
-        );
+        let block = stderr.split("\nerror: ").find(|b| b.contains(message)).expect("message block");
+        assert!(block.contains(&located), "{rel}: expected the error at {located}, got:\n{stderr}");
+        assert!(block.contains('^'), "{rel}: no caret under the source line:\n{stderr}");
+        assert!(stderr.contains("1 error found"), "{rel}: one mistake should give one error:\n{stderr}");
     }
 }
 
@@ -94,8 +66,7 @@ fn validation_reports_all_errors_at_once() {
     let mut all = String::new();
     // Two broken files in one intent directory: every problem of both is reported.
     for (i, name) in ["unknown-field", "dangling-segment"].iter().enumerate() {
-        let body = std::fs::read_to_string(root().join(format!("topologies/invalid/{name}.yaml")))
-            .expect("read");
+        let body = std::fs::read_to_string(root().join(format!("topologies/invalid/{name}.yaml"))).expect("read");
         // Keep names distinct across the two files.
         let body = if i == 1 {
             body.replace("ap-east", "ap-e2")
@@ -116,10 +87,7 @@ fn validation_reports_all_errors_at_once() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr.contains("unknown field `colour`"), "{stderr}");
-    assert!(
-        stderr.contains("segment `ofice` is not declared"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("segment `ofice` is not declared"), "{stderr}");
     assert!(stderr.contains("2 errors found"), "{stderr}");
 }
 
@@ -156,46 +124,21 @@ fn compiled_minimal_matches_golden_files() {
 
 #[test]
 fn compile_json_round_trips_through_protobuf_json() {
-    let out = musubi(&[
-        "compile",
-        "topologies/prefecture.yaml",
-        "--site",
-        "ap-east",
-        "--format",
-        "json",
-    ]);
+    let out = musubi(&["compile", "topologies/prefecture.yaml", "--site", "ap-east", "--format", "json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let config: musubi_proto::v1::SiteConfig =
-        serde_json::from_slice(&out.stdout).expect("SiteConfig JSON");
+    let config: musubi_proto::v1::SiteConfig = serde_json::from_slice(&out.stdout).expect("SiteConfig JSON");
     assert_eq!(config.site, "ap-east");
     assert_eq!(config.segments.len(), 6);
-    let lgwan = config
-        .segments
-        .iter()
-        .find(|s| s.segment == "lgwan")
-        .expect("lgwan");
-    assert_eq!(
-        lgwan.policy.len(),
-        1,
-        "the AP enforces the lgwan → mynumber policy"
-    );
+    let lgwan = config.segments.iter().find(|s| s.segment == "lgwan").expect("lgwan");
+    assert_eq!(lgwan.policy.len(), 1, "the AP enforces the lgwan → mynumber policy");
     assert_eq!(lgwan.policy[0].to_segment, "mynumber");
 }
 
 #[test]
 fn plan_against_itself_is_empty_and_a_change_names_its_sites() {
-    let out = musubi(&[
-        "plan",
-        "topologies/prefecture.yaml",
-        "--against",
-        "topologies/prefecture.yaml",
-    ]);
+    let out = musubi(&["plan", "topologies/prefecture.yaml", "--against", "topologies/prefecture.yaml"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).starts_with("No changes."),
-        "{}",
-        text(&out.stdout)
-    );
+    assert!(text(&out.stdout).starts_with("No changes."), "{}", text(&out.stdout));
 
     let dir = tempfile::tempdir().expect("tmp");
     let changed = std::fs::read_to_string(root().join("topologies/prefecture.yaml"))
@@ -203,22 +146,11 @@ fn plan_against_itself_is_empty_and_a_change_names_its_sites() {
         .replace("address: 198.51.100.22}", "address: 198.51.100.99}");
     let new = dir.path().join("new.yaml");
     std::fs::write(&new, changed).expect("write");
-    let out = musubi(&[
-        "plan",
-        &new.to_string_lossy(),
-        "--against",
-        "topologies/prefecture.yaml",
-    ]);
+    let out = musubi(&["plan", &new.to_string_lossy(), "--against", "topologies/prefecture.yaml"]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        stdout.contains("address: 198.51.100.22 → 198.51.100.99"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("Affected sites (3): ap-east, ap-west, kita-branch"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("address: 198.51.100.22 → 198.51.100.99"), "{stdout}");
+    assert!(stdout.contains("Affected sites (3): ap-east, ap-west, kita-branch"), "{stdout}");
 }
 
 #[test]
@@ -266,16 +198,8 @@ fn allocations_file_keeps_numbers_stable_across_runs() {
     let after: musubi_proto::v1::SiteConfig = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(after.segments.len(), before.segments.len() - 1);
     for seg in &after.segments {
-        let old = before
-            .segments
-            .iter()
-            .find(|s| s.segment == seg.segment)
-            .expect("same segment");
+        let old = before.segments.iter().find(|s| s.segment == seg.segment).expect("same segment");
         assert_eq!(seg.domain, old.domain, "{} kept its table", seg.segment);
-        assert_eq!(
-            seg.wireguard, old.wireguard,
-            "{} kept its port and addresses",
-            seg.segment
-        );
+        assert_eq!(seg.wireguard, old.wireguard, "{} kept its port and addresses", seg.segment);
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
 use musubi_controller::allocate::{Allocations, allocate};
+use musubi_controller::compile::incremental::recompile;
 use musubi_controller::compile::{PublicKeys, compile};
 use musubi_controller::intent::source::SourceMap;
 use musubi_controller::intent::*;
@@ -42,15 +43,9 @@ fn net(s: &str) -> IpNetwork {
 fn line(name: &str, priority: u32, k: usize) -> Line {
     Line {
         name: name.into(),
-        kind: if priority == 1 {
-            LineKind::DarkFiber
-        } else {
-            LineKind::Mobile
-        },
+        kind: if priority == 1 { LineKind::DarkFiber } else { LineKind::Mobile },
         priority,
-        address: format!("198.18.{}.{}", k / 250, k % 250 + 1)
-            .parse()
-            .expect("addr"),
+        address: format!("198.18.{}.{}", k / 250, k % 250 + 1).parse().expect("addr"),
         probe: ProbeOverride::default(),
     }
 }
@@ -58,25 +53,13 @@ fn line(name: &str, priority: u32, k: usize) -> Line {
 /// A valid prefecture-like intent: tenant `t0` owns shared segments and the
 /// two access points; every tenant has private segments that all reuse
 /// 192.168.0.0/16 (legal: segments are isolated).
-fn build(
-    seed: u64,
-    tenants: usize,
-    shared: usize,
-    private: usize,
-    sites_per_tenant: usize,
-) -> Intent {
+fn build(seed: u64, tenants: usize, shared: usize, private: usize, sites_per_tenant: usize) -> Intent {
     let mut rng = Rng(seed);
     let mut intent = Intent::default();
     let mut k = 0;
     for t in 0..tenants {
         let name = format!("t{t}");
-        intent.tenants.insert(
-            name.clone(),
-            Arc::new(Tenant {
-                name,
-                description: format!("自治体{t}"),
-            }),
-        );
+        intent.tenants.insert(name.clone(), Arc::new(Tenant { name, description: format!("自治体{t}") }));
     }
     let all_tenants: Vec<String> = (1..tenants).map(|t| format!("t{t}")).collect();
     for s in 0..shared {
@@ -119,11 +102,7 @@ fn build(
                 lines: vec![line("fiber", 1, k), line("lte", 2, k + 1)],
                 attachments: segment_names
                     .iter()
-                    .map(|s| Attachment {
-                        segment: s.clone(),
-                        interface: None,
-                        prefixes: vec![],
-                    })
+                    .map(|s| Attachment { segment: s.clone(), interface: None, prefixes: vec![] })
                     .collect(),
                 description: String::new(),
             }),
@@ -156,12 +135,8 @@ fn build(
 
 fn add_site(intent: &mut Intent, rng: &mut Rng, tenant: usize, n: usize, k: &mut usize) {
     let tenant_name = format!("t{tenant}");
-    let usable: Vec<String> = intent
-        .segments
-        .values()
-        .filter(|s| s.usable_by(&tenant_name))
-        .map(|s| s.name.clone())
-        .collect();
+    let usable: Vec<String> =
+        intent.segments.values().filter(|s| s.usable_by(&tenant_name)).map(|s| s.name.clone()).collect();
     let mut attachments = Vec::new();
     for (i, seg) in usable.iter().enumerate() {
         if rng.coin() || (i + 1 == usable.len() && attachments.is_empty()) {
@@ -180,11 +155,8 @@ fn add_site(intent: &mut Intent, rng: &mut Rng, tenant: usize, n: usize, k: &mut
         }
     }
     let name = format!("s{n}");
-    let lines = if rng.coin() {
-        vec![line("fiber", 1, *k)]
-    } else {
-        vec![line("fiber", 1, *k), line("lte", 2, *k + 1)]
-    };
+    let lines =
+        if rng.coin() { vec![line("fiber", 1, *k)] } else { vec![line("fiber", 1, *k), line("lte", 2, *k + 1)] };
     *k += 2;
     intent.sites.insert(
         name.clone(),
@@ -192,11 +164,7 @@ fn add_site(intent: &mut Intent, rng: &mut Rng, tenant: usize, n: usize, k: &mut
             name,
             tenant: tenant_name,
             role: Role::Site,
-            region: if rng.coin() {
-                Region::East
-            } else {
-                Region::West
-            },
+            region: if rng.coin() { Region::East } else { Region::West },
             lines,
             attachments,
             description: String::new(),
@@ -220,12 +188,8 @@ fn compiled(intent: &Intent, alloc: &Allocations) -> BTreeMap<String, SiteConfig
 /// A change to one object of tenant `t` (never an access point).
 fn mutate(intent: &mut Intent, rng: &mut Rng, t: usize) {
     let tenant = format!("t{t}");
-    let own_sites: Vec<String> = intent
-        .sites
-        .values()
-        .filter(|s| s.tenant == tenant && !s.is_access_point())
-        .map(|s| s.name.clone())
-        .collect();
+    let own_sites: Vec<String> =
+        intent.sites.values().filter(|s| s.tenant == tenant && !s.is_access_point()).map(|s| s.name.clone()).collect();
     match rng.below(4) {
         0 => {
             let mut k = 50_000 + rng.below(1000) * 2;
@@ -238,9 +202,7 @@ fn mutate(intent: &mut Intent, rng: &mut Rng, t: usize) {
         }
         2 if !own_sites.is_empty() => {
             let s = Arc::make_mut(intent.sites.get_mut(&own_sites[rng.below(own_sites.len())]).expect("site"));
-            s.lines[0].address = format!("203.0.113.{}", 1 + rng.below(250))
-                .parse()
-                .expect("addr");
+            s.lines[0].address = format!("203.0.113.{}", 1 + rng.below(250)).parse().expect("addr");
         }
         _ => {
             let own_private: Vec<String> = intent
@@ -374,6 +336,38 @@ proptest! {
             let site = new.sites.get(name).or_else(|| old.sites.get(name)).expect("site");
             if differs && site.tenant != format!("t{who}") && !site.is_access_point() {
                 prop_assert!(false, "a change by tenant t{} changed site {} of tenant {}", who, name, site.tenant);
+            }
+        }
+    }
+
+    #[test]
+    fn incremental_recompile_equals_full_compile((seed, t, sh, p, s) in intents(), steps in 1usize..5, ap_change: bool) {
+        let mut intent = build(seed, t, sh, p, s);
+        let keys = PublicKeys::new();
+        let mut alloc = allocate(&intent, &Allocations::default()).expect("alloc");
+        let mut configs: BTreeMap<String, Arc<SiteConfig>> =
+            compiled(&intent, &alloc).into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+        let mut rng = Rng(seed ^ 0x5A5A);
+        for step in 0..steps {
+            let old = intent.clone();
+            let before = configs.clone();
+            let who = rng.below(t);
+            mutate(&mut intent, &mut rng, who);
+            if ap_change && step == 0 {
+                // An access point change takes the general path.
+                Arc::make_mut(intent.sites.get_mut("ap-e").expect("ap")).lines[0].priority = 7;
+            }
+            alloc = allocate(&intent, &alloc).expect("alloc");
+            let touched = recompile(&old, &intent, &alloc, &keys, &mut configs).expect("recompile");
+            let full = compiled(&intent, &alloc);
+            prop_assert_eq!(configs.len(), full.len());
+            for (name, cfg) in &full {
+                prop_assert_eq!(&**configs.get(name).expect("site compiled"), cfg, "site {} differs from a full compile", name);
+            }
+            let names: BTreeSet<&String> = before.keys().chain(full.keys()).collect();
+            for name in names {
+                let differs = before.get(name).map(|c| &**c) != full.get(name);
+                prop_assert_eq!(differs, touched.contains(name), "site {}: changed={} reported={}", name, differs, touched.contains(name));
             }
         }
     }

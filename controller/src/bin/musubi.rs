@@ -1,6 +1,5 @@
 //! `musubi`: the operator's command-line tool.
 
-use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -15,11 +14,7 @@ use musubi_controller::intent::{Intent, Kind};
 use musubi_controller::{generate, load, plan, validate};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "musubi",
-    version,
-    about = "Operate a Musubi network: validate, plan and compile intent"
-)]
+#[command(name = "musubi", version, about = "Operate a Musubi network: validate, plan and compile intent")]
 struct Cli {
     /// Colour output: auto (on a terminal unless NO_COLOR is set), always, never.
     #[arg(long, global = true, default_value = "auto")]
@@ -106,18 +101,13 @@ impl std::error::Error for Reported {}
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MUSUBI_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MUSUBI_LOG").unwrap_or_else(|_| "warn".into()))
         .init();
     let cli = Cli::parse();
     let color = match cli.color {
         ColorChoice::Always => true,
         ColorChoice::Never => false,
-        ColorChoice::Auto => {
-            std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal()
-        }
+        ColorChoice::Auto => std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal(),
     };
     match run(cli.command, color) {
         Ok(()) => ExitCode::SUCCESS,
@@ -149,12 +139,7 @@ fn run(command: Command, color: bool) -> Result<()> {
             }
             if failed { Err(Reported.into()) } else { Ok(()) }
         }
-        Command::Plan {
-            paths,
-            against,
-            allocations,
-            json,
-        } => {
+        Command::Plan { paths, against, allocations, json } => {
             let previous = read_allocations(allocations.as_deref())?;
             let (old_intent, old_alloc) = if against.is_empty() {
                 (Intent::default(), previous)
@@ -176,20 +161,11 @@ fn run(command: Command, color: bool) -> Result<()> {
             }
             Ok(())
         }
-        Command::Compile {
-            paths,
-            site,
-            format,
-            allocations,
-            keys,
-        } => {
+        Command::Compile { paths, site, format, allocations, keys } => {
             let (intent, sources) = checked(&paths, color)?;
             if !intent.sites.contains_key(&site) {
                 let known: Vec<&str> = intent.sites.keys().map(String::as_str).take(20).collect();
-                bail!(
-                    "site `{site}` is not in the intent; expected one of: {}",
-                    known.join(", ")
-                );
+                bail!("site `{site}` is not in the intent; expected one of: {}", known.join(", "));
             }
             let previous = read_allocations(allocations.as_deref())?;
             let alloc = allocated(&intent, &sources, &previous, color)?;
@@ -208,15 +184,10 @@ fn run(command: Command, color: bool) -> Result<()> {
             }
             Ok(())
         }
-        Command::Generate {
-            sites,
-            segments,
-            output,
-        } => {
+        Command::Generate { sites, segments, output } => {
             let text = generate::generate(sites, segments);
             match output {
-                Some(path) => std::fs::write(&path, text)
-                    .with_context(|| format!("writing {}", path.display()))?,
+                Some(path) => std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?,
                 None => print!("{text}"),
             }
             Ok(())
@@ -240,17 +211,11 @@ fn report(diags: &[Diagnostic], sources: &SourceMap, color: bool) {
     eprint!("{}", render(diags, sources, color));
 }
 
-fn allocated(
-    intent: &Intent,
-    sources: &SourceMap,
-    previous: &Allocations,
-    color: bool,
-) -> Result<Allocations> {
+fn allocated(intent: &Intent, sources: &SourceMap, previous: &Allocations, color: bool) -> Result<Allocations> {
     allocate(intent, previous).map_err(|e| {
         let settings = ObjectRef::new(Kind::Settings, "settings");
         report(
-            &[Diagnostic::at(sources, &settings, e.field(), e.to_string())
-                .expected("a larger range in Settings")],
+            &[Diagnostic::at(sources, &settings, e.field(), e.to_string()).expected("a larger range in Settings")],
             sources,
             color,
         );
@@ -261,10 +226,8 @@ fn allocated(
 fn read_allocations(path: Option<&Path>) -> Result<Allocations> {
     match path {
         Some(p) if p.exists() => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            serde_json::from_str(&text)
-                .with_context(|| format!("{} is not an allocations file", p.display()))
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("{} is not an allocations file", p.display()))
         }
         _ => Ok(Allocations::default()),
     }
@@ -275,13 +238,7 @@ fn read_keys(path: Option<&Path>) -> Result<PublicKeys> {
         return Ok(PublicKeys::new());
     };
     let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-    let by_site: BTreeMap<String, BTreeMap<String, String>> = yaml_serde::from_str(&text)
+    let by_site: PublicKeys = yaml_serde::from_str(&text)
         .with_context(|| format!("{}: expected `site: {{segment: public-key}}`", p.display()))?;
-    Ok(by_site
-        .into_iter()
-        .flat_map(|(site, segs)| {
-            segs.into_iter()
-                .map(move |(seg, key)| ((site.clone(), seg), key))
-        })
-        .collect())
+    Ok(by_site)
 }

@@ -39,17 +39,11 @@ pub fn protocol(p: Protocol) -> pb::Protocol {
 }
 
 pub fn probe(p: Probe) -> pb::ProbeSettings {
-    pb::ProbeSettings {
-        interval_ms: p.interval_ms,
-        multiplier: p.multiplier,
-    }
+    pb::ProbeSettings { interval_ms: p.interval_ms, multiplier: p.multiplier }
 }
 
 pub fn port_range(r: NumRange) -> pb::PortRange {
-    pb::PortRange {
-        first: r.first,
-        last: r.last,
-    }
+    pb::PortRange { first: r.first, last: r.last }
 }
 
 pub fn prefixes<'a>(nets: impl IntoIterator<Item = &'a IpNetwork>) -> Vec<String> {

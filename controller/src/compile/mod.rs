@@ -3,9 +3,11 @@
 //! so the same input serialises to the same bytes.
 //!
 //! The intent must have passed validation; a missing allocation is reported
-//! as an error rather than guessed.
+//! as an error rather than guessed. [`incremental`] recompiles only what a
+//! change touches.
 
 mod convert;
+pub mod incremental;
 mod index;
 
 pub use index::Index;
@@ -14,11 +16,11 @@ use std::collections::BTreeMap;
 
 use musubi_proto::v1::{self as pb, SiteConfig};
 
-use crate::allocate::Allocations;
-use crate::intent::{Intent, Probe, Region, Site, vrf_name, wireguard_name};
+use crate::allocate::{Allocations, SegmentAllocation, SiteAllocation};
+use crate::intent::{Intent, Line, Probe, Region, Site, vrf_name, wireguard_name};
 
-/// WireGuard public keys reported by agents, per (site, segment).
-pub type PublicKeys = BTreeMap<(String, String), String>;
+/// WireGuard public keys reported by agents: site → segment → base64 key.
+pub type PublicKeys = BTreeMap<String, BTreeMap<String, String>>;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CompileError {
@@ -35,28 +37,33 @@ pub fn compile(
     keys: &PublicKeys,
 ) -> Result<BTreeMap<String, SiteConfig>, CompileError> {
     let index = Index::new(intent, alloc, keys);
-    intent
-        .sites
-        .keys()
-        .map(|name| Ok((name.clone(), index.site(name)?)))
-        .collect()
+    intent.sites.keys().map(|name| Ok((name.clone(), index.site(name)?))).collect()
+}
+
+fn by_priority(lines: &[Line]) -> Vec<&Line> {
+    let mut v: Vec<&Line> = lines.iter().collect();
+    v.sort_by_key(|l| l.priority);
+    v
+}
+
+fn host_prefixes(t: &SiteAllocation) -> Vec<String> {
+    vec![format!("{}/32", t.tunnel_ipv4), format!("{}/128", t.tunnel_ipv6)]
+}
+
+/// Host prefixes of the east (0) or west (1) end of a segment's interconnect.
+fn interconnect(sa: &SegmentAllocation, end: u8) -> [String; 2] {
+    let v4 = std::net::Ipv4Addr::from(u32::from(sa.interconnect_ipv4.network()) + u32::from(end));
+    let v6 = std::net::Ipv6Addr::from(u128::from(sa.interconnect_ipv6.network()) + u128::from(end));
+    [format!("{v4}/32"), format!("{v6}/128")]
 }
 
 impl Index<'_> {
     /// One site's configuration.
     pub fn site(&self, name: &str) -> Result<SiteConfig, CompileError> {
-        let site = self
-            .intent
-            .sites
-            .get(name)
-            .ok_or_else(|| CompileError::UnknownSite(name.to_string()))?;
-        let mut lines: Vec<&crate::intent::Line> = site.lines.iter().collect();
-        lines.sort_by_key(|l| l.priority);
+        let site = self.intent.sites.get(name).ok_or_else(|| CompileError::UnknownSite(name.to_string()))?;
         let settings = &self.intent.settings;
-        let mut segments = Vec::with_capacity(site.attachments.len());
-        for a in &site.attachments {
-            segments.push(self.segment(site, &a.segment)?);
-        }
+        let mut segments =
+            site.attachments.iter().map(|a| self.segment(site, &a.segment)).collect::<Result<Vec<_>, _>>()?;
         segments.sort_by(|a, b| a.segment.cmp(&b.segment));
         Ok(SiteConfig {
             site: site.name.clone(),
@@ -64,7 +71,7 @@ impl Index<'_> {
             role: convert::role(site.role).into(),
             region: convert::region(site.region).into(),
             revision: 0,
-            lines: lines
+            lines: by_priority(&site.lines)
                 .iter()
                 .map(|l| pb::Line {
                     name: l.name.clone(),
@@ -79,25 +86,25 @@ impl Index<'_> {
         })
     }
 
+    fn segment_alloc(&self, segment: &str) -> Result<&SegmentAllocation, CompileError> {
+        self.alloc
+            .segments
+            .get(segment)
+            .ok_or_else(|| CompileError::MissingAllocation { object: format!("segment `{segment}`") })
+    }
+
+    fn tunnel(&self, site: &str) -> Result<&SiteAllocation, CompileError> {
+        self.alloc.sites.get(site).ok_or_else(|| CompileError::MissingAllocation { object: format!("site `{site}`") })
+    }
+
     fn segment(&self, site: &Site, segment: &str) -> Result<pb::SegmentConfig, CompileError> {
         let seg = &self.intent.segments[segment];
-        let sa =
-            self.alloc
-                .segments
-                .get(segment)
-                .ok_or_else(|| CompileError::MissingAllocation {
-                    object: format!("segment `{segment}`"),
-                })?;
-        let own = self.tunnel(&site.name)?;
-        let mut addresses = vec![
-            format!("{}/32", own.tunnel_ipv4),
-            format!("{}/128", own.tunnel_ipv6),
-        ];
+        let sa = self.segment_alloc(segment)?;
+        let mut addresses = host_prefixes(self.tunnel(&site.name)?);
         let attachment = site.attachment(segment).and_then(|a| {
-            a.interface.as_ref().map(|ifname| pb::Attachment {
-                interface: ifname.clone(),
-                prefixes: convert::prefixes(&a.prefixes),
-            })
+            a.interface
+                .as_ref()
+                .map(|ifname| pb::Attachment { interface: ifname.clone(), prefixes: convert::prefixes(&a.prefixes) })
         });
         let (east, west) = self.access_points(segment);
         let mut peers = Vec::new();
@@ -105,47 +112,20 @@ impl Index<'_> {
         let mut policy = Vec::new();
         let mut imports = Vec::new();
         if site.is_access_point() {
-            let (own_ic, other) = if site.region == Region::East {
-                (0, west)
-            } else {
-                (1, east)
-            };
-            addresses.push(format!("{}/32", nth4(sa.interconnect_ipv4, own_ic)));
-            addresses.push(format!(
-                "{}/128",
-                nth6(sa.interconnect_ipv6, u128::from(own_ic))
-            ));
+            let (own_end, other) = if site.region == Region::East { (0, west) } else { (1, east) };
+            addresses.extend(interconnect(sa, own_end));
             for member in self.members(segment) {
-                let m = &self.intent.sites[*member];
-                peers.push(self.peer(site, m, segment, pb::PeerRole::Site, Vec::new())?);
-                let prefixes = m
-                    .attachment(segment)
-                    .map(|a| convert::prefixes(&a.prefixes))
-                    .unwrap_or_default();
-                if !prefixes.is_empty() {
-                    route_groups.push(pb::RouteGroup {
-                        name: m.name.clone(),
-                        prefixes,
-                        candidates: [m.name.clone()]
-                            .into_iter()
-                            .chain(other.map(|o| o.name.clone()))
-                            .collect(),
-                    });
-                }
+                let (peer, group) = self.member_entries(site, &self.intent.sites[*member], segment)?;
+                peers.push(peer);
+                route_groups.extend(group);
             }
             if let Some(other) = other {
-                let ic = 1 - own_ic;
-                let extra = vec![
-                    format!("{}/32", nth4(sa.interconnect_ipv4, ic)),
-                    format!("{}/128", nth6(sa.interconnect_ipv6, u128::from(ic))),
-                ];
+                let extra = interconnect(sa, 1 - own_end).to_vec();
                 peers.push(self.peer(site, other, segment, pb::PeerRole::Interconnect, extra)?);
             }
             for p in self.policies(segment) {
-                let (Some(from), Some(to)) = (
-                    self.intent.segments.get(&p.from),
-                    self.intent.segments.get(&p.to),
-                ) else {
+                let (Some(from), Some(to)) = (self.intent.segments.get(&p.from), self.intent.segments.get(&p.to))
+                else {
                     continue;
                 };
                 if p.from == segment {
@@ -161,43 +141,22 @@ impl Index<'_> {
                 }
             }
             for linked in self.linked_segments(segment) {
-                let table = self
-                    .alloc
-                    .segments
-                    .get(linked)
-                    .ok_or_else(|| CompileError::MissingAllocation {
-                        object: format!("segment `{linked}`"),
-                    })?
-                    .table;
                 imports.push(pb::SegmentImport {
                     segment: linked.to_string(),
-                    table,
+                    table: self.segment_alloc(linked)?.table,
                     prefixes: convert::prefixes(&self.intent.segments[linked].prefixes),
                 });
             }
         } else {
-            let (home, away) = if site.region == Region::East {
-                (east, west)
-            } else {
-                (west, east)
-            };
-            let candidates: Vec<String> = [home, away]
-                .into_iter()
-                .flatten()
-                .map(|s| s.name.clone())
-                .collect();
+            let (home, away) = if site.region == Region::East { (east, west) } else { (west, east) };
+            let candidates: Vec<String> = [home, away].into_iter().flatten().map(|s| s.name.clone()).collect();
             for ap in [east, west].into_iter().flatten() {
                 peers.push(self.peer(site, ap, segment, pb::PeerRole::AccessPoint, Vec::new())?);
             }
-            route_groups.push(pb::RouteGroup {
-                name: segment.to_string(),
-                prefixes: convert::prefixes(&seg.prefixes),
-                candidates: candidates.clone(),
-            });
-            for linked in self.linked_segments(segment) {
+            for routed in std::iter::once(segment).chain(self.linked_segments(segment)) {
                 route_groups.push(pb::RouteGroup {
-                    name: linked.to_string(),
-                    prefixes: convert::prefixes(&self.intent.segments[linked].prefixes),
+                    name: routed.to_string(),
+                    prefixes: convert::prefixes(&self.intent.segments[routed].prefixes),
                     candidates: candidates.clone(),
                 });
             }
@@ -209,10 +168,7 @@ impl Index<'_> {
         Ok(pb::SegmentConfig {
             segment: segment.to_string(),
             owner: seg.tenant.clone(),
-            domain: Some(pb::RoutingDomain {
-                vrf: vrf_name(segment),
-                table: sa.table,
-            }),
+            domain: Some(pb::RoutingDomain { vrf: vrf_name(segment), table: sa.table }),
             wireguard: Some(pb::WireguardInterface {
                 name: wireguard_name(segment),
                 listen_port: u32::from(sa.port),
@@ -226,13 +182,25 @@ impl Index<'_> {
         })
     }
 
-    fn tunnel(&self, site: &str) -> Result<&crate::allocate::SiteAllocation, CompileError> {
-        self.alloc
-            .sites
-            .get(site)
-            .ok_or_else(|| CompileError::MissingAllocation {
-                object: format!("site `{site}`"),
-            })
+    /// What an access point holds for one member site of a segment: its peer,
+    /// and a route group for its LAN prefixes that falls back to the other
+    /// region's access point over the interconnect.
+    pub(crate) fn member_entries(
+        &self,
+        ap: &Site,
+        member: &Site,
+        segment: &str,
+    ) -> Result<(pb::Peer, Option<pb::RouteGroup>), CompileError> {
+        let peer = self.peer(ap, member, segment, pb::PeerRole::Site, Vec::new())?;
+        let prefixes = member.attachment(segment).map(|a| convert::prefixes(&a.prefixes)).unwrap_or_default();
+        let (east, west) = self.access_points(segment);
+        let other = if ap.region == Region::East { west } else { east };
+        let group = (!prefixes.is_empty()).then(|| pb::RouteGroup {
+            name: member.name.clone(),
+            prefixes,
+            candidates: std::iter::once(member.name.clone()).chain(other.map(|o| o.name.clone())).collect(),
+        });
+        Ok((peer, group))
     }
 
     fn peer(
@@ -243,22 +211,13 @@ impl Index<'_> {
         role: pb::PeerRole,
         extra: Vec<String>,
     ) -> Result<pb::Peer, CompileError> {
-        let t = self.tunnel(&remote.name)?;
-        let port = self.alloc.segments[segment].port;
-        let mut allowed = vec![
-            format!("{}/32", t.tunnel_ipv4),
-            format!("{}/128", t.tunnel_ipv6),
-        ];
+        let mut allowed = host_prefixes(self.tunnel(&remote.name)?);
         allowed.extend(extra);
         Ok(pb::Peer {
             name: remote.name.clone(),
             role: role.into(),
-            public_key: self
-                .keys
-                .get(&(remote.name.clone(), segment.to_string()))
-                .cloned()
-                .unwrap_or_default(),
-            endpoints: self.endpoints(local, remote, port),
+            public_key: self.keys.get(&remote.name).and_then(|k| k.get(segment)).cloned().unwrap_or_default(),
+            endpoints: self.endpoints(local, remote, self.segment_alloc(segment)?.port),
             allowed_prefixes: allowed,
         })
     }
@@ -267,22 +226,12 @@ impl Index<'_> {
     /// local line first, then best remote line.
     fn endpoints(&self, local: &Site, remote: &Site, port: u16) -> Vec<pb::Endpoint> {
         let settings = &self.intent.settings;
+        let remotes = by_priority(&remote.lines);
         let mut out = Vec::new();
-        let mut locals: Vec<_> = local.lines.iter().collect();
-        locals.sort_by_key(|l| l.priority);
-        let mut remotes: Vec<_> = remote.lines.iter().collect();
-        remotes.sort_by_key(|l| l.priority);
-        for l in &locals {
-            for r in remotes
-                .iter()
-                .filter(|r| r.address.is_ipv4() == l.address.is_ipv4())
-            {
+        for l in by_priority(&local.lines) {
+            for r in remotes.iter().filter(|r| r.address.is_ipv4() == l.address.is_ipv4()) {
                 let (pl, pr) = (settings.probe_for(l), settings.probe_for(r));
-                let slower: Probe = if pr.detect_ms() > pl.detect_ms() {
-                    pr
-                } else {
-                    pl
-                };
+                let slower: Probe = if pr.detect_ms() > pl.detect_ms() { pr } else { pl };
                 out.push(pb::Endpoint {
                     local_line: l.name.clone(),
                     remote_line: r.name.clone(),
@@ -295,12 +244,4 @@ impl Index<'_> {
         }
         out
     }
-}
-
-fn nth4(net: ipnetwork::Ipv4Network, i: u32) -> std::net::Ipv4Addr {
-    std::net::Ipv4Addr::from(u32::from(net.network()) + i)
-}
-
-fn nth6(net: ipnetwork::Ipv6Network, i: u128) -> std::net::Ipv6Addr {
-    std::net::Ipv6Addr::from(u128::from(net.network()) + i)
 }

@@ -25,13 +25,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
-        Kind::Tenant,
-        Kind::Segment,
-        Kind::Site,
-        Kind::Policy,
-        Kind::Settings,
-    ];
+    pub const ALL: [Kind; 5] = [Kind::Tenant, Kind::Segment, Kind::Site, Kind::Policy, Kind::Settings];
 
     /// The word used in YAML (`kind: Site`).
     pub fn yaml(self) -> &'static str {
@@ -97,9 +91,7 @@ impl Segment {
     }
 }
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     #[default]
@@ -107,9 +99,7 @@ pub enum Role {
     AccessPoint,
 }
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Region {
     #[default]
@@ -162,13 +152,8 @@ pub enum LineKind {
 }
 
 impl LineKind {
-    pub const ALL: [LineKind; 5] = [
-        LineKind::DarkFiber,
-        LineKind::WideAreaEthernet,
-        LineKind::InternetVpn,
-        LineKind::Mobile,
-        LineKind::Satellite,
-    ];
+    pub const ALL: [LineKind; 5] =
+        [LineKind::DarkFiber, LineKind::WideAreaEthernet, LineKind::InternetVpn, LineKind::Mobile, LineKind::Satellite];
 
     pub fn yaml(self) -> &'static str {
         match self {
@@ -231,9 +216,7 @@ pub struct Attachment {
     pub prefixes: Vec<IpNetwork>,
 }
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Protocol {
     #[default]
@@ -262,11 +245,7 @@ impl NumRange {
     }
 
     pub fn len(self) -> u64 {
-        if self.last < self.first {
-            0
-        } else {
-            u64::from(self.last - self.first) + 1
-        }
+        if self.last < self.first { 0 } else { u64::from(self.last - self.first) + 1 }
     }
 
     pub fn is_empty(self) -> bool {
@@ -315,10 +294,7 @@ impl Default for Settings {
     fn default() -> Self {
         #[allow(clippy::unwrap_used)] // constant, valid networks
         Settings {
-            probe: Probe {
-                interval_ms: 100,
-                multiplier: 3,
-            },
+            probe: Probe { interval_ms: 100, multiplier: 3 },
             line_kind_probe: BTreeMap::new(),
             wireguard_ports: NumRange::new(51820, 52819),
             routing_tables: NumRange::new(1000, 1999),
@@ -333,11 +309,7 @@ impl Default for Settings {
 impl Settings {
     /// Probe timing for a line: its own override, else its kind's, else the default.
     pub fn probe_for(&self, line: &Line) -> Probe {
-        let by_kind = self
-            .line_kind_probe
-            .get(&line.kind)
-            .copied()
-            .unwrap_or_default();
+        let by_kind = self.line_kind_probe.get(&line.kind).copied().unwrap_or_default();
         self.probe.with(by_kind).with(line.probe)
     }
 }
@@ -361,9 +333,7 @@ pub fn vrf_name(segment: &str) -> String {
 
 /// Does this network contain that one (same family, at least as wide)?
 pub fn net_contains(outer: &IpNetwork, inner: &IpNetwork) -> bool {
-    outer.is_ipv4() == inner.is_ipv4()
-        && outer.prefix() <= inner.prefix()
-        && outer.contains(inner.network())
+    outer.is_ipv4() == inner.is_ipv4() && outer.prefix() <= inner.prefix() && outer.contains(inner.network())
 }
 
 /// Do two networks share any address?

@@ -43,10 +43,7 @@ pub fn parse_files(files: Vec<SourceFile>) -> Parsed {
                 p.diagnostics.push(
                     Diagnostic::new(format!("{} is not valid YAML: {}", f.name, e.info()))
                         .expected("well-formed YAML")
-                        .with_loc(Loc {
-                            file: id,
-                            range: at..end,
-                        }),
+                        .with_loc(Loc { file: id, range: at..end }),
                 );
                 continue;
             }
@@ -101,29 +98,19 @@ impl Node {
                 Scalar::String(s) => Value::Str(s.to_string()),
             },
             YamlData::Representation(s, _, _) => Value::Str(s.to_string()),
-            YamlData::Sequence(items) => {
-                Value::Seq(items.iter().map(|i| Node::from_marked(i, file)).collect())
+            YamlData::Sequence(items) => Value::Seq(items.iter().map(|i| Node::from_marked(i, file)).collect()),
+            YamlData::Mapping(m) => {
+                Value::Map(m.iter().map(|(k, v)| (Node::from_marked(k, file), Node::from_marked(v, file))).collect())
             }
-            YamlData::Mapping(m) => Value::Map(
-                m.iter()
-                    .map(|(k, v)| (Node::from_marked(k, file), Node::from_marked(v, file)))
-                    .collect(),
-            ),
             YamlData::Tagged(_, inner) => return Node::from_marked(inner, file),
             YamlData::Alias(_) => Value::Unsupported("an alias"),
             _ => Value::Unsupported("an unreadable value"),
         };
         // Point at something visible: collections' spans may be empty.
         if end <= start {
-            end = file.text[start..]
-                .find('\n')
-                .map_or(file.text.len(), |i| start + i)
-                .max(start);
+            end = file.text[start..].find('\n').map_or(file.text.len(), |i| start + i).max(start);
         }
-        Node {
-            value,
-            range: start..end,
-        }
+        Node { value, range: start..end }
     }
 
     fn describe(&self) -> String {
@@ -152,28 +139,15 @@ struct Reader<'p> {
 type Fields<'n> = Vec<(&'n str, &'n Node, &'n Node)>;
 
 fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_string()
-    } else {
-        format!("{path}.{key}")
-    }
+    if path.is_empty() { key.to_string() } else { format!("{path}.{key}") }
 }
 
 impl Reader<'_> {
     fn loc(&self, n: &Node) -> Loc {
-        Loc {
-            file: self.file,
-            range: n.range.clone(),
-        }
+        Loc { file: self.file, range: n.range.clone() }
     }
 
-    fn error(
-        &mut self,
-        n: &Node,
-        field: &str,
-        message: impl Into<String>,
-        expected: impl Into<String>,
-    ) {
+    fn error(&mut self, n: &Node, field: &str, message: impl Into<String>, expected: impl Into<String>) {
         self.p.sources.mark_unreadable(&self.obj, field);
         let d = Diagnostic {
             object: Some(self.obj.clone()),
@@ -200,12 +174,7 @@ impl Reader<'_> {
         let mut out = Vec::new();
         for (k, v) in entries {
             let Value::Str(key) = &k.value else {
-                self.error(
-                    k,
-                    path,
-                    format!("found key {}", k.describe()),
-                    "a field name",
-                );
+                self.error(k, path, format!("found key {}", k.describe()), "a field name");
                 continue;
             };
             if allowed.contains(&key.as_str()) {
@@ -213,32 +182,19 @@ impl Reader<'_> {
                 out.push((key.as_str(), k, v));
             } else {
                 let field = join(path, key);
-                self.error(
-                    k,
-                    &field,
-                    format!("unknown field `{key}`"),
-                    format!("one of {}", allowed.join(", ")),
-                );
+                self.error(k, &field, format!("unknown field `{key}`"), format!("one of {}", allowed.join(", ")));
             }
         }
         Some(out)
     }
 
     fn get<'n>(fields: &Fields<'n>, key: &str) -> Option<&'n Node> {
-        fields
-            .iter()
-            .find(|(k, _, _)| *k == key)
-            .map(|(_, _, v)| *v)
+        fields.iter().find(|(k, _, _)| *k == key).map(|(_, _, v)| *v)
     }
 
     fn missing(&mut self, at: &Node, path: &str, key: &str, expected: &str) {
         let field = join(path, key);
-        self.error(
-            at,
-            &field,
-            format!("missing field `{key}`"),
-            expected.to_string(),
-        );
+        self.error(at, &field, format!("missing field `{key}`"), expected.to_string());
     }
 
     fn string(&mut self, n: &Node, path: &str) -> Option<String> {
@@ -293,12 +249,7 @@ impl Reader<'_> {
                 .collect(),
             Value::Null => Vec::new(),
             _ => {
-                self.error(
-                    n,
-                    path,
-                    format!("found {}", n.describe()),
-                    format!("a list of {what}"),
-                );
+                self.error(n, path, format!("found {}", n.describe()), format!("a list of {what}"));
                 Vec::new()
             }
         }
@@ -309,10 +260,7 @@ impl Reader<'_> {
             return Vec::new();
         };
         let path = join(path, key);
-        self.list(n, &path, "names")
-            .into_iter()
-            .filter_map(|(p, item)| self.string(item, &p))
-            .collect()
+        self.list(n, &path, "names").into_iter().filter_map(|(p, item)| self.string(item, &p)).collect()
     }
 
     fn network(&mut self, n: &Node, path: &str) -> Option<IpNetwork> {
@@ -320,24 +268,13 @@ impl Reader<'_> {
         let net: IpNetwork = match s.parse() {
             Ok(net) => net,
             Err(_) => {
-                self.error(
-                    n,
-                    path,
-                    format!("\"{s}\" is not an IP prefix"),
-                    "a prefix like 10.0.0.0/16 or fd00::/48",
-                );
+                self.error(n, path, format!("\"{s}\" is not an IP prefix"), "a prefix like 10.0.0.0/16 or fd00::/48");
                 return None;
             }
         };
         if net.network() != net.ip() {
-            let canonical =
-                IpNetwork::new(net.network(), net.prefix()).map_or(s.clone(), |c| c.to_string());
-            self.error(
-                n,
-                path,
-                format!("\"{s}\" has host bits set"),
-                format!("the network address {canonical}"),
-            );
+            let canonical = IpNetwork::new(net.network(), net.prefix()).map_or(s.clone(), |c| c.to_string());
+            self.error(n, path, format!("\"{s}\" has host bits set"), format!("the network address {canonical}"));
             return None;
         }
         Some(net)
@@ -348,10 +285,7 @@ impl Reader<'_> {
             return Vec::new();
         };
         let path = join(path, key);
-        self.list(n, &path, "prefixes")
-            .into_iter()
-            .filter_map(|(p, item)| self.network(item, &p))
-            .collect()
+        self.list(n, &path, "prefixes").into_iter().filter_map(|(p, item)| self.network(item, &p)).collect()
     }
 
     fn choice<T: Copy>(&mut self, n: &Node, path: &str, options: &[(&str, T)]) -> Option<T> {
@@ -375,10 +309,8 @@ impl Reader<'_> {
             return ProbeOverride::default();
         };
         ProbeOverride {
-            interval_ms: Self::get(&f, "interval_ms")
-                .and_then(|v| self.int(v, &join(path, "interval_ms"), 10, 60_000)),
-            multiplier: Self::get(&f, "multiplier")
-                .and_then(|v| self.int(v, &join(path, "multiplier"), 1, 100)),
+            interval_ms: Self::get(&f, "interval_ms").and_then(|v| self.int(v, &join(path, "interval_ms"), 10, 60_000)),
+            multiplier: Self::get(&f, "multiplier").and_then(|v| self.int(v, &join(path, "multiplier"), 1, 100)),
         }
     }
 
@@ -400,12 +332,7 @@ impl Reader<'_> {
         };
         let (first, last) = (first?, last?);
         if last < first {
-            self.error(
-                n,
-                path,
-                format!("range {first}-{last} is empty"),
-                "first <= last",
-            );
+            self.error(n, path, format!("range {first}-{last} is empty"), "first <= last");
             return None;
         }
         Some(NumRange::new(first, last))
@@ -417,9 +344,8 @@ impl Reader<'_> {
         let (first, last) = match &n.value {
             Value::Int(i) => (*i, *i),
             Value::Str(s) => {
-                let parsed = s
-                    .split_once('-')
-                    .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)));
+                let parsed =
+                    s.split_once('-').and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)));
                 match parsed.or_else(|| s.trim().parse().ok().map(|p| (p, p))) {
                     Some(pair) => pair,
                     None => {
@@ -434,12 +360,7 @@ impl Reader<'_> {
             }
         };
         if !(1..=65535).contains(&first) || !(1..=65535).contains(&last) || last < first {
-            self.error(
-                n,
-                path,
-                format!("port range {first}-{last} is out of range"),
-                EXPECTED,
-            );
+            self.error(n, path, format!("port range {first}-{last} is out of range"), EXPECTED);
             return None;
         }
         Some(NumRange::new(first as u32, last as u32))
@@ -448,12 +369,8 @@ impl Reader<'_> {
 
 const REGIONS: [(&str, Region); 2] = [("east", Region::East), ("west", Region::West)];
 const ROLES: [(&str, Role); 2] = [("site", Role::Site), ("access-point", Role::AccessPoint)];
-const PROTOCOLS: [(&str, Protocol); 4] = [
-    ("any", Protocol::Any),
-    ("tcp", Protocol::Tcp),
-    ("udp", Protocol::Udp),
-    ("icmp", Protocol::Icmp),
-];
+const PROTOCOLS: [(&str, Protocol); 4] =
+    [("any", Protocol::Any), ("tcp", Protocol::Tcp), ("udp", Protocol::Udp), ("icmp", Protocol::Icmp)];
 const LINE_KINDS: [(&str, LineKind); 5] = [
     ("dark-fiber", LineKind::DarkFiber),
     ("wide-area-ethernet", LineKind::WideAreaEthernet),
@@ -464,34 +381,16 @@ const LINE_KINDS: [(&str, LineKind); 5] = [
 
 fn read_document(p: &mut Parsed, file: usize, doc: &Node, settings_seen: &mut bool) {
     let placeholder = ObjectRef::new(Kind::Settings, "?");
-    let mut r = Reader {
-        p,
-        file,
-        obj: placeholder,
-    };
+    let mut r = Reader { p, file, obj: placeholder };
     let Value::Map(entries) = &doc.value else {
-        r.error(
-            doc,
-            "",
-            format!("a document holds {}", doc.describe()),
-            "a mapping with `kind` and `name`",
-        );
+        r.error(doc, "", format!("a document holds {}", doc.describe()), "a mapping with `kind` and `name`");
         return;
     };
-    let lookup = |key: &str| {
-        entries
-            .iter()
-            .find(|(k, _)| matches!(&k.value, Value::Str(s) if s == key))
-            .map(|(_, v)| v)
-    };
+    let lookup =
+        |key: &str| entries.iter().find(|(k, _)| matches!(&k.value, Value::Str(s) if s == key)).map(|(_, v)| v);
     let kinds: Vec<(&str, Kind)> = Kind::ALL.iter().map(|k| (k.yaml(), *k)).collect();
     let Some(kind_node) = lookup("kind") else {
-        r.error(
-            doc,
-            "kind",
-            "missing field `kind`",
-            "one of Tenant, Segment, Site, Policy, Settings",
-        );
+        r.error(doc, "kind", "missing field `kind`", "one of Tenant, Segment, Site, Policy, Settings");
         return;
     };
     let Some(kind) = r.choice(kind_node, "kind", &kinds) else {
@@ -558,60 +457,29 @@ fn read_tenant(r: &mut Reader<'_>, doc: &Node, name: String) {
         return;
     };
     let description = r.opt_string(&f, "", "description").unwrap_or_default();
-    r.p.intent
-        .tenants
-        .insert(name.clone(), std::sync::Arc::new(Tenant { name, description }));
+    r.p.intent.tenants.insert(name.clone(), std::sync::Arc::new(Tenant { name, description }));
 }
 
 fn read_segment(r: &mut Reader<'_>, doc: &Node, name: String) {
-    let Some(f) = r.map(
-        doc,
-        "",
-        &[
-            "kind",
-            "name",
-            "tenant",
-            "prefixes",
-            "shared_with",
-            "description",
-        ],
-    ) else {
+    let Some(f) = r.map(doc, "", &["kind", "name", "tenant", "prefixes", "shared_with", "description"]) else {
         return;
     };
     let tenant = r.req_string(&f, doc, "", "tenant").unwrap_or_default();
     let prefixes = r.networks(&f, "", "prefixes");
     let shared_with = r.string_list(&f, "", "shared_with");
     let description = r.opt_string(&f, "", "description").unwrap_or_default();
-    r.p.intent.segments.insert(
-        name.clone(),
-        std::sync::Arc::new(Segment {
-            name,
-            tenant,
-            prefixes,
-            shared_with,
-            description,
-        }),
-    );
+    r.p.intent
+        .segments
+        .insert(name.clone(), std::sync::Arc::new(Segment { name, tenant, prefixes, shared_with, description }));
 }
 
 fn read_site(r: &mut Reader<'_>, doc: &Node, name: String) {
-    let allowed = [
-        "kind",
-        "name",
-        "tenant",
-        "role",
-        "region",
-        "lines",
-        "attachments",
-        "description",
-    ];
+    let allowed = ["kind", "name", "tenant", "role", "region", "lines", "attachments", "description"];
     let Some(f) = r.map(doc, "", &allowed) else {
         return;
     };
     let tenant = r.req_string(&f, doc, "", "tenant").unwrap_or_default();
-    let role = Reader::get(&f, "role")
-        .and_then(|n| r.choice(n, "role", &ROLES))
-        .unwrap_or_default();
+    let role = Reader::get(&f, "role").and_then(|n| r.choice(n, "role", &ROLES)).unwrap_or_default();
     let region = match Reader::get(&f, "region") {
         Some(n) => r.choice(n, "region", &REGIONS).unwrap_or_default(),
         None => {
@@ -638,15 +506,7 @@ fn read_site(r: &mut Reader<'_>, doc: &Node, name: String) {
     let description = r.opt_string(&f, "", "description").unwrap_or_default();
     r.p.intent.sites.insert(
         name.clone(),
-        std::sync::Arc::new(Site {
-            name,
-            tenant,
-            role,
-            region,
-            lines,
-            attachments,
-            description,
-        }),
+        std::sync::Arc::new(Site { name, tenant, role, region, lines, attachments, description }),
     );
 }
 
@@ -673,12 +533,7 @@ fn read_line(r: &mut Reader<'_>, n: &Node, path: &str) -> Option<Line> {
             r.string(v, &p).and_then(|s| match s.parse::<IpAddr>() {
                 Ok(a) => Some(a),
                 Err(_) => {
-                    r.error(
-                        v,
-                        &p,
-                        format!("\"{s}\" is not an IP address"),
-                        "an IPv4 or IPv6 address",
-                    );
+                    r.error(v, &p, format!("\"{s}\" is not an IP address"), "an IPv4 or IPv6 address");
                     None
                 }
             })
@@ -688,16 +543,8 @@ fn read_line(r: &mut Reader<'_>, n: &Node, path: &str) -> Option<Line> {
             None
         }
     };
-    let probe = Reader::get(&f, "probe")
-        .map(|v| r.probe(v, &join(path, "probe")))
-        .unwrap_or_default();
-    Some(Line {
-        name: name?,
-        kind: kind?,
-        priority: priority?,
-        address: address?,
-        probe,
-    })
+    let probe = Reader::get(&f, "probe").map(|v| r.probe(v, &join(path, "probe"))).unwrap_or_default();
+    Some(Line { name: name?, kind: kind?, priority: priority?, address: address?, probe })
 }
 
 fn read_attachment(r: &mut Reader<'_>, n: &Node, path: &str) -> Option<Attachment> {
@@ -705,33 +552,18 @@ fn read_attachment(r: &mut Reader<'_>, n: &Node, path: &str) -> Option<Attachmen
     let segment = r.req_string(&f, n, path, "segment");
     let interface = r.opt_string(&f, path, "interface");
     let prefixes = r.networks(&f, path, "prefixes");
-    Some(Attachment {
-        segment: segment?,
-        interface,
-        prefixes,
-    })
+    Some(Attachment { segment: segment?, interface, prefixes })
 }
 
 fn read_policy(r: &mut Reader<'_>, doc: &Node, name: String) {
-    let allowed = [
-        "kind",
-        "name",
-        "tenant",
-        "from",
-        "to",
-        "protocol",
-        "ports",
-        "description",
-    ];
+    let allowed = ["kind", "name", "tenant", "from", "to", "protocol", "ports", "description"];
     let Some(f) = r.map(doc, "", &allowed) else {
         return;
     };
     let tenant = r.req_string(&f, doc, "", "tenant").unwrap_or_default();
     let from = r.req_string(&f, doc, "", "from").unwrap_or_default();
     let to = r.req_string(&f, doc, "", "to").unwrap_or_default();
-    let protocol = Reader::get(&f, "protocol")
-        .and_then(|n| r.choice(n, "protocol", &PROTOCOLS))
-        .unwrap_or_default();
+    let protocol = Reader::get(&f, "protocol").and_then(|n| r.choice(n, "protocol", &PROTOCOLS)).unwrap_or_default();
     let mut ports = Vec::new();
     if let Some(n) = Reader::get(&f, "ports") {
         for (path, item) in r.list(n, "ports", "ports") {
@@ -739,18 +571,9 @@ fn read_policy(r: &mut Reader<'_>, doc: &Node, name: String) {
         }
     }
     let description = r.opt_string(&f, "", "description").unwrap_or_default();
-    r.p.intent.policies.insert(
-        name.clone(),
-        std::sync::Arc::new(Policy {
-            name,
-            tenant,
-            from,
-            to,
-            protocol,
-            ports,
-            description,
-        }),
-    );
+    r.p.intent
+        .policies
+        .insert(name.clone(), std::sync::Arc::new(Policy { name, tenant, from, to, protocol, ports, description }));
 }
 
 fn read_settings(r: &mut Reader<'_>, doc: &Node) {
@@ -782,15 +605,11 @@ fn read_settings(r: &mut Reader<'_>, doc: &Node) {
         }
     }
     if let Some(n) = Reader::get(&f, "wireguard_ports") {
-        s.wireguard_ports = r
-            .range(n, "wireguard_ports", 1, 65535)
-            .unwrap_or(s.wireguard_ports);
+        s.wireguard_ports = r.range(n, "wireguard_ports", 1, 65535).unwrap_or(s.wireguard_ports);
     }
     if let Some(n) = Reader::get(&f, "routing_tables") {
         // 253-255 are the kernel's default, main and local tables.
-        s.routing_tables = r
-            .range(n, "routing_tables", 256, u32::MAX - 1)
-            .unwrap_or(s.routing_tables);
+        s.routing_tables = r.range(n, "routing_tables", 256, u32::MAX - 1).unwrap_or(s.routing_tables);
     }
     if let Some(n) = Reader::get(&f, "tunnel_addresses") {
         let (v4, v6) = read_pools(r, n, "tunnel_addresses");
@@ -805,11 +624,7 @@ fn read_settings(r: &mut Reader<'_>, doc: &Node) {
     r.p.intent.settings = s;
 }
 
-fn read_pools(
-    r: &mut Reader<'_>,
-    n: &Node,
-    path: &str,
-) -> (Option<Ipv4Network>, Option<Ipv6Network>) {
+fn read_pools(r: &mut Reader<'_>, n: &Node, path: &str) -> (Option<Ipv4Network>, Option<Ipv6Network>) {
     let Some(f) = r.map(n, path, &["ipv4", "ipv6"]) else {
         return (None, None);
     };
@@ -859,38 +674,22 @@ mod tests {
         let msgs: Vec<String> = p.diagnostics.iter().map(|d| d.short(&p.sources)).collect();
         assert_eq!(msgs.len(), 5, "{msgs:#?}");
         assert!(
-            msgs.iter()
-                .any(|m| m
-                    .starts_with("t.yaml:4:9: site `s1`, field `region`: unknown value \"north\"")),
+            msgs.iter().any(|m| m.starts_with("t.yaml:4:9: site `s1`, field `region`: unknown value \"north\"")),
             "{msgs:#?}"
         );
         assert!(
-            msgs.iter()
-                .any(|m| m.starts_with("t.yaml:5:1: site `s1`, field `colour`: unknown field")),
+            msgs.iter().any(|m| m.starts_with("t.yaml:5:1: site `s1`, field `colour`: unknown field")),
             "{msgs:#?}"
         );
-        assert!(
-            msgs.iter()
-                .any(|m| m.contains("lines[0].kind") && m.contains("\"fiber\""))
-        );
-        assert!(
-            msgs.iter()
-                .any(|m| m.contains("lines[0].priority") && m.contains("0 is out of range"))
-        );
-        assert!(
-            msgs.iter()
-                .any(|m| m.contains("lines[0].address") && m.contains("not an IP address"))
-        );
+        assert!(msgs.iter().any(|m| m.contains("lines[0].kind") && m.contains("\"fiber\"")));
+        assert!(msgs.iter().any(|m| m.contains("lines[0].priority") && m.contains("0 is out of range")));
+        assert!(msgs.iter().any(|m| m.contains("lines[0].address") && m.contains("not an IP address")));
     }
 
     #[test]
     fn broken_yaml_is_located() {
         let p = parse_str("b.yaml", "kind: Tenant\nname: [unclosed\n");
         assert_eq!(p.diagnostics.len(), 1);
-        assert!(
-            p.diagnostics[0].short(&p.sources).starts_with("b.yaml:"),
-            "{:?}",
-            p.diagnostics
-        );
+        assert!(p.diagnostics[0].short(&p.sources).starts_with("b.yaml:"), "{:?}", p.diagnostics);
     }
 }

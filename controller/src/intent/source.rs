@@ -22,11 +22,7 @@ impl SourceFile {
         let text = text.into();
         let mut line_starts = vec![0];
         line_starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
-        Self {
-            name: name.into(),
-            text,
-            line_starts,
-        }
+        Self { name: name.into(), text, line_starts }
     }
 
     /// Byte offset of a 1-based line and a 0-based column counted in characters
@@ -35,20 +31,14 @@ impl SourceFile {
         let Some(&start) = self.line_starts.get(line.saturating_sub(1)) else {
             return self.text.len();
         };
-        self.text[start..]
-            .char_indices()
-            .nth(col_chars)
-            .map_or(self.text.len(), |(i, _)| start + i)
+        self.text[start..].char_indices().nth(col_chars).map_or(self.text.len(), |(i, _)| start + i)
     }
 
     /// 1-based line and column of a byte offset.
     pub fn line_col(&self, offset: usize) -> (usize, usize) {
         let line = self.line_starts.partition_point(|&s| s <= offset).max(1);
         let start = self.line_starts[line - 1];
-        let col = self.text[start..offset.min(self.text.len())]
-            .chars()
-            .count()
-            + 1;
+        let col = self.text[start..offset.min(self.text.len())].chars().count() + 1;
         (line, col)
     }
 }
@@ -69,10 +59,7 @@ pub struct ObjectRef {
 
 impl ObjectRef {
     pub fn new(kind: Kind, name: impl Into<String>) -> Self {
-        Self {
-            kind,
-            name: name.into(),
-        }
+        Self { kind, name: name.into() }
     }
 }
 
@@ -123,8 +110,7 @@ impl SourceMap {
 
     /// Did reading this field (or anything inside it) fail?
     pub fn is_unreadable(&self, object: &ObjectRef, field: &str) -> bool {
-        self.unreadable
-            .contains(&(object.clone(), field.to_string()))
+        self.unreadable.contains(&(object.clone(), field.to_string()))
     }
 
     pub fn object(&self, object: &ObjectRef) -> Option<Loc> {

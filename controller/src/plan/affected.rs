@@ -79,7 +79,9 @@ pub fn affected_sites(old: &Intent, new: &Intent) -> BTreeSet<String> {
                     segments.insert(a.segment.clone());
                 } else {
                     // The AP pair holds a peer and a route group for the site.
-                    out.extend(aps.iter().flatten().filter(|ap| ap.attachment(&a.segment).is_some()).map(|ap| ap.name.clone()));
+                    out.extend(
+                        aps.iter().flatten().filter(|ap| ap.attachment(&a.segment).is_some()).map(|ap| ap.name.clone()),
+                    );
                 }
             }
         }

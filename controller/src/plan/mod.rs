@@ -1,7 +1,7 @@
 //! Plans: what changes on each site between two compilations, as data.
 //! "No change" is an empty plan. [`render`] prints it for people.
 
-mod affected;
+pub mod affected;
 mod render;
 
 pub use affected::affected_sites;
@@ -43,13 +43,7 @@ pub struct Change {
 
 impl Change {
     fn new(action: Action, kind: &'static str, name: impl Into<String>) -> Self {
-        Change {
-            action,
-            kind,
-            name: name.into(),
-            details: Vec::new(),
-            children: Vec::new(),
-        }
+        Change { action, kind, name: name.into(), details: Vec::new(), children: Vec::new() }
     }
 }
 
@@ -82,20 +76,14 @@ pub fn diff(old: &BTreeMap<String, SiteConfig>, new: &BTreeMap<String, SiteConfi
         match (old.get(name), new.get(name)) {
             (None, Some(n)) => {
                 let mut c = Change::new(Action::Add, "site", name.clone());
-                c.children = n
-                    .segments
-                    .iter()
-                    .map(|s| Change::new(Action::Add, "segment", s.segment.clone()))
-                    .collect();
+                c.children =
+                    n.segments.iter().map(|s| Change::new(Action::Add, "segment", s.segment.clone())).collect();
                 sites.push(c);
             }
             (Some(o), None) => {
                 let mut c = Change::new(Action::Remove, "site", name.clone());
-                c.children = o
-                    .segments
-                    .iter()
-                    .map(|s| Change::new(Action::Remove, "segment", s.segment.clone()))
-                    .collect();
+                c.children =
+                    o.segments.iter().map(|s| Change::new(Action::Remove, "segment", s.segment.clone())).collect();
                 sites.push(c);
             }
             (Some(o), Some(n)) if o != n => sites.push(diff_site(o, n)),
@@ -134,25 +122,15 @@ fn list_field(details: &mut Vec<String>, name: &str, old: &[String], new: &[Stri
 }
 
 fn list(v: &[String]) -> String {
-    if v.is_empty() {
-        "(none)".into()
-    } else {
-        v.join(", ")
-    }
+    if v.is_empty() { "(none)".into() } else { v.join(", ") }
 }
 
 fn diff_site(o: &SiteConfig, n: &SiteConfig) -> Change {
     let mut c = Change::new(Action::Change, "site", n.site.clone());
     field(&mut c.details, "tenant", &o.tenant, &n.tenant, Clone::clone);
-    field(&mut c.details, "role", &o.role(), &n.role(), |r| {
-        format!("{r:?}").to_lowercase()
-    });
-    field(&mut c.details, "region", &o.region(), &n.region(), |r| {
-        format!("{r:?}").to_lowercase()
-    });
-    field(&mut c.details, "probe", &o.probe, &n.probe, |p| {
-        probe(p.as_ref())
-    });
+    field(&mut c.details, "role", &o.role(), &n.role(), |r| format!("{r:?}").to_lowercase());
+    field(&mut c.details, "region", &o.region(), &n.region(), |r| format!("{r:?}").to_lowercase());
+    field(&mut c.details, "probe", &o.probe, &n.probe, |p| probe(p.as_ref()));
     c.children.extend(diff_named(
         &o.lines,
         &n.lines,
@@ -161,55 +139,32 @@ fn diff_site(o: &SiteConfig, n: &SiteConfig) -> Change {
         |a, b| {
             let mut d = Vec::new();
             field(&mut d, "kind", &a.kind(), &b.kind(), |k| format!("{k:?}"));
-            field(
-                &mut d,
-                "priority",
-                &a.priority,
-                &b.priority,
-                ToString::to_string,
-            );
+            field(&mut d, "priority", &a.priority, &b.priority, ToString::to_string);
             field(&mut d, "address", &a.address, &b.address, Clone::clone);
             field(&mut d, "probe", &a.probe, &b.probe, |p| probe(p.as_ref()));
             (d, Vec::new())
         },
     ));
-    c.children.extend(diff_named(
-        &o.segments,
-        &n.segments,
-        "segment",
-        |s| &s.segment,
-        diff_segment,
-    ));
+    c.children.extend(diff_named(&o.segments, &n.segments, "segment", |s| &s.segment, diff_segment));
     c
 }
 
 fn probe(p: Option<&pb::ProbeSettings>) -> String {
-    p.map_or("(none)".into(), |p| {
-        format!("{} ms × {}", p.interval_ms, p.multiplier)
-    })
+    p.map_or("(none)".into(), |p| format!("{} ms × {}", p.interval_ms, p.multiplier))
 }
 
 fn diff_segment(o: &pb::SegmentConfig, n: &pb::SegmentConfig) -> (Vec<String>, Vec<Change>) {
     let mut d = Vec::new();
     field(&mut d, "owner", &o.owner, &n.owner, Clone::clone);
     field(&mut d, "routing domain", &o.domain, &n.domain, |x| {
-        x.as_ref()
-            .map_or("(none)".into(), |x| format!("{} table {}", x.vrf, x.table))
+        x.as_ref().map_or("(none)".into(), |x| format!("{} table {}", x.vrf, x.table))
     });
     field(&mut d, "wireguard", &o.wireguard, &n.wireguard, |x| {
-        x.as_ref().map_or("(none)".into(), |x| {
-            format!(
-                "{} port {} [{}]",
-                x.name,
-                x.listen_port,
-                x.addresses.join(", ")
-            )
-        })
+        x.as_ref()
+            .map_or("(none)".into(), |x| format!("{} port {} [{}]", x.name, x.listen_port, x.addresses.join(", ")))
     });
     field(&mut d, "attachment", &o.attachment, &n.attachment, |x| {
-        x.as_ref().map_or("(none)".into(), |x| {
-            format!("{} [{}]", x.interface, x.prefixes.join(", "))
-        })
+        x.as_ref().map_or("(none)".into(), |x| format!("{} [{}]", x.interface, x.prefixes.join(", ")))
     });
     let mut children = diff_named(
         &o.peers,
@@ -218,36 +173,18 @@ fn diff_segment(o: &pb::SegmentConfig, n: &pb::SegmentConfig) -> (Vec<String>, V
         |p| &p.name,
         |a, b| {
             let mut d = Vec::new();
-            field(&mut d, "role", &a.role(), &b.role(), |r| {
-                format!("{r:?}").to_lowercase()
-            });
+            field(&mut d, "role", &a.role(), &b.role(), |r| format!("{r:?}").to_lowercase());
             field(&mut d, "public key", &a.public_key, &b.public_key, |k| {
-                if k.is_empty() {
-                    "(not yet known)".into()
-                } else {
-                    k.clone()
-                }
+                if k.is_empty() { "(not yet known)".into() } else { k.clone() }
             });
             let endpoints = |p: &pb::Peer| -> Vec<String> {
-                p.endpoints
-                    .iter()
-                    .map(|e| format!("{}→{}:{}", e.local_line, e.address, e.port))
-                    .collect()
+                p.endpoints.iter().map(|e| format!("{}→{}:{}", e.local_line, e.address, e.port)).collect()
             };
             list_field(&mut d, "endpoints", &endpoints(a), &endpoints(b));
-            if a.endpoints
-                .iter()
-                .map(|e| &e.probe)
-                .ne(b.endpoints.iter().map(|e| &e.probe))
-            {
+            if a.endpoints.iter().map(|e| &e.probe).ne(b.endpoints.iter().map(|e| &e.probe)) {
                 d.push("endpoint probe timing changed".into());
             }
-            list_field(
-                &mut d,
-                "allowed prefixes",
-                &a.allowed_prefixes,
-                &b.allowed_prefixes,
-            );
+            list_field(&mut d, "allowed prefixes", &a.allowed_prefixes, &b.allowed_prefixes);
             (d, Vec::new())
         },
     );
@@ -273,19 +210,15 @@ fn diff_segment(o: &pb::SegmentConfig, n: &pb::SegmentConfig) -> (Vec<String>, V
             field(&mut d, "to", &a.to_segment, &b.to_segment, Clone::clone);
             list_field(&mut d, "from prefixes", &a.from_prefixes, &b.from_prefixes);
             list_field(&mut d, "to prefixes", &a.to_prefixes, &b.to_prefixes);
-            field(&mut d, "protocol", &a.protocol(), &b.protocol(), |p| {
-                format!("{p:?}").to_lowercase()
-            });
+            field(&mut d, "protocol", &a.protocol(), &b.protocol(), |p| format!("{p:?}").to_lowercase());
             field(&mut d, "ports", &a.ports, &b.ports, |v| {
                 list(
                     &v.iter()
-                        .map(|r| {
-                            if r.first == r.last {
-                                r.first.to_string()
-                            } else {
-                                format!("{}-{}", r.first, r.last)
-                            }
-                        })
+                        .map(
+                            |r| {
+                                if r.first == r.last { r.first.to_string() } else { format!("{}-{}", r.first, r.last) }
+                            },
+                        )
                         .collect::<Vec<_>>(),
                 )
             });

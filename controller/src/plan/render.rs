@@ -14,17 +14,8 @@ fn colour(a: Action) -> &'static str {
 
 fn write(out: &mut String, c: &Change, depth: usize, color: bool) {
     let indent = "    ".repeat(depth);
-    let (on, off) = if color {
-        (colour(c.action), RESET)
-    } else {
-        ("", "")
-    };
-    out.push_str(&format!(
-        "{indent}{on}{} {} {}{off}\n",
-        c.action.sign(),
-        c.kind,
-        c.name
-    ));
+    let (on, off) = if color { (colour(c.action), RESET) } else { ("", "") };
+    out.push_str(&format!("{indent}{on}{} {} {}{off}\n", c.action.sign(), c.kind, c.name));
     for d in &c.details {
         out.push_str(&format!("{indent}      {d}\n"));
     }
@@ -44,11 +35,7 @@ pub fn render(plan: &Plan, color: bool) -> String {
         out.push('\n');
     }
     let bold = |s: String| {
-        if color {
-            format!("\x1b[1m{s}{RESET}")
-        } else {
-            s
-        }
+        if color { format!("\x1b[1m{s}{RESET}") } else { s }
     };
     out.push_str(&bold(format!(
         "Plan: {} site(s) to add, {} to change, {} to remove.",
@@ -57,10 +44,6 @@ pub fn render(plan: &Plan, color: bool) -> String {
         plan.count(Action::Remove)
     )));
     out.push('\n');
-    out.push_str(&format!(
-        "Affected sites ({}): {}\n",
-        plan.sites.len(),
-        plan.affected().join(", ")
-    ));
+    out.push_str(&format!("Affected sites ({}): {}\n", plan.sites.len(), plan.affected().join(", ")));
     out
 }

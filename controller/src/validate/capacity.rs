@@ -7,11 +7,7 @@ use crate::intent::source::{ObjectRef, SourceMap};
 
 fn host_capacity(prefix_bits: u32, total_bits: u32) -> u128 {
     let host = total_bits - prefix_bits;
-    if host >= 127 {
-        u128::MAX
-    } else {
-        (1u128 << host).saturating_sub(2)
-    }
+    if host >= 127 { u128::MAX } else { (1u128 << host).saturating_sub(2) }
 }
 
 pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnostic>) {
@@ -32,18 +28,8 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
             );
         }
     };
-    need(
-        "routing_tables",
-        "routing tables (one per segment)",
-        u128::from(s.routing_tables.len()),
-        segments,
-    );
-    need(
-        "wireguard_ports",
-        "ports (one per segment)",
-        u128::from(s.wireguard_ports.len()),
-        segments,
-    );
+    need("routing_tables", "routing tables (one per segment)", u128::from(s.routing_tables.len()), segments);
+    need("wireguard_ports", "ports (one per segment)", u128::from(s.wireguard_ports.len()), segments);
     need(
         "tunnel_addresses.ipv4",
         "addresses (one per site)",
@@ -57,17 +43,7 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
         sites,
     );
     let pairs4 = 1u128 << (31 - u32::from(s.interconnect_ipv4.prefix()).min(31));
-    need(
-        "interconnect_addresses.ipv4",
-        "/31 networks (one per segment)",
-        pairs4,
-        segments,
-    );
+    need("interconnect_addresses.ipv4", "/31 networks (one per segment)", pairs4, segments);
     let bits6 = (127 - u32::from(s.interconnect_ipv6.prefix()).min(127)).min(100);
-    need(
-        "interconnect_addresses.ipv6",
-        "/127 networks (one per segment)",
-        1u128 << bits6,
-        segments,
-    );
+    need("interconnect_addresses.ipv6", "/127 networks (one per segment)", 1u128 << bits6, segments);
 }

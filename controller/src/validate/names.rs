@@ -10,39 +10,20 @@ const NAME_MAX: usize = 63;
 
 fn well_formed(name: &str) -> bool {
     name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !name.ends_with('-')
 }
 
-fn check_name(
-    sources: &SourceMap,
-    obj: &ObjectRef,
-    field: &str,
-    name: &str,
-    max: usize,
-    out: &mut Vec<Diagnostic>,
-) {
+fn check_name(sources: &SourceMap, obj: &ObjectRef, field: &str, name: &str, max: usize, out: &mut Vec<Diagnostic>) {
     if !well_formed(name) {
         out.push(
-            Diagnostic::at(
-                sources,
-                obj,
-                field,
-                format!("\"{name}\" is not a valid name"),
-            )
-            .expected("lowercase letters, digits and dashes, starting with a letter"),
+            Diagnostic::at(sources, obj, field, format!("\"{name}\" is not a valid name"))
+                .expected("lowercase letters, digits and dashes, starting with a letter"),
         );
     } else if name.len() > max {
         out.push(
-            Diagnostic::at(
-                sources,
-                obj,
-                field,
-                format!("\"{name}\" is {} bytes long", name.len()),
-            )
-            .expected(format!("at most {max} bytes")),
+            Diagnostic::at(sources, obj, field, format!("\"{name}\" is {} bytes long", name.len()))
+                .expected(format!("at most {max} bytes")),
         );
     }
 }
@@ -53,40 +34,29 @@ pub fn valid_ifname(name: &str) -> bool {
         && name.len() <= IFNAME_MAX
         && name != "."
         && name != ".."
-        && !name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
 }
 
 pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnostic>) {
     for name in intent.tenants.keys() {
-        check_name(
-            sources,
-            &ObjectRef::new(Kind::Tenant, name),
-            "name",
-            name,
-            NAME_MAX,
-            out,
-        );
+        check_name(sources, &ObjectRef::new(Kind::Tenant, name), "name", name, NAME_MAX, out);
     }
     for name in intent.policies.keys() {
-        check_name(
-            sources,
-            &ObjectRef::new(Kind::Policy, name),
-            "name",
-            name,
-            NAME_MAX,
-            out,
-        );
+        check_name(sources, &ObjectRef::new(Kind::Policy, name), "name", name, NAME_MAX, out);
     }
     for name in intent.segments.keys() {
         let obj = ObjectRef::new(Kind::Segment, name);
         if well_formed(name) && name.len() > SEGMENT_NAME_MAX {
             out.push(
-                Diagnostic::at(sources, &obj, "name", format!(
-                    "segment name \"{name}\" would make the interface name `{WG_PREFIX}{name}` {} bytes long",
-                    name.len() + WG_PREFIX.len()
-                ))
+                Diagnostic::at(
+                    sources,
+                    &obj,
+                    "name",
+                    format!(
+                        "segment name \"{name}\" would make the interface name `{WG_PREFIX}{name}` {} bytes long",
+                        name.len() + WG_PREFIX.len()
+                    ),
+                )
                 .expected(format!("at most {SEGMENT_NAME_MAX} bytes, so interface names fit Linux's {IFNAME_MAX}")),
             );
         } else {
@@ -97,14 +67,7 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
         let obj = ObjectRef::new(Kind::Site, name);
         check_name(sources, &obj, "name", name, NAME_MAX, out);
         for (i, line) in site.lines.iter().enumerate() {
-            check_name(
-                sources,
-                &obj,
-                &format!("lines[{i}].name"),
-                &line.name,
-                IFNAME_MAX,
-                out,
-            );
+            check_name(sources, &obj, &format!("lines[{i}].name"), &line.name, IFNAME_MAX, out);
         }
         for (i, a) in site.attachments.iter().enumerate() {
             if let Some(ifname) = &a.interface
@@ -115,14 +78,9 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                         sources,
                         &obj,
                         &format!("attachments[{i}].interface"),
-                        format!(
-                            "\"{ifname}\" is not a usable Linux interface name ({} bytes)",
-                            ifname.len()
-                        ),
+                        format!("\"{ifname}\" is not a usable Linux interface name ({} bytes)", ifname.len()),
                     )
-                    .expected(format!(
-                        "1 to {IFNAME_MAX} bytes without '/', ':' or spaces"
-                    )),
+                    .expected(format!("1 to {IFNAME_MAX} bytes without '/', ':' or spaces")),
                 );
             }
         }

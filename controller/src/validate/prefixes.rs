@@ -12,19 +12,11 @@ use crate::intent::{Intent, Kind, net_contains, nets_overlap};
 /// First and last address of a network as u128, IPv4 mapped below IPv6.
 fn bounds(n: &IpNetwork) -> (u8, u128, u128) {
     match n {
-        IpNetwork::V4(v4) => (
-            4,
-            u128::from(u32::from(v4.network())),
-            u128::from(u32::from(v4.broadcast())),
-        ),
+        IpNetwork::V4(v4) => (4, u128::from(u32::from(v4.network())), u128::from(u32::from(v4.broadcast()))),
         IpNetwork::V6(v6) => {
             let start = u128::from(v6.network());
             let host_bits = 128 - u32::from(v6.prefix());
-            let end = if host_bits == 128 {
-                u128::MAX
-            } else {
-                start | ((1u128 << host_bits) - 1)
-            };
+            let end = if host_bits == 128 { u128::MAX } else { start | ((1u128 << host_bits) - 1) };
             (6, start, end)
         }
     }
@@ -62,8 +54,7 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
         let obj = ObjectRef::new(Kind::Segment, name);
         if seg.prefixes.is_empty() {
             out.push(
-                Diagnostic::at(sources, &obj, "prefixes", "segment has no prefixes")
-                    .expected("at least one prefix"),
+                Diagnostic::at(sources, &obj, "prefixes", "segment has no prefixes").expected("at least one prefix"),
             );
         }
         for (i, j) in overlaps(&seg.prefixes) {
@@ -72,23 +63,16 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                     sources,
                     &obj,
                     &format!("prefixes[{j}]"),
-                    format!(
-                        "prefix {} overlaps {} in the same segment",
-                        seg.prefixes[j], seg.prefixes[i]
-                    ),
+                    format!("prefix {} overlaps {} in the same segment", seg.prefixes[j], seg.prefixes[i]),
                 )
                 .expected("disjoint prefixes within one segment")
-                .related(
-                    sources.field(&obj, &format!("prefixes[{i}]")),
-                    "overlapped prefix",
-                ),
+                .related(sources.field(&obj, &format!("prefixes[{i}]")), "overlapped prefix"),
             );
         }
     }
 
     // Attachment prefixes, grouped by segment, remembering who declared each.
-    let mut by_segment: std::collections::BTreeMap<&str, Vec<(IpNetwork, &str, String)>> =
-        Default::default();
+    let mut by_segment: std::collections::BTreeMap<&str, Vec<(IpNetwork, &str, String)>> = Default::default();
     for (site_name, site) in &intent.sites {
         let obj = ObjectRef::new(Kind::Site, site_name);
         for (i, a) in site.attachments.iter().enumerate() {
@@ -100,26 +84,14 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                 {
                     let list: Vec<String> = seg.prefixes.iter().map(ToString::to_string).collect();
                     out.push(
-                        Diagnostic::at(
-                            sources,
-                            &obj,
-                            &field,
-                            format!("prefix {p} is outside segment `{}`", a.segment),
-                        )
-                        .expected(format!(
-                            "a prefix inside {}",
-                            if list.is_empty() {
-                                "the segment".into()
-                            } else {
-                                list.join(" or ")
-                            }
-                        )),
+                        Diagnostic::at(sources, &obj, &field, format!("prefix {p} is outside segment `{}`", a.segment))
+                            .expected(format!(
+                                "a prefix inside {}",
+                                if list.is_empty() { "the segment".into() } else { list.join(" or ") }
+                            )),
                     );
                 }
-                by_segment
-                    .entry(&a.segment)
-                    .or_default()
-                    .push((*p, site_name, field));
+                by_segment.entry(&a.segment).or_default().push((*p, site_name, field));
             }
         }
     }
@@ -130,9 +102,12 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
             let (pj, sj, fj) = &entries[j];
             let obj = ObjectRef::new(Kind::Site, *sj);
             out.push(
-                Diagnostic::at(sources, &obj, fj, format!(
-                    "prefix {pj} of site `{sj}` overlaps {pi} of site `{si}` in segment `{segment}`"
-                ))
+                Diagnostic::at(
+                    sources,
+                    &obj,
+                    fj,
+                    format!("prefix {pj} of site `{sj}` overlaps {pi} of site `{si}` in segment `{segment}`"),
+                )
                 .expected("each address of a segment at one site only")
                 .related(sources.field(&ObjectRef::new(Kind::Site, *si), fi), "overlapped prefix"),
             );
@@ -145,26 +120,15 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
     let pools = [
         ("tunnel_addresses.ipv4", IpNetwork::V4(s.tunnel_ipv4)),
         ("tunnel_addresses.ipv6", IpNetwork::V6(s.tunnel_ipv6)),
-        (
-            "interconnect_addresses.ipv4",
-            IpNetwork::V4(s.interconnect_ipv4),
-        ),
-        (
-            "interconnect_addresses.ipv6",
-            IpNetwork::V6(s.interconnect_ipv6),
-        ),
+        ("interconnect_addresses.ipv4", IpNetwork::V4(s.interconnect_ipv4)),
+        ("interconnect_addresses.ipv6", IpNetwork::V6(s.interconnect_ipv6)),
     ];
     for (a, (fa, na)) in pools.iter().enumerate() {
         for (fb, nb) in &pools[a + 1..] {
             if nets_overlap(na, nb) {
                 out.push(
-                    Diagnostic::at(
-                        sources,
-                        &settings,
-                        fb,
-                        format!("{fb} {nb} overlaps {fa} {na}"),
-                    )
-                    .expected("disjoint tunnel and interconnect pools"),
+                    Diagnostic::at(sources, &settings, fb, format!("{fb} {nb} overlaps {fa} {na}"))
+                        .expected("disjoint tunnel and interconnect pools"),
                 );
             }
         }
@@ -177,9 +141,7 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                         "prefixes",
                         format!("prefix {p} overlaps Musubi's {fa} pool {na}"),
                     )
-                    .expected(format!(
-                        "segment prefixes outside {na} (or move the pool in Settings)"
-                    )),
+                    .expected(format!("segment prefixes outside {na} (or move the pool in Settings)")),
                 );
             }
         }
@@ -197,22 +159,10 @@ mod tests {
     #[test]
     fn finds_nested_and_equal_but_not_adjacent() {
         assert_eq!(overlaps(&nets(&["10.0.0.0/24", "10.0.1.0/24"])), vec![]);
-        assert_eq!(
-            overlaps(&nets(&["10.0.0.0/16", "10.0.5.0/24"])),
-            vec![(0, 1)]
-        );
-        assert_eq!(
-            overlaps(&nets(&["10.0.5.0/24", "10.0.0.0/16"])),
-            vec![(0, 1)]
-        );
-        assert_eq!(
-            overlaps(&nets(&["10.0.0.0/24", "10.0.0.0/24"])),
-            vec![(0, 1)]
-        );
+        assert_eq!(overlaps(&nets(&["10.0.0.0/16", "10.0.5.0/24"])), vec![(0, 1)]);
+        assert_eq!(overlaps(&nets(&["10.0.5.0/24", "10.0.0.0/16"])), vec![(0, 1)]);
+        assert_eq!(overlaps(&nets(&["10.0.0.0/24", "10.0.0.0/24"])), vec![(0, 1)]);
         assert_eq!(overlaps(&nets(&["10.0.0.0/8", "::/0"])), vec![]);
-        assert_eq!(
-            overlaps(&nets(&["fd00::/48", "fd00:0:0:1::/64", "fd01::/48"])),
-            vec![(0, 1)]
-        );
+        assert_eq!(overlaps(&nets(&["fd00::/48", "fd00:0:0:1::/64", "fd01::/48"])), vec![(0, 1)]);
     }
 }

@@ -5,20 +5,9 @@ use crate::diagnostic::Diagnostic;
 use crate::intent::source::{ObjectRef, SourceMap};
 use crate::intent::{Intent, Kind, Region, nets_overlap};
 
-fn dangling(
-    sources: &SourceMap,
-    obj: &ObjectRef,
-    field: &str,
-    kind: Kind,
-    name: &str,
-) -> Diagnostic {
-    Diagnostic::at(
-        sources,
-        obj,
-        field,
-        format!("{} `{name}` is not declared", kind.word()),
-    )
-    .expected(format!("the name of a declared {}", kind.word()))
+fn dangling(sources: &SourceMap, obj: &ObjectRef, field: &str, kind: Kind, name: &str) -> Diagnostic {
+    Diagnostic::at(sources, obj, field, format!("{} `{name}` is not declared", kind.word()))
+        .expected(format!("the name of a declared {}", kind.word()))
 }
 
 pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnostic>) {
@@ -31,13 +20,7 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
         }
         for (i, t) in seg.shared_with.iter().enumerate() {
             if !tenant_exists(t) {
-                out.push(dangling(
-                    sources,
-                    &obj,
-                    &format!("shared_with[{i}]"),
-                    Kind::Tenant,
-                    t,
-                ));
+                out.push(dangling(sources, &obj, &format!("shared_with[{i}]"), Kind::Tenant, t));
             }
         }
     }
@@ -46,13 +29,7 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
         let obj = ObjectRef::new(Kind::Site, name);
         let tenant_known = tenant_exists(&site.tenant);
         if !tenant_known && !sources.is_unreadable(&obj, "tenant") {
-            out.push(dangling(
-                sources,
-                &obj,
-                "tenant",
-                Kind::Tenant,
-                &site.tenant,
-            ));
+            out.push(dangling(sources, &obj, "tenant", Kind::Tenant, &site.tenant));
         }
         for (i, a) in site.attachments.iter().enumerate() {
             let field = format!("attachments[{i}].segment");
@@ -60,12 +37,20 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                 None => out.push(dangling(sources, &obj, &field, Kind::Segment, &a.segment)),
                 // Access points carry segments for everyone; they are the shared hubs.
                 Some(seg) if tenant_known && !site.is_access_point() && !seg.usable_by(&site.tenant) => out.push(
-                    Diagnostic::at(sources, &obj, &field, format!(
-                        "tenant `{}` may not use segment `{}` (owned by `{}`, not shared with it)",
-                        site.tenant, a.segment, seg.tenant
-                    ))
+                    Diagnostic::at(
+                        sources,
+                        &obj,
+                        &field,
+                        format!(
+                            "tenant `{}` may not use segment `{}` (owned by `{}`, not shared with it)",
+                            site.tenant, a.segment, seg.tenant
+                        ),
+                    )
                     .expected("a segment owned by the site's tenant or listed in its shared_with")
-                    .related(sources.field(&ObjectRef::new(Kind::Segment, &a.segment), "name"), "segment declared here"),
+                    .related(
+                        sources.field(&ObjectRef::new(Kind::Segment, &a.segment), "name"),
+                        "segment declared here",
+                    ),
                 ),
                 Some(_) => {}
             }
@@ -75,13 +60,7 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
     for (name, policy) in &intent.policies {
         let obj = ObjectRef::new(Kind::Policy, name);
         if !tenant_exists(&policy.tenant) && !sources.is_unreadable(&obj, "tenant") {
-            out.push(dangling(
-                sources,
-                &obj,
-                "tenant",
-                Kind::Tenant,
-                &policy.tenant,
-            ));
+            out.push(dangling(sources, &obj, "tenant", Kind::Tenant, &policy.tenant));
         }
         let mut ends = Vec::new();
         for (field, seg_name) in [("from", &policy.from), ("to", &policy.to)] {
@@ -91,10 +70,15 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                 Some(seg) => {
                     if tenant_exists(&policy.tenant) && !seg.usable_by(&policy.tenant) {
                         out.push(
-                            Diagnostic::at(sources, &obj, field, format!(
-                                "tenant `{}` may not use segment `{seg_name}` (owned by `{}`, not shared with it)",
-                                policy.tenant, seg.tenant
-                            ))
+                            Diagnostic::at(
+                                sources,
+                                &obj,
+                                field,
+                                format!(
+                                    "tenant `{}` may not use segment `{seg_name}` (owned by `{}`, not shared with it)",
+                                    policy.tenant, seg.tenant
+                                ),
+                            )
                             .expected("a segment the policy's tenant owns or that is shared with it"),
                         );
                     }
@@ -104,13 +88,8 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
         }
         if policy.from == policy.to {
             out.push(
-                Diagnostic::at(
-                    sources,
-                    &obj,
-                    "to",
-                    format!("policy connects segment `{}` to itself", policy.to),
-                )
-                .expected("two different segments (traffic inside a segment is always allowed)"),
+                Diagnostic::at(sources, &obj, "to", format!("policy connects segment `{}` to itself", policy.to))
+                    .expected("two different segments (traffic inside a segment is always allowed)"),
             );
         } else if let [from, to] = ends[..] {
             // Policy traffic crosses from one segment's table to the other's
@@ -119,9 +98,7 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                 intent
                     .sites
                     .values()
-                    .find(|s| {
-                        s.is_access_point() && s.region == region && s.attachment(seg).is_some()
-                    })
+                    .find(|s| s.is_access_point() && s.region == region && s.attachment(seg).is_some())
                     .map(|s| s.name.as_str())
             };
             for region in [Region::East, Region::West] {
@@ -154,13 +131,8 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
         }
         if !policy.protocol.has_ports() && !policy.ports.is_empty() {
             out.push(
-                Diagnostic::at(
-                    sources,
-                    &obj,
-                    "ports",
-                    format!("{:?} has no ports", policy.protocol).to_lowercase(),
-                )
-                .expected("no ports, or protocol tcp or udp"),
+                Diagnostic::at(sources, &obj, "ports", format!("{:?} has no ports", policy.protocol).to_lowercase())
+                    .expected("no ports, or protocol tcp or udp"),
             );
         }
     }

@@ -11,10 +11,7 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
     for (name, site) in &intent.sites {
         let obj = ObjectRef::new(Kind::Site, name);
         if site.lines.is_empty() && !sources.is_unreadable(&obj, "lines") {
-            out.push(
-                Diagnostic::at(sources, &obj, "lines", "site has no lines")
-                    .expected("at least one line"),
-            );
+            out.push(Diagnostic::at(sources, &obj, "lines", "site has no lines").expected("at least one line"));
         }
         let mut line_names: HashMap<&str, usize> = HashMap::new();
         let mut priorities: HashMap<u32, usize> = HashMap::new();
@@ -28,10 +25,7 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                         format!("duplicate line name `{}`", line.name),
                     )
                     .expected("distinct line names within a site")
-                    .related(
-                        sources.field(&obj, &format!("lines[{j}].name")),
-                        "first used here",
-                    ),
+                    .related(sources.field(&obj, &format!("lines[{j}].name")), "first used here"),
                 );
             }
             line_names.entry(&line.name).or_insert(i);
@@ -41,16 +35,10 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                         sources,
                         &obj,
                         &format!("lines[{i}].priority"),
-                        format!(
-                            "lines `{}` and `{}` share priority {}",
-                            site.lines[j].name, line.name, line.priority
-                        ),
+                        format!("lines `{}` and `{}` share priority {}", site.lines[j].name, line.name, line.priority),
                     )
                     .expected("distinct priorities, 1 for the first choice")
-                    .related(
-                        sources.field(&obj, &format!("lines[{j}].priority")),
-                        "first used here",
-                    ),
+                    .related(sources.field(&obj, &format!("lines[{j}].priority")), "first used here"),
                 );
             }
             priorities.entry(line.priority).or_insert(i);
@@ -73,10 +61,7 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                         format!("segment `{}` is attached twice", a.segment),
                     )
                     .expected("one attachment per segment")
-                    .related(
-                        sources.field(&obj, &format!("attachments[{j}].segment")),
-                        "first attached here",
-                    ),
+                    .related(sources.field(&obj, &format!("attachments[{j}].segment")), "first attached here"),
                 );
             }
             segments.entry(&a.segment).or_insert(i);
@@ -93,21 +78,14 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                                     site.attachments[j].segment, a.segment
                                 ),
                             )
-                            .expected(
-                                "one LAN interface per segment (an interface belongs to one VRF)",
-                            ),
+                            .expected("one LAN interface per segment (an interface belongs to one VRF)"),
                         );
                     }
                     interfaces.entry(ifname).or_insert(i);
                 }
                 None if !site.is_access_point() => out.push(
-                    Diagnostic::at(
-                        sources,
-                        &obj,
-                        &format!("attachments[{i}]"),
-                        "attachment has no `interface`",
-                    )
-                    .expected("the LAN interface of the segment at this site"),
+                    Diagnostic::at(sources, &obj, &format!("attachments[{i}]"), "attachment has no `interface`")
+                        .expected("the LAN interface of the segment at this site"),
                 ),
                 None => {}
             }
@@ -116,13 +94,8 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                 && !sources.is_unreadable(&obj, &format!("attachments[{i}]"))
             {
                 out.push(
-                    Diagnostic::at(
-                        sources,
-                        &obj,
-                        &format!("attachments[{i}]"),
-                        "attachment has no `prefixes`",
-                    )
-                    .expected("the LAN prefixes of the segment at this site"),
+                    Diagnostic::at(sources, &obj, &format!("attachments[{i}]"), "attachment has no `prefixes`")
+                        .expected("the LAN prefixes of the segment at this site"),
                 );
             }
         }
@@ -135,10 +108,7 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
 /// segments, or no tunnel can be built between them.
 fn check_reachability(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnostic>) {
     let families = |s: &crate::intent::Site| -> (bool, bool) {
-        (
-            s.lines.iter().any(|l| l.address.is_ipv4()),
-            s.lines.iter().any(|l| l.address.is_ipv6()),
-        )
+        (s.lines.iter().any(|l| l.address.is_ipv4()), s.lines.iter().any(|l| l.address.is_ipv6()))
     };
     let mut aps: HashMap<&str, Vec<&crate::intent::Site>> = HashMap::new();
     for ap in intent.sites.values().filter(|s| s.is_access_point()) {
@@ -174,19 +144,13 @@ fn check_access_points(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagn
     let mut aps: BTreeMap<(&str, Region), Vec<&str>> = BTreeMap::new();
     for site in intent.sites.values().filter(|s| s.is_access_point()) {
         for a in &site.attachments {
-            aps.entry((a.segment.as_str(), site.region))
-                .or_default()
-                .push(&site.name);
+            aps.entry((a.segment.as_str(), site.region)).or_default().push(&site.name);
         }
     }
     for name in intent.segments.keys() {
         let obj = ObjectRef::new(Kind::Segment, name);
         for region in [Region::East, Region::West] {
-            let word = if region == Region::East {
-                "east"
-            } else {
-                "west"
-            };
+            let word = if region == Region::East { "east" } else { "west" };
             match aps.get(&(name.as_str(), region)).map(Vec::as_slice) {
                 None | Some([]) => out.push(
                     Diagnostic::at(
@@ -195,9 +159,7 @@ fn check_access_points(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagn
                         "name",
                         format!("segment `{name}` has no access point in region {word}"),
                     )
-                    .expected(format!(
-                        "an access-point site in region {word} attached to `{name}`"
-                    )),
+                    .expected(format!("an access-point site in region {word} attached to `{name}`")),
                 ),
                 Some([_]) => {}
                 Some(many) => out.push(

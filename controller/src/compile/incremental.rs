@@ -1,0 +1,139 @@
+//! Incremental recompilation: bring a set of compiled configurations from
+//! one intent to the next, touching only what the change reaches.
+//!
+//! The common change at national scale is one member site (a line, a LAN
+//! prefix, a new office). Its own configuration is recompiled; on its access
+//! points only the peer and route group of that site are replaced in place,
+//! instead of rebuilding configurations with thousands of peers. Any other
+//! change (segments, policies, access points, settings) recompiles the sites
+//! that [`affected_sites`] names.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use musubi_proto::v1::SiteConfig;
+
+use super::{CompileError, Index, PublicKeys};
+use crate::allocate::Allocations;
+use crate::intent::{Intent, Site};
+use crate::plan::affected::changed;
+use crate::plan::affected_sites;
+
+/// Updates `configs` (compiled from `old`) to match `new` and returns the
+/// sites whose configuration was added, removed or changed.
+///
+/// `alloc` must be `allocate(new, previous)` where `previous` produced the
+/// configurations, and the public keys must be those they were compiled with.
+pub fn recompile(
+    old: &Intent,
+    new: &Intent,
+    alloc: &Allocations,
+    keys: &PublicKeys,
+    configs: &mut BTreeMap<String, Arc<SiteConfig>>,
+) -> Result<BTreeSet<String>, CompileError> {
+    let index = Index::new(new, alloc, keys);
+    let sites = changed(&old.sites, &new.sites);
+    let member_only = old.settings == new.settings
+        && changed(&old.segments, &new.segments).is_empty()
+        && changed(&old.policies, &new.policies).is_empty()
+        && sites
+            .iter()
+            .all(|n| ![old.sites.get(*n), new.sites.get(*n)].into_iter().flatten().any(|s| s.is_access_point()));
+    let mut out = BTreeSet::new();
+    if !member_only {
+        for name in affected_sites(old, new) {
+            update(&index, &name, configs, &mut out)?;
+        }
+        return Ok(out);
+    }
+    for name in sites {
+        update(&index, name, configs, &mut out)?;
+        let member = new.sites.get(name).map(|s| &**s);
+        let mut aps = BTreeSet::new();
+        for site in [old.sites.get(name), new.sites.get(name)].into_iter().flatten() {
+            for a in &site.attachments {
+                let (east, west) = index.access_points(&a.segment);
+                aps.extend([east, west].into_iter().flatten().map(|ap| ap.name.as_str()));
+            }
+        }
+        for ap in aps {
+            if splice(&index, &new.sites[ap], name, member, configs)? {
+                out.insert(ap.to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Recompiles (or drops) one whole site, recording it if it changed.
+fn update(
+    index: &Index<'_>,
+    name: &str,
+    configs: &mut BTreeMap<String, Arc<SiteConfig>>,
+    out: &mut BTreeSet<String>,
+) -> Result<(), CompileError> {
+    if !index.intent.sites.contains_key(name) {
+        if configs.remove(name).is_some() {
+            out.insert(name.to_string());
+        }
+        return Ok(());
+    }
+    let fresh = index.site(name)?;
+    if configs.get(name).is_none_or(|c| **c != fresh) {
+        configs.insert(name.to_string(), Arc::new(fresh));
+        out.insert(name.to_string());
+    }
+    Ok(())
+}
+
+/// Replaces, inserts or removes one member's entries in an access point's
+/// configuration. Copies the configuration only when something differs.
+fn splice(
+    index: &Index<'_>,
+    ap: &Site,
+    member_name: &str,
+    member: Option<&Site>,
+    configs: &mut BTreeMap<String, Arc<SiteConfig>>,
+) -> Result<bool, CompileError> {
+    let Some(config) = configs.get_mut(&ap.name) else { return Ok(false) };
+    let mut wanted = Vec::with_capacity(config.segments.len());
+    for seg in &config.segments {
+        let entries = match member {
+            Some(m) if !m.is_access_point() && m.attachment(&seg.segment).is_some() => {
+                Some(index.member_entries(ap, m, &seg.segment)?)
+            }
+            _ => None,
+        };
+        let (peer, group) = entries.map_or((None, None), |(p, g)| (Some(p), g));
+        wanted.push((peer, group));
+    }
+    let differs = config.segments.iter().zip(&wanted).any(|(seg, (peer, group))| {
+        find(&seg.peers, member_name, |p| &p.name) != peer.as_ref()
+            || find(&seg.route_groups, member_name, |g| &g.name) != group.as_ref()
+    });
+    if !differs {
+        return Ok(false);
+    }
+    let config = Arc::make_mut(config);
+    for (seg, (peer, group)) in config.segments.iter_mut().zip(wanted) {
+        put(&mut seg.peers, member_name, peer, |p| &p.name);
+        put(&mut seg.route_groups, member_name, group, |g| &g.name);
+    }
+    Ok(true)
+}
+
+fn find<'v, T>(v: &'v [T], name: &str, key: impl Fn(&T) -> &String) -> Option<&'v T> {
+    v.binary_search_by(|x| key(x).as_str().cmp(name)).ok().map(|i| &v[i])
+}
+
+/// Sets the entry called `name` of a name-sorted list (or removes it).
+fn put<T>(v: &mut Vec<T>, name: &str, value: Option<T>, key: impl Fn(&T) -> &String) {
+    match (v.binary_search_by(|x| key(x).as_str().cmp(name)), value) {
+        (Ok(i), Some(x)) => v[i] = x,
+        (Ok(i), None) => {
+            v.remove(i);
+        }
+        (Err(i), Some(x)) => v.insert(i, x),
+        (Err(_), None) => {}
+    }
+}
