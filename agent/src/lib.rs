@@ -1,0 +1,3 @@
+//! The Musubi site agent.
+
+pub mod summary;

@@ -1,0 +1,104 @@
+//! A plain-text account of what a site configuration asks the agent to build,
+//! after checking the invariants the datapath relies on.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+
+use musubi_proto::v1::SiteConfig;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("segment `{segment}` has no {what}")]
+    Missing { segment: String, what: &'static str },
+    #[error("routing table {table} is used by segments `{first}` and `{second}`")]
+    SharedTable { table: u32, first: String, second: String },
+    #[error("segment `{segment}`: route group `{group}` names `{candidate}`, which is not a peer")]
+    UnknownCandidate { segment: String, group: String, candidate: String },
+}
+
+/// Checks the configuration and describes it.
+pub fn summarise(c: &SiteConfig) -> Result<String, ConfigError> {
+    let mut out = String::new();
+    let _ = writeln!(out, "site {} (tenant {}, {:?}, {:?})", c.site, c.tenant, c.role(), c.region());
+    for l in &c.lines {
+        let _ = writeln!(out, "  line {} {:?} priority {} at {}", l.name, l.kind(), l.priority, l.address);
+    }
+    let mut tables: Vec<(u32, &str)> = Vec::new();
+    for s in &c.segments {
+        let domain =
+            s.domain.as_ref().ok_or(ConfigError::Missing { segment: s.segment.clone(), what: "routing domain" })?;
+        let wg = s.wireguard.as_ref().ok_or(ConfigError::Missing { segment: s.segment.clone(), what: "wireguard" })?;
+        if let Some((_, first)) = tables.iter().find(|(t, _)| *t == domain.table) {
+            return Err(ConfigError::SharedTable {
+                table: domain.table,
+                first: first.to_string(),
+                second: s.segment.clone(),
+            });
+        }
+        tables.push((domain.table, &s.segment));
+        let peers: HashSet<&str> = s.peers.iter().map(|p| p.name.as_str()).collect();
+        for g in &s.route_groups {
+            if let Some(c) = g.candidates.iter().find(|c| !peers.contains(c.as_str())) {
+                return Err(ConfigError::UnknownCandidate {
+                    segment: s.segment.clone(),
+                    group: g.name.clone(),
+                    candidate: c.clone(),
+                });
+            }
+        }
+        let keyed = s.peers.iter().filter(|p| !p.public_key.is_empty()).count();
+        let _ = writeln!(
+            out,
+            "  segment {}: vrf {} table {}, {} port {} [{}]",
+            s.segment,
+            domain.vrf,
+            domain.table,
+            wg.name,
+            wg.listen_port,
+            wg.addresses.join(", ")
+        );
+        if let Some(a) = &s.attachment {
+            let _ = writeln!(out, "    lan {} [{}]", a.interface, a.prefixes.join(", "));
+        }
+        let _ = writeln!(
+            out,
+            "    {} peers ({keyed} with keys), {} route groups, {} policy rules, {} imports",
+            s.peers.len(),
+            s.route_groups.len(),
+            s.policy.len(),
+            s.imports.len()
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use musubi_proto::v1::{Peer, RouteGroup, RoutingDomain, SegmentConfig, WireguardInterface};
+
+    fn segment(name: &str, table: u32) -> SegmentConfig {
+        SegmentConfig {
+            segment: name.into(),
+            domain: Some(RoutingDomain { vrf: format!("mv-{name}"), table }),
+            wireguard: Some(WireguardInterface { name: format!("mw-{name}"), listen_port: 51820, addresses: vec![] }),
+            peers: vec![Peer { name: "ap-east".into(), ..Default::default() }],
+            route_groups: vec![RouteGroup { name: name.into(), prefixes: vec![], candidates: vec!["ap-east".into()] }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn refuses_shared_tables_and_unknown_candidates() {
+        let mut c = SiteConfig {
+            site: "s".into(),
+            segments: vec![segment("a", 1000), segment("b", 1000)],
+            ..Default::default()
+        };
+        assert_eq!(summarise(&c), Err(ConfigError::SharedTable { table: 1000, first: "a".into(), second: "b".into() }));
+        c.segments[1].domain.as_mut().map(|d| d.table = 1001);
+        assert!(summarise(&c).expect("valid").contains("segment b: vrf mv-b table 1001"));
+        c.segments[0].route_groups[0].candidates.push("ap-west".into());
+        assert!(matches!(summarise(&c), Err(ConfigError::UnknownCandidate { .. })));
+    }
+}
