@@ -96,7 +96,9 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(summarise(&c), Err(ConfigError::SharedTable { table: 1000, first: "a".into(), second: "b".into() }));
-        c.segments[1].domain.as_mut().map(|d| d.table = 1001);
+        if let Some(d) = c.segments[1].domain.as_mut() {
+            d.table = 1001;
+        }
         assert!(summarise(&c).expect("valid").contains("segment b: vrf mv-b table 1001"));
         c.segments[0].route_groups[0].candidates.push("ap-west".into());
         assert!(matches!(summarise(&c), Err(ConfigError::UnknownCandidate { .. })));
