@@ -109,6 +109,13 @@ fn build(seed: u64, tenants: usize, shared: usize, private: usize, sites_per_ten
         );
         k += 2;
     }
+    // Sometimes the east access point has a LAN of its own in `sh0`.
+    if rng.coin() {
+        let ap = Arc::make_mut(intent.sites.get_mut("ap-e").expect("ap"));
+        let a = ap.attachments.iter_mut().find(|a| a.segment == "sh0").expect("sh0");
+        a.interface = Some("lan0".into());
+        a.prefixes = vec![net("10.0.250.0/24")];
+    }
     let mut site_no = 0;
     for t in 0..tenants {
         for _ in 0..sites_per_tenant {

@@ -122,6 +122,14 @@ impl Index<'_> {
             if let Some(other) = other {
                 let extra = interconnect(sa, 1 - own_end).to_vec();
                 peers.push(self.peer(site, other, segment, pb::PeerRole::Interconnect, extra)?);
+                // The other access point's own LAN in this segment, if it has one.
+                if let Some(lan) = other.attachment(segment).filter(|a| !a.prefixes.is_empty()) {
+                    route_groups.push(pb::RouteGroup {
+                        name: other.name.clone(),
+                        prefixes: convert::prefixes(&lan.prefixes),
+                        candidates: vec![other.name.clone()],
+                    });
+                }
             }
             for p in self.policies(segment) {
                 let (Some(from), Some(to)) = (self.intent.segments.get(&p.from), self.intent.segments.get(&p.to))
