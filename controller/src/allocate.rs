@@ -13,6 +13,7 @@ use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde::{Deserialize, Serialize};
 
 use crate::intent::{Intent, NumRange};
+use crate::sorted::{Side, merge};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allocations {
@@ -97,37 +98,17 @@ pub fn allocate(intent: &Intent, previous: &Allocations) -> Result<Allocations, 
 }
 
 /// Keys of `have` that are missing from `want`, and keys of `want` missing
-/// from `have`: one merge pass over two sorted maps.
+/// from `have`.
 fn key_diff<'a, A, B>(have: &'a BTreeMap<String, A>, want: &'a BTreeMap<String, B>) -> (Vec<String>, Vec<&'a String>) {
     let (mut gone, mut new) = (Vec::new(), Vec::new());
-    let (mut h, mut w) = (have.keys().peekable(), want.keys().peekable());
-    loop {
-        match (h.peek(), w.peek()) {
-            (None, None) => return (gone, new),
-            (Some(k), None) => {
-                gone.push((*k).clone());
-                h.next();
-            }
-            (None, Some(k)) => {
-                new.push(*k);
-                w.next();
-            }
-            (Some(a), Some(b)) => match a.cmp(b) {
-                std::cmp::Ordering::Less => {
-                    gone.push((*a).clone());
-                    h.next();
-                }
-                std::cmp::Ordering::Greater => {
-                    new.push(*b);
-                    w.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    h.next();
-                    w.next();
-                }
-            },
+    for side in merge(have, want) {
+        match side {
+            Side::Left(k, _) => gone.push(k.clone()),
+            Side::Right(k, _) => new.push(k),
+            Side::Both(..) => {}
         }
     }
+    (gone, new)
 }
 
 /// Updates `alloc` in place for `intent`: frees what no longer exists and

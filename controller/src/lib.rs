@@ -11,4 +11,5 @@ pub mod generate;
 pub mod intent;
 pub mod load;
 pub mod plan;
+pub mod sorted;
 pub mod validate;

@@ -136,7 +136,13 @@ fn compile_json_round_trips_through_protobuf_json() {
 
 #[test]
 fn plan_against_itself_is_empty_and_a_change_names_its_sites() {
-    let out = musubi(&["plan", "topologies/prefecture.yaml", "--against", "topologies/prefecture.yaml"]);
+    let out = musubi(&[
+        "plan",
+        "topologies/prefecture.yaml",
+        "--against",
+        "topologies/prefecture.yaml",
+        "--detailed-exitcode",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).starts_with("No changes."), "{}", text(&out.stdout));
 
@@ -146,9 +152,10 @@ fn plan_against_itself_is_empty_and_a_change_names_its_sites() {
         .replace("address: 198.51.100.22}", "address: 198.51.100.99}");
     let new = dir.path().join("new.yaml");
     std::fs::write(&new, changed).expect("write");
-    let out = musubi(&["plan", &new.to_string_lossy(), "--against", "topologies/prefecture.yaml"]);
+    let out =
+        musubi(&["plan", &new.to_string_lossy(), "--against", "topologies/prefecture.yaml", "--detailed-exitcode"]);
     let stdout = text(&out.stdout);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(2), "changes give exit code 2: {}", text(&out.stderr));
     assert!(stdout.contains("address: 198.51.100.22 → 198.51.100.99"), "{stdout}");
     assert!(stdout.contains("Affected sites (3): ap-east, ap-west, kita-branch"), "{stdout}");
 }

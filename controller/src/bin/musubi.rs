@@ -58,6 +58,9 @@ enum Command {
         /// Print the plan as JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Exit 2 when the plan has changes (0 when none, 1 on errors), for scripts.
+        #[arg(long)]
+        detailed_exitcode: bool,
     },
     /// Print the configuration one site's agent would receive.
     Compile {
@@ -98,6 +101,18 @@ impl std::fmt::Display for Reported {
 
 impl std::error::Error for Reported {}
 
+/// `plan --detailed-exitcode` found changes.
+#[derive(Debug)]
+struct HasChanges;
+
+impl std::fmt::Display for HasChanges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the plan has changes")
+    }
+}
+
+impl std::error::Error for HasChanges {}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -112,6 +127,7 @@ fn main() -> ExitCode {
     match run(cli.command, color) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<Reported>() => ExitCode::FAILURE,
+        Err(e) if e.is::<HasChanges>() => ExitCode::from(2),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -139,7 +155,7 @@ fn run(command: Command, color: bool) -> Result<()> {
             }
             if failed { Err(Reported.into()) } else { Ok(()) }
         }
-        Command::Plan { paths, against, allocations, json } => {
+        Command::Plan { paths, against, allocations, json, detailed_exitcode } => {
             let previous = read_allocations(allocations.as_deref())?;
             let (old_intent, old_alloc) = if against.is_empty() {
                 (Intent::default(), previous)
@@ -158,6 +174,9 @@ fn run(command: Command, color: bool) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&p)?);
             } else {
                 print!("{}", plan::render(&p, color));
+            }
+            if detailed_exitcode && !p.is_empty() {
+                return Err(HasChanges.into());
             }
             Ok(())
         }

@@ -10,42 +10,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::intent::{Intent, Site};
+use crate::sorted::{Side, merge};
 
 /// Names present in only one map, or whose objects differ: one merge pass
 /// over both sorted maps.
 pub fn changed<'a, T: Eq>(old: &'a BTreeMap<String, Arc<T>>, new: &'a BTreeMap<String, Arc<T>>) -> Vec<&'a String> {
-    let mut out = Vec::new();
-    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
-    loop {
-        match (a.peek(), b.peek()) {
-            (None, None) => return out,
-            (Some((k, _)), None) => {
-                out.push(*k);
-                a.next();
-            }
-            (None, Some((k, _))) => {
-                out.push(*k);
-                b.next();
-            }
-            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
-                std::cmp::Ordering::Less => {
-                    out.push(*ka);
-                    a.next();
-                }
-                std::cmp::Ordering::Greater => {
-                    out.push(*kb);
-                    b.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    if va != vb {
-                        out.push(*ka);
-                    }
-                    a.next();
-                    b.next();
-                }
-            },
-        }
-    }
+    merge(old, new)
+        .filter_map(|side| match side {
+            Side::Left(k, _) | Side::Right(k, _) => Some(k),
+            Side::Both(k, a, b) => (a != b).then_some(k),
+        })
+        .collect()
 }
 
 fn access_points(intent: &Intent) -> Vec<&Site> {

@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 
 use musubi_proto::v1::{self as pb, SiteConfig};
 
+use crate::sorted::{Side, merge};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
@@ -71,26 +73,46 @@ impl Plan {
 /// The plan that takes every site from `old` to `new`.
 pub fn diff(old: &BTreeMap<String, SiteConfig>, new: &BTreeMap<String, SiteConfig>) -> Plan {
     let mut sites = Vec::new();
-    let names: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
-    for name in names {
-        match (old.get(name), new.get(name)) {
-            (None, Some(n)) => {
+    for side in merge(old, new) {
+        match side {
+            Side::Right(name, n) => {
                 let mut c = Change::new(Action::Add, "site", name.clone());
-                c.children =
-                    n.segments.iter().map(|s| Change::new(Action::Add, "segment", s.segment.clone())).collect();
+                c.children = n.segments.iter().map(added_segment).collect();
                 sites.push(c);
             }
-            (Some(o), None) => {
+            Side::Left(name, o) => {
                 let mut c = Change::new(Action::Remove, "site", name.clone());
                 c.children =
                     o.segments.iter().map(|s| Change::new(Action::Remove, "segment", s.segment.clone())).collect();
                 sites.push(c);
             }
-            (Some(o), Some(n)) if o != n => sites.push(diff_site(o, n)),
-            _ => {}
+            Side::Both(_, o, n) if o != n => sites.push(diff_site(o, n)),
+            Side::Both(..) => {}
         }
     }
     Plan { sites }
+}
+
+/// A new segment, with what it will be given.
+fn added_segment(s: &pb::SegmentConfig) -> Change {
+    let mut c = Change::new(Action::Add, "segment", s.segment.clone());
+    if let (Some(d), Some(w)) = (&s.domain, &s.wireguard) {
+        c.details.push(format!(
+            "{} table {}, {} port {} [{}]",
+            d.vrf,
+            d.table,
+            w.name,
+            w.listen_port,
+            w.addresses.join(", ")
+        ));
+    }
+    c.details.push(format!(
+        "{} peers, {} route groups, {} policy rules",
+        s.peers.len(),
+        s.route_groups.len(),
+        s.policy.len()
+    ));
+    c
 }
 
 fn field<T: PartialEq + std::fmt::Debug>(
@@ -145,7 +167,14 @@ fn diff_site(o: &SiteConfig, n: &SiteConfig) -> Change {
             (d, Vec::new())
         },
     ));
-    c.children.extend(diff_named(&o.segments, &n.segments, "segment", |s| &s.segment, diff_segment));
+    c.children.extend(diff_named_with(
+        &o.segments,
+        &n.segments,
+        "segment",
+        |s| &s.segment,
+        diff_segment,
+        |s| added_segment(s).details,
+    ));
     c
 }
 
@@ -248,13 +277,29 @@ fn diff_named<T: PartialEq>(
     name: impl Fn(&T) -> &String,
     inner: impl Fn(&T, &T) -> (Vec<String>, Vec<Change>),
 ) -> Vec<Change> {
+    diff_named_with(old, new, kind, name, inner, |_| Vec::new())
+}
+
+/// [`diff_named`], describing added items with `added`.
+fn diff_named_with<T: PartialEq>(
+    old: &[T],
+    new: &[T],
+    kind: &'static str,
+    name: impl Fn(&T) -> &String,
+    inner: impl Fn(&T, &T) -> (Vec<String>, Vec<Change>),
+    added: impl Fn(&T) -> Vec<String>,
+) -> Vec<Change> {
     let old_by: BTreeMap<&String, &T> = old.iter().map(|x| (name(x), x)).collect();
     let new_by: BTreeMap<&String, &T> = new.iter().map(|x| (name(x), x)).collect();
     let mut out = Vec::new();
     let names: std::collections::BTreeSet<&&String> = old_by.keys().chain(new_by.keys()).collect();
     for n in names {
         match (old_by.get(*n), new_by.get(*n)) {
-            (None, Some(_)) => out.push(Change::new(Action::Add, kind, (*n).clone())),
+            (None, Some(x)) => {
+                let mut c = Change::new(Action::Add, kind, (*n).clone());
+                c.details = added(x);
+                out.push(c);
+            }
             (Some(_), None) => out.push(Change::new(Action::Remove, kind, (*n).clone())),
             (Some(a), Some(b)) if a != b => {
                 let mut c = Change::new(Action::Change, kind, (*n).clone());

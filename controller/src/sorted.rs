@@ -1,0 +1,70 @@
+//! Walking two name-keyed maps side by side, in one pass.
+
+use std::collections::BTreeMap;
+use std::iter::Peekable;
+
+/// Where a key was found.
+#[derive(Debug)]
+pub enum Side<'a, A, B> {
+    Left(&'a String, &'a A),
+    Right(&'a String, &'a B),
+    Both(&'a String, &'a A, &'a B),
+}
+
+#[derive(Debug)]
+pub struct Merge<'a, A, B> {
+    left: Peekable<std::collections::btree_map::Iter<'a, String, A>>,
+    right: Peekable<std::collections::btree_map::Iter<'a, String, B>>,
+}
+
+impl<'a, A, B> Iterator for Merge<'a, A, B> {
+    type Item = Side<'a, A, B>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let order = match (self.left.peek(), self.right.peek()) {
+            (None, None) => return None,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((a, _)), Some((b, _))) => a.cmp(b),
+        };
+        Some(match order {
+            std::cmp::Ordering::Less => {
+                let (k, a) = self.left.next()?;
+                Side::Left(k, a)
+            }
+            std::cmp::Ordering::Greater => {
+                let (k, b) = self.right.next()?;
+                Side::Right(k, b)
+            }
+            std::cmp::Ordering::Equal => {
+                let (k, a) = self.left.next()?;
+                let (_, b) = self.right.next()?;
+                Side::Both(k, a, b)
+            }
+        })
+    }
+}
+
+/// Every key of either map, in order, with the values it has on each side.
+pub fn merge<'a, A, B>(left: &'a BTreeMap<String, A>, right: &'a BTreeMap<String, B>) -> Merge<'a, A, B> {
+    Merge { left: left.iter().peekable(), right: right.iter().peekable() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn visits_every_key_once_in_order() {
+        let a: BTreeMap<String, i32> = [("a", 1), ("c", 3), ("d", 4)].map(|(k, v)| (k.to_string(), v)).into();
+        let b: BTreeMap<String, i32> = [("b", 2), ("c", 30)].map(|(k, v)| (k.to_string(), v)).into();
+        let seen: Vec<String> = merge(&a, &b)
+            .map(|s| match s {
+                Side::Left(k, v) => format!("{k}<{v}"),
+                Side::Right(k, v) => format!("{k}>{v}"),
+                Side::Both(k, x, y) => format!("{k}={x},{y}"),
+            })
+            .collect();
+        assert_eq!(seen, ["a<1", "b>2", "c=3,30", "d<4"]);
+    }
+}
