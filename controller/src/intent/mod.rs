@@ -6,6 +6,7 @@
 
 pub mod parse;
 pub mod source;
+pub mod tree;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -8,14 +8,12 @@
 //! diagnostics in one pass.
 
 use std::net::IpAddr;
-use std::ops::Range;
-
-use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
-use saphyr::{LoadableYamlNode, MarkedYaml, Scalar, YamlData};
 
 use super::source::{Loc, ObjectRef, SourceFile, SourceMap};
+use super::tree::{self, Node, Value};
 use super::*;
 use crate::diagnostic::Diagnostic;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 
 /// The result of reading YAML: the intent (possibly partial), where it came
 /// from, and every problem found while reading.
@@ -31,29 +29,31 @@ pub fn parse_files(files: Vec<SourceFile>) -> Parsed {
     let mut p = Parsed::default();
     let mut settings_seen = false;
     for file in files {
-        let text = file.text.clone();
         let id = p.sources.add_file(file);
-        let docs = match MarkedYaml::load_from_str(&text) {
-            Ok(docs) => docs,
+        let (docs, problems) = match tree::documents(&p.sources.files[id]) {
+            Ok(parsed) => parsed,
             Err(e) => {
-                let f = &p.sources.files[id];
-                let m = e.marker();
-                let at = f.offset(m.line(), m.col());
-                let end = (at + 1).min(f.text.len()).max(at);
+                let name = &p.sources.files[id].name;
                 p.diagnostics.push(
-                    Diagnostic::new(format!("{} is not valid YAML: {}", f.name, e.info()))
+                    Diagnostic::new(format!("{name} is not valid YAML: {}", e.message))
                         .expected("well-formed YAML")
-                        .with_loc(Loc { file: id, range: at..end }),
+                        .with_loc(Loc { file: id, range: e.range }),
                 );
                 continue;
             }
         };
-        for doc in &docs {
-            let node = Node::from_marked(doc, &p.sources.files[id]);
-            if matches!(node.value, Value::Null) {
+        for e in problems {
+            p.diagnostics.push(
+                Diagnostic::new(e.message)
+                    .expected("plain YAML: each key once, no aliases")
+                    .with_loc(Loc { file: id, range: e.range }),
+            );
+        }
+        for doc in docs {
+            if matches!(doc.value, Value::Null) {
                 continue; // empty document, e.g. a trailing `---`
             }
-            read_document(&mut p, id, &node, &mut settings_seen);
+            read_document(&mut p, id, doc, &mut settings_seen);
         }
     }
     p
@@ -62,69 +62,6 @@ pub fn parse_files(files: Vec<SourceFile>) -> Parsed {
 /// Convenience for tests and the API: one in-memory file.
 pub fn parse_str(name: &str, text: &str) -> Parsed {
     parse_files(vec![SourceFile::new(name, text)])
-}
-
-// ---------------------------------------------------------------------------
-// An owned YAML tree with byte ranges.
-
-#[derive(Debug, Clone)]
-enum Value {
-    Null,
-    Bool(bool),
-    Int(i64),
-    Float(f64),
-    Str(String),
-    Seq(Vec<Node>),
-    Map(Vec<(Node, Node)>),
-    Unsupported(&'static str),
-}
-
-#[derive(Debug, Clone)]
-struct Node {
-    value: Value,
-    range: Range<usize>,
-}
-
-impl Node {
-    fn from_marked(y: &MarkedYaml<'_>, file: &SourceFile) -> Node {
-        let start = file.offset(y.span.start.line(), y.span.start.col());
-        let mut end = file.offset(y.span.end.line(), y.span.end.col());
-        let value = match &y.data {
-            YamlData::Value(s) => match s {
-                Scalar::Null => Value::Null,
-                Scalar::Boolean(b) => Value::Bool(*b),
-                Scalar::Integer(i) => Value::Int(*i),
-                Scalar::FloatingPoint(f) => Value::Float(f.into_inner()),
-                Scalar::String(s) => Value::Str(s.to_string()),
-            },
-            YamlData::Representation(s, _, _) => Value::Str(s.to_string()),
-            YamlData::Sequence(items) => Value::Seq(items.iter().map(|i| Node::from_marked(i, file)).collect()),
-            YamlData::Mapping(m) => {
-                Value::Map(m.iter().map(|(k, v)| (Node::from_marked(k, file), Node::from_marked(v, file))).collect())
-            }
-            YamlData::Tagged(_, inner) => return Node::from_marked(inner, file),
-            YamlData::Alias(_) => Value::Unsupported("an alias"),
-            _ => Value::Unsupported("an unreadable value"),
-        };
-        // Point at something visible: collections' spans may be empty.
-        if end <= start {
-            end = file.text[start..].find('\n').map_or(file.text.len(), |i| start + i).max(start);
-        }
-        Node { value, range: start..end }
-    }
-
-    fn describe(&self) -> String {
-        match &self.value {
-            Value::Null => "nothing".into(),
-            Value::Bool(b) => format!("`{b}`"),
-            Value::Int(i) => format!("`{i}`"),
-            Value::Float(f) => format!("`{f}`"),
-            Value::Str(s) => format!("\"{s}\""),
-            Value::Seq(_) => "a list".into(),
-            Value::Map(_) => "a mapping".into(),
-            Value::Unsupported(what) => (*what).into(),
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -160,11 +97,6 @@ impl Reader<'_> {
         self.p.diagnostics.push(d);
     }
 
-    fn mark(&mut self, path: &str, n: &Node) {
-        let loc = self.loc(n);
-        self.p.sources.set_field(&self.obj, path.to_string(), loc);
-    }
-
     /// The fields of a mapping; unknown keys are reported against the key.
     fn map<'n>(&mut self, n: &'n Node, path: &str, allowed: &[&str]) -> Option<Fields<'n>> {
         let Value::Map(entries) = &n.value else {
@@ -178,7 +110,6 @@ impl Reader<'_> {
                 continue;
             };
             if allowed.contains(&key.as_str()) {
-                self.mark(&join(path, key), v);
                 out.push((key.as_str(), k, v));
             } else {
                 let field = join(path, key);
@@ -192,9 +123,14 @@ impl Reader<'_> {
         fields.iter().find(|(k, _, _)| *k == key).map(|(_, _, v)| *v)
     }
 
+    /// A required field is absent: point at the first line of its mapping.
     fn missing(&mut self, at: &Node, path: &str, key: &str, expected: &str) {
+        let text = &self.p.sources.files[self.file].text;
+        let start = at.range.start;
+        let end = text[start..at.range.end.min(text.len())].find('\n').map_or(at.range.end, |i| start + i);
+        let first_line = Node { value: Value::Null, range: start..end };
         let field = join(path, key);
-        self.error(at, &field, format!("missing field `{key}`"), expected.to_string());
+        self.error(&first_line, &field, format!("missing field `{key}`"), expected.to_string());
     }
 
     fn string(&mut self, n: &Node, path: &str) -> Option<String> {
@@ -238,15 +174,7 @@ impl Reader<'_> {
 
     fn list<'n>(&mut self, n: &'n Node, path: &str, what: &str) -> Vec<(String, &'n Node)> {
         match &n.value {
-            Value::Seq(items) => items
-                .iter()
-                .enumerate()
-                .map(|(i, item)| {
-                    let p = format!("{path}[{i}]");
-                    self.mark(&p, item);
-                    (p, item)
-                })
-                .collect(),
+            Value::Seq(items) => items.iter().enumerate().map(|(i, item)| (format!("{path}[{i}]"), item)).collect(),
             Value::Null => Vec::new(),
             _ => {
                 self.error(n, path, format!("found {}", n.describe()), format!("a list of {what}"));
@@ -379,23 +307,28 @@ const LINE_KINDS: [(&str, LineKind); 5] = [
     ("satellite", LineKind::Satellite),
 ];
 
-fn read_document(p: &mut Parsed, file: usize, doc: &Node, settings_seen: &mut bool) {
+fn read_document(p: &mut Parsed, file: usize, doc: Node, settings_seen: &mut bool) {
+    if let Some(obj) = read_object(p, file, &doc, settings_seen) {
+        p.sources.set_object(obj, file, doc);
+    }
+}
+
+/// Reads one document into the intent; the object it declared, if any.
+fn read_object(p: &mut Parsed, file: usize, doc: &Node, settings_seen: &mut bool) -> Option<ObjectRef> {
     let placeholder = ObjectRef::new(Kind::Settings, "?");
     let mut r = Reader { p, file, obj: placeholder };
     let Value::Map(entries) = &doc.value else {
         r.error(doc, "", format!("a document holds {}", doc.describe()), "a mapping with `kind` and `name`");
-        return;
+        return None;
     };
     let lookup =
         |key: &str| entries.iter().find(|(k, _)| matches!(&k.value, Value::Str(s) if s == key)).map(|(_, v)| v);
     let kinds: Vec<(&str, Kind)> = Kind::ALL.iter().map(|k| (k.yaml(), *k)).collect();
     let Some(kind_node) = lookup("kind") else {
         r.error(doc, "kind", "missing field `kind`", "one of Tenant, Segment, Site, Policy, Settings");
-        return;
+        return None;
     };
-    let Some(kind) = r.choice(kind_node, "kind", &kinds) else {
-        return;
-    };
+    let kind = r.choice(kind_node, "kind", &kinds)?;
     let name = if kind == Kind::Settings {
         Some("settings".to_string())
     } else {
@@ -408,12 +341,11 @@ fn read_document(p: &mut Parsed, file: usize, doc: &Node, settings_seen: &mut bo
             }
         }
     };
-    let Some(name) = name else { return };
+    let name = name?;
     let obj = ObjectRef::new(kind, name.clone());
     r.obj = obj.clone();
 
-    // A second definition is reported against the first and then read into a
-    // scratch intent, so its own mistakes are reported too.
+    // A second definition is reported against the first and not read.
     let first = r.p.sources.object(&obj);
     let duplicate = first.is_some() || (kind == Kind::Settings && *settings_seen);
     if duplicate {
@@ -433,12 +365,7 @@ fn read_document(p: &mut Parsed, file: usize, doc: &Node, settings_seen: &mut bo
         }
         .related(r.p.sources.field(&obj, "name"), "first declared here");
         r.p.diagnostics.push(d);
-        return;
-    }
-    let loc = r.loc(doc);
-    r.p.sources.set_object(obj, loc);
-    if let Some(n) = lookup("name") {
-        r.mark("name", n);
+        return None;
     }
     match kind {
         Kind::Tenant => read_tenant(&mut r, doc, name),
@@ -450,6 +377,7 @@ fn read_document(p: &mut Parsed, file: usize, doc: &Node, settings_seen: &mut bo
             read_settings(&mut r, doc);
         }
     }
+    Some(obj)
 }
 
 fn read_tenant(r: &mut Reader<'_>, doc: &Node, name: String) {

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use super::Kind;
+use super::tree::Node;
 
 /// A YAML file (or an in-memory document) that an intent was read from.
 #[derive(Debug, Clone)]
@@ -76,8 +77,9 @@ impl std::fmt::Display for ObjectRef {
 #[derive(Debug, Clone, Default)]
 pub struct SourceMap {
     pub files: Vec<SourceFile>,
-    objects: HashMap<ObjectRef, Loc>,
-    fields: HashMap<(ObjectRef, String), Loc>,
+    /// Each object's document tree: field positions are looked up in it only
+    /// when a diagnostic needs one.
+    objects: HashMap<ObjectRef, (usize, Node)>,
     /// Fields (and their enclosing fields) that could not be read; checks
     /// that depend on them stay quiet so one mistake gives one error.
     unreadable: std::collections::HashSet<(ObjectRef, String)>,
@@ -89,12 +91,8 @@ impl SourceMap {
         self.files.len() - 1
     }
 
-    pub fn set_object(&mut self, object: ObjectRef, loc: Loc) {
-        self.objects.entry(object).or_insert(loc);
-    }
-
-    pub fn set_field(&mut self, object: &ObjectRef, field: String, loc: Loc) {
-        self.fields.entry((object.clone(), field)).or_insert(loc);
+    pub fn set_object(&mut self, object: ObjectRef, file: usize, node: Node) {
+        self.objects.entry(object).or_insert((file, node));
     }
 
     pub fn mark_unreadable(&mut self, object: &ObjectRef, field: &str) {
@@ -114,22 +112,13 @@ impl SourceMap {
     }
 
     pub fn object(&self, object: &ObjectRef) -> Option<Loc> {
-        self.objects.get(object).cloned()
+        self.objects.get(object).map(|(file, node)| Loc { file: *file, range: node.range.clone() })
     }
 
     /// The field's own position, else the nearest enclosing field's, else the
     /// object's: a diagnostic always points as close as the source allows.
     pub fn field(&self, object: &ObjectRef, field: &str) -> Option<Loc> {
-        let mut path = field;
-        loop {
-            if let Some(loc) = self.fields.get(&(object.clone(), path.to_string())) {
-                return Some(loc.clone());
-            }
-            match path.rfind(['.', '[']) {
-                Some(i) => path = &path[..i],
-                None => return self.object(object),
-            }
-        }
+        self.objects.get(object).map(|(file, node)| Loc { file: *file, range: node.at_path(field).range.clone() })
     }
 
     /// `file:line:column` of a location.
