@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::allocate::Allocations;
 use crate::intent::parse::{Parsed, parse_files};
 use crate::intent::source::SourceFile;
 
@@ -15,6 +16,10 @@ pub enum LoadError {
     NotUtf8 { path: PathBuf },
     #[error("{path} holds no .yaml or .yml files")]
     Empty { path: PathBuf },
+    #[error("{path} is not an allocations file: {source}")]
+    Allocations { path: PathBuf, source: serde_json::Error },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
 }
 
 fn collect(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
@@ -61,4 +66,23 @@ pub fn read_sources(paths: &[PathBuf]) -> Result<Vec<SourceFile>, LoadError> {
 /// Reads and parses one intent from files and directories.
 pub fn load(paths: &[PathBuf]) -> Result<Parsed, LoadError> {
     Ok(parse_files(read_sources(paths)?))
+}
+
+/// Reads an allocations file; a missing file means nothing is allocated yet.
+pub fn read_allocations(path: &Path) -> Result<Allocations, LoadError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|source| LoadError::Allocations { path: path.into(), source }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Allocations::default()),
+        Err(source) => Err(LoadError::Read { path: path.into(), source }),
+    }
+}
+
+/// Writes an allocations file atomically (a temporary file, then a rename),
+/// so an interrupted run leaves the old file whole.
+pub fn write_allocations(path: &Path, alloc: &Allocations) -> Result<(), LoadError> {
+    let err = |source| LoadError::Write { path: path.into(), source };
+    let json = serde_json::to_string_pretty(alloc).map_err(|e| err(std::io::Error::other(e)))? + "\n";
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, json).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
 }

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use musubi_controller::allocate::{Allocations, reallocate};
+use musubi_controller::allocate::reallocate;
 use musubi_controller::compile::{PublicKeys, compile};
 use musubi_controller::diagnostic::render;
 use musubi_controller::{load, validate};
@@ -58,11 +58,7 @@ fn run(cli: Cli) -> Result<()> {
         eprint!("{}", render(&diags, &parsed.sources, false));
         bail!("the intent is invalid; nothing was written");
     }
-    let mut alloc: Allocations = match &allocations {
-        Some(p) if p.exists() => serde_json::from_str(&std::fs::read_to_string(p)?)
-            .with_context(|| format!("{} is not an allocations file", p.display()))?,
-        _ => Allocations::default(),
-    };
+    let mut alloc = allocations.as_deref().map(load::read_allocations).transpose()?.unwrap_or_default();
     let changed = reallocate(&parsed.intent, &mut alloc)?;
     let configs = compile(&parsed.intent, &alloc, &PublicKeys::new())?;
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -73,7 +69,7 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(p) = &allocations
         && changed
     {
-        std::fs::write(p, serde_json::to_string_pretty(&alloc)? + "\n")?;
+        load::write_allocations(p, &alloc)?;
     }
     tracing::info!(sites = configs.len(), out = %out.display(), "compiled every site");
     Ok(())

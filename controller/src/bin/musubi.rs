@@ -188,15 +188,14 @@ fn run(command: Command, color: bool) -> Result<()> {
             }
             let previous = read_allocations(allocations.as_deref())?;
             let alloc = allocated(&intent, &sources, &previous, color)?;
-            if let Some(path) = &allocations
-                && alloc != previous
-            {
-                std::fs::write(path, serde_json::to_string_pretty(&alloc)? + "\n")
-                    .with_context(|| format!("writing allocations to {}", path.display()))?;
-            }
             let keys = read_keys(keys.as_deref())?;
             let index = musubi_controller::compile::Index::new(&intent, &alloc, &keys);
             let config = index.site(&site)?;
+            if let Some(path) = &allocations
+                && alloc != previous
+            {
+                load::write_allocations(path, &alloc)?;
+            }
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&config)?),
                 Format::Yaml => print!("{}", yaml_serde::to_string(&config)?),
@@ -243,13 +242,7 @@ fn allocated(intent: &Intent, sources: &SourceMap, previous: &Allocations, color
 }
 
 fn read_allocations(path: Option<&Path>) -> Result<Allocations> {
-    match path {
-        Some(p) if p.exists() => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("{} is not an allocations file", p.display()))
-        }
-        _ => Ok(Allocations::default()),
-    }
+    Ok(path.map(load::read_allocations).transpose()?.unwrap_or_default())
 }
 
 fn read_keys(path: Option<&Path>) -> Result<PublicKeys> {
