@@ -199,8 +199,9 @@ fn mutate(intent: &mut Intent, rng: &mut Rng, t: usize) {
         intent.sites.values().filter(|s| s.tenant == tenant && !s.is_access_point()).map(|s| s.name.clone()).collect();
     match rng.below(4) {
         0 => {
-            let mut k = 50_000 + rng.below(1000) * 2;
+            // Underlay addresses follow from the site number, so they stay unique.
             let n = 200 + rng.below(50);
+            let mut k = 50_000 + n * 2;
             add_site(intent, rng, t, n, &mut k);
         }
         1 if !own_sites.is_empty() => {
@@ -209,7 +210,9 @@ fn mutate(intent: &mut Intent, rng: &mut Rng, t: usize) {
         }
         2 if !own_sites.is_empty() => {
             let s = Arc::make_mut(intent.sites.get_mut(&own_sites[rng.below(own_sites.len())]).expect("site"));
-            s.lines[0].address = format!("203.0.113.{}", 1 + rng.below(250)).parse().expect("addr");
+            // The third octet is the site's number: no two sites collide.
+            let n: usize = s.name[1..].parse().expect("s<number>");
+            s.lines[0].address = format!("172.31.{n}.{}", 1 + rng.below(250)).parse().expect("addr");
         }
         _ => {
             let own_private: Vec<String> = intent
@@ -226,12 +229,17 @@ fn mutate(intent: &mut Intent, rng: &mut Rng, t: usize) {
     }
 }
 
+/// 64 cases by default; `PROPTEST_CASES=5000` for a longer hunt.
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
+}
+
 fn intents() -> impl Strategy<Value = (u64, usize, usize, usize, usize)> {
     (any::<u64>(), 1usize..4, 1usize..4, 0usize..3, 1usize..5)
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
     fn compilation_is_deterministic((seed, t, sh, p, s) in intents()) {

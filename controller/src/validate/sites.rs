@@ -102,6 +102,37 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
     }
     check_access_points(intent, sources, out);
     check_reachability(intent, sources, out);
+    check_underlay(intent, sources, out);
+}
+
+/// Two lines with one underlay address would receive each other's tunnels.
+fn check_underlay(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnostic>) {
+    let mut seen: HashMap<std::net::IpAddr, (&str, usize)> = HashMap::new();
+    for (name, site) in &intent.sites {
+        for (i, line) in site.lines.iter().enumerate() {
+            match seen.get(&line.address) {
+                Some(&(other, j)) => {
+                    let first = ObjectRef::new(Kind::Site, other);
+                    out.push(
+                        Diagnostic::at(
+                            sources,
+                            &ObjectRef::new(Kind::Site, name),
+                            &format!("lines[{i}].address"),
+                            format!(
+                                "underlay address {} is already used by line `{}` of site `{other}`",
+                                line.address, intent.sites[other].lines[j].name
+                            ),
+                        )
+                        .expected("a distinct underlay address for every line")
+                        .related(sources.field(&first, &format!("lines[{j}].address")), "first used here"),
+                    );
+                }
+                None => {
+                    seen.insert(line.address, (name, i));
+                }
+            }
+        }
+    }
 }
 
 /// A site must share an address family with each access point of each of its
