@@ -154,17 +154,27 @@ fn check_reachability(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagno
         let (v4, v6) = families(site);
         let obj = ObjectRef::new(Kind::Site, name);
         for (i, a) in site.attachments.iter().enumerate() {
-            for ap in aps.get(a.segment.as_str()).into_iter().flatten() {
-                let (a4, a6) = families(ap);
-                if ap.name != site.name && !ap.lines.is_empty() && !((v4 && a4) || (v6 && a6)) {
-                    out.push(
-                        Diagnostic::at(sources, &obj, &format!("attachments[{i}].segment"), format!(
-                            "site `{name}` cannot reach access point `{}` of segment `{}`: their lines share no address family",
-                            ap.name, a.segment
-                        ))
-                        .expected("a line with an IPv4 or IPv6 address of the same family as one of the access point's lines"),
-                    );
-                }
+            let unreachable: Vec<String> = aps
+                .get(a.segment.as_str())
+                .into_iter()
+                .flatten()
+                .filter(|ap| ap.name != site.name && !ap.lines.is_empty())
+                .filter(|ap| {
+                    let (a4, a6) = families(ap);
+                    !((v4 && a4) || (v6 && a6))
+                })
+                .map(|ap| format!("`{}`", ap.name))
+                .collect();
+            if !unreachable.is_empty() {
+                out.push(
+                    Diagnostic::at(sources, &obj, &format!("attachments[{i}].segment"), format!(
+                        "site `{name}` cannot reach access point{} {} of segment `{}`: their lines share no address family",
+                        if unreachable.len() > 1 { "s" } else { "" },
+                        unreachable.join(" and "),
+                        a.segment
+                    ))
+                    .expected("a line of the same address family (IPv4 or IPv6) as one of each access point's lines"),
+                );
             }
         }
     }
