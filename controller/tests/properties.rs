@@ -9,6 +9,8 @@ use ipnetwork::IpNetwork;
 use musubi_controller::allocate::{Allocations, allocate};
 use musubi_controller::compile::incremental::recompile;
 use musubi_controller::compile::{PublicKeys, compile};
+use musubi_controller::intent::export::to_yaml;
+use musubi_controller::intent::parse::parse_str;
 use musubi_controller::intent::source::SourceMap;
 use musubi_controller::intent::*;
 use musubi_controller::plan::affected_sites;
@@ -385,5 +387,18 @@ proptest! {
                 prop_assert_eq!(differs, touched.contains(name), "site {}: changed={} reported={}", name, differs, touched.contains(name));
             }
         }
+    }
+
+    #[test]
+    fn export_reads_back_as_the_same_intent((seed, t, sh, p, s) in intents(), interval in proptest::option::of(10u32..5000)) {
+        let mut intent = build(seed, t, sh, p, s);
+        // Partial probe overrides, on a line and on a line kind.
+        let first = intent.sites.keys().find(|n| n.starts_with('s')).expect("a site").clone();
+        Arc::make_mut(intent.sites.get_mut(&first).expect("site")).lines[0].probe = ProbeOverride { interval_ms: interval, multiplier: None };
+        intent.settings.line_kind_probe.insert(LineKind::Satellite, ProbeOverride { interval_ms: None, multiplier: Some(5) });
+        let text = to_yaml(&intent).expect("export");
+        let parsed = parse_str("export.yaml", &text);
+        prop_assert!(parsed.diagnostics.is_empty(), "{:?}\n{}", parsed.diagnostics, text);
+        prop_assert_eq!(parsed.intent, intent);
     }
 }

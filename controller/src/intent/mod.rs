@@ -4,6 +4,7 @@
 //! Plain data with no positions; see [`source`] for where each field came from
 //! and [`parse`] for reading YAML.
 
+pub mod export;
 pub mod parse;
 pub mod source;
 pub mod tree;
@@ -25,11 +26,23 @@ pub enum Kind {
     Settings,
 }
 
-impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::Tenant, Kind::Segment, Kind::Site, Kind::Policy, Kind::Settings];
+/// An enum spelt as a fixed word in YAML, both ways.
+pub trait YamlName: Copy + 'static {
+    const ALL: &'static [Self];
 
-    /// The word used in YAML (`kind: Site`).
-    pub fn yaml(self) -> &'static str {
+    /// The word used in YAML.
+    fn yaml(self) -> &'static str;
+
+    /// Every (word, value) pair, for readers.
+    fn options() -> Vec<(&'static str, Self)> {
+        Self::ALL.iter().map(|v| (v.yaml(), *v)).collect()
+    }
+}
+
+impl YamlName for Kind {
+    const ALL: &'static [Kind] = &[Kind::Tenant, Kind::Segment, Kind::Site, Kind::Policy, Kind::Settings];
+
+    fn yaml(self) -> &'static str {
         match self {
             Kind::Tenant => "Tenant",
             Kind::Segment => "Segment",
@@ -38,7 +51,9 @@ impl Kind {
             Kind::Settings => "Settings",
         }
     }
+}
 
+impl Kind {
     /// The word used in messages.
     pub fn word(self) -> &'static str {
         match self {
@@ -108,6 +123,28 @@ pub enum Region {
     West,
 }
 
+impl YamlName for Role {
+    const ALL: &'static [Role] = &[Role::Site, Role::AccessPoint];
+
+    fn yaml(self) -> &'static str {
+        match self {
+            Role::Site => "site",
+            Role::AccessPoint => "access-point",
+        }
+    }
+}
+
+impl YamlName for Region {
+    const ALL: &'static [Region] = &[Region::East, Region::West];
+
+    fn yaml(self) -> &'static str {
+        match self {
+            Region::East => "east",
+            Region::West => "west",
+        }
+    }
+}
+
 impl Region {
     pub fn other(self) -> Region {
         match self {
@@ -152,11 +189,16 @@ pub enum LineKind {
     Satellite,
 }
 
-impl LineKind {
-    pub const ALL: [LineKind; 5] =
-        [LineKind::DarkFiber, LineKind::WideAreaEthernet, LineKind::InternetVpn, LineKind::Mobile, LineKind::Satellite];
+impl YamlName for LineKind {
+    const ALL: &'static [LineKind] = &[
+        LineKind::DarkFiber,
+        LineKind::WideAreaEthernet,
+        LineKind::InternetVpn,
+        LineKind::Mobile,
+        LineKind::Satellite,
+    ];
 
-    pub fn yaml(self) -> &'static str {
+    fn yaml(self) -> &'static str {
         match self {
             LineKind::DarkFiber => "dark-fiber",
             LineKind::WideAreaEthernet => "wide-area-ethernet",
@@ -182,7 +224,9 @@ pub struct Line {
 /// Probe timing; unset fields inherit from the line kind, then the settings.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeOverride {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval_ms: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multiplier: Option<u32>,
 }
 
@@ -225,6 +269,19 @@ pub enum Protocol {
     Tcp,
     Udp,
     Icmp,
+}
+
+impl YamlName for Protocol {
+    const ALL: &'static [Protocol] = &[Protocol::Any, Protocol::Tcp, Protocol::Udp, Protocol::Icmp];
+
+    fn yaml(self) -> &'static str {
+        match self {
+            Protocol::Any => "any",
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Icmp => "icmp",
+        }
+    }
 }
 
 impl Protocol {

@@ -11,7 +11,7 @@ mod reader;
 
 use super::source::{Loc, ObjectRef, SourceFile, SourceMap};
 use super::tree::{self, Node, Value};
-use super::{Intent, Kind};
+use super::{Intent, Kind, YamlName};
 use crate::diagnostic::Diagnostic;
 use objects::{read_policy, read_segment, read_settings, read_site, read_tenant};
 use reader::Reader;
@@ -80,7 +80,7 @@ fn read_object(p: &mut Parsed, file: usize, doc: &Node, settings_seen: &mut bool
     };
     let lookup =
         |key: &str| entries.iter().find(|(k, _)| matches!(&k.value, Value::Str(s) if s == key)).map(|(_, v)| v);
-    let kinds: Vec<(&str, Kind)> = Kind::ALL.iter().map(|k| (k.yaml(), *k)).collect();
+    let kinds = Kind::options();
     let Some(kind_node) = lookup("kind") else {
         r.error(doc, "kind", "missing field `kind`", "one of Tenant, Segment, Site, Policy, Settings");
         return None;

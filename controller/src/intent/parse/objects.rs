@@ -9,17 +9,6 @@ use super::reader::{Reader, join};
 use crate::intent::tree::Node;
 use crate::intent::*;
 
-pub(super) const REGIONS: [(&str, Region); 2] = [("east", Region::East), ("west", Region::West)];
-pub(super) const ROLES: [(&str, Role); 2] = [("site", Role::Site), ("access-point", Role::AccessPoint)];
-pub(super) const PROTOCOLS: [(&str, Protocol); 4] =
-    [("any", Protocol::Any), ("tcp", Protocol::Tcp), ("udp", Protocol::Udp), ("icmp", Protocol::Icmp)];
-pub(super) const LINE_KINDS: [(&str, LineKind); 5] = [
-    ("dark-fiber", LineKind::DarkFiber),
-    ("wide-area-ethernet", LineKind::WideAreaEthernet),
-    ("internet-vpn", LineKind::InternetVpn),
-    ("mobile", LineKind::Mobile),
-    ("satellite", LineKind::Satellite),
-];
 pub(super) fn read_tenant(r: &mut Reader<'_>, doc: &Node, name: String) {
     let Some(f) = r.map(doc, "", &["kind", "name", "description"]) else {
         return;
@@ -45,9 +34,9 @@ pub(super) fn read_site(r: &mut Reader<'_>, doc: &Node, name: String) {
         return;
     };
     let tenant = r.req_string(&f, doc, "", "tenant").unwrap_or_default();
-    let role = Reader::get(&f, "role").and_then(|n| r.choice(n, "role", &ROLES)).unwrap_or_default();
+    let role = Reader::get(&f, "role").and_then(|n| r.choice(n, "role", &Role::options())).unwrap_or_default();
     let region = match Reader::get(&f, "region") {
-        Some(n) => r.choice(n, "region", &REGIONS).unwrap_or_default(),
+        Some(n) => r.choice(n, "region", &Region::options()).unwrap_or_default(),
         None => {
             r.missing(doc, "", "region", "east or west");
             Region::East
@@ -79,7 +68,7 @@ fn read_line(r: &mut Reader<'_>, n: &Node, path: &str) -> Option<Line> {
     let f = r.map(n, path, &["name", "kind", "priority", "address", "probe"])?;
     let name = r.req_string(&f, n, path, "name");
     let kind = match Reader::get(&f, "kind") {
-        Some(v) => r.choice(v, &join(path, "kind"), &LINE_KINDS),
+        Some(v) => r.choice(v, &join(path, "kind"), &LineKind::options()),
         None => {
             r.missing(n, path, "kind", "a line kind");
             None
@@ -128,7 +117,8 @@ pub(super) fn read_policy(r: &mut Reader<'_>, doc: &Node, name: String) {
     let tenant = r.req_string(&f, doc, "", "tenant").unwrap_or_default();
     let from = r.req_string(&f, doc, "", "from").unwrap_or_default();
     let to = r.req_string(&f, doc, "", "to").unwrap_or_default();
-    let protocol = Reader::get(&f, "protocol").and_then(|n| r.choice(n, "protocol", &PROTOCOLS)).unwrap_or_default();
+    let protocol =
+        Reader::get(&f, "protocol").and_then(|n| r.choice(n, "protocol", &Protocol::options())).unwrap_or_default();
     let mut ports = Vec::new();
     if let Some(n) = Reader::get(&f, "ports") {
         for (path, item) in r.list(n, "ports", "ports") {
@@ -157,10 +147,10 @@ pub(super) fn read_settings(r: &mut Reader<'_>, doc: &Node) {
         s.probe = s.probe.with(r.probe(n, "probe"));
     }
     if let Some(n) = Reader::get(&f, "line_kinds") {
-        let kinds: Vec<&str> = LINE_KINDS.iter().map(|(k, _)| *k).collect();
+        let kinds: Vec<&str> = LineKind::ALL.iter().map(|k| k.yaml()).collect();
         if let Some(kf) = r.map(n, "line_kinds", &kinds) {
             for (key, _, v) in kf {
-                if let Some((_, kind)) = LINE_KINDS.iter().find(|(k, _)| *k == key) {
+                if let Some(kind) = LineKind::ALL.iter().find(|k| k.yaml() == key) {
                     let o = r.probe(v, &join("line_kinds", key));
                     s.line_kind_probe.insert(*kind, o);
                 }
