@@ -5,6 +5,7 @@
 //! files lives in [`load`] and the binaries.
 
 pub mod allocate;
+pub mod audit;
 pub mod compile;
 pub mod diagnostic;
 pub mod generate;
