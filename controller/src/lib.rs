@@ -13,4 +13,5 @@ pub mod intent;
 pub mod load;
 pub mod plan;
 pub mod sorted;
+pub mod store;
 pub mod validate;

@@ -1,0 +1,115 @@
+//! The embedded store: one redb file in the data directory. redb commits
+//! are crash-safe (copy-on-write with checksummed commits) and serialised
+//! (one writer at a time), and redb locks the file so that a second
+//! controller cannot open the same directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::layout::{self, Stored, WriteSet};
+use super::{IntentStore, StoreError};
+use crate::audit::AuditEntry;
+
+const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("musubi");
+
+/// The file inside the data directory.
+pub const FILE: &str = "musubi.redb";
+
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(format!("embedded store: {e}"))
+}
+
+impl Embedded {
+    /// Opens (or creates) the store in `dir`; refuses a directory another
+    /// process has open.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(backend)?;
+        let path = dir.join(FILE);
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked { path: path.display().to_string() },
+            other => backend(other),
+        })?;
+        let tx = db.begin_write().map_err(backend)?;
+        tx.open_table(KV).map_err(backend)?;
+        tx.commit().map_err(backend)?;
+        Ok(Embedded { db: Arc::new(db), path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every key under the prefixes, from one read transaction.
+    fn pairs(&self, prefixes: &[&str]) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read().map_err(backend)?;
+        let table = tx.open_table(KV).map_err(backend)?;
+        let mut out = Vec::new();
+        for prefix in prefixes {
+            for item in table.range(*prefix..).map_err(backend)? {
+                let (k, v) = item.map_err(backend)?;
+                if !k.value().starts_with(prefix) {
+                    break;
+                }
+                out.push((k.value().to_string(), v.value().to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    fn commit_blocking(&self, expected: u64, writes: WriteSet) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(backend)?;
+        {
+            let mut table = tx.open_table(KV).map_err(backend)?;
+            let current = match table.get(layout::REVISION).map_err(backend)? {
+                Some(v) => {
+                    std::str::from_utf8(v.value()).ok().and_then(|s| s.parse::<u64>().ok()).ok_or_else(|| {
+                        StoreError::Corrupt { key: layout::REVISION.into(), reason: "not a revision number".into() }
+                    })?
+                }
+                None => 0,
+            };
+            if current != expected {
+                // Dropping the transaction without commit writes nothing.
+                return Err(StoreError::Conflict { expected, actual: current });
+            }
+            for key in &writes.deletes {
+                table.remove(key.as_str()).map_err(backend)?;
+            }
+            for (key, value) in &writes.puts {
+                table.insert(key.as_str(), value.as_slice()).map_err(backend)?;
+            }
+        }
+        tx.commit().map_err(backend)
+    }
+}
+
+impl IntentStore for Embedded {
+    async fn load(&self) -> Result<Stored, StoreError> {
+        let this = self.clone();
+        let pairs = tokio::task::spawn_blocking(move || {
+            this.pairs(&[layout::REVISION, layout::HEAD, "/musubi/v1/intent/", "/musubi/v1/alloc/"])
+        })
+        .await
+        .map_err(backend)??;
+        layout::decode(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+    }
+
+    async fn commit(&self, expected: u64, writes: WriteSet) -> Result<(), StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.commit_blocking(expected, writes)).await.map_err(backend)?
+    }
+
+    async fn history(&self) -> Result<Vec<AuditEntry>, StoreError> {
+        let this = self.clone();
+        let pairs = tokio::task::spawn_blocking(move || this.pairs(&[layout::AUDIT])).await.map_err(backend)??;
+        layout::decode_history(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+    }
+}

@@ -1,0 +1,127 @@
+//! The etcd store (etcd 3.4+). Reads pin one etcd revision so a load is a
+//! consistent snapshot; a commit is one etcd transaction guarded by a compare
+//! on the intent revision key.
+//!
+//! etcd limits a transaction to `--max-txn-ops` operations (128 by default)
+//! and a request to `--max-request-bytes` (1.5 MiB): importing a large intent
+//! in one atomic change needs both raised, e.g. `--max-txn-ops 100000
+//! --max-request-bytes 67108864`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn, TxnOp,
+    TxnOpResponse,
+};
+
+use super::layout::{self, Stored, WriteSet};
+use super::{IntentStore, StoreError};
+use crate::audit::AuditEntry;
+
+/// How to reach etcd.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdConfig {
+    /// `host:port` or `https://host:port`, one per cluster member.
+    pub endpoints: Vec<String>,
+    pub user: Option<(String, String)>,
+    /// CA bundle that signed the etcd servers' certificates (enables TLS).
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key for mutual TLS.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+#[derive(Clone)]
+pub struct Etcd {
+    client: Client,
+    endpoints: Vec<String>,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd").field("endpoints", &self.endpoints).finish_non_exhaustive()
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(format!("etcd: {e}"))
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, StoreError> {
+    std::fs::read(path).map_err(|e| StoreError::Backend(format!("etcd: cannot read {}: {e}", path.display())))
+}
+
+impl Etcd {
+    pub async fn connect(config: &EtcdConfig) -> Result<Self, StoreError> {
+        let mut options =
+            ConnectOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(30));
+        if let Some((user, password)) = &config.user {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        if let Some(ca) = &config.ca {
+            let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?));
+            if let Some((cert, key)) = &config.client_cert {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            options = options.with_tls(tls);
+        }
+        let client = Client::connect(&config.endpoints, Some(options)).await.map_err(backend)?;
+        Ok(Etcd { client, endpoints: config.endpoints.clone() })
+    }
+
+    async fn range(&self, prefix: &str, revision: i64) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let resp =
+            kv.get(prefix, Some(GetOptions::new().with_prefix().with_revision(revision))).await.map_err(backend)?;
+        resp.kvs().iter().map(|kv| Ok((kv.key_str().map_err(backend)?.to_string(), kv.value().to_vec()))).collect()
+    }
+}
+
+impl IntentStore for Etcd {
+    async fn load(&self) -> Result<Stored, StoreError> {
+        let mut kv = self.client.kv_client();
+        // Every later read is pinned to the revision this one saw.
+        let first = kv.get(layout::REVISION, None).await.map_err(backend)?;
+        let at = first.header().map(|h| h.revision()).ok_or_else(|| backend("response without a header"))?;
+        let mut pairs: Vec<(String, Vec<u8>)> = first
+            .kvs()
+            .iter()
+            .map(|kv| Ok((kv.key_str().map_err(backend)?.to_string(), kv.value().to_vec())))
+            .collect::<Result<_, StoreError>>()?;
+        for prefix in [layout::HEAD, "/musubi/v1/intent/", "/musubi/v1/alloc/"] {
+            pairs.extend(self.range(prefix, at).await?);
+        }
+        layout::decode(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+    }
+
+    async fn commit(&self, expected: u64, writes: WriteSet) -> Result<(), StoreError> {
+        let guard = if expected == 0 {
+            Compare::create_revision(layout::REVISION, CompareOp::Equal, 0)
+        } else {
+            Compare::value(layout::REVISION, CompareOp::Equal, expected.to_string())
+        };
+        let mut ops: Vec<TxnOp> = writes.deletes.iter().map(|k| TxnOp::delete(k.as_str(), None)).collect();
+        ops.extend(writes.puts.into_iter().map(|(k, v)| TxnOp::put(k, v, None)));
+        let txn = Txn::new().when([guard]).and_then(ops).or_else([TxnOp::get(layout::REVISION, None)]);
+        let resp = self.client.kv_client().txn(txn).await.map_err(backend)?;
+        if resp.succeeded() {
+            return Ok(());
+        }
+        let actual = resp
+            .op_responses()
+            .into_iter()
+            .find_map(|r| match r {
+                TxnOpResponse::Get(g) => {
+                    g.kvs().first().and_then(|kv| std::str::from_utf8(kv.value()).ok()?.parse().ok())
+                }
+                _ => None,
+            })
+            .unwrap_or(0);
+        Err(StoreError::Conflict { expected, actual })
+    }
+
+    async fn history(&self) -> Result<Vec<AuditEntry>, StoreError> {
+        let pairs = self.range(layout::AUDIT, 0).await?;
+        layout::decode_history(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+    }
+}

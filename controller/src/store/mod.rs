@@ -1,0 +1,48 @@
+//! The intent store: where intent, allocations and the audit chain live.
+//!
+//! One seam, two backends that pass the same conformance suite:
+//! [`embedded`] (redb, one crash-safe file; the zero-setup default) and
+//! [`etcd`] (production and HA). Both keep the [`layout`] of one key per
+//! object and commit a change atomically only if the store is still at the
+//! revision the change was planned against.
+//!
+//! The store is I/O; everything it is given was computed by the pure core.
+
+pub mod apply;
+pub mod embedded;
+pub mod etcd;
+pub mod layout;
+
+use crate::audit::AuditEntry;
+use layout::{Stored, WriteSet};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "the intent changed since revision {expected} (it is now at revision {actual}); plan again against the current intent"
+    )]
+    Conflict { expected: u64, actual: u64 },
+    #[error("cannot encode {key}: {reason}")]
+    Encode { key: String, reason: String },
+    #[error("the stored value at {key} is unreadable: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("{path} is in use by another controller")]
+    Locked { path: String },
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// A backend of the intent store. Its futures are `Send` so that a server
+/// can serve many clients from one store on a multi-threaded runtime.
+pub trait IntentStore: Send + Sync {
+    /// The whole current state, read at one consistent point.
+    fn load(&self) -> impl Future<Output = Result<Stored, StoreError>> + Send;
+
+    /// Writes every put and delete atomically, if and only if the store is
+    /// still at revision `expected`; otherwise writes nothing and reports a
+    /// conflict.
+    fn commit(&self, expected: u64, writes: WriteSet) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The audit chain, oldest first.
+    fn history(&self) -> impl Future<Output = Result<Vec<AuditEntry>, StoreError>> + Send;
+}

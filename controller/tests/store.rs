@@ -1,0 +1,208 @@
+//! One conformance suite for both intent stores: the embedded redb file and a
+//! real etcd server (Debian's `etcd-server`), started by the test on free
+//! loopback ports with a temporary data directory and stopped by PID.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use musubi_controller::audit::verify;
+use musubi_controller::intent::parse::{Parsed, parse_str};
+use musubi_controller::store::apply::{ApplyError, apply};
+use musubi_controller::store::embedded::Embedded;
+use musubi_controller::store::etcd::{Etcd, EtcdConfig};
+use musubi_controller::store::{IntentStore, StoreError};
+
+fn topology(name: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../topologies").join(name)).expect("topology")
+}
+
+fn prefecture() -> Parsed {
+    parse_str("prefecture.yaml", &topology("prefecture.yaml"))
+}
+
+/// The prefecture with one more branch office.
+fn prefecture_plus_branch() -> Parsed {
+    let extra = "---\nkind: Site\nname: kita-east\ntenant: city-kita\nregion: east\n\
+                 lines: [{name: wae, kind: wide-area-ethernet, priority: 1, address: 198.51.100.23}]\n\
+                 attachments: [{segment: lgwan, interface: eth2, prefixes: [10.2.23.0/24]}]\n";
+    parse_str("prefecture.yaml", &(topology("prefecture.yaml") + extra))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A single-member etcd on loopback, killed when dropped.
+struct EtcdServer {
+    child: Child,
+    endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdServer {
+    fn start() -> EtcdServer {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (client, peer) = (free_port(), free_port());
+        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log");
+        let child = Command::new("etcd")
+            .args(["--name", "test", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &format!("http://127.0.0.1:{client}")])
+            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client}")])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-cluster", &format!("test=http://127.0.0.1:{peer}")])
+            .args([
+                "--max-txn-ops",
+                "100000",
+                "--max-request-bytes",
+                "67108864",
+                "--logger",
+                "zap",
+                "--log-level",
+                "error",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd is not installed: apt-get install etcd-server (scripts/test does it)");
+        EtcdServer { child, endpoint: format!("127.0.0.1:{client}"), _dir: dir }
+    }
+
+    async fn connect(&self) -> Etcd {
+        let config = EtcdConfig { endpoints: vec![self.endpoint.clone()], ..EtcdConfig::default() };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(store) = Etcd::connect(&config).await
+                && store.load().await.is_ok()
+            {
+                return store;
+            }
+            assert!(Instant::now() < deadline, "etcd did not come up on {}", self.endpoint);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const T0: u64 = 1_790_000_000_000;
+
+async fn conformance<S: IntentStore + 'static>(store: Arc<S>) {
+    // Empty.
+    let empty = store.load().await.expect("load");
+    assert_eq!(empty.revision, 0);
+    assert!(empty.intent.sites.is_empty());
+    assert!(store.history().await.expect("history").is_empty());
+
+    // First apply.
+    let first = apply(&*store, &prefecture(), 0, "local", T0, false).await.expect("apply");
+    assert_eq!(first.revision, 1);
+    assert_eq!(first.affected.len(), 7, "every site is new");
+    let loaded = store.load().await.expect("load");
+    assert_eq!(loaded.revision, 1);
+    assert_eq!(loaded.intent, prefecture().intent, "the stored intent is what was applied");
+    assert_eq!(loaded.allocations.sites.len(), 7);
+    assert_eq!(loaded.allocations.segments.len(), 6);
+
+    // The same intent again writes nothing.
+    let again = apply(&*store, &prefecture(), 1, "local", T0 + 1, false).await.expect("apply");
+    assert_eq!(again.revision, 1);
+    assert!(again.audit.is_none() && again.plan.is_empty());
+    assert_eq!(store.history().await.expect("history").len(), 1);
+
+    // A dry run plans without writing.
+    let dry = apply(&*store, &prefecture_plus_branch(), 1, "local", T0 + 2, true).await.expect("dry run");
+    assert_eq!(dry.revision, 1);
+    assert!(!dry.plan.is_empty());
+    assert_eq!(store.load().await.expect("load").revision, 1);
+
+    // A real change: one site added; allocations of the others kept.
+    let second = apply(&*store, &prefecture_plus_branch(), 1, "alice@ops", T0 + 3, false).await.expect("apply");
+    assert_eq!(second.revision, 2);
+    assert_eq!(second.affected, ["ap-east", "ap-west", "kita-east"].map(String::from).into());
+    let after = store.load().await.expect("load");
+    assert_eq!(after.intent.sites.len(), 8);
+    for (name, a) in &loaded.allocations.sites {
+        assert_eq!(after.allocations.sites[name], *a, "{name} kept its tunnel addresses");
+    }
+    assert_eq!(after.allocations.segments, loaded.allocations.segments);
+
+    // A change planned against revision 1 lost the race: nothing written.
+    let stale = apply(&*store, &prefecture(), 1, "bob@ops", T0 + 4, false).await;
+    assert!(matches!(stale, Err(ApplyError::Store(StoreError::Conflict { expected: 1, actual: 2 }))), "{stale:?}");
+    assert_eq!(store.load().await.expect("load"), after);
+
+    // Invalid intent: nothing written.
+    let broken =
+        parse_str("broken.yaml", &topology("prefecture.yaml").replace("name: lgwan\n", "name: lgwan\ncolour: red\n"));
+    let invalid = apply(&*store, &broken, 2, "local", T0 + 5, false).await;
+    assert!(matches!(&invalid, Err(ApplyError::Invalid(d)) if d.len() == 1), "{invalid:?}");
+    assert_eq!(store.load().await.expect("load"), after);
+
+    // Removing the site deletes its key and frees its allocation.
+    let third = apply(&*store, &prefecture(), 2, "local", T0 + 6, false).await.expect("apply");
+    assert_eq!(third.revision, 3);
+    let back = store.load().await.expect("load");
+    assert_eq!(back.intent, prefecture().intent);
+    assert!(!back.allocations.sites.contains_key("kita-east"));
+
+    // The audit chain holds exactly the accepted changes and verifies.
+    let history = store.history().await.expect("history");
+    assert_eq!(history.iter().map(|e| e.revision).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(history[1].actor, "alice@ops");
+    assert_eq!(history[1].summary, "+site kita-east");
+    assert_eq!(history[2].summary, "-site kita-east");
+    verify(&history).expect("chain verifies");
+
+    // Two applies racing from the same revision: exactly one wins.
+    let (a, b) = (store.clone(), store.clone());
+    let one = tokio::spawn(async move { apply(&*a, &prefecture_plus_branch(), 3, "one", T0 + 7, false).await });
+    let two = tokio::spawn(async move {
+        let mut p = prefecture();
+        std::sync::Arc::make_mut(p.intent.tenants.get_mut("city-kita").expect("tenant")).description =
+            "北市 (renamed)".into();
+        apply(&*b, &p, 3, "two", T0 + 7, false).await
+    });
+    let results = [one.await.expect("join"), two.await.expect("join")];
+    let wins = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(wins, 1, "{results:?}");
+    assert!(results.iter().any(|r| matches!(r, Err(ApplyError::Store(StoreError::Conflict { .. })))));
+    let history = store.history().await.expect("history");
+    assert_eq!(history.len(), 4);
+    verify(&history).expect("chain verifies");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_conforms() {
+    let dir = tempfile::tempdir().expect("tmp");
+    conformance(Arc::new(Embedded::open(dir.path()).expect("open"))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_conforms() {
+    let server = EtcdServer::start();
+    conformance(Arc::new(server.connect().await)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_refuses_a_second_controller_and_keeps_data_across_restarts() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Embedded::open(dir.path()).expect("open");
+    apply(&store, &prefecture(), 0, "local", T0, false).await.expect("apply");
+    let second = Embedded::open(dir.path());
+    assert!(matches!(second, Err(StoreError::Locked { .. })), "{second:?}");
+    drop(store);
+    let reopened = Embedded::open(dir.path()).expect("reopen");
+    let loaded = reopened.load().await.expect("load");
+    assert_eq!(loaded.revision, 1);
+    assert_eq!(loaded.intent, prefecture().intent);
+}
