@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use musubi_controller::audit::verify;
 use musubi_controller::intent::parse::{Parsed, parse_str};
-use musubi_controller::store::apply::{ApplyError, apply};
+use musubi_controller::store::apply::{ApplyError, RollbackError, apply, rollback};
 use musubi_controller::store::embedded::Embedded;
 use musubi_controller::store::etcd::{Etcd, EtcdConfig};
 use musubi_controller::store::{IntentStore, StoreError};
@@ -179,6 +179,24 @@ async fn conformance<S: IntentStore + 'static>(store: Arc<S>) {
     let history = store.history().await.expect("history");
     assert_eq!(history.len(), 4);
     verify(&history).expect("chain verifies");
+
+    // Rollbacks are new forward revisions with an earlier revision's content.
+    let rolled = rollback(&*store, 3, 4, "carol@ops", T0 + 8, false).await.expect("rollback");
+    assert_eq!(rolled.revision, 5);
+    assert_eq!(store.load().await.expect("load").intent, prefecture().intent, "the content of revision 3");
+    let rolled = rollback(&*store, 2, 5, "carol@ops", T0 + 9, false).await.expect("rollback");
+    assert_eq!(rolled.revision, 6);
+    assert_eq!(store.load().await.expect("load").intent, prefecture_plus_branch().intent, "the content of revision 2");
+    let last = store.history().await.expect("history").pop().expect("entry");
+    assert_eq!(last.summary, "rollback to 2: +site kita-east");
+    assert!(matches!(rollback(&*store, 6, 6, "x", T0, false).await, Err(RollbackError::NoSuchRevision { .. })));
+    assert!(matches!(
+        rollback(&*store, 1, 5, "x", T0, false).await,
+        Err(RollbackError::Apply(ApplyError::Store(StoreError::Conflict { expected: 5, actual: 6 })))
+    ));
+    rollback(&*store, 1, 6, "carol@ops", T0 + 10, false).await.expect("rollback");
+    assert_eq!(store.load().await.expect("load").intent, prefecture().intent);
+    verify(&store.history().await.expect("history")).expect("chain verifies");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -74,20 +74,76 @@ pub async fn apply<S: IntentStore>(
     if !diags.is_empty() {
         return Err(ApplyError::Invalid(diags));
     }
+    apply_intent(store, &parsed.intent, expected, Change { actor, now_ms, dry_run, note: None }).await
+}
+
+/// Who makes a change, when, and how.
+#[derive(Debug, Clone, Copy)]
+pub struct Change<'a> {
+    pub actor: &'a str,
+    pub now_ms: u64,
+    pub dry_run: bool,
+    /// Prefixed to the audit summary (e.g. `rollback to 3`).
+    pub note: Option<&'a str>,
+}
+
+/// Applies an already validated intent.
+async fn apply_intent<S: IntentStore>(
+    store: &S,
+    new: &Intent,
+    expected: u64,
+    change: Change<'_>,
+) -> Result<Accepted, ApplyError> {
     let current = store.load().await?;
     if current.revision != expected {
         return Err(StoreError::Conflict { expected, actual: current.revision }.into());
     }
-    let new = &parsed.intent;
     let mut alloc = current.allocations.clone();
     reallocate(new, &mut alloc)?;
     let (plan, affected) = plan_between(&current, new, &alloc, &PublicKeys::new())?;
-    let summary = summarise(&current.intent, new);
-    if dry_run || (summary == "no change" && alloc == current.allocations) {
+    let mut summary = summarise(&current.intent, new);
+    if change.dry_run || (summary == "no change" && alloc == current.allocations) {
         return Ok(Accepted { revision: current.revision, plan, affected, audit: None });
     }
-    let audit = AuditEntry::next(current.head.as_ref(), expected + 1, now_ms, actor, &summary);
+    if let Some(note) = change.note {
+        summary = format!("{note}: {summary}");
+    }
+    let audit = AuditEntry::next(current.head.as_ref(), expected + 1, change.now_ms, change.actor, &summary);
     let writes = layout::write_set(&current, new, &alloc, &audit)?;
     store.commit(expected, writes).await?;
     Ok(Accepted { revision: audit.revision, plan, affected, audit: Some(audit) })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RollbackError {
+    #[error("revision {target} is not an earlier revision (the intent is at revision {current})")]
+    NoSuchRevision { target: u64, current: u64 },
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+/// A new forward change whose content is the intent of an earlier revision.
+/// Allocations stay sticky: objects that come back get their old numbers if
+/// still free, never someone else's.
+pub async fn rollback<S: IntentStore>(
+    store: &S,
+    target: u64,
+    expected: u64,
+    actor: &str,
+    now_ms: u64,
+    dry_run: bool,
+) -> Result<Accepted, RollbackError> {
+    let current = store.load().await.map_err(ApplyError::from)?;
+    if target == 0 || target >= current.revision {
+        return Err(RollbackError::NoSuchRevision { target, current: current.revision });
+    }
+    let undo = store.undo_since(target).await.map_err(ApplyError::from)?;
+    let old = layout::intent_at(&current.intent, current.revision, target, &undo).map_err(ApplyError::from)?;
+    // It was valid when it was applied; check again rather than assume.
+    let diags = validate::validate(&old, &crate::intent::source::SourceMap::default());
+    if !diags.is_empty() {
+        return Err(ApplyError::Invalid(diags).into());
+    }
+    let note = format!("rollback to {target}");
+    Ok(apply_intent(store, &old, expected, Change { actor, now_ms, dry_run, note: Some(&note) }).await?)
 }

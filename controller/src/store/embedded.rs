@@ -95,7 +95,7 @@ impl IntentStore for Embedded {
     async fn load(&self) -> Result<Stored, StoreError> {
         let this = self.clone();
         let pairs = tokio::task::spawn_blocking(move || {
-            this.pairs(&[layout::REVISION, layout::HEAD, "/musubi/v1/intent/", "/musubi/v1/alloc/"])
+            this.pairs(&[layout::REVISION, layout::HEAD, layout::INTENT, layout::ALLOC])
         })
         .await
         .map_err(backend)??;
@@ -111,5 +111,13 @@ impl IntentStore for Embedded {
         let this = self.clone();
         let pairs = tokio::task::spawn_blocking(move || this.pairs(&[layout::AUDIT])).await.map_err(backend)??;
         layout::decode_history(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+    }
+
+    async fn undo_since(&self, after: u64) -> Result<Vec<(u64, Vec<layout::Undo>)>, StoreError> {
+        let this = self.clone();
+        let pairs = tokio::task::spawn_blocking(move || this.pairs(&[layout::UNDO])).await.map_err(backend)??;
+        let mut undo = layout::decode_undo(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+        undo.retain(|(rev, _)| *rev > after);
+        Ok(undo)
     }
 }

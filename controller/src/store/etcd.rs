@@ -88,7 +88,7 @@ impl IntentStore for Etcd {
             .iter()
             .map(|kv| Ok((kv.key_str().map_err(backend)?.to_string(), kv.value().to_vec())))
             .collect::<Result<_, StoreError>>()?;
-        for prefix in [layout::HEAD, "/musubi/v1/intent/", "/musubi/v1/alloc/"] {
+        for prefix in [layout::HEAD, layout::INTENT, layout::ALLOC] {
             pairs.extend(self.range(prefix, at).await?);
         }
         layout::decode(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
@@ -123,5 +123,18 @@ impl IntentStore for Etcd {
     async fn history(&self) -> Result<Vec<AuditEntry>, StoreError> {
         let pairs = self.range(layout::AUDIT, 0).await?;
         layout::decode_history(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+    }
+
+    async fn undo_since(&self, after: u64) -> Result<Vec<(u64, Vec<layout::Undo>)>, StoreError> {
+        // Keys sort by zero-padded revision: start the range just after `after`.
+        let mut kv = self.client.kv_client();
+        let options = GetOptions::new().with_range(layout::UNDO.to_string() + "~");
+        let resp = kv.get(layout::undo_key(after + 1), Some(options)).await.map_err(backend)?;
+        let pairs: Vec<(String, Vec<u8>)> = resp
+            .kvs()
+            .iter()
+            .map(|kv| Ok((kv.key_str().map_err(backend)?.to_string(), kv.value().to_vec())))
+            .collect::<Result<_, StoreError>>()?;
+        layout::decode_undo(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
     }
 }

@@ -9,6 +9,7 @@
 //! | `/musubi/v1/intent/{tenant,segment,site,policy}/<name>` | the object |
 //! | `/musubi/v1/alloc/segment/<name>`, `/musubi/v1/alloc/site/<name>` | its allocation |
 //! | `/musubi/v1/audit/<revision, 20 digits>` | the [`AuditEntry`] of that revision |
+//! | `/musubi/v1/undo/<revision, 20 digits>` | [`Undo`] records: each intent key that revision changed, with its previous value |
 //!
 //! The intent revision is Musubi's own counter (1, 2, 3 …), kept in the head
 //! entry: every accepted change adds one, whatever else the backend stores.
@@ -24,7 +25,7 @@ use serde::de::DeserializeOwned;
 use super::StoreError;
 use crate::allocate::Allocations;
 use crate::audit::AuditEntry;
-use crate::intent::{Intent, Settings};
+use crate::intent::Intent;
 use crate::sorted::{Side, merge};
 
 pub const PREFIX: &str = "/musubi/v1/";
@@ -38,9 +39,24 @@ pub const POLICY: &str = "/musubi/v1/intent/policy/";
 pub const ALLOC_SEGMENT: &str = "/musubi/v1/alloc/segment/";
 pub const ALLOC_SITE: &str = "/musubi/v1/alloc/site/";
 pub const AUDIT: &str = "/musubi/v1/audit/";
+pub const UNDO: &str = "/musubi/v1/undo/";
+pub const INTENT: &str = "/musubi/v1/intent/";
+pub const ALLOC: &str = "/musubi/v1/alloc/";
 
 pub fn audit_key(revision: u64) -> String {
     format!("{AUDIT}{revision:020}")
+}
+
+pub fn undo_key(revision: u64) -> String {
+    format!("{UNDO}{revision:020}")
+}
+
+/// How to take one intent key back to what it was before a revision:
+/// `previous` is its JSON then, `None` if it did not exist.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Undo {
+    pub key: String,
+    pub previous: Option<String>,
 }
 
 /// Everything the store holds about the intent at one revision.
@@ -64,24 +80,30 @@ fn json<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(|e| StoreError::Encode { key: key.to_string(), reason: e.to_string() })
 }
 
+/// Writes for one map; with `undo`, also what each written key held before.
 fn diff_map<T: Serialize + PartialEq>(
     out: &mut WriteSet,
+    mut undo: Option<&mut Vec<Undo>>,
     prefix: &str,
     old: &BTreeMap<String, T>,
     new: &BTreeMap<String, T>,
 ) -> Result<(), StoreError> {
     for side in merge(old, new) {
-        match side {
-            Side::Left(name, _) => out.deletes.push(format!("{prefix}{name}")),
-            Side::Right(name, v) => {
-                let key = format!("{prefix}{name}");
-                out.puts.push((key.clone(), json(&key, v)?));
-            }
-            Side::Both(name, a, b) if a != b => {
-                let key = format!("{prefix}{name}");
-                out.puts.push((key.clone(), json(&key, b)?));
-            }
-            Side::Both(..) => {}
+        let (name, before, after) = match side {
+            Side::Left(name, a) => (name, Some(a), None),
+            Side::Right(name, b) => (name, None, Some(b)),
+            Side::Both(name, a, b) if a != b => (name, Some(a), Some(b)),
+            Side::Both(..) => continue,
+        };
+        let key = format!("{prefix}{name}");
+        if let Some(undo) = undo.as_deref_mut() {
+            let previous =
+                before.map(|v| json(&key, v).map(|b| String::from_utf8_lossy(&b).into_owned())).transpose()?;
+            undo.push(Undo { key: key.clone(), previous });
+        }
+        match after {
+            Some(v) => out.puts.push((key.clone(), json(&key, v)?)),
+            None => out.deletes.push(key),
         }
     }
     Ok(())
@@ -96,15 +118,22 @@ pub fn write_set(
     audit: &AuditEntry,
 ) -> Result<WriteSet, StoreError> {
     let mut w = WriteSet::default();
+    let mut undo = Vec::new();
     if old.revision == 0 || old.intent.settings != intent.settings {
+        let previous = (old.revision != 0)
+            .then(|| json(SETTINGS, &old.intent.settings).map(|b| String::from_utf8_lossy(&b).into_owned()))
+            .transpose()?;
+        undo.push(Undo { key: SETTINGS.to_string(), previous });
         w.puts.push((SETTINGS.to_string(), json(SETTINGS, &intent.settings)?));
     }
-    diff_map(&mut w, TENANT, &old.intent.tenants, &intent.tenants)?;
-    diff_map(&mut w, SEGMENT, &old.intent.segments, &intent.segments)?;
-    diff_map(&mut w, SITE, &old.intent.sites, &intent.sites)?;
-    diff_map(&mut w, POLICY, &old.intent.policies, &intent.policies)?;
-    diff_map(&mut w, ALLOC_SEGMENT, &old.allocations.segments, &allocations.segments)?;
-    diff_map(&mut w, ALLOC_SITE, &old.allocations.sites, &allocations.sites)?;
+    diff_map(&mut w, Some(&mut undo), TENANT, &old.intent.tenants, &intent.tenants)?;
+    diff_map(&mut w, Some(&mut undo), SEGMENT, &old.intent.segments, &intent.segments)?;
+    diff_map(&mut w, Some(&mut undo), SITE, &old.intent.sites, &intent.sites)?;
+    diff_map(&mut w, Some(&mut undo), POLICY, &old.intent.policies, &intent.policies)?;
+    diff_map(&mut w, None, ALLOC_SEGMENT, &old.allocations.segments, &allocations.segments)?;
+    diff_map(&mut w, None, ALLOC_SITE, &old.allocations.sites, &allocations.sites)?;
+    let undo_key = undo_key(audit.revision);
+    w.puts.push((undo_key.clone(), json(&undo_key, &undo)?));
     let audit_json = json(HEAD, audit)?;
     w.puts.push((audit_key(audit.revision), audit_json.clone()));
     w.puts.push((HEAD.to_string(), audit_json));
@@ -116,8 +145,40 @@ fn parse<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, StoreError> 
     serde_json::from_slice(value).map_err(|e| StoreError::Corrupt { key: key.to_string(), reason: e.to_string() })
 }
 
-/// Rebuilds the state from every key under [`PREFIX`] (audit records are
-/// skipped; read them with [`decode_history`]).
+/// Sets (or, with `None`, removes) the object an intent key names.
+fn set_intent_key(intent: &mut Intent, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+    fn put<T: DeserializeOwned>(
+        map: &mut BTreeMap<String, Arc<T>>,
+        name: &str,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        match value {
+            Some(v) => {
+                map.insert(name.to_string(), Arc::new(parse(key, v)?));
+            }
+            None => {
+                map.remove(name);
+            }
+        }
+        Ok(())
+    }
+    if key == SETTINGS {
+        intent.settings = value.map(|v| parse(key, v)).transpose()?.unwrap_or_default();
+    } else if let Some(name) = key.strip_prefix(TENANT) {
+        put(&mut intent.tenants, name, key, value)?;
+    } else if let Some(name) = key.strip_prefix(SEGMENT) {
+        put(&mut intent.segments, name, key, value)?;
+    } else if let Some(name) = key.strip_prefix(SITE) {
+        put(&mut intent.sites, name, key, value)?;
+    } else if let Some(name) = key.strip_prefix(POLICY) {
+        put(&mut intent.policies, name, key, value)?;
+    }
+    Ok(())
+}
+
+/// Rebuilds the state from the keys of one consistent read (audit and undo
+/// records are skipped; read them with [`decode_history`] and [`decode_undo`]).
 pub fn decode<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Result<Stored, StoreError> {
     let mut s = Stored::default();
     for (key, value) in pairs {
@@ -128,16 +189,8 @@ pub fn decode<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Resul
                 .ok_or_else(|| StoreError::Corrupt { key: key.to_string(), reason: "not a revision number".into() })?;
         } else if key == HEAD {
             s.head = Some(parse(key, value)?);
-        } else if key == SETTINGS {
-            s.intent.settings = parse::<Settings>(key, value)?;
-        } else if let Some(name) = key.strip_prefix(TENANT) {
-            s.intent.tenants.insert(name.to_string(), Arc::new(parse(key, value)?));
-        } else if let Some(name) = key.strip_prefix(SEGMENT) {
-            s.intent.segments.insert(name.to_string(), Arc::new(parse(key, value)?));
-        } else if let Some(name) = key.strip_prefix(SITE) {
-            s.intent.sites.insert(name.to_string(), Arc::new(parse(key, value)?));
-        } else if let Some(name) = key.strip_prefix(POLICY) {
-            s.intent.policies.insert(name.to_string(), Arc::new(parse(key, value)?));
+        } else if key.starts_with(INTENT) {
+            set_intent_key(&mut s.intent, key, Some(value))?;
         } else if let Some(name) = key.strip_prefix(ALLOC_SEGMENT) {
             s.allocations.segments.insert(name.to_string(), parse(key, value)?);
         } else if let Some(name) = key.strip_prefix(ALLOC_SITE) {
@@ -145,6 +198,40 @@ pub fn decode<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Resul
         }
     }
     Ok(s)
+}
+
+/// Undo records by revision.
+pub fn decode_undo<'a>(
+    pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+) -> Result<Vec<(u64, Vec<Undo>)>, StoreError> {
+    let mut out = Vec::new();
+    for (key, value) in pairs {
+        let Some(rev) = key.strip_prefix(UNDO).and_then(|r| r.parse::<u64>().ok()) else { continue };
+        out.push((rev, parse(key, value)?));
+    }
+    out.sort_by_key(|(r, _)| *r);
+    Ok(out)
+}
+
+/// The intent as it was at revision `target`: `current` (at revision
+/// `current_revision`) with the undo records of every later revision applied,
+/// newest first.
+pub fn intent_at(
+    current: &Intent,
+    current_revision: u64,
+    target: u64,
+    undo: &[(u64, Vec<Undo>)],
+) -> Result<Intent, StoreError> {
+    let mut intent = current.clone();
+    for (rev, records) in undo.iter().rev() {
+        if *rev <= target || *rev > current_revision {
+            continue;
+        }
+        for u in records {
+            set_intent_key(&mut intent, &u.key, u.previous.as_deref().map(str::as_bytes))?;
+        }
+    }
+    Ok(intent)
 }
 
 /// Audit records, oldest first.

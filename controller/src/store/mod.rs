@@ -45,4 +45,7 @@ pub trait IntentStore: Send + Sync {
 
     /// The audit chain, oldest first.
     fn history(&self) -> impl Future<Output = Result<Vec<AuditEntry>, StoreError>> + Send;
+
+    /// Undo records of every revision after `after`, oldest first.
+    fn undo_since(&self, after: u64) -> impl Future<Output = Result<Vec<(u64, Vec<layout::Undo>)>, StoreError>> + Send;
 }
