@@ -1,10 +1,10 @@
 //! Compiles proto/musubi/**/*.proto with the pure-Rust `protox` compiler (no
-//! `protoc` needed) and generates prost messages plus proto3-JSON serde impls.
+//! `protoc` needed) and generates prost messages, tonic services and proto3-JSON serde impls.
 
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["musubi/v1/site_config.proto"];
+    let protos = ["musubi/v1/site_config.proto", "musubi/v1/operator.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }
@@ -13,7 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptor_path = out.join("musubi_descriptor.bin");
     std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&fds))?;
 
-    prost_build::Config::new().compile_fds(fds)?;
+    tonic_prost_build::configure().compile_fds(fds)?;
 
     let descriptors = std::fs::read(&descriptor_path)?;
     pbjson_build::Builder::new()

@@ -5,6 +5,7 @@
 //! files lives in [`load`] and the binaries.
 
 pub mod allocate;
+pub mod api;
 pub mod audit;
 pub mod compile;
 pub mod diagnostic;
@@ -12,6 +13,7 @@ pub mod generate;
 pub mod intent;
 pub mod load;
 pub mod plan;
+pub mod server;
 pub mod sorted;
 pub mod store;
 pub mod validate;

@@ -1,1 +1,121 @@
-//! End-to-end tests live in tests/tests/.
+//! Helpers for Musubi's end-to-end tests: the workspace's binaries, free
+//! loopback ports, and a real etcd server started on them.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A workspace binary, built by `cargo build --workspace --bins` (scripts/test does it).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: build the workspace first (cargo build --workspace --bins)", path.display());
+    path
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Waits until something accepts connections on the port, for at most `limit`.
+pub fn wait_for_port(port: u16, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A single-member etcd (Debian's `etcd-server`) on loopback with its own
+/// data directory; killed by PID when dropped.
+#[derive(Debug)]
+pub struct EtcdServer {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdServer {
+    pub fn start() -> EtcdServer {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (client, peer) = (free_port(), free_port());
+        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log");
+        let child = Command::new("etcd")
+            .args(["--name", "test", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &format!("http://127.0.0.1:{client}")])
+            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client}")])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-cluster", &format!("test=http://127.0.0.1:{peer}")])
+            // Large intents are committed in one transaction.
+            .args(["--max-txn-ops", "100000", "--max-request-bytes", "67108864"])
+            .args(["--logger", "zap", "--log-level", "error"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd is not installed: apt-get install etcd-server (scripts/test does it)");
+        assert!(wait_for_port(client, Duration::from_secs(20)), "etcd did not listen on {client}");
+        EtcdServer { child, port: client, _dir: dir }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `musubi-controller serve` process on a free port; killed when dropped.
+#[derive(Debug)]
+pub struct Controller {
+    child: Child,
+    pub port: u16,
+    pub store: String,
+}
+
+impl Controller {
+    pub fn start(store: &str) -> Controller {
+        let port = free_port();
+        let child = Command::new(bin("musubi-controller"))
+            .args(["serve", "--insecure", "--listen", &format!("127.0.0.1:{port}"), "--store", store])
+            .env("MUSUBI_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start musubi-controller");
+        assert!(wait_for_port(port, Duration::from_secs(20)), "the controller did not listen on {port}");
+        Controller { child, port, store: store.to_string() }
+    }
+
+    pub fn address(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `kill -9`: no chance to clean up.
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill_hard();
+    }
+}
+
+/// The text of a file under topologies/.
+pub fn topology(name: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../topologies").join(name)).expect("topology")
+}

@@ -2,20 +2,12 @@
 //! compiled by the controller into per-site files, and every file is read
 //! back by the agent.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use musubi_proto::v1::SiteConfig;
+use musubi_tests::bin;
 use prost::Message;
-
-/// A workspace binary, built by `cargo nextest run --workspace` next to this test.
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test path");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: build the workspace first (cargo build --workspace)", path.display());
-    path
-}
 
 fn run(name: &str, args: &[&str]) -> Output {
     let out = Command::new(bin(name)).args(args).output().expect("run");

@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use super::{Intent, NumRange, Probe, ProbeOverride, YamlName};
+use super::{Intent, Kind, NumRange, Probe, ProbeOverride, YamlName};
 
 #[derive(Serialize)]
 struct TenantDoc<'a> {
@@ -110,27 +110,38 @@ fn doc<T: Serialize>(out: &mut String, value: &T) -> Result<(), yaml_serde::Erro
 
 /// The whole intent as YAML.
 pub fn to_yaml(intent: &Intent) -> Result<String, yaml_serde::Error> {
+    Ok(select(intent, |_, _| true)?.0)
+}
+
+/// The objects `keep` accepts (by kind and name) as YAML, and how many.
+pub fn select(intent: &Intent, keep: impl Fn(Kind, &str) -> bool) -> Result<(String, usize), yaml_serde::Error> {
     let mut out = String::new();
+    let mut count = 0;
     let s = &intent.settings;
-    doc(
-        &mut out,
-        &SettingsDoc {
-            kind: "Settings",
-            probe: s.probe,
-            line_kinds: s.line_kind_probe.iter().map(|(k, v)| (k.yaml(), *v)).collect(),
-            wireguard_ports: s.wireguard_ports,
-            routing_tables: s.routing_tables,
-            tunnel_addresses: Pools { ipv4: s.tunnel_ipv4.to_string(), ipv6: s.tunnel_ipv6.to_string() },
-            interconnect_addresses: Pools {
-                ipv4: s.interconnect_ipv4.to_string(),
-                ipv6: s.interconnect_ipv6.to_string(),
+    if keep(Kind::Settings, "settings") {
+        count += 1;
+        doc(
+            &mut out,
+            &SettingsDoc {
+                kind: "Settings",
+                probe: s.probe,
+                line_kinds: s.line_kind_probe.iter().map(|(k, v)| (k.yaml(), *v)).collect(),
+                wireguard_ports: s.wireguard_ports,
+                routing_tables: s.routing_tables,
+                tunnel_addresses: Pools { ipv4: s.tunnel_ipv4.to_string(), ipv6: s.tunnel_ipv6.to_string() },
+                interconnect_addresses: Pools {
+                    ipv4: s.interconnect_ipv4.to_string(),
+                    ipv6: s.interconnect_ipv6.to_string(),
+                },
             },
-        },
-    )?;
-    for t in intent.tenants.values() {
+        )?;
+    }
+    for t in intent.tenants.values().filter(|t| keep(Kind::Tenant, &t.name)) {
+        count += 1;
         doc(&mut out, &TenantDoc { kind: "Tenant", name: &t.name, description: &t.description })?;
     }
-    for g in intent.segments.values() {
+    for g in intent.segments.values().filter(|g| keep(Kind::Segment, &g.name)) {
+        count += 1;
         doc(
             &mut out,
             &SegmentDoc {
@@ -143,7 +154,8 @@ pub fn to_yaml(intent: &Intent) -> Result<String, yaml_serde::Error> {
             },
         )?;
     }
-    for site in intent.sites.values() {
+    for site in intent.sites.values().filter(|s| keep(Kind::Site, &s.name)) {
+        count += 1;
         doc(
             &mut out,
             &SiteDoc {
@@ -176,7 +188,8 @@ pub fn to_yaml(intent: &Intent) -> Result<String, yaml_serde::Error> {
             },
         )?;
     }
-    for p in intent.policies.values() {
+    for p in intent.policies.values().filter(|p| keep(Kind::Policy, &p.name)) {
+        count += 1;
         doc(
             &mut out,
             &PolicyDoc {
@@ -201,7 +214,7 @@ pub fn to_yaml(intent: &Intent) -> Result<String, yaml_serde::Error> {
             },
         )?;
     }
-    Ok(out)
+    Ok((out, count))
 }
 
 #[cfg(test)]

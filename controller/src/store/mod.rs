@@ -8,6 +8,7 @@
 //!
 //! The store is I/O; everything it is given was computed by the pure core.
 
+pub mod any;
 pub mod apply;
 pub mod embedded;
 pub mod etcd;

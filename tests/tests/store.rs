@@ -2,9 +2,6 @@
 //! real etcd server (Debian's `etcd-server`), started by the test on free
 //! loopback ports with a temporary data directory and stopped by PID.
 
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,10 +11,7 @@ use musubi_controller::store::apply::{ApplyError, RollbackError, apply, rollback
 use musubi_controller::store::embedded::Embedded;
 use musubi_controller::store::etcd::{Etcd, EtcdConfig};
 use musubi_controller::store::{IntentStore, StoreError};
-
-fn topology(name: &str) -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../topologies").join(name)).expect("topology")
-}
+use musubi_tests::{EtcdServer, topology};
 
 fn prefecture() -> Parsed {
     parse_str("prefecture.yaml", &topology("prefecture.yaml"))
@@ -31,66 +25,17 @@ fn prefecture_plus_branch() -> Parsed {
     parse_str("prefecture.yaml", &(topology("prefecture.yaml") + extra))
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
-/// A single-member etcd on loopback, killed when dropped.
-struct EtcdServer {
-    child: Child,
-    endpoint: String,
-    _dir: tempfile::TempDir,
-}
-
-impl EtcdServer {
-    fn start() -> EtcdServer {
-        let dir = tempfile::tempdir().expect("tmp");
-        let (client, peer) = (free_port(), free_port());
-        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log");
-        let child = Command::new("etcd")
-            .args(["--name", "test", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &format!("http://127.0.0.1:{client}")])
-            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client}")])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-cluster", &format!("test=http://127.0.0.1:{peer}")])
-            .args([
-                "--max-txn-ops",
-                "100000",
-                "--max-request-bytes",
-                "67108864",
-                "--logger",
-                "zap",
-                "--log-level",
-                "error",
-            ])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("etcd is not installed: apt-get install etcd-server (scripts/test does it)");
-        EtcdServer { child, endpoint: format!("127.0.0.1:{client}"), _dir: dir }
-    }
-
-    async fn connect(&self) -> Etcd {
-        let config = EtcdConfig { endpoints: vec![self.endpoint.clone()], ..EtcdConfig::default() };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(store) = Etcd::connect(&config).await
-                && store.load().await.is_ok()
-            {
-                return store;
-            }
-            assert!(Instant::now() < deadline, "etcd did not come up on {}", self.endpoint);
-            tokio::time::sleep(Duration::from_millis(100)).await;
+async fn connect(server: &EtcdServer) -> Etcd {
+    let config = EtcdConfig { endpoints: vec![server.endpoint()], ..EtcdConfig::default() };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(store) = Etcd::connect(&config).await
+            && store.load().await.is_ok()
+        {
+            return store;
         }
-    }
-}
-
-impl Drop for EtcdServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        assert!(Instant::now() < deadline, "etcd did not answer on {}", server.endpoint());
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -208,7 +153,7 @@ async fn embedded_store_conforms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_store_conforms() {
     let server = EtcdServer::start();
-    conformance(Arc::new(server.connect().await)).await;
+    conformance(Arc::new(connect(&server).await)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,7 @@
 //! `musubi`: the operator's command-line tool.
 
+mod remote;
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -14,11 +16,14 @@ use musubi_controller::intent::{Intent, Kind};
 use musubi_controller::{generate, load, plan, validate};
 
 #[derive(Parser, Debug)]
-#[command(name = "musubi", version, about = "Operate a Musubi network: validate, plan and compile intent")]
+#[command(name = "musubi", version, about = "Operate a Musubi network: validate, plan, compile and apply intent")]
 struct Cli {
     /// Colour output: auto (on a terminal unless NO_COLOR is set), always, never.
     #[arg(long, global = true, default_value = "auto")]
     color: ColorChoice,
+    /// The controller's operator API.
+    #[arg(long, global = true, env = "MUSUBI_CONTROLLER", default_value = "http://127.0.0.1:7400")]
+    controller: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -78,6 +83,36 @@ enum Command {
         #[arg(long)]
         keys: Option<PathBuf>,
     },
+    /// Apply intent files to the controller: show the plan, ask, write atomically.
+    Apply {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        /// Apply without asking.
+        #[arg(long)]
+        yes: bool,
+        /// Show the plan against the controller's intent and stop.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show objects of the controller's intent as YAML: all, a kind, or one object.
+    Get { kind: Option<String>, name: Option<String> },
+    /// The audit chain: who changed what, when, at which revision.
+    History {
+        /// Check every link of the chain; exit 1 and name the first broken one.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Make the intent of an earlier revision current again (a new revision).
+    Rollback {
+        #[arg(long)]
+        to: u64,
+        #[arg(long)]
+        yes: bool,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The controller's whole intent as YAML (apply it elsewhere, or keep it).
+    Export,
     /// Write a synthetic national-scale intent (for benchmarks) to stdout or a file.
     Generate {
         #[arg(long)]
@@ -91,7 +126,7 @@ enum Command {
 
 /// A failure already explained to the user on stderr.
 #[derive(Debug)]
-struct Reported;
+pub(crate) struct Reported;
 
 impl std::fmt::Display for Reported {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -124,7 +159,15 @@ fn main() -> ExitCode {
         ColorChoice::Never => false,
         ColorChoice::Auto => std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal(),
     };
-    match run(cli.command, color) {
+    let result = match cli.command {
+        Command::Apply { .. }
+        | Command::Get { .. }
+        | Command::History { .. }
+        | Command::Rollback { .. }
+        | Command::Export => remote(cli.command, &cli.controller, color),
+        local => run(local, color),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<Reported>() => ExitCode::FAILURE,
         Err(e) if e.is::<HasChanges>() => ExitCode::from(2),
@@ -133,6 +176,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn remote(command: Command, controller: &str, color: bool) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let mut client = remote::connect(controller).await?;
+        match command {
+            Command::Apply { files, yes, dry_run } => remote::apply(&mut client, &files, yes, dry_run, color).await,
+            Command::Get { kind, name } => remote::get(&mut client, kind, name).await,
+            Command::History { verify } => remote::history(&mut client, verify).await,
+            Command::Rollback { to, yes, dry_run } => remote::rollback(&mut client, to, yes, dry_run, color).await,
+            Command::Export => remote::export(&mut client).await,
+            _ => unreachable!("local commands run in `run`"),
+        }
+    })
 }
 
 fn run(command: Command, color: bool) -> Result<()> {
@@ -201,6 +259,13 @@ fn run(command: Command, color: bool) -> Result<()> {
                 Format::Yaml => print!("{}", yaml_serde::to_string(&config)?),
             }
             Ok(())
+        }
+        Command::Apply { .. }
+        | Command::Get { .. }
+        | Command::History { .. }
+        | Command::Rollback { .. }
+        | Command::Export => {
+            bail!("this command talks to the controller")
         }
         Command::Generate { sites, segments, output } => {
             let text = generate::generate(sites, segments);

@@ -1,0 +1,185 @@
+//! Commands that talk to a running controller over the operator API.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use musubi_controller::api;
+use musubi_controller::audit::verify;
+use musubi_controller::diagnostic::render;
+use musubi_controller::intent::source::{SourceFile, SourceMap};
+use musubi_controller::{load, plan};
+use musubi_proto::v1 as pb;
+use musubi_proto::v1::operator_client::OperatorClient;
+use tonic::transport::Channel;
+
+use crate::Reported;
+
+pub type Client = OperatorClient<Channel>;
+
+pub async fn connect(address: &str) -> Result<Client> {
+    let url = if address.contains("://") { address.to_string() } else { format!("http://{address}") };
+    let client = OperatorClient::connect(url.clone())
+        .await
+        .with_context(|| format!("cannot reach the controller at {url} (set --controller or MUSUBI_CONTROLLER)"))?;
+    Ok(client.max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX))
+}
+
+/// A gRPC failure in the operator's words.
+fn status(e: tonic::Status) -> anyhow::Error {
+    match e.code() {
+        tonic::Code::Aborted => anyhow::anyhow!("{}", e.message()),
+        tonic::Code::Unavailable if e.message().is_empty() => anyhow::anyhow!("the controller is unavailable"),
+        _ => anyhow::anyhow!("the controller refused the request: {}", e.message()),
+    }
+}
+
+fn sources(files: &[SourceFile]) -> SourceMap {
+    let mut map = SourceMap::default();
+    for f in files {
+        map.add_file(f.clone());
+    }
+    map
+}
+
+/// Prints server diagnostics against the local files; true if there were any.
+fn report(diags: &[pb::Diagnostic], files: &[SourceFile], color: bool) -> bool {
+    if diags.is_empty() {
+        return false;
+    }
+    let local: Vec<_> = diags.iter().map(|d| api::diagnostic_from_pb(d, files)).collect();
+    eprint!("{}", render(&local, &sources(files), color && std::io::stderr().is_terminal()));
+    true
+}
+
+fn confirm(question: &str) -> Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        bail!("{question} Refusing without a terminal to ask on: pass --yes");
+    }
+    print!("{question} Only 'yes' is accepted: ");
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(answer.trim() == "yes")
+}
+
+fn print_applied(r: &pb::ApplyResponse) {
+    match &r.audit {
+        Some(a) => {
+            println!("Applied: revision {} ({})", r.revision, a.summary);
+            println!("Affected sites ({}): {}", r.affected_sites.len(), r.affected_sites.join(", "));
+        }
+        None => println!("No changes. The intent stays at revision {}.", r.revision),
+    }
+}
+
+pub async fn apply(client: &mut Client, paths: &[PathBuf], yes: bool, dry_run: bool, color: bool) -> Result<()> {
+    let files = load::read_sources(paths)?;
+    let documents = api::documents(&files);
+    let planned = client.plan(pb::PlanRequest { documents: documents.clone() }).await.map_err(status)?.into_inner();
+    if report(&planned.diagnostics, &files, color) {
+        return Err(Reported.into());
+    }
+    let p = api::plan_from_pb(&planned.sites);
+    print!("{}", plan::render(&p, color));
+    if p.is_empty() || dry_run {
+        return Ok(());
+    }
+    if !yes && !confirm(&format!("Apply this plan to revision {}?", planned.revision))? {
+        println!("Nothing applied.");
+        return Ok(());
+    }
+    let request = pb::ApplyRequest { documents, expected_revision: planned.revision, dry_run: false };
+    let applied = client.apply(request).await.map_err(status)?.into_inner();
+    if report(&applied.diagnostics, &files, color) {
+        return Err(Reported.into());
+    }
+    print_applied(&applied);
+    Ok(())
+}
+
+pub async fn get(client: &mut Client, kind: Option<String>, name: Option<String>) -> Result<()> {
+    let request = pb::GetRequest { kind: kind.unwrap_or_default(), name: name.unwrap_or_default() };
+    let r = client.get(request).await.map_err(status)?.into_inner();
+    println!("# revision {}, {} object(s)", r.revision, r.count);
+    print!("{}", r.yaml);
+    Ok(())
+}
+
+pub async fn history(client: &mut Client, check: bool) -> Result<()> {
+    let r = client.history(pb::HistoryRequest {}).await.map_err(status)?.into_inner();
+    for e in &r.entries {
+        let secs = e.time_ms / 1000;
+        println!("{:>6}  {}  {:<20}  {}", e.revision, format_time(secs), e.actor, e.summary);
+    }
+    if check {
+        let chain: Vec<_> = r.entries.iter().map(api::audit_from_pb).collect();
+        match verify(&chain) {
+            Ok(()) => println!(
+                "audit chain verified: {} entries, head {}",
+                chain.len(),
+                chain.last().map_or("-", |e| &e.hash[..16])
+            ),
+            Err(e) => bail!("audit chain broken: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// UTC `YYYY-MM-DD hh:mm:ss` without a calendar crate (civil-from-days).
+fn format_time(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+pub async fn rollback(client: &mut Client, to: u64, yes: bool, dry_run: bool, color: bool) -> Result<()> {
+    let planned = client
+        .rollback(pb::RollbackRequest { to_revision: to, expected_revision: 0, dry_run: true })
+        .await
+        .map_err(status)?
+        .into_inner();
+    if report(&planned.diagnostics, &[], color) {
+        return Err(Reported.into());
+    }
+    let p = api::plan_from_pb(&planned.sites);
+    print!("{}", plan::render(&p, color));
+    if dry_run || p.is_empty() {
+        return Ok(());
+    }
+    if !yes && !confirm(&format!("Roll back to the intent of revision {to}?"))? {
+        println!("Nothing applied.");
+        return Ok(());
+    }
+    let request = pb::RollbackRequest { to_revision: to, expected_revision: planned.revision, dry_run: false };
+    let applied = client.rollback(request).await.map_err(status)?.into_inner();
+    print_applied(&applied);
+    Ok(())
+}
+
+pub async fn export(client: &mut Client) -> Result<()> {
+    let r = client.export(pb::ExportRequest {}).await.map_err(status)?.into_inner();
+    println!("# Exported from musubi-controller at revision {}", r.revision);
+    print!("{}", r.yaml);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_time;
+
+    #[test]
+    fn formats_utc() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00Z");
+        assert_eq!(format_time(1_790_000_000), "2026-09-21 14:13:20Z");
+    }
+}

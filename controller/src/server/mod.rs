@@ -1,0 +1,3 @@
+//! The operator API served by `musubi-controller`.
+
+pub mod operator;

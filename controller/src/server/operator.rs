@@ -1,0 +1,196 @@
+//! The `Operator` gRPC service: validate, plan, apply, get, history,
+//! rollback and export, over any intent store.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use musubi_proto::v1 as pb;
+use musubi_proto::v1::operator_server::Operator;
+use tonic::{Request, Response, Status};
+
+use crate::api;
+use crate::intent::export;
+use crate::intent::parse::{Parsed, parse_files};
+use crate::intent::{Kind, YamlName};
+use crate::store::apply::{Accepted, ApplyError, RollbackError, apply, plan_between, rollback};
+use crate::store::{IntentStore, StoreError};
+use crate::validate;
+
+/// The largest intent (all documents together) the API accepts by default.
+pub const DEFAULT_MAX_INTENT_BYTES: usize = 32 * 1024 * 1024;
+
+#[derive(Debug)]
+pub struct OperatorService<S> {
+    store: Arc<S>,
+    max_intent_bytes: usize,
+}
+
+impl<S> OperatorService<S> {
+    pub fn new(store: Arc<S>, max_intent_bytes: usize) -> Self {
+        OperatorService { store, max_intent_bytes }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The caller's identity for the audit chain; `local` until mutual TLS.
+fn actor<T>(_request: &Request<T>) -> String {
+    "local".to_string()
+}
+
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::Conflict { .. } => Status::aborted(e.to_string()),
+        other => {
+            tracing::error!(error = %other, "store failure");
+            Status::unavailable(other.to_string())
+        }
+    }
+}
+
+fn apply_status(e: ApplyError) -> Result<pb::ApplyResponse, Status> {
+    match e {
+        ApplyError::Invalid(diags) => Ok(pb::ApplyResponse {
+            diagnostics: diags.iter().map(api::diagnostic_to_pb).collect(),
+            ..Default::default()
+        }),
+        ApplyError::Store(e) => Err(store_status(e)),
+        ApplyError::Alloc(e) => Err(Status::failed_precondition(e.to_string())),
+        ApplyError::Compile(e) => Err(Status::internal(e.to_string())),
+    }
+}
+
+fn accepted(a: Accepted) -> pb::ApplyResponse {
+    pb::ApplyResponse {
+        diagnostics: Vec::new(),
+        revision: a.revision,
+        sites: api::plan_to_pb(&a.plan),
+        // The sites whose configuration really changes, not the wider set
+        // the intent-level analysis would recompile.
+        affected_sites: a.plan.affected().into_iter().map(String::from).collect(),
+        audit: a.audit.as_ref().map(api::audit_to_pb),
+    }
+}
+
+impl<S> OperatorService<S> {
+    /// Parses the documents, refusing an oversized intent before reading it.
+    fn parse(&self, docs: &[pb::Document]) -> Result<Parsed, Status> {
+        let size: usize = docs.iter().map(|d| d.text.len() + d.name.len()).sum();
+        if size > self.max_intent_bytes {
+            return Err(Status::invalid_argument(format!(
+                "the intent is {:.1} MiB; this controller accepts at most {:.1} MiB (--max-intent-mib)",
+                size as f64 / 1048576.0,
+                self.max_intent_bytes as f64 / 1048576.0
+            )));
+        }
+        Ok(parse_files(api::source_files(docs)))
+    }
+}
+
+#[tonic::async_trait]
+impl<S: IntentStore + 'static> Operator for OperatorService<S> {
+    async fn validate(&self, request: Request<pb::ValidateRequest>) -> Result<Response<pb::ValidateResponse>, Status> {
+        let parsed = self.parse(&request.get_ref().documents)?;
+        let diagnostics = validate::check(&parsed).iter().map(api::diagnostic_to_pb).collect();
+        Ok(Response::new(pb::ValidateResponse { diagnostics }))
+    }
+
+    async fn plan(&self, request: Request<pb::PlanRequest>) -> Result<Response<pb::PlanResponse>, Status> {
+        let parsed = self.parse(&request.get_ref().documents)?;
+        let diags = validate::check(&parsed);
+        let current = self.store.load().await.map_err(store_status)?;
+        if !diags.is_empty() {
+            return Ok(Response::new(pb::PlanResponse {
+                revision: current.revision,
+                diagnostics: diags.iter().map(api::diagnostic_to_pb).collect(),
+                sites: Vec::new(),
+            }));
+        }
+        let mut alloc = current.allocations.clone();
+        crate::allocate::reallocate(&parsed.intent, &mut alloc)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let (plan, _) = plan_between(&current, &parsed.intent, &alloc, &Default::default())
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::PlanResponse {
+            revision: current.revision,
+            diagnostics: Vec::new(),
+            sites: api::plan_to_pb(&plan),
+        }))
+    }
+
+    async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let who = actor(&request);
+        let req = request.into_inner();
+        let parsed = self.parse(&req.documents)?;
+        let result = apply(&*self.store, &parsed, req.expected_revision, &who, now_ms(), req.dry_run).await;
+        let response = match result {
+            Ok(a) => {
+                if let Some(audit) = &a.audit {
+                    tracing::info!(revision = a.revision, actor = %who, summary = %audit.summary, "intent applied");
+                }
+                accepted(a)
+            }
+            Err(e) => apply_status(e)?,
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let req = request.into_inner();
+        let kind = if req.kind.is_empty() {
+            None
+        } else {
+            let wanted = req.kind.to_lowercase();
+            let found = Kind::ALL
+                .iter()
+                .find(|k| k.yaml().to_lowercase() == wanted || k.word() == wanted.trim_end_matches('s'));
+            Some(*found.ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "unknown kind `{}`; expected one of Tenant, Segment, Site, Policy, Settings",
+                    req.kind
+                ))
+            })?)
+        };
+        let current = self.store.load().await.map_err(store_status)?;
+        let (yaml, count) = export::select(&current.intent, |k, name| {
+            kind.is_none_or(|want| want == k) && (req.name.is_empty() || req.name == name)
+        })
+        .map_err(|e| Status::internal(e.to_string()))?;
+        if count == 0 && !req.name.is_empty() {
+            return Err(Status::not_found(format!("no {} named `{}`", kind.map_or("object", |k| k.word()), req.name)));
+        }
+        Ok(Response::new(pb::GetResponse { revision: current.revision, yaml, count: count as u32 }))
+    }
+
+    async fn history(&self, _request: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+        let entries = self.store.history().await.map_err(store_status)?;
+        Ok(Response::new(pb::HistoryResponse { entries: entries.iter().map(api::audit_to_pb).collect() }))
+    }
+
+    async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let who = actor(&request);
+        let req = request.into_inner();
+        let expected =
+            if req.dry_run { self.store.load().await.map_err(store_status)?.revision } else { req.expected_revision };
+        match rollback(&*self.store, req.to_revision, expected, &who, now_ms(), req.dry_run).await {
+            Ok(a) => {
+                if a.audit.is_some() {
+                    tracing::info!(revision = a.revision, actor = %who, to = req.to_revision, "intent rolled back");
+                }
+                Ok(Response::new(accepted(a)))
+            }
+            Err(RollbackError::NoSuchRevision { target, current }) => {
+                Err(Status::invalid_argument(RollbackError::NoSuchRevision { target, current }.to_string()))
+            }
+            Err(RollbackError::Apply(e)) => Ok(Response::new(apply_status(e)?)),
+        }
+    }
+
+    async fn export(&self, _request: Request<pb::ExportRequest>) -> Result<Response<pb::ExportResponse>, Status> {
+        let current = self.store.load().await.map_err(store_status)?;
+        let yaml = export::to_yaml(&current.intent).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::ExportResponse { revision: current.revision, yaml }))
+    }
+}

@@ -1,0 +1,85 @@
+//! The store a controller was started with, chosen at run time from
+//! `--store file:///dir` or `--store etcd://host:port,host:port`.
+
+use std::path::PathBuf;
+
+use super::embedded::Embedded;
+use super::etcd::{Etcd, EtcdConfig};
+use super::layout::{Stored, Undo, WriteSet};
+use super::{IntentStore, StoreError};
+use crate::audit::AuditEntry;
+
+#[derive(Debug, Clone)]
+pub enum AnyStore {
+    Embedded(Embedded),
+    Etcd(Etcd),
+}
+
+/// Where the intent lives, parsed from a `--store` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    File(PathBuf),
+    Etcd(Vec<String>),
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("file://") {
+            if path.is_empty() {
+                return Err("file:// needs a directory, e.g. file:///var/lib/musubi".into());
+            }
+            Ok(StoreUrl::File(PathBuf::from(path)))
+        } else if let Some(hosts) = s.strip_prefix("etcd://") {
+            let endpoints: Vec<String> = hosts.split(',').filter(|h| !h.is_empty()).map(String::from).collect();
+            if endpoints.is_empty() {
+                return Err("etcd:// needs at least one host:port".into());
+            }
+            Ok(StoreUrl::Etcd(endpoints))
+        } else {
+            Err(format!("unknown store `{s}`; expected file:///DIR or etcd://HOST:PORT[,HOST:PORT…]"))
+        }
+    }
+}
+
+impl AnyStore {
+    pub async fn open(url: &StoreUrl, etcd: EtcdConfig) -> Result<AnyStore, StoreError> {
+        match url {
+            StoreUrl::File(dir) => Ok(AnyStore::Embedded(Embedded::open(dir)?)),
+            StoreUrl::Etcd(endpoints) => {
+                Ok(AnyStore::Etcd(Etcd::connect(&EtcdConfig { endpoints: endpoints.clone(), ..etcd }).await?))
+            }
+        }
+    }
+}
+
+impl IntentStore for AnyStore {
+    async fn load(&self) -> Result<Stored, StoreError> {
+        match self {
+            AnyStore::Embedded(s) => s.load().await,
+            AnyStore::Etcd(s) => s.load().await,
+        }
+    }
+
+    async fn commit(&self, expected: u64, writes: WriteSet) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Embedded(s) => s.commit(expected, writes).await,
+            AnyStore::Etcd(s) => s.commit(expected, writes).await,
+        }
+    }
+
+    async fn history(&self) -> Result<Vec<AuditEntry>, StoreError> {
+        match self {
+            AnyStore::Embedded(s) => s.history().await,
+            AnyStore::Etcd(s) => s.history().await,
+        }
+    }
+
+    async fn undo_since(&self, after: u64) -> Result<Vec<(u64, Vec<Undo>)>, StoreError> {
+        match self {
+            AnyStore::Embedded(s) => s.undo_since(after).await,
+            AnyStore::Etcd(s) => s.undo_since(after).await,
+        }
+    }
+}
