@@ -1,0 +1,258 @@
+//! The operator API across real processes: `musubi-controller serve` on the
+//! embedded store and on a real etcd, driven by the `musubi` CLI and by
+//! concurrent gRPC clients; a `kill -9` in the middle of a stream of applies.
+
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use musubi_controller::api::audit_from_pb;
+use musubi_controller::audit::verify;
+use musubi_proto::v1 as pb;
+use musubi_proto::v1::operator_client::OperatorClient;
+use musubi_tests::{Controller, EtcdServer, bin, topology};
+use tonic::transport::Channel;
+
+/// Each test gets its own store: an embedded directory or an etcd server.
+enum Store {
+    Embedded(tempfile::TempDir),
+    Etcd(EtcdServer),
+}
+
+impl Store {
+    fn both() -> Vec<Store> {
+        vec![Store::Embedded(tempfile::tempdir().expect("tmp")), Store::Etcd(EtcdServer::start())]
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Store::Embedded(dir) => format!("file://{}", dir.path().display()),
+            Store::Etcd(server) => format!("etcd://{}", server.endpoint()),
+        }
+    }
+}
+
+fn musubi(controller: &Controller, args: &[&str]) -> Output {
+    Command::new(bin("musubi"))
+        .args(["--color", "never", "--controller", &controller.address()])
+        .args(args)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()
+        .expect("run musubi")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn revision(controller: &Controller) -> u64 {
+    let out = musubi(controller, &["get", "settings"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let first = text(&out.stdout).lines().next().unwrap_or_default().to_string();
+    first
+        .strip_prefix("# revision ")
+        .and_then(|r| r.split(',').next())
+        .and_then(|r| r.parse().ok())
+        .expect("revision line")
+}
+
+async fn client(controller: &Controller) -> OperatorClient<Channel> {
+    OperatorClient::connect(controller.address())
+        .await
+        .expect("connect")
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
+}
+
+/// The prefecture with Kita's tenant description set to `mark`.
+fn marked(mark: &str) -> Vec<pb::Document> {
+    let text = topology("prefecture.yaml").replace("description: 北市\n", &format!("description: \"{mark}\"\n"));
+    vec![pb::Document { name: "prefecture.yaml".into(), text }]
+}
+
+async fn kita_description(c: &mut OperatorClient<Channel>) -> String {
+    let r = c.get(pb::GetRequest { kind: "Tenant".into(), name: "city-kita".into() }).await.expect("get").into_inner();
+    r.yaml
+        .lines()
+        .find_map(|l| l.strip_prefix("description: "))
+        .unwrap_or_default()
+        .trim_matches(['"', '\''])
+        .to_string()
+}
+
+async fn chain(c: &mut OperatorClient<Channel>) -> Vec<musubi_controller::audit::AuditEntry> {
+    let h = c.history(pb::HistoryRequest {}).await.expect("history").into_inner();
+    h.entries.iter().map(audit_from_pb).collect()
+}
+
+#[test]
+fn cli_apply_export_and_bad_input_on_both_stores() {
+    for store in Store::both() {
+        let controller = Controller::start(&store.url());
+        let out = musubi(&controller, &["apply", "-f", "topologies/prefecture.yaml", "--yes"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("Applied: revision 1"), "{}", text(&out.stdout));
+
+        // Without --yes and without a terminal, nothing is applied.
+        let out = musubi(&controller, &["apply", "-f", "topologies/minimal.yaml"]);
+        assert!(!out.status.success());
+        assert!(text(&out.stderr).contains("pass --yes"), "{}", text(&out.stderr));
+        assert_eq!(revision(&controller), 1);
+
+        // Export, then a dry run of the export: no changes.
+        let dir = tempfile::tempdir().expect("tmp");
+        let exported = musubi(&controller, &["export"]);
+        assert!(exported.status.success());
+        let file = dir.path().join("export.yaml");
+        std::fs::write(&file, &exported.stdout).expect("write");
+        let out = musubi(&controller, &["apply", "-f", &file.to_string_lossy(), "--dry-run"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).starts_with("No changes."), "{}", text(&out.stdout));
+
+        // Bad input gets exactly the local diagnostics and writes nothing.
+        for bad in ["topologies/invalid/broken-yaml.yaml", "topologies/invalid/overlapping-attachments.yaml"] {
+            let local = Command::new(bin("musubi"))
+                .args(["--color", "never", "validate", bad])
+                .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+                .output()
+                .expect("validate");
+            let remote = musubi(&controller, &["apply", "-f", bad, "--yes"]);
+            assert_eq!(remote.status.code(), Some(1), "{bad}");
+            assert_eq!(
+                text(&remote.stderr),
+                text(&local.stderr),
+                "{bad}: the controller's diagnostics differ from local ones"
+            );
+            assert!(text(&remote.stderr).contains(&format!("{bad}:")), "{}", text(&remote.stderr));
+            assert_eq!(revision(&controller), 1, "{bad} changed the store");
+        }
+
+        // A 50 MB document: a clear size error, nothing written.
+        let big = dir.path().join("big.yaml");
+        let mut body = topology("prefecture.yaml");
+        body.push_str(&format!("# {}\n", "x".repeat(50 * 1024 * 1024)));
+        std::fs::write(&big, body).expect("write");
+        let out = musubi(&controller, &["apply", "-f", &big.to_string_lossy(), "--yes"]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = text(&out.stderr);
+        assert!(err.contains("MiB") || err.contains("too large"), "{err}");
+        assert_eq!(revision(&controller), 1);
+
+        // History verifies; a rollback adds a revision.
+        let out = musubi(&controller, &["apply", "-f", "topologies/minimal.yaml", "--yes"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let out = musubi(&controller, &["rollback", "--to", "1", "--yes"]);
+        assert!(
+            text(&out.stdout).contains("Applied: revision 3 (rollback to 1:"),
+            "{}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        let out = musubi(&controller, &["history", "--verify"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("audit chain verified: 3 entries"), "{}", text(&out.stdout));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_clients_lose_no_update() {
+    for store in Store::both() {
+        let controller = Controller::start(&store.url());
+        let mut handles = Vec::new();
+        for who in ["a", "b"] {
+            let mut c = client(&controller).await;
+            handles.push(tokio::spawn(async move {
+                let mut won = Vec::new();
+                let mut conflicts = 0;
+                for i in 0..100 {
+                    let docs = marked(&format!("{who}-{i}"));
+                    let planned = c.plan(pb::PlanRequest { documents: docs.clone() }).await.expect("plan").into_inner();
+                    let request =
+                        pb::ApplyRequest { documents: docs, expected_revision: planned.revision, dry_run: false };
+                    match c.apply(request).await {
+                        Ok(r) => won.push((r.into_inner().revision, format!("{who}-{i}"))),
+                        Err(s) if s.code() == tonic::Code::Aborted => conflicts += 1,
+                        Err(s) => panic!("unexpected failure: {s}"),
+                    }
+                }
+                (won, conflicts)
+            }));
+        }
+        let mut won = Vec::new();
+        let mut conflicts = 0;
+        for h in handles {
+            let (w, c) = h.await.expect("join");
+            won.extend(w);
+            conflicts += c;
+        }
+        won.sort();
+        assert_eq!(won.len() + conflicts, 200);
+        let revisions: Vec<u64> = won.iter().map(|(r, _)| *r).collect();
+        assert_eq!(revisions, (1..=won.len() as u64).collect::<Vec<_>>(), "every success got its own revision");
+        let mut c = client(&controller).await;
+        let history = chain(&mut c).await;
+        assert_eq!(history.len(), won.len(), "the chain holds exactly the successful applies");
+        verify(&history).expect("chain verifies");
+        let last = &won.last().expect("some apply won").1;
+        assert_eq!(&kita_description(&mut c).await, last, "the last acknowledged apply is the intent");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_applies_keeps_the_last_acknowledged_intent() {
+    for store in Store::both() {
+        let mut controller = Controller::start(&store.url());
+        let mut c = client(&controller).await;
+        let acked = Arc::new(AtomicU64::new(0));
+        let acked_in_loop = acked.clone();
+        let stream = tokio::spawn(async move {
+            let mut expected = 0;
+            for i in 1..=10_000u64 {
+                let request = pb::ApplyRequest {
+                    documents: marked(&format!("m-{i}")),
+                    expected_revision: expected,
+                    dry_run: false,
+                };
+                match c.apply(request).await {
+                    Ok(r) => {
+                        expected = r.into_inner().revision;
+                        acked_in_loop.store(i, Ordering::SeqCst);
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while acked.load(Ordering::SeqCst) < 15 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        controller.kill_hard();
+        let _ = stream.await;
+        let last = acked.load(Ordering::SeqCst);
+        assert!(last >= 15, "only {last} applies were acknowledged before the kill");
+
+        let restarted = Controller::start(&store.url());
+        let mut c = client(&restarted).await;
+        let now = kita_description(&mut c).await;
+        // The apply in flight at the kill may have committed without its
+        // acknowledgement; nothing older, nothing half-written.
+        assert!(
+            now == format!("m-{last}") || now == format!("m-{}", last + 1),
+            "after the crash: {now}, last acked m-{last}"
+        );
+        let history = chain(&mut c).await;
+        verify(&history).expect("chain verifies after the crash");
+        assert_eq!(history.len() as u64, history.last().expect("entries").revision);
+        let export = c.export(pb::ExportRequest {}).await.expect("export").into_inner();
+        assert_eq!(export.revision, history.len() as u64);
+        // Allocations survived: a dry run of the same intent changes nothing.
+        let docs = marked(&now);
+        let dry = c
+            .apply(pb::ApplyRequest { documents: docs, expected_revision: export.revision, dry_run: true })
+            .await
+            .expect("dry run")
+            .into_inner();
+        assert!(dry.sites.is_empty(), "a dry run of the current intent planned changes: {:?}", dry.sites);
+    }
+}
