@@ -31,48 +31,76 @@ pub fn wait_for_port(port: u16, limit: Duration) -> bool {
     false
 }
 
-/// A single-member etcd (Debian's `etcd-server`) on loopback with its own
+/// Real etcd members (Debian's `etcd-server`) on loopback, each with its own
 /// data directory; killed by PID when dropped.
 #[derive(Debug)]
 pub struct EtcdServer {
-    child: Child,
-    pub port: u16,
+    members: Vec<Child>,
+    ports: Vec<u16>,
     _dir: tempfile::TempDir,
 }
 
 impl EtcdServer {
+    /// A single-member cluster.
     pub fn start() -> EtcdServer {
-        let dir = tempfile::tempdir().expect("tmp");
-        let (client, peer) = (free_port(), free_port());
-        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log");
-        let child = Command::new("etcd")
-            .args(["--name", "test", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &format!("http://127.0.0.1:{client}")])
-            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client}")])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-cluster", &format!("test=http://127.0.0.1:{peer}")])
-            // Large intents are committed in one transaction.
-            .args(["--max-txn-ops", "100000", "--max-request-bytes", "67108864"])
-            .args(["--logger", "zap", "--log-level", "error"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("etcd is not installed: apt-get install etcd-server (scripts/test does it)");
-        assert!(wait_for_port(client, Duration::from_secs(20)), "etcd did not listen on {client}");
-        EtcdServer { child, port: client, _dir: dir }
+        Self::cluster(1)
     }
 
+    /// An `n`-member cluster.
+    pub fn cluster(n: usize) -> EtcdServer {
+        let dir = tempfile::tempdir().expect("tmp");
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> =
+            ports.iter().enumerate().map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}")).collect();
+        let mut members = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let log = std::fs::File::create(dir.path().join(format!("etcd-{i}.log"))).expect("log");
+            let child = Command::new("etcd")
+                .args(["--name", &format!("m{i}"), "--data-dir"])
+                .arg(dir.path().join(format!("data-{i}")))
+                .args(["--listen-client-urls", &format!("http://127.0.0.1:{client}")])
+                .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client}")])
+                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+                .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+                .args(["--initial-cluster", &initial.join(","), "--initial-cluster-state", "new"])
+                // Large intents are committed in one transaction.
+                .args(["--max-txn-ops", "100000", "--max-request-bytes", "67108864"])
+                .args(["--logger", "zap", "--log-level", "error"])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("etcd is not installed: apt-get install etcd-server (scripts/test does it)");
+            members.push(child);
+        }
+        for (client, _) in &ports {
+            assert!(wait_for_port(*client, Duration::from_secs(20)), "etcd did not listen on {client}");
+        }
+        EtcdServer { members, ports: ports.iter().map(|(c, _)| *c).collect(), _dir: dir }
+    }
+
+    /// The first member's client address.
     pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.ports[0])
+    }
+
+    /// Every member's client address.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect()
+    }
+
+    /// Stops one member (`kill -9`).
+    pub fn kill_member(&mut self, i: usize) {
+        let _ = self.members[i].kill();
+        let _ = self.members[i].wait();
     }
 }
 
 impl Drop for EtcdServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for m in &mut self.members {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
     }
 }
 

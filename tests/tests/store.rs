@@ -26,7 +26,7 @@ fn prefecture_plus_branch() -> Parsed {
 }
 
 async fn connect(server: &EtcdServer) -> Etcd {
-    let config = EtcdConfig { endpoints: vec![server.endpoint()], ..EtcdConfig::default() };
+    let config = EtcdConfig { endpoints: server.endpoints(), ..EtcdConfig::default() };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(store) = Etcd::connect(&config).await
@@ -154,6 +154,28 @@ async fn embedded_store_conforms() {
 async fn etcd_store_conforms() {
     let server = EtcdServer::start();
     conformance(Arc::new(connect(&server).await)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_member_etcd_cluster_conforms_and_survives_losing_a_member() {
+    let mut cluster = EtcdServer::cluster(3);
+    let store = Arc::new(connect(&cluster).await);
+    conformance(store.clone()).await;
+    let before = store.load().await.expect("load");
+    // A majority remains: reads and writes go on.
+    cluster.kill_member(0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let applied = loop {
+        match apply(&*store, &prefecture_plus_branch(), before.revision, "local", T0 + 100, false).await {
+            Ok(a) => break a,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no write after losing a member: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(applied.revision, before.revision + 1);
+    assert_eq!(store.load().await.expect("load").intent, prefecture_plus_branch().intent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

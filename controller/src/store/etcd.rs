@@ -69,17 +69,48 @@ impl Etcd {
         Ok(Etcd { client, endpoints: config.endpoints.clone() })
     }
 
+    /// A KV client whose messages may be as large as a national intent
+    /// (gRPC's default 4 MiB is not).
+    fn kv(&self) -> etcd_client::KvClient {
+        const LIMIT: usize = 512 * 1024 * 1024;
+        self.client.kv_client().max_decoding_message_size(LIMIT).max_encoding_message_size(LIMIT)
+    }
+
     async fn range(&self, prefix: &str, revision: i64) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let resp =
             kv.get(prefix, Some(GetOptions::new().with_prefix().with_revision(revision))).await.map_err(backend)?;
         resp.kvs().iter().map(|kv| Ok((kv.key_str().map_err(backend)?.to_string(), kv.value().to_vec()))).collect()
     }
 }
 
-impl IntentStore for Etcd {
-    async fn load(&self) -> Result<Stored, StoreError> {
-        let mut kv = self.client.kv_client();
+/// Attempts per operation when a member is unreachable: the client spreads
+/// requests over the members, and a dead one refuses until it is dropped.
+const ATTEMPTS: u32 = 20;
+const PAUSE: Duration = Duration::from_millis(100);
+
+/// Runs a read up to [`ATTEMPTS`] times while etcd is unreachable.
+async fn retrying<T, F, Fut>(mut op: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Err(StoreError::Backend(e)) if attempt < ATTEMPTS => {
+                tracing::debug!(attempt, error = %e, "etcd unreachable; retrying");
+                attempt += 1;
+                tokio::time::sleep(PAUSE).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+impl Etcd {
+    async fn load_once(&self) -> Result<Stored, StoreError> {
+        let mut kv = self.kv();
         // Every later read is pinned to the revision this one saw.
         let first = kv.get(layout::REVISION, None).await.map_err(backend)?;
         let at = first.header().map(|h| h.revision()).ok_or_else(|| backend("response without a header"))?;
@@ -94,16 +125,32 @@ impl IntentStore for Etcd {
         layout::decode(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
     }
 
-    async fn commit(&self, expected: u64, writes: WriteSet) -> Result<(), StoreError> {
+    /// The intent revision and head record as etcd has them now.
+    async fn head(&self) -> Result<(u64, Option<Vec<u8>>), StoreError> {
+        let mut kv = self.kv();
+        let rev = kv.get(layout::REVISION, None).await.map_err(backend)?;
+        let at = rev.header().map(|h| h.revision()).ok_or_else(|| backend("response without a header"))?;
+        let revision = rev.kvs().first().and_then(|kv| std::str::from_utf8(kv.value()).ok()?.parse().ok()).unwrap_or(0);
+        let head = kv
+            .get(layout::HEAD, Some(GetOptions::new().with_revision(at)))
+            .await
+            .map_err(backend)?
+            .kvs()
+            .first()
+            .map(|kv| kv.value().to_vec());
+        Ok((revision, head))
+    }
+
+    async fn commit_once(&self, expected: u64, writes: &WriteSet) -> Result<(), StoreError> {
         let guard = if expected == 0 {
             Compare::create_revision(layout::REVISION, CompareOp::Equal, 0)
         } else {
             Compare::value(layout::REVISION, CompareOp::Equal, expected.to_string())
         };
         let mut ops: Vec<TxnOp> = writes.deletes.iter().map(|k| TxnOp::delete(k.as_str(), None)).collect();
-        ops.extend(writes.puts.into_iter().map(|(k, v)| TxnOp::put(k, v, None)));
+        ops.extend(writes.puts.iter().map(|(k, v)| TxnOp::put(k.as_str(), v.clone(), None)));
         let txn = Txn::new().when([guard]).and_then(ops).or_else([TxnOp::get(layout::REVISION, None)]);
-        let resp = self.client.kv_client().txn(txn).await.map_err(backend)?;
+        let resp = self.kv().txn(txn).await.map_err(backend)?;
         if resp.succeeded() {
             return Ok(());
         }
@@ -119,22 +166,53 @@ impl IntentStore for Etcd {
             .unwrap_or(0);
         Err(StoreError::Conflict { expected, actual })
     }
+}
+
+impl IntentStore for Etcd {
+    async fn load(&self) -> Result<Stored, StoreError> {
+        retrying(|| self.load_once()).await
+    }
+
+    /// A transaction whose answer was lost may still have committed: before
+    /// retrying, look at the head. Our own head record there means success.
+    async fn commit(&self, expected: u64, writes: WriteSet) -> Result<(), StoreError> {
+        let ours = writes.puts.iter().find(|(k, _)| k == layout::HEAD).map(|(_, v)| v.clone());
+        let mut attempt = 1;
+        loop {
+            match self.commit_once(expected, &writes).await {
+                Err(StoreError::Backend(e)) if attempt < ATTEMPTS => {
+                    tracing::debug!(attempt, error = %e, "etcd unreachable during a commit; checking the head");
+                    attempt += 1;
+                    tokio::time::sleep(PAUSE).await;
+                    match self.head().await {
+                        Ok((rev, head)) if rev == expected + 1 && head.is_some() && head == ours => return Ok(()),
+                        Ok((rev, _)) if rev != expected => {
+                            return Err(StoreError::Conflict { expected, actual: rev });
+                        }
+                        _ => {} // still at `expected`, or unreachable: try again
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
 
     async fn history(&self) -> Result<Vec<AuditEntry>, StoreError> {
-        let pairs = self.range(layout::AUDIT, 0).await?;
+        let pairs = retrying(|| self.range(layout::AUDIT, 0)).await?;
         layout::decode_history(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
     }
 
     async fn undo_since(&self, after: u64) -> Result<Vec<(u64, Vec<layout::Undo>)>, StoreError> {
         // Keys sort by zero-padded revision: start the range just after `after`.
-        let mut kv = self.client.kv_client();
-        let options = GetOptions::new().with_range(layout::UNDO.to_string() + "~");
-        let resp = kv.get(layout::undo_key(after + 1), Some(options)).await.map_err(backend)?;
-        let pairs: Vec<(String, Vec<u8>)> = resp
-            .kvs()
-            .iter()
-            .map(|kv| Ok((kv.key_str().map_err(backend)?.to_string(), kv.value().to_vec())))
-            .collect::<Result<_, StoreError>>()?;
+        let pairs = retrying(|| async {
+            let options = GetOptions::new().with_range(layout::UNDO.to_string() + "~");
+            let resp = self.kv().get(layout::undo_key(after + 1), Some(options)).await.map_err(backend)?;
+            resp.kvs()
+                .iter()
+                .map(|kv| Ok((kv.key_str().map_err(backend)?.to_string(), kv.value().to_vec())))
+                .collect::<Result<Vec<(String, Vec<u8>)>, StoreError>>()
+        })
+        .await?;
         layout::decode_undo(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
     }
 }

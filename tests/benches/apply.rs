@@ -1,0 +1,74 @@
+//! Apply latency at national scale: a one-site change to a 10,000-site
+//! intent, committed through the apply pipeline (validate, load, allocate,
+//! plan, audit, atomic commit) on the embedded store and on a real etcd.
+//!
+//! `cargo bench -p musubi-tests --bench apply`; `MUSUBI_BENCH_SITES` and
+//! `MUSUBI_BENCH_ROUNDS` change the size and the number of applies.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use musubi_controller::generate::generate;
+use musubi_controller::intent::parse::{Parsed, parse_str};
+use musubi_controller::store::IntentStore;
+use musubi_controller::store::apply::apply;
+use musubi_controller::store::embedded::Embedded;
+use musubi_controller::store::etcd::{Etcd, EtcdConfig};
+use musubi_tests::EtcdServer;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+async fn run<S: IntentStore>(name: &str, store: &S, base: &Parsed, rounds: usize) {
+    let t = Instant::now();
+    apply(store, base, 0, "bench", 0, false).await.expect("initial apply");
+    println!("  {name}: initial import of {} sites in one transaction: {}", base.intent.sites.len(), ms(t.elapsed()));
+    let names: Vec<String> = base.intent.sites.keys().filter(|n| n.starts_with("site-")).cloned().collect();
+    let mut current = Parsed { intent: base.intent.clone(), ..Parsed::default() };
+    let mut samples = Vec::new();
+    let mut load = Vec::new();
+    for i in 0..rounds {
+        let name = &names[(i * 7919) % names.len()];
+        let site = Arc::make_mut(current.intent.sites.get_mut(name).expect("site"));
+        site.lines[0].address = format!("203.0.113.{}", i % 250 + 1).parse().expect("addr");
+        let t = Instant::now();
+        store.load().await.expect("load");
+        load.push(t.elapsed());
+        let t = Instant::now();
+        let done = apply(store, &current, 1 + i as u64, "bench", 0, false).await.expect("apply");
+        samples.push(t.elapsed());
+        assert_eq!(done.revision, 2 + i as u64);
+    }
+    samples.sort();
+    load.sort();
+    let p = |v: &[Duration], q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    println!(
+        "  {name}: one-site change: p50 {} p99 {} ({rounds} applies; of which loading the intent p50 {})",
+        ms(p(&samples, 0.5)),
+        ms(p(&samples, 0.99)),
+        ms(p(&load, 0.5))
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let sites = env("MUSUBI_BENCH_SITES", 10_000);
+    let rounds = env("MUSUBI_BENCH_ROUNDS", 30);
+    println!("apply latency: {sites} sites × 5 segments");
+    let base = parse_str("generated.yaml", &generate(sites, 5));
+    assert!(base.diagnostics.is_empty());
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let embedded = Embedded::open(dir.path()).expect("open");
+    run("embedded", &embedded, &base, rounds).await;
+
+    let server = EtcdServer::start();
+    let config = EtcdConfig { endpoints: vec![server.endpoint()], ..EtcdConfig::default() };
+    let etcd = Etcd::connect(&config).await.expect("connect");
+    run("etcd", &etcd, &base, rounds).await;
+}
