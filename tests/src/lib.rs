@@ -115,8 +115,14 @@ pub struct Controller {
 impl Controller {
     pub fn start(store: &str) -> Controller {
         let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        Self::start_with(port, store, &["serve", "--insecure", "--listen", &listen, "--store", store])
+    }
+
+    /// `musubi-controller ARGS…`, expected to listen on `port`.
+    pub fn start_with(port: u16, store: &str, args: &[&str]) -> Controller {
         let child = Command::new(bin("musubi-controller"))
-            .args(["serve", "--insecure", "--listen", &format!("127.0.0.1:{port}"), "--store", store])
+            .args(args)
             .env("MUSUBI_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -124,6 +130,20 @@ impl Controller {
             .expect("start musubi-controller");
         assert!(wait_for_port(port, Duration::from_secs(20)), "the controller did not listen on {port}");
         Controller { child, port, store: store.to_string() }
+    }
+
+    /// SIGTERM, then the exit code if it stops within `limit`.
+    pub fn terminate(&mut self, limit: Duration) -> Option<i32> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     pub fn address(&self) -> String {

@@ -11,7 +11,7 @@ use musubi_controller::api::audit_from_pb;
 use musubi_controller::audit::verify;
 use musubi_proto::v1 as pb;
 use musubi_proto::v1::operator_client::OperatorClient;
-use musubi_tests::{Controller, EtcdServer, bin, topology};
+use musubi_tests::{Controller, EtcdServer, bin, free_port, topology};
 use tonic::transport::Channel;
 
 /// Each test gets its own store: an embedded directory or an etcd server.
@@ -155,13 +155,17 @@ fn cli_apply_export_and_bad_input_on_both_stores() {
     }
 }
 
+/// 2 clients × 100 applies, each planned against the revision it saw.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_clients_lose_no_update() {
     for store in Store::both() {
         let controller = Controller::start(&store.url());
+        // On etcd the second client talks to a second controller replica.
+        let replica = matches!(store, Store::Etcd(_)).then(|| Controller::start(&store.url()));
         let mut handles = Vec::new();
         for who in ["a", "b"] {
-            let mut c = client(&controller).await;
+            let target = if who == "b" { replica.as_ref().unwrap_or(&controller) } else { &controller };
+            let mut c = client(target).await;
             handles.push(tokio::spawn(async move {
                 let mut won = Vec::new();
                 let mut conflicts = 0;
@@ -255,4 +259,29 @@ async fn kill_9_during_applies_keeps_the_last_acknowledged_intent() {
             .into_inner();
         assert!(dry.sites.is_empty(), "a dry run of the current intent planned changes: {:?}", dry.sites);
     }
+}
+
+#[test]
+fn config_file_and_graceful_sigterm() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let store = format!("file://{}", dir.path().join("data").display());
+    let config = dir.path().join("controller.yaml");
+    std::fs::write(&config, format!("listen: 127.0.0.1:{port}\nstore: {store}\ninsecure: true\nmax_intent_mib: 8\n"))
+        .expect("write");
+    let args = ["serve", "--config", config.to_str().expect("utf-8")];
+    let mut controller = Controller::start_with(port, &store, &args);
+    let out = musubi(&controller, &["apply", "-f", "topologies/minimal.yaml", "--yes"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(controller.terminate(Duration::from_secs(10)), Some(0), "SIGTERM should stop the controller cleanly");
+
+    // The same configuration again: the intent is still there.
+    let controller = Controller::start_with(port, &store, &args);
+    assert_eq!(revision(&controller), 1);
+
+    // An unknown setting is refused with its name.
+    std::fs::write(&config, "listen: 127.0.0.1:1\nlisten_port: 7\n").expect("write");
+    let out = Command::new(bin("musubi-controller")).args(args).output().expect("run");
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("listen_port"), "{}", text(&out.stderr));
 }

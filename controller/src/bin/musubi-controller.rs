@@ -27,21 +27,27 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Serve the operator API from an intent store.
+    /// Serve the operator API from an intent store. Settings come from
+    /// `--config FILE` (YAML) and flags; a flag wins over the file.
     Serve {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:7400")]
-        listen: SocketAddr,
-        /// `file:///DIR` (embedded, one controller) or `etcd://HOST:PORT[,HOST:PORT…]`.
-        #[arg(long, env = "MUSUBI_STORE", default_value = "file:///var/lib/musubi")]
-        store: StoreUrl,
+        /// YAML file with any of: listen, store, insecure, max_intent_mib,
+        /// etcd: {user, ca, client_cert, client_key}.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on [default: 127.0.0.1:7400].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// `file:///DIR` (embedded, one controller) or `etcd://HOST:PORT[,HOST:PORT…]`
+        /// [default: file:///var/lib/musubi].
+        #[arg(long, env = "MUSUBI_STORE")]
+        store: Option<StoreUrl>,
         /// Serve plain-text gRPC. Required until mutual TLS is configured; use
         /// only on a trusted network.
         #[arg(long)]
         insecure: bool,
-        /// Largest intent (all documents together) an apply may send, in MiB.
-        #[arg(long, default_value_t = DEFAULT_MAX_INTENT_BYTES / 1024 / 1024)]
-        max_intent_mib: usize,
+        /// Largest intent (all documents together) an apply may send, in MiB [default: 32].
+        #[arg(long)]
+        max_intent_mib: Option<usize>,
         /// etcd user name; the password is read from MUSUBI_ETCD_PASSWORD.
         #[arg(long)]
         etcd_user: Option<String>,
@@ -64,6 +70,39 @@ enum Command {
     },
 }
 
+/// `musubi-controller serve --config FILE`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServeFile {
+    listen: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "store_url")]
+    store: Option<StoreUrl>,
+    insecure: Option<bool>,
+    max_intent_mib: Option<usize>,
+    etcd: Option<EtcdFile>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EtcdFile {
+    user: Option<String>,
+    ca: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+}
+
+fn store_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<StoreUrl>, D::Error> {
+    let s: Option<String> = serde::Deserialize::deserialize(d)?;
+    s.map(|s| s.parse().map_err(serde::de::Error::custom)).transpose()
+}
+
+impl ServeFile {
+    fn read(path: &std::path::Path) -> Result<ServeFile> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        yaml_serde::from_str(&text).with_context(|| format!("{} is not a controller configuration", path.display()))
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -71,15 +110,7 @@ async fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MUSUBI_LOG").unwrap_or_else(|_| "info".into()))
         .init();
     let result = match Cli::parse().command {
-        Command::Serve { listen, store, insecure, max_intent_mib, etcd_user, etcd_ca, etcd_client_cert } => {
-            let etcd = EtcdConfig {
-                endpoints: Vec::new(),
-                user: etcd_user.map(|u| (u, std::env::var("MUSUBI_ETCD_PASSWORD").unwrap_or_default())),
-                ca: etcd_ca,
-                client_cert: etcd_client_cert.and_then(|v| Some((v.first()?.clone(), v.get(1)?.clone()))),
-            };
-            serve(listen, store, insecure, max_intent_mib, etcd).await
-        }
+        serve @ Command::Serve { .. } => serve_command(serve).await,
         Command::CompileAll { paths, out, allocations } => compile_all(paths, out, allocations),
     };
     match result {
@@ -89,6 +120,37 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Merges `--config FILE` with the flags (a flag wins), then serves.
+async fn serve_command(command: Command) -> Result<()> {
+    let Command::Serve { config, listen, store, insecure, max_intent_mib, etcd_user, etcd_ca, etcd_client_cert } =
+        command
+    else {
+        bail!("not a serve command");
+    };
+    let file = config.as_deref().map(ServeFile::read).transpose()?.unwrap_or_default();
+    let etcd_file = file.etcd.unwrap_or_default();
+    let etcd = EtcdConfig {
+        endpoints: Vec::new(),
+        user: etcd_user.or(etcd_file.user).map(|u| (u, std::env::var("MUSUBI_ETCD_PASSWORD").unwrap_or_default())),
+        ca: etcd_ca.or(etcd_file.ca),
+        client_cert: etcd_client_cert
+            .and_then(|v| Some((v.first()?.clone(), v.get(1)?.clone())))
+            .or(etcd_file.client_cert.zip(etcd_file.client_key)),
+    };
+    let store = match store.or(file.store) {
+        Some(s) => s,
+        None => "file:///var/lib/musubi".parse().map_err(anyhow::Error::msg)?,
+    };
+    serve(
+        listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7400))),
+        store,
+        insecure || file.insecure.unwrap_or(false),
+        max_intent_mib.or(file.max_intent_mib).unwrap_or(DEFAULT_MAX_INTENT_BYTES / 1024 / 1024),
+        etcd,
+    )
+    .await
 }
 
 async fn shutdown_signal() {
