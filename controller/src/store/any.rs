@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use super::embedded::Embedded;
 use super::etcd::{Etcd, EtcdConfig};
-use super::layout::{Stored, Undo, WriteSet};
+use super::layout::{KeyChange, Stored, WriteSet};
 use super::{IntentStore, StoreError};
 use crate::audit::AuditEntry;
 
@@ -76,10 +76,17 @@ impl IntentStore for AnyStore {
         }
     }
 
-    async fn undo_since(&self, after: u64) -> Result<Vec<(u64, Vec<Undo>)>, StoreError> {
+    async fn subscribe(&self) -> Result<tokio::sync::watch::Receiver<u64>, StoreError> {
         match self {
-            AnyStore::Embedded(s) => s.undo_since(after).await,
-            AnyStore::Etcd(s) => s.undo_since(after).await,
+            AnyStore::Embedded(s) => s.subscribe().await,
+            AnyStore::Etcd(s) => s.subscribe().await,
+        }
+    }
+
+    async fn changes_since(&self, after: u64) -> Result<Vec<(u64, Vec<KeyChange>)>, StoreError> {
+        match self {
+            AnyStore::Embedded(s) => s.changes_since(after).await,
+            AnyStore::Etcd(s) => s.changes_since(after).await,
         }
     }
 }

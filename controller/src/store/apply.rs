@@ -137,7 +137,7 @@ pub async fn rollback<S: IntentStore>(
     if target == 0 || target >= current.revision {
         return Err(RollbackError::NoSuchRevision { target, current: current.revision });
     }
-    let undo = store.undo_since(target).await.map_err(ApplyError::from)?;
+    let undo = store.changes_since(target).await.map_err(ApplyError::from)?;
     let old = layout::intent_at(&current.intent, current.revision, target, &undo).map_err(ApplyError::from)?;
     // It was valid when it was applied; check again rather than assume.
     let diags = validate::validate(&old, &crate::intent::source::SourceMap::default());

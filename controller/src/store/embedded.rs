@@ -21,6 +21,8 @@ pub const FILE: &str = "musubi.redb";
 pub struct Embedded {
     db: Arc<Database>,
     path: PathBuf,
+    /// The newest committed revision, for watchers (one process owns the file).
+    latest: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -40,7 +42,10 @@ impl Embedded {
         let tx = db.begin_write().map_err(backend)?;
         tx.open_table(KV).map_err(backend)?;
         tx.commit().map_err(backend)?;
-        Ok(Embedded { db: Arc::new(db), path })
+        let store = Embedded { db: Arc::new(db), path, latest: Arc::new(tokio::sync::watch::Sender::new(0)) };
+        let revision = store.revision_blocking()?;
+        store.latest.send_replace(revision);
+        Ok(store)
     }
 
     pub fn path(&self) -> &Path {
@@ -62,6 +67,11 @@ impl Embedded {
             }
         }
         Ok(out)
+    }
+
+    fn revision_blocking(&self) -> Result<u64, StoreError> {
+        let pairs = self.pairs(&[layout::REVISION])?;
+        Ok(layout::decode(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?.revision)
     }
 
     fn commit_blocking(&self, expected: u64, writes: WriteSet) -> Result<(), StoreError> {
@@ -87,7 +97,9 @@ impl Embedded {
                 table.insert(key.as_str(), value.as_slice()).map_err(backend)?;
             }
         }
-        tx.commit().map_err(backend)
+        tx.commit().map_err(backend)?;
+        self.latest.send_replace(expected + 1);
+        Ok(())
     }
 }
 
@@ -113,11 +125,15 @@ impl IntentStore for Embedded {
         layout::decode_history(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
     }
 
-    async fn undo_since(&self, after: u64) -> Result<Vec<(u64, Vec<layout::Undo>)>, StoreError> {
+    async fn subscribe(&self) -> Result<tokio::sync::watch::Receiver<u64>, StoreError> {
+        Ok(self.latest.subscribe())
+    }
+
+    async fn changes_since(&self, after: u64) -> Result<Vec<(u64, Vec<layout::KeyChange>)>, StoreError> {
         let this = self.clone();
-        let pairs = tokio::task::spawn_blocking(move || this.pairs(&[layout::UNDO])).await.map_err(backend)??;
-        let mut undo = layout::decode_undo(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
-        undo.retain(|(rev, _)| *rev > after);
-        Ok(undo)
+        let pairs = tokio::task::spawn_blocking(move || this.pairs(&[layout::CHANGES])).await.map_err(backend)??;
+        let mut changes = layout::decode_changes(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+        changes.retain(|(rev, _)| *rev > after);
+        Ok(changes)
     }
 }

@@ -125,6 +125,14 @@ impl Etcd {
         layout::decode(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
     }
 
+    /// The intent revision now, and the etcd revision it was read at.
+    async fn position(&self) -> Result<(u64, i64), StoreError> {
+        let rev = self.kv().get(layout::REVISION, None).await.map_err(backend)?;
+        let at = rev.header().map(|h| h.revision()).ok_or_else(|| backend("response without a header"))?;
+        let revision = rev.kvs().first().and_then(|kv| std::str::from_utf8(kv.value()).ok()?.parse().ok()).unwrap_or(0);
+        Ok((revision, at))
+    }
+
     /// The intent revision and head record as etcd has them now.
     async fn head(&self) -> Result<(u64, Option<Vec<u8>>), StoreError> {
         let mut kv = self.kv();
@@ -202,17 +210,70 @@ impl IntentStore for Etcd {
         layout::decode_history(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
     }
 
-    async fn undo_since(&self, after: u64) -> Result<Vec<(u64, Vec<layout::Undo>)>, StoreError> {
+    async fn subscribe(&self) -> Result<tokio::sync::watch::Receiver<u64>, StoreError> {
+        let (revision, at) = retrying(|| self.position()).await?;
+        let (tx, rx) = tokio::sync::watch::channel(revision);
+        tokio::spawn(follow(self.clone(), tx, at + 1));
+        Ok(rx)
+    }
+
+    async fn changes_since(&self, after: u64) -> Result<Vec<(u64, Vec<layout::KeyChange>)>, StoreError> {
         // Keys sort by zero-padded revision: start the range just after `after`.
         let pairs = retrying(|| async {
-            let options = GetOptions::new().with_range(layout::UNDO.to_string() + "~");
-            let resp = self.kv().get(layout::undo_key(after + 1), Some(options)).await.map_err(backend)?;
+            let options = GetOptions::new().with_range(layout::CHANGES.to_string() + "~");
+            let resp = self.kv().get(layout::changes_key(after + 1), Some(options)).await.map_err(backend)?;
             resp.kvs()
                 .iter()
                 .map(|kv| Ok((kv.key_str().map_err(backend)?.to_string(), kv.value().to_vec())))
                 .collect::<Result<Vec<(String, Vec<u8>)>, StoreError>>()
         })
         .await?;
-        layout::decode_undo(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+        layout::decode_changes(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+    }
+}
+
+/// Follows the intent revision key with an etcd watch and publishes each new
+/// value. When the watch breaks (a lost member, or a start revision etcd has
+/// compacted away), it relists — reads the revision again — and watches on
+/// from there, so no commit goes unnoticed. Ends when nobody listens.
+async fn follow(store: Etcd, tx: tokio::sync::watch::Sender<u64>, mut start: i64) {
+    let publish = |rev: u64| {
+        tx.send_if_modified(|v| {
+            let newer = rev > *v;
+            if newer {
+                *v = rev;
+            }
+            newer
+        });
+    };
+    while !tx.is_closed() {
+        let options = etcd_client::WatchOptions::new().with_start_revision(start);
+        let mut client = store.client.clone();
+        if let Ok(mut stream) = client.watch(layout::REVISION, Some(options)).await {
+            loop {
+                let message = tokio::select! {
+                    _ = tx.closed() => return,
+                    m = stream.message() => m,
+                };
+                let Ok(Some(resp)) = message else { break };
+                if resp.canceled() || resp.compact_revision() > 0 {
+                    tracing::debug!(compacted = resp.compact_revision(), "etcd watch cancelled; relisting");
+                    break;
+                }
+                for event in resp.events() {
+                    if let Some(kv) = event.kv() {
+                        if let Some(rev) = std::str::from_utf8(kv.value()).ok().and_then(|v| v.parse().ok()) {
+                            publish(rev);
+                        }
+                        start = kv.mod_revision() + 1;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(PAUSE).await;
+        if let Ok((rev, at)) = store.position().await {
+            publish(rev);
+            start = at + 1;
+        }
     }
 }

@@ -9,7 +9,7 @@
 //! | `/musubi/v1/intent/{tenant,segment,site,policy}/<name>` | the object |
 //! | `/musubi/v1/alloc/segment/<name>`, `/musubi/v1/alloc/site/<name>` | its allocation |
 //! | `/musubi/v1/audit/<revision, 20 digits>` | the [`AuditEntry`] of that revision |
-//! | `/musubi/v1/undo/<revision, 20 digits>` | [`Undo`] records: each intent key that revision changed, with its previous value |
+//! | `/musubi/v1/changes/<revision, 20 digits>` | [`KeyChange`] records: each intent key that revision changed, before and after (watches replay them forwards, rollbacks backwards) |
 //!
 //! The intent revision is Musubi's own counter (1, 2, 3 …), kept in the head
 //! entry: every accepted change adds one, whatever else the backend stores.
@@ -39,7 +39,7 @@ pub const POLICY: &str = "/musubi/v1/intent/policy/";
 pub const ALLOC_SEGMENT: &str = "/musubi/v1/alloc/segment/";
 pub const ALLOC_SITE: &str = "/musubi/v1/alloc/site/";
 pub const AUDIT: &str = "/musubi/v1/audit/";
-pub const UNDO: &str = "/musubi/v1/undo/";
+pub const CHANGES: &str = "/musubi/v1/changes/";
 pub const INTENT: &str = "/musubi/v1/intent/";
 pub const ALLOC: &str = "/musubi/v1/alloc/";
 
@@ -47,16 +47,17 @@ pub fn audit_key(revision: u64) -> String {
     format!("{AUDIT}{revision:020}")
 }
 
-pub fn undo_key(revision: u64) -> String {
-    format!("{UNDO}{revision:020}")
+pub fn changes_key(revision: u64) -> String {
+    format!("{CHANGES}{revision:020}")
 }
 
-/// How to take one intent key back to what it was before a revision:
-/// `previous` is its JSON then, `None` if it did not exist.
+/// One intent key changed by a revision: its JSON before and after (`None`
+/// where it did not exist).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Undo {
+pub struct KeyChange {
     pub key: String,
     pub previous: Option<String>,
+    pub current: Option<String>,
 }
 
 /// Everything the store holds about the intent at one revision.
@@ -80,10 +81,10 @@ fn json<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(|e| StoreError::Encode { key: key.to_string(), reason: e.to_string() })
 }
 
-/// Writes for one map; with `undo`, also what each written key held before.
+/// Writes for one map; with `log`, also a [`KeyChange`] for each written key.
 fn diff_map<T: Serialize + PartialEq>(
     out: &mut WriteSet,
-    mut undo: Option<&mut Vec<Undo>>,
+    mut log: Option<&mut Vec<KeyChange>>,
     prefix: &str,
     old: &BTreeMap<String, T>,
     new: &BTreeMap<String, T>,
@@ -96,10 +97,13 @@ fn diff_map<T: Serialize + PartialEq>(
             Side::Both(..) => continue,
         };
         let key = format!("{prefix}{name}");
-        if let Some(undo) = undo.as_deref_mut() {
-            let previous =
-                before.map(|v| json(&key, v).map(|b| String::from_utf8_lossy(&b).into_owned())).transpose()?;
-            undo.push(Undo { key: key.clone(), previous });
+        if let Some(log) = log.as_deref_mut() {
+            let text = |v: &T| json(&key, v).map(|b| String::from_utf8_lossy(&b).into_owned());
+            log.push(KeyChange {
+                key: key.clone(),
+                previous: before.map(text).transpose()?,
+                current: after.map(text).transpose()?,
+            });
         }
         match after {
             Some(v) => out.puts.push((key.clone(), json(&key, v)?)),
@@ -118,22 +122,23 @@ pub fn write_set(
     audit: &AuditEntry,
 ) -> Result<WriteSet, StoreError> {
     let mut w = WriteSet::default();
-    let mut undo = Vec::new();
+    let mut log = Vec::new();
     if old.revision == 0 || old.intent.settings != intent.settings {
         let previous = (old.revision != 0)
             .then(|| json(SETTINGS, &old.intent.settings).map(|b| String::from_utf8_lossy(&b).into_owned()))
             .transpose()?;
-        undo.push(Undo { key: SETTINGS.to_string(), previous });
+        let current = Some(String::from_utf8_lossy(&json(SETTINGS, &intent.settings)?).into_owned());
+        log.push(KeyChange { key: SETTINGS.to_string(), previous, current });
         w.puts.push((SETTINGS.to_string(), json(SETTINGS, &intent.settings)?));
     }
-    diff_map(&mut w, Some(&mut undo), TENANT, &old.intent.tenants, &intent.tenants)?;
-    diff_map(&mut w, Some(&mut undo), SEGMENT, &old.intent.segments, &intent.segments)?;
-    diff_map(&mut w, Some(&mut undo), SITE, &old.intent.sites, &intent.sites)?;
-    diff_map(&mut w, Some(&mut undo), POLICY, &old.intent.policies, &intent.policies)?;
+    diff_map(&mut w, Some(&mut log), TENANT, &old.intent.tenants, &intent.tenants)?;
+    diff_map(&mut w, Some(&mut log), SEGMENT, &old.intent.segments, &intent.segments)?;
+    diff_map(&mut w, Some(&mut log), SITE, &old.intent.sites, &intent.sites)?;
+    diff_map(&mut w, Some(&mut log), POLICY, &old.intent.policies, &intent.policies)?;
     diff_map(&mut w, None, ALLOC_SEGMENT, &old.allocations.segments, &allocations.segments)?;
     diff_map(&mut w, None, ALLOC_SITE, &old.allocations.sites, &allocations.sites)?;
-    let undo_key = undo_key(audit.revision);
-    w.puts.push((undo_key.clone(), json(&undo_key, &undo)?));
+    let changes_key = changes_key(audit.revision);
+    w.puts.push((changes_key.clone(), json(&changes_key, &log)?));
     let audit_json = json(HEAD, audit)?;
     w.puts.push((audit_key(audit.revision), audit_json.clone()));
     w.puts.push((HEAD.to_string(), audit_json));
@@ -146,7 +151,7 @@ fn parse<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, StoreError> 
 }
 
 /// Sets (or, with `None`, removes) the object an intent key names.
-fn set_intent_key(intent: &mut Intent, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+pub fn set_intent_key(intent: &mut Intent, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
     fn put<T: DeserializeOwned>(
         map: &mut BTreeMap<String, Arc<T>>,
         name: &str,
@@ -178,7 +183,7 @@ fn set_intent_key(intent: &mut Intent, key: &str, value: Option<&[u8]>) -> Resul
 }
 
 /// Rebuilds the state from the keys of one consistent read (audit and undo
-/// records are skipped; read them with [`decode_history`] and [`decode_undo`]).
+/// records are skipped; read them with [`decode_history`] and [`decode_changes`]).
 pub fn decode<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Result<Stored, StoreError> {
     let mut s = Stored::default();
     for (key, value) in pairs {
@@ -200,13 +205,13 @@ pub fn decode<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Resul
     Ok(s)
 }
 
-/// Undo records by revision.
-pub fn decode_undo<'a>(
+/// KeyChange records by revision.
+pub fn decode_changes<'a>(
     pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
-) -> Result<Vec<(u64, Vec<Undo>)>, StoreError> {
+) -> Result<Vec<(u64, Vec<KeyChange>)>, StoreError> {
     let mut out = Vec::new();
     for (key, value) in pairs {
-        let Some(rev) = key.strip_prefix(UNDO).and_then(|r| r.parse::<u64>().ok()) else { continue };
+        let Some(rev) = key.strip_prefix(CHANGES).and_then(|r| r.parse::<u64>().ok()) else { continue };
         out.push((rev, parse(key, value)?));
     }
     out.sort_by_key(|(r, _)| *r);
@@ -220,7 +225,7 @@ pub fn intent_at(
     current: &Intent,
     current_revision: u64,
     target: u64,
-    undo: &[(u64, Vec<Undo>)],
+    undo: &[(u64, Vec<KeyChange>)],
 ) -> Result<Intent, StoreError> {
     let mut intent = current.clone();
     for (rev, records) in undo.iter().rev() {

@@ -13,6 +13,7 @@ pub mod apply;
 pub mod embedded;
 pub mod etcd;
 pub mod layout;
+pub mod watch;
 
 use crate::audit::AuditEntry;
 use layout::{Stored, WriteSet};
@@ -47,6 +48,13 @@ pub trait IntentStore: Send + Sync {
     /// The audit chain, oldest first.
     fn history(&self) -> impl Future<Output = Result<Vec<AuditEntry>, StoreError>> + Send;
 
-    /// Undo records of every revision after `after`, oldest first.
-    fn undo_since(&self, after: u64) -> impl Future<Output = Result<Vec<(u64, Vec<layout::Undo>)>, StoreError>> + Send;
+    /// Change records of every revision after `after`, oldest first.
+    /// The newest intent revision, updated as commits land, from this
+    /// controller or (on a shared store) any other.
+    fn subscribe(&self) -> impl Future<Output = Result<tokio::sync::watch::Receiver<u64>, StoreError>> + Send;
+
+    fn changes_since(
+        &self,
+        after: u64,
+    ) -> impl Future<Output = Result<Vec<(u64, Vec<layout::KeyChange>)>, StoreError>> + Send;
 }
