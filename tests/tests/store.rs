@@ -162,6 +162,39 @@ async fn conformance<S: IntentStore + 'static>(store: Arc<S>) {
     assert_eq!(seen, (1..=last.revision).collect::<Vec<_>>(), "every revision once, in order");
     assert_eq!(replayed, last.intent);
 
+    // Agents' public keys are stored beside the intent: no revision, no audit.
+    let key = "AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM=";
+    store.put_public_key("kita-hall", "lgwan", key).await.expect("put key");
+    let with_key = store.load().await.expect("load");
+    assert_eq!(with_key.keys["kita-hall"]["lgwan"], key);
+    assert_eq!(with_key.revision, last.revision);
+    assert_eq!(store.history().await.expect("history").len() as u64, last.revision);
+
+    // Presence: withdrawn at once when dropped, expires when its holder dies.
+    let here = store.announce("kita-hall", Duration::from_secs(1)).await.expect("announce");
+    let crashed = store.announce("minami-hall", Duration::from_secs(1)).await.expect("announce");
+    // Renewed: still there well past the 1 s time-to-live (etcd rounds small
+    // TTLs up to its own minimum, so wait past that too).
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let present = store.present().await.expect("present");
+    assert!(present.contains("kita-hall") && present.contains("minami-hall"), "{present:?}");
+    drop(here);
+    crashed.forget();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut gone_at = None;
+    loop {
+        let present = store.present().await.expect("present");
+        if gone_at.is_none() && !present.contains("kita-hall") {
+            gone_at = Some(Instant::now());
+        }
+        if !present.contains("minami-hall") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "an unrenewed presence did not expire: {present:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone_at.is_some(), "a dropped presence was not withdrawn");
+
     // A watcher from a later revision starts after it.
     let mut late = watch(store.clone(), last.revision - 1).await.expect("watch");
     let next =

@@ -76,6 +76,27 @@ impl IntentStore for AnyStore {
         }
     }
 
+    async fn put_public_key(&self, site: &str, segment: &str, key: &str) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Embedded(s) => s.put_public_key(site, segment, key).await,
+            AnyStore::Etcd(s) => s.put_public_key(site, segment, key).await,
+        }
+    }
+
+    async fn announce(&self, site: &str, ttl: std::time::Duration) -> Result<super::presence::Presence, StoreError> {
+        match self {
+            AnyStore::Embedded(s) => s.announce(site, ttl).await,
+            AnyStore::Etcd(s) => s.announce(site, ttl).await,
+        }
+    }
+
+    async fn present(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        match self {
+            AnyStore::Embedded(s) => s.present().await,
+            AnyStore::Etcd(s) => s.present().await,
+        }
+    }
+
     async fn subscribe(&self) -> Result<tokio::sync::watch::Receiver<u64>, StoreError> {
         match self {
             AnyStore::Embedded(s) => s.subscribe().await,

@@ -3,12 +3,15 @@
 //! (one writer at a time), and redb locks the file so that a second
 //! controller cannot open the same directory.
 
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::layout::{self, Stored, WriteSet};
+use super::presence::{Presence, renew_every};
 use super::{IntentStore, StoreError};
 use crate::audit::AuditEntry;
 
@@ -23,6 +26,9 @@ pub struct Embedded {
     path: PathBuf,
     /// The newest committed revision, for watchers (one process owns the file).
     latest: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Presence expiries: only this process can see the file, so presence
+    /// lives in memory.
+    presence: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -42,7 +48,12 @@ impl Embedded {
         let tx = db.begin_write().map_err(backend)?;
         tx.open_table(KV).map_err(backend)?;
         tx.commit().map_err(backend)?;
-        let store = Embedded { db: Arc::new(db), path, latest: Arc::new(tokio::sync::watch::Sender::new(0)) };
+        let store = Embedded {
+            db: Arc::new(db),
+            path,
+            latest: Arc::new(tokio::sync::watch::Sender::new(0)),
+            presence: Arc::new(Mutex::new(HashMap::new())),
+        };
         let revision = store.revision_blocking()?;
         store.latest.send_replace(revision);
         Ok(store)
@@ -107,7 +118,7 @@ impl IntentStore for Embedded {
     async fn load(&self) -> Result<Stored, StoreError> {
         let this = self.clone();
         let pairs = tokio::task::spawn_blocking(move || {
-            this.pairs(&[layout::REVISION, layout::HEAD, layout::INTENT, layout::ALLOC])
+            this.pairs(&[layout::REVISION, layout::HEAD, layout::INTENT, layout::ALLOC, layout::KEYS])
         })
         .await
         .map_err(backend)??;
@@ -123,6 +134,48 @@ impl IntentStore for Embedded {
         let this = self.clone();
         let pairs = tokio::task::spawn_blocking(move || this.pairs(&[layout::AUDIT])).await.map_err(backend)??;
         layout::decode_history(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+    }
+
+    async fn put_public_key(&self, site: &str, segment: &str, key: &str) -> Result<(), StoreError> {
+        let this = self.clone();
+        let (k, v) = (layout::public_key_key(site, segment), key.to_string());
+        tokio::task::spawn_blocking(move || {
+            let tx = this.db.begin_write().map_err(backend)?;
+            tx.open_table(KV).map_err(backend)?.insert(k.as_str(), v.as_bytes()).map_err(backend)?;
+            tx.commit().map_err(backend)
+        })
+        .await
+        .map_err(backend)?
+    }
+
+    async fn announce(&self, site: &str, ttl: Duration) -> Result<Presence, StoreError> {
+        let map = self.presence.clone();
+        let name = site.to_string();
+        let renew = {
+            let (map, name) = (map.clone(), name.clone());
+            tokio::spawn(async move {
+                loop {
+                    if let Ok(mut m) = map.lock() {
+                        m.insert(name.clone(), Instant::now() + ttl);
+                    }
+                    tokio::time::sleep(renew_every(ttl)).await;
+                }
+            })
+        };
+        if let Ok(mut m) = map.lock() {
+            m.insert(name.clone(), Instant::now() + ttl);
+        }
+        Ok(Presence::new(renew, move || {
+            if let Ok(mut m) = map.lock() {
+                m.remove(&name);
+            }
+        }))
+    }
+
+    async fn present(&self) -> Result<BTreeSet<String>, StoreError> {
+        let now = Instant::now();
+        let m = self.presence.lock().map_err(|_| backend("presence table poisoned"))?;
+        Ok(m.iter().filter(|(_, expiry)| **expiry > now).map(|(site, _)| site.clone()).collect())
     }
 
     async fn subscribe(&self) -> Result<tokio::sync::watch::Receiver<u64>, StoreError> {

@@ -7,6 +7,7 @@
 //! in one atomic change needs both raised, e.g. `--max-txn-ops 100000
 //! --max-request-bytes 67108864`.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use etcd_client::{
 };
 
 use super::layout::{self, Stored, WriteSet};
+use super::presence::{Presence, renew_every};
 use super::{IntentStore, StoreError};
 use crate::audit::AuditEntry;
 
@@ -119,7 +121,7 @@ impl Etcd {
             .iter()
             .map(|kv| Ok((kv.key_str().map_err(backend)?.to_string(), kv.value().to_vec())))
             .collect::<Result<_, StoreError>>()?;
-        for prefix in [layout::HEAD, layout::INTENT, layout::ALLOC] {
+        for prefix in [layout::HEAD, layout::INTENT, layout::ALLOC, layout::KEYS] {
             pairs.extend(self.range(prefix, at).await?);
         }
         layout::decode(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
@@ -208,6 +210,43 @@ impl IntentStore for Etcd {
     async fn history(&self) -> Result<Vec<AuditEntry>, StoreError> {
         let pairs = retrying(|| self.range(layout::AUDIT, 0)).await?;
         layout::decode_history(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+    }
+
+    async fn put_public_key(&self, site: &str, segment: &str, key: &str) -> Result<(), StoreError> {
+        let k = layout::public_key_key(site, segment);
+        retrying(|| async { self.kv().put(k.as_str(), key, None).await.map(|_| ()).map_err(backend) }).await
+    }
+
+    async fn announce(&self, site: &str, ttl: Duration) -> Result<Presence, StoreError> {
+        let seconds = ttl.as_secs().max(1) as i64;
+        let key = format!("{}{site}", layout::PRESENCE);
+        let mut client = self.client.clone();
+        let lease = client.lease_grant(seconds, None).await.map_err(backend)?.id();
+        let put = etcd_client::PutOptions::new().with_lease(lease);
+        self.kv().put(key.as_str(), "", Some(put)).await.map_err(backend)?;
+        let renew = tokio::spawn(async move {
+            loop {
+                if let Ok((mut keeper, mut stream)) = client.lease_keep_alive(lease).await {
+                    while keeper.keep_alive().await.is_ok() && matches!(stream.message().await, Ok(Some(_))) {
+                        tokio::time::sleep(renew_every(Duration::from_secs(seconds as u64))).await;
+                    }
+                }
+                tokio::time::sleep(PAUSE).await;
+            }
+        });
+        let mut revoker = self.client.clone();
+        Ok(Presence::new(renew, move || {
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    let _ = revoker.lease_revoke(lease).await;
+                });
+            }
+        }))
+    }
+
+    async fn present(&self) -> Result<BTreeSet<String>, StoreError> {
+        let pairs = retrying(|| self.range(layout::PRESENCE, 0)).await?;
+        Ok(pairs.into_iter().filter_map(|(k, _)| k.strip_prefix(layout::PRESENCE).map(String::from)).collect())
     }
 
     async fn subscribe(&self) -> Result<tokio::sync::watch::Receiver<u64>, StoreError> {

@@ -9,6 +9,8 @@
 //! | `/musubi/v1/intent/{tenant,segment,site,policy}/<name>` | the object |
 //! | `/musubi/v1/alloc/segment/<name>`, `/musubi/v1/alloc/site/<name>` | its allocation |
 //! | `/musubi/v1/audit/<revision, 20 digits>` | the [`AuditEntry`] of that revision |
+//! | `/musubi/v1/keys/<site>/<segment>` | the agent's WireGuard public key for that segment (base64) |
+//! | `/musubi/v1/presence/<site>` | empty; lives while the agent is connected (lease or expiry) |
 //! | `/musubi/v1/changes/<revision, 20 digits>` | [`KeyChange`] records: each intent key that revision changed, before and after (watches replay them forwards, rollbacks backwards) |
 //!
 //! The intent revision is Musubi's own counter (1, 2, 3 …), kept in the head
@@ -41,6 +43,12 @@ pub const ALLOC_SITE: &str = "/musubi/v1/alloc/site/";
 pub const AUDIT: &str = "/musubi/v1/audit/";
 pub const CHANGES: &str = "/musubi/v1/changes/";
 pub const INTENT: &str = "/musubi/v1/intent/";
+pub const KEYS: &str = "/musubi/v1/keys/";
+pub const PRESENCE: &str = "/musubi/v1/presence/";
+
+pub fn public_key_key(site: &str, segment: &str) -> String {
+    format!("{KEYS}{site}/{segment}")
+}
 pub const ALLOC: &str = "/musubi/v1/alloc/";
 
 pub fn audit_key(revision: u64) -> String {
@@ -68,6 +76,8 @@ pub struct Stored {
     pub head: Option<AuditEntry>,
     pub intent: Intent,
     pub allocations: Allocations,
+    /// Agents' public keys, site → segment → key.
+    pub keys: crate::compile::PublicKeys,
 }
 
 /// Puts and deletes that take the store from one state to another.
@@ -196,6 +206,10 @@ pub fn decode<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Resul
             s.head = Some(parse(key, value)?);
         } else if key.starts_with(INTENT) {
             set_intent_key(&mut s.intent, key, Some(value))?;
+        } else if let Some((site, segment)) = key.strip_prefix(KEYS).and_then(|k| k.split_once('/')) {
+            let public = std::str::from_utf8(value)
+                .map_err(|_| StoreError::Corrupt { key: key.to_string(), reason: "not UTF-8".into() })?;
+            s.keys.entry(site.to_string()).or_default().insert(segment.to_string(), public.to_string());
         } else if let Some(name) = key.strip_prefix(ALLOC_SEGMENT) {
             s.allocations.segments.insert(name.to_string(), parse(key, value)?);
         } else if let Some(name) = key.strip_prefix(ALLOC_SITE) {

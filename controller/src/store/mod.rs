@@ -13,6 +13,7 @@ pub mod apply;
 pub mod embedded;
 pub mod etcd;
 pub mod layout;
+pub mod presence;
 pub mod watch;
 
 use crate::audit::AuditEntry;
@@ -49,6 +50,26 @@ pub trait IntentStore: Send + Sync {
     fn history(&self) -> impl Future<Output = Result<Vec<AuditEntry>, StoreError>> + Send;
 
     /// Change records of every revision after `after`, oldest first.
+    /// Records the WireGuard public key an agent reported for one segment.
+    /// Not part of the intent: no revision, no audit entry.
+    fn put_public_key(
+        &self,
+        site: &str,
+        segment: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Holds a presence record for `site` that expires `ttl` after its
+    /// holder stops renewing it.
+    fn announce(
+        &self,
+        site: &str,
+        ttl: std::time::Duration,
+    ) -> impl Future<Output = Result<presence::Presence, StoreError>> + Send;
+
+    /// Sites whose presence record is live.
+    fn present(&self) -> impl Future<Output = Result<std::collections::BTreeSet<String>, StoreError>> + Send;
+
     /// The newest intent revision, updated as commits land, from this
     /// controller or (on a shared store) any other.
     fn subscribe(&self) -> impl Future<Output = Result<tokio::sync::watch::Receiver<u64>, StoreError>> + Send;

@@ -1,0 +1,46 @@
+//! Presence: a record that says "this agent is connected" and disappears by
+//! itself when its holder stops renewing it (a lease on etcd, an expiry on
+//! the embedded store), so every controller replica sees who is there.
+
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+/// A held presence record, renewed in the background. Dropping it withdraws
+/// the record at once; [`Presence::forget`] stops renewing and lets it expire,
+/// as a crashed holder would.
+pub struct Presence {
+    renew: JoinHandle<()>,
+    withdraw: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl std::fmt::Debug for Presence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Presence").finish_non_exhaustive()
+    }
+}
+
+impl Presence {
+    pub(crate) fn new(renew: JoinHandle<()>, withdraw: impl FnOnce() + Send + 'static) -> Self {
+        Presence { renew, withdraw: Some(Box::new(withdraw)) }
+    }
+
+    /// Stops renewing without withdrawing: the record expires after its TTL.
+    pub fn forget(mut self) {
+        self.withdraw = None;
+    }
+}
+
+impl Drop for Presence {
+    fn drop(&mut self) {
+        self.renew.abort();
+        if let Some(withdraw) = self.withdraw.take() {
+            withdraw();
+        }
+    }
+}
+
+/// How often a record with time-to-live `ttl` is renewed.
+pub(crate) fn renew_every(ttl: Duration) -> Duration {
+    (ttl / 3).max(Duration::from_millis(50))
+}
