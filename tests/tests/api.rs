@@ -285,3 +285,47 @@ fn config_file_and_graceful_sigterm() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("listen_port"), "{}", text(&out.stderr));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_verify_names_a_tampered_entry() {
+    let etcd = EtcdServer::start();
+    let controller = Controller::start(&format!("etcd://{}", etcd.endpoint()));
+    for mark in ["one", "two", "three"] {
+        let out = tokio::task::block_in_place(|| {
+            let dir = tempfile::tempdir().expect("tmp");
+            let file = dir.path().join("p.yaml");
+            std::fs::write(&file, &marked(mark)[0].text).expect("write");
+            musubi(&controller, &["apply", "-f", &file.to_string_lossy(), "--yes"])
+        });
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let ok = tokio::task::block_in_place(|| musubi(&controller, &["history", "--verify"]));
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+
+    // Someone with write access to etcd rewrites who made revision 2.
+    let mut raw = etcd_client::Client::connect([etcd.endpoint()], None).await.expect("etcd");
+    let key = "/musubi/v1/audit/00000000000000000002";
+    let found = raw.get(key, None).await.expect("get");
+    let all = raw
+        .get("/musubi/v1/audit/", Some(etcd_client::GetOptions::new().with_prefix().with_keys_only()))
+        .await
+        .expect("get");
+    let names: Vec<String> = all.kvs().iter().map(|kv| kv.key_str().unwrap_or("?").to_string()).collect();
+    let value = found
+        .kvs()
+        .first()
+        .unwrap_or_else(|| panic!("{key} missing; have {names:?}"))
+        .value_str()
+        .expect("utf-8")
+        .to_string();
+    raw.put(key, value.replace("\"actor\":\"local\"", "\"actor\":\"mallory\""), None).await.expect("put");
+
+    let out = tokio::task::block_in_place(|| musubi(&controller, &["history", "--verify"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("audit entry 1 (revision 2) was altered"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}

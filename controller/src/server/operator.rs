@@ -71,6 +71,7 @@ fn accepted(a: Accepted) -> pb::ApplyResponse {
         // the intent-level analysis would recompile.
         affected_sites: a.plan.affected().into_iter().map(String::from).collect(),
         audit: a.audit.as_ref().map(api::audit_to_pb),
+        summary: a.summary,
     }
 }
 
@@ -105,7 +106,7 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
             return Ok(Response::new(pb::PlanResponse {
                 revision: current.revision,
                 diagnostics: diags.iter().map(api::diagnostic_to_pb).collect(),
-                sites: Vec::new(),
+                ..Default::default()
             }));
         }
         let mut alloc = current.allocations.clone();
@@ -117,6 +118,7 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
             revision: current.revision,
             diagnostics: Vec::new(),
             sites: api::plan_to_pb(&plan),
+            summary: crate::audit::summarise(&current.intent, &parsed.intent),
         }))
     }
 

@@ -33,8 +33,10 @@ pub struct Accepted {
     pub revision: u64,
     pub plan: Plan,
     pub affected: BTreeSet<String>,
-    /// `None` when nothing changed and nothing was written.
+    /// `None` when nothing was written (no change, or a dry run).
     pub audit: Option<AuditEntry>,
+    /// The intent objects that change, or `no change`.
+    pub summary: String,
 }
 
 /// The plan from `old` to `new`, compiling only the sites the change reaches.
@@ -103,7 +105,7 @@ async fn apply_intent<S: IntentStore>(
     let (plan, affected) = plan_between(&current, new, &alloc, &PublicKeys::new())?;
     let mut summary = summarise(&current.intent, new);
     if change.dry_run || (summary == "no change" && alloc == current.allocations) {
-        return Ok(Accepted { revision: current.revision, plan, affected, audit: None });
+        return Ok(Accepted { revision: current.revision, plan, affected, audit: None, summary });
     }
     if let Some(note) = change.note {
         summary = format!("{note}: {summary}");
@@ -111,7 +113,7 @@ async fn apply_intent<S: IntentStore>(
     let audit = AuditEntry::next(current.head.as_ref(), expected + 1, change.now_ms, change.actor, &summary);
     let writes = layout::write_set(&current, new, &alloc, &audit)?;
     store.commit(expected, writes).await?;
-    Ok(Accepted { revision: audit.revision, plan, affected, audit: Some(audit) })
+    Ok(Accepted { revision: audit.revision, plan, affected, audit: Some(audit), summary })
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -63,6 +63,23 @@ fn confirm(question: &str) -> Result<bool> {
     Ok(answer.trim() == "yes")
 }
 
+/// Prints the plan and the intent-level changes; false when nothing changes.
+/// Some changes (a description) change no site's configuration yet are
+/// changes of intent all the same.
+fn show_plan(sites: &[pb::PlanChange], summary: &str, color: bool) -> bool {
+    let p = api::plan_from_pb(sites);
+    let intent_changes = summary != "no change" && !summary.is_empty();
+    if p.is_empty() && intent_changes {
+        println!("No site's configuration changes.");
+    } else {
+        print!("{}", plan::render(&p, color));
+    }
+    if intent_changes {
+        println!("Intent changes: {summary}");
+    }
+    intent_changes
+}
+
 fn print_applied(r: &pb::ApplyResponse) {
     match &r.audit {
         Some(a) => {
@@ -80,9 +97,7 @@ pub async fn apply(client: &mut Client, paths: &[PathBuf], yes: bool, dry_run: b
     if report(&planned.diagnostics, &files, color) {
         return Err(Reported.into());
     }
-    let p = api::plan_from_pb(&planned.sites);
-    print!("{}", plan::render(&p, color));
-    if p.is_empty() || dry_run {
+    if !show_plan(&planned.sites, &planned.summary, color) || dry_run {
         return Ok(());
     }
     if !yes && !confirm(&format!("Apply this plan to revision {}?", planned.revision))? {
@@ -151,9 +166,7 @@ pub async fn rollback(client: &mut Client, to: u64, yes: bool, dry_run: bool, co
     if report(&planned.diagnostics, &[], color) {
         return Err(Reported.into());
     }
-    let p = api::plan_from_pb(&planned.sites);
-    print!("{}", plan::render(&p, color));
-    if dry_run || p.is_empty() {
+    if !show_plan(&planned.sites, &planned.summary, color) || dry_run {
         return Ok(());
     }
     if !yes && !confirm(&format!("Roll back to the intent of revision {to}?"))? {
