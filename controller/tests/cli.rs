@@ -154,18 +154,12 @@ fn allocations_file_keeps_numbers_stable_across_runs() {
     let dir = tempfile::tempdir().expect("tmp");
     let alloc = dir.path().join("alloc.json");
     let alloc_s = alloc.to_string_lossy().into_owned();
-    let out = musubi(&[
-        "compile",
-        "topologies/prefecture.yaml",
-        "--site",
-        "kita-hall",
-        "--allocations",
-        &alloc_s,
-        "--format",
-        "json",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let before: musubi_proto::v1::SiteConfig = serde_json::from_slice(&out.stdout).expect("json");
+    let kita_hall = |intent: &str| -> musubi_proto::v1::SiteConfig {
+        let out = musubi(&["compile", intent, "--site", "kita-hall", "--allocations", &alloc_s, "--format", "json"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    let before = kita_hall("topologies/prefecture.yaml");
 
     // Remove the alphabetically first segment: without the allocations file
     // every later table and port would shift down by one.
@@ -180,18 +174,7 @@ fn allocations_file_keeps_numbers_stable_across_runs() {
         .join("\n");
     let new = dir.path().join("shrunk.yaml");
     std::fs::write(&new, shrunk + "\n").expect("write");
-    let out = musubi(&[
-        "compile",
-        &new.to_string_lossy(),
-        "--site",
-        "kita-hall",
-        "--allocations",
-        &alloc_s,
-        "--format",
-        "json",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let after: musubi_proto::v1::SiteConfig = serde_json::from_slice(&out.stdout).expect("json");
+    let after = kita_hall(&new.to_string_lossy());
     assert_eq!(after.segments.len(), before.segments.len() - 1);
     for seg in &after.segments {
         let old = before.segments.iter().find(|s| s.segment == seg.segment).expect("same segment");
