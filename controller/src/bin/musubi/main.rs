@@ -41,8 +41,52 @@ enum Format {
     Json,
 }
 
+/// Commands that talk to a running controller.
+#[derive(Subcommand, Debug)]
+enum RemoteCommand {
+    /// Apply intent files to the controller: show the plan, ask, write atomically.
+    Apply {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        /// Apply without asking.
+        #[arg(long)]
+        yes: bool,
+        /// Show the plan against the controller's intent and stop.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show objects of the controller's intent as YAML: all, a kind, or one object.
+    Get { kind: Option<String>, name: Option<String> },
+    /// The audit chain: who changed what, when, at which revision.
+    History {
+        /// Check every link of the chain; exit 1 and name the first broken one.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Make the intent of an earlier revision current again (a new revision).
+    Rollback {
+        #[arg(long)]
+        to: u64,
+        #[arg(long)]
+        yes: bool,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The controller's whole intent as YAML (apply it elsewhere, or keep it).
+    Export,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
+    #[command(flatten)]
+    Local(LocalCommand),
+    #[command(flatten)]
+    Remote(RemoteCommand),
+}
+
+/// Commands that work on local files.
+#[derive(Subcommand, Debug)]
+enum LocalCommand {
     /// Check intents; print every problem with its file, line and column.
     Validate {
         /// Each path is one intent: a YAML file, or a directory whose *.yaml
@@ -83,36 +127,6 @@ enum Command {
         #[arg(long)]
         keys: Option<PathBuf>,
     },
-    /// Apply intent files to the controller: show the plan, ask, write atomically.
-    Apply {
-        #[arg(short = 'f', long = "file", required = true)]
-        files: Vec<PathBuf>,
-        /// Apply without asking.
-        #[arg(long)]
-        yes: bool,
-        /// Show the plan against the controller's intent and stop.
-        #[arg(long)]
-        dry_run: bool,
-    },
-    /// Show objects of the controller's intent as YAML: all, a kind, or one object.
-    Get { kind: Option<String>, name: Option<String> },
-    /// The audit chain: who changed what, when, at which revision.
-    History {
-        /// Check every link of the chain; exit 1 and name the first broken one.
-        #[arg(long)]
-        verify: bool,
-    },
-    /// Make the intent of an earlier revision current again (a new revision).
-    Rollback {
-        #[arg(long)]
-        to: u64,
-        #[arg(long)]
-        yes: bool,
-        #[arg(long)]
-        dry_run: bool,
-    },
-    /// The controller's whole intent as YAML (apply it elsewhere, or keep it).
-    Export,
     /// Write a synthetic national-scale intent (for benchmarks) to stdout or a file.
     Generate {
         #[arg(long)]
@@ -160,13 +174,10 @@ fn main() -> ExitCode {
         ColorChoice::Auto => std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal(),
     };
     let result = match cli.command {
-        Command::Apply { .. }
-        | Command::Get { .. }
-        | Command::History { .. }
-        | Command::Rollback { .. }
-        | Command::Export => remote(cli.command, &cli.controller, color),
-        local => run(local, color),
+        Command::Remote(command) => remote(command, &cli.controller, color),
+        Command::Local(command) => run(command, color),
     };
+
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<Reported>() => ExitCode::FAILURE,
@@ -178,24 +189,27 @@ fn main() -> ExitCode {
     }
 }
 
-fn remote(command: Command, controller: &str, color: bool) -> Result<()> {
+fn remote(command: RemoteCommand, controller: &str, color: bool) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         let mut client = remote::connect(controller).await?;
         match command {
-            Command::Apply { files, yes, dry_run } => remote::apply(&mut client, &files, yes, dry_run, color).await,
-            Command::Get { kind, name } => remote::get(&mut client, kind, name).await,
-            Command::History { verify } => remote::history(&mut client, verify).await,
-            Command::Rollback { to, yes, dry_run } => remote::rollback(&mut client, to, yes, dry_run, color).await,
-            Command::Export => remote::export(&mut client).await,
-            _ => unreachable!("local commands run in `run`"),
+            RemoteCommand::Apply { files, yes, dry_run } => {
+                remote::apply(&mut client, &files, yes, dry_run, color).await
+            }
+            RemoteCommand::Get { kind, name } => remote::get(&mut client, kind, name).await,
+            RemoteCommand::History { verify } => remote::history(&mut client, verify).await,
+            RemoteCommand::Rollback { to, yes, dry_run } => {
+                remote::rollback(&mut client, to, yes, dry_run, color).await
+            }
+            RemoteCommand::Export => remote::export(&mut client).await,
         }
     })
 }
 
-fn run(command: Command, color: bool) -> Result<()> {
+fn run(command: LocalCommand, color: bool) -> Result<()> {
     match command {
-        Command::Validate { paths } => {
+        LocalCommand::Validate { paths } => {
             let mut failed = false;
             for path in &paths {
                 match checked(std::slice::from_ref(path), color) {
@@ -213,7 +227,7 @@ fn run(command: Command, color: bool) -> Result<()> {
             }
             if failed { Err(Reported.into()) } else { Ok(()) }
         }
-        Command::Plan { paths, against, allocations, json, detailed_exitcode } => {
+        LocalCommand::Plan { paths, against, allocations, json, detailed_exitcode } => {
             let previous = read_allocations(allocations.as_deref())?;
             let (old_intent, old_alloc) = if against.is_empty() {
                 (Intent::default(), previous)
@@ -238,7 +252,7 @@ fn run(command: Command, color: bool) -> Result<()> {
             }
             Ok(())
         }
-        Command::Compile { paths, site, format, allocations, keys } => {
+        LocalCommand::Compile { paths, site, format, allocations, keys } => {
             let (intent, sources) = checked(&paths, color)?;
             if !intent.sites.contains_key(&site) {
                 let known: Vec<&str> = intent.sites.keys().map(String::as_str).take(20).collect();
@@ -260,14 +274,7 @@ fn run(command: Command, color: bool) -> Result<()> {
             }
             Ok(())
         }
-        Command::Apply { .. }
-        | Command::Get { .. }
-        | Command::History { .. }
-        | Command::Rollback { .. }
-        | Command::Export => {
-            bail!("this command talks to the controller")
-        }
-        Command::Generate { sites, segments, output } => {
+        LocalCommand::Generate { sites, segments, output } => {
             let text = generate::generate(sites, segments);
             match output {
                 Some(path) => std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?,
