@@ -90,11 +90,7 @@ impl Embedded {
         {
             let mut table = tx.open_table(KV).map_err(backend)?;
             let current = match table.get(layout::REVISION).map_err(backend)? {
-                Some(v) => {
-                    std::str::from_utf8(v.value()).ok().and_then(|s| s.parse::<u64>().ok()).ok_or_else(|| {
-                        StoreError::Corrupt { key: layout::REVISION.into(), reason: "not a revision number".into() }
-                    })?
-                }
+                Some(v) => layout::revision_value(v.value())?,
                 None => 0,
             };
             if current != expected {

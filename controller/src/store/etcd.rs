@@ -131,17 +131,15 @@ impl Etcd {
     async fn position(&self) -> Result<(u64, i64), StoreError> {
         let rev = self.kv().get(layout::REVISION, None).await.map_err(backend)?;
         let at = rev.header().map(|h| h.revision()).ok_or_else(|| backend("response without a header"))?;
-        let revision = rev.kvs().first().and_then(|kv| std::str::from_utf8(kv.value()).ok()?.parse().ok()).unwrap_or(0);
+        let revision = rev.kvs().first().map(|kv| layout::revision_value(kv.value())).transpose()?.unwrap_or(0);
         Ok((revision, at))
     }
 
     /// The intent revision and head record as etcd has them now.
     async fn head(&self) -> Result<(u64, Option<Vec<u8>>), StoreError> {
-        let mut kv = self.kv();
-        let rev = kv.get(layout::REVISION, None).await.map_err(backend)?;
-        let at = rev.header().map(|h| h.revision()).ok_or_else(|| backend("response without a header"))?;
-        let revision = rev.kvs().first().and_then(|kv| std::str::from_utf8(kv.value()).ok()?.parse().ok()).unwrap_or(0);
-        let head = kv
+        let (revision, at) = self.position().await?;
+        let head = self
+            .kv()
             .get(layout::HEAD, Some(GetOptions::new().with_revision(at)))
             .await
             .map_err(backend)?
@@ -168,9 +166,7 @@ impl Etcd {
             .op_responses()
             .into_iter()
             .find_map(|r| match r {
-                TxnOpResponse::Get(g) => {
-                    g.kvs().first().and_then(|kv| std::str::from_utf8(kv.value()).ok()?.parse().ok())
-                }
+                TxnOpResponse::Get(g) => g.kvs().first().and_then(|kv| layout::revision_value(kv.value()).ok()),
                 _ => None,
             })
             .unwrap_or(0);
@@ -301,7 +297,7 @@ async fn follow(store: Etcd, tx: tokio::sync::watch::Sender<u64>, mut start: i64
                 }
                 for event in resp.events() {
                     if let Some(kv) = event.kv() {
-                        if let Some(rev) = std::str::from_utf8(kv.value()).ok().and_then(|v| v.parse().ok()) {
+                        if let Ok(rev) = layout::revision_value(kv.value()) {
                             publish(rev);
                         }
                         start = kv.mod_revision() + 1;

@@ -87,8 +87,12 @@ pub struct WriteSet {
     pub deletes: Vec<String>,
 }
 
+fn json_text<T: Serialize>(key: &str, value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Encode { key: key.to_string(), reason: e.to_string() })
+}
+
 fn json<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(|e| StoreError::Encode { key: key.to_string(), reason: e.to_string() })
+    json_text(key, value).map(String::into_bytes)
 }
 
 /// Writes for one map; with `log`, also a [`KeyChange`] for each written key.
@@ -108,7 +112,7 @@ fn diff_map<T: Serialize + PartialEq>(
         };
         let key = format!("{prefix}{name}");
         if let Some(log) = log.as_deref_mut() {
-            let text = |v: &T| json(&key, v).map(|b| String::from_utf8_lossy(&b).into_owned());
+            let text = |v: &T| json_text(&key, v);
             log.push(KeyChange {
                 key: key.clone(),
                 previous: before.map(text).transpose()?,
@@ -134,10 +138,8 @@ pub fn write_set(
     let mut w = WriteSet::default();
     let mut log = Vec::new();
     if old.revision == 0 || old.intent.settings != intent.settings {
-        let previous = (old.revision != 0)
-            .then(|| json(SETTINGS, &old.intent.settings).map(|b| String::from_utf8_lossy(&b).into_owned()))
-            .transpose()?;
-        let current = Some(String::from_utf8_lossy(&json(SETTINGS, &intent.settings)?).into_owned());
+        let previous = (old.revision != 0).then(|| json_text(SETTINGS, &old.intent.settings)).transpose()?;
+        let current = Some(json_text(SETTINGS, &intent.settings)?);
         log.push(KeyChange { key: SETTINGS.to_string(), previous, current });
         w.puts.push((SETTINGS.to_string(), json(SETTINGS, &intent.settings)?));
     }
@@ -154,6 +156,14 @@ pub fn write_set(
     w.puts.push((HEAD.to_string(), audit_json));
     w.puts.push((REVISION.to_string(), audit.revision.to_string().into_bytes()));
     Ok(w)
+}
+
+/// The intent revision stored at [`REVISION`] (a decimal number).
+pub fn revision_value(value: &[u8]) -> Result<u64, StoreError> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| StoreError::Corrupt { key: REVISION.to_string(), reason: "not a revision number".into() })
 }
 
 fn parse<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, StoreError> {
@@ -198,10 +208,7 @@ pub fn decode<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Resul
     let mut s = Stored::default();
     for (key, value) in pairs {
         if key == REVISION {
-            s.revision = std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| StoreError::Corrupt { key: key.to_string(), reason: "not a revision number".into() })?;
+            s.revision = revision_value(value)?;
         } else if key == HEAD {
             s.head = Some(parse(key, value)?);
         } else if key.starts_with(INTENT) {
