@@ -130,20 +130,20 @@ async fn conformance<S: IntentStore + 'static>(store: Arc<S>) {
     verify(&history).expect("chain verifies");
 
     // Rollbacks are new forward revisions with an earlier revision's content.
-    let rolled = rollback(&*store, 3, 4, "carol@ops", T0 + 8, false).await.expect("rollback");
+    let rolled = rollback(&*store, 3, Some(4), "carol@ops", T0 + 8, false).await.expect("rollback");
     assert_eq!(rolled.revision, 5);
     assert_eq!(store.load().await.expect("load").intent, prefecture().intent, "the content of revision 3");
-    let rolled = rollback(&*store, 2, 5, "carol@ops", T0 + 9, false).await.expect("rollback");
+    let rolled = rollback(&*store, 2, Some(5), "carol@ops", T0 + 9, false).await.expect("rollback");
     assert_eq!(rolled.revision, 6);
     assert_eq!(store.load().await.expect("load").intent, prefecture_plus_branch().intent, "the content of revision 2");
     let last = store.history().await.expect("history").pop().expect("entry");
     assert_eq!(last.summary, "rollback to 2: +site kita-east");
-    assert!(matches!(rollback(&*store, 6, 6, "x", T0, false).await, Err(RollbackError::NoSuchRevision { .. })));
+    assert!(matches!(rollback(&*store, 6, Some(6), "x", T0, false).await, Err(RollbackError::NoSuchRevision { .. })));
     assert!(matches!(
-        rollback(&*store, 1, 5, "x", T0, false).await,
+        rollback(&*store, 1, Some(5), "x", T0, false).await,
         Err(RollbackError::Apply(ApplyError::Store(StoreError::Conflict { expected: 5, actual: 6 })))
     ));
-    rollback(&*store, 1, 6, "carol@ops", T0 + 10, false).await.expect("rollback");
+    rollback(&*store, 1, Some(6), "carol@ops", T0 + 10, false).await.expect("rollback");
     assert_eq!(store.load().await.expect("load").intent, prefecture().intent);
 
     // Replaying the watched changes onto nothing rebuilds the stored intent.

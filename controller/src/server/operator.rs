@@ -12,7 +12,7 @@ use crate::api;
 use crate::intent::export;
 use crate::intent::parse::{Parsed, parse_files};
 use crate::intent::{Kind, YamlName};
-use crate::store::apply::{Accepted, ApplyError, RollbackError, apply, plan_between, rollback};
+use crate::store::apply::{Accepted, ApplyError, RollbackError, apply, plan, rollback};
 use crate::store::{IntentStore, StoreError};
 use crate::validate;
 
@@ -50,15 +50,23 @@ fn store_status(e: StoreError) -> Status {
     }
 }
 
+/// An apply that was refused: invalid intent is an answer (diagnostics),
+/// anything else a failure.
 fn apply_status(e: ApplyError) -> Result<pb::ApplyResponse, Status> {
     match e {
         ApplyError::Invalid(diags) => Ok(pb::ApplyResponse {
             diagnostics: diags.iter().map(api::diagnostic_to_pb).collect(),
             ..Default::default()
         }),
-        ApplyError::Store(e) => Err(store_status(e)),
-        ApplyError::Alloc(e) => Err(Status::failed_precondition(e.to_string())),
-        ApplyError::Compile(e) => Err(Status::internal(e.to_string())),
+        other => Err(failure(other)),
+    }
+}
+
+fn failure(e: ApplyError) -> Status {
+    match e {
+        ApplyError::Store(e) => store_status(e),
+        ApplyError::Alloc(e) => Status::failed_precondition(e.to_string()),
+        other @ (ApplyError::Compile(_) | ApplyError::Invalid(_)) => Status::internal(other.to_string()),
     }
 }
 
@@ -100,26 +108,20 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
 
     async fn plan(&self, request: Request<pb::PlanRequest>) -> Result<Response<pb::PlanResponse>, Status> {
         let parsed = self.parse(&request.get_ref().documents)?;
-        let diags = validate::check(&parsed);
-        let current = self.store.load().await.map_err(store_status)?;
-        if !diags.is_empty() {
-            return Ok(Response::new(pb::PlanResponse {
-                revision: current.revision,
+        match plan(&*self.store, &parsed).await {
+            Ok(a) => Ok(Response::new(pb::PlanResponse {
+                revision: a.revision,
+                diagnostics: Vec::new(),
+                sites: api::plan_to_pb(&a.plan),
+                summary: a.summary,
+            })),
+            Err(ApplyError::Invalid(diags)) => Ok(Response::new(pb::PlanResponse {
+                revision: self.store.load().await.map_err(store_status)?.revision,
                 diagnostics: diags.iter().map(api::diagnostic_to_pb).collect(),
                 ..Default::default()
-            }));
+            })),
+            Err(e) => Err(failure(e)),
         }
-        let mut alloc = current.allocations.clone();
-        crate::allocate::reallocate(&parsed.intent, &mut alloc)
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        let (plan, _) = plan_between(&current, &parsed.intent, &alloc, &Default::default())
-            .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(pb::PlanResponse {
-            revision: current.revision,
-            diagnostics: Vec::new(),
-            sites: api::plan_to_pb(&plan),
-            summary: crate::audit::summarise(&current.intent, &parsed.intent),
-        }))
     }
 
     async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
@@ -174,8 +176,7 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
     async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
         let who = actor(&request);
         let req = request.into_inner();
-        let expected =
-            if req.dry_run { self.store.load().await.map_err(store_status)?.revision } else { req.expected_revision };
+        let expected = (!req.dry_run).then_some(req.expected_revision);
         match rollback(&*self.store, req.to_revision, expected, &who, now_ms(), req.dry_run).await {
             Ok(a) => {
                 if a.audit.is_some() {

@@ -40,7 +40,7 @@ pub struct Accepted {
 }
 
 /// The plan from `old` to `new`, compiling only the sites the change reaches.
-pub fn plan_between(
+fn plan_between(
     old: &Stored,
     new: &Intent,
     alloc: &crate::allocate::Allocations,
@@ -76,7 +76,16 @@ pub async fn apply<S: IntentStore>(
     if !diags.is_empty() {
         return Err(ApplyError::Invalid(diags));
     }
-    apply_intent(store, &parsed.intent, expected, Change { actor, now_ms, dry_run, note: None }).await
+    apply_intent(store, &parsed.intent, Some(expected), Change { actor, now_ms, dry_run, note: None }).await
+}
+
+/// What applying `parsed` would do to the intent as it is now; writes nothing.
+pub async fn plan<S: IntentStore>(store: &S, parsed: &Parsed) -> Result<Accepted, ApplyError> {
+    let diags = validate::check(parsed);
+    if !diags.is_empty() {
+        return Err(ApplyError::Invalid(diags));
+    }
+    apply_intent(store, &parsed.intent, None, Change { actor: "", now_ms: 0, dry_run: true, note: None }).await
 }
 
 /// Who makes a change, when, and how.
@@ -89,22 +98,28 @@ pub struct Change<'a> {
     pub note: Option<&'a str>,
 }
 
-/// Applies an already validated intent.
+/// Applies an already validated intent if the store is at `expected`;
+/// without an expected revision it plans against the current one and never
+/// writes (a write must name the revision it was planned against).
 async fn apply_intent<S: IntentStore>(
     store: &S,
     new: &Intent,
-    expected: u64,
+    expected: Option<u64>,
     change: Change<'_>,
 ) -> Result<Accepted, ApplyError> {
     let current = store.load().await?;
-    if current.revision != expected {
-        return Err(StoreError::Conflict { expected, actual: current.revision }.into());
-    }
+    let (expected, dry_run) = match expected {
+        Some(e) if e != current.revision => {
+            return Err(StoreError::Conflict { expected: e, actual: current.revision }.into());
+        }
+        Some(e) => (e, change.dry_run),
+        None => (current.revision, true),
+    };
     let mut alloc = current.allocations.clone();
     reallocate(new, &mut alloc)?;
     let (plan, affected) = plan_between(&current, new, &alloc, &PublicKeys::new())?;
     let mut summary = summarise(&current.intent, new);
-    if change.dry_run || (summary == "no change" && alloc == current.allocations) {
+    if dry_run || (summary == "no change" && alloc == current.allocations) {
         return Ok(Accepted { revision: current.revision, plan, affected, audit: None, summary });
     }
     if let Some(note) = change.note {
@@ -127,10 +142,12 @@ pub enum RollbackError {
 /// A new forward change whose content is the intent of an earlier revision.
 /// Allocations stay sticky: objects that come back get their old numbers if
 /// still free, never someone else's.
+///
+/// Without `expected`, plans against the current revision and writes nothing.
 pub async fn rollback<S: IntentStore>(
     store: &S,
     target: u64,
-    expected: u64,
+    expected: Option<u64>,
     actor: &str,
     now_ms: u64,
     dry_run: bool,
