@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["musubi/v1/site_config.proto", "musubi/v1/operator.proto"];
+    let protos = ["musubi/v1/site_config.proto", "musubi/v1/operator.proto", "musubi/v1/agent.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -177,17 +177,17 @@ async fn conformance<S: IntentStore + 'static>(store: Arc<S>) {
     // TTLs up to its own minimum, so wait past that too).
     tokio::time::sleep(Duration::from_millis(3500)).await;
     let present = store.present().await.expect("present");
-    assert!(present.contains("kita-hall") && present.contains("minami-hall"), "{present:?}");
+    assert!(present.contains_key("kita-hall") && present.contains_key("minami-hall"), "{present:?}");
     drop(here);
     crashed.forget();
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut gone_at = None;
     loop {
         let present = store.present().await.expect("present");
-        if gone_at.is_none() && !present.contains("kita-hall") {
+        if gone_at.is_none() && !present.contains_key("kita-hall") {
             gone_at = Some(Instant::now());
         }
-        if !present.contains("minami-hall") {
+        if !present.contains_key("minami-hall") {
             break;
         }
         assert!(Instant::now() < deadline, "an unrenewed presence did not expire: {present:?}");

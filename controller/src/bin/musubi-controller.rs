@@ -5,16 +5,22 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use musubi_controller::allocate::reallocate;
 use musubi_controller::compile::{PublicKeys, compile};
 use musubi_controller::diagnostic::render;
+use musubi_controller::fanout::Fanout;
+use musubi_controller::pki::{self, Authority, Paths};
+use musubi_controller::server::agent::{AgentService, AgentSettings};
 use musubi_controller::server::operator::{DEFAULT_MAX_INTENT_BYTES, OperatorService};
+use musubi_controller::server::operator_auth;
 use musubi_controller::store::any::{AnyStore, StoreUrl};
 use musubi_controller::store::etcd::EtcdConfig;
 use musubi_controller::{load, validate};
+use musubi_proto::v1::agent_server::AgentServer;
 use musubi_proto::v1::operator_server::OperatorServer;
 use prost::Message;
 
@@ -41,10 +47,23 @@ enum Command {
         /// [default: file:///var/lib/musubi].
         #[arg(long, env = "MUSUBI_STORE")]
         store: Option<StoreUrl>,
-        /// Serve plain-text gRPC. Required until mutual TLS is configured; use
-        /// only on a trusted network.
+        /// Serve plain-text gRPC without client certificates (no enrolment;
+        /// the actor is `local`). Trusted networks and tests only.
         #[arg(long)]
         insecure: bool,
+        /// The PKI directory made by `musubi-controller init` (CA, server
+        /// certificate) [default: /var/lib/musubi/pki].
+        #[arg(long, env = "MUSUBI_PKI")]
+        pki: Option<PathBuf>,
+        /// Lifetime of the site certificates this controller issues, in seconds [default: 86400].
+        #[arg(long)]
+        site_cert_lifetime_s: Option<u64>,
+        /// Seconds between keepalives on agent streams [default: 5].
+        #[arg(long)]
+        keepalive_s: Option<u64>,
+        /// This replica's name in agents' status [default: the listen address].
+        #[arg(long)]
+        name: Option<String>,
         /// Largest intent (all documents together) an apply may send, in MiB [default: 32].
         #[arg(long)]
         max_intent_mib: Option<usize>,
@@ -57,6 +76,31 @@ enum Command {
         /// Client certificate and key for etcd, PEM.
         #[arg(long, num_args = 2, value_names = ["CERT", "KEY"])]
         etcd_client_cert: Option<Vec<PathBuf>>,
+    },
+    /// Create the PKI directory: a CA (or adopt an external one), the
+    /// controller's server certificate and an admin operator certificate.
+    /// Private keys are written 0600.
+    Init {
+        #[arg(long, default_value = "/var/lib/musubi/pki")]
+        pki: PathBuf,
+        /// Names and addresses agents and operators use to reach the
+        /// controller (the server certificate's names).
+        #[arg(long = "server-name", default_values = ["localhost", "127.0.0.1"])]
+        server_names: Vec<String>,
+        /// Name of the first operator certificate.
+        #[arg(long, default_value = "admin")]
+        admin: String,
+        /// Use an external CA instead of making one: its certificate and key, PEM.
+        #[arg(long, num_args = 2, value_names = ["CERT", "KEY"])]
+        ca: Option<Vec<PathBuf>>,
+    },
+    /// Issue another operator certificate from the CA in the PKI directory.
+    Operator {
+        name: String,
+        #[arg(long, default_value = "/var/lib/musubi/pki")]
+        pki: PathBuf,
+        #[arg(long, default_value_t = 365)]
+        days: u64,
     },
     /// Validate an intent and write `<site>.pb` and `<site>.json` for every site.
     CompileAll {
@@ -78,6 +122,7 @@ struct ServeFile {
     #[serde(default, deserialize_with = "store_url")]
     store: Option<StoreUrl>,
     insecure: Option<bool>,
+    pki: Option<PathBuf>,
     max_intent_mib: Option<usize>,
     etcd: Option<EtcdFile>,
 }
@@ -112,6 +157,8 @@ async fn main() -> ExitCode {
     let result = match Cli::parse().command {
         serve @ Command::Serve { .. } => serve_command(serve).await,
         Command::CompileAll { paths, out, allocations } => compile_all(paths, out, allocations),
+        Command::Init { pki, server_names, admin, ca } => init(pki, server_names, admin, ca),
+        Command::Operator { name, pki, days } => operator(name, pki, days),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -124,8 +171,20 @@ async fn main() -> ExitCode {
 
 /// Merges `--config FILE` with the flags (a flag wins), then serves.
 async fn serve_command(command: Command) -> Result<()> {
-    let Command::Serve { config, listen, store, insecure, max_intent_mib, etcd_user, etcd_ca, etcd_client_cert } =
-        command
+    let Command::Serve {
+        config,
+        listen,
+        store,
+        insecure,
+        pki,
+        site_cert_lifetime_s,
+        keepalive_s,
+        name,
+        max_intent_mib,
+        etcd_user,
+        etcd_ca,
+        etcd_client_cert,
+    } = command
     else {
         bail!("not a serve command");
     };
@@ -143,14 +202,18 @@ async fn serve_command(command: Command) -> Result<()> {
         Some(s) => s,
         None => "file:///var/lib/musubi".parse().map_err(anyhow::Error::msg)?,
     };
-    serve(
-        listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7400))),
-        store,
-        insecure || file.insecure.unwrap_or(false),
-        max_intent_mib.or(file.max_intent_mib).unwrap_or(DEFAULT_MAX_INTENT_BYTES / 1024 / 1024),
-        etcd,
-    )
-    .await
+    let listen = listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7400)));
+    let insecure = insecure || file.insecure.unwrap_or(false);
+    let pki = (!insecure).then(|| pki.or(file.pki).unwrap_or_else(|| PathBuf::from("/var/lib/musubi/pki")));
+    let mut agents = AgentSettings { controller: name.unwrap_or_else(|| listen.to_string()), ..Default::default() };
+    if let Some(s) = site_cert_lifetime_s {
+        agents.site_certificate_lifetime = Duration::from_secs(s.max(60));
+    }
+    if let Some(s) = keepalive_s {
+        agents.keepalive = Duration::from_secs(s.max(1));
+    }
+    let max = max_intent_mib.or(file.max_intent_mib).unwrap_or(DEFAULT_MAX_INTENT_BYTES / 1024 / 1024);
+    serve(listen, store, pki, max, etcd, agents).await
 }
 
 async fn shutdown_signal() {
@@ -168,27 +231,77 @@ async fn shutdown_signal() {
 async fn serve(
     listen: SocketAddr,
     url: StoreUrl,
-    insecure: bool,
+    pki: Option<PathBuf>,
     max_intent_mib: usize,
     etcd: EtcdConfig,
+    agents: AgentSettings,
 ) -> Result<()> {
-    if !insecure {
-        bail!(
-            "mutual TLS is not configured yet; start with --insecure to serve plain text (trusted networks and tests only)"
-        );
-    }
-    let store = AnyStore::open(&url, etcd).await.with_context(|| format!("opening the store {url:?}"))?;
-    let revision = musubi_controller::store::IntentStore::load(&store).await?.revision;
+    let mut builder = tonic::transport::Server::builder();
+    let authority = match &pki {
+        Some(dir) => {
+            let paths = Paths::new(dir);
+            if !paths.ca().exists() {
+                bail!(
+                    "no CA in {}: run `musubi-controller init --pki {}` first (or serve --insecure on a trusted network)",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            builder = builder.tls_config(pki::server_tls(&paths)?).context("configuring TLS")?;
+            Some(Arc::new(Authority::load(&paths)?))
+        }
+        None => None,
+    };
+    let store = Arc::new(AnyStore::open(&url, etcd).await.with_context(|| format!("opening the store {url:?}"))?);
+    let fanout = Fanout::start(store.clone()).await.context("compiling the sites' configurations")?;
     let max = max_intent_mib * 1024 * 1024;
-    let service = OperatorServer::new(OperatorService::new(Arc::new(store), max))
-        .max_decoding_message_size(max + 1024 * 1024)
+    let operator = tonic::service::interceptor::InterceptedService::new(
+        OperatorServer::new(OperatorService::new(store.clone(), max, fanout.clone()))
+            .max_decoding_message_size(max + 1024 * 1024)
+            .max_encoding_message_size(usize::MAX),
+        operator_auth(authority.is_some()),
+    );
+    let agent = AgentServer::new(AgentService::new(store, fanout.clone(), authority.clone(), agents))
+        .max_decoding_message_size(16 * 1024 * 1024)
         .max_encoding_message_size(usize::MAX);
-    tracing::info!(%listen, store = ?url, revision, "serving the operator API (plain text: --insecure)");
-    tonic::transport::Server::builder()
-        .add_service(service)
+    let mode = if authority.is_some() { "mutual TLS" } else { "plain text: --insecure" };
+    tracing::info!(%listen, store = ?url, revision = fanout.revision(), sites = fanout.sites().len(), mode, "serving");
+    builder
+        .add_service(operator)
+        .add_service(agent)
         .serve_with_shutdown(listen, shutdown_signal())
         .await
-        .context("serving the operator API")?;
+        .context("serving")?;
+    Ok(())
+}
+
+fn init(dir: PathBuf, server_names: Vec<String>, admin: String, ca: Option<Vec<PathBuf>>) -> Result<()> {
+    let external = ca.as_ref().and_then(|v| Some((v.first()?.as_path(), v.get(1)?.as_path())));
+    let made = pki::init(&dir, &server_names, &admin, external)?;
+    let p = &made.paths;
+    println!("CA:          {}{}", p.ca().display(), if made.external_ca { " (external)" } else { "" });
+    println!("CA key:      {} (0600)", p.ca_key().display());
+    println!("server:      {} for {}", p.server().display(), server_names.join(", "));
+    println!(
+        "operator:    {} + {} (0600), identity operator:{admin}",
+        p.operator(&admin).display(),
+        p.operator_key(&admin).display()
+    );
+    println!("\nServe with: musubi-controller serve --pki {}", dir.display());
+    Ok(())
+}
+
+fn operator(name: String, dir: PathBuf, days: u64) -> Result<()> {
+    let paths = Paths::new(&dir);
+    let authority = Authority::load(&paths)?;
+    let (cert, key) = authority.issue_operator(&name, Duration::from_secs(days * 86_400))?;
+    pki::write(&paths.operator_key(&name), &key, true)?;
+    pki::write(&paths.operator(&name), &cert, false)?;
+    println!(
+        "{} + {} (0600), identity operator:{name}",
+        paths.operator(&name).display(),
+        paths.operator_key(&name).display()
+    );
     Ok(())
 }
 

@@ -137,3 +137,39 @@ fn put<T>(v: &mut Vec<T>, name: &str, value: Option<T>, key: impl Fn(&T) -> &Str
         (Err(_), None) => {}
     }
 }
+
+/// Updates `configs` after agents reported new public keys for the
+/// `(site, segment)` pairs in `changed`, and returns the sites whose
+/// configuration changed. A member's key appears only on its segment's
+/// access points (its peer is replaced in place); an access point's key
+/// appears on every member of the segment and on the other access point.
+pub fn rekey(
+    intent: &Intent,
+    alloc: &Allocations,
+    keys: &PublicKeys,
+    changed: &BTreeSet<(String, String)>,
+    configs: &mut BTreeMap<String, Arc<SiteConfig>>,
+) -> Result<BTreeSet<String>, CompileError> {
+    let index = Index::new(intent, alloc, keys);
+    let mut out = BTreeSet::new();
+    let mut whole: BTreeSet<&str> = BTreeSet::new();
+    for (name, segment) in changed {
+        let Some(site) = intent.sites.get(name) else { continue };
+        let (east, west) = index.access_points(segment);
+        let aps = [east, west].into_iter().flatten().filter(|ap| ap.name != *name);
+        if site.is_access_point() {
+            whole.extend(index.members(segment).iter().copied());
+            whole.extend(aps.map(|ap| ap.name.as_str()));
+        } else {
+            for ap in aps {
+                if splice(&index, ap, name, Some(site), configs)? {
+                    out.insert(ap.name.clone());
+                }
+            }
+        }
+    }
+    for name in whole {
+        update(&index, name, configs, &mut out)?;
+    }
+    Ok(out)
+}

@@ -9,9 +9,11 @@ use musubi_proto::v1::operator_server::Operator;
 use tonic::{Request, Response, Status};
 
 use crate::api;
+use crate::fanout::Fanout;
 use crate::intent::export;
 use crate::intent::parse::{Parsed, parse_files};
 use crate::intent::{Kind, YamlName};
+use crate::sites;
 use crate::store::apply::{Accepted, ApplyError, RollbackError, apply, plan, rollback};
 use crate::store::{IntentStore, StoreError};
 use crate::validate;
@@ -23,11 +25,12 @@ pub const DEFAULT_MAX_INTENT_BYTES: usize = 32 * 1024 * 1024;
 pub struct OperatorService<S> {
     store: Arc<S>,
     max_intent_bytes: usize,
+    fanout: Arc<Fanout>,
 }
 
 impl<S> OperatorService<S> {
-    pub fn new(store: Arc<S>, max_intent_bytes: usize) -> Self {
-        OperatorService { store, max_intent_bytes }
+    pub fn new(store: Arc<S>, max_intent_bytes: usize, fanout: Arc<Fanout>) -> Self {
+        OperatorService { store, max_intent_bytes, fanout }
     }
 }
 
@@ -35,9 +38,10 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The caller's identity for the audit chain; `local` until mutual TLS.
-fn actor<T>(_request: &Request<T>) -> String {
-    "local".to_string()
+/// The caller's identity for the audit chain, as [`super::operator_auth`]
+/// established it.
+fn actor<T>(request: &Request<T>) -> String {
+    request.extensions().get::<super::Actor>().map_or_else(|| "local".to_string(), |a| a.0.clone())
 }
 
 fn store_status(e: StoreError) -> Status {
@@ -195,5 +199,69 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         let current = self.store.load().await.map_err(store_status)?;
         let yaml = export::to_yaml(&current.intent).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::ExportResponse { revision: current.revision, yaml }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let who = actor(&request);
+        let req = request.into_inner();
+        if self.fanout.subscribe(&req.site).is_none() {
+            return Err(Status::not_found(format!("site `{}` is not in the intent", req.site)));
+        }
+        if req.ttl_seconds == 0 || req.ttl_seconds > 7 * 86_400 {
+            return Err(Status::invalid_argument("a token lives between 1 s and 7 days (--ttl)"));
+        }
+        let ttl = std::time::Duration::from_secs(req.ttl_seconds);
+        let (token, expires) =
+            sites::create_token(&*self.store, &req.site, ttl, &who, now_ms()).await.map_err(store_status)?;
+        tracing::info!(site = %req.site, actor = %who, ttl_s = req.ttl_seconds, "join token created");
+        Ok(Response::new(pb::CreateTokenResponse { token, expires_unix_ms: expires }))
+    }
+
+    async fn revoke_site(
+        &self,
+        request: Request<pb::RevokeSiteRequest>,
+    ) -> Result<Response<pb::RevokeSiteResponse>, Status> {
+        let who = actor(&request);
+        let req = request.into_inner();
+        let at = sites::revoke(&*self.store, &req.site, now_ms(), req.restore).await.map_err(store_status)?;
+        if req.restore {
+            tracing::warn!(site = %req.site, actor = %who, "site revocation lifted");
+        } else {
+            tracing::warn!(site = %req.site, actor = %who, "site revoked");
+        }
+        Ok(Response::new(pb::RevokeSiteResponse { at_unix_ms: at }))
+    }
+
+    async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let req = request.into_inner();
+        let present = self.store.present().await.map_err(store_status)?;
+        let seen = sites::seen(&*self.store).await.map_err(store_status)?;
+        let mut names = self.fanout.sites();
+        if !req.site.is_empty() {
+            if !names.contains(&req.site) {
+                return Err(Status::not_found(format!("site `{}` is not in the intent", req.site)));
+            }
+            names = vec![req.site.clone()];
+        }
+        let rows = names
+            .into_iter()
+            .map(|site| {
+                let desired = self.fanout.desired(&site);
+                let live = present.get(&site);
+                let reported = live.or_else(|| seen.get(&site)).and_then(|v| serde_json::from_slice(v).ok());
+                pb::SiteState {
+                    connected: live.is_some(),
+                    revoked: self.fanout.revocation(&site).is_some_and(|r| r.active),
+                    desired_revision: desired.as_ref().map_or(0, |d| d.revision),
+                    desired_digest: desired.map(|d| d.digest.clone()).unwrap_or_default(),
+                    reported,
+                    site,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::StatusResponse { sites: rows }))
     }
 }

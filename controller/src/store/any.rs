@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use super::embedded::Embedded;
 use super::etcd::{Etcd, EtcdConfig};
 use super::layout::{KeyChange, Stored, WriteSet};
-use super::{IntentStore, StoreError};
+use super::{Guard, IntentStore, StoreError};
 use crate::audit::AuditEntry;
 
 #[derive(Debug, Clone)]
@@ -90,10 +90,31 @@ impl IntentStore for AnyStore {
         }
     }
 
-    async fn present(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
+    async fn present(&self) -> Result<std::collections::BTreeMap<String, Vec<u8>>, StoreError> {
         match self {
             AnyStore::Embedded(s) => s.present().await,
             AnyStore::Etcd(s) => s.present().await,
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        match self {
+            AnyStore::Embedded(s) => s.list(prefix).await,
+            AnyStore::Etcd(s) => s.list(prefix).await,
+        }
+    }
+
+    async fn swap(&self, key: &str, expected: Guard, value: Option<Vec<u8>>) -> Result<bool, StoreError> {
+        match self {
+            AnyStore::Embedded(s) => s.swap(key, expected, value).await,
+            AnyStore::Etcd(s) => s.swap(key, expected, value).await,
+        }
+    }
+
+    async fn subscribe_sites(&self) -> Result<tokio::sync::watch::Receiver<u64>, StoreError> {
+        match self {
+            AnyStore::Embedded(s) => s.subscribe_sites().await,
+            AnyStore::Etcd(s) => s.subscribe_sites().await,
         }
     }
 

@@ -3,7 +3,7 @@
 //! (one writer at a time), and redb locks the file so that a second
 //! controller cannot open the same directory.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,7 +12,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::layout::{self, Stored, WriteSet};
 use super::presence::{Presence, renew_every};
-use super::{IntentStore, StoreError};
+use super::{Guard, IntentStore, StoreError};
 use crate::audit::AuditEntry;
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("musubi");
@@ -28,7 +28,9 @@ pub struct Embedded {
     latest: Arc<tokio::sync::watch::Sender<u64>>,
     /// Presence expiries: only this process can see the file, so presence
     /// lives in memory.
-    presence: Arc<Mutex<HashMap<String, Instant>>>,
+    presence: Arc<Mutex<HashMap<String, (Instant, Vec<u8>)>>>,
+    /// Moves on every public key or revocation written (see [`IntentStore::subscribe_sites`]).
+    sites: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -53,6 +55,7 @@ impl Embedded {
             path,
             latest: Arc::new(tokio::sync::watch::Sender::new(0)),
             presence: Arc::new(Mutex::new(HashMap::new())),
+            sites: Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         let revision = store.revision_blocking()?;
         store.latest.send_replace(revision);
@@ -141,7 +144,9 @@ impl IntentStore for Embedded {
             tx.commit().map_err(backend)
         })
         .await
-        .map_err(backend)?
+        .map_err(backend)??;
+        self.sites.send_modify(|n| *n += 1);
+        Ok(())
     }
 
     async fn announce(&self, site: &str, ttl: Duration) -> Result<Presence, StoreError> {
@@ -152,26 +157,80 @@ impl IntentStore for Embedded {
             tokio::spawn(async move {
                 loop {
                     if let Ok(mut m) = map.lock() {
-                        m.insert(name.clone(), Instant::now() + ttl);
+                        m.entry(name.clone()).or_insert_with(|| (Instant::now(), Vec::new())).0 = Instant::now() + ttl;
                     }
                     tokio::time::sleep(renew_every(ttl)).await;
                 }
             })
         };
         if let Ok(mut m) = map.lock() {
-            m.insert(name.clone(), Instant::now() + ttl);
+            m.insert(name.clone(), (Instant::now() + ttl, Vec::new()));
         }
-        Ok(Presence::new(renew, move || {
-            if let Ok(mut m) = map.lock() {
-                m.remove(&name);
-            }
-        }))
+        let set = {
+            let (map, name) = (map.clone(), name.clone());
+            Box::new(move |value: Vec<u8>| {
+                if let Ok(mut m) = map.lock() {
+                    m.entry(name.clone()).or_insert_with(|| (Instant::now() + ttl, Vec::new())).1 = value;
+                }
+                Box::pin(std::future::ready(Ok(()))) as std::pin::Pin<Box<dyn Future<Output = _> + Send>>
+            })
+        };
+        Ok(Presence::new(
+            renew,
+            move || {
+                if let Ok(mut m) = map.lock() {
+                    m.remove(&name);
+                }
+            },
+            set,
+        ))
     }
 
-    async fn present(&self) -> Result<BTreeSet<String>, StoreError> {
+    async fn present(&self) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
         let now = Instant::now();
         let m = self.presence.lock().map_err(|_| backend("presence table poisoned"))?;
-        Ok(m.iter().filter(|(_, expiry)| **expiry > now).map(|(site, _)| site.clone()).collect())
+        Ok(m.iter().filter(|(_, (expiry, _))| *expiry > now).map(|(site, (_, v))| (site.clone(), v.clone())).collect())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let (this, prefix) = (self.clone(), prefix.to_string());
+        tokio::task::spawn_blocking(move || this.pairs(&[prefix.as_str()])).await.map_err(backend)?
+    }
+
+    async fn swap(&self, key: &str, expected: Guard, value: Option<Vec<u8>>) -> Result<bool, StoreError> {
+        let (this, key) = (self.clone(), key.to_string());
+        let notify = key.starts_with(layout::KEYS) || key.starts_with(layout::REVOKED);
+        let wrote = tokio::task::spawn_blocking(move || {
+            let tx = this.db.begin_write().map_err(backend)?;
+            {
+                let mut table = tx.open_table(KV).map_err(backend)?;
+                let current = table.get(key.as_str()).map_err(backend)?.map(|v| v.value().to_vec());
+                let holds = match &expected {
+                    Guard::Any => true,
+                    Guard::Absent => current.is_none(),
+                    Guard::Holds(v) => current.as_ref() == Some(v),
+                };
+                if !holds {
+                    return Ok(false);
+                }
+                match &value {
+                    Some(v) => table.insert(key.as_str(), v.as_slice()).map(|_| ()).map_err(backend)?,
+                    None => table.remove(key.as_str()).map(|_| ()).map_err(backend)?,
+                }
+            }
+            tx.commit().map_err(backend)?;
+            Ok::<bool, StoreError>(true)
+        })
+        .await
+        .map_err(backend)??;
+        if wrote && notify {
+            self.sites.send_modify(|n| *n += 1);
+        }
+        Ok(wrote)
+    }
+
+    async fn subscribe_sites(&self) -> Result<tokio::sync::watch::Receiver<u64>, StoreError> {
+        Ok(self.sites.subscribe())
     }
 
     async fn subscribe(&self) -> Result<tokio::sync::watch::Receiver<u64>, StoreError> {

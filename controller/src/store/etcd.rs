@@ -7,7 +7,7 @@
 //! in one atomic change needs both raised, e.g. `--max-txn-ops 100000
 //! --max-request-bytes 67108864`.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use etcd_client::{
 
 use super::layout::{self, Stored, WriteSet};
 use super::presence::{Presence, renew_every};
-use super::{IntentStore, StoreError};
+use super::{Guard, IntentStore, StoreError};
 use crate::audit::AuditEntry;
 
 /// How to reach etcd.
@@ -231,18 +231,60 @@ impl IntentStore for Etcd {
             }
         });
         let mut revoker = self.client.clone();
-        Ok(Presence::new(renew, move || {
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(async move {
-                    let _ = revoker.lease_revoke(lease).await;
-                });
-            }
-        }))
+        let setter = self.clone();
+        let set: super::presence::Setter = Box::new(move |value: Vec<u8>| {
+            let (store, key) = (setter.clone(), key.clone());
+            Box::pin(async move {
+                let put = etcd_client::PutOptions::new().with_lease(lease);
+                store.kv().put(key.as_str(), value, Some(put)).await.map(|_| ()).map_err(backend)
+            })
+        });
+        Ok(Presence::new(
+            renew,
+            move || {
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    handle.spawn(async move {
+                        let _ = revoker.lease_revoke(lease).await;
+                    });
+                }
+            },
+            set,
+        ))
     }
 
-    async fn present(&self) -> Result<BTreeSet<String>, StoreError> {
+    async fn present(&self) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
         let pairs = retrying(|| self.range(layout::PRESENCE, 0)).await?;
-        Ok(pairs.into_iter().filter_map(|(k, _)| k.strip_prefix(layout::PRESENCE).map(String::from)).collect())
+        Ok(pairs.into_iter().filter_map(|(k, v)| Some((k.strip_prefix(layout::PRESENCE)?.to_string(), v))).collect())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        retrying(|| self.range(prefix, 0)).await
+    }
+
+    async fn swap(&self, key: &str, expected: Guard, value: Option<Vec<u8>>) -> Result<bool, StoreError> {
+        let guard = match &expected {
+            Guard::Any => None,
+            Guard::Absent => Some(Compare::create_revision(key, CompareOp::Equal, 0)),
+            Guard::Holds(v) => Some(Compare::value(key, CompareOp::Equal, v.clone())),
+        };
+        let op = match value {
+            Some(v) => TxnOp::put(key, v, None),
+            None => TxnOp::delete(key, None),
+        };
+        // A lost answer is not retried: the caller reads again and decides.
+        let resp = self
+            .kv()
+            .txn(Txn::new().when(guard.into_iter().collect::<Vec<_>>()).and_then([op]))
+            .await
+            .map_err(backend)?;
+        Ok(resp.succeeded())
+    }
+
+    async fn subscribe_sites(&self) -> Result<tokio::sync::watch::Receiver<u64>, StoreError> {
+        let (_, at) = retrying(|| self.position()).await?;
+        let (tx, rx) = tokio::sync::watch::channel(0);
+        tokio::spawn(follow_sites(self.clone(), tx, at + 1));
+        Ok(rx)
     }
 
     async fn subscribe(&self) -> Result<tokio::sync::watch::Receiver<u64>, StoreError> {
@@ -308,6 +350,47 @@ async fn follow(store: Etcd, tx: tokio::sync::watch::Sender<u64>, mut start: i64
         tokio::time::sleep(PAUSE).await;
         if let Ok((rev, at)) = store.position().await {
             publish(rev);
+            start = at + 1;
+        }
+    }
+}
+
+/// Bumps `tx` on every change under the public-key and revocation prefixes,
+/// from etcd revision `start` on; after a broken watch it bumps once (the
+/// reader reloads everything anyway) and watches on from the present.
+async fn follow_sites(store: Etcd, tx: tokio::sync::watch::Sender<u64>, mut start: i64) {
+    while !tx.is_closed() {
+        let mut client = store.client.clone();
+        // One watch over the key range that holds both prefixes' keys:
+        // `/musubi/v1/keys/` … `/musubi/v1/revoked/` sort apart, so two watches.
+        let mut streams = Vec::new();
+        for prefix in [layout::KEYS, layout::REVOKED] {
+            let options = etcd_client::WatchOptions::new().with_prefix().with_start_revision(start);
+            if let Ok(stream) = client.watch(prefix, Some(options)).await {
+                streams.push(stream);
+            }
+        }
+        if streams.len() == 2 {
+            let (mut a, mut b) = (streams.remove(0), streams.remove(0));
+            loop {
+                let message = tokio::select! {
+                    _ = tx.closed() => return,
+                    m = a.message() => m,
+                    m = b.message() => m,
+                };
+                let Ok(Some(resp)) = message else { break };
+                if resp.canceled() || resp.compact_revision() > 0 {
+                    break;
+                }
+                if let Some(last) = resp.events().iter().filter_map(|e| e.kv()).map(|kv| kv.mod_revision()).max() {
+                    start = start.max(last + 1);
+                    tx.send_modify(|n| *n += 1);
+                }
+            }
+        }
+        tokio::time::sleep(PAUSE).await;
+        if let Ok((_, at)) = store.position().await {
+            tx.send_modify(|n| *n += 1);
             start = at + 1;
         }
     }

@@ -10,7 +10,10 @@
 //! | `/musubi/v1/alloc/segment/<name>`, `/musubi/v1/alloc/site/<name>` | its allocation |
 //! | `/musubi/v1/audit/<revision, 20 digits>` | the [`AuditEntry`] of that revision |
 //! | `/musubi/v1/keys/<site>/<segment>` | the agent's WireGuard public key for that segment (base64) |
-//! | `/musubi/v1/presence/<site>` | empty; lives while the agent is connected (lease or expiry) |
+//! | `/musubi/v1/presence/<site>` | the agent's [`SiteStatus`](musubi_proto::v1::SiteStatus) (JSON); lives while the agent is connected (lease or expiry) |
+//! | `/musubi/v1/seen/<site>` | the agent's last status, kept after it disconnects |
+//! | `/musubi/v1/tokens/<SHA-256 of the token, hex>` | a join token's [`site`, expiry, use] record; the token itself is never stored |
+//! | `/musubi/v1/revoked/<site>` | a revocation: certificates issued before it are refused |
 //! | `/musubi/v1/changes/<revision, 20 digits>` | [`KeyChange`] records: each intent key that revision changed, before and after (watches replay them forwards, rollbacks backwards) |
 //!
 //! The intent revision is Musubi's own counter (1, 2, 3 …), kept in the head
@@ -45,6 +48,9 @@ pub const CHANGES: &str = "/musubi/v1/changes/";
 pub const INTENT: &str = "/musubi/v1/intent/";
 pub const KEYS: &str = "/musubi/v1/keys/";
 pub const PRESENCE: &str = "/musubi/v1/presence/";
+pub const SEEN: &str = "/musubi/v1/seen/";
+pub const TOKENS: &str = "/musubi/v1/tokens/";
+pub const REVOKED: &str = "/musubi/v1/revoked/";
 
 pub fn public_key_key(site: &str, segment: &str) -> String {
     format!("{KEYS}{site}/{segment}")
@@ -147,8 +153,10 @@ pub fn write_set(
     diff_map(&mut w, Some(&mut log), SEGMENT, &old.intent.segments, &intent.segments)?;
     diff_map(&mut w, Some(&mut log), SITE, &old.intent.sites, &intent.sites)?;
     diff_map(&mut w, Some(&mut log), POLICY, &old.intent.policies, &intent.policies)?;
-    diff_map(&mut w, None, ALLOC_SEGMENT, &old.allocations.segments, &allocations.segments)?;
-    diff_map(&mut w, None, ALLOC_SITE, &old.allocations.sites, &allocations.sites)?;
+    // Allocations are logged too, so that a watcher can follow the whole
+    // compiled state from change records alone (rollback ignores them).
+    diff_map(&mut w, Some(&mut log), ALLOC_SEGMENT, &old.allocations.segments, &allocations.segments)?;
+    diff_map(&mut w, Some(&mut log), ALLOC_SITE, &old.allocations.sites, &allocations.sites)?;
     let changes_key = changes_key(audit.revision);
     w.puts.push((changes_key.clone(), json(&changes_key, &log)?));
     let audit_json = json(HEAD, audit)?;
@@ -200,6 +208,29 @@ pub fn set_intent_key(intent: &mut Intent, key: &str, value: Option<&[u8]>) -> R
         put(&mut intent.policies, name, key, value)?;
     }
     Ok(())
+}
+
+/// Sets (or removes) the intent object or allocation a key names.
+pub fn set_state_key(state: &mut Stored, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+    fn put<T: DeserializeOwned>(
+        map: &mut BTreeMap<String, T>,
+        name: &str,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        match value {
+            Some(v) => map.insert(name.to_string(), parse(key, v)?),
+            None => map.remove(name),
+        };
+        Ok(())
+    }
+    if let Some(name) = key.strip_prefix(ALLOC_SEGMENT) {
+        put(&mut state.allocations.segments, name, key, value)
+    } else if let Some(name) = key.strip_prefix(ALLOC_SITE) {
+        put(&mut state.allocations.sites, name, key, value)
+    } else {
+        set_intent_key(&mut state.intent, key, value)
+    }
 }
 
 /// Rebuilds the state from the keys of one consistent read (audit and undo

@@ -35,6 +35,14 @@ pub enum StoreError {
     Backend(String),
 }
 
+/// The condition of [`IntentStore::swap`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Guard {
+    Any,
+    Absent,
+    Holds(Vec<u8>),
+}
+
 /// A backend of the intent store. Its futures are `Send` so that a server
 /// can serve many clients from one store on a multi-threaded runtime.
 pub trait IntentStore: Send + Sync {
@@ -67,8 +75,25 @@ pub trait IntentStore: Send + Sync {
         ttl: std::time::Duration,
     ) -> impl Future<Output = Result<presence::Presence, StoreError>> + Send;
 
-    /// Sites whose presence record is live.
-    fn present(&self) -> impl Future<Output = Result<std::collections::BTreeSet<String>, StoreError>> + Send;
+    /// Sites whose presence record is live, with the value last set on it.
+    fn present(&self) -> impl Future<Output = Result<std::collections::BTreeMap<String, Vec<u8>>, StoreError>> + Send;
+
+    /// Every key under `prefix` (site records outside the intent: join
+    /// tokens, revocations, last-seen times), from one consistent read.
+    fn list(&self, prefix: &str) -> impl Future<Output = Result<Vec<(String, Vec<u8>)>, StoreError>> + Send;
+
+    /// Sets `key` to `value` (`None` deletes it) if and only if `expected`
+    /// holds now. Says whether it wrote.
+    fn swap(
+        &self,
+        key: &str,
+        expected: Guard,
+        value: Option<Vec<u8>>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// A counter that moves whenever an agent's public key or a revocation
+    /// changes, from this controller or any other.
+    fn subscribe_sites(&self) -> impl Future<Output = Result<tokio::sync::watch::Receiver<u64>, StoreError>> + Send;
 
     /// The newest intent revision, updated as commits land, from this
     /// controller or (on a shared store) any other.

@@ -11,8 +11,13 @@ use tokio::task::JoinHandle;
 /// as a crashed holder would.
 pub struct Presence {
     renew: JoinHandle<()>,
-    withdraw: Option<Box<dyn FnOnce() + Send>>,
+    withdraw: Option<Box<dyn FnOnce() + Send + Sync>>,
+    set: Setter,
 }
+
+/// Replaces the value of a presence record.
+pub(crate) type Setter =
+    Box<dyn Fn(Vec<u8>) -> std::pin::Pin<Box<dyn Future<Output = Result<(), super::StoreError>> + Send>> + Send + Sync>;
 
 impl std::fmt::Debug for Presence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -21,8 +26,13 @@ impl std::fmt::Debug for Presence {
 }
 
 impl Presence {
-    pub(crate) fn new(renew: JoinHandle<()>, withdraw: impl FnOnce() + Send + 'static) -> Self {
-        Presence { renew, withdraw: Some(Box::new(withdraw)) }
+    pub(crate) fn new(renew: JoinHandle<()>, withdraw: impl FnOnce() + Send + Sync + 'static, set: Setter) -> Self {
+        Presence { renew, withdraw: Some(Box::new(withdraw)), set }
+    }
+
+    /// Replaces the value every replica reads from this record.
+    pub async fn set(&self, value: Vec<u8>) -> Result<(), super::StoreError> {
+        (self.set)(value).await
     }
 
     /// Stops renewing without withdrawing: the record expires after its TTL.

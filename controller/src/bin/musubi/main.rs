@@ -22,8 +22,18 @@ struct Cli {
     #[arg(long, global = true, default_value = "auto")]
     color: ColorChoice,
     /// The controller's operator API.
-    #[arg(long, global = true, env = "MUSUBI_CONTROLLER", default_value = "http://127.0.0.1:7400")]
+    /// (`https://` when a certificate is given and no scheme is written).
+    #[arg(long, global = true, env = "MUSUBI_CONTROLLER", default_value = "127.0.0.1:7400")]
     controller: String,
+    /// CA certificate that signed the controller's certificate (PEM).
+    #[arg(long, global = true, env = "MUSUBI_CA")]
+    ca: Option<PathBuf>,
+    /// Operator certificate and key (PEM) from `musubi-controller init`; the
+    /// certificate's name is recorded in the audit chain.
+    #[arg(long, global = true, env = "MUSUBI_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    #[arg(long, global = true, env = "MUSUBI_KEY", requires = "cert")]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -74,6 +84,42 @@ enum RemoteCommand {
     },
     /// The controller's whole intent as YAML (apply it elsewhere, or keep it).
     Export,
+    /// One-time join tokens for agents.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Sites' credentials.
+    #[command(subcommand)]
+    Site(SiteCommand),
+    /// Sites and their agents: connected, applied and desired configuration,
+    /// last seen, tunnel health. With a site name, the detail.
+    Status {
+        site: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Make a single-use token that lets one site's agent enrol.
+    Create {
+        #[arg(long)]
+        site: String,
+        /// How long the token stays valid: 90s, 30m, 1h, 2d.
+        #[arg(long, default_value = "1h", value_parser = remote::parse_duration)]
+        ttl: std::time::Duration,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SiteCommand {
+    /// Disconnect a site's agent at once and refuse its certificate.
+    Revoke {
+        name: String,
+        /// Let the site enrol again (with a new token); its old certificates stay refused.
+        #[arg(long)]
+        restore: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -174,7 +220,10 @@ fn main() -> ExitCode {
         ColorChoice::Auto => std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal(),
     };
     let result = match cli.command {
-        Command::Remote(command) => remote(command, &cli.controller, color),
+        Command::Remote(command) => {
+            let tls = remote::Tls { ca: cli.ca, identity: cli.cert.zip(cli.key) };
+            remote(command, &cli.controller, &tls, color)
+        }
         Command::Local(command) => run(command, color),
     };
 
@@ -189,10 +238,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn remote(command: RemoteCommand, controller: &str, color: bool) -> Result<()> {
+fn remote(command: RemoteCommand, controller: &str, tls: &remote::Tls, color: bool) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        let mut client = remote::connect(controller).await?;
+        let mut client = remote::connect(controller, tls).await?;
         match command {
             RemoteCommand::Apply { files, yes, dry_run } => {
                 remote::apply(&mut client, &files, yes, dry_run, color).await
@@ -203,6 +252,11 @@ fn remote(command: RemoteCommand, controller: &str, color: bool) -> Result<()> {
                 remote::rollback(&mut client, to, yes, dry_run, color).await
             }
             RemoteCommand::Export => remote::export(&mut client).await,
+            RemoteCommand::Token(TokenCommand::Create { site, ttl }) => remote::token(&mut client, site, ttl).await,
+            RemoteCommand::Site(SiteCommand::Revoke { name, restore }) => {
+                remote::revoke(&mut client, name, restore).await
+            }
+            RemoteCommand::Status { site, json } => remote::site_status(&mut client, site, json).await,
         }
     })
 }

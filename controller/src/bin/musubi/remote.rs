@@ -17,12 +17,166 @@ use crate::Reported;
 
 pub type Client = OperatorClient<Channel>;
 
-pub async fn connect(address: &str) -> Result<Client> {
-    let url = if address.contains("://") { address.to_string() } else { format!("http://{address}") };
-    let client = OperatorClient::connect(url.clone())
+/// The operator's credentials.
+#[derive(Debug, Default)]
+pub struct Tls {
+    pub ca: Option<PathBuf>,
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+pub async fn connect(address: &str, tls: &Tls) -> Result<Client> {
+    let url = if address.contains("://") {
+        address.to_string()
+    } else if tls.identity.is_some() {
+        format!("https://{address}")
+    } else {
+        format!("http://{address}")
+    };
+    let mut endpoint = Channel::from_shared(url.clone()).with_context(|| format!("`{url}` is not a URL"))?;
+    if url.starts_with("https://") {
+        let ca = tls.ca.as_deref().context("an https:// controller needs --ca (or MUSUBI_CA)")?;
+        let identity = tls.identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+        endpoint = endpoint.tls_config(musubi_controller::pki::client_tls(ca, identity)?)?;
+    }
+    let channel = endpoint
+        .connect()
         .await
         .with_context(|| format!("cannot reach the controller at {url} (set --controller or MUSUBI_CONTROLLER)"))?;
-    Ok(client.max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX))
+    Ok(OperatorClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX))
+}
+
+/// `90s`, `30m`, `1h`, `2d`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = number.parse().map_err(|_| format!("`{s}` is not a duration (like 90s, 30m, 1h, 2d)"))?;
+    let factor = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("unknown unit `{unit}` in `{s}`; use s, m, h or d")),
+    };
+    Ok(std::time::Duration::from_secs(n * factor))
+}
+
+pub async fn token(client: &mut Client, site: String, ttl: std::time::Duration) -> Result<()> {
+    let resp = client
+        .create_token(pb::CreateTokenRequest { site: site.clone(), ttl_seconds: ttl.as_secs() })
+        .await
+        .map_err(status)?
+        .into_inner();
+    println!("{}", resp.token);
+    eprintln!("single-use join token for site `{site}`, valid for {} s; it is shown only once", ttl.as_secs());
+    Ok(())
+}
+
+pub async fn revoke(client: &mut Client, site: String, restore: bool) -> Result<()> {
+    client.revoke_site(pb::RevokeSiteRequest { site: site.clone(), restore }).await.map_err(status)?;
+    if restore {
+        println!("site `{site}` may enrol again with a new token; its earlier certificates stay refused");
+    } else {
+        println!("site `{site}` revoked: its agent is disconnected and its certificate refused");
+    }
+    Ok(())
+}
+
+fn ago(ms: u64) -> String {
+    let now = musubi_controller::pki::now_ms();
+    if ms == 0 {
+        return "never".into();
+    }
+    let s = now.saturating_sub(ms) / 1000;
+    match s {
+        0..120 => format!("{s}s ago"),
+        120..7200 => format!("{}m ago", s / 60),
+        _ => format!("{}h ago", s / 3600),
+    }
+}
+
+pub async fn site_status(client: &mut Client, site: Option<String>, json: bool) -> Result<()> {
+    let resp =
+        client.status(pb::StatusRequest { site: site.clone().unwrap_or_default() }).await.map_err(status)?.into_inner();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&resp)?);
+        return Ok(());
+    }
+    if site.is_some() {
+        for s in &resp.sites {
+            let reported = s.reported.clone().unwrap_or_default();
+            let st = reported.status.clone().unwrap_or_default();
+            println!("site:        {}", s.site);
+            println!(
+                "connected:   {}{}",
+                if s.connected { "yes" } else { "no" },
+                if s.revoked { " (revoked)" } else { "" }
+            );
+            println!("controller:  {}", reported.controller);
+            println!("agent:       {}", reported.agent_version);
+            println!("last seen:   {}", ago(reported.last_seen_unix_ms));
+            println!("desired:     r{} {}", s.desired_revision, short(&s.desired_digest));
+            println!("applied:     r{} {}{}", st.applied_revision, short(&st.applied_digest), in_sync(s));
+            for e in &st.errors {
+                println!("error:       {e}");
+            }
+            for p in &st.peers {
+                let state = if p.up { "up" } else { "DOWN" };
+                println!(
+                    "peer:        {:<12} {:<24} {state:<4} rtt {} µs, loss {}‰",
+                    p.segment, p.peer, p.rtt_us, p.loss_permille
+                );
+            }
+            for a in &st.active {
+                println!("path:        {:<12} {:<24} via {} on {}", a.segment, a.route_group, a.peer, a.local_line);
+            }
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<10} {:>8} {:>8} {:<8} {:<10} {:>8} {:>6}",
+        "SITE", "CONNECTED", "APPLIED", "DESIRED", "SYNC", "SEEN", "TUNNELS", "ERRORS"
+    );
+    for s in &resp.sites {
+        let reported = s.reported.clone().unwrap_or_default();
+        let st = reported.status.clone().unwrap_or_default();
+        let up = st.peers.iter().filter(|p| p.up).count();
+        let connected = if s.revoked {
+            "revoked"
+        } else if s.connected {
+            "yes"
+        } else {
+            "no"
+        };
+        let sync = if s.desired_digest.is_empty() {
+            "-"
+        } else if st.applied_digest == s.desired_digest {
+            "yes"
+        } else {
+            "no"
+        };
+        println!(
+            "{:<24} {:<10} {:>8} {:>8} {:<8} {:<10} {:>8} {:>6}",
+            s.site,
+            connected,
+            format!("r{}", st.applied_revision),
+            format!("r{}", s.desired_revision),
+            sync,
+            ago(reported.last_seen_unix_ms),
+            format!("{up}/{}", st.peers.len()),
+            st.errors.len()
+        );
+    }
+    Ok(())
+}
+
+fn short(digest: &str) -> &str {
+    &digest[..digest.len().min(12)]
+}
+
+fn in_sync(s: &pb::SiteState) -> &'static str {
+    match s.reported.as_ref().and_then(|r| r.status.as_ref()) {
+        Some(st) if !s.desired_digest.is_empty() && st.applied_digest == s.desired_digest => " (in sync)",
+        _ => " (not in sync)",
+    }
 }
 
 /// A gRPC failure in the operator's words.

@@ -1,0 +1,325 @@
+//! Fan-out: every site's desired configuration, kept current from the store
+//! and handed to the agent streams as a per-site watch.
+//!
+//! Each controller replica runs one. It compiles everything once at start,
+//! then follows the store: an intent revision is replayed from its change
+//! records and recompiled incrementally; a new public key splices one peer
+//! into the access points that need it; a revocation or a removed site ends
+//! that site's feed. A site whose configuration did not change is not
+//! touched, and a configuration equal (by digest) to the one already on the
+//! feed is never published again.
+//!
+//! Peers whose public key is not known yet are left out of what is
+//! delivered (an agent cannot build a tunnel without it); they appear when
+//! the key arrives.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use musubi_proto::v1::{self as pb, SiteConfig};
+use prost::Message;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::compile::{CompileError, PublicKeys, compile, incremental};
+use crate::sites::{Revocation, revocations};
+use crate::store::layout::{self, Stored};
+use crate::store::watch::Revision;
+use crate::store::{IntentStore, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FanoutError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+}
+
+/// A configuration ready to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The intent revision at which this configuration last changed.
+    pub revision: u64,
+    /// SHA-256 (hex) of the encoded configuration without its revision.
+    pub digest: String,
+    pub config: Arc<SiteConfig>,
+}
+
+impl Delivery {
+    pub fn to_pb(&self) -> pb::ConfigUpdate {
+        pb::ConfigUpdate {
+            revision: self.revision,
+            digest: self.digest.clone(),
+            config: Some(SiteConfig { revision: self.revision, ..(*self.config).clone() }),
+        }
+    }
+}
+
+/// What a site's agent should have now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Feed {
+    Config(Arc<Delivery>),
+    /// The site may not be served any more (revoked, or removed from the intent).
+    Gone(String),
+}
+
+/// The configuration an agent can build: peers without a key left out.
+pub fn deliverable(raw: &SiteConfig) -> SiteConfig {
+    let mut c = raw.clone();
+    c.revision = 0;
+    for seg in &mut c.segments {
+        let missing: BTreeSet<String> =
+            seg.peers.iter().filter(|p| p.public_key.is_empty()).map(|p| p.name.clone()).collect();
+        if missing.is_empty() {
+            continue;
+        }
+        seg.peers.retain(|p| !missing.contains(&p.name));
+        for g in &mut seg.route_groups {
+            g.candidates.retain(|c| !missing.contains(c));
+        }
+        seg.route_groups.retain(|g| !g.candidates.is_empty());
+    }
+    c
+}
+
+pub fn digest(config: &SiteConfig) -> String {
+    Sha256::digest(config.encode_to_vec()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Debug, Default)]
+struct State {
+    stored: Stored,
+    raw: BTreeMap<String, Arc<SiteConfig>>,
+    feeds: HashMap<String, watch::Sender<Feed>>,
+    revoked: BTreeMap<String, Revocation>,
+}
+
+impl State {
+    /// Puts the site's current configuration (or its refusal) on its feed,
+    /// unless the feed already carries the same thing.
+    fn publish(&mut self, site: &str) -> bool {
+        let feed = if self.revoked.get(site).is_some_and(|r| r.active) {
+            Feed::Gone(format!("site `{site}` is revoked"))
+        } else if let Some(raw) = self.raw.get(site) {
+            let config = deliverable(raw);
+            let digest = digest(&config);
+            if let Some(Feed::Config(d)) = self.feeds.get(site).map(|f| f.borrow().clone())
+                && d.digest == digest
+            {
+                return false;
+            }
+            Feed::Config(Arc::new(Delivery { revision: self.stored.revision, digest, config: Arc::new(config) }))
+        } else {
+            Feed::Gone(format!("site `{site}` is not in the intent"))
+        };
+        match self.feeds.get(site) {
+            Some(tx) => tx.send_if_modified(|f| {
+                let changed = *f != feed;
+                *f = feed.clone();
+                changed
+            }),
+            None => {
+                self.feeds.insert(site.to_string(), watch::Sender::new(feed));
+                true
+            }
+        }
+    }
+}
+
+/// The fan-out of one controller replica.
+#[derive(Debug)]
+pub struct Fanout {
+    state: Mutex<State>,
+    /// Configurations published since start (each one is sent to at most one agent).
+    published: std::sync::atomic::AtomicU64,
+}
+
+impl Fanout {
+    /// Compiles every site from the store's current state and follows the
+    /// store from there until the returned handle is dropped.
+    pub async fn start<S: IntentStore + 'static>(store: Arc<S>) -> Result<Arc<Fanout>, FanoutError> {
+        let mut sites_changed = store.subscribe_sites().await?;
+        let stored = store.load().await?;
+        let revoked = revocations(&*store).await?;
+        let raw = compile(&stored.intent, &stored.allocations, &stored.keys)?
+            .into_iter()
+            .map(|(k, v)| (k, Arc::new(v)))
+            .collect();
+        let from = stored.revision;
+        let mut state = State { stored, raw, feeds: HashMap::new(), revoked };
+        let names: Vec<String> = state.raw.keys().cloned().collect();
+        for site in names {
+            state.publish(&site);
+        }
+        let fanout = Arc::new(Fanout { state: Mutex::new(state), published: 0.into() });
+        let mut revisions = crate::store::watch::watch(store.clone(), from).await?;
+        let weak = Arc::downgrade(&fanout);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = revisions.recv() => match r {
+                        Some(Ok(rev)) => {
+                            let Some(f) = weak.upgrade() else { return };
+                            if let Err(e) = f.apply_revision(&rev) {
+                                tracing::error!(revision = rev.revision, error = %e, "cannot follow the intent");
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::error!(error = %e, "the intent watch failed; configurations are frozen");
+                            return;
+                        }
+                        None => return,
+                    },
+                    changed = sites_changed.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let Some(f) = weak.upgrade() else { return };
+                        if let Err(e) = f.reload_sites(&*store).await {
+                            tracing::warn!(error = %e, "cannot read public keys and revocations");
+                        }
+                    }
+                }
+            }
+        });
+        Ok(fanout)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn count(&self, n: usize) {
+        self.published.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Replays one revision and republishes the sites it changed.
+    pub fn apply_revision(&self, rev: &Revision) -> Result<(), FanoutError> {
+        let mut state = self.lock();
+        if rev.revision <= state.stored.revision {
+            return Ok(());
+        }
+        let old = state.stored.intent.clone();
+        for c in &rev.changes {
+            layout::set_state_key(&mut state.stored, &c.key, c.current.as_deref().map(str::as_bytes))?;
+        }
+        state.stored.revision = rev.revision;
+        let State { stored, raw, .. } = &mut *state;
+        let changed = incremental::recompile(&old, &stored.intent, &stored.allocations, &stored.keys, raw)?;
+        let mut sent = 0;
+        for site in &changed {
+            sent += usize::from(state.publish(site));
+        }
+        let removed: Vec<&String> = old.sites.keys().filter(|s| !state.stored.intent.sites.contains_key(*s)).collect();
+        for site in removed {
+            if let Some(tx) = state.feeds.remove(site) {
+                tx.send_replace(Feed::Gone(format!("site `{site}` was removed from the intent")));
+            }
+        }
+        tracing::info!(
+            revision = rev.revision,
+            recompiled = changed.len(),
+            published = sent,
+            "intent revision followed"
+        );
+        self.count(sent);
+        Ok(())
+    }
+
+    /// Rereads public keys and revocations and republishes what they change.
+    async fn reload_sites<S: IntentStore>(&self, store: &S) -> Result<(), FanoutError> {
+        let pairs = store.list(layout::KEYS).await?;
+        let keys = layout::decode(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?.keys;
+        let revoked = revocations(store).await?;
+        self.update_sites(keys, revoked)
+    }
+
+    /// Takes new public keys and revocations.
+    pub fn update_sites(&self, keys: PublicKeys, revoked: BTreeMap<String, Revocation>) -> Result<(), FanoutError> {
+        let mut state = self.lock();
+        let mut changed_keys = BTreeSet::new();
+        for (site, segs) in &keys {
+            for (seg, key) in segs {
+                if state.stored.keys.get(site).and_then(|s| s.get(seg)) != Some(key) {
+                    changed_keys.insert((site.clone(), seg.clone()));
+                }
+            }
+        }
+        for (site, segs) in &state.stored.keys {
+            for seg in segs.keys() {
+                if keys.get(site).is_none_or(|s| !s.contains_key(seg)) {
+                    changed_keys.insert((site.clone(), seg.clone()));
+                }
+            }
+        }
+        let mut touched: BTreeSet<String> = BTreeSet::new();
+        for site in revoked.keys().chain(state.revoked.keys()) {
+            if revoked.get(site) != state.revoked.get(site) {
+                touched.insert(site.clone());
+            }
+        }
+        state.revoked = revoked;
+        if !changed_keys.is_empty() {
+            state.stored.keys = keys;
+            let State { stored, raw, .. } = &mut *state;
+            touched.extend(incremental::rekey(&stored.intent, &stored.allocations, &stored.keys, &changed_keys, raw)?);
+        }
+        let mut sent = 0;
+        for site in &touched {
+            if state.stored.intent.sites.contains_key(site) {
+                sent += usize::from(state.publish(site));
+            }
+        }
+        if !touched.is_empty() {
+            tracing::info!(keys = changed_keys.len(), published = sent, "public keys or revocations followed");
+        }
+        self.count(sent);
+        Ok(())
+    }
+
+    /// The feed of one site, or `None` when the site is not in the intent.
+    pub fn subscribe(&self, site: &str) -> Option<watch::Receiver<Feed>> {
+        self.lock().feeds.get(site).map(|tx| tx.subscribe())
+    }
+
+    /// What the site should have now.
+    pub fn desired(&self, site: &str) -> Option<Arc<Delivery>> {
+        match &*self.lock().feeds.get(site)?.borrow() {
+            Feed::Config(d) => Some(d.clone()),
+            Feed::Gone(_) => None,
+        }
+    }
+
+    pub fn keys(&self, site: &str) -> BTreeMap<String, String> {
+        self.lock().stored.keys.get(site).cloned().unwrap_or_default()
+    }
+
+    /// The segments a site is attached to.
+    pub fn segments(&self, site: &str) -> BTreeSet<String> {
+        let state = self.lock();
+        state
+            .stored
+            .intent
+            .sites
+            .get(site)
+            .map(|s| s.attachments.iter().map(|a| a.segment.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn revocation(&self, site: &str) -> Option<Revocation> {
+        self.lock().revoked.get(site).copied()
+    }
+
+    /// Every site of the intent.
+    pub fn sites(&self) -> Vec<String> {
+        self.lock().stored.intent.sites.keys().cloned().collect()
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.lock().stored.revision
+    }
+
+    pub fn published(&self) -> u64 {
+        self.published.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

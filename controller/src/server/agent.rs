@@ -1,0 +1,330 @@
+//! The `Agent` gRPC service: enrolment with one-time tokens, certificate
+//! renewal, and the per-site Sync stream.
+//!
+//! Authorisation: the site a stream serves is the one in the client
+//! certificate; a Hello naming another site is refused. A revoked site, or
+//! one removed from the intent, has its stream ended by the fan-out (within
+//! the store's notification delay) and is refused from then on.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use musubi_proto::v1 as pb;
+use musubi_proto::v1::agent_server::Agent;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::fanout::{Fanout, Feed};
+use crate::pki::{self, Authority, Identity, now_ms};
+use crate::sites::{self, TokenError};
+use crate::store::IntentStore;
+
+/// How the agent service runs.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    pub site_certificate_lifetime: Duration,
+    pub keepalive: Duration,
+    /// Time-to-live of an agent's presence record after its controller dies.
+    pub presence_ttl: Duration,
+    /// This replica's name in agents' status.
+    pub controller: String,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        AgentSettings {
+            site_certificate_lifetime: Duration::from_secs(24 * 3600),
+            keepalive: Duration::from_secs(5),
+            presence_ttl: Duration::from_secs(10),
+            controller: "controller".into(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct AgentService<S> {
+    store: Arc<S>,
+    fanout: Arc<Fanout>,
+    /// `None` when serving without TLS (`--insecure`): no enrolment, and
+    /// the Hello's site is believed.
+    authority: Option<Arc<Authority>>,
+    settings: AgentSettings,
+}
+
+impl<S> AgentService<S> {
+    pub fn new(store: Arc<S>, fanout: Arc<Fanout>, authority: Option<Arc<Authority>>, settings: AgentSettings) -> Self {
+        AgentService { store, fanout, authority, settings }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    tracing::error!(error = %e, "agent service failure");
+    Status::unavailable(e.to_string())
+}
+
+/// A WireGuard public key: 32 bytes, base64.
+fn valid_key(key: &str) -> bool {
+    base64::engine::general_purpose::STANDARD.decode(key).is_ok_and(|b| b.len() == 32)
+}
+
+impl<S: IntentStore + 'static> AgentService<S> {
+    /// The site a verified client certificate speaks for (`None` without TLS).
+    fn site_of<T>(&self, request: &Request<T>) -> Result<Option<pki::Peer>, Status> {
+        if self.authority.is_none() {
+            return Ok(None);
+        }
+        let peer = request
+            .peer_certs()
+            .and_then(|certs| certs.first().and_then(|c| pki::peer(c)))
+            .ok_or_else(|| Status::unauthenticated("a site certificate is required; enrol with a join token first"))?;
+        match &peer.identity {
+            Identity::Site(site) => {
+                if let Some(r) = self.fanout.revocation(site)
+                    && (r.active || peer.issued_ms < r.at_ms)
+                {
+                    tracing::warn!(site, "refused a revoked site certificate");
+                    return Err(Status::permission_denied(format!("the certificate of site `{site}` is revoked")));
+                }
+                Ok(Some(peer))
+            }
+            Identity::Operator(_) => Err(Status::permission_denied("an operator certificate cannot act as a site")),
+        }
+    }
+
+    /// Stores the public keys an agent reported that are new, well-formed
+    /// and for segments its site is attached to.
+    async fn take_keys(&self, site: &str, keys: &[pb::InterfaceKey]) -> Result<(), Status> {
+        let known = self.fanout.keys(site);
+        let segments = self.fanout.segments(site);
+        for k in keys {
+            if !segments.contains(&k.segment) {
+                tracing::warn!(site, segment = %k.segment, "ignored a key for a segment the site is not attached to");
+                continue;
+            }
+            if !valid_key(&k.public_key) {
+                tracing::warn!(site, segment = %k.segment, "ignored a malformed WireGuard public key");
+                continue;
+            }
+            if known.get(&k.segment) != Some(&k.public_key) {
+                tracing::info!(site, segment = %k.segment, "public key recorded");
+                self.store.put_public_key(site, &k.segment, &k.public_key).await.map_err(internal)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn issue(&self, csr: &str, site: &str) -> Result<pb::EnrollResponse, Status> {
+        let authority = self.authority.as_ref().ok_or_else(no_ca)?;
+        let (certificate_pem, not_after_unix_ms) = authority
+            .issue_site(csr, site, self.settings.site_certificate_lifetime)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(pb::EnrollResponse { certificate_pem, ca_pem: authority.ca_pem.clone(), not_after_unix_ms })
+    }
+}
+
+fn no_ca() -> Status {
+    Status::failed_precondition("this controller runs without a CA (--insecure): there is nothing to enrol with")
+}
+
+type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<S: IntentStore + 'static> Agent for AgentService<S> {
+    async fn enroll(&self, request: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
+        if self.authority.is_none() {
+            return Err(no_ca());
+        }
+        let req = request.into_inner();
+        let site = req.site.as_str();
+        let refuse = |status: Status| {
+            tracing::warn!(site, reason = %status.message(), "enrolment refused");
+            Err(status)
+        };
+        if self.fanout.subscribe(site).is_none() {
+            return refuse(Status::not_found(format!("site `{site}` is not in the intent")));
+        }
+        if self.fanout.revocation(site).is_some_and(|r| r.active) {
+            return refuse(Status::permission_denied(format!("site `{site}` is revoked")));
+        }
+        match sites::redeem(&*self.store, &req.token, site, now_ms()).await {
+            Ok(()) => {}
+            Err(TokenError::Store(e)) => return Err(internal(e)),
+            Err(e) => return refuse(Status::permission_denied(e.to_string())),
+        }
+        let response = self.issue(&req.csr_pem, site)?;
+        tracing::info!(site, not_after_ms = response.not_after_unix_ms, "site enrolled");
+        Ok(Response::new(response))
+    }
+
+    async fn renew(&self, request: Request<pb::RenewRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
+        let Some(peer) = self.site_of(&request)? else { return Err(no_ca()) };
+        let Identity::Site(site) = peer.identity else { return Err(Status::permission_denied("not a site")) };
+        let response = self.issue(&request.get_ref().csr_pem, &site)?;
+        tracing::info!(site, not_after_ms = response.not_after_unix_ms, "site certificate renewed");
+        Ok(Response::new(response))
+    }
+
+    type SyncStream = SyncStream;
+
+    async fn sync(&self, request: Request<Streaming<pb::AgentMessage>>) -> Result<Response<SyncStream>, Status> {
+        let certified = self.site_of(&request)?.map(|p| match p.identity {
+            Identity::Site(s) => s,
+            Identity::Operator(o) => o,
+        });
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 10 s"))??;
+        let Some(pb::AgentMessage { body: Some(pb::agent_message::Body::Hello(hello)) }) = first else {
+            return Err(Status::invalid_argument("the stream must open with a Hello"));
+        };
+        if let Some(certified) = &certified
+            && *certified != hello.site
+        {
+            tracing::warn!(certificate = %certified, hello = %hello.site, "refused a Hello naming another site");
+            return Err(Status::permission_denied(format!(
+                "this certificate is for site `{certified}`; it cannot speak for `{}`",
+                hello.site
+            )));
+        }
+        let site = hello.site.clone();
+        let Some(feed) = self.fanout.subscribe(&site) else {
+            tracing::warn!(site, "refused an agent for a site not in the intent");
+            return Err(Status::not_found(format!("site `{site}` is not in the intent")));
+        };
+        if let Feed::Gone(reason) = &*feed.borrow() {
+            tracing::warn!(site, reason, "refused an agent");
+            return Err(Status::permission_denied(reason.clone()));
+        }
+        self.take_keys(&site, &hello.keys).await?;
+        let presence = self.store.announce(&site, self.settings.presence_ttl).await.map_err(internal)?;
+        let (tx, rx) = mpsc::channel(8);
+        let session = Session {
+            store: self.store.clone(),
+            service: AgentService {
+                store: self.store.clone(),
+                fanout: self.fanout.clone(),
+                authority: self.authority.clone(),
+                settings: self.settings.clone(),
+            },
+            status: pb::SiteStatus {
+                site: site.clone(),
+                agent_version: hello.agent_version.clone(),
+                controller: self.settings.controller.clone(),
+                connected_unix_ms: now_ms(),
+                last_seen_unix_ms: now_ms(),
+                status: Some(pb::Status {
+                    applied_revision: hello.applied_revision,
+                    applied_digest: hello.applied_digest.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        };
+        tracing::info!(site, version = %hello.agent_version, applied = hello.applied_revision, "agent connected");
+        tokio::spawn(session.run(inbound, feed, tx, presence, hello.applied_digest));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+struct Session<S> {
+    store: Arc<S>,
+    service: AgentService<S>,
+    status: pb::SiteStatus,
+}
+
+impl<S: IntentStore + 'static> Session<S> {
+    async fn publish_status(&mut self, presence: &crate::store::presence::Presence) {
+        if let Some(d) = self.service.fanout.desired(&self.status.site) {
+            self.status.desired_revision = d.revision;
+            self.status.desired_digest = d.digest.clone();
+        }
+        self.status.last_seen_unix_ms = now_ms();
+        match serde_json::to_vec(&self.status) {
+            Ok(json) => {
+                if let Err(e) = presence.set(json).await {
+                    tracing::warn!(site = %self.status.site, error = %e, "cannot store agent status");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot encode agent status"),
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut inbound: Streaming<pb::AgentMessage>,
+        mut feed: tokio::sync::watch::Receiver<Feed>,
+        tx: mpsc::Sender<Result<pb::ControllerMessage, Status>>,
+        presence: crate::store::presence::Presence,
+        mut sent_digest: String,
+    ) {
+        use pb::agent_message::Body as In;
+        use pb::controller_message::Body as Out;
+        let site = self.status.site.clone();
+        let mut keepalive = tokio::time::interval(self.service.settings.keepalive);
+        keepalive.tick().await;
+        self.publish_status(&presence).await;
+        let mut sent = 0u64;
+        loop {
+            let current = feed.borrow_and_update().clone();
+            match current {
+                Feed::Gone(reason) => {
+                    tracing::warn!(site, reason, "disconnecting agent");
+                    let _ = tx.send(Err(Status::permission_denied(reason))).await;
+                    break;
+                }
+                Feed::Config(d) if d.digest != sent_digest => {
+                    let msg = pb::ControllerMessage { body: Some(Out::Config(d.to_pb())) };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        break;
+                    }
+                    sent += 1;
+                    tracing::debug!(site, revision = d.revision, digest = %d.digest, "configuration sent");
+                    sent_digest = d.digest.clone();
+                    self.publish_status(&presence).await;
+                }
+                Feed::Config(_) => {}
+            }
+            tokio::select! {
+                changed = feed.changed() => if changed.is_err() {
+                    let _ = tx.send(Err(Status::permission_denied(format!("site `{site}` is no longer served")))).await;
+                    break;
+                },
+                message = inbound.message() => match message {
+                    Ok(Some(pb::AgentMessage { body: Some(In::Status(status)) })) => {
+                        if let Err(e) = self.service.take_keys(&site, &status.keys).await {
+                            tracing::warn!(site, error = %e, "cannot record keys");
+                        }
+                        self.status.status = Some(status);
+                        self.publish_status(&presence).await;
+                    }
+                    Ok(Some(_)) => {} // a second Hello or an unknown message: ignored
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::info!(site, error = %e, "agent stream broke");
+                        break;
+                    }
+                },
+                _ = keepalive.tick() => {
+                    let msg = pb::ControllerMessage { body: Some(Out::Keepalive(pb::Keepalive { unix_ms: now_ms() })) };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        break;
+                    }
+                }
+                _ = tx.closed() => break,
+            }
+        }
+        self.status.last_seen_unix_ms = now_ms();
+        if let Ok(json) = serde_json::to_vec(&self.status)
+            && let Err(e) = sites::record_seen(&*self.store, &site, &json).await
+        {
+            tracing::warn!(site, error = %e, "cannot record last status");
+        }
+        drop(presence);
+        tracing::info!(site, configurations = sent, "agent disconnected");
+    }
+}

@@ -1,0 +1,138 @@
+//! Site records beside the intent: one-time join tokens, revocations and
+//! agents' last-seen status. Kept in the store so every replica sees them.
+//!
+//! A token is 32 random bytes shown once to the operator; the store keeps
+//! only its SHA-256. Redeeming it is a compare-and-swap from "unused" to
+//! "used", so two agents racing with one token cannot both win.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::store::layout::{REVOKED, SEEN, TOKENS};
+use crate::store::{Guard, IntentStore, StoreError};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub site: String,
+    pub expires_ms: u64,
+    pub created_by: String,
+    pub created_ms: u64,
+    #[serde(default)]
+    pub used_ms: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    #[error("unknown join token")]
+    Unknown,
+    #[error("the join token was already used (at {used_ms} ms)")]
+    Used { used_ms: u64 },
+    #[error("the join token expired {ago_s} s ago")]
+    Expired { ago_s: u64 },
+    #[error("the join token is for site `{token_site}`, not `{asked}`")]
+    OtherSite { token_site: String, asked: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn hash(token: &str) -> String {
+    Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Encode { key: key.to_string(), reason: e.to_string() })
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &str, value: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(value).map_err(|e| StoreError::Corrupt { key: key.to_string(), reason: e.to_string() })
+}
+
+/// Reads one key exactly (not the keys it is a prefix of).
+async fn get<S: IntentStore>(store: &S, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(store.list(key).await?.into_iter().find(|(k, _)| k == key).map(|(_, v)| v))
+}
+
+/// Makes a single-use token for `site`, valid for `ttl`. Returns the token
+/// (shown once, never stored) and its expiry.
+pub async fn create_token<S: IntentStore>(
+    store: &S,
+    site: &str,
+    ttl: Duration,
+    actor: &str,
+    now_ms: u64,
+) -> Result<(String, u64), StoreError> {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| StoreError::Backend(format!("no random source: {e}")))?;
+    let token = format!("mst_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret));
+    let key = format!("{TOKENS}{}", hash(&token));
+    let expires_ms = now_ms + ttl.as_millis() as u64;
+    let record = TokenRecord {
+        site: site.to_string(),
+        expires_ms,
+        created_by: actor.to_string(),
+        created_ms: now_ms,
+        used_ms: None,
+    };
+    store.swap(&key, Guard::Absent, Some(encode(&key, &record)?)).await?;
+    Ok((token, expires_ms))
+}
+
+/// Spends `token` for `site`. A token presented for the wrong site is not
+/// spent (it stays usable by its own site).
+pub async fn redeem<S: IntentStore>(store: &S, token: &str, site: &str, now_ms: u64) -> Result<(), TokenError> {
+    let key = format!("{TOKENS}{}", hash(token));
+    let current = get(store, &key).await?.ok_or(TokenError::Unknown)?;
+    let mut record: TokenRecord = decode(&key, &current)?;
+    if let Some(used_ms) = record.used_ms {
+        return Err(TokenError::Used { used_ms });
+    }
+    if record.site != site {
+        return Err(TokenError::OtherSite { token_site: record.site, asked: site.to_string() });
+    }
+    if now_ms >= record.expires_ms {
+        return Err(TokenError::Expired { ago_s: (now_ms - record.expires_ms) / 1000 });
+    }
+    record.used_ms = Some(now_ms);
+    if store.swap(&key, Guard::Holds(current), Some(encode(&key, &record)?)).await? {
+        Ok(())
+    } else {
+        Err(TokenError::Used { used_ms: now_ms })
+    }
+}
+
+/// A revocation of a site: while `active`, the site may not enrol; and
+/// every certificate issued before `at_ms` is refused for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub at_ms: u64,
+    pub active: bool,
+}
+
+pub async fn revoke<S: IntentStore>(store: &S, site: &str, now_ms: u64, restore: bool) -> Result<u64, StoreError> {
+    let key = format!("{REVOKED}{site}");
+    let record = if restore {
+        let Some(current) = get(store, &key).await? else { return Ok(0) };
+        Revocation { active: false, ..decode(&key, &current)? }
+    } else {
+        Revocation { at_ms: now_ms, active: true }
+    };
+    store.swap(&key, Guard::Any, Some(encode(&key, &record)?)).await?;
+    Ok(record.at_ms)
+}
+
+pub async fn revocations<S: IntentStore>(store: &S) -> Result<BTreeMap<String, Revocation>, StoreError> {
+    store.list(REVOKED).await?.into_iter().map(|(k, v)| Ok((k[REVOKED.len()..].to_string(), decode(&k, &v)?))).collect()
+}
+
+/// Keeps an agent's last status after it disconnects.
+pub async fn record_seen<S: IntentStore>(store: &S, site: &str, status: &[u8]) -> Result<(), StoreError> {
+    store.swap(&format!("{SEEN}{site}"), Guard::Any, Some(status.to_vec())).await.map(|_| ())
+}
+
+pub async fn seen<S: IntentStore>(store: &S) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
+    Ok(store.list(SEEN).await?.into_iter().map(|(k, v)| (k[SEEN.len()..].to_string(), v)).collect())
+}
