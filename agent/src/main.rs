@@ -1,12 +1,18 @@
-//! `musubi-agent`: runs on every site router. This first version reads a
-//! compiled site configuration and explains what the agent will build from
-//! it; the controller stream and the Linux datapath follow.
+//! `musubi-agent`: runs on every site router. `run` enrols with a one-time
+//! token, keeps a stream to the controller and reconciles the datapath;
+//! `inspect` explains a compiled configuration; `simulate` runs a fleet of
+//! agents with in-memory datapaths for scale measurements.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use musubi_agent::client::{Agent, Settings};
+use musubi_agent::datapath::fake::Fake;
+use musubi_agent::simulate;
+use musubi_agent::state::StateDir;
 use musubi_agent::summary::summarise;
 use musubi_proto::v1::SiteConfig;
 use prost::Message;
@@ -23,10 +29,65 @@ enum Command {
     /// Read a site configuration (protobuf `.pb` or proto3 JSON) and print
     /// the routing domains, tunnels, peers and routes it asks for.
     Inspect { file: PathBuf },
+    /// Run the agent of one site.
+    Run {
+        /// This router's site, as named in the intent.
+        #[arg(long, env = "MUSUBI_SITE")]
+        site: String,
+        /// Controller addresses (`host:port`), tried in turn.
+        #[arg(long = "controller", env = "MUSUBI_CONTROLLER", value_delimiter = ',', required = true)]
+        controllers: Vec<String>,
+        /// State directory: WireGuard keys, site certificate, last applied configuration.
+        #[arg(long, default_value = "/var/lib/musubi-agent")]
+        state: PathBuf,
+        /// One-time join token (needed only until the agent has enrolled).
+        #[arg(long, env = "MUSUBI_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// File holding the join token (instead of --token).
+        #[arg(long, conflicts_with = "token")]
+        token_file: Option<PathBuf>,
+        /// The controller's CA certificate (needed for enrolment).
+        #[arg(long, env = "MUSUBI_CA")]
+        ca: Option<PathBuf>,
+        /// Plain text without certificates, for a controller started with --insecure.
+        #[arg(long)]
+        insecure: bool,
+        /// Datapath: `fake` (in memory, kept in the state directory). The Linux
+        /// datapath arrives next.
+        #[arg(long, default_value = "fake")]
+        datapath: String,
+    },
+    /// Run N simulated agents (in-memory datapaths, each enrolled with its
+    /// own token and certificate) against a controller, report convergence.
+    Simulate {
+        #[arg(long)]
+        sites: usize,
+        #[arg(long, env = "MUSUBI_CONTROLLER", default_value = "127.0.0.1:7400")]
+        controller: String,
+        #[arg(long, env = "MUSUBI_CA")]
+        ca: PathBuf,
+        /// Operator certificate and key, to make the join tokens.
+        #[arg(long, env = "MUSUBI_CERT")]
+        cert: PathBuf,
+        #[arg(long, env = "MUSUBI_KEY")]
+        key: PathBuf,
+        /// Where the agents' state directories go [default: a temporary directory].
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Stop after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
 }
 
-fn main() -> ExitCode {
-    match run(Cli::parse()) {
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MUSUBI_LOG").unwrap_or_else(|_| "info".into()))
+        .init();
+    match run(Cli::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -35,7 +96,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect { file } => {
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
@@ -49,5 +110,59 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", summarise(&config)?);
             Ok(())
         }
+        Command::Run { site, controllers, state, token, token_file, ca, insecure, datapath } => {
+            if datapath != "fake" {
+                bail!("unknown datapath `{datapath}`; this version has `fake`");
+            }
+            let token = match token_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?.trim().to_string(),
+                ),
+                None => token,
+            };
+            let dir = StateDir::new(&state);
+            let mut settings = Settings::new(&site, controllers, dir);
+            settings.token = token;
+            settings.ca = ca;
+            settings.insecure = insecure;
+            let fake = Fake::persistent(state.join("datapath.json"))?;
+            let agent = Agent::new(settings, Box::new(fake))?;
+            tokio::select! {
+                r = agent.run() => r?,
+                _ = shutdown() => tracing::info!(site, "stopping; the datapath stays as it is"),
+            }
+            Ok(())
+        }
+        Command::Simulate { sites, controller, ca, cert, key, state, seconds } => {
+            let operator = simulate::Operator { controller, ca, cert, key };
+            let names = simulate::sites(&operator, sites).await?;
+            let tmp = tempfile::tempdir()?;
+            let root = state.unwrap_or_else(|| tmp.path().to_path_buf());
+            let started = Instant::now();
+            let mut fleet = simulate::start(&operator, names, &root).await?;
+            println!("{} agents enrolling", fleet.sites.len());
+            match fleet.until(Duration::from_secs(seconds), |_| true).await {
+                Some((last, _)) => {
+                    println!("every agent applied a configuration after {:.2} s", (last - started).as_secs_f64())
+                }
+                None => bail!("not every agent applied a configuration within {seconds} s"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(seconds)) => {}
+                _ = shutdown() => {}
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
     }
 }

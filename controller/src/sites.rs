@@ -29,7 +29,7 @@ pub struct TokenRecord {
 pub enum TokenError {
     #[error("unknown join token")]
     Unknown,
-    #[error("the join token was already used (at {used_ms} ms)")]
+    #[error("the join token was already used")]
     Used { used_ms: u64 },
     #[error("the join token expired {ago_s} s ago")]
     Expired { ago_s: u64 },

@@ -121,11 +121,28 @@ impl Controller {
 
     /// `musubi-controller ARGS…`, expected to listen on `port`.
     pub fn start_with(port: u16, store: &str, args: &[&str]) -> Controller {
+        Self::spawn(port, store, args, None)
+    }
+
+    /// Like [`Controller::start_with`], logging at `info` to `log` (appended).
+    pub fn start_logged(port: u16, store: &str, args: &[&str], log: &Path) -> Controller {
+        Self::spawn(port, store, args, Some(log))
+    }
+
+    fn spawn(port: u16, store: &str, args: &[&str], log: Option<&Path>) -> Controller {
+        let (level, stderr) = match log {
+            Some(path) => {
+                let f = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("controller log");
+                ("info", Stdio::from(f))
+            }
+            None => ("warn", Stdio::inherit()),
+        };
         let child = Command::new(bin("musubi-controller"))
             .args(args)
-            .env("MUSUBI_LOG", "warn")
+            .env("MUSUBI_LOG", level)
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start musubi-controller");
         assert!(wait_for_port(port, Duration::from_secs(20)), "the controller did not listen on {port}");
@@ -166,4 +183,150 @@ impl Drop for Controller {
 /// The text of a file under topologies/.
 pub fn topology(name: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../topologies").join(name)).expect("topology")
+}
+
+/// A PKI directory made by `musubi-controller init`.
+#[derive(Debug)]
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    pub fn init(dir: &Path) -> Pki {
+        let out = Command::new(bin("musubi-controller"))
+            .args(["init", "--pki"])
+            .arg(dir)
+            .output()
+            .expect("musubi-controller init");
+        assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+        Pki { dir: dir.to_path_buf() }
+    }
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    pub fn cert(&self) -> PathBuf {
+        self.dir.join("admin.pem")
+    }
+    pub fn key(&self) -> PathBuf {
+        self.dir.join("admin-key.pem")
+    }
+
+    /// `musubi ARGS…` as the admin operator against `controller` (host:port).
+    pub fn musubi(&self, controller: &str, args: &[&str]) -> std::process::Output {
+        Command::new(bin("musubi"))
+            .args(args)
+            .env("MUSUBI_CONTROLLER", controller)
+            .env("MUSUBI_CA", self.ca())
+            .env("MUSUBI_CERT", self.cert())
+            .env("MUSUBI_KEY", self.key())
+            .output()
+            .expect("run musubi")
+    }
+
+    /// A join token for `site`, valid for `ttl` (e.g. `1h`).
+    pub fn token(&self, controller: &str, site: &str, ttl: &str) -> String {
+        let out = self.musubi(controller, &["token", "create", "--site", site, "--ttl", ttl]);
+        assert!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// `musubi status --json`, parsed.
+    pub fn status(&self, controller: &str) -> serde_json::Value {
+        let out = self.musubi(controller, &["status", "--json"]);
+        assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+}
+
+/// One site's row of `musubi status --json`.
+pub fn site_row<'a>(status: &'a serde_json::Value, site: &str) -> &'a serde_json::Value {
+    status["sites"].as_array().and_then(|v| v.iter().find(|s| s["site"] == site)).expect("site in status")
+}
+
+/// A number in a status row's reported status (proto3 JSON writes 64-bit
+/// numbers as strings and leaves zeros out).
+pub fn reported(row: &serde_json::Value, field: &str) -> u64 {
+    let v = &row["reported"]["status"][field];
+    v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())).unwrap_or(0)
+}
+
+/// Connected, and the applied configuration is the desired one.
+pub fn in_sync(row: &serde_json::Value) -> bool {
+    row["connected"] == true
+        && row["desired_digest"].as_str().is_some_and(|d| !d.is_empty())
+        && row["reported"]["status"]["applied_digest"] == row["desired_digest"]
+}
+
+/// A `musubi-agent run` process; killed when dropped.
+#[derive(Debug)]
+pub struct AgentProcess {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts the agent of `site` with state in `state`; `token` enrols it.
+    pub fn start(site: &str, controller: &str, state: &Path, token: Option<&str>, ca: &Path) -> AgentProcess {
+        std::fs::create_dir_all(state).expect("state dir");
+        let log = state.with_extension("log");
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("agent log");
+        let mut cmd = Command::new(bin("musubi-agent"));
+        cmd.args(["run", "--site", site, "--controller", controller, "--state"]).arg(state).arg("--ca").arg(ca);
+        if let Some(t) = token {
+            cmd.args(["--token", t]);
+        }
+        let child = cmd
+            .env("MUSUBI_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(f))
+            .spawn()
+            .expect("start musubi-agent");
+        AgentProcess { child, log }
+    }
+
+    /// The exit code if it exits within `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill_hard();
+    }
+}
+
+/// Polls `check` every 50 ms until it holds or `limit` passes.
+pub fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -152,6 +152,7 @@ impl ServeFile {
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MUSUBI_LOG").unwrap_or_else(|_| "info".into()))
         .init();
     let result = match Cli::parse().command {
@@ -261,7 +262,8 @@ async fn serve(
             .max_encoding_message_size(usize::MAX),
         operator_auth(authority.is_some()),
     );
-    let agent = AgentServer::new(AgentService::new(store, fanout.clone(), authority.clone(), agents))
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let agent = AgentServer::new(AgentService::new(store, fanout.clone(), authority.clone(), agents, stopped))
         .max_decoding_message_size(16 * 1024 * 1024)
         .max_encoding_message_size(usize::MAX);
     let mode = if authority.is_some() { "mutual TLS" } else { "plain text: --insecure" };
@@ -269,7 +271,11 @@ async fn serve(
     builder
         .add_service(operator)
         .add_service(agent)
-        .serve_with_shutdown(listen, shutdown_signal())
+        .serve_with_shutdown(listen, async move {
+            shutdown_signal().await;
+            // End the agents' streams, or the graceful shutdown would wait for them.
+            stop.send_replace(true);
+        })
         .await
         .context("serving")?;
     Ok(())

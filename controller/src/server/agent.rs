@@ -53,11 +53,20 @@ pub struct AgentService<S> {
     /// the Hello's site is believed.
     authority: Option<Arc<Authority>>,
     settings: AgentSettings,
+    /// Becomes true when the controller shuts down: streams end so that
+    /// agents move to another replica.
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl<S> AgentService<S> {
-    pub fn new(store: Arc<S>, fanout: Arc<Fanout>, authority: Option<Arc<Authority>>, settings: AgentSettings) -> Self {
-        AgentService { store, fanout, authority, settings }
+    pub fn new(
+        store: Arc<S>,
+        fanout: Arc<Fanout>,
+        authority: Option<Arc<Authority>>,
+        settings: AgentSettings,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        AgentService { store, fanout, authority, settings, stop }
     }
 }
 
@@ -210,6 +219,7 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
                 fanout: self.fanout.clone(),
                 authority: self.authority.clone(),
                 settings: self.settings.clone(),
+                stop: self.stop.clone(),
             },
             status: pb::SiteStatus {
                 site: site.clone(),
@@ -265,6 +275,7 @@ impl<S: IntentStore + 'static> Session<S> {
         use pb::agent_message::Body as In;
         use pb::controller_message::Body as Out;
         let site = self.status.site.clone();
+        let mut stop = self.service.stop.clone();
         let mut keepalive = tokio::time::interval(self.service.settings.keepalive);
         keepalive.tick().await;
         self.publish_status(&presence).await;
@@ -316,6 +327,10 @@ impl<S: IntentStore + 'static> Session<S> {
                     }
                 }
                 _ = tx.closed() => break,
+                _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {
+                    let _ = tx.send(Err(Status::unavailable("the controller is shutting down"))).await;
+                    break;
+                }
             }
         }
         self.status.last_seen_unix_ms = now_ms();

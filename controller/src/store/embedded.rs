@@ -20,6 +20,9 @@ const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("musubi");
 /// The file inside the data directory.
 pub const FILE: &str = "musubi.redb";
 
+/// A presence record: when it expires, and its value.
+type Record = (Instant, Vec<u8>);
+
 #[derive(Debug, Clone)]
 pub struct Embedded {
     db: Arc<Database>,
@@ -28,7 +31,7 @@ pub struct Embedded {
     latest: Arc<tokio::sync::watch::Sender<u64>>,
     /// Presence expiries: only this process can see the file, so presence
     /// lives in memory.
-    presence: Arc<Mutex<HashMap<String, (Instant, Vec<u8>)>>>,
+    presence: Arc<Mutex<HashMap<String, Record>>>,
     /// Moves on every public key or revocation written (see [`IntentStore::subscribe_sites`]).
     sites: Arc<tokio::sync::watch::Sender<u64>>,
 }

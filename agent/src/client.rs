@@ -1,0 +1,443 @@
+//! The agent's side of the protocol: enrolment, the Sync stream with
+//! reconnection, applying configurations, reporting status, renewing the
+//! site certificate.
+//!
+//! Headless by design: while no controller answers, the agent keeps the
+//! datapath as it is (it never tears anything down for lack of a
+//! controller) and tries the controllers in turn with jittered exponential
+//! backoff. On reconnect its Hello names the configuration it has applied,
+//! so an unchanged configuration is not sent again and nothing is rewritten.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use musubi_proto::v1 as pb;
+use musubi_proto::v1::agent_client::AgentClient;
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::datapath::Datapath;
+use crate::reconcile::{desired, reconcile};
+use crate::state::{StateDir, StateError, write_file};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("not enrolled: give a join token (--token) and the controller's CA (--ca)")]
+    NoToken,
+    #[error("enrolment refused: {0}")]
+    Refused(String),
+    #[error("cannot reach any controller for enrolment: {0}")]
+    Unreachable(String),
+    #[error("certificate: {0}")]
+    Certificate(String),
+}
+
+/// How an agent runs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub site: String,
+    /// `host:port` or `https://host:port` (`http://` only with `insecure`).
+    pub controllers: Vec<String>,
+    pub state: StateDir,
+    /// One-time join token, used when the state directory holds no certificate.
+    pub token: Option<String>,
+    /// The controller's CA, for enrolment.
+    pub ca: Option<PathBuf>,
+    /// Plain text, no certificates (a controller started with `--insecure`).
+    pub insecure: bool,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// A stream with no message for this long is given up.
+    pub silence: Duration,
+}
+
+impl Settings {
+    pub fn new(site: &str, controllers: Vec<String>, state: StateDir) -> Self {
+        Settings {
+            site: site.to_string(),
+            controllers,
+            state,
+            token: None,
+            ca: None,
+            insecure: false,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            silence: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Something an agent did, for the fleet simulator and tests.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub site: String,
+    pub revision: u64,
+    pub digest: String,
+    pub writes: u64,
+    pub at: Instant,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn url(address: &str, insecure: bool) -> String {
+    if address.contains("://") {
+        address.to_string()
+    } else if insecure {
+        format!("http://{address}")
+    } else {
+        format!("https://{address}")
+    }
+}
+
+/// Validity of a PEM certificate: (not before, not after), Unix ms.
+fn validity(pem: &str) -> Result<(u64, u64), AgentError> {
+    let bad = |e: &dyn std::fmt::Display| AgentError::Certificate(e.to_string());
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| bad(&e))?;
+    let cert = parsed.parse_x509().map_err(|e| bad(&e))?;
+    let v = cert.validity();
+    Ok(((v.not_before.timestamp().max(0) as u64) * 1000, (v.not_after.timestamp().max(0) as u64) * 1000))
+}
+
+fn csr(site: &str) -> Result<(String, String), AgentError> {
+    let bad = |e: rcgen::Error| AgentError::Certificate(e.to_string());
+    let key = rcgen::KeyPair::generate().map_err(bad)?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(rcgen::DnType::CommonName, site);
+    let request = params.serialize_request(&key).map_err(bad)?.pem().map_err(bad)?;
+    Ok((request, key.serialize_pem()))
+}
+
+fn save_certificate(state: &StateDir, response: &pb::EnrollResponse, key_pem: &str) -> Result<(), AgentError> {
+    write_file(&state.cert_key(), key_pem.as_bytes(), true)?;
+    write_file(&state.cert(), response.certificate_pem.as_bytes(), false)?;
+    write_file(&state.ca(), response.ca_pem.as_bytes(), false)?;
+    Ok(())
+}
+
+async fn channel(url: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, String> {
+    let mut endpoint = Channel::from_shared(url.to_string())
+        .map_err(|e| format!("`{url}` is not a controller address: {e}"))?
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls).map_err(|e| e.to_string())?;
+    }
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()))
+}
+
+/// Enrols with a join token if the state directory has no certificate.
+pub async fn enrol(settings: &Settings) -> Result<(), AgentError> {
+    if settings.insecure || settings.state.enrolled() {
+        return Ok(());
+    }
+    let token = settings.token.clone().ok_or(AgentError::NoToken)?;
+    let ca = settings.ca.as_ref().ok_or(AgentError::NoToken)?;
+    let ca_pem = std::fs::read(ca).map_err(|e| AgentError::Certificate(format!("{}: {e}", ca.display())))?;
+    let (request, key_pem) = csr(&settings.site)?;
+    let mut last = String::from("no controller address");
+    for address in &settings.controllers {
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca_pem));
+        let channel = match channel(&url(address, false), Some(tls)).await {
+            Ok(c) => c,
+            Err(e) => {
+                last = format!("{address}: {e}");
+                continue;
+            }
+        };
+        let req = pb::EnrollRequest { site: settings.site.clone(), token: token.clone(), csr_pem: request.clone() };
+        match AgentClient::new(channel).enroll(req).await {
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                save_certificate(&settings.state, &resp, &key_pem)?;
+                tracing::info!(site = %settings.site, controller = %address, "enrolled");
+                return Ok(());
+            }
+            Err(s) if s.code() == tonic::Code::Unavailable => last = format!("{address}: {}", s.message()),
+            Err(s) => return Err(AgentError::Refused(s.message().to_string())),
+        }
+    }
+    Err(AgentError::Unreachable(last))
+}
+
+/// One site's agent.
+pub struct Agent {
+    settings: Settings,
+    datapath: Box<dyn Datapath>,
+    applied: Option<pb::ConfigUpdate>,
+    configs_received: u64,
+    errors: Vec<String>,
+    events: Option<mpsc::UnboundedSender<Applied>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("site", &self.settings.site).finish_non_exhaustive()
+    }
+}
+
+enum End {
+    /// The controller refused us (revoked, removed, wrong identity): wait long.
+    Refused(String),
+    /// The stream broke or could not be opened: try the next controller.
+    Broken(String),
+}
+
+impl Agent {
+    /// An agent that starts from the configuration it last applied, if any,
+    /// and re-applies it (writing nothing when the datapath still matches).
+    pub fn new(settings: Settings, datapath: Box<dyn Datapath>) -> Result<Self, AgentError> {
+        let applied = settings.state.load_applied()?;
+        let mut agent =
+            Agent { settings, datapath, applied: None, configs_received: 0, errors: Vec::new(), events: None };
+        if let Some(update) = applied {
+            tracing::info!(site = %agent.settings.site, revision = update.revision, "restoring the last applied configuration");
+            agent.apply(update);
+        }
+        Ok(agent)
+    }
+
+    pub fn with_events(mut self, events: mpsc::UnboundedSender<Applied>) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    pub fn writes(&self) -> u64 {
+        self.datapath.writes()
+    }
+
+    /// Applies a configuration; on failure keeps the previous one and reports.
+    fn apply(&mut self, update: pb::ConfigUpdate) -> Vec<pb::InterfaceKey> {
+        let Some(config) = &update.config else { return Vec::new() };
+        let mut new_keys = Vec::new();
+        for seg in &config.segments {
+            match self.settings.state.ensure_key(&seg.segment) {
+                Ok((public_key, true)) => new_keys.push(pb::InterfaceKey {
+                    segment: seg.segment.clone(),
+                    interface: seg.wireguard.as_ref().map(|w| w.name.clone()).unwrap_or_default(),
+                    public_key,
+                }),
+                Ok(_) => {}
+                Err(e) => self.errors.push(e.to_string()),
+            }
+        }
+        let result = desired(config, &self.settings.state).and_then(|want| reconcile(&mut *self.datapath, &want));
+        match result {
+            Ok(ops) => {
+                tracing::info!(site = %self.settings.site, revision = update.revision, writes = ops.len(), "configuration applied");
+                self.errors.clear();
+                if let Err(e) = self.settings.state.save_applied(&update) {
+                    self.errors.push(e.to_string());
+                }
+                if let Some(events) = &self.events {
+                    let _ = events.send(Applied {
+                        site: self.settings.site.clone(),
+                        revision: update.revision,
+                        digest: update.digest.clone(),
+                        writes: self.datapath.writes(),
+                        at: Instant::now(),
+                    });
+                }
+                self.applied = Some(update);
+            }
+            Err(e) => {
+                tracing::error!(site = %self.settings.site, revision = update.revision, error = %e, "configuration not applied");
+                self.errors = vec![e.to_string()];
+            }
+        }
+        new_keys
+    }
+
+    fn status(&self, keys: Vec<pb::InterfaceKey>) -> pb::AgentMessage {
+        let (applied_revision, applied_digest) =
+            self.applied.as_ref().map_or((0, String::new()), |a| (a.revision, a.digest.clone()));
+        let peers = self
+            .applied
+            .as_ref()
+            .and_then(|a| a.config.as_ref())
+            .map(|c| {
+                c.segments
+                    .iter()
+                    .flat_map(|s| {
+                        s.peers.iter().map(|p| pb::PeerHealth {
+                            segment: s.segment.clone(),
+                            peer: p.name.clone(),
+                            // Probing arrives with failover; a configured peer counts as up.
+                            up: true,
+                            ..Default::default()
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        pb::AgentMessage {
+            body: Some(pb::agent_message::Body::Status(pb::Status {
+                applied_revision,
+                applied_digest,
+                peers,
+                active: Vec::new(),
+                errors: self.errors.clone(),
+                keys,
+                at_unix_ms: now_ms(),
+                configs_received: self.configs_received,
+                datapath_writes: self.datapath.writes(),
+            })),
+        }
+    }
+
+    fn hello(&self) -> Result<pb::AgentMessage, AgentError> {
+        let keys = self
+            .settings
+            .state
+            .public_keys()?
+            .into_iter()
+            .map(|(segment, public_key)| pb::InterfaceKey { interface: format!("mw-{segment}"), segment, public_key })
+            .collect();
+        let (applied_revision, applied_digest) =
+            self.applied.as_ref().map_or((0, String::new()), |a| (a.revision, a.digest.clone()));
+        Ok(pb::AgentMessage {
+            body: Some(pb::agent_message::Body::Hello(pb::Hello {
+                site: self.settings.site.clone(),
+                agent_version: VERSION.to_string(),
+                keys,
+                applied_revision,
+                applied_digest,
+            })),
+        })
+    }
+
+    fn tls(&self) -> Result<Option<ClientTlsConfig>, AgentError> {
+        if self.settings.insecure {
+            return Ok(None);
+        }
+        let read = |p: PathBuf| std::fs::read(&p).map_err(|e| AgentError::Certificate(format!("{}: {e}", p.display())));
+        let s = &self.settings.state;
+        Ok(Some(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(read(s.ca())?))
+                .identity(Identity::from_pem(read(s.cert())?, read(s.cert_key())?)),
+        ))
+    }
+
+    /// Runs until the process ends: enrol if needed, then keep a stream to
+    /// some controller open.
+    pub async fn run(mut self) -> Result<(), AgentError> {
+        let mut attempt: u32 = 0;
+        let mut next = 0usize;
+        loop {
+            if let Err(e) = enrol(&self.settings).await {
+                match e {
+                    AgentError::Unreachable(_) => {
+                        tracing::warn!(site = %self.settings.site, error = %e, "enrolment failed; retrying")
+                    }
+                    other => return Err(other),
+                }
+            } else {
+                let address = self.settings.controllers[next % self.settings.controllers.len().max(1)].clone();
+                let started = Instant::now();
+                match self.session(&address).await {
+                    Ok(()) => {}
+                    Err(End::Refused(reason)) => {
+                        tracing::error!(site = %self.settings.site, controller = %address, reason, "refused by the controller");
+                        attempt = attempt.max(16);
+                    }
+                    Err(End::Broken(reason)) => {
+                        tracing::warn!(site = %self.settings.site, controller = %address, reason, "no stream; keeping the datapath as it is");
+                    }
+                }
+                if started.elapsed() > Duration::from_secs(10) {
+                    attempt = 0;
+                }
+                next += 1;
+            }
+            tokio::time::sleep(self.backoff(attempt)).await;
+            attempt = attempt.saturating_add(1);
+        }
+    }
+
+    /// `initial × 2^attempt`, at most `max`, times a random factor in [0.5, 1.5).
+    fn backoff(&self, attempt: u32) -> Duration {
+        let base = self.settings.backoff_initial.saturating_mul(1u32 << attempt.min(16)).min(self.settings.backoff_max);
+        base.mul_f64(rand::rng().random_range(0.5..1.5))
+    }
+
+    async fn session(&mut self, address: &str) -> Result<(), End> {
+        let broken = |e: &dyn std::fmt::Display| End::Broken(e.to_string());
+        let tls = self.tls().map_err(|e| broken(&e))?;
+        let channel = channel(&url(address, self.settings.insecure), tls).await.map_err(|e| broken(&e))?;
+        let mut client = AgentClient::new(channel).max_decoding_message_size(usize::MAX);
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(self.hello().map_err(|e| broken(&e))?).await.map_err(|e| broken(&e))?;
+        let mut inbound = match client.sync(ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => return Err(ended(s)),
+        };
+        tracing::info!(site = %self.settings.site, controller = %address, "stream open");
+        // Report where we stand (the controller may not send anything).
+        tx.send(self.status(Vec::new())).await.map_err(|e| broken(&e))?;
+        let mut renewal = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                message = tokio::time::timeout(self.settings.silence, inbound.message()) => {
+                    let message = message.map_err(|_| End::Broken("the controller went silent".into()))?;
+                    match message {
+                        Ok(Some(pb::ControllerMessage { body: Some(pb::controller_message::Body::Config(update)) })) => {
+                            self.configs_received += 1;
+                            let keys = self.apply(update);
+                            tx.send(self.status(keys)).await.map_err(|e| broken(&e))?;
+                        }
+                        Ok(Some(_)) => {} // keepalive, or a message this version does not know
+                        Ok(None) => return Err(End::Broken("the controller closed the stream".into())),
+                        Err(s) => return Err(ended(s)),
+                    }
+                }
+                _ = renewal.tick() => {
+                    if let Err(e) = self.renew_if_due(&mut client).await {
+                        tracing::warn!(site = %self.settings.site, error = %e, "certificate renewal failed; will retry");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Renews the site certificate once two thirds of its lifetime are gone.
+    async fn renew_if_due(&mut self, client: &mut AgentClient<Channel>) -> Result<(), AgentError> {
+        if self.settings.insecure {
+            return Ok(());
+        }
+        let pem =
+            std::fs::read_to_string(self.settings.state.cert()).map_err(|e| AgentError::Certificate(e.to_string()))?;
+        let (from, until) = validity(&pem)?;
+        if now_ms() < from + (until - from) * 2 / 3 {
+            return Ok(());
+        }
+        let (request, key_pem) = csr(&self.settings.site)?;
+        let resp = client
+            .renew(pb::RenewRequest { csr_pem: request })
+            .await
+            .map_err(|s| AgentError::Refused(s.message().to_string()))?
+            .into_inner();
+        save_certificate(&self.settings.state, &resp, &key_pem)?;
+        tracing::info!(site = %self.settings.site, not_after_ms = resp.not_after_unix_ms, "site certificate renewed");
+        Ok(())
+    }
+}
+
+fn ended(s: tonic::Status) -> End {
+    match s.code() {
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated | tonic::Code::NotFound => {
+            End::Refused(s.message().to_string())
+        }
+        _ => End::Broken(format!("{:?}: {}", s.code(), s.message())),
+    }
+}

@@ -1,0 +1,132 @@
+//! The fleet simulator: many agents in one process, each with its own state
+//! directory, its own enrolment token and mTLS identity, and an in-memory
+//! datapath. For scale measurements of the controller.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use musubi_proto::v1 as pb;
+use musubi_proto::v1::operator_client::OperatorClient;
+use tokio::sync::mpsc;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::client::{Agent, Applied, Settings};
+use crate::datapath::fake::Fake;
+use crate::state::StateDir;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    #[error("operator API: {0}")]
+    Operator(String),
+    #[error("{0}")]
+    Agent(#[from] crate::client::AgentError),
+}
+
+/// How to reach the controller as an operator (to make tokens).
+#[derive(Debug, Clone)]
+pub struct Operator {
+    pub controller: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn op_err(e: impl std::fmt::Display) -> SimulateError {
+    SimulateError::Operator(e.to_string())
+}
+
+impl Operator {
+    pub async fn connect(&self) -> Result<OperatorClient<Channel>, SimulateError> {
+        let read = |p: &Path| std::fs::read(p).map_err(|e| op_err(format!("{}: {e}", p.display())));
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&self.ca)?))
+            .identity(Identity::from_pem(read(&self.cert)?, read(&self.key)?));
+        let url = if self.controller.contains("://") {
+            self.controller.clone()
+        } else {
+            format!("https://{}", self.controller)
+        };
+        let channel = Channel::from_shared(url)
+            .map_err(op_err)?
+            .tls_config(tls)
+            .map_err(op_err)?
+            .connect()
+            .await
+            .map_err(op_err)?;
+        Ok(OperatorClient::new(channel).max_decoding_message_size(usize::MAX))
+    }
+}
+
+/// A running fleet: its agents' events arrive on `events`.
+#[derive(Debug)]
+pub struct Fleet {
+    pub events: mpsc::UnboundedReceiver<Applied>,
+    pub sites: Vec<String>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The sites of the controller's intent (the first `limit`, by name).
+pub async fn sites(operator: &Operator, limit: usize) -> Result<Vec<String>, SimulateError> {
+    let mut client = operator.connect().await?;
+    let resp = client.status(pb::StatusRequest::default()).await.map_err(|s| op_err(s.message()))?.into_inner();
+    Ok(resp.sites.into_iter().map(|s| s.site).take(limit).collect())
+}
+
+/// Enrols and starts one agent per site (tokens made through the operator
+/// API), with state under `root/<site>`.
+pub async fn start(operator: &Operator, sites: Vec<String>, root: &Path) -> Result<Fleet, SimulateError> {
+    let mut client = operator.connect().await?;
+    let (tx, events) = mpsc::unbounded_channel();
+    let mut tasks = Vec::with_capacity(sites.len());
+    for site in &sites {
+        let token = client
+            .create_token(pb::CreateTokenRequest { site: site.clone(), ttl_seconds: 3600 })
+            .await
+            .map_err(|s| op_err(s.message()))?
+            .into_inner()
+            .token;
+        let mut settings = Settings::new(site, vec![operator.controller.clone()], StateDir::new(&root.join(site)));
+        settings.token = Some(token);
+        settings.ca = Some(operator.ca.clone());
+        let agent = Agent::new(settings, Box::new(Fake::new()))?.with_events(tx.clone());
+        let site = site.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = agent.run().await {
+                tracing::error!(site, error = %e, "simulated agent stopped");
+            }
+        }));
+    }
+    Ok(Fleet { events, sites, tasks })
+}
+
+impl Fleet {
+    /// Waits until every site has applied a configuration whose digest
+    /// `done` accepts; returns when the last one did, or `None` on timeout.
+    pub async fn until(
+        &mut self,
+        timeout: Duration,
+        mut done: impl FnMut(&Applied) -> bool,
+    ) -> Option<(Instant, HashMap<String, Applied>)> {
+        let deadline = Instant::now() + timeout;
+        let mut seen: HashMap<String, Applied> = HashMap::new();
+        let mut last = Instant::now();
+        while seen.len() < self.sites.len() {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let event = tokio::time::timeout(left, self.events.recv()).await.ok()??;
+            if done(&event) {
+                last = event.at;
+                seen.insert(event.site.clone(), event);
+            }
+        }
+        Some((last, seen))
+    }
+}

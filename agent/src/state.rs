@@ -1,0 +1,144 @@
+//! The agent's state directory: WireGuard private keys (one per segment,
+//! 0600, generated here and never sent anywhere), the site certificate and
+//! its key, and the last configuration applied — so that an agent that
+//! restarts while the controller is away keeps (and can re-apply) it.
+//!
+//! ```text
+//! <state>/keys/<segment>.key      WireGuard private key, base64 (0600)
+//! <state>/tls/ca.pem              the controller's CA
+//! <state>/tls/site.pem            this site's certificate
+//! <state>/tls/site-key.pem        its private key (0600)
+//! <state>/applied.pb              the last applied ConfigUpdate
+//! ```
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use musubi_proto::v1 as pb;
+use prost::Message;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("no random source: {0}")]
+    Random(String),
+}
+
+fn file_err(path: &Path, e: impl std::fmt::Display) -> StateError {
+    StateError::File { path: path.display().to_string(), reason: e.to_string() }
+}
+
+/// Writes a file atomically (temp file + rename), owner-only when `private`.
+pub fn write_file(path: &Path, contents: &[u8], private: bool) -> Result<(), StateError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(&tmp)
+        .map_err(|e| file_err(&tmp, e))?;
+    f.write_all(contents).and_then(|()| f.sync_all()).map_err(|e| file_err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| file_err(path, e))
+}
+
+fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, StateError> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(file_err(path, e)),
+    }
+}
+
+/// A WireGuard key pair; the private half stays in the state directory.
+pub fn public_of(private: &[u8; 32]) -> String {
+    let secret = x25519_dalek::StaticSecret::from(*private);
+    STANDARD.encode(x25519_dalek::PublicKey::from(&secret).as_bytes())
+}
+
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    pub root: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(root: &Path) -> Self {
+        StateDir { root: root.to_path_buf() }
+    }
+
+    pub fn key_file(&self, segment: &str) -> PathBuf {
+        self.root.join("keys").join(format!("{segment}.key"))
+    }
+    pub fn ca(&self) -> PathBuf {
+        self.root.join("tls/ca.pem")
+    }
+    pub fn cert(&self) -> PathBuf {
+        self.root.join("tls/site.pem")
+    }
+    pub fn cert_key(&self) -> PathBuf {
+        self.root.join("tls/site-key.pem")
+    }
+    fn applied(&self) -> PathBuf {
+        self.root.join("applied.pb")
+    }
+
+    /// The public key of `segment`'s interface, making the key pair first if
+    /// there is none.
+    pub fn ensure_key(&self, segment: &str) -> Result<(String, bool), StateError> {
+        let path = self.key_file(segment);
+        if let Some(text) = read_optional(&path)? {
+            let bytes = STANDARD.decode(String::from_utf8_lossy(&text).trim()).map_err(|e| file_err(&path, e))?;
+            let key: [u8; 32] = bytes.try_into().map_err(|_| file_err(&path, "not a 32-byte key"))?;
+            return Ok((public_of(&key), false));
+        }
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).map_err(|e| StateError::Random(e.to_string()))?;
+        // Clamped as `wg genkey` writes it.
+        key[0] &= 248;
+        key[31] = (key[31] & 127) | 64;
+        write_file(&path, format!("{}\n", STANDARD.encode(key)).as_bytes(), true)?;
+        Ok((public_of(&key), true))
+    }
+
+    /// Public keys of every segment that has a key, by segment.
+    pub fn public_keys(&self) -> Result<BTreeMap<String, String>, StateError> {
+        let dir = self.root.join("keys");
+        let mut out = BTreeMap::new();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(file_err(&dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| file_err(&dir, e))?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            if let Some(segment) = name.strip_suffix(".key") {
+                out.insert(segment.to_string(), self.ensure_key(segment)?.0);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn load_applied(&self) -> Result<Option<pb::ConfigUpdate>, StateError> {
+        let path = self.applied();
+        read_optional(&path)?
+            .map(|b| pb::ConfigUpdate::decode(b.as_slice()).map_err(|e| file_err(&path, e)))
+            .transpose()
+    }
+
+    pub fn save_applied(&self, update: &pb::ConfigUpdate) -> Result<(), StateError> {
+        write_file(&self.applied(), &update.encode_to_vec(), false)
+    }
+
+    pub fn enrolled(&self) -> bool {
+        self.cert().exists() && self.cert_key().exists() && self.ca().exists()
+    }
+}

@@ -1,0 +1,288 @@
+//! Controller ↔ agent, across real processes over mutual TLS: enrolment with
+//! one-time tokens, convergence, fan-out to only the affected site, the
+//! refusals, revocation, and headless operation while the controller is away.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use musubi_tests::{
+    AgentProcess, Controller, EtcdServer, Pki, eventually, free_port, in_sync, reported, site_row, topology,
+};
+
+/// A TLS controller on `store`, logging to `dir/controller.log`.
+fn controller(dir: &Path, pki: &Pki, store: &str, port: u16) -> Controller {
+    let listen = format!("127.0.0.1:{port}");
+    let pki_dir = pki.dir.display().to_string();
+    let args = ["serve", "--pki", &pki_dir, "--listen", &listen, "--store", store, "--keepalive-s", "1"];
+    Controller::start_logged(port, store, &args, &dir.join("controller.log"))
+}
+
+fn apply(pki: &Pki, address: &str, dir: &Path, yaml: &str) {
+    let file = dir.join("intent.yaml");
+    std::fs::write(&file, yaml).expect("write intent");
+    let out = pki.musubi(address, &["apply", "-f", file.to_str().expect("utf-8"), "--yes"]);
+    assert!(out.status.success(), "apply failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("controller.log")).unwrap_or_default()
+}
+
+/// Every named site connected and in sync, with at least `peers` peers each.
+fn converged(pki: &Pki, address: &str, sites: &[&str], peers: usize) -> bool {
+    let status = pki.status(address);
+    sites.iter().all(|s| {
+        let row = site_row(&status, s);
+        in_sync(row) && row["reported"]["status"]["peers"].as_array().map_or(0, Vec::len) >= peers
+    })
+}
+
+#[test]
+fn three_agents_enrol_converge_and_a_one_site_change_reaches_only_that_site() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let etcd = EtcdServer::start();
+    let pki = Pki::init(&dir.path().join("pki"));
+    let port = free_port();
+    let _controller = controller(dir.path(), &pki, &format!("etcd://{}", etcd.endpoint()), port);
+    let address = format!("127.0.0.1:{port}");
+    let intent = topology("prefecture.yaml");
+    apply(&pki, &address, dir.path(), &intent);
+
+    let sites = ["ap-east", "kita-hall", "minami-hall"];
+    let _agents: Vec<AgentProcess> = sites
+        .iter()
+        .map(|s| {
+            let token = pki.token(&address, s, "10m");
+            AgentProcess::start(s, &address, &dir.path().join(s), Some(&token), &pki.ca())
+        })
+        .collect();
+    // Each member site ends with its peer on ap-east (once ap-east's key is in).
+    assert!(
+        eventually(Duration::from_secs(30), || converged(&pki, &address, &sites, 1)),
+        "agents did not converge: {}",
+        pki.status(&address)
+    );
+    // Keys never left the sites: the controller's store has public keys only,
+    // and the private key files are the agents' own, 0600.
+    for s in sites {
+        let key = dir.path().join(s).join("keys/juki.key");
+        if key.exists() {
+            let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).expect("key").permissions());
+            assert_eq!(mode & 0o777, 0o600, "{}", key.display());
+        }
+    }
+    let status = pki.status(&address);
+    assert!(
+        site_row(&status, "kita-hall")["reported"]["status"]["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .all(|p| p["peer"] == "ap-east"),
+        "a peer without a key (ap-west) must be left out"
+    );
+    // Let late key updates settle, then count what each agent has received.
+    std::thread::sleep(Duration::from_secs(2));
+    let before = pki.status(&address);
+    let received = |status: &serde_json::Value, s: &str| reported(site_row(status, s), "configs_received");
+
+    // A change only kita-hall's own configuration sees: a LAN interface.
+    let changed = intent.replacen(
+        "{segment: juki, interface: eth1, prefixes: [10.1.21.0/24]}",
+        "{segment: juki, interface: eth9, prefixes: [10.1.21.0/24]}",
+        1,
+    );
+    assert_ne!(changed, intent);
+    apply(&pki, &address, dir.path(), &changed);
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let s = pki.status(&address);
+            received(&s, "kita-hall") == received(&before, "kita-hall") + 1 && in_sync(site_row(&s, "kita-hall"))
+        }),
+        "kita-hall did not receive the change: {}",
+        pki.status(&address)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let after = pki.status(&address);
+    for s in ["ap-east", "minami-hall"] {
+        assert_eq!(received(&after, s), received(&before, s), "{s} was sent a configuration it did not need");
+    }
+    assert_eq!(received(&after, "kita-hall"), received(&before, "kita-hall") + 1, "exactly one message");
+
+    let text = pki.musubi(&address, &["status"]);
+    let table = String::from_utf8_lossy(&text.stdout);
+    for s in sites {
+        let line = table.lines().find(|l| l.starts_with(s)).expect("row");
+        assert!(line.split_whitespace().nth(4) == Some("yes"), "not in sync in `musubi status`: {line}");
+    }
+    // The audit chain names the operator's certificate, not `local`.
+    let history = pki.musubi(&address, &["history"]);
+    assert!(String::from_utf8_lossy(&history.stdout).contains("operator:admin"));
+}
+
+#[test]
+fn refusals_are_logged_and_deliver_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pki = Pki::init(&dir.path().join("pki"));
+    let port = free_port();
+    let store = format!("file://{}", dir.path().join("store").display());
+    let _controller = controller(dir.path(), &pki, &store, port);
+    let address = format!("127.0.0.1:{port}");
+    apply(&pki, &address, dir.path(), &topology("prefecture.yaml"));
+    let refused = |agent: &mut AgentProcess, state: &Path, message: &str| {
+        assert_eq!(agent.wait_exit(Duration::from_secs(10)), Some(1), "the agent should give up");
+        assert!(agent.log_text().contains(message), "agent log lacks `{message}`: {}", agent.log_text());
+        assert!(log(dir.path()).contains(message), "controller log lacks `{message}`");
+        assert!(!state.join("applied.pb").exists(), "a configuration was delivered");
+    };
+
+    // Expired token.
+    let token = pki.token(&address, "kita-hall", "1s");
+    std::thread::sleep(Duration::from_millis(1500));
+    let state = dir.path().join("expired");
+    let mut agent = AgentProcess::start("kita-hall", &address, &state, Some(&token), &pki.ca());
+    refused(&mut agent, &state, "the join token expired");
+
+    // Token made for another site: refused, and not spent.
+    let minami = pki.token(&address, "minami-hall", "10m");
+    let state = dir.path().join("other-site");
+    let mut agent = AgentProcess::start("kita-hall", &address, &state, Some(&minami), &pki.ca());
+    refused(&mut agent, &state, "the join token is for site `minami-hall`, not `kita-hall`");
+
+    // The rightful site uses it; using it again is refused.
+    let minami_state = dir.path().join("minami-hall");
+    let _minami = AgentProcess::start("minami-hall", &address, &minami_state, Some(&minami), &pki.ca());
+    assert!(
+        eventually(Duration::from_secs(15), || minami_state.join("applied.pb").exists()),
+        "minami-hall did not enrol"
+    );
+    let state = dir.path().join("reused");
+    let mut agent = AgentProcess::start("minami-hall", &address, &state, Some(&minami), &pki.ca());
+    refused(&mut agent, &state, "the join token was already used");
+
+    // minami-hall's certificate, presented with a Hello naming kita-hall.
+    let state = dir.path().join("impostor");
+    std::fs::create_dir_all(state.join("tls")).expect("dir");
+    for f in ["ca.pem", "site.pem", "site-key.pem"] {
+        std::fs::copy(minami_state.join("tls").join(f), state.join("tls").join(f)).expect("copy");
+    }
+    let mut agent = AgentProcess::start("kita-hall", &address, &state, None, &pki.ca());
+    let message = "this certificate is for site `minami-hall`; it cannot speak for `kita-hall`";
+    assert!(eventually(Duration::from_secs(10), || agent.log_text().contains(message)), "no refusal in the agent log");
+    assert!(log(dir.path()).contains("refused a Hello naming another site"));
+    assert!(!state.join("applied.pb").exists());
+    agent.kill_hard();
+
+    // A certificate from another CA: the TLS handshake fails.
+    let other = Pki::init(&dir.path().join("other-pki"));
+    let state = dir.path().join("foreign");
+    std::fs::create_dir_all(state.join("tls")).expect("dir");
+    std::fs::copy(pki.ca(), state.join("tls/ca.pem")).expect("copy");
+    std::fs::copy(other.cert(), state.join("tls/site.pem")).expect("copy");
+    std::fs::copy(other.key(), state.join("tls/site-key.pem")).expect("copy");
+    let mut agent = AgentProcess::start("kita-hall", &address, &state, None, &pki.ca());
+    assert!(
+        eventually(Duration::from_secs(10), || agent.log_text().contains("no stream")),
+        "no refusal in the agent log: {}",
+        agent.log_text()
+    );
+    assert!(!state.join("applied.pb").exists());
+    assert!(!site_row(&pki.status(&address), "kita-hall")["connected"].as_bool().unwrap_or(false));
+    agent.kill_hard();
+
+    // The operator API refuses a site certificate and a missing one.
+    let as_site = std::process::Command::new(musubi_tests::bin("musubi"))
+        .args(["status", "--controller", &address, "--ca"])
+        .arg(pki.ca())
+        .arg("--cert")
+        .arg(minami_state.join("tls/site.pem"))
+        .arg("--key")
+        .arg(minami_state.join("tls/site-key.pem"))
+        .output()
+        .expect("musubi");
+    assert!(!as_site.status.success());
+    assert!(String::from_utf8_lossy(&as_site.stderr).contains("a site certificate cannot use the operator API"));
+
+    // Revocation: the connected agent is dropped within a second, and
+    // refused when it comes back.
+    assert!(eventually(Duration::from_secs(10), || in_sync(site_row(&pki.status(&address), "minami-hall"))));
+    let out = pki.musubi(&address, &["site", "revoke", "minami-hall"]);
+    assert!(out.status.success());
+    let revoked = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(3), || !site_row(&pki.status(&address), "minami-hall")["connected"]
+            .as_bool()
+            .unwrap_or(false)),
+        "the revoked agent is still connected"
+    );
+    let took = revoked.elapsed();
+    assert!(took <= Duration::from_secs(1), "disconnected after {took:?}");
+    assert!(
+        log(dir.path()).contains("disconnecting agent site=\"minami-hall\" reason=\"site `minami-hall` is revoked\"")
+    );
+    assert!(
+        eventually(Duration::from_secs(25), || log(dir.path()).matches("refused a revoked site certificate").count()
+            >= 1),
+        "the revoked agent was not refused on reconnect"
+    );
+}
+
+#[test]
+fn agents_keep_their_configuration_while_the_controller_is_away() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pki = Pki::init(&dir.path().join("pki"));
+    let port = free_port();
+    let store = format!("file://{}", dir.path().join("store").display());
+    let mut controller = controller(dir.path(), &pki, &store, port);
+    let address = format!("127.0.0.1:{port}");
+    apply(&pki, &address, dir.path(), &topology("prefecture.yaml"));
+    let sites = ["ap-east", "kita-hall"];
+    let mut agents: Vec<AgentProcess> = sites
+        .iter()
+        .map(|s| {
+            let token = pki.token(&address, s, "10m");
+            AgentProcess::start(s, &address, &dir.path().join(s), Some(&token), &pki.ca())
+        })
+        .collect();
+    assert!(eventually(Duration::from_secs(30), || converged(&pki, &address, &sites, 1)));
+    std::thread::sleep(Duration::from_secs(1));
+    let before = pki.status(&address);
+    let datapath = |s: &str| std::fs::read(dir.path().join(s).join("datapath.json")).expect("datapath state");
+    let kept: Vec<Vec<u8>> = sites.iter().map(|s| datapath(s)).collect();
+
+    // The controller goes away: the agents stay up and change nothing.
+    assert_eq!(controller.terminate(Duration::from_secs(10)), Some(0));
+    std::thread::sleep(Duration::from_secs(3));
+    for (i, s) in sites.iter().enumerate() {
+        assert!(agents[i].running(), "{s} stopped without its controller");
+        assert_eq!(datapath(s), kept[i], "{s} touched its datapath while headless");
+    }
+
+    // One agent restarts while headless: it restores from its state directory, writing nothing.
+    agents[1].kill_hard();
+    agents[1] = AgentProcess::start("kita-hall", &address, &dir.path().join("kita-hall"), None, &pki.ca());
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(datapath("kita-hall"), kept[1]);
+    assert!(agents[1].log_text().contains("restoring the last applied configuration"));
+
+    // The controller returns: the agents reconnect, nothing is re-sent or rewritten.
+    let _controller = self::controller(dir.path(), &pki, &store, port);
+    assert!(
+        eventually(Duration::from_secs(30), || converged(&pki, &address, &sites, 1)),
+        "no resync: {}",
+        pki.status(&address)
+    );
+    let after = pki.status(&address);
+    let ap = |s: &serde_json::Value, f: &str| reported(site_row(s, "ap-east"), f);
+    assert_eq!(ap(&after, "datapath_writes"), ap(&before, "datapath_writes"), "ap-east rewrote its datapath");
+    assert_eq!(
+        ap(&after, "configs_received"),
+        ap(&before, "configs_received"),
+        "ap-east was re-sent its configuration"
+    );
+    let kita = site_row(&after, "kita-hall");
+    assert_eq!(reported(kita, "datapath_writes"), 0, "the restarted kita-hall wrote to its datapath");
+    assert_eq!(reported(kita, "configs_received"), 0, "the restarted kita-hall was re-sent an unchanged configuration");
+    for (i, s) in sites.iter().enumerate() {
+        assert_eq!(datapath(s), kept[i]);
+    }
+}
