@@ -27,6 +27,10 @@ use crate::store::layout::{self, Stored};
 use crate::store::watch::Revision;
 use crate::store::{IntentStore, StoreError};
 
+/// How long the fan-out waits after a key or revocation change before
+/// reading them, so that many agents enrolling at once cost one recompile.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(250);
+
 #[derive(Debug, thiserror::Error)]
 pub enum FanoutError {
     #[error(transparent)]
@@ -174,6 +178,9 @@ impl Fanout {
                         if changed.is_err() {
                             return;
                         }
+                        // Let a burst of enrolments land, then read them all at once.
+                        tokio::time::sleep(SETTLE).await;
+                        sites_changed.borrow_and_update();
                         let Some(f) = weak.upgrade() else { return };
                         if let Err(e) = f.reload_sites(&*store).await {
                             tracing::warn!(error = %e, "cannot read public keys and revocations");

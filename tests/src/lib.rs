@@ -163,6 +163,10 @@ impl Controller {
         None
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn address(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }

@@ -164,7 +164,7 @@ async fn conformance<S: IntentStore + 'static>(store: Arc<S>) {
 
     // Agents' public keys are stored beside the intent: no revision, no audit.
     let key = "AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM=";
-    store.put_public_key("kita-hall", "lgwan", key).await.expect("put key");
+    store.put_public_keys("kita-hall", &[("lgwan".into(), key.into())]).await.expect("put key");
     let with_key = store.load().await.expect("load");
     assert_eq!(with_key.keys["kita-hall"]["lgwan"], key);
     assert_eq!(with_key.revision, last.revision);

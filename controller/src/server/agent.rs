@@ -109,6 +109,7 @@ impl<S: IntentStore + 'static> AgentService<S> {
     async fn take_keys(&self, site: &str, keys: &[pb::InterfaceKey]) -> Result<(), Status> {
         let known = self.fanout.keys(site);
         let segments = self.fanout.segments(site);
+        let mut fresh = Vec::new();
         for k in keys {
             if !segments.contains(&k.segment) {
                 tracing::warn!(site, segment = %k.segment, "ignored a key for a segment the site is not attached to");
@@ -119,9 +120,13 @@ impl<S: IntentStore + 'static> AgentService<S> {
                 continue;
             }
             if known.get(&k.segment) != Some(&k.public_key) {
-                tracing::info!(site, segment = %k.segment, "public key recorded");
-                self.store.put_public_key(site, &k.segment, &k.public_key).await.map_err(internal)?;
+                fresh.push((k.segment.clone(), k.public_key.clone()));
             }
+        }
+        if !fresh.is_empty() {
+            self.store.put_public_keys(site, &fresh).await.map_err(internal)?;
+            let segments: Vec<&str> = fresh.iter().map(|(s, _)| s.as_str()).collect();
+            tracing::info!(site, segments = ?segments, "public keys recorded");
         }
         Ok(())
     }

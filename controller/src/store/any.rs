@@ -76,10 +76,10 @@ impl IntentStore for AnyStore {
         }
     }
 
-    async fn put_public_key(&self, site: &str, segment: &str, key: &str) -> Result<(), StoreError> {
+    async fn put_public_keys(&self, site: &str, keys: &[(String, String)]) -> Result<(), StoreError> {
         match self {
-            AnyStore::Embedded(s) => s.put_public_key(site, segment, key).await,
-            AnyStore::Etcd(s) => s.put_public_key(site, segment, key).await,
+            AnyStore::Embedded(s) => s.put_public_keys(site, keys).await,
+            AnyStore::Etcd(s) => s.put_public_keys(site, keys).await,
         }
     }
 

@@ -138,12 +138,18 @@ impl IntentStore for Embedded {
         layout::decode_history(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
     }
 
-    async fn put_public_key(&self, site: &str, segment: &str, key: &str) -> Result<(), StoreError> {
+    async fn put_public_keys(&self, site: &str, keys: &[(String, String)]) -> Result<(), StoreError> {
         let this = self.clone();
-        let (k, v) = (layout::public_key_key(site, segment), key.to_string());
+        let pairs: Vec<(String, String)> =
+            keys.iter().map(|(segment, key)| (layout::public_key_key(site, segment), key.clone())).collect();
         tokio::task::spawn_blocking(move || {
             let tx = this.db.begin_write().map_err(backend)?;
-            tx.open_table(KV).map_err(backend)?.insert(k.as_str(), v.as_bytes()).map_err(backend)?;
+            {
+                let mut table = tx.open_table(KV).map_err(backend)?;
+                for (k, v) in &pairs {
+                    table.insert(k.as_str(), v.as_bytes()).map_err(backend)?;
+                }
+            }
             tx.commit().map_err(backend)
         })
         .await

@@ -208,9 +208,13 @@ impl IntentStore for Etcd {
         layout::decode_history(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
     }
 
-    async fn put_public_key(&self, site: &str, segment: &str, key: &str) -> Result<(), StoreError> {
-        let k = layout::public_key_key(site, segment);
-        retrying(|| async { self.kv().put(k.as_str(), key, None).await.map(|_| ()).map_err(backend) }).await
+    async fn put_public_keys(&self, site: &str, keys: &[(String, String)]) -> Result<(), StoreError> {
+        let ops: Vec<TxnOp> = keys
+            .iter()
+            .map(|(segment, key)| TxnOp::put(layout::public_key_key(site, segment), key.as_str(), None))
+            .collect();
+        // Puts are idempotent: retrying after a lost answer is safe.
+        retrying(|| async { self.kv().txn(Txn::new().and_then(ops.clone())).await.map(|_| ()).map_err(backend) }).await
     }
 
     async fn announce(&self, site: &str, ttl: Duration) -> Result<Presence, StoreError> {

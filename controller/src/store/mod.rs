@@ -57,14 +57,12 @@ pub trait IntentStore: Send + Sync {
     /// The audit chain, oldest first.
     fn history(&self) -> impl Future<Output = Result<Vec<AuditEntry>, StoreError>> + Send;
 
-    /// Change records of every revision after `after`, oldest first.
-    /// Records the WireGuard public key an agent reported for one segment.
-    /// Not part of the intent: no revision, no audit entry.
-    fn put_public_key(
+    /// Records the WireGuard public keys an agent reported, (segment, key)
+    /// pairs, in one write. Not part of the intent: no revision, no audit entry.
+    fn put_public_keys(
         &self,
         site: &str,
-        segment: &str,
-        key: &str,
+        keys: &[(String, String)],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Holds a presence record for `site` that expires `ttl` after its
@@ -99,6 +97,7 @@ pub trait IntentStore: Send + Sync {
     /// controller or (on a shared store) any other.
     fn subscribe(&self) -> impl Future<Output = Result<tokio::sync::watch::Receiver<u64>, StoreError>> + Send;
 
+    /// Change records of every revision after `after`, oldest first.
     fn changes_since(
         &self,
         after: u64,

@@ -1,0 +1,193 @@
+//! Fan-out at scale, with the fleet simulator: a real `musubi-controller`
+//! process (mutual TLS, embedded store) and N simulated agents in this
+//! process, each enrolled with its own token and certificate, each with an
+//! in-memory datapath.
+//!
+//! Measures, per fleet size: time to enrol and converge; time from an apply
+//! that changes every site's configuration to the last agent's ack; a
+//! one-site change → that agent's ack (p50/p99), split into the apply call
+//! and the delivery after it; the controller's resident memory.
+//!
+//! Needs release binaries: `cargo build --release --bins`, then
+//! `cargo bench -p musubi-tests --bench fleet`. `MUSUBI_BENCH_FLEET`
+//! (default `2000,10000`) and `MUSUBI_BENCH_ROUNDS` (default 50) change the sizes.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use musubi_agent::simulate::{self, Operator};
+use musubi_controller::generate::generate;
+use musubi_controller::intent::Intent;
+use musubi_controller::intent::export::to_yaml;
+use musubi_controller::intent::parse::parse_str;
+use musubi_proto::v1 as pb;
+use musubi_proto::v1::operator_client::OperatorClient;
+use musubi_tests::{Controller, Pki, free_port};
+use tonic::transport::Channel;
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+/// Raises the open-file limit of a process to the hard limit (10,000 TLS
+/// connections need it).
+fn raise_nofile(pid: u32) {
+    let status = std::process::Command::new("sh")
+        .args(["-c", &format!("prlimit --pid {pid} --nofile=$(ulimit -Hn):$(ulimit -Hn)")])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(status.success(), "cannot raise the open-file limit of {pid}");
+}
+
+fn rss_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+async fn apply(client: &mut OperatorClient<Channel>, intent: &Intent, expected: u64) -> (u64, Duration) {
+    let text = to_yaml(intent).expect("export");
+    let t = Instant::now();
+    let resp = client
+        .apply(pb::ApplyRequest {
+            documents: vec![pb::Document { name: "intent.yaml".into(), text }],
+            expected_revision: expected,
+            dry_run: false,
+        })
+        .await
+        .expect("apply")
+        .into_inner();
+    assert!(resp.diagnostics.is_empty(), "invalid intent");
+    (resp.revision, t.elapsed())
+}
+
+/// Every site connected with the configuration it should have.
+async fn converged(client: &mut OperatorClient<Channel>) -> bool {
+    let Ok(resp) = client.status(pb::StatusRequest::default()).await else { return false };
+    resp.into_inner().sites.iter().all(|s| {
+        s.connected
+            && !s.desired_digest.is_empty()
+            && s.reported
+                .as_ref()
+                .and_then(|r| r.status.as_ref())
+                .is_some_and(|st| st.applied_digest == s.desired_digest)
+    })
+}
+
+async fn fleet(sites: usize, rounds: usize) {
+    println!("fleet of {sites} sites × 5 segments (access points of 2,000 peers)");
+    let dir = tempfile::tempdir().expect("tmp");
+    let pki = Pki::init(&dir.path().join("pki"));
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let store = format!("file://{}", dir.path().join("store").display());
+    let pki_dir = pki.dir.display().to_string();
+    let controller = Controller::start_logged(
+        port,
+        &store,
+        &["serve", "--pki", &pki_dir, "--listen", &listen, "--store", &store],
+        &dir.path().join("controller.log"),
+    );
+    raise_nofile(controller.pid());
+    let operator = Operator { controller: listen.clone(), ca: pki.ca(), cert: pki.cert(), key: pki.key() };
+    let mut client = operator.connect().await.expect("operator");
+
+    let mut intent = parse_str("generated.yaml", &generate(sites, 5)).intent;
+    let (mut revision, took) = apply(&mut client, &intent, 0).await;
+    println!("  import:                          {}", ms(took));
+    println!("  controller RSS, no agents:       {:.0} MiB", rss_mib(controller.pid()).0);
+
+    let t = Instant::now();
+    let names: Vec<String> = intent.sites.keys().cloned().collect();
+    let mut fleet = simulate::start(&operator, names.clone(), &dir.path().join("agents")).await.expect("fleet");
+    println!("  tokens made, agents started:     {}", ms(t.elapsed()));
+    fleet.until(Duration::from_secs(600), |_| true).await.expect("not every agent got a configuration");
+    println!("  every agent has a configuration: {}", ms(t.elapsed()));
+    let mut settled = false;
+    for _ in 0..600 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        while fleet.events.try_recv().is_ok() {}
+        if converged(&mut client).await {
+            settled = true;
+            break;
+        }
+    }
+    assert!(settled, "the fleet did not converge");
+    while fleet.events.try_recv().is_ok() {}
+    println!("  enrol + converge ({} agents):     {}", names.len(), ms(t.elapsed()));
+    let (rss, _) = rss_mib(controller.pid());
+    println!("  controller RSS, converged:       {rss:.0} MiB");
+
+    // Every site changes: the probe interval is in every configuration.
+    intent.settings.probe.interval_ms += 50;
+    let t = Instant::now();
+    let (rev, took) = apply(&mut client, &intent, revision).await;
+    revision = rev;
+    let (last, _) = fleet
+        .until(Duration::from_secs(120), |a| a.revision == revision)
+        .await
+        .expect("not every agent acknowledged the change");
+    println!("  every site changed: apply call {}, apply → last ack {}", ms(took), ms(last - t));
+
+    // One site at a time: a LAN interface only that site's configuration holds.
+    let members: Vec<String> = names.iter().filter(|n| n.starts_with("site-")).cloned().collect();
+    let mut total = Vec::new();
+    let mut after_apply = Vec::new();
+    for i in 0..rounds {
+        let name = &members[(i * 7919) % members.len()];
+        let site = Arc::make_mut(intent.sites.get_mut(name).expect("site"));
+        site.attachments[0].interface = Some(format!("lan{}", 100 + i % 7));
+        let t = Instant::now();
+        let (rev, took) = apply(&mut client, &intent, revision).await;
+        revision = rev;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.checked_duration_since(Instant::now()).expect("no ack within 10 s");
+            let event = tokio::time::timeout(left, fleet.events.recv()).await.expect("no ack").expect("fleet ended");
+            assert!(event.site == *name, "{} was sent a configuration for a change of {name}", event.site);
+            if event.revision == revision {
+                total.push(event.at - t);
+                after_apply.push((event.at - t).saturating_sub(took));
+                break;
+            }
+        }
+    }
+    total.sort();
+    after_apply.sort();
+    let p = |v: &[Duration], q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    println!(
+        "  one-site change → ack ({rounds}): p50 {} p99 {}; after the apply call returned: p50 {} p99 {}",
+        ms(p(&total, 0.5)),
+        ms(p(&total, 0.99)),
+        ms(p(&after_apply, 0.5)),
+        ms(p(&after_apply, 0.99))
+    );
+    let (rss, peak) = rss_mib(controller.pid());
+    println!("  controller RSS now {rss:.0} MiB, peak {peak:.0} MiB");
+    drop(fleet);
+    if std::env::var_os("MUSUBI_BENCH_KEEP").is_some() {
+        println!("  kept {}", dir.keep().display());
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    raise_nofile(std::process::id());
+    let sizes: Vec<usize> = std::env::var("MUSUBI_BENCH_FLEET")
+        .unwrap_or_else(|_| "2000,10000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let rounds = std::env::var("MUSUBI_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
+    for n in sizes {
+        fleet(n, rounds).await;
+    }
+}
