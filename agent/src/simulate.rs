@@ -94,7 +94,8 @@ pub async fn start(operator: &Operator, sites: Vec<String>, root: &Path) -> Resu
             .map_err(|s| op_err(s.message()))?
             .into_inner()
             .token;
-        let mut settings = Settings::new(site, vec![operator.controller.clone()], StateDir::new(&root.join(site)));
+        let state = StateDir { sync: false, ..StateDir::new(&root.join(site)) };
+        let mut settings = Settings::new(site, vec![operator.controller.clone()], state);
         settings.token = Some(token);
         settings.ca = Some(operator.ca.clone());
         let agent = Agent::new(settings, Box::new(Fake::new()))?.with_events(tx.clone());

@@ -35,6 +35,12 @@ fn file_err(path: &Path, e: impl std::fmt::Display) -> StateError {
 
 /// Writes a file atomically (temp file + rename), owner-only when `private`.
 pub fn write_file(path: &Path, contents: &[u8], private: bool) -> Result<(), StateError> {
+    write_file_with(path, contents, private, true)
+}
+
+/// [`write_file`], with the flush to disk optional (the fleet simulator's
+/// thousands of agents share one disk; a real agent always syncs).
+pub fn write_file_with(path: &Path, contents: &[u8], private: bool, sync: bool) -> Result<(), StateError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
     }
@@ -46,7 +52,7 @@ pub fn write_file(path: &Path, contents: &[u8], private: bool) -> Result<(), Sta
         .mode(if private { 0o600 } else { 0o644 })
         .open(&tmp)
         .map_err(|e| file_err(&tmp, e))?;
-    f.write_all(contents).and_then(|()| f.sync_all()).map_err(|e| file_err(&tmp, e))?;
+    f.write_all(contents).and_then(|()| if sync { f.sync_all() } else { Ok(()) }).map_err(|e| file_err(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| file_err(path, e))
 }
 
@@ -67,11 +73,13 @@ pub fn public_of(private: &[u8; 32]) -> String {
 #[derive(Debug, Clone)]
 pub struct StateDir {
     pub root: PathBuf,
+    /// Flush the applied configuration to disk (on, except in the simulator).
+    pub sync: bool,
 }
 
 impl StateDir {
     pub fn new(root: &Path) -> Self {
-        StateDir { root: root.to_path_buf() }
+        StateDir { root: root.to_path_buf(), sync: true }
     }
 
     pub fn key_file(&self, segment: &str) -> PathBuf {
@@ -135,7 +143,7 @@ impl StateDir {
     }
 
     pub fn save_applied(&self, update: &pb::ConfigUpdate) -> Result<(), StateError> {
-        write_file(&self.applied(), &update.encode_to_vec(), false)
+        write_file_with(&self.applied(), &update.encode_to_vec(), false, self.sync)
     }
 
     pub fn enrolled(&self) -> bool {

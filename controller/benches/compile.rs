@@ -19,6 +19,19 @@ use musubi_controller::intent::source::SourceMap;
 use musubi_controller::plan::affected_sites;
 use musubi_controller::validate::validate;
 use musubi_proto::v1::SiteConfig;
+use prost::Message;
+
+/// Resident memory of this process.
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -79,8 +92,15 @@ fn main() {
 
     // Incremental: one site's line moves to a new address. The site is
     // recompiled; its access points get that one peer replaced in place.
+    let before = rss_mib();
     let mut configs: BTreeMap<String, Arc<SiteConfig>> =
         compile(&intent, &alloc, &keys).expect("compile").into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+    let encoded: usize = configs.values().map(|c| c.encoded_len()).sum();
+    println!(
+        "  every compiled configuration held in memory: +{:.0} MiB resident ({:.0} MiB encoded)",
+        rss_mib() - before,
+        encoded as f64 / 1048576.0
+    );
     let mut current = intent.clone();
     let mut samples = Vec::new();
     let mut affected_samples = Vec::new();
@@ -124,4 +144,47 @@ fn main() {
     let clone_time = t.elapsed();
     let peers: usize = copy.segments.iter().map(|s| s.peers.len()).sum();
     println!("  copy of one access point's configuration ({peers} peers): {}", ms(clone_time));
+
+    // The configuration stream: what sending this access point a full
+    // snapshot costs, against a delta of the one peer a member change touches.
+    let mut snapshot = copy;
+    for seg in &mut snapshot.segments {
+        for p in &mut seg.peers {
+            p.public_key = format!("{:A<43}=", p.name.len());
+        }
+    }
+    let runs = 20;
+    let time = |f: &mut dyn FnMut()| {
+        let mut v: Vec<Duration> = (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed()
+            })
+            .collect();
+        v.sort();
+        v[runs / 2]
+    };
+    let mut bytes = Vec::new();
+    let encode = time(&mut || bytes = snapshot.encode_to_vec());
+    let decode = time(&mut || {
+        SiteConfig::decode(bytes.as_slice()).expect("decode");
+    });
+    let digest = time(&mut || {
+        musubi_controller::fanout::digest(&snapshot);
+    });
+    let filter = time(&mut || {
+        musubi_controller::fanout::deliverable(&snapshot);
+    });
+    let seg = &snapshot.segments[0];
+    let delta = seg.peers[0].encoded_len() + seg.route_groups[0].encoded_len();
+    println!(
+        "  snapshot of {ap} ({peers} peers, keys filled): {:.0} KiB; encode {}, decode {}, SHA-256 digest {}, leave out keyless peers {}",
+        bytes.len() as f64 / 1024.0,
+        ms(encode),
+        ms(decode),
+        ms(digest),
+        ms(filter)
+    );
+    println!("  a one-member delta (its peer + route group in one segment) would be {delta} bytes");
 }

@@ -105,14 +105,17 @@ impl State {
         let feed = if self.revoked.get(site).is_some_and(|r| r.active) {
             Feed::Gone(format!("site `{site}` is revoked"))
         } else if let Some(raw) = self.raw.get(site) {
-            let config = deliverable(raw);
+            // Once every peer has its key (the steady state) the delivered
+            // configuration is the compiled one: share it rather than copy.
+            let keyless = raw.segments.iter().any(|s| s.peers.iter().any(|p| p.public_key.is_empty()));
+            let config = if keyless { Arc::new(deliverable(raw)) } else { raw.clone() };
             let digest = digest(&config);
             if let Some(Feed::Config(d)) = self.feeds.get(site).map(|f| f.borrow().clone())
                 && d.digest == digest
             {
                 return false;
             }
-            Feed::Config(Arc::new(Delivery { revision: self.stored.revision, digest, config: Arc::new(config) }))
+            Feed::Config(Arc::new(Delivery { revision: self.stored.revision, digest, config }))
         } else {
             Feed::Gone(format!("site `{site}` is not in the intent"))
         };
