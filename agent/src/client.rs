@@ -24,6 +24,10 @@ use crate::state::{StateDir, StateError, write_file};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// How much earlier than its issue a certificate's validity starts (the
+/// controller allows for clocks that disagree a little).
+const CLOCK_SLACK_MS: u64 = 60_000;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
@@ -385,7 +389,7 @@ impl Agent {
         tracing::info!(site = %self.settings.site, controller = %address, "stream open");
         // Report where we stand (the controller may not send anything).
         tx.send(self.status(Vec::new())).await.map_err(|e| broken(&e))?;
-        let mut renewal = tokio::time::interval(Duration::from_secs(5));
+        let mut renewal = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 message = tokio::time::timeout(self.settings.silence, inbound.message()) => {
@@ -418,7 +422,9 @@ impl Agent {
         let pem =
             std::fs::read_to_string(self.settings.state.cert()).map_err(|e| AgentError::Certificate(e.to_string()))?;
         let (from, until) = validity(&pem)?;
-        if now_ms() < from + (until - from) * 2 / 3 {
+        // Certificates start a minute early for clock skew; count from issue.
+        let issued = (from + CLOCK_SLACK_MS).min(until);
+        if now_ms() < issued + (until - issued) * 2 / 3 {
             return Ok(());
         }
         let (request, key_pem) = csr(&self.settings.site)?;

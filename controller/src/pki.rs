@@ -223,7 +223,13 @@ pub fn init(
         Some((cert, key)) => {
             let (cert, key) = (read(cert)?, read(key)?);
             // Check that they belong together before adopting them.
-            Issuer::from_ca_cert_pem(&cert, KeyPair::from_pem(&key).map_err(cert_err)?).map_err(cert_err)?;
+            let pair = KeyPair::from_pem(&key).map_err(cert_err)?;
+            let (_, parsed) = x509_parser::pem::parse_x509_pem(cert.as_bytes()).map_err(cert_err)?;
+            let parsed = parsed.parse_x509().map_err(cert_err)?;
+            if parsed.tbs_certificate.subject_pki.subject_public_key.data.as_ref() != pair.public_key_raw() {
+                return Err(PkiError::Certificate("the CA key does not belong to the CA certificate".into()));
+            }
+            Issuer::from_ca_cert_pem(&cert, pair).map_err(cert_err)?;
             write(&paths.ca_key(), &key, true)?;
             write(&paths.ca(), &cert, false)?;
         }
@@ -322,6 +328,28 @@ mod tests {
         assert!(not_after > now_ms() + 3_500_000 && not_after <= now_ms() + 3_600_000);
         assert!(matches!(init(dir.path(), &[], "admin", None), Err(PkiError::Exists { .. })));
         assert!(ca.issue_site("garbage", "x", Duration::from_secs(1)).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn an_external_ca_is_adopted_and_checked() -> Result<(), Box<dyn std::error::Error>> {
+        let first = tempfile::tempdir()?;
+        let made = init(first.path(), &["localhost".into()], "admin", None)?;
+        let second = tempfile::tempdir()?;
+        let (ca, key) = (made.paths.ca(), made.paths.ca_key());
+        let adopted = init(second.path(), &["localhost".into()], "ops", Some((&ca, &key)))?;
+        assert!(adopted.external_ca);
+        assert_eq!(read(&adopted.paths.ca())?, read(&ca)?);
+        // The operator certificate it issued is signed by the external CA.
+        let pem = read(&adopted.paths.operator("ops"))?;
+        let p = peer(&rustls_pemfile_der(&pem)).ok_or("no identity")?;
+        assert_eq!(p.identity, Identity::Operator("ops".into()));
+        // A key that does not belong to the certificate is refused.
+        let third = tempfile::tempdir()?;
+        let other = tempfile::tempdir()?;
+        let other = init(other.path(), &[], "x", None)?;
+        let mismatch = init(third.path(), &[], "ops", Some((&ca, &other.paths.ca_key())));
+        assert!(matches!(mismatch, Err(PkiError::Certificate(m)) if m.contains("does not belong")));
         Ok(())
     }
 

@@ -104,10 +104,40 @@ impl Drop for EtcdServer {
     }
 }
 
+/// A child process that is killed (`kill -9`) and reaped when dropped.
+#[derive(Debug)]
+pub struct Reaped(pub Child);
+
+impl Reaped {
+    /// `kill -9`: no chance to clean up.
+    pub fn kill_hard(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    /// The exit code if it exits within `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        self.kill_hard();
+    }
+}
+
 /// A `musubi-controller serve` process on a free port; killed when dropped.
 #[derive(Debug)]
 pub struct Controller {
-    child: Child,
+    child: Reaped,
     pub port: u16,
     pub store: String,
 }
@@ -146,25 +176,18 @@ impl Controller {
             .spawn()
             .expect("start musubi-controller");
         assert!(wait_for_port(port, Duration::from_secs(20)), "the controller did not listen on {port}");
-        Controller { child, port, store: store.to_string() }
+        Controller { child: Reaped(child), port, store: store.to_string() }
     }
 
     /// SIGTERM, then the exit code if it stops within `limit`.
     pub fn terminate(&mut self, limit: Duration) -> Option<i32> {
-        let pid = self.child.id().to_string();
+        let pid = self.child.0.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        self.child.wait_exit(limit)
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.0.id()
     }
 
     pub fn address(&self) -> String {
@@ -173,14 +196,7 @@ impl Controller {
 
     /// `kill -9`: no chance to clean up.
     pub fn kill_hard(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        self.kill_hard();
+        self.child.kill_hard();
     }
 }
 
@@ -264,7 +280,7 @@ pub fn in_sync(row: &serde_json::Value) -> bool {
 /// A `musubi-agent run` process; killed when dropped.
 #[derive(Debug)]
 pub struct AgentProcess {
-    child: Child,
+    child: Reaped,
     pub log: PathBuf,
 }
 
@@ -286,23 +302,16 @@ impl AgentProcess {
             .stderr(Stdio::from(f))
             .spawn()
             .expect("start musubi-agent");
-        AgentProcess { child, log }
+        AgentProcess { child: Reaped(child), log }
     }
 
     /// The exit code if it exits within `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        self.child.wait_exit(limit)
     }
 
     pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        matches!(self.child.0.try_wait(), Ok(None))
     }
 
     pub fn log_text(&self) -> String {
@@ -310,14 +319,7 @@ impl AgentProcess {
     }
 
     pub fn kill_hard(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        self.kill_hard();
+        self.child.kill_hard();
     }
 }
 

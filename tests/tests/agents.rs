@@ -11,9 +11,14 @@ use musubi_tests::{
 
 /// A TLS controller on `store`, logging to `dir/controller.log`.
 fn controller(dir: &Path, pki: &Pki, store: &str, port: u16) -> Controller {
+    controller_with(dir, pki, store, port, &[])
+}
+
+fn controller_with(dir: &Path, pki: &Pki, store: &str, port: u16, extra: &[&str]) -> Controller {
     let listen = format!("127.0.0.1:{port}");
     let pki_dir = pki.dir.display().to_string();
-    let args = ["serve", "--pki", &pki_dir, "--listen", &listen, "--store", store, "--keepalive-s", "1"];
+    let mut args = vec!["serve", "--pki", &pki_dir, "--listen", &listen, "--store", store, "--keepalive-s", "1"];
+    args.extend_from_slice(extra);
     Controller::start_logged(port, store, &args, &dir.join("controller.log"))
 }
 
@@ -42,8 +47,11 @@ fn three_agents_enrol_converge_and_a_one_site_change_reaches_only_that_site() {
     let dir = tempfile::tempdir().expect("tmp");
     let etcd = EtcdServer::start();
     let pki = Pki::init(&dir.path().join("pki"));
-    let port = free_port();
-    let _controller = controller(dir.path(), &pki, &format!("etcd://{}", etcd.endpoint()), port);
+    let (port, port2) = (free_port(), free_port());
+    let store = format!("etcd://{}", etcd.endpoint());
+    let _controller = controller(dir.path(), &pki, &store, port);
+    // A second replica on the same store: minami-hall's agent uses it.
+    let _replica = controller(dir.path(), &pki, &store, port2);
     let address = format!("127.0.0.1:{port}");
     let intent = topology("prefecture.yaml");
     apply(&pki, &address, dir.path(), &intent);
@@ -53,7 +61,8 @@ fn three_agents_enrol_converge_and_a_one_site_change_reaches_only_that_site() {
         .iter()
         .map(|s| {
             let token = pki.token(&address, s, "10m");
-            AgentProcess::start(s, &address, &dir.path().join(s), Some(&token), &pki.ca())
+            let via = if *s == "minami-hall" { format!("127.0.0.1:{port2}") } else { address.clone() };
+            AgentProcess::start(s, &via, &dir.path().join(s), Some(&token), &pki.ca())
         })
         .collect();
     // Each member site ends with its peer on ap-east (once ap-east's key is in).
@@ -285,4 +294,36 @@ fn agents_keep_their_configuration_while_the_controller_is_away() {
     for (i, s) in sites.iter().enumerate() {
         assert_eq!(datapath(s), kept[i]);
     }
+}
+
+#[test]
+fn site_certificates_are_renewed_before_they_expire() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pki = Pki::init(&dir.path().join("pki"));
+    let port = free_port();
+    let store = format!("file://{}", dir.path().join("store").display());
+    let _controller = controller_with(dir.path(), &pki, &store, port, &["--site-cert-lifetime-s", "6"]);
+    let address = format!("127.0.0.1:{port}");
+    apply(&pki, &address, dir.path(), &topology("prefecture.yaml"));
+    let state = dir.path().join("kita-hall");
+    let token = pki.token(&address, "kita-hall", "10m");
+    let enrolled = Instant::now();
+    let mut agent = AgentProcess::start("kita-hall", &address, &state, Some(&token), &pki.ca());
+    let first = || std::fs::read(state.join("tls/site.pem")).unwrap_or_default();
+    assert!(eventually(Duration::from_secs(10), || !first().is_empty()));
+    let original = first();
+    assert!(
+        eventually(Duration::from_secs(10), || agent.log_text().contains("site certificate renewed")),
+        "no renewal: {}",
+        agent.log_text()
+    );
+    assert_ne!(first(), original, "the certificate file was not replaced");
+    // Once the first certificate has expired, a restarted agent still gets in.
+    std::thread::sleep(Duration::from_secs(8).saturating_sub(enrolled.elapsed()));
+    agent.kill_hard();
+    let _agent = AgentProcess::start("kita-hall", &address, &state, None, &pki.ca());
+    assert!(
+        eventually(Duration::from_secs(15), || in_sync(site_row(&pki.status(&address), "kita-hall"))),
+        "the renewed certificate was not accepted"
+    );
 }

@@ -208,7 +208,7 @@ async fn serve_command(command: Command) -> Result<()> {
     let pki = (!insecure).then(|| pki.or(file.pki).unwrap_or_else(|| PathBuf::from("/var/lib/musubi/pki")));
     let mut agents = AgentSettings { controller: name.unwrap_or_else(|| listen.to_string()), ..Default::default() };
     if let Some(s) = site_cert_lifetime_s {
-        agents.site_certificate_lifetime = Duration::from_secs(s.max(60));
+        agents.site_certificate_lifetime = Duration::from_secs(s.max(5));
     }
     if let Some(s) = keepalive_s {
         agents.keepalive = Duration::from_secs(s.max(1));

@@ -17,6 +17,9 @@ use crate::audit::AuditEntry;
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("musubi");
 
+/// redb's page cache.
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
+
 /// The file inside the data directory.
 pub const FILE: &str = "musubi.redb";
 
@@ -46,7 +49,9 @@ impl Embedded {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(backend)?;
         let path = dir.join(FILE);
-        let db = Database::create(&path).map_err(|e| match e {
+        // redb caches pages in memory (1 GiB by default); the controller
+        // keeps what it serves compiled anyway, so a small cache will do.
+        let db = redb::Builder::new().set_cache_size(CACHE_BYTES).create(&path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked { path: path.display().to_string() },
             other => backend(other),
         })?;
