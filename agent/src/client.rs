@@ -57,7 +57,7 @@ pub struct Settings {
     pub insecure: bool,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
-    /// A stream with no message for this long is given up.
+    /// A stream with no message for this long is given up (three keepalives).
     pub silence: Duration,
 }
 
@@ -72,7 +72,7 @@ impl Settings {
             insecure: false,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
-            silence: Duration::from_secs(20),
+            silence: Duration::from_secs(45),
         }
     }
 }

@@ -58,7 +58,7 @@ enum Command {
         /// Lifetime of the site certificates this controller issues, in seconds [default: 86400].
         #[arg(long)]
         site_cert_lifetime_s: Option<u64>,
-        /// Seconds between keepalives on agent streams [default: 5].
+        /// Seconds between keepalives on agent streams [default: 15].
         #[arg(long)]
         keepalive_s: Option<u64>,
         /// This replica's name in agents' status [default: the listen address].

@@ -38,7 +38,7 @@ impl Default for AgentSettings {
     fn default() -> Self {
         AgentSettings {
             site_certificate_lifetime: Duration::from_secs(24 * 3600),
-            keepalive: Duration::from_secs(5),
+            keepalive: Duration::from_secs(15),
             presence_ttl: Duration::from_secs(10),
             controller: "controller".into(),
         }
