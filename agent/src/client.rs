@@ -441,9 +441,10 @@ impl Agent {
 
 fn ended(s: tonic::Status) -> End {
     match s.code() {
-        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated | tonic::Code::NotFound => {
-            End::Refused(s.message().to_string())
-        }
+        tonic::Code::PermissionDenied
+        | tonic::Code::Unauthenticated
+        | tonic::Code::NotFound
+        | tonic::Code::AlreadyExists => End::Refused(s.message().to_string()),
         _ => End::Broken(format!("{:?}: {}", s.code(), s.message())),
     }
 }

@@ -327,3 +327,51 @@ fn site_certificates_are_renewed_before_they_expire() {
         "the renewed certificate was not accepted"
     );
 }
+
+#[test]
+fn the_newest_agent_of_a_site_stays_and_a_removed_site_is_dropped() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pki = Pki::init(&dir.path().join("pki"));
+    let port = free_port();
+    let store = format!("file://{}", dir.path().join("store").display());
+    let _controller = controller(dir.path(), &pki, &store, port);
+    let address = format!("127.0.0.1:{port}");
+    let intent = topology("prefecture.yaml");
+    apply(&pki, &address, dir.path(), &intent);
+    let start = |site: &str| {
+        let token = pki.token(&address, site, "10m");
+        AgentProcess::start(site, &address, &dir.path().join(site), Some(&token), &pki.ca())
+    };
+    let first = start("kita-hall");
+    let nishi = start("nishi-hall");
+    assert!(eventually(Duration::from_secs(15), || {
+        let s = pki.status(&address);
+        in_sync(site_row(&s, "kita-hall")) && in_sync(site_row(&s, "nishi-hall"))
+    }));
+
+    // A second agent with the same certificate: it takes over, the first is told why.
+    let copy = dir.path().join("kita-hall-2");
+    std::fs::create_dir_all(copy.join("tls")).expect("dir");
+    for f in ["ca.pem", "site.pem", "site-key.pem"] {
+        std::fs::copy(dir.path().join("kita-hall/tls").join(f), copy.join("tls").join(f)).expect("copy");
+    }
+    let mut second = AgentProcess::start("kita-hall", &address, &copy, None, &pki.ca());
+    let message = "another agent of site `kita-hall` connected; this stream is closed";
+    assert!(eventually(Duration::from_secs(10), || first.log_text().contains(message)), "{}", first.log_text());
+    assert!(eventually(Duration::from_secs(10), || in_sync(site_row(&pki.status(&address), "kita-hall"))));
+    // When the newer one goes, the first comes back (after its longer backoff).
+    second.kill_hard();
+    assert!(
+        eventually(Duration::from_secs(25), || in_sync(site_row(&pki.status(&address), "kita-hall"))),
+        "the first agent did not come back"
+    );
+
+    // nishi-hall leaves the intent: its agent is dropped and its row goes.
+    let without: Vec<&str> =
+        intent.split("\n---\n").filter(|doc| !doc.contains("kind: Site\nname: nishi-hall")).collect();
+    apply(&pki, &address, dir.path(), &without.join("\n---\n"));
+    let gone = "site `nishi-hall` was removed from the intent";
+    assert!(eventually(Duration::from_secs(5), || nishi.log_text().contains(gone)), "{}", nishi.log_text());
+    let status = pki.status(&address);
+    assert!(status["sites"].as_array().expect("sites").iter().all(|s| s["site"] != "nishi-hall"));
+}

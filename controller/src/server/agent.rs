@@ -6,6 +6,7 @@
 //! one removed from the intent, has its stream ended by the fan-out (within
 //! the store's notification delay) and is refused from then on.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +46,9 @@ impl Default for AgentSettings {
     }
 }
 
+/// Each site's open stream on this replica: its number, and how to close it.
+type OpenStreams = HashMap<String, (u64, tokio::sync::oneshot::Sender<()>)>;
+
 #[derive(Debug)]
 pub struct AgentService<S> {
     store: Arc<S>,
@@ -56,6 +60,8 @@ pub struct AgentService<S> {
     /// Becomes true when the controller shuts down: streams end so that
     /// agents move to another replica.
     stop: tokio::sync::watch::Receiver<bool>,
+    /// The open stream of each site on this replica: a newer one closes it.
+    open: Arc<std::sync::Mutex<OpenStreams>>,
 }
 
 impl<S> AgentService<S> {
@@ -66,7 +72,7 @@ impl<S> AgentService<S> {
         settings: AgentSettings,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
-        AgentService { store, fanout, authority, settings, stop }
+        AgentService { store, fanout, authority, settings, stop, open: Arc::default() }
     }
 }
 
@@ -216,6 +222,16 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
         }
         self.take_keys(&site, &hello.keys).await?;
         let presence = self.store.announce(&site, self.settings.presence_ttl).await.map_err(internal)?;
+        // One stream per site: the newest stays (an agent that reconnects
+        // before its old stream timed out must not be locked out).
+        let (replace, replaced) = tokio::sync::oneshot::channel();
+        static STREAMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let stream = STREAMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some((_, older)) =
+            self.open.lock().unwrap_or_else(|p| p.into_inner()).insert(site.clone(), (stream, replace))
+        {
+            let _ = older.send(());
+        }
         let (tx, rx) = mpsc::channel(8);
         let session = Session {
             store: self.store.clone(),
@@ -225,6 +241,7 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
                 authority: self.authority.clone(),
                 settings: self.settings.clone(),
                 stop: self.stop.clone(),
+                open: self.open.clone(),
             },
             status: pb::SiteStatus {
                 site: site.clone(),
@@ -241,7 +258,7 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
             },
         };
         tracing::info!(site, version = %hello.agent_version, applied = hello.applied_revision, "agent connected");
-        tokio::spawn(session.run(inbound, feed, tx, presence, hello.applied_digest));
+        tokio::spawn(session.run(inbound, feed, tx, presence, hello.applied_digest, (stream, replaced)));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -276,6 +293,7 @@ impl<S: IntentStore + 'static> Session<S> {
         tx: mpsc::Sender<Result<pb::ControllerMessage, Status>>,
         presence: crate::store::presence::Presence,
         mut sent_digest: String,
+        (stream, mut replaced): (u64, tokio::sync::oneshot::Receiver<()>),
     ) {
         use pb::agent_message::Body as In;
         use pb::controller_message::Body as Out;
@@ -332,6 +350,13 @@ impl<S: IntentStore + 'static> Session<S> {
                     }
                 }
                 _ = tx.closed() => break,
+                _ = &mut replaced => {
+                    tracing::warn!(site, "another agent of this site connected; closing the older stream");
+                    let _ = tx.send(Err(Status::already_exists(format!(
+                        "another agent of site `{site}` connected; this stream is closed"
+                    )))).await;
+                    break;
+                }
                 _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {
                     let _ = tx.send(Err(Status::unavailable("the controller is shutting down"))).await;
                     break;
@@ -345,6 +370,12 @@ impl<S: IntentStore + 'static> Session<S> {
             tracing::warn!(site, error = %e, "cannot record last status");
         }
         drop(presence);
+        {
+            let mut open = self.service.open.lock().unwrap_or_else(|p| p.into_inner());
+            if open.get(&site).is_some_and(|(s, _)| *s == stream) {
+                open.remove(&site);
+            }
+        }
         tracing::info!(site, configurations = sent, "agent disconnected");
     }
 }

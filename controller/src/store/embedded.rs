@@ -23,8 +23,11 @@ const CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// The file inside the data directory.
 pub const FILE: &str = "musubi.redb";
 
-/// A presence record: when it expires, and its value.
-type Record = (Instant, Vec<u8>);
+/// A presence record: when it expires, its value, and which holder owns it
+/// (a newer holder of the same site takes the record over).
+type Record = (Instant, Vec<u8>, u64);
+
+static HOLDERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 #[derive(Debug, Clone)]
 pub struct Embedded {
@@ -166,33 +169,44 @@ impl IntentStore for Embedded {
     async fn announce(&self, site: &str, ttl: Duration) -> Result<Presence, StoreError> {
         let map = self.presence.clone();
         let name = site.to_string();
-        let renew = {
+        let holder = HOLDERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Runs `f` on the record if this holder still owns it.
+        let with_own = {
             let (map, name) = (map.clone(), name.clone());
+            move |f: &mut dyn FnMut(&mut Record)| {
+                if let Ok(mut m) = map.lock()
+                    && let Some(r) = m.get_mut(&name).filter(|r| r.2 == holder)
+                {
+                    f(r);
+                }
+            }
+        };
+        let renew = {
+            let with_own = with_own.clone();
             tokio::spawn(async move {
                 loop {
-                    if let Ok(mut m) = map.lock() {
-                        m.entry(name.clone()).or_insert_with(|| (Instant::now(), Vec::new())).0 = Instant::now() + ttl;
-                    }
+                    with_own(&mut |r| r.0 = Instant::now() + ttl);
                     tokio::time::sleep(renew_every(ttl)).await;
                 }
             })
         };
         if let Ok(mut m) = map.lock() {
-            m.insert(name.clone(), (Instant::now() + ttl, Vec::new()));
+            m.insert(name.clone(), (Instant::now() + ttl, Vec::new(), holder));
         }
         let set = {
-            let (map, name) = (map.clone(), name.clone());
+            let with_own = with_own.clone();
             Box::new(move |value: Vec<u8>| {
-                if let Ok(mut m) = map.lock() {
-                    m.entry(name.clone()).or_insert_with(|| (Instant::now() + ttl, Vec::new())).1 = value;
-                }
+                let mut value = Some(value);
+                with_own(&mut |r| r.1 = value.take().unwrap_or_default());
                 Box::pin(std::future::ready(Ok(()))) as std::pin::Pin<Box<dyn Future<Output = _> + Send>>
             })
         };
         Ok(Presence::new(
             renew,
             move || {
-                if let Ok(mut m) = map.lock() {
+                if let Ok(mut m) = map.lock()
+                    && m.get(&name).is_some_and(|r| r.2 == holder)
+                {
                     m.remove(&name);
                 }
             },
@@ -203,7 +217,7 @@ impl IntentStore for Embedded {
     async fn present(&self) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
         let now = Instant::now();
         let m = self.presence.lock().map_err(|_| backend("presence table poisoned"))?;
-        Ok(m.iter().filter(|(_, (expiry, _))| *expiry > now).map(|(site, (_, v))| (site.clone(), v.clone())).collect())
+        Ok(m.iter().filter(|(_, r)| r.0 > now).map(|(site, r)| (site.clone(), r.1.clone())).collect())
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
@@ -253,9 +267,21 @@ impl IntentStore for Embedded {
 
     async fn changes_since(&self, after: u64) -> Result<Vec<(u64, Vec<layout::KeyChange>)>, StoreError> {
         let this = self.clone();
-        let pairs = tokio::task::spawn_blocking(move || this.pairs(&[layout::CHANGES])).await.map_err(backend)??;
-        let mut changes = layout::decode_changes(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
-        changes.retain(|(rev, _)| *rev > after);
-        Ok(changes)
+        // Keys sort by zero-padded revision: read only the records after `after`
+        // (the first import's record is the size of the whole intent).
+        let pairs = tokio::task::spawn_blocking(move || {
+            let tx = this.db.begin_read().map_err(backend)?;
+            let table = tx.open_table(KV).map_err(backend)?;
+            let (from, to) = (layout::changes_key(after + 1), format!("{}~", layout::CHANGES));
+            let mut out = Vec::new();
+            for item in table.range(from.as_str()..to.as_str()).map_err(backend)? {
+                let (k, v) = item.map_err(backend)?;
+                out.push((k.value().to_string(), v.value().to_vec()));
+            }
+            Ok::<_, StoreError>(out)
+        })
+        .await
+        .map_err(backend)??;
+        layout::decode_changes(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
     }
 }
