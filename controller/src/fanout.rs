@@ -172,8 +172,19 @@ impl Fanout {
                             }
                         }
                         Some(Err(e)) => {
-                            tracing::error!(error = %e, "the intent watch failed; configurations are frozen");
-                            return;
+                            // Keep serving what we have, and follow again from where we are.
+                            tracing::error!(error = %e, "the intent watch failed; following again");
+                            loop {
+                                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                                let Some(at) = weak.upgrade().map(|f| f.revision()) else { return };
+                                match crate::store::watch::watch(store.clone(), at).await {
+                                    Ok(again) => {
+                                        revisions = again;
+                                        break;
+                                    }
+                                    Err(e) => tracing::error!(error = %e, "cannot watch the intent; retrying"),
+                                }
+                            }
                         }
                         None => return,
                     },
