@@ -148,6 +148,11 @@ impl ServeFile {
     }
 }
 
+/// jemalloc gives memory that thousands of agent streams and large applies
+/// leave behind back to the system; see README "Benchmarks".
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
