@@ -50,6 +50,10 @@ impl std::fmt::Display for Identity {
 }
 
 const SITE_URI: &str = "musubi://site/";
+
+/// Certificates are valid from this long before they are issued, for clocks
+/// that disagree a little; the issue time is `notBefore` plus this.
+const CLOCK_SLACK: Duration = Duration::from_secs(60);
 const OPERATOR_URI: &str = "musubi://operator/";
 
 /// The files of a PKI directory.
@@ -115,7 +119,7 @@ fn leaf_params(san: SanType, common_name: &str, lifetime: Duration, server: bool
     let mut p = CertificateParams::default();
     let now = SystemTime::now();
     // A minute of slack for clocks that disagree a little.
-    p.not_before = offset(now - Duration::from_secs(60));
+    p.not_before = offset(now - CLOCK_SLACK);
     p.not_after = offset(now + lifetime);
     p.distinguished_name = DistinguishedName::new();
     p.distinguished_name.push(DnType::CommonName, common_name);
@@ -264,14 +268,14 @@ pub fn init(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     pub identity: Identity,
-    /// When the certificate was issued (its `notBefore`), Unix milliseconds.
+    /// When the certificate was issued (`notBefore` + the clock slack), Unix milliseconds.
     pub issued_ms: u64,
 }
 
 /// Reads the identity out of a certificate the TLS layer has verified.
 pub fn peer(der: &[u8]) -> Option<Peer> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let issued_ms = (cert.validity().not_before.timestamp().max(0) as u64) * 1000;
+    let issued_ms = (cert.validity().not_before.timestamp().max(0) as u64) * 1000 + CLOCK_SLACK.as_millis() as u64;
     let san = cert.subject_alternative_name().ok()??;
     san.value.general_names.iter().find_map(|n| match n {
         x509_parser::extensions::GeneralName::URI(u) => {
@@ -325,6 +329,8 @@ mod tests {
         let der = rustls_pemfile_der(&pem);
         let p = peer(&der).ok_or("no identity")?;
         assert_eq!(p.identity, Identity::Site("kita-hall".into()));
+        // The issue time (what revocations compare with) is now, to the second.
+        assert!(p.issued_ms <= now_ms() && p.issued_ms + 2000 > now_ms(), "issued {} now {}", p.issued_ms, now_ms());
         assert!(not_after > now_ms() + 3_500_000 && not_after <= now_ms() + 3_600_000);
         assert!(matches!(init(dir.path(), &[], "admin", None), Err(PkiError::Exists { .. })));
         assert!(ca.issue_site("garbage", "x", Duration::from_secs(1)).is_err());
