@@ -79,11 +79,18 @@ impl Embedded {
 
     /// Every key under the prefixes, from one read transaction.
     fn pairs(&self, prefixes: &[&str]) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let ranges: Vec<(&str, &str)> = prefixes.iter().map(|p| (*p, *p)).collect();
+        self.scan(&ranges)
+    }
+
+    /// For each `(from, prefix)`: the keys under `prefix` from `from` on, in
+    /// key order, all from one read transaction.
+    fn scan(&self, ranges: &[(&str, &str)]) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let tx = self.db.begin_read().map_err(backend)?;
         let table = tx.open_table(KV).map_err(backend)?;
         let mut out = Vec::new();
-        for prefix in prefixes {
-            for item in table.range(*prefix..).map_err(backend)? {
+        for (from, prefix) in ranges {
+            for item in table.range(*from..).map_err(backend)? {
                 let (k, v) = item.map_err(backend)?;
                 if !k.value().starts_with(prefix) {
                     break;
@@ -270,15 +277,7 @@ impl IntentStore for Embedded {
         // Keys sort by zero-padded revision: read only the records after `after`
         // (the first import's record is the size of the whole intent).
         let pairs = tokio::task::spawn_blocking(move || {
-            let tx = this.db.begin_read().map_err(backend)?;
-            let table = tx.open_table(KV).map_err(backend)?;
-            let (from, to) = (layout::changes_key(after + 1), format!("{}~", layout::CHANGES));
-            let mut out = Vec::new();
-            for item in table.range(from.as_str()..to.as_str()).map_err(backend)? {
-                let (k, v) = item.map_err(backend)?;
-                out.push((k.value().to_string(), v.value().to_vec()));
-            }
-            Ok::<_, StoreError>(out)
+            this.scan(&[(layout::changes_key(after + 1).as_str(), layout::CHANGES)])
         })
         .await
         .map_err(backend)??;
