@@ -64,6 +64,20 @@ pub struct AgentService<S> {
     open: Arc<std::sync::Mutex<OpenStreams>>,
 }
 
+// Not derived: that would ask `S: Clone`, and the store is shared behind an `Arc`.
+impl<S> Clone for AgentService<S> {
+    fn clone(&self) -> Self {
+        AgentService {
+            store: self.store.clone(),
+            fanout: self.fanout.clone(),
+            authority: self.authority.clone(),
+            settings: self.settings.clone(),
+            stop: self.stop.clone(),
+            open: self.open.clone(),
+        }
+    }
+}
+
 impl<S> AgentService<S> {
     pub fn new(
         store: Arc<S>,
@@ -234,15 +248,7 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
         }
         let (tx, rx) = mpsc::channel(8);
         let session = Session {
-            store: self.store.clone(),
-            service: AgentService {
-                store: self.store.clone(),
-                fanout: self.fanout.clone(),
-                authority: self.authority.clone(),
-                settings: self.settings.clone(),
-                stop: self.stop.clone(),
-                open: self.open.clone(),
-            },
+            service: self.clone(),
             status: pb::SiteStatus {
                 site: site.clone(),
                 agent_version: hello.agent_version.clone(),
@@ -264,7 +270,6 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
 }
 
 struct Session<S> {
-    store: Arc<S>,
     service: AgentService<S>,
     status: pb::SiteStatus,
 }
@@ -365,7 +370,7 @@ impl<S: IntentStore + 'static> Session<S> {
         }
         self.status.last_seen_unix_ms = now_ms();
         if let Ok(json) = serde_json::to_vec(&self.status)
-            && let Err(e) = sites::record_seen(&*self.store, &site, &json).await
+            && let Err(e) = sites::record_seen(&*self.service.store, &site, &json).await
         {
             tracing::warn!(site, error = %e, "cannot record last status");
         }
