@@ -91,7 +91,9 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-fn url(address: &str, insecure: bool) -> String {
+/// A controller's URL: as given if it has a scheme, else `https://` (`http://`
+/// for a plain-text controller).
+pub(crate) fn url(address: &str, insecure: bool) -> String {
     if address.contains("://") {
         address.to_string()
     } else if insecure {
@@ -182,6 +184,9 @@ pub struct Agent {
     configs_received: u64,
     errors: Vec<String>,
     events: Option<mpsc::UnboundedSender<Applied>>,
+    /// When the site certificate is due for renewal (Unix ms), read from it
+    /// once rather than on every check.
+    renew_at: Option<u64>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -202,8 +207,15 @@ impl Agent {
     /// and re-applies it (writing nothing when the datapath still matches).
     pub fn new(settings: Settings, datapath: Box<dyn Datapath>) -> Result<Self, AgentError> {
         let applied = settings.state.load_applied()?;
-        let mut agent =
-            Agent { settings, datapath, applied: None, configs_received: 0, errors: Vec::new(), events: None };
+        let mut agent = Agent {
+            settings,
+            datapath,
+            applied: None,
+            configs_received: 0,
+            errors: Vec::new(),
+            events: None,
+            renew_at: None,
+        };
         if let Some(update) = applied {
             tracing::info!(site = %agent.settings.site, revision = update.revision, "restoring the last applied configuration");
             agent.apply(update);
@@ -419,12 +431,18 @@ impl Agent {
         if self.settings.insecure {
             return Ok(());
         }
-        let pem =
-            std::fs::read_to_string(self.settings.state.cert()).map_err(|e| AgentError::Certificate(e.to_string()))?;
-        let (from, until) = validity(&pem)?;
-        // Certificates start a minute early for clock skew; count from issue.
-        let issued = (from + CLOCK_SLACK_MS).min(until);
-        if now_ms() < issued + (until - issued) * 2 / 3 {
+        let renew_at = match self.renew_at {
+            Some(at) => at,
+            None => {
+                let pem = std::fs::read_to_string(self.settings.state.cert())
+                    .map_err(|e| AgentError::Certificate(e.to_string()))?;
+                let (from, until) = validity(&pem)?;
+                // Certificates start a minute early for clock skew; count from issue.
+                let issued = (from + CLOCK_SLACK_MS).min(until);
+                *self.renew_at.insert(issued + (until - issued) * 2 / 3)
+            }
+        };
+        if now_ms() < renew_at {
             return Ok(());
         }
         let (request, key_pem) = csr(&self.settings.site)?;
@@ -434,6 +452,7 @@ impl Agent {
             .map_err(|s| AgentError::Refused(s.message().to_string()))?
             .into_inner();
         save_certificate(&self.settings.state, &resp, &key_pem)?;
+        self.renew_at = None;
         tracing::info!(site = %self.settings.site, not_after_ms = resp.not_after_unix_ms, "site certificate renewed");
         Ok(())
     }

@@ -42,11 +42,7 @@ impl Operator {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read(&self.ca)?))
             .identity(Identity::from_pem(read(&self.cert)?, read(&self.key)?));
-        let url = if self.controller.contains("://") {
-            self.controller.clone()
-        } else {
-            format!("https://{}", self.controller)
-        };
+        let url = crate::client::url(&self.controller, false);
         let channel = Channel::from_shared(url)
             .map_err(op_err)?
             .tls_config(tls)
