@@ -29,6 +29,41 @@ fn apply(pki: &Pki, address: &str, dir: &Path, yaml: &str) {
     assert!(out.status.success(), "apply failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// A TLS controller on the embedded store with the prefecture applied.
+struct Embedded {
+    dir: tempfile::TempDir,
+    pki: Pki,
+    store: String,
+    port: u16,
+    address: String,
+    controller: Controller,
+}
+
+fn embedded(extra: &[&str]) -> Embedded {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pki = Pki::init(&dir.path().join("pki"));
+    let port = free_port();
+    let store = format!("file://{}", dir.path().join("store").display());
+    let controller = controller_with(dir.path(), &pki, &store, port, extra);
+    let address = format!("127.0.0.1:{port}");
+    apply(&pki, &address, dir.path(), &topology("prefecture.yaml"));
+    Embedded { dir, pki, store, port, address, controller }
+}
+
+/// The agent of `site` through `address`, enrolled with a fresh token, its state in `dir/site`.
+fn enrol(pki: &Pki, controller: &str, address: &str, dir: &Path, site: &str) -> AgentProcess {
+    let token = pki.token(controller, site, "10m");
+    AgentProcess::start(site, address, &dir.join(site), Some(&token), &pki.ca())
+}
+
+/// Gives `to` the CA, certificate and key of the agent state in `from`.
+fn copy_certificate(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to.join("tls")).expect("dir");
+    for f in ["ca.pem", "site.pem", "site-key.pem"] {
+        std::fs::copy(from.join("tls").join(f), to.join("tls").join(f)).expect("copy");
+    }
+}
+
 fn log(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("controller.log")).unwrap_or_default()
 }
@@ -60,9 +95,8 @@ fn three_agents_enrol_converge_and_a_one_site_change_reaches_only_that_site() {
     let _agents: Vec<AgentProcess> = sites
         .iter()
         .map(|s| {
-            let token = pki.token(&address, s, "10m");
             let via = if *s == "minami-hall" { format!("127.0.0.1:{port2}") } else { address.clone() };
-            AgentProcess::start(s, &via, &dir.path().join(s), Some(&token), &pki.ca())
+            enrol(&pki, &address, &via, dir.path(), s)
         })
         .collect();
     // Each member site ends with its peer on ap-east (once ap-east's key is in).
@@ -130,13 +164,7 @@ fn three_agents_enrol_converge_and_a_one_site_change_reaches_only_that_site() {
 
 #[test]
 fn refusals_are_logged_and_deliver_nothing() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let pki = Pki::init(&dir.path().join("pki"));
-    let port = free_port();
-    let store = format!("file://{}", dir.path().join("store").display());
-    let _controller = controller(dir.path(), &pki, &store, port);
-    let address = format!("127.0.0.1:{port}");
-    apply(&pki, &address, dir.path(), &topology("prefecture.yaml"));
+    let Embedded { dir, pki, address, controller: _controller, .. } = embedded(&[]);
     let refused = |agent: &mut AgentProcess, state: &Path, message: &str| {
         assert_eq!(agent.wait_exit(Duration::from_secs(10)), Some(1), "the agent should give up");
         assert!(agent.log_text().contains(message), "agent log lacks `{message}`: {}", agent.log_text());
@@ -170,10 +198,7 @@ fn refusals_are_logged_and_deliver_nothing() {
 
     // minami-hall's certificate, presented with a Hello naming kita-hall.
     let state = dir.path().join("impostor");
-    std::fs::create_dir_all(state.join("tls")).expect("dir");
-    for f in ["ca.pem", "site.pem", "site-key.pem"] {
-        std::fs::copy(minami_state.join("tls").join(f), state.join("tls").join(f)).expect("copy");
-    }
+    copy_certificate(&minami_state, &state);
     let mut agent = AgentProcess::start("kita-hall", &address, &state, None, &pki.ca());
     let message = "this certificate is for site `minami-hall`; it cannot speak for `kita-hall`";
     assert!(eventually(Duration::from_secs(10), || agent.log_text().contains(message)), "no refusal in the agent log");
@@ -237,21 +262,9 @@ fn refusals_are_logged_and_deliver_nothing() {
 
 #[test]
 fn agents_keep_their_configuration_while_the_controller_is_away() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let pki = Pki::init(&dir.path().join("pki"));
-    let port = free_port();
-    let store = format!("file://{}", dir.path().join("store").display());
-    let mut controller = controller(dir.path(), &pki, &store, port);
-    let address = format!("127.0.0.1:{port}");
-    apply(&pki, &address, dir.path(), &topology("prefecture.yaml"));
+    let Embedded { dir, pki, store, port, address, mut controller } = embedded(&[]);
     let sites = ["ap-east", "kita-hall"];
-    let mut agents: Vec<AgentProcess> = sites
-        .iter()
-        .map(|s| {
-            let token = pki.token(&address, s, "10m");
-            AgentProcess::start(s, &address, &dir.path().join(s), Some(&token), &pki.ca())
-        })
-        .collect();
+    let mut agents: Vec<AgentProcess> = sites.iter().map(|s| enrol(&pki, &address, &address, dir.path(), s)).collect();
     assert!(eventually(Duration::from_secs(30), || converged(&pki, &address, &sites, 1)));
     std::thread::sleep(Duration::from_secs(1));
     let before = pki.status(&address);
@@ -298,17 +311,10 @@ fn agents_keep_their_configuration_while_the_controller_is_away() {
 
 #[test]
 fn site_certificates_are_renewed_before_they_expire() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let pki = Pki::init(&dir.path().join("pki"));
-    let port = free_port();
-    let store = format!("file://{}", dir.path().join("store").display());
-    let _controller = controller_with(dir.path(), &pki, &store, port, &["--site-cert-lifetime-s", "6"]);
-    let address = format!("127.0.0.1:{port}");
-    apply(&pki, &address, dir.path(), &topology("prefecture.yaml"));
+    let Embedded { dir, pki, address, controller: _controller, .. } = embedded(&["--site-cert-lifetime-s", "6"]);
     let state = dir.path().join("kita-hall");
-    let token = pki.token(&address, "kita-hall", "10m");
     let enrolled = Instant::now();
-    let mut agent = AgentProcess::start("kita-hall", &address, &state, Some(&token), &pki.ca());
+    let mut agent = enrol(&pki, &address, &address, dir.path(), "kita-hall");
     let first = || std::fs::read(state.join("tls/site.pem")).unwrap_or_default();
     assert!(eventually(Duration::from_secs(10), || !first().is_empty()));
     let original = first();
@@ -330,20 +336,10 @@ fn site_certificates_are_renewed_before_they_expire() {
 
 #[test]
 fn the_newest_agent_of_a_site_stays_and_a_removed_site_is_dropped() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let pki = Pki::init(&dir.path().join("pki"));
-    let port = free_port();
-    let store = format!("file://{}", dir.path().join("store").display());
-    let _controller = controller(dir.path(), &pki, &store, port);
-    let address = format!("127.0.0.1:{port}");
+    let Embedded { dir, pki, address, controller: _controller, .. } = embedded(&[]);
     let intent = topology("prefecture.yaml");
-    apply(&pki, &address, dir.path(), &intent);
-    let start = |site: &str| {
-        let token = pki.token(&address, site, "10m");
-        AgentProcess::start(site, &address, &dir.path().join(site), Some(&token), &pki.ca())
-    };
-    let first = start("kita-hall");
-    let nishi = start("nishi-hall");
+    let first = enrol(&pki, &address, &address, dir.path(), "kita-hall");
+    let nishi = enrol(&pki, &address, &address, dir.path(), "nishi-hall");
     assert!(eventually(Duration::from_secs(15), || {
         let s = pki.status(&address);
         in_sync(site_row(&s, "kita-hall")) && in_sync(site_row(&s, "nishi-hall"))
@@ -351,10 +347,7 @@ fn the_newest_agent_of_a_site_stays_and_a_removed_site_is_dropped() {
 
     // A second agent with the same certificate: it takes over, the first is told why.
     let copy = dir.path().join("kita-hall-2");
-    std::fs::create_dir_all(copy.join("tls")).expect("dir");
-    for f in ["ca.pem", "site.pem", "site-key.pem"] {
-        std::fs::copy(dir.path().join("kita-hall/tls").join(f), copy.join("tls").join(f)).expect("copy");
-    }
+    copy_certificate(&dir.path().join("kita-hall"), &copy);
     let mut second = AgentProcess::start("kita-hall", &address, &copy, None, &pki.ca());
     let message = "another agent of site `kita-hall` connected; this stream is closed";
     assert!(eventually(Duration::from_secs(10), || first.log_text().contains(message)), "{}", first.log_text());
