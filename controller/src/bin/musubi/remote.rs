@@ -114,7 +114,8 @@ pub async fn site_status(client: &mut Client, site: Option<String>, json: bool) 
             println!("agent:       {}", reported.agent_version);
             println!("last seen:   {}", ago(reported.last_seen_unix_ms));
             println!("desired:     r{} {}", s.desired_revision, short(&s.desired_digest));
-            println!("applied:     r{} {}{}", st.applied_revision, short(&st.applied_digest), in_sync(s));
+            let sync = if in_sync(s) == Some(true) { " (in sync)" } else { " (not in sync)" };
+            println!("applied:     r{} {}{}", st.applied_revision, short(&st.applied_digest), sync);
             for e in &st.errors {
                 println!("error:       {e}");
             }
@@ -146,12 +147,10 @@ pub async fn site_status(client: &mut Client, site: Option<String>, json: bool) 
         } else {
             "no"
         };
-        let sync = if s.desired_digest.is_empty() {
-            "-"
-        } else if st.applied_digest == s.desired_digest {
-            "yes"
-        } else {
-            "no"
+        let sync = match in_sync(s) {
+            None => "-",
+            Some(true) => "yes",
+            Some(false) => "no",
         };
         println!(
             "{:<24} {:<10} {:>8} {:>8} {:<8} {:<10} {:>8} {:>6}",
@@ -172,11 +171,10 @@ fn short(digest: &str) -> &str {
     &digest[..digest.len().min(12)]
 }
 
-fn in_sync(s: &pb::SiteState) -> &'static str {
-    match s.reported.as_ref().and_then(|r| r.status.as_ref()) {
-        Some(st) if !s.desired_digest.is_empty() && st.applied_digest == s.desired_digest => " (in sync)",
-        _ => " (not in sync)",
-    }
+/// Whether the agent applied what it should have; `None` when nothing is desired.
+fn in_sync(s: &pb::SiteState) -> Option<bool> {
+    let applied = s.reported.as_ref().and_then(|r| r.status.as_ref()).map(|st| st.applied_digest.as_str());
+    (!s.desired_digest.is_empty()).then(|| applied == Some(s.desired_digest.as_str()))
 }
 
 /// A gRPC failure in the operator's words.
