@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use musubi_agent::client::{Agent, Settings};
+use musubi_agent::datapath::Datapath;
 use musubi_agent::datapath::fake::Fake;
+use musubi_agent::datapath::linux::{self, Linux};
+use musubi_agent::reconcile::{desired, reconcile};
 use musubi_agent::simulate;
 use musubi_agent::state::StateDir;
 use musubi_agent::summary::summarise;
@@ -52,9 +55,25 @@ enum Command {
         /// Plain text without certificates, for a controller started with --insecure.
         #[arg(long)]
         insecure: bool,
-        /// Datapath: `fake` (in memory, kept in the state directory). The Linux
-        /// datapath arrives next.
-        #[arg(long, default_value = "fake")]
+        /// Datapath: `linux` (the kernel; modes found by trying, see `doctor`)
+        /// or `fake` (in memory, kept in the state directory; for tests).
+        #[arg(long, default_value = "linux")]
+        datapath: String,
+    },
+    /// Report what this host offers the datapath (kernel WireGuard or
+    /// wireguard-go, VRF or table mode, nftables, forwarding) and advise.
+    Doctor,
+    /// Apply a site configuration file once, without a controller, and
+    /// report what was written (for bring-up, drills and tests).
+    Apply {
+        /// A site configuration (`.pb` protobuf or proto3 JSON).
+        #[arg(long)]
+        config: PathBuf,
+        /// State directory (WireGuard keys live here).
+        #[arg(long, default_value = "/var/lib/musubi-agent")]
+        state: PathBuf,
+        /// `linux` or `fake`.
+        #[arg(long, default_value = "linux")]
         datapath: String,
     },
     /// Run N simulated agents (in-memory datapaths, each enrolled with its
@@ -99,21 +118,30 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect { file } => {
-            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            let config = if file.extension().is_some_and(|e| e == "pb") {
-                SiteConfig::decode(bytes.as_slice())
-                    .with_context(|| format!("{} is not a SiteConfig", file.display()))?
-            } else {
-                serde_json::from_slice(&bytes)
-                    .with_context(|| format!("{} is not a SiteConfig in JSON", file.display()))?
-            };
-            print!("{}", summarise(&config)?);
+            print!("{}", summarise(&read_config(&file)?)?);
+            Ok(())
+        }
+        Command::Doctor => {
+            print!("{}", linux::detect()?.report());
+            Ok(())
+        }
+        Command::Apply { config, state, datapath } => {
+            let config = read_config(&config)?;
+            let dir = StateDir::new(&state);
+            let mut dp = open_datapath(&datapath, &state)?;
+            let started = Instant::now();
+            let want = desired(&config, &dir)?;
+            let ops = reconcile(&mut *dp, &want)?;
+            println!(
+                "site {}: {} operations, {} writes in {:.1} ms",
+                config.site,
+                ops.len(),
+                dp.writes(),
+                started.elapsed().as_secs_f64() * 1e3
+            );
             Ok(())
         }
         Command::Run { site, controllers, state, token, token_file, ca, insecure, datapath } => {
-            if datapath != "fake" {
-                bail!("unknown datapath `{datapath}`; this version has `fake`");
-            }
             let token = match token_file {
                 Some(f) => Some(
                     std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?.trim().to_string(),
@@ -125,8 +153,7 @@ async fn run(cli: Cli) -> Result<()> {
             settings.token = token;
             settings.ca = ca;
             settings.insecure = insecure;
-            let fake = Fake::persistent(state.join("datapath.json"))?;
-            let agent = Agent::new(settings, Box::new(fake))?;
+            let agent = Agent::new(settings, open_datapath(&datapath, &state)?)?;
             tokio::select! {
                 r = agent.run() => r?,
                 _ = shutdown() => tracing::info!(site, "stopping; the datapath stays as it is"),
@@ -153,6 +180,23 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+fn read_config(file: &std::path::Path) -> Result<SiteConfig> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    if file.extension().is_some_and(|e| e == "pb") {
+        SiteConfig::decode(bytes.as_slice()).with_context(|| format!("{} is not a SiteConfig", file.display()))
+    } else {
+        serde_json::from_slice(&bytes).with_context(|| format!("{} is not a SiteConfig in JSON", file.display()))
+    }
+}
+
+fn open_datapath(kind: &str, state: &std::path::Path) -> Result<Box<dyn Datapath>> {
+    match kind {
+        "linux" => Ok(Box::new(Linux::detect(&state.join("log"))?)),
+        "fake" => Ok(Box::new(Fake::persistent(state.join("datapath.json"))?)),
+        other => bail!("unknown datapath `{other}`: `linux` or `fake`"),
     }
 }
 

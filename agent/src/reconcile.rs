@@ -5,14 +5,20 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use musubi_proto::v1::{self as pb, SiteConfig};
 
-use crate::datapath::{Datapath, DatapathError, Domain, Op, Owned, PeerSpec, Route, Tunnel, plan};
-use crate::state::StateDir;
+use crate::datapath::{
+    Allow, Datapath, DatapathError, Domain, Op, Owned, PeerSpec, Policy, PolicySpec, Route, Tunnel, plan,
+};
+use crate::state::{StateDir, StateError};
 use crate::summary::{ConfigError, summarise};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
     #[error("the configuration is unusable: {0}")]
     Config(#[from] ConfigError),
+    #[error("the configuration is unusable: {0}")]
+    Prefix(String),
+    #[error(transparent)]
+    State(#[from] StateError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
 }
@@ -24,51 +30,130 @@ fn endpoint(e: &pb::Endpoint) -> String {
     }
 }
 
-/// The objects `config` asks for. Peers go to their first endpoint (the
-/// best line pair); routes go through each group's first candidate.
+/// A prefix in the one spelling the kernel reads back (network address,
+/// compressed IPv6).
+pub fn canonical(prefix: &str) -> Result<String, ReconcileError> {
+    let net: ipnetwork::IpNetwork =
+        prefix.parse().map_err(|e| ReconcileError::Prefix(format!("`{prefix}` is not a prefix: {e}")))?;
+    Ok(format!("{}/{}", net.network(), net.prefix()))
+}
+
+/// An interface address (`address/length`) in the kernel's spelling.
+fn interface_address(text: &str) -> Result<String, ReconcileError> {
+    let net: ipnetwork::IpNetwork =
+        text.parse().map_err(|e| ReconcileError::Prefix(format!("`{text}` is not an address: {e}")))?;
+    Ok(format!("{}/{}", net.ip(), net.prefix()))
+}
+
+fn protocol(p: pb::Protocol) -> &'static str {
+    match p {
+        pb::Protocol::Tcp => "tcp",
+        pb::Protocol::Udp => "udp",
+        pb::Protocol::Icmp => "icmp",
+        pb::Protocol::Any | pb::Protocol::Unspecified => "any",
+    }
+}
+
+/// The objects `config` asks for.
+///
+/// Every route group's prefixes go to its first candidate that has a key
+/// (probing and failover choose among the others): they are routed into
+/// the segment's tunnel and belong to that peer's allowed IPs, as WireGuard
+/// routes by allowed IPs. Peers' tunnel addresses are routed too; a peer
+/// goes to its first endpoint (the best line pair). A LAN attachment binds
+/// its interface to the segment's domain, with its prefixes in the
+/// segment's table. Imports (access points) route another segment's
+/// prefixes into that segment's tunnel; the policy lets through only the
+/// flows the intent allows.
 pub fn desired(config: &SiteConfig, state: &StateDir) -> Result<Owned, ReconcileError> {
     summarise(config)?;
     let mut owned = Owned::default();
+    let mut spec = PolicySpec::default();
+    let tunnel_of: BTreeMap<&str, &str> = config
+        .segments
+        .iter()
+        .filter_map(|s| s.wireguard.as_ref().map(|w| (s.segment.as_str(), w.name.as_str())))
+        .collect();
     for seg in &config.segments {
         let (Some(domain), Some(wg)) = (&seg.domain, &seg.wireguard) else { continue };
-        owned.domains.insert(domain.vrf.clone(), Domain { name: domain.vrf.clone(), table: domain.table });
-        let peers: BTreeMap<String, PeerSpec> = seg
-            .peers
+        let table = domain.table;
+        owned.domains.insert(domain.vrf.clone(), Domain { name: domain.vrf.clone(), table });
+        let (public_key, _) = state.ensure_key(&seg.segment)?;
+        let keyed: BTreeMap<&str, &pb::Peer> =
+            seg.peers.iter().filter(|p| !p.public_key.is_empty()).map(|p| (p.name.as_str(), p)).collect();
+        let mut allowed: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+        let mut route = |prefix: &str, interface: &str| -> Result<String, ReconcileError> {
+            let prefix = canonical(prefix)?;
+            owned.routes.insert(Route { table, prefix: prefix.clone(), interface: interface.to_string() });
+            Ok(prefix)
+        };
+        for (name, peer) in &keyed {
+            let set = allowed.entry(name).or_default();
+            for p in &peer.allowed_prefixes {
+                set.insert(route(p, &wg.name)?);
+            }
+        }
+        for g in &seg.route_groups {
+            if let Some(active) = g.candidates.iter().find(|c| keyed.contains_key(c.as_str())) {
+                for p in &g.prefixes {
+                    let p = route(p, &wg.name)?;
+                    allowed.entry(active.as_str()).or_default().insert(p);
+                }
+            }
+        }
+        let mut interfaces = BTreeSet::from([wg.name.clone()]);
+        if let Some(lan) = &seg.attachment {
+            owned.lans.insert(lan.interface.clone(), domain.vrf.clone());
+            interfaces.insert(lan.interface.clone());
+            for p in &lan.prefixes {
+                route(p, &lan.interface)?;
+            }
+        }
+        for import in &seg.imports {
+            // Only a segment this router carries can be routed into.
+            let Some(into) = tunnel_of.get(import.segment.as_str()) else { continue };
+            for p in &import.prefixes {
+                route(p, into)?;
+            }
+        }
+        let peers = keyed
             .iter()
-            .filter(|p| !p.public_key.is_empty())
-            .map(|p| {
+            .map(|(name, p)| {
                 let spec = PeerSpec {
-                    name: p.name.clone(),
+                    name: name.to_string(),
                     endpoint: p.endpoints.first().map(endpoint).unwrap_or_default(),
-                    allowed_ips: p.allowed_prefixes.iter().cloned().collect(),
+                    allowed_ips: allowed.remove(name).unwrap_or_default(),
                 };
                 (p.public_key.clone(), spec)
             })
             .collect();
-        let with_key: BTreeSet<&str> =
-            seg.peers.iter().filter(|p| !p.public_key.is_empty()).map(|p| p.name.as_str()).collect();
         owned.tunnels.insert(
             wg.name.clone(),
             Tunnel {
                 name: wg.name.clone(),
                 domain: domain.vrf.clone(),
                 listen_port: wg.listen_port,
+                public_key,
                 key_file: state.key_file(&seg.segment),
-                addresses: wg.addresses.iter().cloned().collect(),
+                addresses: wg.addresses.iter().map(|a| interface_address(a)).collect::<Result<_, _>>()?,
                 peers,
             },
         );
-        for g in &seg.route_groups {
-            if g.candidates.iter().any(|c| with_key.contains(c.as_str())) {
-                for prefix in &g.prefixes {
-                    owned.routes.insert(Route {
-                        table: domain.table,
-                        prefix: prefix.clone(),
-                        interface: wg.name.clone(),
-                    });
-                }
-            }
+        spec.segments.insert(seg.segment.clone(), interfaces);
+        for rule in &seg.policy {
+            spec.allow.push(Allow {
+                name: rule.name.clone(),
+                from_segment: rule.from_segment.clone(),
+                to_segment: rule.to_segment.clone(),
+                from_prefixes: rule.from_prefixes.iter().map(|p| canonical(p)).collect::<Result<_, _>>()?,
+                to_prefixes: rule.to_prefixes.iter().map(|p| canonical(p)).collect::<Result<_, _>>()?,
+                protocol: protocol(rule.protocol()).to_string(),
+                ports: rule.ports.iter().map(|r| (r.first as u16, r.last as u16)).collect(),
+            });
         }
+    }
+    if !owned.domains.is_empty() {
+        owned.policy = Some(Policy::new(spec));
     }
     Ok(owned)
 }
@@ -158,7 +243,12 @@ mod tests {
         let c = config(&[("juki", 102, &[("ap-east", ""), ("ap-westx", "K2")])]);
         let want = desired(&c, &state)?;
         assert_eq!(want.tunnels["mw-juki"].peers.len(), 1);
-        assert_eq!(want.routes.len(), 1);
+        assert_eq!(want.routes.len(), 1, "the keyless peer's prefixes are not routed");
+        assert_eq!(
+            want.tunnels["mw-juki"].peers["K2"].allowed_ips,
+            BTreeSet::from(["10.102.8.0/24".to_string()]),
+            "the group's prefixes belong to its active peer"
+        );
         Ok(())
     }
 
@@ -168,8 +258,13 @@ mod tests {
         let route = Route { table: 1, prefix: "10.0.0.0/8".into(), interface: "mw-x".into() };
         assert!(step(&mut owned, &Op::DeleteDomain { name: "mv-x".into() }).is_err());
         assert!(step(&mut owned, &Op::AddRoute(route.clone())).is_err(), "route through a missing tunnel");
-        let tunnel =
-            Op::CreateTunnel { name: "mw-x".into(), domain: "mv-x".into(), listen_port: 1, key_file: "k".into() };
+        let tunnel = Op::CreateTunnel {
+            name: "mw-x".into(),
+            domain: "mv-x".into(),
+            listen_port: 1,
+            public_key: "P".into(),
+            key_file: "k".into(),
+        };
         assert!(step(&mut owned, &tunnel).is_err(), "tunnel before its domain");
         assert!(step(&mut owned, &Op::CreateDomain(Domain { name: "mv-x".into(), table: 1 })).is_ok());
         assert!(step(&mut owned, &Op::CreateDomain(Domain { name: "mv-y".into(), table: 1 })).is_err(), "shared table");

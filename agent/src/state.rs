@@ -65,6 +65,22 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, StateError> {
 }
 
 /// A WireGuard key pair; the private half stays in the state directory.
+fn parse_key(path: &Path, text: &[u8]) -> Result<[u8; 32], StateError> {
+    let bytes = STANDARD.decode(String::from_utf8_lossy(text).trim()).map_err(|e| file_err(path, e))?;
+    bytes.try_into().map_err(|_| file_err(path, "not a 32-byte key"))
+}
+
+/// The private key in a key file (base64, as `wg genkey` writes it).
+pub fn private_key(path: &Path) -> Result<[u8; 32], StateError> {
+    let text = std::fs::read(path).map_err(|e| file_err(path, e))?;
+    parse_key(path, &text)
+}
+
+/// The public key (base64) of the private key in a key file.
+pub fn public_of_file(path: &Path) -> Result<String, StateError> {
+    Ok(public_of(&private_key(path)?))
+}
+
 pub fn public_of(private: &[u8; 32]) -> String {
     let secret = x25519_dalek::StaticSecret::from(*private);
     STANDARD.encode(x25519_dalek::PublicKey::from(&secret).as_bytes())
@@ -103,9 +119,7 @@ impl StateDir {
     pub fn ensure_key(&self, segment: &str) -> Result<(String, bool), StateError> {
         let path = self.key_file(segment);
         if let Some(text) = read_optional(&path)? {
-            let bytes = STANDARD.decode(String::from_utf8_lossy(&text).trim()).map_err(|e| file_err(&path, e))?;
-            let key: [u8; 32] = bytes.try_into().map_err(|_| file_err(&path, "not a 32-byte key"))?;
-            return Ok((public_of(&key), false));
+            return Ok((public_of(&parse_key(&path, &text)?), false));
         }
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|e| StateError::Random(e.to_string()))?;

@@ -1,6 +1,8 @@
 //! Helpers for Musubi's end-to-end tests: the workspace's binaries, free
 //! loopback ports, and a real etcd server started on them.
 
+pub mod netns;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -291,7 +293,10 @@ impl AgentProcess {
         let log = state.with_extension("log");
         let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("agent log");
         let mut cmd = Command::new(bin("musubi-agent"));
-        cmd.args(["run", "--site", site, "--controller", controller, "--state"]).arg(state).arg("--ca").arg(ca);
+        cmd.args(["run", "--datapath", "fake", "--site", site, "--controller", controller, "--state"])
+            .arg(state)
+            .arg("--ca")
+            .arg(ca);
         if let Some(t) = token {
             cmd.args(["--token", t]);
         }

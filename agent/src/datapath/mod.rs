@@ -8,9 +8,11 @@
 //!
 //! [`fake`] keeps the objects in memory (optionally persisted to a file, as
 //! a kernel keeps them across agent restarts) and refuses every illegal
-//! operation; the Linux datapath implements the same trait.
+//! operation; [`linux`] builds them in the kernel (WireGuard, VRFs or
+//! routing tables, rules, nftables).
 
 pub mod fake;
+pub mod linux;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -30,14 +32,19 @@ pub struct Tunnel {
     pub name: String,
     pub domain: String,
     pub listen_port: u32,
-    /// Where the private key is (it never leaves the site, nor this file's directory).
+    /// The interface's own public key: what identifies its private key.
+    pub public_key: String,
+    /// Where the private key is (it never leaves the site, nor this file's
+    /// directory). Empty when observed: the kernel does not know the file.
     pub key_file: PathBuf,
     pub addresses: BTreeSet<String>,
     /// Peers by public key.
     pub peers: BTreeMap<String, PeerSpec>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A peer's configuration. Its name is a label for logs and plans: the
+/// kernel knows a peer by its key, so the name takes no part in comparisons.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeerSpec {
     pub name: String,
     /// `address:port` of the active endpoint.
@@ -45,7 +52,15 @@ pub struct PeerSpec {
     pub allowed_ips: BTreeSet<String>,
 }
 
-/// A route in a segment's table through one of its tunnels.
+impl PartialEq for PeerSpec {
+    fn eq(&self, other: &Self) -> bool {
+        self.endpoint == other.endpoint && self.allowed_ips == other.allowed_ips
+    }
+}
+impl Eq for PeerSpec {}
+
+/// A route in a segment's table out of one of the agent's tunnels or bound
+/// LAN interfaces (a tunnel of another segment for a policy's import).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Route {
     pub table: u32,
@@ -53,27 +68,87 @@ pub struct Route {
     pub interface: String,
 }
 
+/// The flows allowed between segments, as one object: the nftables table the
+/// agent owns is replaced whole (atomically) when it changes, and is
+/// recognised by its digest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Policy {
+    /// SHA-256 of the specification, hex; what observation reads back.
+    pub digest: String,
+    /// What the table holds; absent when observed.
+    pub spec: Option<PolicySpec>,
+}
+
+impl PartialEq for Policy {
+    fn eq(&self, other: &Self) -> bool {
+        self.digest == other.digest
+    }
+}
+impl Eq for Policy {}
+
+impl Policy {
+    pub fn new(spec: PolicySpec) -> Self {
+        use sha2::Digest as _;
+        let text = serde_json::to_vec(&spec).unwrap_or_default();
+        let digest = sha2::Sha256::digest(&text).iter().map(|b| format!("{b:02x}")).collect();
+        Policy { digest, spec: Some(spec) }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicySpec {
+    /// Each segment's interfaces on this router (tunnel and LAN), by segment.
+    pub segments: BTreeMap<String, BTreeSet<String>>,
+    /// Flows allowed from one segment into another; everything else between
+    /// segments (and between a segment and the underlay) is dropped.
+    pub allow: Vec<Allow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allow {
+    pub name: String,
+    pub from_segment: String,
+    pub to_segment: String,
+    pub from_prefixes: Vec<String>,
+    pub to_prefixes: Vec<String>,
+    /// `tcp`, `udp`, `icmp` or `any`.
+    pub protocol: String,
+    /// Inclusive destination port ranges (tcp/udp); empty means every port.
+    pub ports: Vec<(u16, u16)>,
+}
+
 /// Everything the agent owns on a router.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owned {
     pub domains: BTreeMap<String, Domain>,
     pub tunnels: BTreeMap<String, Tunnel>,
+    /// LAN interfaces bound to a domain (interface → domain). The interfaces
+    /// and their addresses belong to the router's operator; the agent only
+    /// binds them.
+    #[serde(default)]
+    pub lans: BTreeMap<String, String>,
     pub routes: BTreeSet<Route>,
+    #[serde(default)]
+    pub policy: Option<Policy>,
 }
 
 /// One write to the datapath.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
+    DeletePolicy,
     DeleteRoute(Route),
     RemovePeer { tunnel: String, public_key: String },
     RemoveAddress { tunnel: String, address: String },
+    UnbindLan { interface: String, domain: String },
     DeleteTunnel { name: String },
     DeleteDomain { name: String },
     CreateDomain(Domain),
-    CreateTunnel { name: String, domain: String, listen_port: u32, key_file: PathBuf },
+    CreateTunnel { name: String, domain: String, listen_port: u32, public_key: String, key_file: PathBuf },
+    BindLan { interface: String, domain: String },
     AddAddress { tunnel: String, address: String },
     SetPeer { tunnel: String, public_key: String, peer: PeerSpec },
     AddRoute(Route),
+    SetPolicy(Policy),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -106,9 +181,12 @@ pub fn plan(actual: &Owned, desired: &Owned) -> Vec<Op> {
     let recreate = |a: &Tunnel, d: &Tunnel| {
         a.domain != d.domain
             || a.listen_port != d.listen_port
-            || a.key_file != d.key_file
+            || a.public_key != d.public_key
             || actual.domains.get(&a.domain) != desired.domains.get(&d.domain)
     };
+    if actual.policy.is_some() && desired.policy.is_none() {
+        removals.push(Op::DeletePolicy);
+    }
     let mut dead_tunnels = Vec::new();
     for (name, a) in &actual.tunnels {
         match desired.tunnels.get(name) {
@@ -121,6 +199,16 @@ pub fn plan(actual: &Owned, desired: &Owned) -> Vec<Op> {
                 }
             }
             _ => dead_tunnels.push(name.clone()),
+        }
+    }
+    // A LAN stays bound only to an unchanged domain.
+    let domain_kept =
+        |name: &String| actual.domains.contains_key(name) && actual.domains.get(name) == desired.domains.get(name);
+    let mut unbound = Vec::new();
+    for (lan, domain) in &actual.lans {
+        if desired.lans.get(lan) != Some(domain) || !domain_kept(domain) {
+            removals.push(Op::UnbindLan { interface: lan.clone(), domain: domain.clone() });
+            unbound.push(lan.clone());
         }
     }
     for name in &dead_tunnels {
@@ -143,6 +231,7 @@ pub fn plan(actual: &Owned, desired: &Owned) -> Vec<Op> {
                 name: name.clone(),
                 domain: d.domain.clone(),
                 listen_port: d.listen_port,
+                public_key: d.public_key.clone(),
                 key_file: d.key_file.clone(),
             });
         }
@@ -157,15 +246,31 @@ pub fn plan(actual: &Owned, desired: &Owned) -> Vec<Op> {
             }
         }
     }
-    // A route survives only if its tunnel did.
+    for (lan, domain) in &desired.lans {
+        if actual.lans.get(lan) != Some(domain) || unbound.contains(lan) {
+            creations.push(Op::BindLan { interface: lan.clone(), domain: domain.clone() });
+        }
+    }
+    // A route survives only if its interface and its table did.
+    let gone = |r: &Route| {
+        dead_tunnels.contains(&r.interface)
+            || unbound.contains(&r.interface)
+            || !actual.domains.values().any(|d| d.table == r.table && domain_kept(&d.name))
+    };
     for r in &desired.routes {
-        if !actual.routes.contains(r) || dead_tunnels.contains(&r.interface) {
+        if !actual.routes.contains(r) || gone(r) {
             creations.push(Op::AddRoute(r.clone()));
         }
     }
-    // Routes through a tunnel that is deleted go with it.
+    if let Some(p) = &desired.policy
+        && actual.policy.as_ref() != Some(p)
+    {
+        creations.push(Op::SetPolicy(p.clone()));
+    }
+    // What goes with a deleted tunnel, an unbound LAN or a deleted domain is
+    // not removed one by one.
     removals.retain(|op| match op {
-        Op::DeleteRoute(r) => !dead_tunnels.contains(&r.interface),
+        Op::DeleteRoute(r) => !gone(r),
         Op::RemovePeer { tunnel, .. } | Op::RemoveAddress { tunnel, .. } => !dead_tunnels.contains(tunnel),
         _ => true,
     });
@@ -191,11 +296,43 @@ pub fn step(owned: &mut Owned, op: &Op) -> Result<(), DatapathError> {
             if let Some(t) = owned.tunnels.values().find(|t| t.domain == *name) {
                 return illegal(format!("tunnel {} is still in domain {name}", t.name));
             }
-            if owned.domains.remove(name).is_none() {
-                return illegal(format!("no domain {name}"));
+            if let Some((lan, _)) = owned.lans.iter().find(|(_, d)| *d == name) {
+                return illegal(format!("{lan} is still bound to domain {name}"));
+            }
+            let Some(d) = owned.domains.remove(name) else { return illegal(format!("no domain {name}")) };
+            owned.routes.retain(|r| r.table != d.table);
+        }
+        Op::SetPolicy(p) => {
+            if p.spec.is_none() {
+                return illegal("a policy without its specification".into());
+            }
+            owned.policy = Some(p.clone());
+        }
+        Op::DeletePolicy => {
+            if owned.policy.take().is_none() {
+                return illegal("no policy".into());
             }
         }
-        Op::CreateTunnel { name, domain, listen_port, key_file } => {
+        Op::BindLan { interface, domain } => {
+            if !owned.domains.contains_key(domain) {
+                return illegal(format!("no domain {domain} to bind {interface} to"));
+            }
+            if owned.tunnels.contains_key(interface) {
+                return illegal(format!("{interface} is a tunnel"));
+            }
+            if let Some(other) = owned.lans.get(interface) {
+                return illegal(format!("{interface} is bound to {other}"));
+            }
+            owned.lans.insert(interface.clone(), domain.clone());
+        }
+        Op::UnbindLan { interface, domain } => {
+            if owned.lans.get(interface) != Some(domain) {
+                return illegal(format!("{interface} is not bound to {domain}"));
+            }
+            owned.lans.remove(interface);
+            owned.routes.retain(|r| r.interface != *interface);
+        }
+        Op::CreateTunnel { name, domain, listen_port, public_key, key_file } => {
             if owned.tunnels.contains_key(name) {
                 return illegal(format!("tunnel {name} exists"));
             }
@@ -211,6 +348,7 @@ pub fn step(owned: &mut Owned, op: &Op) -> Result<(), DatapathError> {
                     name: name.clone(),
                     domain: domain.clone(),
                     listen_port: *listen_port,
+                    public_key: public_key.clone(),
                     key_file: key_file.clone(),
                     addresses: BTreeSet::new(),
                     peers: BTreeMap::new(),
@@ -246,11 +384,11 @@ pub fn step(owned: &mut Owned, op: &Op) -> Result<(), DatapathError> {
             }
         }
         Op::AddRoute(r) => {
-            let Some(t) = owned.tunnels.get(&r.interface) else {
-                return illegal(format!("no tunnel {} to route through", r.interface));
-            };
-            if owned.domains.get(&t.domain).is_none_or(|d| d.table != r.table) {
-                return illegal(format!("{} is not in table {}", r.interface, r.table));
+            if !owned.tunnels.contains_key(&r.interface) && !owned.lans.contains_key(&r.interface) {
+                return illegal(format!("no tunnel or bound LAN {} to route through", r.interface));
+            }
+            if !owned.domains.values().any(|d| d.table == r.table) {
+                return illegal(format!("no domain has table {}", r.table));
             }
             if !owned.routes.insert(r.clone()) {
                 return illegal(format!("route {} exists", r.prefix));

@@ -191,8 +191,9 @@ impl Index<'_> {
     }
 
     /// What an access point holds for one member site of a segment: its peer,
-    /// and a route group for its LAN prefixes that falls back to the other
-    /// region's access point over the interconnect.
+    /// and a route group for its LAN prefixes: a site of the access point's
+    /// region directly, falling back to the interconnect; a site of the other
+    /// region over the interconnect, falling back to the site itself.
     pub(crate) fn member_entries(
         &self,
         ap: &Site,
@@ -203,11 +204,17 @@ impl Index<'_> {
         let prefixes = member.attachment(segment).map(|a| convert::prefixes(&a.prefixes)).unwrap_or_default();
         let (east, west) = self.access_points(segment);
         let other = if ap.region == Region::East { west } else { east };
-        let group = (!prefixes.is_empty()).then(|| pb::RouteGroup {
-            name: member.name.clone(),
-            prefixes,
-            candidates: std::iter::once(member.name.clone()).chain(other.map(|o| o.name.clone())).collect(),
-        });
+        // A site sends and accepts its segment's traffic through its own
+        // region's access point (WireGuard accepts an inner source only from
+        // the peer that holds it), so a site of the other region is reached
+        // over the interconnect first, directly only if the other AP is gone.
+        let direct = std::iter::once(member.name.clone());
+        let candidates = if member.region == ap.region {
+            direct.chain(other.map(|o| o.name.clone())).collect()
+        } else {
+            other.map(|o| o.name.clone()).into_iter().chain(direct).collect()
+        };
+        let group = (!prefixes.is_empty()).then(|| pb::RouteGroup { name: member.name.clone(), prefixes, candidates });
         Ok((peer, group))
     }
 

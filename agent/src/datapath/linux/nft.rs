@@ -1,0 +1,176 @@
+//! The segment policy as an nftables table the agent owns, `inet musubi`,
+//! written through nftables' JSON interface (the `nftables` crate runs
+//! `nft -j`), replaced whole in one transaction when it changes.
+//!
+//! Its forward chain, in order: traffic that stays inside a segment passes;
+//! replies of allowed flows pass; each policy rule lets one flow from one
+//! segment into another; everything else that enters or leaves a segment's
+//! interface — into another segment or into the underlay — is counted and
+//! dropped. Traffic that touches no segment (the underlay's own) is not
+//! the agent's business and passes.
+
+use nftables::helper;
+use nftables::schema::Nftables;
+use serde_json::{Value, json};
+
+use crate::datapath::{DatapathError, Policy, PolicySpec};
+
+pub const TABLE: &str = "musubi";
+/// The comment of the rule that counts packets dropped between segments.
+pub const DROP_COMMENT: &str = "musubi: between segments";
+const MARK: &str = "musubi-policy ";
+
+fn err(what: &str, e: impl std::fmt::Display) -> DatapathError {
+    DatapathError::Io(format!("{what}: {e}"))
+}
+
+fn apply(value: Value) -> Result<(), DatapathError> {
+    // Typed by the crate's schema before it reaches nft.
+    let ruleset: Nftables = serde_json::from_value(value).map_err(|e| err("building the nftables policy", e))?;
+    helper::apply_ruleset(&ruleset).map_err(|e| err("nft", e))
+}
+
+fn names(set: impl IntoIterator<Item = impl Into<String>>) -> Value {
+    json!({ "set": set.into_iter().map(Into::into).collect::<Vec<String>>() })
+}
+
+fn meta(key: &str, right: Value) -> Value {
+    json!({ "match": { "op": "==", "left": { "meta": { "key": key } }, "right": right } })
+}
+
+fn prefixes(list: &[String], v6: bool) -> Option<Value> {
+    let items: Vec<Value> = list
+        .iter()
+        .filter(|p| p.contains(':') == v6)
+        .filter_map(|p| p.split_once('/'))
+        .map(|(addr, len)| json!({ "prefix": { "addr": addr, "len": len.parse::<u8>().unwrap_or(0) } }))
+        .collect();
+    (!items.is_empty()).then(|| json!({ "set": items }))
+}
+
+fn rule(expr: Vec<Value>, comment: Option<String>) -> Value {
+    let mut r = json!({ "family": "inet", "table": TABLE, "chain": "forward", "expr": expr });
+    if let Some(c) = comment {
+        r["comment"] = json!(c);
+    }
+    json!({ "add": { "rule": r } })
+}
+
+/// The whole table for `policy`.
+fn ruleset(policy: &Policy, spec: &PolicySpec) -> Value {
+    let table = json!({ "table": { "family": "inet", "name": TABLE } });
+    let mut cmds = vec![
+        json!({ "add": table.clone() }),
+        json!({ "delete": table.clone() }),
+        json!({ "add": table }),
+        json!({ "add": { "chain": {
+            "family": "inet", "table": TABLE, "name": "forward",
+            "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"
+        } } }),
+    ];
+    let all: Vec<String> = spec.segments.values().flatten().cloned().collect();
+    cmds.push(rule(vec![json!({ "counter": null })], Some(format!("{MARK}{}", policy.digest))));
+    for (segment, interfaces) in &spec.segments {
+        cmds.push(rule(
+            vec![
+                meta("iifname", names(interfaces.iter().cloned())),
+                meta("oifname", names(interfaces.iter().cloned())),
+                json!({ "accept": null }),
+            ],
+            Some(format!("within {segment}")),
+        ));
+    }
+    cmds.push(rule(
+        vec![
+            meta("iifname", names(all.iter().cloned())),
+            json!({ "match": { "op": "in", "left": { "ct": { "key": "state" } }, "right": ["established", "related"] } }),
+            json!({ "accept": null }),
+        ],
+        Some("replies of allowed flows".into()),
+    ));
+    for allow in &spec.allow {
+        let (Some(from), Some(to)) = (spec.segments.get(&allow.from_segment), spec.segments.get(&allow.to_segment))
+        else {
+            continue;
+        };
+        for v6 in [false, true] {
+            let family = if v6 { "ip6" } else { "ip" };
+            let (Some(src), Some(dst)) = (prefixes(&allow.from_prefixes, v6), prefixes(&allow.to_prefixes, v6)) else {
+                continue;
+            };
+            let mut expr = vec![
+                meta("iifname", names(from.iter().cloned())),
+                meta("oifname", names(to.iter().cloned())),
+                json!({ "match": { "op": "==", "left": { "payload": { "protocol": family, "field": "saddr" } }, "right": src } }),
+                json!({ "match": { "op": "==", "left": { "payload": { "protocol": family, "field": "daddr" } }, "right": dst } }),
+            ];
+            match allow.protocol.as_str() {
+                "tcp" | "udp" => {
+                    expr.push(meta("l4proto", json!(allow.protocol)));
+                    if !allow.ports.is_empty() {
+                        let ports: Vec<Value> = allow
+                            .ports
+                            .iter()
+                            .map(|(a, b)| if a == b { json!(a) } else { json!({ "range": [a, b] }) })
+                            .collect();
+                        expr.push(json!({ "match": { "op": "==",
+                            "left": { "payload": { "protocol": allow.protocol, "field": "dport" } },
+                            "right": { "set": ports } } }));
+                    }
+                }
+                "icmp" => expr.push(meta("l4proto", json!(if v6 { "ipv6-icmp" } else { "icmp" }))),
+                _ => {}
+            }
+            expr.push(json!({ "accept": null }));
+            cmds.push(rule(expr, Some(format!("policy {}", allow.name))));
+        }
+    }
+    for key in ["iifname", "oifname"] {
+        cmds.push(rule(
+            vec![meta(key, names(all.iter().cloned())), json!({ "counter": null }), json!({ "drop": null })],
+            Some(DROP_COMMENT.into()),
+        ));
+    }
+    json!({ "nftables": cmds })
+}
+
+pub fn set(policy: &Policy) -> Result<(), DatapathError> {
+    let spec = policy.spec.as_ref().ok_or_else(|| DatapathError::Io("a policy without its specification".into()))?;
+    apply(ruleset(policy, spec))
+}
+
+pub fn delete() -> Result<(), DatapathError> {
+    let table = json!({ "table": { "family": "inet", "name": TABLE } });
+    apply(json!({ "nftables": [{ "add": table.clone() }, { "delete": table }] }))
+}
+
+/// The table's JSON listing, `None` when there is no table.
+pub fn list() -> Result<Option<Value>, DatapathError> {
+    match helper::get_current_ruleset_raw(helper::DEFAULT_NFT, ["list", "table", "inet", TABLE]) {
+        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| err("nft output", e)),
+        Err(helper::NftablesError::NftFailed { stderr, .. }) if stderr.contains("No such file") => Ok(None),
+        Err(e) => Err(err("nft", e)),
+    }
+}
+
+/// The policy the table holds (its digest), if the agent wrote one.
+pub fn observe() -> Result<Option<Policy>, DatapathError> {
+    let Some(listing) = list()? else { return Ok(None) };
+    let digest =
+        rules(&listing).find_map(|r| r["comment"].as_str().and_then(|c| c.strip_prefix(MARK)).map(String::from));
+    // A table without the mark is not one the agent finished: replace it.
+    Ok(Some(Policy { digest: digest.unwrap_or_default(), spec: None }))
+}
+
+fn rules(listing: &Value) -> impl Iterator<Item = &Value> {
+    listing["nftables"].as_array().into_iter().flatten().filter_map(|o| o.get("rule"))
+}
+
+/// Packets dropped between segments so far (both drop rules).
+pub fn dropped(listing: &Value) -> u64 {
+    rules(listing)
+        .filter(|r| r["comment"].as_str() == Some(DROP_COMMENT))
+        .flat_map(|r| r["expr"].as_array().into_iter().flatten())
+        .filter_map(|e| e["counter"]["packets"].as_u64())
+        .sum()
+}

@@ -1,0 +1,141 @@
+//! WireGuard devices through `wireguard-control`: the kernel module where
+//! there is one, otherwise `wireguard-go`, which the agent starts for the
+//! interfaces it owns.
+//!
+//! `wireguard-go` runs as a daemon of its own, not as a child that dies with
+//! the agent: a restarted (or crashed) agent finds its tunnels still
+//! forwarding and adopts them through their UAPI sockets. Deleting the
+//! interface stops it. Its UAPI sockets live in `/var/run/wireguard/`, which
+//! every network namespace shares: two routers on one host need a mount
+//! namespace each (the lab runner gives every node one).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use wireguard_control::{Backend, Device, DeviceUpdate, InterfaceName, Key, PeerConfigBuilder};
+
+use crate::datapath::{DatapathError, PeerSpec};
+
+fn err(what: &str, e: impl std::fmt::Display) -> DatapathError {
+    DatapathError::Io(format!("{what}: {e}"))
+}
+
+fn iface(name: &str) -> Result<InterfaceName, DatapathError> {
+    name.parse().map_err(|e| err(&format!("interface name `{name}`"), e))
+}
+
+fn key(base64: &str) -> Result<Key, DatapathError> {
+    Key::from_base64(base64).map_err(|_| DatapathError::Io(format!("`{base64}` is not a WireGuard key")))
+}
+
+/// What a device holds, as the datapath compares it.
+#[derive(Debug, Clone)]
+pub struct State {
+    pub listen_port: u32,
+    pub public_key: String,
+    pub peers: BTreeMap<String, PeerSpec>,
+}
+
+/// Reads a device; `None` when it does not answer (no such device, or its
+/// userspace process is gone).
+pub fn read(name: &str, backend: Backend, names: &BTreeMap<String, String>) -> Option<State> {
+    let device = Device::get(&iface(name).ok()?, backend).ok()?;
+    let peers = device
+        .peers
+        .iter()
+        .map(|p| {
+            let public_key = p.config.public_key.to_base64();
+            let spec = PeerSpec {
+                name: names.get(&public_key).cloned().unwrap_or_default(),
+                endpoint: p.config.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+                allowed_ips: p.config.allowed_ips.iter().map(|a| format!("{}/{}", a.address, a.cidr)).collect(),
+            };
+            (public_key, spec)
+        })
+        .collect();
+    Some(State {
+        listen_port: u32::from(device.listen_port.unwrap_or(0)),
+        public_key: device.public_key.map(|k| k.to_base64()).unwrap_or_default(),
+        peers,
+    })
+}
+
+/// Starts `wireguard-go` for `name` and waits until its interface and UAPI
+/// socket exist (the program returns once its daemon is up).
+pub fn start_userspace(program: &Path, name: &str, log: &Path) -> Result<(), DatapathError> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| err(&format!("opening {}", log.display()), e))?;
+    let out2 = out.try_clone().map_err(|e| err("log file", e))?;
+    let status = Command::new(program)
+        .arg(name)
+        .env_remove("WG_PROCESS_FOREGROUND")
+        .env("LOG_LEVEL", "error")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(out2)
+        .status()
+        .map_err(|e| err(&format!("starting {}", program.display()), e))?;
+    if !status.success() {
+        return Err(DatapathError::Io(format!(
+            "{} {name} failed ({status}); see {}",
+            program.display(),
+            log.display()
+        )));
+    }
+    // The socket appears with the interface; allow a moment on a busy host.
+    let socket = Path::new("/var/run/wireguard").join(format!("{name}.sock"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            return Err(DatapathError::Io(format!("{} did not appear", socket.display())));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// Sets the private key and the listen port.
+pub fn configure(name: &str, backend: Backend, private: [u8; 32], listen_port: u32) -> Result<(), DatapathError> {
+    let port = u16::try_from(listen_port).map_err(|e| err("listen port", e))?;
+    DeviceUpdate::new()
+        .set_private_key(Key(private))
+        .set_listen_port(port)
+        .apply(&iface(name)?, backend)
+        .map_err(|e| err(&format!("configuring {name}"), e))
+}
+
+/// Adds or replaces a peer: endpoint and the whole allowed-IPs list.
+pub fn set_peer(name: &str, backend: Backend, public_key: &str, peer: &PeerSpec) -> Result<(), DatapathError> {
+    let mut builder = PeerConfigBuilder::new(&key(public_key)?).replace_allowed_ips();
+    if !peer.endpoint.is_empty() {
+        let endpoint: SocketAddr =
+            peer.endpoint.parse().map_err(|e| err(&format!("endpoint `{}` of {}", peer.endpoint, peer.name), e))?;
+        builder = builder.set_endpoint(endpoint);
+    }
+    for prefix in &peer.allowed_ips {
+        let (ip, len) = super::netlink::split(prefix)?;
+        builder = builder.add_allowed_ip(ip, len);
+    }
+    DeviceUpdate::new()
+        .add_peer(builder)
+        .apply(&iface(name)?, backend)
+        .map_err(|e| err(&format!("setting peer {} on {name}", peer.name), e))
+}
+
+pub fn remove_peer(name: &str, backend: Backend, public_key: &str) -> Result<(), DatapathError> {
+    DeviceUpdate::new()
+        .remove_peer_by_key(&key(public_key)?)
+        .apply(&iface(name)?, backend)
+        .map_err(|e| err(&format!("removing a peer from {name}"), e))
+}
+
+/// Peer names by public key, for reading devices back with names.
+pub fn names<'a>(peers: impl Iterator<Item = (&'a String, &'a PeerSpec)>) -> BTreeMap<String, String> {
+    peers.map(|(k, p)| (k.clone(), p.name.clone())).collect()
+}

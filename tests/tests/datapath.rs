@@ -1,0 +1,258 @@
+//! The Linux datapath in network namespaces (root only): an access point and
+//! two sites built by `musubi-agent apply` from compiled configurations —
+//! userspace WireGuard (wireguard-go) over an IPv4 and an IPv6 underlay,
+//! table mode, the nftables policy — with LAN hosts behind the sites.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use musubi_agent::state::StateDir;
+use musubi_tests::bin;
+use musubi_tests::netns::{Net, is_root};
+
+const INTENT: &str = "tests/intents/datapath.yaml";
+
+fn intent_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(INTENT)
+}
+
+/// (router, segments it carries).
+const ROUTERS: [(&str, &str, &[&str]); 3] = [
+    ("ap", "ap-east", &["alpha", "beta", "gamma"]),
+    ("s1", "site-1", &["alpha", "beta"]),
+    ("s2", "site-2", &["alpha", "beta", "gamma"]),
+];
+
+/// (host, router, router's interface, router address, host address, IPv6 router/host).
+type HostSpec =
+    (&'static str, &'static str, &'static str, &'static str, &'static str, Option<(&'static str, &'static str)>);
+const HOSTS: [HostSpec; 5] = [
+    ("h1a", "s1", "lan-a", "10.10.1.1/24", "10.10.1.10/24", Some(("fd10:10:0:1::1/64", "fd10:10:0:1::10/64"))),
+    ("h1b", "s1", "lan-b", "10.10.1.1/24", "10.10.1.10/24", None),
+    ("h2a", "s2", "lan-a", "10.10.2.1/24", "10.10.2.10/24", Some(("fd10:10:0:2::1/64", "fd10:10:0:2::10/64"))),
+    ("h2b", "s2", "lan-b", "10.10.2.1/24", "10.10.2.10/24", None),
+    ("h2g", "s2", "lan-g", "10.30.2.1/24", "10.30.2.10/24", None),
+];
+
+struct Lab {
+    net: Net,
+    states: BTreeMap<&'static str, PathBuf>,
+    keys: PathBuf,
+}
+
+impl Lab {
+    fn up() -> Lab {
+        let mut net = Net::new("mdp");
+        net.host("wan");
+        net.ok("wan", "ip link add br0 type bridge && ip link set br0 up");
+        let underlay =
+            [("ap", "192.0.2.1/24", "2001:db8::1/64"), ("s1", "192.0.2.11/24", ""), ("s2", "", "2001:db8::12/64")];
+        for (router, v4, v6) in underlay {
+            net.router(router);
+            net.link(router, "u0", "wan", &format!("p-{router}"));
+            net.ok("wan", &format!("ip link set p-{router} master br0"));
+            if !v4.is_empty() {
+                net.ok(router, &format!("ip addr add {v4} dev u0"));
+            }
+            if !v6.is_empty() {
+                net.ok(router, &format!("ip addr add {v6} dev u0 nodad"));
+            }
+        }
+        for (host, router, lan, raddr, haddr, v6) in HOSTS {
+            net.host(host);
+            net.link(router, lan, host, "eth0");
+            let gw = raddr.split('/').next().unwrap_or_default();
+            net.ok(router, &format!("ip addr add {raddr} dev {lan}"));
+            net.ok(host, &format!("ip addr add {haddr} dev eth0 && ip route add default via {gw}"));
+            if let Some((r6, h6)) = v6 {
+                let gw6 = r6.split('/').next().unwrap_or_default();
+                net.ok(router, &format!("ip addr add {r6} dev {lan} nodad"));
+                net.ok(host, &format!("ip addr add {h6} dev eth0 nodad && ip -6 route add default via {gw6}"));
+            }
+        }
+        // Each router's keys, made where they live; only public keys leave.
+        let mut states = BTreeMap::new();
+        let mut keys = String::new();
+        for (router, site, segments) in ROUTERS {
+            let state = net.dir().join(format!("state-{router}"));
+            let dir = StateDir::new(&state);
+            keys.push_str(&format!("{site}:\n"));
+            for seg in segments {
+                let (public, _) = dir.ensure_key(seg).expect("key");
+                keys.push_str(&format!("  {seg}: \"{public}\"\n"));
+            }
+            states.insert(router, state);
+        }
+        let keys_file = net.dir().join("keys.yaml");
+        std::fs::write(&keys_file, keys).expect("keys");
+        Lab { net, states, keys: keys_file }
+    }
+
+    /// Compiles `site`'s configuration from `intent` into a JSON file.
+    fn compile(&self, intent: &Path, site: &str) -> PathBuf {
+        let out = Command::new(bin("musubi"))
+            .args(["compile", "--format", "json", "--site", site, "--keys"])
+            .arg(&self.keys)
+            .arg(intent)
+            .output()
+            .expect("musubi compile");
+        assert!(out.status.success(), "compile {site}: {}", String::from_utf8_lossy(&out.stderr));
+        let file = self.net.dir().join(format!("{site}-{}.json", std::process::id()));
+        std::fs::write(&file, &out.stdout).expect("config");
+        file
+    }
+
+    /// `musubi-agent apply` in `router`: (operations, writes).
+    fn apply(&self, router: &str, config: &Path) -> (u64, u64) {
+        let mut cmd = self.net.command(router, &bin("musubi-agent"));
+        cmd.arg("apply").arg("--config").arg(config).arg("--state").arg(&self.states[router]);
+        let out = cmd.output().expect("musubi-agent apply");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "apply in {router}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        // "site S: N operations, W writes in X ms"
+        let numbers: Vec<u64> = text.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+        (numbers[0], numbers[1])
+    }
+
+    fn apply_all(&self, intent: &Path) -> Vec<(u64, u64)> {
+        ROUTERS.iter().map(|(router, site, _)| self.apply(router, &self.compile(intent, site))).collect()
+    }
+
+    fn ping(&self, host: &str, target: &str) -> bool {
+        self.net.sh(host, &format!("ping -c 2 -i 0.2 -W 2 {target}")).status.success()
+    }
+
+    fn rx_packets(&self, host: &str) -> u64 {
+        // /proc/net is the reader's network namespace (/sys would be the host's).
+        let dev = self.net.ok(host, "cat /proc/net/dev");
+        let line = dev.lines().find(|l| l.trim_start().starts_with("eth0:")).expect("eth0");
+        line.split_whitespace().nth(2).and_then(|n| n.parse().ok()).expect("rx packets")
+    }
+
+    fn dropped_at(&self, router: &str) -> u64 {
+        let text = self.net.ok(router, "nft -j list table inet musubi");
+        let value: serde_json::Value = serde_json::from_str(&text).expect("nft json");
+        musubi_agent::datapath::linux::nft::dropped(&value)
+    }
+
+    fn ifindex(&self, router: &str, name: &str) -> String {
+        let text = self.net.ok(router, &format!("ip -o link show {name}"));
+        text.split(':').next().unwrap_or_default().trim().to_string()
+    }
+}
+
+/// Warms a path up (the first packets wait for WireGuard handshakes).
+fn reaches(lab: &Lab, host: &str, target: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if lab.ping(host, target) {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn segments_reach_within_and_not_across_and_reconcile_is_idempotent() {
+    if !is_root() {
+        eprintln!("skipped: needs root for network namespaces");
+        return;
+    }
+    let lab = Lab::up();
+    let intent = intent_path();
+    for (i, (ops, writes)) in lab.apply_all(&intent).into_iter().enumerate() {
+        assert!(ops > 0 && writes >= ops, "router {i}: {ops} operations, {writes} writes");
+    }
+    for (router, _, _) in ROUTERS {
+        let doctor = lab.net.ok(router, &format!("{} doctor", bin("musubi-agent").display()));
+        assert!(doctor.contains("table mode") && doctor.contains("userspace"), "{doctor}");
+    }
+
+    // Within a segment, across the access point (site 2 over IPv6).
+    let (a0, b0) = (lab.rx_packets("h2a"), lab.rx_packets("h2b"));
+    assert!(reaches(&lab, "h1a", "10.10.2.10"), "alpha: site 1 → site 2");
+    let (a1, b1) = (lab.rx_packets("h2a"), lab.rx_packets("h2b"));
+    assert!(a1 > a0 && b1 == b0, "alpha's ping reached alpha's host only (h2a {a0}→{a1}, h2b {b0}→{b1})");
+    assert!(reaches(&lab, "h1b", "10.10.2.10"), "beta, same addresses: site 1 → site 2");
+    let (a2, b2) = (lab.rx_packets("h2a"), lab.rx_packets("h2b"));
+    assert!(b2 > b1 && a2 == a1, "beta's ping reached beta's host only (h2a {a1}→{a2}, h2b {b1}→{b2})");
+    assert!(reaches(&lab, "h1a", "fd10:10:0:2::10"), "alpha over IPv6");
+
+    // Across segments: gamma allows alpha SSH only; beta has no way at all.
+    let dropped = lab.dropped_at("ap");
+    assert!(!lab.ping("h1a", "10.30.2.10"), "alpha → gamma ICMP must not pass");
+    let dropped_after = lab.dropped_at("ap");
+    assert!(dropped_after >= dropped + 2, "the access point counted the drops ({dropped} → {dropped_after})");
+    assert!(!lab.ping("h1b", "10.30.2.10"), "beta → gamma must not pass");
+    let mut server = lab.net.command("h2g", Path::new("python3"));
+    server
+        .args(["-c", "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',22));s.listen();s.settimeout(10);c,_=s.accept();c.sendall(b'ok')"])
+        .stdout(Stdio::null());
+    let mut server = server.spawn().expect("listener");
+    std::thread::sleep(Duration::from_millis(300));
+    let client = lab.net.sh(
+        "h1a",
+        "python3 -c \"import socket;c=socket.create_connection(('10.30.2.10',22),timeout=5);print(c.recv(2).decode())\"",
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(String::from_utf8_lossy(&client.stdout).trim(), "ok", "the policy lets alpha's SSH into gamma");
+
+    // Foreign objects survive; a second apply writes nothing.
+    lab.net.ok(
+        "s1",
+        "ip route add 198.51.100.0/24 via 192.0.2.1 && ip rule add priority 300 from 203.0.113.0/24 lookup main",
+    );
+    for (i, (ops, writes)) in lab.apply_all(&intent).into_iter().enumerate() {
+        assert_eq!((ops, writes), (0, 0), "router {i}: a second apply changes nothing");
+    }
+    assert!(lab.net.ok("s1", "ip route show 198.51.100.0/24").contains("via 192.0.2.1"), "foreign route kept");
+    assert!(lab.net.ok("s1", "ip rule show priority 300").contains("203.0.113.0/24"), "foreign rule kept");
+
+    // Half-applied state (as a crash would leave it) converges.
+    lab.net.ok("s1", "ip rule del priority 5200 iif lan-b && ip route del 10.10.0.0/16 table 1000");
+    let s1 = lab.compile(&intent, "site-1");
+    let (ops, _) = lab.apply("s1", &s1);
+    assert!(ops >= 2, "the missing rule and route are put back ({ops} operations)");
+    assert_eq!(lab.apply("s1", &s1), (0, 0));
+    assert!(reaches(&lab, "h1b", "10.10.2.10"), "beta works again");
+
+    // Remove beta from site 1: all of its objects go, the rest stays.
+    let index = lab.ifindex("s1", "mw-alpha");
+    let text = std::fs::read_to_string(&intent).expect("intent");
+    let without = text.replacen("  - segment: beta\n    interface: lan-b\n    prefixes: [10.10.1.0/24]\n", "", 1);
+    assert_ne!(text, without);
+    let smaller = lab.net.dir().join("without-beta.yaml");
+    std::fs::write(&smaller, without).expect("intent");
+    let (ops, _) = lab.apply("s1", &lab.compile(&smaller, "site-1"));
+    assert!(ops > 0);
+    let links = lab.net.ok("s1", "ip -o link show");
+    assert!(!links.contains("mw-beta"), "beta's tunnel is gone: {links}");
+    let rules = lab.net.ok("s1", "ip rule show; ip -6 rule show");
+    assert!(!rules.contains("lan-b") && !rules.contains("mw-beta"), "beta's rules are gone: {rules}");
+    assert_eq!(
+        lab.net.ok("s1", "ip route show table 1001; ip -6 route show table 1001").trim(),
+        "",
+        "beta's table is empty"
+    );
+    assert!(!lab.net.ok("s1", "nft list table inet musubi").contains("lan-b"), "beta left the policy");
+    assert_eq!(lab.ifindex("s1", "mw-alpha"), index, "alpha's tunnel was not touched");
+    assert!(reaches(&lab, "h1a", "10.10.2.10"), "alpha still works");
+    assert!(!lab.ping("h1b", "10.10.2.10"), "beta no longer leaves site 1");
+
+    let names: Vec<String> = ["wan", "ap", "s1", "s2"].iter().map(|n| lab.net.ns(n)).collect();
+    let net = lab.net;
+    drop(net);
+    let left: Vec<String> = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .filter(|n| names.contains(n))
+        .collect();
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+}
