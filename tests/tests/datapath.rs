@@ -256,3 +256,64 @@ fn segments_reach_within_and_not_across_and_reconcile_is_idempotent() {
         .collect();
     assert!(left.is_empty(), "namespaces left behind: {left:?}");
 }
+
+/// Waits for a line containing `needle` in a log file.
+fn wait_log(path: &Path, needle: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(path).is_ok_and(|t| t.contains(needle)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn a_restarted_agent_adopts_its_tunnels_without_losing_a_packet() {
+    if !is_root() {
+        eprintln!("skipped: needs root for network namespaces");
+        return;
+    }
+    let lab = Lab::up();
+    let intent = intent_path();
+    lab.apply_all(&intent);
+    assert!(reaches(&lab, "h1a", "10.10.2.10"));
+    let index = lab.ifindex("s1", "mw-alpha");
+
+    // Site 1's agent starts headless from its last applied configuration
+    // (no controller answers): it finds everything built and writes nothing.
+    let config: musubi_proto::v1::SiteConfig =
+        serde_json::from_slice(&std::fs::read(lab.compile(&intent, "site-1")).expect("config")).expect("json");
+    let update = musubi_proto::v1::ConfigUpdate { revision: 1, digest: "d".into(), config: Some(config) };
+    StateDir::new(&lab.states["s1"]).save_applied(&update).expect("applied.pb");
+    let start = |n: usize| {
+        let log = lab.net.dir().join(format!("agent-{n}.log"));
+        let mut cmd = lab.net.command("s1", &bin("musubi-agent"));
+        cmd.args(["run", "--datapath", "linux", "--site", "site-1", "--controller", "127.0.0.1:9", "--insecure"])
+            .arg("--state")
+            .arg(&lab.states["s1"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"));
+        (musubi_tests::Reaped(cmd.spawn().expect("agent")), log)
+    };
+    let (mut first, log) = start(1);
+    assert!(wait_log(&log, "configuration applied", Duration::from_secs(10)), "first agent applied");
+    assert!(std::fs::read_to_string(&log).expect("log").contains("writes=0"), "the first agent adopted, writing nothing");
+
+    // kill -9 during a steady ping (100 packets a second), then start again.
+    let mut ping = lab.net.command("h1a", Path::new("ping"));
+    ping.args(["-i", "0.01", "-c", "300", "-W", "1", "10.10.2.10"]).stdout(Stdio::piped());
+    let ping = ping.spawn().expect("ping");
+    std::thread::sleep(Duration::from_millis(700));
+    first.0.kill().expect("kill -9");
+    let _ = first.0.wait();
+    let (second, log2) = start(2);
+    assert!(wait_log(&log2, "configuration applied", Duration::from_secs(10)), "second agent applied");
+    let out = ping.wait_with_output().expect("ping result");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("300 received"), "no packet lost across the restart: {}", text.lines().last().unwrap_or(""));
+    assert!(std::fs::read_to_string(&log2).expect("log").contains("writes=0"), "the restarted agent wrote nothing");
+    assert_eq!(lab.ifindex("s1", "mw-alpha"), index, "same interface, no flap");
+    drop(second);
+}
