@@ -131,6 +131,7 @@ async fn run(cli: Cli) -> Result<()> {
             let mut dp = open_datapath(&datapath, &state)?;
             let started = Instant::now();
             let want = desired(&config, &dir)?;
+            tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "desired state computed");
             let ops = reconcile(&mut *dp, &want)?;
             println!(
                 "site {}: {} operations, {} writes in {:.1} ms",

@@ -299,7 +299,10 @@ fn a_restarted_agent_adopts_its_tunnels_without_losing_a_packet() {
     };
     let (mut first, log) = start(1);
     assert!(wait_log(&log, "configuration applied", Duration::from_secs(10)), "first agent applied");
-    assert!(std::fs::read_to_string(&log).expect("log").contains("writes=0"), "the first agent adopted, writing nothing");
+    assert!(
+        std::fs::read_to_string(&log).expect("log").contains("writes=0"),
+        "the first agent adopted, writing nothing"
+    );
 
     // kill -9 during a steady ping (100 packets a second), then start again.
     let mut ping = lab.net.command("h1a", Path::new("ping"));

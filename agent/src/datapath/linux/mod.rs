@@ -300,6 +300,7 @@ impl Linux {
     }
 
     fn observe_all(&mut self) -> Result<Owned, DatapathError> {
+        let started = std::time::Instant::now();
         let handle = self.handle.clone();
         let (links, addresses, routes, rules) = block_on(&self.rt, async move {
             Ok::<_, DatapathError>((
@@ -309,6 +310,7 @@ impl Linux {
                 netlink::owned_rules(&handle).await?,
             ))
         })??;
+        let netlink_ms = started.elapsed().as_secs_f64() * 1e3;
         let by_index: BTreeMap<u32, &Link> = links.iter().map(|l| (l.index, l)).collect();
         let mut owned = Owned::default();
 
@@ -371,6 +373,7 @@ impl Linux {
         }
 
         // Tunnels: the agent's WireGuard interfaces that answer.
+        let wg_started = std::time::Instant::now();
         let backend = self.backend();
         for l in links.iter().filter(|l| l.name.starts_with(TUNNEL_PREFIX)) {
             let Some(state) = wireguard::read(&l.name, backend, &BTreeMap::new()) else {
@@ -392,6 +395,7 @@ impl Linux {
                 },
             );
         }
+        let wireguard_ms = wg_started.elapsed().as_secs_f64() * 1e3;
         for (name, domain) in &member {
             if !name.starts_with(TUNNEL_PREFIX) && !name.starts_with(DOMAIN_PREFIX) {
                 owned.lans.insert(name.clone(), domain.clone());
@@ -401,7 +405,16 @@ impl Linux {
             let interface = r.oif.and_then(|i| by_index.get(&i)).map(|l| l.name.clone()).unwrap_or_default();
             owned.routes.insert(Route { table: r.table, prefix: r.prefix.clone(), interface });
         }
+        let nft_started = std::time::Instant::now();
         owned.policy = nft::observe()?;
+        tracing::debug!(
+            netlink_ms,
+            wireguard_ms,
+            nft_ms = nft_started.elapsed().as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            routes = owned.routes.len(),
+            "observed"
+        );
         Ok(owned)
     }
 
@@ -520,35 +533,15 @@ impl Linux {
                 self.writes += 1;
             }
             Op::SetPeer { tunnel, public_key, peer } => {
-                wireguard::set_peer(tunnel, self.backend(), public_key, peer)?;
+                wireguard::set_peers(tunnel, self.backend(), &[(public_key.as_str(), peer)])?;
                 self.writes += 1;
             }
             Op::RemovePeer { tunnel, public_key } => {
                 wireguard::remove_peer(tunnel, self.backend(), public_key)?;
                 self.writes += 1;
             }
-            Op::AddRoute(r) => {
-                let r = r.clone();
-                block_on(&self.rt, async move {
-                    let index = index_of(&handle, &r.interface).await?;
-                    netlink::add_route(&handle, r.table, &r.prefix, Some(index)).await
-                })??;
-                self.writes += 1;
-            }
-            Op::DeleteRoute(r) => {
-                let r = r.clone();
-                block_on(&self.rt, async move {
-                    let index = index_of(&handle, &r.interface).await.ok();
-                    let found = netlink::owned_routes(&handle)
-                        .await?
-                        .into_iter()
-                        .find(|o| o.table == r.table && o.prefix == r.prefix && o.oif == index && index.is_some());
-                    match found {
-                        Some(o) => netlink::del_route(&handle, o.message).await,
-                        None => Err(DatapathError::Io(format!("no route {} in table {}", r.prefix, r.table))),
-                    }
-                })??;
-                self.writes += 1;
+            Op::AddRoute(_) | Op::DeleteRoute(_) => {
+                self.routes(std::slice::from_ref(op), matches!(op, Op::AddRoute(_)))?
             }
             Op::SetPolicy(p) => {
                 nft::set(p)?;
@@ -561,6 +554,63 @@ impl Linux {
         }
         Ok(())
     }
+}
+
+impl Linux {
+    /// Adds (or deletes) the routes of `ops`, up to 64 requests in flight.
+    fn routes(&mut self, ops: &[Op], add: bool) -> Result<(), DatapathError> {
+        let routes: Vec<Route> = ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::AddRoute(r) | Op::DeleteRoute(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect();
+        let n = routes.len() as u64;
+        let handle = self.handle.clone();
+        block_on(&self.rt, route_batch(handle, routes, add))??;
+        self.writes += n;
+        Ok(())
+    }
+}
+
+async fn route_batch(handle: Handle, routes: Vec<Route>, add: bool) -> Result<(), DatapathError> {
+    use futures::{StreamExt, TryStreamExt};
+    let index: BTreeMap<String, u32> = netlink::links(&handle).await?.into_iter().map(|l| (l.name, l.index)).collect();
+    let mut requests: Vec<(u32, String, u32)> = Vec::with_capacity(routes.len());
+    for r in routes {
+        let oif = *index.get(&r.interface).ok_or_else(|| DatapathError::Io(format!("no interface {}", r.interface)))?;
+        requests.push((r.table, r.prefix, oif));
+    }
+    if add {
+        futures::stream::iter(requests.into_iter().map(|(table, prefix, oif)| {
+            let handle = handle.clone();
+            async move { netlink::add_route(&handle, table, &prefix, Some(oif)).await }
+        }))
+        .buffer_unordered(64)
+        .try_collect::<Vec<()>>()
+        .await?;
+    } else {
+        let mut present: BTreeMap<(u32, String, Option<u32>), netlink::OwnedRoute> = netlink::owned_routes(&handle)
+            .await?
+            .into_iter()
+            .map(|o| ((o.table, o.prefix.clone(), o.oif), o))
+            .collect();
+        let mut messages = Vec::with_capacity(requests.len());
+        for (table, prefix, oif) in requests {
+            let found = present.remove(&(table, prefix.clone(), Some(oif)));
+            let o = found.ok_or_else(|| DatapathError::Io(format!("no route {prefix} in table {table}")))?;
+            messages.push(o.message);
+        }
+        futures::stream::iter(messages.into_iter().map(|m| {
+            let handle = handle.clone();
+            async move { netlink::del_route(&handle, m).await }
+        }))
+        .buffer_unordered(64)
+        .try_collect::<Vec<()>>()
+        .await?;
+    }
+    Ok(())
 }
 
 /// A tunnel that exists but does not answer: it matches nothing, so the
@@ -630,9 +680,44 @@ impl Datapath for Linux {
         self.observe_all()
     }
 
+    /// Applies in order. Runs of routes to add or delete go to netlink as
+    /// concurrent requests over one socket, and a run of peers of one
+    /// tunnel as one UAPI `set`: an access point's thousands of peers and
+    /// routes are not thousands of round trips.
     fn apply(&mut self, ops: &[Op]) -> Result<(), DatapathError> {
-        for op in ops {
-            self.apply_one(op).map_err(|e| DatapathError::Io(format!("{}: {e}", describe(op))))?;
+        let mut i = 0;
+        while i < ops.len() {
+            let run = |same: &dyn Fn(&Op) -> bool| i + ops[i..].iter().take_while(|o| same(o)).count();
+            match &ops[i] {
+                Op::AddRoute(_) => {
+                    let end = run(&|o| matches!(o, Op::AddRoute(_)));
+                    self.routes(&ops[i..end], true)?;
+                    i = end;
+                }
+                Op::DeleteRoute(_) => {
+                    let end = run(&|o| matches!(o, Op::DeleteRoute(_)));
+                    self.routes(&ops[i..end], false)?;
+                    i = end;
+                }
+                Op::SetPeer { tunnel, .. } => {
+                    let end = run(&|o| matches!(o, Op::SetPeer { tunnel: t, .. } if t == tunnel));
+                    let peers: Vec<(&str, &super::PeerSpec)> = ops[i..end]
+                        .iter()
+                        .filter_map(|o| match o {
+                            Op::SetPeer { public_key, peer, .. } => Some((public_key.as_str(), peer)),
+                            _ => None,
+                        })
+                        .collect();
+                    wireguard::set_peers(tunnel, self.backend(), &peers)
+                        .map_err(|e| DatapathError::Io(format!("setting {} peers on {tunnel}: {e}", peers.len())))?;
+                    self.writes += 1;
+                    i = end;
+                }
+                op => {
+                    self.apply_one(op).map_err(|e| DatapathError::Io(format!("{}: {e}", describe(op))))?;
+                    i += 1;
+                }
+            }
         }
         Ok(())
     }

@@ -110,22 +110,27 @@ pub fn configure(name: &str, backend: Backend, private: [u8; 32], listen_port: u
         .map_err(|e| err(&format!("configuring {name}"), e))
 }
 
-/// Adds or replaces a peer: endpoint and the whole allowed-IPs list.
-pub fn set_peer(name: &str, backend: Backend, public_key: &str, peer: &PeerSpec) -> Result<(), DatapathError> {
-    let mut builder = PeerConfigBuilder::new(&key(public_key)?).replace_allowed_ips();
-    if !peer.endpoint.is_empty() {
-        let endpoint: SocketAddr =
-            peer.endpoint.parse().map_err(|e| err(&format!("endpoint `{}` of {}", peer.endpoint, peer.name), e))?;
-        builder = builder.set_endpoint(endpoint);
-    }
-    for prefix in &peer.allowed_ips {
-        let (ip, len) = super::netlink::split(prefix)?;
-        builder = builder.add_allowed_ip(ip, len);
+/// Adds or replaces peers (endpoint and the whole allowed-IPs list of each)
+/// in one UAPI `set`.
+pub fn set_peers(name: &str, backend: Backend, peers: &[(&str, &PeerSpec)]) -> Result<(), DatapathError> {
+    let mut builders = Vec::with_capacity(peers.len());
+    for (public_key, peer) in peers {
+        let mut builder = PeerConfigBuilder::new(&key(public_key)?).replace_allowed_ips();
+        if !peer.endpoint.is_empty() {
+            let endpoint: SocketAddr =
+                peer.endpoint.parse().map_err(|e| err(&format!("endpoint `{}` of {}", peer.endpoint, peer.name), e))?;
+            builder = builder.set_endpoint(endpoint);
+        }
+        for prefix in &peer.allowed_ips {
+            let (ip, len) = super::netlink::split(prefix)?;
+            builder = builder.add_allowed_ip(ip, len);
+        }
+        builders.push(builder);
     }
     DeviceUpdate::new()
-        .add_peer(builder)
+        .add_peers(&builders)
         .apply(&iface(name)?, backend)
-        .map_err(|e| err(&format!("setting peer {} on {name}", peer.name), e))
+        .map_err(|e| err(&format!("setting peers on {name}"), e))
 }
 
 pub fn remove_peer(name: &str, backend: Backend, public_key: &str) -> Result<(), DatapathError> {
