@@ -75,6 +75,14 @@ enum Command {
         /// `linux` or `fake`.
         #[arg(long, default_value = "linux")]
         datapath: String,
+        /// Reconcile this many times in a row (the later ones find nothing
+        /// to do: how long a no-op reconcile takes).
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
+        /// Milliseconds between reconciles when repeating: the configuration
+        /// is held, and anything that drifts from it is put back.
+        #[arg(long, default_value_t = 0)]
+        every: u64,
     },
     /// Run N simulated agents (in-memory datapaths, each enrolled with its
     /// own token and certificate) against a controller, report convergence.
@@ -125,21 +133,27 @@ async fn run(cli: Cli) -> Result<()> {
             print!("{}", linux::detect()?.report());
             Ok(())
         }
-        Command::Apply { config, state, datapath } => {
+        Command::Apply { config, state, datapath, repeat, every } => {
             let config = read_config(&config)?;
             let dir = StateDir::new(&state);
             let mut dp = open_datapath(&datapath, &state)?;
             let started = Instant::now();
             let want = desired(&config, &dir)?;
-            tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "desired state computed");
-            let ops = reconcile(&mut *dp, &want)?;
-            println!(
-                "site {}: {} operations, {} writes in {:.1} ms",
-                config.site,
-                ops.len(),
-                dp.writes(),
-                started.elapsed().as_secs_f64() * 1e3
-            );
+            println!("site {}: desired state in {:.1} ms", config.site, started.elapsed().as_secs_f64() * 1e3);
+            for i in 0..repeat.max(1) {
+                if i > 0 && every > 0 {
+                    tokio::time::sleep(Duration::from_millis(every)).await;
+                }
+                let (started, before) = (Instant::now(), dp.writes());
+                let ops = reconcile(&mut *dp, &want)?;
+                println!(
+                    "site {}: {} operations, {} writes in {:.1} ms",
+                    config.site,
+                    ops.len(),
+                    dp.writes() - before,
+                    started.elapsed().as_secs_f64() * 1e3
+                );
+            }
             Ok(())
         }
         Command::Run { site, controllers, state, token, token_file, ca, insecure, datapath } => {

@@ -5,9 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use musubi_proto::v1::{self as pb, SiteConfig};
 
-use crate::datapath::{
-    Allow, Datapath, DatapathError, Domain, Op, Owned, PeerSpec, Policy, PolicySpec, Route, Tunnel, plan,
-};
+use crate::datapath::{Allow, Datapath, DatapathError, Domain, Op, Owned, PeerSpec, Policy, PolicySpec, Route, Tunnel};
 use crate::state::{StateDir, StateError};
 use crate::summary::{ConfigError, summarise};
 
@@ -161,8 +159,7 @@ pub fn desired(config: &SiteConfig, state: &StateDir) -> Result<Owned, Reconcile
 /// Brings the datapath to `want`; returns the operations applied (none when
 /// it already matches).
 pub fn reconcile(dp: &mut dyn Datapath, want: &Owned) -> Result<Vec<Op>, ReconcileError> {
-    let actual = dp.observe()?;
-    let ops = plan(&actual, want);
+    let ops = dp.diff(want)?;
     if !ops.is_empty() {
         dp.apply(&ops)?;
     }

@@ -114,8 +114,9 @@ impl Lab {
         let out = cmd.output().expect("musubi-agent apply");
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         assert!(out.status.success(), "apply in {router}: {text}{}", String::from_utf8_lossy(&out.stderr));
-        // "site S: N operations, W writes in X ms"
-        let numbers: Vec<u64> = text.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+        // Last line: "site S: N operations, W writes in X ms"
+        let last = text.lines().last().unwrap_or_default();
+        let numbers: Vec<u64> = last.split_whitespace().filter_map(|w| w.parse().ok()).collect();
         (numbers[0], numbers[1])
     }
 
@@ -230,6 +231,27 @@ fn segments_reach_within_and_not_across_and_reconcile_is_idempotent() {
     assert!(ops >= 2, "the missing rule and route are put back ({ops} operations)");
     assert_eq!(lab.apply("s1", &s1), (0, 0));
     assert!(reaches(&lab, "h1b", "10.10.2.10"), "beta works again");
+
+    // Held: a reconcile loop (which keeps its observation while the kernel
+    // raises no notification) puts back what is removed behind its back,
+    // the policy table included.
+    let mut hold = lab.net.command("s1", &bin("musubi-agent"));
+    hold.args(["apply", "--repeat", "100", "--every", "100", "--config"])
+        .arg(&s1)
+        .arg("--state")
+        .arg(&lab.states["s1"])
+        .stdout(Stdio::null());
+    let hold = musubi_tests::Reaped(hold.spawn().expect("apply --repeat"));
+    std::thread::sleep(Duration::from_millis(700));
+    lab.net.ok("s1", "ip route del 10.10.0.0/16 table 1000 && nft delete table inet musubi");
+    let restored = eventually(Duration::from_secs(3), || {
+        lab.net
+            .sh("s1", "ip route show table 1000 10.10.0.0/16 | grep -q mw-alpha && nft list table inet musubi")
+            .status
+            .success()
+    });
+    drop(hold);
+    assert!(restored, "the held configuration was put back within 3 s");
 
     // Remove beta from site 1: all of its objects go, the rest stays.
     let index = lab.ifindex("s1", "mw-alpha");

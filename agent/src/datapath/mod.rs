@@ -162,6 +162,12 @@ pub enum DatapathError {
 pub trait Datapath: Send {
     /// What the agent owns now.
     fn observe(&mut self) -> Result<Owned, DatapathError>;
+    /// The operations from what the agent owns now to `desired`: [`plan`]
+    /// over [`Datapath::observe`], unless the datapath knows a cheaper way to
+    /// the same answer.
+    fn diff(&mut self, desired: &Owned) -> Result<Vec<Op>, DatapathError> {
+        Ok(plan(&self.observe()?, desired))
+    }
     /// Applies operations in order; stops at the first failure.
     fn apply(&mut self, ops: &[Op]) -> Result<(), DatapathError>;
     /// Writes made since start (for tests and status).
@@ -252,10 +258,10 @@ pub fn plan(actual: &Owned, desired: &Owned) -> Vec<Op> {
         }
     }
     // A route survives only if its interface and its table did.
+    let kept_tables: BTreeSet<u32> =
+        actual.domains.values().filter(|d| domain_kept(&d.name)).map(|d| d.table).collect();
     let gone = |r: &Route| {
-        dead_tunnels.contains(&r.interface)
-            || unbound.contains(&r.interface)
-            || !actual.domains.values().any(|d| d.table == r.table && domain_kept(&d.name))
+        dead_tunnels.contains(&r.interface) || unbound.contains(&r.interface) || !kept_tables.contains(&r.table)
     };
     for r in &desired.routes {
         if !actual.routes.contains(r) || gone(r) {

@@ -248,6 +248,29 @@ pub struct Linux {
     /// Domain tables by name, from the last observation (table mode names
     /// orphaned tables `table-N`).
     tables: BTreeMap<String, u32>,
+    /// The last full observation, trusted while no netlink notification has
+    /// arrived since it began and it is younger than [`CACHE_LIFE`].
+    cache: Option<(Owned, std::time::Instant)>,
+    /// Link, address, route and rule notifications since the last full
+    /// observation or write.
+    watch: Option<Watch>,
+}
+
+/// How long an observation is trusted without a notification. WireGuard
+/// peers changed behind the agent's back (`wg set` on its interfaces) raise
+/// no notification; this bounds how long that can go unseen.
+pub const CACHE_LIFE: std::time::Duration = std::time::Duration::from_secs(30);
+
+type Notifications = futures::channel::mpsc::UnboundedReceiver<(
+    rtnetlink::packet_core::NetlinkMessage<rtnetlink::packet_route::RouteNetlinkMessage>,
+    rtnetlink::sys::SocketAddr,
+)>;
+
+/// A subscription to the kernel's link, address, route and rule
+/// notifications (`ip monitor`).
+struct Watch {
+    messages: Notifications,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Linux {
@@ -272,7 +295,17 @@ impl Linux {
         }
         std::fs::create_dir_all(logs).map_err(|e| DatapathError::Io(format!("{}: {e}", logs.display())))?;
         let (rt, handle) = runtime()?;
-        Ok(Linux { rt, handle, wireguard, domains, logs: logs.to_path_buf(), writes: 0, tables: BTreeMap::new() })
+        Ok(Linux {
+            rt,
+            handle,
+            wireguard,
+            domains,
+            logs: logs.to_path_buf(),
+            writes: 0,
+            tables: BTreeMap::new(),
+            cache: None,
+            watch: None,
+        })
     }
 
     /// Detects the host's capabilities and picks the best modes.
@@ -297,6 +330,34 @@ impl Linux {
             WireguardMode::Kernel => Backend::Kernel,
             WireguardMode::Userspace(_) => Backend::Userspace,
         }
+    }
+
+    /// Starts a fresh subscription (ending the previous one): from now on any
+    /// change to links, addresses, routes or rules is noticed.
+    fn subscribe(&mut self) -> Result<(), DatapathError> {
+        use rtnetlink::MulticastGroup as G;
+        if let Some(old) = self.watch.take() {
+            old.task.abort();
+        }
+        let groups = [G::Link, G::Ipv4Ifaddr, G::Ipv6Ifaddr, G::Ipv4Route, G::Ipv6Route, G::Ipv4Rule, G::Ipv6Rule];
+        let watch = block_on(&self.rt, async move {
+            let (conn, _, messages) = rtnetlink::new_multicast_connection(&groups)?;
+            Ok::<_, std::io::Error>(Watch { messages, task: tokio::spawn(conn) })
+        })?
+        .map_err(|e| DatapathError::Io(format!("netlink notifications: {e}")))?;
+        self.watch = Some(watch);
+        Ok(())
+    }
+
+    /// Whether nothing has changed since the subscription began.
+    fn quiet(&mut self) -> bool {
+        let Some(watch) = self.watch.as_mut() else { return false };
+        // Let the subscription's task read what the socket holds.
+        if block_on(&self.rt, tokio::time::sleep(std::time::Duration::from_millis(1))).is_err() {
+            return false;
+        }
+        // Empty and open: quiet. A message, an overrun or a closed channel: not.
+        matches!(watch.messages.try_recv(), Err(e) if e.is_empty())
     }
 
     fn observe_all(&mut self) -> Result<Owned, DatapathError> {
@@ -613,6 +674,26 @@ async fn route_batch(handle: Handle, routes: Vec<Route>, add: bool) -> Result<()
     Ok(())
 }
 
+impl Linux {
+    /// The kept observation if it can still be trusted (the policy table,
+    /// which raises no notification here, read again), else a new one.
+    fn current(&mut self) -> Result<&Owned, DatapathError> {
+        let fresh = self.cache.as_ref().is_some_and(|(_, at)| at.elapsed() < CACHE_LIFE);
+        if fresh && self.quiet() {
+            let policy = nft::observe()?;
+            if let Some((owned, _)) = self.cache.as_mut() {
+                owned.policy = policy;
+            }
+        } else {
+            self.cache = None;
+            self.subscribe()?;
+            let owned = self.observe_all()?;
+            self.cache = Some((owned, std::time::Instant::now()));
+        }
+        self.cache.as_ref().map(|(o, _)| o).ok_or_else(|| DatapathError::Io("no observation".into()))
+    }
+}
+
 /// A tunnel that exists but does not answer: it matches nothing, so the
 /// plan deletes and recreates it.
 fn broken(name: &str) -> Tunnel {
@@ -676,8 +757,17 @@ async fn unbind_rules(handle: &Handle, name: &str) -> Result<u64, DatapathError>
 }
 
 impl Datapath for Linux {
+    /// What the agent owns. A full observation (netlink dumps, every
+    /// WireGuard device, nft) is kept, and given again while no
+    /// notification has arrived since it began — the policy table, which
+    /// raises none here, is read every time.
     fn observe(&mut self) -> Result<Owned, DatapathError> {
-        self.observe_all()
+        self.current().cloned()
+    }
+
+    /// Plans against the kept observation without copying it.
+    fn diff(&mut self, desired: &Owned) -> Result<Vec<Op>, DatapathError> {
+        Ok(super::plan(self.current()?, desired))
     }
 
     /// Applies in order. Runs of routes to add or delete go to netlink as
@@ -685,6 +775,8 @@ impl Datapath for Linux {
     /// tunnel as one UAPI `set`: an access point's thousands of peers and
     /// routes are not thousands of round trips.
     fn apply(&mut self, ops: &[Op]) -> Result<(), DatapathError> {
+        // The kernel is about to differ from what was observed.
+        self.cache = None;
         let mut i = 0;
         while i < ops.len() {
             let run = |same: &dyn Fn(&Op) -> bool| i + ops[i..].iter().take_while(|o| same(o)).count();
