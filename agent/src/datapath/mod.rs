@@ -246,6 +246,11 @@ pub fn plan(actual: &Owned, desired: &Owned) -> Vec<Op> {
                 creations.push(Op::AddAddress { tunnel: name.clone(), address: addr.clone() });
             }
         }
+    }
+    // Peers after every tunnel exists, so a datapath can set the tunnels'
+    // peers side by side.
+    for (name, d) in &desired.tunnels {
+        let existing = actual.tunnels.get(name).filter(|_| !dead_tunnels.contains(name));
         for (key, peer) in &d.peers {
             if existing.is_none_or(|a| a.peers.get(key) != Some(peer)) {
                 creations.push(Op::SetPeer { tunnel: name.clone(), public_key: key.clone(), peer: peer.clone() });

@@ -777,8 +777,10 @@ impl Datapath for Linux {
     fn apply(&mut self, ops: &[Op]) -> Result<(), DatapathError> {
         // The kernel is about to differ from what was observed.
         self.cache = None;
+        let started = std::time::Instant::now();
         let mut i = 0;
         while i < ops.len() {
+            let start = i;
             let run = |same: &dyn Fn(&Op) -> bool| i + ops[i..].iter().take_while(|o| same(o)).count();
             match &ops[i] {
                 Op::AddRoute(_) => {
@@ -791,18 +793,37 @@ impl Datapath for Linux {
                     self.routes(&ops[i..end], false)?;
                     i = end;
                 }
-                Op::SetPeer { tunnel, .. } => {
-                    let end = run(&|o| matches!(o, Op::SetPeer { tunnel: t, .. } if t == tunnel));
-                    let peers: Vec<(&str, &super::PeerSpec)> = ops[i..end]
-                        .iter()
-                        .filter_map(|o| match o {
-                            Op::SetPeer { public_key, peer, .. } => Some((public_key.as_str(), peer)),
-                            _ => None,
-                        })
-                        .collect();
-                    wireguard::set_peers(tunnel, self.backend(), &peers)
-                        .map_err(|e| DatapathError::Io(format!("setting {} peers on {tunnel}: {e}", peers.len())))?;
-                    self.writes += 1;
+                Op::SetPeer { .. } => {
+                    // Each tunnel's peers in one UAPI `set`, the tunnels side by
+                    // side (wireguard-go takes every set on one thread per device).
+                    let end = run(&|o| matches!(o, Op::SetPeer { .. }));
+                    let mut by_tunnel: BTreeMap<&str, Vec<(&str, &super::PeerSpec)>> = BTreeMap::new();
+                    for o in &ops[i..end] {
+                        if let Op::SetPeer { tunnel, public_key, peer } = o {
+                            by_tunnel.entry(tunnel.as_str()).or_default().push((public_key.as_str(), peer));
+                        }
+                    }
+                    let backend = self.backend();
+                    let results: Vec<Result<(), DatapathError>> = std::thread::scope(|s| {
+                        let workers: Vec<_> = by_tunnel
+                            .iter()
+                            .map(|(tunnel, peers)| {
+                                s.spawn(move || {
+                                    wireguard::set_peers(tunnel, backend, peers).map_err(|e| {
+                                        DatapathError::Io(format!("setting {} peers on {tunnel}: {e}", peers.len()))
+                                    })
+                                })
+                            })
+                            .collect();
+                        workers
+                            .into_iter()
+                            .map(|w| {
+                                w.join().unwrap_or_else(|_| Err(DatapathError::Io("a UAPI worker panicked".into())))
+                            })
+                            .collect()
+                    });
+                    self.writes += results.iter().filter(|r| r.is_ok()).count() as u64;
+                    results.into_iter().collect::<Result<Vec<()>, _>>()?;
                     i = end;
                 }
                 op => {
@@ -810,6 +831,12 @@ impl Datapath for Linux {
                     i += 1;
                 }
             }
+            tracing::debug!(
+                op = describe(&ops[start]),
+                until = i,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "applied"
+            );
         }
         Ok(())
     }
