@@ -59,6 +59,11 @@ pub struct Settings {
     pub backoff_max: Duration,
     /// A stream with no message for this long is given up (three keepalives).
     pub silence: Duration,
+    /// How often the last applied configuration is reconciled again, with or
+    /// without a controller, so what drifted (a `wireguard-go` that died, a
+    /// route deleted by hand) is put back. `None`: only when a configuration
+    /// arrives.
+    pub upkeep: Option<Duration>,
 }
 
 impl Settings {
@@ -73,6 +78,7 @@ impl Settings {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             silence: Duration::from_secs(45),
+            upkeep: None,
         }
     }
 }
@@ -274,6 +280,24 @@ impl Agent {
         new_keys
     }
 
+    /// Reconciles the last applied configuration again; true when something
+    /// had drifted and was put back (or could not be).
+    fn upkeep(&mut self) -> bool {
+        let Some(config) = self.applied.as_ref().and_then(|a| a.config.as_ref()) else { return false };
+        match desired(config, &self.settings.state).and_then(|want| reconcile(&mut *self.datapath, &want)) {
+            Ok(ops) if ops.is_empty() => false,
+            Ok(ops) => {
+                tracing::warn!(site = %self.settings.site, operations = ops.len(), "the datapath had drifted; put back");
+                true
+            }
+            Err(e) => {
+                tracing::error!(site = %self.settings.site, error = %e, "the datapath has drifted and cannot be put back");
+                self.errors = vec![e.to_string()];
+                true
+            }
+        }
+    }
+
     fn status(&self, keys: Vec<pb::InterfaceKey>) -> pb::AgentMessage {
         let (applied_revision, applied_digest) =
             self.applied.as_ref().map_or((0, String::new()), |a| (a.revision, a.digest.clone()));
@@ -376,7 +400,19 @@ impl Agent {
                 }
                 next += 1;
             }
-            tokio::time::sleep(self.backoff(attempt)).await;
+            // Headless between attempts, but still upkeeping.
+            let until = tokio::time::Instant::now() + self.backoff(attempt);
+            while let Some(period) = self.settings.upkeep {
+                let now = tokio::time::Instant::now();
+                if now >= until {
+                    break;
+                }
+                tokio::time::sleep(period.min(until - now)).await;
+                if tokio::time::Instant::now() < until {
+                    self.upkeep();
+                }
+            }
+            tokio::time::sleep_until(until).await;
             attempt = attempt.saturating_add(1);
         }
     }
@@ -402,8 +438,15 @@ impl Agent {
         // Report where we stand (the controller may not send anything).
         tx.send(self.status(Vec::new())).await.map_err(|e| broken(&e))?;
         let mut renewal = tokio::time::interval(Duration::from_secs(1));
+        let mut upkeep = tokio::time::interval(self.settings.upkeep.unwrap_or(Duration::from_secs(3600)));
+        upkeep.reset();
         loop {
             tokio::select! {
+                _ = upkeep.tick(), if self.settings.upkeep.is_some() => {
+                    if self.upkeep() {
+                        tx.send(self.status(Vec::new())).await.map_err(|e| broken(&e))?;
+                    }
+                }
                 message = tokio::time::timeout(self.settings.silence, inbound.message()) => {
                     let message = message.map_err(|_| End::Broken("the controller went silent".into()))?;
                     match message {

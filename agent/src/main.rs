@@ -59,6 +59,10 @@ enum Command {
         /// or `fake` (in memory, kept in the state directory; for tests).
         #[arg(long, default_value = "linux")]
         datapath: String,
+        /// Seconds between reconciles of the last applied configuration
+        /// (what drifted is put back); 0: only when a configuration arrives.
+        #[arg(long, default_value_t = 10.0)]
+        upkeep_s: f64,
     },
     /// Report what this host offers the datapath (kernel WireGuard or
     /// wireguard-go, VRF or table mode, nftables, forwarding) and advise.
@@ -156,7 +160,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Run { site, controllers, state, token, token_file, ca, insecure, datapath } => {
+        Command::Run { site, controllers, state, token, token_file, ca, insecure, datapath, upkeep_s } => {
             let token = match token_file {
                 Some(f) => Some(
                     std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?.trim().to_string(),
@@ -168,6 +172,7 @@ async fn run(cli: Cli) -> Result<()> {
             settings.token = token;
             settings.ca = ca;
             settings.insecure = insecure;
+            settings.upkeep = (upkeep_s > 0.0).then(|| Duration::from_secs_f64(upkeep_s));
             let agent = Agent::new(settings, open_datapath(&datapath, &state)?)?;
             tokio::select! {
                 r = agent.run() => r?,

@@ -313,6 +313,7 @@ fn a_restarted_agent_adopts_its_tunnels_without_losing_a_packet() {
         let log = lab.net.dir().join(format!("agent-{n}.log"));
         let mut cmd = lab.net.command("s1", &bin("musubi-agent"));
         cmd.args(["run", "--datapath", "linux", "--site", "site-1", "--controller", "127.0.0.1:9", "--insecure"])
+            .args(["--upkeep-s", "0.5"])
             .arg("--state")
             .arg(&lab.states["s1"])
             .stdout(Stdio::null())
@@ -340,5 +341,17 @@ fn a_restarted_agent_adopts_its_tunnels_without_losing_a_packet() {
     assert!(text.contains("300 received"), "no packet lost across the restart: {}", text.lines().last().unwrap_or(""));
     assert!(std::fs::read_to_string(&log2).expect("log").contains("writes=0"), "the restarted agent wrote nothing");
     assert_eq!(lab.ifindex("s1", "mw-alpha"), index, "same interface, no flap");
+
+    // Supervision: alpha's wireguard-go dies; the agent, still headless,
+    // starts it again and reconfigures it.
+    let ns = lab.net.ns("s1");
+    lab.net.ok(
+        "wan",
+        &format!(
+            "for p in $(ip netns pids {ns}); do tr '\\0' ' ' < /proc/$p/cmdline | grep -q 'wireguard-go mw-alpha' && kill -9 $p; done; true"
+        ),
+    );
+    assert!(wait_log(&log2, "put back", Duration::from_secs(10)), "the agent noticed and put the tunnel back");
+    assert!(reaches(&lab, "h1a", "10.10.2.10"), "alpha works again");
     drop(second);
 }
