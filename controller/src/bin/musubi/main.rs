@@ -1,5 +1,6 @@
 //! `musubi`: the operator's command-line tool.
 
+mod lab;
 mod remote;
 
 use std::io::IsTerminal;
@@ -128,6 +129,10 @@ enum Command {
     Local(LocalCommand),
     #[command(flatten)]
     Remote(RemoteCommand),
+    /// Network labs on this host (root): a containerlab topology as network
+    /// namespaces, with a controller and an agent per router.
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
 }
 
 /// Commands that work on local files.
@@ -225,6 +230,7 @@ fn main() -> ExitCode {
             remote(command, &cli.controller, &tls, color)
         }
         Command::Local(command) => run(command, color),
+        Command::Lab(command) => lab::main(command),
     };
 
     match result {

@@ -1,0 +1,503 @@
+//! `musubi lab`: a containerlab topology (`.clab.yml`) brought up as network
+//! namespaces on this host — one per node, routers with a mount namespace of
+//! their own (their own `/var/run/wireguard/` and state), veth pairs for the
+//! links, the nodes' `exec` commands run in them — with a controller, the
+//! intent applied, and an agent on every router enrolled with a one-time
+//! token. Everything a lab makes lives under one directory and one name
+//! prefix, so `down` needs no memory and also clears a failed `up`.
+//!
+//! Musubi reads these containerlab labels:
+//!
+//! | label | on | meaning |
+//! | --- | --- | --- |
+//! | `musubi.role` | every node | `controller`, `router`, `carrier` (a line: a bridge) or `host` (a LAN host) |
+//! | `musubi.site` | routers | the site of the intent this router is |
+//! | `musubi.intent` | the controller | the intent file, relative to the topology |
+//!
+//! Nodes with `mgmt-ipv4` get `eth0` on the lab's management bridge (the
+//! controller's address is what agents dial), as containerlab's management
+//! network would give them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use serde::Deserialize;
+
+/// Where labs keep their state unless `MUSUBI_LAB_DIR` says otherwise.
+const ROOT: &str = "/run/musubi-lab";
+const PORT: u16 = 7400;
+
+#[derive(Subcommand, Debug)]
+pub enum LabCommand {
+    /// Bring a lab up: namespaces, links, controller, intent, agents.
+    Up {
+        /// The topology [default: labs/prefecture/topology.clab.yml].
+        topology: Option<PathBuf>,
+        /// Run it under another name (several copies side by side).
+        #[arg(long)]
+        name: Option<String>,
+        /// Seconds to wait for every agent to be in sync.
+        #[arg(long, default_value_t = 90)]
+        wait_s: u64,
+    },
+    /// Remove everything of a lab: processes, namespaces, mounts, its directory.
+    Down {
+        /// The lab's name [default: the only one running].
+        name: Option<String>,
+    },
+    /// The lab's nodes and processes, and `musubi status` from its controller.
+    Status { name: Option<String> },
+    /// Run a command in a node: `musubi lab exec NODE -- CMD ARGS…`.
+    Exec {
+        #[arg(long)]
+        lab: Option<String>,
+        node: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+struct Clab {
+    name: String,
+    #[serde(default)]
+    mgmt: Option<Mgmt>,
+    topology: Topology,
+}
+
+#[derive(Debug, Deserialize)]
+struct Mgmt {
+    #[serde(rename = "ipv4-subnet")]
+    ipv4_subnet: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Topology {
+    nodes: BTreeMap<String, Node>,
+    #[serde(default)]
+    links: Vec<Link>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Node {
+    #[serde(default)]
+    #[allow(dead_code)]
+    kind: String,
+    #[serde(default)]
+    exec: Vec<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(rename = "mgmt-ipv4")]
+    mgmt_ipv4: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Link {
+    endpoints: Vec<String>,
+}
+
+impl Node {
+    fn role(&self) -> &str {
+        self.labels.get("musubi.role").map(String::as_str).unwrap_or("host")
+    }
+}
+
+fn root() -> PathBuf {
+    std::env::var_os("MUSUBI_LAB_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(ROOT))
+}
+
+/// A lab's names and paths.
+struct Lab {
+    name: String,
+    dir: PathBuf,
+}
+
+impl Lab {
+    fn new(name: &str) -> Lab {
+        Lab { name: name.to_string(), dir: root().join(name) }
+    }
+
+    /// The one running lab, or the named one.
+    fn find(name: Option<String>) -> Result<Lab> {
+        if let Some(n) = name {
+            return Ok(Lab::new(&n));
+        }
+        let running: Vec<String> = std::fs::read_dir(root())
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().to_string()).collect())
+            .unwrap_or_default();
+        match running.as_slice() {
+            [one] => Ok(Lab::new(one)),
+            [] => bail!("no lab is running (under {})", root().display()),
+            many => bail!("several labs are running ({}): name one", many.join(", ")),
+        }
+    }
+
+    fn ns(&self, node: &str) -> String {
+        format!("ml-{}-{node}", self.name)
+    }
+    fn mnt(&self, node: &str) -> PathBuf {
+        self.dir.join("mnt").join(node)
+    }
+    fn node_dir(&self, node: &str) -> PathBuf {
+        self.dir.join("nodes").join(node)
+    }
+    fn topology(&self) -> Result<Clab> {
+        read_topology(&self.dir.join("topology.clab.yml"))
+    }
+
+    /// A command run inside `node` (its network namespace, and its mount
+    /// namespace when it has one).
+    fn command(&self, node: &str, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.ns(node)));
+        if self.mnt(node).exists() {
+            cmd.arg(format!("--mount={}", self.mnt(node).display()));
+        }
+        cmd.arg("--").arg(program);
+        cmd
+    }
+
+    fn sh(&self, node: &str, script: &str) -> Result<String> {
+        let out = self.command(node, "/bin/sh").args(["-c", script]).output().context("nsenter")?;
+        if !out.status.success() {
+            bail!("in {node}: `{script}` failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// The operator CLI, run in the controller's namespace against it.
+    fn musubi(&self, controller: &str) -> Command {
+        let pki = self.dir.join("pki");
+        let mut cmd = self.command(controller, &sibling("musubi").display().to_string());
+        cmd.arg("--controller")
+            .arg(format!("127.0.0.1:{PORT}"))
+            .arg("--ca")
+            .arg(pki.join("ca.pem"))
+            .arg("--cert")
+            .arg(pki.join("admin.pem"))
+            .arg("--key")
+            .arg(pki.join("admin-key.pem"));
+        cmd
+    }
+
+    /// Starts a long-running process in `node`, detached from this one, its
+    /// output in the node's directory and its PID recorded for `down`.
+    fn spawn(&self, node: &str, what: &str, mut cmd: Command) -> Result<u32> {
+        use std::os::unix::process::CommandExt;
+        std::fs::create_dir_all(self.node_dir(node))?;
+        let log = std::fs::File::create(self.node_dir(node).join(format!("{what}.log")))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {what} in {node}"))?;
+        std::fs::create_dir_all(self.dir.join("pids"))?;
+        std::fs::write(self.dir.join("pids").join(format!("{node}.{what}")), child.id().to_string())?;
+        Ok(child.id())
+    }
+}
+
+/// A binary installed next to this one.
+fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join(name))).unwrap_or_else(|| name.into())
+}
+
+fn read_topology(path: &Path) -> Result<Clab> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let clab: Clab =
+        yaml_serde::from_str(&text).with_context(|| format!("{} is not a containerlab topology", path.display()))?;
+    Ok(clab)
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args))
+}
+
+pub fn main(command: LabCommand) -> Result<()> {
+    match command {
+        LabCommand::Up { topology, name, wait_s } => {
+            let path = topology.unwrap_or_else(|| PathBuf::from("labs/prefecture/topology.clab.yml"));
+            let clab = read_topology(&path)?;
+            let lab = Lab::new(name.as_deref().unwrap_or(&clab.name));
+            if lab.dir.exists() {
+                bail!("lab `{}` is already up (`musubi lab down {}` first)", lab.name, lab.name);
+            }
+            match up(&lab, &path, &clab, Duration::from_secs(wait_s)) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    eprintln!("lab `{}` did not come up: {e:#}", lab.name);
+                    eprintln!(
+                        "logs are in {}; `musubi lab down {}` removes it",
+                        lab.dir.join("nodes").display(),
+                        lab.name
+                    );
+                    Err(e)
+                }
+            }
+        }
+        LabCommand::Down { name } => down(&Lab::find(name)?),
+        LabCommand::Status { name } => status(&Lab::find(name)?),
+        LabCommand::Exec { lab, node, command } => {
+            let lab = Lab::find(lab)?;
+            let mut cmd = lab.command(&node, &command[0]);
+            cmd.args(&command[1..]);
+            let status = cmd.status().context("nsenter")?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+    }
+}
+
+fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration) -> Result<()> {
+    let started = Instant::now();
+    let nodes = &clab.topology.nodes;
+    let controller = nodes
+        .iter()
+        .find(|(_, n)| n.role() == "controller")
+        .map(|(name, _)| name.clone())
+        .context("the topology has no node labelled musubi.role: controller")?;
+    let controller_ip = nodes[&controller]
+        .mgmt_ipv4
+        .clone()
+        .context("the controller node needs a mgmt-ipv4 address (agents dial it)")?;
+    let intent = nodes[&controller]
+        .labels
+        .get("musubi.intent")
+        .map(|i| path.parent().unwrap_or(Path::new(".")).join(i))
+        .context("the controller node needs a musubi.intent label")?;
+    // Commands in a node's mount namespace start in `/`.
+    let intent = std::fs::canonicalize(&intent).with_context(|| format!("intent {}", intent.display()))?;
+
+    std::fs::create_dir_all(lab.dir.join("mnt"))?;
+    std::fs::copy(path, lab.dir.join("topology.clab.yml"))?;
+    std::fs::create_dir_all("/var/run/wireguard")?;
+    let mnt = lab.dir.join("mnt");
+    run(Command::new("mount").arg("--bind").arg(&mnt).arg(&mnt))?;
+    run(Command::new("mount").arg("--make-private").arg(&mnt))?;
+    println!("lab {}: {} nodes, {} links", lab.name, nodes.len(), clab.topology.links.len());
+
+    // Namespaces; routers and the controller with a mount namespace of their own.
+    for (name, node) in nodes {
+        ip(&["netns", "add", &lab.ns(name)])?;
+        ip(&["-n", &lab.ns(name), "link", "set", "lo", "up"])?;
+        if matches!(node.role(), "router" | "controller") {
+            std::fs::write(lab.mnt(name), b"")?;
+            run(Command::new("unshare").arg(format!("--mount={}", lab.mnt(name).display())).args([
+                "--propagation",
+                "private",
+                "mount",
+                "-t",
+                "tmpfs",
+                "tmpfs",
+                "/var/run/wireguard",
+            ]))?;
+        }
+    }
+    // The management network: a bridge in a namespace of its own.
+    let mgmt = lab.ns("mgmt");
+    ip(&["netns", "add", &mgmt])?;
+    ip(&["-n", &mgmt, "link", "add", "br0", "type", "bridge"])?;
+    ip(&["-n", &mgmt, "link", "set", "br0", "up"])?;
+    let prefix_len = clab
+        .mgmt
+        .as_ref()
+        .and_then(|m| m.ipv4_subnet.as_ref())
+        .and_then(|s| s.split_once('/').map(|(_, l)| l.to_string()))
+        .unwrap_or_else(|| "24".into());
+    for (i, (name, node)) in nodes.iter().enumerate() {
+        let Some(addr) = &node.mgmt_ipv4 else { continue };
+        let port = format!("m{i}");
+        ip(&["link", "add", "eth0", "netns", &lab.ns(name), "type", "veth", "peer", "name", &port, "netns", &mgmt])?;
+        ip(&["-n", &mgmt, "link", "set", &port, "master", "br0", "up"])?;
+        ip(&["-n", &lab.ns(name), "addr", "add", &format!("{addr}/{prefix_len}"), "dev", "eth0"])?;
+        ip(&["-n", &lab.ns(name), "link", "set", "eth0", "up"])?;
+    }
+    // Links.
+    for link in &clab.topology.links {
+        let [a, b] = link.endpoints.as_slice() else { bail!("a link needs two endpoints: {:?}", link.endpoints) };
+        let (Some((na, ia)), Some((nb, ib))) = (a.split_once(':'), b.split_once(':')) else {
+            bail!("endpoints are `node:interface`: {a}, {b}")
+        };
+        for n in [na, nb] {
+            if !nodes.contains_key(n) {
+                bail!("link {a} — {b}: there is no node `{n}`");
+            }
+        }
+        ip(&["link", "add", ia, "netns", &lab.ns(na), "type", "veth", "peer", "name", ib, "netns", &lab.ns(nb)])?;
+        ip(&["-n", &lab.ns(na), "link", "set", ia, "up"])?;
+        ip(&["-n", &lab.ns(nb), "link", "set", ib, "up"])?;
+    }
+    // Each node's own set-up, as containerlab runs it.
+    for (name, node) in nodes {
+        for line in &node.exec {
+            lab.sh(name, line)?;
+        }
+    }
+
+    // The controller: PKI, store, serve, intent.
+    let pki = lab.dir.join("pki");
+    run(Command::new(sibling("musubi-controller"))
+        .args(["init", "--pki"])
+        .arg(&pki)
+        .args(["--server-name", "localhost", "--server-name", "127.0.0.1", "--server-name", &controller_ip])
+        .stdout(Stdio::null()))?;
+    let mut serve = lab.command(&controller, &sibling("musubi-controller").display().to_string());
+    serve
+        .args(["serve", "--pki"])
+        .arg(&pki)
+        .arg("--store")
+        .arg(format!("file://{}", lab.dir.join("store").display()))
+        .args(["--listen", &format!("0.0.0.0:{PORT}")]);
+    lab.spawn(&controller, "controller", serve)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lab.musubi(&controller).arg("history").stdout(Stdio::null()).stderr(Stdio::null()).status()?.code() != Some(0)
+    {
+        if Instant::now() > deadline {
+            bail!("the controller did not answer; see {}", lab.node_dir(&controller).join("controller.log").display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    run(lab.musubi(&controller).arg("apply").arg("-f").arg(&intent).arg("--yes").stdout(Stdio::null()))?;
+    println!("controller up at {controller_ip}:{PORT}, intent {} applied", intent.display());
+
+    // An agent per router, enrolled with its own token.
+    let ca = pki.join("ca.pem");
+    let routers: Vec<(&String, &Node)> = nodes.iter().filter(|(_, n)| n.role() == "router").collect();
+    for (name, node) in &routers {
+        let site =
+            node.labels.get("musubi.site").with_context(|| format!("router `{name}` needs a musubi.site label"))?;
+        let out = lab.musubi(&controller).args(["token", "create", "--site", site, "--ttl", "10m"]).output()?;
+        if !out.status.success() {
+            bail!("token for {site}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let token_file = lab.node_dir(name).join("token");
+        std::fs::create_dir_all(lab.node_dir(name))?;
+        std::fs::write(&token_file, token)?;
+        let mut agent = lab.command(name, &sibling("musubi-agent").display().to_string());
+        agent
+            .args(["run", "--site", site, "--controller", &format!("{controller_ip}:{PORT}"), "--state"])
+            .arg(lab.node_dir(name).join("state"))
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--ca")
+            .arg(&ca);
+        lab.spawn(name, "agent", agent)?;
+    }
+    println!("{} agents started; waiting for them to be in sync", routers.len());
+    let sites: Vec<&String> = routers.iter().filter_map(|(_, n)| n.labels.get("musubi.site")).collect();
+    let deadline = Instant::now() + wait;
+    loop {
+        let out = lab.musubi(&controller).args(["status", "--json"]).output()?;
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let synced = sites.iter().filter(|s| in_sync(&status, s)).count();
+        if synced == sites.len() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{synced} of {} agents in sync after {} s", sites.len(), wait.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    println!("lab {} up in {:.1} s: every agent in sync", lab.name, started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Whether `site`'s row of `musubi status --json` says connected and in sync.
+fn in_sync(status: &serde_json::Value, site: &str) -> bool {
+    status["sites"].as_array().into_iter().flatten().any(|row| {
+        row["site"] == site
+            && row["connected"] == true
+            && row["desired_digest"].as_str().is_some_and(|d| !d.is_empty())
+            && row["reported"]["status"]["applied_digest"] == row["desired_digest"]
+    })
+}
+
+fn status(lab: &Lab) -> Result<()> {
+    let clab = lab.topology()?;
+    println!("lab {} ({})", lab.name, lab.dir.display());
+    let namespaces = netns_list();
+    for (name, node) in &clab.topology.nodes {
+        let up = namespaces.contains(&lab.ns(name));
+        let pids: Vec<String> = std::fs::read_dir(lab.dir.join("pids"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{name}.")))
+                    .filter_map(|e| {
+                        let what = e.file_name().to_string_lossy().split_once('.').map(|(_, w)| w.to_string())?;
+                        let pid = std::fs::read_to_string(e.path()).ok()?;
+                        let alive = Path::new(&format!("/proc/{}", pid.trim())).exists();
+                        Some(format!("{what} {}", if alive { "running" } else { "stopped" }))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!("  {name:<16} {:<10} {:<8} {}", node.role(), if up { "up" } else { "missing" }, pids.join(", "));
+    }
+    if let Some((controller, _)) = clab.topology.nodes.iter().find(|(_, n)| n.role() == "controller") {
+        println!();
+        let _ = lab.musubi(controller).arg("status").status();
+    }
+    Ok(())
+}
+
+fn netns_list() -> Vec<String> {
+    Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Everything of the lab goes, whatever state `up` left it in.
+fn down(lab: &Lab) -> Result<()> {
+    // Recorded processes: asked to stop, then killed.
+    let pids: Vec<String> = std::fs::read_dir(lab.dir.join("pids"))
+        .map(|d| d.filter_map(|e| e.ok()).filter_map(|e| std::fs::read_to_string(e.path()).ok()).collect())
+        .unwrap_or_default();
+    for pid in &pids {
+        let _ = Command::new("kill").arg(pid.trim()).stderr(Stdio::null()).status();
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while pids.iter().any(|p| Path::new(&format!("/proc/{}", p.trim())).exists()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Namespaces by name: whatever is left in them (wireguard-go) first.
+    let prefix = lab.ns("");
+    let mut removed = 0;
+    for ns in netns_list().into_iter().filter(|n| n.starts_with(&prefix)) {
+        let _ = Command::new("sh").args(["-c", &format!("ip netns pids {ns} | xargs -r kill -9")]).status();
+        ip(&["netns", "del", &ns])?;
+        removed += 1;
+    }
+    if let Ok(entries) = std::fs::read_dir(lab.dir.join("mnt")) {
+        for e in entries.filter_map(|e| e.ok()) {
+            let _ = Command::new("umount").arg(e.path()).stderr(Stdio::null()).status();
+        }
+    }
+    let _ = Command::new("umount").arg(lab.dir.join("mnt")).stderr(Stdio::null()).status();
+    if lab.dir.exists() {
+        std::fs::remove_dir_all(&lab.dir).with_context(|| format!("removing {}", lab.dir.display()))?;
+    }
+    println!("lab {} down: {removed} namespaces and {} processes removed", lab.name, pids.len());
+    Ok(())
+}
