@@ -20,3 +20,4 @@ pub mod sites;
 pub mod sorted;
 pub mod store;
 pub mod validate;
+pub mod verify;

@@ -178,6 +178,13 @@ enum LocalCommand {
         #[arg(long)]
         keys: Option<PathBuf>,
     },
+    /// From intent alone: which site's LAN in which segment may reach which
+    /// (a matrix), and a check of every compiled configuration that nothing
+    /// could be delivered across segments. Exits 1 on a violation.
+    Verify {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Write a synthetic national-scale intent (for benchmarks) to stdout or a file.
     Generate {
         #[arg(long)]
@@ -333,6 +340,29 @@ fn run(command: LocalCommand, color: bool) -> Result<()> {
                 Format::Yaml => print!("{}", yaml_serde::to_string(&config)?),
             }
             Ok(())
+        }
+        LocalCommand::Verify { paths } => {
+            let (intent, sources) = checked(&paths, color)?;
+            let alloc = allocated(&intent, &sources, &Allocations::default(), color)?;
+            let m = musubi_controller::verify::matrix(&intent);
+            println!("Reachability ({} endpoints: a site's LAN in a segment)\n", m.endpoints.len());
+            print!("{}", musubi_controller::verify::render(&m, &|_, _| None));
+            let configs = compile(&intent, &alloc, &PublicKeys::new())?;
+            let problems = musubi_controller::verify::isolation(&intent, &configs);
+            println!();
+            if problems.is_empty() {
+                let segments: usize = configs.values().map(|c| c.segments.len()).sum();
+                println!(
+                    "Isolation holds: {} sites, {segments} segment configurations; every route, peer, import and policy rule stays within its segment or a policy's link",
+                    configs.len()
+                );
+                Ok(())
+            } else {
+                for p in &problems {
+                    println!("isolation violated: {p}");
+                }
+                bail!("{} ways across segments", problems.len())
+            }
         }
         LocalCommand::Generate { sites, segments, output } => {
             let text = generate::generate(sites, segments);
