@@ -99,6 +99,19 @@ pub fn desired(config: &SiteConfig, state: &StateDir) -> Result<Owned, Reconcile
                 }
             }
         }
+        // Traffic a policy lets across segments may reach this access point
+        // from the other one over this segment's interconnect with a source
+        // in the linked segment: the interconnect peer accepts those sources
+        // (no route follows: they are routed in their own segment's table).
+        for peer in seg.peers.iter().filter(|p| p.role() == pb::PeerRole::Interconnect) {
+            if let Some(set) = allowed.get_mut(peer.name.as_str()) {
+                for import in &seg.imports {
+                    for p in &import.prefixes {
+                        set.insert(canonical(p)?);
+                    }
+                }
+            }
+        }
         let mut interfaces = BTreeSet::from([wg.name.clone()]);
         if let Some(lan) = &seg.attachment {
             owned.lans.insert(lan.interface.clone(), domain.vrf.clone());
