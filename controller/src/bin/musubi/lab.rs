@@ -663,6 +663,29 @@ fn check(lab: &Lab) -> Result<()> {
             results.insert((i, j), outcome);
         }
     }
+    // A busy host can hold an echo past its round: a pair that disagreed is
+    // probed again on its own, with time to spare, before it counts.
+    let doubtful: Vec<(usize, usize)> =
+        results.iter().filter(|(_, r)| matches!(r, Probe::Blocked | Probe::Leaked)).map(|(p, _)| *p).collect();
+    for (i, j) in doubtful {
+        std::thread::sleep(Duration::from_millis(300));
+        let before = echoes(lab, &host(j));
+        let reply = lab
+            .command(&host(i), "ping")
+            .args(["-c", "2", "-i", "0.3", "-W", "2", &addr(j)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|st| st.success());
+        let got = echoes(lab, &host(j)) > before;
+        let expected = m.cells[i][j].icmp();
+        let outcome = match (expected, got && reply, got) {
+            (true, true, _) | (false, _, false) => Probe::Agrees,
+            (true, false, _) => Probe::Blocked,
+            (false, _, true) => Probe::Leaked,
+        };
+        results.insert((i, j), outcome);
+    }
     // Each policy flow's first TCP port, where a policy allows one.
     let mut tcp = Vec::new();
     for &i in &probed {

@@ -1,0 +1,192 @@
+//! The labs with the runner (root only): `musubi lab up` of the shipped
+//! topologies — controller, intent, agents enrolled with tokens, userspace
+//! WireGuard and table mode in network namespaces — `musubi lab check`
+//! against `musubi verify`, an intent change seen in the measured network,
+//! and `down` leaving nothing behind, also after a failed `up`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use musubi_tests::bin;
+use musubi_tests::netns::is_root;
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+/// A lab under a name and a state directory of this test's own.
+struct Lab {
+    name: String,
+    root: tempfile::TempDir,
+}
+
+impl Lab {
+    fn new(tag: &str) -> Lab {
+        Lab { name: format!("{tag}{}", std::process::id() % 100_000), root: tempfile::tempdir().expect("tmp") }
+    }
+
+    fn musubi(&self, args: &[&str]) -> Output {
+        Command::new(bin("musubi")).args(args).env("MUSUBI_LAB_DIR", self.root.path()).output().expect("musubi")
+    }
+
+    fn up(&self, topology: &Path) -> Output {
+        self.musubi(&["lab", "up", &topology.display().to_string(), "--name", &self.name])
+    }
+
+    fn exec(&self, node: &str, command: &[&str]) -> Output {
+        let mut args = vec!["lab", "exec", "--lab", &self.name, node, "--"];
+        args.extend_from_slice(command);
+        self.musubi(&args)
+    }
+
+    /// Namespaces, processes and mounts of this lab still on the host.
+    fn leftovers(&self) -> Vec<String> {
+        let prefix = format!("ml-{}-", self.name);
+        let mut left: Vec<String> = text(&Command::new("ip").args(["netns", "list"]).output().expect("ip"))
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(&prefix))
+            .map(String::from)
+            .collect();
+        let dir = self.root.path().join(&self.name).display().to_string();
+        if std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|m| m.contains(&dir)) {
+            left.push(format!("a mount under {dir}"));
+        }
+        if Path::new(&dir).exists() {
+            left.push(dir.clone());
+        }
+        let procs = text(&Command::new("pgrep").args(["-af", &dir]).output().expect("pgrep"));
+        left.extend(procs.lines().map(|l| format!("process {l}")));
+        left
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.musubi(&["lab", "down", &self.name]);
+    }
+}
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[test]
+fn minimal_lab_comes_up_checks_clean_and_goes_down_without_a_trace() {
+    if !is_root() {
+        eprintln!("skipped: needs root for network namespaces");
+        return;
+    }
+    let lab = Lab::new("lm");
+    let up = lab.up(&repo("labs/minimal/topology.clab.yml"));
+    assert!(up.status.success(), "{}", text(&up));
+    assert!(text(&up).contains("every agent in sync"), "{}", text(&up));
+    let status = lab.musubi(&["lab", "status", &lab.name]);
+    let st = text(&status);
+    assert!(st.contains("agent running") && !st.contains("stopped") && !st.contains("missing"), "{st}");
+    // Across regions: office-a (east) → ap-east → ap-west → office-b (west).
+    let ping = lab.exec("host-a", &["ping", "-c", "3", "-W", "2", "10.10.2.10"]);
+    assert!(ping.status.success(), "{}", text(&ping));
+    let check = lab.musubi(&["lab", "check", &lab.name]);
+    assert!(check.status.success(), "{}", text(&check));
+    assert!(text(&check).contains("the network does what the intent says"), "{}", text(&check));
+
+    let down = lab.musubi(&["lab", "down", &lab.name]);
+    assert!(down.status.success(), "{}", text(&down));
+    assert_eq!(lab.leftovers(), Vec::<String>::new(), "everything of the lab is gone");
+}
+
+#[test]
+fn prefecture_lab_matches_verify_and_follows_an_intent_change() {
+    if !is_root() {
+        eprintln!("skipped: needs root for network namespaces");
+        return;
+    }
+    let lab = Lab::new("lp");
+    let up = lab.up(&repo("labs/prefecture/topology.clab.yml"));
+    assert!(up.status.success(), "{}", text(&up));
+    // Every pair, overlapping municipalities included: what verify says, and
+    // nothing reaches where it must not.
+    let check = lab.musubi(&["lab", "check", &lab.name]);
+    assert!(check.status.success(), "{}", text(&check));
+
+    // Remove the policy: LGWAN's SSH into My Number stops within 2 s.
+    let ssh = |lab: &Lab| {
+        let server = "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);\
+                      s.bind(('0.0.0.0',22));s.listen();s.settimeout(3);c,_=s.accept();c.sendall(b'ok')";
+        let mut listener = Command::new(bin("musubi"))
+            .args(["lab", "exec", "--lab", &lab.name, "pref-hq-mynumber", "--", "python3", "-c", server])
+            .env("MUSUBI_LAB_DIR", lab.root.path())
+            .spawn()
+            .expect("listener");
+        std::thread::sleep(Duration::from_millis(300));
+        let client = "import socket;c=socket.create_connection(('10.3.0.10',22),timeout=1);print(c.recv(2).decode())";
+        let out = lab.exec("kita-hall-lgwan", &["python3", "-c", client]);
+        let _ = listener.kill();
+        let _ = listener.wait();
+        String::from_utf8_lossy(&out.stdout).trim() == "ok"
+    };
+    assert!(ssh(&lab), "the policy lets LGWAN's SSH into My Number");
+    let intent = std::fs::read_to_string(repo("labs/prefecture/intent.yaml")).expect("intent");
+    let start = intent.find("kind: Policy").expect("a policy");
+    let end = start + intent[start..].find("\n---\n").expect("end of the policy") + 5;
+    let without = format!("{}{}", &intent[..start], &intent[end..]);
+    let file = lab.root.path().join("without-policy.yaml");
+    std::fs::write(&file, without).expect("intent");
+    let dir = lab.root.path().join(&lab.name);
+    let apply = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/ml-{}-controller", lab.name))
+        .arg("--")
+        .arg(bin("musubi"))
+        .args(["--controller", "127.0.0.1:7400", "--ca"])
+        .arg(dir.join("pki/ca.pem"))
+        .arg("--cert")
+        .arg(dir.join("pki/admin.pem"))
+        .arg("--key")
+        .arg(dir.join("pki/admin-key.pem"))
+        .args(["apply", "--yes", "-f"])
+        .arg(&file)
+        .output()
+        .expect("apply");
+    assert!(apply.status.success(), "{}", text(&apply));
+    let applied = Instant::now();
+    let mut blocked = None;
+    while applied.elapsed() < Duration::from_secs(6) {
+        if !ssh(&lab) {
+            blocked = Some(applied.elapsed());
+            break;
+        }
+    }
+    let blocked = blocked.expect("SSH still passes after the policy was removed");
+    // Each failing probe itself waits up to 1 s for the connection.
+    assert!(blocked < Duration::from_millis(3300), "blocked after {blocked:?}");
+    eprintln!("policy removed → SSH blocked within {blocked:?} (including a probe of up to 1 s)");
+}
+
+#[test]
+fn down_clears_a_failed_up() {
+    if !is_root() {
+        eprintln!("skipped: needs root for network namespaces");
+        return;
+    }
+    let lab = Lab::new("lf");
+    // A topology that fails half-way: its last link names a node that does not exist.
+    let text_in = std::fs::read_to_string(repo("labs/minimal/topology.clab.yml")).expect("topology");
+    let broken = text_in.replace(
+        r#"- endpoints: ["office-b:eth1", "host-b:eth1"]"#,
+        r#"- endpoints: ["office-b:eth1", "nowhere:eth1"]"#,
+    );
+    assert_ne!(broken, text_in);
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::copy(repo("labs/minimal/intent.yaml"), dir.path().join("intent.yaml")).expect("intent");
+    let topology = dir.path().join("topology.clab.yml");
+    std::fs::write(&topology, broken).expect("topology");
+    let up = lab.up(&topology);
+    assert!(!up.status.success(), "up must fail");
+    assert!(text(&up).contains("no node `nowhere`"), "{}", text(&up));
+    assert!(!lab.leftovers().is_empty(), "the failed up left namespaces to clear");
+    let down = lab.musubi(&["lab", "down", &lab.name]);
+    assert!(down.status.success(), "{}", text(&down));
+    assert_eq!(lab.leftovers(), Vec::<String>::new());
+}
