@@ -404,13 +404,31 @@ fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration) -> Result<()> {
     }
     println!("{} agents started; waiting for them to be in sync", routers.len());
     let sites: Vec<&String> = routers.iter().filter_map(|(_, n)| n.labels.get("musubi.site")).collect();
+    // In sync, with tunnels, and settled: every agent's key has reached
+    // every configuration (the desired digests stop changing).
     let deadline = Instant::now() + wait;
+    let mut settled: Option<(Vec<String>, Instant)> = None;
     loop {
         let out = lab.musubi(&controller).args(["status", "--json"]).output()?;
         let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         let synced = sites.iter().filter(|s| in_sync(&status, s)).count();
         if synced == sites.len() {
-            break;
+            let digests: Vec<String> = status["sites"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| r["desired_digest"].as_str().unwrap_or_default().to_string())
+                .collect();
+            match &settled {
+                Some((d, since)) if *d == digests => {
+                    if since.elapsed() >= Duration::from_millis(750) {
+                        break;
+                    }
+                }
+                _ => settled = Some((digests, Instant::now())),
+            }
+        } else {
+            settled = None;
         }
         if Instant::now() > deadline {
             bail!("{synced} of {} agents in sync after {} s", sites.len(), wait.as_secs());
@@ -428,6 +446,7 @@ fn in_sync(status: &serde_json::Value, site: &str) -> bool {
             && row["connected"] == true
             && row["desired_digest"].as_str().is_some_and(|d| !d.is_empty())
             && row["reported"]["status"]["applied_digest"] == row["desired_digest"]
+            && row["reported"]["status"]["peers"].as_array().is_some_and(|p| !p.is_empty())
     })
 }
 
