@@ -43,6 +43,10 @@ pub enum LabCommand {
         /// Seconds to wait for every agent to be in sync.
         #[arg(long, default_value_t = 90)]
         wait_s: u64,
+        /// Keep the intent in a real etcd (Debian's etcd-server) started in
+        /// the controller's node, instead of the embedded store.
+        #[arg(long)]
+        etcd: bool,
     },
     /// Remove everything of a lab: processes, namespaces, mounts, its directory.
     Down {
@@ -232,14 +236,14 @@ fn ip(args: &[&str]) -> Result<()> {
 
 pub fn main(command: LabCommand) -> Result<()> {
     match command {
-        LabCommand::Up { topology, name, wait_s } => {
+        LabCommand::Up { topology, name, wait_s, etcd } => {
             let path = topology.unwrap_or_else(|| PathBuf::from("labs/prefecture/topology.clab.yml"));
             let clab = read_topology(&path)?;
             let lab = Lab::new(name.as_deref().unwrap_or(&clab.name));
             if lab.dir.exists() {
                 bail!("lab `{}` is already up (`musubi lab down {}` first)", lab.name, lab.name);
             }
-            match up(&lab, &path, &clab, Duration::from_secs(wait_s)) {
+            match up(&lab, &path, &clab, Duration::from_secs(wait_s), etcd) {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     eprintln!("lab `{}` did not come up: {e:#}", lab.name);
@@ -265,7 +269,7 @@ pub fn main(command: LabCommand) -> Result<()> {
     }
 }
 
-fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration) -> Result<()> {
+fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration, etcd: bool) -> Result<()> {
     let started = Instant::now();
     let nodes = &clab.topology.nodes;
     let controller = nodes
@@ -359,13 +363,37 @@ fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration) -> Result<()> {
         .arg(&pki)
         .args(["--server-name", "localhost", "--server-name", "127.0.0.1", "--server-name", &controller_ip])
         .stdout(Stdio::null()))?;
+    let store = if etcd {
+        let mut server = lab.command(&controller, "etcd");
+        server
+            .args(["--name", "lab", "--data-dir"])
+            .arg(lab.dir.join("etcd"))
+            .args(["--listen-client-urls", "http://127.0.0.1:2379", "--advertise-client-urls", "http://127.0.0.1:2379"])
+            .args([
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+            ])
+            .args(["--initial-cluster", "lab=http://127.0.0.1:2380"])
+            // Whole intents are committed in one transaction.
+            .args(["--max-txn-ops", "100000", "--max-request-bytes", "67108864"])
+            .args(["--logger", "zap", "--log-level", "error"]);
+        lab.spawn(&controller, "etcd", server)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let probe = "python3 -c \"import socket; socket.create_connection(('127.0.0.1', 2379), 1)\"";
+        while lab.sh(&controller, probe).is_err() {
+            if Instant::now() > deadline {
+                bail!("etcd did not listen; see {}", lab.node_dir(&controller).join("etcd.log").display());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        "etcd://127.0.0.1:2379".to_string()
+    } else {
+        format!("file://{}", lab.dir.join("store").display())
+    };
     let mut serve = lab.command(&controller, &sibling("musubi-controller").display().to_string());
-    serve
-        .args(["serve", "--pki"])
-        .arg(&pki)
-        .arg("--store")
-        .arg(format!("file://{}", lab.dir.join("store").display()))
-        .args(["--listen", &format!("0.0.0.0:{PORT}")]);
+    serve.args(["serve", "--pki"]).arg(&pki).arg("--store").arg(&store).args(["--listen", &format!("0.0.0.0:{PORT}")]);
     lab.spawn(&controller, "controller", serve)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while lab.musubi(&controller).arg("history").stdout(Stdio::null()).stderr(Stdio::null()).status()?.code() != Some(0)
@@ -376,7 +404,7 @@ fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     run(lab.musubi(&controller).arg("apply").arg("-f").arg(&intent).arg("--yes").stdout(Stdio::null()))?;
-    println!("controller up at {controller_ip}:{PORT}, intent {} applied", intent.display());
+    println!("controller up at {controller_ip}:{PORT} (store {store}), intent {} applied", intent.display());
 
     // An agent per router, enrolled with its own token.
     let ca = pki.join("ca.pem");
