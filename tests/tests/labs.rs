@@ -44,6 +44,25 @@ impl Lab {
         self.musubi(&args)
     }
 
+    /// `musubi apply` in the lab's controller node, as its admin.
+    fn apply(&self, intent: &Path) -> Output {
+        let dir = self.root.path().join(&self.name);
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/ml-{}-controller", self.name))
+            .arg("--")
+            .arg(bin("musubi"))
+            .args(["--controller", "127.0.0.1:7400", "--ca"])
+            .arg(dir.join("pki/ca.pem"))
+            .arg("--cert")
+            .arg(dir.join("pki/admin.pem"))
+            .arg("--key")
+            .arg(dir.join("pki/admin-key.pem"))
+            .args(["apply", "--yes", "-f"])
+            .arg(intent)
+            .output()
+            .expect("apply")
+    }
+
     /// Namespaces, processes and mounts of this lab still on the host.
     fn leftovers(&self) -> Vec<String> {
         let prefix = format!("ml-{}-", self.name);
@@ -140,21 +159,7 @@ fn prefecture_lab_matches_verify_and_follows_an_intent_change() {
     let without = format!("{}{}", &intent[..start], &intent[end..]);
     let file = lab.root.path().join("without-policy.yaml");
     std::fs::write(&file, without).expect("intent");
-    let dir = lab.root.path().join(&lab.name);
-    let apply = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/ml-{}-controller", lab.name))
-        .arg("--")
-        .arg(bin("musubi"))
-        .args(["--controller", "127.0.0.1:7400", "--ca"])
-        .arg(dir.join("pki/ca.pem"))
-        .arg("--cert")
-        .arg(dir.join("pki/admin.pem"))
-        .arg("--key")
-        .arg(dir.join("pki/admin-key.pem"))
-        .args(["apply", "--yes", "-f"])
-        .arg(&file)
-        .output()
-        .expect("apply");
+    let apply = lab.apply(&file);
     assert!(apply.status.success(), "{}", text(&apply));
     let applied = Instant::now();
     let mut blocked = None;
@@ -196,4 +201,41 @@ fn down_clears_a_failed_up() {
     let down = lab.musubi(&["lab", "down", &lab.name]);
     assert!(down.status.success(), "{}", text(&down));
     assert_eq!(lab.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn a_site_added_to_the_intent_joins_the_running_lab_within_2_s() {
+    if !is_root() {
+        eprintln!("skipped: needs root for network namespaces");
+        return;
+    }
+    let lab = Lab::new("la");
+    // The minimal lab with an intent that does not have office-b yet.
+    let dir = tempfile::tempdir().expect("tmp");
+    let full = std::fs::read_to_string(repo("labs/minimal/intent.yaml")).expect("intent");
+    let cut = full.find("kind: Site\nname: office-b").expect("office-b is the last document");
+    std::fs::write(dir.path().join("intent.yaml"), full[..cut].trim_end().trim_end_matches("---")).expect("intent");
+    let topology = dir.path().join("topology.clab.yml");
+    std::fs::copy(repo("labs/minimal/topology.clab.yml"), &topology).expect("topology");
+    let up = lab.up(&topology, &[]);
+    assert!(up.status.success(), "{}", text(&up));
+    assert!(text(&up).contains("site office-b is not in the intent yet"), "{}", text(&up));
+    let reaches = |lab: &Lab| lab.exec("host-a", &["ping", "-c", "1", "-W", "1", "10.10.2.10"]).status.success();
+    assert!(!reaches(&lab), "office-b is not in the network yet");
+
+    let apply = lab.apply(&repo("labs/minimal/intent.yaml"));
+    assert!(apply.status.success(), "{}", text(&apply));
+    let applied = Instant::now();
+    let agent = lab.musubi(&["lab", "agent", "--lab", &lab.name, "office-b"]);
+    assert!(agent.status.success(), "{}", text(&agent));
+    let mut joined = None;
+    while applied.elapsed() < Duration::from_secs(10) {
+        if reaches(&lab) {
+            joined = Some(applied.elapsed());
+            break;
+        }
+    }
+    let joined = joined.expect("office-b never became reachable");
+    eprintln!("site added → reachable {joined:?} after the apply returned (enrolment and probe included)");
+    assert!(joined < Duration::from_secs(2), "reachable after {joined:?}");
 }

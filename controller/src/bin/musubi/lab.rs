@@ -58,6 +58,13 @@ pub enum LabCommand {
     /// Probe every pair of LAN hosts (ICMP, and each policy's TCP port) and
     /// compare with `musubi verify`'s matrix; exits 1 on any mismatch.
     Check { name: Option<String> },
+    /// Start (or restart) a router's agent with a new one-time token: for a
+    /// site added to the intent after `up`, or after a drill stopped it.
+    Agent {
+        #[arg(long)]
+        lab: Option<String>,
+        node: String,
+    },
     /// Run a command in a node: `musubi lab exec NODE -- CMD ARGS…`.
     Exec {
         #[arg(long)]
@@ -259,6 +266,27 @@ pub fn main(command: LabCommand) -> Result<()> {
         LabCommand::Down { name } => down(&Lab::find(name)?),
         LabCommand::Status { name } => status(&Lab::find(name)?),
         LabCommand::Check { name } => check(&Lab::find(name)?),
+        LabCommand::Agent { lab, node } => {
+            let lab = Lab::find(lab)?;
+            let clab = lab.topology()?;
+            let (controller, ctl) = clab
+                .topology
+                .nodes
+                .iter()
+                .find(|(_, n)| n.role() == "controller")
+                .context("the lab has no controller")?;
+            let site = clab
+                .topology
+                .nodes
+                .get(&node)
+                .filter(|n| n.role() == "router")
+                .and_then(|n| n.labels.get("musubi.site"))
+                .with_context(|| format!("`{node}` is not a router of lab {}", lab.name))?;
+            let ip = ctl.mgmt_ipv4.clone().context("the controller has no mgmt-ipv4")?;
+            let pid = start_agent(&lab, controller, &ip, &node, site)?;
+            println!("agent of {site} started in {node} (pid {pid})");
+            Ok(())
+        }
         LabCommand::Exec { lab, node, command } => {
             let lab = Lab::find(lab)?;
             let mut cmd = lab.command(&node, &command[0]);
@@ -406,32 +434,20 @@ fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration, etcd: bool) -> Result
     run(lab.musubi(&controller).arg("apply").arg("-f").arg(&intent).arg("--yes").stdout(Stdio::null()))?;
     println!("controller up at {controller_ip}:{PORT} (store {store}), intent {} applied", intent.display());
 
-    // An agent per router, enrolled with its own token.
-    let ca = pki.join("ca.pem");
-    let routers: Vec<(&String, &Node)> = nodes.iter().filter(|(_, n)| n.role() == "router").collect();
-    for (name, node) in &routers {
+    // An agent per router of a site the intent has, enrolled with its own token.
+    let known = musubi_controller::load::load(std::slice::from_ref(&intent))?.intent;
+    let mut sites: Vec<&String> = Vec::new();
+    for (name, node) in nodes.iter().filter(|(_, n)| n.role() == "router") {
         let site =
             node.labels.get("musubi.site").with_context(|| format!("router `{name}` needs a musubi.site label"))?;
-        let out = lab.musubi(&controller).args(["token", "create", "--site", site, "--ttl", "10m"]).output()?;
-        if !out.status.success() {
-            bail!("token for {site}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        if !known.sites.contains_key(site) {
+            println!("router {name}: site {site} is not in the intent yet; no agent (`musubi lab agent {name}` later)");
+            continue;
         }
-        let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let token_file = lab.node_dir(name).join("token");
-        std::fs::create_dir_all(lab.node_dir(name))?;
-        std::fs::write(&token_file, token)?;
-        let mut agent = lab.command(name, &sibling("musubi-agent").display().to_string());
-        agent
-            .args(["run", "--site", site, "--controller", &format!("{controller_ip}:{PORT}"), "--state"])
-            .arg(lab.node_dir(name).join("state"))
-            .arg("--token-file")
-            .arg(&token_file)
-            .arg("--ca")
-            .arg(&ca);
-        lab.spawn(name, "agent", agent)?;
+        start_agent(lab, &controller, &controller_ip, name, site)?;
+        sites.push(site);
     }
-    println!("{} agents started; waiting for them to be in sync", routers.len());
-    let sites: Vec<&String> = routers.iter().filter_map(|(_, n)| n.labels.get("musubi.site")).collect();
+    println!("{} agents started; waiting for them to be in sync", sites.len());
     // In sync, with tunnels, and settled: every agent's key has reached
     // every configuration (the desired digests stop changing).
     let deadline = Instant::now() + wait;
@@ -465,6 +481,31 @@ fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration, etcd: bool) -> Result
     }
     println!("lab {} up in {:.1} s: every agent in sync", lab.name, started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Starts (or restarts) the agent of router `node` for `site`, with a new
+/// one-time token.
+fn start_agent(lab: &Lab, controller: &str, controller_ip: &str, node: &str, site: &str) -> Result<u32> {
+    let pid_file = lab.dir.join("pids").join(format!("{node}.agent"));
+    if let Ok(pid) = std::fs::read_to_string(&pid_file) {
+        let _ = Command::new("kill").arg(pid.trim()).stderr(Stdio::null()).status();
+    }
+    let out = lab.musubi(controller).args(["token", "create", "--site", site, "--ttl", "10m"]).output()?;
+    if !out.status.success() {
+        bail!("token for {site}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let token_file = lab.node_dir(node).join("token");
+    std::fs::create_dir_all(lab.node_dir(node))?;
+    std::fs::write(&token_file, String::from_utf8_lossy(&out.stdout).trim())?;
+    let mut agent = lab.command(node, &sibling("musubi-agent").display().to_string());
+    agent
+        .args(["run", "--site", site, "--controller", &format!("{controller_ip}:{PORT}"), "--state"])
+        .arg(lab.node_dir(node).join("state"))
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--ca")
+        .arg(lab.dir.join("pki").join("ca.pem"));
+    lab.spawn(node, "agent", agent)
 }
 
 /// Whether `site`'s row of `musubi status --json` says connected and in sync.
