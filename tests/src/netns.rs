@@ -14,6 +14,15 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// True (after saying so) when the tests that need root must be skipped.
+pub fn skip_without_root() -> bool {
+    let skip = !is_root();
+    if skip {
+        eprintln!("skipped: needs root for network namespaces");
+    }
+    skip
+}
+
 fn run(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
 }

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use musubi_agent::state::StateDir;
-use musubi_tests::netns::{Net, is_root};
+use musubi_tests::netns::{Net, skip_without_root};
 use musubi_tests::{bin, eventually};
 
 const INTENT: &str = "tests/intents/datapath.yaml";
@@ -156,8 +156,7 @@ fn reaches(lab: &Lab, host: &str, target: &str) -> bool {
 /// The lab with every router's configuration applied, and the operations
 /// and writes of each; `None` (the test is skipped, loudly) without root.
 fn built() -> Option<(Lab, Vec<(u64, u64)>)> {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
+    if skip_without_root() {
         return None;
     }
     let lab = Lab::up();

@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use musubi_tests::bin;
-use musubi_tests::netns::is_root;
+use musubi_tests::netns::skip_without_root;
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
@@ -97,8 +97,7 @@ fn text(out: &Output) -> String {
 
 #[test]
 fn minimal_lab_comes_up_checks_clean_and_goes_down_without_a_trace() {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
+    if skip_without_root() {
         return;
     }
     let lab = Lab::new("lm");
@@ -122,8 +121,7 @@ fn minimal_lab_comes_up_checks_clean_and_goes_down_without_a_trace() {
 
 #[test]
 fn prefecture_lab_matches_verify_and_follows_an_intent_change() {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
+    if skip_without_root() {
         return;
     }
     let lab = Lab::new("lp");
@@ -178,8 +176,7 @@ fn prefecture_lab_matches_verify_and_follows_an_intent_change() {
 
 #[test]
 fn down_clears_a_failed_up() {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
+    if skip_without_root() {
         return;
     }
     let lab = Lab::new("lf");
@@ -205,8 +202,7 @@ fn down_clears_a_failed_up() {
 
 #[test]
 fn a_site_added_to_the_intent_joins_the_running_lab_within_2_s() {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces");
+    if skip_without_root() {
         return;
     }
     let lab = Lab::new("la");
