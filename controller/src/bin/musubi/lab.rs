@@ -774,45 +774,60 @@ fn check(lab: &Lab) -> Result<()> {
         };
         results.insert((i, j), outcome);
     }
-    // Each policy flow's first TCP port, where a policy allows one.
+    // Each policy flow's first port, TCP or UDP: a listener at the receiver
+    // answers `ok`.
     let mut tcp = Vec::new();
     for &i in &probed {
         for &j in &probed {
             let Reach::Flows(flows) = &m.cells[i][j] else { continue };
-            let Some(port) = flows
+            use musubi_controller::intent::Protocol;
+            let Some((udp, port)) = flows
                 .iter()
-                .filter(|f| matches!(f.protocol, musubi_controller::intent::Protocol::Tcp))
-                .find_map(|f| f.ports.first().map(|p| p.0))
+                .filter(|f| matches!(f.protocol, Protocol::Tcp | Protocol::Udp))
+                .find_map(|f| f.ports.first().map(|p| (f.protocol == Protocol::Udp, p.0)))
             else {
                 continue;
             };
-            let listener = format!(
-                "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',{port}));s.listen();s.settimeout(5);c,_=s.accept();c.sendall(b'ok')"
-            );
+            let (listener, client) = if udp {
+                (
+                    format!(
+                        "import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('0.0.0.0',{port}));s.settimeout(5);d,a=s.recvfrom(16);s.sendto(b'ok',a)"
+                    ),
+                    format!(
+                        "import socket;c=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);c.settimeout(3);c.sendto(b'probe',('{}',{port}));print(c.recv(2).decode())",
+                        addr(j)
+                    ),
+                )
+            } else {
+                (
+                    format!(
+                        "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',{port}));s.listen();s.settimeout(5);c,_=s.accept();c.sendall(b'ok')"
+                    ),
+                    format!(
+                        "import socket;c=socket.create_connection(('{}',{port}),timeout=3);print(c.recv(2).decode())",
+                        addr(j)
+                    ),
+                )
+            };
             let mut server = lab.command(&host(j), "python3");
             server.args(["-c", &listener]).stdout(Stdio::null()).stderr(Stdio::null());
             let mut server = server.spawn()?;
             std::thread::sleep(Duration::from_millis(200));
-            let client = format!(
-                "import socket;c=socket.create_connection(('{}',{port}),timeout=3);print(c.recv(2).decode())",
-                addr(j)
-            );
             let out = lab.command(&host(i), "python3").args(["-c", &client]).output()?;
             let _ = server.kill();
             let _ = server.wait();
             let ok = String::from_utf8_lossy(&out.stdout).trim() == "ok";
-            tcp.push((i, j, port, ok));
+            tcp.push((i, j, format!("{}/{port}", if udp { "udp" } else { "tcp" }), ok));
         }
     }
-    let mismatches: Vec<String> =
-        results
-            .iter()
-            .filter(|(_, r)| !matches!(r, Probe::Agrees | Probe::SameAddress))
-            .map(|((i, j), r)| format!("{} → {}: {r:?} (ICMP)", m.endpoints[*i].label(), m.endpoints[*j].label()))
-            .chain(tcp.iter().filter(|t| !t.3).map(|(i, j, p, _)| {
-                format!("{} → {}: tcp/{p} blocked", m.endpoints[*i].label(), m.endpoints[*j].label())
-            }))
-            .collect();
+    let mismatches: Vec<String> = results
+        .iter()
+        .filter(|(_, r)| !matches!(r, Probe::Agrees | Probe::SameAddress))
+        .map(|((i, j), r)| format!("{} → {}: {r:?} (ICMP)", m.endpoints[*i].label(), m.endpoints[*j].label()))
+        .chain(tcp.iter().filter(|t| !t.3).map(|(i, j, flow, _)| {
+            format!("{} → {}: {flow} blocked", m.endpoints[*i].label(), m.endpoints[*j].label())
+        }))
+        .collect();
     println!();
     print!(
         "{}",
@@ -833,7 +848,7 @@ fn check(lab: &Lab) -> Result<()> {
         "✗ measured differs from the intent   = the address is also the sender's or one it reaches (overlapping segments)"
     );
     println!(
-        "\n{} ICMP probes and {} TCP probes in {:.1} s: {}",
+        "\n{} ICMP probes and {} TCP/UDP probes in {:.1} s: {}",
         results.values().filter(|r| **r != Probe::SameAddress).count(),
         tcp.len(),
         started.elapsed().as_secs_f64(),
