@@ -64,6 +64,9 @@ pub struct Settings {
     /// route deleted by hand) is put back. `None`: only when a configuration
     /// arrives.
     pub upkeep: Option<Duration>,
+    /// Probe every peer through its tunnel and report its health (the
+    /// Linux datapath); without it every configured peer counts as up.
+    pub probe: bool,
 }
 
 impl Settings {
@@ -79,6 +82,7 @@ impl Settings {
             backoff_max: Duration::from_secs(10),
             silence: Duration::from_secs(45),
             upkeep: None,
+            probe: false,
         }
     }
 }
@@ -193,6 +197,7 @@ pub struct Agent {
     /// When the site certificate is due for renewal (Unix ms), read from it
     /// once rather than on every check.
     renew_at: Option<u64>,
+    prober: Option<crate::probe::Prober>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -221,7 +226,11 @@ impl Agent {
             errors: Vec::new(),
             events: None,
             renew_at: None,
+            prober: None,
         };
+        if agent.settings.probe {
+            agent.prober = Some(crate::probe::Prober::start());
+        }
         if let Some(update) = applied {
             tracing::info!(site = %agent.settings.site, revision = update.revision, "restoring the last applied configuration");
             agent.apply(update);
@@ -260,6 +269,9 @@ impl Agent {
                 self.errors.clear();
                 if let Err(e) = self.settings.state.save_applied(&update) {
                     self.errors.push(e.to_string());
+                }
+                if let Some(p) = &self.prober {
+                    p.set(crate::probe::targets(config));
                 }
                 if let Some(events) = &self.events {
                     let _ = events.send(Applied {
@@ -309,12 +321,24 @@ impl Agent {
                 c.segments
                     .iter()
                     .flat_map(|s| {
-                        s.peers.iter().map(|p| pb::PeerHealth {
-                            segment: s.segment.clone(),
-                            peer: p.name.clone(),
-                            // Probing arrives with failover; a configured peer counts as up.
-                            up: true,
-                            ..Default::default()
+                        s.peers.iter().map(|p| match &self.prober {
+                            Some(prober) => {
+                                let h = prober.get(&s.segment, &p.name).unwrap_or_default();
+                                pb::PeerHealth {
+                                    segment: s.segment.clone(),
+                                    peer: p.name.clone(),
+                                    up: h.up,
+                                    rtt_us: h.rtt_us,
+                                    loss_permille: h.loss_permille,
+                                }
+                            }
+                            // Not probed: a configured peer counts as up.
+                            None => pb::PeerHealth {
+                                segment: s.segment.clone(),
+                                peer: p.name.clone(),
+                                up: true,
+                                ..Default::default()
+                            },
                         })
                     })
                     .collect()
@@ -438,14 +462,19 @@ impl Agent {
         // Report where we stand (the controller may not send anything).
         tx.send(self.status(Vec::new())).await.map_err(|e| broken(&e))?;
         let mut renewal = tokio::time::interval(Duration::from_secs(1));
+        let changed = self.prober.as_ref().map(|p| p.changed.clone());
         let mut upkeep = tokio::time::interval(self.settings.upkeep.unwrap_or(Duration::from_secs(3600)));
         upkeep.reset();
         loop {
             tokio::select! {
                 _ = upkeep.tick(), if self.settings.upkeep.is_some() => {
-                    if self.upkeep() {
+                    // With probing, also to refresh round-trip times and loss.
+                    if self.upkeep() || self.prober.is_some() {
                         tx.send(self.status(Vec::new())).await.map_err(|e| broken(&e))?;
                     }
+                }
+                _ = health_changed(&changed) => {
+                    tx.send(self.status(Vec::new())).await.map_err(|e| broken(&e))?;
                 }
                 message = tokio::time::timeout(self.settings.silence, inbound.message()) => {
                     let message = message.map_err(|_| End::Broken("the controller went silent".into()))?;
@@ -498,6 +527,14 @@ impl Agent {
         self.renew_at = None;
         tracing::info!(site = %self.settings.site, not_after_ms = resp.not_after_unix_ms, "site certificate renewed");
         Ok(())
+    }
+}
+
+/// A peer went up or down (never, without probing).
+async fn health_changed(changed: &Option<std::sync::Arc<tokio::sync::Notify>>) {
+    match changed {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
     }
 }
 

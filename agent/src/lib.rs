@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod datapath;
+pub mod probe;
 pub mod reconcile;
 pub mod simulate;
 pub mod state;

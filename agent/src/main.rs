@@ -173,6 +173,7 @@ async fn run(cli: Cli) -> Result<()> {
             settings.ca = ca;
             settings.insecure = insecure;
             settings.upkeep = (upkeep_s > 0.0).then(|| Duration::from_secs_f64(upkeep_s));
+            settings.probe = datapath == "linux";
             let agent = Agent::new(settings, open_datapath(&datapath, &state)?)?;
             tokio::select! {
                 r = agent.run() => r?,

@@ -44,11 +44,11 @@ impl Lab {
         self.musubi(&args)
     }
 
-    /// `musubi apply` in the lab's controller node, as its admin.
-    fn apply(&self, intent: &Path) -> Output {
+    /// The operator CLI in the lab's controller node, as its admin.
+    fn operator(&self) -> Command {
         let dir = self.root.path().join(&self.name);
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/ml-{}-controller", self.name))
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/ml-{}-controller", self.name))
             .arg("--")
             .arg(bin("musubi"))
             .args(["--controller", "127.0.0.1:7400", "--ca"])
@@ -56,11 +56,21 @@ impl Lab {
             .arg("--cert")
             .arg(dir.join("pki/admin.pem"))
             .arg("--key")
-            .arg(dir.join("pki/admin-key.pem"))
-            .args(["apply", "--yes", "-f"])
-            .arg(intent)
-            .output()
-            .expect("apply")
+            .arg(dir.join("pki/admin-key.pem"));
+        cmd
+    }
+
+    fn apply(&self, intent: &Path) -> Output {
+        self.operator().args(["apply", "--yes", "-f"]).arg(intent).output().expect("apply")
+    }
+
+    /// (up, rtt µs) of `peer` as `site`'s agent last reported it.
+    fn peer_health(&self, site: &str, peer: &str) -> Option<(bool, u64)> {
+        let out = self.operator().args(["status", "--json"]).output().expect("status");
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let row = status["sites"].as_array()?.iter().find(|r| r["site"] == site)?.clone();
+        let p = row["reported"]["status"]["peers"].as_array()?.iter().find(|p| p["peer"] == peer)?.clone();
+        Some((p["up"] == true, p["rtt_us"].as_u64().unwrap_or(0)))
     }
 
     /// Namespaces, processes and mounts of this lab still on the host.
@@ -113,6 +123,25 @@ fn minimal_lab_comes_up_checks_clean_and_goes_down_without_a_trace() {
     let check = lab.musubi(&["lab", "check", &lab.name]);
     assert!(check.status.success(), "{}", text(&check));
     assert!(text(&check).contains("the network does what the intent says"), "{}", text(&check));
+
+    // Tunnel health: probed through the tunnels, reported in status; the
+    // west access point loses both of its lines, then gets them back.
+    let healthy = |up: bool| {
+        musubi_tests::eventually(Duration::from_secs(5), || {
+            lab.peer_health("office-a", "ap-west").is_some_and(|(u, rtt)| u == up && (!up || rtt > 0))
+        })
+    };
+    assert!(healthy(true), "office-a reports ap-west up with a round-trip time");
+    assert!(lab.peer_health("office-a", "ap-east").is_some_and(|(up, _)| up), "and ap-east up");
+    let cut = lab.exec("ap-west", &["sh", "-c", "ip link set eth1 down && ip link set eth2 down"]);
+    assert!(cut.status.success(), "{}", text(&cut));
+    let cut_at = Instant::now();
+    assert!(healthy(false), "office-a reports ap-west down once its lines are cut");
+    eprintln!("ap-west's lines cut → reported down after {:?}", cut_at.elapsed());
+    assert!(lab.peer_health("office-a", "ap-east").is_some_and(|(up, _)| up), "ap-east stays up");
+    let mend = lab.exec("ap-west", &["sh", "-c", "ip link set eth1 up && ip link set eth2 up"]);
+    assert!(mend.status.success(), "{}", text(&mend));
+    assert!(healthy(true), "ap-west is reported up again");
 
     let down = lab.musubi(&["lab", "down", &lab.name]);
     assert!(down.status.success(), "{}", text(&down));
