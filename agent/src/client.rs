@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::datapath::Datapath;
-use crate::reconcile::{desired, reconcile};
+use crate::reconcile::{choose, desired_with, reconcile};
 use crate::state::{StateDir, StateError, write_file};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -67,6 +67,9 @@ pub struct Settings {
     /// Probe every peer through its tunnel and report its health (the
     /// Linux datapath); without it every configured peer counts as up.
     pub probe: bool,
+    /// How long a better candidate must have been up before route groups
+    /// move back to it (no flapping).
+    pub hold_down: Duration,
 }
 
 impl Settings {
@@ -83,6 +86,7 @@ impl Settings {
             silence: Duration::from_secs(45),
             upkeep: None,
             probe: false,
+            hold_down: Duration::from_secs(3),
         }
     }
 }
@@ -198,6 +202,8 @@ pub struct Agent {
     /// once rather than on every check.
     renew_at: Option<u64>,
     prober: Option<crate::probe::Prober>,
+    /// Each route group's active candidate, by (segment, group).
+    active: std::collections::BTreeMap<(String, String), String>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -227,6 +233,7 @@ impl Agent {
             events: None,
             renew_at: None,
             prober: None,
+            active: Default::default(),
         };
         if agent.settings.probe {
             agent.prober = Some(crate::probe::Prober::start());
@@ -262,7 +269,9 @@ impl Agent {
                 Err(e) => self.errors.push(e.to_string()),
             }
         }
-        let result = desired(config, &self.settings.state).and_then(|want| reconcile(&mut *self.datapath, &want));
+        let active = self.choices(config);
+        let result =
+            desired_with(config, &self.settings.state, &active).and_then(|want| reconcile(&mut *self.datapath, &want));
         match result {
             Ok(ops) => {
                 tracing::info!(site = %self.settings.site, revision = update.revision, writes = ops.len(), "configuration applied");
@@ -273,6 +282,7 @@ impl Agent {
                 if let Some(p) = &self.prober {
                     p.set(crate::probe::targets(config));
                 }
+                self.active = active;
                 if let Some(events) = &self.events {
                     let _ = events.send(Applied {
                         site: self.settings.site.clone(),
@@ -296,8 +306,21 @@ impl Agent {
     /// had drifted and was put back (or could not be).
     fn upkeep(&mut self) -> bool {
         let Some(config) = self.applied.as_ref().and_then(|a| a.config.as_ref()) else { return false };
-        match desired(config, &self.settings.state).and_then(|want| reconcile(&mut *self.datapath, &want)) {
+        let active = self.choices(config);
+        let moved: Vec<String> = active
+            .iter()
+            .filter(|(k, v)| self.active.get(*k) != Some(*v))
+            .map(|((seg, group), peer)| format!("{seg}/{group} → {peer}"))
+            .collect();
+        let result =
+            desired_with(config, &self.settings.state, &active).and_then(|want| reconcile(&mut *self.datapath, &want));
+        match result {
             Ok(ops) if ops.is_empty() => false,
+            Ok(ops) if !moved.is_empty() => {
+                tracing::warn!(site = %self.settings.site, operations = ops.len(), moved = %moved.join(", "), "route groups moved");
+                self.active = active;
+                true
+            }
             Ok(ops) => {
                 tracing::warn!(site = %self.settings.site, operations = ops.len(), "the datapath had drifted; put back");
                 true
@@ -308,6 +331,46 @@ impl Agent {
                 true
             }
         }
+    }
+
+    /// The route groups' candidates now: with probing, the first that is
+    /// not down — a better one than the current only once it has been up
+    /// for the hold-down; without, the first.
+    fn choices(&self, config: &pb::SiteConfig) -> std::collections::BTreeMap<(String, String), String> {
+        let Some(prober) = &self.prober else { return choose(config, &|_, _, _| 0) };
+        let hold_down = self.settings.hold_down;
+        // 0: up (or not judged yet); 1: up, but better than the current one
+        // for less than the hold-down; 2: down.
+        choose(config, &|seg, group, peer| match prober.get(seg, peer) {
+            None => 0,
+            Some(h) if !h.up => 2,
+            Some(h) => {
+                let current = self.active.get(&(seg.to_string(), group.to_string()));
+                let settled = current.is_none()
+                    || current.is_some_and(|c| c == peer)
+                    || h.since.is_none_or(|s| s.elapsed() >= hold_down);
+                if settled { 0 } else { 1 }
+            }
+        })
+    }
+
+    /// The local line of the path a peer's tunnel uses (its first endpoint).
+    fn local_line(&self, segment: &str, peer: &str) -> String {
+        self.applied
+            .as_ref()
+            .and_then(|a| a.config.as_ref())
+            .and_then(|c| c.segments.iter().find(|s| s.segment == segment))
+            .and_then(|s| s.peers.iter().find(|p| p.name == peer))
+            .and_then(|p| p.endpoints.first())
+            .map(|e| e.local_line.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether route groups would move now (a peer went down, or a better
+    /// one has been up for the hold-down).
+    fn choices_changed(&self) -> bool {
+        let Some(config) = self.applied.as_ref().and_then(|a| a.config.as_ref()) else { return false };
+        self.prober.is_some() && self.choices(config) != self.active
     }
 
     fn status(&self, keys: Vec<pb::InterfaceKey>) -> pb::AgentMessage {
@@ -349,7 +412,16 @@ impl Agent {
                 applied_revision,
                 applied_digest,
                 peers,
-                active: Vec::new(),
+                active: self
+                    .active
+                    .iter()
+                    .map(|((segment, group), peer)| pb::ActivePath {
+                        segment: segment.clone(),
+                        route_group: group.clone(),
+                        peer: peer.clone(),
+                        local_line: self.local_line(segment, peer),
+                    })
+                    .collect(),
                 errors: self.errors.clone(),
                 keys,
                 at_unix_ms: now_ms(),
@@ -426,14 +498,23 @@ impl Agent {
             }
             // Headless between attempts, but still upkeeping.
             let until = tokio::time::Instant::now() + self.backoff(attempt);
+            let changed = self.prober.as_ref().map(|p| p.changed.clone());
+            let mut last = tokio::time::Instant::now();
             while let Some(period) = self.settings.upkeep {
                 let now = tokio::time::Instant::now();
                 if now >= until {
                     break;
                 }
-                tokio::time::sleep(period.min(until - now)).await;
-                if tokio::time::Instant::now() < until {
-                    self.upkeep();
+                // Failover goes on without a controller.
+                let step = if changed.is_some() { period.min(Duration::from_millis(500)) } else { period };
+                tokio::select! {
+                    _ = tokio::time::sleep(step.min(until - now)) => {
+                        if tokio::time::Instant::now() < until && (self.choices_changed() || last.elapsed() >= period) {
+                            self.upkeep();
+                            last = tokio::time::Instant::now();
+                        }
+                    }
+                    _ = health_changed(&changed) => { self.upkeep(); }
                 }
             }
             tokio::time::sleep_until(until).await;
@@ -465,6 +546,7 @@ impl Agent {
         let changed = self.prober.as_ref().map(|p| p.changed.clone());
         let mut upkeep = tokio::time::interval(self.settings.upkeep.unwrap_or(Duration::from_secs(3600)));
         upkeep.reset();
+        let mut failback = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
                 _ = upkeep.tick(), if self.settings.upkeep.is_some() => {
@@ -474,7 +556,14 @@ impl Agent {
                     }
                 }
                 _ = health_changed(&changed) => {
+                    self.upkeep();
                     tx.send(self.status(Vec::new())).await.map_err(|e| broken(&e))?;
+                }
+                _ = failback.tick(), if self.prober.is_some() => {
+                    if self.choices_changed() {
+                        self.upkeep();
+                        tx.send(self.status(Vec::new())).await.map_err(|e| broken(&e))?;
+                    }
                 }
                 message = tokio::time::timeout(self.settings.silence, inbound.message()) => {
                     let message = message.map_err(|_| End::Broken("the controller went silent".into()))?;

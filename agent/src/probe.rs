@@ -21,6 +21,9 @@ pub const PORT: u16 = 3784;
 /// Probes the loss figure covers.
 pub const WINDOW: usize = 20;
 
+/// How long a peer that has never answered is given before it counts as down.
+pub const GRACE: Duration = Duration::from_secs(5);
+
 const REQUEST: u8 = 1;
 const REPLY: u8 = 2;
 
@@ -43,6 +46,8 @@ pub struct Target {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Health {
     pub up: bool,
+    /// Since when it has been up (or down).
+    pub since: Option<Instant>,
     pub rtt_us: u32,
     pub loss_permille: u32,
 }
@@ -152,6 +157,8 @@ fn socket(interface: &str, local: IpAddr) -> std::io::Result<UdpSocket> {
 
 /// Per target: when it last answered, and the last probes (sent at, answered).
 struct State {
+    /// When probing began: a peer is not judged before one detection time.
+    started: Instant,
     last_reply: Option<Instant>,
     sent: VecDeque<(u64, Instant, bool)>,
     next: Instant,
@@ -173,8 +180,10 @@ async fn interface_loop(interface: String, targets: Vec<Target>, health: Healths
     let tick =
         targets.iter().map(|t| t.interval).min().unwrap_or(Duration::from_millis(100)).min(Duration::from_millis(50));
     let mut ticker = tokio::time::interval(tick);
-    let mut states: Vec<State> =
-        targets.iter().map(|_| State { last_reply: None, sent: VecDeque::new(), next: Instant::now() }).collect();
+    let mut states: Vec<State> = targets
+        .iter()
+        .map(|_| State { started: Instant::now(), last_reply: None, sent: VecDeque::new(), next: Instant::now() })
+        .collect();
     let mut seq: u64 = 0;
     let mut buf = [0u8; 64];
     loop {
@@ -236,6 +245,11 @@ fn evaluate(targets: &[Target], states: &[State], health: &Healths, changed: &No
     let mut flipped = false;
     for (i, (t, st)) in targets.iter().zip(states).enumerate() {
         let detect = t.interval * t.multiplier;
+        // A peer that has never answered is not judged before the grace
+        // (keys and the first handshake take a moment): neither up nor down.
+        if st.last_reply.is_none() && now - st.started <= detect.max(GRACE) {
+            continue;
+        }
         let up = st.last_reply.is_some_and(|at| now - at <= detect);
         // Probes old enough to have been answered.
         let settled: Vec<bool> =
@@ -243,6 +257,9 @@ fn evaluate(targets: &[Target], states: &[State], health: &Healths, changed: &No
         let lost = settled.iter().filter(|a| !**a).count();
         let loss_permille = if settled.is_empty() { 0 } else { (lost * 1000 / settled.len()) as u32 };
         let entry = h.entry((t.segment.clone(), t.peer.clone())).or_default();
+        if entry.up != up || entry.since.is_none() {
+            entry.since = Some(now);
+        }
         if entry.up != up {
             flipped = true;
             tracing::info!(segment = %t.segment, peer = %t.peer, up, "peer {}", if up { "up" } else { "down" });

@@ -64,6 +64,41 @@ fn protocol(p: pb::Protocol) -> &'static str {
 /// prefixes into that segment's tunnel; the policy lets through only the
 /// flows the intent allows.
 pub fn desired(config: &SiteConfig, state: &StateDir) -> Result<Owned, ReconcileError> {
+    desired_with(config, state, &BTreeMap::new())
+}
+
+/// The route groups' active candidates, by (segment, group): for each
+/// group, among its candidates with a key, the best ranked by `rank` (0 is
+/// best), the earlier candidate on a tie — a group is never left without a
+/// way.
+pub fn choose(config: &SiteConfig, rank: &dyn Fn(&str, &str, &str) -> u8) -> BTreeMap<(String, String), String> {
+    let mut out = BTreeMap::new();
+    for seg in &config.segments {
+        let keyed: BTreeSet<&str> =
+            seg.peers.iter().filter(|p| !p.public_key.is_empty()).map(|p| p.name.as_str()).collect();
+        for g in &seg.route_groups {
+            let pick = g
+                .candidates
+                .iter()
+                .filter(|c| keyed.contains(c.as_str()))
+                .enumerate()
+                .min_by_key(|(i, c)| (rank(&seg.segment, &g.name, c), *i))
+                .map(|(_, c)| c);
+            if let Some(c) = pick {
+                out.insert((seg.segment.clone(), g.name.clone()), c.clone());
+            }
+        }
+    }
+    out
+}
+
+/// [`desired`] with the route groups' active candidates chosen (by
+/// [`choose`]); a group not in `active` uses its first candidate with a key.
+pub fn desired_with(
+    config: &SiteConfig,
+    state: &StateDir,
+    active: &BTreeMap<(String, String), String>,
+) -> Result<Owned, ReconcileError> {
     summarise(config)?;
     let mut owned = Owned::default();
     let mut spec = PolicySpec::default();
@@ -92,7 +127,10 @@ pub fn desired(config: &SiteConfig, state: &StateDir) -> Result<Owned, Reconcile
             }
         }
         for g in &seg.route_groups {
-            if let Some(active) = g.candidates.iter().find(|c| keyed.contains_key(c.as_str())) {
+            let chosen = active
+                .get(&(seg.segment.clone(), g.name.clone()))
+                .filter(|c| keyed.contains_key(c.as_str()) && g.candidates.contains(c));
+            if let Some(active) = chosen.or_else(|| g.candidates.iter().find(|c| keyed.contains_key(c.as_str()))) {
                 for p in &g.prefixes {
                     let p = route(p, &wg.name)?;
                     allowed.entry(active.as_str()).or_default().insert(p);

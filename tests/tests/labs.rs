@@ -64,6 +64,15 @@ impl Lab {
         self.operator().args(["apply", "--yes", "-f"]).arg(intent).output().expect("apply")
     }
 
+    /// The peer a route group of `site` uses, as its agent last reported it.
+    fn active(&self, site: &str, group: &str) -> Option<String> {
+        let out = self.operator().args(["status", "--json"]).output().expect("status");
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let row = status["sites"].as_array()?.iter().find(|r| r["site"] == site)?.clone();
+        let a = row["reported"]["status"]["active"].as_array()?.iter().find(|a| a["route_group"] == group)?.clone();
+        a["peer"].as_str().map(String::from)
+    }
+
     /// (up, rtt µs) of `peer` as `site`'s agent last reported it.
     fn peer_health(&self, site: &str, peer: &str) -> Option<(bool, u64)> {
         let out = self.operator().args(["status", "--json"]).output().expect("status");
@@ -142,6 +151,64 @@ fn minimal_lab_comes_up_checks_clean_and_goes_down_without_a_trace() {
     let mend = lab.exec("ap-west", &["sh", "-c", "ip link set eth1 up && ip link set eth2 up"]);
     assert!(mend.status.success(), "{}", text(&mend));
     assert!(healthy(true), "ap-west is reported up again");
+
+    // The east access point goes dark under a steady stream (100 packets a
+    // second, office-a → ap-east → ap-west → office-b): office-a moves its
+    // segment to ap-west, ap-west reaches office-a directly; then back.
+    let active = |peer: &str| {
+        musubi_tests::eventually(Duration::from_secs(10), || lab.active("office-a", "office").as_deref() == Some(peer))
+    };
+    assert!(active("ap-east"), "office-a starts on its own region's access point");
+    let home = musubi_tests::eventually(Duration::from_secs(10), || {
+        lab.active("office-b", "office").as_deref() == Some("ap-west")
+    });
+    assert!(home, "office-b is back on ap-west after the hold-down");
+    let stream = Command::new(bin("musubi"))
+        .args([
+            "lab",
+            "exec",
+            "--lab",
+            &lab.name,
+            "host-a",
+            "--",
+            "ping",
+            "-i",
+            "0.01",
+            "-c",
+            "400",
+            "-W",
+            "1",
+            "10.10.2.10",
+        ])
+        .env("MUSUBI_LAB_DIR", lab.root.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("ping");
+    std::thread::sleep(Duration::from_millis(1000));
+    let dark = lab.exec("ap-east", &["sh", "-c", "ip link set eth1 down && ip link set eth2 down"]);
+    assert!(dark.status.success(), "{}", text(&dark));
+    assert!(active("ap-west"), "office-a fails over to ap-west");
+    let out = stream.wait_with_output().expect("ping");
+    let transcript = String::from_utf8_lossy(&out.stdout).to_string();
+    let received: u64 = transcript
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let lost = 400 - received;
+    eprintln!("east access point dark: {lost} of 400 packets lost at 100/s (≈{} ms of outage)", lost * 10);
+    assert!(lost <= 100, "outage over 1 s: {lost} packets lost\n{transcript}");
+    let back = lab.exec("ap-east", &["sh", "-c", "ip link set eth1 up && ip link set eth2 up"]);
+    assert!(back.status.success(), "{}", text(&back));
+    assert!(active("ap-east"), "office-a fails back to ap-east after the hold-down");
+    let ping = lab.exec("host-a", &["ping", "-c", "3", "-W", "2", "10.10.2.10"]);
+    assert!(
+        ping.status.success() && text(&ping).contains("ttl=60"),
+        "back on the path through ap-east: {}",
+        text(&ping)
+    );
 
     let down = lab.musubi(&["lab", "down", &lab.name]);
     assert!(down.status.success(), "{}", text(&down));
