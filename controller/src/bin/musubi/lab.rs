@@ -448,7 +448,7 @@ fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration, etcd: bool) -> Result
         sites.push(site);
     }
     println!("{} agents started; waiting for them to be in sync", sites.len());
-    // In sync, with tunnels, and settled: every agent's key has reached
+    // In sync, every tunnel up, and settled: every agent's key has reached
     // every configuration (the desired digests stop changing).
     let deadline = Instant::now() + wait;
     let mut settled: Option<(Vec<String>, Instant)> = None;
@@ -479,7 +479,7 @@ fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration, etcd: bool) -> Result
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    println!("lab {} up in {:.1} s: every agent in sync", lab.name, started.elapsed().as_secs_f64());
+    println!("lab {} up in {:.1} s: every agent in sync, every tunnel up", lab.name, started.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -508,14 +508,17 @@ fn start_agent(lab: &Lab, controller: &str, controller_ip: &str, node: &str, sit
     lab.spawn(node, "agent", agent)
 }
 
-/// Whether `site`'s row of `musubi status --json` says connected and in sync.
+/// Whether `site`'s row of `musubi status --json` says connected, in sync
+/// and every tunnel up.
 fn in_sync(status: &serde_json::Value, site: &str) -> bool {
     status["sites"].as_array().into_iter().flatten().any(|row| {
         row["site"] == site
             && row["connected"] == true
             && row["desired_digest"].as_str().is_some_and(|d| !d.is_empty())
             && row["reported"]["status"]["applied_digest"] == row["desired_digest"]
-            && row["reported"]["status"]["peers"].as_array().is_some_and(|p| !p.is_empty())
+            && row["reported"]["status"]["peers"]
+                .as_array()
+                .is_some_and(|p| !p.is_empty() && p.iter().all(|p| p["up"] == true))
     })
 }
 
