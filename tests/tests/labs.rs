@@ -44,29 +44,20 @@ impl Lab {
         self.musubi(&args)
     }
 
-    /// The operator CLI in the lab's controller node, as its admin.
-    fn operator(&self) -> Command {
-        let dir = self.root.path().join(&self.name);
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/ml-{}-controller", self.name))
-            .arg("--")
-            .arg(bin("musubi"))
-            .args(["--controller", "127.0.0.1:7400", "--ca"])
-            .arg(dir.join("pki/ca.pem"))
-            .arg("--cert")
-            .arg(dir.join("pki/admin.pem"))
-            .arg("--key")
-            .arg(dir.join("pki/admin-key.pem"));
-        cmd
+    /// The operator CLI against the lab's controller (`musubi lab cli`).
+    fn cli(&self, args: &[&str]) -> Output {
+        let mut all = vec!["lab", "cli", "--lab", &self.name, "--"];
+        all.extend_from_slice(args);
+        self.musubi(&all)
     }
 
     fn apply(&self, intent: &Path) -> Output {
-        self.operator().args(["apply", "--yes", "-f"]).arg(intent).output().expect("apply")
+        self.cli(&["apply", "--yes", "-f", &intent.display().to_string()])
     }
 
     /// The peer a route group of `site` uses, as its agent last reported it.
     fn active(&self, site: &str, group: &str) -> Option<String> {
-        let out = self.operator().args(["status", "--json"]).output().expect("status");
+        let out = self.cli(&["status", "--json"]);
         let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         let row = status["sites"].as_array()?.iter().find(|r| r["site"] == site)?.clone();
         let a = row["reported"]["status"]["active"].as_array()?.iter().find(|a| a["route_group"] == group)?.clone();
@@ -75,7 +66,7 @@ impl Lab {
 
     /// (up, rtt µs) of `peer` as `site`'s agent last reported it.
     fn peer_health(&self, site: &str, peer: &str) -> Option<(bool, u64)> {
-        let out = self.operator().args(["status", "--json"]).output().expect("status");
+        let out = self.cli(&["status", "--json"]);
         let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         let row = status["sites"].as_array()?.iter().find(|r| r["site"] == site)?.clone();
         let p = row["reported"]["status"]["peers"].as_array()?.iter().find(|p| p["peer"] == peer)?.clone();

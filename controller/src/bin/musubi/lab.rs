@@ -65,6 +65,14 @@ pub enum LabCommand {
         lab: Option<String>,
         node: String,
     },
+    /// The operator CLI against the lab's controller, as its admin:
+    /// `musubi lab cli -- apply -f intent.yaml`, `musubi lab cli -- status --json`.
+    Cli {
+        #[arg(long)]
+        lab: Option<String>,
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
+    },
     /// Run a command in a node: `musubi lab exec NODE -- CMD ARGS…`.
     Exec {
         #[arg(long)]
@@ -112,6 +120,17 @@ struct Node {
 #[derive(Debug, Deserialize)]
 struct Link {
     endpoints: Vec<String>,
+}
+
+impl Clab {
+    /// The node labelled `musubi.role: controller`.
+    fn controller(&self) -> Result<(&String, &Node)> {
+        self.topology
+            .nodes
+            .iter()
+            .find(|(_, n)| n.role() == "controller")
+            .context("the topology has no node labelled musubi.role: controller")
+    }
 }
 
 impl Node {
@@ -266,15 +285,29 @@ pub fn main(command: LabCommand) -> Result<()> {
         LabCommand::Down { name } => down(&Lab::find(name)?),
         LabCommand::Status { name } => status(&Lab::find(name)?),
         LabCommand::Check { name } => check(&Lab::find(name)?),
+        LabCommand::Cli { lab, args } => {
+            let lab = Lab::find(lab)?;
+            let clab = lab.topology()?;
+            let (controller, _) = clab.controller()?;
+            // Paths are read in the controller's mount namespace, which starts in `/`.
+            let cwd = std::env::current_dir()?;
+            let args: Vec<String> = args
+                .into_iter()
+                .map(|a| {
+                    if Path::new(&a).is_relative() && cwd.join(&a).exists() {
+                        cwd.join(&a).display().to_string()
+                    } else {
+                        a
+                    }
+                })
+                .collect();
+            let status = lab.musubi(controller).args(&args).status().context("nsenter")?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
         LabCommand::Agent { lab, node } => {
             let lab = Lab::find(lab)?;
             let clab = lab.topology()?;
-            let (controller, ctl) = clab
-                .topology
-                .nodes
-                .iter()
-                .find(|(_, n)| n.role() == "controller")
-                .context("the lab has no controller")?;
+            let (controller, ctl) = clab.controller()?;
             let site = clab
                 .topology
                 .nodes
@@ -300,11 +333,7 @@ pub fn main(command: LabCommand) -> Result<()> {
 fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration, etcd: bool) -> Result<()> {
     let started = Instant::now();
     let nodes = &clab.topology.nodes;
-    let controller = nodes
-        .iter()
-        .find(|(_, n)| n.role() == "controller")
-        .map(|(name, _)| name.clone())
-        .context("the topology has no node labelled musubi.role: controller")?;
+    let controller = clab.controller()?.0.clone();
     let controller_ip = nodes[&controller]
         .mgmt_ipv4
         .clone()
@@ -543,7 +572,7 @@ fn status(lab: &Lab) -> Result<()> {
             .unwrap_or_default();
         println!("  {name:<16} {:<10} {:<8} {}", node.role(), if up { "up" } else { "missing" }, pids.join(", "));
     }
-    if let Some((controller, _)) = clab.topology.nodes.iter().find(|(_, n)| n.role() == "controller") {
+    if let Ok((controller, _)) = clab.controller() {
         println!();
         let _ = lab.musubi(controller).arg("status").status();
     }
