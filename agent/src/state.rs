@@ -76,11 +76,6 @@ pub fn private_key(path: &Path) -> Result<[u8; 32], StateError> {
     parse_key(path, &text)
 }
 
-/// The public key (base64) of the private key in a key file.
-pub fn public_of_file(path: &Path) -> Result<String, StateError> {
-    Ok(public_of(&private_key(path)?))
-}
-
 pub fn public_of(private: &[u8; 32]) -> String {
     let secret = x25519_dalek::StaticSecret::from(*private);
     STANDARD.encode(x25519_dalek::PublicKey::from(&secret).as_bytes())

@@ -321,10 +321,6 @@ impl Linux {
         Linux::new(wg, domains, logs)
     }
 
-    pub fn modes(&self) -> (&WireguardMode, DomainMode) {
-        (&self.wireguard, self.domains)
-    }
-
     fn backend(&self) -> Backend {
         match self.wireguard {
             WireguardMode::Kernel => Backend::Kernel,
@@ -437,7 +433,7 @@ impl Linux {
         let wg_started = std::time::Instant::now();
         let backend = self.backend();
         for l in links.iter().filter(|l| l.name.starts_with(TUNNEL_PREFIX)) {
-            let Some(state) = wireguard::read(&l.name, backend, &BTreeMap::new()) else {
+            let Some(state) = wireguard::read(&l.name, backend) else {
                 // An interface that does not answer (a process that is gone): recreated.
                 owned.tunnels.insert(l.name.clone(), broken(&l.name));
                 continue;

@@ -41,7 +41,7 @@ pub struct State {
 
 /// Reads a device; `None` when it does not answer (no such device, or its
 /// userspace process is gone).
-pub fn read(name: &str, backend: Backend, names: &BTreeMap<String, String>) -> Option<State> {
+pub fn read(name: &str, backend: Backend) -> Option<State> {
     let device = Device::get(&iface(name).ok()?, backend).ok()?;
     let peers = device
         .peers
@@ -49,7 +49,8 @@ pub fn read(name: &str, backend: Backend, names: &BTreeMap<String, String>) -> O
         .map(|p| {
             let public_key = p.config.public_key.to_base64();
             let spec = PeerSpec {
-                name: names.get(&public_key).cloned().unwrap_or_default(),
+                // The kernel knows peers by key only; names take no part in comparisons.
+                name: String::new(),
                 endpoint: p.config.endpoint.map(|e| e.to_string()).unwrap_or_default(),
                 allowed_ips: p.config.allowed_ips.iter().map(|a| format!("{}/{}", a.address, a.cidr)).collect(),
             };
@@ -138,9 +139,4 @@ pub fn remove_peer(name: &str, backend: Backend, public_key: &str) -> Result<(),
         .remove_peer_by_key(&key(public_key)?)
         .apply(&iface(name)?, backend)
         .map_err(|e| err(&format!("removing a peer from {name}"), e))
-}
-
-/// Peer names by public key, for reading devices back with names.
-pub fn names<'a>(peers: impl Iterator<Item = (&'a String, &'a PeerSpec)>) -> BTreeMap<String, String> {
-    peers.map(|(k, p)| (k.clone(), p.name.clone())).collect()
 }
