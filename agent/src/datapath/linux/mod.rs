@@ -475,9 +475,15 @@ impl Linux {
         Ok(owned)
     }
 
-    fn apply_one(&mut self, op: &Op) -> Result<(), DatapathError> {
+    /// Applies one operation, or a run of one kind that goes together: the
+    /// routes of a run as concurrent netlink requests over one socket, the
+    /// peers of a run as one UAPI `set` per tunnel, the tunnels side by side
+    /// — an access point's thousands of peers and routes are not thousands
+    /// of round trips.
+    fn apply_run(&mut self, run: &[Op]) -> Result<(), DatapathError> {
         let handle = self.handle.clone();
         let mode = self.domains;
+        let Some(op) = run.first() else { return Ok(()) };
         match op {
             Op::CreateDomain(d) => {
                 let (name, table) = (d.name.clone(), d.table);
@@ -589,17 +595,12 @@ impl Linux {
                 })??;
                 self.writes += 1;
             }
-            Op::SetPeer { tunnel, public_key, peer } => {
-                wireguard::set_peers(tunnel, self.backend(), &[(public_key.as_str(), peer)])?;
-                self.writes += 1;
-            }
+            Op::SetPeer { .. } => self.set_peers(run)?,
             Op::RemovePeer { tunnel, public_key } => {
                 wireguard::remove_peer(tunnel, self.backend(), public_key)?;
                 self.writes += 1;
             }
-            Op::AddRoute(_) | Op::DeleteRoute(_) => {
-                self.routes(std::slice::from_ref(op), matches!(op, Op::AddRoute(_)))?
-            }
+            Op::AddRoute(_) | Op::DeleteRoute(_) => self.routes(run, matches!(op, Op::AddRoute(_)))?,
             Op::SetPolicy(p) => {
                 nft::set(p)?;
                 self.writes += 1;
@@ -611,9 +612,37 @@ impl Linux {
         }
         Ok(())
     }
-}
 
-impl Linux {
+    /// Each tunnel's peers in one UAPI `set`, the tunnels side by side
+    /// (wireguard-go takes every set on one thread per device).
+    fn set_peers(&mut self, ops: &[Op]) -> Result<(), DatapathError> {
+        let mut by_tunnel: BTreeMap<&str, Vec<(&str, &super::PeerSpec)>> = BTreeMap::new();
+        for o in ops {
+            if let Op::SetPeer { tunnel, public_key, peer } = o {
+                by_tunnel.entry(tunnel.as_str()).or_default().push((public_key.as_str(), peer));
+            }
+        }
+        let backend = self.backend();
+        let results: Vec<Result<(), DatapathError>> = std::thread::scope(|s| {
+            let workers: Vec<_> = by_tunnel
+                .iter()
+                .map(|(tunnel, peers)| {
+                    s.spawn(move || {
+                        wireguard::set_peers(tunnel, backend, peers)
+                            .map_err(|e| DatapathError::Io(format!("setting {} peers on {tunnel}: {e}", peers.len())))
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap_or_else(|_| Err(DatapathError::Io("a UAPI worker panicked".into()))))
+                .collect()
+        });
+        self.writes += results.iter().filter(|r| r.is_ok()).count() as u64;
+        results.into_iter().collect::<Result<Vec<()>, _>>()?;
+        Ok(())
+    }
+
     /// Adds (or deletes) the routes of `ops`, up to 64 requests in flight.
     fn routes(&mut self, ops: &[Op], add: bool) -> Result<(), DatapathError> {
         let routes: Vec<Route> = ops
@@ -628,6 +657,24 @@ impl Linux {
         block_on(&self.rt, route_batch(handle, routes, add))??;
         self.writes += n;
         Ok(())
+    }
+
+    /// The kept observation if it can still be trusted (the policy table,
+    /// which raises no notification here, read again), else a new one.
+    fn current(&mut self) -> Result<&Owned, DatapathError> {
+        let fresh = self.cache.as_ref().is_some_and(|(_, at)| at.elapsed() < CACHE_LIFE);
+        if fresh && self.quiet() {
+            let policy = nft::observe()?;
+            if let Some((owned, _)) = self.cache.as_mut() {
+                owned.policy = policy;
+            }
+        } else {
+            self.cache = None;
+            self.subscribe()?;
+            let owned = self.observe_all()?;
+            self.cache = Some((owned, std::time::Instant::now()));
+        }
+        self.cache.as_ref().map(|(o, _)| o).ok_or_else(|| DatapathError::Io("no observation".into()))
     }
 }
 
@@ -668,26 +715,6 @@ async fn route_batch(handle: Handle, routes: Vec<Route>, add: bool) -> Result<()
         .await?;
     }
     Ok(())
-}
-
-impl Linux {
-    /// The kept observation if it can still be trusted (the policy table,
-    /// which raises no notification here, read again), else a new one.
-    fn current(&mut self) -> Result<&Owned, DatapathError> {
-        let fresh = self.cache.as_ref().is_some_and(|(_, at)| at.elapsed() < CACHE_LIFE);
-        if fresh && self.quiet() {
-            let policy = nft::observe()?;
-            if let Some((owned, _)) = self.cache.as_mut() {
-                owned.policy = policy;
-            }
-        } else {
-            self.cache = None;
-            self.subscribe()?;
-            let owned = self.observe_all()?;
-            self.cache = Some((owned, std::time::Instant::now()));
-        }
-        self.cache.as_ref().map(|(o, _)| o).ok_or_else(|| DatapathError::Io("no observation".into()))
-    }
 }
 
 /// A tunnel that exists but does not answer: it matches nothing, so the
@@ -776,63 +803,19 @@ impl Datapath for Linux {
         let started = std::time::Instant::now();
         let mut i = 0;
         while i < ops.len() {
-            let start = i;
-            let run = |same: &dyn Fn(&Op) -> bool| i + ops[i..].iter().take_while(|o| same(o)).count();
-            match &ops[i] {
-                Op::AddRoute(_) => {
-                    let end = run(&|o| matches!(o, Op::AddRoute(_)));
-                    self.routes(&ops[i..end], true)?;
-                    i = end;
-                }
-                Op::DeleteRoute(_) => {
-                    let end = run(&|o| matches!(o, Op::DeleteRoute(_)));
-                    self.routes(&ops[i..end], false)?;
-                    i = end;
-                }
-                Op::SetPeer { .. } => {
-                    // Each tunnel's peers in one UAPI `set`, the tunnels side by
-                    // side (wireguard-go takes every set on one thread per device).
-                    let end = run(&|o| matches!(o, Op::SetPeer { .. }));
-                    let mut by_tunnel: BTreeMap<&str, Vec<(&str, &super::PeerSpec)>> = BTreeMap::new();
-                    for o in &ops[i..end] {
-                        if let Op::SetPeer { tunnel, public_key, peer } = o {
-                            by_tunnel.entry(tunnel.as_str()).or_default().push((public_key.as_str(), peer));
-                        }
-                    }
-                    let backend = self.backend();
-                    let results: Vec<Result<(), DatapathError>> = std::thread::scope(|s| {
-                        let workers: Vec<_> = by_tunnel
-                            .iter()
-                            .map(|(tunnel, peers)| {
-                                s.spawn(move || {
-                                    wireguard::set_peers(tunnel, backend, peers).map_err(|e| {
-                                        DatapathError::Io(format!("setting {} peers on {tunnel}: {e}", peers.len()))
-                                    })
-                                })
-                            })
-                            .collect();
-                        workers
-                            .into_iter()
-                            .map(|w| {
-                                w.join().unwrap_or_else(|_| Err(DatapathError::Io("a UAPI worker panicked".into())))
-                            })
-                            .collect()
-                    });
-                    self.writes += results.iter().filter(|r| r.is_ok()).count() as u64;
-                    results.into_iter().collect::<Result<Vec<()>, _>>()?;
-                    i = end;
-                }
-                op => {
-                    self.apply_one(op).map_err(|e| DatapathError::Io(format!("{}: {e}", describe(op))))?;
-                    i += 1;
-                }
-            }
-            tracing::debug!(
-                op = describe(&ops[start]),
-                until = i,
-                ms = started.elapsed().as_secs_f64() * 1e3,
-                "applied"
-            );
+            // Routes to add, routes to delete and peers to set go in runs.
+            let batched = |o: &Op| {
+                matches!(
+                    (&ops[i], o),
+                    (Op::AddRoute(_), Op::AddRoute(_))
+                        | (Op::DeleteRoute(_), Op::DeleteRoute(_))
+                        | (Op::SetPeer { .. }, Op::SetPeer { .. })
+                )
+            };
+            let end = i + 1 + ops[i + 1..].iter().take_while(|o| batched(o)).count();
+            self.apply_run(&ops[i..end]).map_err(|e| DatapathError::Io(format!("{}: {e}", describe(&ops[i]))))?;
+            tracing::debug!(op = describe(&ops[i]), until = end, ms = started.elapsed().as_secs_f64() * 1e3, "applied");
+            i = end;
         }
         Ok(())
     }
