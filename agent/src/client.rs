@@ -302,10 +302,15 @@ impl Agent {
         new_keys
     }
 
+    /// The configuration applied last.
+    fn config(&self) -> Option<&pb::SiteConfig> {
+        self.applied.as_ref().and_then(|a| a.config.as_ref())
+    }
+
     /// Reconciles the last applied configuration again; true when something
     /// had drifted and was put back (or could not be).
     fn upkeep(&mut self) -> bool {
-        let Some(config) = self.applied.as_ref().and_then(|a| a.config.as_ref()) else { return false };
+        let Some(config) = self.config() else { return false };
         let active = self.choices(config);
         let moved: Vec<String> = active
             .iter()
@@ -314,11 +319,14 @@ impl Agent {
             .collect();
         let result =
             desired_with(config, &self.settings.state, &active).and_then(|want| reconcile(&mut *self.datapath, &want));
+        if result.is_ok() {
+            // What is built now, whether or not it took writes.
+            self.active = active;
+        }
         match result {
             Ok(ops) if ops.is_empty() => false,
             Ok(ops) if !moved.is_empty() => {
                 tracing::warn!(site = %self.settings.site, operations = ops.len(), moved = %moved.join(", "), "route groups moved");
-                self.active = active;
                 true
             }
             Ok(ops) => {
@@ -356,9 +364,7 @@ impl Agent {
 
     /// The local line of the path a peer's tunnel uses (its first endpoint).
     fn local_line(&self, segment: &str, peer: &str) -> String {
-        self.applied
-            .as_ref()
-            .and_then(|a| a.config.as_ref())
+        self.config()
             .and_then(|c| c.segments.iter().find(|s| s.segment == segment))
             .and_then(|s| s.peers.iter().find(|p| p.name == peer))
             .and_then(|p| p.endpoints.first())
@@ -369,7 +375,7 @@ impl Agent {
     /// Whether route groups would move now (a peer went down, or a better
     /// one has been up for the hold-down).
     fn choices_changed(&self) -> bool {
-        let Some(config) = self.applied.as_ref().and_then(|a| a.config.as_ref()) else { return false };
+        let Some(config) = self.config() else { return false };
         self.prober.is_some() && self.choices(config) != self.active
     }
 

@@ -64,7 +64,7 @@ fn protocol(p: pb::Protocol) -> &'static str {
 /// prefixes into that segment's tunnel; the policy lets through only the
 /// flows the intent allows.
 pub fn desired(config: &SiteConfig, state: &StateDir) -> Result<Owned, ReconcileError> {
-    desired_with(config, state, &BTreeMap::new())
+    desired_with(config, state, &choose(config, &|_, _, _| 0))
 }
 
 /// The route groups' active candidates, by (segment, group): for each
@@ -93,7 +93,7 @@ pub fn choose(config: &SiteConfig, rank: &dyn Fn(&str, &str, &str) -> u8) -> BTr
 }
 
 /// [`desired`] with the route groups' active candidates chosen (by
-/// [`choose`]); a group not in `active` uses its first candidate with a key.
+/// [`choose`]); a group without one in `active` is not routed.
 pub fn desired_with(
     config: &SiteConfig,
     state: &StateDir,
@@ -130,7 +130,7 @@ pub fn desired_with(
             let chosen = active
                 .get(&(seg.segment.clone(), g.name.clone()))
                 .filter(|c| keyed.contains_key(c.as_str()) && g.candidates.contains(c));
-            if let Some(active) = chosen.or_else(|| g.candidates.iter().find(|c| keyed.contains_key(c.as_str()))) {
+            if let Some(active) = chosen {
                 for p in &g.prefixes {
                     let p = route(p, &wg.name)?;
                     allowed.entry(active.as_str()).or_default().insert(p);
