@@ -20,6 +20,8 @@ use std::fmt::Write as _;
 use ipnetwork::IpNetwork;
 use musubi_proto::v1::SiteConfig;
 
+use crate::allocate::Allocations;
+use crate::compile::{Index, PublicKeys};
 use crate::intent::{Intent, Protocol};
 
 /// A site's LAN in one segment.
@@ -165,23 +167,6 @@ pub fn render(m: &Matrix, mark: &dyn Fn(usize, usize) -> Option<char>) -> String
     out
 }
 
-/// Segments a policy links to `segment`, either way (replies come back).
-fn linked<'a>(intent: &'a Intent, segment: &str) -> BTreeSet<&'a str> {
-    intent
-        .policies
-        .values()
-        .filter_map(|p| {
-            if p.from == segment {
-                Some(p.to.as_str())
-            } else if p.to == segment {
-                Some(p.from.as_str())
-            } else {
-                None
-            }
-        })
-        .collect()
-}
-
 fn within(p: &IpNetwork, nets: &[IpNetwork]) -> bool {
     nets.iter().any(|n| n.is_ipv4() == p.is_ipv4() && n.prefix() <= p.prefix() && n.contains(p.network()))
 }
@@ -194,26 +179,16 @@ fn overlaps(p: &IpNetwork, n: &IpNetwork) -> bool {
 /// when isolation holds.
 pub fn isolation(intent: &Intent, configs: &BTreeMap<String, SiteConfig>) -> Vec<String> {
     let mut problems = Vec::new();
-    let members: BTreeMap<&str, BTreeSet<&str>> = intent
-        .segments
-        .keys()
-        .map(|seg| {
-            let sites = intent
-                .sites
-                .values()
-                .filter(|s| s.attachments.iter().any(|a| &a.segment == seg))
-                .map(|s| s.name.as_str())
-                .collect();
-            (seg.as_str(), sites)
-        })
-        .collect();
+    // Policy links as compilation sees them (keys and allocations play no part).
+    let (alloc, keys) = (Allocations::default(), PublicKeys::new());
+    let index = Index::new(intent, &alloc, &keys);
     for (site, config) in configs {
         for seg in &config.segments {
             let Some(own) = intent.segments.get(&seg.segment) else {
                 problems.push(format!("{site}: segment `{}` is not in the intent", seg.segment));
                 continue;
             };
-            let links = linked(intent, &seg.segment);
+            let links = index.linked_segments(&seg.segment);
             let mut allowed: Vec<IpNetwork> = own.prefixes.clone();
             for l in &links {
                 allowed.extend(intent.segments.get(*l).map(|s| s.prefixes.clone()).unwrap_or_default());
@@ -243,7 +218,7 @@ pub fn isolation(intent: &Intent, configs: &BTreeMap<String, SiteConfig>) -> Vec
                 for p in &peer.allowed_prefixes {
                     check(format!("peer `{}`", peer.name), p, &mut problems);
                 }
-                if !members[seg.segment.as_str()].contains(peer.name.as_str()) {
+                if intent.sites.get(&peer.name).and_then(|s| s.attachment(&seg.segment)).is_none() {
                     problems
                         .push(format!("{site}/{}: peer `{}` is not attached to the segment", seg.segment, peer.name));
                 }
