@@ -6,7 +6,7 @@
 //! `MUSUBI_BENCH_ROUNDS` change the size and the number of applies.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use musubi_controller::generate::generate;
 use musubi_controller::intent::parse::{Parsed, parse_str};
@@ -14,14 +14,10 @@ use musubi_controller::store::IntentStore;
 use musubi_controller::store::apply::apply;
 use musubi_controller::store::embedded::Embedded;
 use musubi_controller::store::etcd::{Etcd, EtcdConfig};
-use musubi_tests::EtcdServer;
+use musubi_tests::{EtcdServer, ms, percentile};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
 
 async fn run<S: IntentStore>(name: &str, store: &S, base: &Parsed, rounds: usize) {
@@ -46,12 +42,11 @@ async fn run<S: IntentStore>(name: &str, store: &S, base: &Parsed, rounds: usize
     }
     samples.sort();
     load.sort();
-    let p = |v: &[Duration], q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
     println!(
         "  {name}: one-site change: p50 {} p99 {} ({rounds} applies; of which loading the intent p50 {})",
-        ms(p(&samples, 0.5)),
-        ms(p(&samples, 0.99)),
-        ms(p(&load, 0.5))
+        ms(percentile(&samples, 0.5)),
+        ms(percentile(&samples, 0.99)),
+        ms(percentile(&load, 0.5))
     );
 }
 

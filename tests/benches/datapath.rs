@@ -15,8 +15,8 @@ use std::path::Path;
 use musubi_agent::state::public_of;
 use musubi_controller::generate::generate;
 use musubi_controller::intent::parse::parse_str;
-use musubi_tests::bin;
 use musubi_tests::netns::{Net, is_root};
+use musubi_tests::{bin, reconcile_line};
 
 /// Runs `musubi-agent apply` (reconciling `repeat` times in one process)
 /// and returns, per reconcile, (operations, writes, milliseconds).
@@ -31,15 +31,12 @@ fn apply(net: &Net, config: &Path, state: &Path, repeat: u32) -> Vec<(u64, u64, 
     }
     let mut runs = Vec::new();
     for line in text.lines() {
-        // "site S: N operations, W writes in X ms" (or "site S: desired state in X ms")
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let num = |i: usize| words.get(i).and_then(|w| w.parse::<f64>().ok()).unwrap_or(f64::NAN);
-        if words.get(3) == Some(&"operations,") {
-            let (ops, writes, took) = (num(2), num(4), num(7));
-            println!("    {ops:>6} operations, {writes:>6} writes: {took:>8.1} ms");
-            runs.push((ops as u64, writes as u64, took));
-        } else {
-            println!("    {line}");
+        match reconcile_line(line) {
+            Some((ops, writes, took)) => {
+                println!("    {ops:>6} operations, {writes:>6} writes: {took:>8.1} ms");
+                runs.push((ops, writes, took));
+            }
+            None => println!("    {line}"),
         }
     }
     runs

@@ -22,12 +22,8 @@ use musubi_controller::intent::export::to_yaml;
 use musubi_controller::intent::parse::parse_str;
 use musubi_proto::v1 as pb;
 use musubi_proto::v1::operator_client::OperatorClient;
-use musubi_tests::{Controller, Pki, free_port};
+use musubi_tests::{Controller, Pki, free_port, ms, percentile};
 use tonic::transport::Channel;
-
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1e3)
-}
 
 /// Raises the open-file limit of a process to the hard limit (10,000 TLS
 /// connections need it).
@@ -162,13 +158,12 @@ async fn fleet(sites: usize, rounds: usize) {
     }
     total.sort();
     after_apply.sort();
-    let p = |v: &[Duration], q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
     println!(
         "  one-site change → ack ({rounds}): p50 {} p99 {}; after the apply call returned: p50 {} p99 {}",
-        ms(p(&total, 0.5)),
-        ms(p(&total, 0.99)),
-        ms(p(&after_apply, 0.5)),
-        ms(p(&after_apply, 0.99))
+        ms(percentile(&total, 0.5)),
+        ms(percentile(&total, 0.99)),
+        ms(percentile(&after_apply, 0.5)),
+        ms(percentile(&after_apply, 0.99))
     );
     let (rss, peak) = rss_mib(controller.pid());
     println!("  controller RSS now {rss:.0} MiB, peak {peak:.0} MiB");

@@ -17,6 +17,27 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// One reconcile as `musubi-agent apply` reports it — the line
+/// `site S: N operations, W writes in X ms` — as (operations, writes, ms);
+/// `None` for its other lines.
+pub fn reconcile_line(line: &str) -> Option<(u64, u64, f64)> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    if words.get(3) != Some(&"operations,") || words.get(5) != Some(&"writes") {
+        return None;
+    }
+    Some((words[2].parse().ok()?, words[4].parse().ok()?, words.get(7)?.parse().ok()?))
+}
+
+/// A duration in milliseconds, as the benchmarks print them.
+pub fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+/// The `q` quantile (0–1) of sorted samples.
+pub fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }

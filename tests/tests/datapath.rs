@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use musubi_agent::state::StateDir;
 use musubi_tests::netns::{Net, skip_without_root};
-use musubi_tests::{bin, eventually};
+use musubi_tests::{bin, eventually, reconcile_line};
 
 const INTENT: &str = "tests/intents/datapath.yaml";
 /// Payload of the test's pings: more than any neighbour discovery or MLD
@@ -114,10 +114,8 @@ impl Lab {
         let out = cmd.output().expect("musubi-agent apply");
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         assert!(out.status.success(), "apply in {router}: {text}{}", String::from_utf8_lossy(&out.stderr));
-        // Last line: "site S: N operations, W writes in X ms"
-        let last = text.lines().last().unwrap_or_default();
-        let numbers: Vec<u64> = last.split_whitespace().filter_map(|w| w.parse().ok()).collect();
-        (numbers[0], numbers[1])
+        let (ops, writes, _) = text.lines().find_map(reconcile_line).expect("a reconcile line");
+        (ops, writes)
     }
 
     fn apply_all(&self, intent: &Path) -> Vec<(u64, u64)> {
