@@ -8,6 +8,7 @@
 //! backoff. On reconnect its Hello names the configuration it has applied,
 //! so an unchanged configuration is not sent again and nothing is rewritten.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -18,8 +19,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-use crate::datapath::Datapath;
-use crate::reconcile::{choose, desired_with, reconcile};
+use crate::datapath::{Datapath, Hop};
+use crate::probe::{Health, Key};
+use crate::reconcile::{Choices, build, choose, line_address, picks_line};
 use crate::state::{StateDir, StateError, write_file};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -202,9 +204,22 @@ pub struct Agent {
     /// once rather than on every check.
     renew_at: Option<u64>,
     prober: Option<crate::probe::Prober>,
+    /// How the outer packets of each underlay path leave (probing only).
+    hops: std::collections::BTreeMap<(std::net::IpAddr, std::net::IpAddr), Hop>,
     /// Each route group's active candidate, by (segment, group).
-    active: std::collections::BTreeMap<(String, String), String>,
+    active: Choices,
 }
+
+/// How long a peer whose tunnel stopped answering keeps its route groups
+/// while one of its lines still answers: the time for the line switch to
+/// bring the tunnel back. After that it counts as down whatever its lines say.
+const SWITCH_GRACE: Duration = Duration::from_secs(2);
+
+/// How long an access point keeps a member site's prefixes on the site
+/// after its tunnel stopped answering: the site picks its own lines, and
+/// its first packet over a new one brings the tunnel back (WireGuard
+/// follows it). Only a site gone for longer is sought over the interconnect.
+const SITE_GRACE: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -233,6 +248,7 @@ impl Agent {
             events: None,
             renew_at: None,
             prober: None,
+            hops: Default::default(),
             active: Default::default(),
         };
         if agent.settings.probe {
@@ -269,9 +285,9 @@ impl Agent {
                 Err(e) => self.errors.push(e.to_string()),
             }
         }
+        self.resolve(config);
         let active = self.choices(config);
-        let result =
-            desired_with(config, &self.settings.state, &active).and_then(|want| reconcile(&mut *self.datapath, &want));
+        let result = build(&mut *self.datapath, config, &self.settings.state, &active, &self.hops);
         match result {
             Ok(ops) => {
                 tracing::info!(site = %self.settings.site, revision = update.revision, writes = ops.len(), "configuration applied");
@@ -280,7 +296,9 @@ impl Agent {
                     self.errors.push(e.to_string());
                 }
                 if let Some(p) = &self.prober {
-                    p.set(crate::probe::targets(config));
+                    let mut targets = crate::probe::targets(config);
+                    targets.extend(crate::probe::path_targets(config, &self.hops));
+                    p.set(targets, crate::probe::known_lines(config));
                 }
                 self.active = active;
                 if let Some(events) = &self.events {
@@ -310,15 +328,22 @@ impl Agent {
     /// Reconciles the last applied configuration again; true when something
     /// had drifted and was put back (or could not be).
     fn upkeep(&mut self) -> bool {
-        let Some(config) = self.config() else { return false };
+        let Some(config) = self.applied.as_ref().and_then(|a| a.config.as_ref()) else { return false };
         let active = self.choices(config);
-        let moved: Vec<String> = active
+        let mut moved: Vec<String> = active
+            .groups
             .iter()
-            .filter(|(k, v)| self.active.get(*k) != Some(*v))
+            .filter(|(k, v)| self.active.groups.get(*k) != Some(*v))
             .map(|((seg, group), peer)| format!("{seg}/{group} → {peer}"))
             .collect();
-        let result =
-            desired_with(config, &self.settings.state, &active).and_then(|want| reconcile(&mut *self.datapath, &want));
+        moved.extend(
+            active
+                .paths
+                .iter()
+                .filter(|(k, v)| self.active.paths.get(*k) != Some(*v))
+                .map(|(peer, (local, remote))| format!("{peer} over {local}→{remote}")),
+        );
+        let result = build(&mut *self.datapath, config, &self.settings.state, &active, &self.hops);
         if result.is_ok() {
             // What is built now, whether or not it took writes.
             self.active = active;
@@ -326,7 +351,7 @@ impl Agent {
         match result {
             Ok(ops) if ops.is_empty() => false,
             Ok(ops) if !moved.is_empty() => {
-                tracing::warn!(site = %self.settings.site, operations = ops.len(), moved = %moved.join(", "), "route groups moved");
+                tracing::warn!(site = %self.settings.site, operations = ops.len(), moved = %moved.join(", "), "traffic moved");
                 true
             }
             Ok(ops) => {
@@ -341,29 +366,96 @@ impl Agent {
         }
     }
 
-    /// The route groups' candidates now: with probing, the first that is
-    /// not down — a better one than the current only once it has been up
-    /// for the hold-down; without, the first.
-    fn choices(&self, config: &pb::SiteConfig) -> std::collections::BTreeMap<(String, String), String> {
-        let Some(prober) = &self.prober else { return choose(config, &|_, _, _| 0) };
-        let hold_down = self.settings.hold_down;
-        // 0: up (or not judged yet); 1: up, but better than the current one
-        // for less than the hold-down; 2: down.
-        choose(config, &|seg, group, peer| match prober.get(seg, peer) {
-            None => 0,
-            Some(h) if !h.up => 2,
-            Some(h) => {
-                let current = self.active.get(&(seg.to_string(), group.to_string()));
-                let settled = current.is_none()
-                    || current.is_some_and(|c| c == peer)
-                    || h.since.is_none_or(|s| s.elapsed() >= hold_down);
-                if settled { 0 } else { 1 }
-            }
-        })
+    /// Finds how each underlay path's outer packets would leave (probing
+    /// only: without health there is nothing to choose between lines).
+    fn resolve(&mut self, config: &pb::SiteConfig) {
+        if self.prober.is_none() {
+            return;
+        }
+        match self.datapath.hops(&crate::probe::paths(config)) {
+            Ok(h) => self.hops = h,
+            Err(e) => tracing::warn!(site = %self.settings.site, error = %e, "underlay paths not resolved"),
+        }
     }
 
-    /// The local line of the path a peer's tunnel uses (its first endpoint).
+    /// The route groups' candidates and the peers' paths, by health: a
+    /// route group stays with a peer that is up (or not judged yet) and goes
+    /// to a better one only after it has been up for the hold-down; a peer
+    /// whose tunnel stopped answering keeps its groups for
+    /// [`SWITCH_GRACE`] if one of its lines answered after the tunnel last
+    /// did (the line switch is bringing it back). On an access point, a member site keeps its
+    /// prefixes for [`SITE_GRACE`] after going quiet and gets them back as
+    /// soon as it answers. A path is chosen the same way among the peer's
+    /// endpoints, best line first; a path the router has no route for is
+    /// used only when nothing else is.
+    fn choices(&self, config: &pb::SiteConfig) -> Choices {
+        let Some(prober) = &self.prober else { return choose(config, &|_, _, _| 0, &|_, _| 0) };
+        let hold_down = self.settings.hold_down;
+        let settled = |h: &Health, current: bool| current || h.since.is_none_or(|s| s.elapsed() >= hold_down);
+        let path_key = |e: &pb::Endpoint| -> Option<Key> {
+            let local = line_address(config, &e.local_line)?;
+            let remote = e.address.parse().ok()?;
+            self.hops.contains_key(&(local, remote)).then_some(Key::Path { local, remote })
+        };
+        // Whether a line to `peer` answered after its tunnel last did: the
+        // line under the tunnel failed, not the peer, and a line switch is
+        // bringing the tunnel back. (When the peer itself is gone, no line
+        // answers after the tunnel went quiet, however slow its probes.)
+        let line_outlived_tunnel = |peer: &str, tunnel: &Health| {
+            config
+                .segments
+                .iter()
+                .flat_map(|s| s.peers.iter().filter(|p| p.name == peer && picks_line(p)))
+                .flat_map(|p| &p.endpoints)
+                .filter_map(path_key)
+                .filter_map(|k| prober.get(&k))
+                .any(|h| h.up && h.last_reply.is_some_and(|l| tunnel.last_reply.is_none_or(|t| l > t)))
+        };
+        let roams: BTreeSet<&str> = config
+            .segments
+            .iter()
+            .flat_map(|s| s.peers.iter().filter(|p| p.role() == pb::PeerRole::Site).map(|p| p.name.as_str()))
+            .collect();
+        let group_rank = |seg: &str, group: &str, peer: &str| {
+            let current = self.active.groups.get(&(seg.to_string(), group.to_string())).is_some_and(|c| c == peer);
+            let down_for = |h: &Health| h.since.map_or(Duration::MAX, |s| s.elapsed());
+            match prober.get(&Key::tunnel(seg, peer)) {
+                None => 0,
+                // A member site is the only way in to itself: back at once.
+                Some(h) if h.up && roams.contains(peer) => 0,
+                Some(h) if h.up => u8::from(!settled(&h, current)),
+                // A member site that went quiet may be switching lines.
+                Some(h) if roams.contains(peer) => {
+                    if current && down_for(&h) < SITE_GRACE {
+                        0
+                    } else {
+                        2
+                    }
+                }
+                Some(h) => {
+                    let switching = down_for(&h) < SWITCH_GRACE && line_outlived_tunnel(peer, &h);
+                    if switching && current { 0 } else { 2 }
+                }
+            }
+        };
+        let path_rank = |peer: &str, e: &pb::Endpoint| {
+            let Some(key) = path_key(e) else { return 3 };
+            let current = self.active.paths.get(peer).is_some_and(|(l, r)| *l == e.local_line && *r == e.remote_line);
+            match prober.get(&key) {
+                None => 0,
+                Some(h) if h.up => u8::from(!settled(&h, current)),
+                Some(_) => 2,
+            }
+        };
+        choose(config, &group_rank, &path_rank)
+    }
+
+    /// The local line of a peer's active path (its first, if the agent does
+    /// not pick it).
     fn local_line(&self, segment: &str, peer: &str) -> String {
+        if let Some((local, _)) = self.active.paths.get(peer) {
+            return local.clone();
+        }
         self.config()
             .and_then(|c| c.segments.iter().find(|s| s.segment == segment))
             .and_then(|s| s.peers.iter().find(|p| p.name == peer))
@@ -372,8 +464,11 @@ impl Agent {
             .unwrap_or_default()
     }
 
-    /// Whether route groups would move now (a peer went down, or a better
-    /// one has been up for the hold-down).
+    /// The path a peer is reached over, `local→remote`, when the agent picks it.
+    fn path_of(&self, peer: &str) -> String {
+        self.active.paths.get(peer).map(|(l, r)| format!("{l}→{r}")).unwrap_or_default()
+    }
+
     fn choices_changed(&self) -> bool {
         let Some(config) = self.config() else { return false };
         self.prober.is_some() && self.choices(config) != self.active
@@ -392,13 +487,17 @@ impl Agent {
                     .flat_map(|s| {
                         s.peers.iter().map(|p| match &self.prober {
                             Some(prober) => {
-                                let h = prober.get(&s.segment, &p.name).unwrap_or_default();
+                                let h = prober.get(&Key::tunnel(&s.segment, &p.name));
+                                let judged = h.is_some();
+                                let h = h.unwrap_or_default();
                                 pb::PeerHealth {
                                     segment: s.segment.clone(),
                                     peer: p.name.clone(),
                                     up: h.up,
                                     rtt_us: h.rtt_us,
                                     loss_permille: h.loss_permille,
+                                    path: self.path_of(&p.name),
+                                    judged,
                                 }
                             }
                             // Not probed: a configured peer counts as up.
@@ -406,6 +505,7 @@ impl Agent {
                                 segment: s.segment.clone(),
                                 peer: p.name.clone(),
                                 up: true,
+                                judged: true,
                                 ..Default::default()
                             },
                         })
@@ -420,6 +520,7 @@ impl Agent {
                 peers,
                 active: self
                     .active
+                    .groups
                     .iter()
                     .map(|((segment, group), peer)| pb::ActivePath {
                         segment: segment.clone(),

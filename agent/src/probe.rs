@@ -1,18 +1,31 @@
-//! Tunnel health: a light UDP echo to every peer through its tunnel, as BFD
-//! does — every `interval`, a peer is down after `multiplier` intervals
-//! without an answer. Each tunnel interface has one socket on
-//! [`PORT`], bound to the interface (so it is routed in the segment's
-//! domain), that both answers the peers' probes and sends its own.
+//! Health: a light UDP echo, as BFD does — every `interval`, a target is
+//! down after `multiplier` intervals without an answer. Two kinds of
+//! targets ([`Key`]):
+//!
+//! - every peer **through its tunnel**, from this router's tunnel address;
+//! - every **underlay path** to a peer whose line this router picks (its
+//!   access points, the interconnect): from a local line's address to the
+//!   peer's line address, outside the tunnels, so a line that is not in use
+//!   is known to be healthy before traffic moves to it.
+//!
+//! Each (interface, local address) has one socket on [`PORT`], bound to the
+//! interface (so it is routed in the segment's domain, or out of the line),
+//! that both answers probes and sends its own; a socket on the wildcard
+//! address answers the underlay probes of the peers' known line addresses
+//! (and nobody else's).
 //!
 //! Health feeds the agent's status (up, round-trip time, loss over the last
-//! [`WINDOW`] probes); the failover that acts on it is to come.
+//! [`WINDOW`] probes) and its failover.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use musubi_proto::v1::SiteConfig;
+
+use crate::datapath::Hop;
+use crate::reconcile::{line_address, picks_line};
 use tokio::net::UdpSocket;
 use tokio::sync::{Notify, watch};
 
@@ -27,17 +40,32 @@ pub const GRACE: Duration = Duration::from_secs(5);
 const REQUEST: u8 = 1;
 const REPLY: u8 = 2;
 
-/// One peer to probe.
+/// What a target's health is about.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Key {
+    /// A peer, through the segment's tunnel.
+    Tunnel { segment: String, peer: String },
+    /// An underlay path: from a local line's address to a peer's line address.
+    Path { local: IpAddr, remote: IpAddr },
+}
+
+impl Key {
+    pub fn tunnel(segment: &str, peer: &str) -> Key {
+        Key::Tunnel { segment: segment.to_string(), peer: peer.to_string() }
+    }
+}
+
+/// One thing to probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
-    pub segment: String,
+    pub key: Key,
+    /// The interface the probes leave by: the tunnel, or the local line's.
     pub interface: String,
-    pub peer: String,
-    /// This router's tunnel address in the segment: the probes' source, and
-    /// where the peers' probes arrive (answers must come from it: WireGuard
-    /// accepts from a peer only its own addresses).
+    /// The probes' source and where the peer's probes arrive: this router's
+    /// tunnel address in the segment (answers must come from it: WireGuard
+    /// accepts from a peer only its own addresses), or the line's address.
     pub local: IpAddr,
-    /// The peer's tunnel address in this segment.
+    /// The peer's tunnel address in this segment, or its line's address.
     pub address: IpAddr,
     pub interval: Duration,
     pub multiplier: u32,
@@ -50,10 +78,12 @@ pub struct Health {
     pub since: Option<Instant>,
     pub rtt_us: u32,
     pub loss_permille: u32,
+    /// When it last answered.
+    pub last_reply: Option<Instant>,
 }
 
-/// Health by (segment, peer).
-pub type Healths = Arc<Mutex<BTreeMap<(String, String), Health>>>;
+/// Health by target.
+pub type Healths = Arc<Mutex<BTreeMap<Key, Health>>>;
 
 /// The peers a configuration asks to probe: every peer with a key, at its
 /// tunnel address, with the timing of its first path.
@@ -76,9 +106,8 @@ pub fn targets(config: &SiteConfig) -> Vec<Target> {
             let Some(address) = address else { continue };
             let probe = p.endpoints.first().and_then(|e| e.probe).unwrap_or(default);
             out.push(Target {
-                segment: seg.segment.clone(),
+                key: Key::tunnel(&seg.segment, &p.name),
                 interface: wg.name.clone(),
-                peer: p.name.clone(),
                 local,
                 address,
                 interval: Duration::from_millis(u64::from(probe.interval_ms.max(10))),
@@ -89,10 +118,77 @@ pub fn targets(config: &SiteConfig) -> Vec<Target> {
     out
 }
 
+/// The underlay paths a configuration asks to probe: every endpoint of a
+/// peer whose line this router picks, once per (local line address, peer
+/// line address), where `hops` knows how the outer packets would leave.
+pub fn path_targets(config: &SiteConfig, hops: &BTreeMap<(IpAddr, IpAddr), Hop>) -> Vec<Target> {
+    let default = config.probe.unwrap_or_default();
+    let mut out: Vec<Target> = Vec::new();
+    for seg in &config.segments {
+        for p in seg.peers.iter().filter(|p| picks_line(p)) {
+            for e in &p.endpoints {
+                let (Some(local), Ok(address)) = (line_address(config, &e.local_line), e.address.parse::<IpAddr>())
+                else {
+                    continue;
+                };
+                let key = Key::Path { local, remote: address };
+                let Some(hop) = hops.get(&(local, address)) else { continue };
+                if out.iter().any(|t| t.key == key) {
+                    continue;
+                }
+                let probe = e.probe.unwrap_or(default);
+                out.push(Target {
+                    key,
+                    interface: hop.interface.clone(),
+                    local,
+                    address,
+                    interval: Duration::from_millis(u64::from(probe.interval_ms.max(10))),
+                    multiplier: probe.multiplier.max(1),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The (local line address, peer line address) pairs of [`path_targets`],
+/// for resolving their hops.
+pub fn paths(config: &SiteConfig) -> Vec<(IpAddr, IpAddr)> {
+    let mut out = BTreeSet::new();
+    for seg in &config.segments {
+        for p in seg.peers.iter().filter(|p| picks_line(p)) {
+            for e in &p.endpoints {
+                if let (Some(l), Ok(r)) = (line_address(config, &e.local_line), e.address.parse()) {
+                    out.insert((l, r));
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// The line addresses of every peer: whose underlay probes this router answers.
+pub fn known_lines(config: &SiteConfig) -> BTreeSet<IpAddr> {
+    config
+        .segments
+        .iter()
+        .flat_map(|s| &s.peers)
+        .flat_map(|p| &p.endpoints)
+        .filter_map(|e| e.address.parse().ok())
+        .collect()
+}
+
+/// What the prober is asked to do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Work {
+    targets: Vec<Target>,
+    answer: Arc<BTreeSet<IpAddr>>,
+}
+
 /// The probing of one agent: give it targets, read health.
 #[derive(Debug)]
 pub struct Prober {
-    targets: watch::Sender<Vec<Target>>,
+    work: watch::Sender<Work>,
     pub health: Healths,
     /// Woken when a peer goes up or down.
     pub changed: Arc<Notify>,
@@ -101,43 +197,51 @@ pub struct Prober {
 impl Prober {
     /// Starts probing (nothing until targets are set).
     pub fn start() -> Prober {
-        let (tx, rx) = watch::channel(Vec::new());
+        let (tx, rx) = watch::channel(Work::default());
         let health: Healths = Arc::default();
         let changed = Arc::new(Notify::new());
         tokio::spawn(supervise(rx, health.clone(), changed.clone()));
-        Prober { targets: tx, health, changed }
+        Prober { work: tx, health, changed }
     }
 
-    pub fn set(&self, targets: Vec<Target>) {
-        self.targets.send_if_modified(|t| {
-            let differs = *t != targets;
-            *t = targets;
+    /// Probes `targets` and answers the underlay probes of `answer`'s addresses.
+    pub fn set(&self, targets: Vec<Target>, answer: BTreeSet<IpAddr>) {
+        let work = Work { targets, answer: Arc::new(answer) };
+        self.work.send_if_modified(|w| {
+            let differs = *w != work;
+            *w = work;
             differs
         });
     }
 
-    pub fn get(&self, segment: &str, peer: &str) -> Option<Health> {
-        self.health.lock().unwrap_or_else(|p| p.into_inner()).get(&(segment.to_string(), peer.to_string())).cloned()
+    pub fn get(&self, key: &Key) -> Option<Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
     }
 }
 
-async fn supervise(mut rx: watch::Receiver<Vec<Target>>, health: Healths, changed: Arc<Notify>) {
+async fn supervise(mut rx: watch::Receiver<Work>, health: Healths, changed: Arc<Notify>) {
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     loop {
-        let targets = rx.borrow_and_update().clone();
+        let Work { targets, answer } = rx.borrow_and_update().clone();
         for t in tasks.drain(..) {
             t.abort();
         }
         {
             let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
-            h.retain(|(seg, peer), _| targets.iter().any(|t| &t.segment == seg && &t.peer == peer));
+            h.retain(|key, _| targets.iter().any(|t| &t.key == key));
         }
-        let mut by_interface: BTreeMap<String, Vec<Target>> = BTreeMap::new();
+        let mut by_socket: BTreeMap<(String, IpAddr), Vec<Target>> = BTreeMap::new();
         for t in targets {
-            by_interface.entry(t.interface.clone()).or_default().push(t);
+            by_socket.entry((t.interface.clone(), t.local)).or_default().push(t);
         }
-        for (interface, targets) in by_interface {
-            tasks.push(tokio::spawn(interface_loop(interface, targets, health.clone(), changed.clone())));
+        for ((interface, local), targets) in by_socket {
+            // Underlay sockets answer only the peers' line addresses.
+            let only = matches!(targets[0].key, Key::Path { .. }).then(|| answer.clone());
+            let task = socket_loop(interface, local, targets, only, health.clone(), changed.clone());
+            tasks.push(tokio::spawn(task));
+        }
+        if !answer.is_empty() {
+            tasks.push(tokio::spawn(answer_loop(answer)));
         }
         if rx.changed().await.is_err() {
             return;
@@ -145,14 +249,45 @@ async fn supervise(mut rx: watch::Receiver<Vec<Target>>, health: Healths, change
     }
 }
 
-fn socket(interface: &str, local: IpAddr) -> std::io::Result<UdpSocket> {
+fn socket(interface: Option<&str>, local: IpAddr) -> std::io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    let s = Socket::new(Domain::for_address(SocketAddr::new(local, PORT)), Type::DGRAM, Some(Protocol::UDP))?;
     s.set_reuse_address(true)?;
-    s.bind_device(Some(interface.as_bytes()))?;
+    if local.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    if let Some(interface) = interface {
+        s.bind_device(Some(interface.as_bytes()))?;
+    }
     s.bind(&SocketAddr::new(local, PORT).into())?;
     s.set_nonblocking(true)?;
     UdpSocket::from_std(s.into())
+}
+
+/// Answers underlay probes arriving at any address, from `answer`'s only.
+async fn answer_loop(answer: Arc<BTreeSet<IpAddr>>) {
+    let wildcard = [IpAddr::from([0u8; 4]), IpAddr::from([0u16; 8])];
+    let mut socks = Vec::new();
+    for local in wildcard {
+        match socket(None, local) {
+            Ok(s) => socks.push(s),
+            Err(e) => tracing::warn!(%local, error = %e, "cannot answer underlay probes"),
+        }
+    }
+    let serve = |sock: UdpSocket| {
+        let answer = answer.clone();
+        async move {
+            let mut buf = [0u8; 64];
+            loop {
+                let Ok((n, from)) = sock.recv_from(&mut buf).await else { continue };
+                if n >= 17 && buf[0] == REQUEST && answer.contains(&from.ip().to_canonical()) {
+                    buf[0] = REPLY;
+                    let _ = sock.send_to(&buf[..17], from).await;
+                }
+            }
+        }
+    };
+    futures::future::join_all(socks.into_iter().map(serve)).await;
 }
 
 /// Per target: when it last answered, and the last probes (sent at, answered).
@@ -164,11 +299,17 @@ struct State {
     next: Instant,
 }
 
-async fn interface_loop(interface: String, targets: Vec<Target>, health: Healths, changed: Arc<Notify>) {
+async fn socket_loop(
+    interface: String,
+    local: IpAddr,
+    targets: Vec<Target>,
+    only: Option<Arc<BTreeSet<IpAddr>>>,
+    health: Healths,
+    changed: Arc<Notify>,
+) {
     // The interface may appear a moment after the configuration.
-    let Some(local) = targets.first().map(|t| t.local) else { return };
     let sock = loop {
-        match socket(&interface, local) {
+        match socket(Some(&interface), local) {
             Ok(s) => break s,
             Err(e) => {
                 tracing::debug!(interface, error = %e, "probe socket not ready");
@@ -213,7 +354,7 @@ async fn interface_loop(interface: String, targets: Vec<Target>, health: Healths
                     continue;
                 }
                 match buf[0] {
-                    REQUEST => {
+                    REQUEST if only.as_ref().is_none_or(|o| o.contains(&from.ip())) => {
                         buf[0] = REPLY;
                         let _ = sock.send_to(&buf[..17], from).await;
                     }
@@ -256,16 +397,23 @@ fn evaluate(targets: &[Target], states: &[State], health: &Healths, changed: &No
             st.sent.iter().filter(|e| e.2 || now - e.1 > detect).map(|e| e.2).rev().take(WINDOW).collect();
         let lost = settled.iter().filter(|a| !**a).count();
         let loss_permille = if settled.is_empty() { 0 } else { (lost * 1000 / settled.len()) as u32 };
-        let entry = h.entry((t.segment.clone(), t.peer.clone())).or_default();
+        let entry = h.entry(t.key.clone()).or_default();
         if entry.up != up || entry.since.is_none() {
             entry.since = Some(now);
         }
         if entry.up != up {
             flipped = true;
-            tracing::info!(segment = %t.segment, peer = %t.peer, up, "peer {}", if up { "up" } else { "down" });
+            let state = if up { "up" } else { "down" };
+            match &t.key {
+                Key::Tunnel { segment, peer } => tracing::info!(%segment, %peer, up, "peer {state}"),
+                Key::Path { local, remote } => {
+                    tracing::info!(%local, %remote, interface = %t.interface, up, "line path {state}")
+                }
+            }
         }
         entry.up = up;
         entry.loss_permille = loss_permille;
+        entry.last_reply = st.last_reply;
         if let Some((j, r)) = rtt
             && j == i
         {

@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use musubi_proto::v1::{self as pb, SiteConfig};
 
-use crate::datapath::{Allow, Datapath, DatapathError, Domain, Op, Owned, PeerSpec, Policy, PolicySpec, Route, Tunnel};
+use crate::datapath::{
+    Allow, Datapath, DatapathError, Domain, Hop, Op, Owned, PeerSpec, Pin, Policy, PolicySpec, Route, Tunnel,
+};
 use crate::state::{StateDir, StateError};
 use crate::summary::{ConfigError, summarise};
 
@@ -58,47 +60,109 @@ fn protocol(p: pb::Protocol) -> &'static str {
 /// (probing and failover choose among the others): they are routed into
 /// the segment's tunnel and belong to that peer's allowed IPs, as WireGuard
 /// routes by allowed IPs. Peers' tunnel addresses are routed too; a peer
-/// goes to its first endpoint (the best line pair). A LAN attachment binds
+/// goes to its first endpoint (the best line pair), and a member site seen
+/// from an access point is followed wherever it roams. A LAN attachment binds
 /// its interface to the segment's domain, with its prefixes in the
 /// segment's table. Imports (access points) route another segment's
 /// prefixes into that segment's tunnel; the policy lets through only the
 /// flows the intent allows.
 pub fn desired(config: &SiteConfig, state: &StateDir) -> Result<Owned, ReconcileError> {
-    desired_with(config, state, &choose(config, &|_, _, _| 0))
+    desired_with(config, state, &choose(config, &|_, _, _| 0, &|_, _| 0))
 }
 
-/// The route groups' active candidates, by (segment, group): for each
-/// group, among its candidates with a key, the best ranked by `rank` (0 is
-/// best), the earlier candidate on a tie — a group is never left without a
-/// way.
-pub fn choose(config: &SiteConfig, rank: &dyn Fn(&str, &str, &str) -> u8) -> BTreeMap<(String, String), String> {
-    let mut out = BTreeMap::new();
+/// What the agent has chosen among the alternatives a configuration gives.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Choices {
+    /// Route groups' active candidates, by (segment, group).
+    pub groups: BTreeMap<(String, String), String>,
+    /// The active path of each peer whose line the agent picks (access
+    /// points and the interconnect), by peer name: (local line, remote line).
+    pub paths: BTreeMap<String, (String, String)>,
+}
+
+/// Whether this router picks the line to `peer` (it reaches an access
+/// point), or follows the peer wherever it comes from (a member site).
+pub fn picks_line(peer: &pb::Peer) -> bool {
+    matches!(peer.role(), pb::PeerRole::AccessPoint | pb::PeerRole::Interconnect)
+}
+
+/// The best of `items` by `rank` (0 is best), the earlier on a tie.
+fn best<T>(items: impl Iterator<Item = T>, rank: impl Fn(&T) -> u8) -> Option<T> {
+    items.enumerate().min_by_key(|(i, t)| (rank(t), *i)).map(|(_, t)| t)
+}
+
+/// The agent's choices: for each route group, among its candidates with a
+/// key, the best by `group_rank(segment, group, peer)`; for each peer whose
+/// line it picks, the best of its endpoints (ordered by line priority) by
+/// `path_rank(peer, endpoint)`. Ranks are 0 for best; a tie goes to the
+/// earlier — nothing is ever left without a way.
+pub fn choose(
+    config: &SiteConfig,
+    group_rank: &dyn Fn(&str, &str, &str) -> u8,
+    path_rank: &dyn Fn(&str, &pb::Endpoint) -> u8,
+) -> Choices {
+    let mut out = Choices::default();
     for seg in &config.segments {
         let keyed: BTreeSet<&str> =
             seg.peers.iter().filter(|p| !p.public_key.is_empty()).map(|p| p.name.as_str()).collect();
         for g in &seg.route_groups {
-            let pick = g
-                .candidates
-                .iter()
-                .filter(|c| keyed.contains(c.as_str()))
-                .enumerate()
-                .min_by_key(|(i, c)| (rank(&seg.segment, &g.name, c), *i))
-                .map(|(_, c)| c);
-            if let Some(c) = pick {
-                out.insert((seg.segment.clone(), g.name.clone()), c.clone());
+            let candidates = g.candidates.iter().filter(|c| keyed.contains(c.as_str()));
+            if let Some(c) = best(candidates, |c| group_rank(&seg.segment, &g.name, c)) {
+                out.groups.insert((seg.segment.clone(), g.name.clone()), c.clone());
+            }
+        }
+        for p in seg.peers.iter().filter(|p| picks_line(p)) {
+            if out.paths.contains_key(&p.name) {
+                continue;
+            }
+            if let Some(e) = best(p.endpoints.iter(), |e| path_rank(&p.name, e)) {
+                out.paths.insert(p.name.clone(), (e.local_line.clone(), e.remote_line.clone()));
             }
         }
     }
     out
 }
 
-/// [`desired`] with the route groups' active candidates chosen (by
-/// [`choose`]); a group without one in `active` is not routed.
-pub fn desired_with(
+/// The endpoint of `peer` on the chosen path, else its first.
+pub fn active_endpoint<'a>(peer: &'a pb::Peer, choices: &Choices) -> Option<&'a pb::Endpoint> {
+    let chosen = choices.paths.get(&peer.name);
+    chosen
+        .and_then(|(l, r)| peer.endpoints.iter().find(|e| &e.local_line == l && &e.remote_line == r))
+        .or_else(|| peer.endpoints.first())
+}
+
+/// A line's underlay address by name.
+pub fn line_address(config: &SiteConfig, line: &str) -> Option<std::net::IpAddr> {
+    config.lines.iter().find(|l| l.name == line).and_then(|l| l.address.parse().ok())
+}
+
+/// The underlay routes that send each peer's outer packets over its active
+/// path (where the path's hop is known).
+pub fn pins(
     config: &SiteConfig,
-    state: &StateDir,
-    active: &BTreeMap<(String, String), String>,
-) -> Result<Owned, ReconcileError> {
+    choices: &Choices,
+    hops: &BTreeMap<(std::net::IpAddr, std::net::IpAddr), Hop>,
+) -> BTreeSet<Pin> {
+    let mut out = BTreeSet::new();
+    for seg in &config.segments {
+        for p in seg.peers.iter().filter(|p| picks_line(p)) {
+            let Some(e) = active_endpoint(p, choices) else { continue };
+            let (Some(source), Ok(destination)) = (line_address(config, &e.local_line), e.address.parse()) else {
+                continue;
+            };
+            if let Some(hop) = hops.get(&(source, destination)) {
+                out.insert(Pin { destination, source, hop: hop.clone() });
+            }
+        }
+    }
+    out
+}
+
+/// [`desired`] with the agent's choices: a route group without an active
+/// candidate is not routed; a peer whose line the agent picks goes to the
+/// endpoint of its active path.
+pub fn desired_with(config: &SiteConfig, state: &StateDir, choices: &Choices) -> Result<Owned, ReconcileError> {
+    let active = &choices.groups;
     summarise(config)?;
     let mut owned = Owned::default();
     let mut spec = PolicySpec::default();
@@ -170,8 +234,9 @@ pub fn desired_with(
             .map(|(name, p)| {
                 let spec = PeerSpec {
                     name: name.to_string(),
-                    endpoint: p.endpoints.first().map(endpoint).unwrap_or_default(),
+                    endpoint: active_endpoint(p, choices).map(endpoint).unwrap_or_default(),
                     allowed_ips: allowed.remove(name).unwrap_or_default(),
+                    roams: !picks_line(p),
                 };
                 (p.public_key.clone(), spec)
             })
@@ -205,6 +270,43 @@ pub fn desired_with(
         owned.policy = Some(Policy::new(spec));
     }
     Ok(owned)
+}
+
+/// Brings the datapath to what `config` asks for with `choices`, the outer
+/// packets of each peer on its chosen line; returns the operations applied.
+///
+/// The underlay routes go first, so a peer's new endpoint is reached over
+/// its new line from the first packet. A peer whose line changed under the
+/// same endpoint address has its endpoint set again: WireGuard keeps the
+/// source address it last used for an endpoint (sticky), and setting it
+/// anew makes the next packet take the new route and its source.
+pub fn build(
+    dp: &mut dyn Datapath,
+    config: &SiteConfig,
+    state: &StateDir,
+    choices: &Choices,
+    hops: &BTreeMap<(std::net::IpAddr, std::net::IpAddr), Hop>,
+) -> Result<Vec<Op>, ReconcileError> {
+    let want = desired_with(config, state, choices)?;
+    let moved = dp.pin(&pins(config, choices, hops))?;
+    let mut ops = reconcile(dp, &want)?;
+    if !moved.is_empty() {
+        let mut again = Vec::new();
+        for t in want.tunnels.values() {
+            for (key, peer) in &t.peers {
+                let Ok(at) = peer.endpoint.parse::<std::net::SocketAddr>() else { continue };
+                let done = ops.iter().any(
+                    |o| matches!(o, Op::SetPeer { tunnel, public_key, .. } if *tunnel == t.name && key == public_key),
+                );
+                if moved.contains(&at.ip()) && !peer.roams && !done {
+                    again.push(Op::SetPeer { tunnel: t.name.clone(), public_key: key.clone(), peer: peer.clone() });
+                }
+            }
+        }
+        dp.apply(&again)?;
+        ops.extend(again);
+    }
+    Ok(ops)
 }
 
 /// Brings the datapath to `want`; returns the operations applied (none when

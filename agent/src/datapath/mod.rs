@@ -15,6 +15,7 @@ pub mod fake;
 pub mod linux;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -47,15 +48,39 @@ pub struct Tunnel {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeerSpec {
     pub name: String,
-    /// `address:port` of the active endpoint.
+    /// `address:port` of the active endpoint. Empty in a [`Op::SetPeer`]
+    /// keeps the endpoint the peer has.
     pub endpoint: String,
     pub allowed_ips: BTreeSet<String>,
+    /// The peer picks its own line: `endpoint` is where it starts, and
+    /// afterwards WireGuard follows it to wherever its packets come from
+    /// (an access point's member sites). Not part of comparisons.
+    #[serde(default)]
+    pub roams: bool,
 }
 
 impl PartialEq for PeerSpec {
     fn eq(&self, other: &Self) -> bool {
         self.endpoint == other.endpoint && self.allowed_ips == other.allowed_ips
     }
+}
+
+/// Where the outer packets towards a peer's line leave: the interface of a
+/// local line and, beyond the local subnet, the gateway.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Hop {
+    pub interface: String,
+    pub gateway: Option<IpAddr>,
+}
+
+/// An underlay route the agent pins in the main table so that the outer
+/// packets to `destination` (a peer's line address) leave on the chosen
+/// local line, from its address `source`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Pin {
+    pub destination: IpAddr,
+    pub source: IpAddr,
+    pub hop: Hop,
 }
 impl Eq for PeerSpec {}
 
@@ -172,6 +197,18 @@ pub trait Datapath: Send {
     fn apply(&mut self, ops: &[Op]) -> Result<(), DatapathError>;
     /// Writes made since start (for tests and status).
     fn writes(&self) -> u64;
+    /// For each (local line address, peer line address): the hop the outer
+    /// packets would take, when the router has a route to the peer's
+    /// address out of the interface that holds the local one. A path left
+    /// out cannot be used. A datapath without an underlay knows none.
+    fn hops(&mut self, _paths: &[(IpAddr, IpAddr)]) -> Result<BTreeMap<(IpAddr, IpAddr), Hop>, DatapathError> {
+        Ok(BTreeMap::new())
+    }
+    /// Makes the pinned underlay routes exactly `pins`; returns the
+    /// destinations whose pin changed (was added, moved or removed).
+    fn pin(&mut self, _pins: &BTreeSet<Pin>) -> Result<BTreeSet<IpAddr>, DatapathError> {
+        Ok(BTreeSet::new())
+    }
 }
 
 /// The operations that turn `actual` into `desired`, in a safe order:
@@ -252,8 +289,20 @@ pub fn plan(actual: &Owned, desired: &Owned) -> Vec<Op> {
     for (name, d) in &desired.tunnels {
         let existing = actual.tunnels.get(name).filter(|_| !dead_tunnels.contains(name));
         for (key, peer) in &d.peers {
-            if existing.is_none_or(|a| a.peers.get(key) != Some(peer)) {
-                creations.push(Op::SetPeer { tunnel: name.clone(), public_key: key.clone(), peer: peer.clone() });
+            let now = existing.and_then(|a| a.peers.get(key));
+            // A roaming peer keeps the endpoint WireGuard has learnt.
+            let roamed = peer.roams && now.is_some_and(|n| !n.endpoint.is_empty());
+            let changed = match now {
+                None => true,
+                Some(n) if roamed => n.allowed_ips != peer.allowed_ips,
+                Some(n) => n != peer,
+            };
+            if changed {
+                let mut peer = peer.clone();
+                if roamed {
+                    peer.endpoint.clear();
+                }
+                creations.push(Op::SetPeer { tunnel: name.clone(), public_key: key.clone(), peer });
             }
         }
     }
@@ -386,7 +435,13 @@ pub fn step(owned: &mut Owned, op: &Op) -> Result<(), DatapathError> {
         }
         Op::SetPeer { tunnel, public_key, peer } => {
             let Some(t) = owned.tunnels.get_mut(tunnel) else { return illegal(format!("no tunnel {tunnel}")) };
-            t.peers.insert(public_key.clone(), peer.clone());
+            let mut peer = peer.clone();
+            if peer.endpoint.is_empty()
+                && let Some(old) = t.peers.get(public_key)
+            {
+                peer.endpoint = old.endpoint.clone();
+            }
+            t.peers.insert(public_key.clone(), peer);
         }
         Op::RemovePeer { tunnel, public_key } => {
             let Some(t) = owned.tunnels.get_mut(tunnel) else { return illegal(format!("no tunnel {tunnel}")) };

@@ -28,12 +28,13 @@ pub mod wireguard;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use rtnetlink::Handle;
 use wireguard_control::Backend;
 
-use super::{Datapath, DatapathError, Domain, Op, Owned, Route, Tunnel};
+use super::{Datapath, DatapathError, Domain, Hop, Op, Owned, Pin, Route, Tunnel};
 use netlink::Link;
 
 /// Route protocol number of the agent's routes (and rules).
@@ -367,6 +368,8 @@ impl Linux {
                 netlink::owned_rules(&handle).await?,
             ))
         })??;
+        // The main table holds only the underlay pins (see `pin`), kept apart.
+        let routes: Vec<_> = routes.into_iter().filter(|r| r.table != netlink::MAIN_TABLE).collect();
         let netlink_ms = started.elapsed().as_secs_f64() * 1e3;
         let by_index: BTreeMap<u32, &Link> = links.iter().map(|l| (l.index, l)).collect();
         let mut owned = Owned::default();
@@ -757,12 +760,15 @@ async fn bind(
             Ok(1)
         }
         DomainMode::Table => {
+            // Rules name interfaces and outlive them: a tunnel whose process
+            // died (its interface gone) left its rules behind.
+            let stale = unbind_rules(handle, name).await?;
             for v6 in [false, true] {
                 for input in [true, false] {
                     netlink::add_rule(handle, table, name, input, v6).await?;
                 }
             }
-            Ok(4)
+            Ok(stale + 4)
         }
     }
 }
@@ -823,6 +829,85 @@ impl Datapath for Linux {
     fn writes(&self) -> u64 {
         self.writes
     }
+
+    fn hops(&mut self, paths: &[(IpAddr, IpAddr)]) -> Result<BTreeMap<(IpAddr, IpAddr), Hop>, DatapathError> {
+        let handle = self.handle.clone();
+        let (links, addresses, routes) = block_on(&self.rt, async move {
+            Ok::<_, DatapathError>((
+                netlink::links(&handle).await?,
+                netlink::addresses(&handle).await?,
+                netlink::main_routes(&handle).await?,
+            ))
+        })??;
+        let mut out = BTreeMap::new();
+        for &(local, remote) in paths {
+            let holder =
+                addresses.iter().find(|(_, a)| a.split('/').next().and_then(|ip| ip.parse().ok()) == Some(local));
+            let Some(&(index, _)) = holder else { continue };
+            let Some(link) = links.iter().find(|l| l.index == index) else { continue };
+            // The operator's most specific route to the peer's address out of
+            // that interface (never one of the agent's own pins).
+            let best = routes
+                .iter()
+                .filter(|r| !r.ours && r.oif == Some(index) && contains(r.destination, r.length, remote))
+                .max_by_key(|r| (r.length, std::cmp::Reverse(r.metric)));
+            if let Some(r) = best {
+                out.insert((local, remote), Hop { interface: link.name.clone(), gateway: r.gateway });
+            }
+        }
+        Ok(out)
+    }
+
+    fn pin(&mut self, pins: &BTreeSet<Pin>) -> Result<BTreeSet<IpAddr>, DatapathError> {
+        let handle = self.handle.clone();
+        let (links, routes) = block_on(&self.rt, async move {
+            Ok::<_, DatapathError>((netlink::links(&handle).await?, netlink::main_routes(&handle).await?))
+        })??;
+        let index: BTreeMap<&str, u32> = links.iter().map(|l| (l.name.as_str(), l.index)).collect();
+        let mut wanted: BTreeMap<IpAddr, (u32, Option<IpAddr>, IpAddr)> = BTreeMap::new();
+        for p in pins {
+            if let Some(i) = index.get(p.hop.interface.as_str()) {
+                wanted.entry(p.destination).or_insert((*i, p.hop.gateway, p.source));
+            }
+        }
+        let mut stale = Vec::new();
+        let mut changed = BTreeSet::new();
+        for r in routes.iter().filter(|r| r.ours) {
+            let full = if r.destination.is_ipv4() { 32 } else { 128 };
+            let same = r.length == full
+                && wanted
+                    .get(&r.destination)
+                    .is_some_and(|w| (Some(w.0), w.1, Some(w.2)) == (r.oif, r.gateway, r.source));
+            if same {
+                wanted.remove(&r.destination);
+            } else {
+                stale.push(r.message.clone());
+                changed.insert(r.destination);
+            }
+        }
+        changed.extend(wanted.keys().copied());
+        let writes = (stale.len() + wanted.len()) as u64;
+        if writes == 0 {
+            return Ok(changed);
+        }
+        let handle = self.handle.clone();
+        block_on(&self.rt, async move {
+            for m in stale {
+                netlink::del_route(&handle, m).await?;
+            }
+            for (destination, (oif, gateway, source)) in wanted {
+                netlink::add_pin(&handle, destination, source, oif, gateway).await?;
+            }
+            Ok::<_, DatapathError>(())
+        })??;
+        self.writes += writes;
+        Ok(changed)
+    }
+}
+
+/// Whether `prefix/length` contains `ip` (same family).
+fn contains(prefix: IpAddr, length: u8, ip: IpAddr) -> bool {
+    ipnetwork::IpNetwork::new(prefix, length).is_ok_and(|n| n.contains(ip))
 }
 
 /// An operation in a few words, for errors and logs.

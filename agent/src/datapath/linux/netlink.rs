@@ -309,3 +309,95 @@ pub async fn add_rule(
 pub async fn del_rule(handle: &Handle, msg: RuleMessage) -> Result<(), DatapathError> {
     handle.rule().del(msg).execute().await.map_err(|e| nl("deleting a rule", e))
 }
+
+/// The main table (`ip route show table main`).
+pub const MAIN_TABLE: u32 = 254;
+
+/// A route of the main table, as the underlay's hops need it.
+#[derive(Debug, Clone)]
+pub struct MainRoute {
+    pub destination: IpAddr,
+    pub length: u8,
+    pub oif: Option<u32>,
+    pub gateway: Option<IpAddr>,
+    pub source: Option<IpAddr>,
+    pub metric: u32,
+    /// Carries the agent's protocol number: one of its pinned routes.
+    pub ours: bool,
+    pub message: RouteMessage,
+}
+
+fn address(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(a) => Some(IpAddr::V4(*a)),
+        RouteAddress::Inet6(a) => Some(IpAddr::V6(*a)),
+        _ => None,
+    }
+}
+
+/// The unicast routes of the main table, both families.
+pub async fn main_routes(handle: &Handle) -> Result<Vec<MainRoute>, DatapathError> {
+    let mut out = Vec::new();
+    for version in [IpVersion::V4, IpVersion::V6] {
+        let query = match version {
+            IpVersion::V4 => RouteMessageBuilder::<std::net::Ipv4Addr>::new().table_id(0).build(),
+            IpVersion::V6 => RouteMessageBuilder::<std::net::Ipv6Addr>::new().table_id(0).build(),
+        };
+        let mut stream = handle.route().get(query).execute();
+        while let Some(msg) = stream.try_next().await.map_err(|e| nl("listing routes", e))? {
+            if table_of(&msg) != MAIN_TABLE || msg.header.kind != RouteType::Unicast {
+                continue;
+            }
+            let mut route = MainRoute {
+                destination: match msg.header.address_family {
+                    AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                    _ => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                },
+                length: msg.header.destination_prefix_length,
+                oif: None,
+                gateway: None,
+                source: None,
+                metric: 0,
+                ours: msg.header.protocol == RouteProtocol::Other(PROTOCOL),
+                message: msg.clone(),
+            };
+            for a in &msg.attributes {
+                match a {
+                    RouteAttribute::Destination(d) => route.destination = address(d).unwrap_or(route.destination),
+                    RouteAttribute::Oif(i) => route.oif = Some(*i),
+                    RouteAttribute::Gateway(g) => route.gateway = address(g),
+                    RouteAttribute::PrefSource(s) => route.source = address(s),
+                    RouteAttribute::Priority(m) => route.metric = *m,
+                    _ => {}
+                }
+            }
+            out.push(route);
+        }
+    }
+    Ok(out)
+}
+
+/// Pins `destination` (a host route in the main table, the agent's
+/// protocol) to interface `oif`, through `gateway`, from `source`.
+pub async fn add_pin(
+    handle: &Handle,
+    destination: IpAddr,
+    source: IpAddr,
+    oif: u32,
+    gateway: Option<IpAddr>,
+) -> Result<(), DatapathError> {
+    let what = format!("pinning {destination} to interface {oif}");
+    let full = if destination.is_ipv4() { 32 } else { 128 };
+    let mut builder = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(destination, full)
+        .map_err(|e| nl(&what, e))?
+        .table_id(MAIN_TABLE)
+        .protocol(RouteProtocol::Other(PROTOCOL))
+        .output_interface(oif)
+        .pref_source(source)
+        .map_err(|e| nl(&what, e))?;
+    if let Some(g) = gateway {
+        builder = builder.gateway(g).map_err(|e| nl(&what, e))?;
+    }
+    handle.route().add(builder.build()).replace().execute().await.map_err(|e| nl(&what, e))
+}

@@ -53,6 +53,7 @@ pub fn read(name: &str, backend: Backend) -> Option<State> {
                 name: String::new(),
                 endpoint: p.config.endpoint.map(|e| e.to_string()).unwrap_or_default(),
                 allowed_ips: p.config.allowed_ips.iter().map(|a| format!("{}/{}", a.address, a.cidr)).collect(),
+                roams: false,
             };
             (public_key, spec)
         })

@@ -27,6 +27,8 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use serde::Deserialize;
 
+mod drill;
+
 /// Where labs keep their state unless `MUSUBI_LAB_DIR` says otherwise.
 const ROOT: &str = "/run/musubi-lab";
 const PORT: u16 = 7400;
@@ -72,6 +74,18 @@ pub enum LabCommand {
         lab: Option<String>,
         #[arg(last = true, required = true)]
         args: Vec<String>,
+    },
+    /// Play a failure drill (labs/<lab>/drills/*.yaml) on the running lab:
+    /// steady UDP streams between LAN hosts while lines are cut, nodes
+    /// stopped and restored; prints a live timeline and the outage of each
+    /// flow, writes JSON, Markdown and SVG reports. Exits 1 if it fails.
+    Drill {
+        file: PathBuf,
+        #[arg(long)]
+        lab: Option<String>,
+        /// Where the reports go [default: the lab's directory, drills/].
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Run a command in a node: `musubi lab exec NODE -- CMD ARGS…`.
     Exec {
@@ -285,6 +299,7 @@ pub fn main(command: LabCommand) -> Result<()> {
         LabCommand::Down { name } => down(&Lab::find(name)?),
         LabCommand::Status { name } => status(&Lab::find(name)?),
         LabCommand::Check { name } => check(&Lab::find(name)?),
+        LabCommand::Drill { file, lab, out } => drill::run(Lab::find(lab)?, &file, out),
         LabCommand::Cli { lab, args } => {
             let lab = Lab::find(lab)?;
             let clab = lab.topology()?;

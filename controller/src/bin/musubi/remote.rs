@@ -120,9 +120,14 @@ pub async fn site_status(client: &mut Client, site: Option<String>, json: bool) 
                 println!("error:       {e}");
             }
             for p in &st.peers {
-                let state = if p.up { "up" } else { "DOWN" };
+                let state = match (p.judged, p.up) {
+                    (false, _) => "?",
+                    (true, true) => "up",
+                    (true, false) => "DOWN",
+                };
+                let over = if p.path.is_empty() { String::new() } else { format!(", over {}", p.path) };
                 println!(
-                    "peer:        {:<12} {:<24} {state:<4} rtt {} µs, loss {}‰",
+                    "peer:        {:<12} {:<24} {state:<4} rtt {} µs, loss {}‰{over}",
                     p.segment, p.peer, p.rtt_us, p.loss_permille
                 );
             }
