@@ -383,7 +383,8 @@ impl Agent {
     /// to a better one only after it has been up for the hold-down; a peer
     /// whose tunnel stopped answering keeps its groups for
     /// [`SWITCH_GRACE`] if one of its lines answered after the tunnel last
-    /// did (the line switch is bringing it back). On an access point, a member site keeps its
+    /// did (the line switch is bringing it back), and as long after one of
+    /// its lines came back. On an access point, a member site keeps its
     /// prefixes for [`SITE_GRACE`] after going quiet and gets them back as
     /// soon as it answers. A path is chosen the same way among the peer's
     /// endpoints, best line first; a path the router has no route for is
@@ -401,6 +402,7 @@ impl Agent {
         // line under the tunnel failed, not the peer, and a line switch is
         // bringing the tunnel back. (When the peer itself is gone, no line
         // answers after the tunnel went quiet, however slow its probes.)
+        // Returns when the most recent such line came up.
         let line_outlived_tunnel = |peer: &str, tunnel: &Health| {
             config
                 .segments
@@ -409,7 +411,9 @@ impl Agent {
                 .flat_map(|p| &p.endpoints)
                 .filter_map(path_key)
                 .filter_map(|k| prober.get(&k))
-                .any(|h| h.up && h.last_reply.is_some_and(|l| tunnel.last_reply.is_none_or(|t| l > t)))
+                .filter(|h| h.up && h.last_reply.is_some_and(|l| tunnel.last_reply.is_none_or(|t| l > t)))
+                .filter_map(|h| h.since)
+                .max()
         };
         let roams: BTreeSet<&str> = config
             .segments
@@ -433,7 +437,10 @@ impl Agent {
                     }
                 }
                 Some(h) => {
-                    let switching = down_for(&h) < SWITCH_GRACE && line_outlived_tunnel(peer, &h);
+                    // The grace runs from the tunnel going quiet, or from a
+                    // line coming back (a site whose lines all return).
+                    let switching = line_outlived_tunnel(peer, &h)
+                        .is_some_and(|line_up| down_for(&h) < SWITCH_GRACE || line_up.elapsed() < SWITCH_GRACE);
                     if switching && current { 0 } else { 2 }
                 }
             }
@@ -621,7 +628,10 @@ impl Agent {
                             last = tokio::time::Instant::now();
                         }
                     }
-                    _ = health_changed(&changed) => { self.upkeep(); }
+                    _ = health_changed(&changed) => {
+                        settle().await;
+                        self.upkeep();
+                    }
                 }
             }
             tokio::time::sleep_until(until).await;
@@ -663,6 +673,7 @@ impl Agent {
                     }
                 }
                 _ = health_changed(&changed) => {
+                    settle().await;
                     self.upkeep();
                     tx.send(self.status(Vec::new())).await.map_err(|e| broken(&e))?;
                 }
@@ -727,6 +738,12 @@ impl Agent {
 }
 
 /// A peer went up or down (never, without probing).
+/// A moment for the flips that come together (a line's tunnels, every peer
+/// behind it) to be seen together before choosing.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
 async fn health_changed(changed: &Option<std::sync::Arc<tokio::sync::Notify>>) {
     match changed {
         Some(n) => n.notified().await,

@@ -287,9 +287,23 @@ pub fn build(
     choices: &Choices,
     hops: &BTreeMap<(std::net::IpAddr, std::net::IpAddr), Hop>,
 ) -> Result<Vec<Op>, ReconcileError> {
-    let want = desired_with(config, state, choices)?;
-    let moved = dp.pin(&pins(config, choices, hops))?;
-    let mut ops = reconcile(dp, &want)?;
+    let mut want = desired_with(config, state, choices)?;
+    let pins = pins(config, choices, hops);
+    fence(&mut want, config, &pins);
+    let moved = dp.pin(&pins)?;
+    let mut ops = dp.diff(&want)?;
+    // A line switch changes peers' endpoints and the fence of lines not in
+    // use: the fence goes first, so nothing still on its way over the old
+    // line makes WireGuard follow it back. (Otherwise the policy goes last,
+    // after the interfaces it names.)
+    let only_peers = ops.iter().all(|o| matches!(o, Op::SetPeer { .. } | Op::SetPolicy(_)));
+    if only_peers && let Some(i) = ops.iter().position(|o| matches!(o, Op::SetPolicy(_))) {
+        let policy = ops.remove(i);
+        ops.insert(0, policy);
+    }
+    if !ops.is_empty() {
+        dp.apply(&ops)?;
+    }
     if !moved.is_empty() {
         let mut again = Vec::new();
         for t in want.tunnels.values() {
@@ -307,6 +321,27 @@ pub fn build(
         ops.extend(again);
     }
     Ok(ops)
+}
+
+/// Adds to `want`'s policy the line addresses of the peers whose line the
+/// agent picks that are not in use (see [`PolicySpec::unused_lines`]).
+fn fence(want: &mut Owned, config: &SiteConfig, pins: &BTreeSet<Pin>) {
+    let Some(spec) = want.policy.as_ref().and_then(|p| p.spec.clone()) else { return };
+    if pins.is_empty() {
+        return;
+    }
+    let used: BTreeSet<std::net::IpAddr> = pins.iter().map(|p| p.destination).collect();
+    let mut spec = spec;
+    spec.unused_lines = config
+        .segments
+        .iter()
+        .flat_map(|s| s.peers.iter().filter(|p| picks_line(p)))
+        .flat_map(|p| &p.endpoints)
+        .filter_map(|e| e.address.parse().ok())
+        .filter(|a| !used.contains(a))
+        .collect();
+    spec.tunnel_ports = want.tunnels.values().filter_map(|t| u16::try_from(t.listen_port).ok()).collect();
+    want.policy = Some(Policy::new(spec));
 }
 
 /// Brings the datapath to `want`; returns the operations applied (none when

@@ -331,3 +331,70 @@ fn a_site_added_to_the_intent_joins_the_running_lab_within_2_s() {
     eprintln!("site added → reachable {joined:?} after the apply returned (enrolment and probe included)");
     assert!(joined < Duration::from_secs(2), "reachable after {joined:?}");
 }
+
+/// Every drill shipped with labs/minimal, played on one lab in turn: each
+/// must pass (`musubi lab drill` exits 0), and its JSON report must say why
+/// — every flow's outage within the drill's limit, no packet in another
+/// segment, traffic back on each source site's preferred line and access
+/// point. The reports stay in target/drill-reports.
+#[test]
+fn every_shipped_drill_passes() {
+    if skip_without_root() {
+        return;
+    }
+    let lab = Lab::new("ld");
+    let up = lab.up(&repo("labs/minimal/topology.clab.yml"), &[]);
+    assert!(up.status.success(), "{}", text(&up));
+    let reports = repo("target/drill-reports");
+    std::fs::create_dir_all(&reports).expect("reports directory");
+    let mut drills: Vec<PathBuf> = std::fs::read_dir(repo("labs/minimal/drills"))
+        .expect("drills")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    drills.sort();
+    assert!(drills.len() >= 5, "five drills ship: {drills:?}");
+    let mut failed = Vec::new();
+    for drill in &drills {
+        let out = lab.musubi(&[
+            "lab",
+            "drill",
+            "--lab",
+            &lab.name,
+            "--out",
+            &reports.display().to_string(),
+            &drill.display().to_string(),
+        ]);
+        let name = drill.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+        let md = std::fs::read_to_string(reports.join(format!("{name}.md"))).unwrap_or_else(|_| text(&out));
+        eprintln!("{md}");
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(reports.join(format!("{name}.json"))).unwrap_or_default())
+                .unwrap_or_default();
+        let flows = report["flows"].as_array().cloned().unwrap_or_default();
+        let limit = report["max_outage_ms"].as_f64().unwrap_or(0.0);
+        let good = out.status.success()
+            && report["pass"] == true
+            && !flows.is_empty()
+            && flows.iter().all(|f| {
+                f["outage_ms"].as_f64().is_some_and(|o| o <= limit.min(1000.0))
+                    && f["leaked"] == 0
+                    && f["received"].as_u64().is_some_and(|r| r > 0)
+            })
+            && report["paths"].as_array().is_some_and(|p| !p.is_empty() && p.iter().all(|p| p["pass"] == true));
+        if !good {
+            // Keep the agents' logs of a failed drill beside its reports.
+            let logs = reports.join("logs").join(&name);
+            let _ = std::fs::create_dir_all(&logs);
+            let nodes = lab.root.path().join(&lab.name).join("nodes");
+            for node in std::fs::read_dir(&nodes).into_iter().flatten().flatten() {
+                let _ = std::fs::copy(
+                    node.path().join("agent.log"),
+                    logs.join(format!("{}.log", node.file_name().to_string_lossy())),
+                );
+            }
+            failed.push(format!("{name}: {}", text(&out)));
+        }
+    }
+    assert!(failed.is_empty(), "drills failed:\n{}", failed.join("\n"));
+}

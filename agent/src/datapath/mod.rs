@@ -127,6 +127,15 @@ pub struct PolicySpec {
     /// Flows allowed from one segment into another; everything else between
     /// segments (and between a segment and the underlay) is dropped.
     pub allow: Vec<Allow>,
+    /// Where the agent picks the lines to its peers: the peers' line
+    /// addresses that are not in use, and the tunnels' ports. Tunnel
+    /// packets from those addresses are dropped, so a packet that was on its
+    /// way over the old line cannot make WireGuard follow it back (roaming
+    /// works both ways).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub unused_lines: BTreeSet<IpAddr>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub tunnel_ports: BTreeSet<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,7 +7,9 @@
 //! segment into another; everything else that enters or leaves a segment's
 //! interface — into another segment or into the underlay — is counted and
 //! dropped. Traffic that touches no segment (the underlay's own) is not
-//! the agent's business and passes.
+//! the agent's business and passes. Where the agent picks its peers' lines,
+//! an input chain drops tunnel packets that come from their lines not in
+//! use (see `PolicySpec::unused_lines`).
 
 use nftables::helper;
 use nftables::schema::Nftables;
@@ -130,6 +132,30 @@ fn ruleset(policy: &Policy, spec: &PolicySpec) -> Value {
             vec![meta(key, names(all.iter().cloned())), json!({ "counter": null }), json!({ "drop": null })],
             Some(DROP_COMMENT.into()),
         ));
+    }
+    if !spec.unused_lines.is_empty() && !spec.tunnel_ports.is_empty() {
+        cmds.push(json!({ "add": { "chain": {
+            "family": "inet", "table": TABLE, "name": "input",
+            "type": "filter", "hook": "input", "prio": 0, "policy": "accept"
+        } } }));
+        let ports: Vec<Value> = spec.tunnel_ports.iter().map(|p| json!(p)).collect();
+        for v6 in [false, true] {
+            let family = if v6 { "ip6" } else { "ip" };
+            let addrs: Vec<String> =
+                spec.unused_lines.iter().filter(|a| a.is_ipv6() == v6).map(ToString::to_string).collect();
+            if addrs.is_empty() {
+                continue;
+            }
+            let mut r = json!({ "family": "inet", "table": TABLE, "chain": "input", "expr": [
+                json!({ "match": { "op": "==", "left": { "payload": { "protocol": family, "field": "saddr" } }, "right": names(addrs) } }),
+                meta("l4proto", json!("udp")),
+                json!({ "match": { "op": "==", "left": { "payload": { "protocol": "udp", "field": "dport" } }, "right": { "set": ports } } }),
+                json!({ "counter": null }),
+                json!({ "drop": null }),
+            ] });
+            r["comment"] = json!("musubi: tunnel packets from a line not in use");
+            cmds.push(json!({ "add": { "rule": r } }));
+        }
     }
     json!({ "nftables": cmds })
 }

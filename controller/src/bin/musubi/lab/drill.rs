@@ -77,11 +77,14 @@ struct Pass {
     max_outage_ms: u64,
     /// Traffic must end on every source site's preferred line and access point.
     preferred: bool,
+    /// At most this many times a site's agent may move traffic (to another
+    /// line or access point) during the drill: hysteresis.
+    max_moves: BTreeMap<String, u64>,
 }
 
 impl Default for Pass {
     fn default() -> Self {
-        Pass { max_outage_ms: 1000, preferred: true }
+        Pass { max_outage_ms: 1000, preferred: true, max_moves: BTreeMap::new() }
     }
 }
 
@@ -463,8 +466,9 @@ fn micros(since: Instant) -> u32 {
 
 /// Outage of one flow: the longest stretch without a packet getting through
 /// (from the last packet sent that arrived to the next one), less the time
-/// an end of the flow had no line at all. In ms.
-fn outage(sent: &[u32], arrived: &[(u64, u32)], dark: &[(u32, u32)], rate: u32) -> (f64, f64) {
+/// an end of the flow had no line at all; the longest stretch as it was; when
+/// the counted one began. In ms, ms, s.
+fn outage(sent: &[u32], arrived: &[(u64, u32)], dark: &[(u32, u32)], rate: u32) -> (f64, f64, f64) {
     let got: BTreeSet<u64> = arrived.iter().map(|a| a.0).collect();
     let interval = 1e6 / f64::from(rate);
     let at = |seq: u64| f64::from(sent.get(seq as usize).copied().unwrap_or(0));
@@ -487,16 +491,17 @@ fn outage(sent: &[u32], arrived: &[(u64, u32)], dark: &[(u32, u32)], rate: u32) 
         None if end > 0 => edges.push((at(0) - interval, at(end - 1) + interval)),
         _ => {}
     }
-    let mut worst = (0.0f64, 0.0f64);
+    let (mut worst, mut longest) = ((0.0f64, 0.0f64), 0.0f64);
     for (a, b) in edges {
         let overlap: f64 = dark.iter().map(|&(s, e)| (b.min(f64::from(e)) - a.max(f64::from(s))).max(0.0)).sum::<f64>();
         let gap = (b - a - interval).max(0.0);
         let counted = (gap - overlap).max(0.0);
+        longest = longest.max(gap);
         if counted > worst.0 {
-            worst = (counted, gap);
+            worst = (counted, a);
         }
     }
-    (worst.0 / 1e3, worst.1 / 1e3)
+    (worst.0 / 1e3, longest / 1e3, (worst.1 / 1e6).max(0.0))
 }
 
 /// Outer packets each source site sent per (line interface, access point)
@@ -576,6 +581,8 @@ struct FlowResult {
     received: u64,
     lost: u64,
     outage_ms: f64,
+    /// When the counted outage began, in s since the drill began.
+    outage_at_s: f64,
     longest_gap_ms: f64,
     leaked: u64,
     misdelivered: u64,
@@ -589,7 +596,52 @@ struct PathResult {
     access_point: String,
     share: f64,
     packets: u64,
+    /// Packets by `line → access point`.
+    seen: BTreeMap<String, u64>,
     pass: bool,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Moves {
+    site: String,
+    moves: u64,
+    limit: Option<u64>,
+    pass: bool,
+}
+
+/// The agents' logs, read from where they were when the drill began:
+/// how often each site's agent moved traffic.
+struct Logs(BTreeMap<String, (PathBuf, u64)>);
+
+impl Logs {
+    fn mark(w: &World) -> Logs {
+        Logs(
+            w.router
+                .iter()
+                .map(|(site, node)| {
+                    let path = w.lab.node_dir(node).join("agent.log");
+                    let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                    (site.clone(), (path, len))
+                })
+                .collect(),
+        )
+    }
+
+    fn moves(&self) -> BTreeMap<String, u64> {
+        use std::io::{Read as _, Seek as _};
+        let mut out = BTreeMap::new();
+        for (site, (path, from)) in &self.0 {
+            let mut text = String::new();
+            if let Ok(mut f) = std::fs::File::open(path) {
+                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                // A restarted agent starts a new log.
+                let _ = f.seek(std::io::SeekFrom::Start(if len < *from { 0 } else { *from }));
+                let _ = f.read_to_string(&mut text);
+            }
+            out.insert(site.clone(), text.lines().filter(|l| l.contains("traffic moved")).count() as u64);
+        }
+        out
+    }
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -602,6 +654,7 @@ struct Report {
     timeline: Vec<(f64, String)>,
     flows: Vec<FlowResult>,
     paths: Vec<PathResult>,
+    moves: Vec<Moves>,
     matrix_checks: Vec<(f64, bool)>,
     pass: bool,
 }
@@ -619,6 +672,7 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>) -> Result<()> {
         install_counters(&w, site)?;
     }
 
+    let logs = Logs::mark(&w);
     // Receivers: every host listens on every stream's port.
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -742,7 +796,17 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>) -> Result<()> {
             }
         }
     };
-    std::thread::sleep(Duration::from_millis(500));
+    // The drill begins once every stream flows steadily: a tunnel's first
+    // handshake is not an outage. Packets before that are not counted.
+    let first = steady(&flows, Duration::from_secs(20));
+    let first = match first {
+        Ok(f) => f,
+        Err(e) => {
+            stop.store(true, Ordering::Relaxed);
+            return Err(e);
+        }
+    };
+    note(&mut timeline, "every stream flows steadily".into());
     for st in &drill.steps {
         let result: Result<()> = (|| {
             match st {
@@ -815,12 +879,24 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>) -> Result<()> {
             let ap = w.home_ap.get(&site).cloned().unwrap_or_default();
             let on = counts.get(&(ifname, ap.clone())).copied().unwrap_or(0);
             let share = if total == 0 { 0.0 } else { on as f64 / total as f64 };
+            let line_of = |i: &str| {
+                w.line_if
+                    .iter()
+                    .find(|((s, _), n)| *s == site && n.as_str() == i)
+                    .map_or(i.to_string(), |((_, l), _)| l.clone())
+            };
+            let seen = counts
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|((i, a), n)| (format!("{} → {a}", line_of(i)), *n))
+                .collect();
             paths.push(PathResult {
                 site,
                 preferred_line: first,
                 access_point: ap,
                 share,
                 packets: total,
+                seen,
                 pass: share >= PREFERRED_SHARE,
             });
         }
@@ -848,17 +924,21 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>) -> Result<()> {
     let mut plot: Vec<(String, Vec<u32>)> = Vec::new();
     let flows: Vec<FlowResult> = flows
         .iter()
-        .map(|f| {
-            let sent = f.sent.lock().map(|s| s.clone()).unwrap_or_default();
-            let arrived = f.arrived.lock().map(|a| a.clone()).unwrap_or_default();
-            plot.push((format!("{} → {}", f.spec.from, f.spec.to), arrived.iter().map(|a| a.1).collect()));
+        .enumerate()
+        .map(|(i, f)| {
+            let skip = first.get(i).copied().unwrap_or(0);
+            let sent: Vec<u32> = f.sent.lock().map(|s| s.get(skip..).unwrap_or_default().to_vec()).unwrap_or_default();
+            let all = f.arrived.lock().map(|a| a.clone()).unwrap_or_default();
+            let arrived: Vec<(u64, u32)> =
+                all.iter().filter(|a| a.0 >= skip as u64).map(|&(seq, at)| (seq - skip as u64, at)).collect();
+            plot.push((format!("{} → {}", f.spec.from, f.spec.to), all.iter().map(|a| a.1).collect()));
             let ends = [&w.hosts[&f.spec.from].0, &w.hosts[&f.spec.to].0];
             let windows: Vec<(u32, u32)> = ends
                 .iter()
                 .flat_map(|s| dark.get(*s).into_iter().flatten())
                 .map(|&(a, b)| (a, b.unwrap_or(end)))
                 .collect();
-            let (outage_ms, longest_gap_ms) = outage(&sent, &arrived, &windows, f.spec.rate);
+            let (outage_ms, longest_gap_ms, outage_at_s) = outage(&sent, &arrived, &windows, f.spec.rate);
             let unique: BTreeSet<u64> = arrived.iter().map(|a| a.0).collect();
             let leaked = f.leaked.load(Ordering::Relaxed);
             FlowResult {
@@ -870,6 +950,7 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>) -> Result<()> {
                 received: unique.len() as u64,
                 lost: (sent.len() as u64).saturating_sub(unique.len() as u64),
                 outage_ms,
+                outage_at_s,
                 longest_gap_ms,
                 leaked,
                 misdelivered: f.misdelivered.load(Ordering::Relaxed),
@@ -877,7 +958,18 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>) -> Result<()> {
             }
         })
         .collect();
-    let pass = flows.iter().all(|f| f.pass) && paths.iter().all(|p| p.pass) && matrix_checks.iter().all(|m| m.1);
+    let moves: Vec<Moves> = logs
+        .moves()
+        .into_iter()
+        .map(|(site, moves)| {
+            let limit = drill.pass.max_moves.get(&site).copied();
+            Moves { pass: limit.is_none_or(|l| moves <= l), site, moves, limit }
+        })
+        .collect();
+    let pass = flows.iter().all(|f| f.pass)
+        && paths.iter().all(|p| p.pass)
+        && moves.iter().all(|m| m.pass)
+        && matrix_checks.iter().all(|m| m.1);
     let report = Report {
         drill: drill.name.clone(),
         description: drill.description.trim().to_string(),
@@ -887,6 +979,7 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>) -> Result<()> {
         timeline,
         flows,
         paths,
+        moves,
         matrix_checks,
         pass,
     };
@@ -901,6 +994,27 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>) -> Result<()> {
         bail!("drill {} failed", drill.name);
     }
     Ok(())
+}
+
+/// Waits until every flow has delivered at least 80 % of its rate for half a
+/// second; returns how many packets each had sent by then.
+fn steady(flows: &[Arc<Flow>], limit: Duration) -> Result<Vec<usize>> {
+    let begin = Instant::now();
+    let mut last: Vec<u64> = flows.iter().map(|f| f.received.load(Ordering::Relaxed)).collect();
+    let mut good = 0;
+    while good < 5 {
+        if begin.elapsed() > limit {
+            let slow: Vec<String> = flows.iter().map(|f| format!("{} → {}", f.spec.from, f.spec.to)).collect();
+            bail!("the streams did not flow steadily within {limit:?} ({})", slow.join(", "));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let now: Vec<u64> = flows.iter().map(|f| f.received.load(Ordering::Relaxed)).collect();
+        let ok =
+            flows.iter().zip(now.iter().zip(&last)).all(|(f, (n, l))| (n - l) * 10 >= u64::from(f.spec.rate) * 8 / 10);
+        good = if ok { good + 1 } else { 0 };
+        last = now;
+    }
+    Ok(flows.iter().map(|f| f.sent.lock().map(|s| s.len()).unwrap_or(0)).collect())
 }
 
 /// Kills every process of `node` and blacks out all its interfaces.
@@ -954,12 +1068,12 @@ fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         md,
-        "| flow | segment | rate | sent | received | lost | outage | longest gap | leaked | misdelivered | |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+        "| flow | segment | rate | sent | received | lost | outage | at | longest gap | leaked | misdelivered | |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
     );
     for f in &r.flows {
         let _ = writeln!(
             md,
-            "| {} → {} | {} | {}/s | {} | {} | {} | {:.0} ms | {:.0} ms | {} | {} | {} |",
+            "| {} → {} | {} | {}/s | {} | {} | {} | {:.0} ms | {:.2} s | {:.0} ms | {} | {} | {} |",
             f.from,
             f.to,
             f.segment,
@@ -968,6 +1082,7 @@ fn markdown(r: &Report) -> String {
             f.received,
             f.lost,
             f.outage_ms,
+            f.outage_at_s,
             f.longest_gap_ms,
             f.leaked,
             f.misdelivered,
@@ -978,20 +1093,28 @@ fn markdown(r: &Report) -> String {
         let _ = writeln!(md, "\nAt the end, outer packets of each source site over one second:\n");
         let _ = writeln!(
             md,
-            "| site | preferred line | access point | share | packets | |\n| --- | --- | --- | ---: | ---: | --- |"
+            "| site | preferred line | access point | share | packets | by line → access point | |\n| --- | --- | --- | ---: | ---: | --- | --- |"
         );
         for p in &r.paths {
+            let seen: Vec<String> = p.seen.iter().map(|(k, n)| format!("{k} {n}")).collect();
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {:.1} % | {} | {} |",
+                "| {} | {} | {} | {:.1} % | {} | {} | {} |",
                 p.site,
                 p.preferred_line,
                 p.access_point,
                 p.share * 100.0,
                 p.packets,
+                seen.join(", "),
                 if p.pass { "✓" } else { "✗" }
             );
         }
+    }
+    let _ = writeln!(md, "\nTimes each site's agent moved traffic (to another line or access point):\n");
+    let _ = writeln!(md, "| site | moves | limit | |\n| --- | ---: | ---: | --- |");
+    for m in &r.moves {
+        let limit = m.limit.map_or("–".to_string(), |l| l.to_string());
+        let _ = writeln!(md, "| {} | {} | {limit} | {} |", m.site, m.moves, if m.pass { "✓" } else { "✗" });
     }
     for (t, ok) in &r.matrix_checks {
         let _ = writeln!(md, "\nMatrix at {t:.1} s: {}", if *ok { "as the intent says ✓" } else { "DIFFERS ✗" });
@@ -1076,4 +1199,77 @@ fn svg(r: &Report, plot: &[(String, Vec<u32>)]) -> String {
 
 fn xml(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn steps(yaml: &str) -> Result<Vec<Step>> {
+        let values: Vec<yaml_serde::Value> = yaml_serde::from_str(yaml)?;
+        values.iter().enumerate().map(|(i, v)| step(i, v)).collect()
+    }
+
+    #[test]
+    fn steps_read_as_written_and_mistakes_are_named() {
+        let read = steps(
+            "- wait: 1.5s\n- cut: {site: s, line: l}\n- stop: n\n- partition: controller\n- restore: all\n\
+             - restore: n\n- restore: {site: s, line: l}\n- flap: {site: s, line: l, down: 400ms, up: 1s, times: 3}\n\
+             - expect: matrix\n",
+        )
+        .expect("valid steps");
+        assert_eq!(read[0], Step::Wait(Duration::from_millis(1500)));
+        assert_eq!(read[1], Step::Cut { site: "s".into(), line: "l".into() });
+        assert_eq!(read[4], Step::Restore(Restore::All));
+        assert_eq!(read[5], Step::Restore(Restore::Node("n".into())));
+        assert_eq!(
+            read[7],
+            Step::Flap {
+                site: "s".into(),
+                line: "l".into(),
+                down: Duration::from_millis(400),
+                up: Duration::from_secs(1),
+                times: 3
+            }
+        );
+        assert_eq!(read[8], Step::ExpectMatrix);
+        for (bad, says) in [
+            ("- wait: 2\n- wait: 2 minutes\n", "step 2 (wait): `2 minutes` is not a duration"),
+            ("- wait: 2h\n", "step 1 (wait): `2h` has no unit"),
+            ("- cut: {site: s}\n", "step 1 (cut): `line` is missing"),
+            ("- explode: now\n", "step 1 (explode): unknown step `explode`"),
+            ("- flap: {site: s, line: l, down: 1s, up: 1s, times: 0}\n", "`times` must be 1 to 100"),
+            ("- expect: everything\n", "expected `expect: matrix`"),
+        ] {
+            let e = steps(bad).expect_err(bad).to_string();
+            assert!(e.contains(says), "{bad} → {e}");
+        }
+    }
+
+    #[test]
+    fn outage_is_the_longest_gap_less_the_time_without_any_line() {
+        // 1,000 packets/s for 2 s; 100 lost from 0.5 s, 300 lost from 1.2 s.
+        let sent: Vec<u32> = (0..2000).map(|i| i * 1000).collect();
+        let lost = |s: u64| (500..600).contains(&s) || (1200..1500).contains(&s);
+        let arrived: Vec<(u64, u32)> = (0..2000u64).filter(|s| !lost(*s)).map(|s| (s, s as u32 * 1000 + 300)).collect();
+        let (outage_ms, gap_ms, at) = outage(&sent, &arrived, &[], 1000);
+        assert!((outage_ms - 300.0).abs() < 1.5, "{outage_ms}");
+        assert!((gap_ms - 300.0).abs() < 1.5 && (at - 1.199).abs() < 0.01, "{gap_ms} at {at}");
+        // The end of the flow had no line from 1.1 s to 1.45 s: only the 50 ms after count.
+        let (outage_ms, gap_ms, _) = outage(&sent, &arrived, &[(1_100_000, 1_450_000)], 1000);
+        assert!((gap_ms - 300.0).abs() < 1.5, "the longest gap as it was: {gap_ms}");
+        assert!((outage_ms - 100.0).abs() < 1.5, "the 0.5 s gap is now the worst: {outage_ms}");
+        // Nothing at the end, and nothing at all.
+        let head: Vec<(u64, u32)> = arrived.iter().copied().filter(|a| a.0 < 1900).collect();
+        assert!((outage(&sent, &head, &[], 1000).0 - 300.0).abs() < 1.5);
+        let tail_only: Vec<(u64, u32)> = arrived.iter().copied().filter(|a| a.0 < 1000).collect();
+        assert!(outage(&sent, &tail_only, &[], 1000).0 > 990.0, "a flow that stops is out until the end");
+        assert!(outage(&sent, &[], &[], 1000).0 > 1990.0, "a flow that never arrives is out all along");
+    }
+
+    #[test]
+    fn packets_carry_their_stream_and_number() {
+        assert_eq!(parse(&packet(3, 77)), Some((3, 77)));
+        assert_eq!(parse(b"something else entirely"), None);
+    }
 }
