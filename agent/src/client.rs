@@ -21,7 +21,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::datapath::{Datapath, Hop};
 use crate::probe::{Health, Key};
-use crate::reconcile::{Choices, build, choose, line_address, picks_line};
+use crate::reconcile::{Choices, build, choose, line_address, probes_lines};
 use crate::state::{StateDir, StateError, write_file};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -407,7 +407,7 @@ impl Agent {
             config
                 .segments
                 .iter()
-                .flat_map(|s| s.peers.iter().filter(|p| p.name == peer && picks_line(p)))
+                .flat_map(|s| s.peers.iter().filter(|p| p.name == peer && probes_lines(p)))
                 .flat_map(|p| &p.endpoints)
                 .filter_map(path_key)
                 .filter_map(|k| prober.get(&k))

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use musubi_proto::v1::SiteConfig;
 
 use crate::datapath::Hop;
-use crate::reconcile::{line_address, picks_line};
+use crate::reconcile::{line_address, probes_lines};
 use tokio::net::UdpSocket;
 use tokio::sync::{Notify, watch};
 
@@ -118,14 +118,14 @@ pub fn targets(config: &SiteConfig) -> Vec<Target> {
     out
 }
 
-/// The underlay paths a configuration asks to probe: every endpoint of a
-/// peer whose line this router picks, once per (local line address, peer
+/// The underlay paths a configuration asks to probe: every endpoint of an
+/// access point (seen from a site, or from the other access point), once per (local line address, peer
 /// line address), where `hops` knows how the outer packets would leave.
 pub fn path_targets(config: &SiteConfig, hops: &BTreeMap<(IpAddr, IpAddr), Hop>) -> Vec<Target> {
     let default = config.probe.unwrap_or_default();
     let mut out: Vec<Target> = Vec::new();
     for seg in &config.segments {
-        for p in seg.peers.iter().filter(|p| picks_line(p)) {
+        for p in seg.peers.iter().filter(|p| probes_lines(p)) {
             for e in &p.endpoints {
                 let (Some(local), Ok(address)) = (line_address(config, &e.local_line), e.address.parse::<IpAddr>())
                 else {
@@ -156,7 +156,7 @@ pub fn path_targets(config: &SiteConfig, hops: &BTreeMap<(IpAddr, IpAddr), Hop>)
 pub fn paths(config: &SiteConfig) -> Vec<(IpAddr, IpAddr)> {
     let mut out = BTreeSet::new();
     for seg in &config.segments {
-        for p in seg.peers.iter().filter(|p| picks_line(p)) {
+        for p in seg.peers.iter().filter(|p| probes_lines(p)) {
             for e in &p.endpoints {
                 if let (Some(l), Ok(r)) = (line_address(config, &e.local_line), e.address.parse()) {
                     out.insert((l, r));

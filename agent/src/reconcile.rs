@@ -80,9 +80,23 @@ pub struct Choices {
     pub paths: BTreeMap<String, (String, String)>,
 }
 
-/// Whether this router picks the line to `peer` (it reaches an access
-/// point), or follows the peer wherever it comes from (a member site).
-pub fn picks_line(peer: &pb::Peer) -> bool {
+/// Whether this router picks the line to `peer`, or follows the peer
+/// wherever its packets come from: a site picks its lines to the access
+/// points, and each access point follows its member sites. Between the two
+/// access points one side must pick (WireGuard roams both ways): the east
+/// one.
+pub fn picks_line(config: &SiteConfig, peer: &pb::Peer) -> bool {
+    match peer.role() {
+        pb::PeerRole::AccessPoint => true,
+        pb::PeerRole::Interconnect => config.region() == pb::Region::East,
+        _ => false,
+    }
+}
+
+/// Whether this router probes the underlay paths to `peer` (those to an
+/// access point: whether a line still answers tells a line failure from the
+/// access point's), whichever side picks the line.
+pub fn probes_lines(peer: &pb::Peer) -> bool {
     matches!(peer.role(), pb::PeerRole::AccessPoint | pb::PeerRole::Interconnect)
 }
 
@@ -111,7 +125,7 @@ pub fn choose(
                 out.groups.insert((seg.segment.clone(), g.name.clone()), c.clone());
             }
         }
-        for p in seg.peers.iter().filter(|p| picks_line(p)) {
+        for p in seg.peers.iter().filter(|p| picks_line(config, p)) {
             if out.paths.contains_key(&p.name) {
                 continue;
             }
@@ -145,7 +159,7 @@ pub fn pins(
 ) -> BTreeSet<Pin> {
     let mut out = BTreeSet::new();
     for seg in &config.segments {
-        for p in seg.peers.iter().filter(|p| picks_line(p)) {
+        for p in seg.peers.iter().filter(|p| picks_line(config, p)) {
             let Some(e) = active_endpoint(p, choices) else { continue };
             let (Some(source), Ok(destination)) = (line_address(config, &e.local_line), e.address.parse()) else {
                 continue;
@@ -236,7 +250,7 @@ pub fn desired_with(config: &SiteConfig, state: &StateDir, choices: &Choices) ->
                     name: name.to_string(),
                     endpoint: active_endpoint(p, choices).map(endpoint).unwrap_or_default(),
                     allowed_ips: allowed.remove(name).unwrap_or_default(),
-                    roams: !picks_line(p),
+                    roams: !picks_line(config, p),
                 };
                 (p.public_key.clone(), spec)
             })
@@ -335,7 +349,7 @@ fn fence(want: &mut Owned, config: &SiteConfig, pins: &BTreeSet<Pin>) {
     spec.unused_lines = config
         .segments
         .iter()
-        .flat_map(|s| s.peers.iter().filter(|p| picks_line(p)))
+        .flat_map(|s| s.peers.iter().filter(|p| picks_line(config, p)))
         .flat_map(|p| &p.endpoints)
         .filter_map(|e| e.address.parse().ok())
         .filter(|a| !used.contains(a))
