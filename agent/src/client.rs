@@ -21,7 +21,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::datapath::{Datapath, Hop};
 use crate::probe::{Health, Key};
-use crate::reconcile::{Choices, build, choose, line_address, probes_lines};
+use crate::reconcile::{Choices, build, choose, first_choices, line_address, probes_lines};
 use crate::state::{StateDir, StateError, write_file};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -390,7 +390,7 @@ impl Agent {
     /// endpoints, best line first; a path the router has no route for is
     /// used only when nothing else is.
     fn choices(&self, config: &pb::SiteConfig) -> Choices {
-        let Some(prober) = &self.prober else { return choose(config, &|_, _, _| 0, &|_, _| 0) };
+        let Some(prober) = &self.prober else { return first_choices(config, &self.hops) };
         let hold_down = self.settings.hold_down;
         let settled = |h: &Health, current: bool| current || h.since.is_none_or(|s| s.elapsed() >= hold_down);
         let path_key = |e: &pb::Endpoint| -> Option<Key> {

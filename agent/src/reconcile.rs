@@ -137,6 +137,17 @@ pub fn choose(
     out
 }
 
+/// The choices before any health is known: every route group's first
+/// candidate with a key, every peer's first path the router has a route for.
+pub fn first_choices(config: &SiteConfig, hops: &BTreeMap<(std::net::IpAddr, std::net::IpAddr), Hop>) -> Choices {
+    let routed = |e: &pb::Endpoint| {
+        let local = line_address(config, &e.local_line);
+        let remote = e.address.parse().ok();
+        local.zip(remote).is_some_and(|pair| hops.contains_key(&pair))
+    };
+    choose(config, &|_, _, _| 0, &|_, e| if routed(e) { 0 } else { 1 })
+}
+
 /// The endpoint of `peer` on the chosen path, else its first.
 pub fn active_endpoint<'a>(peer: &'a pb::Peer, choices: &Choices) -> Option<&'a pb::Endpoint> {
     let chosen = choices.paths.get(&peer.name);

@@ -77,8 +77,8 @@ struct Pass {
     max_outage_ms: u64,
     /// Traffic must end on every source site's preferred line and access point.
     preferred: bool,
-    /// At most this many times a site's agent may move traffic (to another
-    /// line or access point) during the drill: hysteresis.
+    /// At most this many times any one of a site's route groups or peer
+    /// lines may move during the drill: hysteresis.
     max_moves: BTreeMap<String, u64>,
 }
 
@@ -638,10 +638,26 @@ impl Logs {
                 let _ = f.seek(std::io::SeekFrom::Start(if len < *from { 0 } else { *from }));
                 let _ = f.read_to_string(&mut text);
             }
-            out.insert(site.clone(), text.lines().filter(|l| l.contains("traffic moved")).count() as u64);
+            out.insert(site.clone(), most_moves(&text));
         }
         out
     }
+}
+
+/// The most times any one thing moved in an agent's log: a route group
+/// (`segment/group → peer`) or a peer's line (`peer over local→remote`).
+/// Moves logged together count once per thing.
+fn most_moves(log: &str) -> u64 {
+    let mut count: BTreeMap<&str, u64> = BTreeMap::new();
+    for line in log.lines().filter(|l| l.contains("traffic moved")) {
+        let Some(moved) = line.split("moved=").nth(1) else { continue };
+        for item in moved.split(", ") {
+            let what = item.split(" → ").next().unwrap_or(item);
+            let what = what.split(" over ").next().unwrap_or(what).trim();
+            *count.entry(what).or_default() += 1;
+        }
+    }
+    count.values().copied().max().unwrap_or(0)
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -1110,7 +1126,7 @@ fn markdown(r: &Report) -> String {
             );
         }
     }
-    let _ = writeln!(md, "\nTimes each site's agent moved traffic (to another line or access point):\n");
+    let _ = writeln!(md, "\nThe most times one of each site's route groups or peer lines moved:\n");
     let _ = writeln!(md, "| site | moves | limit | |\n| --- | ---: | ---: | --- |");
     for m in &r.moves {
         let limit = m.limit.map_or("–".to_string(), |l| l.to_string());
@@ -1265,6 +1281,17 @@ mod tests {
         let tail_only: Vec<(u64, u32)> = arrived.iter().copied().filter(|a| a.0 < 1000).collect();
         assert!(outage(&sent, &tail_only, &[], 1000).0 > 990.0, "a flow that stops is out until the end");
         assert!(outage(&sent, &[], &[], 1000).0 > 1990.0, "a flow that never arrives is out all along");
+    }
+
+    #[test]
+    fn moves_are_counted_per_thing_that_moved() {
+        let log = "x WARN traffic moved site=s operations=3 moved=ap-west over fiber→fiber\n\
+                   x WARN traffic moved site=s operations=3 moved=ap-east over fiber→fiber\n\
+                   x WARN traffic moved site=s operations=5 moved=office/office → ap-west, ap-east over lte→inet\n\
+                   x WARN traffic moved site=s operations=5 moved=office/office → ap-east, ap-east over fiber→fiber\n\
+                   x INFO peer down";
+        assert_eq!(most_moves(log), 3, "ap-east's line moved three times");
+        assert_eq!(most_moves(""), 0);
     }
 
     #[test]
