@@ -398,10 +398,11 @@ impl Agent {
             let remote = e.address.parse().ok()?;
             self.hops.contains_key(&(local, remote)).then_some(Key::Path { local, remote })
         };
-        // Whether a line to `peer` answered after its tunnel last did: the
-        // line under the tunnel failed, not the peer, and a line switch is
-        // bringing the tunnel back. (When the peer itself is gone, no line
-        // answers after the tunnel went quiet, however slow its probes.)
+        // Whether a line to `peer` answered after its tunnel went quiet (more
+        // than one tunnel probe after its last answer): the line under the
+        // tunnel failed, not the peer, and a line switch is bringing the
+        // tunnel back. (When the peer itself is gone, no line answers after
+        // the tunnel went quiet, however slow its probes.)
         // Returns when the most recent such line came up.
         let line_outlived_tunnel = |peer: &str, tunnel: &Health| {
             config
@@ -411,7 +412,12 @@ impl Agent {
                 .flat_map(|p| &p.endpoints)
                 .filter_map(path_key)
                 .filter_map(|k| prober.get(&k))
-                .filter(|h| h.up && h.last_reply.is_some_and(|l| tunnel.last_reply.is_none_or(|t| l > t)))
+                .filter(|h| {
+                    // An answer within one tunnel probe of the tunnel's last
+                    // one is not later: the peer may have died in between.
+                    let after = tunnel.last_reply.map(|t| t + tunnel.interval);
+                    h.up && h.last_reply.is_some_and(|l| after.is_none_or(|t| l > t))
+                })
                 .filter_map(|h| h.since)
                 .max()
         };

@@ -80,6 +80,8 @@ pub struct Health {
     pub loss_permille: u32,
     /// When it last answered.
     pub last_reply: Option<Instant>,
+    /// How often it is probed.
+    pub interval: Duration,
 }
 
 /// Health by target.
@@ -414,6 +416,7 @@ fn evaluate(targets: &[Target], states: &[State], health: &Healths, changed: &No
         entry.up = up;
         entry.loss_permille = loss_permille;
         entry.last_reply = st.last_reply;
+        entry.interval = t.interval;
         if let Some((j, r)) = rtt
             && j == i
         {
