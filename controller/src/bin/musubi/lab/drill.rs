@@ -466,9 +466,8 @@ fn micros(since: Instant) -> u32 {
 
 /// Outage of one flow: the longest stretch without a packet getting through
 /// (from the last packet sent that arrived to the next one), less the time
-/// an end of the flow had no line at all; the longest stretch as it was; when
-/// the counted one began. In ms, ms, s.
-fn outage(sent: &[u32], arrived: &[(u64, u32)], dark: &[(u32, u32)], rate: u32) -> (f64, f64, f64) {
+/// an end of the flow had no line at all.
+fn outage(sent: &[u32], arrived: &[(u64, u32)], dark: &[(u32, u32)], rate: u32) -> Outage {
     let got: BTreeSet<u64> = arrived.iter().map(|a| a.0).collect();
     let interval = 1e6 / f64::from(rate);
     let at = |seq: u64| f64::from(sent.get(seq as usize).copied().unwrap_or(0));
@@ -491,17 +490,36 @@ fn outage(sent: &[u32], arrived: &[(u64, u32)], dark: &[(u32, u32)], rate: u32) 
         None if end > 0 => edges.push((at(0) - interval, at(end - 1) + interval)),
         _ => {}
     }
-    let (mut worst, mut longest) = ((0.0f64, 0.0f64), 0.0f64);
+    let mut out = Outage::default();
     for (a, b) in edges {
         let overlap: f64 = dark.iter().map(|&(s, e)| (b.min(f64::from(e)) - a.max(f64::from(s))).max(0.0)).sum::<f64>();
         let gap = (b - a - interval).max(0.0);
-        let counted = (gap - overlap).max(0.0);
-        longest = longest.max(gap);
-        if counted > worst.0 {
-            worst = (counted, a);
+        let counted = (gap - overlap).max(0.0) / 1e3;
+        let at = (a / 1e6).max(0.0);
+        out.longest_ms = out.longest_ms.max(gap / 1e3);
+        if counted > out.ms {
+            (out.ms, out.at_s) = (counted, at);
+        }
+        if counted >= GAP_MS {
+            out.gaps.push((at, counted));
         }
     }
-    (worst.0 / 1e3, longest / 1e3, (worst.1 / 1e6).max(0.0))
+    out
+}
+
+/// A flow's gaps from 20 ms on are listed.
+const GAP_MS: f64 = 20.0;
+
+/// What [`outage`] finds in a flow.
+#[derive(Debug, Default)]
+struct Outage {
+    /// The longest counted stretch, in ms, and when it began (s).
+    ms: f64,
+    at_s: f64,
+    /// The longest stretch as it was (dark time included).
+    longest_ms: f64,
+    /// Every counted stretch of at least [`GAP_MS`]: (began at s, ms).
+    gaps: Vec<(f64, f64)>,
 }
 
 /// Outer packets each source site sent per (line interface, access point)
@@ -584,9 +602,17 @@ struct FlowResult {
     /// When the counted outage began, in s since the drill began.
     outage_at_s: f64,
     longest_gap_ms: f64,
+    /// Every counted stretch of 20 ms or more.
+    gaps: Vec<Gap>,
     leaked: u64,
     misdelivered: u64,
     pass: bool,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Gap {
+    at_s: f64,
+    ms: f64,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -954,7 +980,8 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>) -> Result<()> {
                 .flat_map(|s| dark.get(*s).into_iter().flatten())
                 .map(|&(a, b)| (a, b.unwrap_or(end)))
                 .collect();
-            let (outage_ms, longest_gap_ms, outage_at_s) = outage(&sent, &arrived, &windows, f.spec.rate);
+            let o = outage(&sent, &arrived, &windows, f.spec.rate);
+            let (outage_ms, longest_gap_ms, outage_at_s) = (o.ms, o.longest_ms, o.at_s);
             let unique: BTreeSet<u64> = arrived.iter().map(|a| a.0).collect();
             let leaked = f.leaked.load(Ordering::Relaxed);
             FlowResult {
@@ -968,6 +995,7 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>) -> Result<()> {
                 outage_ms,
                 outage_at_s,
                 longest_gap_ms,
+                gaps: o.gaps.iter().map(|&(at_s, ms)| Gap { at_s, ms }).collect(),
                 leaked,
                 misdelivered: f.misdelivered.load(Ordering::Relaxed),
                 pass: outage_ms <= drill.pass.max_outage_ms as f64 && leaked == 0,
@@ -1084,12 +1112,12 @@ fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         md,
-        "| flow | segment | rate | sent | received | lost | outage | at | longest gap | leaked | misdelivered | |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+        "| flow | segment | rate | sent | received | lost | outage | at | longest gap | leaked | misdelivered | | gaps (at: length) |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"
     );
     for f in &r.flows {
         let _ = writeln!(
             md,
-            "| {} → {} | {} | {}/s | {} | {} | {} | {:.0} ms | {:.2} s | {:.0} ms | {} | {} | {} |",
+            "| {} → {} | {} | {}/s | {} | {} | {} | {:.0} ms | {:.2} s | {:.0} ms | {} | {} | {} | {} |",
             f.from,
             f.to,
             f.segment,
@@ -1102,7 +1130,8 @@ fn markdown(r: &Report) -> String {
             f.longest_gap_ms,
             f.leaked,
             f.misdelivered,
-            if f.pass { "✓" } else { "✗" }
+            if f.pass { "✓" } else { "✗" },
+            f.gaps.iter().map(|g| format!("{:.1} s: {:.0} ms", g.at_s, g.ms)).collect::<Vec<_>>().join(", ")
         );
     }
     if !r.paths.is_empty() {
@@ -1268,19 +1297,23 @@ mod tests {
         let sent: Vec<u32> = (0..2000).map(|i| i * 1000).collect();
         let lost = |s: u64| (500..600).contains(&s) || (1200..1500).contains(&s);
         let arrived: Vec<(u64, u32)> = (0..2000u64).filter(|s| !lost(*s)).map(|s| (s, s as u32 * 1000 + 300)).collect();
-        let (outage_ms, gap_ms, at) = outage(&sent, &arrived, &[], 1000);
+        let o = outage(&sent, &arrived, &[], 1000);
+        let (outage_ms, gap_ms, at) = (o.ms, o.longest_ms, o.at_s);
         assert!((outage_ms - 300.0).abs() < 1.5, "{outage_ms}");
         assert!((gap_ms - 300.0).abs() < 1.5 && (at - 1.199).abs() < 0.01, "{gap_ms} at {at}");
+        assert_eq!(o.gaps.len(), 2, "both gaps listed: {:?}", o.gaps);
+        assert!((o.gaps[0].0 - 0.499).abs() < 0.01 && (o.gaps[0].1 - 100.0).abs() < 1.5, "{:?}", o.gaps);
         // The end of the flow had no line from 1.1 s to 1.45 s: only the 50 ms after count.
-        let (outage_ms, gap_ms, _) = outage(&sent, &arrived, &[(1_100_000, 1_450_000)], 1000);
+        let o = outage(&sent, &arrived, &[(1_100_000, 1_450_000)], 1000);
+        let (outage_ms, gap_ms) = (o.ms, o.longest_ms);
         assert!((gap_ms - 300.0).abs() < 1.5, "the longest gap as it was: {gap_ms}");
         assert!((outage_ms - 100.0).abs() < 1.5, "the 0.5 s gap is now the worst: {outage_ms}");
         // Nothing at the end, and nothing at all.
         let head: Vec<(u64, u32)> = arrived.iter().copied().filter(|a| a.0 < 1900).collect();
-        assert!((outage(&sent, &head, &[], 1000).0 - 300.0).abs() < 1.5);
+        assert!((outage(&sent, &head, &[], 1000).ms - 300.0).abs() < 1.5);
         let tail_only: Vec<(u64, u32)> = arrived.iter().copied().filter(|a| a.0 < 1000).collect();
-        assert!(outage(&sent, &tail_only, &[], 1000).0 > 990.0, "a flow that stops is out until the end");
-        assert!(outage(&sent, &[], &[], 1000).0 > 1990.0, "a flow that never arrives is out all along");
+        assert!(outage(&sent, &tail_only, &[], 1000).ms > 990.0, "a flow that stops is out until the end");
+        assert!(outage(&sent, &[], &[], 1000).ms > 1990.0, "a flow that never arrives is out all along");
     }
 
     #[test]
