@@ -383,7 +383,7 @@ pub fn reconcile(dp: &mut dyn Datapath, want: &Owned) -> Result<Vec<Op>, Reconci
 mod tests {
     use super::*;
     use crate::datapath::fake::Fake;
-    use crate::datapath::step;
+    use crate::datapath::{plan, step};
 
     /// (segment, table, [(peer, public key)]).
     type Segment<'a> = (&'a str, u32, &'a [(&'a str, &'a str)]);
@@ -482,5 +482,123 @@ mod tests {
         assert!(step(&mut owned, &Op::DeleteDomain { name: "mv-x".into() }).is_err(), "domain still in use");
         assert!(step(&mut owned, &Op::AddRoute(route.clone())).is_ok());
         assert!(step(&mut owned, &Op::AddRoute(route)).is_err(), "route twice");
+    }
+
+    /// A site with lines fiber (192.0.2.11) and lte (198.51.100.11) and one
+    /// segment whose two access points each have a fibre and an internet
+    /// address; and an access point of `region` whose member site roams.
+    fn two_lines(region: pb::Region) -> SiteConfig {
+        let endpoint = |local: &str, remote: &str, address: &str| pb::Endpoint {
+            local_line: local.into(),
+            remote_line: remote.into(),
+            address: address.into(),
+            port: 51820,
+            ..Default::default()
+        };
+        let ap = |name: &str, n: u8, role: pb::PeerRole| pb::Peer {
+            name: name.into(),
+            role: role.into(),
+            public_key: format!("K{n}"),
+            endpoints: vec![
+                endpoint("fiber", "fiber", &format!("192.0.2.{n}")),
+                endpoint("fiber", "inet", &format!("198.51.100.{n}")),
+                endpoint("lte", "fiber", &format!("192.0.2.{n}")),
+                endpoint("lte", "inet", &format!("198.51.100.{n}")),
+            ],
+            allowed_prefixes: vec![format!("100.64.0.{n}/32")],
+        };
+        let mut c = config(&[("office", 100, &[])]);
+        c.region = region.into();
+        c.lines = vec![
+            pb::Line { name: "fiber".into(), address: "192.0.2.11".into(), priority: 1, ..Default::default() },
+            pb::Line { name: "lte".into(), address: "198.51.100.11".into(), priority: 2, ..Default::default() },
+        ];
+        c.segments[0].peers = vec![
+            ap("ap-east", 1, pb::PeerRole::AccessPoint),
+            ap("ap-west", 2, pb::PeerRole::Interconnect),
+            ap("member", 3, pb::PeerRole::Site),
+        ];
+        c
+    }
+
+    #[test]
+    fn lines_are_picked_pinned_and_fenced() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let state = StateDir::new(dir.path());
+        let c = two_lines(pb::Region::East);
+        let ip = |a: &str| a.parse::<std::net::IpAddr>().expect("ip");
+        let hop = |i: &str| Hop { interface: i.into(), gateway: None };
+        // The router has routes for fiber→fiber and lte→inet only.
+        let hops: BTreeMap<_, _> = (1..=3u8)
+            .flat_map(|n| {
+                [
+                    ((ip("192.0.2.11"), ip(&format!("192.0.2.{n}"))), hop("eth2")),
+                    ((ip("198.51.100.11"), ip(&format!("198.51.100.{n}"))), hop("eth3")),
+                ]
+            })
+            .collect();
+        let first = first_choices(&c, &hops);
+        assert_eq!(first.paths["ap-east"], ("fiber".to_string(), "fiber".to_string()));
+        assert!(!first.paths.contains_key("member"), "a member site is followed, not picked");
+        assert!(first.paths.contains_key("ap-west"), "the east access point picks the interconnect's line");
+        assert!(
+            !first_choices(&two_lines(pb::Region::West), &hops).paths.contains_key("ap-west"),
+            "the west one follows it"
+        );
+
+        // The fibre fails: lte→inet is the best path that answers.
+        let down = |e: &pb::Endpoint| e.local_line == "fiber";
+        let moved = choose(&c, &|_, _, _| 0, &|_, e| if down(e) { 2 } else { u8::from(e.remote_line != "inet") });
+        assert_eq!(moved.paths["ap-east"], ("lte".to_string(), "inet".to_string()));
+        let want = desired_with(&c, &state, &moved).expect("desired");
+        let peers = &want.tunnels["mw-office"].peers;
+        assert_eq!(peers["K1"].endpoint, "198.51.100.1:51820");
+        assert!(peers["K3"].roams && !peers["K1"].roams);
+        let pins = pins(&c, &moved, &hops);
+        assert_eq!(
+            pins.iter().map(|p| (p.destination, p.source, p.hop.interface.as_str())).collect::<Vec<_>>(),
+            vec![(ip("198.51.100.1"), ip("198.51.100.11"), "eth3"), (ip("198.51.100.2"), ip("198.51.100.11"), "eth3")],
+            "outer packets to both access points leave on the mobile line"
+        );
+        let mut fenced = want.clone();
+        fenced.policy = Some(Policy::new(PolicySpec::default()));
+        fence(&mut fenced, &c, &pins);
+        let spec = fenced.policy.and_then(|p| p.spec).expect("spec");
+        assert_eq!(
+            spec.unused_lines,
+            BTreeSet::from([ip("192.0.2.1"), ip("192.0.2.2")]),
+            "tunnel packets from the fibre addresses are dropped while the mobile line is used"
+        );
+        assert_eq!(spec.tunnel_ports, BTreeSet::from([51900]));
+    }
+
+    #[test]
+    fn a_roaming_peer_keeps_the_endpoint_wireguard_learnt() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let state = StateDir::new(dir.path());
+        let c = two_lines(pb::Region::East);
+        let mut dp = Fake::new();
+        reconcile(&mut dp, &desired(&c, &state).expect("desired")).expect("first");
+        // WireGuard followed the member site to its mobile line.
+        let mut roamed = dp.owned().clone();
+        roamed.tunnels.get_mut("mw-office").expect("tunnel").peers.get_mut("K3").expect("member").endpoint =
+            "198.51.100.3:51820".into();
+        let mut dp = Fake::new();
+        dp.apply(&plan(&Owned::default(), &roamed)).expect("roamed state");
+        assert!(dp.diff(&desired(&c, &state).expect("desired")).expect("diff").is_empty(), "not reset");
+        // A change of its allowed IPs keeps the learnt endpoint.
+        let mut c2 = c.clone();
+        c2.segments[0].peers[2].allowed_prefixes.push("10.9.0.0/24".into());
+        reconcile(&mut dp, &desired(&c2, &state).expect("desired")).expect("second");
+        assert_eq!(dp.owned().tunnels["mw-office"].peers["K3"].endpoint, "198.51.100.3:51820");
+        // A peer whose line this router picks is put back on its endpoint.
+        let mut moved = dp.owned().clone();
+        moved.tunnels.get_mut("mw-office").expect("tunnel").peers.get_mut("K1").expect("ap").endpoint =
+            "198.51.100.1:51820".into();
+        let ops = plan(&moved, &desired(&c2, &state).expect("desired"));
+        assert!(
+            ops.iter().any(|o| matches!(o, Op::SetPeer { public_key, peer, .. } if public_key == "K1" && peer.endpoint == "192.0.2.1:51820")),
+            "{ops:?}"
+        );
     }
 }

@@ -40,6 +40,8 @@ const COUNT_TABLE: &str = "musubi-drill-count";
 /// Share of a site's outer packets that must leave on its preferred line,
 /// towards its region's access point, for traffic to count as back.
 const PREFERRED_SHARE: f64 = 0.9;
+/// The agents' probe port (BFD's), which the line counters leave out.
+const PROBE_PORT: u16 = 3784;
 
 /// A drill file, as written.
 #[derive(Debug, Deserialize)]
@@ -522,11 +524,11 @@ struct Outage {
     gaps: Vec<(f64, f64)>,
 }
 
-/// Outer packets each source site sent per (line interface, access point)
-/// in a second: the lines' counters, read twice.
 /// Packets by (line interface, access point).
 type LineCounts = BTreeMap<(String, String), u64>;
 
+/// Outer packets each source site sent per (line interface, access point)
+/// in a second: the lines' counters, read twice.
 fn line_counts(w: &World, sites: &BTreeSet<String>) -> Result<BTreeMap<String, LineCounts>> {
     let read = |router: &str| -> Result<LineCounts> {
         let out = w.lab.sh(router, &format!("nft -j list table inet {COUNT_TABLE}"))?;
@@ -568,8 +570,7 @@ fn install_counters(w: &World, site: &str) -> Result<()> {
                 let family = if a.is_ipv4() { "ip" } else { "ip6" };
                 writeln!(
                     rules,
-                    "    oifname \"{ifname}\" {family} daddr {a} udp dport != {} counter comment \"{ifname} {ap}\"",
-                    musubi_agent_probe_port()
+                    "    oifname \"{ifname}\" {family} daddr {a} udp dport != {PROBE_PORT} counter comment \"{ifname} {ap}\""
                 )?;
             }
         }
@@ -581,11 +582,6 @@ fn install_counters(w: &World, site: &str) -> Result<()> {
             "add table inet {COUNT_TABLE}\ndelete table inet {COUNT_TABLE}\ntable inet {COUNT_TABLE} {{\n  chain output {{\n    type filter hook postrouting priority 0; policy accept;\n{rules}  }}\n}}\n"
         ),
     )
-}
-
-/// The agents' probe port (BFD's), which the line counters leave out.
-fn musubi_agent_probe_port() -> u16 {
-    3784
 }
 
 /// One drill's outcome, as the reports give it.
