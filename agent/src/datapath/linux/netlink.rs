@@ -185,8 +185,8 @@ fn table_of(msg: &RouteMessage) -> u32 {
         .unwrap_or(u32::from(msg.header.table))
 }
 
-/// Every route the agent owns (its protocol number), in every table.
-pub async fn owned_routes(handle: &Handle) -> Result<Vec<OwnedRoute>, DatapathError> {
+/// Every route of both families, in every table.
+async fn all_routes(handle: &Handle) -> Result<Vec<RouteMessage>, DatapathError> {
     let mut out = Vec::new();
     for version in [IpVersion::V4, IpVersion::V6] {
         let query = match version {
@@ -195,30 +195,38 @@ pub async fn owned_routes(handle: &Handle) -> Result<Vec<OwnedRoute>, DatapathEr
         };
         let mut stream = handle.route().get(query).execute();
         while let Some(msg) = stream.try_next().await.map_err(|e| nl("listing routes", e))? {
-            if msg.header.protocol != RouteProtocol::Other(PROTOCOL) {
-                continue;
-            }
-            let dest = msg.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
-                RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
-                _ => None,
-            });
-            let dest = dest.unwrap_or(match msg.header.address_family {
-                AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
-                _ => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-            });
-            let oif = msg.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Oif(i) => Some(*i),
-                _ => None,
-            });
-            let oif = if msg.header.kind == RouteType::Unreachable { None } else { oif };
-            out.push(OwnedRoute {
-                table: table_of(&msg),
-                prefix: format!("{dest}/{}", msg.header.destination_prefix_length),
-                oif,
-                message: msg,
-            });
+            out.push(msg);
         }
+    }
+    Ok(out)
+}
+
+/// Every route the agent owns (its protocol number), in every table.
+pub async fn owned_routes(handle: &Handle) -> Result<Vec<OwnedRoute>, DatapathError> {
+    let mut out = Vec::new();
+    for msg in all_routes(handle).await? {
+        if msg.header.protocol != RouteProtocol::Other(PROTOCOL) {
+            continue;
+        }
+        let dest = msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Destination(d) => address(d),
+            _ => None,
+        });
+        let dest = dest.unwrap_or(match msg.header.address_family {
+            AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            _ => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        });
+        let oif = msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        let oif = if msg.header.kind == RouteType::Unreachable { None } else { oif };
+        out.push(OwnedRoute {
+            table: table_of(&msg),
+            prefix: format!("{dest}/{}", msg.header.destination_prefix_length),
+            oif,
+            message: msg,
+        });
     }
     Ok(out)
 }
@@ -338,41 +346,34 @@ fn address(a: &RouteAddress) -> Option<IpAddr> {
 /// The unicast routes of the main table, both families.
 pub async fn main_routes(handle: &Handle) -> Result<Vec<MainRoute>, DatapathError> {
     let mut out = Vec::new();
-    for version in [IpVersion::V4, IpVersion::V6] {
-        let query = match version {
-            IpVersion::V4 => RouteMessageBuilder::<std::net::Ipv4Addr>::new().table_id(0).build(),
-            IpVersion::V6 => RouteMessageBuilder::<std::net::Ipv6Addr>::new().table_id(0).build(),
-        };
-        let mut stream = handle.route().get(query).execute();
-        while let Some(msg) = stream.try_next().await.map_err(|e| nl("listing routes", e))? {
-            if table_of(&msg) != MAIN_TABLE || msg.header.kind != RouteType::Unicast {
-                continue;
-            }
-            let mut route = MainRoute {
-                destination: match msg.header.address_family {
-                    AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
-                    _ => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-                },
-                length: msg.header.destination_prefix_length,
-                oif: None,
-                gateway: None,
-                source: None,
-                metric: 0,
-                ours: msg.header.protocol == RouteProtocol::Other(PROTOCOL),
-                message: msg.clone(),
-            };
-            for a in &msg.attributes {
-                match a {
-                    RouteAttribute::Destination(d) => route.destination = address(d).unwrap_or(route.destination),
-                    RouteAttribute::Oif(i) => route.oif = Some(*i),
-                    RouteAttribute::Gateway(g) => route.gateway = address(g),
-                    RouteAttribute::PrefSource(s) => route.source = address(s),
-                    RouteAttribute::Priority(m) => route.metric = *m,
-                    _ => {}
-                }
-            }
-            out.push(route);
+    for msg in all_routes(handle).await? {
+        if table_of(&msg) != MAIN_TABLE || msg.header.kind != RouteType::Unicast {
+            continue;
         }
+        let mut route = MainRoute {
+            destination: match msg.header.address_family {
+                AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                _ => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            },
+            length: msg.header.destination_prefix_length,
+            oif: None,
+            gateway: None,
+            source: None,
+            metric: 0,
+            ours: msg.header.protocol == RouteProtocol::Other(PROTOCOL),
+            message: msg.clone(),
+        };
+        for a in &msg.attributes {
+            match a {
+                RouteAttribute::Destination(d) => route.destination = address(d).unwrap_or(route.destination),
+                RouteAttribute::Oif(i) => route.oif = Some(*i),
+                RouteAttribute::Gateway(g) => route.gateway = address(g),
+                RouteAttribute::PrefSource(s) => route.source = address(s),
+                RouteAttribute::Priority(m) => route.metric = *m,
+                _ => {}
+            }
+        }
+        out.push(route);
     }
     Ok(out)
 }
