@@ -296,9 +296,7 @@ impl Agent {
                     self.errors.push(e.to_string());
                 }
                 if let Some(p) = &self.prober {
-                    let mut targets = crate::probe::targets(config);
-                    targets.extend(crate::probe::path_targets(config, &self.hops));
-                    p.set(targets, crate::probe::known_lines(config));
+                    p.set_for(config, &self.hops);
                 }
                 self.active = active;
                 if let Some(events) = &self.events {
@@ -374,6 +372,26 @@ impl Agent {
         }
         match self.datapath.hops(&crate::probe::paths(config)) {
             Ok(h) => self.hops = h,
+            Err(e) => tracing::warn!(site = %self.settings.site, error = %e, "underlay paths not resolved"),
+        }
+    }
+
+    /// Resolves the paths again (every upkeep period): the operator's
+    /// underlay routes may have changed under the agent.
+    fn refresh_hops(&mut self) {
+        if self.prober.is_none() {
+            return;
+        }
+        let Some(paths) = self.config().map(crate::probe::paths) else { return };
+        match self.datapath.hops(&paths) {
+            Ok(h) if h != self.hops => {
+                tracing::info!(site = %self.settings.site, "the underlay routes changed; paths resolved again");
+                self.hops = h;
+                if let (Some(p), Some(c)) = (&self.prober, self.applied.as_ref().and_then(|a| a.config.as_ref())) {
+                    p.set_for(c, &self.hops);
+                }
+            }
+            Ok(_) => {}
             Err(e) => tracing::warn!(site = %self.settings.site, error = %e, "underlay paths not resolved"),
         }
     }
@@ -630,6 +648,9 @@ impl Agent {
                 tokio::select! {
                     _ = tokio::time::sleep(step.min(until - now)) => {
                         if tokio::time::Instant::now() < until && (self.choices_changed() || last.elapsed() >= period) {
+                            if last.elapsed() >= period {
+                                self.refresh_hops();
+                            }
                             self.upkeep();
                             last = tokio::time::Instant::now();
                         }
@@ -673,6 +694,7 @@ impl Agent {
         loop {
             tokio::select! {
                 _ = upkeep.tick(), if self.settings.upkeep.is_some() => {
+                    self.refresh_hops();
                     // With probing, also to refresh round-trip times and loss.
                     if self.upkeep() || self.prober.is_some() {
                         tx.send(self.status(Vec::new())).await.map_err(|e| broken(&e))?;

@@ -216,6 +216,14 @@ impl Prober {
         });
     }
 
+    /// Probes what `config` asks for (its tunnels' peers and, where `hops`
+    /// knows the way, the underlay paths to access points).
+    pub fn set_for(&self, config: &SiteConfig, hops: &BTreeMap<(IpAddr, IpAddr), Hop>) {
+        let mut all = targets(config);
+        all.extend(path_targets(config, hops));
+        self.set(all, known_lines(config));
+    }
+
     pub fn get(&self, key: &Key) -> Option<Health> {
         self.health.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
     }
