@@ -1204,7 +1204,8 @@ fn svg(r: &Report, plot: &[(String, Vec<u32>)]) -> String {
     }
     for (k, (label, arrivals)) in plot.iter().enumerate() {
         let base = top + row * (k as f64 + 1.0) - 10.0;
-        let bins = (span as u32 / BIN_US + 1) as usize;
+        // Whole bins only: a last partial one would look like an outage.
+        let bins = (span as u32 / BIN_US) as usize;
         let mut counts = vec![0u32; bins];
         for a in arrivals {
             if let Some(c) = counts.get_mut((a / BIN_US) as usize) {
@@ -1228,6 +1229,11 @@ fn svg(r: &Report, plot: &[(String, Vec<u32>)]) -> String {
         );
         let _ = writeln!(s, "<polyline fill=\"none\" stroke=\"#26a\" points=\"{}\"/>", points.join(" "));
     }
+    let _ = writeln!(
+        s,
+        "<text x=\"{:.1}\" y=\"16\" text-anchor=\"end\" fill=\"#666\">packets delivered per 50 ms</text>",
+        left + width
+    );
     let axis = height - 15.0;
     let mut t = 0.0;
     while t <= r.duration_s {
