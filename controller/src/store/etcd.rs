@@ -88,7 +88,7 @@ impl Etcd {
 
 /// Attempts per operation when a member is unreachable: the client spreads
 /// requests over the members, and a dead one refuses until it is dropped.
-const ATTEMPTS: u32 = 20;
+const ATTEMPTS: u32 = 50;
 const PAUSE: Duration = Duration::from_millis(100);
 
 /// Runs a read up to [`ATTEMPTS`] times while etcd is unreachable.
