@@ -420,8 +420,8 @@ impl Agent {
         // than one tunnel probe after its last answer): the line under the
         // tunnel failed, not the peer, and a line switch is bringing the
         // tunnel back. (When the peer itself is gone, no line answers after
-        // the tunnel went quiet, however slow its probes.)
-        // Returns when the most recent such line came up.
+        // the tunnel went quiet, however slow its probes.) Gives when the
+        // most recent such line came up.
         let line_outlived_tunnel = |peer: &str, tunnel: &Health| {
             config
                 .segments
@@ -439,7 +439,7 @@ impl Agent {
                 .filter_map(|h| h.since)
                 .max()
         };
-        let roams: BTreeSet<&str> = config
+        let members: BTreeSet<&str> = config
             .segments
             .iter()
             .flat_map(|s| s.peers.iter().filter(|p| p.role() == pb::PeerRole::Site).map(|p| p.name.as_str()))
@@ -450,10 +450,10 @@ impl Agent {
             match prober.get(&Key::tunnel(seg, peer)) {
                 None => 0,
                 // A member site is the only way in to itself: back at once.
-                Some(h) if h.up && roams.contains(peer) => 0,
+                Some(h) if h.up && members.contains(peer) => 0,
                 Some(h) if h.up => u8::from(!settled(&h, current)),
                 // A member site that went quiet may be switching lines.
-                Some(h) if roams.contains(peer) => {
+                Some(h) if members.contains(peer) => {
                     if current && down_for(&h) < SITE_GRACE {
                         0
                     } else {
