@@ -19,9 +19,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-use crate::datapath::{Datapath, Hop};
+use crate::datapath::{Datapath, Hops};
 use crate::probe::{Health, Key};
-use crate::reconcile::{Choices, build, choose, first_choices, line_address, probes_lines};
+use crate::reconcile::{Choices, build, choose, first_choices, path, probes_lines};
 use crate::state::{StateDir, StateError, write_file};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -205,8 +205,9 @@ pub struct Agent {
     renew_at: Option<u64>,
     prober: Option<crate::probe::Prober>,
     /// How the outer packets of each underlay path leave (probing only).
-    hops: std::collections::BTreeMap<(std::net::IpAddr, std::net::IpAddr), Hop>,
-    /// Each route group's active candidate, by (segment, group).
+    hops: Hops,
+    /// What is built: each route group's active candidate and each picked
+    /// peer's line.
     active: Choices,
 }
 
@@ -285,7 +286,7 @@ impl Agent {
                 Err(e) => self.errors.push(e.to_string()),
             }
         }
-        self.resolve(config);
+        self.resolve(crate::probe::paths(config));
         let active = self.choices(config);
         let result = build(&mut *self.datapath, config, &self.settings.state, &active, &self.hops);
         match result {
@@ -365,34 +366,34 @@ impl Agent {
     }
 
     /// Finds how each underlay path's outer packets would leave (probing
-    /// only: without health there is nothing to choose between lines).
-    fn resolve(&mut self, config: &pb::SiteConfig) {
+    /// only: without health there is nothing to choose between lines);
+    /// true when that changed.
+    fn resolve(&mut self, paths: Vec<(std::net::IpAddr, std::net::IpAddr)>) -> bool {
         if self.prober.is_none() {
-            return;
+            return false;
         }
-        match self.datapath.hops(&crate::probe::paths(config)) {
-            Ok(h) => self.hops = h,
-            Err(e) => tracing::warn!(site = %self.settings.site, error = %e, "underlay paths not resolved"),
+        match self.datapath.hops(&paths) {
+            Ok(h) if h != self.hops => {
+                self.hops = h;
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::warn!(site = %self.settings.site, error = %e, "underlay paths not resolved");
+                false
+            }
         }
     }
 
     /// Resolves the paths again (every upkeep period): the operator's
     /// underlay routes may have changed under the agent.
     fn refresh_hops(&mut self) {
-        if self.prober.is_none() {
-            return;
-        }
         let Some(paths) = self.config().map(crate::probe::paths) else { return };
-        match self.datapath.hops(&paths) {
-            Ok(h) if h != self.hops => {
-                tracing::info!(site = %self.settings.site, "the underlay routes changed; paths resolved again");
-                self.hops = h;
-                if let (Some(p), Some(c)) = (&self.prober, self.applied.as_ref().and_then(|a| a.config.as_ref())) {
-                    p.set_for(c, &self.hops);
-                }
+        if self.resolve(paths) {
+            tracing::info!(site = %self.settings.site, "the underlay routes changed; paths resolved again");
+            if let (Some(p), Some(c)) = (&self.prober, self.config()) {
+                p.set_for(c, &self.hops);
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(site = %self.settings.site, error = %e, "underlay paths not resolved"),
         }
     }
 
@@ -412,8 +413,7 @@ impl Agent {
         let hold_down = self.settings.hold_down;
         let settled = |h: &Health, current: bool| current || h.since.is_none_or(|s| s.elapsed() >= hold_down);
         let path_key = |e: &pb::Endpoint| -> Option<Key> {
-            let local = line_address(config, &e.local_line)?;
-            let remote = e.address.parse().ok()?;
+            let (local, remote) = path(config, e)?;
             self.hops.contains_key(&(local, remote)).then_some(Key::Path { local, remote })
         };
         // Whether a line to `peer` answered after its tunnel went quiet (more
@@ -765,13 +765,13 @@ impl Agent {
     }
 }
 
-/// A peer went up or down (never, without probing).
 /// A moment for the flips that come together (a line's tunnels, every peer
 /// behind it) to be seen together before choosing.
 async fn settle() {
     tokio::time::sleep(Duration::from_millis(20)).await;
 }
 
+/// A peer went up or down (never, without probing).
 async fn health_changed(changed: &Option<std::sync::Arc<tokio::sync::Notify>>) {
     match changed {
         Some(n) => n.notified().await,

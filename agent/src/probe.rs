@@ -22,10 +22,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use musubi_proto::v1::SiteConfig;
+use musubi_proto::v1::{self as pb, SiteConfig};
 
-use crate::datapath::Hop;
-use crate::reconcile::{line_address, probes_lines};
+use crate::datapath::Hops;
+use crate::reconcile::{path, probes_lines};
 use tokio::net::UdpSocket;
 use tokio::sync::{Notify, watch};
 
@@ -71,6 +71,19 @@ pub struct Target {
     pub multiplier: u32,
 }
 
+impl Target {
+    fn new(key: Key, interface: &str, local: IpAddr, address: IpAddr, probe: pb::ProbeSettings) -> Target {
+        Target {
+            key,
+            interface: interface.to_string(),
+            local,
+            address,
+            interval: Duration::from_millis(u64::from(probe.interval_ms.max(10))),
+            multiplier: probe.multiplier.max(1),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Health {
     pub up: bool,
@@ -107,14 +120,7 @@ pub fn targets(config: &SiteConfig) -> Vec<Target> {
             });
             let Some(address) = address else { continue };
             let probe = p.endpoints.first().and_then(|e| e.probe).unwrap_or(default);
-            out.push(Target {
-                key: Key::tunnel(&seg.segment, &p.name),
-                interface: wg.name.clone(),
-                local,
-                address,
-                interval: Duration::from_millis(u64::from(probe.interval_ms.max(10))),
-                multiplier: probe.multiplier.max(1),
-            });
+            out.push(Target::new(Key::tunnel(&seg.segment, &p.name), &wg.name, local, address, probe));
         }
     }
     out
@@ -123,31 +129,14 @@ pub fn targets(config: &SiteConfig) -> Vec<Target> {
 /// The underlay paths a configuration asks to probe: every endpoint of an
 /// access point (seen from a site, or from the other access point), once per (local line address, peer
 /// line address), where `hops` knows how the outer packets would leave.
-pub fn path_targets(config: &SiteConfig, hops: &BTreeMap<(IpAddr, IpAddr), Hop>) -> Vec<Target> {
+pub fn path_targets(config: &SiteConfig, hops: &Hops) -> Vec<Target> {
     let default = config.probe.unwrap_or_default();
     let mut out: Vec<Target> = Vec::new();
-    for seg in &config.segments {
-        for p in seg.peers.iter().filter(|p| probes_lines(p)) {
-            for e in &p.endpoints {
-                let (Some(local), Ok(address)) = (line_address(config, &e.local_line), e.address.parse::<IpAddr>())
-                else {
-                    continue;
-                };
-                let key = Key::Path { local, remote: address };
-                let Some(hop) = hops.get(&(local, address)) else { continue };
-                if out.iter().any(|t| t.key == key) {
-                    continue;
-                }
-                let probe = e.probe.unwrap_or(default);
-                out.push(Target {
-                    key,
-                    interface: hop.interface.clone(),
-                    local,
-                    address,
-                    interval: Duration::from_millis(u64::from(probe.interval_ms.max(10))),
-                    multiplier: probe.multiplier.max(1),
-                });
-            }
+    for (e, (local, remote)) in underlay(config) {
+        let key = Key::Path { local, remote };
+        let Some(hop) = hops.get(&(local, remote)) else { continue };
+        if !out.iter().any(|t| t.key == key) {
+            out.push(Target::new(key, &hop.interface, local, remote, e.probe.unwrap_or(default)));
         }
     }
     out
@@ -156,17 +145,18 @@ pub fn path_targets(config: &SiteConfig, hops: &BTreeMap<(IpAddr, IpAddr), Hop>)
 /// The (local line address, peer line address) pairs of [`path_targets`],
 /// for resolving their hops.
 pub fn paths(config: &SiteConfig) -> Vec<(IpAddr, IpAddr)> {
-    let mut out = BTreeSet::new();
-    for seg in &config.segments {
-        for p in seg.peers.iter().filter(|p| probes_lines(p)) {
-            for e in &p.endpoints {
-                if let (Some(l), Ok(r)) = (line_address(config, &e.local_line), e.address.parse()) {
-                    out.insert((l, r));
-                }
-            }
-        }
-    }
-    out.into_iter().collect()
+    let pairs: BTreeSet<(IpAddr, IpAddr)> = underlay(config).map(|(_, pair)| pair).collect();
+    pairs.into_iter().collect()
+}
+
+/// Every endpoint of an access point in `config`, with its underlay path.
+fn underlay(config: &SiteConfig) -> impl Iterator<Item = (&pb::Endpoint, (IpAddr, IpAddr))> {
+    config
+        .segments
+        .iter()
+        .flat_map(|s| s.peers.iter().filter(|p| probes_lines(p)))
+        .flat_map(|p| &p.endpoints)
+        .filter_map(|e| Some((e, path(config, e)?)))
 }
 
 /// The line addresses of every peer: whose underlay probes this router answers.
@@ -218,7 +208,7 @@ impl Prober {
 
     /// Probes what `config` asks for (its tunnels' peers and, where `hops`
     /// knows the way, the underlay paths to access points).
-    pub fn set_for(&self, config: &SiteConfig, hops: &BTreeMap<(IpAddr, IpAddr), Hop>) {
+    pub fn set_for(&self, config: &SiteConfig, hops: &Hops) {
         let mut all = targets(config);
         all.extend(path_targets(config, hops));
         self.set(all, known_lines(config));

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use musubi_proto::v1::{self as pb, SiteConfig};
 
 use crate::datapath::{
-    Allow, Datapath, DatapathError, Domain, Hop, Op, Owned, PeerSpec, Pin, Policy, PolicySpec, Route, Tunnel,
+    Allow, Datapath, DatapathError, Domain, Hops, Op, Owned, PeerSpec, Pin, Policy, PolicySpec, Route, Tunnel,
 };
 use crate::state::{StateDir, StateError};
 use crate::summary::{ConfigError, summarise};
@@ -67,7 +67,7 @@ fn protocol(p: pb::Protocol) -> &'static str {
 /// prefixes into that segment's tunnel; the policy lets through only the
 /// flows the intent allows.
 pub fn desired(config: &SiteConfig, state: &StateDir) -> Result<Owned, ReconcileError> {
-    desired_with(config, state, &choose(config, &|_, _, _| 0, &|_, _| 0))
+    desired_with(config, state, &first_choices(config, &Hops::new()))
 }
 
 /// What the agent has chosen among the alternatives a configuration gives.
@@ -139,12 +139,8 @@ pub fn choose(
 
 /// The choices before any health is known: every route group's first
 /// candidate with a key, every peer's first path the router has a route for.
-pub fn first_choices(config: &SiteConfig, hops: &BTreeMap<(std::net::IpAddr, std::net::IpAddr), Hop>) -> Choices {
-    let routed = |e: &pb::Endpoint| {
-        let local = line_address(config, &e.local_line);
-        let remote = e.address.parse().ok();
-        local.zip(remote).is_some_and(|pair| hops.contains_key(&pair))
-    };
+pub fn first_choices(config: &SiteConfig, hops: &Hops) -> Choices {
+    let routed = |e: &pb::Endpoint| path(config, e).is_some_and(|pair| hops.contains_key(&pair));
     choose(config, &|_, _, _| 0, &|_, e| if routed(e) { 0 } else { 1 })
 }
 
@@ -161,18 +157,18 @@ pub fn line_address(config: &SiteConfig, line: &str) -> Option<std::net::IpAddr>
     config.lines.iter().find(|l| l.name == line).and_then(|l| l.address.parse().ok())
 }
 
+/// The underlay path of an endpoint: (local line address, peer line address).
+pub fn path(config: &SiteConfig, e: &pb::Endpoint) -> Option<(std::net::IpAddr, std::net::IpAddr)> {
+    Some((line_address(config, &e.local_line)?, e.address.parse().ok()?))
+}
+
 /// The underlay routes that send each peer's outer packets over its active
 /// path (where the path's hop is known).
-pub fn pins(
-    config: &SiteConfig,
-    choices: &Choices,
-    hops: &BTreeMap<(std::net::IpAddr, std::net::IpAddr), Hop>,
-) -> BTreeSet<Pin> {
+pub fn pins(config: &SiteConfig, choices: &Choices, hops: &Hops) -> BTreeSet<Pin> {
     let mut out = BTreeSet::new();
     for seg in &config.segments {
         for p in seg.peers.iter().filter(|p| picks_line(config, p)) {
-            let Some(e) = active_endpoint(p, choices) else { continue };
-            let (Some(source), Ok(destination)) = (line_address(config, &e.local_line), e.address.parse()) else {
+            let Some((source, destination)) = active_endpoint(p, choices).and_then(|e| path(config, e)) else {
                 continue;
             };
             if let Some(hop) = hops.get(&(source, destination)) {
@@ -310,7 +306,7 @@ pub fn build(
     config: &SiteConfig,
     state: &StateDir,
     choices: &Choices,
-    hops: &BTreeMap<(std::net::IpAddr, std::net::IpAddr), Hop>,
+    hops: &Hops,
 ) -> Result<Vec<Op>, ReconcileError> {
     let mut want = desired_with(config, state, choices)?;
     let pins = pins(config, choices, hops);
@@ -351,12 +347,11 @@ pub fn build(
 /// Adds to `want`'s policy the line addresses of the peers whose line the
 /// agent picks that are not in use (see [`PolicySpec::unused_lines`]).
 fn fence(want: &mut Owned, config: &SiteConfig, pins: &BTreeSet<Pin>) {
-    let Some(spec) = want.policy.as_ref().and_then(|p| p.spec.clone()) else { return };
+    let Some(mut spec) = want.policy.as_ref().and_then(|p| p.spec.clone()) else { return };
     if pins.is_empty() {
         return;
     }
     let used: BTreeSet<std::net::IpAddr> = pins.iter().map(|p| p.destination).collect();
-    let mut spec = spec;
     spec.unused_lines = config
         .segments
         .iter()
@@ -383,7 +378,7 @@ pub fn reconcile(dp: &mut dyn Datapath, want: &Owned) -> Result<Vec<Op>, Reconci
 mod tests {
     use super::*;
     use crate::datapath::fake::Fake;
-    use crate::datapath::{plan, step};
+    use crate::datapath::{Hop, plan, step};
 
     /// (segment, table, [(peer, public key)]).
     type Segment<'a> = (&'a str, u32, &'a [(&'a str, &'a str)]);

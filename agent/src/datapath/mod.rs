@@ -73,6 +73,9 @@ pub struct Hop {
     pub gateway: Option<IpAddr>,
 }
 
+/// The hop of each underlay path: (local line address, peer line address).
+pub type Hops = BTreeMap<(IpAddr, IpAddr), Hop>;
+
 /// An underlay route the agent pins in the main table so that the outer
 /// packets to `destination` (a peer's line address) leave on the chosen
 /// local line, from its address `source`.
@@ -210,8 +213,8 @@ pub trait Datapath: Send {
     /// packets would take, when the router has a route to the peer's
     /// address out of the interface that holds the local one. A path left
     /// out cannot be used. A datapath without an underlay knows none.
-    fn hops(&mut self, _paths: &[(IpAddr, IpAddr)]) -> Result<BTreeMap<(IpAddr, IpAddr), Hop>, DatapathError> {
-        Ok(BTreeMap::new())
+    fn hops(&mut self, _paths: &[(IpAddr, IpAddr)]) -> Result<Hops, DatapathError> {
+        Ok(Hops::new())
     }
     /// Makes the pinned underlay routes exactly `pins`; returns the
     /// destinations whose pin changed (was added, moved or removed).

@@ -705,8 +705,10 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>) -> Result<()> {
     std::fs::create_dir_all(&out)?;
     println!("drill {} on lab {}: {}", drill.name, w.lab.name, drill.description.trim());
 
-    let sources: BTreeSet<String> = drill.streams.iter().map(|s| w.hosts[&s.from].0.clone()).collect();
-    for site in sources.iter().filter(|s| w.router.contains_key(*s)) {
+    // The sites that send a stream (and have a router in the lab).
+    let sources: BTreeSet<String> =
+        drill.streams.iter().map(|s| w.hosts[&s.from].0.clone()).filter(|s| w.router.contains_key(s)).collect();
+    for site in &sources {
         install_counters(&w, site)?;
     }
 
@@ -909,8 +911,7 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>) -> Result<()> {
     // Where traffic runs now, while the streams still run.
     let mut paths = Vec::new();
     if failure.is_none() && drill.pass.preferred {
-        let counted: BTreeSet<String> = sources.iter().filter(|s| w.router.contains_key(*s)).cloned().collect();
-        for (site, counts) in line_counts(&w, &counted)? {
+        for (site, counts) in line_counts(&w, &sources)? {
             let total: u64 = counts.values().sum();
             let first = w.lines.get(&site).and_then(|l| l.first()).cloned().unwrap_or_default();
             let ifname = w.line_if.get(&(site.clone(), first.clone())).cloned().unwrap_or_default();
@@ -950,7 +951,7 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>) -> Result<()> {
             eprintln!("could not restore {n}: {e:#}");
         }
     }
-    for site in sources.iter().filter(|s| w.router.contains_key(*s)) {
+    for site in &sources {
         let _ =
             nft(&w.lab, &w.router[site], &format!("add table inet {COUNT_TABLE}\ndelete table inet {COUNT_TABLE}\n"));
     }
