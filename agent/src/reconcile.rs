@@ -308,11 +308,28 @@ pub fn build(
     choices: &Choices,
     hops: &Hops,
 ) -> Result<Vec<Op>, ReconcileError> {
+    let (want, pins) = wanted(config, state, choices, hops)?;
+    build_wanted(dp, &want, &pins)
+}
+
+/// What `config` asks for with `choices`: the objects (with the fence of
+/// the lines not in use) and the underlay pins.
+pub fn wanted(
+    config: &SiteConfig,
+    state: &StateDir,
+    choices: &Choices,
+    hops: &Hops,
+) -> Result<(Owned, BTreeSet<Pin>), ReconcileError> {
     let mut want = desired_with(config, state, choices)?;
     let pins = pins(config, choices, hops);
     fence(&mut want, config, &pins);
-    let moved = dp.pin(&pins)?;
-    let mut ops = dp.diff(&want)?;
+    Ok((want, pins))
+}
+
+/// [`build`] from what [`wanted`] gave.
+pub fn build_wanted(dp: &mut dyn Datapath, want: &Owned, pins: &BTreeSet<Pin>) -> Result<Vec<Op>, ReconcileError> {
+    let moved = dp.pin(pins)?;
+    let mut ops = dp.diff(want)?;
     // A line switch changes peers' endpoints and the fence of lines not in
     // use: the fence goes first, so nothing still on its way over the old
     // line makes WireGuard follow it back. (Otherwise the policy goes last,
