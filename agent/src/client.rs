@@ -439,6 +439,17 @@ impl Agent {
                 .filter_map(|h| h.since)
                 .max()
         };
+        // The health of the path a peer is reached over, when the agent picks it.
+        let active_path_health = |peer: &str, local: &str, remote: &str| {
+            config
+                .segments
+                .iter()
+                .flat_map(|s| s.peers.iter().filter(|p| p.name == peer))
+                .flat_map(|p| &p.endpoints)
+                .find(|e| e.local_line == local && e.remote_line == remote)
+                .and_then(path_key)
+                .and_then(|k| prober.get(&k))
+        };
         let members: BTreeSet<&str> = config
             .segments
             .iter()
@@ -461,10 +472,20 @@ impl Agent {
                     }
                 }
                 Some(h) => {
+                    // Only a line that failed is switched: while the path in
+                    // use still answers, a quiet tunnel is the peer's own
+                    // (its WireGuard died before the rest of it).
+                    let path_failed = self
+                        .active
+                        .paths
+                        .get(peer)
+                        .and_then(|(l, r)| active_path_health(peer, l, r))
+                        .is_none_or(|p| !p.up);
                     // The grace runs from the tunnel going quiet, or from a
                     // line coming back (a site whose lines all return).
-                    let switching = line_outlived_tunnel(peer, &h)
-                        .is_some_and(|line_up| down_for(&h) < SWITCH_GRACE || line_up.elapsed() < SWITCH_GRACE);
+                    let switching = path_failed
+                        && line_outlived_tunnel(peer, &h)
+                            .is_some_and(|line_up| down_for(&h) < SWITCH_GRACE || line_up.elapsed() < SWITCH_GRACE);
                     if switching && current { 0 } else { 2 }
                 }
             }
