@@ -80,22 +80,27 @@ pub async fn sites(operator: &Operator, limit: usize) -> Result<Vec<String>, Sim
 /// Enrols and starts one agent per site (tokens made through the operator
 /// API), with state under `root/<site>`.
 pub async fn start(operator: &Operator, sites: Vec<String>, root: &Path) -> Result<Fleet, SimulateError> {
-    let mut client = operator.connect().await?;
+    use futures::StreamExt;
+    let client = operator.connect().await?;
     let (tx, events) = mpsc::unbounded_channel();
     let mut tasks = Vec::with_capacity(sites.len());
-    for site in &sites {
-        let token = client
-            .create_token(pb::CreateTokenRequest { site: site.clone(), ttl_seconds: 3600 })
-            .await
-            .map_err(|s| op_err(s.message()))?
-            .into_inner()
-            .token;
-        let state = StateDir { sync: false, ..StateDir::new(&root.join(site)) };
-        let mut settings = Settings::new(site, vec![operator.controller.clone()], state);
+    // Tokens are made a few at a time: each is a store write of its own.
+    let mut tokens = futures::stream::iter(sites.clone())
+        .map(|site| {
+            let mut client = client.clone();
+            async move {
+                let made = client.create_token(pb::CreateTokenRequest { site: site.clone(), ttl_seconds: 3600 }).await;
+                made.map(|r| (site, r.into_inner().token)).map_err(|s| op_err(s.message()))
+            }
+        })
+        .buffered(32);
+    while let Some(made) = tokens.next().await {
+        let (site, token) = made?;
+        let state = StateDir { sync: false, ..StateDir::new(&root.join(&site)) };
+        let mut settings = Settings::new(&site, vec![operator.controller.clone()], state);
         settings.token = Some(token);
         settings.ca = Some(operator.ca.clone());
         let agent = Agent::new(settings, Box::new(Fake::new()))?.with_events(tx.clone());
-        let site = site.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = agent.run().await {
                 tracing::error!(site, error = %e, "simulated agent stopped");

@@ -186,7 +186,7 @@ impl Controller {
         let (level, stderr) = match log {
             Some(path) => {
                 let f = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("controller log");
-                ("info", Stdio::from(f))
+                ("info,memory=debug", Stdio::from(f))
             }
             None => ("warn", Stdio::inherit()),
         };

@@ -15,11 +15,11 @@ use base64::Engine;
 use musubi_proto::v1 as pb;
 use musubi_proto::v1::agent_server::Agent;
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::fanout::{Fanout, Feed};
+use crate::fanout::{Delivery, Fanout, Feed};
 use crate::pki::{self, Authority, Identity, now_ms};
 use crate::sites::{self, TokenError};
 use crate::store::IntentStore;
@@ -166,6 +166,31 @@ fn no_ca() -> Status {
 
 type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
 
+/// What a session hands to its stream, turned into a message only as the
+/// stream sends it. Kept to a pointer's size: tokio's channel allocates its
+/// slots 32 at a time, and the controller holds a channel per site.
+enum Out {
+    Config(Arc<Delivery>),
+    Keepalive,
+    End(Box<Status>),
+}
+
+impl Out {
+    fn end(status: Status) -> Out {
+        Out::End(Box::new(status))
+    }
+
+    fn into_message(self) -> Result<pb::ControllerMessage, Status> {
+        use pb::controller_message::Body;
+        let body = match self {
+            Out::Config(d) => Body::Config(d.to_pb()),
+            Out::Keepalive => Body::Keepalive(pb::Keepalive { unix_ms: now_ms() }),
+            Out::End(status) => return Err(*status),
+        };
+        Ok(pb::ControllerMessage { body: Some(body) })
+    }
+}
+
 #[tonic::async_trait]
 impl<S: IntentStore + 'static> Agent for AgentService<S> {
     async fn enroll(&self, request: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
@@ -265,7 +290,7 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
         };
         tracing::info!(site, version = %hello.agent_version, applied = hello.applied_revision, "agent connected");
         tokio::spawn(session.run(inbound, feed, tx, presence, hello.applied_digest, (stream, replaced)));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Out::into_message))))
     }
 }
 
@@ -295,13 +320,12 @@ impl<S: IntentStore + 'static> Session<S> {
         mut self,
         mut inbound: Streaming<pb::AgentMessage>,
         mut feed: tokio::sync::watch::Receiver<Feed>,
-        tx: mpsc::Sender<Result<pb::ControllerMessage, Status>>,
+        tx: mpsc::Sender<Out>,
         presence: crate::store::presence::Presence,
         mut sent_digest: String,
         (stream, mut replaced): (u64, tokio::sync::oneshot::Receiver<()>),
     ) {
         use pb::agent_message::Body as In;
-        use pb::controller_message::Body as Out;
         let site = self.status.site.clone();
         let mut stop = self.service.stop.clone();
         let mut keepalive = tokio::time::interval(self.service.settings.keepalive);
@@ -313,12 +337,11 @@ impl<S: IntentStore + 'static> Session<S> {
             match current {
                 Feed::Gone(reason) => {
                     tracing::warn!(site, reason, "disconnecting agent");
-                    let _ = tx.send(Err(Status::permission_denied(reason))).await;
+                    let _ = tx.send(Out::end(Status::permission_denied(reason))).await;
                     break;
                 }
                 Feed::Config(d) if d.digest != sent_digest => {
-                    let msg = pb::ControllerMessage { body: Some(Out::Config(d.to_pb())) };
-                    if tx.send(Ok(msg)).await.is_err() {
+                    if tx.send(Out::Config(d.clone())).await.is_err() {
                         break;
                     }
                     sent += 1;
@@ -330,7 +353,7 @@ impl<S: IntentStore + 'static> Session<S> {
             }
             tokio::select! {
                 changed = feed.changed() => if changed.is_err() {
-                    let _ = tx.send(Err(Status::permission_denied(format!("site `{site}` is no longer served")))).await;
+                    let _ = tx.send(Out::end(Status::permission_denied(format!("site `{site}` is no longer served")))).await;
                     break;
                 },
                 message = inbound.message() => match message {
@@ -349,21 +372,20 @@ impl<S: IntentStore + 'static> Session<S> {
                     }
                 },
                 _ = keepalive.tick() => {
-                    let msg = pb::ControllerMessage { body: Some(Out::Keepalive(pb::Keepalive { unix_ms: now_ms() })) };
-                    if tx.send(Ok(msg)).await.is_err() {
+                    if tx.send(Out::Keepalive).await.is_err() {
                         break;
                     }
                 }
                 _ = tx.closed() => break,
                 _ = &mut replaced => {
                     tracing::warn!(site, "another agent of this site connected; closing the older stream");
-                    let _ = tx.send(Err(Status::already_exists(format!(
+                    let _ = tx.send(Out::end(Status::already_exists(format!(
                         "another agent of site `{site}` connected; this stream is closed"
                     )))).await;
                     break;
                 }
                 _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {
-                    let _ = tx.send(Err(Status::unavailable("the controller is shutting down"))).await;
+                    let _ = tx.send(Out::end(Status::unavailable("the controller is shutting down"))).await;
                     break;
                 }
             }
