@@ -96,7 +96,8 @@ pub async fn start(operator: &Operator, sites: Vec<String>, root: &Path) -> Resu
         .buffered(32);
     while let Some(made) = tokens.next().await {
         let (site, token) = made?;
-        let state = StateDir { sync: false, ..StateDir::new(&root.join(&site)) };
+        let mut state = StateDir::new(&root.join(&site));
+        state.sync = false;
         let mut settings = Settings::new(&site, vec![operator.controller.clone()], state);
         settings.token = Some(token);
         settings.ca = Some(operator.ca.clone());

@@ -11,10 +11,11 @@
 //! <state>/applied.pb              the last applied ConfigUpdate
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -86,11 +87,28 @@ pub struct StateDir {
     pub root: PathBuf,
     /// Flush the applied configuration to disk (on, except in the simulator).
     pub sync: bool,
+    /// Public keys already derived, by segment, with the key file's text
+    /// they came from: every apply asks for them, and deriving one is a
+    /// scalar multiplication.
+    derived: Arc<Mutex<HashMap<String, (String, String)>>>,
 }
 
 impl StateDir {
     pub fn new(root: &Path) -> Self {
-        StateDir { root: root.to_path_buf(), sync: true }
+        StateDir { root: root.to_path_buf(), sync: true, derived: Arc::default() }
+    }
+
+    /// The public key of a private key file's text (as read from `path`).
+    fn public_of_text(&self, segment: &str, path: &Path, text: &[u8]) -> Result<String, StateError> {
+        let mut derived = self.derived.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((seen, public)) = derived.get(segment)
+            && seen.as_bytes() == text
+        {
+            return Ok(public.clone());
+        }
+        let public = public_of(&parse_key(path, text)?);
+        derived.insert(segment.to_string(), (String::from_utf8_lossy(text).into_owned(), public.clone()));
+        Ok(public)
     }
 
     pub fn key_file(&self, segment: &str) -> PathBuf {
@@ -114,7 +132,7 @@ impl StateDir {
     pub fn ensure_key(&self, segment: &str) -> Result<(String, bool), StateError> {
         let path = self.key_file(segment);
         if let Some(text) = read_optional(&path)? {
-            return Ok((public_of(&parse_key(&path, &text)?), false));
+            return Ok((self.public_of_text(segment, &path, &text)?, false));
         }
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|e| StateError::Random(e.to_string()))?;

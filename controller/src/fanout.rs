@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use musubi_proto::v1::{self as pb, SiteConfig};
 use prost::Message;
+use prost::bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
@@ -46,16 +47,29 @@ pub struct Delivery {
     pub revision: u64,
     /// SHA-256 (hex) of the encoded configuration without its revision.
     pub digest: String,
-    pub config: Arc<SiteConfig>,
+    pub config: Kept,
+}
+
+/// How a configuration is kept until it is sent. An access point's (10,000
+/// peers, patched in place by every member change) stays a structure; a
+/// member site's is kept encoded: a tenth of the memory of the structure,
+/// and 10,000 of them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Kept {
+    Whole(Arc<SiteConfig>),
+    Encoded(Bytes),
 }
 
 impl Delivery {
     pub fn to_pb(&self) -> pb::ConfigUpdate {
-        pb::ConfigUpdate {
-            revision: self.revision,
-            digest: self.digest.clone(),
-            config: Some(SiteConfig { revision: self.revision, ..(*self.config).clone() }),
-        }
+        let config = match &self.config {
+            Kept::Whole(c) => SiteConfig { revision: self.revision, ..(**c).clone() },
+            // Encoded by this process from a valid structure: decoding cannot fail.
+            Kept::Encoded(b) => {
+                SiteConfig { revision: self.revision, ..SiteConfig::decode(b.clone()).unwrap_or_default() }
+            }
+        };
+        pb::ConfigUpdate { revision: self.revision, digest: self.digest.clone(), config: Some(config) }
     }
 }
 
@@ -87,29 +101,74 @@ pub fn deliverable(raw: &SiteConfig) -> SiteConfig {
 }
 
 pub fn digest(config: &SiteConfig) -> String {
-    Sha256::digest(config.encode_to_vec()).iter().map(|b| format!("{b:02x}")).collect()
+    digest_of(&config.encode_to_vec())
+}
+
+fn digest_of(encoded: &[u8]) -> String {
+    Sha256::digest(encoded).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Debug, Default)]
 struct State {
     stored: Stored,
+    /// Compiled configurations the incremental compiler works on: every
+    /// access point, and member sites only from their recompilation until
+    /// they are published (then they move to `packed`). A member missing
+    /// here is compiled afresh when a change reaches it, and found equal
+    /// (by digest) to its feed if nothing changed for it.
     raw: BTreeMap<String, Arc<SiteConfig>>,
+    /// Member sites' compiled configurations, encoded, keyless peers and all.
+    packed: HashMap<String, Bytes>,
     feeds: HashMap<String, watch::Sender<Feed>>,
     revoked: BTreeMap<String, Revocation>,
 }
 
 impl State {
+    /// What a site's agent gets, with its digest; a member site's compiled
+    /// configuration moves from `raw` to `packed` on the way.
+    fn deliverable(&mut self, site: &str) -> Option<(String, Kept)> {
+        let member = self.stored.intent.sites.get(site).is_some_and(|s| !s.is_access_point());
+        let raw = match self.raw.get(site) {
+            Some(_) if member => {
+                let raw = self.raw.remove(site)?;
+                self.packed.insert(site.to_string(), Bytes::from(raw.encode_to_vec()));
+                raw
+            }
+            Some(raw) => {
+                self.packed.remove(site);
+                raw.clone()
+            }
+            None => {
+                let packed = self.packed.get(site)?;
+                Arc::new(SiteConfig::decode(packed.clone()).ok()?)
+            }
+        };
+        // Once every peer has its key (the steady state) the delivered
+        // configuration is the compiled one: share it rather than copy.
+        let keyless = raw.segments.iter().any(|s| s.peers.iter().any(|p| p.public_key.is_empty()));
+        match (member, keyless) {
+            (true, false) => {
+                let bytes = self.packed.get(site)?.clone();
+                Some((digest_of(&bytes), Kept::Encoded(bytes)))
+            }
+            (true, true) => {
+                let bytes = Bytes::from(deliverable(&raw).encode_to_vec());
+                Some((digest_of(&bytes), Kept::Encoded(bytes)))
+            }
+            (false, false) => Some((digest(&raw), Kept::Whole(raw))),
+            (false, true) => {
+                let config = deliverable(&raw);
+                Some((digest(&config), Kept::Whole(Arc::new(config))))
+            }
+        }
+    }
+
     /// Puts the site's current configuration (or its refusal) on its feed,
     /// unless the feed already carries the same thing.
     fn publish(&mut self, site: &str) -> bool {
         let feed = if self.revoked.get(site).is_some_and(|r| r.active) {
             Feed::Gone(format!("site `{site}` is revoked"))
-        } else if let Some(raw) = self.raw.get(site) {
-            // Once every peer has its key (the steady state) the delivered
-            // configuration is the compiled one: share it rather than copy.
-            let keyless = raw.segments.iter().any(|s| s.peers.iter().any(|p| p.public_key.is_empty()));
-            let config = if keyless { Arc::new(deliverable(raw)) } else { raw.clone() };
-            let digest = digest(&config);
+        } else if let Some((digest, config)) = self.deliverable(site) {
             if let Some(Feed::Config(d)) = self.feeds.get(site).map(|f| f.borrow().clone())
                 && d.digest == digest
             {
@@ -153,7 +212,7 @@ impl Fanout {
             .map(|(k, v)| (k, Arc::new(v)))
             .collect();
         let from = stored.revision;
-        let mut state = State { stored, raw, feeds: HashMap::new(), revoked };
+        let mut state = State { stored, raw, packed: HashMap::new(), feeds: HashMap::new(), revoked };
         let names: Vec<String> = state.raw.keys().cloned().collect();
         for site in names {
             state.publish(&site);
@@ -233,6 +292,7 @@ impl Fanout {
         }
         let removed: Vec<&String> = old.sites.keys().filter(|s| !state.stored.intent.sites.contains_key(*s)).collect();
         for site in removed {
+            state.packed.remove(site);
             if let Some(tx) = state.feeds.remove(site) {
                 tx.send_replace(Feed::Gone(format!("site `{site}` was removed from the intent")));
             }

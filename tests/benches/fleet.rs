@@ -49,8 +49,9 @@ fn rss_mib(pid: u32) -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-async fn apply(client: &mut OperatorClient<Channel>, intent: &Intent, expected: u64) -> (u64, Duration) {
-    let text = to_yaml(intent).expect("export");
+/// Applies `text` (the whole intent as YAML, written before the clock starts,
+/// as an operator's file is); returns the new revision and the call's time.
+async fn apply(client: &mut OperatorClient<Channel>, text: String, expected: u64) -> (u64, Duration) {
     let t = Instant::now();
     let resp = client
         .apply(pb::ApplyRequest {
@@ -63,6 +64,10 @@ async fn apply(client: &mut OperatorClient<Channel>, intent: &Intent, expected: 
         .into_inner();
     assert!(resp.diagnostics.is_empty(), "invalid intent");
     (resp.revision, t.elapsed())
+}
+
+fn yaml(intent: &Intent) -> String {
+    to_yaml(intent).expect("export")
 }
 
 /// Every site connected with the configuration it should have.
@@ -97,7 +102,7 @@ async fn fleet(sites: usize, rounds: usize) {
     let mut client = operator.connect().await.expect("operator");
 
     let mut intent = parse_str("generated.yaml", &generate(sites, 5)).intent;
-    let (mut revision, took) = apply(&mut client, &intent, 0).await;
+    let (mut revision, took) = apply(&mut client, yaml(&intent), 0).await;
     println!("  import:                          {}", ms(took));
     println!("  controller RSS, no agents:       {:.0} MiB", rss_mib(controller.pid()).0);
 
@@ -124,8 +129,9 @@ async fn fleet(sites: usize, rounds: usize) {
 
     // Every site changes: the probe interval is in every configuration.
     intent.settings.probe.interval_ms += 50;
+    let text = yaml(&intent);
     let t = Instant::now();
-    let (rev, took) = apply(&mut client, &intent, revision).await;
+    let (rev, took) = apply(&mut client, text, revision).await;
     revision = rev;
     let (last, _) = fleet
         .until(Duration::from_secs(120), |a| a.revision == revision)
@@ -141,8 +147,9 @@ async fn fleet(sites: usize, rounds: usize) {
         let name = &members[(i * 7919) % members.len()];
         let site = Arc::make_mut(intent.sites.get_mut(name).expect("site"));
         site.attachments[0].interface = Some(format!("lan{}", 100 + i % 7));
+        let text = yaml(&intent);
         let t = Instant::now();
-        let (rev, took) = apply(&mut client, &intent, revision).await;
+        let (rev, took) = apply(&mut client, text, revision).await;
         revision = rev;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {

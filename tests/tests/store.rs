@@ -2,16 +2,22 @@
 //! real etcd server (Debian's `etcd-server`), started by the test on free
 //! loopback ports with a temporary data directory and stopped by PID.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+
+use base64::Engine;
 use std::time::{Duration, Instant};
 
 use musubi_controller::audit::verify;
+use musubi_controller::compile::compile;
+use musubi_controller::fanout::{Fanout, Kept, deliverable, digest};
 use musubi_controller::intent::parse::{Parsed, parse_str};
 use musubi_controller::store::apply::{ApplyError, RollbackError, apply, rollback};
 use musubi_controller::store::embedded::Embedded;
 use musubi_controller::store::etcd::{Etcd, EtcdConfig};
 use musubi_controller::store::watch::{apply_changes, watch};
 use musubi_controller::store::{IntentStore, StoreError};
+use musubi_proto::v1::SiteConfig;
 use musubi_tests::{EtcdServer, topology};
 
 fn prefecture() -> Parsed {
@@ -249,4 +255,88 @@ async fn embedded_store_refuses_a_second_controller_and_keeps_data_across_restar
     let loaded = reopened.load().await.expect("load");
     assert_eq!(loaded.revision, 1);
     assert_eq!(loaded.intent, prefecture().intent);
+}
+
+/// Every site's delivery from the fan-out is exactly what compiling the
+/// stored intent gives (keyless peers left out): access points kept whole,
+/// member sites kept encoded.
+async fn assert_deliveries_match_the_intent<S: IntentStore>(store: &S, fanout: &Fanout) {
+    let stored = store.load().await.expect("load");
+    let compiled = compile(&stored.intent, &stored.allocations, &stored.keys).expect("compile");
+    for (site, raw) in &compiled {
+        let d = fanout.desired(site).unwrap_or_else(|| panic!("nothing to deliver to {site}"));
+        let access_point = stored.intent.sites[site].is_access_point();
+        assert_eq!(matches!(d.config, Kept::Whole(_)), access_point, "{site}: kept as {:?}", d.config);
+        let expected = SiteConfig { revision: d.revision, ..deliverable(raw) };
+        assert_eq!(d.to_pb().config.as_ref(), Some(&expected), "{site}: delivered configuration differs");
+        assert_eq!(d.digest, digest(&deliverable(raw)), "{site}: digest");
+    }
+}
+
+/// Records a made-up public key for every segment `site` is attached to and
+/// waits until the fan-out has it.
+async fn give_keys<S: IntentStore>(store: &S, fanout: &Fanout, site: &str) {
+    let stored = store.load().await.expect("load");
+    let n = stored.intent.sites.keys().position(|s| s == site).expect("site") as u8;
+    let keys: Vec<(String, String)> = stored.intent.sites[site]
+        .attachments
+        .iter()
+        .map(|a| (a.segment.clone(), base64::engine::general_purpose::STANDARD.encode([n; 32])))
+        .collect();
+    store.put_public_keys(site, &keys).await.expect("keys");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fanout.keys(site).len() < keys.len() {
+        assert!(Instant::now() < deadline, "the fan-out did not take the keys of {site}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Digests of every site's delivery now.
+fn digests(fanout: &Fanout) -> BTreeMap<String, String> {
+    fanout.sites().into_iter().filter_map(|s| Some((s.clone(), fanout.desired(&s)?.digest.clone()))).collect()
+}
+
+/// Sites whose delivery differs from `before` (or is new).
+fn changed_since(fanout: &Fanout, before: &BTreeMap<String, String>) -> Vec<String> {
+    digests(fanout).into_iter().filter(|(s, d)| before.get(s) != Some(d)).map(|(s, _)| s).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_keeps_member_configs_encoded_and_republishes_only_what_changed() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Arc::new(Embedded::open(dir.path()).expect("open"));
+    apply(&*store, &prefecture(), 0, "local", T0, false).await.expect("apply");
+    let fanout = Fanout::start(store.clone()).await.expect("fan-out");
+    assert_deliveries_match_the_intent(&*store, &fanout).await;
+    for site in fanout.sites() {
+        give_keys(&*store, &fanout, &site).await;
+    }
+    assert_deliveries_match_the_intent(&*store, &fanout).await;
+
+    // A new branch office: its own feed, and a route to it on its
+    // segment's access points (its peer comes with its key); nobody else.
+    let (before, published) = (digests(&fanout), fanout.published());
+    apply(&*store, &prefecture_plus_branch(), 1, "local", T0 + 1, false).await.expect("apply");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fanout.revision() < 2 {
+        assert!(Instant::now() < deadline, "the fan-out did not follow revision 2");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_deliveries_match_the_intent(&*store, &fanout).await;
+    let stored = store.load().await.expect("load");
+    let is_ap = |s: &String| stored.intent.sites[s].is_access_point();
+    let changed = changed_since(&fanout, &before);
+    assert!(changed.contains(&"kita-east".to_string()), "the new branch has no feed: {changed:?}");
+    assert!(changed.iter().filter(|s| *s != "kita-east").all(is_ap), "member sites republished: {changed:?}");
+    assert!(changed.iter().any(is_ap), "no access point learned of the new branch: {changed:?}");
+    assert_eq!(fanout.published() - published, changed.len() as u64, "published configurations");
+
+    // Its key arrives: its peer appears on those access points only.
+    let (before, published) = (digests(&fanout), fanout.published());
+    give_keys(&*store, &fanout, "kita-east").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_deliveries_match_the_intent(&*store, &fanout).await;
+    let changed = changed_since(&fanout, &before);
+    assert!(!changed.is_empty() && changed.iter().all(is_ap), "republished for a branch's key: {changed:?}");
+    assert_eq!(fanout.published() - published, changed.len() as u64, "published configurations");
 }

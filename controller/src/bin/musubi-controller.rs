@@ -156,7 +156,6 @@ impl ServeFile {
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()

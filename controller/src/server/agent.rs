@@ -15,8 +15,8 @@ use base64::Engine;
 use musubi_proto::v1 as pb;
 use musubi_proto::v1::agent_server::Agent;
 use tokio::sync::mpsc;
-use tokio_stream::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::fanout::{Delivery, Fanout, Feed};
@@ -294,6 +294,12 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
     }
 }
 
+/// Ends a stream with `status`, unless its agent has stopped reading for a
+/// second (the stream is closed either way once the session drops `tx`).
+async fn end(tx: &mpsc::Sender<Out>, status: Status) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), tx.send(Out::end(status))).await;
+}
+
 struct Session<S> {
     service: AgentService<S>,
     status: pb::SiteStatus,
@@ -332,28 +338,33 @@ impl<S: IntentStore + 'static> Session<S> {
         keepalive.tick().await;
         self.publish_status(&presence).await;
         let mut sent = 0u64;
+        // The newest configuration not yet handed to the stream. The
+        // session keeps reading the agent while the stream is full (an
+        // access point's agent may be sending its own large status at the
+        // same moment), and a configuration overtaken by a newer one before
+        // it left is never sent.
+        let mut pending: Option<Arc<Delivery>>;
         loop {
             let current = feed.borrow_and_update().clone();
             match current {
                 Feed::Gone(reason) => {
                     tracing::warn!(site, reason, "disconnecting agent");
-                    let _ = tx.send(Out::end(Status::permission_denied(reason))).await;
+                    end(&tx, Status::permission_denied(reason)).await;
                     break;
                 }
-                Feed::Config(d) if d.digest != sent_digest => {
-                    if tx.send(Out::Config(d.clone())).await.is_err() {
-                        break;
-                    }
+                Feed::Config(d) => pending = (d.digest != sent_digest).then_some(d),
+            }
+            tokio::select! {
+                permit = tx.reserve(), if pending.is_some() => {
+                    let (Ok(permit), Some(d)) = (permit, pending.take()) else { break };
+                    permit.send(Out::Config(d.clone()));
                     sent += 1;
                     tracing::debug!(site, revision = d.revision, digest = %d.digest, "configuration sent");
                     sent_digest = d.digest.clone();
                     self.publish_status(&presence).await;
                 }
-                Feed::Config(_) => {}
-            }
-            tokio::select! {
                 changed = feed.changed() => if changed.is_err() {
-                    let _ = tx.send(Out::end(Status::permission_denied(format!("site `{site}` is no longer served")))).await;
+                    end(&tx, Status::permission_denied(format!("site `{site}` is no longer served"))).await;
                     break;
                 },
                 message = inbound.message() => match message {
@@ -372,20 +383,21 @@ impl<S: IntentStore + 'static> Session<S> {
                     }
                 },
                 _ = keepalive.tick() => {
-                    if tx.send(Out::Keepalive).await.is_err() {
+                    // A full stream is traffic enough.
+                    if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Out::Keepalive) {
                         break;
                     }
                 }
                 _ = tx.closed() => break,
                 _ = &mut replaced => {
                     tracing::warn!(site, "another agent of this site connected; closing the older stream");
-                    let _ = tx.send(Out::end(Status::already_exists(format!(
+                    end(&tx, Status::already_exists(format!(
                         "another agent of site `{site}` connected; this stream is closed"
-                    )))).await;
+                    ))).await;
                     break;
                 }
                 _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {
-                    let _ = tx.send(Out::end(Status::unavailable("the controller is shutting down"))).await;
+                    end(&tx, Status::unavailable("the controller is shutting down")).await;
                     break;
                 }
             }
