@@ -707,7 +707,8 @@ impl Agent {
         tracing::info!(site = %self.settings.site, controller = %address, "stream open");
         // Report where we stand (the controller may not send anything).
         tx.send(self.status(Vec::new())).await.map_err(|e| broken(&e))?;
-        let mut renewal = tokio::time::interval(Duration::from_secs(1));
+        let renewal = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(renewal);
         let changed = self.prober.as_ref().map(|p| p.changed.clone());
         let mut upkeep = tokio::time::interval(self.settings.upkeep.unwrap_or(Duration::from_secs(3600)));
         upkeep.reset();
@@ -745,16 +746,29 @@ impl Agent {
                         Err(s) => return Err(ended(s)),
                     }
                 }
-                _ = renewal.tick() => {
+                _ = &mut renewal => {
                     if let Err(e) = self.renew_if_due(&mut client).await {
                         tracing::warn!(site = %self.settings.site, error = %e, "certificate renewal failed; will retry");
                     }
+                    renewal.as_mut().reset(tokio::time::Instant::now() + self.until_renewal());
                 }
             }
         }
     }
 
     /// Renews the site certificate once two thirds of its lifetime are gone.
+    /// How long until the renewal is due: at most a minute (the wall clock
+    /// may jump), a second while the due time is not known yet or a
+    /// renewal failed.
+    fn until_renewal(&self) -> Duration {
+        let (soon, late) = (Duration::from_secs(1), Duration::from_secs(60));
+        match self.renew_at {
+            _ if self.settings.insecure => late,
+            Some(at) => Duration::from_millis(at.saturating_sub(now_ms())).clamp(soon, late),
+            None => soon,
+        }
+    }
+
     async fn renew_if_due(&mut self, client: &mut AgentClient<Channel>) -> Result<(), AgentError> {
         if self.settings.insecure {
             return Ok(());
