@@ -402,3 +402,31 @@ proptest! {
         prop_assert_eq!(parsed.intent, intent);
     }
 }
+
+/// Enough sites that compiling them all runs on several threads: the
+/// result is the one site-by-site compilation gives, and an incremental
+/// recompile of a change that reaches every site agrees with both.
+#[test]
+fn compiling_on_every_core_equals_compiling_one_site_at_a_time() {
+    let parsed = parse_str("generated.yaml", &musubi_controller::generate::generate(600, 3));
+    assert!(parsed.diagnostics.is_empty(), "{:?}", parsed.diagnostics);
+    let intent = parsed.intent;
+    let alloc = allocate(&intent, &Allocations::default()).expect("allocate");
+    let keys = PublicKeys::new();
+    let all = compile(&intent, &alloc, &keys).expect("compile");
+    let index = musubi_controller::compile::Index::new(&intent, &alloc, &keys);
+    assert_eq!(all.len(), intent.sites.len());
+    for (name, config) in &all {
+        assert_eq!(*config, index.site(name).expect("site"), "{name}");
+    }
+
+    let mut changed = intent.clone();
+    changed.settings.probe.interval_ms += 10;
+    let mut configs: BTreeMap<String, Arc<SiteConfig>> = all.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+    let out = recompile(&intent, &changed, &alloc, &keys, &mut configs).expect("recompile");
+    assert_eq!(out.len(), intent.sites.len(), "a probe interval reaches every site");
+    let fresh = compile(&changed, &alloc, &keys).expect("compile");
+    for (name, config) in &fresh {
+        assert_eq!(**configs.get(name).expect("kept"), *config, "{name}");
+    }
+}

@@ -41,8 +41,14 @@ pub fn recompile(
             .all(|n| ![old.sites.get(*n), new.sites.get(*n)].into_iter().flatten().any(|s| s.is_access_point()));
     let mut out = BTreeSet::new();
     if !member_only {
-        for name in affected_sites(old, new) {
-            update(&index, &name, configs, &mut out)?;
+        let affected = affected_sites(old, new);
+        let (present, gone): (Vec<&str>, Vec<&str>) =
+            affected.iter().map(String::as_str).partition(|n| new.sites.contains_key(*n));
+        for (name, fresh) in index.sites(&present)? {
+            keep(name, fresh, configs, &mut out);
+        }
+        for name in gone {
+            update(&index, name, configs, &mut out)?;
         }
         return Ok(out);
     }
@@ -78,12 +84,16 @@ fn update(
         }
         return Ok(());
     }
-    let fresh = index.site(name)?;
-    if configs.get(name).is_none_or(|c| **c != fresh) {
-        configs.insert(name.to_string(), Arc::new(fresh));
-        out.insert(name.to_string());
-    }
+    keep(name.to_string(), index.site(name)?, configs, out);
     Ok(())
+}
+
+/// Takes a freshly compiled configuration, recording the site if it changed.
+fn keep(name: String, fresh: SiteConfig, configs: &mut BTreeMap<String, Arc<SiteConfig>>, out: &mut BTreeSet<String>) {
+    if configs.get(&name).is_none_or(|c| **c != fresh) {
+        configs.insert(name.clone(), Arc::new(fresh));
+        out.insert(name);
+    }
 }
 
 /// Replaces, inserts or removes one member's entries in an access point's

@@ -37,7 +37,37 @@ pub fn compile(
     keys: &PublicKeys,
 ) -> Result<BTreeMap<String, SiteConfig>, CompileError> {
     let index = Index::new(intent, alloc, keys);
-    intent.sites.keys().map(|name| Ok((name.clone(), index.site(name)?))).collect()
+    let names: Vec<&str> = intent.sites.keys().map(String::as_str).collect();
+    Ok(index.sites(&names)?.into_iter().collect())
+}
+
+/// Below this many sites a compile stays on the calling thread.
+const PARALLEL_FROM: usize = 256;
+
+impl Index<'_> {
+    /// The configurations of `names`, in that order. Many sites (a change
+    /// of settings, a segment, a policy) are compiled on every core.
+    pub fn sites(&self, names: &[&str]) -> Result<Vec<(String, SiteConfig)>, CompileError> {
+        let one = |name: &&str| Ok((name.to_string(), self.site(name)?));
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if names.len() < PARALLEL_FROM || threads < 2 {
+            return names.iter().map(one).collect();
+        }
+        let chunk = names.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let parts: Vec<_> =
+                names.chunks(chunk).map(|part| scope.spawn(move || part.iter().map(one).collect::<Vec<_>>())).collect();
+            let mut out = Vec::with_capacity(names.len());
+            for part in parts {
+                // A compile does not panic; if one did, say so where it happened.
+                let part = part.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+                for r in part {
+                    out.push(r?);
+                }
+            }
+            Ok(out)
+        })
+    }
 }
 
 fn by_priority(lines: &[Line]) -> Vec<&Line> {

@@ -49,16 +49,10 @@ fn plan_between(
     let affected = affected_sites(&old.intent, new);
     let before = Index::new(&old.intent, &old.allocations, keys);
     let after = Index::new(new, alloc, keys);
-    let mut a = std::collections::BTreeMap::new();
-    let mut b = std::collections::BTreeMap::new();
-    for site in &affected {
-        if old.intent.sites.contains_key(site) {
-            a.insert(site.clone(), before.site(site)?);
-        }
-        if new.sites.contains_key(site) {
-            b.insert(site.clone(), after.site(site)?);
-        }
-    }
+    let was: Vec<&str> = affected.iter().map(String::as_str).filter(|s| old.intent.sites.contains_key(*s)).collect();
+    let is: Vec<&str> = affected.iter().map(String::as_str).filter(|s| new.sites.contains_key(*s)).collect();
+    let a = before.sites(&was)?.into_iter().collect();
+    let b = after.sites(&is)?.into_iter().collect();
     Ok((diff(&a, &b), affected))
 }
 
