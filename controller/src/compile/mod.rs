@@ -53,17 +53,33 @@ impl Index<'_> {
         if names.len() < PARALLEL_FROM || threads < 2 {
             return names.iter().map(one).collect();
         }
-        let chunk = names.len().div_ceil(threads);
+        // Small pieces taken in turn: an access point (10,000 peers) costs
+        // as much as thousands of member sites, so equal halves would not be
+        // equal work.
+        let pieces: Vec<&[&str]> = names.chunks(32).collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|scope| {
-            let parts: Vec<_> =
-                names.chunks(chunk).map(|part| scope.spawn(move || part.iter().map(one).collect::<Vec<_>>())).collect();
-            let mut out = Vec::with_capacity(names.len());
-            for part in parts {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut done = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(piece) = pieces.get(i) else { return done };
+                            done.push((i, piece.iter().map(one).collect::<Vec<_>>()));
+                        }
+                    })
+                })
+                .collect();
+            let mut done = Vec::with_capacity(pieces.len());
+            for w in workers {
                 // A compile does not panic; if one did, say so where it happened.
-                let part = part.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-                for r in part {
-                    out.push(r?);
-                }
+                done.extend(w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+            }
+            done.sort_by_key(|(i, _)| *i);
+            let mut out = Vec::with_capacity(names.len());
+            for r in done.into_iter().flat_map(|(_, piece)| piece) {
+                out.push(r?);
             }
             Ok(out)
         })
