@@ -146,21 +146,12 @@ impl State {
         // Once every peer has its key (the steady state) the delivered
         // configuration is the compiled one: share it rather than copy.
         let keyless = raw.segments.iter().any(|s| s.peers.iter().any(|p| p.public_key.is_empty()));
-        match (member, keyless) {
-            (true, false) => {
-                let bytes = self.packed.get(site)?.clone();
-                Some((digest_of(&bytes), Kept::Encoded(bytes)))
-            }
-            (true, true) => {
-                let bytes = Bytes::from(deliverable(&raw).encode_to_vec());
-                Some((digest_of(&bytes), Kept::Encoded(bytes)))
-            }
-            (false, false) => Some((digest(&raw), Kept::Whole(raw))),
-            (false, true) => {
-                let config = deliverable(&raw);
-                Some((digest(&config), Kept::Whole(Arc::new(config))))
-            }
+        let config = if keyless { Arc::new(deliverable(&raw)) } else { raw };
+        if !member {
+            return Some((digest(&config), Kept::Whole(config)));
         }
+        let bytes = if keyless { Bytes::from(config.encode_to_vec()) } else { self.packed.get(site)?.clone() };
+        Some((digest_of(&bytes), Kept::Encoded(bytes)))
     }
 
     /// Puts the site's current configuration (or its refusal) on its feed,
