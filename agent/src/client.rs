@@ -756,7 +756,6 @@ impl Agent {
         }
     }
 
-    /// Renews the site certificate once two thirds of its lifetime are gone.
     /// How long until the renewal is due: at most a minute (the wall clock
     /// may jump), a second while the due time is not known yet or a
     /// renewal failed.
@@ -769,6 +768,7 @@ impl Agent {
         }
     }
 
+    /// Renews the site certificate once two thirds of its lifetime are gone.
     async fn renew_if_due(&mut self, client: &mut AgentClient<Channel>) -> Result<(), AgentError> {
         if self.settings.insecure {
             return Ok(());
