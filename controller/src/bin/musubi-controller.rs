@@ -163,7 +163,6 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MUSUBI_LOG").unwrap_or_else(|_| "info".into()))
         .init();
-    tokio::spawn(memory_report());
     let result = match Cli::parse().command {
         serve @ Command::Serve { .. } => serve_command(serve).await,
         Command::CompileAll { paths, out, allocations } => compile_all(paths, out, allocations),
@@ -223,6 +222,7 @@ async fn serve_command(command: Command) -> Result<()> {
         agents.keepalive = Duration::from_secs(s.max(1));
     }
     let max = max_intent_mib.or(file.max_intent_mib).unwrap_or(DEFAULT_MAX_INTENT_BYTES / 1024 / 1024);
+    tokio::spawn(memory_report());
     serve(listen, store, pki, max, etcd, agents).await
 }
 
