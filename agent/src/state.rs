@@ -82,6 +82,9 @@ pub fn public_of(private: &[u8; 32]) -> String {
     STANDARD.encode(x25519_dalek::PublicKey::from(&secret).as_bytes())
 }
 
+/// A key file's text and the public key derived from it.
+type Derived = (Vec<u8>, String);
+
 #[derive(Debug, Clone)]
 pub struct StateDir {
     pub root: PathBuf,
@@ -90,7 +93,7 @@ pub struct StateDir {
     /// Public keys already derived, by segment, with the key file's text
     /// they came from: every apply asks for them, and deriving one is a
     /// scalar multiplication.
-    derived: Arc<Mutex<HashMap<String, (String, String)>>>,
+    derived: Arc<Mutex<HashMap<String, Derived>>>,
 }
 
 impl StateDir {
@@ -102,12 +105,12 @@ impl StateDir {
     fn public_of_text(&self, segment: &str, path: &Path, text: &[u8]) -> Result<String, StateError> {
         let mut derived = self.derived.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((seen, public)) = derived.get(segment)
-            && seen.as_bytes() == text
+            && seen == text
         {
             return Ok(public.clone());
         }
         let public = public_of(&parse_key(path, text)?);
-        derived.insert(segment.to_string(), (String::from_utf8_lossy(text).into_owned(), public.clone()));
+        derived.insert(segment.to_string(), (text.to_vec(), public.clone()));
         Ok(public)
     }
 
