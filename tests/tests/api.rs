@@ -155,6 +155,57 @@ fn cli_apply_export_and_bad_input_on_both_stores() {
     }
 }
 
+/// `musubi apply --merge`: the files add or replace only the objects they
+/// declare, checked against the whole intent, on two replicas sharing one
+/// etcd (each keeps the intent it last read or wrote, and must notice the
+/// other's commits).
+#[test]
+fn merge_changes_only_the_declared_objects_on_two_replicas() {
+    let etcd = EtcdServer::start();
+    let store = format!("etcd://{}", etcd.endpoint());
+    let (a, b) = (Controller::start(&store), Controller::start(&store));
+    let out = musubi(&a, &["apply", "-f", "topologies/prefecture.yaml", "--yes"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let dir = tempfile::tempdir().expect("tmp");
+    let write = |name: &str, body: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, body).expect("write");
+        path.to_string_lossy().into_owned()
+    };
+    let get = |c: &Controller, kind: &str, name: &str| text(&musubi(c, &["get", kind, name]).stdout);
+
+    // Replica B changes one tenant; everything else stays.
+    let tenant = write("tenant.yaml", "kind: Tenant\nname: city-kita\ndescription: merged on b\n");
+    let out = musubi(&b, &["apply", "--merge", "-f", &tenant, "--yes"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("Applied: revision 2"), "{}", text(&out.stdout));
+    assert!(get(&a, "Tenant", "city-kita").contains("merged on b"));
+    let export = text(&musubi(&a, &["export"]).stdout);
+    assert_eq!(export.matches("kind: Site").count(), topology("prefecture.yaml").matches("kind: Site").count());
+
+    // Replica A, which last wrote revision 1, merges a site on top of B's change.
+    let site = get(&a, "Site", "kita-hall").replace("北市役所", "北市役所 (merged on a)");
+    let site = write("site.yaml", &site);
+    let out = musubi(&a, &["apply", "--merge", "-f", &site, "--yes"]);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stdout).contains("Applied: revision 3"), "{}", text(&out.stdout));
+    assert!(get(&b, "Site", "kita-hall").contains("merged on a"));
+    assert!(get(&b, "Tenant", "city-kita").contains("merged on b"), "A's merge undid B's");
+
+    // A merged object is checked against the whole intent: its prefix
+    // overlaps another site's; the error points into the merged file.
+    let bad = get(&a, "Site", "kita-hall").replace("10.1.21.0/24", "10.1.0.0/24");
+    assert_ne!(bad, get(&a, "Site", "kita-hall"), "the test's site has moved");
+    let bad = write("bad.yaml", &bad);
+    let out = musubi(&b, &["apply", "--merge", "-f", &bad, "--yes"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("10.1.0.0/24 of site `kita-hall` overlaps 10.1.0.0/24 of site `pref-hq`"), "{err}");
+    assert!(err.contains("site `kita-hall`, field `attachments[0].prefixes[0]`") && err.contains("bad.yaml:"), "{err}");
+    assert_eq!(revision(&a), 3, "a refused merge wrote something");
+    assert_eq!(revision(&b), 3);
+}
+
 /// 2 clients × 100 applies, each planned against the revision it saw.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_clients_lose_no_update() {
@@ -171,9 +222,17 @@ async fn racing_clients_lose_no_update() {
                 let mut conflicts = 0;
                 for i in 0..100 {
                     let docs = marked(&format!("{who}-{i}"));
-                    let planned = c.plan(pb::PlanRequest { documents: docs.clone() }).await.expect("plan").into_inner();
-                    let request =
-                        pb::ApplyRequest { documents: docs, expected_revision: planned.revision, dry_run: false };
+                    let planned = c
+                        .plan(pb::PlanRequest { documents: docs.clone(), merge: false })
+                        .await
+                        .expect("plan")
+                        .into_inner();
+                    let request = pb::ApplyRequest {
+                        documents: docs,
+                        expected_revision: planned.revision,
+                        dry_run: false,
+                        merge: false,
+                    };
                     match c.apply(request).await {
                         Ok(r) => won.push((r.into_inner().revision, format!("{who}-{i}"))),
                         Err(s) if s.code() == tonic::Code::Aborted => conflicts += 1,
@@ -217,6 +276,7 @@ async fn kill_9_during_applies_keeps_the_last_acknowledged_intent() {
                     documents: marked(&format!("m-{i}")),
                     expected_revision: expected,
                     dry_run: false,
+                    merge: false,
                 };
                 match c.apply(request).await {
                     Ok(r) => {
@@ -253,7 +313,12 @@ async fn kill_9_during_applies_keeps_the_last_acknowledged_intent() {
         // Allocations survived: a dry run of the same intent changes nothing.
         let docs = marked(&now);
         let dry = c
-            .apply(pb::ApplyRequest { documents: docs, expected_revision: export.revision, dry_run: true })
+            .apply(pb::ApplyRequest {
+                documents: docs,
+                expected_revision: export.revision,
+                dry_run: true,
+                merge: false,
+            })
             .await
             .expect("dry run")
             .into_inner();

@@ -111,6 +111,11 @@ impl SourceMap {
         self.unreadable.contains(&(object.clone(), field.to_string()))
     }
 
+    /// Every object the sources declare (in no particular order).
+    pub fn declared(&self) -> impl Iterator<Item = &ObjectRef> {
+        self.objects.keys()
+    }
+
     pub fn object(&self, object: &ObjectRef) -> Option<Loc> {
         self.objects.get(object).map(|(file, node)| Loc { file: *file, range: node.range.clone() })
     }

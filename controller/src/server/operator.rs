@@ -9,12 +9,14 @@ use musubi_proto::v1::operator_server::Operator;
 use tonic::{Request, Response, Status};
 
 use crate::api;
+use crate::compile::PublicKeys;
 use crate::fanout::Fanout;
 use crate::intent::export;
 use crate::intent::parse::{Parsed, parse_files};
 use crate::intent::{Kind, YamlName};
 use crate::sites;
-use crate::store::apply::{Accepted, ApplyError, RollbackError, apply, plan, rollback};
+use crate::store::apply::{Accepted, ApplyError, Change, Mode, RollbackError, apply_on, rollback};
+use crate::store::layout::Stored;
 use crate::store::{IntentStore, StoreError};
 use crate::validate;
 
@@ -26,11 +28,47 @@ pub struct OperatorService<S> {
     store: Arc<S>,
     max_intent_bytes: usize,
     fanout: Arc<Fanout>,
+    /// The intent as this replica last read or wrote it (without the agents'
+    /// public keys): reading 10,000 sites back from the store for every
+    /// apply would cost more than the apply.
+    kept: std::sync::Mutex<Option<Arc<Stored>>>,
 }
 
 impl<S> OperatorService<S> {
     pub fn new(store: Arc<S>, max_intent_bytes: usize, fanout: Arc<Fanout>) -> Self {
-        OperatorService { store, max_intent_bytes, fanout }
+        OperatorService { store, max_intent_bytes, fanout, kept: Default::default() }
+    }
+
+    fn kept(&self) -> Option<Arc<Stored>> {
+        self.kept.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Keeps the state an apply wrote, unless a newer one is kept already.
+    fn keep(&self, state: Arc<Stored>) {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.as_ref().is_none_or(|k| k.revision < state.revision) {
+            *kept = Some(state);
+        }
+    }
+}
+
+impl<S: IntentStore> OperatorService<S> {
+    /// The store's current state: the kept one while the store (any
+    /// replica's writes included) is still at its revision, else read
+    /// afresh. Should another replica commit in between, the commit of a
+    /// change planned against it loses the race and writes nothing.
+    async fn current(&self) -> Result<Arc<Stored>, StoreError> {
+        let revision = self.store.revision().await?;
+        if let Some(kept) = self.kept()
+            && kept.revision == revision
+        {
+            return Ok(kept);
+        }
+        let mut stored = self.store.load().await?;
+        stored.keys = PublicKeys::new();
+        let stored = Arc::new(stored);
+        *self.kept.lock().unwrap_or_else(|p| p.into_inner()) = Some(stored.clone());
+        Ok(stored)
     }
 }
 
@@ -74,6 +112,10 @@ fn failure(e: ApplyError) -> Status {
     }
 }
 
+fn mode(merge: bool) -> Mode {
+    if merge { Mode::Merge } else { Mode::Replace }
+}
+
 fn accepted(a: Accepted) -> pb::ApplyResponse {
     pb::ApplyResponse {
         diagnostics: Vec::new(),
@@ -111,8 +153,11 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
     }
 
     async fn plan(&self, request: Request<pb::PlanRequest>) -> Result<Response<pb::PlanResponse>, Status> {
-        let parsed = self.parse(&request.get_ref().documents)?;
-        match plan(&*self.store, &parsed).await {
+        let req = request.into_inner();
+        let parsed = self.parse(&req.documents)?;
+        let current = self.current().await.map_err(store_status)?;
+        let change = Change { actor: "", now_ms: 0, dry_run: true, note: None };
+        match apply_on(&*self.store, &current, &parsed, mode(req.merge), None, change).await {
             Ok(a) => Ok(Response::new(pb::PlanResponse {
                 revision: a.revision,
                 diagnostics: Vec::new(),
@@ -120,7 +165,7 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
                 summary: a.summary,
             })),
             Err(ApplyError::Invalid(diags)) => Ok(Response::new(pb::PlanResponse {
-                revision: self.store.load().await.map_err(store_status)?.revision,
+                revision: current.revision,
                 diagnostics: diags.iter().map(api::diagnostic_to_pb).collect(),
                 ..Default::default()
             })),
@@ -132,9 +177,15 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         let who = actor(&request);
         let req = request.into_inner();
         let parsed = self.parse(&req.documents)?;
-        let result = apply(&*self.store, &parsed, req.expected_revision, &who, now_ms(), req.dry_run).await;
+        let current = self.current().await.map_err(store_status)?;
+        let change = Change { actor: &who, now_ms: now_ms(), dry_run: req.dry_run, note: None };
+        let result =
+            apply_on(&*self.store, &current, &parsed, mode(req.merge), Some(req.expected_revision), change).await;
         let response = match result {
             Ok(a) => {
+                if let Some(after) = &a.after {
+                    self.keep(after.clone());
+                }
                 if let Some(audit) = &a.audit {
                     tracing::info!(revision = a.revision, actor = %who, summary = %audit.summary, "intent applied");
                 }
@@ -161,7 +212,7 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
                 ))
             })?)
         };
-        let current = self.store.load().await.map_err(store_status)?;
+        let current = self.current().await.map_err(store_status)?;
         let (yaml, count) = export::select(&current.intent, |k, name| {
             kind.is_none_or(|want| want == k) && (req.name.is_empty() || req.name == name)
         })
@@ -196,7 +247,7 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
     }
 
     async fn export(&self, _request: Request<pb::ExportRequest>) -> Result<Response<pb::ExportResponse>, Status> {
-        let current = self.store.load().await.map_err(store_status)?;
+        let current = self.current().await.map_err(store_status)?;
         let yaml = export::to_yaml(&current.intent).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::ExportResponse { revision: current.revision, yaml }))
     }

@@ -62,6 +62,13 @@ impl IntentStore for AnyStore {
         }
     }
 
+    async fn revision(&self) -> Result<u64, StoreError> {
+        match self {
+            AnyStore::Embedded(s) => s.revision().await,
+            AnyStore::Etcd(s) => s.revision().await,
+        }
+    }
+
     async fn commit(&self, expected: u64, writes: WriteSet) -> Result<(), StoreError> {
         match self {
             AnyStore::Embedded(s) => s.commit(expected, writes).await,

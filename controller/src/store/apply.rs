@@ -1,7 +1,9 @@
 //! Accepting a change of intent: validate, allocate, plan, audit, commit —
 //! all or nothing. Invalid intent or a lost race writes nothing.
 
-use std::collections::BTreeSet;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use super::layout::{self, Stored};
 use super::{IntentStore, StoreError};
@@ -9,8 +11,8 @@ use crate::allocate::{AllocError, reallocate};
 use crate::audit::{AuditEntry, summarise};
 use crate::compile::{CompileError, Index, PublicKeys};
 use crate::diagnostic::Diagnostic;
-use crate::intent::Intent;
 use crate::intent::parse::Parsed;
+use crate::intent::{Intent, Kind};
 use crate::plan::{Plan, affected_sites, diff};
 use crate::validate;
 
@@ -37,6 +39,9 @@ pub struct Accepted {
     pub audit: Option<AuditEntry>,
     /// The intent objects that change, or `no change`.
     pub summary: String,
+    /// The store's state after the commit, without the agents' public keys
+    /// (an apply does not read them); `None` when nothing was written.
+    pub after: Option<Arc<Stored>>,
 }
 
 /// The plan from `old` to `new`, compiling only the sites the change reaches.
@@ -56,6 +61,55 @@ fn plan_between(
     Ok((diff(&a, &b), affected))
 }
 
+/// How an apply's documents relate to the intent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// The documents are the whole new intent: objects they leave out go.
+    #[default]
+    Replace,
+    /// The documents add or replace only the objects they declare; every
+    /// other object stays as it is.
+    Merge,
+}
+
+/// `current` with the objects `parsed` declares added or replaced. An object
+/// declared exactly as it is keeps its place (and its sharing with `current`).
+pub fn merged(current: &Intent, parsed: &Parsed) -> Intent {
+    fn put<T: PartialEq>(map: &mut BTreeMap<String, Arc<T>>, from: &BTreeMap<String, Arc<T>>, name: &str) {
+        if let Some(new) = from.get(name)
+            && map.get(name) != Some(new)
+        {
+            map.insert(name.to_string(), new.clone());
+        }
+    }
+    let mut out = current.clone();
+    let from = &parsed.intent;
+    for obj in parsed.sources.declared() {
+        match obj.kind {
+            Kind::Settings => out.settings = from.settings.clone(),
+            Kind::Tenant => put(&mut out.tenants, &from.tenants, &obj.name),
+            Kind::Segment => put(&mut out.segments, &from.segments, &obj.name),
+            Kind::Site => put(&mut out.sites, &from.sites, &obj.name),
+            Kind::Policy => put(&mut out.policies, &from.policies, &obj.name),
+        }
+    }
+    out
+}
+
+/// The intent `parsed` proposes against `current`, if it is valid: every
+/// problem of the documents and of the intent they make, or the intent.
+pub fn proposed<'a>(current: &Intent, parsed: &'a Parsed, mode: Mode) -> Result<Cow<'a, Intent>, ApplyError> {
+    let new = match mode {
+        Mode::Replace => Cow::Borrowed(&parsed.intent),
+        Mode::Merge => Cow::Owned(merged(current, parsed)),
+    };
+    let diags = validate::check_intent(parsed, &new);
+    if !diags.is_empty() {
+        return Err(ApplyError::Invalid(diags));
+    }
+    Ok(new)
+}
+
 /// Applies `parsed` as the whole new intent if the store is still at
 /// `expected`. With `dry_run`, plans without writing.
 pub async fn apply<S: IntentStore>(
@@ -66,20 +120,31 @@ pub async fn apply<S: IntentStore>(
     now_ms: u64,
     dry_run: bool,
 ) -> Result<Accepted, ApplyError> {
-    let diags = validate::check(parsed);
-    if !diags.is_empty() {
-        return Err(ApplyError::Invalid(diags));
-    }
-    apply_intent(store, &parsed.intent, Some(expected), Change { actor, now_ms, dry_run, note: None }).await
+    let current = store.load().await?;
+    let change = Change { actor, now_ms, dry_run, note: None };
+    apply_on(store, &current, parsed, Mode::Replace, Some(expected), change).await
 }
 
 /// What applying `parsed` would do to the intent as it is now; writes nothing.
 pub async fn plan<S: IntentStore>(store: &S, parsed: &Parsed) -> Result<Accepted, ApplyError> {
-    let diags = validate::check(parsed);
-    if !diags.is_empty() {
-        return Err(ApplyError::Invalid(diags));
-    }
-    apply_intent(store, &parsed.intent, None, Change { actor: "", now_ms: 0, dry_run: true, note: None }).await
+    let current = store.load().await?;
+    let change = Change { actor: "", now_ms: 0, dry_run: true, note: None };
+    apply_on(store, &current, parsed, Mode::Replace, None, change).await
+}
+
+/// Applies `parsed` in `mode` against `current`, the state the caller holds
+/// for the store's (a state that is not current any more loses the race at
+/// commit: nothing is written). Without `expected`, plans and never writes.
+pub async fn apply_on<S: IntentStore>(
+    store: &S,
+    current: &Stored,
+    parsed: &Parsed,
+    mode: Mode,
+    expected: Option<u64>,
+    change: Change<'_>,
+) -> Result<Accepted, ApplyError> {
+    let new = proposed(&current.intent, parsed, mode)?;
+    apply_intent(store, current, &new, expected, change).await
 }
 
 /// Who makes a change, when, and how.
@@ -97,11 +162,11 @@ pub struct Change<'a> {
 /// writes (a write must name the revision it was planned against).
 async fn apply_intent<S: IntentStore>(
     store: &S,
+    current: &Stored,
     new: &Intent,
     expected: Option<u64>,
     change: Change<'_>,
 ) -> Result<Accepted, ApplyError> {
-    let current = store.load().await?;
     let (expected, dry_run) = match expected {
         Some(e) if e != current.revision => {
             return Err(StoreError::Conflict { expected: e, actual: current.revision }.into());
@@ -111,18 +176,25 @@ async fn apply_intent<S: IntentStore>(
     };
     let mut alloc = current.allocations.clone();
     reallocate(new, &mut alloc)?;
-    let (plan, affected) = plan_between(&current, new, &alloc, &PublicKeys::new())?;
+    let (plan, affected) = plan_between(current, new, &alloc, &PublicKeys::new())?;
     let mut summary = summarise(&current.intent, new);
     if dry_run || (summary == "no change" && alloc == current.allocations) {
-        return Ok(Accepted { revision: current.revision, plan, affected, audit: None, summary });
+        return Ok(Accepted { revision: current.revision, plan, affected, audit: None, summary, after: None });
     }
     if let Some(note) = change.note {
         summary = format!("{note}: {summary}");
     }
     let audit = AuditEntry::next(current.head.as_ref(), expected + 1, change.now_ms, change.actor, &summary);
-    let writes = layout::write_set(&current, new, &alloc, &audit)?;
+    let writes = layout::write_set(current, new, &alloc, &audit)?;
     store.commit(expected, writes).await?;
-    Ok(Accepted { revision: audit.revision, plan, affected, audit: Some(audit), summary })
+    let after = Stored {
+        revision: audit.revision,
+        head: Some(audit.clone()),
+        intent: new.clone(),
+        allocations: alloc,
+        keys: PublicKeys::new(),
+    };
+    Ok(Accepted { revision: audit.revision, plan, affected, audit: Some(audit), summary, after: Some(Arc::new(after)) })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,5 +230,5 @@ pub async fn rollback<S: IntentStore>(
         return Err(ApplyError::Invalid(diags).into());
     }
     let note = format!("rollback to {target}");
-    Ok(apply_intent(store, &old, expected, Change { actor, now_ms, dry_run, note: Some(&note) }).await?)
+    Ok(apply_intent(store, &current, &old, expected, Change { actor, now_ms, dry_run, note: Some(&note) }).await?)
 }

@@ -132,6 +132,11 @@ impl Embedded {
 }
 
 impl IntentStore for Embedded {
+    async fn revision(&self) -> Result<u64, StoreError> {
+        // Only this process writes the file, and every commit moves it.
+        Ok(*self.latest.borrow())
+    }
+
     async fn load(&self) -> Result<Stored, StoreError> {
         let this = self.clone();
         let pairs = tokio::task::spawn_blocking(move || {

@@ -179,6 +179,10 @@ impl IntentStore for Etcd {
         retrying(|| self.load_once()).await
     }
 
+    async fn revision(&self) -> Result<u64, StoreError> {
+        retrying(|| self.position()).await.map(|(revision, _)| revision)
+    }
+
     /// A transaction whose answer was lost may still have committed: before
     /// retrying, look at the head. Our own head record there means success.
     async fn commit(&self, expected: u64, writes: WriteSet) -> Result<(), StoreError> {

@@ -49,6 +49,10 @@ pub trait IntentStore: Send + Sync {
     /// The whole current state, read at one consistent point.
     fn load(&self) -> impl Future<Output = Result<Stored, StoreError>> + Send;
 
+    /// The intent revision now: one small read, to tell whether a state
+    /// read earlier is still current.
+    fn revision(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
     /// Writes every put and delete atomically, if and only if the store is
     /// still at revision `expected`; otherwise writes nothing and reports a
     /// conflict.

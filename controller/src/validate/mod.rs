@@ -29,8 +29,15 @@ pub fn validate(intent: &Intent, sources: &SourceMap) -> Vec<Diagnostic> {
 /// when this is empty. Semantic checks still run on a partly unreadable intent,
 /// so one round shows everything.
 pub fn check(parsed: &Parsed) -> Vec<Diagnostic> {
+    check_intent(parsed, &parsed.intent)
+}
+
+/// Like [`check`], for an intent made from the parsed documents and others
+/// (a merge): the documents' problems, then the whole intent's, located in
+/// the documents where the documents declare the object.
+pub fn check_intent(parsed: &Parsed, intent: &Intent) -> Vec<Diagnostic> {
     let mut all = parsed.diagnostics.clone();
-    all.extend(validate(&parsed.intent, &parsed.sources));
+    all.extend(validate(intent, &parsed.sources));
     sort(&mut all);
     all.dedup();
     all

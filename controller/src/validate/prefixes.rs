@@ -98,6 +98,10 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
     for (segment, entries) in &by_segment {
         let nets: Vec<IpNetwork> = entries.iter().map(|e| e.0).collect();
         for (i, j) in overlaps(&nets) {
+            // Reported on the later one, unless only the earlier one is in
+            // the files at hand (a merge): the error goes where the change is.
+            let declared = |k: usize| sources.object(&ObjectRef::new(Kind::Site, entries[k].1)).is_some();
+            let (i, j) = if !declared(j) && declared(i) { (j, i) } else { (i, j) };
             let (pi, si, fi) = &entries[i];
             let (pj, sj, fj) = &entries[j];
             let obj = ObjectRef::new(Kind::Site, *sj);

@@ -65,6 +65,11 @@ enum RemoteCommand {
         /// Show the plan against the controller's intent and stop.
         #[arg(long)]
         dry_run: bool,
+        /// The files add or replace only the objects they declare; every
+        /// other object of the controller's intent stays (without it, the
+        /// files are the whole intent and what they leave out is removed).
+        #[arg(long)]
+        merge: bool,
     },
     /// Show objects of the controller's intent as YAML: all, a kind, or one object.
     Get { kind: Option<String>, name: Option<String> },
@@ -256,8 +261,8 @@ fn remote(command: RemoteCommand, controller: &str, tls: &remote::Tls, color: bo
     runtime.block_on(async {
         let mut client = remote::connect(controller, tls).await?;
         match command {
-            RemoteCommand::Apply { files, yes, dry_run } => {
-                remote::apply(&mut client, &files, yes, dry_run, color).await
+            RemoteCommand::Apply { files, yes, dry_run, merge } => {
+                remote::apply(&mut client, &files, remote::Apply { yes, dry_run, merge }, color).await
             }
             RemoteCommand::Get { kind, name } => remote::get(&mut client, kind, name).await,
             RemoteCommand::History { verify } => remote::history(&mut client, verify).await,

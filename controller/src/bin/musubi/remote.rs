@@ -247,10 +247,23 @@ fn print_applied(r: &pb::ApplyResponse) {
     }
 }
 
-pub async fn apply(client: &mut Client, paths: &[PathBuf], yes: bool, dry_run: bool, color: bool) -> Result<()> {
+/// How `musubi apply` goes about it.
+#[derive(Debug, Clone, Copy)]
+pub struct Apply {
+    /// Without asking.
+    pub yes: bool,
+    /// Only show the plan.
+    pub dry_run: bool,
+    /// The files add or replace only the objects they declare.
+    pub merge: bool,
+}
+
+pub async fn apply(client: &mut Client, paths: &[PathBuf], how: Apply, color: bool) -> Result<()> {
+    let Apply { yes, dry_run, merge } = how;
     let files = load::read_sources(paths)?;
     let documents = api::documents(&files);
-    let planned = client.plan(pb::PlanRequest { documents: documents.clone() }).await.map_err(status)?.into_inner();
+    let planned =
+        client.plan(pb::PlanRequest { documents: documents.clone(), merge }).await.map_err(status)?.into_inner();
     if report(&planned.diagnostics, &files, color) {
         return Err(Reported.into());
     }
@@ -261,7 +274,7 @@ pub async fn apply(client: &mut Client, paths: &[PathBuf], yes: bool, dry_run: b
         println!("Nothing applied.");
         return Ok(());
     }
-    let request = pb::ApplyRequest { documents, expected_revision: planned.revision, dry_run: false };
+    let request = pb::ApplyRequest { documents, expected_revision: planned.revision, dry_run: false, merge };
     let applied = client.apply(request).await.map_err(status)?.into_inner();
     if report(&applied.diagnostics, &files, color) {
         return Err(Reported.into());
