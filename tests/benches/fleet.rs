@@ -5,8 +5,9 @@
 //!
 //! Measures, per fleet size: time to enrol and converge; time from an apply
 //! that changes every site's configuration to the last agent's ack; a
-//! one-site change → that agent's ack (p50/p99), split into the apply call
-//! and the delivery after it; the controller's resident memory.
+//! one-site change → that agent's ack (p50/p99), each sent as the whole
+//! intent and as only the changed object (`merge`); the controller's
+//! resident memory.
 //!
 //! Needs release binaries: `cargo build --release --bins`, then
 //! `cargo bench -p musubi-tests --bench fleet`. `MUSUBI_BENCH_FLEET`
@@ -17,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use musubi_agent::simulate::{self, Operator};
 use musubi_controller::generate::generate;
-use musubi_controller::intent::Intent;
-use musubi_controller::intent::export::to_yaml;
+use musubi_controller::intent::export::{select, to_yaml};
+use musubi_controller::intent::{Intent, Kind};
 use musubi_controller::intent::parse::parse_str;
 use musubi_proto::v1 as pb;
 use musubi_proto::v1::operator_client::OperatorClient;
@@ -49,15 +50,17 @@ fn rss_mib(pid: u32) -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-/// Applies `text` (the whole intent as YAML, written before the clock starts,
-/// as an operator's file is); returns the new revision and the call's time.
-async fn apply(client: &mut OperatorClient<Channel>, text: String, expected: u64) -> (u64, Duration) {
+/// Applies `text` (YAML written before the clock starts, as an operator's
+/// file is): the whole intent, or with `merge` only the objects it declares.
+/// Returns the new revision and the call's time.
+async fn apply(client: &mut OperatorClient<Channel>, text: String, expected: u64, merge: bool) -> (u64, Duration) {
     let t = Instant::now();
     let resp = client
         .apply(pb::ApplyRequest {
             documents: vec![pb::Document { name: "intent.yaml".into(), text }],
             expected_revision: expected,
             dry_run: false,
+            merge,
         })
         .await
         .expect("apply")
@@ -68,6 +71,14 @@ async fn apply(client: &mut OperatorClient<Channel>, text: String, expected: u64
 
 fn yaml(intent: &Intent) -> String {
     to_yaml(intent).expect("export")
+}
+
+fn settings_yaml(intent: &Intent) -> String {
+    select(intent, |k, _| k == Kind::Settings).expect("export").0
+}
+
+fn site_yaml(intent: &Intent, site: &str) -> String {
+    select(intent, |k, n| k == Kind::Site && n == site).expect("export").0
 }
 
 /// Every site connected with the configuration it should have.
@@ -102,7 +113,7 @@ async fn fleet(sites: usize, rounds: usize) {
     let mut client = operator.connect().await.expect("operator");
 
     let mut intent = parse_str("generated.yaml", &generate(sites, 5)).intent;
-    let (mut revision, took) = apply(&mut client, yaml(&intent), 0).await;
+    let (mut revision, took) = apply(&mut client, yaml(&intent), 0, false).await;
     println!("  import:                          {}", ms(took));
     println!("  controller RSS, no agents:       {:.0} MiB", rss_mib(controller.pid()).0);
 
@@ -127,51 +138,61 @@ async fn fleet(sites: usize, rounds: usize) {
     let (rss, _) = rss_mib(controller.pid());
     println!("  controller RSS, converged:       {rss:.0} MiB");
 
-    // Every site changes: the probe interval is in every configuration.
-    intent.settings.probe.interval_ms += 50;
-    let text = yaml(&intent);
-    let t = Instant::now();
-    let (rev, took) = apply(&mut client, text, revision).await;
-    revision = rev;
-    let (last, _) = fleet
-        .until(Duration::from_secs(120), |a| a.revision == revision)
-        .await
-        .expect("not every agent acknowledged the change");
-    println!("  every site changed: apply call {}, apply → last ack {}", ms(took), ms(last - t));
-
-    // One site at a time: a LAN interface only that site's configuration holds.
-    let members: Vec<String> = names.iter().filter(|n| n.starts_with("site-")).cloned().collect();
-    let mut total = Vec::new();
-    let mut after_apply = Vec::new();
-    for i in 0..rounds {
-        let name = &members[(i * 7919) % members.len()];
-        let site = Arc::make_mut(intent.sites.get_mut(name).expect("site"));
-        site.attachments[0].interface = Some(format!("lan{}", 100 + i % 7));
-        let text = yaml(&intent);
+    // Every site changes: the probe interval is in every configuration. First
+    // as the whole intent, then as the Settings document alone (a merge).
+    for merge in [false, true] {
+        intent.settings.probe.interval_ms += 50;
+        let text = if merge { settings_yaml(&intent) } else { yaml(&intent) };
         let t = Instant::now();
-        let (rev, took) = apply(&mut client, text, revision).await;
+        let (rev, took) = apply(&mut client, text, revision, merge).await;
         revision = rev;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = deadline.checked_duration_since(Instant::now()).expect("no ack within 10 s");
-            let event = tokio::time::timeout(left, fleet.events.recv()).await.expect("no ack").expect("fleet ended");
-            assert!(event.site == *name, "{} was sent a configuration for a change of {name}", event.site);
-            if event.revision == revision {
-                total.push(event.at - t);
-                after_apply.push((event.at - t).saturating_sub(took));
-                break;
+        let (last, _) = fleet
+            .until(Duration::from_secs(120), |a| a.revision == revision)
+            .await
+            .expect("not every agent acknowledged the change");
+        println!(
+            "  every site changed ({}): apply call {}, apply → last ack {}",
+            if merge { "Settings merged" } else { "whole intent" },
+            ms(took),
+            ms(last - t)
+        );
+    }
+
+    // One site at a time: a LAN interface only that site's configuration
+    // holds. A few rounds as the whole intent, then the site's document alone.
+    let members: Vec<String> = names.iter().filter(|n| n.starts_with("site-")).cloned().collect();
+    let mut round = 0;
+    for (merge, rounds) in [(false, rounds.div_ceil(5)), (true, rounds)] {
+        let mut total = Vec::new();
+        for _ in 0..rounds {
+            round += 1;
+            let name = &members[(round * 7919) % members.len()];
+            let site = Arc::make_mut(intent.sites.get_mut(name).expect("site"));
+            site.attachments[0].interface = Some(format!("lan{}", 100 + round % 7));
+            let text = if merge { site_yaml(&intent, name) } else { yaml(&intent) };
+            let t = Instant::now();
+            let (rev, _) = apply(&mut client, text, revision, merge).await;
+            revision = rev;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let left = deadline.checked_duration_since(Instant::now()).expect("no ack within 10 s");
+                let event =
+                    tokio::time::timeout(left, fleet.events.recv()).await.expect("no ack").expect("fleet ended");
+                assert!(event.site == *name, "{} was sent a configuration for a change of {name}", event.site);
+                if event.revision == revision {
+                    total.push(event.at - t);
+                    break;
+                }
             }
         }
+        total.sort();
+        println!(
+            "  one-site change → ack ({}, {rounds}): p50 {} p99 {}",
+            if merge { "the site's document merged" } else { "whole intent" },
+            ms(percentile(&total, 0.5)),
+            ms(percentile(&total, 0.99)),
+        );
     }
-    total.sort();
-    after_apply.sort();
-    println!(
-        "  one-site change → ack ({rounds}): p50 {} p99 {}; after the apply call returned: p50 {} p99 {}",
-        ms(percentile(&total, 0.5)),
-        ms(percentile(&total, 0.99)),
-        ms(percentile(&after_apply, 0.5)),
-        ms(percentile(&after_apply, 0.99))
-    );
     let (rss, peak) = rss_mib(controller.pid());
     println!("  controller RSS now {rss:.0} MiB, peak {peak:.0} MiB");
     drop(fleet);
