@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use musubi_controller::generate::generate;
-use musubi_controller::intent::parse::{Parsed, parse_str};
-use musubi_controller::store::IntentStore;
 use musubi_controller::intent::Kind;
 use musubi_controller::intent::export::select;
+use musubi_controller::intent::parse::{Parsed, parse_str};
+use musubi_controller::store::IntentStore;
 use musubi_controller::store::apply::{Change, Mode, apply, apply_on};
 use musubi_controller::store::embedded::Embedded;
 use musubi_controller::store::etcd::{Etcd, EtcdConfig};
@@ -58,13 +58,12 @@ async fn run<S: IntentStore>(name: &str, store: &S, base: &Parsed, rounds: usize
     for i in 0..rounds {
         let name = &names[(i * 7919 + 13) % names.len()];
         let site = Arc::make_mut(current.intent.sites.get_mut(name).expect("site"));
-        site.lines[0].address = format!("203.0.113.{}", i % 250 + 1).parse().expect("addr");
+        site.lines[0].address = format!("100.64.{}.{}", i / 250, i % 250 + 1).parse().expect("addr");
         let one = select(&current.intent, |k, n| k == Kind::Site && n == name).expect("export").0;
         let t = Instant::now();
         let parsed = parse_str("site.yaml", &one);
         let change = Change { actor: "bench", now_ms: 0, dry_run: false, note: None };
-        let done =
-            apply_on(store, &kept, &parsed, Mode::Merge, Some(kept.revision), change).await.expect("merge");
+        let done = apply_on(store, &kept, &parsed, Mode::Merge, Some(kept.revision), change).await.expect("merge");
         samples.push(t.elapsed());
         kept = done.after.expect("written");
     }

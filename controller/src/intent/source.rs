@@ -108,7 +108,8 @@ impl SourceMap {
 
     /// Did reading this field (or anything inside it) fail?
     pub fn is_unreadable(&self, object: &ObjectRef, field: &str) -> bool {
-        self.unreadable.contains(&(object.clone(), field.to_string()))
+        // The common case (everything read) without building the key.
+        !self.unreadable.is_empty() && self.unreadable.contains(&(object.clone(), field.to_string()))
     }
 
     /// Every object the sources declare (in no particular order).

@@ -14,6 +14,10 @@ fn well_formed(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
+fn name_ok(name: &str, max: usize) -> bool {
+    well_formed(name) && name.len() <= max
+}
+
 fn check_name(sources: &SourceMap, obj: &ObjectRef, field: &str, name: &str, max: usize, out: &mut Vec<Diagnostic>) {
     if !well_formed(name) {
         out.push(
@@ -63,11 +67,17 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
             check_name(sources, &obj, "name", name, SEGMENT_NAME_MAX, out);
         }
     }
+    // 10,000 sites are checked on every apply: names and fields are spelt
+    // out only for a problem.
     for (name, site) in &intent.sites {
-        let obj = ObjectRef::new(Kind::Site, name);
-        check_name(sources, &obj, "name", name, NAME_MAX, out);
+        let obj = || ObjectRef::new(Kind::Site, name);
+        if !name_ok(name, NAME_MAX) {
+            check_name(sources, &obj(), "name", name, NAME_MAX, out);
+        }
         for (i, line) in site.lines.iter().enumerate() {
-            check_name(sources, &obj, &format!("lines[{i}].name"), &line.name, IFNAME_MAX, out);
+            if !name_ok(&line.name, IFNAME_MAX) {
+                check_name(sources, &obj(), &format!("lines[{i}].name"), &line.name, IFNAME_MAX, out);
+            }
         }
         for (i, a) in site.attachments.iter().enumerate() {
             if let Some(ifname) = &a.interface
@@ -76,7 +86,7 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                 out.push(
                     Diagnostic::at(
                         sources,
-                        &obj,
+                        &obj(),
                         &format!("attachments[{i}].interface"),
                         format!("\"{ifname}\" is not a usable Linux interface name ({} bytes)", ifname.len()),
                     )

@@ -26,21 +26,22 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
     }
 
     for (name, site) in &intent.sites {
-        let obj = ObjectRef::new(Kind::Site, name);
+        // Spelt out only for a problem (10,000 sites on every apply).
+        let obj = || ObjectRef::new(Kind::Site, name);
         let tenant_known = tenant_exists(&site.tenant);
-        if !tenant_known && !sources.is_unreadable(&obj, "tenant") {
-            out.push(dangling(sources, &obj, "tenant", Kind::Tenant, &site.tenant));
+        if !tenant_known && !sources.is_unreadable(&obj(), "tenant") {
+            out.push(dangling(sources, &obj(), "tenant", Kind::Tenant, &site.tenant));
         }
         for (i, a) in site.attachments.iter().enumerate() {
-            let field = format!("attachments[{i}].segment");
+            let field = || format!("attachments[{i}].segment");
             match intent.segments.get(&a.segment) {
-                None => out.push(dangling(sources, &obj, &field, Kind::Segment, &a.segment)),
+                None => out.push(dangling(sources, &obj(), &field(), Kind::Segment, &a.segment)),
                 // Access points carry segments for everyone; they are the shared hubs.
                 Some(seg) if tenant_known && !site.is_access_point() && !seg.usable_by(&site.tenant) => out.push(
                     Diagnostic::at(
                         sources,
-                        &obj,
-                        &field,
+                        &obj(),
+                        &field(),
                         format!(
                             "tenant `{}` may not use segment `{}` (owned by `{}`, not shared with it)",
                             site.tenant, a.segment, seg.tenant

@@ -9,14 +9,15 @@ use crate::intent::{Intent, Kind, Region};
 
 pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnostic>) {
     for (name, site) in &intent.sites {
+        // A site's lines and attachments are few: duplicates are found by
+        // scanning the earlier ones (10,000 sites on every apply).
         let obj = ObjectRef::new(Kind::Site, name);
         if site.lines.is_empty() && !sources.is_unreadable(&obj, "lines") {
             out.push(Diagnostic::at(sources, &obj, "lines", "site has no lines").expected("at least one line"));
         }
-        let mut line_names: HashMap<&str, usize> = HashMap::new();
-        let mut priorities: HashMap<u32, usize> = HashMap::new();
         for (i, line) in site.lines.iter().enumerate() {
-            if let Some(&j) = line_names.get(line.name.as_str()) {
+            let earlier = &site.lines[..i];
+            if let Some(j) = earlier.iter().position(|l| l.name == line.name) {
                 out.push(
                     Diagnostic::at(
                         sources,
@@ -28,8 +29,7 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                     .related(sources.field(&obj, &format!("lines[{j}].name")), "first used here"),
                 );
             }
-            line_names.entry(&line.name).or_insert(i);
-            if let Some(&j) = priorities.get(&line.priority) {
+            if let Some(j) = earlier.iter().position(|l| l.priority == line.priority) {
                 out.push(
                     Diagnostic::at(
                         sources,
@@ -41,7 +41,6 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                     .related(sources.field(&obj, &format!("lines[{j}].priority")), "first used here"),
                 );
             }
-            priorities.entry(line.priority).or_insert(i);
         }
         if site.attachments.is_empty() && !sources.is_unreadable(&obj, "attachments") {
             out.push(
@@ -49,10 +48,9 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                     .expected("at least one attached segment"),
             );
         }
-        let mut segments: HashMap<&str, usize> = HashMap::new();
-        let mut interfaces: HashMap<&str, usize> = HashMap::new();
         for (i, a) in site.attachments.iter().enumerate() {
-            if let Some(&j) = segments.get(a.segment.as_str()) {
+            let earlier = &site.attachments[..i];
+            if let Some(j) = earlier.iter().position(|e| e.segment == a.segment) {
                 out.push(
                     Diagnostic::at(
                         sources,
@@ -64,10 +62,9 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                     .related(sources.field(&obj, &format!("attachments[{j}].segment")), "first attached here"),
                 );
             }
-            segments.entry(&a.segment).or_insert(i);
             match &a.interface {
                 Some(ifname) => {
-                    if let Some(&j) = interfaces.get(ifname.as_str()) {
+                    if let Some(j) = earlier.iter().position(|e| e.interface.as_ref() == Some(ifname)) {
                         out.push(
                             Diagnostic::at(
                                 sources,
@@ -81,7 +78,6 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                             .expected("one LAN interface per segment (an interface belongs to one VRF)"),
                         );
                     }
-                    interfaces.entry(ifname).or_insert(i);
                 }
                 None if !site.is_access_point() => out.push(
                     Diagnostic::at(sources, &obj, &format!("attachments[{i}]"), "attachment has no `interface`")
