@@ -14,7 +14,7 @@ use musubi_controller::intent::parse::parse_str;
 use musubi_controller::intent::source::SourceMap;
 use musubi_controller::intent::*;
 use musubi_controller::plan::affected_sites;
-use musubi_controller::validate::validate;
+use musubi_controller::validate::{validate, validate_change};
 use musubi_proto::v1::SiteConfig;
 use proptest::prelude::*;
 use prost::Message;
@@ -231,6 +231,48 @@ fn mutate(intent: &mut Intent, rng: &mut Rng, t: usize) {
     }
 }
 
+/// One change to a member site, often one that makes the intent invalid.
+fn break_or_change_a_member(intent: &mut Intent, rng: &mut Rng) {
+    let members: Vec<String> = intent.sites.values().filter(|s| !s.is_access_point()).map(|s| s.name.clone()).collect();
+    let all: Vec<Arc<Site>> = intent.sites.values().cloned().collect();
+    let other = &all[rng.below(all.len())];
+    if members.is_empty() {
+        return;
+    }
+    let name = members[rng.below(members.len())].clone();
+    if rng.below(8) == 0 {
+        intent.sites.remove(&name);
+        return;
+    }
+    let mut site = (*intent.sites[&name]).clone();
+    let new_name = format!("n{}", rng.below(1000));
+    match rng.below(9) {
+        // Another site's (or its own other) line address.
+        0 => site.lines[0].address = other.lines[rng.below(other.lines.len())].address,
+        // Another site's prefix in a segment both have, or a wide one.
+        1 => {
+            if let Some(a) = other.attachments.iter().find(|a| !a.prefixes.is_empty())
+                && let Some(mine) = site.attachments.iter_mut().find(|m| m.segment == a.segment)
+            {
+                mine.prefixes = vec![a.prefixes[0]];
+            } else if let Some(mine) = site.attachments.first_mut() {
+                mine.prefixes = vec![net("10.0.0.0/8")];
+            }
+        }
+        2 => site.attachments[0].interface = Some("bad/name".into()),
+        3 => site.attachments[0].segment = "nowhere".into(),
+        4 => site.tenant = "nobody".into(),
+        5 => site.lines.push(Line { priority: 9, ..site.lines[0].clone() }),
+        // A new site copying this one: every address and prefix clashes.
+        6 => site.name.clone_from(&new_name),
+        // Harmless: a fresh address, a new LAN interface, a description.
+        7 => site.lines[0].address = format!("100.64.{}.{}", rng.below(250), 1 + rng.below(250)).parse().expect("addr"),
+        _ => site.description = "変更".into(),
+    }
+    let key = site.name.clone();
+    intent.sites.insert(key, Arc::new(site));
+}
+
 /// 64 cases by default; `PROPTEST_CASES=5000` for a longer hunt.
 fn cases() -> u32 {
     std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
@@ -283,6 +325,32 @@ proptest! {
             prop_assert_eq!(ports.len(), alloc.segments.len(), "ports unique");
             prop_assert_eq!(tunnels.len(), alloc.sites.len(), "tunnel addresses unique");
         }
+    }
+
+    /// The everyday check of a few changed member sites, against a valid
+    /// intent, finds a problem exactly when checking the whole intent does:
+    /// changes that break the underlay (a line on another site's address),
+    /// the address plan (a prefix on another site's, or covering it), names,
+    /// references, or nothing at all.
+    #[test]
+    fn checking_a_change_agrees_with_checking_everything((seed, t, sh, p, s) in intents(), edits in 1usize..4) {
+        let old = build(seed, t, sh, p, s);
+        valid(&old);
+        let mut new = old.clone();
+        let mut rng = Rng(seed ^ 0x5EED);
+        for _ in 0..edits {
+            break_or_change_a_member(&mut new, &mut rng);
+        }
+        let empty = SourceMap::default();
+        let full = validate(&new, &empty);
+        let quick = validate_change(&old, &new, &empty);
+        prop_assert_eq!(
+            full.is_empty(),
+            quick.is_empty(),
+            "whole: {:#?}\nchange: {:#?}",
+            full.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            quick.iter().map(ToString::to_string).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -103,7 +103,9 @@ pub fn proposed<'a>(current: &Intent, parsed: &'a Parsed, mode: Mode) -> Result<
         Mode::Replace => Cow::Borrowed(&parsed.intent),
         Mode::Merge => Cow::Owned(merged(current, parsed)),
     };
-    let diags = validate::check_intent(parsed, &new);
+    // The current intent was valid when it was accepted: a change of a few
+    // member sites is checked without revisiting the others.
+    let diags = validate::check_change(parsed, current, &new);
     if !diags.is_empty() {
         return Err(ApplyError::Invalid(diags));
     }

@@ -25,6 +25,57 @@ pub fn validate(intent: &Intent, sources: &SourceMap) -> Vec<Diagnostic> {
     out
 }
 
+/// More changed sites than this and [`validate_change`] checks everything.
+const FEW_SITES: usize = 64;
+
+/// Every problem of `new`, an intent made from `old` — which was valid — by
+/// a change. A change of a few member sites (the everyday change at
+/// national scale) is checked without visiting the unchanged ones beyond
+/// their lines and prefixes: every rule runs on the intent without them
+/// (access points, tenants, segments, policies and settings are all there),
+/// then the changed sites' underlay addresses and prefixes are compared with
+/// theirs — the only rules that relate one member site to another. Any
+/// other change checks the whole of `new`, as [`validate`] does.
+pub fn validate_change(old: &Intent, new: &Intent, sources: &SourceMap) -> Vec<Diagnostic> {
+    let sites = crate::plan::affected::changed(&old.sites, &new.sites);
+    let member = |n: &String| [old.sites.get(n), new.sites.get(n)].into_iter().flatten().all(|s| !s.is_access_point());
+    let few_members = sites.len() <= FEW_SITES
+        && sites.iter().all(|n| member(n))
+        && old.settings == new.settings
+        && old.tenants == new.tenants
+        && old.segments == new.segments
+        && old.policies == new.policies;
+    if !few_members {
+        return validate(new, sources);
+    }
+    let changed: std::collections::BTreeSet<&str> = sites.iter().map(|n| n.as_str()).collect();
+    let mut small = Intent {
+        settings: new.settings.clone(),
+        tenants: new.tenants.clone(),
+        segments: new.segments.clone(),
+        policies: new.policies.clone(),
+        sites: Default::default(),
+    };
+    for (name, site) in &new.sites {
+        if site.is_access_point() || changed.contains(name.as_str()) {
+            small.sites.insert(name.clone(), site.clone());
+        }
+    }
+    let mut out = Vec::new();
+    names::check(&small, sources, &mut out);
+    references::check(&small, sources, &mut out);
+    sites::check(&small, sources, &mut out);
+    prefixes::check(&small, sources, &mut out);
+    capacity::check(new, sources, &mut out);
+    let others = new.sites.iter().filter(|(n, s)| !s.is_access_point() && !changed.contains(n.as_str()));
+    let fresh: Vec<(&String, &crate::intent::Site)> =
+        changed.iter().filter_map(|n| new.sites.get_key_value(*n)).map(|(n, s)| (n, &**s)).collect();
+    sites::check_underlay_against(&fresh, others.clone(), sources, &mut out);
+    prefixes::check_against(&fresh, others, sources, &mut out);
+    sort(&mut out);
+    out
+}
+
 /// Parse problems and semantic problems together; an intent is usable only
 /// when this is empty. Semantic checks still run on a partly unreadable intent,
 /// so one round shows everything.
@@ -36,8 +87,18 @@ pub fn check(parsed: &Parsed) -> Vec<Diagnostic> {
 /// (a merge): the documents' problems, then the whole intent's, located in
 /// the documents where the documents declare the object.
 pub fn check_intent(parsed: &Parsed, intent: &Intent) -> Vec<Diagnostic> {
+    check_parts(parsed, validate(intent, &parsed.sources))
+}
+
+/// Like [`check_intent`], for `new` made from `old` (a valid intent) by a
+/// change: see [`validate_change`].
+pub fn check_change(parsed: &Parsed, old: &Intent, new: &Intent) -> Vec<Diagnostic> {
+    check_parts(parsed, validate_change(old, new, &parsed.sources))
+}
+
+fn check_parts(parsed: &Parsed, semantic: Vec<Diagnostic>) -> Vec<Diagnostic> {
     let mut all = parsed.diagnostics.clone();
-    all.extend(validate(intent, &parsed.sources));
+    all.extend(semantic);
     sort(&mut all);
     all.dedup();
     all

@@ -49,6 +49,52 @@ pub fn overlaps(nets: &[IpNetwork]) -> Vec<(usize, usize)> {
     out
 }
 
+/// The overlap rule of [`check`] between a few changed member sites and
+/// the other member sites (each side already free of overlaps on its own),
+/// told to the changed site.
+pub(super) fn check_against<'a>(
+    fresh: &[(&String, &crate::intent::Site)],
+    others: impl Iterator<Item = (&'a String, &'a std::sync::Arc<crate::intent::Site>)>,
+    sources: &SourceMap,
+    out: &mut Vec<Diagnostic>,
+) {
+    let field = |i: usize, k: usize| format!("attachments[{i}].prefixes[{k}]");
+    // segment → (prefix, site, attachment, index) of the changed sites.
+    let mut wanted: std::collections::HashMap<&str, Vec<(IpNetwork, &str, usize, usize)>> = Default::default();
+    for (name, site) in fresh {
+        for (i, a) in site.attachments.iter().enumerate() {
+            for (k, p) in a.prefixes.iter().enumerate() {
+                wanted.entry(a.segment.as_str()).or_default().push((*p, name.as_str(), i, k));
+            }
+        }
+    }
+    for (other, site) in others {
+        for (oi, a) in site.attachments.iter().enumerate() {
+            let Some(mine) = wanted.get(a.segment.as_str()) else { continue };
+            for (ok, op) in a.prefixes.iter().enumerate() {
+                for &(p, name, i, k) in mine.iter().filter(|(p, ..)| nets_overlap(p, op)) {
+                    out.push(
+                        Diagnostic::at(
+                            sources,
+                            &ObjectRef::new(Kind::Site, name),
+                            &field(i, k),
+                            format!(
+                                "prefix {p} of site `{name}` overlaps {op} of site `{other}` in segment `{}`",
+                                a.segment
+                            ),
+                        )
+                        .expected("each address of a segment at one site only")
+                        .related(
+                            sources.field(&ObjectRef::new(Kind::Site, other), &field(oi, ok)),
+                            "overlapped prefix",
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
 pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnostic>) {
     for (name, seg) in &intent.segments {
         let obj = ObjectRef::new(Kind::Segment, name);

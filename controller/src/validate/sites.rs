@@ -131,6 +131,46 @@ fn check_underlay(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnostic
     }
 }
 
+/// [`check_underlay`] between a few changed sites and the other member
+/// sites (each side already free of duplicates on its own): the later site
+/// in name order is the one told, as the whole check tells it.
+pub(super) fn check_underlay_against<'a>(
+    fresh: &[(&String, &crate::intent::Site)],
+    others: impl Iterator<Item = (&'a String, &'a std::sync::Arc<crate::intent::Site>)>,
+    sources: &SourceMap,
+    out: &mut Vec<Diagnostic>,
+) {
+    let wanted: HashMap<std::net::IpAddr, (&str, usize)> = fresh
+        .iter()
+        .flat_map(|(name, site)| site.lines.iter().enumerate().map(|(i, l)| (l.address, (name.as_str(), i))))
+        .collect();
+    for (other, site) in others {
+        for (j, line) in site.lines.iter().enumerate() {
+            let Some(&(name, i)) = wanted.get(&line.address) else { continue };
+            let ((later, li), (first, fj)) =
+                if name > other.as_str() { ((name, i), (other.as_str(), j)) } else { ((other.as_str(), j), (name, i)) };
+            let sites: HashMap<&str, &crate::intent::Site> =
+                fresh.iter().map(|(n, s)| (n.as_str(), *s)).chain([(other.as_str(), &**site)]).collect();
+            out.push(
+                Diagnostic::at(
+                    sources,
+                    &ObjectRef::new(Kind::Site, later),
+                    &format!("lines[{li}].address"),
+                    format!(
+                        "underlay address {} is already used by line `{}` of site `{first}`",
+                        line.address, sites[first].lines[fj].name
+                    ),
+                )
+                .expected("a distinct underlay address for every line")
+                .related(
+                    sources.field(&ObjectRef::new(Kind::Site, first), &format!("lines[{fj}].address")),
+                    "first used here",
+                ),
+            );
+        }
+    }
+}
+
 /// A site must share an address family with each access point of each of its
 /// segments, or no tunnel can be built between them.
 fn check_reachability(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnostic>) {
