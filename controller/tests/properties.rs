@@ -13,7 +13,9 @@ use musubi_controller::intent::export::to_yaml;
 use musubi_controller::intent::parse::parse_str;
 use musubi_controller::intent::source::SourceMap;
 use musubi_controller::intent::*;
-use musubi_controller::plan::affected_sites;
+use musubi_controller::plan::{affected_sites, diff};
+use musubi_controller::store::apply::plan_between;
+use musubi_controller::store::layout::Stored;
 use musubi_controller::validate::{validate, validate_change};
 use musubi_proto::v1::SiteConfig;
 use proptest::prelude::*;
@@ -351,6 +353,27 @@ proptest! {
             full.iter().map(ToString::to_string).collect::<Vec<_>>(),
             quick.iter().map(ToString::to_string).collect::<Vec<_>>()
         );
+    }
+
+    /// An apply's plan — access points as slices holding only the changed
+    /// members' entries when only member sites change — equals diffing
+    /// every site's whole configuration before and after.
+    #[test]
+    fn planning_a_change_equals_diffing_whole_configurations((seed, t, sh, p, s) in intents(), steps in 1usize..4) {
+        let old = build(seed, t, sh, p, s);
+        let old_alloc = allocate(&old, &Allocations::default()).expect("alloc");
+        let mut new = old.clone();
+        let mut rng = Rng(seed ^ 0xC0FFEE);
+        for _ in 0..steps {
+            let who = rng.below(t);
+            mutate(&mut new, &mut rng, who);
+        }
+        valid(&new);
+        let alloc = allocate(&new, &old_alloc).expect("alloc");
+        let stored = Stored { intent: old.clone(), allocations: old_alloc.clone(), ..Stored::default() };
+        let (plan, _) = plan_between(&stored, &new, &alloc, &PublicKeys::new()).expect("plan");
+        let whole = diff(&compiled(&old, &old_alloc), &compiled(&new, &alloc));
+        prop_assert_eq!(plan, whole);
     }
 
     #[test]

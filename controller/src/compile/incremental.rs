@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use musubi_proto::v1::SiteConfig;
+use musubi_proto::v1::{Peer, RouteGroup, SiteConfig};
 
 use super::{CompileError, Index, PublicKeys};
 use crate::allocate::Allocations;
@@ -32,15 +32,8 @@ pub fn recompile(
     configs: &mut BTreeMap<String, Arc<SiteConfig>>,
 ) -> Result<BTreeSet<String>, CompileError> {
     let index = Index::new(new, alloc, keys);
-    let sites = changed(&old.sites, &new.sites);
-    let member_only = old.settings == new.settings
-        && changed(&old.segments, &new.segments).is_empty()
-        && changed(&old.policies, &new.policies).is_empty()
-        && sites
-            .iter()
-            .all(|n| ![old.sites.get(*n), new.sites.get(*n)].into_iter().flatten().any(|s| s.is_access_point()));
     let mut out = BTreeSet::new();
-    if !member_only {
+    let Some(sites) = member_change(old, new) else {
         let affected = affected_sites(old, new);
         let (present, gone): (Vec<&str>, Vec<&str>) =
             affected.iter().map(String::as_str).partition(|n| new.sites.contains_key(*n));
@@ -51,24 +44,84 @@ pub fn recompile(
             update(&index, name, configs, &mut out)?;
         }
         return Ok(out);
-    }
+    };
     for name in sites {
         update(&index, name, configs, &mut out)?;
         let member = new.sites.get(name).map(|s| &**s);
-        let mut aps = BTreeSet::new();
-        for site in [old.sites.get(name), new.sites.get(name)].into_iter().flatten() {
-            for a in &site.attachments {
-                let (east, west) = index.access_points(&a.segment);
-                aps.extend([east, west].into_iter().flatten().map(|ap| ap.name.as_str()));
-            }
-        }
-        for ap in aps {
+        for ap in access_points_of(&index, old, new, &[name]) {
             if splice(&index, &new.sites[ap], name, member, configs)? {
                 out.insert(ap.to_string());
             }
         }
     }
     Ok(out)
+}
+
+/// The member sites a change adds, changes or removes, if that is all it
+/// does (no settings, segment, policy or access point changes): such a
+/// change reaches an access point only through those members' peers and
+/// route groups.
+pub fn member_change<'a>(old: &'a Intent, new: &'a Intent) -> Option<Vec<&'a String>> {
+    let sites = changed(&old.sites, &new.sites);
+    let member_only = old.settings == new.settings
+        && changed(&old.segments, &new.segments).is_empty()
+        && changed(&old.policies, &new.policies).is_empty()
+        && sites
+            .iter()
+            .all(|n| ![old.sites.get(*n), new.sites.get(*n)].into_iter().flatten().any(|s| s.is_access_point()));
+    member_only.then_some(sites)
+}
+
+/// The access points serving any segment of these members, before or after.
+pub fn access_points_of<'a>(index: &Index<'a>, old: &'a Intent, new: &'a Intent, members: &[&str]) -> BTreeSet<&'a str> {
+    let mut aps = BTreeSet::new();
+    for name in members {
+        for site in [old.sites.get(*name), new.sites.get(*name)].into_iter().flatten() {
+            for a in &site.attachments {
+                let (east, west) = index.access_points(&a.segment);
+                aps.extend([east, west].into_iter().flatten().map(|ap| ap.name.as_str()));
+            }
+        }
+    }
+    aps
+}
+
+/// What an access point's configuration holds of some members — their peer
+/// and route group on each of its segments, and nothing else — as a
+/// configuration: two slices diff as the whole configurations would when
+/// only those members changed, without compiling thousands of peers.
+pub fn slice(index: &Index<'_>, ap: &Site, members: &[&str]) -> Result<SiteConfig, CompileError> {
+    let mut config = SiteConfig { site: ap.name.clone(), ..Default::default() };
+    let mut members: Vec<&Site> = members.iter().filter_map(|m| index.intent.sites.get(*m)).map(|m| &**m).collect();
+    members.sort_by(|a, b| a.name.cmp(&b.name));
+    for a in &ap.attachments {
+        let mut seg = musubi_proto::v1::SegmentConfig { segment: a.segment.clone(), ..Default::default() };
+        for m in &members {
+            if let (Some(peer), group) = entries(index, ap, &a.segment, Some(m))? {
+                seg.peers.push(peer);
+                seg.route_groups.extend(group);
+            }
+        }
+        config.segments.push(seg);
+    }
+    Ok(config)
+}
+
+/// A member's peer and route group on one segment of an access point, if it
+/// has them there.
+fn entries(
+    index: &Index<'_>,
+    ap: &Site,
+    segment: &str,
+    member: Option<&Site>,
+) -> Result<(Option<Peer>, Option<RouteGroup>), CompileError> {
+    Ok(match member {
+        Some(m) if !m.is_access_point() && m.attachment(segment).is_some() => {
+            let (peer, group) = index.member_entries(ap, m, segment)?;
+            (Some(peer), group)
+        }
+        _ => (None, None),
+    })
 }
 
 /// Recompiles (or drops) one whole site, recording it if it changed.
@@ -108,14 +161,7 @@ fn splice(
     let Some(config) = configs.get_mut(&ap.name) else { return Ok(false) };
     let mut wanted = Vec::with_capacity(config.segments.len());
     for seg in &config.segments {
-        let entries = match member {
-            Some(m) if !m.is_access_point() && m.attachment(&seg.segment).is_some() => {
-                Some(index.member_entries(ap, m, &seg.segment)?)
-            }
-            _ => None,
-        };
-        let (peer, group) = entries.map_or((None, None), |(p, g)| (Some(p), g));
-        wanted.push((peer, group));
+        wanted.push(entries(index, ap, &seg.segment, member)?);
     }
     let differs = config.segments.iter().zip(&wanted).any(|(seg, (peer, group))| {
         find(&seg.peers, member_name, |p| &p.name) != peer.as_ref()
