@@ -13,6 +13,7 @@ pub mod fanout;
 pub mod generate;
 pub mod intent;
 pub mod load;
+pub mod par;
 pub mod pki;
 pub mod plan;
 pub mod server;

@@ -73,6 +73,26 @@ async fn run<S: IntentStore>(name: &str, store: &S, base: &Parsed, rounds: usize
         ms(percentile(&samples, 0.5)),
         ms(percentile(&samples, 0.99)),
     );
+
+    // A change every site's configuration holds: the Settings document alone.
+    let mut samples = Vec::new();
+    for _ in 0..3 {
+        current.intent.settings.probe.interval_ms += 50;
+        let one = select(&current.intent, |k, _| k == Kind::Settings).expect("export").0;
+        let t = Instant::now();
+        let parsed = parse_str("settings.yaml", &one);
+        let change = Change { actor: "bench", now_ms: 0, dry_run: false, note: None };
+        let done = apply_on(store, &kept, &parsed, Mode::Merge, Some(kept.revision), change).await.expect("merge");
+        samples.push(t.elapsed());
+        assert_eq!(done.plan.sites.len(), current.intent.sites.len(), "every site changes");
+        kept = done.after.expect("written");
+    }
+    samples.sort();
+    println!(
+        "  {name}: every site changes (Settings merged): median {} of 3, plan of {} sites",
+        ms(percentile(&samples, 0.5)),
+        current.intent.sites.len()
+    );
 }
 
 #[tokio::main]

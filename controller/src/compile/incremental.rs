@@ -73,7 +73,12 @@ pub fn member_change<'a>(old: &'a Intent, new: &'a Intent) -> Option<Vec<&'a Str
 }
 
 /// The access points serving any segment of these members, before or after.
-pub fn access_points_of<'a>(index: &Index<'a>, old: &'a Intent, new: &'a Intent, members: &[&str]) -> BTreeSet<&'a str> {
+pub fn access_points_of<'a>(
+    index: &Index<'a>,
+    old: &'a Intent,
+    new: &'a Intent,
+    members: &[&str],
+) -> BTreeSet<&'a str> {
     let mut aps = BTreeSet::new();
     for name in members {
         for site in [old.sites.get(*name), new.sites.get(*name)].into_iter().flatten() {

@@ -41,48 +41,11 @@ pub fn compile(
     Ok(index.sites(&names)?.into_iter().collect())
 }
 
-/// Below this many sites a compile stays on the calling thread.
-const PARALLEL_FROM: usize = 256;
-
 impl Index<'_> {
     /// The configurations of `names`, in that order. Many sites (a change
     /// of settings, a segment, a policy) are compiled on every core.
     pub fn sites(&self, names: &[&str]) -> Result<Vec<(String, SiteConfig)>, CompileError> {
-        let one = |name: &&str| Ok((name.to_string(), self.site(name)?));
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if names.len() < PARALLEL_FROM || threads < 2 {
-            return names.iter().map(one).collect();
-        }
-        // Small pieces taken in turn: an access point (10,000 peers) costs
-        // as much as thousands of member sites, so equal halves would not be
-        // equal work.
-        let pieces: Vec<&[&str]> = names.chunks(32).collect();
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        std::thread::scope(|scope| {
-            let workers: Vec<_> = (0..threads)
-                .map(|_| {
-                    scope.spawn(|| {
-                        let mut done = Vec::new();
-                        loop {
-                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let Some(piece) = pieces.get(i) else { return done };
-                            done.push((i, piece.iter().map(one).collect::<Vec<_>>()));
-                        }
-                    })
-                })
-                .collect();
-            let mut done = Vec::with_capacity(pieces.len());
-            for w in workers {
-                // A compile does not panic; if one did, say so where it happened.
-                done.extend(w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
-            }
-            done.sort_by_key(|(i, _)| *i);
-            let mut out = Vec::with_capacity(names.len());
-            for r in done.into_iter().flat_map(|(_, piece)| piece) {
-                out.push(r?);
-            }
-            Ok(out)
-        })
+        crate::par::map(names, |name| Ok((name.to_string(), self.site(name)?))).into_iter().collect()
     }
 }
 

@@ -73,9 +73,15 @@ pub fn plan_between(
     }
     let was: Vec<&str> = affected.iter().map(String::as_str).filter(|s| old.intent.sites.contains_key(*s)).collect();
     let is: Vec<&str> = affected.iter().map(String::as_str).filter(|s| new.sites.contains_key(*s)).collect();
-    let a = before.sites(&was)?.into_iter().collect();
-    let b = after.sites(&is)?.into_iter().collect();
-    Ok((diff(&a, &b), affected))
+    let a: BTreeMap<_, _> = before.sites(&was)?.into_iter().collect();
+    let b: BTreeMap<_, _> = after.sites(&is)?.into_iter().collect();
+    let plan = diff(&a, &b);
+    // Freeing 20,000 configurations (a change of settings) takes a good
+    // part of a second: not on the operator's time.
+    if a.len() + b.len() >= crate::par::PARALLEL_FROM {
+        std::thread::spawn(move || drop((a, b)));
+    }
+    Ok((plan, affected))
 }
 
 /// How an apply's documents relate to the intent.

@@ -1,0 +1,51 @@
+//! Work spread over every core, for the few operations that visit every
+//! site: a full compile, a plan or a recompile after a change of settings,
+//! a segment or a policy.
+
+/// Below this many items one thread does it: threads cost more than a
+/// change of a few sites saves.
+pub const PARALLEL_FROM: usize = 256;
+
+/// `f` of every item, in order; many items on every core, in small pieces
+/// taken in turn (an access point costs as much as thousands of member
+/// sites, so equal halves would not be equal work).
+pub fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if items.len() < PARALLEL_FROM || threads < 2 {
+        return items.iter().map(f).collect();
+    }
+    let pieces: Vec<&[T]> = items.chunks(32).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(piece) = pieces.get(i) else { return done };
+                        done.push((i, piece.iter().map(&f).collect::<Vec<_>>()));
+                    }
+                })
+            })
+            .collect();
+        let mut done = Vec::with_capacity(pieces.len());
+        for w in workers {
+            // The work does not panic; if it did, say so where it happened.
+            done.extend(w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        }
+        done.sort_by_key(|(i, _)| *i);
+        done.into_iter().flat_map(|(_, piece)| piece).collect()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn keeps_the_order_of_many_items() {
+        let items: Vec<u64> = (0..10_000).collect();
+        let out = super::map(&items, |x| x * 3);
+        assert_eq!(out, items.iter().map(|x| x * 3).collect::<Vec<_>>());
+        assert_eq!(super::map(&items[..5], |x| x + 1), vec![1, 2, 3, 4, 5]);
+    }
+}
