@@ -24,6 +24,7 @@ use tokio::sync::watch;
 
 use crate::compile::{CompileError, PublicKeys, compile, incremental};
 use crate::sites::{Revocation, revocations};
+use crate::store::apply::BeforeCommit;
 use crate::store::layout::{self, Stored};
 use crate::store::watch::Revision;
 use crate::store::{IntentStore, StoreError};
@@ -121,6 +122,56 @@ struct State {
     packed: HashMap<String, Bytes>,
     feeds: HashMap<String, watch::Sender<Feed>>,
     revoked: BTreeMap<String, Revocation>,
+    /// `stored.keys`, shared with this replica's applies, and how many times
+    /// they changed.
+    keys: Keys,
+    /// Configurations this replica's apply compiled for a revision.
+    primed: Option<Primed>,
+}
+
+/// An apply's compiled configurations on their way to the fan-out.
+#[derive(Debug)]
+pub struct Priming<'a> {
+    fanout: &'a Fanout,
+    keys_generation: u64,
+}
+
+impl BeforeCommit for Priming<'_> {
+    fn compiled(
+        &self,
+        revision: u64,
+        intent: &crate::intent::Intent,
+        allocations: &crate::allocate::Allocations,
+        configs: BTreeMap<String, SiteConfig>,
+    ) {
+        self.fanout.prime(Primed {
+            revision,
+            keys_generation: self.keys_generation,
+            intent: intent.clone(),
+            allocations: allocations.clone(),
+            configs,
+        });
+    }
+}
+
+/// The agents' public keys as the fan-out holds them, at a generation
+/// that moves whenever they change.
+#[derive(Debug, Clone, Default)]
+pub struct Keys {
+    pub generation: u64,
+    pub keys: Arc<PublicKeys>,
+}
+
+/// What an apply compiled for the revision it wrote: used by the fan-out
+/// when it follows that revision, if it finds the same intent, allocations
+/// and keys there; otherwise it compiles as usual.
+#[derive(Debug)]
+pub struct Primed {
+    pub revision: u64,
+    pub keys_generation: u64,
+    pub intent: crate::intent::Intent,
+    pub allocations: crate::allocate::Allocations,
+    pub configs: BTreeMap<String, SiteConfig>,
 }
 
 impl State {
@@ -203,7 +254,9 @@ impl Fanout {
             .map(|(k, v)| (k, Arc::new(v)))
             .collect();
         let from = stored.revision;
-        let mut state = State { stored, raw, packed: HashMap::new(), feeds: HashMap::new(), revoked };
+        let keys = Keys { generation: 0, keys: Arc::new(stored.keys.clone()) };
+        let mut state =
+            State { stored, raw, packed: HashMap::new(), feeds: HashMap::new(), revoked, keys, primed: None };
         let names: Vec<String> = state.raw.keys().cloned().collect();
         for site in names {
             state.publish(&site);
@@ -217,8 +270,18 @@ impl Fanout {
                     r = revisions.recv() => match r {
                         Some(Ok(rev)) => {
                             let Some(f) = weak.upgrade() else { return };
-                            if let Err(e) = f.apply_revision(&rev) {
-                                tracing::error!(revision = rev.revision, error = %e, "cannot follow the intent");
+                            // A change of settings recompiles every site (most
+                            // of a second at 10,000): off the threads that
+                            // serve the agents' streams.
+                            let followed = tokio::task::spawn_blocking(move || {
+                                f.apply_revision(&rev).map_err(|e| (rev.revision, e))
+                            });
+                            match followed.await {
+                                Ok(Ok(())) => {}
+                                Ok(Err((revision, e))) => {
+                                    tracing::error!(revision, error = %e, "cannot follow the intent");
+                                }
+                                Err(e) => tracing::error!(error = %e, "following the intent failed"),
                             }
                         }
                         Some(Err(e)) => {
@@ -275,8 +338,16 @@ impl Fanout {
             layout::set_state_key(&mut state.stored, &c.key, c.current.as_deref().map(str::as_bytes))?;
         }
         state.stored.revision = rev.revision;
+        let primed = state.primed.take().filter(|p| {
+            p.revision == rev.revision
+                && p.keys_generation == state.keys.generation
+                && p.allocations == state.stored.allocations
+                && p.intent == state.stored.intent
+        });
         let State { stored, raw, .. } = &mut *state;
-        let changed = incremental::recompile(&old, &stored.intent, &stored.allocations, &stored.keys, raw)?;
+        let compiled = primed.map(|p| p.configs);
+        let changed =
+            incremental::recompile_with(&old, &stored.intent, &stored.allocations, &stored.keys, raw, compiled)?;
         let mut sent = 0;
         for site in &changed {
             sent += usize::from(state.publish(site));
@@ -332,6 +403,7 @@ impl Fanout {
         }
         state.revoked = revoked;
         if !changed_keys.is_empty() {
+            state.keys = Keys { generation: state.keys.generation + 1, keys: Arc::new(keys.clone()) };
             state.stored.keys = keys;
             let State { stored, raw, .. } = &mut *state;
             touched.extend(incremental::rekey(&stored.intent, &stored.allocations, &stored.keys, &changed_keys, raw)?);
@@ -347,6 +419,30 @@ impl Fanout {
         }
         self.count(sent);
         Ok(())
+    }
+
+    /// The public keys to compile with, at their generation.
+    pub fn public_keys(&self) -> Keys {
+        self.lock().keys.clone()
+    }
+
+    /// Hands over what an apply compiled for `primed.revision` (kept until
+    /// the fan-out follows that revision; an older one is dropped).
+    pub fn prime(&self, primed: Primed) {
+        let mut state = self.lock();
+        if primed.revision > state.stored.revision {
+            if let Some(old) = state.primed.replace(primed) {
+                std::thread::spawn(move || drop(old));
+            }
+        } else {
+            drop(state);
+            std::thread::spawn(move || drop(primed));
+        }
+    }
+
+    /// What an apply at these keys hands over before its commit.
+    pub fn priming(&self, keys: &Keys) -> Priming<'_> {
+        Priming { fanout: self, keys_generation: keys.generation }
     }
 
     /// The feed of one site, or `None` when the site is not in the intent.

@@ -13,7 +13,7 @@ use musubi_controller::intent::Kind;
 use musubi_controller::intent::export::select;
 use musubi_controller::intent::parse::{Parsed, parse_str};
 use musubi_controller::store::IntentStore;
-use musubi_controller::store::apply::{Change, Mode, apply, apply_on};
+use musubi_controller::store::apply::{Change, Mode, NO_KEYS, apply, apply_on};
 use musubi_controller::store::embedded::Embedded;
 use musubi_controller::store::etcd::{Etcd, EtcdConfig};
 use musubi_tests::{EtcdServer, ms, percentile};
@@ -62,7 +62,8 @@ async fn run<S: IntentStore>(name: &str, store: &S, base: &Parsed, rounds: usize
         let one = select(&current.intent, |k, n| k == Kind::Site && n == name).expect("export").0;
         let t = Instant::now();
         let parsed = parse_str("site.yaml", &one);
-        let change = Change { actor: "bench", now_ms: 0, dry_run: false, note: None };
+        let change =
+            Change { actor: "bench", now_ms: 0, dry_run: false, note: None, keys: &NO_KEYS, before_commit: None };
         let done = apply_on(store, &kept, &parsed, Mode::Merge, Some(kept.revision), change).await.expect("merge");
         samples.push(t.elapsed());
         kept = done.after.expect("written");
@@ -81,7 +82,8 @@ async fn run<S: IntentStore>(name: &str, store: &S, base: &Parsed, rounds: usize
         let one = select(&current.intent, |k, _| k == Kind::Settings).expect("export").0;
         let t = Instant::now();
         let parsed = parse_str("settings.yaml", &one);
-        let change = Change { actor: "bench", now_ms: 0, dry_run: false, note: None };
+        let change =
+            Change { actor: "bench", now_ms: 0, dry_run: false, note: None, keys: &NO_KEYS, before_commit: None };
         let done = apply_on(store, &kept, &parsed, Mode::Merge, Some(kept.revision), change).await.expect("merge");
         samples.push(t.elapsed());
         assert_eq!(done.plan.sites.len(), current.intent.sites.len(), "every site changes");

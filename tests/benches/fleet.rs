@@ -36,6 +36,16 @@ fn raise_nofile(pid: u32) {
     assert!(status.success(), "cannot raise the open-file limit of {pid}");
 }
 
+/// CPU time (user + system) a process has used, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime
+    // are the 12th and 13th of them, in clock ticks (100 per second here).
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<f64> = after.split_whitespace().map(|f| f.parse().unwrap_or(0.0)).collect();
+    (fields.get(11).unwrap_or(&0.0) + fields.get(12).unwrap_or(&0.0)) / 100.0
+}
+
 fn rss_mib(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
@@ -143,6 +153,7 @@ async fn fleet(sites: usize, rounds: usize) {
     for merge in [false, true] {
         intent.settings.probe.interval_ms += 50;
         let text = if merge { settings_yaml(&intent) } else { yaml(&intent) };
+        let (controller_cpu, fleet_cpu) = (cpu_seconds(controller.pid()), cpu_seconds(std::process::id()));
         let t = Instant::now();
         let (rev, took) = apply(&mut client, text, revision, merge).await;
         revision = rev;
@@ -151,10 +162,12 @@ async fn fleet(sites: usize, rounds: usize) {
             .await
             .expect("not every agent acknowledged the change");
         println!(
-            "  every site changed ({}): apply call {}, apply → last ack {}",
+            "  every site changed ({}): apply call {}, apply → last ack {}; CPU: controller {:.2} s, simulated agents {:.2} s",
             if merge { "Settings merged" } else { "whole intent" },
             ms(took),
-            ms(last - t)
+            ms(last - t),
+            cpu_seconds(controller.pid()) - controller_cpu,
+            cpu_seconds(std::process::id()) - fleet_cpu,
         );
     }
 

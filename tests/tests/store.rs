@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 
 use musubi_controller::audit::verify;
 use musubi_controller::compile::compile;
-use musubi_controller::fanout::{Fanout, Kept, deliverable, digest};
+use musubi_controller::fanout::{Fanout, Kept, Priming, deliverable, digest};
 use musubi_controller::intent::parse::{Parsed, parse_str};
-use musubi_controller::store::apply::{ApplyError, RollbackError, apply, rollback};
+use musubi_controller::store::apply::{
+    ApplyError, BeforeCommit, Change, Mode, RollbackError, apply, apply_on, rollback,
+};
 use musubi_controller::store::embedded::Embedded;
 use musubi_controller::store::etcd::{Etcd, EtcdConfig};
 use musubi_controller::store::watch::{apply_changes, watch};
@@ -339,4 +341,78 @@ async fn fanout_keeps_member_configs_encoded_and_republishes_only_what_changed()
     let changed = changed_since(&fanout, &before);
     assert!(!changed.is_empty() && changed.iter().all(is_ap), "republished for a branch's key: {changed:?}");
     assert_eq!(fanout.published() - published, changed.len() as u64, "published configurations");
+}
+
+/// Marks the configurations an apply compiled, then hands them to the
+/// fan-out — as compiled for the intent being committed, or (`lie`) for
+/// another one.
+struct Marking<'a> {
+    inner: Priming<'a>,
+    lie: bool,
+}
+
+impl BeforeCommit for Marking<'_> {
+    fn compiled(
+        &self,
+        revision: u64,
+        intent: &musubi_controller::intent::Intent,
+        allocations: &musubi_controller::allocate::Allocations,
+        mut configs: BTreeMap<String, SiteConfig>,
+    ) {
+        for c in configs.values_mut() {
+            c.tenant.push_str(" (primed)");
+        }
+        let mut other = intent.clone();
+        other.settings.probe.interval_ms += 1;
+        self.inner.compiled(revision, if self.lie { &other } else { intent }, allocations, configs);
+    }
+}
+
+/// An apply hands the configurations its plan compiled to the fan-out
+/// before it commits: the fan-out delivers them when the revision it
+/// follows has the same intent, allocations and keys, and compiles its own
+/// otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_takes_an_applys_configurations_only_for_that_content() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Arc::new(Embedded::open(dir.path()).expect("open"));
+    apply(&*store, &prefecture(), 0, "local", T0, false).await.expect("apply");
+    let fanout = Fanout::start(store.clone()).await.expect("fan-out");
+    for site in fanout.sites() {
+        give_keys(&*store, &fanout, &site).await;
+    }
+    let primed = |fanout: &Fanout| {
+        let marked = |s: &String| {
+            fanout.desired(s).and_then(|d| d.to_pb().config).is_some_and(|c| c.tenant.ends_with(" (primed)"))
+        };
+        fanout.sites().iter().filter(|s| marked(s)).count()
+    };
+    for (round, lie) in [(1, false), (2, true)] {
+        let current = store.load().await.expect("load");
+        let mut parsed = prefecture();
+        parsed.intent.settings.probe.interval_ms = current.intent.settings.probe.interval_ms + 50;
+        let keys = fanout.public_keys();
+        let hook = Marking { inner: fanout.priming(&keys), lie };
+        let change = Change {
+            actor: "local",
+            now_ms: T0 + round,
+            dry_run: false,
+            note: None,
+            keys: &keys.keys,
+            before_commit: Some(&hook),
+        };
+        let done =
+            apply_on(&*store, &current, &parsed, Mode::Replace, Some(current.revision), change).await.expect("apply");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fanout.revision() < done.revision {
+            assert!(Instant::now() < deadline, "the fan-out did not follow revision {}", done.revision);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if lie {
+            assert_eq!(primed(&fanout), 0, "configurations compiled for another intent were delivered");
+            assert_deliveries_match_the_intent(&*store, &fanout).await;
+        } else {
+            assert_eq!(primed(&fanout), fanout.sites().len(), "the apply's configurations were compiled again");
+        }
+    }
 }

@@ -31,13 +31,34 @@ pub fn recompile(
     keys: &PublicKeys,
     configs: &mut BTreeMap<String, Arc<SiteConfig>>,
 ) -> Result<BTreeSet<String>, CompileError> {
+    recompile_with(old, new, alloc, keys, configs, None)
+}
+
+/// [`recompile`], taking the configurations a change that is not a member
+/// change reaches from `compiled` when it holds every one of them — an
+/// apply's plan compiled them from the same intent, allocations and keys —
+/// so that nothing is compiled twice.
+pub fn recompile_with(
+    old: &Intent,
+    new: &Intent,
+    alloc: &Allocations,
+    keys: &PublicKeys,
+    configs: &mut BTreeMap<String, Arc<SiteConfig>>,
+    compiled: Option<BTreeMap<String, SiteConfig>>,
+) -> Result<BTreeSet<String>, CompileError> {
     let index = Index::new(new, alloc, keys);
     let mut out = BTreeSet::new();
     let Some(sites) = member_change(old, new) else {
         let affected = affected_sites(old, new);
         let (present, gone): (Vec<&str>, Vec<&str>) =
             affected.iter().map(String::as_str).partition(|n| new.sites.contains_key(*n));
-        for (name, fresh) in index.sites(&present)? {
+        let fresh = match compiled {
+            Some(mut c) if present.iter().all(|n| c.contains_key(*n)) => {
+                present.iter().filter_map(|n| c.remove_entry(*n)).collect()
+            }
+            _ => index.sites(&present)?,
+        };
+        for (name, fresh) in fresh {
             keep(name, fresh, configs, &mut out);
         }
         for name in gone {

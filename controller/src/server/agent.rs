@@ -14,7 +14,7 @@ use std::time::Duration;
 use base64::Engine;
 use musubi_proto::v1 as pb;
 use musubi_proto::v1::agent_server::Agent;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -306,10 +306,12 @@ struct Session<S> {
 }
 
 impl<S: IntentStore + 'static> Session<S> {
-    async fn publish_status(&mut self, presence: &crate::store::presence::Presence) {
-        if let Some(d) = self.service.fanout.desired(&self.status.site) {
+    /// Stores the agent's status with what the site should have (from the
+    /// site's own feed: the fan-out's lock may be held by a recompile).
+    async fn publish_status(&mut self, presence: &crate::store::presence::Presence, feed: &watch::Receiver<Feed>) {
+        if let Feed::Config(d) = &*feed.borrow() {
             self.status.desired_revision = d.revision;
-            self.status.desired_digest = d.digest.clone();
+            self.status.desired_digest.clone_from(&d.digest);
         }
         self.status.last_seen_unix_ms = now_ms();
         match serde_json::to_vec(&self.status) {
@@ -336,8 +338,9 @@ impl<S: IntentStore + 'static> Session<S> {
         let mut stop = self.service.stop.clone();
         let mut keepalive = tokio::time::interval(self.service.settings.keepalive);
         keepalive.tick().await;
-        self.publish_status(&presence).await;
+        self.publish_status(&presence, &feed).await;
         let mut sent = 0u64;
+        let mut taken_keys: Vec<pb::InterfaceKey> = Vec::new();
         // The newest configuration not yet handed to the stream. The
         // session keeps reading the agent while the stream is full (an
         // access point's agent may be sending its own large status at the
@@ -361,7 +364,7 @@ impl<S: IntentStore + 'static> Session<S> {
                     sent += 1;
                     tracing::debug!(site, revision = d.revision, digest = %d.digest, "configuration sent");
                     sent_digest = d.digest.clone();
-                    self.publish_status(&presence).await;
+                    self.publish_status(&presence, &feed).await;
                 }
                 changed = feed.changed() => if changed.is_err() {
                     end(&tx, Status::permission_denied(format!("site `{site}` is no longer served"))).await;
@@ -369,11 +372,15 @@ impl<S: IntentStore + 'static> Session<S> {
                 },
                 message = inbound.message() => match message {
                     Ok(Some(pb::AgentMessage { body: Some(In::Status(status)) })) => {
-                        if let Err(e) = self.service.take_keys(&site, &status.keys).await {
-                            tracing::warn!(site, error = %e, "cannot record keys");
+                        // Keys the agent reported before, and that were taken, are not looked at again.
+                        if status.keys != taken_keys {
+                            match self.service.take_keys(&site, &status.keys).await {
+                                Ok(()) => taken_keys.clone_from(&status.keys),
+                                Err(e) => tracing::warn!(site, error = %e, "cannot record keys"),
+                            }
                         }
                         self.status.status = Some(status);
-                        self.publish_status(&presence).await;
+                        self.publish_status(&presence, &feed).await;
                     }
                     Ok(Some(_)) => {} // a second Hello or an unknown message: ignored
                     Ok(None) => break,

@@ -15,7 +15,7 @@ use crate::intent::export;
 use crate::intent::parse::{Parsed, parse_files};
 use crate::intent::{Kind, YamlName};
 use crate::sites;
-use crate::store::apply::{Accepted, ApplyError, Change, Mode, RollbackError, apply_on, rollback};
+use crate::store::apply::{Accepted, ApplyError, Change, Mode, NO_KEYS, RollbackError, apply_on, rollback};
 use crate::store::layout::Stored;
 use crate::store::{IntentStore, StoreError};
 use crate::validate;
@@ -156,7 +156,7 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         let req = request.into_inner();
         let parsed = self.parse(&req.documents)?;
         let current = self.current().await.map_err(store_status)?;
-        let change = Change { actor: "", now_ms: 0, dry_run: true, note: None };
+        let change = Change { actor: "", now_ms: 0, dry_run: true, note: None, keys: &NO_KEYS, before_commit: None };
         match apply_on(&*self.store, &current, &parsed, mode(req.merge), None, change).await {
             Ok(a) => Ok(Response::new(pb::PlanResponse {
                 revision: a.revision,
@@ -178,7 +178,18 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         let req = request.into_inner();
         let parsed = self.parse(&req.documents)?;
         let current = self.current().await.map_err(store_status)?;
-        let change = Change { actor: &who, now_ms: now_ms(), dry_run: req.dry_run, note: None };
+        // Compiled with the fan-out's keys, the new configurations are the
+        // ones the fan-out needs for this revision: handed over, not compiled twice.
+        let keys = self.fanout.public_keys();
+        let priming = self.fanout.priming(&keys);
+        let change = Change {
+            actor: &who,
+            now_ms: now_ms(),
+            dry_run: req.dry_run,
+            note: None,
+            keys: &keys.keys,
+            before_commit: Some(&priming),
+        };
         let result =
             apply_on(&*self.store, &current, &parsed, mode(req.merge), Some(req.expected_revision), change).await;
         let response = match result {

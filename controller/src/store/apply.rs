@@ -5,6 +5,8 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use musubi_proto::v1::SiteConfig;
+
 use super::layout::{self, Stored};
 use super::{IntentStore, StoreError};
 use crate::allocate::{AllocError, reallocate};
@@ -44,13 +46,46 @@ pub struct Accepted {
     pub after: Option<Arc<Stored>>,
 }
 
+/// Told, just before a change is committed, the new configurations the
+/// plan compiled whole (see [`Planned::compiled`]) with the keys it was
+/// given: a fan-out following the store need not compile them again. The
+/// commit may still lose its race: a receiver must check that the revision
+/// it follows has this content.
+pub trait BeforeCommit: Sync {
+    fn compiled(
+        &self,
+        revision: u64,
+        intent: &Intent,
+        allocations: &crate::allocate::Allocations,
+        configs: BTreeMap<String, SiteConfig>,
+    );
+}
+
+impl std::fmt::Debug for dyn BeforeCommit + '_ {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BeforeCommit")
+    }
+}
+
+/// A plan, and how it was made.
+#[derive(Debug, Default)]
+pub struct Planned {
+    pub plan: Plan,
+    /// The sites the change may reach (see [`affected_sites`]).
+    pub affected: BTreeSet<String>,
+    /// The new configurations of those sites (present in the new intent),
+    /// when they were compiled whole — not for a member change, which
+    /// compiles only the members and slices of their access points.
+    pub compiled: Option<BTreeMap<String, SiteConfig>>,
+}
+
 /// The plan from `old` to `new`, compiling only the sites the change reaches.
 pub fn plan_between(
     old: &Stored,
     new: &Intent,
     alloc: &crate::allocate::Allocations,
     keys: &PublicKeys,
-) -> Result<(Plan, BTreeSet<String>), CompileError> {
+) -> Result<Planned, CompileError> {
     let affected = affected_sites(&old.intent, new);
     let before = Index::new(&old.intent, &old.allocations, keys);
     let after = Index::new(new, alloc, keys);
@@ -69,19 +104,19 @@ pub fn plan_between(
                 side.insert(ap.to_string(), incremental::slice(index, &intent.sites[*ap], &members)?);
             }
         }
-        return Ok((diff(&a, &b), affected));
+        return Ok(Planned { plan: diff(&a, &b), affected, compiled: None });
     }
     let was: Vec<&str> = affected.iter().map(String::as_str).filter(|s| old.intent.sites.contains_key(*s)).collect();
     let is: Vec<&str> = affected.iter().map(String::as_str).filter(|s| new.sites.contains_key(*s)).collect();
     let a: BTreeMap<_, _> = before.sites(&was)?.into_iter().collect();
     let b: BTreeMap<_, _> = after.sites(&is)?.into_iter().collect();
     let plan = diff(&a, &b);
-    // Freeing 20,000 configurations (a change of settings) takes a good
+    // Freeing 10,000 configurations (a change of settings) takes a good
     // part of a second: not on the operator's time.
-    if a.len() + b.len() >= crate::par::PARALLEL_FROM {
-        std::thread::spawn(move || drop((a, b)));
+    if a.len() >= crate::par::PARALLEL_FROM {
+        std::thread::spawn(move || drop(a));
     }
-    Ok((plan, affected))
+    Ok(Planned { plan, affected, compiled: Some(b) })
 }
 
 /// How an apply's documents relate to the intent.
@@ -146,14 +181,14 @@ pub async fn apply<S: IntentStore>(
     dry_run: bool,
 ) -> Result<Accepted, ApplyError> {
     let current = store.load().await?;
-    let change = Change { actor, now_ms, dry_run, note: None };
+    let change = Change { actor, now_ms, dry_run, note: None, keys: &NO_KEYS, before_commit: None };
     apply_on(store, &current, parsed, Mode::Replace, Some(expected), change).await
 }
 
 /// What applying `parsed` would do to the intent as it is now; writes nothing.
 pub async fn plan<S: IntentStore>(store: &S, parsed: &Parsed) -> Result<Accepted, ApplyError> {
     let current = store.load().await?;
-    let change = Change { actor: "", now_ms: 0, dry_run: true, note: None };
+    let change = Change { actor: "", now_ms: 0, dry_run: true, note: None, keys: &NO_KEYS, before_commit: None };
     apply_on(store, &current, parsed, Mode::Replace, None, change).await
 }
 
@@ -180,7 +215,15 @@ pub struct Change<'a> {
     pub dry_run: bool,
     /// Prefixed to the audit summary (e.g. `rollback to 3`).
     pub note: Option<&'a str>,
+    /// The agents' public keys to compile with (the plan does not depend
+    /// on them; the configurations it compiles do).
+    pub keys: &'a PublicKeys,
+    /// Given the compiled configurations before the commit.
+    pub before_commit: Option<&'a dyn BeforeCommit>,
 }
+
+/// No public keys: plans alone.
+pub static NO_KEYS: std::sync::LazyLock<PublicKeys> = std::sync::LazyLock::new(PublicKeys::new);
 
 /// Applies an already validated intent if the store is at `expected`;
 /// without an expected revision it plans against the current one and never
@@ -201,9 +244,12 @@ async fn apply_intent<S: IntentStore>(
     };
     let mut alloc = current.allocations.clone();
     reallocate(new, &mut alloc)?;
-    let (plan, affected) = plan_between(current, new, &alloc, &PublicKeys::new())?;
+    let Planned { plan, affected, compiled } = plan_between(current, new, &alloc, change.keys)?;
     let mut summary = summarise(&current.intent, new);
     if dry_run || (summary == "no change" && alloc == current.allocations) {
+        if let Some(compiled) = compiled.filter(|c| c.len() >= crate::par::PARALLEL_FROM) {
+            std::thread::spawn(move || drop(compiled));
+        }
         return Ok(Accepted { revision: current.revision, plan, affected, audit: None, summary, after: None });
     }
     if let Some(note) = change.note {
@@ -211,6 +257,13 @@ async fn apply_intent<S: IntentStore>(
     }
     let audit = AuditEntry::next(current.head.as_ref(), expected + 1, change.now_ms, change.actor, &summary);
     let writes = layout::write_set(current, new, &alloc, &audit)?;
+    match (change.before_commit, compiled) {
+        (Some(hook), Some(configs)) => hook.compiled(audit.revision, new, &alloc, configs),
+        (None, Some(configs)) if configs.len() >= crate::par::PARALLEL_FROM => {
+            std::thread::spawn(move || drop(configs));
+        }
+        _ => {}
+    }
     store.commit(expected, writes).await?;
     let after = Stored {
         revision: audit.revision,
@@ -255,5 +308,12 @@ pub async fn rollback<S: IntentStore>(
         return Err(ApplyError::Invalid(diags).into());
     }
     let note = format!("rollback to {target}");
-    Ok(apply_intent(store, &current, &old, expected, Change { actor, now_ms, dry_run, note: Some(&note) }).await?)
+    Ok(apply_intent(
+        store,
+        &current,
+        &old,
+        expected,
+        Change { actor, now_ms, dry_run, note: Some(&note), keys: &NO_KEYS, before_commit: None },
+    )
+    .await?)
 }
