@@ -106,17 +106,23 @@ async fn converged(client: &mut OperatorClient<Channel>) -> bool {
 
 async fn fleet(sites: usize, rounds: usize) {
     println!("fleet of {sites} sites × 5 segments (access points of 2,000 peers)");
-    let dir = tempfile::tempdir().expect("tmp");
-    let pki = Pki::init(&dir.path().join("pki"));
+    let tmp = tempfile::tempdir().expect("tmp");
+    // Kept (logs included) even when the run fails, with MUSUBI_BENCH_KEEP.
+    let keep = std::env::var_os("MUSUBI_BENCH_KEEP").is_some();
+    let dir = if keep { tmp.keep() } else { tmp.path().to_path_buf() };
+    if keep {
+        println!("  keeping {}", dir.display());
+    }
+    let pki = Pki::init(&dir.join("pki"));
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let store = format!("file://{}", dir.path().join("store").display());
+    let store = format!("file://{}", dir.join("store").display());
     let pki_dir = pki.dir.display().to_string();
     let controller = Controller::start_logged(
         port,
         &store,
         &["serve", "--pki", &pki_dir, "--listen", &listen, "--store", &store],
-        &dir.path().join("controller.log"),
+        &dir.join("controller.log"),
     );
     raise_nofile(controller.pid());
     let operator = Operator { controller: listen.clone(), ca: pki.ca(), cert: pki.cert(), key: pki.key() };
@@ -129,7 +135,7 @@ async fn fleet(sites: usize, rounds: usize) {
 
     let t = Instant::now();
     let names: Vec<String> = intent.sites.keys().cloned().collect();
-    let mut fleet = simulate::start(&operator, names.clone(), &dir.path().join("agents")).await.expect("fleet");
+    let mut fleet = simulate::start(&operator, names.clone(), &dir.join("agents")).await.expect("fleet");
     println!("  tokens made, agents started:     {}", ms(t.elapsed()));
     fleet.until(Duration::from_secs(600), |_| true).await.expect("not every agent got a configuration");
     println!("  every agent has a configuration: {}", ms(t.elapsed()));
@@ -209,9 +215,7 @@ async fn fleet(sites: usize, rounds: usize) {
     let (rss, peak) = rss_mib(controller.pid());
     println!("  controller RSS now {rss:.0} MiB, peak {peak:.0} MiB");
     drop(fleet);
-    if std::env::var_os("MUSUBI_BENCH_KEEP").is_some() {
-        println!("  kept {}", dir.keep().display());
-    }
+
 }
 
 #[tokio::main]
