@@ -215,7 +215,6 @@ async fn fleet(sites: usize, rounds: usize) {
     let (rss, peak) = rss_mib(controller.pid());
     println!("  controller RSS now {rss:.0} MiB, peak {peak:.0} MiB");
     drop(fleet);
-
 }
 
 #[tokio::main]
