@@ -64,7 +64,9 @@ async fn run<S: IntentStore>(name: &str, store: &S, base: &Parsed, rounds: usize
         let parsed = parse_str("site.yaml", &one);
         let change =
             Change { actor: "bench", now_ms: 0, dry_run: false, note: None, keys: &NO_KEYS, before_commit: None };
-        let done = apply_on(store, &kept, &parsed, Mode::Merge, Some(kept.revision), change).await.expect("merge");
+        let done = apply_on(store, &kept, &parsed, Mode::Merge { remove: &[] }, Some(kept.revision), change)
+            .await
+            .expect("merge");
         samples.push(t.elapsed());
         kept = done.after.expect("written");
     }
@@ -84,7 +86,9 @@ async fn run<S: IntentStore>(name: &str, store: &S, base: &Parsed, rounds: usize
         let parsed = parse_str("settings.yaml", &one);
         let change =
             Change { actor: "bench", now_ms: 0, dry_run: false, note: None, keys: &NO_KEYS, before_commit: None };
-        let done = apply_on(store, &kept, &parsed, Mode::Merge, Some(kept.revision), change).await.expect("merge");
+        let done = apply_on(store, &kept, &parsed, Mode::Merge { remove: &[] }, Some(kept.revision), change)
+            .await
+            .expect("merge");
         samples.push(t.elapsed());
         assert_eq!(done.plan.sites.len(), current.intent.sites.len(), "every site changes");
         kept = done.after.expect("written");

@@ -71,6 +71,7 @@ async fn apply(client: &mut OperatorClient<Channel>, text: String, expected: u64
             expected_revision: expected,
             dry_run: false,
             merge,
+            remove: Vec::new(),
         })
         .await
         .expect("apply")

@@ -204,6 +204,23 @@ fn merge_changes_only_the_declared_objects_on_two_replicas() {
     assert!(err.contains("site `kita-hall`, field `attachments[0].prefixes[0]`") && err.contains("bad.yaml:"), "{err}");
     assert_eq!(revision(&a), 3, "a refused merge wrote something");
     assert_eq!(revision(&b), 3);
+
+    // Removal by name: what is not there, or is still used, is refused.
+    let out = musubi(&a, &["apply", "--merge", "--remove", "site/nowhere", "--yes"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("site `nowhere`: no such site in the intent"), "{}", text(&out.stderr));
+    let out = musubi(&a, &["apply", "--merge", "--remove", "Segment/juki", "--yes"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("segment `juki` is not declared"), "{}", text(&out.stderr));
+    let out = musubi(&a, &["apply", "--merge", "-f", &tenant, "--remove", "tenant/city-kita", "--yes"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("declared and removed in one apply"), "{}", text(&out.stderr));
+    assert_eq!(revision(&b), 3, "a refused removal wrote something");
+    let out = musubi(&b, &["apply", "--merge", "--remove", "site/kita-hall", "--yes"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("Applied: revision 4 (-site kita-hall)"), "{}", text(&out.stdout));
+    assert!(!musubi(&a, &["get", "Site", "kita-hall"]).status.success(), "the removed site is still there");
+    assert!(get(&a, "Tenant", "city-kita").contains("merged on b"));
 }
 
 /// 2 clients × 100 applies, each planned against the revision it saw.
@@ -223,7 +240,7 @@ async fn racing_clients_lose_no_update() {
                 for i in 0..100 {
                     let docs = marked(&format!("{who}-{i}"));
                     let planned = c
-                        .plan(pb::PlanRequest { documents: docs.clone(), merge: false })
+                        .plan(pb::PlanRequest { documents: docs.clone(), merge: false, remove: Vec::new() })
                         .await
                         .expect("plan")
                         .into_inner();
@@ -232,6 +249,7 @@ async fn racing_clients_lose_no_update() {
                         expected_revision: planned.revision,
                         dry_run: false,
                         merge: false,
+                        remove: Vec::new(),
                     };
                     match c.apply(request).await {
                         Ok(r) => won.push((r.into_inner().revision, format!("{who}-{i}"))),
@@ -277,6 +295,7 @@ async fn kill_9_during_applies_keeps_the_last_acknowledged_intent() {
                     expected_revision: expected,
                     dry_run: false,
                     merge: false,
+                    remove: Vec::new(),
                 };
                 match c.apply(request).await {
                     Ok(r) => {
@@ -318,6 +337,7 @@ async fn kill_9_during_applies_keeps_the_last_acknowledged_intent() {
                 expected_revision: export.revision,
                 dry_run: true,
                 merge: false,
+                remove: Vec::new(),
             })
             .await
             .expect("dry run")

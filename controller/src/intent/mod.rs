@@ -54,6 +54,15 @@ impl YamlName for Kind {
 }
 
 impl Kind {
+    /// A kind as an operator writes it: `Site`, `site` or `sites`.
+    pub fn parse(word: &str) -> Option<Kind> {
+        let wanted = word.to_lowercase();
+        Kind::ALL
+            .iter()
+            .copied()
+            .find(|k| k.yaml().to_lowercase() == wanted || k.word() == wanted.trim_end_matches('s'))
+    }
+
     /// The word used in messages.
     pub fn word(self) -> &'static str {
         match self {

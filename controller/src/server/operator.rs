@@ -11,9 +11,10 @@ use tonic::{Request, Response, Status};
 use crate::api;
 use crate::compile::PublicKeys;
 use crate::fanout::Fanout;
+use crate::intent::Kind;
 use crate::intent::export;
 use crate::intent::parse::{Parsed, parse_files};
-use crate::intent::{Kind, YamlName};
+use crate::intent::source::ObjectRef;
 use crate::sites;
 use crate::store::apply::{Accepted, ApplyError, Change, Mode, NO_KEYS, RollbackError, apply_on, rollback};
 use crate::store::layout::Stored;
@@ -112,8 +113,28 @@ fn failure(e: ApplyError) -> Status {
     }
 }
 
-fn mode(merge: bool) -> Mode {
-    if merge { Mode::Merge } else { Mode::Replace }
+/// The objects a request removes (`Kind/name`); only a merge removes.
+fn removals(merge: bool, remove: &[String]) -> Result<Vec<ObjectRef>, Status> {
+    if !merge && !remove.is_empty() {
+        return Err(Status::invalid_argument(
+            "removing objects by name needs a merge (--merge); without it, leave them out of the files",
+        ));
+    }
+    remove
+        .iter()
+        .map(|r| {
+            let (kind, name) = r.split_once('/').unwrap_or(("", r));
+            Kind::parse(kind).filter(|_| !name.is_empty()).map(|k| ObjectRef::new(k, name)).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "cannot read `{r}` as an object to remove; expected Kind/name, e.g. Site/kita-hall"
+                ))
+            })
+        })
+        .collect()
+}
+
+fn mode(merge: bool, remove: &[ObjectRef]) -> Mode<'_> {
+    if merge { Mode::Merge { remove } } else { Mode::Replace }
 }
 
 fn accepted(a: Accepted) -> pb::ApplyResponse {
@@ -155,9 +176,10 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
     async fn plan(&self, request: Request<pb::PlanRequest>) -> Result<Response<pb::PlanResponse>, Status> {
         let req = request.into_inner();
         let parsed = self.parse(&req.documents)?;
+        let remove = removals(req.merge, &req.remove)?;
         let current = self.current().await.map_err(store_status)?;
         let change = Change { actor: "", now_ms: 0, dry_run: true, note: None, keys: &NO_KEYS, before_commit: None };
-        match apply_on(&*self.store, &current, &parsed, mode(req.merge), None, change).await {
+        match apply_on(&*self.store, &current, &parsed, mode(req.merge, &remove), None, change).await {
             Ok(a) => Ok(Response::new(pb::PlanResponse {
                 revision: a.revision,
                 diagnostics: Vec::new(),
@@ -177,6 +199,7 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         let who = actor(&request);
         let req = request.into_inner();
         let parsed = self.parse(&req.documents)?;
+        let remove = removals(req.merge, &req.remove)?;
         let current = self.current().await.map_err(store_status)?;
         // Compiled with the fan-out's keys, the new configurations are the
         // ones the fan-out needs for this revision: handed over, not compiled twice.
@@ -191,7 +214,8 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
             before_commit: Some(&priming),
         };
         let result =
-            apply_on(&*self.store, &current, &parsed, mode(req.merge), Some(req.expected_revision), change).await;
+            apply_on(&*self.store, &current, &parsed, mode(req.merge, &remove), Some(req.expected_revision), change)
+                .await;
         let response = match result {
             Ok(a) => {
                 if let Some(after) = &a.after {
@@ -212,11 +236,7 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         let kind = if req.kind.is_empty() {
             None
         } else {
-            let wanted = req.kind.to_lowercase();
-            let found = Kind::ALL
-                .iter()
-                .find(|k| k.yaml().to_lowercase() == wanted || k.word() == wanted.trim_end_matches('s'));
-            Some(*found.ok_or_else(|| {
+            Some(Kind::parse(&req.kind).ok_or_else(|| {
                 Status::invalid_argument(format!(
                     "unknown kind `{}`; expected one of Tenant, Segment, Site, Policy, Settings",
                     req.kind

@@ -14,6 +14,7 @@ use crate::audit::{AuditEntry, summarise};
 use crate::compile::{CompileError, Index, PublicKeys, incremental};
 use crate::diagnostic::Diagnostic;
 use crate::intent::parse::Parsed;
+use crate::intent::source::ObjectRef;
 use crate::intent::{Intent, Kind};
 use crate::plan::{Plan, affected_sites, diff};
 use crate::validate;
@@ -121,18 +122,20 @@ pub fn plan_between(
 
 /// How an apply's documents relate to the intent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Mode {
+pub enum Mode<'a> {
     /// The documents are the whole new intent: objects they leave out go.
     #[default]
     Replace,
-    /// The documents add or replace only the objects they declare; every
-    /// other object stays as it is.
-    Merge,
+    /// The documents add or replace only the objects they declare, these
+    /// objects are removed, and every other object stays as it is.
+    Merge { remove: &'a [ObjectRef] },
 }
 
-/// `current` with the objects `parsed` declares added or replaced. An object
-/// declared exactly as it is keeps its place (and its sharing with `current`).
-pub fn merged(current: &Intent, parsed: &Parsed) -> Intent {
+/// `current` with the objects `parsed` declares added or replaced and the
+/// `remove`d ones gone; a removal of something not there, or of something
+/// the documents declare, is a problem. An object declared exactly as it is
+/// keeps its place (and its sharing with `current`).
+pub fn merged(current: &Intent, parsed: &Parsed, remove: &[ObjectRef]) -> Result<Intent, Vec<Diagnostic>> {
     fn put<T: PartialEq>(map: &mut BTreeMap<String, Arc<T>>, from: &BTreeMap<String, Arc<T>>, name: &str) {
         if let Some(new) = from.get(name)
             && map.get(name) != Some(new)
@@ -151,15 +154,48 @@ pub fn merged(current: &Intent, parsed: &Parsed) -> Intent {
             Kind::Policy => put(&mut out.policies, &from.policies, &obj.name),
         }
     }
-    out
+    let mut problems = Vec::new();
+    for obj in remove {
+        let gone = match obj.kind {
+            Kind::Settings => false,
+            Kind::Tenant => out.tenants.remove(&obj.name).is_some(),
+            Kind::Segment => out.segments.remove(&obj.name).is_some(),
+            Kind::Site => out.sites.remove(&obj.name).is_some(),
+            Kind::Policy => out.policies.remove(&obj.name).is_some(),
+        };
+        let word = obj.kind.word();
+        let problem = if obj.kind == Kind::Settings {
+            Some((
+                "the settings cannot be removed".to_string(),
+                "a Tenant, Segment, Site or Policy to remove".to_string(),
+            ))
+        } else if parsed.sources.object(obj).is_some() {
+            Some(("declared and removed in one apply".to_string(), format!("either a {word} document or its removal")))
+        } else if !gone {
+            Some((format!("no such {word} in the intent"), format!("the name of a {word} to remove")))
+        } else {
+            None
+        };
+        if let Some((message, expected)) = problem {
+            problems.push(Diagnostic {
+                object: Some(obj.clone()),
+                field: None,
+                message,
+                expected: Some(expected),
+                loc: parsed.sources.object(obj),
+                related: Vec::new(),
+            });
+        }
+    }
+    if problems.is_empty() { Ok(out) } else { Err(problems) }
 }
 
 /// The intent `parsed` proposes against `current`, if it is valid: every
 /// problem of the documents and of the intent they make, or the intent.
-pub fn proposed<'a>(current: &Intent, parsed: &'a Parsed, mode: Mode) -> Result<Cow<'a, Intent>, ApplyError> {
+pub fn proposed<'a>(current: &Intent, parsed: &'a Parsed, mode: Mode<'_>) -> Result<Cow<'a, Intent>, ApplyError> {
     let new = match mode {
         Mode::Replace => Cow::Borrowed(&parsed.intent),
-        Mode::Merge => Cow::Owned(merged(current, parsed)),
+        Mode::Merge { remove } => Cow::Owned(merged(current, parsed, remove).map_err(ApplyError::Invalid)?),
     };
     // The current intent was valid when it was accepted: a change of a few
     // member sites is checked without revisiting the others.
@@ -199,7 +235,7 @@ pub async fn apply_on<S: IntentStore>(
     store: &S,
     current: &Stored,
     parsed: &Parsed,
-    mode: Mode,
+    mode: Mode<'_>,
     expected: Option<u64>,
     change: Change<'_>,
 ) -> Result<Accepted, ApplyError> {

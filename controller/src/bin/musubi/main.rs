@@ -57,7 +57,7 @@ enum Format {
 enum RemoteCommand {
     /// Apply intent files to the controller: show the plan, ask, write atomically.
     Apply {
-        #[arg(short = 'f', long = "file", required = true)]
+        #[arg(short = 'f', long = "file", required_unless_present = "remove")]
         files: Vec<PathBuf>,
         /// Apply without asking.
         #[arg(long)]
@@ -70,6 +70,9 @@ enum RemoteCommand {
         /// files are the whole intent and what they leave out is removed).
         #[arg(long)]
         merge: bool,
+        /// With --merge: an object to remove, as KIND/NAME (`site/kita-hall`); repeatable.
+        #[arg(long, requires = "merge")]
+        remove: Vec<String>,
     },
     /// Show objects of the controller's intent as YAML: all, a kind, or one object.
     Get { kind: Option<String>, name: Option<String> },
@@ -261,8 +264,8 @@ fn remote(command: RemoteCommand, controller: &str, tls: &remote::Tls, color: bo
     runtime.block_on(async {
         let mut client = remote::connect(controller, tls).await?;
         match command {
-            RemoteCommand::Apply { files, yes, dry_run, merge } => {
-                remote::apply(&mut client, &files, remote::Apply { yes, dry_run, merge }, color).await
+            RemoteCommand::Apply { files, yes, dry_run, merge, remove } => {
+                remote::apply(&mut client, &files, remote::Apply { yes, dry_run, merge, remove: &remove }, color).await
             }
             RemoteCommand::Get { kind, name } => remote::get(&mut client, kind, name).await,
             RemoteCommand::History { verify } => remote::history(&mut client, verify).await,

@@ -249,21 +249,27 @@ fn print_applied(r: &pb::ApplyResponse) {
 
 /// How `musubi apply` goes about it.
 #[derive(Debug, Clone, Copy)]
-pub struct Apply {
+pub struct Apply<'a> {
     /// Without asking.
     pub yes: bool,
     /// Only show the plan.
     pub dry_run: bool,
     /// The files add or replace only the objects they declare.
     pub merge: bool,
+    /// With `merge`: objects to remove (`Kind/name`).
+    pub remove: &'a [String],
 }
 
-pub async fn apply(client: &mut Client, paths: &[PathBuf], how: Apply, color: bool) -> Result<()> {
-    let Apply { yes, dry_run, merge } = how;
+pub async fn apply(client: &mut Client, paths: &[PathBuf], how: Apply<'_>, color: bool) -> Result<()> {
+    let Apply { yes, dry_run, merge, remove } = how;
+    let remove = remove.to_vec();
     let files = load::read_sources(paths)?;
     let documents = api::documents(&files);
-    let planned =
-        client.plan(pb::PlanRequest { documents: documents.clone(), merge }).await.map_err(status)?.into_inner();
+    let planned = client
+        .plan(pb::PlanRequest { documents: documents.clone(), merge, remove: remove.clone() })
+        .await
+        .map_err(status)?
+        .into_inner();
     if report(&planned.diagnostics, &files, color) {
         return Err(Reported.into());
     }
@@ -274,7 +280,7 @@ pub async fn apply(client: &mut Client, paths: &[PathBuf], how: Apply, color: bo
         println!("Nothing applied.");
         return Ok(());
     }
-    let request = pb::ApplyRequest { documents, expected_revision: planned.revision, dry_run: false, merge };
+    let request = pb::ApplyRequest { documents, expected_revision: planned.revision, dry_run: false, merge, remove };
     let applied = client.apply(request).await.map_err(status)?.into_inner();
     if report(&applied.diagnostics, &files, color) {
         return Err(Reported.into());
