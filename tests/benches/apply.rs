@@ -6,20 +6,32 @@
 //! `MUSUBI_BENCH_ROUNDS` change the size and the number of applies.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use musubi_controller::generate::generate;
 use musubi_controller::intent::Kind;
 use musubi_controller::intent::export::select;
 use musubi_controller::intent::parse::{Parsed, parse_str};
 use musubi_controller::store::IntentStore;
-use musubi_controller::store::apply::{Change, Mode, NO_KEYS, apply, apply_on};
+use musubi_controller::store::apply::{Accepted, Change, Mode, NO_KEYS, apply, apply_on};
 use musubi_controller::store::embedded::Embedded;
 use musubi_controller::store::etcd::{Etcd, EtcdConfig};
+use musubi_controller::store::layout::Stored;
 use musubi_tests::{EtcdServer, ms, percentile};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Parses `text` and merges it into `kept`, as the controller does; the
+/// time both took, and what was written.
+async fn merge<S: IntentStore>(store: &S, kept: &Stored, text: &str) -> (Duration, Accepted) {
+    let t = Instant::now();
+    let parsed = parse_str("merged.yaml", text);
+    let change = Change { actor: "bench", now_ms: 0, dry_run: false, note: None, keys: &NO_KEYS, before_commit: None };
+    let done = apply_on(store, kept, &parsed, Mode::Merge { remove: &[] }, Some(kept.revision), change);
+    let done = done.await.expect("merge");
+    (t.elapsed(), done)
 }
 
 async fn run<S: IntentStore>(name: &str, store: &S, base: &Parsed, rounds: usize) {
@@ -60,14 +72,8 @@ async fn run<S: IntentStore>(name: &str, store: &S, base: &Parsed, rounds: usize
         let site = Arc::make_mut(current.intent.sites.get_mut(name).expect("site"));
         site.lines[0].address = format!("100.64.{}.{}", i / 250, i % 250 + 1).parse().expect("addr");
         let one = select(&current.intent, |k, n| k == Kind::Site && n == name).expect("export").0;
-        let t = Instant::now();
-        let parsed = parse_str("site.yaml", &one);
-        let change =
-            Change { actor: "bench", now_ms: 0, dry_run: false, note: None, keys: &NO_KEYS, before_commit: None };
-        let done = apply_on(store, &kept, &parsed, Mode::Merge { remove: &[] }, Some(kept.revision), change)
-            .await
-            .expect("merge");
-        samples.push(t.elapsed());
+        let (took, done) = merge(store, &kept, &one).await;
+        samples.push(took);
         kept = done.after.expect("written");
     }
     samples.sort();
@@ -82,14 +88,8 @@ async fn run<S: IntentStore>(name: &str, store: &S, base: &Parsed, rounds: usize
     for _ in 0..3 {
         current.intent.settings.probe.interval_ms += 50;
         let one = select(&current.intent, |k, _| k == Kind::Settings).expect("export").0;
-        let t = Instant::now();
-        let parsed = parse_str("settings.yaml", &one);
-        let change =
-            Change { actor: "bench", now_ms: 0, dry_run: false, note: None, keys: &NO_KEYS, before_commit: None };
-        let done = apply_on(store, &kept, &parsed, Mode::Merge { remove: &[] }, Some(kept.revision), change)
-            .await
-            .expect("merge");
-        samples.push(t.elapsed());
+        let (took, done) = merge(store, &kept, &one).await;
+        samples.push(took);
         assert_eq!(done.plan.sites.len(), current.intent.sites.len(), "every site changes");
         kept = done.after.expect("written");
     }
