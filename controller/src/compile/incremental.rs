@@ -16,7 +16,7 @@ use musubi_proto::v1::{Peer, RouteGroup, SiteConfig};
 use super::{CompileError, Index, PublicKeys};
 use crate::allocate::Allocations;
 use crate::intent::{Intent, Site};
-use crate::plan::affected::changed;
+use crate::plan::affected::member_change;
 use crate::plan::affected_sites;
 
 /// Updates `configs` (compiled from `old`) to match `new` and returns the
@@ -76,21 +76,6 @@ pub fn recompile_with(
         }
     }
     Ok(out)
-}
-
-/// The member sites a change adds, changes or removes, if that is all it
-/// does (no settings, segment, policy or access point changes): such a
-/// change reaches an access point only through those members' peers and
-/// route groups.
-pub fn member_change<'a>(old: &'a Intent, new: &'a Intent) -> Option<Vec<&'a String>> {
-    let sites = changed(&old.sites, &new.sites);
-    let member_only = old.settings == new.settings
-        && changed(&old.segments, &new.segments).is_empty()
-        && changed(&old.policies, &new.policies).is_empty()
-        && sites
-            .iter()
-            .all(|n| ![old.sites.get(*n), new.sites.get(*n)].into_iter().flatten().any(|s| s.is_access_point()));
-    member_only.then_some(sites)
 }
 
 /// The access points serving any segment of these members, before or after.

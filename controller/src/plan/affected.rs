@@ -23,6 +23,21 @@ pub fn changed<'a, T: Eq>(old: &'a BTreeMap<String, Arc<T>>, new: &'a BTreeMap<S
         .collect()
 }
 
+/// The member sites a change adds, changes or removes, if that is all it
+/// does (no settings, segment, policy or access point changes): such a
+/// change reaches an access point only through those members' peers and
+/// route groups.
+pub fn member_change<'a>(old: &'a Intent, new: &'a Intent) -> Option<Vec<&'a String>> {
+    let sites = changed(&old.sites, &new.sites);
+    let member_only = old.settings == new.settings
+        && changed(&old.segments, &new.segments).is_empty()
+        && changed(&old.policies, &new.policies).is_empty()
+        && sites
+            .iter()
+            .all(|n| ![old.sites.get(*n), new.sites.get(*n)].into_iter().flatten().any(|s| s.is_access_point()));
+    member_only.then_some(sites)
+}
+
 fn access_points(intent: &Intent) -> Vec<&Site> {
     intent.sites.values().filter(|s| s.is_access_point()).map(|s| &**s).collect()
 }

@@ -16,6 +16,7 @@ use crate::diagnostic::Diagnostic;
 use crate::intent::parse::Parsed;
 use crate::intent::source::ObjectRef;
 use crate::intent::{Intent, Kind};
+use crate::plan::affected::member_change;
 use crate::plan::{Plan, affected_sites, diff};
 use crate::validate;
 
@@ -90,7 +91,7 @@ pub fn plan_between(
     let affected = affected_sites(&old.intent, new);
     let before = Index::new(&old.intent, &old.allocations, keys);
     let after = Index::new(new, alloc, keys);
-    if let Some(members) = incremental::member_change(&old.intent, new) {
+    if let Some(members) = member_change(&old.intent, new) {
         // Access points only as slices holding the changed members' entries:
         // compiling two of 2,000 peers each, twice, would cost 100–250 ms.
         let members: Vec<&str> = members.iter().map(|m| m.as_str()).collect();

@@ -37,17 +37,12 @@ const FEW_SITES: usize = 64;
 /// theirs — the only rules that relate one member site to another. Any
 /// other change checks the whole of `new`, as [`validate`] does.
 pub fn validate_change(old: &Intent, new: &Intent, sources: &SourceMap) -> Vec<Diagnostic> {
-    let sites = crate::plan::affected::changed(&old.sites, &new.sites);
-    let member = |n: &String| [old.sites.get(n), new.sites.get(n)].into_iter().flatten().all(|s| !s.is_access_point());
-    let few_members = sites.len() <= FEW_SITES
-        && sites.iter().all(|n| member(n))
-        && old.settings == new.settings
-        && old.tenants == new.tenants
-        && old.segments == new.segments
-        && old.policies == new.policies;
-    if !few_members {
+    // Tenants matter to validation (who may use a segment), not to compiling.
+    let few_members = crate::plan::affected::member_change(old, new)
+        .filter(|sites| sites.len() <= FEW_SITES && old.tenants == new.tenants);
+    let Some(sites) = few_members else {
         return validate(new, sources);
-    }
+    };
     let changed: std::collections::BTreeSet<&str> = sites.iter().map(|n| n.as_str()).collect();
     let mut small = Intent {
         settings: new.settings.clone(),
