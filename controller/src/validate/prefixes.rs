@@ -49,6 +49,26 @@ pub fn overlaps(nets: &[IpNetwork]) -> Vec<(usize, usize)> {
     out
 }
 
+/// Prefix `k` of attachment `i` of a named site.
+type PrefixAt<'a> = (IpNetwork, &'a str, usize, usize);
+
+fn prefix_field(i: usize, k: usize) -> String {
+    format!("attachments[{i}].prefixes[{k}]")
+}
+
+/// `told`'s prefix overlaps `other`'s in `segment`.
+fn overlap(sources: &SourceMap, segment: &str, told: PrefixAt<'_>, other: PrefixAt<'_>) -> Diagnostic {
+    let ((p, site, i, k), (op, other, oi, ok)) = (told, other);
+    Diagnostic::at(
+        sources,
+        &ObjectRef::new(Kind::Site, site),
+        &prefix_field(i, k),
+        format!("prefix {p} of site `{site}` overlaps {op} of site `{other}` in segment `{segment}`"),
+    )
+    .expected("each address of a segment at one site only")
+    .related(sources.field(&ObjectRef::new(Kind::Site, other), &prefix_field(oi, ok)), "overlapped prefix")
+}
+
 /// The overlap rule of [`check`] between a few changed member sites and
 /// the other member sites (each side already free of overlaps on its own),
 /// told to the changed site.
@@ -58,9 +78,8 @@ pub(super) fn check_against<'a>(
     sources: &SourceMap,
     out: &mut Vec<Diagnostic>,
 ) {
-    let field = |i: usize, k: usize| format!("attachments[{i}].prefixes[{k}]");
-    // segment → (prefix, site, attachment, index) of the changed sites.
-    let mut wanted: std::collections::HashMap<&str, Vec<(IpNetwork, &str, usize, usize)>> = Default::default();
+    // segment → the changed sites' prefixes there.
+    let mut wanted: std::collections::HashMap<&str, Vec<PrefixAt<'_>>> = Default::default();
     for (name, site) in fresh {
         for (i, a) in site.attachments.iter().enumerate() {
             for (k, p) in a.prefixes.iter().enumerate() {
@@ -72,23 +91,8 @@ pub(super) fn check_against<'a>(
         for (oi, a) in site.attachments.iter().enumerate() {
             let Some(mine) = wanted.get(a.segment.as_str()) else { continue };
             for (ok, op) in a.prefixes.iter().enumerate() {
-                for &(p, name, i, k) in mine.iter().filter(|(p, ..)| nets_overlap(p, op)) {
-                    out.push(
-                        Diagnostic::at(
-                            sources,
-                            &ObjectRef::new(Kind::Site, name),
-                            &field(i, k),
-                            format!(
-                                "prefix {p} of site `{name}` overlaps {op} of site `{other}` in segment `{}`",
-                                a.segment
-                            ),
-                        )
-                        .expected("each address of a segment at one site only")
-                        .related(
-                            sources.field(&ObjectRef::new(Kind::Site, other), &field(oi, ok)),
-                            "overlapped prefix",
-                        ),
-                    );
+                for &told in mine.iter().filter(|(p, ..)| nets_overlap(p, op)) {
+                    out.push(overlap(sources, &a.segment, told, (*op, other, oi, ok)));
                 }
             }
         }
@@ -120,8 +124,7 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
     // Attachment prefixes, grouped by segment, remembering who declared each
     // (the field is spelt out only for a problem: 50,000 prefixes at
     // national scale, on every apply).
-    let field = |i: usize, k: usize| format!("attachments[{i}].prefixes[{k}]");
-    let mut by_segment: std::collections::BTreeMap<&str, Vec<(IpNetwork, &str, usize, usize)>> = Default::default();
+    let mut by_segment: std::collections::BTreeMap<&str, Vec<PrefixAt<'_>>> = Default::default();
     for (site_name, site) in &intent.sites {
         for (i, a) in site.attachments.iter().enumerate() {
             let seg = intent.segments.get(&a.segment);
@@ -135,7 +138,7 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                         Diagnostic::at(
                             sources,
                             &obj,
-                            &field(i, k),
+                            &prefix_field(i, k),
                             format!("prefix {p} is outside segment `{}`", a.segment),
                         )
                         .expected(format!(
@@ -155,19 +158,7 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
             // the files at hand (a merge): the error goes where the change is.
             let declared = |k: usize| sources.object(&ObjectRef::new(Kind::Site, entries[k].1)).is_some();
             let (i, j) = if !declared(j) && declared(i) { (j, i) } else { (i, j) };
-            let (pi, si, ai, ki) = entries[i];
-            let (pj, sj, aj, kj) = entries[j];
-            let obj = ObjectRef::new(Kind::Site, sj);
-            out.push(
-                Diagnostic::at(
-                    sources,
-                    &obj,
-                    &field(aj, kj),
-                    format!("prefix {pj} of site `{sj}` overlaps {pi} of site `{si}` in segment `{segment}`"),
-                )
-                .expected("each address of a segment at one site only")
-                .related(sources.field(&ObjectRef::new(Kind::Site, si), &field(ai, ki)), "overlapped prefix"),
-            );
+            out.push(overlap(sources, segment, entries[j], entries[i]));
         }
     }
 

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::diagnostic::Diagnostic;
 use crate::intent::source::{ObjectRef, SourceMap};
-use crate::intent::{Intent, Kind, Region};
+use crate::intent::{Intent, Kind, Line, Region};
 
 pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnostic>) {
     for (name, site) in &intent.sites {
@@ -103,28 +103,13 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
 
 /// Two lines with one underlay address would receive each other's tunnels.
 fn check_underlay(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnostic>) {
-    let mut seen: HashMap<std::net::IpAddr, (&str, usize)> = HashMap::new();
+    let mut seen: HashMap<std::net::IpAddr, LineAt<'_>> = HashMap::new();
     for (name, site) in &intent.sites {
         for (i, line) in site.lines.iter().enumerate() {
             match seen.get(&line.address) {
-                Some(&(other, j)) => {
-                    let first = ObjectRef::new(Kind::Site, other);
-                    out.push(
-                        Diagnostic::at(
-                            sources,
-                            &ObjectRef::new(Kind::Site, name),
-                            &format!("lines[{i}].address"),
-                            format!(
-                                "underlay address {} is already used by line `{}` of site `{other}`",
-                                line.address, intent.sites[other].lines[j].name
-                            ),
-                        )
-                        .expected("a distinct underlay address for every line")
-                        .related(sources.field(&first, &format!("lines[{j}].address")), "first used here"),
-                    );
-                }
+                Some(&first) => out.push(address_in_use(sources, (name, i, line), first)),
                 None => {
-                    seen.insert(line.address, (name, i));
+                    seen.insert(line.address, (name, i, line));
                 }
             }
         }
@@ -135,40 +120,39 @@ fn check_underlay(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnostic
 /// sites (each side already free of duplicates on its own): the later site
 /// in name order is the one told, as the whole check tells it.
 pub(super) fn check_underlay_against<'a>(
-    fresh: &[(&String, &crate::intent::Site)],
+    fresh: &[(&'a String, &'a crate::intent::Site)],
     others: impl Iterator<Item = (&'a String, &'a std::sync::Arc<crate::intent::Site>)>,
     sources: &SourceMap,
     out: &mut Vec<Diagnostic>,
 ) {
-    let wanted: HashMap<std::net::IpAddr, (&str, usize)> = fresh
+    let wanted: HashMap<std::net::IpAddr, LineAt<'a>> = fresh
         .iter()
-        .flat_map(|(name, site)| site.lines.iter().enumerate().map(|(i, l)| (l.address, (name.as_str(), i))))
+        .flat_map(|(name, site)| site.lines.iter().enumerate().map(|(i, l)| (l.address, (name.as_str(), i, l))))
         .collect();
     for (other, site) in others {
         for (j, line) in site.lines.iter().enumerate() {
-            let Some(&(name, i)) = wanted.get(&line.address) else { continue };
-            let ((later, li), (first, fj)) =
-                if name > other.as_str() { ((name, i), (other.as_str(), j)) } else { ((other.as_str(), j), (name, i)) };
-            let sites: HashMap<&str, &crate::intent::Site> =
-                fresh.iter().map(|(n, s)| (n.as_str(), *s)).chain([(other.as_str(), &**site)]).collect();
-            out.push(
-                Diagnostic::at(
-                    sources,
-                    &ObjectRef::new(Kind::Site, later),
-                    &format!("lines[{li}].address"),
-                    format!(
-                        "underlay address {} is already used by line `{}` of site `{first}`",
-                        line.address, sites[first].lines[fj].name
-                    ),
-                )
-                .expected("a distinct underlay address for every line")
-                .related(
-                    sources.field(&ObjectRef::new(Kind::Site, first), &format!("lines[{fj}].address")),
-                    "first used here",
-                ),
-            );
+            let Some(&mine) = wanted.get(&line.address) else { continue };
+            let theirs = (other.as_str(), j, line);
+            let (later, first) = if mine.0 > theirs.0 { (mine, theirs) } else { (theirs, mine) };
+            out.push(address_in_use(sources, later, first));
         }
     }
+}
+
+/// Line `i` of a named site.
+type LineAt<'a> = (&'a str, usize, &'a Line);
+
+/// `later`'s line uses the underlay address `first`'s line has.
+fn address_in_use(sources: &SourceMap, later: LineAt<'_>, first: LineAt<'_>) -> Diagnostic {
+    let ((site, i, line), (other, j, first_line)) = (later, first);
+    Diagnostic::at(
+        sources,
+        &ObjectRef::new(Kind::Site, site),
+        &format!("lines[{i}].address"),
+        format!("underlay address {} is already used by line `{}` of site `{other}`", line.address, first_line.name),
+    )
+    .expected("a distinct underlay address for every line")
+    .related(sources.field(&ObjectRef::new(Kind::Site, other), &format!("lines[{j}].address")), "first used here")
 }
 
 /// A site must share an address family with each access point of each of its
