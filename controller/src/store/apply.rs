@@ -222,13 +222,6 @@ pub async fn apply<S: IntentStore>(
     apply_on(store, &current, parsed, Mode::Replace, Some(expected), change).await
 }
 
-/// What applying `parsed` would do to the intent as it is now; writes nothing.
-pub async fn plan<S: IntentStore>(store: &S, parsed: &Parsed) -> Result<Accepted, ApplyError> {
-    let current = store.load().await?;
-    let change = Change { actor: "", now_ms: 0, dry_run: true, note: None, keys: &NO_KEYS, before_commit: None };
-    apply_on(store, &current, parsed, Mode::Replace, None, change).await
-}
-
 /// Applies `parsed` in `mode` against `current`, the state the caller holds
 /// for the store's (a state that is not current any more loses the race at
 /// commit: nothing is written). Without `expected`, plans and never writes.

@@ -75,18 +75,11 @@ pub fn validate_change(old: &Intent, new: &Intent, sources: &SourceMap) -> Vec<D
 /// when this is empty. Semantic checks still run on a partly unreadable intent,
 /// so one round shows everything.
 pub fn check(parsed: &Parsed) -> Vec<Diagnostic> {
-    check_intent(parsed, &parsed.intent)
+    check_parts(parsed, validate(&parsed.intent, &parsed.sources))
 }
 
-/// Like [`check`], for an intent made from the parsed documents and others
-/// (a merge): the documents' problems, then the whole intent's, located in
-/// the documents where the documents declare the object.
-pub fn check_intent(parsed: &Parsed, intent: &Intent) -> Vec<Diagnostic> {
-    check_parts(parsed, validate(intent, &parsed.sources))
-}
-
-/// Like [`check_intent`], for `new` made from `old` (a valid intent) by a
-/// change: see [`validate_change`].
+/// Like [`check`], for `new` — the documents alone, or merged into `old` —
+/// made from `old` (a valid intent): see [`validate_change`].
 pub fn check_change(parsed: &Parsed, old: &Intent, new: &Intent) -> Vec<Diagnostic> {
     check_parts(parsed, validate_change(old, new, &parsed.sources))
 }
