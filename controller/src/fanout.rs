@@ -430,13 +430,11 @@ impl Fanout {
     /// the fan-out follows that revision; an older one is dropped).
     pub fn prime(&self, primed: Primed) {
         let mut state = self.lock();
-        if primed.revision > state.stored.revision {
-            if let Some(old) = state.primed.replace(primed) {
-                std::thread::spawn(move || drop(old));
-            }
-        } else {
-            drop(state);
-            std::thread::spawn(move || drop(primed));
+        let unused = if primed.revision > state.stored.revision { state.primed.replace(primed) } else { Some(primed) };
+        drop(state);
+        if let Some(unused) = unused {
+            let n = unused.configs.len();
+            crate::par::free(unused, n);
         }
     }
 

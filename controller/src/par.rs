@@ -39,6 +39,16 @@ pub fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> 
     })
 }
 
+/// Drops `value`, which holds `items` things (compiled configurations,
+/// say), on a thread of its own when they are many: freeing 10,000
+/// configurations takes a good part of a second, not to be spent on an
+/// operator's or an agent's time. A few are dropped here.
+pub fn free<T: Send + 'static>(value: T, items: usize) {
+    if items >= PARALLEL_FROM {
+        std::thread::spawn(move || drop(value));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

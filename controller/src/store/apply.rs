@@ -113,11 +113,8 @@ pub fn plan_between(
     let a: BTreeMap<_, _> = before.sites(&was)?.into_iter().collect();
     let b: BTreeMap<_, _> = after.sites(&is)?.into_iter().collect();
     let plan = diff(&a, &b);
-    // Freeing 10,000 configurations (a change of settings) takes a good
-    // part of a second: not on the operator's time.
-    if a.len() >= crate::par::PARALLEL_FROM {
-        std::thread::spawn(move || drop(a));
-    }
+    let before = a.len();
+    crate::par::free(a, before);
     Ok(Planned { plan, affected, compiled: Some(b) })
 }
 
@@ -277,8 +274,9 @@ async fn apply_intent<S: IntentStore>(
     let Planned { plan, affected, compiled } = plan_between(current, new, &alloc, change.keys)?;
     let mut summary = summarise(&current.intent, new);
     if dry_run || (summary == "no change" && alloc == current.allocations) {
-        if let Some(compiled) = compiled.filter(|c| c.len() >= crate::par::PARALLEL_FROM) {
-            std::thread::spawn(move || drop(compiled));
+        if let Some(compiled) = compiled {
+            let n = compiled.len();
+            crate::par::free(compiled, n);
         }
         return Ok(Accepted { revision: current.revision, plan, affected, audit: None, summary, after: None });
     }
@@ -289,10 +287,11 @@ async fn apply_intent<S: IntentStore>(
     let writes = layout::write_set(current, new, &alloc, &audit)?;
     match (change.before_commit, compiled) {
         (Some(hook), Some(configs)) => hook.compiled(audit.revision, new, &alloc, configs),
-        (None, Some(configs)) if configs.len() >= crate::par::PARALLEL_FROM => {
-            std::thread::spawn(move || drop(configs));
+        (None, Some(configs)) => {
+            let n = configs.len();
+            crate::par::free(configs, n);
         }
-        _ => {}
+        (_, None) => {}
     }
     store.commit(expected, writes).await?;
     let after = Stored {
