@@ -303,16 +303,28 @@ fn changed_since(fanout: &Fanout, before: &BTreeMap<String, String>) -> Vec<Stri
     digests(fanout).into_iter().filter(|(s, d)| before.get(s) != Some(d)).map(|(s, _)| s).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fanout_keeps_member_configs_encoded_and_republishes_only_what_changed() {
+/// The prefecture applied to an embedded store, and a fan-out following it
+/// (no agent keys yet).
+async fn prefecture_fanout() -> (tempfile::TempDir, Arc<Embedded>, Arc<Fanout>) {
     let dir = tempfile::tempdir().expect("tmp");
     let store = Arc::new(Embedded::open(dir.path()).expect("open"));
     apply(&*store, &prefecture(), 0, "local", T0, false).await.expect("apply");
     let fanout = Fanout::start(store.clone()).await.expect("fan-out");
-    assert_deliveries_match_the_intent(&*store, &fanout).await;
+    (dir, store, fanout)
+}
+
+/// Every site's keys, each waited for.
+async fn give_every_key<S: IntentStore>(store: &S, fanout: &Fanout) {
     for site in fanout.sites() {
-        give_keys(&*store, &fanout, &site).await;
+        give_keys(store, fanout, &site).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_keeps_member_configs_encoded_and_republishes_only_what_changed() {
+    let (_dir, store, fanout) = prefecture_fanout().await;
+    assert_deliveries_match_the_intent(&*store, &fanout).await;
+    give_every_key(&*store, &fanout).await;
     assert_deliveries_match_the_intent(&*store, &fanout).await;
 
     // A new branch office: its own feed, and a route to it on its
@@ -374,13 +386,8 @@ impl BeforeCommit for Marking<'_> {
 /// otherwise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_takes_an_applys_configurations_only_for_that_content() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let store = Arc::new(Embedded::open(dir.path()).expect("open"));
-    apply(&*store, &prefecture(), 0, "local", T0, false).await.expect("apply");
-    let fanout = Fanout::start(store.clone()).await.expect("fan-out");
-    for site in fanout.sites() {
-        give_keys(&*store, &fanout, &site).await;
-    }
+    let (_dir, store, fanout) = prefecture_fanout().await;
+    give_every_key(&*store, &fanout).await;
     let primed = |fanout: &Fanout| {
         let marked = |s: &String| {
             fanout.desired(s).and_then(|d| d.to_pb().config).is_some_and(|c| c.tenant.ends_with(" (primed)"))
