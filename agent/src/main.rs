@@ -102,7 +102,8 @@ enum Command {
         cert: PathBuf,
         #[arg(long, env = "MUSUBI_KEY")]
         key: PathBuf,
-        /// Where the agents' state directories go [default: a temporary directory].
+        /// Where the agents' state directories go [default: a temporary
+        /// directory, in /dev/shm where there is one].
         #[arg(long)]
         state: Option<PathBuf>,
         /// Stop after this many seconds.
@@ -186,7 +187,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Simulate { sites, controller, ca, cert, key, state, seconds } => {
             let operator = simulate::Operator { controller, ca, cert, key };
             let names = simulate::sites(&operator, sites).await?;
-            let tmp = tempfile::tempdir()?;
+            let tmp = simulate::scratch()?;
             let root = state.unwrap_or_else(|| tmp.path().to_path_buf());
             let started = Instant::now();
             let mut fleet = simulate::start(&operator, names, &root).await?;
