@@ -152,6 +152,10 @@ impl BeforeCommit for Priming<'_> {
             configs,
         });
     }
+
+    fn held(&self, revision: u64, sites: &[&str]) -> Option<BTreeMap<String, SiteConfig>> {
+        self.fanout.held(revision, self.keys_generation, sites)
+    }
 }
 
 /// The agents' public keys as the fan-out holds them, at a generation
@@ -329,6 +333,7 @@ impl Fanout {
 
     /// Replays one revision and republishes the sites it changed.
     pub fn apply_revision(&self, rev: &Revision) -> Result<(), FanoutError> {
+        let started = std::time::Instant::now();
         let mut state = self.lock();
         if rev.revision <= state.stored.revision {
             return Ok(());
@@ -363,6 +368,7 @@ impl Fanout {
             revision = rev.revision,
             recompiled = changed.len(),
             published = sent,
+            took_ms = started.elapsed().as_millis() as u64,
             "intent revision followed"
         );
         self.count(sent);
@@ -436,6 +442,34 @@ impl Fanout {
             let n = unused.configs.len();
             crate::par::free(unused, n);
         }
+    }
+
+    /// The compiled configurations of `sites` (peers without a key
+    /// included), if this fan-out is at `revision` with keys of
+    /// `generation` and holds every one of them. Taken under the lock as
+    /// pointers; members' are decoded after it, on every core.
+    fn held(&self, revision: u64, generation: u64, sites: &[&str]) -> Option<BTreeMap<String, SiteConfig>> {
+        let held: Vec<(&str, Result<Arc<SiteConfig>, Bytes>)> = {
+            let state = self.lock();
+            if state.stored.revision != revision || state.keys.generation != generation {
+                return None;
+            }
+            sites
+                .iter()
+                .map(|s| match state.raw.get(*s) {
+                    Some(c) => Some((*s, Ok(c.clone()))),
+                    None => Some((*s, Err(state.packed.get(*s)?.clone()))),
+                })
+                .collect::<Option<_>>()?
+        };
+        let configs = crate::par::map(&held, |(name, c)| {
+            let config = match c {
+                Ok(whole) => (**whole).clone(),
+                Err(packed) => SiteConfig::decode(packed.clone()).ok()?,
+            };
+            Some((name.to_string(), config))
+        });
+        configs.into_iter().collect()
     }
 
     /// What an apply at these keys hands over before its commit.

@@ -371,7 +371,7 @@ proptest! {
         valid(&new);
         let alloc = allocate(&new, &old_alloc).expect("alloc");
         let stored = Stored { intent: old.clone(), allocations: old_alloc.clone(), ..Stored::default() };
-        let plan = plan_between(&stored, &new, &alloc, &PublicKeys::new()).expect("plan").plan;
+        let plan = plan_between(&stored, &new, &alloc, &PublicKeys::new(), None).expect("plan").plan;
         let whole = diff(&compiled(&old, &old_alloc), &compiled(&new, &alloc));
         prop_assert_eq!(plan, whole);
     }

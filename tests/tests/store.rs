@@ -423,3 +423,65 @@ async fn fanout_takes_an_applys_configurations_only_for_that_content() {
         }
     }
 }
+
+/// Passes an apply's questions and configurations to the fan-out, counting
+/// the plans it answered.
+struct Asking<'a> {
+    inner: Priming<'a>,
+    answered: std::sync::atomic::AtomicUsize,
+}
+
+impl BeforeCommit for Asking<'_> {
+    fn compiled(
+        &self,
+        revision: u64,
+        intent: &musubi_controller::intent::Intent,
+        allocations: &musubi_controller::allocate::Allocations,
+        configs: BTreeMap<String, SiteConfig>,
+    ) {
+        self.inner.compiled(revision, intent, allocations, configs);
+    }
+
+    fn held(&self, revision: u64, sites: &[&str]) -> Option<BTreeMap<String, SiteConfig>> {
+        let held = self.inner.held(revision, sites);
+        if held.is_some() {
+            self.answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        held
+    }
+}
+
+/// A change of settings plans with the fan-out's configurations as its
+/// before side (not compiled again), and that plan equals one compiled on
+/// both sides; with keys of another generation the fan-out does not answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_takes_its_before_side_from_the_fanout_and_equals_one_compiled_afresh() {
+    let (_dir, store, fanout) = prefecture_fanout().await;
+    give_every_key(&*store, &fanout).await;
+    let current = store.load().await.expect("load");
+    assert_eq!(fanout.revision(), current.revision, "the fan-out is behind the store");
+    let mut parsed = prefecture();
+    parsed.intent.settings.probe.interval_ms = current.intent.settings.probe.interval_ms + 50;
+    let keys = fanout.public_keys();
+    let stale = musubi_controller::fanout::Keys { generation: keys.generation + 1, keys: keys.keys.clone() };
+    let mut plans = Vec::new();
+    for (keys, ask) in [(&keys, true), (&keys, false), (&stale, true)] {
+        let asking = Asking { inner: fanout.priming(keys), answered: 0.into() };
+        let change = Change {
+            actor: "local",
+            now_ms: T0,
+            dry_run: true,
+            note: None,
+            keys: &keys.keys,
+            before_commit: ask.then_some(&asking as &dyn BeforeCommit),
+        };
+        let done =
+            apply_on(&*store, &current, &parsed, Mode::Replace, Some(current.revision), change).await.expect("plan");
+        plans.push((done.plan, asking.answered.into_inner()));
+    }
+    let [(held, answered), (afresh, _), (_, stale_answered)] = <[_; 3]>::try_from(plans).expect("three plans");
+    assert_eq!(answered, 1, "the fan-out was not asked, or did not answer");
+    assert_eq!(stale_answered, 0, "the fan-out answered for keys of another generation");
+    assert_eq!(held.sites.len(), fanout.sites().len(), "a change of settings reaches every site");
+    assert_eq!(held, afresh, "the plan from the fan-out's configurations differs from one compiled afresh");
+}

@@ -196,6 +196,7 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
     }
 
     async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let started = std::time::Instant::now();
         let who = actor(&request);
         let req = request.into_inner();
         let parsed = self.parse(&req.documents)?;
@@ -222,7 +223,8 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
                     self.keep(after.clone());
                 }
                 if let Some(audit) = &a.audit {
-                    tracing::info!(revision = a.revision, actor = %who, summary = %audit.summary, "intent applied");
+                    let took_ms = started.elapsed().as_millis() as u64;
+                    tracing::info!(revision = a.revision, actor = %who, summary = %audit.summary, took_ms, "intent applied");
                 }
                 accepted(a)
             }

@@ -48,11 +48,13 @@ pub struct Accepted {
     pub after: Option<Arc<Stored>>,
 }
 
-/// Told, just before a change is committed, the new configurations the
-/// plan compiled whole (see [`Planned::compiled`]) with the keys it was
-/// given: a fan-out following the store need not compile them again. The
-/// commit may still lose its race: a receiver must check that the revision
-/// it follows has this content.
+/// What an apply shares with a fan-out. Asked for the configurations it
+/// holds (the plan's before side), and told, just before a change is
+/// committed, the new configurations the plan compiled whole (see
+/// [`Planned::compiled`]) with the keys it was given: a fan-out following
+/// the store need not compile them again. The commit may still lose its
+/// race: a receiver must check that the revision it follows has this
+/// content.
 pub trait BeforeCommit: Sync {
     fn compiled(
         &self,
@@ -61,6 +63,13 @@ pub trait BeforeCommit: Sync {
         allocations: &crate::allocate::Allocations,
         configs: BTreeMap<String, SiteConfig>,
     );
+
+    /// The configurations of `sites` as compiled at `revision` with the
+    /// keys this apply compiles with, if the receiver holds every one of
+    /// them: a plan's before side without compiling it again.
+    fn held(&self, _revision: u64, _sites: &[&str]) -> Option<BTreeMap<String, SiteConfig>> {
+        None
+    }
 }
 
 impl std::fmt::Debug for dyn BeforeCommit + '_ {
@@ -81,12 +90,15 @@ pub struct Planned {
     pub compiled: Option<BTreeMap<String, SiteConfig>>,
 }
 
-/// The plan from `old` to `new`, compiling only the sites the change reaches.
+/// The plan from `old` to `new`, compiling only the sites the change
+/// reaches; the before side of a change compiled whole is taken from
+/// `held` when it has it.
 pub fn plan_between(
     old: &Stored,
     new: &Intent,
     alloc: &crate::allocate::Allocations,
     keys: &PublicKeys,
+    held: Option<&dyn BeforeCommit>,
 ) -> Result<Planned, CompileError> {
     let affected = affected_sites(&old.intent, new);
     let before = Index::new(&old.intent, &old.allocations, keys);
@@ -110,7 +122,10 @@ pub fn plan_between(
     }
     let was: Vec<&str> = affected.iter().map(String::as_str).filter(|s| old.intent.sites.contains_key(*s)).collect();
     let is: Vec<&str> = affected.iter().map(String::as_str).filter(|s| new.sites.contains_key(*s)).collect();
-    let a: BTreeMap<_, _> = before.sites(&was)?.into_iter().collect();
+    let a: BTreeMap<_, _> = match held.and_then(|h| h.held(old.revision, &was)) {
+        Some(a) => a,
+        None => before.sites(&was)?.into_iter().collect(),
+    };
     let b: BTreeMap<_, _> = after.sites(&is)?.into_iter().collect();
     let plan = diff(&a, &b);
     let before = a.len();
@@ -271,7 +286,7 @@ async fn apply_intent<S: IntentStore>(
     };
     let mut alloc = current.allocations.clone();
     reallocate(new, &mut alloc)?;
-    let Planned { plan, affected, compiled } = plan_between(current, new, &alloc, change.keys)?;
+    let Planned { plan, affected, compiled } = plan_between(current, new, &alloc, change.keys, change.before_commit)?;
     let mut summary = summarise(&current.intent, new);
     if dry_run || (summary == "no change" && alloc == current.allocations) {
         if let Some(compiled) = compiled {
