@@ -1,7 +1,7 @@
 //! Fan-out at scale, with the fleet simulator: a real `musubi-controller`
 //! process (mutual TLS, embedded store) and N simulated agents in this
 //! process, each enrolled with its own token and certificate, each with an
-//! in-memory datapath.
+//! in-memory datapath and its state directory in memory (`/dev/shm`).
 //!
 //! Measures, per fleet size: time to enrol and converge; time from an apply
 //! that changes every site's configuration to the last agent's ack; a
