@@ -1,5 +1,5 @@
 //! Compiles proto/musubi/**/*.proto with the pure-Rust `protox` compiler (no
-//! `protoc` needed) and generates prost messages, tonic services and proto3-JSON serde impls.
+//! `protoc` needed) and generates prost messages, tonic services (feature `grpc`) and proto3-JSON serde impls.
 
 use std::path::PathBuf;
 
@@ -13,7 +13,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptor_path = out.join("musubi_descriptor.bin");
     std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&fds))?;
 
-    tonic_prost_build::configure().codec_path("crate::codec::Lean").compile_fds(fds)?;
+    // Services only with the `grpc` feature: without it the crate holds no
+    // tonic code, so the pure core can use the messages.
+    let grpc = std::env::var_os("CARGO_FEATURE_GRPC").is_some();
+    tonic_prost_build::configure()
+        .build_client(grpc)
+        .build_server(grpc)
+        .codec_path("crate::codec::Lean")
+        .compile_fds(fds)?;
 
     let descriptors = std::fs::read(&descriptor_path)?;
     pbjson_build::Builder::new()

@@ -1,12 +1,13 @@
 # Sourced by scripts/demo and scripts/test: installs the Debian packages
 # Musubi's build, tests and labs use, when any is missing.
-#   a C toolchain and protoc    etcd-client's build
+#   a C toolchain, protoc and   etcd-client's build
+#   its well-known types
 #   etcd-server                 the store tests against a real etcd
 #   wireguard-go, nftables,     the Linux datapath in network namespaces
 #   iproute2, util-linux
 #   iputils-ping, python3       the probes of the tests and `musubi lab check`
 ensure_packages() {
-  local packages=(build-essential pkg-config protobuf-compiler etcd-server wireguard-go wireguard-tools
+  local packages=(build-essential pkg-config protobuf-compiler libprotobuf-dev etcd-server wireguard-go wireguard-tools
     nftables iproute2 iputils-ping python3 util-linux)
   local missing=() p
   for p in "${packages[@]}"; do
@@ -15,6 +16,6 @@ ensure_packages() {
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
     local sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-    $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq "${missing[@]}"
+    $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}"
   fi
 }

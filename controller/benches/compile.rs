@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use musubi_controller::allocate::{Allocations, allocate, reallocate};
-use musubi_controller::compile::incremental::recompile;
-use musubi_controller::compile::{PublicKeys, compile};
-use musubi_controller::generate::generate;
-use musubi_controller::intent::parse::parse_str;
-use musubi_controller::intent::source::SourceMap;
-use musubi_controller::plan::affected_sites;
-use musubi_controller::validate::validate;
+use musubi_core::allocate::{Allocations, allocate, reallocate};
+use musubi_core::compile::incremental::recompile;
+use musubi_core::compile::{PublicKeys, compile};
+use musubi_core::generate::generate;
+use musubi_core::intent::parse::parse_str;
+use musubi_core::intent::source::SourceMap;
+use musubi_core::plan::affected_sites;
+use musubi_core::validate::validate;
 use musubi_proto::v1::SiteConfig;
 use prost::Message;
 

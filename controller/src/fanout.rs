@@ -22,12 +22,12 @@ use prost::bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::compile::{CompileError, PublicKeys, compile, incremental};
 use crate::sites::{Revocation, revocations};
 use crate::store::apply::BeforeCommit;
 use crate::store::layout::{self, Stored};
 use crate::store::watch::Revision;
 use crate::store::{IntentStore, StoreError};
+use musubi_core::compile::{CompileError, PublicKeys, compile, incremental};
 
 /// How long the fan-out waits after a key or revocation change before
 /// reading them, so that many agents enrolling at once cost one recompile.
@@ -140,8 +140,8 @@ impl BeforeCommit for Priming<'_> {
     fn compiled(
         &self,
         revision: u64,
-        intent: &crate::intent::Intent,
-        allocations: &crate::allocate::Allocations,
+        intent: &musubi_core::intent::Intent,
+        allocations: &musubi_core::allocate::Allocations,
         configs: BTreeMap<String, SiteConfig>,
     ) {
         self.fanout.prime(Primed {
@@ -173,8 +173,8 @@ pub struct Keys {
 pub struct Primed {
     pub revision: u64,
     pub keys_generation: u64,
-    pub intent: crate::intent::Intent,
-    pub allocations: crate::allocate::Allocations,
+    pub intent: musubi_core::intent::Intent,
+    pub allocations: musubi_core::allocate::Allocations,
     pub configs: BTreeMap<String, SiteConfig>,
 }
 
@@ -440,7 +440,7 @@ impl Fanout {
         drop(state);
         if let Some(unused) = unused {
             let n = unused.configs.len();
-            crate::par::free(unused, n);
+            musubi_core::par::free(unused, n);
         }
     }
 
@@ -462,7 +462,7 @@ impl Fanout {
                 })
                 .collect::<Option<_>>()?
         };
-        let configs = crate::par::map(&held, |(name, c)| {
+        let configs = musubi_core::par::map(&held, |(name, c)| {
             let config = match c {
                 Ok(whole) => (**whole).clone(),
                 Err(packed) => SiteConfig::decode(packed.clone()).ok()?,

@@ -6,17 +6,17 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
-use musubi_controller::allocate::{Allocations, allocate};
-use musubi_controller::compile::incremental::recompile;
-use musubi_controller::compile::{PublicKeys, compile};
-use musubi_controller::intent::export::to_yaml;
-use musubi_controller::intent::parse::parse_str;
-use musubi_controller::intent::source::SourceMap;
-use musubi_controller::intent::*;
-use musubi_controller::plan::{affected_sites, diff};
 use musubi_controller::store::apply::plan_between;
 use musubi_controller::store::layout::Stored;
-use musubi_controller::validate::{validate, validate_change};
+use musubi_core::allocate::{Allocations, allocate};
+use musubi_core::compile::incremental::recompile;
+use musubi_core::compile::{PublicKeys, compile};
+use musubi_core::intent::export::to_yaml;
+use musubi_core::intent::parse::parse_str;
+use musubi_core::intent::source::SourceMap;
+use musubi_core::intent::*;
+use musubi_core::plan::{affected_sites, diff};
+use musubi_core::validate::{validate, validate_change};
 use musubi_proto::v1::SiteConfig;
 use proptest::prelude::*;
 use prost::Message;
@@ -499,13 +499,13 @@ proptest! {
 /// recompile of a change that reaches every site agrees with both.
 #[test]
 fn compiling_on_every_core_equals_compiling_one_site_at_a_time() {
-    let parsed = parse_str("generated.yaml", &musubi_controller::generate::generate(600, 3));
+    let parsed = parse_str("generated.yaml", &musubi_core::generate::generate(600, 3));
     assert!(parsed.diagnostics.is_empty(), "{:?}", parsed.diagnostics);
     let intent = parsed.intent;
     let alloc = allocate(&intent, &Allocations::default()).expect("allocate");
     let keys = PublicKeys::new();
     let all = compile(&intent, &alloc, &keys).expect("compile");
-    let index = musubi_controller::compile::Index::new(&intent, &alloc, &keys);
+    let index = musubi_core::compile::Index::new(&intent, &alloc, &keys);
     assert_eq!(all.len(), intent.sites.len());
     for (name, config) in &all {
         assert_eq!(*config, index.site(name).expect("site"), "{name}");

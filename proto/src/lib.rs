@@ -12,6 +12,7 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/musubi.v1.serde.rs"));
 }
 
+#[cfg(feature = "grpc")]
 /// The gRPC codec of every Musubi service: prost, with small per-call buffers.
 ///
 /// tonic's default codec gives every call an 8 KiB encode and an 8 KiB decode

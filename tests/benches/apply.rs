@@ -8,15 +8,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use musubi_controller::generate::generate;
-use musubi_controller::intent::Kind;
-use musubi_controller::intent::export::select;
-use musubi_controller::intent::parse::{Parsed, parse_str};
 use musubi_controller::store::IntentStore;
 use musubi_controller::store::apply::{Accepted, Change, Mode, NO_KEYS, apply, apply_on};
 use musubi_controller::store::embedded::Embedded;
 use musubi_controller::store::etcd::{Etcd, EtcdConfig};
 use musubi_controller::store::layout::Stored;
+use musubi_core::generate::generate;
+use musubi_core::intent::Kind;
+use musubi_core::intent::export::select;
+use musubi_core::intent::parse::{Parsed, parse_str};
 use musubi_tests::{EtcdServer, ms, percentile};
 
 fn env(name: &str, default: usize) -> usize {

@@ -13,8 +13,8 @@ use std::io::Read;
 use std::path::Path;
 
 use musubi_agent::state::public_of;
-use musubi_controller::generate::generate;
-use musubi_controller::intent::parse::parse_str;
+use musubi_core::generate::generate;
+use musubi_core::intent::parse::parse_str;
 use musubi_tests::netns::{Net, is_root};
 use musubi_tests::{bin, reconcile_line};
 

@@ -17,10 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use musubi_agent::simulate::{self, Operator};
-use musubi_controller::generate::generate;
-use musubi_controller::intent::export::{select, to_yaml};
-use musubi_controller::intent::parse::parse_str;
-use musubi_controller::intent::{Intent, Kind};
+use musubi_core::generate::generate;
+use musubi_core::intent::export::{select, to_yaml};
+use musubi_core::intent::parse::parse_str;
+use musubi_core::intent::{Intent, Kind};
 use musubi_proto::v1 as pb;
 use musubi_proto::v1::operator_client::OperatorClient;
 use musubi_tests::{Controller, Pki, free_port, ms, percentile};

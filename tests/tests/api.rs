@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use musubi_controller::api::audit_from_pb;
-use musubi_controller::audit::verify;
+use musubi_core::api::audit_from_pb;
+use musubi_core::audit::verify;
 use musubi_proto::v1 as pb;
 use musubi_proto::v1::operator_client::OperatorClient;
 use musubi_tests::{Controller, EtcdServer, bin, free_port, topology};
@@ -81,7 +81,7 @@ async fn kita_description(c: &mut OperatorClient<Channel>) -> String {
         .to_string()
 }
 
-async fn chain(c: &mut OperatorClient<Channel>) -> Vec<musubi_controller::audit::AuditEntry> {
+async fn chain(c: &mut OperatorClient<Channel>) -> Vec<musubi_core::audit::AuditEntry> {
     let h = c.history(pb::HistoryRequest {}).await.expect("history").into_inner();
     h.entries.iter().map(audit_from_pb).collect()
 }

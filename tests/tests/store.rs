@@ -8,10 +8,7 @@ use std::sync::Arc;
 use base64::Engine;
 use std::time::{Duration, Instant};
 
-use musubi_controller::audit::verify;
-use musubi_controller::compile::compile;
 use musubi_controller::fanout::{Fanout, Kept, Priming, deliverable, digest};
-use musubi_controller::intent::parse::{Parsed, parse_str};
 use musubi_controller::store::apply::{
     ApplyError, BeforeCommit, Change, Mode, RollbackError, apply, apply_on, rollback,
 };
@@ -19,6 +16,9 @@ use musubi_controller::store::embedded::Embedded;
 use musubi_controller::store::etcd::{Etcd, EtcdConfig};
 use musubi_controller::store::watch::{apply_changes, watch};
 use musubi_controller::store::{IntentStore, StoreError};
+use musubi_core::audit::verify;
+use musubi_core::compile::compile;
+use musubi_core::intent::parse::{Parsed, parse_str};
 use musubi_proto::v1::SiteConfig;
 use musubi_tests::{EtcdServer, topology};
 
@@ -156,7 +156,7 @@ async fn conformance<S: IntentStore + 'static>(store: Arc<S>) {
 
     // Replaying the watched changes onto nothing rebuilds the stored intent.
     let last = store.load().await.expect("load");
-    let mut replayed = musubi_controller::intent::Intent::default();
+    let mut replayed = musubi_core::intent::Intent::default();
     let mut seen = Vec::new();
     while seen.last() != Some(&last.revision) {
         let next = tokio::time::timeout(Duration::from_secs(10), from_start.recv())
@@ -367,8 +367,8 @@ impl BeforeCommit for Marking<'_> {
     fn compiled(
         &self,
         revision: u64,
-        intent: &musubi_controller::intent::Intent,
-        allocations: &musubi_controller::allocate::Allocations,
+        intent: &musubi_core::intent::Intent,
+        allocations: &musubi_core::allocate::Allocations,
         mut configs: BTreeMap<String, SiteConfig>,
     ) {
         for c in configs.values_mut() {
@@ -435,8 +435,8 @@ impl BeforeCommit for Asking<'_> {
     fn compiled(
         &self,
         revision: u64,
-        intent: &musubi_controller::intent::Intent,
-        allocations: &musubi_controller::allocate::Allocations,
+        intent: &musubi_core::intent::Intent,
+        allocations: &musubi_core::allocate::Allocations,
         configs: BTreeMap<String, SiteConfig>,
     ) {
         self.inner.compiled(revision, intent, allocations, configs);

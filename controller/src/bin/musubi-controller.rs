@@ -9,9 +9,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use musubi_controller::allocate::reallocate;
-use musubi_controller::compile::{PublicKeys, compile};
-use musubi_controller::diagnostic::render;
 use musubi_controller::fanout::Fanout;
 use musubi_controller::pki::{self, Authority, Paths};
 use musubi_controller::server::agent::{AgentService, AgentSettings};
@@ -19,7 +16,10 @@ use musubi_controller::server::operator::{DEFAULT_MAX_INTENT_BYTES, OperatorServ
 use musubi_controller::server::operator_auth;
 use musubi_controller::store::any::{AnyStore, StoreUrl};
 use musubi_controller::store::etcd::EtcdConfig;
-use musubi_controller::{load, validate};
+use musubi_core::allocate::reallocate;
+use musubi_core::compile::{PublicKeys, compile};
+use musubi_core::diagnostic::render;
+use musubi_core::{load, validate};
 use musubi_proto::v1::agent_server::AgentServer;
 use musubi_proto::v1::operator_server::OperatorServer;
 use prost::Message;

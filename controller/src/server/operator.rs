@@ -8,18 +8,18 @@ use musubi_proto::v1 as pb;
 use musubi_proto::v1::operator_server::Operator;
 use tonic::{Request, Response, Status};
 
-use crate::api;
-use crate::compile::PublicKeys;
 use crate::fanout::Fanout;
-use crate::intent::Kind;
-use crate::intent::export;
-use crate::intent::parse::{Parsed, parse_files};
-use crate::intent::source::ObjectRef;
 use crate::sites;
 use crate::store::apply::{Accepted, ApplyError, Change, Mode, NO_KEYS, RollbackError, apply_on, rollback};
 use crate::store::layout::Stored;
 use crate::store::{IntentStore, StoreError};
-use crate::validate;
+use musubi_core::api;
+use musubi_core::compile::PublicKeys;
+use musubi_core::intent::Kind;
+use musubi_core::intent::export;
+use musubi_core::intent::parse::{Parsed, parse_files};
+use musubi_core::intent::source::ObjectRef;
+use musubi_core::validate;
 
 /// The largest intent (all documents together) the API accepts by default.
 pub const DEFAULT_MAX_INTENT_BYTES: usize = 32 * 1024 * 1024;

@@ -7,7 +7,7 @@ use super::embedded::Embedded;
 use super::etcd::{Etcd, EtcdConfig};
 use super::layout::{KeyChange, Stored, WriteSet};
 use super::{Guard, IntentStore, StoreError};
-use crate::audit::AuditEntry;
+use musubi_core::audit::AuditEntry;
 
 #[derive(Debug, Clone)]
 pub enum AnyStore {

@@ -9,16 +9,16 @@ use musubi_proto::v1::SiteConfig;
 
 use super::layout::{self, Stored};
 use super::{IntentStore, StoreError};
-use crate::allocate::{AllocError, reallocate};
-use crate::audit::{AuditEntry, summarise};
-use crate::compile::{CompileError, Index, PublicKeys, incremental};
-use crate::diagnostic::Diagnostic;
-use crate::intent::parse::Parsed;
-use crate::intent::source::ObjectRef;
-use crate::intent::{Intent, Kind};
-use crate::plan::affected::member_change;
-use crate::plan::{Plan, affected_sites, diff};
-use crate::validate;
+use musubi_core::allocate::{AllocError, reallocate};
+use musubi_core::audit::{AuditEntry, summarise};
+use musubi_core::compile::{CompileError, Index, PublicKeys, incremental};
+use musubi_core::diagnostic::Diagnostic;
+use musubi_core::intent::parse::Parsed;
+use musubi_core::intent::source::ObjectRef;
+use musubi_core::intent::{Intent, Kind};
+use musubi_core::plan::affected::member_change;
+use musubi_core::plan::{Plan, affected_sites, diff};
+use musubi_core::validate;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -60,7 +60,7 @@ pub trait BeforeCommit: Sync {
         &self,
         revision: u64,
         intent: &Intent,
-        allocations: &crate::allocate::Allocations,
+        allocations: &musubi_core::allocate::Allocations,
         configs: BTreeMap<String, SiteConfig>,
     );
 
@@ -96,7 +96,7 @@ pub struct Planned {
 pub fn plan_between(
     old: &Stored,
     new: &Intent,
-    alloc: &crate::allocate::Allocations,
+    alloc: &musubi_core::allocate::Allocations,
     keys: &PublicKeys,
     held: Option<&dyn BeforeCommit>,
 ) -> Result<Planned, CompileError> {
@@ -129,7 +129,7 @@ pub fn plan_between(
     let b: BTreeMap<_, _> = after.sites(&is)?.into_iter().collect();
     let plan = diff(&a, &b);
     let before = a.len();
-    crate::par::free(a, before);
+    musubi_core::par::free(a, before);
     Ok(Planned { plan, affected, compiled: Some(b) })
 }
 
@@ -291,7 +291,7 @@ async fn apply_intent<S: IntentStore>(
     if dry_run || (summary == "no change" && alloc == current.allocations) {
         if let Some(compiled) = compiled {
             let n = compiled.len();
-            crate::par::free(compiled, n);
+            musubi_core::par::free(compiled, n);
         }
         return Ok(Accepted { revision: current.revision, plan, affected, audit: None, summary, after: None });
     }
@@ -304,7 +304,7 @@ async fn apply_intent<S: IntentStore>(
         (Some(hook), Some(configs)) => hook.compiled(audit.revision, new, &alloc, configs),
         (None, Some(configs)) => {
             let n = configs.len();
-            crate::par::free(configs, n);
+            musubi_core::par::free(configs, n);
         }
         (_, None) => {}
     }
@@ -347,7 +347,7 @@ pub async fn rollback<S: IntentStore>(
     let undo = store.changes_since(target).await.map_err(ApplyError::from)?;
     let old = layout::intent_at(&current.intent, current.revision, target, &undo).map_err(ApplyError::from)?;
     // It was valid when it was applied; check again rather than assume.
-    let diags = validate::validate(&old, &crate::intent::source::SourceMap::default());
+    let diags = validate::validate(&old, &musubi_core::intent::source::SourceMap::default());
     if !diags.is_empty() {
         return Err(ApplyError::Invalid(diags).into());
     }

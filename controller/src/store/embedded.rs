@@ -13,7 +13,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use super::layout::{self, Stored, WriteSet};
 use super::presence::{Presence, renew_every};
 use super::{Guard, IntentStore, StoreError};
-use crate::audit::AuditEntry;
+use musubi_core::audit::AuditEntry;
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("musubi");
 

@@ -19,7 +19,7 @@ use etcd_client::{
 use super::layout::{self, Stored, WriteSet};
 use super::presence::{Presence, renew_every};
 use super::{Guard, IntentStore, StoreError};
-use crate::audit::AuditEntry;
+use musubi_core::audit::AuditEntry;
 
 /// How to reach etcd.
 #[derive(Debug, Clone, Default)]

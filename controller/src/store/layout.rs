@@ -28,10 +28,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::StoreError;
-use crate::allocate::Allocations;
-use crate::audit::AuditEntry;
-use crate::intent::Intent;
-use crate::sorted::{Side, merge};
+use musubi_core::allocate::Allocations;
+use musubi_core::audit::AuditEntry;
+use musubi_core::intent::Intent;
+use musubi_core::sorted::{Side, merge};
 
 pub const PREFIX: &str = "/musubi/v1/";
 pub const REVISION: &str = "/musubi/v1/revision";
@@ -83,7 +83,7 @@ pub struct Stored {
     pub intent: Intent,
     pub allocations: Allocations,
     /// Agents' public keys, site → segment → key.
-    pub keys: crate::compile::PublicKeys,
+    pub keys: musubi_core::compile::PublicKeys,
 }
 
 /// Puts and deletes that take the store from one state to another.

@@ -16,8 +16,8 @@ pub mod layout;
 pub mod presence;
 pub mod watch;
 
-use crate::audit::AuditEntry;
 use layout::{Stored, WriteSet};
+use musubi_core::audit::AuditEntry;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use super::layout::{KeyChange, set_intent_key};
 use super::{IntentStore, StoreError};
-use crate::intent::Intent;
+use musubi_core::intent::Intent;
 
 /// What one revision changed.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -479,7 +479,7 @@ fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration, etcd: bool) -> Result
     println!("controller up at {controller_ip}:{PORT} (store {store}), intent {} applied", intent.display());
 
     // An agent per router of a site the intent has, enrolled with its own token.
-    let known = musubi_controller::load::load(std::slice::from_ref(&intent))?.intent;
+    let known = musubi_core::load::load(std::slice::from_ref(&intent))?.intent;
     let mut sites: Vec<&String> = Vec::new();
     for (name, node) in nodes.iter().filter(|(_, n)| n.role() == "router") {
         let site =
@@ -684,9 +684,9 @@ fn echoes(lab: &Lab, host: &str) -> u64 {
 }
 
 fn check(lab: &Lab) -> Result<()> {
-    use musubi_controller::verify::{Reach, matrix, render};
+    use musubi_core::verify::{Reach, matrix, render};
     let clab = lab.topology()?;
-    let parsed = musubi_controller::load::load(&[lab.dir.join("intent.yaml")])?;
+    let parsed = musubi_core::load::load(&[lab.dir.join("intent.yaml")])?;
     let m = matrix(&parsed.intent);
     // Each endpoint's host and its IPv4 address.
     let mut hosts: Vec<Option<(String, String)>> = vec![None; m.endpoints.len()];
@@ -827,7 +827,7 @@ fn check(lab: &Lab) -> Result<()> {
     for &i in &probed {
         for &j in &probed {
             let Reach::Flows(flows) = &m.cells[i][j] else { continue };
-            use musubi_controller::intent::Protocol;
+            use musubi_core::intent::Protocol;
             let Some((udp, port)) = flows
                 .iter()
                 .filter(|f| matches!(f.protocol, Protocol::Tcp | Protocol::Udp))

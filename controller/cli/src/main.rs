@@ -1,6 +1,6 @@
 //! `musubi`: the operator's command-line tool.
 
-mod lab;
+use musubi_lab as lab;
 mod remote;
 
 use std::io::IsTerminal;
@@ -9,12 +9,12 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use musubi_controller::allocate::{Allocations, allocate};
-use musubi_controller::compile::{PublicKeys, compile};
-use musubi_controller::diagnostic::{Diagnostic, render};
-use musubi_controller::intent::source::{ObjectRef, SourceMap};
-use musubi_controller::intent::{Intent, Kind};
-use musubi_controller::{generate, load, plan, validate};
+use musubi_core::allocate::{Allocations, allocate};
+use musubi_core::compile::{PublicKeys, compile};
+use musubi_core::diagnostic::{Diagnostic, render};
+use musubi_core::intent::source::{ObjectRef, SourceMap};
+use musubi_core::intent::{Intent, Kind};
+use musubi_core::{generate, load, plan, validate};
 
 #[derive(Parser, Debug)]
 #[command(name = "musubi", version, about = "Operate a Musubi network: validate, plan, compile and apply intent")]
@@ -336,7 +336,7 @@ fn run(command: LocalCommand, color: bool) -> Result<()> {
             let previous = read_allocations(allocations.as_deref())?;
             let alloc = allocated(&intent, &sources, &previous, color)?;
             let keys = read_keys(keys.as_deref())?;
-            let index = musubi_controller::compile::Index::new(&intent, &alloc, &keys);
+            let index = musubi_core::compile::Index::new(&intent, &alloc, &keys);
             let config = index.site(&site)?;
             if let Some(path) = &allocations
                 && alloc != previous
@@ -352,11 +352,11 @@ fn run(command: LocalCommand, color: bool) -> Result<()> {
         LocalCommand::Verify { paths } => {
             let (intent, sources) = checked(&paths, color)?;
             let alloc = allocated(&intent, &sources, &Allocations::default(), color)?;
-            let m = musubi_controller::verify::matrix(&intent);
+            let m = musubi_core::verify::matrix(&intent);
             println!("Reachability ({} endpoints: a site's LAN in a segment)\n", m.endpoints.len());
-            print!("{}", musubi_controller::verify::render(&m, &|_, _| None));
+            print!("{}", musubi_core::verify::render(&m, &|_, _| None));
             let configs = compile(&intent, &alloc, &PublicKeys::new())?;
-            let problems = musubi_controller::verify::isolation(&intent, &configs);
+            let problems = musubi_core::verify::isolation(&intent, &configs);
             println!();
             if problems.is_empty() {
                 let segments: usize = configs.values().map(|c| c.segments.len()).sum();

@@ -4,11 +4,11 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use musubi_controller::api;
-use musubi_controller::audit::verify;
-use musubi_controller::diagnostic::render;
-use musubi_controller::intent::source::{SourceFile, SourceMap};
-use musubi_controller::{load, plan};
+use musubi_core::api;
+use musubi_core::audit::verify;
+use musubi_core::diagnostic::render;
+use musubi_core::intent::source::{SourceFile, SourceMap};
+use musubi_core::{load, plan};
 use musubi_proto::v1 as pb;
 use musubi_proto::v1::operator_client::OperatorClient;
 use tonic::transport::Channel;

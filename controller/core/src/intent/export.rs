@@ -225,8 +225,8 @@ mod tests {
     #[test]
     fn shipped_topologies_survive_a_round_trip() {
         for path in ["minimal.yaml", "prefecture.yaml"] {
-            let text =
-                std::fs::read_to_string(format!("{}/../topologies/{path}", env!("CARGO_MANIFEST_DIR"))).expect("read");
+            let text = std::fs::read_to_string(format!("{}/../../topologies/{path}", env!("CARGO_MANIFEST_DIR")))
+                .expect("read");
             let first = parse_str(path, &text);
             assert!(first.diagnostics.is_empty(), "{path}: {:?}", first.diagnostics);
             let exported = to_yaml(&first.intent).expect("export");

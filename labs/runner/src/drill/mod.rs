@@ -248,7 +248,7 @@ fn world(lab: Lab) -> Result<World> {
     let clab = lab.topology()?;
     let (controller, ctl) = clab.controller()?;
     let controller_ip = ctl.mgmt_ipv4.clone().context("the controller has no mgmt-ipv4")?;
-    let parsed = musubi_controller::load::load(&[lab.dir.join("intent.yaml")])?;
+    let parsed = musubi_core::load::load(&[lab.dir.join("intent.yaml")])?;
     let intent = &parsed.intent;
     let mut w = World {
         controller: controller.clone(),

@@ -261,7 +261,7 @@ mod tests {
     use crate::intent::parse::parse_str;
 
     fn prefecture() -> Intent {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../topologies/prefecture.yaml");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../topologies/prefecture.yaml");
         parse_str("prefecture.yaml", &std::fs::read_to_string(path).expect("prefecture")).intent
     }
 
