@@ -1,0 +1,116 @@
+//! Faults made the way they happen: a cut line is a black hole at the
+//! router (nftables drops everything on the interface; the link stays up),
+//! a stopped node loses every process and goes dark, a partitioned node
+//! loses its management interface. Every fault can be mended, and the drill
+//! mends them all at its end, whatever happened.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+use super::CUT_TABLE;
+use super::world::World;
+use crate::{Lab, start_agent};
+
+/// The black holes and stopped nodes of a drill under way.
+#[derive(Default)]
+pub(super) struct Damage {
+    pub(super) cut: BTreeMap<String, BTreeSet<String>>,
+    pub(super) stopped: BTreeSet<String>,
+}
+
+pub(super) fn nft(lab: &Lab, node: &str, script: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut child = lab.command(node, "nft").args(["-f", "-"]).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    child.stdin.take().context("nft stdin")?.write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("nft in {node}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+impl Damage {
+    /// Makes `node`'s black holes exactly its cut interfaces.
+    fn sync(&self, lab: &Lab, node: &str) -> Result<()> {
+        let mut script = format!("add table inet {CUT_TABLE}\ndelete table inet {CUT_TABLE}\n");
+        if let Some(set) = self.cut.get(node).filter(|s| !s.is_empty()) {
+            let names = set.iter().map(|i| format!("\"{i}\"")).collect::<Vec<_>>().join(", ");
+            writeln!(
+                script,
+                "table inet {CUT_TABLE} {{
+  chain input {{ type filter hook input priority -300; iifname {{ {names} }} drop; }}
+  chain output {{ type filter hook output priority -300; oifname {{ {names} }} drop; }}
+  chain forward {{ type filter hook forward priority -300; iifname {{ {names} }} drop; oifname {{ {names} }} drop; }}
+}}"
+            )?;
+        }
+        nft(lab, node, &script)
+    }
+
+    pub(super) fn cut(&mut self, lab: &Lab, node: &str, ifname: &str) -> Result<()> {
+        self.cut.entry(node.to_string()).or_default().insert(ifname.to_string());
+        self.sync(lab, node)
+    }
+
+    pub(super) fn mend(&mut self, lab: &Lab, node: &str, ifname: Option<&str>) -> Result<()> {
+        match ifname {
+            Some(i) => {
+                self.cut.entry(node.to_string()).or_default().remove(i);
+            }
+            None => {
+                self.cut.remove(node);
+            }
+        }
+        self.sync(lab, node)
+    }
+
+    /// Whether `site` has no line left (every line cut, or its router stopped).
+    pub(super) fn isolated(&self, w: &World, site: &str) -> bool {
+        let Some(router) = w.router.get(site) else { return false };
+        if self.stopped.contains(router) {
+            return true;
+        }
+        let cut = self.cut.get(router);
+        let lines = w.lines.get(site).map(Vec::as_slice).unwrap_or_default();
+        !lines.is_empty()
+            && lines.iter().all(|l| {
+                w.line_if.get(&(site.to_string(), l.clone())).is_some_and(|i| cut.is_some_and(|c| c.contains(i)))
+            })
+    }
+}
+
+/// Kills every process of `node` and blacks out all its interfaces.
+pub(super) fn stop_node(w: &World, damage: &mut Damage, node: &str) -> Result<()> {
+    if node == w.controller {
+        bail!("the controller cannot be stopped in a drill; `partition: {node}` cuts it off");
+    }
+    let out = Command::new("ip").args(["netns", "pids", &w.lab.ns(node)]).output().context("ip netns pids")?;
+    let me = std::process::id().to_string();
+    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter(|p| *p != me) {
+        let _ = Command::new("kill").args(["-9", pid]).status();
+    }
+    let links = w.lab.sh(node, "ip -o link show")?;
+    for name in links.lines().filter_map(|l| l.split(':').nth(1)).map(|n| n.trim().split('@').next().unwrap_or("")) {
+        if !name.is_empty() && name != "lo" {
+            damage.cut.entry(node.to_string()).or_default().insert(name.to_string());
+        }
+    }
+    damage.sync(&w.lab, node)?;
+    damage.stopped.insert(node.to_string());
+    Ok(())
+}
+
+/// Mends every black hole of `node`; a stopped router gets its agent back
+/// (which restores its last configuration, controller or not).
+pub(super) fn restore_node(w: &World, damage: &mut Damage, node: &str) -> Result<()> {
+    damage.mend(&w.lab, node, None)?;
+    if damage.stopped.remove(node)
+        && let Some((site, _)) = w.router.iter().find(|(_, r)| *r == node)
+    {
+        start_agent(&w.lab, &w.controller, &w.controller_ip, node, site)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,260 @@
+//! The drill file: typed steps read by serde, so a mistake is reported with
+//! its line and column and what was expected.
+//!
+//! ```yaml
+//! name: east-ap-outage
+//! streams: [{from: host-a, to: host-b, rate: 1000}]
+//! steps:
+//!   - wait: 1s
+//!   - cut: {site: office-a, line: fiber}
+//!   - flap: {site: office-a, line: fiber, down: 400ms, up: 1s, times: 3}
+//!   - stop: ap-east          # also: partition: NODE
+//!   - restore: ap-east       # also: restore: all, restore: {site: S, line: L}
+//!   - expect: matrix
+//! pass: {max_outage_ms: 1000, preferred: true, max_moves: {office-a: 4}}
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+/// A drill, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Drill {
+    pub(super) name: String,
+    #[serde(default)]
+    pub(super) description: String,
+    #[serde(default)]
+    pub(super) streams: Vec<StreamSpec>,
+    /// Each step is a one-key map (`wait: 1s`), not a YAML tag.
+    #[serde(with = "yaml_serde::with::singleton_map_recursive")]
+    pub(super) steps: Vec<Step>,
+    #[serde(default)]
+    pub(super) pass: Pass,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StreamSpec {
+    pub(super) from: String,
+    pub(super) to: String,
+    /// Packets per second.
+    #[serde(default = "default_rate")]
+    pub(super) rate: u32,
+}
+
+fn default_rate() -> u32 {
+    1000
+}
+
+/// What the drill must show to pass.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct Pass {
+    /// The longest a flow may go without packets while a way exists.
+    pub(super) max_outage_ms: u64,
+    /// Traffic must end on every source site's preferred line and access point.
+    pub(super) preferred: bool,
+    /// At most this many times any one of a site's route groups or peer
+    /// lines may move during the drill: hysteresis.
+    pub(super) max_moves: BTreeMap<String, u64>,
+}
+
+impl Default for Pass {
+    fn default() -> Self {
+        Pass { max_outage_ms: 1000, preferred: true, max_moves: BTreeMap::new() }
+    }
+}
+
+/// One step of the timeline.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub(super) enum Step {
+    Wait(#[serde(deserialize_with = "duration")] Duration),
+    Cut(SiteLine),
+    Stop(String),
+    Partition(String),
+    Restore(Restore),
+    Flap(Flap),
+    Expect(Expectation),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SiteLine {
+    pub(super) site: String,
+    pub(super) line: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Flap {
+    pub(super) site: String,
+    pub(super) line: String,
+    #[serde(deserialize_with = "duration")]
+    pub(super) down: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub(super) up: Duration,
+    #[serde(deserialize_with = "times")]
+    pub(super) times: u32,
+}
+
+/// `restore: all`, `restore: NODE` or `restore: {site: S, line: L}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Restore {
+    All,
+    Node(String),
+    Line(SiteLine),
+}
+
+impl<'de> Deserialize<'de> for Restore {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged, expecting = "`all`, a node's name, or {site: S, line: L}")]
+        enum Written {
+            Name(String),
+            Line(SiteLine),
+        }
+        Ok(match Written::deserialize(d)? {
+            Written::Name(n) if n == "all" => Restore::All,
+            Written::Name(n) => Restore::Node(n),
+            Written::Line(l) => Restore::Line(l),
+        })
+    }
+}
+
+/// What an `expect` step checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum Expectation {
+    /// Every pair reaches, or does not reach, each other as the intent says.
+    Matrix,
+}
+
+/// `2s`, `1.5s`, `500ms`, or a bare number of seconds; 0 to 1 h.
+pub(super) fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, scale) = if let Some(ms) = text.strip_suffix("ms") {
+        (ms, 1e-3)
+    } else if let Some(s) = text.strip_suffix('s') {
+        (s, 1.0)
+    } else {
+        return Err(format!("`{text}` has no unit (write `2s` or `500ms`)"));
+    };
+    let n: f64 = number.trim().parse().map_err(|_| format!("`{text}` is not a duration"))?;
+    if !(0.0..=3600.0).contains(&(n * scale)) {
+        return Err(format!("`{text}` is out of range (0 to 1 h)"));
+    }
+    Ok(Duration::from_secs_f64(n * scale))
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged, expecting = "a duration such as `2s` or `500ms`")]
+    enum Written {
+        Seconds(f64),
+        Text(String),
+    }
+    let text = match Written::deserialize(d)? {
+        Written::Seconds(s) => format!("{s}s"),
+        Written::Text(t) => t,
+    };
+    parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+fn times<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = u64::deserialize(d)?;
+    u32::try_from(n)
+        .ok()
+        .filter(|t| (1..=100).contains(t))
+        .ok_or_else(|| serde::de::Error::custom("`times` must be 1 to 100"))
+}
+
+/// Reads a drill file; its names are checked against the lab later.
+pub(super) fn read(path: &Path) -> Result<Drill> {
+    let source = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse(&source).with_context(|| format!("{} is not a drill", path.display()))
+}
+
+fn parse(source: &str) -> Result<Drill> {
+    let drill: Drill = yaml_serde::from_str(source)?;
+    if drill.streams.iter().any(|s| !(1..=10_000).contains(&s.rate)) {
+        bail!("a stream's rate must be 1 to 10000 packets/s");
+    }
+    Ok(drill)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn steps(yaml: &str) -> Result<Vec<Step>> {
+        Ok(parse(&format!("name: t\nsteps:\n{yaml}"))?.steps)
+    }
+
+    #[test]
+    fn steps_read_as_written_and_mistakes_are_named_with_their_place() {
+        let read = steps(
+            "- wait: 1.5s\n- cut: {site: s, line: l}\n- stop: n\n- partition: controller\n- restore: all\n\
+             - restore: n\n- restore: {site: s, line: l}\n- flap: {site: s, line: l, down: 400ms, up: 1s, times: 3}\n\
+             - expect: matrix\n- wait: 2\n",
+        )
+        .expect("valid steps");
+        let sl = SiteLine { site: "s".into(), line: "l".into() };
+        assert_eq!(read[0], Step::Wait(Duration::from_millis(1500)));
+        assert_eq!(read[1], Step::Cut(sl.clone()));
+        assert_eq!(read[4], Step::Restore(Restore::All));
+        assert_eq!(read[5], Step::Restore(Restore::Node("n".into())));
+        assert_eq!(read[6], Step::Restore(Restore::Line(sl)));
+        assert_eq!(
+            read[7],
+            Step::Flap(Flap {
+                site: "s".into(),
+                line: "l".into(),
+                down: Duration::from_millis(400),
+                up: Duration::from_secs(1),
+                times: 3
+            })
+        );
+        assert_eq!(read[8], Step::Expect(Expectation::Matrix));
+        assert_eq!(read[9], Step::Wait(Duration::from_secs(2)));
+        for (bad, says) in [
+            ("- wait: 2\n- wait: 2 minutes\n", "`2 minutes` is not a duration"),
+            ("- wait: 2h\n", "`2h` has no unit"),
+            ("- cut: {site: s}\n", "missing field `line`"),
+            ("- explode: now\n", "unknown variant `explode`"),
+            ("- flap: {site: s, line: l, down: 1s, up: 1s, times: 0}\n", "`times` must be 1 to 100"),
+            ("- expect: everything\n", "unknown variant `everything`, expected `matrix`"),
+        ] {
+            let e = format!("{:#}", steps(bad).expect_err(bad));
+            assert!(e.contains(says), "{bad} → {e}");
+            assert!(e.contains("line "), "{bad}: the error names no place: {e}");
+        }
+    }
+
+    #[test]
+    fn a_stream_rate_out_of_range_is_refused() {
+        let e = parse("name: t\nstreams: [{from: a, to: b, rate: 0}]\nsteps: []\n").expect_err("rate 0");
+        assert!(e.to_string().contains("rate must be 1 to 10000"), "{e}");
+    }
+
+    #[test]
+    fn every_shipped_drill_reads() {
+        let labs = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut read = 0;
+        for lab in std::fs::read_dir(&labs).expect("labs") {
+            let Ok(drills) = std::fs::read_dir(lab.expect("entry").path().join("drills")) else { continue };
+            for f in drills {
+                let path = f.expect("entry").path();
+                let drill = super::read(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                assert!(!drill.steps.is_empty(), "{} has no steps", path.display());
+                read += 1;
+            }
+        }
+        assert!(read >= 5, "only {read} drills found under {}", labs.display());
+    }
+}
