@@ -5,14 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Whether this process may create namespaces (the tests that need it are
-/// skipped, loudly, otherwise).
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
-        .unwrap_or(false)
-}
+use musubi_lab::netns;
+pub use musubi_lab::netns::is_root;
 
 /// True (after saying so) when the tests that need root must be skipped.
 pub fn skip_without_root() -> bool {
@@ -25,11 +19,6 @@ pub fn skip_without_root() -> bool {
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
-}
-
-fn sh_ok(script: &str) {
-    let out = run(Command::new("sh").args(["-c", script]));
-    assert!(out.status.success(), "`{script}` failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A set of namespaces named `<prefix>-<node>`.
@@ -48,10 +37,7 @@ impl Net {
         let dir = tempfile::tempdir().expect("tmp");
         let prefix = format!("{tag}{}", std::process::id() % 100_000);
         let mounts = dir.path().join("mnt");
-        std::fs::create_dir_all(&mounts).expect("mnt dir");
-        std::fs::create_dir_all("/var/run/wireguard").expect("/var/run/wireguard");
-        let m = mounts.display();
-        sh_ok(&format!("mount --bind {m} {m} && mount --make-private {m}"));
+        netns::private_mounts(&mounts).expect("private mounts");
         Net { prefix, nodes: Vec::new(), mounts, routers: Vec::new(), _dir: dir }
     }
 
@@ -65,7 +51,7 @@ impl Net {
 
     /// A plain node (a LAN host, the underlay switch).
     pub fn host(&mut self, node: &str) {
-        sh_ok(&format!("ip netns add {0} && ip -n {0} link set lo up", self.ns(node)));
+        netns::add(&self.ns(node)).expect("network namespace");
         self.nodes.push(node.to_string());
     }
 
@@ -73,24 +59,15 @@ impl Net {
     /// tmpfs on `/var/run/wireguard`.
     pub fn router(&mut self, node: &str) {
         self.host(node);
-        let file = self.mounts.join(node);
-        std::fs::write(&file, b"").expect("mount ns file");
-        sh_ok(&format!(
-            "unshare --mount={} --propagation private sh -c 'mount -t tmpfs tmpfs /var/run/wireguard'",
-            file.display()
-        ));
+        netns::own_mounts(&self.mounts.join(node)).expect("mount namespace");
         self.routers.push(node.to_string());
     }
 
     /// A command line run in `node` (a router: in its mount namespace too).
     pub fn command(&self, node: &str, program: &Path) -> Command {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{}", self.ns(node)));
-        if self.routers.iter().any(|r| r == node) {
-            cmd.arg(format!("--mount={}", self.mounts.join(node).display()));
-        }
-        cmd.arg("--").arg(program);
-        cmd
+        let mounts = self.mounts.join(node);
+        let router = self.routers.iter().any(|r| r == node);
+        netns::command(&self.ns(node), router.then_some(mounts.as_path()), program)
     }
 
     /// `sh -c script` in `node`.
@@ -114,36 +91,24 @@ impl Net {
 
     /// A veth pair between `a:a_if` and `b:b_if`, both up.
     pub fn link(&self, a: &str, a_if: &str, b: &str, b_if: &str) {
-        let (na, nb) = (self.ns(a), self.ns(b));
-        sh_ok(&format!(
-            "ip link add {a_if} netns {na} type veth peer name {b_if} netns {nb} && \
-             ip -n {na} link set {a_if} up && ip -n {nb} link set {b_if} up"
-        ));
+        netns::veth(&self.ns(a), a_if, &self.ns(b), b_if).expect("veth pair");
     }
 
     /// Every namespace this set made that still exists.
     pub fn remaining(&self) -> Vec<String> {
-        let out = run(Command::new("ip").args(["netns", "list"]));
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
-            .filter(|n| n.starts_with(&format!("{}-", self.prefix)))
-            .map(String::from)
-            .collect()
+        netns::list().into_iter().filter(|n| n.starts_with(&format!("{}-", self.prefix))).collect()
     }
 }
 
 impl Drop for Net {
     fn drop(&mut self) {
         for node in &self.nodes {
-            let ns = self.ns(node);
-            // Processes left in the namespace (wireguard-go, agents) first.
-            let _ = Command::new("sh").args(["-c", &format!("ip netns pids {ns} | xargs -r kill -9")]).status();
-            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+            // Processes left in the namespace (wireguard-go, agents) go first.
+            let _ = netns::remove(&self.ns(node));
         }
         for r in &self.routers {
-            let _ = Command::new("umount").arg(self.mounts.join(r)).status();
+            netns::unmount(&self.mounts.join(r));
         }
-        let _ = Command::new("umount").arg(&self.mounts).status();
+        netns::unmount(&self.mounts);
     }
 }

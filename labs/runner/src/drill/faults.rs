@@ -12,7 +12,8 @@ use anyhow::{Context, Result, bail};
 
 use super::CUT_TABLE;
 use super::world::World;
-use crate::{Lab, start_agent};
+use crate::lab::Lab;
+use crate::up::start_agent;
 
 /// The black holes and stopped nodes of a drill under way.
 #[derive(Default)]

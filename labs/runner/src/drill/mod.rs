@@ -41,7 +41,8 @@ use self::moves::Logs;
 use self::report::{FlowResult, Gap, Moves, PathResult, Report, markdown, svg};
 use self::traffic::{Flow, in_netns, micros, packet, parse, steady};
 use self::world::world;
-use super::{Lab, check};
+use crate::check::check;
+use crate::lab::Lab;
 
 /// UDP ports of the streams: the first stream's; one more per stream.
 const BASE_PORT: u16 = 47000;

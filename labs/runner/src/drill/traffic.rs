@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 
 use super::MAGIC;
 use super::file::StreamSpec;
-use crate::Lab;
+use crate::lab::Lab;
 
 /// Runs `f` in a thread that has entered `node`'s network namespace (what
 /// it creates, sockets, stays there).

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use anyhow::{Context, Result, bail};
 
 use super::file::{Drill, Flap, Restore, SiteLine, Step};
-use crate::Lab;
+use crate::lab::Lab;
 
 /// What the drill knows of the lab: nodes, sites, lines and their interfaces.
 /// What the drill knows of the lab: nodes, sites, lines and their interfaces.

@@ -1,0 +1,35 @@
+//! `musubi lab status`: the lab's nodes and processes, then `musubi status`.
+
+use std::path::Path;
+
+use anyhow::Result;
+
+use crate::lab::Lab;
+
+pub(crate) fn status(lab: &Lab) -> Result<()> {
+    let clab = lab.topology()?;
+    println!("lab {} ({})", lab.name, lab.dir.display());
+    let namespaces = crate::netns::list();
+    for (name, node) in &clab.topology.nodes {
+        let up = namespaces.contains(&lab.ns(name));
+        let pids: Vec<String> = std::fs::read_dir(lab.dir.join("pids"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{name}.")))
+                    .filter_map(|e| {
+                        let what = e.file_name().to_string_lossy().split_once('.').map(|(_, w)| w.to_string())?;
+                        let pid = std::fs::read_to_string(e.path()).ok()?;
+                        let alive = Path::new(&format!("/proc/{}", pid.trim())).exists();
+                        Some(format!("{what} {}", if alive { "running" } else { "stopped" }))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!("  {name:<16} {:<10} {:<8} {}", node.role(), if up { "up" } else { "missing" }, pids.join(", "));
+    }
+    if let Ok((controller, _)) = clab.controller() {
+        println!();
+        let _ = lab.musubi(controller).arg("status").status();
+    }
+    Ok(())
+}
