@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod datapath;
+pub mod failover;
 pub mod probe;
 pub mod reconcile;
 pub mod simulate;

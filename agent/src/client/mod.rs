@@ -1,0 +1,233 @@
+//! The agent's side of the protocol: enrolment, the Sync stream with
+//! reconnection, applying configurations, reporting status, renewing the
+//! site certificate.
+//!
+//! Headless by design: while no controller answers, the agent keeps the
+//! datapath as it is (it never tears anything down for lack of a
+//! controller) and tries the controllers in turn with jittered exponential
+//! backoff. On reconnect its Hello names the configuration it has applied,
+//! so an unchanged configuration is not sent again and nothing is rewritten.
+
+mod enrol;
+mod session;
+mod settings;
+mod status;
+pub mod supervisor;
+
+use std::time::Instant;
+
+use musubi_proto::v1 as pb;
+use tokio::sync::mpsc;
+
+pub use self::enrol::enrol;
+pub(crate) use self::settings::url;
+pub use self::settings::{AgentError, Applied, Settings, VERSION};
+use crate::datapath::{Datapath, Hops};
+use crate::failover::{self, Inputs};
+use crate::reconcile::{Choices, build};
+
+/// One site's agent.
+pub struct Agent {
+    settings: Settings,
+    datapath: Box<dyn Datapath>,
+    applied: Option<pb::ConfigUpdate>,
+    configs_received: u64,
+    errors: Vec<String>,
+    events: Option<mpsc::UnboundedSender<Applied>>,
+    /// When the site certificate is due for renewal (Unix ms), read from it
+    /// once rather than on every check.
+    renew_at: Option<u64>,
+    prober: Option<crate::probe::Prober>,
+    /// How the outer packets of each underlay path leave (probing only).
+    hops: Hops,
+    /// What is built: each route group's active candidate and each picked
+    /// peer's line.
+    active: Choices,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("site", &self.settings.site).finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// An agent that starts from the configuration it last applied, if any,
+    /// and re-applies it (writing nothing when the datapath still matches).
+    pub fn new(settings: Settings, datapath: Box<dyn Datapath>) -> Result<Self, AgentError> {
+        let applied = settings.state.load_applied()?;
+        let mut agent = Agent {
+            settings,
+            datapath,
+            applied: None,
+            configs_received: 0,
+            errors: Vec::new(),
+            events: None,
+            renew_at: None,
+            prober: None,
+            hops: Default::default(),
+            active: Default::default(),
+        };
+        if agent.settings.probe {
+            agent.prober = Some(crate::probe::Prober::start());
+        }
+        if let Some(update) = applied {
+            tracing::info!(site = %agent.settings.site, revision = update.revision, "restoring the last applied configuration");
+            agent.apply(update);
+        }
+        Ok(agent)
+    }
+
+    pub fn with_events(mut self, events: mpsc::UnboundedSender<Applied>) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    pub fn writes(&self) -> u64 {
+        self.datapath.writes()
+    }
+
+    /// Applies a configuration; on failure keeps the previous one and reports.
+    fn apply(&mut self, update: pb::ConfigUpdate) -> Vec<pb::InterfaceKey> {
+        let Some(config) = &update.config else { return Vec::new() };
+        let mut new_keys = Vec::new();
+        for seg in &config.segments {
+            match self.settings.state.ensure_key(&seg.segment) {
+                Ok((public_key, true)) => new_keys.push(pb::InterfaceKey {
+                    segment: seg.segment.clone(),
+                    interface: seg.wireguard.as_ref().map(|w| w.name.clone()).unwrap_or_default(),
+                    public_key,
+                }),
+                Ok(_) => {}
+                Err(e) => self.errors.push(e.to_string()),
+            }
+        }
+        self.resolve(crate::probe::paths(config));
+        let active = self.choices(config);
+        let result = build(&mut *self.datapath, config, &self.settings.state, &active, &self.hops);
+        match result {
+            Ok(ops) => {
+                tracing::info!(site = %self.settings.site, revision = update.revision, writes = ops.len(), "configuration applied");
+                self.errors.clear();
+                if let Err(e) = self.settings.state.save_applied(&update) {
+                    self.errors.push(e.to_string());
+                }
+                if let Some(p) = &self.prober {
+                    p.set_for(config, &self.hops);
+                }
+                self.active = active;
+                if let Some(events) = &self.events {
+                    let _ = events.send(Applied {
+                        site: self.settings.site.clone(),
+                        revision: update.revision,
+                        digest: update.digest.clone(),
+                        writes: self.datapath.writes(),
+                        at: Instant::now(),
+                    });
+                }
+                self.applied = Some(update);
+            }
+            Err(e) => {
+                tracing::error!(site = %self.settings.site, revision = update.revision, error = %e, "configuration not applied");
+                self.errors = vec![e.to_string()];
+            }
+        }
+        new_keys
+    }
+
+    /// The configuration applied last.
+    fn config(&self) -> Option<&pb::SiteConfig> {
+        self.applied.as_ref().and_then(|a| a.config.as_ref())
+    }
+
+    /// Reconciles the last applied configuration again; true when something
+    /// had drifted and was put back (or could not be).
+    fn upkeep(&mut self) -> bool {
+        let Some(config) = self.applied.as_ref().and_then(|a| a.config.as_ref()) else { return false };
+        let active = self.choices(config);
+        let mut moved: Vec<String> = active
+            .groups
+            .iter()
+            .filter(|(k, v)| self.active.groups.get(*k) != Some(*v))
+            .map(|((seg, group), peer)| format!("{seg}/{group} → {peer}"))
+            .collect();
+        moved.extend(
+            active
+                .paths
+                .iter()
+                .filter(|(k, v)| self.active.paths.get(*k) != Some(*v))
+                .map(|(peer, (local, remote))| format!("{peer} over {local}→{remote}")),
+        );
+        let result = build(&mut *self.datapath, config, &self.settings.state, &active, &self.hops);
+        if result.is_ok() {
+            // What is built now, whether or not it took writes.
+            self.active = active;
+        }
+        match result {
+            Ok(ops) if ops.is_empty() => false,
+            Ok(ops) if !moved.is_empty() => {
+                tracing::warn!(site = %self.settings.site, operations = ops.len(), moved = %moved.join(", "), "traffic moved");
+                true
+            }
+            Ok(ops) => {
+                tracing::warn!(site = %self.settings.site, operations = ops.len(), "the datapath had drifted; put back");
+                true
+            }
+            Err(e) => {
+                tracing::error!(site = %self.settings.site, error = %e, "the datapath has drifted and cannot be put back");
+                self.errors = vec![e.to_string()];
+                true
+            }
+        }
+    }
+
+    /// Finds how each underlay path's outer packets would leave (probing
+    /// only: without health there is nothing to choose between lines);
+    /// true when that changed.
+    fn resolve(&mut self, paths: Vec<(std::net::IpAddr, std::net::IpAddr)>) -> bool {
+        if self.prober.is_none() {
+            return false;
+        }
+        match self.datapath.hops(&paths) {
+            Ok(h) if h != self.hops => {
+                self.hops = h;
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::warn!(site = %self.settings.site, error = %e, "underlay paths not resolved");
+                false
+            }
+        }
+    }
+
+    /// Resolves the paths again (every upkeep period): the operator's
+    /// underlay routes may have changed under the agent.
+    fn refresh_hops(&mut self) {
+        let Some(paths) = self.config().map(crate::probe::paths) else { return };
+        if self.resolve(paths) {
+            tracing::info!(site = %self.settings.site, "the underlay routes changed; paths resolved again");
+            if let (Some(p), Some(c)) = (&self.prober, self.config()) {
+                p.set_for(c, &self.hops);
+            }
+        }
+    }
+
+    /// The failover policy's choice now (see [`failover::choices`]).
+    fn choices(&self, config: &pb::SiteConfig) -> Choices {
+        let health = self.prober.as_ref().map(|p| move |k: &crate::probe::Key| p.get(k));
+        failover::choices(Inputs {
+            config,
+            health: health.as_ref().map(|h| h as failover::HealthOf<'_>),
+            hops: &self.hops,
+            active: &self.active,
+            hold_down: self.settings.hold_down,
+            now: Instant::now(),
+        })
+    }
+
+    fn choices_changed(&self) -> bool {
+        let Some(config) = self.config() else { return false };
+        self.prober.is_some() && self.choices(config) != self.active
+    }
+}

@@ -1,0 +1,111 @@
+//! One Sync stream with one controller: the Hello, then configurations in
+//! and status out, upkeep, failback checks and the certificate's renewal,
+//! until the stream breaks or the controller refuses the agent.
+
+use std::time::Duration;
+
+use musubi_proto::v1 as pb;
+use musubi_proto::v1::agent_client::AgentClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::Agent;
+use super::enrol::channel;
+use super::settings::url;
+
+/// Why a session ended.
+pub(super) enum End {
+    /// The controller refused us (revoked, removed, wrong identity): wait long.
+    Refused(String),
+    /// The stream broke or could not be opened: try the next controller.
+    Broken(String),
+}
+
+impl Agent {
+    pub(super) async fn session(&mut self, address: &str) -> Result<(), End> {
+        let broken = |e: &dyn std::fmt::Display| End::Broken(e.to_string());
+        let tls = self.tls().map_err(|e| broken(&e))?;
+        let channel = channel(&url(address, self.settings.insecure), tls).await.map_err(|e| broken(&e))?;
+        let mut client = AgentClient::new(channel).max_decoding_message_size(usize::MAX);
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(self.hello().map_err(|e| broken(&e))?).await.map_err(|e| broken(&e))?;
+        let mut inbound = match client.sync(ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => return Err(ended(s)),
+        };
+        tracing::info!(site = %self.settings.site, controller = %address, "stream open");
+        // Report where we stand (the controller may not send anything).
+        tx.send(self.status(Vec::new())).await.map_err(|e| broken(&e))?;
+        let renewal = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(renewal);
+        let changed = self.prober.as_ref().map(|p| p.changed.clone());
+        let mut upkeep = tokio::time::interval(self.settings.upkeep.unwrap_or(Duration::from_secs(3600)));
+        upkeep.reset();
+        let mut failback = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = upkeep.tick(), if self.settings.upkeep.is_some() => {
+                    self.refresh_hops();
+                    // With probing, also to refresh round-trip times and loss.
+                    if self.upkeep() || self.prober.is_some() {
+                        tx.send(self.status(Vec::new())).await.map_err(|e| broken(&e))?;
+                    }
+                }
+                _ = health_changed(&changed) => {
+                    settle().await;
+                    self.upkeep();
+                    tx.send(self.status(Vec::new())).await.map_err(|e| broken(&e))?;
+                }
+                _ = failback.tick(), if self.prober.is_some() => {
+                    if self.choices_changed() {
+                        self.upkeep();
+                        tx.send(self.status(Vec::new())).await.map_err(|e| broken(&e))?;
+                    }
+                }
+                message = tokio::time::timeout(self.settings.silence, inbound.message()) => {
+                    let message = message.map_err(|_| End::Broken("the controller went silent".into()))?;
+                    match message {
+                        Ok(Some(pb::ControllerMessage { body: Some(pb::controller_message::Body::Config(update)) })) => {
+                            self.configs_received += 1;
+                            let keys = self.apply(update);
+                            tx.send(self.status(keys)).await.map_err(|e| broken(&e))?;
+                        }
+                        Ok(Some(_)) => {} // keepalive, or a message this version does not know
+                        Ok(None) => return Err(End::Broken("the controller closed the stream".into())),
+                        Err(s) => return Err(ended(s)),
+                    }
+                }
+                _ = &mut renewal => {
+                    if let Err(e) = self.renew_if_due(&mut client).await {
+                        tracing::warn!(site = %self.settings.site, error = %e, "certificate renewal failed; will retry");
+                    }
+                    renewal.as_mut().reset(tokio::time::Instant::now() + self.until_renewal());
+                }
+            }
+        }
+    }
+}
+
+/// A moment for the flips that come together (a line's tunnels, every peer
+/// behind it) to be seen together before choosing.
+pub(super) async fn settle() {
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+/// A peer went up or down (never, without probing).
+pub(super) async fn health_changed(changed: &Option<std::sync::Arc<tokio::sync::Notify>>) {
+    match changed {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+pub(super) fn ended(s: tonic::Status) -> End {
+    match s.code() {
+        tonic::Code::PermissionDenied
+        | tonic::Code::Unauthenticated
+        | tonic::Code::NotFound
+        | tonic::Code::AlreadyExists => End::Refused(s.message().to_string()),
+        _ => End::Broken(format!("{:?}: {}", s.code(), s.message())),
+    }
+}

@@ -1,0 +1,151 @@
+//! The failover policy: from the probes' health to each route group's
+//! candidate and each picked peer's line. Pure: health, the current choice
+//! and `now` in, the choice out.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use musubi_proto::v1 as pb;
+
+use crate::datapath::Hops;
+use crate::probe::{Health, Key};
+use crate::reconcile::{Choices, choose, first_choices, path, probes_lines};
+
+/// How long a peer whose tunnel stopped answering keeps its route groups
+/// while one of its lines still answers: the time for the line switch to
+/// bring the tunnel back. After that it counts as down whatever its lines say.
+const SWITCH_GRACE: Duration = Duration::from_secs(2);
+
+/// How long an access point keeps a member site's prefixes on the site
+/// after its tunnel stopped answering: the site picks its own lines, and
+/// its first packet over a new one brings the tunnel back (WireGuard
+/// follows it). Only a site gone for longer is sought over the interconnect.
+const SITE_GRACE: Duration = Duration::from_secs(1);
+
+/// The health of a probe target, as the prober knows it.
+pub type HealthOf<'a> = &'a dyn Fn(&Key) -> Option<Health>;
+
+/// What the policy decides from.
+#[derive(Clone, Copy)]
+pub struct Inputs<'a> {
+    pub config: &'a pb::SiteConfig,
+    /// The health of a probe target; `None` when there is no probing.
+    pub health: Option<HealthOf<'a>>,
+    pub hops: &'a Hops,
+    /// What is built now.
+    pub active: &'a Choices,
+    pub hold_down: Duration,
+    pub now: Instant,
+}
+
+impl std::fmt::Debug for Inputs<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inputs")
+            .field("active", self.active)
+            .field("hold_down", &self.hold_down)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The route groups' candidates and the peers' paths, by health: a
+/// route group stays with a peer that is up (or not judged yet) and goes
+/// to a better one only after it has been up for the hold-down; a peer
+/// whose tunnel stopped answering keeps its groups for
+/// [`SWITCH_GRACE`] if one of its lines answered after the tunnel last
+/// did (the line switch is bringing it back), and as long after one of
+/// its lines came back. On an access point, a member site keeps its
+/// prefixes for [`SITE_GRACE`] after going quiet and gets them back as
+/// soon as it answers. A path is chosen the same way among the peer's
+/// endpoints, best line first; a path the router has no route for is
+/// used only when nothing else is.
+pub fn choices(i: Inputs<'_>) -> Choices {
+    let Inputs { config, health, hops, active, hold_down, now } = i;
+    let Some(health) = health else { return first_choices(config, hops) };
+    let settled =
+        |h: &Health, current: bool| current || h.since.is_none_or(|s| now.saturating_duration_since(s) >= hold_down);
+    let path_key = |e: &pb::Endpoint| -> Option<Key> {
+        let (local, remote) = path(config, e)?;
+        hops.contains_key(&(local, remote)).then_some(Key::Path { local, remote })
+    };
+    // Whether a line to `peer` answered after its tunnel went quiet (more
+    // than one tunnel probe after its last answer): the line under the
+    // tunnel failed, not the peer, and a line switch is bringing the
+    // tunnel back. (When the peer itself is gone, no line answers after
+    // the tunnel went quiet, however slow its probes.) Gives when the
+    // most recent such line came up.
+    let line_outlived_tunnel = |peer: &str, tunnel: &Health| {
+        config
+            .segments
+            .iter()
+            .flat_map(|s| s.peers.iter().filter(|p| p.name == peer && probes_lines(p)))
+            .flat_map(|p| &p.endpoints)
+            .filter_map(path_key)
+            .filter_map(|k| health(&k))
+            .filter(|h| {
+                // An answer within one tunnel probe of the tunnel's last
+                // one is not later: the peer may have died in between.
+                let after = tunnel.last_reply.map(|t| t + tunnel.interval);
+                h.up && h.last_reply.is_some_and(|l| after.is_none_or(|t| l > t))
+            })
+            .filter_map(|h| h.since)
+            .max()
+    };
+    // The health of the path a peer is reached over, when the agent picks it.
+    let active_path_health = |peer: &str, local: &str, remote: &str| {
+        config
+            .segments
+            .iter()
+            .flat_map(|s| s.peers.iter().filter(|p| p.name == peer))
+            .flat_map(|p| &p.endpoints)
+            .find(|e| e.local_line == local && e.remote_line == remote)
+            .and_then(path_key)
+            .and_then(|k| health(&k))
+    };
+    let members: BTreeSet<&str> = config
+        .segments
+        .iter()
+        .flat_map(|s| s.peers.iter().filter(|p| p.role() == pb::PeerRole::Site).map(|p| p.name.as_str()))
+        .collect();
+    let group_rank = |seg: &str, group: &str, peer: &str| {
+        let current = active.groups.get(&(seg.to_string(), group.to_string())).is_some_and(|c| c == peer);
+        let down_for = |h: &Health| h.since.map_or(Duration::MAX, |s| now.saturating_duration_since(s));
+        match health(&Key::tunnel(seg, peer)) {
+            None => 0,
+            // A member site is the only way in to itself: back at once.
+            Some(h) if h.up && members.contains(peer) => 0,
+            Some(h) if h.up => u8::from(!settled(&h, current)),
+            // A member site that went quiet may be switching lines.
+            Some(h) if members.contains(peer) => {
+                if current && down_for(&h) < SITE_GRACE {
+                    0
+                } else {
+                    2
+                }
+            }
+            Some(h) => {
+                // Only a line that failed is switched: while the path in
+                // use still answers, a quiet tunnel is the peer's own
+                // (its WireGuard died before the rest of it).
+                let path_failed =
+                    active.paths.get(peer).and_then(|(l, r)| active_path_health(peer, l, r)).is_none_or(|p| !p.up);
+                // The grace runs from the tunnel going quiet, or from a
+                // line coming back (a site whose lines all return).
+                let switching = path_failed
+                    && line_outlived_tunnel(peer, &h).is_some_and(|line_up| {
+                        down_for(&h) < SWITCH_GRACE || now.saturating_duration_since(line_up) < SWITCH_GRACE
+                    });
+                if switching && current { 0 } else { 2 }
+            }
+        }
+    };
+    let path_rank = |peer: &str, e: &pb::Endpoint| {
+        let Some(key) = path_key(e) else { return 3 };
+        let current = active.paths.get(peer).is_some_and(|(l, r)| *l == e.local_line && *r == e.remote_line);
+        match health(&key) {
+            None => 0,
+            Some(h) if h.up => u8::from(!settled(&h, current)),
+            Some(_) => 2,
+        }
+    };
+    choose(config, &group_rank, &path_rank)
+}
