@@ -24,14 +24,28 @@ use prost::Message;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("{path}: {reason}")]
-    File { path: String, reason: String },
+    #[error("{}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is unreadable: {source}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("no random source: {0}")]
-    Random(String),
+    Random(#[source] getrandom::Error),
 }
 
-fn file_err(path: &Path, e: impl std::fmt::Display) -> StateError {
-    StateError::File { path: path.display().to_string(), reason: e.to_string() }
+fn file_err(path: &Path, source: std::io::Error) -> StateError {
+    StateError::File { path: path.to_path_buf(), source }
+}
+
+fn unreadable(path: &Path, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StateError {
+    StateError::Unreadable { path: path.to_path_buf(), source: source.into() }
 }
 
 /// Writes a file atomically (temp file + rename), owner-only when `private`.
@@ -67,8 +81,8 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, StateError> {
 
 /// A WireGuard key pair; the private half stays in the state directory.
 fn parse_key(path: &Path, text: &[u8]) -> Result<[u8; 32], StateError> {
-    let bytes = STANDARD.decode(String::from_utf8_lossy(text).trim()).map_err(|e| file_err(path, e))?;
-    bytes.try_into().map_err(|_| file_err(path, "not a 32-byte key"))
+    let bytes = STANDARD.decode(String::from_utf8_lossy(text).trim()).map_err(|e| unreadable(path, e))?;
+    bytes.try_into().map_err(|_| unreadable(path, "not a 32-byte key"))
 }
 
 /// The private key in a key file (base64, as `wg genkey` writes it).
@@ -138,7 +152,7 @@ impl StateDir {
             return Ok((self.public_of_text(segment, &path, &text)?, false));
         }
         let mut key = [0u8; 32];
-        getrandom::fill(&mut key).map_err(|e| StateError::Random(e.to_string()))?;
+        getrandom::fill(&mut key).map_err(StateError::Random)?;
         // Clamped as `wg genkey` writes it.
         key[0] &= 248;
         key[31] = (key[31] & 127) | 64;
@@ -168,7 +182,7 @@ impl StateDir {
     pub fn load_applied(&self) -> Result<Option<pb::ConfigUpdate>, StateError> {
         let path = self.applied();
         read_optional(&path)?
-            .map(|b| pb::ConfigUpdate::decode(b.as_slice()).map_err(|e| file_err(&path, e)))
+            .map(|b| pb::ConfigUpdate::decode(b.as_slice()).map_err(|e| unreadable(&path, e)))
             .transpose()
     }
 

@@ -19,8 +19,12 @@ use rcgen::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
-    #[error("{path}: {reason}")]
-    File { path: String, reason: String },
+    #[error("{}: {source}", path.display())]
+    File {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path} already exists; refusing to overwrite a CA (remove the directory to start over)")]
     Exists { path: String },
     #[error("certificate: {0}")]
@@ -87,13 +91,12 @@ impl Paths {
 }
 
 pub fn read(path: &Path) -> Result<String, PkiError> {
-    std::fs::read_to_string(path)
-        .map_err(|e| PkiError::File { path: path.display().to_string(), reason: e.to_string() })
+    std::fs::read_to_string(path).map_err(|e| PkiError::File { path: path.to_path_buf(), source: e })
 }
 
 /// Writes a file readable by its owner only (keys), or by everyone (certificates).
 pub fn write(path: &Path, contents: &str, private: bool) -> Result<(), PkiError> {
-    let err = |e: std::io::Error| PkiError::File { path: path.display().to_string(), reason: e.to_string() };
+    let err = |e: std::io::Error| PkiError::File { path: path.to_path_buf(), source: e };
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -218,8 +221,7 @@ pub fn init(
     external: Option<(&Path, &Path)>,
 ) -> Result<Initialised, PkiError> {
     let paths = Paths::new(dir);
-    std::fs::create_dir_all(dir)
-        .map_err(|e| PkiError::File { path: dir.display().to_string(), reason: e.to_string() })?;
+    std::fs::create_dir_all(dir).map_err(|e| PkiError::File { path: dir.to_path_buf(), source: e })?;
     if paths.ca().exists() {
         return Err(PkiError::Exists { path: paths.ca().display().to_string() });
     }

@@ -25,7 +25,7 @@ pub struct TokenRecord {
     pub used_ms: Option<u64>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     #[error("unknown join token")]
     Unknown,
@@ -44,11 +44,11 @@ fn hash(token: &str) -> String {
 }
 
 fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(|e| StoreError::Encode { key: key.to_string(), reason: e.to_string() })
+    serde_json::to_vec(value).map_err(|source| StoreError::Encode { key: key.to_string(), source })
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(key: &str, value: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(value).map_err(|e| StoreError::Corrupt { key: key.to_string(), reason: e.to_string() })
+    serde_json::from_slice(value).map_err(|e| StoreError::corrupt(key, e))
 }
 
 /// Reads one key exactly (not the keys it is a prefix of).
@@ -66,7 +66,7 @@ pub async fn create_token<S: IntentStore>(
     now_ms: u64,
 ) -> Result<(String, u64), StoreError> {
     let mut secret = [0u8; 32];
-    getrandom::fill(&mut secret).map_err(|e| StoreError::Backend(format!("no random source: {e}")))?;
+    getrandom::fill(&mut secret).map_err(|e| StoreError::backend("random source", e.to_string()))?;
     let token = format!("mst_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret));
     let key = format!("{TOKENS}{}", hash(&token));
     let expires_ms = now_ms + ttl.as_millis() as u64;

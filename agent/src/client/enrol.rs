@@ -27,7 +27,7 @@ pub(super) fn validity(pem: &str) -> Result<(u64, u64), AgentError> {
 }
 
 pub(super) fn csr(site: &str) -> Result<(String, String), AgentError> {
-    let bad = |e: rcgen::Error| AgentError::Certificate(e.to_string());
+    let bad = AgentError::Key;
     let key = rcgen::KeyPair::generate().map_err(bad)?;
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
@@ -67,7 +67,7 @@ pub async fn enrol(settings: &Settings) -> Result<(), AgentError> {
     }
     let token = settings.token.clone().ok_or(AgentError::NoToken)?;
     let ca = settings.ca.as_ref().ok_or(AgentError::NoToken)?;
-    let ca_pem = std::fs::read(ca).map_err(|e| AgentError::Certificate(format!("{}: {e}", ca.display())))?;
+    let ca_pem = std::fs::read(ca).map_err(|source| AgentError::File { path: ca.clone(), source })?;
     let (request, key_pem) = csr(&settings.site)?;
     let mut last = String::from("no controller address");
     for address in &settings.controllers {
@@ -88,7 +88,7 @@ pub async fn enrol(settings: &Settings) -> Result<(), AgentError> {
                 return Ok(());
             }
             Err(s) if s.code() == tonic::Code::Unavailable => last = format!("{address}: {}", s.message()),
-            Err(s) => return Err(AgentError::Refused(s.message().to_string())),
+            Err(s) => return Err(AgentError::Refused(Box::new(s))),
         }
     }
     Err(AgentError::Unreachable(last))
@@ -99,7 +99,7 @@ impl Agent {
         if self.settings.insecure {
             return Ok(None);
         }
-        let read = |p: PathBuf| std::fs::read(&p).map_err(|e| AgentError::Certificate(format!("{}: {e}", p.display())));
+        let read = |p: PathBuf| std::fs::read(&p).map_err(|source| AgentError::File { path: p.clone(), source });
         let s = &self.settings.state;
         Ok(Some(
             ClientTlsConfig::new()
@@ -128,8 +128,8 @@ impl Agent {
         let renew_at = match self.renew_at {
             Some(at) => at,
             None => {
-                let pem = std::fs::read_to_string(self.settings.state.cert())
-                    .map_err(|e| AgentError::Certificate(e.to_string()))?;
+                let path = self.settings.state.cert();
+                let pem = std::fs::read_to_string(&path).map_err(|source| AgentError::File { path, source })?;
                 let (from, until) = validity(&pem)?;
                 // Certificates start a minute early for clock skew; count from issue.
                 let issued = (from + CLOCK_SLACK_MS).min(until);
@@ -143,7 +143,7 @@ impl Agent {
         let resp = client
             .renew(pb::RenewRequest { csr_pem: request })
             .await
-            .map_err(|s| AgentError::Refused(s.message().to_string()))?
+            .map_err(|s| AgentError::Refused(Box::new(s)))?
             .into_inner();
         save_certificate(&self.settings.state, &resp, &key_pem)?;
         self.renew_at = None;

@@ -13,10 +13,19 @@ pub enum AgentError {
     State(#[from] StateError),
     #[error("not enrolled: give a join token (--token) and the controller's CA (--ca)")]
     NoToken,
-    #[error("enrolment refused: {0}")]
-    Refused(String),
+    /// The controller answered no (a used or expired token, a revoked site).
+    #[error("refused by the controller: {}", .0.message())]
+    Refused(#[source] Box<tonic::Status>),
     #[error("cannot reach any controller for enrolment: {0}")]
     Unreachable(String),
+    #[error("{}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("making the site's key or certificate request: {0}")]
+    Key(#[source] rcgen::Error),
     #[error("certificate: {0}")]
     Certificate(String),
 }

@@ -22,11 +22,10 @@ impl Fake {
     /// A fake whose state lives in `file` (read now, written after every apply).
     pub fn persistent(file: PathBuf) -> Result<Self, DatapathError> {
         let owned = match std::fs::read(&file) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|e| DatapathError::Io(format!("{}: {e}", file.display())))?
-            }
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| DatapathError::Invalid(format!("{}: {e}", file.display())))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Owned::default(),
-            Err(e) => return Err(DatapathError::Io(format!("{}: {e}", file.display()))),
+            Err(e) => return Err(DatapathError::io(file.display().to_string(), e)),
         };
         Ok(Fake { owned, writes: 0, file: Some(file) })
     }
@@ -53,11 +52,11 @@ impl Datapath for Fake {
         if let Some(file) = &self.file
             && !ops.is_empty()
         {
-            let json = serde_json::to_vec(&self.owned).map_err(|e| DatapathError::Io(e.to_string()))?;
+            let json = serde_json::to_vec(&self.owned).map_err(|e| DatapathError::Internal(e.to_string()))?;
             let tmp = file.with_extension("tmp");
             std::fs::write(&tmp, json)
                 .and_then(|()| std::fs::rename(&tmp, file))
-                .map_err(|e| DatapathError::Io(format!("{}: {e}", file.display())))?;
+                .map_err(|e| DatapathError::io(file.display().to_string(), e))?;
         }
         result
     }

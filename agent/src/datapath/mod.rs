@@ -11,8 +11,11 @@
 //! operation; [`linux`] builds them in the kernel (WireGuard, VRFs or
 //! routing tables, rules, nftables).
 
+mod error;
 pub mod fake;
 pub mod linux;
+
+pub use error::DatapathError;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -186,14 +189,6 @@ pub enum Op {
     SetPeer { tunnel: String, public_key: String, peer: PeerSpec },
     AddRoute(Route),
     SetPolicy(Policy),
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum DatapathError {
-    #[error("illegal operation {op}: {reason}")]
-    Illegal { op: String, reason: String },
-    #[error("{0}")]
-    Io(String),
 }
 
 pub trait Datapath: Send {

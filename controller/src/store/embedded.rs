@@ -42,8 +42,8 @@ pub struct Embedded {
     sites: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
-fn backend(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(format!("embedded store: {e}"))
+fn backend(e: impl Into<super::Cause>) -> StoreError {
+    StoreError::backend("embedded store", e)
 }
 
 impl Embedded {

@@ -45,12 +45,12 @@ impl std::fmt::Debug for Etcd {
     }
 }
 
-fn backend(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(format!("etcd: {e}"))
+fn backend(e: impl Into<super::Cause>) -> StoreError {
+    StoreError::backend("etcd", e)
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>, StoreError> {
-    std::fs::read(path).map_err(|e| StoreError::Backend(format!("etcd: cannot read {}: {e}", path.display())))
+    std::fs::read(path).map_err(|e| StoreError::backend("etcd", format!("cannot read {}: {e}", path.display())))
 }
 
 impl Etcd {
@@ -100,7 +100,7 @@ where
     let mut attempt = 1;
     loop {
         match op().await {
-            Err(StoreError::Backend(e)) if attempt < ATTEMPTS => {
+            Err(e @ StoreError::Backend { .. }) if attempt < ATTEMPTS => {
                 tracing::debug!(attempt, error = %e, "etcd unreachable; retrying");
                 attempt += 1;
                 tokio::time::sleep(PAUSE).await;
@@ -190,7 +190,7 @@ impl IntentStore for Etcd {
         let mut attempt = 1;
         loop {
             match self.commit_once(expected, &writes).await {
-                Err(StoreError::Backend(e)) if attempt < ATTEMPTS => {
+                Err(e @ StoreError::Backend { .. }) if attempt < ATTEMPTS => {
                     tracing::debug!(attempt, error = %e, "etcd unreachable during a commit; checking the head");
                     attempt += 1;
                     tokio::time::sleep(PAUSE).await;

@@ -94,7 +94,7 @@ pub struct WriteSet {
 }
 
 fn json_text<T: Serialize>(key: &str, value: &T) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|e| StoreError::Encode { key: key.to_string(), reason: e.to_string() })
+    serde_json::to_string(value).map_err(|source| StoreError::Encode { key: key.to_string(), source })
 }
 
 fn json<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
@@ -171,11 +171,11 @@ pub fn revision_value(value: &[u8]) -> Result<u64, StoreError> {
     std::str::from_utf8(value)
         .ok()
         .and_then(|v| v.parse().ok())
-        .ok_or_else(|| StoreError::Corrupt { key: REVISION.to_string(), reason: "not a revision number".into() })
+        .ok_or_else(|| StoreError::corrupt(REVISION, "not a revision number"))
 }
 
 fn parse<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(value).map_err(|e| StoreError::Corrupt { key: key.to_string(), reason: e.to_string() })
+    serde_json::from_slice(value).map_err(|e| StoreError::corrupt(key, e))
 }
 
 /// Sets (or, with `None`, removes) the object an intent key names.
@@ -245,8 +245,7 @@ pub fn decode<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Resul
         } else if key.starts_with(INTENT) {
             set_intent_key(&mut s.intent, key, Some(value))?;
         } else if let Some((site, segment)) = key.strip_prefix(KEYS).and_then(|k| k.split_once('/')) {
-            let public = std::str::from_utf8(value)
-                .map_err(|_| StoreError::Corrupt { key: key.to_string(), reason: "not UTF-8".into() })?;
+            let public = std::str::from_utf8(value).map_err(|e| StoreError::corrupt(key, e))?;
             s.keys.entry(site.to_string()).or_default().insert(segment.to_string(), public.to_string());
         } else if let Some(name) = key.strip_prefix(ALLOC_SEGMENT) {
             s.allocations.segments.insert(name.to_string(), parse(key, value)?);

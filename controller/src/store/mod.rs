@@ -19,20 +19,48 @@ pub mod watch;
 use layout::{Stored, WriteSet};
 use musubi_core::audit::AuditEntry;
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
         "the intent changed since revision {expected} (it is now at revision {actual}); plan again against the current intent"
     )]
     Conflict { expected: u64, actual: u64 },
-    #[error("cannot encode {key}: {reason}")]
-    Encode { key: String, reason: String },
-    #[error("the stored value at {key} is unreadable: {reason}")]
-    Corrupt { key: String, reason: String },
+    #[error("cannot encode {key}: {source}")]
+    Encode {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the stored value at {key} is unreadable: {source}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: Cause,
+    },
     #[error("{path} is in use by another controller")]
     Locked { path: String },
-    #[error("{0}")]
-    Backend(String),
+    /// The backend failed or could not be reached: etcd's client error,
+    /// redb's, or the file or random source the store needed. Messages
+    /// carry the cause, which is also kept as the source.
+    #[error("{backend}: {source}")]
+    Backend {
+        backend: &'static str,
+        #[source]
+        source: Cause,
+    },
+}
+
+/// The cause of a [`StoreError`], kept whole.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+impl StoreError {
+    pub fn backend(backend: &'static str, source: impl Into<Cause>) -> Self {
+        StoreError::Backend { backend, source: source.into() }
+    }
+
+    pub fn corrupt(key: impl Into<String>, source: impl Into<Cause>) -> Self {
+        StoreError::Corrupt { key: key.into(), source: source.into() }
+    }
 }
 
 /// The condition of [`IntentStore::swap`].

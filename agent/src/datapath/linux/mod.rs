@@ -175,9 +175,9 @@ impl Drop for Runtime {
 /// Runs a future to completion on the datapath's runtime, from any thread
 /// (the agent calls the datapath from inside its own runtime).
 fn block_on<T: Send>(rt: &Runtime, f: impl Future<Output = T> + Send) -> Result<T, DatapathError> {
-    let rt = rt.0.as_ref().ok_or_else(|| DatapathError::Io("the netlink runtime is gone".into()))?;
+    let rt = rt.0.as_ref().ok_or_else(|| DatapathError::Internal("the netlink runtime is gone".into()))?;
     std::thread::scope(|s| s.spawn(|| rt.block_on(f)).join())
-        .map_err(|_| DatapathError::Io("the netlink worker panicked".into()))
+        .map_err(|_| DatapathError::Internal("the netlink worker panicked".into()))
 }
 
 fn runtime() -> Result<(Runtime, Handle), DatapathError> {
@@ -185,7 +185,7 @@ fn runtime() -> Result<(Runtime, Handle), DatapathError> {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| DatapathError::Io(format!("runtime: {e}")))?,
+            .map_err(|e| DatapathError::io("starting the netlink runtime", e))?,
     ));
     let handle = block_on(&rt, async {
         rtnetlink::new_connection().map(|(conn, handle, _)| {
@@ -193,7 +193,7 @@ fn runtime() -> Result<(Runtime, Handle), DatapathError> {
             handle
         })
     })?
-    .map_err(|e| DatapathError::Io(format!("netlink: {e}")))?;
+    .map_err(|e| DatapathError::io("opening a netlink socket", e))?;
     Ok((rt, handle))
 }
 
@@ -292,11 +292,12 @@ impl Linux {
     pub fn new(wireguard: WireguardMode, domains: DomainMode, logs: &Path) -> Result<Self, DatapathError> {
         for path in ["/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"] {
             if !sysctl_on(path) {
-                std::fs::write(path, "1").map_err(|e| DatapathError::Io(format!("{path}: {e}")))?;
+                std::fs::write(path, "1")
+                    .map_err(|e| DatapathError::io(format!("turning forwarding on ({path})"), e))?;
                 tracing::info!(path, "forwarding turned on");
             }
         }
-        std::fs::create_dir_all(logs).map_err(|e| DatapathError::Io(format!("{}: {e}", logs.display())))?;
+        std::fs::create_dir_all(logs).map_err(|e| DatapathError::io(format!("creating {}", logs.display()), e))?;
         let (rt, handle) = runtime()?;
         Ok(Linux {
             rt,
@@ -315,7 +316,7 @@ impl Linux {
     /// Detects the host's capabilities and picks the best modes.
     pub fn detect(logs: &Path) -> Result<Self, DatapathError> {
         let caps = detect()?;
-        let (wg, domains) = caps.modes().map_err(DatapathError::Io)?;
+        let (wg, domains) = caps.modes().map_err(DatapathError::Program)?;
         tracing::info!(
             wireguard = ?wg,
             domains = ?domains,
@@ -344,7 +345,7 @@ impl Linux {
             let (conn, _, messages) = rtnetlink::new_multicast_connection(&groups)?;
             Ok::<_, std::io::Error>(Watch { messages, task: tokio::spawn(conn) })
         })?
-        .map_err(|e| DatapathError::Io(format!("netlink notifications: {e}")))?;
+        .map_err(|e| DatapathError::io("subscribing to netlink notifications", e))?;
         self.watch = Some(watch);
         Ok(())
     }
@@ -508,7 +509,7 @@ impl Linux {
                 self.tables.insert(d.name.clone(), d.table);
             }
             Op::DeleteDomain { name } => {
-                let table = *self.tables.get(name).ok_or_else(|| DatapathError::Io(format!("no domain {name}")))?;
+                let table = *self.tables.get(name).ok_or_else(|| DatapathError::missing(format!("domain {name}")))?;
                 let name = name.clone();
                 self.writes += block_on(&self.rt, async move {
                     let mut writes = 0;
@@ -530,8 +531,9 @@ impl Linux {
                 })??;
             }
             Op::CreateTunnel { name, domain, listen_port, key_file, .. } => {
-                let private = crate::state::private_key(key_file).map_err(|e| DatapathError::Io(e.to_string()))?;
-                let table = *self.tables.get(domain).ok_or_else(|| DatapathError::Io(format!("no domain {domain}")))?;
+                let private = crate::state::private_key(key_file).map_err(|e| DatapathError::Key(Box::new(e)))?;
+                let table =
+                    *self.tables.get(domain).ok_or_else(|| DatapathError::missing(format!("domain {domain}")))?;
                 match &self.wireguard {
                     WireguardMode::Userspace(program) => {
                         let log = self.logs.join(format!("wireguard-go-{name}.log"));
@@ -565,7 +567,8 @@ impl Linux {
                 })??;
             }
             Op::BindLan { interface, domain } => {
-                let table = *self.tables.get(domain).ok_or_else(|| DatapathError::Io(format!("no domain {domain}")))?;
+                let table =
+                    *self.tables.get(domain).ok_or_else(|| DatapathError::missing(format!("domain {domain}")))?;
                 let (name, domain) = (interface.clone(), domain.clone());
                 self.writes += block_on(&self.rt, async move {
                     let index = index_of(&handle, &name).await?;
@@ -634,14 +637,16 @@ impl Linux {
                 .iter()
                 .map(|(tunnel, peers)| {
                     s.spawn(move || {
-                        wireguard::set_peers(tunnel, backend, peers)
-                            .map_err(|e| DatapathError::Io(format!("setting {} peers on {tunnel}: {e}", peers.len())))
+                        wireguard::set_peers(tunnel, backend, peers).map_err(|e| DatapathError::During {
+                            op: format!("setting {} peers on {tunnel}", peers.len()),
+                            source: Box::new(e),
+                        })
                     })
                 })
                 .collect();
             workers
                 .into_iter()
-                .map(|w| w.join().unwrap_or_else(|_| Err(DatapathError::Io("a UAPI worker panicked".into()))))
+                .map(|w| w.join().unwrap_or_else(|_| Err(DatapathError::Internal("a UAPI worker panicked".into()))))
                 .collect()
         });
         self.writes += results.iter().filter(|r| r.is_ok()).count() as u64;
@@ -680,7 +685,7 @@ impl Linux {
             let owned = self.observe_all()?;
             self.cache = Some((owned, std::time::Instant::now()));
         }
-        self.cache.as_ref().map(|(o, _)| o).ok_or_else(|| DatapathError::Io("no observation".into()))
+        self.cache.as_ref().map(|(o, _)| o).ok_or_else(|| DatapathError::Internal("no observation".into()))
     }
 }
 
@@ -689,7 +694,8 @@ async fn route_batch(handle: Handle, routes: Vec<Route>, add: bool) -> Result<()
     let index: BTreeMap<String, u32> = netlink::links(&handle).await?.into_iter().map(|l| (l.name, l.index)).collect();
     let mut requests: Vec<(u32, String, u32)> = Vec::with_capacity(routes.len());
     for r in routes {
-        let oif = *index.get(&r.interface).ok_or_else(|| DatapathError::Io(format!("no interface {}", r.interface)))?;
+        let oif =
+            *index.get(&r.interface).ok_or_else(|| DatapathError::missing(format!("interface {}", r.interface)))?;
         requests.push((r.table, r.prefix, oif));
     }
     if add {
@@ -709,7 +715,7 @@ async fn route_batch(handle: Handle, routes: Vec<Route>, add: bool) -> Result<()
         let mut messages = Vec::with_capacity(requests.len());
         for (table, prefix, oif) in requests {
             let found = present.remove(&(table, prefix.clone(), Some(oif)));
-            let o = found.ok_or_else(|| DatapathError::Io(format!("no route {prefix} in table {table}")))?;
+            let o = found.ok_or_else(|| DatapathError::missing(format!("route {prefix} in table {table}")))?;
             messages.push(o.message);
         }
         futures::stream::iter(messages.into_iter().map(|m| {
@@ -743,7 +749,7 @@ async fn index_of(handle: &Handle, name: &str) -> Result<u32, DatapathError> {
         .into_iter()
         .find(|l| l.name == name)
         .map(|l| l.index)
-        .ok_or_else(|| DatapathError::Io(format!("no interface {name}")))
+        .ok_or_else(|| DatapathError::missing(format!("interface {name}")))
 }
 
 /// Puts an interface in a domain: enslaved to the VRF, or the four rules
@@ -822,7 +828,8 @@ impl Datapath for Linux {
                 )
             };
             let end = i + 1 + ops[i + 1..].iter().take_while(|o| batched(o)).count();
-            self.apply_run(&ops[i..end]).map_err(|e| DatapathError::Io(format!("{}: {e}", describe(&ops[i]))))?;
+            self.apply_run(&ops[i..end])
+                .map_err(|e| DatapathError::During { op: describe(&ops[i]), source: Box::new(e) })?;
             tracing::debug!(op = describe(&ops[i]), until = end, ms = started.elapsed().as_secs_f64() * 1e3, "applied");
             i = end;
         }

@@ -14,8 +14,8 @@ use rtnetlink::{Handle, IpVersion, LinkUnspec, LinkVrf, RouteMessageBuilder};
 use super::{PROTOCOL, ROUTE_METRIC, RULE_PRIORITY, UNREACHABLE_METRIC};
 use crate::datapath::DatapathError;
 
-fn nl(what: &str, e: impl std::fmt::Display) -> DatapathError {
-    DatapathError::Io(format!("{what}: {e}"))
+fn nl(what: &str, e: rtnetlink::Error) -> DatapathError {
+    DatapathError::netlink(what, e)
 }
 
 /// A link as the datapath needs to know it.
@@ -114,13 +114,14 @@ pub async fn del_address(handle: &Handle, index: u32, address: &str) -> Result<(
             return handle.address().del(msg).execute().await.map_err(|e| nl(&format!("removing {address}"), e));
         }
     }
-    Err(DatapathError::Io(format!("{address} is not on interface {index}")))
+    Err(DatapathError::missing(format!("{address} on interface {index}")))
 }
 
 pub fn split(prefix: &str) -> Result<(IpAddr, u8), DatapathError> {
-    let (ip, len) = prefix.split_once('/').ok_or_else(|| DatapathError::Io(format!("`{prefix}` has no length")))?;
-    let ip: IpAddr = ip.parse().map_err(|e| nl(prefix, e))?;
-    let len: u8 = len.parse().map_err(|e| nl(prefix, e))?;
+    let invalid = |e: &dyn std::fmt::Display| DatapathError::Invalid(format!("`{prefix}`: {e}"));
+    let (ip, len) = prefix.split_once('/').ok_or_else(|| invalid(&"no length"))?;
+    let ip: IpAddr = ip.parse().map_err(|e| invalid(&e))?;
+    let len: u8 = len.parse().map_err(|e| invalid(&e))?;
     Ok((ip, len))
 }
 
@@ -235,7 +236,7 @@ fn route_message(table: u32, prefix: &str, oif: Option<u32>) -> Result<RouteMess
     let (ip, len) = split(prefix)?;
     let builder = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(ip, len)
-        .map_err(|e| nl(prefix, e))?
+        .map_err(|e| DatapathError::Invalid(format!("{prefix}: {e}")))?
         .table_id(table)
         .protocol(RouteProtocol::Other(PROTOCOL));
     Ok(match oif {
@@ -391,14 +392,14 @@ pub async fn add_pin(
     let full = if destination.is_ipv4() { 32 } else { 128 };
     let mut builder = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(destination, full)
-        .map_err(|e| nl(&what, e))?
+        .map_err(|e| DatapathError::Invalid(format!("{what}: {e}")))?
         .table_id(MAIN_TABLE)
         .protocol(RouteProtocol::Other(PROTOCOL))
         .output_interface(oif)
         .pref_source(source)
-        .map_err(|e| nl(&what, e))?;
+        .map_err(|e| DatapathError::Invalid(format!("{what}: {e}")))?;
     if let Some(g) = gateway {
-        builder = builder.gateway(g).map_err(|e| nl(&what, e))?;
+        builder = builder.gateway(g).map_err(|e| DatapathError::Invalid(format!("{what}: {e}")))?;
     }
     handle.route().add(builder.build()).replace().execute().await.map_err(|e| nl(&what, e))
 }

@@ -22,14 +22,15 @@ pub const TABLE: &str = "musubi";
 pub const DROP_COMMENT: &str = "musubi: between segments";
 const MARK: &str = "musubi-policy ";
 
-fn err(what: &str, e: impl std::fmt::Display) -> DatapathError {
-    DatapathError::Io(format!("{what}: {e}"))
+fn nft(what: &str, e: helper::NftablesError) -> DatapathError {
+    DatapathError::Nft { what: what.into(), source: e }
 }
 
 fn apply(value: Value) -> Result<(), DatapathError> {
     // Typed by the crate's schema before it reaches nft.
-    let ruleset: Nftables = serde_json::from_value(value).map_err(|e| err("building the nftables policy", e))?;
-    helper::apply_ruleset(&ruleset).map_err(|e| err("nft", e))
+    let ruleset: Nftables = serde_json::from_value(value)
+        .map_err(|e| DatapathError::Internal(format!("building the nftables policy: {e}")))?;
+    helper::apply_ruleset(&ruleset).map_err(|e| nft("writing the policy", e))
 }
 
 fn names(set: impl IntoIterator<Item = impl Into<String>>) -> Value {
@@ -161,7 +162,8 @@ fn ruleset(policy: &Policy, spec: &PolicySpec) -> Value {
 }
 
 pub fn set(policy: &Policy) -> Result<(), DatapathError> {
-    let spec = policy.spec.as_ref().ok_or_else(|| DatapathError::Io("a policy without its specification".into()))?;
+    let spec =
+        policy.spec.as_ref().ok_or_else(|| DatapathError::Invalid("a policy without its specification".into()))?;
     apply(ruleset(policy, spec))
 }
 
@@ -173,9 +175,11 @@ pub fn delete() -> Result<(), DatapathError> {
 /// The table's JSON listing, `None` when there is no table.
 pub fn list() -> Result<Option<Value>, DatapathError> {
     match helper::get_current_ruleset_raw(helper::DEFAULT_NFT, ["list", "table", "inet", TABLE]) {
-        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| err("nft output", e)),
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| DatapathError::Internal(format!("reading nft's output: {e}"))),
         Err(helper::NftablesError::NftFailed { stderr, .. }) if stderr.contains("No such file") => Ok(None),
-        Err(e) => Err(err("nft", e)),
+        Err(e) => Err(nft("reading the policy", e)),
     }
 }
 

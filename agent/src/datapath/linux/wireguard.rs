@@ -19,16 +19,20 @@ use wireguard_control::{Backend, Device, DeviceUpdate, InterfaceName, Key, PeerC
 
 use crate::datapath::{DatapathError, PeerSpec};
 
-fn err(what: &str, e: impl std::fmt::Display) -> DatapathError {
-    DatapathError::Io(format!("{what}: {e}"))
+fn err(what: &str, e: std::io::Error) -> DatapathError {
+    DatapathError::io(what, e)
+}
+
+fn invalid(what: &str, e: impl std::fmt::Display) -> DatapathError {
+    DatapathError::Invalid(format!("{what}: {e}"))
 }
 
 fn iface(name: &str) -> Result<InterfaceName, DatapathError> {
-    name.parse().map_err(|e| err(&format!("interface name `{name}`"), e))
+    name.parse().map_err(|e| invalid(&format!("interface name `{name}`"), e))
 }
 
 fn key(base64: &str) -> Result<Key, DatapathError> {
-    Key::from_base64(base64).map_err(|_| DatapathError::Io(format!("`{base64}` is not a WireGuard key")))
+    Key::from_base64(base64).map_err(|_| DatapathError::Invalid(format!("`{base64}` is not a WireGuard key")))
 }
 
 /// What a device holds, as the datapath compares it.
@@ -84,7 +88,7 @@ pub fn start_userspace(program: &Path, name: &str, log: &Path) -> Result<(), Dat
         .status()
         .map_err(|e| err(&format!("starting {}", program.display()), e))?;
     if !status.success() {
-        return Err(DatapathError::Io(format!(
+        return Err(DatapathError::Program(format!(
             "{} {name} failed ({status}); see {}",
             program.display(),
             log.display()
@@ -95,7 +99,10 @@ pub fn start_userspace(program: &Path, name: &str, log: &Path) -> Result<(), Dat
     let deadline = Instant::now() + Duration::from_secs(5);
     while !socket.exists() {
         if Instant::now() > deadline {
-            return Err(DatapathError::Io(format!("{} did not appear", socket.display())));
+            return Err(DatapathError::missing(format!(
+                "{} (wireguard-go's UAPI socket, after 5 s)",
+                socket.display()
+            )));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -104,7 +111,7 @@ pub fn start_userspace(program: &Path, name: &str, log: &Path) -> Result<(), Dat
 
 /// Sets the private key and the listen port.
 pub fn configure(name: &str, backend: Backend, private: [u8; 32], listen_port: u32) -> Result<(), DatapathError> {
-    let port = u16::try_from(listen_port).map_err(|e| err("listen port", e))?;
+    let port = u16::try_from(listen_port).map_err(|e| invalid("listen port", e))?;
     DeviceUpdate::new()
         .set_private_key(Key(private))
         .set_listen_port(port)
@@ -119,8 +126,10 @@ pub fn set_peers(name: &str, backend: Backend, peers: &[(&str, &PeerSpec)]) -> R
     for (public_key, peer) in peers {
         let mut builder = PeerConfigBuilder::new(&key(public_key)?).replace_allowed_ips();
         if !peer.endpoint.is_empty() {
-            let endpoint: SocketAddr =
-                peer.endpoint.parse().map_err(|e| err(&format!("endpoint `{}` of {}", peer.endpoint, peer.name), e))?;
+            let endpoint: SocketAddr = peer
+                .endpoint
+                .parse()
+                .map_err(|e| invalid(&format!("endpoint `{}` of {}", peer.endpoint, peer.name), e))?;
             builder = builder.set_endpoint(endpoint);
         }
         for prefix in &peer.allowed_ips {
