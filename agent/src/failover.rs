@@ -2,14 +2,14 @@
 //! candidate and each picked peer's line. Pure: health, the current choice
 //! and `now` in, the choice out.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use musubi_proto::v1 as pb;
+use musubi_proto::v1::{self as pb, SiteConfig};
 
 use crate::datapath::Hops;
 use crate::probe::{Health, Key};
-use crate::reconcile::{Choices, choose, first_choices, path, probes_lines};
+use crate::reconcile::{path, picks_line, probes_lines};
 
 /// How long a peer whose tunnel stopped answering keeps its route groups
 /// while one of its lines still answers: the time for the line switch to
@@ -148,4 +148,58 @@ pub fn choices(i: Inputs<'_>) -> Choices {
         }
     };
     choose(config, &group_rank, &path_rank)
+}
+
+/// What the agent has chosen among the alternatives a configuration gives.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Choices {
+    /// Route groups' active candidates, by (segment, group).
+    pub groups: BTreeMap<(String, String), String>,
+    /// The active path of each peer whose line the agent picks (access
+    /// points and the interconnect), by peer name: (local line, remote line).
+    pub paths: BTreeMap<String, (String, String)>,
+}
+
+/// The best of `items` by `rank` (0 is best), the earlier on a tie.
+fn best<T>(items: impl Iterator<Item = T>, rank: impl Fn(&T) -> u8) -> Option<T> {
+    items.enumerate().min_by_key(|(i, t)| (rank(t), *i)).map(|(_, t)| t)
+}
+
+/// The agent's choices: for each route group, among its candidates with a
+/// key, the best by `group_rank(segment, group, peer)`; for each peer whose
+/// line it picks, the best of its endpoints (ordered by line priority) by
+/// `path_rank(peer, endpoint)`. Ranks are 0 for best; a tie goes to the
+/// earlier — nothing is ever left without a way.
+pub fn choose(
+    config: &SiteConfig,
+    group_rank: &dyn Fn(&str, &str, &str) -> u8,
+    path_rank: &dyn Fn(&str, &pb::Endpoint) -> u8,
+) -> Choices {
+    let mut out = Choices::default();
+    for seg in &config.segments {
+        let keyed: BTreeSet<&str> =
+            seg.peers.iter().filter(|p| !p.public_key.is_empty()).map(|p| p.name.as_str()).collect();
+        for g in &seg.route_groups {
+            let candidates = g.candidates.iter().filter(|c| keyed.contains(c.as_str()));
+            if let Some(c) = best(candidates, |c| group_rank(&seg.segment, &g.name, c)) {
+                out.groups.insert((seg.segment.clone(), g.name.clone()), c.clone());
+            }
+        }
+        for p in seg.peers.iter().filter(|p| picks_line(config, p)) {
+            if out.paths.contains_key(&p.name) {
+                continue;
+            }
+            if let Some(e) = best(p.endpoints.iter(), |e| path_rank(&p.name, e)) {
+                out.paths.insert(p.name.clone(), (e.local_line.clone(), e.remote_line.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// The choices before any health is known: every route group's first
+/// candidate with a key, every peer's first path the router has a route for.
+pub fn first_choices(config: &SiteConfig, hops: &Hops) -> Choices {
+    let routed = |e: &pb::Endpoint| path(config, e).is_some_and(|pair| hops.contains_key(&pair));
+    choose(config, &|_, _, _| 0, &|_, e| if routed(e) { 0 } else { 1 })
 }

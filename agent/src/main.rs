@@ -13,7 +13,8 @@ use musubi_agent::client::{Agent, Settings};
 use musubi_agent::datapath::Datapath;
 use musubi_agent::datapath::fake::Fake;
 use musubi_agent::datapath::linux::{self, Linux};
-use musubi_agent::reconcile::{build_wanted, first_choices, wanted};
+use musubi_agent::failover::first_choices;
+use musubi_agent::reconcile::{build_wanted, wanted};
 use musubi_agent::simulate;
 use musubi_agent::state::StateDir;
 use musubi_agent::summary::summarise;
@@ -145,7 +146,8 @@ async fn run(cli: Cli) -> Result<()> {
             let started = Instant::now();
             // As a running agent starts: first choices, outer packets pinned.
             let hops = dp.hops(&musubi_agent::probe::paths(&config))?;
-            let (want, pins) = wanted(&config, &dir, &first_choices(&config, &hops), &hops)?;
+            let (keys, _) = dir.local_keys(config.segments.iter().map(|s| s.segment.as_str()))?;
+            let (want, pins) = wanted(&config, &keys, &first_choices(&config, &hops), &hops)?;
             println!("site {}: desired state in {:.1} ms", config.site, started.elapsed().as_secs_f64() * 1e3);
             for i in 0..repeat.max(1) {
                 if i > 0 && every > 0 {

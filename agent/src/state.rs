@@ -22,6 +22,8 @@ use base64::engine::general_purpose::STANDARD;
 use musubi_proto::v1 as pb;
 use prost::Message;
 
+use crate::reconcile::{LocalKey, LocalKeys};
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("{}: {source}", path.display())]
@@ -146,6 +148,24 @@ impl StateDir {
 
     /// The public key of `segment`'s interface, making the key pair first if
     /// there is none.
+    /// The key of each of `segments`, made where missing: what the desired
+    /// state is built from, and the segments whose key was new (their public
+    /// halves go to the controller).
+    pub fn local_keys<'a>(
+        &self,
+        segments: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(LocalKeys, Vec<String>), StateError> {
+        let (mut keys, mut new) = (LocalKeys::new(), Vec::new());
+        for segment in segments {
+            let (public_key, made) = self.ensure_key(segment)?;
+            if made {
+                new.push(segment.to_string());
+            }
+            keys.insert(segment.to_string(), LocalKey { public_key, file: self.key_file(segment) });
+        }
+        Ok((keys, new))
+    }
+
     pub fn ensure_key(&self, segment: &str) -> Result<(String, bool), StateError> {
         let path = self.key_file(segment);
         if let Some(text) = read_optional(&path)? {

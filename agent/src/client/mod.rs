@@ -23,8 +23,9 @@ pub use self::enrol::enrol;
 pub(crate) use self::settings::url;
 pub use self::settings::{AgentError, Applied, Settings, VERSION};
 use crate::datapath::{Datapath, Hops};
+use crate::failover::Choices;
 use crate::failover::{self, Inputs};
-use crate::reconcile::{Choices, build};
+use crate::reconcile::{LocalKeys, build};
 
 /// One site's agent.
 pub struct Agent {
@@ -43,6 +44,8 @@ pub struct Agent {
     /// What is built: each route group's active candidate and each picked
     /// peer's line.
     active: Choices,
+    /// The interfaces' keys, read (or made) when a configuration is applied.
+    keys: LocalKeys,
 }
 
 impl std::fmt::Debug for Agent {
@@ -67,6 +70,7 @@ impl Agent {
             prober: None,
             hops: Default::default(),
             active: Default::default(),
+            keys: Default::default(),
         };
         if agent.settings.probe {
             agent.prober = Some(crate::probe::Prober::start());
@@ -91,20 +95,22 @@ impl Agent {
     fn apply(&mut self, update: pb::ConfigUpdate) -> Vec<pb::InterfaceKey> {
         let Some(config) = &update.config else { return Vec::new() };
         let mut new_keys = Vec::new();
-        for seg in &config.segments {
-            match self.settings.state.ensure_key(&seg.segment) {
-                Ok((public_key, true)) => new_keys.push(pb::InterfaceKey {
-                    segment: seg.segment.clone(),
-                    interface: seg.wireguard.as_ref().map(|w| w.name.clone()).unwrap_or_default(),
-                    public_key,
-                }),
-                Ok(_) => {}
-                Err(e) => self.errors.push(e.to_string()),
+        match self.settings.state.local_keys(config.segments.iter().map(|s| s.segment.as_str())) {
+            Ok((keys, new)) => {
+                for seg in config.segments.iter().filter(|s| new.contains(&s.segment)) {
+                    new_keys.push(pb::InterfaceKey {
+                        segment: seg.segment.clone(),
+                        interface: seg.wireguard.as_ref().map(|w| w.name.clone()).unwrap_or_default(),
+                        public_key: keys.get(&seg.segment).map(|k| k.public_key.clone()).unwrap_or_default(),
+                    });
+                }
+                self.keys = keys;
             }
+            Err(e) => self.errors.push(e.to_string()),
         }
         self.resolve(crate::probe::paths(config));
         let active = self.choices(config);
-        let result = build(&mut *self.datapath, config, &self.settings.state, &active, &self.hops);
+        let result = build(&mut *self.datapath, config, &self.keys, &active, &self.hops);
         match result {
             Ok(ops) => {
                 tracing::info!(site = %self.settings.site, revision = update.revision, writes = ops.len(), "configuration applied");
@@ -158,7 +164,7 @@ impl Agent {
                 .filter(|(k, v)| self.active.paths.get(*k) != Some(*v))
                 .map(|(peer, (local, remote))| format!("{peer} over {local}→{remote}")),
         );
-        let result = build(&mut *self.datapath, config, &self.settings.state, &active, &self.hops);
+        let result = build(&mut *self.datapath, config, &self.keys, &active, &self.hops);
         if result.is_ok() {
             // What is built now, whether or not it took writes.
             self.active = active;

@@ -1,15 +1,19 @@
 //! From a site configuration to the objects the datapath must hold, and the
 //! reconcile step: observe → plan → apply.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod desired;
+mod lines;
 
-use musubi_proto::v1::{self as pb, SiteConfig};
+use std::collections::BTreeSet;
 
-use crate::datapath::{
-    Allow, Datapath, DatapathError, Domain, Hops, Op, Owned, PeerSpec, Pin, Policy, PolicySpec, Route, Tunnel,
-};
-use crate::state::{StateDir, StateError};
-use crate::summary::{ConfigError, summarise};
+use musubi_proto::v1::SiteConfig;
+
+pub use self::desired::{LocalKey, LocalKeys, canonical, desired, desired_with};
+pub use self::lines::{active_endpoint, line_address, path, picks_line, pins, probes_lines};
+use crate::datapath::{Datapath, DatapathError, Hops, Op, Owned, Pin, Policy};
+use crate::failover::Choices;
+use crate::state::StateError;
+use crate::summary::ConfigError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -17,280 +21,14 @@ pub enum ReconcileError {
     Config(#[from] ConfigError),
     #[error("the configuration is unusable: {0}")]
     Prefix(String),
+    /// A segment of the configuration has no local key: the caller makes
+    /// the keys (see `StateDir::local_keys`) before building.
+    #[error("no local WireGuard key for segment {0}")]
+    NoKey(String),
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
-}
-
-fn endpoint(e: &pb::Endpoint) -> String {
-    match e.address.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V6(a)) => format!("[{a}]:{}", e.port),
-        _ => format!("{}:{}", e.address, e.port),
-    }
-}
-
-/// A prefix in the one spelling the kernel reads back (network address,
-/// compressed IPv6).
-pub fn canonical(prefix: &str) -> Result<String, ReconcileError> {
-    let net: ipnetwork::IpNetwork =
-        prefix.parse().map_err(|e| ReconcileError::Prefix(format!("`{prefix}` is not a prefix: {e}")))?;
-    Ok(format!("{}/{}", net.network(), net.prefix()))
-}
-
-/// An interface address (`address/length`) in the kernel's spelling.
-fn interface_address(text: &str) -> Result<String, ReconcileError> {
-    let net: ipnetwork::IpNetwork =
-        text.parse().map_err(|e| ReconcileError::Prefix(format!("`{text}` is not an address: {e}")))?;
-    Ok(format!("{}/{}", net.ip(), net.prefix()))
-}
-
-fn protocol(p: pb::Protocol) -> &'static str {
-    match p {
-        pb::Protocol::Tcp => "tcp",
-        pb::Protocol::Udp => "udp",
-        pb::Protocol::Icmp => "icmp",
-        pb::Protocol::Any | pb::Protocol::Unspecified => "any",
-    }
-}
-
-/// The objects `config` asks for.
-///
-/// Every route group's prefixes go to its first candidate that has a key
-/// (probing and failover choose among the others): they are routed into
-/// the segment's tunnel and belong to that peer's allowed IPs, as WireGuard
-/// routes by allowed IPs. Peers' tunnel addresses are routed too; a peer
-/// goes to its first endpoint (the best line pair), and a member site seen
-/// from an access point is followed wherever it roams. A LAN attachment binds
-/// its interface to the segment's domain, with its prefixes in the
-/// segment's table. Imports (access points) route another segment's
-/// prefixes into that segment's tunnel; the policy lets through only the
-/// flows the intent allows.
-pub fn desired(config: &SiteConfig, state: &StateDir) -> Result<Owned, ReconcileError> {
-    desired_with(config, state, &first_choices(config, &Hops::new()))
-}
-
-/// What the agent has chosen among the alternatives a configuration gives.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Choices {
-    /// Route groups' active candidates, by (segment, group).
-    pub groups: BTreeMap<(String, String), String>,
-    /// The active path of each peer whose line the agent picks (access
-    /// points and the interconnect), by peer name: (local line, remote line).
-    pub paths: BTreeMap<String, (String, String)>,
-}
-
-/// Whether this router picks the line to `peer`, or follows the peer
-/// wherever its packets come from: a site picks its lines to the access
-/// points, and each access point follows its member sites. Between the two
-/// access points one side must pick (WireGuard roams both ways): the east
-/// one.
-pub fn picks_line(config: &SiteConfig, peer: &pb::Peer) -> bool {
-    match peer.role() {
-        pb::PeerRole::AccessPoint => true,
-        pb::PeerRole::Interconnect => config.region() == pb::Region::East,
-        _ => false,
-    }
-}
-
-/// Whether this router probes the underlay paths to `peer` (those to an
-/// access point: whether a line still answers tells a line failure from the
-/// access point's), whichever side picks the line.
-pub fn probes_lines(peer: &pb::Peer) -> bool {
-    matches!(peer.role(), pb::PeerRole::AccessPoint | pb::PeerRole::Interconnect)
-}
-
-/// The best of `items` by `rank` (0 is best), the earlier on a tie.
-fn best<T>(items: impl Iterator<Item = T>, rank: impl Fn(&T) -> u8) -> Option<T> {
-    items.enumerate().min_by_key(|(i, t)| (rank(t), *i)).map(|(_, t)| t)
-}
-
-/// The agent's choices: for each route group, among its candidates with a
-/// key, the best by `group_rank(segment, group, peer)`; for each peer whose
-/// line it picks, the best of its endpoints (ordered by line priority) by
-/// `path_rank(peer, endpoint)`. Ranks are 0 for best; a tie goes to the
-/// earlier — nothing is ever left without a way.
-pub fn choose(
-    config: &SiteConfig,
-    group_rank: &dyn Fn(&str, &str, &str) -> u8,
-    path_rank: &dyn Fn(&str, &pb::Endpoint) -> u8,
-) -> Choices {
-    let mut out = Choices::default();
-    for seg in &config.segments {
-        let keyed: BTreeSet<&str> =
-            seg.peers.iter().filter(|p| !p.public_key.is_empty()).map(|p| p.name.as_str()).collect();
-        for g in &seg.route_groups {
-            let candidates = g.candidates.iter().filter(|c| keyed.contains(c.as_str()));
-            if let Some(c) = best(candidates, |c| group_rank(&seg.segment, &g.name, c)) {
-                out.groups.insert((seg.segment.clone(), g.name.clone()), c.clone());
-            }
-        }
-        for p in seg.peers.iter().filter(|p| picks_line(config, p)) {
-            if out.paths.contains_key(&p.name) {
-                continue;
-            }
-            if let Some(e) = best(p.endpoints.iter(), |e| path_rank(&p.name, e)) {
-                out.paths.insert(p.name.clone(), (e.local_line.clone(), e.remote_line.clone()));
-            }
-        }
-    }
-    out
-}
-
-/// The choices before any health is known: every route group's first
-/// candidate with a key, every peer's first path the router has a route for.
-pub fn first_choices(config: &SiteConfig, hops: &Hops) -> Choices {
-    let routed = |e: &pb::Endpoint| path(config, e).is_some_and(|pair| hops.contains_key(&pair));
-    choose(config, &|_, _, _| 0, &|_, e| if routed(e) { 0 } else { 1 })
-}
-
-/// The endpoint of `peer` on the chosen path, else its first.
-pub fn active_endpoint<'a>(peer: &'a pb::Peer, choices: &Choices) -> Option<&'a pb::Endpoint> {
-    let chosen = choices.paths.get(&peer.name);
-    chosen
-        .and_then(|(l, r)| peer.endpoints.iter().find(|e| &e.local_line == l && &e.remote_line == r))
-        .or_else(|| peer.endpoints.first())
-}
-
-/// A line's underlay address by name.
-pub fn line_address(config: &SiteConfig, line: &str) -> Option<std::net::IpAddr> {
-    config.lines.iter().find(|l| l.name == line).and_then(|l| l.address.parse().ok())
-}
-
-/// The underlay path of an endpoint: (local line address, peer line address).
-pub fn path(config: &SiteConfig, e: &pb::Endpoint) -> Option<(std::net::IpAddr, std::net::IpAddr)> {
-    Some((line_address(config, &e.local_line)?, e.address.parse().ok()?))
-}
-
-/// The underlay routes that send each peer's outer packets over its active
-/// path (where the path's hop is known).
-pub fn pins(config: &SiteConfig, choices: &Choices, hops: &Hops) -> BTreeSet<Pin> {
-    let mut out = BTreeSet::new();
-    for seg in &config.segments {
-        for p in seg.peers.iter().filter(|p| picks_line(config, p)) {
-            let Some((source, destination)) = active_endpoint(p, choices).and_then(|e| path(config, e)) else {
-                continue;
-            };
-            if let Some(hop) = hops.get(&(source, destination)) {
-                out.insert(Pin { destination, source, hop: hop.clone() });
-            }
-        }
-    }
-    out
-}
-
-/// [`desired`] with the agent's choices: a route group without an active
-/// candidate is not routed; a peer whose line the agent picks goes to the
-/// endpoint of its active path.
-pub fn desired_with(config: &SiteConfig, state: &StateDir, choices: &Choices) -> Result<Owned, ReconcileError> {
-    let active = &choices.groups;
-    summarise(config)?;
-    let mut owned = Owned::default();
-    let mut spec = PolicySpec::default();
-    let tunnel_of: BTreeMap<&str, &str> = config
-        .segments
-        .iter()
-        .filter_map(|s| s.wireguard.as_ref().map(|w| (s.segment.as_str(), w.name.as_str())))
-        .collect();
-    for seg in &config.segments {
-        let (Some(domain), Some(wg)) = (&seg.domain, &seg.wireguard) else { continue };
-        let table = domain.table;
-        owned.domains.insert(domain.vrf.clone(), Domain { name: domain.vrf.clone(), table });
-        let (public_key, _) = state.ensure_key(&seg.segment)?;
-        let keyed: BTreeMap<&str, &pb::Peer> =
-            seg.peers.iter().filter(|p| !p.public_key.is_empty()).map(|p| (p.name.as_str(), p)).collect();
-        let mut allowed: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
-        let mut route = |prefix: &str, interface: &str| -> Result<String, ReconcileError> {
-            let prefix = canonical(prefix)?;
-            owned.routes.insert(Route { table, prefix: prefix.clone(), interface: interface.to_string() });
-            Ok(prefix)
-        };
-        for (name, peer) in &keyed {
-            let set = allowed.entry(name).or_default();
-            for p in &peer.allowed_prefixes {
-                set.insert(route(p, &wg.name)?);
-            }
-        }
-        for g in &seg.route_groups {
-            let chosen = active
-                .get(&(seg.segment.clone(), g.name.clone()))
-                .filter(|c| keyed.contains_key(c.as_str()) && g.candidates.contains(c));
-            if let Some(active) = chosen {
-                for p in &g.prefixes {
-                    let p = route(p, &wg.name)?;
-                    allowed.entry(active.as_str()).or_default().insert(p);
-                }
-            }
-        }
-        // Traffic a policy lets across segments may reach this access point
-        // from the other one over this segment's interconnect with a source
-        // in the linked segment: the interconnect peer accepts those sources
-        // (no route follows: they are routed in their own segment's table).
-        for peer in seg.peers.iter().filter(|p| p.role() == pb::PeerRole::Interconnect) {
-            if let Some(set) = allowed.get_mut(peer.name.as_str()) {
-                for import in &seg.imports {
-                    for p in &import.prefixes {
-                        set.insert(canonical(p)?);
-                    }
-                }
-            }
-        }
-        let mut interfaces = BTreeSet::from([wg.name.clone()]);
-        if let Some(lan) = &seg.attachment {
-            owned.lans.insert(lan.interface.clone(), domain.vrf.clone());
-            interfaces.insert(lan.interface.clone());
-            for p in &lan.prefixes {
-                route(p, &lan.interface)?;
-            }
-        }
-        for import in &seg.imports {
-            // Only a segment this router carries can be routed into.
-            let Some(into) = tunnel_of.get(import.segment.as_str()) else { continue };
-            for p in &import.prefixes {
-                route(p, into)?;
-            }
-        }
-        let peers = keyed
-            .iter()
-            .map(|(name, p)| {
-                let spec = PeerSpec {
-                    name: name.to_string(),
-                    endpoint: active_endpoint(p, choices).map(endpoint).unwrap_or_default(),
-                    allowed_ips: allowed.remove(name).unwrap_or_default(),
-                    roams: !picks_line(config, p),
-                };
-                (p.public_key.clone(), spec)
-            })
-            .collect();
-        owned.tunnels.insert(
-            wg.name.clone(),
-            Tunnel {
-                name: wg.name.clone(),
-                domain: domain.vrf.clone(),
-                listen_port: wg.listen_port,
-                public_key,
-                key_file: state.key_file(&seg.segment),
-                addresses: wg.addresses.iter().map(|a| interface_address(a)).collect::<Result<_, _>>()?,
-                peers,
-            },
-        );
-        spec.segments.insert(seg.segment.clone(), interfaces);
-        for rule in &seg.policy {
-            spec.allow.push(Allow {
-                name: rule.name.clone(),
-                from_segment: rule.from_segment.clone(),
-                to_segment: rule.to_segment.clone(),
-                from_prefixes: rule.from_prefixes.iter().map(|p| canonical(p)).collect::<Result<_, _>>()?,
-                to_prefixes: rule.to_prefixes.iter().map(|p| canonical(p)).collect::<Result<_, _>>()?,
-                protocol: protocol(rule.protocol()).to_string(),
-                ports: rule.ports.iter().map(|r| (r.first as u16, r.last as u16)).collect(),
-            });
-        }
-    }
-    if !owned.domains.is_empty() {
-        owned.policy = Some(Policy::new(spec));
-    }
-    Ok(owned)
 }
 
 /// Brings the datapath to what `config` asks for with `choices`, the outer
@@ -304,11 +42,11 @@ pub fn desired_with(config: &SiteConfig, state: &StateDir, choices: &Choices) ->
 pub fn build(
     dp: &mut dyn Datapath,
     config: &SiteConfig,
-    state: &StateDir,
+    keys: &LocalKeys,
     choices: &Choices,
     hops: &Hops,
 ) -> Result<Vec<Op>, ReconcileError> {
-    let (want, pins) = wanted(config, state, choices, hops)?;
+    let (want, pins) = wanted(config, keys, choices, hops)?;
     build_wanted(dp, &want, &pins)
 }
 
@@ -316,11 +54,11 @@ pub fn build(
 /// the lines not in use) and the underlay pins.
 pub fn wanted(
     config: &SiteConfig,
-    state: &StateDir,
+    keys: &LocalKeys,
     choices: &Choices,
     hops: &Hops,
 ) -> Result<(Owned, BTreeSet<Pin>), ReconcileError> {
-    let mut want = desired_with(config, state, choices)?;
+    let mut want = desired_with(config, keys, choices)?;
     let pins = pins(config, choices, hops);
     fence(&mut want, config, &pins);
     Ok((want, pins))
@@ -393,9 +131,20 @@ pub fn reconcile(dp: &mut dyn Datapath, want: &Owned) -> Result<Vec<Op>, Reconci
 
 #[cfg(test)]
 mod tests {
+    /// The keys of every segment of `c`, made in `state`.
+    fn keys(state: &crate::state::StateDir, c: &SiteConfig) -> LocalKeys {
+        state.local_keys(c.segments.iter().map(|s| s.segment.as_str())).expect("keys").0
+    }
+
+    use std::collections::BTreeMap;
+
+    use musubi_proto::v1 as pb;
+
     use super::*;
     use crate::datapath::fake::Fake;
-    use crate::datapath::{Hop, plan, step};
+    use crate::datapath::{Domain, Hop, PolicySpec, Route, plan, step};
+    use crate::failover::{choose, first_choices};
+    use crate::state::StateDir;
 
     /// (segment, table, [(peer, public key)]).
     type Segment<'a> = (&'a str, u32, &'a [(&'a str, &'a str)]);
@@ -449,21 +198,21 @@ mod tests {
         let mut dp = Fake::new();
         let a =
             config(&[("juki", 100, &[("ap-east", "K1"), ("ap-westx", "K2")]), ("lgwan", 101, &[("ap-east", "K3")])]);
-        let ops = reconcile(&mut dp, &desired(&a, &state)?)?;
+        let ops = reconcile(&mut dp, &desired(&a, &keys(&state, &a))?)?;
         assert!(!ops.is_empty());
-        assert_eq!(dp.owned(), &desired(&a, &state)?);
+        assert_eq!(dp.owned(), &desired(&a, &keys(&state, &a))?);
         let before = dp.writes();
-        assert!(reconcile(&mut dp, &desired(&a, &state)?)?.is_empty());
+        assert!(reconcile(&mut dp, &desired(&a, &keys(&state, &a))?)?.is_empty());
         assert_eq!(dp.writes(), before, "a second apply writes nothing");
 
         // Drop a segment, change a peer's key, move a table: only what differs.
         let b = config(&[("juki", 102, &[("ap-east", "K9"), ("ap-westx", "K2")])]);
-        reconcile(&mut dp, &desired(&b, &state)?)?;
-        assert_eq!(dp.owned(), &desired(&b, &state)?);
+        reconcile(&mut dp, &desired(&b, &keys(&state, &b))?)?;
+        assert_eq!(dp.owned(), &desired(&b, &keys(&state, &b))?);
         assert!(!dp.owned().tunnels.contains_key("mw-lgwan") && !dp.owned().domains.contains_key("mv-lgwan"));
         // A peer without a key is left out, with its routes.
         let c = config(&[("juki", 102, &[("ap-east", ""), ("ap-westx", "K2")])]);
-        let want = desired(&c, &state)?;
+        let want = desired(&c, &keys(&state, &c))?;
         assert_eq!(want.tunnels["mw-juki"].peers.len(), 1);
         assert_eq!(want.routes.len(), 1, "the keyless peer's prefixes are not routed");
         assert_eq!(
@@ -562,7 +311,7 @@ mod tests {
         let down = |e: &pb::Endpoint| e.local_line == "fiber";
         let moved = choose(&c, &|_, _, _| 0, &|_, e| if down(e) { 2 } else { u8::from(e.remote_line != "inet") });
         assert_eq!(moved.paths["ap-east"], ("lte".to_string(), "inet".to_string()));
-        let want = desired_with(&c, &state, &moved).expect("desired");
+        let want = desired_with(&c, &keys(&state, &c), &moved).expect("desired");
         let peers = &want.tunnels["mw-office"].peers;
         assert_eq!(peers["K1"].endpoint, "198.51.100.1:51820");
         assert!(peers["K3"].roams && !peers["K1"].roams);
@@ -590,24 +339,24 @@ mod tests {
         let state = StateDir::new(dir.path());
         let c = two_lines(pb::Region::East);
         let mut dp = Fake::new();
-        reconcile(&mut dp, &desired(&c, &state).expect("desired")).expect("first");
+        reconcile(&mut dp, &desired(&c, &keys(&state, &c)).expect("desired")).expect("first");
         // WireGuard followed the member site to its mobile line.
         let mut roamed = dp.owned().clone();
         roamed.tunnels.get_mut("mw-office").expect("tunnel").peers.get_mut("K3").expect("member").endpoint =
             "198.51.100.3:51820".into();
         let mut dp = Fake::new();
         dp.apply(&plan(&Owned::default(), &roamed)).expect("roamed state");
-        assert!(dp.diff(&desired(&c, &state).expect("desired")).expect("diff").is_empty(), "not reset");
+        assert!(dp.diff(&desired(&c, &keys(&state, &c)).expect("desired")).expect("diff").is_empty(), "not reset");
         // A change of its allowed IPs keeps the learnt endpoint.
         let mut c2 = c.clone();
         c2.segments[0].peers[2].allowed_prefixes.push("10.9.0.0/24".into());
-        reconcile(&mut dp, &desired(&c2, &state).expect("desired")).expect("second");
+        reconcile(&mut dp, &desired(&c2, &keys(&state, &c2)).expect("desired")).expect("second");
         assert_eq!(dp.owned().tunnels["mw-office"].peers["K3"].endpoint, "198.51.100.3:51820");
         // A peer whose line this router picks is put back on its endpoint.
         let mut moved = dp.owned().clone();
         moved.tunnels.get_mut("mw-office").expect("tunnel").peers.get_mut("K1").expect("ap").endpoint =
             "198.51.100.1:51820".into();
-        let ops = plan(&moved, &desired(&c2, &state).expect("desired"));
+        let ops = plan(&moved, &desired(&c2, &keys(&state, &c2)).expect("desired"));
         assert!(
             ops.iter().any(|o| matches!(o, Op::SetPeer { public_key, peer, .. } if public_key == "K1" && peer.endpoint == "192.0.2.1:51820")),
             "{ops:?}"
