@@ -3,6 +3,7 @@
 //! `inspect` explains a compiled configuration; `simulate` runs a fleet of
 //! agents with in-memory datapaths for scale measurements.
 
+use musubi_process::{print, println};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -115,11 +116,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MUSUBI_LOG").unwrap_or_else(|_| "info".into()))
-        .init();
+    musubi_process::logs("info");
     match run(Cli::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -182,7 +179,7 @@ async fn run(cli: Cli) -> Result<()> {
             let agent = Agent::new(settings, open_datapath(&datapath, &state)?)?;
             tokio::select! {
                 r = agent.run() => r?,
-                _ = shutdown() => tracing::info!(site, "stopping; the datapath stays as it is"),
+                _ = musubi_process::shutdown() => tracing::info!(site, "stopping; the datapath stays as it is"),
             }
             Ok(())
         }
@@ -202,7 +199,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(seconds)) => {}
-                _ = shutdown() => {}
+                _ = musubi_process::shutdown() => {}
             }
             Ok(())
         }
@@ -223,16 +220,5 @@ fn open_datapath(kind: &str, state: &std::path::Path) -> Result<Box<dyn Datapath
         "linux" => Ok(Box::new(Linux::detect(&state.join("log"))?)),
         "fake" => Ok(Box::new(Fake::persistent(state.join("datapath.json"))?)),
         other => bail!("unknown datapath `{other}`: `linux` or `fake`"),
-    }
-}
-
-async fn shutdown() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
     }
 }

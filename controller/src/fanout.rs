@@ -61,16 +61,30 @@ pub enum Kept {
     Encoded(Bytes),
 }
 
+/// A kept configuration that no longer decodes. Never sent as an empty
+/// configuration in its place: an agent that applied one would remove every
+/// tunnel of its site.
+#[derive(Debug, thiserror::Error)]
+#[error("the configuration kept for revision {revision} does not decode")]
+pub struct Undecodable {
+    pub revision: u64,
+    #[source]
+    pub source: prost::DecodeError,
+}
+
 impl Delivery {
-    pub fn to_pb(&self) -> pb::ConfigUpdate {
+    pub fn to_pb(&self) -> Result<pb::ConfigUpdate, Undecodable> {
         let config = match &self.config {
             Kept::Whole(c) => SiteConfig { revision: self.revision, ..(**c).clone() },
-            // Encoded by this process from a valid structure: decoding cannot fail.
-            Kept::Encoded(b) => {
-                SiteConfig { revision: self.revision, ..SiteConfig::decode(b.clone()).unwrap_or_default() }
-            }
+            // Encoded by this process from a valid structure; should it not
+            // decode, the session ends with an error and the agent keeps
+            // what it has.
+            Kept::Encoded(b) => SiteConfig {
+                revision: self.revision,
+                ..SiteConfig::decode(b.clone()).map_err(|source| Undecodable { revision: self.revision, source })?
+            },
         };
-        pb::ConfigUpdate { revision: self.revision, digest: self.digest.clone(), config: Some(config) }
+        Ok(pb::ConfigUpdate { revision: self.revision, digest: self.digest.clone(), config: Some(config) })
     }
 }
 

@@ -1,6 +1,7 @@
 //! `musubi`: the operator's command-line tool.
 
 use musubi_lab as lab;
+use musubi_process::{print, println};
 mod remote;
 
 use std::io::IsTerminal;
@@ -229,10 +230,7 @@ impl std::fmt::Display for HasChanges {
 impl std::error::Error for HasChanges {}
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MUSUBI_LOG").unwrap_or_else(|_| "warn".into()))
-        .init();
+    musubi_process::logs("warn");
     let cli = Cli::parse();
     let color = match cli.color {
         ColorChoice::Always => true,

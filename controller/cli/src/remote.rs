@@ -1,5 +1,6 @@
 //! Commands that talk to a running controller over the operator API.
 
+use musubi_process::{print, println};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 

@@ -182,3 +182,30 @@ fn allocations_file_keeps_numbers_stable_across_runs() {
         assert_eq!(seg.wireguard, old.wireguard, "{} kept its port and addresses", seg.segment);
     }
 }
+
+/// A reader that stops early (`musubi … | head`) ends the command quietly:
+/// exit 0, nothing on standard error, no panic about a broken pipe.
+#[test]
+fn a_closed_pipe_ends_output_quietly() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+    for args in [&["generate", "--sites", "2000"][..], &["verify", "topologies/prefecture.yaml"][..]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_musubi"))
+            .args(["--color", "never"])
+            .args(args)
+            .current_dir(root())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run musubi");
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut first).expect("first line");
+        // The reader is gone: the rest of the output meets a closed pipe.
+        assert!(!first.is_empty(), "{args:?}: no output");
+        let status = child.wait().expect("wait");
+        let mut stderr = String::new();
+        child.stderr.take().expect("stderr").read_to_string(&mut stderr).expect("stderr");
+        assert!(status.success(), "{args:?}: {status}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: said on a closed pipe: {stderr}");
+    }
+}

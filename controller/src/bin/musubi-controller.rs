@@ -1,6 +1,7 @@
 //! `musubi-controller`: keeps the operators' intent in a store and serves the
 //! operator API; `compile-all` writes every site's configuration offline.
 
+use musubi_process::println;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -158,11 +159,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MUSUBI_LOG").unwrap_or_else(|_| "info".into()))
-        .init();
+    musubi_process::logs("info");
     let result = match Cli::parse().command {
         serve @ Command::Serve { .. } => serve_command(serve).await,
         Command::CompileAll { paths, out, allocations } => compile_all(paths, out, allocations),
@@ -249,18 +246,6 @@ async fn memory_report() {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
-    tracing::info!("shutting down");
-}
-
 async fn serve(
     listen: SocketAddr,
     url: StoreUrl,
@@ -304,7 +289,7 @@ async fn serve(
         .add_service(operator)
         .add_service(agent)
         .serve_with_shutdown(listen, async move {
-            shutdown_signal().await;
+            musubi_process::shutdown().await;
             // End the agents' streams, or the graceful shutdown would wait for them.
             stop.send_replace(true);
         })

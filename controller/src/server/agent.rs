@@ -183,7 +183,13 @@ impl Out {
     fn into_message(self) -> Result<pb::ControllerMessage, Status> {
         use pb::controller_message::Body;
         let body = match self {
-            Out::Config(d) => Body::Config(d.to_pb()),
+            Out::Config(d) => match d.to_pb() {
+                Ok(update) => Body::Config(update),
+                Err(e) => {
+                    tracing::error!(error = %e, "ending the session rather than send an empty configuration");
+                    return Err(Status::internal(e.to_string()));
+                }
+            },
             Out::Keepalive => Body::Keepalive(pb::Keepalive { unix_ms: now_ms() }),
             Out::End(status) => return Err(*status),
         };
@@ -423,5 +429,43 @@ impl<S: IntentStore + 'static> Session<S> {
             }
         }
         tracing::info!(site, configurations = sent, "agent disconnected");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+    use crate::fanout::Kept;
+
+    fn delivery(config: Kept) -> Arc<Delivery> {
+        Arc::new(Delivery { revision: 7, digest: "d".into(), config })
+    }
+
+    /// A kept configuration that does not decode ends the session with an
+    /// error; it is never sent as an empty configuration, which an agent
+    /// would apply by removing every tunnel.
+    #[test]
+    fn an_undecodable_configuration_is_never_sent_as_an_empty_one() {
+        // A field 1 (string) whose length runs past the end.
+        let broken = Out::Config(delivery(Kept::Encoded(prost::bytes::Bytes::from_static(&[0x0a, 0x40, b'x']))));
+        match broken.into_message() {
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Internal);
+                assert!(status.message().contains("does not decode"), "{}", status.message());
+            }
+            Ok(m) => panic!("sent {m:?}"),
+        }
+        // The same path with a configuration that decodes sends it whole.
+        let config = pb::SiteConfig { site: "office-a".into(), tenant: "t".into(), ..Default::default() };
+        let good = Out::Config(delivery(Kept::Encoded(config.encode_to_vec().into())));
+        let Ok(pb::ControllerMessage { body: Some(pb::controller_message::Body::Config(update)) }) =
+            good.into_message()
+        else {
+            panic!("no configuration sent");
+        };
+        let sent = update.config.expect("a configuration");
+        assert_eq!((sent.site.as_str(), sent.revision, update.revision), ("office-a", 7, 7));
     }
 }

@@ -1,6 +1,7 @@
 //! `musubi lab check`: every pair of LAN hosts probed (ICMP, and each
 //! policy's TCP port) against the matrix `musubi verify` derives.
 
+use musubi_process::{print, println};
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
 use std::time::{Duration, Instant};

@@ -1,5 +1,6 @@
 //! `musubi lab down`: everything of a lab goes, whatever state `up` left.
 
+use musubi_process::println;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

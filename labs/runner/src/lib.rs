@@ -18,6 +18,7 @@
 //! controller's address is what agents dial), as containerlab's management
 //! network would give them.
 
+use musubi_process::println;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -1,5 +1,6 @@
 //! `musubi lab status`: the lab's nodes and processes, then `musubi status`.
 
+use musubi_process::println;
 use std::path::Path;
 
 use anyhow::Result;

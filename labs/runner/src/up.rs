@@ -1,6 +1,7 @@
 //! `musubi lab up`: namespaces, links, the controller, the intent, an agent
 //! per router, and the wait until every agent is in sync.
 
+use musubi_process::println;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -23,6 +23,7 @@ mod report;
 mod traffic;
 mod world;
 
+use musubi_process::println;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
