@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 pub use self::enrol::enrol;
 pub(crate) use self::settings::url;
 pub use self::settings::{AgentError, Applied, Settings, VERSION};
-use crate::datapath::{Datapath, Hops};
+use crate::datapath::{Datapath, Hops, off_workers};
 use crate::failover::Choices;
 use crate::failover::{self, Inputs};
 use crate::reconcile::{LocalKeys, build};
@@ -110,7 +110,8 @@ impl Agent {
         }
         self.resolve(crate::probe::paths(config));
         let active = self.choices(config);
-        let result = build(&mut *self.datapath, config, &self.keys, &active, &self.hops);
+        let result =
+            off_workers(self.datapath.blocks(), || build(&mut *self.datapath, config, &self.keys, &active, &self.hops));
         match result {
             Ok(ops) => {
                 tracing::info!(site = %self.settings.site, revision = update.revision, writes = ops.len(), "configuration applied");
@@ -164,7 +165,8 @@ impl Agent {
                 .filter(|(k, v)| self.active.paths.get(*k) != Some(*v))
                 .map(|(peer, (local, remote))| format!("{peer} over {local}→{remote}")),
         );
-        let result = build(&mut *self.datapath, config, &self.keys, &active, &self.hops);
+        let result =
+            off_workers(self.datapath.blocks(), || build(&mut *self.datapath, config, &self.keys, &active, &self.hops));
         if result.is_ok() {
             // What is built now, whether or not it took writes.
             self.active = active;
@@ -194,7 +196,7 @@ impl Agent {
         if self.prober.is_none() {
             return false;
         }
-        match self.datapath.hops(&paths) {
+        match off_workers(self.datapath.blocks(), || self.datapath.hops(&paths)) {
             Ok(h) if h != self.hops => {
                 self.hops = h;
                 true

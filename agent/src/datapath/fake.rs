@@ -61,6 +61,11 @@ impl Datapath for Fake {
         result
     }
 
+    fn blocks(&self) -> bool {
+        // In memory, or one small file when persistent: not worth a thread.
+        false
+    }
+
     fn writes(&self) -> u64 {
         self.writes
     }

@@ -17,6 +17,21 @@ pub mod linux;
 
 pub use error::DatapathError;
 
+/// Runs blocking datapath work (netlink round trips, `nft` and
+/// `wireguard-go` subprocesses, UAPI) without holding up the agent's async
+/// workers: on a multi-threaded runtime the calling worker hands its other
+/// tasks to another thread first (the stream's keepalives, the probes'
+/// notifications go on); elsewhere (a test, the simulator's single thread)
+/// it just runs.
+pub fn off_workers<T>(blocks: bool, work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if blocks && h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -204,6 +219,11 @@ pub trait Datapath: Send {
     fn apply(&mut self, ops: &[Op]) -> Result<(), DatapathError>;
     /// Writes made since start (for tests and status).
     fn writes(&self) -> u64;
+    /// Whether calls wait on the kernel or other processes (see
+    /// [`off_workers`]); an in-memory datapath does not.
+    fn blocks(&self) -> bool {
+        true
+    }
     /// For each (local line address, peer line address): the hop the outer
     /// packets would take, when the router has a route to the peer's
     /// address out of the interface that holds the local one. A path left
@@ -474,4 +494,45 @@ pub fn step(owned: &mut Owned, op: &Op) -> Result<(), DatapathError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use super::off_workers;
+
+    /// With one async worker, a tick every 5 ms keeps going while the
+    /// datapath blocks for 300 ms.
+    #[test]
+    fn blocking_datapath_work_leaves_the_async_workers_free() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_time().build().expect("rt");
+        let ticks = Arc::new(AtomicU64::new(0));
+        let during = rt.block_on(async {
+            let counter = ticks.clone();
+            let ticker = tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_millis(5));
+                loop {
+                    every.tick().await;
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let worker = tokio::spawn({
+                let ticks = ticks.clone();
+                async move {
+                    let before = ticks.load(Ordering::Relaxed);
+                    off_workers(true, || std::thread::sleep(Duration::from_millis(300)));
+                    ticks.load(Ordering::Relaxed) - before
+                }
+            });
+            let during = worker.await.expect("worker");
+            ticker.abort();
+            during
+        });
+        // 60 at 5 ms; a blocked worker would give 0 or 1.
+        assert!(during >= 10, "only {during} ticks while the datapath blocked");
+    }
 }

@@ -13,14 +13,25 @@ use crate::intent::Intent;
 use crate::intent::parse::Parsed;
 use crate::intent::source::SourceMap;
 
+/// A rule over a whole intent.
+type Rule = fn(&Intent, &SourceMap, &mut Vec<Diagnostic>);
+
+/// Every rule, in the order their unlocated problems are reported. Capacity
+/// counts the whole intent, so a change-only check runs it on all of it.
+const RULES: [Rule; 4] = [names::check, references::check, sites::check, prefixes::check];
+const WHOLE_INTENT_RULES: [Rule; 1] = [capacity::check];
+
+fn run(rules: &[Rule], intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnostic>) {
+    for rule in rules {
+        rule(intent, sources, out);
+    }
+}
+
 /// Every semantic problem of an intent, in source order.
 pub fn validate(intent: &Intent, sources: &SourceMap) -> Vec<Diagnostic> {
     let mut out = Vec::new();
-    names::check(intent, sources, &mut out);
-    references::check(intent, sources, &mut out);
-    sites::check(intent, sources, &mut out);
-    prefixes::check(intent, sources, &mut out);
-    capacity::check(intent, sources, &mut out);
+    run(&RULES, intent, sources, &mut out);
+    run(&WHOLE_INTENT_RULES, intent, sources, &mut out);
     sort(&mut out);
     out
 }
@@ -57,11 +68,8 @@ pub fn validate_change(old: &Intent, new: &Intent, sources: &SourceMap) -> Vec<D
         }
     }
     let mut out = Vec::new();
-    names::check(&small, sources, &mut out);
-    references::check(&small, sources, &mut out);
-    sites::check(&small, sources, &mut out);
-    prefixes::check(&small, sources, &mut out);
-    capacity::check(new, sources, &mut out);
+    run(&RULES, &small, sources, &mut out);
+    run(&WHOLE_INTENT_RULES, new, sources, &mut out);
     let others = new.sites.iter().filter(|(n, s)| !s.is_access_point() && !changed.contains(n.as_str()));
     let fresh: Vec<(&String, &crate::intent::Site)> =
         changed.iter().filter_map(|n| new.sites.get_key_value(*n)).map(|(n, s)| (n, &**s)).collect();
