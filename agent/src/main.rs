@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use musubi_agent::client::{Agent, Settings};
 use musubi_agent::datapath::Datapath;
 use musubi_agent::datapath::fake::Fake;
-use musubi_agent::datapath::linux::{self, Linux};
+use musubi_agent::datapath::linux::{self, DomainChoice, Linux, WireguardChoice};
 use musubi_agent::failover::first_choices;
 use musubi_agent::reconcile::{build_wanted, wanted};
 use musubi_agent::simulate;
@@ -27,6 +27,19 @@ use prost::Message;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// Which kernel features the Linux datapath uses.
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct Modes {
+    /// WireGuard: `kernel`, `userspace` (wireguard-go) or `auto` (the
+    /// kernel's where it has the module).
+    #[arg(long, env = "MUSUBI_WIREGUARD", default_value = "auto")]
+    wireguard: WireguardChoice,
+    /// Segments kept apart by `vrf`s, by routing tables and rules (`table`),
+    /// or `auto` (VRFs where the kernel has them).
+    #[arg(long, env = "MUSUBI_DOMAINS", default_value = "auto")]
+    domains: DomainChoice,
 }
 
 #[derive(Subcommand, Debug)]
@@ -65,10 +78,16 @@ enum Command {
         /// (what drifted is put back); 0: only when a configuration arrives.
         #[arg(long, default_value_t = 10.0)]
         upkeep_s: f64,
+        #[command(flatten)]
+        modes: Modes,
     },
     /// Report what this host offers the datapath (kernel WireGuard or
-    /// wireguard-go, VRF or table mode, nftables, forwarding) and advise.
-    Doctor,
+    /// wireguard-go, VRF or table mode, nftables, forwarding), which modes
+    /// the choices give (`auto` by default), and advise.
+    Doctor {
+        #[command(flatten)]
+        modes: Modes,
+    },
     /// Apply a site configuration file once, without a controller, and
     /// report what was written (for bring-up, drills and tests).
     Apply {
@@ -89,6 +108,8 @@ enum Command {
         /// is held, and anything that drifts from it is put back.
         #[arg(long, default_value_t = 0)]
         every: u64,
+        #[command(flatten)]
+        modes: Modes,
     },
     /// Run N simulated agents (in-memory datapaths, each enrolled with its
     /// own token and certificate) against a controller, report convergence.
@@ -132,14 +153,14 @@ async fn run(cli: Cli) -> Result<()> {
             print!("{}", summarise(&read_config(&file)?)?);
             Ok(())
         }
-        Command::Doctor => {
-            print!("{}", linux::detect()?.report());
+        Command::Doctor { modes } => {
+            print!("{}", linux::detect()?.report_for(modes.wireguard, modes.domains));
             Ok(())
         }
-        Command::Apply { config, state, datapath, repeat, every } => {
+        Command::Apply { config, state, datapath, repeat, every, modes } => {
             let config = read_config(&config)?;
             let dir = StateDir::new(&state);
-            let mut dp = open_datapath(&datapath, &state)?;
+            let mut dp = open_datapath(&datapath, &state, modes)?;
             let started = Instant::now();
             // As a running agent starts: first choices, outer packets pinned.
             let hops = dp.hops(&musubi_agent::probe::paths(&config))?;
@@ -162,7 +183,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Run { site, controllers, state, token, token_file, ca, insecure, datapath, upkeep_s } => {
+        Command::Run { site, controllers, state, token, token_file, ca, insecure, datapath, upkeep_s, modes } => {
             let token = match token_file {
                 Some(f) => Some(
                     std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?.trim().to_string(),
@@ -176,7 +197,7 @@ async fn run(cli: Cli) -> Result<()> {
             settings.insecure = insecure;
             settings.upkeep = (upkeep_s > 0.0).then(|| Duration::from_secs_f64(upkeep_s));
             settings.probe = datapath == "linux";
-            let agent = Agent::new(settings, open_datapath(&datapath, &state)?)?;
+            let agent = Agent::new(settings, open_datapath(&datapath, &state, modes)?)?;
             tokio::select! {
                 r = agent.run() => r?,
                 _ = musubi_process::shutdown() => tracing::info!(site, "stopping; the datapath stays as it is"),
@@ -215,9 +236,9 @@ fn read_config(file: &std::path::Path) -> Result<SiteConfig> {
     }
 }
 
-fn open_datapath(kind: &str, state: &std::path::Path) -> Result<Box<dyn Datapath>> {
+fn open_datapath(kind: &str, state: &std::path::Path, modes: Modes) -> Result<Box<dyn Datapath>> {
     match kind {
-        "linux" => Ok(Box::new(Linux::detect(&state.join("log"))?)),
+        "linux" => Ok(Box::new(Linux::with(&state.join("log"), modes.wireguard, modes.domains)?)),
         "fake" => Ok(Box::new(Fake::persistent(state.join("datapath.json"))?)),
         other => bail!("unknown datapath `{other}`: `linux` or `fake`"),
     }

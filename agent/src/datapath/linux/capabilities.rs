@@ -34,22 +34,112 @@ pub struct Capabilities {
     pub ipv6_forwarding: bool,
 }
 
+/// Which WireGuard an operator asks for (`--wireguard`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WireguardChoice {
+    /// The kernel's when it has the module, else wireguard-go.
+    #[default]
+    Auto,
+    Kernel,
+    Userspace,
+}
+
+/// How an operator asks segments to be kept apart (`--domains`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DomainChoice {
+    /// VRFs when the kernel has them, else table mode.
+    #[default]
+    Auto,
+    Vrf,
+    Table,
+}
+
+impl WireguardChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WireguardChoice::Auto => "auto",
+            WireguardChoice::Kernel => "kernel",
+            WireguardChoice::Userspace => "userspace",
+        }
+    }
+}
+
+impl DomainChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainChoice::Auto => "auto",
+            DomainChoice::Vrf => "vrf",
+            DomainChoice::Table => "table",
+        }
+    }
+}
+
+impl std::str::FromStr for WireguardChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(WireguardChoice::Auto),
+            "kernel" => Ok(WireguardChoice::Kernel),
+            "userspace" => Ok(WireguardChoice::Userspace),
+            other => Err(format!("`{other}`: expected auto, kernel or userspace")),
+        }
+    }
+}
+
+impl std::str::FromStr for DomainChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(DomainChoice::Auto),
+            "vrf" => Ok(DomainChoice::Vrf),
+            "table" => Ok(DomainChoice::Table),
+            other => Err(format!("`{other}`: expected auto, vrf or table")),
+        }
+    }
+}
+
 impl Capabilities {
-    /// The modes these capabilities give, or why there is none.
+    /// The modes `auto` picks on this host, or why there is none.
     pub fn modes(&self) -> Result<(WireguardMode, DomainMode), String> {
-        let wg = if self.kernel_wireguard {
-            WireguardMode::Kernel
-        } else if let Some(p) = &self.wireguard_go {
-            WireguardMode::Userspace(p.clone())
-        } else {
-            return Err("no WireGuard: the kernel has no wireguard module and wireguard-go is not installed \
-                        (apt-get install wireguard-go)"
-                .into());
+        self.choose(WireguardChoice::Auto, DomainChoice::Auto)
+    }
+
+    /// The modes asked for, if this host has them; `auto` picks the kernel's
+    /// WireGuard and VRFs where present. Pure: the capabilities are found
+    /// first, by [`detect`].
+    pub fn choose(&self, wg: WireguardChoice, domains: DomainChoice) -> Result<(WireguardMode, DomainMode), String> {
+        let userspace = || {
+            self.wireguard_go
+                .clone()
+                .map(WireguardMode::Userspace)
+                .ok_or_else(|| "wireguard-go is not installed (apt-get install wireguard-go)".to_string())
+        };
+        let wg = match wg {
+            WireguardChoice::Kernel if self.kernel_wireguard => WireguardMode::Kernel,
+            WireguardChoice::Kernel => {
+                return Err("kernel WireGuard asked for, but the kernel has no wireguard module \
+                            (modprobe wireguard)"
+                    .into());
+            }
+            WireguardChoice::Userspace => userspace()?,
+            WireguardChoice::Auto if self.kernel_wireguard => WireguardMode::Kernel,
+            WireguardChoice::Auto => {
+                userspace().map_err(|e| format!("no WireGuard: the kernel has no wireguard module and {e}"))?
+            }
+        };
+        let domains = match domains {
+            DomainChoice::Vrf if !self.vrf => {
+                return Err("VRFs asked for, but the kernel has no vrf module (modprobe vrf)".into());
+            }
+            DomainChoice::Vrf => DomainMode::Vrf,
+            DomainChoice::Table => DomainMode::Table,
+            DomainChoice::Auto if self.vrf => DomainMode::Vrf,
+            DomainChoice::Auto => DomainMode::Table,
         };
         if let Err(e) = &self.nft {
             return Err(format!("no nftables: {e} (apt-get install nftables)"));
         }
-        Ok((wg, if self.vrf { DomainMode::Vrf } else { DomainMode::Table }))
+        Ok((wg, domains))
     }
 }
 
@@ -100,4 +190,38 @@ pub fn detect() -> Result<Capabilities, DatapathError> {
         ipv4_forwarding: sysctl_on("/proc/sys/net/ipv4/ip_forward"),
         ipv6_forwarding: sysctl_on("/proc/sys/net/ipv6/conf/all/forwarding"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(kernel_wireguard: bool, vrf: bool, wireguard_go: bool) -> Capabilities {
+        Capabilities {
+            kernel_wireguard,
+            vrf,
+            wireguard_go: wireguard_go.then(|| PathBuf::from("/usr/bin/wireguard-go")),
+            nft: Ok("nftables v1.0.6".into()),
+            ipv4_forwarding: true,
+            ipv6_forwarding: true,
+        }
+    }
+
+    #[test]
+    fn auto_picks_the_kernel_and_a_mode_asked_for_is_used_or_refused() {
+        use DomainChoice as D;
+        use WireguardChoice as W;
+        let go = WireguardMode::Userspace("/usr/bin/wireguard-go".into());
+        let full = host(true, true, true);
+        assert_eq!(full.choose(W::Auto, D::Auto), Ok((WireguardMode::Kernel, DomainMode::Vrf)));
+        assert_eq!(full.choose(W::Userspace, D::Table), Ok((go.clone(), DomainMode::Table)));
+        assert_eq!(full.choose(W::Kernel, D::Table), Ok((WireguardMode::Kernel, DomainMode::Table)));
+        let bare = host(false, false, true);
+        assert_eq!(bare.choose(W::Auto, D::Auto), Ok((go, DomainMode::Table)));
+        assert!(bare.choose(W::Kernel, D::Auto).is_err_and(|e| e.contains("no wireguard module")));
+        assert!(bare.choose(W::Auto, D::Vrf).is_err_and(|e| e.contains("no vrf module")));
+        assert!(host(false, true, false).choose(W::Auto, D::Auto).is_err_and(|e| e.contains("no WireGuard")));
+        assert!("vrfs".parse::<DomainChoice>().is_err());
+        assert_eq!("userspace".parse::<WireguardChoice>(), Ok(W::Userspace));
+    }
 }

@@ -1,11 +1,17 @@
 //! `musubi-agent doctor`: the host's capabilities and the modes chosen, with
 //! advice, as text for a person.
 
-use super::capabilities::{Capabilities, DomainMode, WireguardMode};
+use super::capabilities::{Capabilities, DomainChoice, DomainMode, WireguardChoice, WireguardMode};
 
 impl Capabilities {
-    /// A report for `musubi-agent doctor`.
+    /// A report for `musubi-agent doctor`: what `auto` picks.
     pub fn report(&self) -> String {
+        self.report_for(WireguardChoice::Auto, DomainChoice::Auto)
+    }
+
+    /// A report for `musubi-agent doctor --wireguard … --domains …`: what
+    /// those choices give on this host, and why.
+    pub fn report_for(&self, wg: WireguardChoice, domains: DomainChoice) -> String {
         let yes = |b: bool| if b { "yes" } else { "no" };
         let mut out = String::new();
         out.push_str(&format!("kernel WireGuard: {}\n", yes(self.kernel_wireguard)));
@@ -26,7 +32,8 @@ impl Capabilities {
             yes(self.ipv4_forwarding),
             yes(self.ipv6_forwarding)
         ));
-        match self.modes() {
+        out.push_str(&format!("asked:            --wireguard {} --domains {}\n", wg.as_str(), domains.as_str()));
+        match self.choose(wg, domains) {
             Ok((wg, domain)) => {
                 out.push_str(&format!(
                     "mode:             {} WireGuard, {}\n",

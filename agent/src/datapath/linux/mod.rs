@@ -41,7 +41,7 @@ use wireguard_control::Backend;
 
 pub use self::apply::describe;
 use self::capabilities::sysctl_on;
-pub use self::capabilities::{Capabilities, DomainMode, WireguardMode, detect};
+pub use self::capabilities::{Capabilities, DomainChoice, DomainMode, WireguardChoice, WireguardMode, detect};
 use self::runtime::{Runtime, Watch, runtime};
 use super::{Datapath, DatapathError, Hops, Op, Owned, Pin};
 
@@ -125,8 +125,13 @@ impl Linux {
 
     /// Detects the host's capabilities and picks the best modes.
     pub fn detect(logs: &Path) -> Result<Self, DatapathError> {
+        Linux::with(logs, WireguardChoice::Auto, DomainChoice::Auto)
+    }
+
+    /// The modes asked for, if this host has them (`auto` as [`Linux::detect`]).
+    pub fn with(logs: &Path, wg: WireguardChoice, domains: DomainChoice) -> Result<Self, DatapathError> {
         let caps = detect()?;
-        let (wg, domains) = caps.modes().map_err(DatapathError::Program)?;
+        let (wg, domains) = caps.choose(wg, domains).map_err(DatapathError::Program)?;
         tracing::info!(
             wireguard = ?wg,
             domains = ?domains,
