@@ -8,7 +8,8 @@
 #   iputils-ping, python3       the probes of the tests and `musubi lab check`
 ensure_packages() {
   local packages=(build-essential pkg-config protobuf-compiler libprotobuf-dev etcd-server wireguard-go wireguard-tools
-    nftables iproute2 iputils-ping python3 util-linux)
+    nftables iproute2 iputils-ping python3 util-linux
+    qemu-system-x86 linux-image-amd64 busybox-static cpio zstd xz-utils)
   local missing=() p
   for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -17,6 +17,14 @@ const INTENT: &str = "tests/intents/datapath.yaml";
 /// packet a host receives unasked.
 const PING_SIZE: u64 = 1200;
 
+/// The WireGuard and domain modes the agents are asked for
+/// (`MUSUBI_WIREGUARD`, `MUSUBI_DOMAINS`), as this host's `auto` picks them
+/// when unset: wireguard-go and table mode here.
+fn modes() -> (String, String) {
+    let pick = |var: &str, auto: &str| std::env::var(var).ok().filter(|v| v != "auto").unwrap_or_else(|| auto.into());
+    (pick("MUSUBI_WIREGUARD", "userspace"), pick("MUSUBI_DOMAINS", "table"))
+}
+
 fn intent_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(INTENT)
 }
@@ -169,9 +177,15 @@ fn segments_reach_within_and_not_across_and_reconcile_is_idempotent() {
     for (i, (ops, writes)) in applied.into_iter().enumerate() {
         assert!(ops > 0 && writes >= ops, "router {i}: {ops} operations, {writes} writes");
     }
+    // The modes asked for (the kernel lab runs these tests with kernel
+    // WireGuard and VRFs), else what this host has: wireguard-go, tables.
+    let (wg, domains) = modes();
     for (router, _, _) in ROUTERS {
         let doctor = lab.net.ok(router, &format!("{} doctor", bin("musubi-agent").display()));
-        assert!(doctor.contains("table mode") && doctor.contains("userspace"), "{doctor}");
+        let mode = doctor.lines().find(|l| l.starts_with("mode:")).unwrap_or_default();
+        let wg_word = if wg == "kernel" { "kernel WireGuard" } else { "userspace (wireguard-go)" };
+        let domain_words = if domains == "vrf" { "one VRF per segment" } else { "table mode" };
+        assert!(mode.contains(wg_word) && mode.contains(domain_words), "{doctor}");
     }
 
     // Within a segment, across the access point (site 2 over IPv6).
@@ -339,15 +353,20 @@ fn a_restarted_agent_adopts_its_tunnels_without_losing_a_packet() {
     assert!(std::fs::read_to_string(&log2).expect("log").contains("writes=0"), "the restarted agent wrote nothing");
     assert_eq!(lab.ifindex("s1", "mw-alpha"), index, "same interface, no flap");
 
-    // Supervision: alpha's wireguard-go dies; the agent, still headless,
-    // starts it again and reconfigures it.
-    let ns = lab.net.ns("s1");
-    lab.net.ok(
-        "wan",
-        &format!(
-            "for p in $(ip netns pids {ns}); do tr '\\0' ' ' < /proc/$p/cmdline | grep -q 'wireguard-go mw-alpha' && kill -9 $p; done; true"
-        ),
-    );
+    // Supervision: alpha's wireguard-go dies (with kernel WireGuard: its
+    // interface is deleted by hand); the agent, still headless, builds it
+    // again and reconfigures it.
+    if modes().0 == "kernel" {
+        lab.net.ok("s1", "ip link del mw-alpha");
+    } else {
+        let ns = lab.net.ns("s1");
+        lab.net.ok(
+            "wan",
+            &format!(
+                "for p in $(ip netns pids {ns}); do tr '\\0' ' ' < /proc/$p/cmdline | grep -q 'wireguard-go mw-alpha' && kill -9 $p; done; true"
+            ),
+        );
+    }
     assert!(wait_log(&log2, "put back", Duration::from_secs(10)), "the agent noticed and put the tunnel back");
     assert!(reaches(&lab, "h1a", "10.10.2.10"), "alpha works again");
     drop(second);

@@ -53,8 +53,9 @@ pub enum DatapathError {
         #[source]
         source: nftables::helper::NftablesError,
     },
-    /// A file, a process or a WireGuard UAPI socket.
-    #[error("{what}: {source}")]
+    /// A file, a process or a WireGuard UAPI socket. (The message is cut
+    /// short: wireguard-control puts a whole peer in some of its errors.)
+    #[error("{what}: {}", short(.source))]
     Io {
         what: String,
         #[source]
@@ -81,6 +82,15 @@ pub enum DatapathError {
     /// worker panicked).
     #[error("{0}")]
     Internal(String),
+}
+
+/// An error's message, at most 300 characters.
+fn short(e: &io::Error) -> String {
+    let text = e.to_string();
+    match text.char_indices().nth(300) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text,
+    }
 }
 
 fn nft_message(e: &nftables::helper::NftablesError) -> String {

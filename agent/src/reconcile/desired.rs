@@ -128,7 +128,11 @@ pub fn desired_with(config: &SiteConfig, keys: &LocalKeys, choices: &Choices) ->
                 }
             }
         }
-        let mut interfaces = BTreeSet::from([wg.name.clone()]);
+        // With VRFs the forward hook sees a packet's input as the VRF device
+        // (the kernel moves it to the master on receive), not the tunnel or
+        // LAN it came in on: the VRF's name belongs to the segment's set.
+        // In table mode no such device exists and the name matches nothing.
+        let mut interfaces = BTreeSet::from([wg.name.clone(), domain.vrf.clone()]);
         if let Some(lan) = &seg.attachment {
             owned.lans.insert(lan.interface.clone(), domain.vrf.clone());
             interfaces.insert(lan.interface.clone());

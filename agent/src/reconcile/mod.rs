@@ -191,6 +191,21 @@ mod tests {
         }
     }
 
+    /// In VRF mode the forward hook names a packet's input by its VRF
+    /// device: the policy's set of a segment's interfaces holds it, beside
+    /// the tunnel (and the LAN), or every packet between two sites of one
+    /// segment is dropped as crossing segments — found in the kernel lab.
+    #[test]
+    fn a_segments_policy_interfaces_include_its_vrf_device() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let state = StateDir::new(dir.path());
+        let c = config(&[("juki", 100, &[("ap-east", "K1")]), ("lgwan", 101, &[("ap-east", "K3")])]);
+        let want = desired(&c, &keys(&state, &c)).expect("desired");
+        let spec = want.policy.and_then(|p| p.spec).expect("a policy");
+        assert_eq!(spec.segments["juki"], BTreeSet::from(["mv-juki".to_string(), "mw-juki".to_string()]));
+        assert!(!spec.segments["lgwan"].contains("mv-juki"), "a VRF belongs to its own segment only");
+    }
+
     #[test]
     fn reconcile_converges_and_then_writes_nothing() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;

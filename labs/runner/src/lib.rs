@@ -58,6 +58,13 @@ pub enum LabCommand {
         /// the controller's node, instead of the embedded store.
         #[arg(long)]
         etcd: bool,
+        /// The routers' WireGuard: `kernel`, `userspace` or `auto` (passed
+        /// to every agent, also those a drill restarts).
+        #[arg(long, env = "MUSUBI_WIREGUARD", default_value = "auto")]
+        wireguard: String,
+        /// How the routers keep segments apart: `vrf`, `table` or `auto`.
+        #[arg(long, env = "MUSUBI_DOMAINS", default_value = "auto")]
+        domains: String,
     },
     /// Remove everything of a lab: processes, namespaces, mounts, its directory.
     Down {
@@ -95,6 +102,10 @@ pub enum LabCommand {
         /// Where the reports go [default: the lab's directory, drills/].
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Packets per second of every stream, instead of the drill's own
+        /// (an emulated kernel carries a tenth of the host's rate).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        rate: Option<u32>,
     },
     /// Run a command in a node: `musubi lab exec NODE -- CMD ARGS…`.
     Exec {
@@ -108,14 +119,15 @@ pub enum LabCommand {
 
 pub fn main(command: LabCommand) -> Result<()> {
     match command {
-        LabCommand::Up { topology, name, wait_s, etcd } => {
+        LabCommand::Up { topology, name, wait_s, etcd, wireguard, domains } => {
             let path = topology.unwrap_or_else(|| PathBuf::from("labs/prefecture/topology.clab.yml"));
             let clab = read_topology(&path)?;
             let lab = Lab::new(name.as_deref().unwrap_or(&clab.name));
             if lab.dir.exists() {
                 bail!("lab `{}` is already up (`musubi lab down {}` first)", lab.name, lab.name);
             }
-            match up::up(&lab, &path, &clab, Duration::from_secs(wait_s), etcd) {
+            let modes = up::Modes { wireguard, domains };
+            match up::up(&lab, &path, &clab, Duration::from_secs(wait_s), etcd, &modes) {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     eprintln!("lab `{}` did not come up: {e:#}", lab.name);
@@ -131,7 +143,7 @@ pub fn main(command: LabCommand) -> Result<()> {
         LabCommand::Down { name } => down::down(&Lab::find(name)?),
         LabCommand::Status { name } => status::status(&Lab::find(name)?),
         LabCommand::Check { name } => check::check(&Lab::find(name)?),
-        LabCommand::Drill { file, lab, out } => drill::run(Lab::find(lab)?, &file, out),
+        LabCommand::Drill { file, lab, out, rate } => drill::run(Lab::find(lab)?, &file, out, rate),
         LabCommand::Cli { lab, args } => {
             let lab = Lab::find(lab)?;
             let clab = lab.topology()?;

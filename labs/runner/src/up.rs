@@ -13,7 +13,32 @@ use crate::lab::{Lab, ip, run, sibling};
 use crate::netns;
 use crate::topology::Clab;
 
-pub(crate) fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration, etcd: bool) -> Result<()> {
+/// The datapath modes every router's agent is started with.
+#[derive(Debug, Clone)]
+pub(crate) struct Modes {
+    pub(crate) wireguard: String,
+    pub(crate) domains: String,
+}
+
+impl Modes {
+    const FILE: &'static str = "modes";
+
+    fn save(&self, lab: &Lab) -> Result<()> {
+        Ok(std::fs::write(lab.dir.join(Self::FILE), format!("{} {}\n", self.wireguard, self.domains))?)
+    }
+
+    /// The lab's modes (`auto auto` for a lab made before they were kept).
+    fn of(lab: &Lab) -> Modes {
+        let text = std::fs::read_to_string(lab.dir.join(Self::FILE)).unwrap_or_default();
+        let mut words = text.split_whitespace().map(str::to_string);
+        Modes {
+            wireguard: words.next().unwrap_or_else(|| "auto".into()),
+            domains: words.next().unwrap_or_else(|| "auto".into()),
+        }
+    }
+}
+
+pub(crate) fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration, etcd: bool, modes: &Modes) -> Result<()> {
     let started = Instant::now();
     let nodes = &clab.topology.nodes;
     let controller = clab.controller()?.0.clone();
@@ -31,6 +56,7 @@ pub(crate) fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration, etcd: bool
 
     std::fs::create_dir_all(lab.dir.join("mnt"))?;
     std::fs::copy(path, lab.dir.join("topology.clab.yml"))?;
+    modes.save(lab)?;
     std::fs::copy(&intent, lab.dir.join("intent.yaml"))?;
     netns::private_mounts(&lab.dir.join("mnt"))?;
     println!("lab {}: {} nodes, {} links", lab.name, nodes.len(), clab.topology.links.len());
@@ -195,13 +221,15 @@ pub(crate) fn start_agent(lab: &Lab, controller: &str, controller_ip: &str, node
     std::fs::create_dir_all(lab.node_dir(node))?;
     std::fs::write(&token_file, String::from_utf8_lossy(&out.stdout).trim())?;
     let mut agent = lab.command(node, &sibling("musubi-agent").display().to_string());
+    let modes = Modes::of(lab);
     agent
         .args(["run", "--site", site, "--controller", &format!("{controller_ip}:{PORT}"), "--state"])
         .arg(lab.node_dir(node).join("state"))
         .arg("--token-file")
         .arg(&token_file)
         .arg("--ca")
-        .arg(lab.dir.join("pki").join("ca.pem"));
+        .arg(lab.dir.join("pki").join("ca.pem"))
+        .args(["--wireguard", &modes.wireguard, "--domains", &modes.domains]);
     lab.spawn(node, "agent", agent)
 }
 

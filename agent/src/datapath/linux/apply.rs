@@ -263,8 +263,9 @@ async fn bind(
     match mode {
         DomainMode::Vrf => {
             let vrf = index_of(handle, domain).await?;
+            let kept = keep_ipv6_addresses(name)?;
             netlink::set_controller(handle, index, Some(vrf)).await?;
-            Ok(1)
+            Ok(1 + kept)
         }
         DomainMode::Table => {
             // Rules name interfaces and outlive them: a tunnel whose process
@@ -277,6 +278,22 @@ async fn bind(
             }
             Ok(stale + 4)
         }
+    }
+}
+
+/// Enslaving an interface to a VRF takes it down and up again, and an
+/// interface that goes down loses its IPv6 addresses — a LAN's gateway
+/// address among them — unless `keep_addr_on_down` is set. Sets it
+/// (`sysctl net.ipv6.conf.IF.keep_addr_on_down=1`); 1 when that was a write.
+fn keep_ipv6_addresses(name: &str) -> Result<u64, DatapathError> {
+    let path = format!("/proc/sys/net/ipv6/conf/{name}/keep_addr_on_down");
+    match std::fs::read_to_string(&path) {
+        Ok(v) if v.trim() == "1" => Ok(0),
+        // No IPv6 on this interface (or in this kernel): nothing to keep.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        _ => std::fs::write(&path, "1")
+            .map(|()| 1)
+            .map_err(|e| DatapathError::io(format!("keeping the IPv6 addresses of {name} ({path})"), e)),
     }
 }
 

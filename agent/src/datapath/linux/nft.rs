@@ -30,7 +30,40 @@ fn apply(value: Value) -> Result<(), DatapathError> {
     // Typed by the crate's schema before it reaches nft.
     let ruleset: Nftables = serde_json::from_value(value)
         .map_err(|e| DatapathError::Internal(format!("building the nftables policy: {e}")))?;
-    helper::apply_ruleset(&ruleset).map_err(|e| nft("writing the policy", e))
+    let payload = serde_json::to_string(&ruleset)
+        .map_err(|e| DatapathError::Internal(format!("encoding the nftables policy: {e}")))?;
+    run_nft(&payload).map_err(|e| nft("writing the policy", e))
+}
+
+/// `nft -j -f -` with the ruleset on its standard input, capturing its
+/// standard error: the crate's helper lets nft's own message go to the
+/// agent's stderr and returns an empty one, so an operator saw only "did not
+/// return successfully".
+fn run_nft(payload: &str) -> Result<(), helper::NftablesError> {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let program = std::ffi::OsString::from("nft");
+    let execution = |inner| helper::NftablesError::NftExecution { program: program.clone(), inner };
+    let mut child = Command::new(&program)
+        .args(["-j", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(execution)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(payload.as_bytes()).map_err(execution)?;
+    }
+    let out = child.wait_with_output().map_err(execution)?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(helper::NftablesError::NftFailed {
+        program,
+        hint: "applying ruleset".into(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
 }
 
 fn names(set: impl IntoIterator<Item = impl Into<String>>) -> Value {
@@ -203,4 +236,26 @@ pub fn dropped(listing: &Value) -> u64 {
         .flat_map(|r| r["expr"].as_array().into_iter().flatten())
         .filter_map(|e| e["counter"]["packets"].as_u64())
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// nft's own words reach the error: a rule for a table that is not
+    /// there is refused, and the message says why (not only "did not
+    /// return successfully"). Changes nothing in the kernel.
+    #[test]
+    fn a_refused_ruleset_says_what_nft_said() {
+        if std::process::Command::new("nft").arg("--version").output().is_err() {
+            eprintln!("skipped: nft is not installed");
+            return;
+        }
+        let rule = json!({ "nftables": [{ "add": { "rule": {
+            "family": "inet", "table": "musubi-test-absent", "chain": "forward", "expr": [{ "accept": null }]
+        } } }] });
+        let e = run_nft(&rule.to_string()).expect_err("a rule without its table");
+        let text = nft("writing the policy", e).to_string();
+        assert!(text.starts_with("writing the policy: ") && text.contains("Error: "), "{text}");
+    }
 }

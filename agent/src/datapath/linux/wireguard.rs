@@ -119,12 +119,24 @@ pub fn configure(name: &str, backend: Backend, private: [u8; 32], listen_port: u
         .map_err(|e| err(&format!("configuring {name}"), e))
 }
 
+/// Allowed IPs of one peer per netlink message with kernel WireGuard. A
+/// generic-netlink request is at most 8 KiB here, and one allowed IP takes
+/// about 28 bytes; an access point's interconnect peer carries thousands.
+const ALLOWED_IPS_PER_MESSAGE: usize = 200;
+
 /// Adds or replaces peers (endpoint and the whole allowed-IPs list of each)
-/// in one UAPI `set`.
+/// in one update. With kernel WireGuard a peer with many allowed IPs is
+/// written as `wg` does it: the first part replaces the list, the next parts
+/// of the same peer add to it (the update may span several messages).
 pub fn set_peers(name: &str, backend: Backend, peers: &[(&str, &PeerSpec)]) -> Result<(), DatapathError> {
+    let per_part = match backend {
+        Backend::Kernel => ALLOWED_IPS_PER_MESSAGE,
+        _ => usize::MAX,
+    };
     let mut builders = Vec::with_capacity(peers.len());
     for (public_key, peer) in peers {
-        let mut builder = PeerConfigBuilder::new(&key(public_key)?).replace_allowed_ips();
+        let key = key(public_key)?;
+        let mut builder = PeerConfigBuilder::new(&key).replace_allowed_ips();
         if !peer.endpoint.is_empty() {
             let endpoint: SocketAddr = peer
                 .endpoint
@@ -132,7 +144,10 @@ pub fn set_peers(name: &str, backend: Backend, peers: &[(&str, &PeerSpec)]) -> R
                 .map_err(|e| invalid(&format!("endpoint `{}` of {}", peer.endpoint, peer.name), e))?;
             builder = builder.set_endpoint(endpoint);
         }
-        for prefix in &peer.allowed_ips {
+        for (i, prefix) in peer.allowed_ips.iter().enumerate() {
+            if i > 0 && i % per_part == 0 {
+                builders.push(std::mem::replace(&mut builder, PeerConfigBuilder::new(&key)));
+            }
             let (ip, len) = super::netlink::split(prefix)?;
             builder = builder.add_allowed_ip(ip, len);
         }

@@ -58,8 +58,13 @@ const PREFERRED_SHARE: f64 = 0.9;
 /// The agents' probe port (BFD's), which the line counters leave out.
 const PROBE_PORT: u16 = 3784;
 
-pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>) -> Result<()> {
-    let drill = read(file)?;
+pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>) -> Result<()> {
+    let mut drill = read(file)?;
+    if let Some(rate) = rate {
+        for s in &mut drill.streams {
+            s.rate = rate;
+        }
+    }
     let w = world(lab)?;
     w.validate(&drill)?;
     let out = out.unwrap_or_else(|| w.lab.dir.join("drills"));
