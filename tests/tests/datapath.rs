@@ -235,11 +235,14 @@ fn segments_reach_within_and_not_across_and_reconcile_is_idempotent() {
     assert!(lab.net.ok("s1", "ip route show 198.51.100.0/24").contains("via 192.0.2.1"), "foreign route kept");
     assert!(lab.net.ok("s1", "ip rule show priority 300").contains("203.0.113.0/24"), "foreign rule kept");
 
-    // Half-applied state (as a crash would leave it) converges.
-    lab.net.ok("s1", "ip rule del priority 5200 iif lan-b && ip route del 10.10.0.0/16 table 1000");
+    // Half-applied state (as a crash would leave it) converges: the LAN out
+    // of its segment (a rule gone in table mode, out of the VRF in VRF
+    // mode) and a route gone.
+    let unbind = if modes().1 == "vrf" { "ip link set lan-b nomaster" } else { "ip rule del priority 5200 iif lan-b" };
+    lab.net.ok("s1", &format!("{unbind} && ip route del 10.10.0.0/16 table 1000"));
     let s1 = lab.compile(&intent, "site-1");
     let (ops, _) = lab.apply("s1", &s1);
-    assert!(ops >= 2, "the missing rule and route are put back ({ops} operations)");
+    assert!(ops >= 2, "the missing binding and route are put back ({ops} operations)");
     assert_eq!(lab.apply("s1", &s1), (0, 0));
     assert!(reaches(&lab, "h1b", "10.10.2.10"), "beta works again");
 

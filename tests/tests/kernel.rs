@@ -28,10 +28,11 @@ fn kernel() -> Option<PathBuf> {
     qemu.then_some(vmlinuz).flatten()
 }
 
-/// The datapath test binary, as cargo built it for this run.
-fn datapath_test() -> PathBuf {
+/// The datapath test (`--test`) or bench (`--bench`) binary, as cargo
+/// built it for this run.
+fn datapath_binary(kind: &str) -> PathBuf {
     let out = Command::new(env!("CARGO"))
-        .args(["test", "--no-run", "--message-format=json", "-p", "musubi-tests", "--test", "datapath"])
+        .args(["test", "--no-run", "--message-format=json", "-p", "musubi-tests", kind, "datapath"])
         .current_dir(repo(""))
         .output()
         .expect("cargo test --no-run");
@@ -56,8 +57,11 @@ fn the_production_datapath_runs_in_a_real_kernel() {
     let out = repo("target/kernel-lab/run");
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out).expect("results directory");
-    let mut env = format!("DATAPATH_TEST={}\n", datapath_test().display());
+    let mut env = format!("DATAPATH_TEST={}\n", datapath_binary("--test").display());
     if let Ok(steps) = std::env::var("KERNEL_LAB_STEPS") {
+        if steps.contains("bench") || steps == "all" {
+            env.push_str(&format!("DATAPATH_BENCH={}\n", datapath_binary("--bench").display()));
+        }
         env.push_str(&format!("KERNEL_LAB_STEPS=\"{steps}\"\n"));
     }
     std::fs::write(out.join("env"), env).expect("env");
