@@ -141,7 +141,7 @@ async fn main() -> ExitCode {
     match run(Cli::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", musubi_process::error_text(e.as_ref()));
             ExitCode::FAILURE
         }
     }

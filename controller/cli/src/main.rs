@@ -251,7 +251,7 @@ fn main() -> ExitCode {
         Err(e) if e.is::<Reported>() => ExitCode::FAILURE,
         Err(e) if e.is::<HasChanges>() => ExitCode::from(2),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", musubi_process::error_text(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -169,7 +169,7 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", musubi_process::error_text(e.as_ref()));
             ExitCode::FAILURE
         }
     }

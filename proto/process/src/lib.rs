@@ -14,6 +14,23 @@ pub fn logs(default: &str) {
         .init();
 }
 
+/// An error and its causes on one line, `a: b: c`. Musubi's error messages
+/// already carry their cause; a cause whose words the line already holds is
+/// not said twice.
+pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
 /// Resolves on SIGTERM or SIGINT (never, if they cannot be caught).
 pub async fn shutdown() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -55,4 +72,33 @@ macro_rules! print {
 macro_rules! println {
     () => { $crate::out(format_args!("\n")) };
     ($($arg:tt)*) => { $crate::out(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+
+    #[derive(Debug)]
+    struct E(&'static str, Option<Box<E>>);
+
+    impl std::fmt::Display for E {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for E {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn a_cause_already_said_is_not_said_again() {
+        let inner = E("nft failed", None);
+        let outer = E("writing the policy: nft failed", Some(Box::new(inner)));
+        assert_eq!(error_text(&outer), "writing the policy: nft failed");
+        let top = E("configuration not applied", Some(Box::new(outer)));
+        assert_eq!(error_text(&top), "configuration not applied: writing the policy: nft failed");
+    }
 }

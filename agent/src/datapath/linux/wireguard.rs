@@ -47,21 +47,23 @@ pub struct State {
 /// userspace process is gone).
 pub fn read(name: &str, backend: Backend) -> Option<State> {
     let device = Device::get(&iface(name).ok()?, backend).ok()?;
-    let peers = device
-        .peers
-        .iter()
-        .map(|p| {
-            let public_key = p.config.public_key.to_base64();
-            let spec = PeerSpec {
-                // The kernel knows peers by key only; names take no part in comparisons.
-                name: String::new(),
-                endpoint: p.config.endpoint.map(|e| e.to_string()).unwrap_or_default(),
-                allowed_ips: p.config.allowed_ips.iter().map(|a| format!("{}/{}", a.address, a.cidr)).collect(),
-                roams: false,
-            };
-            (public_key, spec)
-        })
-        .collect();
+    // The kernel dumps a peer with many allowed IPs in several parts, the
+    // peer repeated in each: the parts are one peer (keyed by its public key,
+    // the last part alone would lose the others' allowed IPs).
+    let mut peers: BTreeMap<String, PeerSpec> = BTreeMap::new();
+    for p in &device.peers {
+        let spec = peers.entry(p.config.public_key.to_base64()).or_insert_with(|| PeerSpec {
+            // The kernel knows peers by key only; names take no part in comparisons.
+            name: String::new(),
+            endpoint: String::new(),
+            allowed_ips: Default::default(),
+            roams: false,
+        });
+        if let Some(e) = p.config.endpoint {
+            spec.endpoint = e.to_string();
+        }
+        spec.allowed_ips.extend(p.config.allowed_ips.iter().map(|a| format!("{}/{}", a.address, a.cidr)));
+    }
     Some(State {
         listen_port: u32::from(device.listen_port.unwrap_or(0)),
         public_key: device.public_key.map(|k| k.to_base64()).unwrap_or_default(),
