@@ -23,8 +23,7 @@ pub use self::enrol::enrol;
 pub(crate) use self::settings::url;
 pub use self::settings::{AgentError, Applied, Settings, VERSION};
 use crate::datapath::{Datapath, Hops, off_workers};
-use crate::failover::Choices;
-use crate::failover::{self, Inputs};
+use crate::failover::{self, Choices, Inputs};
 use crate::reconcile::{LocalKeys, build};
 
 /// One site's agent.

@@ -74,27 +74,27 @@ impl DomainChoice {
     }
 }
 
+/// A choice by its name (`as_str`), or what the names are.
+fn by_name<T: Copy>(all: &[T], name: impl Fn(T) -> &'static str, s: &str) -> Result<T, String> {
+    all.iter().copied().find(|c| name(*c) == s).ok_or_else(|| {
+        let names: Vec<&str> = all.iter().map(|c| name(*c)).collect();
+        format!("`{s}`: expected {}", names.join(", "))
+    })
+}
+
 impl std::str::FromStr for WireguardChoice {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(WireguardChoice::Auto),
-            "kernel" => Ok(WireguardChoice::Kernel),
-            "userspace" => Ok(WireguardChoice::Userspace),
-            other => Err(format!("`{other}`: expected auto, kernel or userspace")),
-        }
+        use WireguardChoice::*;
+        by_name(&[Auto, Kernel, Userspace], Self::as_str, s)
     }
 }
 
 impl std::str::FromStr for DomainChoice {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(DomainChoice::Auto),
-            "vrf" => Ok(DomainChoice::Vrf),
-            "table" => Ok(DomainChoice::Table),
-            other => Err(format!("`{other}`: expected auto, vrf or table")),
-        }
+        use DomainChoice::*;
+        by_name(&[Auto, Vrf, Table], Self::as_str, s)
     }
 }
 
