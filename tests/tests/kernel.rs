@@ -45,6 +45,13 @@ fn datapath_binary(kind: &str) -> PathBuf {
     exe.unwrap_or_else(|| panic!("no datapath test binary: {}", String::from_utf8_lossy(&out.stderr)))
 }
 
+/// The last `n` lines of a file that `keep` keeps.
+fn tail(path: &Path, n: usize, keep: impl Fn(&str) -> bool) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("({}: {e})", path.display()));
+    let lines: Vec<&str> = text.lines().filter(|l| keep(l)).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 #[test]
 fn the_production_datapath_runs_in_a_real_kernel() {
     if skip_without_root() {
@@ -78,6 +85,19 @@ fn the_production_datapath_runs_in_a_real_kernel() {
         }
     }
     let failed: Vec<&str> = results.lines().filter(|l| !l.contains(" ok ")).collect();
+    // What a failed step said, and its lab's agents' last warnings: the run
+    // directory stays on the machine that ran it, the test's output travels.
+    for line in &failed {
+        let step = line.split_whitespace().next().unwrap_or_default();
+        eprintln!("──── {step}.log (last 40 lines)\n{}", tail(&out.join(format!("{step}.log")), 40, |_| true));
+        for node in std::fs::read_dir(out.join(format!("{step}-lab"))).into_iter().flatten().flatten() {
+            let log = node.path().join("agent.log");
+            if log.exists() {
+                let warnings = tail(&log, 8, |l| l.contains("WARN") || l.contains("ERROR"));
+                eprintln!("──── {} agent warnings (last 8)\n{warnings}", node.file_name().to_string_lossy());
+            }
+        }
+    }
     assert!(
         status.success() && failed.is_empty() && !results.is_empty(),
         "kernel lab failed ({status}): {failed:?}; logs in {}",
