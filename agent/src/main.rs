@@ -78,6 +78,10 @@ enum Command {
         /// (what drifted is put back); 0: only when a configuration arrives.
         #[arg(long, default_value_t = 10.0)]
         upkeep_s: f64,
+        /// Seconds a better route-group candidate or line must have been up
+        /// before traffic moves back to it (no flapping).
+        #[arg(long, env = "MUSUBI_HOLD_DOWN_S", default_value_t = 3.0, value_parser = hold_down)]
+        hold_down_s: f64,
         #[command(flatten)]
         modes: Modes,
     },
@@ -183,7 +187,19 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Run { site, controllers, state, token, token_file, ca, insecure, datapath, upkeep_s, modes } => {
+        Command::Run {
+            site,
+            controllers,
+            state,
+            token,
+            token_file,
+            ca,
+            insecure,
+            datapath,
+            upkeep_s,
+            hold_down_s,
+            modes,
+        } => {
             let token = match token_file {
                 Some(f) => Some(
                     std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?.trim().to_string(),
@@ -197,6 +213,7 @@ async fn run(cli: Cli) -> Result<()> {
             settings.insecure = insecure;
             settings.upkeep = (upkeep_s > 0.0).then(|| Duration::from_secs_f64(upkeep_s));
             settings.probe = datapath == "linux";
+            settings.hold_down = Duration::from_secs_f64(hold_down_s);
             let agent = Agent::new(settings, open_datapath(&datapath, &state, modes)?)?;
             tokio::select! {
                 r = agent.run() => r?,
@@ -242,4 +259,10 @@ fn open_datapath(kind: &str, state: &std::path::Path, modes: Modes) -> Result<Bo
         "fake" => Ok(Box::new(Fake::persistent(state.join("datapath.json"))?)),
         other => bail!("unknown datapath `{other}`: `linux` or `fake`"),
     }
+}
+
+/// A hold-down: 0.1 to 600 seconds.
+fn hold_down(text: &str) -> Result<f64, String> {
+    let s: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    if (0.1..=600.0).contains(&s) { Ok(s) } else { Err(format!("{s} s is outside 0.1-600 s")) }
 }

@@ -349,6 +349,14 @@ impl AgentProcess {
     }
 }
 
+/// `limit` times `TEST_TIME_SCALE` (1 unless set): the kernel lab's guest
+/// runs the same tests under software emulation, many times slower than
+/// this host, and scales the limits that assume this host's speed.
+pub fn scaled(limit: Duration) -> Duration {
+    let scale = std::env::var("TEST_TIME_SCALE").ok().and_then(|s| s.parse::<u32>().ok()).unwrap_or(1).max(1);
+    limit * scale
+}
+
 /// Polls `check` every 50 ms until it holds or `limit` passes.
 pub fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;

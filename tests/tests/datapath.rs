@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use musubi_agent::state::StateDir;
 use musubi_tests::netns::{Net, skip_without_root};
-use musubi_tests::{bin, eventually, reconcile_line};
+use musubi_tests::{bin, eventually, reconcile_line, scaled};
 
 const INTENT: &str = "tests/intents/datapath.yaml";
 /// Payload of the test's pings: more than any neighbour discovery or MLD
@@ -117,8 +117,19 @@ impl Lab {
 
     /// `musubi-agent apply` in `router`: (operations, writes).
     fn apply(&self, router: &str, config: &Path) -> (u64, u64) {
+        self.apply_in(router, config, &modes().1)
+    }
+
+    /// `musubi-agent apply` in `router` with its segments in `domains`
+    /// (`vrf` or `table`).
+    fn apply_in(&self, router: &str, config: &Path, domains: &str) -> (u64, u64) {
         let mut cmd = self.net.command(router, &bin("musubi-agent"));
-        cmd.arg("apply").arg("--config").arg(config).arg("--state").arg(&self.states[router]);
+        cmd.env("MUSUBI_DOMAINS", domains)
+            .arg("apply")
+            .arg("--config")
+            .arg(config)
+            .arg("--state")
+            .arg(&self.states[router]);
         let out = cmd.output().expect("musubi-agent apply");
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         assert!(out.status.success(), "apply in {router}: {text}{}", String::from_utf8_lossy(&out.stderr));
@@ -258,14 +269,14 @@ fn segments_reach_within_and_not_across_and_reconcile_is_idempotent() {
     let hold = musubi_tests::Reaped(hold.spawn().expect("apply --repeat"));
     std::thread::sleep(Duration::from_millis(700));
     lab.net.ok("s1", "ip route del 10.10.0.0/16 table 1000 && nft delete table inet musubi");
-    let restored = eventually(Duration::from_secs(3), || {
+    let restored = eventually(scaled(Duration::from_secs(3)), || {
         lab.net
             .sh("s1", "ip route show table 1000 10.10.0.0/16 | grep -q mw-alpha && nft list table inet musubi")
             .status
             .success()
     });
     drop(hold);
-    assert!(restored, "the held configuration was put back within 3 s");
+    assert!(restored, "the held configuration was put back within {:?}", scaled(Duration::from_secs(3)));
 
     // Remove beta from site 1: all of its objects go, the rest stays.
     let index = lab.ifindex("s1", "mw-alpha");
@@ -306,6 +317,49 @@ fn segments_reach_within_and_not_across_and_reconcile_is_idempotent() {
 }
 
 /// Waits for a line containing `needle` in a log file.
+/// A kernel that gains VRFs (an upgrade, or `vrf.ko` installed): the agent
+/// that built table mode is asked for VRF mode, converges in one apply and
+/// leaves none of table mode's rules or tables behind. Runs where VRFs
+/// exist (the kernel lab's guest, `MUSUBI_DOMAINS=vrf`).
+#[test]
+fn a_site_moving_from_table_mode_to_vrf_mode_converges_and_leaves_no_table_mode_rules() {
+    if modes().1 != "vrf" {
+        eprintln!("skipped: needs VRFs (MUSUBI_DOMAINS=vrf; the kernel lab runs it)");
+        return;
+    }
+    if skip_without_root() {
+        return;
+    }
+    let lab = Lab::up();
+    let intent = intent_path();
+    let configs: Vec<PathBuf> = ROUTERS.iter().map(|(_, site, _)| lab.compile(&intent, site)).collect();
+    for ((router, _, _), config) in ROUTERS.iter().zip(&configs) {
+        lab.apply_in(router, config, "table");
+    }
+    assert!(reaches(&lab, "h1a", "10.10.2.10"), "alpha works in table mode");
+    let rules = "ip rule show priority 5200; ip -6 rule show priority 5200";
+    let before = lab.net.ok("s1", rules);
+    assert!(before.contains("lan-a") && before.contains("mw-alpha"), "table mode's rules are there: {before}");
+
+    let (ops, _) = lab.apply_in("s1", &configs[1], "vrf");
+    assert!(ops > 0, "moving to VRF mode takes operations");
+    assert_eq!(lab.net.ok("s1", rules).trim(), "", "no table-mode rule is left");
+    let vrfs = lab.net.ok("s1", "ip -o link show type vrf");
+    assert!(vrfs.contains("mv-alpha") && vrfs.contains("mv-beta"), "one VRF per segment: {vrfs}");
+    let lan = lab.net.ok("s1", "ip -o link show lan-a");
+    assert!(lan.contains("master mv-alpha"), "the LAN is in its VRF: {lan}");
+    assert_eq!(lab.apply_in("s1", &configs[1], "vrf"), (0, 0), "converged: the next apply writes nothing");
+    assert!(reaches(&lab, "h1a", "10.10.2.10"), "alpha works in VRF mode");
+    assert!(reaches(&lab, "h1b", "10.10.2.10"), "beta works in VRF mode");
+    let (a0, b0) = (lab.rx_bytes("h2a"), lab.rx_bytes("h2b"));
+    assert!(lab.ping("h1b", "10.10.2.10"));
+    let (a1, b1) = (lab.rx_bytes("h2a"), lab.rx_bytes("h2b"));
+    assert!(
+        b1 - b0 >= PING_SIZE && a1 - a0 < PING_SIZE,
+        "beta's ping reached beta's host only, same addresses (bytes: h2a {a0}→{a1}, h2b {b0}→{b1})"
+    );
+}
+
 fn wait_log(path: &Path, needle: &str, limit: Duration) -> bool {
     eventually(limit, || std::fs::read_to_string(path).is_ok_and(|t| t.contains(needle)))
 }
@@ -335,7 +389,7 @@ fn a_restarted_agent_adopts_its_tunnels_without_losing_a_packet() {
         (musubi_tests::Reaped(cmd.spawn().expect("agent")), log)
     };
     let (mut first, log) = start(1);
-    assert!(wait_log(&log, "configuration applied", Duration::from_secs(10)), "first agent applied");
+    assert!(wait_log(&log, "configuration applied", scaled(Duration::from_secs(10))), "first agent applied");
     assert!(
         std::fs::read_to_string(&log).expect("log").contains("writes=0"),
         "the first agent adopted, writing nothing"
@@ -349,7 +403,7 @@ fn a_restarted_agent_adopts_its_tunnels_without_losing_a_packet() {
     first.0.kill().expect("kill -9");
     let _ = first.0.wait();
     let (second, log2) = start(2);
-    assert!(wait_log(&log2, "configuration applied", Duration::from_secs(10)), "second agent applied");
+    assert!(wait_log(&log2, "configuration applied", scaled(Duration::from_secs(10))), "second agent applied");
     let out = ping.wait_with_output().expect("ping result");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("300 received"), "no packet lost across the restart: {}", text.lines().last().unwrap_or(""));
@@ -370,7 +424,7 @@ fn a_restarted_agent_adopts_its_tunnels_without_losing_a_packet() {
             ),
         );
     }
-    assert!(wait_log(&log2, "put back", Duration::from_secs(10)), "the agent noticed and put the tunnel back");
+    assert!(wait_log(&log2, "put back", scaled(Duration::from_secs(10))), "the agent noticed and put the tunnel back");
     assert!(reaches(&lab, "h1a", "10.10.2.10"), "alpha works again");
     drop(second);
 }

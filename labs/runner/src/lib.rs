@@ -106,6 +106,11 @@ pub enum LabCommand {
         /// (an emulated kernel carries a tenth of the host's rate).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         rate: Option<u32>,
+        /// Multiply the drill's times (waits, flaps, the outage allowed) by
+        /// this, for a lab whose probe timers and agents' hold-down were
+        /// multiplied as much (a lab under software emulation).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+        time_scale: u32,
     },
     /// Run a command in a node: `musubi lab exec NODE -- CMD ARGS…`.
     Exec {
@@ -143,7 +148,9 @@ pub fn main(command: LabCommand) -> Result<()> {
         LabCommand::Down { name } => down::down(&Lab::find(name)?),
         LabCommand::Status { name } => status::status(&Lab::find(name)?),
         LabCommand::Check { name } => check::check(&Lab::find(name)?),
-        LabCommand::Drill { file, lab, out, rate } => drill::run(Lab::find(lab)?, &file, out, rate),
+        LabCommand::Drill { file, lab, out, rate, time_scale } => {
+            drill::run(Lab::find(lab)?, &file, out, rate, time_scale)
+        }
         LabCommand::Cli { lab, args } => {
             let lab = Lab::find(lab)?;
             let clab = lab.topology()?;

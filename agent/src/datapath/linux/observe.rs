@@ -45,6 +45,22 @@ impl Linux {
                         member.insert(l.name.clone(), vrf.name.clone());
                     }
                 }
+                // What table mode left behind (a kernel that gained VRFs, an
+                // agent asked for VRF mode): its tables, closed by the agent's
+                // unreachable defaults, and its per-interface rules, seen as
+                // domains nobody wants, so they are deleted with their rules.
+                let vrf_tables: BTreeSet<u32> = owned.domains.values().map(|d| d.table).collect();
+                let left: BTreeSet<u32> = routes
+                    .iter()
+                    .filter(|r| r.oif.is_none() && r.prefix.ends_with("/0"))
+                    .map(|r| r.table)
+                    .chain(rules.iter().map(|r| r.table))
+                    .filter(|t| !vrf_tables.contains(t))
+                    .collect();
+                for table in left {
+                    let name = format!("table-{table}");
+                    owned.domains.insert(name.clone(), Domain { name, table });
+                }
             }
             DomainMode::Table => {
                 let closed: BTreeSet<u32> =

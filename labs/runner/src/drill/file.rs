@@ -188,9 +188,41 @@ fn parse(source: &str) -> Result<Drill> {
     Ok(drill)
 }
 
+impl Drill {
+    /// Multiplies the drill's times by `k`: its waits, its flaps' down and up
+    /// times and the longest outage it allows (see `lab drill --time-scale`).
+    pub(super) fn scale(&mut self, k: u32) {
+        for step in &mut self.steps {
+            match step {
+                Step::Wait(d) => *d *= k,
+                Step::Flap(f) => {
+                    f.down *= k;
+                    f.up *= k;
+                }
+                _ => {}
+            }
+        }
+        self.pass.max_outage_ms *= u64::from(k);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scaled_drill_multiplies_its_times_and_nothing_else() {
+        let yaml = "name: t\nstreams: [{from: a, to: b, rate: 1000}]\nsteps:\n- wait: 2s\n- cut: {site: s, line: l}\n\
+                    - flap: {site: s, line: l, down: 400ms, up: 1s, times: 5}\npass: {max_outage_ms: 250}\n";
+        let mut d = parse(yaml).expect("drill");
+        d.scale(4);
+        assert_eq!(d.steps[0], Step::Wait(Duration::from_secs(8)));
+        assert_eq!(d.steps[1], Step::Cut(SiteLine { site: "s".into(), line: "l".into() }));
+        let Step::Flap(f) = &d.steps[2] else { panic!("a flap: {:?}", d.steps[2]) };
+        assert_eq!((f.down, f.up, f.times), (Duration::from_millis(1600), Duration::from_secs(4), 5));
+        assert_eq!(d.pass.max_outage_ms, 1000);
+        assert_eq!(d.streams[0].rate, 1000, "rates are not times");
+    }
 
     fn steps(yaml: &str) -> Result<Vec<Step>> {
         Ok(parse(&format!("name: t\nsteps:\n{yaml}"))?.steps)

@@ -58,18 +58,26 @@ const PREFERRED_SHARE: f64 = 0.9;
 /// The agents' probe port (BFD's), which the line counters leave out.
 const PROBE_PORT: u16 = 3784;
 
-pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>) -> Result<()> {
+/// Plays a drill on a running lab. `rate` replaces every stream's packets
+/// per second; `scale` multiplies the drill's times (waits, flaps, the
+/// longest outage allowed), for a lab whose probe timers and hold-down were
+/// multiplied by as much (the kernel lab's emulated guest).
+pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale: u32) -> Result<()> {
     let mut drill = read(file)?;
     if let Some(rate) = rate {
         for s in &mut drill.streams {
             s.rate = rate;
         }
     }
+    drill.scale(scale);
     let w = world(lab)?;
     w.validate(&drill)?;
     let out = out.unwrap_or_else(|| w.lab.dir.join("drills"));
     std::fs::create_dir_all(&out)?;
     println!("drill {} on lab {}: {}", drill.name, w.lab.name, drill.description.trim());
+    if scale > 1 {
+        println!("times × {scale}: waits, flaps and the outage allowed ({} ms)", drill.pass.max_outage_ms);
+    }
 
     // The sites that send a stream (and have a router in the lab).
     let sources: BTreeSet<String> =
