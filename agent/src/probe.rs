@@ -2,7 +2,9 @@
 //! down after `multiplier` intervals without an answer. Two kinds of
 //! targets ([`Key`]):
 //!
-//! - every peer **through its tunnel**, from this router's tunnel address;
+//! - every peer **through its tunnel**, from this router's tunnel address
+//!   (an access point's member sites are also alive whenever their own
+//!   probes arrive, and are probed [`MEMBER_SLOWDOWN`] times more slowly);
 //! - every **underlay path** to a peer whose line this router picks (its
 //!   access points, the interconnect): from a local line's address to the
 //!   peer's line address, outside the tunnels, so a line that is not in use
@@ -69,7 +71,17 @@ pub struct Target {
     pub address: IpAddr,
     pub interval: Duration,
     pub multiplier: u32,
+    /// An access point's member site: alive whenever its own probes arrive
+    /// (it probes its access points every interval anyway), and probed
+    /// only every [`MEMBER_SLOWDOWN`] intervals — enough to start a
+    /// handshake after a restart and to measure its round trip — so an
+    /// access point's probing grows slowly with its members.
+    pub member: bool,
 }
+
+/// How much more slowly an access point probes its member sites than its
+/// other peers (see [`Target::member`]).
+pub const MEMBER_SLOWDOWN: u32 = 4;
 
 impl Target {
     fn new(key: Key, interface: &str, local: IpAddr, address: IpAddr, probe: pb::ProbeSettings) -> Target {
@@ -80,8 +92,19 @@ impl Target {
             address,
             interval: Duration::from_millis(u64::from(probe.interval_ms.max(10))),
             multiplier: probe.multiplier.max(1),
+            member: false,
         }
     }
+
+    /// How often this target is probed.
+    pub fn every(&self) -> Duration {
+        if self.member { self.interval * MEMBER_SLOWDOWN } else { self.interval }
+    }
+}
+
+/// Probes sent per second for `targets`.
+pub fn probes_per_second(targets: &[Target]) -> f64 {
+    targets.iter().map(|t| 1.0 / t.every().as_secs_f64()).sum()
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -120,7 +143,9 @@ pub fn targets(config: &SiteConfig) -> Vec<Target> {
             });
             let Some(address) = address else { continue };
             let probe = p.endpoints.first().and_then(|e| e.probe).unwrap_or(default);
-            out.push(Target::new(Key::tunnel(&seg.segment, &p.name), &wg.name, local, address, probe));
+            let mut t = Target::new(Key::tunnel(&seg.segment, &p.name), &wg.name, local, address, probe);
+            t.member = p.role() == pb::PeerRole::Site;
+            out.push(t);
         }
     }
     out
@@ -140,6 +165,11 @@ pub fn path_targets(config: &SiteConfig, hops: &Hops) -> Vec<Target> {
         }
     }
     out
+}
+
+/// Every target a configuration asks to probe, by key.
+pub fn keys(config: &SiteConfig, hops: &Hops) -> BTreeSet<Key> {
+    targets(config).into_iter().chain(path_targets(config, hops)).map(|t| t.key).collect()
 }
 
 /// The (local line address, peer line address) pairs of [`path_targets`],
@@ -325,6 +355,8 @@ async fn socket_loop(
         .iter()
         .map(|_| State { started: Instant::now(), last_reply: None, sent: VecDeque::new(), next: Instant::now() })
         .collect();
+    let by_address: std::collections::HashMap<IpAddr, usize> =
+        targets.iter().enumerate().map(|(i, t)| (t.address, i)).collect();
     let mut seq: u64 = 0;
     let mut buf = [0u8; 64];
     loop {
@@ -332,7 +364,7 @@ async fn socket_loop(
             _ = ticker.tick() => {
                 let now = Instant::now();
                 for (t, st) in targets.iter().zip(states.iter_mut()) {
-                    if now >= st.next {
+                    if now + tick / 2 >= st.next {
                         seq += 1;
                         let mut msg = [0u8; 17];
                         msg[0] = REQUEST;
@@ -343,7 +375,13 @@ async fn socket_loop(
                         while st.sent.len() > WINDOW + 8 {
                             st.sent.pop_front();
                         }
-                        st.next = now + t.interval;
+                        // On a fixed schedule: `now + every` would slip
+                        // behind a tick that comes a little early and skip
+                        // it, probing every other tick.
+                        st.next += t.every();
+                        if st.next <= now {
+                            st.next = now + t.every();
+                        }
                     }
                 }
                 evaluate(&targets, &states, &health, &changed, None);
@@ -357,9 +395,16 @@ async fn socket_loop(
                     REQUEST if only.as_ref().is_none_or(|o| o.contains(&from.ip())) => {
                         buf[0] = REPLY;
                         let _ = sock.send_to(&buf[..17], from).await;
+                        // A member's probe is its sign of life.
+                        if let Some(&i) = by_address.get(&from.ip())
+                            && targets[i].member
+                        {
+                            states[i].last_reply = Some(Instant::now());
+                            evaluate(&targets[i..=i], &states[i..=i], &health, &changed, None);
+                        }
                     }
                     REPLY => {
-                        let Some(i) = targets.iter().position(|t| t.address == from.ip()) else { continue };
+                        let Some(&i) = by_address.get(&from.ip()) else { continue };
                         let mut s = [0u8; 8];
                         s.copy_from_slice(&buf[1..9]);
                         let got = u64::from_be_bytes(s);
@@ -371,7 +416,8 @@ async fn socket_loop(
                             rtt = Some(now - entry.1);
                         }
                         st.last_reply = Some(now);
-                        evaluate(&targets, &states, &health, &changed, rtt.map(|r| (i, r)));
+                        // Only this target can have changed.
+                        evaluate(&targets[i..=i], &states[i..=i], &health, &changed, rtt.map(|r| (0, r)));
                     }
                     _ => {}
                 }

@@ -23,7 +23,7 @@ pub use self::enrol::enrol;
 pub(crate) use self::settings::url;
 pub use self::settings::{AgentError, Applied, Settings, VERSION};
 use crate::datapath::{Datapath, Hops, off_workers};
-use crate::failover::{self, Choices, Inputs};
+use crate::failover::machine::{Action, Event, Machine};
 use crate::reconcile::{LocalKeys, build};
 
 /// One site's agent.
@@ -40,9 +40,11 @@ pub struct Agent {
     prober: Option<crate::probe::Prober>,
     /// How the outer packets of each underlay path leave (probing only).
     hops: Hops,
-    /// What is built: each route group's active candidate and each picked
-    /// peer's line.
-    active: Choices,
+    /// The failover state machine: what is built (each route group's active
+    /// candidate, each picked peer's line) and why.
+    machine: Machine,
+    /// When the machine asked to be woken (a grace or hold-down ends).
+    wake_at: Option<Instant>,
     /// The interfaces' keys, read (or made) when a configuration is applied.
     keys: LocalKeys,
 }
@@ -58,6 +60,7 @@ impl Agent {
     /// and re-applies it (writing nothing when the datapath still matches).
     pub fn new(settings: Settings, datapath: Box<dyn Datapath>) -> Result<Self, AgentError> {
         let applied = settings.state.load_applied()?;
+        let machine = Machine::new(settings.hold_down, settings.probe);
         let mut agent = Agent {
             settings,
             datapath,
@@ -68,7 +71,8 @@ impl Agent {
             renew_at: None,
             prober: None,
             hops: Default::default(),
-            active: Default::default(),
+            machine,
+            wake_at: None,
             keys: Default::default(),
         };
         if agent.settings.probe {
@@ -108,7 +112,12 @@ impl Agent {
             Err(e) => self.errors.push(e.to_string()),
         }
         self.resolve(crate::probe::paths(config));
-        let active = self.choices(config);
+        let actions = self.machine.step(
+            Event::Configured { config: std::sync::Arc::new(config.clone()), hops: self.hops.clone() },
+            Instant::now(),
+        );
+        self.wake_at = wake(&actions);
+        let active = self.machine.active().clone();
         let result =
             off_workers(self.datapath.blocks(), || build(&mut *self.datapath, config, &self.keys, &active, &self.hops));
         match result {
@@ -121,7 +130,6 @@ impl Agent {
                 if let Some(p) = &self.prober {
                     p.set_for(config, &self.hops);
                 }
-                self.active = active;
                 if let Some(events) = &self.events {
                     let _ = events.send(Applied {
                         site: self.settings.site.clone(),
@@ -136,6 +144,14 @@ impl Agent {
             Err(e) => {
                 tracing::error!(site = %self.settings.site, revision = update.revision, error = %e, "configuration not applied");
                 self.errors = vec![e.to_string()];
+                // The machine goes on from the configuration still applied.
+                if let Some(kept) = self.config().cloned() {
+                    let hops = self.hops.clone();
+                    let actions = self
+                        .machine
+                        .step(Event::Configured { config: std::sync::Arc::new(kept), hops }, Instant::now());
+                    self.wake_at = wake(&actions);
+                }
             }
         }
         new_keys
@@ -146,30 +162,19 @@ impl Agent {
         self.applied.as_ref().and_then(|a| a.config.as_ref())
     }
 
-    /// Reconciles the last applied configuration again; true when something
-    /// had drifted and was put back (or could not be).
+    /// Reconciles the last applied configuration again with the choices
+    /// made; true when something had drifted and was put back (or could
+    /// not be).
     fn upkeep(&mut self) -> bool {
+        self.reconcile(&[])
+    }
+
+    /// Builds the machine's choices; `moved` says what moved, for the log.
+    fn reconcile(&mut self, moved: &[String]) -> bool {
         let Some(config) = self.applied.as_ref().and_then(|a| a.config.as_ref()) else { return false };
-        let active = self.choices(config);
-        let mut moved: Vec<String> = active
-            .groups
-            .iter()
-            .filter(|(k, v)| self.active.groups.get(*k) != Some(*v))
-            .map(|((seg, group), peer)| format!("{seg}/{group} → {peer}"))
-            .collect();
-        moved.extend(
-            active
-                .paths
-                .iter()
-                .filter(|(k, v)| self.active.paths.get(*k) != Some(*v))
-                .map(|(peer, (local, remote))| format!("{peer} over {local}→{remote}")),
-        );
+        let active = self.machine.active();
         let result =
-            off_workers(self.datapath.blocks(), || build(&mut *self.datapath, config, &self.keys, &active, &self.hops));
-        if result.is_ok() {
-            // What is built now, whether or not it took writes.
-            self.active = active;
-        }
+            off_workers(self.datapath.blocks(), || build(&mut *self.datapath, config, &self.keys, active, &self.hops));
         match result {
             Ok(ops) if ops.is_empty() => false,
             Ok(ops) if !moved.is_empty() => {
@@ -186,6 +191,29 @@ impl Agent {
                 true
             }
         }
+    }
+
+    /// Feeds the failover machine an event and does what it answers; true
+    /// when traffic moved (or the datapath was written).
+    fn failover(&mut self, event: Event) -> bool {
+        let actions = self.machine.step(event, Instant::now());
+        self.wake_at = wake(&actions);
+        let mut built = false;
+        for action in actions {
+            if let Action::Build { moved, .. } = action {
+                built |= self.reconcile(&moved);
+            }
+        }
+        built
+    }
+
+    /// The probes' health changed.
+    fn probed(&mut self) -> bool {
+        let Some(health) = self.prober.as_ref().map(|p| p.health.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        else {
+            return false;
+        };
+        self.failover(Event::Probed(health))
     }
 
     /// Finds how each underlay path's outer packets would leave (probing
@@ -217,24 +245,12 @@ impl Agent {
             if let (Some(p), Some(c)) = (&self.prober, self.config()) {
                 p.set_for(c, &self.hops);
             }
+            self.failover(Event::Hops(self.hops.clone()));
         }
     }
+}
 
-    /// The failover policy's choice now (see [`failover::choices`]).
-    fn choices(&self, config: &pb::SiteConfig) -> Choices {
-        let health = self.prober.as_ref().map(|p| move |k: &crate::probe::Key| p.get(k));
-        failover::choices(Inputs {
-            config,
-            health: health.as_ref().map(|h| h as failover::HealthOf<'_>),
-            hops: &self.hops,
-            active: &self.active,
-            hold_down: self.settings.hold_down,
-            now: Instant::now(),
-        })
-    }
-
-    fn choices_changed(&self) -> bool {
-        let Some(config) = self.config() else { return false };
-        self.prober.is_some() && self.choices(config) != self.active
-    }
+/// When the machine asked to be woken, if it did.
+fn wake(actions: &[Action]) -> Option<Instant> {
+    actions.iter().find_map(|a| if let Action::WakeAt(at) = a { Some(*at) } else { None })
 }

@@ -41,7 +41,6 @@ impl Agent {
         let changed = self.prober.as_ref().map(|p| p.changed.clone());
         let mut upkeep = tokio::time::interval(self.settings.upkeep.unwrap_or(Duration::from_secs(3600)));
         upkeep.reset();
-        let mut failback = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
                 _ = upkeep.tick(), if self.settings.upkeep.is_some() => {
@@ -53,12 +52,12 @@ impl Agent {
                 }
                 _ = health_changed(&changed) => {
                     settle().await;
-                    self.upkeep();
+                    self.probed();
                     tx.send(self.status(Vec::new())).await.map_err(|e| broken(&e))?;
                 }
-                _ = failback.tick(), if self.prober.is_some() => {
-                    if self.choices_changed() {
-                        self.upkeep();
+                // The health as it is now: answers that flip nothing raise no event.
+                _ = woken(self.wake_at) => {
+                    if self.probed() {
                         tx.send(self.status(Vec::new())).await.map_err(|e| broken(&e))?;
                     }
                 }
@@ -90,6 +89,14 @@ impl Agent {
 /// behind it) to be seen together before choosing.
 pub(super) async fn settle() {
     tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+/// When the failover machine asked to be woken (never, if it did not).
+pub(super) async fn woken(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A peer went up or down (never, without probing).

@@ -11,7 +11,7 @@ impl Agent {
     /// The local line of a peer's active path (its first, if the agent does
     /// not pick it).
     fn local_line(&self, segment: &str, peer: &str) -> String {
-        if let Some((local, _)) = self.active.paths.get(peer) {
+        if let Some((local, _)) = self.machine.active().paths.get(peer) {
             return local.clone();
         }
         self.config()
@@ -24,7 +24,7 @@ impl Agent {
 
     /// The path a peer is reached over, `local→remote`, when the agent picks it.
     fn path_of(&self, peer: &str) -> String {
-        self.active.paths.get(peer).map(|(l, r)| format!("{l}→{r}")).unwrap_or_default()
+        self.machine.active().paths.get(peer).map(|(l, r)| format!("{l}→{r}")).unwrap_or_default()
     }
 
     pub(super) fn status(&self, keys: Vec<pb::InterfaceKey>) -> pb::AgentMessage {
@@ -72,7 +72,8 @@ impl Agent {
                 applied_digest,
                 peers,
                 active: self
-                    .active
+                    .machine
+                    .active()
                     .groups
                     .iter()
                     .map(|((segment, group), peer)| pb::ActivePath {

@@ -8,7 +8,7 @@ use rand::Rng;
 
 use super::Agent;
 use super::enrol::enrol;
-use super::session::{End, health_changed, settle};
+use super::session::{End, health_changed, settle, woken};
 use super::settings::AgentError;
 
 impl Agent {
@@ -53,20 +53,21 @@ impl Agent {
                     break;
                 }
                 // Failover goes on without a controller.
-                let step = if changed.is_some() { period.min(Duration::from_millis(500)) } else { period };
+                let upkeep_at = last + period;
                 tokio::select! {
-                    _ = tokio::time::sleep(step.min(until - now)) => {
-                        if tokio::time::Instant::now() < until && (self.choices_changed() || last.elapsed() >= period) {
-                            if last.elapsed() >= period {
-                                self.refresh_hops();
-                            }
+                    _ = tokio::time::sleep_until(upkeep_at.min(until)) => {
+                        if tokio::time::Instant::now() >= upkeep_at {
+                            self.refresh_hops();
                             self.upkeep();
                             last = tokio::time::Instant::now();
                         }
                     }
                     _ = health_changed(&changed) => {
                         settle().await;
-                        self.upkeep();
+                        self.probed();
+                    }
+                    _ = woken(self.wake_at) => {
+                        self.probed();
                     }
                 }
             }

@@ -1,6 +1,12 @@
-//! The failover policy: from the probes' health to each route group's
-//! candidate and each picked peer's line. Pure: health, the current choice
-//! and `now` in, the choice out.
+//! Failover: from the probes' health to each route group's candidate and
+//! each picked peer's line.
+//!
+//! [`choices`] is the policy — health, the current choice and `now` in, the
+//! choice out; [`machine::Machine`] is the state machine around it that the
+//! agent drives with events (configurations, probe results, timer ticks)
+//! and that answers with actions (build these choices, wake me then).
+
+pub mod machine;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -34,6 +40,8 @@ pub struct Inputs<'a> {
     pub hops: &'a Hops,
     /// What is built now.
     pub active: &'a Choices,
+    /// When the line to each peer last moved.
+    pub line_moved: &'a BTreeMap<String, Instant>,
     pub hold_down: Duration,
     pub now: Instant,
 }
@@ -59,7 +67,7 @@ impl std::fmt::Debug for Inputs<'_> {
 /// endpoints, best line first; a path the router has no route for is
 /// used only when nothing else is.
 pub fn choices(i: Inputs<'_>) -> Choices {
-    let Inputs { config, health, hops, active, hold_down, now } = i;
+    let Inputs { config, health, hops, active, line_moved, hold_down, now } = i;
     let Some(health) = health else { return first_choices(config, hops) };
     let settled =
         |h: &Health, current: bool| current || h.since.is_none_or(|s| now.saturating_duration_since(s) >= hold_down);
@@ -125,15 +133,33 @@ pub fn choices(i: Inputs<'_>) -> Choices {
             Some(h) => {
                 // Only a line that failed is switched: while the path in
                 // use still answers, a quiet tunnel is the peer's own
-                // (its WireGuard died before the rest of it).
-                let path_failed =
-                    active.paths.get(peer).and_then(|(l, r)| active_path_health(peer, l, r)).is_none_or(|p| !p.up);
+                // (its WireGuard died before the rest of it). Which of the
+                // two is judged first is the order probes happen to arrive
+                // in, so the replies decide: the path failed when it is
+                // judged down; it still answers when it answered clearly
+                // after the tunnel went quiet; until one of the two, it is
+                // not known yet and the peer keeps its groups (the machine
+                // wakes when it must be known, see `undecided_until`).
+                let path = active.paths.get(peer).and_then(|(l, r)| active_path_health(peer, l, r));
+                let path_failed = path.as_ref().is_none_or(|p| !p.up);
+                let undecided = path.as_ref().is_some_and(|p| p.up && !answered_after(p, &h));
                 // The grace runs from the tunnel going quiet, or from a
                 // line coming back (a site whose lines all return).
+                let outlived = line_outlived_tunnel(peer, &h);
                 let switching = path_failed
-                    && line_outlived_tunnel(peer, &h).is_some_and(|line_up| {
+                    && outlived.is_some_and(|line_up| {
                         down_for(&h) < SWITCH_GRACE || now.saturating_duration_since(line_up) < SWITCH_GRACE
                     });
+                // The line was switched after the tunnel went quiet and the
+                // tunnel has not come back yet: it is re-handshaking over
+                // the new line (the path in use answers, so the test above
+                // no longer tells a line switch from the peer's own failure).
+                let switched = outlived.is_some()
+                    && line_moved.get(peer).is_some_and(|at| {
+                        h.last_reply.is_none_or(|quiet| *at >= quiet)
+                            && now.saturating_duration_since(*at) < SWITCH_GRACE
+                    });
+                let switching = switching || switched || (undecided && outlived.is_some());
                 if switching && current { 0 } else { 2 }
             }
         }
@@ -148,6 +174,21 @@ pub fn choices(i: Inputs<'_>) -> Choices {
         }
     };
     choose(config, &group_rank, &path_rank)
+}
+
+/// How long after a tunnel's last answer a path probed beside it may still
+/// have answered and yet have gone quiet with it: the last answers of two
+/// targets probed on timers can be up to two intervals apart when the line
+/// under both dies.
+pub(crate) fn quiet_window(tunnel: &Health, path_interval: Duration) -> Duration {
+    tunnel.interval.max(path_interval) * 2
+}
+
+/// Whether `path` answered clearly after `tunnel` went quiet (beyond the
+/// [`quiet_window`]): it did not fail with the tunnel.
+fn answered_after(path: &Health, tunnel: &Health) -> bool {
+    let Some(tunnel_last) = tunnel.last_reply else { return true };
+    path.last_reply.is_some_and(|l| l > tunnel_last + quiet_window(tunnel, path.interval))
 }
 
 /// What the agent has chosen among the alternatives a configuration gives.
