@@ -60,8 +60,10 @@ impl std::fmt::Debug for Inputs<'_> {
 /// to a better one only after it has been up for the hold-down; a peer
 /// whose tunnel stopped answering keeps its groups for
 /// [`SWITCH_GRACE`] if one of its lines answered after the tunnel last
-/// did (the line switch is bringing it back), and as long after one of
-/// its lines came back. On an access point, a member site keeps its
+/// did and the line in use failed (the line switch is bringing it back),
+/// or was switched since, and as long after one of its lines came back;
+/// while it is not known yet whether the line in use failed with the
+/// tunnel (its probes are judged later), it keeps them too. On an access point, a member site keeps its
 /// prefixes for [`SITE_GRACE`] after going quiet and gets them back as
 /// soon as it answers. A path is chosen the same way among the peer's
 /// endpoints, best line first; a path the router has no route for is
@@ -139,7 +141,7 @@ pub fn choices(i: Inputs<'_>) -> Choices {
                 // judged down; it still answers when it answered clearly
                 // after the tunnel went quiet; until one of the two, it is
                 // not known yet and the peer keeps its groups (the machine
-                // wakes when it must be known, see `undecided_until`).
+                // wakes when it must be known: `machine::Machine`'s wake-ups).
                 let path = active.paths.get(peer).and_then(|(l, r)| active_path_health(peer, l, r));
                 let path_failed = path.as_ref().is_none_or(|p| !p.up);
                 let undecided = path.as_ref().is_some_and(|p| p.up && !answered_after(p, &h));
