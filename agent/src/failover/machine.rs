@@ -610,7 +610,8 @@ mod tests {
             if changed {
                 actions = m.step(Event::Probed(health.clone()), at(t));
             } else if wake.is_some_and(|w| w <= t) {
-                actions = m.step(Event::Tick, at(t));
+                // As the agent does: a wake-up reads the probes again.
+                actions = m.step(Event::Probed(health.clone()), at(t));
             }
             if !actions.is_empty() {
                 wake = actions.iter().find_map(|a| match a {
