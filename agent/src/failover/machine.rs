@@ -7,7 +7,7 @@
 //! a hold-down ends). Nothing in here reads a clock, sleeps or does I/O, so
 //! a timeline (a drill's, a recorded defect's) replays in a unit test.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,14 +60,11 @@ pub struct Machine {
     hops: Hops,
     health: BTreeMap<Key, Health>,
     active: Choices,
-    /// When each route group and line moved, the last few times.
-    recent: BTreeMap<Moved, VecDeque<Instant>>,
+    /// When the line to each peer last moved.
+    line_moved: BTreeMap<String, Instant>,
     /// How many times each moved since the machine started.
     moves: BTreeMap<Moved, u64>,
 }
-
-/// Move times kept per route group or line (enough for the hysteresis check).
-const RECENT: usize = 8;
 
 impl Machine {
     pub fn new(hold_down: Duration, probing: bool) -> Machine {
@@ -78,7 +75,7 @@ impl Machine {
             hops: Hops::new(),
             health: BTreeMap::new(),
             active: Choices::default(),
-            recent: BTreeMap::new(),
+            line_moved: BTreeMap::new(),
             moves: BTreeMap::new(),
         }
     }
@@ -88,18 +85,9 @@ impl Machine {
         &self.active
     }
 
-    pub fn hops(&self) -> &Hops {
-        &self.hops
-    }
-
     /// Moves since the machine started, per route group and line.
     pub fn moves(&self) -> &BTreeMap<Moved, u64> {
         &self.moves
-    }
-
-    /// The health the machine decides from.
-    pub fn health(&self, key: &Key) -> Option<&Health> {
-        self.health.get(key)
     }
 
     /// Takes one event at `now`; returns what to do.
@@ -142,20 +130,12 @@ impl Machine {
             return first_choices(config, &self.hops);
         }
         let health = |k: &Key| self.health.get(k).cloned();
-        let line_moved: BTreeMap<String, Instant> = self
-            .recent
-            .iter()
-            .filter_map(|(m, times)| match m {
-                Moved::Line { peer } => Some((peer.clone(), *times.back()?)),
-                Moved::Group { .. } => None,
-            })
-            .collect();
         choices(Inputs {
             config,
             health: Some(&health),
             hops: &self.hops,
             active: &self.active,
-            line_moved: &line_moved,
+            line_moved: &self.line_moved,
             hold_down: self.hold_down,
             now,
         })
@@ -180,12 +160,10 @@ impl Machine {
             }
         }
         for m in changed {
-            *self.moves.entry(m.clone()).or_default() += 1;
-            let times = self.recent.entry(m).or_default();
-            times.push_back(now);
-            if times.len() > RECENT {
-                times.pop_front();
+            if let Moved::Line { peer } = &m {
+                self.line_moved.insert(peer.clone(), now);
             }
+            *self.moves.entry(m).or_default() += 1;
         }
         moved
     }
@@ -215,11 +193,6 @@ impl Machine {
                 Some(h.last_reply? + super::quiet_window(h, slowest) + slowest.max(h.interval) * 2)
             });
         periods.chain(undecided).filter(|t| *t > now).min()
-    }
-
-    /// The times the route group or line moved (the last few).
-    pub fn recent(&self, what: &Moved) -> impl Iterator<Item = Instant> + '_ {
-        self.recent.get(what).into_iter().flatten().copied()
     }
 }
 
