@@ -455,6 +455,46 @@ mod tests {
         assert_eq!(line_to(&m, EAST), "fiber", "its line is fine");
     }
 
+    /// The east access point dies and the group goes west; then everything
+    /// to the west goes quiet too (all lines, both peers). A move between
+    /// two candidates that are both down gains nothing: the group and the
+    /// lines stay where they are, and the first to answer again has them.
+    /// (Before, the tie went to the first candidate: the group went back to
+    /// the dead east access point and the line to fibre, two builds for
+    /// nothing, and the west access point coming back first meant a third.)
+    #[test]
+    fn nothing_moves_between_candidates_that_are_all_down() {
+        let t0 = Instant::now();
+        let (mut m, mut h) = settled(t0);
+        let t1 = t0 + ms(1000);
+        for line in ["fiber", "lte"] {
+            *h.get_mut(&path(line, EAST)).expect("path") = health(false, t1, Some(t0));
+        }
+        *h.get_mut(&tunnel(EAST)).expect("tunnel") = health(false, t1, Some(t0));
+        m.step(Event::Probed(h.clone()), t1);
+        assert_eq!(group(&m), WEST, "the east access point is gone");
+        // The west one goes too, over both lines; the line to it had moved to LTE first.
+        let t2 = t1 + ms(500);
+        *h.get_mut(&path("fiber", WEST)).expect("path") = health(false, t2, Some(t0 + ms(400)));
+        m.step(Event::Probed(h.clone()), t2);
+        assert_eq!(line_to(&m, WEST), "lte");
+        let t3 = t2 + ms(100);
+        *h.get_mut(&path("lte", WEST)).expect("path") = health(false, t3, Some(t0 + ms(450)));
+        *h.get_mut(&tunnel(WEST)).expect("tunnel") = health(false, t3, Some(t0 + ms(450)));
+        let moves = m.moves().values().sum::<u64>();
+        let actions = m.step(Event::Probed(h.clone()), t3);
+        assert!(!actions.iter().any(|a| matches!(a, Action::Build { .. })), "nothing to gain: {actions:?}");
+        assert_eq!((group(&m), line_to(&m, WEST)), (WEST, "lte"));
+        assert_eq!(m.moves().values().sum::<u64>(), moves);
+        // LTE to the west one answers again first: nothing has to move.
+        let t4 = t3 + ms(2000);
+        *h.get_mut(&path("lte", WEST)).expect("path") = health(true, t4, Some(t4));
+        *h.get_mut(&tunnel(WEST)).expect("tunnel") = health(true, t4, Some(t4));
+        let actions = m.step(Event::Probed(h.clone()), t4);
+        assert!(!actions.iter().any(|a| matches!(a, Action::Build { .. })), "{actions:?}");
+        assert_eq!((group(&m), line_to(&m, WEST)), (WEST, "lte"));
+    }
+
     /// Without probes (a fake datapath) the first choices stand and the
     /// machine asks for no wake-ups.
     #[test]
@@ -609,7 +649,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64), .. ProptestConfig::default() })]
 
         /// Over random failures and repairs (each lasting 0.1 to 6 s) with
         /// random probe phases and judgment lags: the group is never left
@@ -670,13 +710,15 @@ mod tests {
                 }
             }
             // 4. No access-point failover for a line failure: the group
-            // never leaves an access point that was alive, over a line that
-            // was up, for the last 400 ms (the disagreement defect: a site
-            // and the access points do not agree where its traffic goes).
+            // never leaves its preferred access point (where the access
+            // points expect the site) while that one was alive, over a line
+            // that was up, for the last 400 ms (the disagreement defect: a
+            // site and the access points do not agree where its traffic
+            // goes). Leaving the other one for the preferred restores the
+            // agreement (and while the other is up, that is the hold-down's, 2.).
             for (i, pair) in run.windows(2).enumerate() {
                 let ((_, before, _, _), (t, after, _, state)) = (&pair[0], &pair[1]);
-                // Moves back to a preferred candidate are the hold-down's (2.).
-                if before == after || tunnel_up(state, before).is_some_and(|(up, _)| up) {
+                if before == after || before != EAST || tunnel_up(state, before).is_some_and(|(up, _)| up) {
                     continue;
                 }
                 let window: Vec<&World> = run[..=i + 1].iter().rev().take_while(|m| m.0 + 400 >= *t).map(|m| &m.2).collect();
