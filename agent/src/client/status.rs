@@ -5,6 +5,7 @@ use musubi_proto::v1 as pb;
 
 use super::Agent;
 use super::settings::{AgentError, VERSION, now_ms};
+use crate::failover::machine::Moved;
 use crate::probe::Key;
 
 impl Agent {
@@ -25,6 +26,17 @@ impl Agent {
     /// The path a peer is reached over, `local→remote`, when the agent picks it.
     fn path_of(&self, peer: &str) -> String {
         self.machine.active().paths.get(peer).map(|(l, r)| format!("{l}→{r}")).unwrap_or_default()
+    }
+
+    /// Times the line to `peer` moved since the agent started.
+    fn line_moves(&self, peer: &str) -> u64 {
+        self.machine.moves().get(&Moved::Line { peer: peer.to_string() }).copied().unwrap_or(0)
+    }
+
+    /// Times a route group moved since the agent started.
+    fn group_moves(&self, segment: &str, group: &str) -> u64 {
+        let key = Moved::Group { segment: segment.to_string(), group: group.to_string() };
+        self.machine.moves().get(&key).copied().unwrap_or(0)
     }
 
     pub(super) fn status(&self, keys: Vec<pb::InterfaceKey>) -> pb::AgentMessage {
@@ -51,6 +63,7 @@ impl Agent {
                                     loss_permille: h.loss_permille,
                                     path: self.path_of(&p.name),
                                     judged,
+                                    line_moves: self.line_moves(&p.name),
                                 }
                             }
                             // Not probed: a configured peer counts as up.
@@ -81,6 +94,7 @@ impl Agent {
                         route_group: group.clone(),
                         peer: peer.clone(),
                         local_line: self.local_line(segment, peer),
+                        moves: self.group_moves(segment, group),
                     })
                     .collect(),
                 errors: self.errors.clone(),

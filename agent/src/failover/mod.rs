@@ -116,10 +116,6 @@ pub fn choices(i: Inputs<'_>) -> Choices {
         .iter()
         .flat_map(|s| s.peers.iter().filter(|p| p.role() == pb::PeerRole::Site).map(|p| p.name.as_str()))
         .collect();
-    // A candidate that is down ranks behind every live one, and the one in
-    // use ahead of the others that are down: a move between two dead
-    // candidates gains nothing and may leave the one that comes back first.
-    let down = |current: bool| if current { 2 } else { 3 };
     let group_rank = |seg: &str, group: &str, peer: &str| {
         let current = active.groups.get(&(seg.to_string(), group.to_string())).is_some_and(|c| c == peer);
         let down_for = |h: &Health| h.since.map_or(Duration::MAX, |s| now.saturating_duration_since(s));
@@ -133,7 +129,7 @@ pub fn choices(i: Inputs<'_>) -> Choices {
                 if current && down_for(&h) < SITE_GRACE {
                     0
                 } else {
-                    down(current)
+                    2
                 }
             }
             Some(h) => {
@@ -166,17 +162,17 @@ pub fn choices(i: Inputs<'_>) -> Choices {
                             && now.saturating_duration_since(*at) < SWITCH_GRACE
                     });
                 let switching = switching || switched || (undecided && outlived.is_some());
-                if switching && current { 0 } else { down(current) }
+                if switching && current { 0 } else { 2 }
             }
         }
     };
     let path_rank = |peer: &str, e: &pb::Endpoint| {
-        let Some(key) = path_key(e) else { return 4 };
+        let Some(key) = path_key(e) else { return 3 };
         let current = active.paths.get(peer).is_some_and(|(l, r)| *l == e.local_line && *r == e.remote_line);
         match health(&key) {
             None => 0,
             Some(h) if h.up => u8::from(!settled(&h, current)),
-            Some(_) => down(current),
+            Some(_) => 2,
         }
     };
     choose(config, &group_rank, &path_rank)

@@ -126,21 +126,32 @@ pub async fn site_status(client: &mut Client, site: Option<String>, json: bool) 
                     (true, true) => "up",
                     (true, false) => "DOWN",
                 };
-                let over = if p.path.is_empty() { String::new() } else { format!(", over {}", p.path) };
+                let over = if p.path.is_empty() {
+                    String::new()
+                } else {
+                    format!(", over {} (line moved {})", p.path, times(p.line_moves))
+                };
                 println!(
                     "peer:        {:<12} {:<24} {state:<4} rtt {} µs, loss {}‰{over}",
                     p.segment, p.peer, p.rtt_us, p.loss_permille
                 );
             }
             for a in &st.active {
-                println!("path:        {:<12} {:<24} via {} on {}", a.segment, a.route_group, a.peer, a.local_line);
+                println!(
+                    "path:        {:<12} {:<24} via {} on {} (moved {})",
+                    a.segment,
+                    a.route_group,
+                    a.peer,
+                    a.local_line,
+                    times(a.moves)
+                );
             }
         }
         return Ok(());
     }
     println!(
-        "{:<24} {:<10} {:>8} {:>8} {:<8} {:<10} {:>8} {:>6}",
-        "SITE", "CONNECTED", "APPLIED", "DESIRED", "SYNC", "SEEN", "TUNNELS", "ERRORS"
+        "{:<24} {:<10} {:>8} {:>8} {:<8} {:<10} {:>8} {:>6} {:>6}",
+        "SITE", "CONNECTED", "APPLIED", "DESIRED", "SYNC", "SEEN", "TUNNELS", "MOVES", "ERRORS"
     );
     for s in &resp.sites {
         let reported = s.reported.clone().unwrap_or_default();
@@ -159,7 +170,7 @@ pub async fn site_status(client: &mut Client, site: Option<String>, json: bool) 
             Some(false) => "no",
         };
         println!(
-            "{:<24} {:<10} {:>8} {:>8} {:<8} {:<10} {:>8} {:>6}",
+            "{:<24} {:<10} {:>8} {:>8} {:<8} {:<10} {:>8} {:>6} {:>6}",
             s.site,
             connected,
             format!("r{}", st.applied_revision),
@@ -167,10 +178,30 @@ pub async fn site_status(client: &mut Client, site: Option<String>, json: bool) 
             sync,
             ago(reported.last_seen_unix_ms),
             format!("{up}/{}", st.peers.len()),
+            moves(&st),
             st.errors.len()
         );
     }
     Ok(())
+}
+
+/// "never", "once", "N times".
+fn times(n: u64) -> String {
+    match n {
+        0 => "never".into(),
+        1 => "once".into(),
+        n => format!("{n} times"),
+    }
+}
+
+/// Moves of traffic an agent reported since it started: its route groups'
+/// and its lines' (a line to a peer counts once, however many segments
+/// reach that peer over it).
+fn moves(st: &pb::Status) -> u64 {
+    let groups: u64 = st.active.iter().map(|a| a.moves).sum();
+    let lines: std::collections::BTreeMap<&str, u64> =
+        st.peers.iter().map(|p| (p.peer.as_str(), p.line_moves)).collect();
+    groups + lines.values().sum::<u64>()
 }
 
 fn short(digest: &str) -> &str {
