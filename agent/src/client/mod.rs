@@ -140,6 +140,9 @@ impl Agent {
                     });
                 }
                 self.applied = Some(update);
+                if !ops.is_empty() {
+                    self.prepare();
+                }
             }
             Err(e) => {
                 tracing::error!(site = %self.settings.site, revision = update.revision, error = %e, "configuration not applied");
@@ -173,8 +176,15 @@ impl Agent {
     fn reconcile(&mut self, moved: &[String]) -> bool {
         let Some(config) = self.applied.as_ref().and_then(|a| a.config.as_ref()) else { return false };
         let active = self.machine.active();
+        // A failover's build takes the policy as last read or written (a
+        // process less on the way to the new path); the upkeep reads it.
+        self.datapath.trust_policy(!moved.is_empty());
         let result =
             off_workers(self.datapath.blocks(), || build(&mut *self.datapath, config, &self.keys, active, &self.hops));
+        self.datapath.trust_policy(false);
+        if result.as_ref().is_ok_and(|ops| !ops.is_empty()) {
+            self.prepare();
+        }
         match result {
             Ok(ops) if ops.is_empty() => false,
             Ok(ops) if !moved.is_empty() => {
@@ -190,6 +200,14 @@ impl Agent {
                 self.errors = vec![e.to_string()];
                 true
             }
+        }
+    }
+
+    /// Observes the datapath after a build, so that a failover's next build
+    /// plans without observing first.
+    fn prepare(&mut self) {
+        if let Err(e) = off_workers(self.datapath.blocks(), || self.datapath.prepare()) {
+            tracing::debug!(site = %self.settings.site, error = %e, "datapath not observed after the build");
         }
     }
 

@@ -217,6 +217,17 @@ pub trait Datapath: Send {
     }
     /// Applies operations in order; stops at the first failure.
     fn apply(&mut self, ops: &[Op]) -> Result<(), DatapathError>;
+    /// Whether the next plans may take the policy as last read or written
+    /// instead of reading it again (a failover's builds: the policy raises
+    /// no notification, and reading it costs a process; the periodic upkeep
+    /// does not trust it and puts back a policy changed under the agent).
+    fn trust_policy(&mut self, _trusted: bool) {}
+    /// Observes now what writes just changed, so that the next plan (a
+    /// failover's, perhaps) need not: called after a build, off the path
+    /// of the traffic that build moved.
+    fn prepare(&mut self) -> Result<(), DatapathError> {
+        Ok(())
+    }
     /// Writes made since start (for tests and status).
     fn writes(&self) -> u64;
     /// Whether calls wait on the kernel or other processes (see
@@ -242,6 +253,38 @@ pub trait Datapath: Send {
 /// routes, peers and addresses go before the tunnels that carry them,
 /// tunnels before their domains; creation in the opposite order. A tunnel
 /// whose domain, port or key changes is recreated.
+/// `owned` after `ops` were applied, for the operations that raise no
+/// netlink notification (WireGuard peers, the policy): true when every one
+/// of them is such an operation and `owned` now says what the datapath
+/// holds; false (and `owned` half-updated) otherwise.
+pub fn shadow(owned: &mut Owned, ops: &[Op]) -> bool {
+    for op in ops {
+        match op {
+            Op::SetPeer { tunnel, public_key, peer } => match owned.tunnels.get_mut(tunnel) {
+                Some(t) => {
+                    let mut peer = peer.clone();
+                    // An empty endpoint keeps the one the peer has.
+                    if peer.endpoint.is_empty() {
+                        peer.endpoint = t.peers.get(public_key).map(|p| p.endpoint.clone()).unwrap_or_default();
+                    }
+                    t.peers.insert(public_key.clone(), peer);
+                }
+                None => return false,
+            },
+            Op::RemovePeer { tunnel, public_key } => match owned.tunnels.get_mut(tunnel) {
+                Some(t) => {
+                    t.peers.remove(public_key);
+                }
+                None => return false,
+            },
+            Op::SetPolicy(policy) => owned.policy = Some(policy.clone()),
+            Op::DeletePolicy => owned.policy = None,
+            _ => return false,
+        }
+    }
+    true
+}
+
 pub fn plan(actual: &Owned, desired: &Owned) -> Vec<Op> {
     let mut removals = Vec::new();
     let mut creations = Vec::new();
@@ -502,7 +545,68 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Duration;
 
-    use super::off_workers;
+    use super::*;
+
+    fn peer(endpoint: &str, allowed: &[&str]) -> PeerSpec {
+        PeerSpec {
+            name: "ap".into(),
+            endpoint: endpoint.into(),
+            allowed_ips: allowed.iter().map(|s| s.to_string()).collect(),
+            roams: false,
+        }
+    }
+
+    /// A router with one tunnel holding two peers, and a policy.
+    fn owned() -> Owned {
+        let mut o = Owned::default();
+        let mut t = Tunnel {
+            name: "mw-office".into(),
+            domain: "office".into(),
+            listen_port: 51820,
+            public_key: "K".into(),
+            key_file: PathBuf::new(),
+            addresses: BTreeSet::new(),
+            peers: BTreeMap::new(),
+        };
+        t.peers.insert("KE".into(), peer("192.0.2.1:51820", &["10.0.0.0/8"]));
+        t.peers.insert("KW".into(), peer("192.0.2.2:51820", &["100.64.0.2/32"]));
+        o.tunnels.insert(t.name.clone(), t);
+        o.policy = Some(Policy { digest: "a".into(), spec: None });
+        o
+    }
+
+    /// A failover's writes (a route group's prefixes to the other peer, the
+    /// fence of a moved line) are applied to the kept observation: the plan
+    /// against it afterwards is empty, as one against the kernel would be.
+    #[test]
+    fn peers_and_policy_written_are_shadowed_in_the_kept_observation() {
+        let mut desired = owned();
+        let t = desired.tunnels.get_mut("mw-office").expect("tunnel");
+        t.peers.insert("KE".into(), peer("198.51.100.1:51820", &["100.64.0.1/32"]));
+        t.peers.insert("KW".into(), peer("192.0.2.2:51820", &["10.0.0.0/8", "100.64.0.2/32"]));
+        desired.policy = Some(Policy { digest: "b".into(), spec: None });
+        let mut kept = owned();
+        let ops = plan(&kept, &desired);
+        assert!(!ops.is_empty());
+        assert!(shadow(&mut kept, &ops), "{ops:?}");
+        assert!(plan(&kept, &desired).is_empty(), "{:?}", plan(&kept, &desired));
+        // A peer set without an endpoint keeps the one it has.
+        let keep = Op::SetPeer { tunnel: "mw-office".into(), public_key: "KW".into(), peer: peer("", &["10.0.0.0/8"]) };
+        assert!(shadow(&mut kept, &[keep]));
+        assert_eq!(kept.tunnels["mw-office"].peers["KW"].endpoint, "192.0.2.2:51820");
+    }
+
+    /// Writes that raise notifications (routes, tunnels), or that name a
+    /// tunnel the observation does not hold, are not shadowed: the next
+    /// plan observes again.
+    #[test]
+    fn other_writes_are_not_shadowed() {
+        let route = Route { table: 1000, prefix: "10.0.0.0/8".into(), interface: "mw-office".into() };
+        assert!(!shadow(&mut owned(), &[Op::AddRoute(route)]));
+        let elsewhere = Op::SetPeer { tunnel: "mw-guest".into(), public_key: "KE".into(), peer: peer("", &[]) };
+        assert!(!shadow(&mut owned(), &[elsewhere]));
+        assert!(!shadow(&mut owned(), &[Op::DeleteTunnel { name: "mw-office".into() }]));
+    }
 
     /// With one async worker, a tick every 5 ms keeps going while the
     /// datapath blocks for 300 ms.

@@ -79,6 +79,9 @@ pub struct Linux {
     watch: Option<Watch>,
     /// The pins last found or written, trusted like the observation.
     pinned: Option<BTreeSet<Pin>>,
+    /// Whether plans take the kept observation's policy without reading it
+    /// again ([`Datapath::trust_policy`]).
+    trust_policy: bool,
 }
 
 /// How long an observation is trusted without a notification. WireGuard
@@ -120,6 +123,7 @@ impl Linux {
             cache: None,
             watch: None,
             pinned: None,
+            trust_policy: false,
         })
     }
 
@@ -153,7 +157,9 @@ impl Datapath for Linux {
     /// What the agent owns. A full observation (netlink dumps, every
     /// WireGuard device, nft) is kept, and given again while no
     /// notification has arrived since it began — the policy table, which
-    /// raises none here, is read every time.
+    /// raises none here, is read every time, unless a failover's build
+    /// trusts it ([`Datapath::trust_policy`]). Writes that raise no
+    /// notification (peers, the policy) update the kept observation.
     fn observe(&mut self) -> Result<Owned, DatapathError> {
         self.current().cloned()
     }
@@ -168,8 +174,10 @@ impl Datapath for Linux {
     /// tunnel as one UAPI `set`: an access point's thousands of peers and
     /// routes are not thousands of round trips.
     fn apply(&mut self, ops: &[Op]) -> Result<(), DatapathError> {
-        // The kernel is about to differ from what was observed.
-        self.cache = None;
+        // The kernel is about to differ from what was observed: the
+        // observation is kept only if these writes raise no notification
+        // and it can say what they did (a failover's peers and policy).
+        let mut kept = self.cache.take();
         let started = std::time::Instant::now();
         let mut i = 0;
         while i < ops.len() {
@@ -187,6 +195,22 @@ impl Datapath for Linux {
                 .map_err(|e| DatapathError::During { op: describe(&ops[i]), source: Box::new(e) })?;
             tracing::debug!(op = describe(&ops[i]), until = end, ms = started.elapsed().as_secs_f64() * 1e3, "applied");
             i = end;
+        }
+        if let Some((owned, _)) = kept.as_mut()
+            && super::shadow(owned, ops)
+        {
+            self.cache = kept;
+        }
+        Ok(())
+    }
+
+    fn trust_policy(&mut self, trusted: bool) {
+        self.trust_policy = trusted;
+    }
+
+    fn prepare(&mut self) -> Result<(), DatapathError> {
+        if self.cache.is_none() {
+            self.current()?;
         }
         Ok(())
     }
