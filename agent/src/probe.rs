@@ -39,6 +39,10 @@ pub const WINDOW: usize = 20;
 /// How long a peer that has never answered is given before it counts as down.
 pub const GRACE: Duration = Duration::from_secs(5);
 
+/// Messages read at most before a tick's judgment (an access point's
+/// members answer in thousands; the rest wait for the next tick's read).
+const DRAIN_LIMIT: usize = 4096;
+
 const REQUEST: u8 = 1;
 const REPLY: u8 = 2;
 
@@ -359,11 +363,30 @@ async fn socket_loop(
         targets.iter().enumerate().map(|(i, t)| (t.address, i)).collect();
     let mut seq: u64 = 0;
     let mut buf = [0u8; 64];
+    let mut ctx = Context {
+        targets: &targets,
+        states: &mut states,
+        by_address: &by_address,
+        only: only.as_deref(),
+        health: &health,
+        changed: &changed,
+    };
     loop {
         tokio::select! {
             _ = ticker.tick() => {
+                // What has arrived is read before anything is judged: after
+                // the agent was held up (a busy machine), the tick and the
+                // replies are ready together, and judging first declared
+                // every target down, then up again a moment later — and a
+                // route group moved on the way (flapping-line, 3.1 s).
+                for _ in 0..DRAIN_LIMIT {
+                    let Ok((n, from)) = sock.try_recv_from(&mut buf) else { break };
+                    if let Some(to) = take(&mut buf[..n], from, &mut ctx) {
+                        let _ = sock.try_send_to(&buf[..17], to);
+                    }
+                }
                 let now = Instant::now();
-                for (t, st) in targets.iter().zip(states.iter_mut()) {
+                for (t, st) in ctx.targets.iter().zip(ctx.states.iter_mut()) {
                     if now + tick / 2 >= st.next {
                         seq += 1;
                         let mut msg = [0u8; 17];
@@ -384,45 +407,64 @@ async fn socket_loop(
                         }
                     }
                 }
-                evaluate(&targets, &states, &health, &changed, None);
+                evaluate(ctx.targets, ctx.states, ctx.health, ctx.changed, None);
             }
             received = sock.recv_from(&mut buf) => {
                 let Ok((n, from)) = received else { continue };
-                if n < 17 {
-                    continue;
-                }
-                match buf[0] {
-                    REQUEST if only.as_ref().is_none_or(|o| o.contains(&from.ip())) => {
-                        buf[0] = REPLY;
-                        let _ = sock.send_to(&buf[..17], from).await;
-                        // A member's probe is its sign of life.
-                        if let Some(&i) = by_address.get(&from.ip())
-                            && targets[i].member
-                        {
-                            states[i].last_reply = Some(Instant::now());
-                            evaluate(&targets[i..=i], &states[i..=i], &health, &changed, None);
-                        }
-                    }
-                    REPLY => {
-                        let Some(&i) = by_address.get(&from.ip()) else { continue };
-                        let mut s = [0u8; 8];
-                        s.copy_from_slice(&buf[1..9]);
-                        let got = u64::from_be_bytes(s);
-                        let now = Instant::now();
-                        let st = &mut states[i];
-                        let mut rtt = None;
-                        for entry in st.sent.iter_mut().filter(|e| e.0 == got) {
-                            entry.2 = true;
-                            rtt = Some(now - entry.1);
-                        }
-                        st.last_reply = Some(now);
-                        // Only this target can have changed.
-                        evaluate(&targets[i..=i], &states[i..=i], &health, &changed, rtt.map(|r| (0, r)));
-                    }
-                    _ => {}
+                if let Some(to) = take(&mut buf[..n], from, &mut ctx) {
+                    let _ = sock.send_to(&buf[..17], to).await;
                 }
             }
         }
+    }
+}
+
+/// What a socket's loop reads and judges with.
+struct Context<'a> {
+    targets: &'a [Target],
+    states: &'a mut [State],
+    by_address: &'a std::collections::HashMap<IpAddr, usize>,
+    only: Option<&'a BTreeSet<IpAddr>>,
+    health: &'a Healths,
+    changed: &'a Notify,
+}
+
+/// Takes one message: a reply (its target answered) or a request from a
+/// peer (a member's probe is its sign of life). Returns where to send the
+/// request back as a reply (`msg[..17]`, turned into one), if it is one.
+fn take(msg: &mut [u8], from: SocketAddr, ctx: &mut Context<'_>) -> Option<SocketAddr> {
+    if msg.len() < 17 {
+        return None;
+    }
+    match msg[0] {
+        REQUEST if ctx.only.is_none_or(|o| o.contains(&from.ip())) => {
+            msg[0] = REPLY;
+            if let Some(&i) = ctx.by_address.get(&from.ip())
+                && ctx.targets[i].member
+            {
+                ctx.states[i].last_reply = Some(Instant::now());
+                evaluate(&ctx.targets[i..=i], &ctx.states[i..=i], ctx.health, ctx.changed, None);
+            }
+            Some(from)
+        }
+        REPLY => {
+            let &i = ctx.by_address.get(&from.ip())?;
+            let mut s = [0u8; 8];
+            s.copy_from_slice(&msg[1..9]);
+            let got = u64::from_be_bytes(s);
+            let now = Instant::now();
+            let st = &mut ctx.states[i];
+            let mut rtt = None;
+            for entry in st.sent.iter_mut().filter(|e| e.0 == got) {
+                entry.2 = true;
+                rtt = Some(now - entry.1);
+            }
+            st.last_reply = Some(now);
+            // Only this target can have changed.
+            evaluate(&ctx.targets[i..=i], &ctx.states[i..=i], ctx.health, ctx.changed, rtt.map(|r| (0, r)));
+            None
+        }
+        _ => None,
     }
 }
 
