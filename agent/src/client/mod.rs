@@ -182,9 +182,6 @@ impl Agent {
         let result =
             off_workers(self.datapath.blocks(), || build(&mut *self.datapath, config, &self.keys, active, &self.hops));
         self.datapath.trust_policy(false);
-        if result.as_ref().is_ok_and(|ops| !ops.is_empty()) {
-            self.prepare();
-        }
         match result {
             Ok(ops) if ops.is_empty() => false,
             Ok(ops) if !moved.is_empty() => {
@@ -203,8 +200,11 @@ impl Agent {
         }
     }
 
-    /// Observes the datapath after a build, so that a failover's next build
-    /// plans without observing first.
+    /// Observes the datapath after a configuration is applied, so that a
+    /// failover's first build plans without observing first. (Not after a
+    /// failover's own builds: a failure's decisions come one after the
+    /// other, and in the kernel lab an observation between them cost
+    /// seconds; the upkeep observes again.)
     fn prepare(&mut self) {
         if let Err(e) = off_workers(self.datapath.blocks(), || self.datapath.prepare()) {
             tracing::debug!(site = %self.settings.site, error = %e, "datapath not observed after the build");

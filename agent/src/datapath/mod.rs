@@ -223,8 +223,8 @@ pub trait Datapath: Send {
     /// does not trust it and puts back a policy changed under the agent).
     fn trust_policy(&mut self, _trusted: bool) {}
     /// Observes now what writes just changed, so that the next plan (a
-    /// failover's, perhaps) need not: called after a build, off the path
-    /// of the traffic that build moved.
+    /// failover's, perhaps) need not: called after a configuration is
+    /// applied, off any failover's path.
     fn prepare(&mut self) -> Result<(), DatapathError> {
         Ok(())
     }
