@@ -289,7 +289,11 @@ pub fn site_row<'a>(status: &'a serde_json::Value, site: &str) -> &'a serde_json
 /// A number in a status row's reported status (proto3 JSON writes 64-bit
 /// numbers as strings and leaves zeros out).
 pub fn reported(row: &serde_json::Value, field: &str) -> u64 {
-    let v = &row["reported"]["status"][field];
+    number(&row["reported"]["status"][field])
+}
+
+/// A 64-bit number as proto3 JSON writes it (a string; absent when zero).
+pub fn number(v: &serde_json::Value) -> u64 {
     v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())).unwrap_or(0)
 }
 

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use musubi_tests::bin;
 use musubi_tests::netns::skip_without_root;
+use musubi_tests::{bin, number};
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
@@ -80,9 +80,6 @@ impl Lab {
         let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         let row = status["sites"].as_array()?.iter().find(|r| r["site"] == site)?.clone();
         let st = &row["reported"]["status"];
-        // Proto3 JSON: 64-bit numbers as strings, zeros left out.
-        let number =
-            |v: &serde_json::Value| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())).unwrap_or(0);
         let groups: u64 = st["active"].as_array()?.iter().map(|a| number(&a["moves"])).sum();
         let lines: std::collections::BTreeMap<String, u64> = st["peers"]
             .as_array()?
