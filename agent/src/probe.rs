@@ -133,13 +133,14 @@ pub fn targets(config: &SiteConfig) -> Vec<Target> {
     let default = config.probe.unwrap_or_default();
     let mut out = Vec::new();
     for seg in &config.segments {
-        let Some(wg) = &seg.wireguard else { continue };
-        let Some(local) =
-            wg.addresses.iter().find_map(|a| a.split('/').next()?.parse::<IpAddr>().ok().filter(IpAddr::is_ipv4))
-        else {
-            continue;
-        };
         for p in seg.peers.iter().filter(|p| !p.public_key.is_empty()) {
+            // The peer's own tunnel, from this router's tunnel address on it.
+            let Some(wg) = seg.tunnels.iter().find(|t| t.name == p.interface) else { continue };
+            let Some(local) =
+                wg.addresses.iter().find_map(|a| a.split('/').next()?.parse::<IpAddr>().ok().filter(IpAddr::is_ipv4))
+            else {
+                continue;
+            };
             let address = p.allowed_prefixes.iter().find_map(|a| {
                 let (ip, len) = a.split_once('/')?;
                 let ip: IpAddr = ip.parse().ok()?;

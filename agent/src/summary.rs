@@ -12,6 +12,8 @@ pub enum ConfigError {
     Missing { segment: String, what: &'static str },
     #[error("routing table {table} is used by segments `{first}` and `{second}`")]
     SharedTable { table: u32, first: String, second: String },
+    #[error("segment `{segment}`: peer `{peer}` is on `{interface}`, which is not one of the segment's tunnels")]
+    UnknownTunnel { segment: String, peer: String, interface: String },
     #[error("segment `{segment}`: route group `{group}` names `{candidate}`, which is not a peer")]
     UnknownCandidate { segment: String, group: String, candidate: String },
 }
@@ -27,7 +29,9 @@ pub fn summarise(c: &SiteConfig) -> Result<String, ConfigError> {
     for s in &c.segments {
         let domain =
             s.domain.as_ref().ok_or(ConfigError::Missing { segment: s.segment.clone(), what: "routing domain" })?;
-        let wg = s.wireguard.as_ref().ok_or(ConfigError::Missing { segment: s.segment.clone(), what: "wireguard" })?;
+        if s.tunnels.is_empty() {
+            return Err(ConfigError::Missing { segment: s.segment.clone(), what: "WireGuard interface" });
+        }
         if let Some((_, first)) = tables.iter().find(|(t, _)| *t == domain.table) {
             return Err(ConfigError::SharedTable {
                 table: domain.table,
@@ -37,6 +41,13 @@ pub fn summarise(c: &SiteConfig) -> Result<String, ConfigError> {
         }
         tables.push((domain.table, &s.segment));
         let peers: HashSet<&str> = s.peers.iter().map(|p| p.name.as_str()).collect();
+        if let Some(p) = s.peers.iter().find(|p| !s.tunnels.iter().any(|t| t.name == p.interface)) {
+            return Err(ConfigError::UnknownTunnel {
+                segment: s.segment.clone(),
+                peer: p.name.clone(),
+                interface: p.interface.clone(),
+            });
+        }
         for g in &s.route_groups {
             if let Some(c) = g.candidates.iter().find(|c| !peers.contains(c.as_str())) {
                 return Err(ConfigError::UnknownCandidate {
@@ -49,13 +60,15 @@ pub fn summarise(c: &SiteConfig) -> Result<String, ConfigError> {
         let keyed = s.peers.iter().filter(|p| !p.public_key.is_empty()).count();
         let _ = writeln!(
             out,
-            "  segment {}: vrf {} table {}, {} port {} [{}]",
+            "  segment {}: vrf {} table {}, {}",
             s.segment,
             domain.vrf,
             domain.table,
-            wg.name,
-            wg.listen_port,
-            wg.addresses.join(", ")
+            s.tunnels
+                .iter()
+                .map(|w| format!("{} port {} [{}]", w.name, w.listen_port, w.addresses.join(", ")))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         if let Some(a) = &s.attachment {
             let _ = writeln!(out, "    lan {} [{}]", a.interface, a.prefixes.join(", "));
@@ -81,8 +94,8 @@ mod tests {
         SegmentConfig {
             segment: name.into(),
             domain: Some(RoutingDomain { vrf: format!("mv-{name}"), table }),
-            wireguard: Some(WireguardInterface { name: format!("mw-{name}"), listen_port: 51820, addresses: vec![] }),
-            peers: vec![Peer { name: "ap-east".into(), ..Default::default() }],
+            tunnels: vec![WireguardInterface { name: format!("me-{name}"), listen_port: 51820, ..Default::default() }],
+            peers: vec![Peer { name: "ap-east".into(), interface: format!("me-{name}"), ..Default::default() }],
             route_groups: vec![RouteGroup { name: name.into(), prefixes: vec![], candidates: vec!["ap-east".into()] }],
             ..Default::default()
         }
@@ -102,5 +115,8 @@ mod tests {
         assert!(summarise(&c).expect("valid").contains("segment b: vrf mv-b table 1001"));
         c.segments[0].route_groups[0].candidates.push("ap-west".into());
         assert!(matches!(summarise(&c), Err(ConfigError::UnknownCandidate { .. })));
+        c.segments[0].route_groups[0].candidates.pop();
+        c.segments[0].peers[0].interface = "mw-a".into();
+        assert!(matches!(summarise(&c), Err(ConfigError::UnknownTunnel { .. })));
     }
 }

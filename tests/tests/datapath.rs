@@ -271,7 +271,7 @@ fn segments_reach_within_and_not_across_and_reconcile_is_idempotent() {
     lab.net.ok("s1", "ip route del 10.10.0.0/16 table 1000 && nft delete table inet musubi");
     let restored = eventually(scaled(Duration::from_secs(3)), || {
         lab.net
-            .sh("s1", "ip route show table 1000 10.10.0.0/16 | grep -q mw-alpha && nft list table inet musubi")
+            .sh("s1", "ip route show table 1000 10.10.0.0/16 | grep -q me-alpha && nft list table inet musubi")
             .status
             .success()
     });
@@ -279,7 +279,7 @@ fn segments_reach_within_and_not_across_and_reconcile_is_idempotent() {
     assert!(restored, "the held configuration was put back within {:?}", scaled(Duration::from_secs(3)));
 
     // Remove beta from site 1: all of its objects go, the rest stays.
-    let index = lab.ifindex("s1", "mw-alpha");
+    let index = lab.ifindex("s1", "me-alpha");
     let text = std::fs::read_to_string(&intent).expect("intent");
     let without = text.replacen("  - segment: beta\n    interface: lan-b\n    prefixes: [10.10.1.0/24]\n", "", 1);
     assert_ne!(text, without);
@@ -288,16 +288,19 @@ fn segments_reach_within_and_not_across_and_reconcile_is_idempotent() {
     let (ops, _) = lab.apply("s1", &lab.compile(&smaller, "site-1"));
     assert!(ops > 0);
     let links = lab.net.ok("s1", "ip -o link show");
-    assert!(!links.contains("mw-beta"), "beta's tunnel is gone: {links}");
+    assert!(!links.contains("me-beta") && !links.contains("mw-beta"), "beta's tunnels are gone: {links}");
     let rules = lab.net.ok("s1", "ip rule show; ip -6 rule show");
-    assert!(!rules.contains("lan-b") && !rules.contains("mw-beta"), "beta's rules are gone: {rules}");
+    assert!(
+        !rules.contains("lan-b") && !rules.contains("me-beta") && !rules.contains("mw-beta"),
+        "beta's rules are gone: {rules}"
+    );
     assert_eq!(
         lab.net.ok("s1", "ip route show table 1001; ip -6 route show table 1001").trim(),
         "",
         "beta's table is empty"
     );
     assert!(!lab.net.ok("s1", "nft list table inet musubi").contains("lan-b"), "beta left the policy");
-    assert_eq!(lab.ifindex("s1", "mw-alpha"), index, "alpha's tunnel was not touched");
+    assert_eq!(lab.ifindex("s1", "me-alpha"), index, "alpha's tunnel was not touched");
     assert!(reaches(&lab, "h1a", "10.10.2.10"), "alpha still works");
     assert!(!lab.ping("h1b", "10.10.2.10"), "beta no longer leaves site 1");
 
@@ -339,7 +342,7 @@ fn a_site_moving_from_table_mode_to_vrf_mode_converges_and_leaves_no_table_mode_
     assert!(reaches(&lab, "h1a", "10.10.2.10"), "alpha works in table mode");
     let rules = "ip rule show priority 5200; ip -6 rule show priority 5200";
     let before = lab.net.ok("s1", rules);
-    assert!(before.contains("lan-a") && before.contains("mw-alpha"), "table mode's rules are there: {before}");
+    assert!(before.contains("lan-a") && before.contains("me-alpha"), "table mode's rules are there: {before}");
 
     let (ops, _) = lab.apply_in("s1", &configs[1], "vrf");
     assert!(ops > 0, "moving to VRF mode takes operations");
@@ -369,7 +372,7 @@ fn a_restarted_agent_adopts_its_tunnels_without_losing_a_packet() {
     let Some((lab, _)) = built() else { return };
     let intent = intent_path();
     assert!(reaches(&lab, "h1a", "10.10.2.10"));
-    let index = lab.ifindex("s1", "mw-alpha");
+    let index = lab.ifindex("s1", "me-alpha");
 
     // Site 1's agent starts headless from its last applied configuration
     // (no controller answers): it finds everything built and writes nothing.
@@ -408,19 +411,19 @@ fn a_restarted_agent_adopts_its_tunnels_without_losing_a_packet() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("300 received"), "no packet lost across the restart: {}", text.lines().last().unwrap_or(""));
     assert!(std::fs::read_to_string(&log2).expect("log").contains("writes=0"), "the restarted agent wrote nothing");
-    assert_eq!(lab.ifindex("s1", "mw-alpha"), index, "same interface, no flap");
+    assert_eq!(lab.ifindex("s1", "me-alpha"), index, "same interface, no flap");
 
     // Supervision: alpha's wireguard-go dies (with kernel WireGuard: its
     // interface is deleted by hand); the agent, still headless, builds it
     // again and reconfigures it.
     if modes().0 == "kernel" {
-        lab.net.ok("s1", "ip link del mw-alpha");
+        lab.net.ok("s1", "ip link del me-alpha");
     } else {
         let ns = lab.net.ns("s1");
         lab.net.ok(
             "wan",
             &format!(
-                "for p in $(ip netns pids {ns}); do tr '\\0' ' ' < /proc/$p/cmdline | grep -q 'wireguard-go mw-alpha' && kill -9 $p; done; true"
+                "for p in $(ip netns pids {ns}); do tr '\\0' ' ' < /proc/$p/cmdline | grep -q 'wireguard-go me-alpha' && kill -9 $p; done; true"
             ),
         );
     }

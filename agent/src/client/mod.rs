@@ -103,7 +103,7 @@ impl Agent {
                 for seg in config.segments.iter().filter(|s| new.contains(&s.segment)) {
                     new_keys.push(pb::InterfaceKey {
                         segment: seg.segment.clone(),
-                        interface: seg.wireguard.as_ref().map(|w| w.name.clone()).unwrap_or_default(),
+                        interface: String::new(),
                         public_key: keys.get(&seg.segment).map(|k| k.public_key.clone()).unwrap_or_default(),
                     });
                 }

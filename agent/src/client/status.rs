@@ -112,7 +112,7 @@ impl Agent {
             .state
             .public_keys()?
             .into_iter()
-            .map(|(segment, public_key)| pb::InterfaceKey { interface: format!("mw-{segment}"), segment, public_key })
+            .map(|(segment, public_key)| pb::InterfaceKey { interface: String::new(), segment, public_key })
             .collect();
         let (applied_revision, applied_digest) =
             self.applied.as_ref().map_or((0, String::new()), |a| (a.revision, a.digest.clone()));

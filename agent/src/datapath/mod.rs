@@ -157,6 +157,24 @@ pub struct PolicySpec {
     pub unused_lines: BTreeSet<IpAddr>,
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub tunnel_ports: BTreeSet<u16>,
+    /// By segment: its tunnels and the inner sources they may carry
+    /// (anti-spoofing: a tunnel with one peer accepts every address from
+    /// it, so the policy drops what no site of the segment or of a linked
+    /// one has).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sources: BTreeMap<String, Sources>,
+    /// Interconnect tunnels: what came in over one never leaves over one
+    /// (split horizon: no loop while the two access points disagree).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub interconnects: BTreeSet<String>,
+}
+
+/// A segment's tunnels and the inner sources they may carry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sources {
+    pub tunnels: BTreeSet<String>,
+    /// No prefix inside another.
+    pub prefixes: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

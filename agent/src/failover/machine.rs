@@ -237,6 +237,7 @@ mod tests {
         };
         let ap = |name: &str, n: u8| pb::Peer {
             name: name.into(),
+            interface: format!("m{n}-office"),
             role: pb::PeerRole::AccessPoint.into(),
             public_key: format!("K{n}"),
             endpoints: vec![endpoint("fiber", &format!("192.0.2.{n}")), endpoint("lte", &format!("192.0.2.{n}"))],
@@ -252,11 +253,14 @@ mod tests {
             ],
             segments: vec![pb::SegmentConfig {
                 segment: "office".into(),
-                wireguard: Some(pb::WireguardInterface {
-                    name: "mw-office".into(),
-                    listen_port: 51820,
-                    addresses: vec!["100.64.0.11/32".into()],
-                }),
+                tunnels: (1..=2u32)
+                    .map(|n| pb::WireguardInterface {
+                        name: format!("m{n}-office"),
+                        listen_port: 51820 + n,
+                        addresses: vec!["100.64.0.11/32".into()],
+                        faces: pb::PeerRole::AccessPoint.into(),
+                    })
+                    .collect(),
                 peers: vec![ap(EAST, 1), ap(WEST, 2)],
                 route_groups: vec![pb::RouteGroup {
                     name: "all".into(),

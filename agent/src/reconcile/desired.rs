@@ -9,7 +9,7 @@ use musubi_proto::v1::{self as pb, SiteConfig};
 
 use super::ReconcileError;
 use super::lines::{active_endpoint, picks_line};
-use crate::datapath::{Allow, Domain, Hops, Owned, PeerSpec, Policy, PolicySpec, Route, Tunnel};
+use crate::datapath::{Allow, Domain, Hops, Owned, PeerSpec, Policy, PolicySpec, Route, Sources, Tunnel};
 use crate::failover::{Choices, first_choices};
 use crate::summary::summarise;
 
@@ -58,19 +58,30 @@ fn protocol(p: pb::Protocol) -> &'static str {
 
 /// The objects `config` asks for.
 ///
-/// Every route group's prefixes go to its first candidate that has a key
-/// (probing and failover choose among the others): they are routed into
-/// the segment's tunnel and belong to that peer's allowed IPs, as WireGuard
-/// routes by allowed IPs. Peers' tunnel addresses are routed too; a peer
-/// goes to its first endpoint (the best line pair), and a member site seen
-/// from an access point is followed wherever it roams. A LAN attachment binds
+/// WireGuard authenticates, routing chooses. Each of a segment's tunnels
+/// holds its peers (a site's tunnel to an access point, one peer; an
+/// access point's tunnel to its member sites, one peer each; its
+/// interconnect, the other access point). A peer that is the only one on
+/// its tunnel (an access point, the interconnect) is allowed every address:
+/// whatever it sends is accepted whichever of them the routes point at, so
+/// a site and an access point that choose differently for a while drop
+/// nothing. A member site is allowed its tunnel address and its LAN
+/// prefixes, which never overlap another member's. Every route group's
+/// prefixes are routed in the segment's table into the tunnel of its first
+/// candidate that has a key (probing and failover choose among the others);
+/// peers' tunnel addresses into their own tunnels. A LAN attachment binds
 /// its interface to the segment's domain, with its prefixes in the
-/// segment's table. Imports (access points) route another segment's
-/// prefixes into that segment's tunnel; the policy lets through only the
-/// flows the intent allows.
+/// segment's table. Imports (access points) put the routes another segment
+/// has for its prefixes into this segment's table too; the policy lets
+/// through only the flows the intent allows, drops inner sources a
+/// segment's tunnels must not carry, and never sends back over an
+/// interconnect what came over it.
 pub fn desired(config: &SiteConfig, keys: &LocalKeys) -> Result<Owned, ReconcileError> {
     desired_with(config, keys, &first_choices(config, &Hops::new()))
 }
+
+/// Every address of both families: what a tunnel with one peer allows it.
+const EVERY_ADDRESS: [&str; 2] = ["0.0.0.0/0", "::/0"];
 
 /// [`desired`] with the agent's choices: a route group without an active
 /// candidate is not routed; a peer whose line the agent picks goes to the
@@ -80,59 +91,66 @@ pub fn desired_with(config: &SiteConfig, keys: &LocalKeys, choices: &Choices) ->
     summarise(config)?;
     let mut owned = Owned::default();
     let mut spec = PolicySpec::default();
-    let tunnel_of: BTreeMap<&str, &str> = config
-        .segments
-        .iter()
-        .filter_map(|s| s.wireguard.as_ref().map(|w| (s.segment.as_str(), w.name.as_str())))
-        .collect();
+    // Each segment's routes (prefix, interface), for the imports.
+    let mut routed: BTreeMap<&str, Vec<(String, String)>> = BTreeMap::new();
     for seg in &config.segments {
-        let (Some(domain), Some(wg)) = (&seg.domain, &seg.wireguard) else { continue };
+        let Some(domain) = &seg.domain else { continue };
         let table = domain.table;
         owned.domains.insert(domain.vrf.clone(), Domain { name: domain.vrf.clone(), table });
         let key = keys.get(&seg.segment).ok_or_else(|| ReconcileError::NoKey(seg.segment.clone()))?;
         let keyed: BTreeMap<&str, &pb::Peer> =
             seg.peers.iter().filter(|p| !p.public_key.is_empty()).map(|p| (p.name.as_str(), p)).collect();
         let mut allowed: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+        let routes = routed.entry(seg.segment.as_str()).or_default();
         let mut route = |prefix: &str, interface: &str| -> Result<String, ReconcileError> {
             let prefix = canonical(prefix)?;
             owned.routes.insert(Route { table, prefix: prefix.clone(), interface: interface.to_string() });
+            routes.push((prefix.clone(), interface.to_string()));
             Ok(prefix)
         };
+        // What the segment's tunnels may carry as inner sources: its sites'
+        // and linked segments' prefixes, its peers' tunnel addresses.
+        let mut sources = BTreeSet::new();
         for (name, peer) in &keyed {
             let set = allowed.entry(name).or_default();
             for p in &peer.allowed_prefixes {
-                set.insert(route(p, &wg.name)?);
+                set.insert(route(p, &peer.interface)?);
             }
+        }
+        for p in seg.peers.iter().flat_map(|p| &p.allowed_prefixes) {
+            sources.insert(canonical(p)?);
         }
         for g in &seg.route_groups {
+            let prefixes = g.prefixes.iter().map(|p| canonical(p)).collect::<Result<Vec<_>, _>>()?;
+            sources.extend(prefixes.iter().cloned());
+            if let Some(member) = keyed.get(g.name.as_str()).filter(|p| p.role() == pb::PeerRole::Site) {
+                allowed.entry(member.name.as_str()).or_default().extend(prefixes.iter().cloned());
+            }
             let chosen = active
                 .get(&(seg.segment.clone(), g.name.clone()))
-                .filter(|c| keyed.contains_key(c.as_str()) && g.candidates.contains(c));
-            if let Some(active) = chosen {
-                for p in &g.prefixes {
-                    let p = route(p, &wg.name)?;
-                    allowed.entry(active.as_str()).or_default().insert(p);
+                .filter(|c| g.candidates.contains(c))
+                .and_then(|c| keyed.get(c.as_str()));
+            if let Some(peer) = chosen {
+                for p in &prefixes {
+                    route(p, &peer.interface)?;
                 }
             }
         }
-        // Traffic a policy lets across segments may reach this access point
-        // from the other one over this segment's interconnect with a source
-        // in the linked segment: the interconnect peer accepts those sources
-        // (no route follows: they are routed in their own segment's table).
-        for peer in seg.peers.iter().filter(|p| p.role() == pb::PeerRole::Interconnect) {
-            if let Some(set) = allowed.get_mut(peer.name.as_str()) {
-                for import in &seg.imports {
-                    for p in &import.prefixes {
-                        set.insert(canonical(p)?);
-                    }
-                }
+        for import in &seg.imports {
+            for p in &import.prefixes {
+                sources.insert(canonical(p)?);
+            }
+        }
+        for (name, peer) in &keyed {
+            if peer.role() != pb::PeerRole::Site {
+                allowed.insert(name, EVERY_ADDRESS.iter().map(|a| a.to_string()).collect());
             }
         }
         // With VRFs the forward hook sees a packet's input as the VRF device
         // (the kernel moves it to the master on receive), not the tunnel or
         // LAN it came in on: the VRF's name belongs to the segment's set.
         // In table mode no such device exists and the name matches nothing.
-        let mut interfaces = BTreeSet::from([wg.name.clone(), domain.vrf.clone()]);
+        let mut interfaces = BTreeSet::from([domain.vrf.clone()]);
         if let Some(lan) = &seg.attachment {
             owned.lans.insert(lan.interface.clone(), domain.vrf.clone());
             interfaces.insert(lan.interface.clone());
@@ -140,36 +158,40 @@ pub fn desired_with(config: &SiteConfig, keys: &LocalKeys, choices: &Choices) ->
                 route(p, &lan.interface)?;
             }
         }
-        for import in &seg.imports {
-            // Only a segment this router carries can be routed into.
-            let Some(into) = tunnel_of.get(import.segment.as_str()) else { continue };
-            for p in &import.prefixes {
-                route(p, into)?;
+        for wg in &seg.tunnels {
+            interfaces.insert(wg.name.clone());
+            if wg.faces() == pb::PeerRole::Interconnect {
+                spec.interconnects.insert(wg.name.clone());
             }
+            let peers = keyed
+                .iter()
+                .filter(|(_, p)| p.interface == wg.name)
+                .map(|(name, p)| {
+                    let spec = PeerSpec {
+                        name: name.to_string(),
+                        endpoint: active_endpoint(p, choices).map(endpoint).unwrap_or_default(),
+                        allowed_ips: allowed.remove(name).unwrap_or_default(),
+                        roams: !picks_line(config, p),
+                    };
+                    (p.public_key.clone(), spec)
+                })
+                .collect();
+            owned.tunnels.insert(
+                wg.name.clone(),
+                Tunnel {
+                    name: wg.name.clone(),
+                    domain: domain.vrf.clone(),
+                    listen_port: wg.listen_port,
+                    public_key: key.public_key.clone(),
+                    key_file: key.file.clone(),
+                    addresses: wg.addresses.iter().map(|a| interface_address(a)).collect::<Result<_, _>>()?,
+                    peers,
+                },
+            );
         }
-        let peers = keyed
-            .iter()
-            .map(|(name, p)| {
-                let spec = PeerSpec {
-                    name: name.to_string(),
-                    endpoint: active_endpoint(p, choices).map(endpoint).unwrap_or_default(),
-                    allowed_ips: allowed.remove(name).unwrap_or_default(),
-                    roams: !picks_line(config, p),
-                };
-                (p.public_key.clone(), spec)
-            })
-            .collect();
-        owned.tunnels.insert(
-            wg.name.clone(),
-            Tunnel {
-                name: wg.name.clone(),
-                domain: domain.vrf.clone(),
-                listen_port: wg.listen_port,
-                public_key: key.public_key.clone(),
-                key_file: key.file.clone(),
-                addresses: wg.addresses.iter().map(|a| interface_address(a)).collect::<Result<_, _>>()?,
-                peers,
-            },
+        spec.sources.insert(
+            seg.segment.clone(),
+            Sources { tunnels: seg.tunnels.iter().map(|t| t.name.clone()).collect(), prefixes: outermost(&sources) },
         );
         spec.segments.insert(seg.segment.clone(), interfaces);
         for rule in &seg.policy {
@@ -184,8 +206,47 @@ pub fn desired_with(config: &SiteConfig, keys: &LocalKeys, choices: &Choices) ->
             });
         }
     }
+    // An import routes the other segment's prefixes the way that segment
+    // routes them, in this segment's table (only a segment this router
+    // carries can be routed into).
+    for seg in &config.segments {
+        let Some(domain) = &seg.domain else { continue };
+        for import in &seg.imports {
+            let within = import.prefixes.iter().filter_map(|p| p.parse().ok()).collect::<Vec<ipnetwork::IpNetwork>>();
+            for (prefix, interface) in routed.get(import.segment.as_str()).into_iter().flatten() {
+                if inside(prefix, &within) {
+                    owned.routes.insert(Route {
+                        table: domain.table,
+                        prefix: prefix.clone(),
+                        interface: interface.clone(),
+                    });
+                }
+            }
+        }
+    }
     if !owned.domains.is_empty() {
         owned.policy = Some(Policy::new(spec));
     }
     Ok(owned)
+}
+
+/// Whether `prefix` lies in one of `nets`.
+fn inside(prefix: &str, nets: &[ipnetwork::IpNetwork]) -> bool {
+    let Ok(p) = prefix.parse::<ipnetwork::IpNetwork>() else { return false };
+    nets.iter().any(|n| n.is_ipv4() == p.is_ipv4() && n.prefix() <= p.prefix() && n.contains(p.network()))
+}
+
+/// The prefixes of `set` that no other one of it contains (an nftables
+/// set of intervals refuses overlaps).
+fn outermost(set: &BTreeSet<String>) -> BTreeSet<String> {
+    let nets: Vec<ipnetwork::IpNetwork> = set.iter().filter_map(|p| p.parse().ok()).collect();
+    set.iter()
+        .filter(|p| {
+            let Ok(n) = p.parse::<ipnetwork::IpNetwork>() else { return false };
+            !nets
+                .iter()
+                .any(|o| *o != n && o.is_ipv4() == n.is_ipv4() && o.prefix() < n.prefix() && o.contains(n.network()))
+        })
+        .cloned()
+        .collect()
 }

@@ -157,15 +157,21 @@ mod tests {
                 .map(|(name, table, peers)| pb::SegmentConfig {
                     segment: name.to_string(),
                     domain: Some(pb::RoutingDomain { vrf: format!("mv-{name}"), table: *table }),
-                    wireguard: Some(pb::WireguardInterface {
-                        name: format!("mw-{name}"),
-                        listen_port: 51800 + table,
-                        addresses: vec![format!("10.{table}.0.1/32")],
-                    }),
+                    // One tunnel per peer: `m0-<segment>`, `m1-<segment>`, …
+                    tunnels: (0..peers.len() as u32)
+                        .map(|i| pb::WireguardInterface {
+                            name: format!("m{i}-{name}"),
+                            listen_port: 51800 + table + 100 * i,
+                            addresses: vec![format!("10.{table}.0.1/32")],
+                            faces: pb::PeerRole::AccessPoint.into(),
+                        })
+                        .collect(),
                     peers: peers
                         .iter()
-                        .map(|(peer, key)| pb::Peer {
+                        .enumerate()
+                        .map(|(i, (peer, key))| pb::Peer {
                             name: peer.to_string(),
+                            interface: format!("m{i}-{name}"),
                             public_key: key.to_string(),
                             endpoints: vec![pb::Endpoint {
                                 address: "192.0.2.1".into(),
@@ -202,7 +208,7 @@ mod tests {
         let c = config(&[("juki", 100, &[("ap-east", "K1")]), ("lgwan", 101, &[("ap-east", "K3")])]);
         let want = desired(&c, &keys(&state, &c)).expect("desired");
         let spec = want.policy.and_then(|p| p.spec).expect("a policy");
-        assert_eq!(spec.segments["juki"], BTreeSet::from(["mv-juki".to_string(), "mw-juki".to_string()]));
+        assert_eq!(spec.segments["juki"], BTreeSet::from(["m0-juki".to_string(), "mv-juki".to_string()]));
         assert!(!spec.segments["lgwan"].contains("mv-juki"), "a VRF belongs to its own segment only");
     }
 
@@ -224,16 +230,21 @@ mod tests {
         let b = config(&[("juki", 102, &[("ap-east", "K9"), ("ap-westx", "K2")])]);
         reconcile(&mut dp, &desired(&b, &keys(&state, &b))?)?;
         assert_eq!(dp.owned(), &desired(&b, &keys(&state, &b))?);
-        assert!(!dp.owned().tunnels.contains_key("mw-lgwan") && !dp.owned().domains.contains_key("mv-lgwan"));
-        // A peer without a key is left out, with its routes.
+        assert!(!dp.owned().tunnels.contains_key("m0-lgwan") && !dp.owned().domains.contains_key("mv-lgwan"));
+        // A peer without a key is left out, with its routes; its tunnel stays.
         let c = config(&[("juki", 102, &[("ap-east", ""), ("ap-westx", "K2")])]);
         let want = desired(&c, &keys(&state, &c))?;
-        assert_eq!(want.tunnels["mw-juki"].peers.len(), 1);
-        assert_eq!(want.routes.len(), 1, "the keyless peer's prefixes are not routed");
+        assert!(want.tunnels["m0-juki"].peers.is_empty());
+        assert_eq!(want.tunnels["m1-juki"].peers.len(), 1);
         assert_eq!(
-            want.tunnels["mw-juki"].peers["K2"].allowed_ips,
-            BTreeSet::from(["10.102.8.0/24".to_string()]),
-            "the group's prefixes belong to its active peer"
+            want.routes.iter().map(|r| (r.prefix.as_str(), r.interface.as_str())).collect::<Vec<_>>(),
+            vec![("10.102.8.0/24", "m1-juki")],
+            "the keyless peer's prefixes are not routed; the other's go into its own tunnel"
+        );
+        assert_eq!(
+            want.tunnels["m1-juki"].peers["K2"].allowed_ips,
+            BTreeSet::from(["0.0.0.0/0".to_string(), "::/0".to_string()]),
+            "a peer alone on its tunnel is allowed every source: the routes choose"
         );
         Ok(())
     }
@@ -271,8 +282,9 @@ mod tests {
             port: 51820,
             ..Default::default()
         };
-        let ap = |name: &str, n: u8, role: pb::PeerRole| pb::Peer {
+        let ap = |name: &str, n: u8, role: pb::PeerRole, interface: &str| pb::Peer {
             name: name.into(),
+            interface: interface.into(),
             role: role.into(),
             public_key: format!("K{n}"),
             endpoints: vec![
@@ -290,10 +302,23 @@ mod tests {
             pb::Line { name: "lte".into(), address: "198.51.100.11".into(), priority: 2, ..Default::default() },
         ];
         c.segments[0].peers = vec![
-            ap("ap-east", 1, pb::PeerRole::AccessPoint),
-            ap("ap-west", 2, pb::PeerRole::Interconnect),
-            ap("member", 3, pb::PeerRole::Site),
+            ap("ap-east", 1, pb::PeerRole::AccessPoint, "me-office"),
+            ap("ap-west", 2, pb::PeerRole::Interconnect, "mi-office"),
+            ap("member", 3, pb::PeerRole::Site, "mm-office"),
         ];
+        c.segments[0].tunnels = [
+            ("me-office", 51900, pb::PeerRole::AccessPoint),
+            ("mi-office", 51901, pb::PeerRole::Interconnect),
+            ("mm-office", 51902, pb::PeerRole::Site),
+        ]
+        .into_iter()
+        .map(|(name, port, faces)| pb::WireguardInterface {
+            name: name.into(),
+            listen_port: port,
+            addresses: vec!["100.64.0.11/32".into()],
+            faces: faces.into(),
+        })
+        .collect();
         c
     }
 
@@ -327,9 +352,9 @@ mod tests {
         let moved = choose(&c, &|_, _, _| 0, &|_, e| if down(e) { 2 } else { u8::from(e.remote_line != "inet") });
         assert_eq!(moved.paths["ap-east"], ("lte".to_string(), "inet".to_string()));
         let want = desired_with(&c, &keys(&state, &c), &moved).expect("desired");
-        let peers = &want.tunnels["mw-office"].peers;
-        assert_eq!(peers["K1"].endpoint, "198.51.100.1:51820");
-        assert!(peers["K3"].roams && !peers["K1"].roams);
+        let tunnel = |name: &str| &want.tunnels[name].peers;
+        assert_eq!(tunnel("me-office")["K1"].endpoint, "198.51.100.1:51820");
+        assert!(tunnel("mm-office")["K3"].roams && !tunnel("me-office")["K1"].roams);
         let pins = pins(&c, &moved, &hops);
         assert_eq!(
             pins.iter().map(|p| (p.destination, p.source, p.hop.interface.as_str())).collect::<Vec<_>>(),
@@ -345,7 +370,7 @@ mod tests {
             BTreeSet::from([ip("192.0.2.1"), ip("192.0.2.2")]),
             "tunnel packets from the fibre addresses are dropped while the mobile line is used"
         );
-        assert_eq!(spec.tunnel_ports, BTreeSet::from([51900]));
+        assert_eq!(spec.tunnel_ports, BTreeSet::from([51900, 51901, 51902]));
     }
 
     #[test]
@@ -357,7 +382,7 @@ mod tests {
         reconcile(&mut dp, &desired(&c, &keys(&state, &c)).expect("desired")).expect("first");
         // WireGuard followed the member site to its mobile line.
         let mut roamed = dp.owned().clone();
-        roamed.tunnels.get_mut("mw-office").expect("tunnel").peers.get_mut("K3").expect("member").endpoint =
+        roamed.tunnels.get_mut("mm-office").expect("tunnel").peers.get_mut("K3").expect("member").endpoint =
             "198.51.100.3:51820".into();
         let mut dp = Fake::new();
         dp.apply(&plan(&Owned::default(), &roamed)).expect("roamed state");
@@ -366,10 +391,10 @@ mod tests {
         let mut c2 = c.clone();
         c2.segments[0].peers[2].allowed_prefixes.push("10.9.0.0/24".into());
         reconcile(&mut dp, &desired(&c2, &keys(&state, &c2)).expect("desired")).expect("second");
-        assert_eq!(dp.owned().tunnels["mw-office"].peers["K3"].endpoint, "198.51.100.3:51820");
+        assert_eq!(dp.owned().tunnels["mm-office"].peers["K3"].endpoint, "198.51.100.3:51820");
         // A peer whose line this router picks is put back on its endpoint.
         let mut moved = dp.owned().clone();
-        moved.tunnels.get_mut("mw-office").expect("tunnel").peers.get_mut("K1").expect("ap").endpoint =
+        moved.tunnels.get_mut("me-office").expect("tunnel").peers.get_mut("K1").expect("ap").endpoint =
             "198.51.100.1:51820".into();
         let ops = plan(&moved, &desired(&c2, &keys(&state, &c2)).expect("desired"));
         assert!(

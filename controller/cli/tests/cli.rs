@@ -179,7 +179,7 @@ fn allocations_file_keeps_numbers_stable_across_runs() {
     for seg in &after.segments {
         let old = before.segments.iter().find(|s| s.segment == seg.segment).expect("same segment");
         assert_eq!(seg.domain, old.domain, "{} kept its table", seg.segment);
-        assert_eq!(seg.wireguard, old.wireguard, "{} kept its port and addresses", seg.segment);
+        assert_eq!(seg.tunnels, old.tunnels, "{} kept its ports and addresses", seg.segment);
     }
 }
 

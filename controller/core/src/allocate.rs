@@ -24,7 +24,15 @@ pub struct Allocations {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentAllocation {
     pub table: u32,
+    /// The listen port of a site's tunnel to the east access point and of
+    /// the access points' tunnels to their member sites.
     pub port: u16,
+    /// The listen port of a site's tunnel to the west access point and of
+    /// the access points' interconnect tunnels. Allocations made before
+    /// sites had a tunnel per access point have none (0) and are given one
+    /// by the next allocation; nothing else of theirs moves.
+    #[serde(default)]
+    pub second_port: u16,
     /// /31: the east access point takes the first address, the west the second.
     pub interconnect_ipv4: Ipv4Network,
     /// /127, same order.
@@ -117,15 +125,39 @@ fn key_diff<'a, A, B>(have: &'a BTreeMap<String, A>, want: &'a BTreeMap<String, 
 pub fn reallocate(intent: &Intent, alloc: &mut Allocations) -> Result<bool, AllocError> {
     let (gone_segments, new_segments) = key_diff(&alloc.segments, &intent.segments);
     let (gone_sites, new_sites) = key_diff(&alloc.sites, &intent.sites);
-    if gone_segments.is_empty() && new_segments.is_empty() && gone_sites.is_empty() && new_sites.is_empty() {
+    let without_second: Vec<String> = alloc
+        .segments
+        .iter()
+        .filter(|(k, a)| a.second_port == 0 && intent.segments.contains_key(*k))
+        .map(|(k, _)| k.clone())
+        .collect();
+    if gone_segments.is_empty()
+        && new_segments.is_empty()
+        && gone_sites.is_empty()
+        && new_sites.is_empty()
+        && without_second.is_empty()
+    {
         return Ok(false);
     }
     let s = &intent.settings;
     let mut segments = Vec::new();
-    if !new_segments.is_empty() {
+    let mut second_ports = Vec::new();
+    if !new_segments.is_empty() || !without_second.is_empty() {
         let kept = alloc.segments.iter().filter(|(k, _)| intent.segments.contains_key(*k)).map(|(_, a)| a);
         let mut tables = range_pool(s.routing_tables, kept.clone().map(|a| a.table));
-        let mut ports = range_pool(s.wireguard_ports, kept.clone().map(|a| u32::from(a.port)));
+        let mut ports = range_pool(
+            s.wireguard_ports,
+            kept.clone().flat_map(|a| [u32::from(a.port), u32::from(a.second_port)]).filter(|p| *p != 0),
+        );
+        let ports_exhausted = |name: &str| AllocError::Exhausted {
+            what: "wireguard_ports",
+            range: format!("{}-{}", s.wireguard_ports.first, s.wireguard_ports.last),
+            object: format!("segment `{name}`"),
+        };
+        for name in &without_second {
+            let port = ports.take().ok_or_else(|| ports_exhausted(name))?;
+            second_ports.push((name.clone(), (s.wireguard_ports.first + port as u32) as u16));
+        }
         // Interconnects are counted in pairs of addresses.
         let mut ic4 = Pool::new(
             0,
@@ -146,9 +178,8 @@ pub fn reallocate(intent: &Intent, alloc: &mut Allocations) -> Result<bool, Allo
             let table = tables.take().ok_or_else(|| {
                 exhausted("routing_tables", format!("{}-{}", s.routing_tables.first, s.routing_tables.last))
             })?;
-            let port = ports.take().ok_or_else(|| {
-                exhausted("wireguard_ports", format!("{}-{}", s.wireguard_ports.first, s.wireguard_ports.last))
-            })?;
+            let port = ports.take().ok_or_else(|| ports_exhausted(name))?;
+            let second = ports.take().ok_or_else(|| ports_exhausted(name))?;
             let i4 =
                 ic4.take().ok_or_else(|| exhausted("interconnect_addresses.ipv4", s.interconnect_ipv4.to_string()))?;
             let i6 =
@@ -161,6 +192,7 @@ pub fn reallocate(intent: &Intent, alloc: &mut Allocations) -> Result<bool, Allo
                 SegmentAllocation {
                     table: s.routing_tables.first + table as u32,
                     port: (s.wireguard_ports.first + port as u32) as u16,
+                    second_port: (s.wireguard_ports.first + second as u32) as u16,
                     interconnect_ipv4: Ipv4Network::new(a4, 31).unwrap(),
                     interconnect_ipv6: Ipv6Network::new(a6, 127).unwrap(),
                 },
@@ -197,6 +229,11 @@ pub fn reallocate(intent: &Intent, alloc: &mut Allocations) -> Result<bool, Allo
     }
     for k in &gone_sites {
         alloc.sites.remove(k);
+    }
+    for (name, port) in second_ports {
+        if let Some(a) = alloc.segments.get_mut(&name) {
+            a.second_port = port;
+        }
     }
     alloc.segments.extend(segments);
     alloc.sites.extend(sites);

@@ -7,7 +7,7 @@
 //!
 //! | object | how it is recognised |
 //! | --- | --- |
-//! | WireGuard interfaces, VRFs | names starting `mw-` / `mv-` |
+//! | WireGuard interfaces, VRFs | names starting `me-`, `mw-`, `mm-`, `mi-` / `mv-` |
 //! | routes | protocol [`PROTOCOL`] (77), in any table |
 //! | rules (table mode) | priority [`RULE_PRIORITY`] (5200) and protocol 77 |
 //! | nftables | the table `inet musubi` |
@@ -17,7 +17,7 @@
 //! instead of falling through to the main table: in table mode that is what
 //! keeps a segment out of the underlay. In table mode a domain exists when
 //! its table has that default; its name is the segment's (`mv-<segment>`,
-//! read from the rules of the segment's tunnel `mw-<segment>`).
+//! read from the rules of the segment's tunnels, `me-<segment>` and the like).
 //!
 //! Every netlink request that changes something, every UAPI `set`, every
 //! `wireguard-go` start and every nft transaction counts as one write.
@@ -56,7 +56,15 @@ pub const ROUTE_METRIC: u32 = 100;
 /// value VRF guides use, so any route added by hand wins).
 pub const UNREACHABLE_METRIC: u32 = 4_278_198_272;
 
-const TUNNEL_PREFIX: &str = "mw-";
+/// Name prefixes of the agent's WireGuard interfaces: a site's tunnels to
+/// the east and the west access point, an access point's to its members
+/// and to the interconnect.
+const TUNNEL_PREFIXES: [&str; 4] = ["me-", "mw-", "mm-", "mi-"];
+
+/// The segment of one of the agent's tunnels, from its name.
+fn tunnel_segment(name: &str) -> Option<&str> {
+    TUNNEL_PREFIXES.iter().find_map(|p| name.strip_prefix(p))
+}
 const DOMAIN_PREFIX: &str = "mv-";
 
 /// The datapath on this host.

@@ -2,7 +2,16 @@
 //! written through nftables' JSON interface (the `nftables` crate runs
 //! `nft -j`), replaced whole in one transaction when it changes.
 //!
-//! Its forward chain, in order: traffic that stays inside a segment passes;
+//! Its prerouting chain drops what a segment's tunnel carries with an inner
+//! source that is not the segment's (nor a linked segment's, nor a peer's
+//! tunnel address) — a tunnel with one peer accepts every address from it —
+//! and marks what arrives over an interconnect. The hook sees the tunnel
+//! itself in both modes: with VRFs the kernel moves a packet to the VRF
+//! device only after this hook has seen it on the tunnel.
+//!
+//! Its forward chain, in order: a marked packet (it came over an
+//! interconnect) never leaves over one (split horizon; with VRFs the forward
+//! hook sees the VRF device as the input, hence the mark); traffic that stays inside a segment passes;
 //! replies of allowed flows pass; each policy rule lets one flow from one
 //! segment into another; everything else that enters or leaves a segment's
 //! interface — into another segment or into the underlay — is counted and
@@ -21,6 +30,10 @@ pub const TABLE: &str = "musubi";
 /// The comment of the rule that counts packets dropped between segments.
 pub const DROP_COMMENT: &str = "musubi: between segments";
 const MARK: &str = "musubi-policy ";
+/// The packet mark bit of "came over an interconnect".
+pub const INTERCONNECT_MARK: u32 = 0x0010_0000;
+/// The comment of the rules that drop spoofed inner sources.
+pub const SPOOF_COMMENT: &str = "musubi: not a source of the segment";
 
 fn nft(what: &str, e: helper::NftablesError) -> DatapathError {
     DatapathError::Nft { what: what.into(), source: e }
@@ -106,6 +119,20 @@ fn ruleset(policy: &Policy, spec: &PolicySpec) -> Value {
     ];
     let all: Vec<String> = spec.segments.values().flatten().cloned().collect();
     cmds.push(rule(vec![json!({ "counter": null })], Some(format!("{MARK}{}", policy.digest))));
+    prerouting(spec, &mut cmds);
+    if !spec.interconnects.is_empty() {
+        cmds.push(rule(
+            vec![
+                json!({ "match": { "op": "==",
+                    "left": { "&": [{ "meta": { "key": "mark" } }, INTERCONNECT_MARK] },
+                    "right": INTERCONNECT_MARK } }),
+                meta("oifname", names(spec.interconnects.iter().cloned())),
+                json!({ "counter": null }),
+                json!({ "drop": null }),
+            ],
+            Some("musubi: split horizon".into()),
+        ));
+    }
     for (segment, interfaces) in &spec.segments {
         cmds.push(rule(
             vec![
@@ -194,6 +221,53 @@ fn ruleset(policy: &Policy, spec: &PolicySpec) -> Value {
     json!({ "nftables": cmds })
 }
 
+/// The prerouting chain: anti-spoofing per segment, the interconnects' mark.
+fn prerouting(spec: &PolicySpec, cmds: &mut Vec<Value>) {
+    if spec.sources.is_empty() && spec.interconnects.is_empty() {
+        return;
+    }
+    cmds.push(json!({ "add": { "chain": {
+        "family": "inet", "table": TABLE, "name": "prerouting",
+        "type": "filter", "hook": "prerouting", "prio": -150, "policy": "accept"
+    } } }));
+    let add = |cmds: &mut Vec<Value>, expr: Vec<Value>, comment: &str| {
+        cmds.push(json!({ "add": { "rule": {
+            "family": "inet", "table": TABLE, "chain": "prerouting", "expr": expr, "comment": comment
+        } } }));
+    };
+    for (segment, sources) in &spec.sources {
+        if sources.tunnels.is_empty() {
+            continue;
+        }
+        let list: Vec<String> = sources.prefixes.iter().cloned().collect();
+        for v6 in [false, true] {
+            let family = if v6 { "ip6" } else { "ip" };
+            let mut expr = vec![
+                meta("iifname", names(sources.tunnels.iter().cloned())),
+                meta("nfproto", json!(if v6 { "ipv6" } else { "ipv4" })),
+            ];
+            if let Some(set) = prefixes(&list, v6) {
+                expr.push(json!({ "match": { "op": "!=",
+                    "left": { "payload": { "protocol": family, "field": "saddr" } }, "right": set } }));
+            }
+            expr.push(json!({ "counter": null }));
+            expr.push(json!({ "drop": null }));
+            add(cmds, expr, &format!("{SPOOF_COMMENT} {segment}"));
+        }
+    }
+    if !spec.interconnects.is_empty() {
+        add(
+            cmds,
+            vec![
+                meta("iifname", names(spec.interconnects.iter().cloned())),
+                json!({ "mangle": { "key": { "meta": { "key": "mark" } },
+                    "value": { "|": [{ "meta": { "key": "mark" } }, INTERCONNECT_MARK] } } }),
+            ],
+            "musubi: came over an interconnect",
+        );
+    }
+}
+
 pub fn set(policy: &Policy) -> Result<(), DatapathError> {
     let spec =
         policy.spec.as_ref().ok_or_else(|| DatapathError::Invalid("a policy without its specification".into()))?;
@@ -241,6 +315,54 @@ pub fn dropped(listing: &Value) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datapath::Sources;
+
+    /// An access point's policy with every kind of rule: the typed schema
+    /// takes it, and nft checks it (`nft -c`, nothing written) when it is
+    /// installed and the test runs as root.
+    #[test]
+    fn anti_spoofing_and_split_horizon_are_a_ruleset_nft_takes() {
+        let mut spec = PolicySpec::default();
+        spec.segments.insert("office".into(), ["mv-office", "mm-office", "mi-office"].map(String::from).into());
+        spec.sources.insert(
+            "office".into(),
+            Sources {
+                tunnels: ["mm-office", "mi-office"].map(String::from).into(),
+                prefixes: ["10.1.0.0/16", "100.64.0.1/32", "fd00::/64"].map(String::from).into(),
+            },
+        );
+        spec.sources.insert(
+            "v4only".into(),
+            Sources {
+                tunnels: ["me-v4only"].map(String::from).into(),
+                prefixes: ["10.2.0.0/16"].map(String::from).into(),
+            },
+        );
+        spec.interconnects.insert("mi-office".into());
+        let policy = Policy::new(spec.clone());
+        let value = ruleset(&policy, &spec);
+        let typed: Nftables = serde_json::from_value(value).expect("the crate's schema takes it");
+        let text = serde_json::to_string(&typed).expect("encodes");
+        assert!(text.contains(SPOOF_COMMENT) && text.contains("split horizon"), "{text}");
+        // The segment without IPv6 prefixes drops every IPv6 packet of its tunnel.
+        assert!(text.contains("ipv6"), "{text}");
+        let root = std::fs::read_to_string("/proc/self/status")
+            .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")));
+        if !root || std::process::Command::new("nft").arg("--version").output().is_err() {
+            eprintln!("not checked by nft: needs root and nft");
+            return;
+        }
+        use std::io::Write as _;
+        let mut child = std::process::Command::new("nft")
+            .args(["-c", "-j", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("nft runs");
+        child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("written");
+        let out = child.wait_with_output().expect("nft ends");
+        assert!(out.status.success(), "nft refused it: {}", String::from_utf8_lossy(&out.stderr));
+    }
 
     /// nft's own words reach the error: a rule for a table that is not
     /// there is refused, and the message says why (not only "did not

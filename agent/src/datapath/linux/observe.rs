@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use super::netlink::{self, Link};
 use super::runtime::block_on;
-use super::{CACHE_LIFE, DOMAIN_PREFIX, DomainMode, Linux, TUNNEL_PREFIX, nft, wireguard};
+use super::{CACHE_LIFE, DOMAIN_PREFIX, DomainMode, Linux, nft, tunnel_segment, wireguard};
 use crate::datapath::{DatapathError, Domain, Owned, Route, Tunnel};
 
 impl Linux {
@@ -76,7 +76,7 @@ impl Linux {
                 for ((name, table), count) in &rules_of {
                     if *count == 4
                         && closed.contains(table)
-                        && let Some(segment) = name.strip_prefix(TUNNEL_PREFIX)
+                        && let Some(segment) = tunnel_segment(name)
                     {
                         name_of.insert(*table, format!("{DOMAIN_PREFIX}{segment}"));
                     }
@@ -105,7 +105,7 @@ impl Linux {
         // Tunnels: the agent's WireGuard interfaces that answer.
         let wg_started = std::time::Instant::now();
         let backend = self.backend();
-        for l in links.iter().filter(|l| l.name.starts_with(TUNNEL_PREFIX)) {
+        for l in links.iter().filter(|l| tunnel_segment(&l.name).is_some()) {
             let Some(state) = wireguard::read(&l.name, backend) else {
                 // An interface that does not answer (a process that is gone): recreated.
                 owned.tunnels.insert(l.name.clone(), broken(&l.name));
@@ -127,7 +127,7 @@ impl Linux {
         }
         let wireguard_ms = wg_started.elapsed().as_secs_f64() * 1e3;
         for (name, domain) in &member {
-            if !name.starts_with(TUNNEL_PREFIX) && !name.starts_with(DOMAIN_PREFIX) {
+            if tunnel_segment(name).is_none() && !name.starts_with(DOMAIN_PREFIX) {
                 owned.lans.insert(name.clone(), domain.clone());
             }
         }

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use musubi_proto::v1::{self as pb, SiteConfig};
 
 use crate::allocate::{Allocations, SegmentAllocation, SiteAllocation};
-use crate::intent::{Intent, Line, Probe, Region, Site, vrf_name, wireguard_name};
+use crate::intent::{Intent, Line, Probe, Region, Site, Tunnel, tunnel_name, vrf_name};
 
 /// WireGuard public keys reported by agents: site → segment → base64 key.
 pub type PublicKeys = BTreeMap<String, BTreeMap<String, String>>;
@@ -109,26 +109,38 @@ impl Index<'_> {
     fn segment(&self, site: &Site, segment: &str) -> Result<pb::SegmentConfig, CompileError> {
         let seg = &self.intent.segments[segment];
         let sa = self.segment_alloc(segment)?;
-        let mut addresses = host_prefixes(self.tunnel(&site.name)?);
+        let own = host_prefixes(self.tunnel(&site.name)?);
         let attachment = site.attachment(segment).and_then(|a| {
             a.interface
                 .as_ref()
                 .map(|ifname| pb::Attachment { interface: ifname.clone(), prefixes: convert::prefixes(&a.prefixes) })
         });
         let (east, west) = self.access_points(segment);
+        let mut tunnels = Vec::new();
+        let mut tunnel = |kind: Tunnel, port: u16, addresses: Vec<String>, faces: pb::PeerRole| {
+            tunnels.push(pb::WireguardInterface {
+                name: tunnel_name(kind, segment),
+                listen_port: u32::from(port),
+                addresses,
+                faces: faces.into(),
+            });
+        };
         let mut peers = Vec::new();
         let mut route_groups = Vec::new();
         let mut policy = Vec::new();
         let mut imports = Vec::new();
         if site.is_access_point() {
             let (own_end, other) = if site.region == Region::East { (0, west) } else { (1, east) };
-            addresses.extend(interconnect(sa, own_end));
+            tunnel(Tunnel::Members, sa.port, own.clone(), pb::PeerRole::Site);
             for member in self.members(segment) {
                 let (peer, group) = self.member_entries(site, &self.intent.sites[*member], segment)?;
                 peers.push(peer);
                 route_groups.extend(group);
             }
             if let Some(other) = other {
+                let mut addresses = own.clone();
+                addresses.extend(interconnect(sa, own_end));
+                tunnel(Tunnel::Interconnect, sa.second_port, addresses, pb::PeerRole::Interconnect);
                 let extra = interconnect(sa, 1 - own_end).to_vec();
                 peers.push(self.peer(site, other, segment, pb::PeerRole::Interconnect, extra)?);
                 // The other access point's own LAN in this segment, if it has one.
@@ -167,6 +179,12 @@ impl Index<'_> {
         } else {
             let (home, away) = if site.region == Region::East { (east, west) } else { (west, east) };
             let candidates: Vec<String> = [home, away].into_iter().flatten().map(|s| s.name.clone()).collect();
+            if east.is_some() {
+                tunnel(Tunnel::EastAccessPoint, sa.port, own.clone(), pb::PeerRole::AccessPoint);
+            }
+            if west.is_some() {
+                tunnel(Tunnel::WestAccessPoint, sa.second_port, own.clone(), pb::PeerRole::AccessPoint);
+            }
             for ap in [east, west].into_iter().flatten() {
                 peers.push(self.peer(site, ap, segment, pb::PeerRole::AccessPoint, Vec::new())?);
             }
@@ -178,6 +196,7 @@ impl Index<'_> {
                 });
             }
         }
+        tunnels.sort_by(|a, b| a.name.cmp(&b.name));
         peers.sort_by(|a, b| a.name.cmp(&b.name));
         route_groups.sort_by(|a, b| a.name.cmp(&b.name));
         policy.sort_by(|a, b| a.name.cmp(&b.name));
@@ -186,11 +205,7 @@ impl Index<'_> {
             segment: segment.to_string(),
             owner: seg.tenant.clone(),
             domain: Some(pb::RoutingDomain { vrf: vrf_name(segment), table: sa.table }),
-            wireguard: Some(pb::WireguardInterface {
-                name: wireguard_name(segment),
-                listen_port: u32::from(sa.port),
-                addresses,
-            }),
+            tunnels,
             peers,
             route_groups,
             attachment,
@@ -200,9 +215,10 @@ impl Index<'_> {
     }
 
     /// What an access point holds for one member site of a segment: its peer,
-    /// and a route group for its LAN prefixes: a site of the access point's
-    /// region directly, falling back to the interconnect; a site of the other
-    /// region over the interconnect, falling back to the site itself.
+    /// and a route group for its LAN prefixes: the site directly while its
+    /// tunnel to this access point answers, else over the interconnect (a
+    /// site accepts its segment's traffic from either access point, so the
+    /// two may disagree about where it is without dropping anything).
     pub(crate) fn member_entries(
         &self,
         ap: &Site,
@@ -213,20 +229,16 @@ impl Index<'_> {
         let prefixes = member.attachment(segment).map(|a| convert::prefixes(&a.prefixes)).unwrap_or_default();
         let (east, west) = self.access_points(segment);
         let other = if ap.region == Region::East { west } else { east };
-        // A site sends and accepts its segment's traffic through its own
-        // region's access point (WireGuard accepts an inner source only from
-        // the peer that holds it), so a site of the other region is reached
-        // over the interconnect first, directly only if the other AP is gone.
-        let direct = std::iter::once(member.name.clone());
-        let candidates = if member.region == ap.region {
-            direct.chain(other.map(|o| o.name.clone())).collect()
-        } else {
-            other.map(|o| o.name.clone()).into_iter().chain(direct).collect()
-        };
+        let candidates = std::iter::once(member.name.clone()).chain(other.map(|o| o.name.clone())).collect();
         let group = (!prefixes.is_empty()).then(|| pb::RouteGroup { name: member.name.clone(), prefixes, candidates });
         Ok((peer, group))
     }
 
+    /// `remote` as a peer of `local`'s tunnel that faces it. The tunnel
+    /// and its port on either side follow from the two roles: a site's
+    /// tunnel to the east access point and an access point's to its members
+    /// listen on the segment's port; a site's tunnel to the west access point
+    /// and the interconnects on its second port.
     fn peer(
         &self,
         local: &Site,
@@ -235,14 +247,23 @@ impl Index<'_> {
         role: pb::PeerRole,
         extra: Vec<String>,
     ) -> Result<pb::Peer, CompileError> {
+        let sa = self.segment_alloc(segment)?;
+        let (interface, port) = match role {
+            pb::PeerRole::AccessPoint if remote.region == Region::West => (Tunnel::WestAccessPoint, sa.port),
+            pb::PeerRole::AccessPoint => (Tunnel::EastAccessPoint, sa.port),
+            pb::PeerRole::Site if local.region == Region::West => (Tunnel::Members, sa.second_port),
+            pb::PeerRole::Site => (Tunnel::Members, sa.port),
+            pb::PeerRole::Interconnect | pb::PeerRole::Unspecified => (Tunnel::Interconnect, sa.second_port),
+        };
         let mut allowed = host_prefixes(self.tunnel(&remote.name)?);
         allowed.extend(extra);
         Ok(pb::Peer {
             name: remote.name.clone(),
             role: role.into(),
             public_key: self.keys.get(&remote.name).and_then(|k| k.get(segment)).cloned().unwrap_or_default(),
-            endpoints: self.endpoints(local, remote, self.segment_alloc(segment)?.port),
+            endpoints: self.endpoints(local, remote, port),
             allowed_prefixes: allowed,
+            interface: tunnel_name(interface, segment),
         })
     }
 

@@ -345,7 +345,8 @@ pub struct Settings {
     pub probe: Probe,
     /// Probe timing per line kind (e.g. slower on satellite).
     pub line_kind_probe: BTreeMap<LineKind, ProbeOverride>,
-    /// One WireGuard listen port per segment is taken from here.
+    /// Two WireGuard listen ports per segment are taken from here (see
+    /// [`crate::allocate::SegmentAllocation`]).
     pub wireguard_ports: NumRange,
     /// One routing table id per segment is taken from here.
     pub routing_tables: NumRange,
@@ -383,15 +384,41 @@ impl Settings {
 
 /// Linux limits interface names to 15 bytes (IFNAMSIZ - 1).
 pub const IFNAME_MAX: usize = 15;
-/// Prefix of every WireGuard interface Musubi owns.
+/// Prefix of the WireGuard interface a site has to a segment's west access
+/// point (and the prefix the length rule of segment names quotes).
 pub const WG_PREFIX: &str = "mw-";
+/// Prefixes of every WireGuard interface Musubi owns, by what it faces: a
+/// site's tunnel to the east access point, to the west one; an access
+/// point's tunnel to its member sites, to the other access point. All the
+/// same length, so one rule of segment-name length covers them.
+pub const TUNNEL_PREFIXES: [&str; 4] = ["me-", WG_PREFIX, "mm-", "mi-"];
 /// Prefix of every VRF device Musubi owns.
 pub const VRF_PREFIX: &str = "mv-";
 /// Longest segment name that still fits in an interface name.
 pub const SEGMENT_NAME_MAX: usize = IFNAME_MAX - 3;
 
-pub fn wireguard_name(segment: &str) -> String {
-    format!("{WG_PREFIX}{segment}")
+/// What a WireGuard interface of a segment faces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tunnel {
+    /// A site's tunnel to the segment's east access point.
+    EastAccessPoint,
+    /// A site's tunnel to the segment's west access point.
+    WestAccessPoint,
+    /// An access point's tunnel to its member sites.
+    Members,
+    /// An access point's tunnel to the other access point.
+    Interconnect,
+}
+
+/// The interface name of a segment's tunnel.
+pub fn tunnel_name(tunnel: Tunnel, segment: &str) -> String {
+    let prefix = match tunnel {
+        Tunnel::EastAccessPoint => TUNNEL_PREFIXES[0],
+        Tunnel::WestAccessPoint => TUNNEL_PREFIXES[1],
+        Tunnel::Members => TUNNEL_PREFIXES[2],
+        Tunnel::Interconnect => TUNNEL_PREFIXES[3],
+    };
+    format!("{prefix}{segment}")
 }
 
 pub fn vrf_name(segment: &str) -> String {

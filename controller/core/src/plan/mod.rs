@@ -91,18 +91,19 @@ pub fn diff(old: &BTreeMap<String, SiteConfig>, new: &BTreeMap<String, SiteConfi
     Plan { sites: sites.into_iter().flatten().collect() }
 }
 
+/// A WireGuard interface as a plan shows it.
+fn tunnel(w: &pb::WireguardInterface) -> String {
+    format!("{} port {} [{}]", w.name, w.listen_port, w.addresses.join(", "))
+}
+
 /// A new segment, with what it will be given.
 fn added_segment(s: &pb::SegmentConfig) -> Change {
     let mut c = Change::new(Action::Add, "segment", s.segment.clone());
-    if let (Some(d), Some(w)) = (&s.domain, &s.wireguard) {
-        c.details.push(format!(
-            "{} table {}, {} port {} [{}]",
-            d.vrf,
-            d.table,
-            w.name,
-            w.listen_port,
-            w.addresses.join(", ")
-        ));
+    if let Some(d) = &s.domain {
+        c.details.push(format!("{} table {}", d.vrf, d.table));
+    }
+    for w in &s.tunnels {
+        c.details.push(tunnel(w));
     }
     c.details.push(format!(
         "{} peers, {} route groups, {} policy rules",
@@ -186,9 +187,8 @@ fn diff_segment(o: &pb::SegmentConfig, n: &pb::SegmentConfig) -> (Vec<String>, V
     field(&mut d, "routing domain", &o.domain, &n.domain, |x| {
         x.as_ref().map_or("(none)".into(), |x| format!("{} table {}", x.vrf, x.table))
     });
-    field(&mut d, "wireguard", &o.wireguard, &n.wireguard, |x| {
-        x.as_ref()
-            .map_or("(none)".into(), |x| format!("{} port {} [{}]", x.name, x.listen_port, x.addresses.join(", ")))
+    field(&mut d, "tunnels", &o.tunnels, &n.tunnels, |x| {
+        if x.is_empty() { "(none)".into() } else { x.iter().map(tunnel).collect::<Vec<_>>().join("; ") }
     });
     field(&mut d, "attachment", &o.attachment, &n.attachment, |x| {
         x.as_ref().map_or("(none)".into(), |x| format!("{} [{}]", x.interface, x.prefixes.join(", ")))

@@ -1,4 +1,4 @@
-//! Ranges in Settings must hold one routing table and one port per segment,
+//! Ranges in Settings must hold one routing table and two ports per segment,
 //! one tunnel address per site, one interconnect network per segment.
 
 use crate::diagnostic::Diagnostic;
@@ -29,7 +29,7 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
         }
     };
     need("routing_tables", "routing tables (one per segment)", u128::from(s.routing_tables.len()), segments);
-    need("wireguard_ports", "ports (one per segment)", u128::from(s.wireguard_ports.len()), segments);
+    need("wireguard_ports", "ports (two per segment)", u128::from(s.wireguard_ports.len()), 2 * segments);
     need(
         "tunnel_addresses.ipv4",
         "addresses (one per site)",
