@@ -249,6 +249,100 @@ mod tests {
         Ok(())
     }
 
+    /// An access point of `office` (a member, the interconnect) that also
+    /// carries `other`, into which a policy imports office's prefixes.
+    fn access_point() -> SiteConfig {
+        let tunnel = |name: &str, port: u32, faces: pb::PeerRole, extra: &[&str]| pb::WireguardInterface {
+            name: name.into(),
+            listen_port: port,
+            addresses: std::iter::once("100.64.0.1/32").chain(extra.iter().copied()).map(String::from).collect(),
+            faces: faces.into(),
+        };
+        let peer = |name: &str, role: pb::PeerRole, interface: &str, allowed: &[&str], key: &str| pb::Peer {
+            name: name.into(),
+            role: role.into(),
+            interface: interface.into(),
+            public_key: key.into(),
+            allowed_prefixes: allowed.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        };
+        let office = pb::SegmentConfig {
+            segment: "office".into(),
+            domain: Some(pb::RoutingDomain { vrf: "mv-office".into(), table: 1000 }),
+            tunnels: vec![
+                tunnel("mi-office", 51821, pb::PeerRole::Interconnect, &["100.127.0.0/32"]),
+                tunnel("mm-office", 51820, pb::PeerRole::Site, &[]),
+            ],
+            peers: vec![
+                peer("ap-west", pb::PeerRole::Interconnect, "mi-office", &["100.64.0.2/32", "100.127.0.1/32"], "KW"),
+                peer("office-a", pb::PeerRole::Site, "mm-office", &["100.64.0.3/32"], "KA"),
+            ],
+            route_groups: vec![pb::RouteGroup {
+                name: "office-a".into(),
+                prefixes: vec!["10.10.1.0/24".into()],
+                candidates: vec!["office-a".into(), "ap-west".into()],
+            }],
+            ..Default::default()
+        };
+        let other = pb::SegmentConfig {
+            segment: "other".into(),
+            domain: Some(pb::RoutingDomain { vrf: "mv-other".into(), table: 1001 }),
+            tunnels: vec![tunnel("mm-other", 51822, pb::PeerRole::Site, &[])],
+            imports: vec![pb::SegmentImport {
+                segment: "office".into(),
+                table: 1000,
+                prefixes: vec!["10.10.0.0/16".into()],
+            }],
+            ..Default::default()
+        };
+        SiteConfig {
+            site: "ap-east".into(),
+            role: pb::Role::AccessPoint.into(),
+            segments: vec![office, other],
+            ..Default::default()
+        }
+    }
+
+    /// Routing chooses, WireGuard only authenticates: wherever the access
+    /// point routes a member, the member stays allowed its own prefixes
+    /// (its packets are accepted directly while the other access point
+    /// carries its traffic), the interconnect is allowed every address, and
+    /// an import follows the route the other segment has.
+    #[test]
+    fn an_access_point_routes_a_member_directly_or_over_the_interconnect_and_accepts_it_either_way() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let state = StateDir::new(dir.path());
+        let c = access_point();
+        let keys = keys(&state, &c);
+        let route = |owned: &Owned, table: u32| {
+            owned.routes.iter().find(|r| r.table == table && r.prefix == "10.10.1.0/24").map(|r| r.interface.clone())
+        };
+        for (via, interface) in [("office-a", "mm-office"), ("ap-west", "mi-office")] {
+            let mut choices = first_choices(&c, &BTreeMap::new());
+            choices.groups.insert(("office".into(), "office-a".into()), via.into());
+            let want = desired_with(&c, &keys, &choices).expect("desired");
+            assert_eq!(route(&want, 1000).as_deref(), Some(interface), "office-a via {via}");
+            assert_eq!(route(&want, 1001).as_deref(), Some(interface), "the import follows it");
+            assert_eq!(
+                want.tunnels["mm-office"].peers["KA"].allowed_ips,
+                BTreeSet::from(["10.10.1.0/24".to_string(), "100.64.0.3/32".to_string()]),
+            );
+            assert_eq!(
+                want.tunnels["mi-office"].peers["KW"].allowed_ips,
+                BTreeSet::from(["0.0.0.0/0".to_string(), "::/0".to_string()])
+            );
+            let spec = want.policy.and_then(|p| p.spec).expect("policy");
+            assert_eq!(spec.interconnects, BTreeSet::from(["mi-office".to_string()]));
+            let sources = &spec.sources["office"];
+            assert_eq!(sources.tunnels, BTreeSet::from(["mi-office".to_string(), "mm-office".to_string()]));
+            assert!(
+                sources.prefixes.contains("10.10.1.0/24") && sources.prefixes.contains("100.127.0.1/32"),
+                "{sources:?}"
+            );
+            assert!(spec.sources["other"].prefixes.contains("10.10.0.0/16"), "the linked segment's sources");
+        }
+    }
+
     #[test]
     fn the_fake_refuses_illegal_operations() {
         let mut owned = Owned::default();

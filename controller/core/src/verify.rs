@@ -12,6 +12,11 @@
 //! own prefixes or in those of a segment a policy links it to (or be a
 //! tunnel address, which lies in no segment); imports and policy rules name
 //! only linked segments; a segment's peers are the sites attached to it.
+//! The tunnels are checked as the agents build them: each belongs to its
+//! segment by name; every peer is on one of its segment's tunnels; a tunnel
+//! that faces an access point or the interconnect (whose one peer the
+//! agent allows every address, routing choosing) holds exactly one peer,
+//! an access point of the segment.
 //! A violation is a way a packet could cross into a segment it must not.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -22,7 +27,7 @@ use musubi_proto::v1::SiteConfig;
 
 use crate::allocate::Allocations;
 use crate::compile::{Index, PublicKeys};
-use crate::intent::{Intent, Protocol};
+use crate::intent::{Intent, Protocol, TUNNEL_PREFIXES};
 
 /// A site's LAN in one segment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,6 +233,7 @@ pub fn isolation(intent: &Intent, configs: &BTreeMap<String, SiteConfig>) -> Vec
                     check("LAN".into(), p, &mut problems);
                 }
             }
+            tunnels(intent, site, seg, &mut problems);
             for import in &seg.imports {
                 if !links.contains(import.segment.as_str()) {
                     problems.push(format!(
@@ -251,6 +257,38 @@ pub fn isolation(intent: &Intent, configs: &BTreeMap<String, SiteConfig>) -> Vec
         }
     }
     problems
+}
+
+/// The tunnel rules of the module's description, for one segment of `site`.
+fn tunnels(intent: &Intent, site: &str, seg: &musubi_proto::v1::SegmentConfig, problems: &mut Vec<String>) {
+    use musubi_proto::v1::PeerRole;
+    let at = format!("{site}/{}", seg.segment);
+    for t in &seg.tunnels {
+        if !TUNNEL_PREFIXES.iter().any(|p| t.name.strip_prefix(p) == Some(seg.segment.as_str())) {
+            problems.push(format!("{at}: tunnel `{}` is not named for the segment", t.name));
+        }
+        let on: Vec<&musubi_proto::v1::Peer> = seg.peers.iter().filter(|p| p.interface == t.name).collect();
+        if t.faces() == PeerRole::Site {
+            continue;
+        }
+        if on.len() != 1 {
+            problems.push(format!(
+                "{at}: tunnel `{}` faces one peer and is allowed every address from it, but holds {}",
+                t.name,
+                on.len()
+            ));
+        }
+        for p in on {
+            if !intent.sites.get(&p.name).is_some_and(|s| s.is_access_point()) {
+                problems.push(format!("{at}: tunnel `{}` holds `{}`, which is not an access point", t.name, p.name));
+            }
+        }
+    }
+    for p in &seg.peers {
+        if !seg.tunnels.iter().any(|t| t.name == p.interface) {
+            problems.push(format!("{at}: peer `{}` is on `{}`, not one of the segment's tunnels", p.name, p.interface));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -294,5 +332,25 @@ mod tests {
         let problems = isolation(&intent, &configs);
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(problems[0].contains("lies in segment `mynumber`"), "{}", problems[0]);
+    }
+
+    /// Two access points on one of a site's tunnels: each would be allowed
+    /// every address on it, and WireGuard would give all of them to one.
+    #[test]
+    fn a_tunnel_allowed_every_address_holds_one_access_point() {
+        let intent = prefecture();
+        let alloc = allocate(&intent, &Allocations::default()).expect("allocate");
+        let mut configs = compile(&intent, &alloc, &PublicKeys::new()).expect("compile");
+        let kita = configs.get_mut("kita-hall").expect("kita-hall");
+        let seg = kita.segments.iter_mut().find(|s| s.segment == "kita-inet").expect("kita-inet");
+        assert_eq!(seg.tunnels.len(), 2, "a tunnel per access point");
+        let first = seg.tunnels[0].name.clone();
+        for p in &mut seg.peers {
+            p.interface = first.clone();
+        }
+        let problems = isolation(&intent, &configs);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("holds 2")), "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("holds 0")), "{problems:?}");
     }
 }

@@ -22,6 +22,8 @@
 
 use nftables::helper;
 use nftables::schema::Nftables;
+use std::collections::BTreeSet;
+
 use serde_json::{Value, json};
 
 use crate::datapath::{DatapathError, Policy, PolicySpec};
@@ -186,6 +188,9 @@ fn ruleset(policy: &Policy, spec: &PolicySpec) -> Value {
             }
             expr.push(json!({ "accept": null }));
             cmds.push(rule(expr, Some(format!("policy {}", allow.name))));
+            for expr in replies(allow, from, to, v6, &src, &dst) {
+                cmds.push(rule(expr, Some(format!("replies of policy {}", allow.name))));
+            }
         }
     }
     for key in ["iifname", "oifname"] {
@@ -219,6 +224,73 @@ fn ruleset(policy: &Policy, spec: &PolicySpec) -> Value {
         }
     }
     json!({ "nftables": cmds })
+}
+
+/// The replies of a policy's flow, without state: an access point that
+/// carries only the reply direction (the request crossed the other one:
+/// each site sends through its own region's access point, and each access
+/// point reaches a member directly) has no connection to match them to. A
+/// reply goes from the policy's destination back to its source: TCP from
+/// the allowed ports and never a connection's opening (SYN without ACK),
+/// UDP from the allowed ports, ICMP echo replies; a rule for any protocol
+/// lets back those three. What this opens in the reverse direction is what
+/// a stateless router's "established" filter opens: no connection can be
+/// started from the destination side.
+fn replies(
+    allow: &crate::datapath::Allow,
+    from: &BTreeSet<String>,
+    to: &BTreeSet<String>,
+    v6: bool,
+    src: &Value,
+    dst: &Value,
+) -> Vec<Vec<Value>> {
+    let family = if v6 { "ip6" } else { "ip" };
+    let base = || {
+        vec![
+            meta("iifname", names(to.iter().cloned())),
+            meta("oifname", names(from.iter().cloned())),
+            json!({ "match": { "op": "==", "left": { "payload": { "protocol": family, "field": "saddr" } }, "right": dst } }),
+            json!({ "match": { "op": "==", "left": { "payload": { "protocol": family, "field": "daddr" } }, "right": src } }),
+        ]
+    };
+    let sports = |protocol: &str| -> Option<Value> {
+        (!allow.ports.is_empty()).then(|| {
+            let ports: Vec<Value> =
+                allow.ports.iter().map(|(a, b)| if a == b { json!(a) } else { json!({ "range": [a, b] }) }).collect();
+            json!({ "match": { "op": "==", "left": { "payload": { "protocol": protocol, "field": "sport" } }, "right": { "set": ports } } })
+        })
+    };
+    let tcp = || {
+        let mut e = base();
+        e.push(meta("l4proto", json!("tcp")));
+        e.extend(sports("tcp"));
+        e.push(json!({ "match": { "op": "!=",
+            "left": { "&": [{ "payload": { "protocol": "tcp", "field": "flags" } }, { "|": ["syn", "ack"] }] },
+            "right": "syn" } }));
+        e.push(json!({ "accept": null }));
+        e
+    };
+    let udp = || {
+        let mut e = base();
+        e.push(meta("l4proto", json!("udp")));
+        e.extend(sports("udp"));
+        e.push(json!({ "accept": null }));
+        e
+    };
+    let icmp = || {
+        let (proto, kind) = if v6 { ("icmpv6", "echo-reply") } else { ("icmp", "echo-reply") };
+        let mut e = base();
+        e.push(meta("l4proto", json!(if v6 { "ipv6-icmp" } else { "icmp" })));
+        e.push(json!({ "match": { "op": "==", "left": { "payload": { "protocol": proto, "field": "type" } }, "right": kind } }));
+        e.push(json!({ "accept": null }));
+        e
+    };
+    match allow.protocol.as_str() {
+        "tcp" => vec![tcp()],
+        "udp" => vec![udp()],
+        "icmp" => vec![icmp()],
+        _ => vec![tcp(), udp(), icmp()],
+    }
 }
 
 /// The prerouting chain: anti-spoofing per segment, the interconnects' mark.
@@ -339,11 +411,24 @@ mod tests {
             },
         );
         spec.interconnects.insert("mi-office".into());
+        spec.segments.insert("other".into(), ["mv-other", "mm-other"].map(String::from).into());
+        for (protocol, ports) in [("tcp", vec![(22, 22), (8000, 8080)]), ("any", vec![]), ("udp", vec![(53, 53)])] {
+            spec.allow.push(crate::datapath::Allow {
+                name: format!("office-{protocol}"),
+                from_segment: "office".into(),
+                to_segment: "other".into(),
+                from_prefixes: vec!["10.1.0.0/16".into(), "fd00::/64".into()],
+                to_prefixes: vec!["10.9.0.0/16".into(), "fd09::/64".into()],
+                protocol: protocol.into(),
+                ports,
+            });
+        }
         let policy = Policy::new(spec.clone());
         let value = ruleset(&policy, &spec);
         let typed: Nftables = serde_json::from_value(value).expect("the crate's schema takes it");
         let text = serde_json::to_string(&typed).expect("encodes");
         assert!(text.contains(SPOOF_COMMENT) && text.contains("split horizon"), "{text}");
+        assert!(text.contains("replies of policy office-tcp") && text.contains("sport"), "{text}");
         // The segment without IPv6 prefixes drops every IPv6 packet of its tunnel.
         assert!(text.contains("ipv6"), "{text}");
         let root = std::fs::read_to_string("/proc/self/status")

@@ -76,6 +76,9 @@ impl Default for Pass {
 pub(super) enum Step {
     Wait(#[serde(deserialize_with = "duration")] Duration),
     Cut(SiteLine),
+    /// A black hole on one of a site's tunnels only (its lines stay up): a
+    /// partial failure, or an interconnect cut.
+    Block(SiteTunnel),
     Stop(String),
     Partition(String),
     Restore(Restore),
@@ -88,6 +91,16 @@ pub(super) enum Step {
 pub(super) struct SiteLine {
     pub(super) site: String,
     pub(super) line: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SiteTunnel {
+    pub(super) site: String,
+    /// The tunnel's interface: `me-<segment>` / `mw-<segment>` (a site's
+    /// to the east / west access point), `mm-<segment>` / `mi-<segment>` (an
+    /// access point's to its members / the interconnect).
+    pub(super) tunnel: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

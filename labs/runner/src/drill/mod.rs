@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 
 use self::faults::{Damage, nft, restore_node, stop_node};
-use self::file::{Expectation, Flap, Restore, SiteLine, Step, read};
+use self::file::{Expectation, Flap, Restore, SiteLine, SiteTunnel, Step, read};
 use self::measure::{install_counters, line_counts, outage};
 use self::moves::Logs;
 use self::report::{FlowResult, Gap, Moves, PathResult, Report, markdown, svg};
@@ -229,6 +229,11 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
                     let (router, ifname) = w.line(site, line)?;
                     damage.cut(&w.lab, &router, &ifname)?;
                     note(&mut timeline, format!("cut line {line} of {site} ({router} {ifname})"));
+                }
+                Step::Block(SiteTunnel { site, tunnel }) => {
+                    let router = w.router_of(site)?;
+                    damage.cut(&w.lab, &router, tunnel)?;
+                    note(&mut timeline, format!("block tunnel {tunnel} of {site} ({router}), its lines up"));
                 }
                 Step::Restore(Restore::Line(SiteLine { site, line })) => {
                     let (router, ifname) = w.line(site, line)?;

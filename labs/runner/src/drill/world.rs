@@ -109,6 +109,11 @@ pub(super) fn world(lab: Lab) -> Result<World> {
 }
 
 impl World {
+    /// The lab node that is `site`'s router.
+    pub(super) fn router_of(&self, site: &str) -> Result<String> {
+        self.router.get(site).cloned().with_context(|| format!("no router in the lab is site `{site}`"))
+    }
+
     pub(super) fn line(&self, site: &str, line: &str) -> Result<(String, String)> {
         let router = self.router.get(site).with_context(|| format!("no router in the lab is site `{site}`"))?;
         let ifname = self
