@@ -353,8 +353,7 @@ async fn socket_loop(
         }
     };
     let epoch = Instant::now();
-    let tick =
-        targets.iter().map(|t| t.interval).min().unwrap_or(Duration::from_millis(100)).min(Duration::from_millis(50));
+    let tick = tick(&targets);
     let mut ticker = tokio::time::interval(tick);
     let mut states: Vec<State> = targets
         .iter()
@@ -417,6 +416,24 @@ async fn socket_loop(
                 }
             }
         }
+    }
+}
+
+/// Targets at most that a socket judges at a fifth of their interval.
+const FINE_TARGETS: usize = 64;
+
+/// How often a socket's loop sends what is due and judges its targets: a
+/// fifth of the shortest interval (at least 10 ms), so a target is judged
+/// down within a fifth of an interval of its detection time, as BFD's
+/// timer would; a socket of many targets (an access point's members) at
+/// the shortest interval, at most 50 ms, as judging thousands of targets
+/// costs.
+fn tick(targets: &[Target]) -> Duration {
+    let shortest = targets.iter().map(|t| t.interval).min().unwrap_or(Duration::from_millis(100));
+    if targets.len() <= FINE_TARGETS {
+        (shortest / 5).max(Duration::from_millis(10)).min(shortest)
+    } else {
+        shortest.min(Duration::from_millis(50))
     }
 }
 
@@ -513,5 +530,32 @@ fn evaluate(targets: &[Target], states: &[State], health: &Healths, changed: &No
     drop(h);
     if flipped {
         changed.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn targets(n: usize, interval_ms: u32) -> Vec<Target> {
+        (0..n)
+            .map(|i| {
+                let probe = pb::ProbeSettings { interval_ms, multiplier: 3 };
+                let address = IpAddr::from([100, 64, (i / 256) as u8, (i % 256) as u8]);
+                Target::new(Key::tunnel("office", &format!("s{i}")), "mm-office", address, address, probe)
+            })
+            .collect()
+    }
+
+    /// A site's few targets are judged every fifth of their interval (down
+    /// within 10 ms of 50 ms × 3, not within 50); an access point's
+    /// thousands of members at the interval, at most 50 ms.
+    #[test]
+    fn few_targets_are_judged_finely_and_many_at_their_interval() {
+        assert_eq!(tick(&targets(2, 50)), Duration::from_millis(10));
+        assert_eq!(tick(&targets(2, 300)), Duration::from_millis(60));
+        assert_eq!(tick(&targets(2, 20)), Duration::from_millis(10), "never below 10 ms");
+        assert_eq!(tick(&targets(2000, 50)), Duration::from_millis(50));
+        assert_eq!(tick(&targets(2000, 300)), Duration::from_millis(50));
     }
 }

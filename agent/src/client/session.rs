@@ -86,9 +86,12 @@ impl Agent {
 }
 
 /// A moment for the flips that come together (a line's tunnels, every peer
-/// behind it) to be seen together before choosing.
+/// behind it) to be seen together before choosing. Short: a choice made on
+/// part of them costs at most a second move, never traffic (every node
+/// accepts a segment's traffic from any of its tunnels), and whatever is
+/// not known yet the failover machine waits for itself.
 pub(super) async fn settle() {
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
 }
 
 /// When the failover machine asked to be woken (never, if it did not).
