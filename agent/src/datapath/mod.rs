@@ -372,6 +372,17 @@ pub fn plan(actual: &Owned, desired: &Owned) -> Vec<Op> {
             }
         }
     }
+    // The policy before the peers: when a peer's line changes, the tunnel
+    // packets from its old line must be dropped (the policy's unused lines)
+    // before the endpoint moves, or one still on its way over the old line
+    // makes WireGuard roam back to it — and the other side, answering to
+    // where that came from, is dropped by the new policy: a tunnel dead
+    // until the agent next reads the peer's endpoint (35 s in a drill).
+    if let Some(p) = &desired.policy
+        && actual.policy.as_ref() != Some(p)
+    {
+        creations.push(Op::SetPolicy(p.clone()));
+    }
     // Peers after every tunnel exists, so a datapath can set the tunnels'
     // peers side by side.
     for (name, d) in &desired.tunnels {
@@ -409,11 +420,6 @@ pub fn plan(actual: &Owned, desired: &Owned) -> Vec<Op> {
         if !actual.routes.contains(r) || gone(r) {
             creations.push(Op::AddRoute(r.clone()));
         }
-    }
-    if let Some(p) = &desired.policy
-        && actual.policy.as_ref() != Some(p)
-    {
-        creations.push(Op::SetPolicy(p.clone()));
     }
     // What goes with a deleted tunnel, an unbound LAN or a deleted domain is
     // not removed one by one.
@@ -612,6 +618,23 @@ mod tests {
         let keep = Op::SetPeer { tunnel: "mw-office".into(), public_key: "KW".into(), peer: peer("", &["10.0.0.0/8"]) };
         assert!(shadow(&mut kept, &[keep]));
         assert_eq!(kept.tunnels["mw-office"].peers["KW"].endpoint, "192.0.2.2:51820");
+    }
+
+    /// A line move: the policy that drops the old line's tunnel packets is
+    /// written before the endpoint moves (after it, a packet still on its
+    /// way over the old line made WireGuard roam back, and the tunnel was
+    /// dead until the endpoint was next read: 35 s in `east-ap-outage`).
+    #[test]
+    fn the_fence_of_a_moved_line_goes_before_the_endpoint() {
+        let mut desired = owned();
+        let t = desired.tunnels.get_mut("mw-office").expect("tunnel");
+        t.peers.insert("KE".into(), peer("198.51.100.1:51820", &["10.0.0.0/8"]));
+        desired.policy = Some(Policy { digest: "fenced".into(), spec: None });
+        let ops = plan(&owned(), &desired);
+        let at = |f: &dyn Fn(&Op) -> bool| ops.iter().position(f).expect("planned");
+        let fence = at(&|o| matches!(o, Op::SetPolicy(_)));
+        let endpoint = at(&|o| matches!(o, Op::SetPeer { public_key, .. } if public_key == "KE"));
+        assert!(fence < endpoint, "{ops:?}");
     }
 
     /// Writes that raise notifications (routes, tunnels), or that name a
