@@ -67,16 +67,9 @@ pub fn wanted(
 /// [`build`] from what [`wanted`] gave.
 pub fn build_wanted(dp: &mut dyn Datapath, want: &Owned, pins: &BTreeSet<Pin>) -> Result<Vec<Op>, ReconcileError> {
     let moved = dp.pin(pins)?;
+    // The plan puts the policy (the fence of lines not in use) before the
+    // peers whose endpoints a line switch moves: see `datapath::plan`.
     let mut ops = dp.diff(want)?;
-    // A line switch changes peers' endpoints and the fence of lines not in
-    // use: the fence goes first, so nothing still on its way over the old
-    // line makes WireGuard follow it back. (Otherwise the policy goes last,
-    // after the interfaces it names.)
-    let only_peers = ops.iter().all(|o| matches!(o, Op::SetPeer { .. } | Op::SetPolicy(_)));
-    if only_peers && let Some(i) = ops.iter().position(|o| matches!(o, Op::SetPolicy(_))) {
-        let policy = ops.remove(i);
-        ops.insert(0, policy);
-    }
     if !ops.is_empty() {
         dp.apply(&ops)?;
     }

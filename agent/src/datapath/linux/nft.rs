@@ -173,14 +173,9 @@ fn ruleset(policy: &Policy, spec: &PolicySpec) -> Value {
                 "tcp" | "udp" => {
                     expr.push(meta("l4proto", json!(allow.protocol)));
                     if !allow.ports.is_empty() {
-                        let ports: Vec<Value> = allow
-                            .ports
-                            .iter()
-                            .map(|(a, b)| if a == b { json!(a) } else { json!({ "range": [a, b] }) })
-                            .collect();
                         expr.push(json!({ "match": { "op": "==",
                             "left": { "payload": { "protocol": allow.protocol, "field": "dport" } },
-                            "right": { "set": ports } } }));
+                            "right": port_set(&allow.ports) } }));
                     }
                 }
                 "icmp" => expr.push(meta("l4proto", json!(if v6 { "ipv6-icmp" } else { "icmp" }))),
@@ -226,6 +221,13 @@ fn ruleset(policy: &Policy, spec: &PolicySpec) -> Value {
     json!({ "nftables": cmds })
 }
 
+/// A set of inclusive port ranges, a single port as itself.
+fn port_set(ports: &[(u16, u16)]) -> Value {
+    let items: Vec<Value> =
+        ports.iter().map(|(a, b)| if a == b { json!(a) } else { json!({ "range": [a, b] }) }).collect();
+    json!({ "set": items })
+}
+
 /// The replies of a policy's flow, without state: an access point that
 /// carries only the reply direction (the request crossed the other one:
 /// each site sends through its own region's access point, and each access
@@ -255,9 +257,7 @@ fn replies(
     };
     let sports = |protocol: &str| -> Option<Value> {
         (!allow.ports.is_empty()).then(|| {
-            let ports: Vec<Value> =
-                allow.ports.iter().map(|(a, b)| if a == b { json!(a) } else { json!({ "range": [a, b] }) }).collect();
-            json!({ "match": { "op": "==", "left": { "payload": { "protocol": protocol, "field": "sport" } }, "right": { "set": ports } } })
+            json!({ "match": { "op": "==", "left": { "payload": { "protocol": protocol, "field": "sport" } }, "right": port_set(&allow.ports) } })
         })
     };
     let tcp = || {
