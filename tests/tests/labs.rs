@@ -261,13 +261,21 @@ fn prefecture_lab_matches_verify_and_follows_an_intent_change() {
     // Remove the policy: LGWAN's SSH into My Number stops within 2 s.
     let ssh = |lab: &Lab| {
         let server = "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);\
-                      s.bind(('0.0.0.0',22));s.listen();s.settimeout(3);c,_=s.accept();c.sendall(b'ok')";
+                      s.bind(('0.0.0.0',22));s.listen();s.settimeout(3);print('ready',flush=True);c,_=s.accept();c.sendall(b'ok')";
         let mut listener = Command::new(bin("musubi"))
             .args(["lab", "exec", "--lab", &lab.name, "pref-hq-mynumber", "--", "python3", "-c", server])
             .env("MUSUBI_LAB_DIR", lab.root.path())
+            .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("listener");
-        std::thread::sleep(Duration::from_millis(300));
+        // The client connects once the listener listens (a listener still
+        // starting would refuse it).
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(listener.stdout.take().expect("stdout")),
+            &mut line,
+        );
+        assert_eq!(line.trim(), "ready", "the listener started");
         let client = "import socket;c=socket.create_connection(('10.3.0.10',22),timeout=0.5);print(c.recv(2).decode())";
         let out = lab.exec("kita-hall-lgwan", &["python3", "-c", client]);
         let _ = listener.kill();
@@ -292,8 +300,8 @@ fn prefecture_lab_matches_verify_and_follows_an_intent_change() {
         }
     }
     let blocked = blocked.expect("SSH still passes after the policy was removed");
-    // A probe takes about 0.3 s to set up its listener and up to 0.5 s to
-    // give up on a connection; the change itself must show within 2 s.
+    // A probe takes a few hundred ms to start its listener and up to 0.5 s
+    // to give up on a connection; the change itself must show within 2 s.
     assert!(blocked < Duration::from_millis(2800), "blocked after {blocked:?}");
     eprintln!("policy removed → SSH blocked {blocked:?} after the apply returned (probe time included)");
 }

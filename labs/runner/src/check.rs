@@ -206,7 +206,7 @@ pub(crate) fn check(lab: &Lab) -> Result<()> {
             let (listener, client) = if udp {
                 (
                     format!(
-                        "import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('0.0.0.0',{port}));s.settimeout(5);d,a=s.recvfrom(16);s.sendto(b'ok',a)"
+                        "import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('0.0.0.0',{port}));s.settimeout(5);print('ready',flush=True);d,a=s.recvfrom(16);s.sendto(b'ok',a)"
                     ),
                     format!(
                         "import socket;c=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);c.settimeout(3);c.sendto(b'probe',('{}',{port}));print(c.recv(2).decode())",
@@ -216,7 +216,7 @@ pub(crate) fn check(lab: &Lab) -> Result<()> {
             } else {
                 (
                     format!(
-                        "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',{port}));s.listen();s.settimeout(5);c,_=s.accept();c.sendall(b'ok')"
+                        "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',{port}));s.listen();s.settimeout(5);print('ready',flush=True);c,_=s.accept();c.sendall(b'ok')"
                     ),
                     format!(
                         "import socket;c=socket.create_connection(('{}',{port}),timeout=3);print(c.recv(2).decode())",
@@ -224,23 +224,31 @@ pub(crate) fn check(lab: &Lab) -> Result<()> {
                     ),
                 )
             };
+            // The client starts only once the listener says it listens: a
+            // listener still starting under load would refuse the probe.
             let mut server = lab.command(&host(j), "python3");
-            server.args(["-c", &listener]).stdout(Stdio::null()).stderr(Stdio::null());
+            server.args(["-c", &listener]).stdout(Stdio::piped()).stderr(Stdio::null());
             let mut server = server.spawn()?;
-            std::thread::sleep(Duration::from_millis(200));
-            let out = lab.command(&host(i), "python3").args(["-c", &client]).output()?;
+            let ready = wait_for_ready(&mut server, Duration::from_secs(10));
+            let (ok, why) = if ready {
+                let out = lab.command(&host(i), "python3").args(["-c", &client]).output()?;
+                let ok = String::from_utf8_lossy(&out.stdout).trim() == "ok";
+                let err = String::from_utf8_lossy(&out.stderr);
+                (ok, err.lines().last().unwrap_or("no answer").trim().to_string())
+            } else {
+                (false, "the listener did not start".to_string())
+            };
             let _ = server.kill();
             let _ = server.wait();
-            let ok = String::from_utf8_lossy(&out.stdout).trim() == "ok";
-            tcp.push((i, j, format!("{}/{port}", if udp { "udp" } else { "tcp" }), ok));
+            tcp.push((i, j, format!("{}/{port}", if udp { "udp" } else { "tcp" }), ok, why));
         }
     }
     let mismatches: Vec<String> = results
         .iter()
         .filter(|(_, r)| !matches!(r, Probe::Agrees | Probe::SameAddress))
         .map(|((i, j), r)| format!("{} → {}: {r:?} (ICMP)", m.endpoints[*i].label(), m.endpoints[*j].label()))
-        .chain(tcp.iter().filter(|t| !t.3).map(|(i, j, flow, _)| {
-            format!("{} → {}: {flow} blocked", m.endpoints[*i].label(), m.endpoints[*j].label())
+        .chain(tcp.iter().filter(|t| !t.3).map(|(i, j, flow, _, why)| {
+            format!("{} → {}: {flow} blocked ({why})", m.endpoints[*i].label(), m.endpoints[*j].label())
         }))
         .collect();
     println!();
@@ -280,4 +288,17 @@ pub(crate) fn check(lab: &Lab) -> Result<()> {
         bail!("{} pairs differ from the intent", mismatches.len());
     }
     Ok(())
+}
+
+/// Waits until a listener prints its `ready` line (bounded by `limit`).
+fn wait_for_ready(server: &mut std::process::Child, limit: Duration) -> bool {
+    use std::io::BufRead;
+    let Some(out) = server.stdout.take() else { return false };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
+        let _ = tx.send(line.trim() == "ready");
+    });
+    rx.recv_timeout(limit).unwrap_or(false)
 }
