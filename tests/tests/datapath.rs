@@ -223,10 +223,13 @@ fn segments_reach_within_and_not_across_and_reconcile_is_idempotent() {
     assert!(!lab.ping("h1b", "10.30.2.10"), "beta → gamma must not pass");
     let mut server = lab.net.command("h2g", Path::new("python3"));
     server
-        .args(["-c", "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',22));s.listen();s.settimeout(10);c,_=s.accept();c.sendall(b'ok')"])
-        .stdout(Stdio::null());
+        .args(["-c", "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',22));s.listen();s.settimeout(10);print('ready',flush=True);c,_=s.accept();c.sendall(b'ok')"])
+        .stdout(Stdio::piped());
     let mut server = server.spawn().expect("listener");
-    std::thread::sleep(Duration::from_millis(300));
+    // The client connects once the listener listens.
+    let mut line = String::new();
+    let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().expect("stdout")), &mut line);
+    assert_eq!(line.trim(), "ready", "the listener started");
     let client = lab.net.sh(
         "h1a",
         "python3 -c \"import socket;c=socket.create_connection(('10.30.2.10',22),timeout=5);print(c.recv(2).decode())\"",
