@@ -236,6 +236,10 @@ impl Agent {
     /// traffic back — then the lines, whose pins, fence and endpoints cost
     /// an observation and an nft process (180 ms of east-ap-outage's
     /// 260 ms in debug builds).
+    ///
+    /// A line moved because the path in use failed goes first of all to
+    /// its new line by itself (pins and endpoints, see
+    /// [`crate::reconcile::move_lines`]); the build after it fences the old line.
     fn failover(&mut self, event: Event) -> bool {
         let before = self.machine.active().clone();
         let actions = self.machine.step(event, Instant::now());
@@ -243,16 +247,46 @@ impl Agent {
         let mut built = false;
         for action in actions {
             if let Action::Build { moved, .. } = action {
-                let after = self.machine.active();
+                let after = self.machine.active().clone();
                 if after.groups != before.groups && after.paths != before.paths {
                     let groups_first = Choices { groups: after.groups.clone(), paths: before.paths.clone() };
                     // Logged with the whole move by the second build.
                     built |= self.reconcile_with(&groups_first, &[], true);
                 }
+                if after.paths != before.paths {
+                    built |= self.move_failed_lines(&before, &after);
+                }
                 built |= self.reconcile(&moved);
             }
         }
         built
+    }
+
+    /// Moves the lines that moved from `before` to `after` because the path
+    /// in use failed, by themselves; true when something was written.
+    fn move_failed_lines(&mut self, before: &Choices, after: &Choices) -> bool {
+        let (Some(config), Some(prober)) = (self.applied.as_ref().and_then(|a| a.config.as_ref()), &self.prober) else {
+            return false;
+        };
+        let failed = {
+            let health = prober.health.lock().unwrap_or_else(|e| e.into_inner());
+            crate::failover::failed_lines(config, before, after, &|k| health.get(k).cloned())
+        };
+        if failed.is_empty() {
+            return false;
+        }
+        let (keys, hops) = (&self.keys, &self.hops);
+        let result = off_workers(self.datapath.blocks(), || {
+            crate::reconcile::move_lines(&mut *self.datapath, config, keys, after, hops, &failed)
+        });
+        match result {
+            Ok(ops) => !ops.is_empty(),
+            Err(e) => {
+                // The full build that follows tries again.
+                tracing::warn!(site = %self.settings.site, error = %e, "a failed line's peers not moved first");
+                false
+            }
+        }
     }
 
     /// The probes' health changed.

@@ -390,6 +390,44 @@ mod tests {
         assert_eq!(m.moves().get(&Moved::Line { peer: EAST.into() }), Some(&1));
     }
 
+    /// A cut fibre's lines move first by themselves (`failed_lines`: the path
+    /// in use is judged down); the move back to the fibre after the
+    /// hold-down, away from an LTE line that still answers, is not one.
+    #[test]
+    fn only_a_line_whose_path_failed_counts_as_failed() {
+        let t0 = Instant::now();
+        let (mut m, mut h) = settled(t0);
+        let before = m.active().clone();
+        let cut = t0 + ms(1000);
+        for peer in [EAST, WEST] {
+            *h.get_mut(&path("fiber", peer)).expect("fibre") = health(false, cut, Some(cut - ms(150)));
+        }
+        m.step(Event::Probed(h.clone()), cut);
+        let after = m.active().clone();
+        assert_eq!((line_to(&m, EAST), line_to(&m, WEST)), ("lte", "lte"));
+        let config = site();
+        let failed = crate::failover::failed_lines(&config, &before, &after, &|k| h.get(k).cloned());
+        assert_eq!(failed, [EAST.to_string(), WEST.to_string()].into_iter().collect());
+        assert!(crate::failover::failed_lines(&config, &after, &after, &|k| h.get(k).cloned()).is_empty(), "no move");
+        // The fibre back, and up for the hold-down: the lines go back.
+        let back = cut + ms(2000);
+        for peer in [EAST, WEST] {
+            *h.get_mut(&path("fiber", peer)).expect("fibre") = health(true, back, Some(back));
+        }
+        m.step(Event::Probed(h.clone()), back);
+        m.step(Event::Tick, back + HOLD_DOWN);
+        assert_eq!((line_to(&m, EAST), line_to(&m, WEST)), ("fiber", "fiber"));
+        let home = m.active().clone();
+        assert!(
+            crate::failover::failed_lines(&config, &after, &home, &|k| h.get(k).cloned()).is_empty(),
+            "LTE still answers: not a failed line"
+        );
+        // Had LTE failed meanwhile, the same move would be one.
+        *h.get_mut(&path("lte", EAST)).expect("lte") = health(false, back, Some(back));
+        let failed = crate::failover::failed_lines(&config, &after, &home, &|k| h.get(k).cloned());
+        assert_eq!(failed, [EAST.to_string()].into_iter().collect());
+    }
+
     /// The east access point dies: its tunnel and every path to it go quiet
     /// together, nothing to it answers afterwards — the group moves to the
     /// west at once, and back only once the east has been up for the

@@ -178,6 +178,31 @@ pub fn choices(i: Inputs<'_>) -> Choices {
     choose(config, &group_rank, &path_rank)
 }
 
+/// The peers whose line moved from `before` to `after` because the path in
+/// use failed (its probes judged it down): nothing arrives over that line
+/// any more, so their endpoints may move before the old line is fenced
+/// (see `reconcile::move_lines`). A move away from a line that still
+/// answers (back to the preferred line after the hold-down) is not one.
+pub fn failed_lines(config: &SiteConfig, before: &Choices, after: &Choices, health: HealthOf<'_>) -> BTreeSet<String> {
+    after
+        .paths
+        .iter()
+        .filter_map(|(peer, now)| Some((peer, before.paths.get(peer).filter(|b| *b != now)?)))
+        .filter(|(peer, (local, remote))| {
+            config
+                .segments
+                .iter()
+                .flat_map(|s| s.peers.iter().filter(|p| &p.name == *peer))
+                .flat_map(|p| &p.endpoints)
+                .find(|e| &e.local_line == local && &e.remote_line == remote)
+                .and_then(|e| path(config, e))
+                .and_then(|(local, remote)| health(&Key::Path { local, remote }))
+                .is_some_and(|h| !h.up)
+        })
+        .map(|(peer, _)| peer.clone())
+        .collect()
+}
+
 /// How long after a tunnel's last answer a path probed beside it may still
 /// have answered and yet have gone quiet with it: the last answers of two
 /// targets probed on timers can be up to two intervals apart when the line
