@@ -184,28 +184,27 @@ impl Agent {
     /// Builds the machine's choices; `moved` says what moved, for the log.
     fn reconcile(&mut self, moved: &[String]) -> bool {
         let active = self.machine.active().clone();
-        self.reconcile_with(&active, moved, false)
+        self.reconcile_with(&active, moved, 0)
     }
 
-    /// Builds `choices` (the machine's, or a step towards them, `step`:
-    /// a failover's build, logged by the build that completes it).
-    fn reconcile_with(&mut self, choices: &Choices, moved: &[String], step: bool) -> bool {
+    /// Builds `choices`; `earlier` operations towards them were written by
+    /// a failover's first steps (logged here, with the whole move).
+    fn reconcile_with(&mut self, choices: &Choices, moved: &[String], earlier: usize) -> bool {
         let Some(config) = self.applied.as_ref().and_then(|a| a.config.as_ref()) else { return false };
         // A failover's build takes the policy as last read or written (a
         // process less on the way to the new path); the upkeep reads it.
-        self.datapath.trust_policy(step || !moved.is_empty());
+        self.datapath.trust_policy(!moved.is_empty());
         let result =
             off_workers(self.datapath.blocks(), || build(&mut *self.datapath, config, &self.keys, choices, &self.hops));
         self.datapath.trust_policy(false);
         match result {
-            Ok(ops) if ops.is_empty() => false,
-            Ok(_) if step => true,
+            Ok(ops) if ops.is_empty() && earlier == 0 => false,
             Ok(ops) if !moved.is_empty() => {
-                tracing::warn!(site = %self.settings.site, operations = ops.len(), moved = %moved.join(", "), "traffic moved");
+                tracing::warn!(site = %self.settings.site, operations = earlier + ops.len(), moved = %moved.join(", "), "traffic moved");
                 true
             }
             Ok(ops) => {
-                tracing::warn!(site = %self.settings.site, operations = ops.len(), "the datapath had drifted; put back");
+                tracing::warn!(site = %self.settings.site, operations = earlier + ops.len(), "the datapath had drifted; put back");
                 true
             }
             Err(e) => {
@@ -214,6 +213,24 @@ impl Agent {
                 true
             }
         }
+    }
+
+    /// A failover's first step: builds `choices` (the groups moved, the
+    /// lines not yet); the operations written. A failure is left to the
+    /// full build that follows.
+    fn build_step(&mut self, choices: &Choices) -> usize {
+        let Some(config) = self.applied.as_ref().and_then(|a| a.config.as_ref()) else { return 0 };
+        self.datapath.trust_policy(true);
+        let result =
+            off_workers(self.datapath.blocks(), || build(&mut *self.datapath, config, &self.keys, choices, &self.hops));
+        self.datapath.trust_policy(false);
+        result.map_or_else(
+            |e| {
+                tracing::warn!(site = %self.settings.site, error = %e, "a failover's first step failed");
+                0
+            },
+            |ops| ops.len(),
+        )
     }
 
     /// Observes the datapath after a configuration is applied, so that a
@@ -248,43 +265,44 @@ impl Agent {
         for action in actions {
             if let Action::Build { moved, .. } = action {
                 let after = self.machine.active().clone();
+                // Operations of the first steps, logged with the whole move
+                // by the build that completes it.
+                let mut earlier = 0;
                 if after.groups != before.groups && after.paths != before.paths {
-                    let groups_first = Choices { groups: after.groups.clone(), paths: before.paths.clone() };
-                    // Logged with the whole move by the second build.
-                    built |= self.reconcile_with(&groups_first, &[], true);
+                    earlier += self.build_step(&Choices { groups: after.groups.clone(), paths: before.paths.clone() });
                 }
                 if after.paths != before.paths {
-                    built |= self.move_failed_lines(&before, &after);
+                    earlier += self.move_failed_lines(&before, &after);
                 }
-                built |= self.reconcile(&moved);
+                built |= self.reconcile_with(&after, &moved, earlier);
             }
         }
         built
     }
 
     /// Moves the lines that moved from `before` to `after` because the path
-    /// in use failed, by themselves; true when something was written.
-    fn move_failed_lines(&mut self, before: &Choices, after: &Choices) -> bool {
+    /// in use failed, by themselves; the operations written.
+    fn move_failed_lines(&mut self, before: &Choices, after: &Choices) -> usize {
         let (Some(config), Some(prober)) = (self.applied.as_ref().and_then(|a| a.config.as_ref()), &self.prober) else {
-            return false;
+            return 0;
         };
         let failed = {
             let health = prober.health.lock().unwrap_or_else(|e| e.into_inner());
             crate::failover::failed_lines(config, before, after, &|k| health.get(k).cloned())
         };
         if failed.is_empty() {
-            return false;
+            return 0;
         }
         let (keys, hops) = (&self.keys, &self.hops);
         let result = off_workers(self.datapath.blocks(), || {
             crate::reconcile::move_lines(&mut *self.datapath, config, keys, after, hops, &failed)
         });
         match result {
-            Ok(ops) => !ops.is_empty(),
+            Ok(ops) => ops.len(),
             Err(e) => {
                 // The full build that follows tries again.
                 tracing::warn!(site = %self.settings.site, error = %e, "a failed line's peers not moved first");
-                false
+                0
             }
         }
     }
