@@ -45,6 +45,13 @@ pub(super) struct StreamSpec {
     /// Packets per second.
     #[serde(default = "default_rate")]
     pub(super) rate: u32,
+    /// A TCP connection to this port of `to` instead of UDP packets (a port
+    /// a policy lets through when the two hosts are in different
+    /// segments): `rate` records of 16 bytes a second over it. TCP loses
+    /// nothing, it stalls: its outage is its longest stall, and the drill
+    /// fails if the connection breaks.
+    #[serde(default)]
+    pub(super) tcp: Option<u16>,
 }
 
 fn default_rate() -> u32 {
@@ -198,6 +205,9 @@ fn parse(source: &str) -> Result<Drill> {
     if drill.streams.iter().any(|s| !(1..=10_000).contains(&s.rate)) {
         bail!("a stream's rate must be 1 to 10000 packets/s");
     }
+    if let Some(s) = drill.streams.iter().find(|s| s.tcp == Some(0)) {
+        bail!("stream {} → {}: `tcp` is the port to connect to, 1 to 65535", s.from, s.to);
+    }
     Ok(drill)
 }
 
@@ -285,6 +295,17 @@ mod tests {
     fn a_stream_rate_out_of_range_is_refused() {
         let e = parse("name: t\nstreams: [{from: a, to: b, rate: 0}]\nsteps: []\n").expect_err("rate 0");
         assert!(e.to_string().contains("rate must be 1 to 10000"), "{e}");
+    }
+
+    #[test]
+    fn a_tcp_stream_names_its_port() {
+        let d = parse("name: t\nstreams: [{from: a, to: b, rate: 200, tcp: 8080}, {from: b, to: a}]\nsteps: []\n")
+            .expect("drill");
+        assert_eq!((d.streams[0].tcp, d.streams[1].tcp), (Some(8080), None));
+        let e = parse("name: t\nstreams: [{from: a, to: b, tcp: 0}]\nsteps: []\n").expect_err("port 0");
+        assert!(e.to_string().contains("`tcp` is the port to connect to"), "{e}");
+        let e = parse("name: t\nstreams: [{from: a, to: b, tcp: http}]\nsteps: []\n").expect_err("a name");
+        assert!(format!("{e:#}").contains("line 2"), "{e:#}");
     }
 
     #[test]

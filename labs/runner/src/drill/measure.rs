@@ -55,6 +55,38 @@ pub(super) fn outage(sent: &[u32], arrived: &[(u64, u32)], dark: &[(u32, u32)], 
     out
 }
 
+/// Outage of a TCP flow, which loses nothing but stalls: the longest
+/// stretch between two records arriving (from the first record sent to the
+/// first arrival, and from the last arrival to the end of sending), less one
+/// send interval, less the time an end of the flow had no line.
+pub(super) fn stall(sent: &[u32], arrived: &[(u64, u32)], dark: &[(u32, u32)], rate: u32) -> Outage {
+    let interval = 1e6 / f64::from(rate);
+    let (Some(&first), Some(&last)) = (sent.first(), sent.last()) else { return Outage::default() };
+    let mut times: Vec<f64> = arrived.iter().map(|a| f64::from(a.1)).collect();
+    times.sort_by(f64::total_cmp);
+    let mut marks = vec![f64::from(first)];
+    marks.extend(times);
+    let end = f64::from(last) + interval;
+    if marks.last().is_some_and(|t| *t < end) {
+        marks.push(end);
+    }
+    let mut out = Outage::default();
+    for pair in marks.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        let overlap: f64 = dark.iter().map(|&(s, e)| (b.min(f64::from(e)) - a.max(f64::from(s))).max(0.0)).sum::<f64>();
+        let gap = (b - a - interval).max(0.0);
+        let counted = (gap - overlap).max(0.0) / 1e3;
+        out.longest_ms = out.longest_ms.max(gap / 1e3);
+        if counted > out.ms {
+            (out.ms, out.at_s) = (counted, (a / 1e6).max(0.0));
+        }
+        if counted >= GAP_MS {
+            out.gaps.push(((a / 1e6).max(0.0), counted));
+        }
+    }
+    out
+}
+
 /// A flow's gaps from 20 ms on are listed.
 const GAP_MS: f64 = 20.0;
 
@@ -133,6 +165,27 @@ pub(super) fn install_counters(w: &World, site: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tcp_flows_outage_is_its_longest_stall() {
+        // 100 records/s for 2 s; from 0.5 s nothing arrives for 300 ms, then
+        // the held records arrive at once (a retransmission).
+        let sent: Vec<u32> = (0..200).map(|i| i * 10_000).collect();
+        let arrived: Vec<(u64, u32)> =
+            (0..200u64).map(|s| (s, if (50..80).contains(&s) { 800_500 } else { s as u32 * 10_000 + 500 })).collect();
+        let o = stall(&sent, &arrived, &[], 100);
+        assert!((o.ms - 300.0).abs() < 1.5, "{o:?}");
+        assert!((o.at_s - 0.4905).abs() < 0.001, "{o:?}");
+        assert_eq!(o.gaps.len(), 1, "{o:?}");
+        // A connection that stops at 1.5 s is out until the end of sending.
+        let head: Vec<(u64, u32)> = (0..150u64).map(|s| (s, s as u32 * 10_000 + 500)).collect();
+        let o = stall(&sent, &head, &[], 100);
+        assert!((o.ms - 499.5).abs() < 1.5, "{o:?}");
+        // Dark time at an end does not count; nothing at all is out all along.
+        let o = stall(&sent, &arrived, &[(490_000, 700_000)], 100);
+        assert!((o.ms - 90.0).abs() < 1.5, "{o:?}");
+        assert!(stall(&sent, &[], &[], 100).ms > 1980.0, "nothing arrived: out all along");
+    }
 
     #[test]
     fn outage_is_the_longest_gap_less_the_time_without_any_line() {

@@ -26,21 +26,20 @@ mod world;
 use musubi_process::println;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
 use self::faults::{Damage, nft, restore_node, stop_node};
 use self::file::{Expectation, Flap, Restore, SiteLine, SiteTunnel, Step, read};
-use self::measure::{install_counters, line_counts, outage};
+use self::measure::{install_counters, line_counts, outage, stall};
 use self::moves::Logs;
 use self::report::{FlowResult, Gap, Moves, PathResult, Report, markdown, svg};
-use self::traffic::{Flow, in_netns, micros, packet, parse, steady};
+use self::traffic::{Flow, Sender, in_netns, micros, parse, sender, steady, tcp_receiver};
 use self::world::world;
 use crate::check::check;
 use crate::lab::Lab;
@@ -90,23 +89,10 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
     // Receivers: every host listens on every stream's port.
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
-    let flows: Vec<Arc<Flow>> = drill
-        .streams
-        .iter()
-        .map(|s| {
-            Arc::new(Flow {
-                spec: s.clone(),
-                sent: Mutex::new(Vec::new()),
-                arrived: Mutex::new(Vec::new()),
-                received: AtomicU64::new(0),
-                leaked: AtomicU64::new(0),
-                misdelivered: AtomicU64::new(0),
-            })
-        })
-        .collect();
+    let flows: Vec<Arc<Flow>> = drill.streams.iter().map(|s| Arc::new(Flow::new(s.clone()))).collect();
     let mut threads = Vec::new();
     for (host, (_, segment, _)) in &w.hosts {
-        for (i, _) in drill.streams.iter().enumerate() {
+        for (i, _) in drill.streams.iter().enumerate().filter(|(_, s)| s.tcp.is_none()) {
             let port = BASE_PORT + i as u16;
             let sock = in_netns(&w.lab, host, || {
                 let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
@@ -135,30 +121,43 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
             }));
         }
     }
+    // TCP streams: a listener at the receiver, accepting one connection.
+    for flow in flows.iter().filter(|f| f.spec.tcp.is_some()) {
+        let port = flow.spec.tcp.unwrap_or_default();
+        let listener = in_netns(&w.lab, &flow.spec.to, || {
+            let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })?;
+        let (flow, stop) = (flow.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || tcp_receiver(listener, flow, stop, started)));
+    }
     // Senders.
     for (i, flow) in flows.iter().enumerate() {
-        let target = SocketAddr::new(IpAddr::V4(w.hosts[&flow.spec.to].2), BASE_PORT + i as u16);
-        let sock = in_netns(&w.lab, &flow.spec.from, || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?;
-        let (flow, stop) = (flow.clone(), stop.clone());
-        threads.push(std::thread::spawn(move || {
-            let interval = Duration::from_secs_f64(1.0 / f64::from(flow.spec.rate));
-            let begin = Instant::now();
-            let mut seq: u64 = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let due = begin + interval.mul_f64(seq as f64);
-                let now = Instant::now();
-                if due > now {
-                    std::thread::sleep(due - now);
-                }
-                let at = micros(started);
-                // Sending fails while the host has no route: still a packet lost.
-                let _ = sock.send_to(&packet(i as u32, seq), target);
-                if let Ok(mut s) = flow.sent.lock() {
-                    s.push(at);
-                }
-                seq += 1;
+        let to = IpAddr::V4(w.hosts[&flow.spec.to].2);
+        let out = match flow.spec.tcp {
+            None => {
+                let sock = in_netns(&w.lab, &flow.spec.from, || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?;
+                Sender::Udp(sock, SocketAddr::new(to, BASE_PORT + i as u16))
             }
-        }));
+            Some(port) => {
+                let connected = in_netns(&w.lab, &flow.spec.from, || {
+                    let c = TcpStream::connect_timeout(&SocketAddr::new(to, port), Duration::from_secs(5))?;
+                    c.set_nodelay(true)?;
+                    c.set_write_timeout(Some(Duration::from_secs(5)))?;
+                    Ok(c)
+                });
+                match connected {
+                    Ok(c) => Sender::Tcp(c),
+                    Err(e) => {
+                        stop.store(true, Ordering::Relaxed);
+                        bail!("stream {} → {}: no TCP connection to port {port}: {e:#}", flow.spec.from, flow.spec.to);
+                    }
+                }
+            }
+        };
+        let (flow, stop) = (flow.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || sender(out, i as u32, flow, stop, started)));
     }
     // The live view: each flow's packets per second.
     {
@@ -356,14 +355,22 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
                 .flat_map(|s| dark.get(*s).into_iter().flatten())
                 .map(|&(a, b)| (a, b.unwrap_or(end)))
                 .collect();
-            let o = outage(&sent, &arrived, &windows, f.spec.rate);
+            let o = if f.spec.tcp.is_some() {
+                stall(&sent, &arrived, &windows, f.spec.rate)
+            } else {
+                outage(&sent, &arrived, &windows, f.spec.rate)
+            };
+            let broken = f.broken.lock().ok().and_then(|b| b.clone());
             let (outage_ms, longest_gap_ms, outage_at_s) = (o.ms, o.longest_ms, o.at_s);
             let unique: BTreeSet<u64> = arrived.iter().map(|a| a.0).collect();
             let leaked = f.leaked.load(Ordering::Relaxed);
             FlowResult {
                 from: f.spec.from.clone(),
                 to: f.spec.to.clone(),
-                segment: w.hosts[&f.spec.from].1.clone(),
+                segment: match f.spec.tcp {
+                    None => w.hosts[&f.spec.from].1.clone(),
+                    Some(port) => format!("{} → {} (tcp/{port})", w.hosts[&f.spec.from].1, w.hosts[&f.spec.to].1),
+                },
                 rate: f.spec.rate,
                 sent: sent.len() as u64,
                 received: unique.len() as u64,
@@ -374,7 +381,8 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
                 gaps: o.gaps.iter().map(|&(at_s, ms)| Gap { at_s, ms }).collect(),
                 leaked,
                 misdelivered: f.misdelivered.load(Ordering::Relaxed),
-                pass: outage_ms <= drill.pass.max_outage_ms as f64 && leaked == 0,
+                pass: outage_ms <= drill.pass.max_outage_ms as f64 && leaked == 0 && broken.is_none(),
+                broken,
             }
         })
         .collect();

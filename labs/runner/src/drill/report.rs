@@ -23,6 +23,9 @@ pub(super) struct FlowResult {
     pub(super) leaked: u64,
     pub(super) misdelivered: u64,
     pub(super) pass: bool,
+    /// Why a TCP stream's connection broke, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) broken: Option<String>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -103,7 +106,12 @@ pub(super) fn markdown(r: &Report) -> String {
             f.leaked,
             f.misdelivered,
             if f.pass { "✓" } else { "✗" },
-            f.gaps.iter().map(|g| format!("{:.1} s: {:.0} ms", g.at_s, g.ms)).collect::<Vec<_>>().join(", ")
+            f.gaps
+                .iter()
+                .map(|g| format!("{:.1} s: {:.0} ms", g.at_s, g.ms))
+                .chain(f.broken.iter().map(|b| format!("connection broke ({b})")))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     if !r.paths.is_empty() {

@@ -4,7 +4,9 @@
 //! stream's port, so a packet that reaches a host of another segment (the
 //! lab numbers segments alike on purpose) is counted as a leak.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,6 +42,107 @@ pub(super) struct Flow {
     /// another host of its own segment.
     pub(super) leaked: AtomicU64,
     pub(super) misdelivered: AtomicU64,
+    /// Why a TCP stream's connection broke, if it did.
+    pub(super) broken: Mutex<Option<String>>,
+}
+
+impl Flow {
+    pub(super) fn new(spec: StreamSpec) -> Flow {
+        Flow {
+            spec,
+            sent: Mutex::new(Vec::new()),
+            arrived: Mutex::new(Vec::new()),
+            received: AtomicU64::new(0),
+            leaked: AtomicU64::new(0),
+            misdelivered: AtomicU64::new(0),
+            broken: Mutex::new(None),
+        }
+    }
+
+    fn record(&self, seq: u64, started: Instant) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut a) = self.arrived.lock() {
+            a.push((seq, micros(started)));
+        }
+    }
+
+    fn broke(&self, why: String) {
+        if let Ok(mut b) = self.broken.lock() {
+            b.get_or_insert(why);
+        }
+    }
+}
+
+/// A TCP stream's receiving end: accepts one connection on `listener` and
+/// records every record that arrives over it, until `stop`.
+pub(super) fn tcp_receiver(listener: TcpListener, flow: Arc<Flow>, stop: Arc<AtomicBool>, started: Instant) {
+    let mut conn = None;
+    while conn.is_none() && !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((c, _)) => conn = Some(c),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return flow.broke(format!("accepting: {e}")),
+        }
+    }
+    let Some(mut conn) = conn else { return };
+    if let Err(e) = conn.set_nonblocking(false).and_then(|()| conn.set_read_timeout(Some(Duration::from_millis(50)))) {
+        return flow.broke(format!("setting up the connection: {e}"));
+    }
+    let (mut pending, mut buf) = (Vec::new(), [0u8; 4096]);
+    while !stop.load(Ordering::Relaxed) {
+        match conn.read(&mut buf) {
+            Ok(0) => return flow.broke("the sender closed the connection".into()),
+            Ok(n) => {
+                pending.extend_from_slice(&buf[..n]);
+                let whole = pending.len() / 16 * 16;
+                for record in pending[..whole].chunks(16) {
+                    if let Some((_, seq)) = parse(record) {
+                        flow.record(seq, started);
+                    }
+                }
+                pending.drain(..whole);
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => return flow.broke(format!("receiving: {e}")),
+        }
+    }
+}
+
+/// A stream's sending end: a packet (UDP) or a record (TCP) every
+/// 1/rate s, until `stop`; each one's time goes to the flow's `sent`.
+pub(super) fn sender(mut out: Sender, stream: u32, flow: Arc<Flow>, stop: Arc<AtomicBool>, started: Instant) {
+    let interval = Duration::from_secs_f64(1.0 / f64::from(flow.spec.rate));
+    let begin = Instant::now();
+    let mut seq: u64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let due = begin + interval.mul_f64(seq as f64);
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        let at = micros(started);
+        match &mut out {
+            // Sending fails while the host has no route: still a packet lost.
+            Sender::Udp(sock, target) => {
+                let _ = sock.send_to(&packet(stream, seq), *target);
+            }
+            Sender::Tcp(conn) => {
+                if let Err(e) = conn.write_all(&packet(stream, seq)) {
+                    return flow.broke(format!("sending: {e}"));
+                }
+            }
+        }
+        if let Ok(mut s) = flow.sent.lock() {
+            s.push(at);
+        }
+        seq += 1;
+    }
+}
+
+/// Where a sender's packets go.
+pub(super) enum Sender {
+    Udp(UdpSocket, SocketAddr),
+    Tcp(TcpStream),
 }
 
 pub(super) fn packet(stream: u32, seq: u64) -> [u8; 16] {
