@@ -486,6 +486,24 @@ fn take(msg: &mut [u8], from: SocketAddr, ctx: &mut Context<'_>) -> Option<Socke
     }
 }
 
+/// Whether `t` is up at `now`: it answered within its detection time
+/// (interval × multiplier), or fewer than `multiplier` probes have gone to
+/// it since it last answered — as BFD counts missed packets, not time. A
+/// peer is judged only on probes it was sent: when the whole machine was
+/// held up (a busy host; every lab node at once in a drill), this loop sent
+/// nothing either, and judging by time alone declared every target down at
+/// once and up again 6 ms later — a route group moved for a hold-down on
+/// the way. A member site is alive whenever its own probes arrive, and is
+/// probed too rarely to count probes: it is judged by time.
+fn judged_up(t: &Target, st: &State, now: Instant) -> bool {
+    let Some(last) = st.last_reply else { return false };
+    if now.saturating_duration_since(last) <= t.interval * t.multiplier {
+        return true;
+    }
+    let unanswered = st.sent.iter().filter(|e| e.1 > last).count();
+    !t.member && unanswered < t.multiplier as usize
+}
+
 fn evaluate(targets: &[Target], states: &[State], health: &Healths, changed: &Notify, rtt: Option<(usize, Duration)>) {
     let now = Instant::now();
     let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
@@ -497,7 +515,7 @@ fn evaluate(targets: &[Target], states: &[State], health: &Healths, changed: &No
         if st.last_reply.is_none() && now - st.started <= detect.max(GRACE) {
             continue;
         }
-        let up = st.last_reply.is_some_and(|at| now - at <= detect);
+        let up = judged_up(t, st, now);
         // Probes old enough to have been answered.
         let settled: Vec<bool> =
             st.sent.iter().filter(|e| e.2 || now - e.1 > detect).map(|e| e.2).rev().take(WINDOW).collect();
@@ -545,6 +563,36 @@ mod tests {
                 Target::new(Key::tunnel("office", &format!("s{i}")), "mm-office", address, address, probe)
             })
             .collect()
+    }
+
+    /// Down after `multiplier` probes unanswered and the detection time:
+    /// a stall of the whole machine (no probe sent) judges nothing down.
+    #[test]
+    fn a_target_is_down_after_its_probes_went_unanswered_not_after_a_stall() {
+        let t0 = Instant::now();
+        let t = &targets(1, 50)[0];
+        let ms = Duration::from_millis;
+        let state = |sent: &[u64]| State {
+            started: t0,
+            last_reply: Some(t0),
+            sent: sent.iter().map(|&at| (at, t0 + ms(at), false)).collect(),
+            next: t0,
+        };
+        // Probes every 50 ms after the last answer, none answered.
+        let st = state(&[50, 100, 150]);
+        assert!(judged_up(t, &st, t0 + ms(150)), "within the detection time");
+        assert!(!judged_up(t, &st, t0 + ms(160)), "three probes unanswered and 160 ms");
+        // The machine was held up 400 ms after one probe: nothing else went out.
+        let st = state(&[50]);
+        assert!(judged_up(t, &st, t0 + ms(450)), "one probe unanswered is not a peer gone");
+        let st = state(&[50, 460, 470]);
+        assert!(!judged_up(t, &st, t0 + ms(470)), "three are");
+        // A member site is judged by time: it is probed rarely.
+        let mut member = t.clone();
+        member.member = true;
+        assert!(!judged_up(&member, &state(&[50]), t0 + ms(160)));
+        // Never answered: not up.
+        assert!(!judged_up(t, &State { last_reply: None, ..state(&[]) }, t0 + ms(10)));
     }
 
     /// A site's few targets are judged every fifth of their interval (down

@@ -51,6 +51,16 @@ pub(crate) fn echoes(lab: &Lab, host: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Echo requests each of `hosts` has received so far, read side by side
+/// (one `nft` each: in the kernel lab's emulated guest a process takes
+/// about a second to start).
+fn every_echo(lab: &Lab, hosts: &[String]) -> Vec<u64> {
+    std::thread::scope(|s| {
+        let reads: Vec<_> = hosts.iter().map(|h| s.spawn(move || echoes(lab, h))).collect();
+        reads.into_iter().map(|r| r.join().unwrap_or(0)).collect()
+    })
+}
+
 pub(crate) fn check(lab: &Lab) -> Result<()> {
     use musubi_core::verify::{Reach, matrix, render};
     let clab = lab.topology()?;
@@ -126,7 +136,7 @@ pub(crate) fn check(lab: &Lab) -> Result<()> {
             round.push((i, j));
             false
         });
-        let before: Vec<u64> = probed.iter().map(|&k| echoes(lab, &host(k))).collect();
+        let before = every_echo(lab, &probed.iter().map(|&k| host(k)).collect::<Vec<_>>());
         let replies: Vec<bool> = std::thread::scope(|s| {
             let pings: Vec<_> = round
                 .iter()
@@ -144,7 +154,7 @@ pub(crate) fn check(lab: &Lab) -> Result<()> {
                 .collect();
             pings.into_iter().map(|p| p.join().unwrap_or(false)).collect()
         });
-        let after: Vec<u64> = probed.iter().map(|&k| echoes(lab, &host(k))).collect();
+        let after = every_echo(lab, &probed.iter().map(|&k| host(k)).collect::<Vec<_>>());
         let got = |k: usize| probed.iter().position(|&p| p == k).is_some_and(|x| after[x] > before[x]);
         for (&(i, j), reply) in round.iter().zip(replies) {
             let expected = m.cells[i][j].icmp();
