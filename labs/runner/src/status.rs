@@ -11,6 +11,9 @@ pub(crate) fn status(lab: &Lab) -> Result<()> {
     let clab = lab.topology()?;
     println!("lab {} ({})", lab.name, lab.dir.display());
     let namespaces = crate::netns::list();
+    // Columns as wide as the longest node name (the prefecture lab's hosts
+    // are `<site>-<segment>`).
+    let width = clab.topology.nodes.keys().map(|n| n.chars().count()).max().unwrap_or(0).max(4);
     for (name, node) in &clab.topology.nodes {
         let up = namespaces.contains(&lab.ns(name));
         let pids: Vec<String> = std::fs::read_dir(lab.dir.join("pids"))
@@ -26,7 +29,9 @@ pub(crate) fn status(lab: &Lab) -> Result<()> {
                     .collect()
             })
             .unwrap_or_default();
-        println!("  {name:<16} {:<10} {:<8} {}", node.role(), if up { "up" } else { "missing" }, pids.join(", "));
+        let state = if up { "up" } else { "missing" };
+        let line = format!("  {name:<width$}  {:<10} {state:<8} {}", node.role(), pids.join(", "));
+        println!("{}", line.trim_end());
     }
     if let Ok((controller, _)) = clab.controller() {
         println!();
