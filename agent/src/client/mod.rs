@@ -254,9 +254,10 @@ impl Agent {
     /// an observation and an nft process (180 ms of east-ap-outage's
     /// 260 ms in debug builds).
     ///
-    /// A line moved because the path in use failed goes first of all to
-    /// its new line by itself (pins and endpoints, see
-    /// [`crate::reconcile::move_lines`]); the build after it fences the old line.
+    /// A line moved because the path in use failed goes to its new line by
+    /// itself before the full build: pins, endpoints, then the policy with
+    /// the new fence, without observing first (see
+    /// [`crate::reconcile::move_lines`]); the full build checks everything.
     fn failover(&mut self, event: Event) -> bool {
         let before = self.machine.active().clone();
         let actions = self.machine.step(event, Instant::now());

@@ -216,7 +216,7 @@ pub(crate) fn check(lab: &Lab) -> Result<()> {
             let (listener, client) = if udp {
                 (
                     format!(
-                        "import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('0.0.0.0',{port}));s.settimeout(5);print('ready',flush=True);d,a=s.recvfrom(16);s.sendto(b'ok',a)"
+                        "import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('0.0.0.0',{port}));s.settimeout(60);print('ready',flush=True);d,a=s.recvfrom(16);s.sendto(b'ok',a)"
                     ),
                     format!(
                         "import socket;c=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);c.settimeout(3);c.sendto(b'probe',('{}',{port}));print(c.recv(2).decode())",
@@ -226,7 +226,7 @@ pub(crate) fn check(lab: &Lab) -> Result<()> {
             } else {
                 (
                     format!(
-                        "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',{port}));s.listen();s.settimeout(5);print('ready',flush=True);c,_=s.accept();c.sendall(b'ok')"
+                        "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',{port}));s.listen();s.settimeout(60);print('ready',flush=True);c,_=s.accept();c.sendall(b'ok')"
                     ),
                     format!(
                         "import socket;c=socket.create_connection(('{}',{port}),timeout=3);print(c.recv(2).decode())",
@@ -236,10 +236,14 @@ pub(crate) fn check(lab: &Lab) -> Result<()> {
             };
             // The client starts only once the listener says it listens: a
             // listener still starting under load would refuse the probe.
+            // Bounds are wide (the listener is killed as soon as the client
+            // is done): in the kernel lab's emulated guest, starting Python
+            // takes seconds, and the client's start counts against the
+            // listener's wait.
             let mut server = lab.command(&host(j), "python3");
             server.args(["-c", &listener]).stdout(Stdio::piped()).stderr(Stdio::null());
             let mut server = server.spawn()?;
-            let ready = wait_for_ready(&mut server, Duration::from_secs(10));
+            let ready = wait_for_ready(&mut server, Duration::from_secs(60));
             let (ok, why) = if ready {
                 let out = lab.command(&host(i), "python3").args(["-c", &client]).output()?;
                 let ok = String::from_utf8_lossy(&out.stdout).trim() == "ok";

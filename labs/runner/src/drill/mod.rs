@@ -57,6 +57,22 @@ const PREFERRED_SHARE: f64 = 0.9;
 /// The agents' probe port (BFD's), which the line counters leave out.
 const PROBE_PORT: u16 = 3784;
 
+/// How long after the drill's last step traffic may take to be back on
+/// the preferred paths (× the time scale): the agents' hold-down (3 s)
+/// and two seconds' counts.
+const PREFERRED_WAIT: Duration = Duration::from_secs(5);
+
+/// The share of `site`'s outer packets on its first line towards its
+/// region's access point.
+fn preferred_share(w: &world::World, site: &str, counts: &measure::LineCounts) -> f64 {
+    let total: u64 = counts.values().sum();
+    let first = w.lines.get(site).and_then(|l| l.first()).cloned().unwrap_or_default();
+    let ifname = w.line_if.get(&(site.to_string(), first)).cloned().unwrap_or_default();
+    let ap = w.home_ap.get(site).cloned().unwrap_or_default();
+    let on = counts.get(&(ifname, ap)).copied().unwrap_or(0);
+    if total == 0 { 0.0 } else { on as f64 / total as f64 }
+}
+
 /// Plays a drill on a running lab. `rate` replaces every stream's packets
 /// per second; `scale` multiplies the drill's times (waits, flaps, the
 /// longest outage allowed), for a lab whose probe timers and hold-down were
@@ -286,16 +302,28 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
             break;
         }
     }
-    // Where traffic runs now, while the streams still run.
+    // Where traffic runs now, while the streams still run: one second's
+    // counts, again until every site is back or a hold-down has had time to
+    // end (a brief silence near the drill's end — a busy host holding up a
+    // router — moves a group away for a hold-down, by design; it must come
+    // back). How long it took is reported.
     let mut paths = Vec::new();
+    let mut back_after = None;
     if failure.is_none() && drill.pass.preferred {
-        for (site, counts) in line_counts(&w, &sources)? {
+        let waited = Instant::now();
+        let limit = PREFERRED_WAIT * scale;
+        let mut counted = line_counts(&w, &sources)?;
+        while !counted.iter().all(|(site, counts)| preferred_share(&w, site, counts) >= PREFERRED_SHARE)
+            && waited.elapsed() < limit
+        {
+            counted = line_counts(&w, &sources)?;
+        }
+        back_after = Some(waited.elapsed().as_secs_f64() - 1.0);
+        for (site, counts) in counted {
             let total: u64 = counts.values().sum();
             let first = w.lines.get(&site).and_then(|l| l.first()).cloned().unwrap_or_default();
-            let ifname = w.line_if.get(&(site.clone(), first.clone())).cloned().unwrap_or_default();
             let ap = w.home_ap.get(&site).cloned().unwrap_or_default();
-            let on = counts.get(&(ifname, ap.clone())).copied().unwrap_or(0);
-            let share = if total == 0 { 0.0 } else { on as f64 / total as f64 };
+            let share = preferred_share(&w, &site, &counts);
             let line_of = |i: &str| {
                 w.line_if
                     .iter()
@@ -407,6 +435,7 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
         timeline,
         flows,
         paths,
+        paths_after_s: back_after,
         moves,
         matrix_checks,
         pass,

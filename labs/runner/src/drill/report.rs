@@ -64,6 +64,9 @@ pub(super) struct Report {
     pub(super) timeline: Vec<(f64, String)>,
     pub(super) flows: Vec<FlowResult>,
     pub(super) paths: Vec<PathResult>,
+    /// Seconds after the drill's last step the paths were last counted
+    /// (0: at once; more: a hold-down was still running).
+    pub(super) paths_after_s: Option<f64>,
     pub(super) moves: Vec<Moves>,
     pub(super) matrix_checks: Vec<(f64, bool)>,
     pub(super) pass: bool,
@@ -115,7 +118,9 @@ pub(super) fn markdown(r: &Report) -> String {
         );
     }
     if !r.paths.is_empty() {
-        let _ = writeln!(md, "\nAt the end, outer packets of each source site over one second:\n");
+        let after = r.paths_after_s.unwrap_or(0.0);
+        let when = if after < 0.5 { "At the end".to_string() } else { format!("{after:.1} s after the end") };
+        let _ = writeln!(md, "\n{when}, outer packets of each source site over one second:\n");
         let _ = writeln!(
             md,
             "| site | preferred line | access point | share | packets | by line → access point | |\n| --- | --- | --- | ---: | ---: | --- | --- |"
