@@ -311,7 +311,11 @@ fn agents_keep_their_configuration_while_the_controller_is_away() {
 
 #[test]
 fn site_certificates_are_renewed_before_they_expire() {
-    let Embedded { dir, pki, address, controller: _controller, .. } = embedded(&["--site-cert-lifetime-s", "6"]);
+    // 12 s certificates, renewed at two thirds (8 s): the renewed one is
+    // good until 20 s, and the restart at 14 s (the first one expired at
+    // 12 s) has 6 s to get in. With 6 s certificates that window was 2 s,
+    // and a busy CI machine missed it once.
+    let Embedded { dir, pki, address, controller: _controller, .. } = embedded(&["--site-cert-lifetime-s", "12"]);
     let state = dir.path().join("kita-hall");
     let enrolled = Instant::now();
     let mut agent = enrol(&pki, &address, &address, dir.path(), "kita-hall");
@@ -319,13 +323,13 @@ fn site_certificates_are_renewed_before_they_expire() {
     assert!(eventually(Duration::from_secs(10), || !first().is_empty()));
     let original = first();
     assert!(
-        eventually(Duration::from_secs(10), || agent.log_text().contains("site certificate renewed")),
+        eventually(Duration::from_secs(20), || agent.log_text().contains("site certificate renewed")),
         "no renewal: {}",
         agent.log_text()
     );
     assert_ne!(first(), original, "the certificate file was not replaced");
     // Once the first certificate has expired, a restarted agent still gets in.
-    std::thread::sleep(Duration::from_secs(8).saturating_sub(enrolled.elapsed()));
+    std::thread::sleep(Duration::from_secs(14).saturating_sub(enrolled.elapsed()));
     agent.kill_hard();
     let _agent = AgentProcess::start("kita-hall", &address, &state, None, &pki.ca());
     assert!(
