@@ -442,22 +442,28 @@ mod tests {
         c
     }
 
-    #[test]
-    fn lines_are_picked_pinned_and_fenced() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let state = StateDir::new(dir.path());
-        let c = two_lines(pb::Region::East);
+    /// The router of [`two_lines`] has routes for fiber→fiber (eth2) and
+    /// lte→inet (eth3) only.
+    fn fibre_and_lte_hops() -> BTreeMap<(std::net::IpAddr, std::net::IpAddr), Hop> {
         let ip = |a: &str| a.parse::<std::net::IpAddr>().expect("ip");
         let hop = |i: &str| Hop { interface: i.into(), gateway: None };
-        // The router has routes for fiber→fiber and lte→inet only.
-        let hops: BTreeMap<_, _> = (1..=3u8)
+        (1..=3u8)
             .flat_map(|n| {
                 [
                     ((ip("192.0.2.11"), ip(&format!("192.0.2.{n}"))), hop("eth2")),
                     ((ip("198.51.100.11"), ip(&format!("198.51.100.{n}"))), hop("eth3")),
                 ]
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn lines_are_picked_pinned_and_fenced() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let state = StateDir::new(dir.path());
+        let c = two_lines(pb::Region::East);
+        let ip = |a: &str| a.parse::<std::net::IpAddr>().expect("ip");
+        let hops = fibre_and_lte_hops();
         let first = first_choices(&c, &hops);
         assert_eq!(first.paths["ap-east"], ("fiber".to_string(), "fiber".to_string()));
         assert!(!first.paths.contains_key("member"), "a member site is followed, not picked");
@@ -501,16 +507,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let state = StateDir::new(dir.path());
         let c = two_lines(pb::Region::East);
-        let ip = |a: &str| a.parse::<std::net::IpAddr>().expect("ip");
-        let hop = |i: &str| Hop { interface: i.into(), gateway: None };
-        let hops: BTreeMap<_, _> = (1..=3u8)
-            .flat_map(|n| {
-                [
-                    ((ip("192.0.2.11"), ip(&format!("192.0.2.{n}"))), hop("eth2")),
-                    ((ip("198.51.100.11"), ip(&format!("198.51.100.{n}"))), hop("eth3")),
-                ]
-            })
-            .collect();
+        let hops = fibre_and_lte_hops();
         let keys = keys(&state, &c);
         let mut dp = Fake::new();
         let first = first_choices(&c, &hops);
