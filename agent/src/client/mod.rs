@@ -190,13 +190,9 @@ impl Agent {
     /// Builds `choices`; `earlier` operations towards them were written by
     /// a failover's first steps (logged here, with the whole move).
     fn reconcile_with(&mut self, choices: &Choices, moved: &[String], earlier: usize) -> bool {
-        let Some(config) = self.applied.as_ref().and_then(|a| a.config.as_ref()) else { return false };
         // A failover's build takes the policy as last read or written (a
         // process less on the way to the new path); the upkeep reads it.
-        self.datapath.trust_policy(!moved.is_empty());
-        let result =
-            off_workers(self.datapath.blocks(), || build(&mut *self.datapath, config, &self.keys, choices, &self.hops));
-        self.datapath.trust_policy(false);
+        let Some(result) = self.build_now(choices, !moved.is_empty()) else { return false };
         match result {
             Ok(ops) if ops.is_empty() && earlier == 0 => false,
             Ok(ops) if !moved.is_empty() => {
@@ -215,15 +211,26 @@ impl Agent {
         }
     }
 
+    /// Builds `choices` on the applied configuration (`None` without one),
+    /// trusting the policy as last read or written when `trust_policy`.
+    fn build_now(
+        &mut self,
+        choices: &Choices,
+        trust_policy: bool,
+    ) -> Option<Result<Vec<crate::datapath::Op>, crate::reconcile::ReconcileError>> {
+        let config = self.applied.as_ref().and_then(|a| a.config.as_ref())?;
+        self.datapath.trust_policy(trust_policy);
+        let result =
+            off_workers(self.datapath.blocks(), || build(&mut *self.datapath, config, &self.keys, choices, &self.hops));
+        self.datapath.trust_policy(false);
+        Some(result)
+    }
+
     /// A failover's first step: builds `choices` (the groups moved, the
     /// lines not yet); the operations written. A failure is left to the
     /// full build that follows.
     fn build_step(&mut self, choices: &Choices) -> usize {
-        let Some(config) = self.applied.as_ref().and_then(|a| a.config.as_ref()) else { return 0 };
-        self.datapath.trust_policy(true);
-        let result =
-            off_workers(self.datapath.blocks(), || build(&mut *self.datapath, config, &self.keys, choices, &self.hops));
-        self.datapath.trust_policy(false);
+        let Some(result) = self.build_now(choices, true) else { return 0 };
         result.map_or_else(
             |e| {
                 tracing::warn!(site = %self.settings.site, error = %e, "a failover's first step failed");
