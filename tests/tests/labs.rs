@@ -133,6 +133,26 @@ fn minimal_lab_comes_up_checks_clean_and_goes_down_without_a_trace() {
     let status = lab.musubi(&["lab", "status", &lab.name]);
     let st = text(&status);
     assert!(st.contains("agent running") && !st.contains("stopped") && !st.contains("missing"), "{st}");
+    // The lab's processes, every thread of them, run above normal priority
+    // (a busy host must not read as an outage).
+    let pids = lab.root.path().join(&lab.name).join("pids");
+    let mut threads = 0;
+    for entry in std::fs::read_dir(&pids).expect("the lab's pids").flatten() {
+        let pid = std::fs::read_to_string(entry.path()).expect("pid");
+        for task in std::fs::read_dir(format!("/proc/{}/task", pid.trim())).expect("a running process").flatten() {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            let nice = stat.rsplit_once(") ").and_then(|(_, rest)| rest.split_whitespace().nth(16)).unwrap_or_default();
+            assert_eq!(
+                nice,
+                "-10",
+                "{}: thread {:?} runs at niceness {nice}",
+                entry.path().display(),
+                task.file_name()
+            );
+            threads += 1;
+        }
+    }
+    assert!(threads >= 5, "the controller's and four agents' threads were read ({threads})");
     // Across regions: office-a (east) → ap-east → ap-west → office-b (west).
     let across = musubi_tests::eventually(Duration::from_secs(10), || {
         lab.exec("host-a", &["ping", "-c", "1", "-W", "1", "10.10.2.10"]).status.success()
