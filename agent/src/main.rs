@@ -46,8 +46,12 @@ struct Modes {
 enum Command {
     /// Read a site configuration (protobuf `.pb` or proto3 JSON) and print
     /// the routing domains, tunnels, peers and routes it asks for.
+    #[command(after_help = "Example:\n  musubi-agent inspect kita-hall.pb")]
     Inspect { file: PathBuf },
     /// Run the agent of one site.
+    #[command(
+        after_help = "Example:\n  musubi-agent run --site kita-hall --controller 10.0.0.1:7400,10.0.0.2:7400 --token-file /etc/musubi/token --ca /etc/musubi/ca.pem"
+    )]
     Run {
         /// This router's site, as named in the intent.
         #[arg(long, env = "MUSUBI_SITE")]
@@ -88,12 +92,16 @@ enum Command {
     /// Report what this host offers the datapath (kernel WireGuard or
     /// wireguard-go, VRF or table mode, nftables, forwarding), which modes
     /// the choices give (`auto` by default), and advise.
+    #[command(after_help = "Example:\n  musubi-agent doctor --wireguard auto --domains auto")]
     Doctor {
         #[command(flatten)]
         modes: Modes,
     },
     /// Apply a site configuration file once, without a controller, and
     /// report what was written (for bring-up, drills and tests).
+    #[command(
+        after_help = "Example:\n  musubi-agent apply --config kita-hall.json --state /var/lib/musubi --datapath fake"
+    )]
     Apply {
         /// A site configuration (`.pb` protobuf or proto3 JSON).
         #[arg(long)]
@@ -117,6 +125,9 @@ enum Command {
     },
     /// Run N simulated agents (in-memory datapaths, each enrolled with its
     /// own token and certificate) against a controller, report convergence.
+    #[command(
+        after_help = "Example:\n  musubi-agent simulate --sites 1000 --controller 127.0.0.1:7400 --ca ca.pem --cert admin.pem --key admin-key.pem --seconds 60"
+    )]
     Simulate {
         #[arg(long)]
         sites: usize,

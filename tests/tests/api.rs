@@ -92,7 +92,12 @@ fn cli_apply_export_and_bad_input_on_both_stores() {
         let controller = Controller::start(&store.url());
         let out = musubi(&controller, &["apply", "-f", "topologies/prefecture.yaml", "--yes"]);
         assert!(out.status.success(), "{}", text(&out.stderr));
-        assert!(text(&out.stdout).contains("Applied: revision 1"), "{}", text(&out.stdout));
+        // One line of counts, not every object's name.
+        let applied = text(&out.stdout);
+        assert!(
+            applied.contains("Applied revision 1: settings changed, 4 tenants added, 6 segments added, 7 sites added, 1 policy added; 7 site configurations to send."),
+            "{applied}"
+        );
 
         // Without --yes and without a terminal, nothing is applied.
         let out = musubi(&controller, &["apply", "-f", "topologies/minimal.yaml"]);
@@ -139,12 +144,22 @@ fn cli_apply_export_and_bad_input_on_both_stores() {
         assert!(err.contains("MiB") || err.contains("too large"), "{err}");
         assert_eq!(revision(&controller), 1);
 
+        // Files that declare nothing would remove every object: refused
+        // after the plan is shown, unless asked for by name.
+        let empty = tempfile::NamedTempFile::new().expect("empty file");
+        let empty = empty.path().to_string_lossy().into_owned();
+        let out = musubi(&controller, &["apply", "-f", &empty, "--yes"]);
+        assert!(!out.status.success(), "{}", text(&out.stdout));
+        assert!(text(&out.stdout).contains("- site kita-hall"), "the plan is shown: {}", text(&out.stdout));
+        assert!(text(&out.stderr).contains("--allow-destroy-all"), "{}", text(&out.stderr));
+        assert_eq!(revision(&controller), 1, "an empty intent was applied");
+
         // History verifies; a rollback adds a revision.
         let out = musubi(&controller, &["apply", "-f", "topologies/minimal.yaml", "--yes"]);
         assert!(out.status.success(), "{}", text(&out.stderr));
         let out = musubi(&controller, &["rollback", "--to", "1", "--yes"]);
         assert!(
-            text(&out.stdout).contains("Applied: revision 3 (rollback to 1:"),
+            text(&out.stdout).contains("Applied revision 3: rollback to 1"),
             "{}{}",
             text(&out.stdout),
             text(&out.stderr)
@@ -178,7 +193,7 @@ fn merge_changes_only_the_declared_objects_on_two_replicas() {
     let tenant = write("tenant.yaml", "kind: Tenant\nname: city-kita\ndescription: merged on b\n");
     let out = musubi(&b, &["apply", "--merge", "-f", &tenant, "--yes"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("Applied: revision 2"), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("Applied revision 2: "), "{}", text(&out.stdout));
     assert!(get(&a, "Tenant", "city-kita").contains("merged on b"));
     let export = text(&musubi(&a, &["export"]).stdout);
     assert_eq!(export.matches("kind: Site").count(), topology("prefecture.yaml").matches("kind: Site").count());
@@ -188,7 +203,7 @@ fn merge_changes_only_the_declared_objects_on_two_replicas() {
     let site = write("site.yaml", &site);
     let out = musubi(&a, &["apply", "--merge", "-f", &site, "--yes"]);
     assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
-    assert!(text(&out.stdout).contains("Applied: revision 3"), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("Applied revision 3: "), "{}", text(&out.stdout));
     assert!(get(&b, "Site", "kita-hall").contains("merged on a"));
     assert!(get(&b, "Tenant", "city-kita").contains("merged on b"), "A's merge undid B's");
 
@@ -218,7 +233,7 @@ fn merge_changes_only_the_declared_objects_on_two_replicas() {
     assert_eq!(revision(&b), 3, "a refused removal wrote something");
     let out = musubi(&b, &["apply", "--merge", "--remove", "site/kita-hall", "--yes"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("Applied: revision 4 (-site kita-hall)"), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("Applied revision 4: 1 site removed;"), "{}", text(&out.stdout));
     assert!(!musubi(&a, &["get", "Site", "kita-hall"]).status.success(), "the removed site is still there");
     assert!(get(&a, "Tenant", "city-kita").contains("merged on b"));
 }

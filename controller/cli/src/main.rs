@@ -9,16 +9,22 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use musubi_core::allocate::{Allocations, allocate};
 use musubi_core::compile::{PublicKeys, compile};
 use musubi_core::diagnostic::{Diagnostic, render};
 use musubi_core::intent::source::{ObjectRef, SourceMap};
 use musubi_core::intent::{Intent, Kind};
+use musubi_core::words::count;
 use musubi_core::{generate, load, plan, validate};
 
 #[derive(Parser, Debug)]
-#[command(name = "musubi", version, about = "Operate a Musubi network: validate, plan, compile and apply intent")]
+#[command(
+    name = "musubi",
+    version,
+    about = "Operate a Musubi network: validate, plan, compile and apply intent",
+    after_help = "Example:\n  musubi validate topologies/prefecture.yaml && musubi plan topologies/prefecture.yaml"
+)]
 struct Cli {
     /// Colour output: auto (on a terminal unless NO_COLOR is set), always, never.
     #[arg(long, global = true, default_value = "auto")]
@@ -57,6 +63,9 @@ enum Format {
 #[derive(Subcommand, Debug)]
 enum RemoteCommand {
     /// Apply intent files to the controller: show the plan, ask, write atomically.
+    #[command(
+        after_help = "Example:\n  musubi apply -f topologies/prefecture.yaml --ca pki/ca.pem --cert pki/admin.pem --key pki/admin-key.pem"
+    )]
     Apply {
         #[arg(short = 'f', long = "file", required_unless_present = "remove")]
         files: Vec<PathBuf>,
@@ -74,16 +83,23 @@ enum RemoteCommand {
         /// With --merge: an object to remove, as KIND/NAME (`site/kita-hall`); repeatable.
         #[arg(long, requires = "merge")]
         remove: Vec<String>,
+        /// Let files that declare no tenant, segment, site or policy replace
+        /// the whole intent (removing every object); refused without it.
+        #[arg(long)]
+        allow_destroy_all: bool,
     },
     /// Show objects of the controller's intent as YAML: all, a kind, or one object.
+    #[command(after_help = "Example:\n  musubi get site kita-hall")]
     Get { kind: Option<String>, name: Option<String> },
     /// The audit chain: who changed what, when, at which revision.
+    #[command(after_help = "Example:\n  musubi history --verify")]
     History {
         /// Check every link of the chain; exit 1 and name the first broken one.
         #[arg(long)]
         verify: bool,
     },
     /// Make the intent of an earlier revision current again (a new revision).
+    #[command(after_help = "Example:\n  musubi rollback --to 7 --dry-run")]
     Rollback {
         #[arg(long)]
         to: u64,
@@ -93,15 +109,19 @@ enum RemoteCommand {
         dry_run: bool,
     },
     /// The controller's whole intent as YAML (apply it elsewhere, or keep it).
+    #[command(after_help = "Example:\n  musubi export > intent-backup.yaml")]
     Export,
     /// One-time join tokens for agents.
     #[command(subcommand)]
+    #[command(after_help = "Example:\n  musubi token create --site kita-hall --ttl 1h")]
     Token(TokenCommand),
     /// Sites' credentials.
     #[command(subcommand)]
+    #[command(after_help = "Example:\n  musubi site revoke kita-hall")]
     Site(SiteCommand),
     /// Sites and their agents: connected, applied and desired configuration,
     /// last seen, tunnel health. With a site name, the detail.
+    #[command(after_help = "Example:\n  musubi status kita-hall")]
     Status {
         site: Option<String>,
         #[arg(long)]
@@ -112,6 +132,7 @@ enum RemoteCommand {
 #[derive(Subcommand, Debug)]
 enum TokenCommand {
     /// Make a single-use token that lets one site's agent enrol.
+    #[command(after_help = "Example:\n  musubi token create --site kita-hall --ttl 30m")]
     Create {
         #[arg(long)]
         site: String,
@@ -124,6 +145,7 @@ enum TokenCommand {
 #[derive(Subcommand, Debug)]
 enum SiteCommand {
     /// Disconnect a site's agent at once and refuse its certificate.
+    #[command(after_help = "Example:\n  musubi site revoke kita-hall --restore")]
     Revoke {
         name: String,
         /// Let the site enrol again (with a new token); its old certificates stay refused.
@@ -141,6 +163,7 @@ enum Command {
     /// Network labs on this host (root): a containerlab topology as network
     /// namespaces, with a controller and an agent per router.
     #[command(subcommand)]
+    #[command(after_help = "Example:\n  sudo musubi lab up labs/minimal/topology.clab.yml")]
     Lab(lab::LabCommand),
 }
 
@@ -148,6 +171,7 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum LocalCommand {
     /// Check intents; print every problem with its file, line and column.
+    #[command(after_help = "Example:\n  musubi validate topologies/prefecture.yaml")]
     Validate {
         /// Each path is one intent: a YAML file, or a directory whose *.yaml
         /// files together form one intent.
@@ -155,6 +179,7 @@ enum LocalCommand {
         paths: Vec<PathBuf>,
     },
     /// Show what each site would change, from an older intent (or nothing) to this one.
+    #[command(after_help = "Example:\n  musubi plan topologies/prefecture.yaml --against deployed/")]
     Plan {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
@@ -172,6 +197,7 @@ enum LocalCommand {
         detailed_exitcode: bool,
     },
     /// Print the configuration one site's agent would receive.
+    #[command(after_help = "Example:\n  musubi compile topologies/prefecture.yaml --site kita-hall")]
     Compile {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
@@ -190,11 +216,21 @@ enum LocalCommand {
     /// From intent alone: which site's LAN in which segment may reach which
     /// (a matrix), and a check of every compiled configuration that nothing
     /// could be delivered across segments. Exits 1 on a violation.
+    #[command(after_help = "Example:\n  musubi verify topologies/prefecture.yaml")]
     Verify {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Shell completion for musubi, to stdout: bash, zsh, fish, elvish or powershell.
+    #[command(
+        after_help = "Example:\n  musubi completion bash | sudo tee /usr/share/bash-completion/completions/musubi"
+    )]
+    Completion { shell: clap_complete::Shell },
+    /// Manual pages for musubi and each of its commands, written to DIR.
+    #[command(after_help = "Example:\n  sudo musubi man /usr/local/share/man/man1 && man musubi-apply")]
+    Man { dir: PathBuf },
     /// Write a synthetic national-scale intent (for benchmarks) to stdout or a file.
+    #[command(after_help = "Example:\n  musubi generate --sites 2000 --segments 5 -o national.yaml")]
     Generate {
         #[arg(long)]
         sites: usize,
@@ -262,8 +298,9 @@ fn remote(command: RemoteCommand, controller: &str, tls: &remote::Tls, color: bo
     runtime.block_on(async {
         let mut client = remote::connect(controller, tls).await?;
         match command {
-            RemoteCommand::Apply { files, yes, dry_run, merge, remove } => {
-                remote::apply(&mut client, &files, remote::Apply { yes, dry_run, merge, remove: &remove }, color).await
+            RemoteCommand::Apply { files, yes, dry_run, merge, remove, allow_destroy_all } => {
+                let how = remote::Apply { yes, dry_run, merge, remove: &remove, allow_destroy_all };
+                remote::apply(&mut client, &files, how, color).await
             }
             RemoteCommand::Get { kind, name } => remote::get(&mut client, kind, name).await,
             RemoteCommand::History { verify } => remote::history(&mut client, verify).await,
@@ -280,19 +317,57 @@ fn remote(command: RemoteCommand, controller: &str, tls: &remote::Tls, color: bo
     })
 }
 
+/// A compiled configuration as operators write intent: enum values in the
+/// intent's spellings (`kind: dark-fiber`, `role: access-point`, `region:
+/// east`, `protocol: tcp`) instead of protobuf's names (`LINE_KIND_DARK_FIBER`).
+/// Only for reading: the JSON format stays protobuf's JSON mapping, which
+/// `musubi-agent apply` reads.
+fn intent_spellings(value: yaml_serde::Value) -> yaml_serde::Value {
+    use yaml_serde::Value;
+    const ENUMS: [&str; 5] = ["PEER_ROLE_", "LINE_KIND_", "ROLE_", "REGION_", "PROTOCOL_"];
+    match value {
+        Value::String(s) if s.bytes().all(|b| b.is_ascii_uppercase() || b == b'_') => {
+            match ENUMS.iter().find_map(|p| s.strip_prefix(p)) {
+                Some(rest) => Value::String(rest.to_ascii_lowercase().replace('_', "-")),
+                None => Value::String(s),
+            }
+        }
+        Value::Sequence(items) => Value::Sequence(items.into_iter().map(intent_spellings).collect()),
+        Value::Mapping(map) => Value::Mapping(map.into_iter().map(|(k, v)| (k, intent_spellings(v))).collect()),
+        other => other,
+    }
+}
+
 fn run(command: LocalCommand, color: bool) -> Result<()> {
     match command {
+        LocalCommand::Completion { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "musubi", &mut out);
+            print!("{}", String::from_utf8_lossy(&out));
+            Ok(())
+        }
+        LocalCommand::Man { dir } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir).with_context(|| format!("writing to {}", dir.display()))?;
+            let pages = std::fs::read_dir(&dir)?.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "1"));
+            println!("{} in {}", count(pages.count(), "manual page"), dir.display());
+            Ok(())
+        }
         LocalCommand::Validate { paths } => {
             let mut failed = false;
             for path in &paths {
                 match checked(std::slice::from_ref(path), color) {
+                    Ok((intent, _)) if intent.is_empty() => eprintln!(
+                        "warning: {}: valid but declares no tenant, segment, site or policy (applied, it would remove every object; `musubi apply` asks for --allow-destroy-all)",
+                        path.display()
+                    ),
                     Ok((intent, _)) => println!(
-                        "{}: valid ({} tenants, {} segments, {} sites, {} policies)",
+                        "{}: valid ({}, {}, {}, {})",
                         path.display(),
-                        intent.tenants.len(),
-                        intent.segments.len(),
-                        intent.sites.len(),
-                        intent.policies.len()
+                        count(intent.tenants.len(), "tenant"),
+                        count(intent.segments.len(), "segment"),
+                        count(intent.sites.len(), "site"),
+                        count(intent.policies.len(), "policy")
                     ),
                     Err(e) if e.is::<Reported>() => failed = true,
                     Err(e) => return Err(e),
@@ -343,7 +418,7 @@ fn run(command: LocalCommand, color: bool) -> Result<()> {
             }
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&config)?),
-                Format::Yaml => print!("{}", yaml_serde::to_string(&config)?),
+                Format::Yaml => print!("{}", yaml_serde::to_string(&intent_spellings(yaml_serde::to_value(&config)?))?),
             }
             Ok(())
         }
@@ -359,15 +434,16 @@ fn run(command: LocalCommand, color: bool) -> Result<()> {
             if problems.is_empty() {
                 let segments: usize = configs.values().map(|c| c.segments.len()).sum();
                 println!(
-                    "Isolation holds: {} sites, {segments} segment configurations; every route, peer, import and policy rule stays within its segment or a policy's link",
-                    configs.len()
+                    "Isolation holds: {}, {}; every route, peer, import and policy rule stays within its segment or a policy's link",
+                    count(configs.len(), "site"),
+                    count(segments, "segment configuration")
                 );
                 Ok(())
             } else {
                 for p in &problems {
                     println!("isolation violated: {p}");
                 }
-                bail!("{} ways across segments", problems.len())
+                bail!("{} across segments", count(problems.len(), "way"))
             }
         }
         LocalCommand::Generate { sites, segments, output } => {
@@ -421,4 +497,45 @@ fn read_keys(path: Option<&Path>) -> Result<PublicKeys> {
     let by_site: PublicKeys = yaml_serde::from_str(&text)
         .with_context(|| format!("{}: expected `site: {{segment: public-key}}`", p.display()))?;
     Ok(by_site)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every command and subcommand's `--help` ends with an example that
+    /// runs that very command.
+    #[test]
+    fn every_command_has_an_example() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let here = if path.is_empty() { cmd.get_name().to_string() } else { format!("{path} {}", cmd.get_name()) };
+            let help = cmd.get_after_help().map(ToString::to_string).unwrap_or_default();
+            let words: Vec<&str> = here.split(' ').collect();
+            let example = help.lines().skip_while(|l| *l != "Example:").nth(1).unwrap_or_default();
+            if !words.iter().all(|w| example.split_whitespace().any(|e| e == *w)) {
+                missing.push(here.clone());
+            }
+            for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+                walk(sub, &here, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "commands without an example of themselves: {missing:?}");
+    }
+
+    #[test]
+    fn compiled_configurations_read_in_the_intents_spellings() {
+        let value: yaml_serde::Value = yaml_serde::from_str(
+            "role: ROLE_ACCESS_POINT\nregion: REGION_EAST\nlines: [{kind: LINE_KIND_DARK_FIBER, name: FIBRE_A}]\n\
+             peers: [{role: PEER_ROLE_INTERCONNECT}]\nprotocol: PROTOCOL_TCP\n",
+        )
+        .expect("yaml");
+        let text = yaml_serde::to_string(&intent_spellings(value)).expect("yaml");
+        for want in ["role: access-point", "region: east", "kind: dark-fiber", "role: interconnect", "protocol: tcp"] {
+            assert!(text.contains(want), "{want} in {text}");
+        }
+        // A name that merely looks like a constant stays as written.
+        assert!(text.contains("name: FIBRE_A"), "{text}");
+    }
 }

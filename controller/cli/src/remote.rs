@@ -272,8 +272,14 @@ fn show_plan(sites: &[pb::PlanChange], summary: &str, color: bool) -> bool {
 fn print_applied(r: &pb::ApplyResponse) {
     match &r.audit {
         Some(a) => {
-            println!("Applied: revision {} ({})", r.revision, a.summary);
-            println!("Affected sites ({}): {}", r.affected_sites.len(), r.affected_sites.join(", "));
+            // One line of counts, however many objects changed (the
+            // objects are in the plan above and in `musubi history`).
+            println!(
+                "Applied revision {}: {}; {} to send.",
+                r.revision,
+                musubi_core::words::change_counts(&a.summary),
+                musubi_core::words::count(r.affected_sites.len(), "site configuration")
+            );
         }
         None => println!("No changes. The intent stays at revision {}.", r.revision),
     }
@@ -290,10 +296,12 @@ pub struct Apply<'a> {
     pub merge: bool,
     /// With `merge`: objects to remove (`Kind/name`).
     pub remove: &'a [String],
+    /// Files that declare no object may replace the whole intent.
+    pub allow_destroy_all: bool,
 }
 
 pub async fn apply(client: &mut Client, paths: &[PathBuf], how: Apply<'_>, color: bool) -> Result<()> {
-    let Apply { yes, dry_run, merge, remove } = how;
+    let Apply { yes, dry_run, merge, remove, allow_destroy_all } = how;
     let remove = remove.to_vec();
     let files = load::read_sources(paths)?;
     let documents = api::documents(&files);
@@ -307,6 +315,14 @@ pub async fn apply(client: &mut Client, paths: &[PathBuf], how: Apply<'_>, color
     }
     if !show_plan(&planned.sites, &planned.summary, color) || dry_run {
         return Ok(());
+    }
+    // The whole intent replaced by files that declare nothing: every
+    // object goes (an empty file, the wrong directory). Only on purpose.
+    if !merge && !allow_destroy_all && musubi_core::intent::parse::parse_files(files.clone()).intent.is_empty() {
+        bail!(
+            "the files declare no tenant, segment, site or policy: applying them removes every object of the \
+             controller's intent (the plan above); nothing applied. Pass --allow-destroy-all if that is what you want"
+        );
     }
     if !yes && !confirm(&format!("Apply this plan to revision {}?", planned.revision))? {
         println!("Nothing applied.");
@@ -339,8 +355,8 @@ pub async fn history(client: &mut Client, check: bool) -> Result<()> {
         let chain: Vec<_> = r.entries.iter().map(api::audit_from_pb).collect();
         match verify(&chain) {
             Ok(()) => println!(
-                "audit chain verified: {} entries, head {}",
-                chain.len(),
+                "audit chain verified: {}, head {}",
+                musubi_core::words::count(chain.len(), "entry"),
                 chain.last().map_or("-", |e| &e.hash[..16])
             ),
             Err(e) => bail!("audit chain broken: {e}"),

@@ -28,7 +28,7 @@ fn shipped_topologies_are_valid() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(
-        stdout.contains("topologies/prefecture.yaml: valid (4 tenants, 6 segments, 7 sites, 1 policies)"),
+        stdout.contains("topologies/prefecture.yaml: valid (4 tenants, 6 segments, 7 sites, 1 policy)"),
         "{stdout}"
     );
 }
@@ -100,6 +100,9 @@ fn compiled_minimal_matches_golden_files() {
             "# Produced by: musubi compile topologies/minimal.yaml --site {site} --keys topologies/expected/minimal-keys.yaml --format yaml\n"
         );
         let actual = header + &text(&out.stdout);
+        // The intent's spellings, not protobuf's enum names.
+        assert!(actual.contains("kind: dark-fiber") || actual.contains("kind: wide-area-ethernet"), "{actual}");
+        assert!(!["LINE_KIND_", "ROLE_", "REGION_"].iter().any(|e| actual.contains(e)), "{actual}");
         let path = golden.join(format!("{site}.yaml"));
         if bless {
             std::fs::create_dir_all(&golden).expect("mkdir");
@@ -208,4 +211,24 @@ fn a_closed_pipe_ends_output_quietly() {
         assert!(status.success(), "{args:?}: {status}: {stderr}");
         assert!(stderr.is_empty(), "{args:?}: said on a closed pipe: {stderr}");
     }
+}
+
+#[test]
+fn completion_scripts_and_manual_pages_cover_every_command() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = musubi(&["completion", shell]);
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        for word in ["apply", "validate", "drill", "allow-destroy-all"] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = musubi(&["man", &dir.path().to_string_lossy()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for page in ["musubi.1", "musubi-apply.1", "musubi-lab-drill.1", "musubi-token-create.1"] {
+        let man = std::fs::read_to_string(dir.path().join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(man.contains(".TH") && man.contains("Example"), "{page}: {man}");
+    }
+    assert!(text(&out.stdout).contains("manual pages in"), "{}", text(&out.stdout));
 }

@@ -26,3 +26,4 @@ pub mod plan;
 pub mod sorted;
 pub mod validate;
 pub mod verify;
+pub mod words;

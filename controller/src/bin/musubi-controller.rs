@@ -36,6 +36,9 @@ struct Cli {
 enum Command {
     /// Serve the operator API from an intent store. Settings come from
     /// `--config FILE` (YAML) and flags; a flag wins over the file.
+    #[command(
+        after_help = "Example:\n  musubi-controller serve --config /etc/musubi/controller.yaml --listen 0.0.0.0:7400 --name ctl1"
+    )]
     Serve {
         /// YAML file with any of: listen, store, insecure, max_intent_mib,
         /// etcd: {user, ca, client_cert, client_key}.
@@ -81,6 +84,9 @@ enum Command {
     /// Create the PKI directory: a CA (or adopt an external one), the
     /// controller's server certificate and an admin operator certificate.
     /// Private keys are written 0600.
+    #[command(
+        after_help = "Example:\n  musubi-controller init --pki /etc/musubi/pki --server-name ctl1.pref.example --server-name 10.0.0.1"
+    )]
     Init {
         #[arg(long, default_value = "/var/lib/musubi/pki")]
         pki: PathBuf,
@@ -96,6 +102,7 @@ enum Command {
         ca: Option<Vec<PathBuf>>,
     },
     /// Issue another operator certificate from the CA in the PKI directory.
+    #[command(after_help = "Example:\n  musubi-controller operator noc-east --pki /etc/musubi/pki --days 90")]
     Operator {
         name: String,
         #[arg(long, default_value = "/var/lib/musubi/pki")]
@@ -104,6 +111,7 @@ enum Command {
         days: u64,
     },
     /// Validate an intent and write `<site>.pb` and `<site>.json` for every site.
+    #[command(after_help = "Example:\n  musubi-controller compile-all topologies/prefecture.yaml --out configs/")]
     CompileAll {
         #[arg(required = true)]
         paths: Vec<PathBuf>,

@@ -1,6 +1,7 @@
 //! `musubi lab check`: every pair of LAN hosts probed (ICMP, and each
 //! policy's TCP port) against the matrix `musubi verify` derives.
 
+use musubi_core::words::count;
 use musubi_process::{print, println};
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
@@ -285,21 +286,22 @@ pub(crate) fn check(lab: &Lab) -> Result<()> {
         "✗ measured differs from the intent   = the address is also the sender's or one it reaches (overlapping segments)"
     );
     println!(
-        "\n{} ICMP probes and {} TCP/UDP probes in {:.1} s: {}",
-        results.values().filter(|r| **r != Probe::SameAddress).count(),
-        tcp.len(),
+        "\n{} and {} in {:.1} s: {}",
+        count(results.values().filter(|r| **r != Probe::SameAddress).count(), "ICMP probe"),
+        count(tcp.len(), "TCP/UDP probe"),
         started.elapsed().as_secs_f64(),
         if mismatches.is_empty() {
             "the network does what the intent says".to_string()
         } else {
-            format!("{} mismatches", mismatches.len())
+            count(mismatches.len(), "mismatch")
         }
     );
     for mm in &mismatches {
         println!("  ✗ {mm}");
     }
     if !mismatches.is_empty() {
-        bail!("{} pairs differ from the intent", mismatches.len());
+        let n = mismatches.len();
+        bail!("{n} {} from the intent", if n == 1 { "pair differs" } else { "pairs differ" });
     }
     Ok(())
 }

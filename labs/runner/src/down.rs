@@ -1,5 +1,6 @@
 //! `musubi lab down`: everything of a lab goes, whatever state `up` left.
 
+use musubi_core::words::count;
 use musubi_process::println;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -38,6 +39,6 @@ pub(crate) fn down(lab: &Lab) -> Result<()> {
     if lab.dir.exists() {
         std::fs::remove_dir_all(&lab.dir).with_context(|| format!("removing {}", lab.dir.display()))?;
     }
-    println!("lab {} down: {removed} namespaces and {} processes removed", lab.name, pids.len());
+    println!("lab {} down: {} and {} removed", lab.name, count(removed, "namespace"), count(pids.len(), "process"));
     Ok(())
 }

@@ -45,6 +45,7 @@ const PORT: u16 = 7400;
 #[derive(Subcommand, Debug)]
 pub enum LabCommand {
     /// Bring a lab up: namespaces, links, controller, intent, agents.
+    #[command(after_help = "Example:\n  sudo musubi lab up labs/minimal/topology.clab.yml --etcd")]
     Up {
         /// The topology [default: labs/prefecture/topology.clab.yml].
         topology: Option<PathBuf>,
@@ -67,17 +68,21 @@ pub enum LabCommand {
         domains: String,
     },
     /// Remove everything of a lab: processes, namespaces, mounts, its directory.
+    #[command(after_help = "Example:\n  sudo musubi lab down minimal")]
     Down {
         /// The lab's name [default: the only one running].
         name: Option<String>,
     },
     /// The lab's nodes and processes, and `musubi status` from its controller.
+    #[command(after_help = "Example:\n  sudo musubi lab status")]
     Status { name: Option<String> },
     /// Probe every pair of LAN hosts (ICMP, and each policy's TCP port) and
     /// compare with `musubi verify`'s matrix; exits 1 on any mismatch.
+    #[command(after_help = "Example:\n  sudo musubi lab check minimal")]
     Check { name: Option<String> },
     /// Start (or restart) a router's agent with a new one-time token: for a
     /// site added to the intent after `up`, or after a drill stopped it.
+    #[command(after_help = "Example:\n  sudo musubi lab agent office-a")]
     Agent {
         #[arg(long)]
         lab: Option<String>,
@@ -85,6 +90,7 @@ pub enum LabCommand {
     },
     /// The operator CLI against the lab's controller, as its admin:
     /// `musubi lab cli -- apply -f intent.yaml`, `musubi lab cli -- status --json`.
+    #[command(after_help = "Example:\n  sudo musubi lab cli -- status --json")]
     Cli {
         #[arg(long)]
         lab: Option<String>,
@@ -95,6 +101,7 @@ pub enum LabCommand {
     /// steady UDP streams between LAN hosts while lines are cut, nodes
     /// stopped and restored; prints a live timeline and the outage of each
     /// flow, writes JSON, Markdown and SVG reports. Exits 1 if it fails.
+    #[command(after_help = "Example:\n  sudo musubi lab drill labs/minimal/drills/east-ap-outage.yaml --out reports/")]
     Drill {
         file: PathBuf,
         #[arg(long)]
@@ -113,6 +120,7 @@ pub enum LabCommand {
         time_scale: u32,
     },
     /// Run a command in a node: `musubi lab exec NODE -- CMD ARGS…`.
+    #[command(after_help = "Example:\n  sudo musubi lab exec host-a -- ping -c 3 10.10.2.10")]
     Exec {
         #[arg(long)]
         lab: Option<String>,

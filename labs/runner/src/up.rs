@@ -1,6 +1,7 @@
 //! `musubi lab up`: namespaces, links, the controller, the intent, an agent
 //! per router, and the wait until every agent is in sync.
 
+use musubi_core::words::count;
 use musubi_process::println;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -59,7 +60,7 @@ pub(crate) fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration, etcd: bool
     modes.save(lab)?;
     std::fs::copy(&intent, lab.dir.join("intent.yaml"))?;
     netns::private_mounts(&lab.dir.join("mnt"))?;
-    println!("lab {}: {} nodes, {} links", lab.name, nodes.len(), clab.topology.links.len());
+    println!("lab {}: {}, {}", lab.name, count(nodes.len(), "node"), count(clab.topology.links.len(), "link"));
 
     // Namespaces; routers and the controller with a mount namespace of their own.
     for (name, node) in nodes {
@@ -170,7 +171,7 @@ pub(crate) fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration, etcd: bool
         start_agent(lab, &controller, &controller_ip, name, site)?;
         sites.push(site);
     }
-    println!("{} agents started; waiting for them to be in sync", sites.len());
+    println!("{} started; waiting for them to be in sync", count(sites.len(), "agent"));
     // In sync, every tunnel up, and settled: every agent's key has reached
     // every configuration (the desired digests stop changing).
     let deadline = Instant::now() + wait;

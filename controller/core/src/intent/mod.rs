@@ -90,6 +90,13 @@ pub struct Intent {
     pub policies: BTreeMap<String, Arc<Policy>>,
 }
 
+impl Intent {
+    /// No tenant, segment, site or policy (settings alone make no network).
+    pub fn is_empty(&self) -> bool {
+        self.tenants.is_empty() && self.segments.is_empty() && self.sites.is_empty() && self.policies.is_empty()
+    }
+}
+
 /// An organisation: a ministry, a prefecture, a municipality, an operator body.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tenant {

@@ -106,10 +106,10 @@ fn added_segment(s: &pb::SegmentConfig) -> Change {
         c.details.push(tunnel(w));
     }
     c.details.push(format!(
-        "{} peers, {} route groups, {} policy rules",
-        s.peers.len(),
-        s.route_groups.len(),
-        s.policy.len()
+        "{}, {}, {}",
+        crate::words::count(s.peers.len(), "peer"),
+        crate::words::count(s.route_groups.len(), "route group"),
+        crate::words::count(s.policy.len(), "policy rule")
     ));
     c
 }

@@ -4,6 +4,10 @@ use super::{Action, Change, Plan};
 
 const RESET: &str = "\x1b[0m";
 
+/// Affected sites named at the end of a plan; the rest are counted (each
+/// one's change is listed above).
+const AFFECTED_SHOWN: usize = 20;
+
 fn colour(a: Action) -> &'static str {
     match a {
         Action::Add => "\x1b[32m",
@@ -38,12 +42,16 @@ pub fn render(plan: &Plan, color: bool) -> String {
         if color { format!("\x1b[1m{s}{RESET}") } else { s }
     };
     out.push_str(&bold(format!(
-        "Plan: {} site(s) to add, {} to change, {} to remove.",
-        plan.count(Action::Add),
+        "Plan: {} to add, {} to change, {} to remove.",
+        crate::words::count(plan.count(Action::Add), "site"),
         plan.count(Action::Change),
         plan.count(Action::Remove)
     )));
     out.push('\n');
-    out.push_str(&format!("Affected sites ({}): {}\n", plan.sites.len(), plan.affected().join(", ")));
+    let affected = plan.affected();
+    let shown: Vec<&str> = affected.iter().take(AFFECTED_SHOWN).copied().collect();
+    let more = affected.len().saturating_sub(AFFECTED_SHOWN);
+    let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+    out.push_str(&format!("Affected sites ({}): {}{more}\n", affected.len(), shown.join(", ")));
     out
 }

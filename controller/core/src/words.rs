@@ -1,0 +1,97 @@
+//! Counts in words, as operators read them: `1 tenant`, `2 policies`, and
+//! the one-line summary of an applied change (`3 sites changed, 1 policy
+//! added`).
+
+use std::collections::BTreeMap;
+
+/// `noun` for `n` things: `1 site`, `0 sites`, `2 policies`, `3 addresses`.
+pub fn count(n: usize, noun: &str) -> String {
+    if n == 1 { format!("1 {noun}") } else { format!("{n} {}", plural(noun)) }
+}
+
+/// The plural of an English noun of Musubi's vocabulary (the last word of
+/// `noun` is the one that changes: `route group` → `route groups`).
+pub fn plural(noun: &str) -> String {
+    let consonant_y = noun.len() > 1
+        && noun.ends_with('y')
+        && !matches!(noun.as_bytes()[noun.len() - 2], b'a' | b'e' | b'i' | b'o' | b'u');
+    if consonant_y {
+        format!("{}ies", &noun[..noun.len() - 1])
+    } else if ["s", "x", "ch", "sh"].iter().any(|e| noun.ends_with(e)) {
+        format!("{noun}es")
+    } else {
+        format!("{noun}s")
+    }
+}
+
+/// The counts of an audit summary's clauses ([`crate::audit::summarise`]:
+/// `+site a, ~site b, -policy p, ~settings`), by kind and what happened:
+/// `1 site added, 1 site changed, 1 policy removed, settings changed`.
+/// Kinds in the summary's order; `no change` stays as it is.
+pub fn change_counts(summary: &str) -> String {
+    let mut kinds: Vec<&str> = Vec::new();
+    let mut counts: BTreeMap<(&str, usize), usize> = BTreeMap::new();
+    let mut settings = false;
+    for clause in summary.split(", ") {
+        if clause == "~settings" {
+            settings = true;
+            continue;
+        }
+        let Some(op) = clause.chars().next() else { continue };
+        let at = match op {
+            '+' => 0,
+            '~' => 1,
+            '-' => 2,
+            _ => return summary.to_string(),
+        };
+        let Some(kind) = clause[1..].split(' ').next() else { continue };
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+        *counts.entry((kind, at)).or_default() += 1;
+    }
+    if kinds.is_empty() && !settings {
+        return summary.to_string();
+    }
+    let mut out: Vec<String> = Vec::new();
+    if settings {
+        out.push("settings changed".into());
+    }
+    for kind in kinds {
+        for (at, verb) in ["added", "changed", "removed"].iter().enumerate() {
+            if let Some(n) = counts.get(&(kind, at)) {
+                out.push(format!("{} {verb}", count(*n, kind)));
+            }
+        }
+    }
+    out.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_is_singular_and_the_rest_plural() {
+        assert_eq!(count(1, "tenant"), "1 tenant");
+        assert_eq!(count(0, "tenant"), "0 tenants");
+        assert_eq!(count(2, "policy"), "2 policies");
+        assert_eq!(count(1, "policy"), "1 policy");
+        assert_eq!(count(3, "address"), "3 addresses");
+        assert_eq!(count(2, "gateway"), "2 gateways");
+        assert_eq!(count(5, "route group"), "5 route groups");
+        assert_eq!(count(2, "match"), "2 matches");
+    }
+
+    #[test]
+    fn a_summary_becomes_counts_by_kind() {
+        assert_eq!(
+            change_counts("+site a, ~site b, ~site c, -policy p, ~settings"),
+            "settings changed, 1 site added, 2 sites changed, 1 policy removed"
+        );
+        assert_eq!(change_counts("+tenant t"), "1 tenant added");
+        assert_eq!(change_counts("no change"), "no change");
+        // Something else is shown as it is, never miscounted.
+        assert_eq!(change_counts("rolled back to 7"), "rolled back to 7");
+    }
+}
