@@ -102,7 +102,7 @@ pub(super) fn check_against<'a>(
 pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnostic>) {
     for (name, seg) in &intent.segments {
         let obj = ObjectRef::new(Kind::Segment, name);
-        if seg.prefixes.is_empty() {
+        if seg.prefixes.is_empty() && !sources.is_unreadable(&obj, "prefixes") {
             out.push(
                 Diagnostic::at(sources, &obj, "prefixes", "segment has no prefixes").expected("at least one prefix"),
             );
@@ -129,8 +129,11 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
         for (i, a) in site.attachments.iter().enumerate() {
             let seg = intent.segments.get(&a.segment);
             for (k, p) in a.prefixes.iter().enumerate() {
+                // A segment prefix that could not be read was reported
+                // already; "outside" would be a second, untrue error.
                 if let Some(seg) = seg
                     && !seg.prefixes.iter().any(|sp| net_contains(sp, p))
+                    && !sources.is_unreadable(&ObjectRef::new(Kind::Segment, &a.segment), "prefixes")
                 {
                     let list: Vec<String> = seg.prefixes.iter().map(ToString::to_string).collect();
                     let obj = ObjectRef::new(Kind::Site, site_name);
@@ -181,15 +184,15 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
             }
         }
         for (name, seg) in &intent.segments {
-            if let Some(p) = seg.prefixes.iter().find(|p| nets_overlap(p, na)) {
+            if let Some((i, p)) = seg.prefixes.iter().enumerate().find(|(_, p)| nets_overlap(p, na)) {
+                let obj = ObjectRef::new(Kind::Segment, name);
+                // At the prefix itself (its index is the file's while every
+                // prefix was read).
+                let field =
+                    if sources.is_unreadable(&obj, "prefixes") { "prefixes".into() } else { format!("prefixes[{i}]") };
                 out.push(
-                    Diagnostic::at(
-                        sources,
-                        &ObjectRef::new(Kind::Segment, name),
-                        "prefixes",
-                        format!("prefix {p} overlaps Musubi's {fa} pool {na}"),
-                    )
-                    .expected(format!("segment prefixes outside {na} (or move the pool in Settings)")),
+                    Diagnostic::at(sources, &obj, &field, format!("prefix {p} overlaps Musubi's {fa} pool {na}"))
+                        .expected(format!("segment prefixes outside {na} (or move the pool in Settings)")),
                 );
             }
         }

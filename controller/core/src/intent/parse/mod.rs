@@ -34,12 +34,18 @@ pub fn parse_files(files: Vec<SourceFile>) -> Parsed {
         let (docs, problems) = match tree::documents(&p.sources.files[id]) {
             Ok(parsed) => parsed,
             Err(e) => {
-                let name = &p.sources.files[id].name;
-                p.diagnostics.push(
-                    Diagnostic::new(format!("{name} is not valid YAML: {}", e.message))
+                let file = &p.sources.files[id];
+                let d = match tab_in_indentation(&file.text, e.range.start).filter(|_| e.message.contains("tab")) {
+                    // The parser notices a tab where a token ends, often a
+                    // line above: point at the tab itself.
+                    Some(at) => Diagnostic::new(format!("{} is not valid YAML: a tab in the indentation", file.name))
+                        .expected("indentation with spaces (YAML does not allow tabs there)")
+                        .with_loc(Loc { file: id, range: at..at + 1 }),
+                    None => Diagnostic::new(format!("{} is not valid YAML: {}", file.name, e.message))
                         .expected("well-formed YAML")
                         .with_loc(Loc { file: id, range: e.range }),
-                );
+                };
+                p.diagnostics.push(d);
                 continue;
             }
         };
@@ -50,30 +56,49 @@ pub fn parse_files(files: Vec<SourceFile>) -> Parsed {
                     .with_loc(Loc { file: id, range: e.range }),
             );
         }
-        for doc in docs {
+        for (index, doc) in docs.into_iter().enumerate() {
             if matches!(doc.value, Value::Null) {
                 continue; // empty document, e.g. a trailing `---`
             }
-            read_document(&mut p, id, doc, &mut settings_seen);
+            read_document(&mut p, id, index + 1, doc, &mut settings_seen);
         }
     }
     p
+}
+
+/// The byte offset of the first tab in a line's indentation, on the line
+/// of `from` or the two after it.
+fn tab_in_indentation(text: &str, from: usize) -> Option<usize> {
+    let start = text[..from.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
+    let mut offset = start;
+    for line in text[start..].split_inclusive('\n').take(3) {
+        let indent = line.len() - line.trim_start_matches([' ', '\t']).len();
+        if let Some(i) = line[..indent].find('\t') {
+            return Some(offset + i);
+        }
+        offset += line.len();
+    }
+    None
 }
 
 /// Convenience for tests and the API: one in-memory file.
 pub fn parse_str(name: &str, text: &str) -> Parsed {
     parse_files(vec![SourceFile::new(name, text)])
 }
-fn read_document(p: &mut Parsed, file: usize, doc: Node, settings_seen: &mut bool) {
-    if let Some(obj) = read_object(p, file, &doc, settings_seen) {
+fn read_document(p: &mut Parsed, file: usize, index: usize, doc: Node, settings_seen: &mut bool) {
+    if let Some(obj) = read_object(p, file, index, &doc, settings_seen) {
         p.sources.set_object(obj, file, doc);
     }
 }
 
-/// Reads one document into the intent; the object it declared, if any.
-fn read_object(p: &mut Parsed, file: usize, doc: &Node, settings_seen: &mut bool) -> Option<ObjectRef> {
+/// Reads one document (the `index`th of its file, from 1) into the intent;
+/// the object it declared, if any.
+fn read_object(p: &mut Parsed, file: usize, index: usize, doc: &Node, settings_seen: &mut bool) -> Option<ObjectRef> {
     let placeholder = ObjectRef::new(Kind::Settings, "?");
-    let mut r = Reader { p, file, obj: placeholder };
+    // Until its kind is known, a document's problems are its own (not the
+    // settings', nor any object's).
+    let document = Some(format!("document {index} of {}", p.sources.files[file].name));
+    let mut r = Reader { p, file, obj: placeholder, document };
     let Value::Map(entries) = &doc.value else {
         r.error(doc, "", format!("a document holds {}", doc.describe()), "a mapping with `kind` and `name`");
         return None;
@@ -86,6 +111,7 @@ fn read_object(p: &mut Parsed, file: usize, doc: &Node, settings_seen: &mut bool
         return None;
     };
     let kind = r.choice(kind_node, "kind", &kinds)?;
+    r.document = None;
     let name = if kind == Kind::Settings {
         Some("settings".to_string())
     } else {

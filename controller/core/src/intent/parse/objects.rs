@@ -85,7 +85,13 @@ fn read_line(r: &mut Reader<'_>, n: &Node, path: &str) -> Option<Line> {
         Some(v) => {
             let p = join(path, "address");
             r.string(v, &p).and_then(|s| match s.parse::<IpAddr>() {
-                Ok(a) => Some(a),
+                Ok(a) => match unreachable_kind(&a) {
+                    Some(why) => {
+                        r.error(v, &p, format!("{a} is {why}: no other site could reach it"), LINE_ADDRESS);
+                        None
+                    }
+                    None => Some(a),
+                },
                 Err(_) => {
                     r.error(v, &p, format!("\"{s}\" is not an IP address"), "an IPv4 or IPv6 address");
                     None
@@ -99,6 +105,19 @@ fn read_line(r: &mut Reader<'_>, n: &Node, path: &str) -> Option<Line> {
     };
     let probe = Reader::get(&f, "probe").map(|v| r.probe(v, &join(path, "probe"))).unwrap_or_default();
     Some(Line { name: name?, kind: kind?, priority: priority?, address: address?, probe })
+}
+
+const LINE_ADDRESS: &str = "the line's own unicast address (not unspecified, loopback, multicast or broadcast)";
+
+/// Why an underlay address cannot be a line's: what kind of address it is.
+fn unreachable_kind(a: &IpAddr) -> Option<&'static str> {
+    match a {
+        _ if a.is_unspecified() => Some("the unspecified address"),
+        _ if a.is_loopback() => Some("a loopback address"),
+        _ if a.is_multicast() => Some("a multicast address"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        _ => None,
+    }
 }
 
 fn read_attachment(r: &mut Reader<'_>, n: &Node, path: &str) -> Option<Attachment> {

@@ -13,6 +13,9 @@ pub(super) struct Reader<'p> {
     pub(super) p: &'p mut Parsed,
     pub(super) file: usize,
     pub(super) obj: ObjectRef,
+    /// Until the document's kind and name are read, what its problems are
+    /// reported against (`document 3 of sites.yaml`) instead of `obj`.
+    pub(super) document: Option<String>,
 }
 
 pub(super) type Fields<'n> = Vec<(&'n str, &'n Node, &'n Node)>;
@@ -27,6 +30,19 @@ impl Reader<'_> {
     }
 
     pub(super) fn error(&mut self, n: &Node, field: &str, message: impl Into<String>, expected: impl Into<String>) {
+        if let Some(document) = &self.document {
+            let field = if field.is_empty() { String::new() } else { format!(", field `{field}`") };
+            let d = Diagnostic {
+                object: None,
+                field: None,
+                message: format!("{document}{field}: {}", message.into()),
+                expected: Some(expected.into()),
+                loc: Some(self.loc(n)),
+                related: Vec::new(),
+            };
+            self.p.diagnostics.push(d);
+            return;
+        }
         self.p.sources.mark_unreadable(&self.obj, field);
         let d = Diagnostic {
             object: Some(self.obj.clone()),
@@ -104,7 +120,15 @@ impl Reader<'_> {
         match n.value {
             Value::Int(i) if i >= i64::from(min) && i <= i64::from(max) => u32::try_from(i).ok(),
             Value::Int(i) => {
-                self.error(n, path, format!("{i} is out of range"), expected);
+                let written = self.written(n).unwrap_or_else(|| i.to_string());
+                self.error(n, path, format!("{written} is out of range"), expected);
+                None
+            }
+            // A number too large for an integer is read as a float: quote
+            // it as the file writes it, not as the float prints.
+            Value::Float(_) => {
+                let written = self.written(n).map_or_else(|| n.describe(), |w| format!("`{w}`"));
+                self.error(n, path, format!("found {written}"), expected);
                 None
             }
             _ => {
@@ -112,6 +136,12 @@ impl Reader<'_> {
                 None
             }
         }
+    }
+
+    /// A scalar as the file writes it.
+    fn written(&self, n: &Node) -> Option<String> {
+        let text = self.p.sources.files[self.file].text.get(n.range.clone())?.trim();
+        (!text.is_empty() && !text.contains('\n')).then(|| text.to_string())
     }
 
     pub(super) fn list<'n>(&mut self, n: &'n Node, path: &str, what: &str) -> Vec<(String, &'n Node)> {
@@ -168,7 +198,13 @@ impl Reader<'_> {
         match options.iter().find(|(name, _)| name == s) {
             Some((_, v)) => Some(*v),
             None => {
-                self.error(n, path, format!("unknown value \"{s}\""), expected);
+                // Spelled in another case: say which one was meant.
+                let meant = options.iter().find(|(name, _)| name.eq_ignore_ascii_case(s));
+                let message = match meant {
+                    Some((name, _)) => format!("unknown value \"{s}\" (did you mean \"{name}\"?)"),
+                    None => format!("unknown value \"{s}\""),
+                };
+                self.error(n, path, message, expected);
                 None
             }
         }
