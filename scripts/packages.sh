@@ -6,10 +6,18 @@
 #   wireguard-go, nftables,     the Linux datapath in network namespaces
 #   iproute2, util-linux
 #   iputils-ping, python3       the probes of the tests and `musubi lab check`
+# and, with `ensure_packages kernel-lab` (the test suite only; the demo
+# installs no kernel):
+#   qemu-system-x86,            the kernel lab: Debian's kernel (WireGuard
+#   linux-image-amd64,          and VRF modules) booted under QEMU, its
+#   busybox-static, cpio,       initramfs built from Debian's
+#   zstd, xz-utils
 ensure_packages() {
   local packages=(build-essential pkg-config protobuf-compiler libprotobuf-dev etcd-server wireguard-go wireguard-tools
-    nftables iproute2 iputils-ping python3 util-linux
-    qemu-system-x86 linux-image-amd64 busybox-static cpio zstd xz-utils)
+    nftables iproute2 iputils-ping python3 util-linux)
+  if [ "${1:-}" = kernel-lab ]; then
+    packages+=(qemu-system-x86 linux-image-amd64 busybox-static cpio zstd xz-utils)
+  fi
   local missing=() p
   for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
