@@ -201,63 +201,24 @@ pub(crate) fn check(lab: &Lab) -> Result<()> {
         results.insert((i, j), outcome);
     }
     // Each policy flow's first port, TCP or UDP: a listener at the receiver
-    // answers `ok`.
-    let mut tcp = Vec::new();
+    // answers `ok` to every sender that probes it. Listeners start together,
+    // then every client at once: in the kernel lab's emulated guest a Python
+    // start takes seconds, so probing them one after the other cost minutes.
+    let mut flows: BTreeMap<(usize, bool, u32), Vec<usize>> = BTreeMap::new();
     for &i in &probed {
         for &j in &probed {
-            let Reach::Flows(flows) = &m.cells[i][j] else { continue };
+            let Reach::Flows(list) = &m.cells[i][j] else { continue };
             use musubi_core::intent::Protocol;
-            let Some((udp, port)) = flows
+            if let Some((udp, port)) = list
                 .iter()
                 .filter(|f| matches!(f.protocol, Protocol::Tcp | Protocol::Udp))
                 .find_map(|f| f.ports.first().map(|p| (f.protocol == Protocol::Udp, p.0)))
-            else {
-                continue;
-            };
-            let (listener, client) = if udp {
-                (
-                    format!(
-                        "import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('0.0.0.0',{port}));s.settimeout(60);print('ready',flush=True);d,a=s.recvfrom(16);s.sendto(b'ok',a)"
-                    ),
-                    format!(
-                        "import socket;c=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);c.settimeout(3);c.sendto(b'probe',('{}',{port}));print(c.recv(2).decode())",
-                        addr(j)
-                    ),
-                )
-            } else {
-                (
-                    format!(
-                        "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',{port}));s.listen();s.settimeout(60);print('ready',flush=True);c,_=s.accept();c.sendall(b'ok')"
-                    ),
-                    format!(
-                        "import socket;c=socket.create_connection(('{}',{port}),timeout=3);print(c.recv(2).decode())",
-                        addr(j)
-                    ),
-                )
-            };
-            // The client starts only once the listener says it listens: a
-            // listener still starting under load would refuse the probe.
-            // Bounds are wide (the listener is killed as soon as the client
-            // is done): in the kernel lab's emulated guest, starting Python
-            // takes seconds, and the client's start counts against the
-            // listener's wait.
-            let mut server = lab.command(&host(j), "python3");
-            server.args(["-c", &listener]).stdout(Stdio::piped()).stderr(Stdio::null());
-            let mut server = server.spawn()?;
-            let ready = wait_for_ready(&mut server, Duration::from_secs(60));
-            let (ok, why) = if ready {
-                let out = lab.command(&host(i), "python3").args(["-c", &client]).output()?;
-                let ok = String::from_utf8_lossy(&out.stdout).trim() == "ok";
-                let err = String::from_utf8_lossy(&out.stderr);
-                (ok, err.lines().last().unwrap_or("no answer").trim().to_string())
-            } else {
-                (false, "the listener did not start".to_string())
-            };
-            let _ = server.kill();
-            let _ = server.wait();
-            tcp.push((i, j, format!("{}/{port}", if udp { "udp" } else { "tcp" }), ok, why));
+            {
+                flows.entry((j, udp, port)).or_default().push(i);
+            }
         }
     }
+    let tcp = flow_probes(lab, &flows, &host, &addr)?;
     let mismatches: Vec<String> = results
         .iter()
         .filter(|(_, r)| !matches!(r, Probe::Agrees | Probe::SameAddress))
@@ -304,6 +265,78 @@ pub(crate) fn check(lab: &Lab) -> Result<()> {
         bail!("{n} {} from the intent", if n == 1 { "pair differs" } else { "pairs differ" });
     }
     Ok(())
+}
+
+/// (sender, receiver, `tcp/PORT` or `udp/PORT`, answered, why not).
+type FlowProbe = (usize, usize, String, bool, String);
+
+/// Probes every policy flow of `flows` ((receiver, UDP, port) → senders):
+/// one listener per receiver and port answering each of its senders, the
+/// clients all at once once every listener listens.
+fn flow_probes(
+    lab: &Lab,
+    flows: &BTreeMap<(usize, bool, u32), Vec<usize>>,
+    host: &dyn Fn(usize) -> String,
+    addr: &dyn Fn(usize) -> String,
+) -> Result<Vec<FlowProbe>> {
+    let mut listeners = Vec::new();
+    for (&(j, udp, port), senders) in flows {
+        let n = senders.len();
+        let listener = if udp {
+            format!(
+                "import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('0.0.0.0',{port}));s.settimeout(60);print('ready',flush=True)\nfor _ in range({n}):\n d,a=s.recvfrom(16);s.sendto(b'ok',a)"
+            )
+        } else {
+            format!(
+                "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',{port}));s.listen();s.settimeout(60);print('ready',flush=True)\nfor _ in range({n}):\n c,_=s.accept();c.sendall(b'ok');c.close()"
+            )
+        };
+        let mut server = lab.command(&host(j), "python3");
+        server.args(["-c", &listener]).stdout(Stdio::piped()).stderr(Stdio::null());
+        listeners.push(((j, udp, port), server.spawn()?));
+    }
+    // A client starts only once its listener says it listens (a listener
+    // still starting under load would refuse it). Bounds are wide, and the
+    // listeners are killed as soon as their clients are done.
+    let ready: BTreeMap<(usize, bool, u32), bool> =
+        listeners.iter_mut().map(|(key, server)| (*key, wait_for_ready(server, Duration::from_secs(60)))).collect();
+    let probes: Vec<FlowProbe> = std::thread::scope(|s| {
+        let clients: Vec<_> = flows
+            .iter()
+            .flat_map(|(key, senders)| senders.iter().map(move |&i| (*key, i)))
+            .map(|((j, udp, port), i)| {
+                let listening = ready.get(&(j, udp, port)).copied().unwrap_or(false);
+                let (h, a) = (host(i), addr(j));
+                s.spawn(move || {
+                    let flow = format!("{}/{port}", if udp { "udp" } else { "tcp" });
+                    if !listening {
+                        return (i, j, flow, false, "the listener did not start".to_string());
+                    }
+                    let client = if udp {
+                        format!(
+                            "import socket;c=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);c.settimeout(3);c.sendto(b'probe',('{a}',{port}));print(c.recv(2).decode())"
+                        )
+                    } else {
+                        format!("import socket;c=socket.create_connection(('{a}',{port}),timeout=3);print(c.recv(2).decode())")
+                    };
+                    match lab.command(&h, "python3").args(["-c", &client]).output() {
+                        Ok(out) => {
+                            let ok = String::from_utf8_lossy(&out.stdout).trim() == "ok";
+                            let err = String::from_utf8_lossy(&out.stderr);
+                            (i, j, flow, ok, err.lines().last().unwrap_or("no answer").trim().to_string())
+                        }
+                        Err(e) => (i, j, flow, false, format!("cannot run the client: {e}")),
+                    }
+                })
+            })
+            .collect();
+        clients.into_iter().filter_map(|c| c.join().ok()).collect()
+    });
+    for (_, mut server) in listeners {
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+    Ok(probes)
 }
 
 /// Waits until a listener prints its `ready` line (bounded by `limit`).
