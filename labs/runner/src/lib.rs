@@ -131,18 +131,34 @@ pub enum LabCommand {
 }
 
 /// The niceness a lab runs at: its controller, agents, their WireGuard and
-/// a drill's traffic.
+/// a drill's traffic (`MUSUBI_LAB_NICENESS` sets another).
 pub const NICENESS: i32 = -10;
 
-/// Raises this thread's CPU priority to [`NICENESS`]: the processes and
-/// threads it starts inherit it. A router runs its control plane above
-/// other work; a lab shares its host with builds and emulators, and without
-/// this a stalled probe answer or stream sender on a busy host reads as an
-/// outage of the network. Needs root, as a lab does; without it the lab runs
-/// at the priority it was given.
+/// Raises this thread's CPU priority to [`NICENESS`] (or
+/// `MUSUBI_LAB_NICENESS`): the processes and threads it starts inherit it.
+/// A router runs its control plane above other work; a lab shares its host
+/// with builds and emulators, and without this a stalled probe answer or
+/// stream sender on a busy host reads as an outage of the network. Needs
+/// root, as a lab does; without it the lab runs at the priority it was
+/// given. With kernel WireGuard the datapath runs in the kernel's workers
+/// at niceness 0, and a CPU-starved machine (the kernel lab's emulated
+/// guest) should not put the agents above them: it sets 0.
 fn prioritise() {
-    if let Err(e) = rustix::process::setpriority_process(None, NICENESS) {
-        eprintln!("note: the lab runs at normal CPU priority (cannot set niceness {NICENESS}: {e})");
+    let niceness = match std::env::var("MUSUBI_LAB_NICENESS") {
+        Ok(v) => match v.trim().parse::<i32>() {
+            Ok(n) if (-20..=19).contains(&n) => n,
+            _ => {
+                eprintln!("note: MUSUBI_LAB_NICENESS={v:?} is not a niceness from -20 to 19; using {NICENESS}");
+                NICENESS
+            }
+        },
+        Err(_) => NICENESS,
+    };
+    if niceness == 0 {
+        return;
+    }
+    if let Err(e) = rustix::process::setpriority_process(None, niceness) {
+        eprintln!("note: the lab runs at normal CPU priority (cannot set niceness {niceness}: {e})");
     }
 }
 
