@@ -30,24 +30,22 @@ impl Reader<'_> {
     }
 
     pub(super) fn error(&mut self, n: &Node, field: &str, message: impl Into<String>, expected: impl Into<String>) {
-        if let Some(document) = &self.document {
-            let field = if field.is_empty() { String::new() } else { format!(", field `{field}`") };
-            let d = Diagnostic {
-                object: None,
-                field: None,
-                message: format!("{document}{field}: {}", message.into()),
-                expected: Some(expected.into()),
-                loc: Some(self.loc(n)),
-                related: Vec::new(),
-            };
-            self.p.diagnostics.push(d);
-            return;
-        }
-        self.p.sources.mark_unreadable(&self.obj, field);
+        // Before the document's kind is read, the document itself is named
+        // in the message; after, the object and field are the diagnostic's.
+        let (object, field, message) = match &self.document {
+            Some(document) => {
+                let at = if field.is_empty() { String::new() } else { format!(", field `{field}`") };
+                (None, None, format!("{document}{at}: {}", message.into()))
+            }
+            None => {
+                self.p.sources.mark_unreadable(&self.obj, field);
+                (Some(self.obj.clone()), (!field.is_empty()).then(|| field.to_string()), message.into())
+            }
+        };
         let d = Diagnostic {
-            object: Some(self.obj.clone()),
-            field: (!field.is_empty()).then(|| field.to_string()),
-            message: message.into(),
+            object,
+            field,
+            message,
             expected: Some(expected.into()),
             loc: Some(self.loc(n)),
             related: Vec::new(),
