@@ -124,6 +124,25 @@ pub struct Health {
     pub interval: Duration,
 }
 
+/// One line per target, for a debug log: up or down, for how long, and how
+/// long ago it last answered (milliseconds before `now`).
+pub fn describe(health: &BTreeMap<Key, Health>, now: Instant) -> String {
+    let ago = |t: Option<Instant>| {
+        t.map_or_else(|| "never".to_string(), |t| now.saturating_duration_since(t).as_millis().to_string())
+    };
+    health
+        .iter()
+        .map(|(k, h)| {
+            let name = match k {
+                Key::Tunnel { segment, peer } => format!("{segment}/{peer}"),
+                Key::Path { local, remote } => format!("{local}->{remote}"),
+            };
+            format!("{name} {} since {} last {}", if h.up { "up" } else { "down" }, ago(h.since), ago(h.last_reply))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Health by target.
 pub type Healths = Arc<Mutex<BTreeMap<Key, Health>>>;
 

@@ -14,6 +14,7 @@ mod settings;
 mod status;
 pub mod supervisor;
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use musubi_proto::v1 as pb;
@@ -25,6 +26,7 @@ pub use self::settings::{AgentError, Applied, Settings, VERSION};
 use crate::datapath::{Datapath, Hops, off_workers};
 use crate::failover::Choices;
 use crate::failover::machine::{Action, Event, Machine};
+use crate::probe::{Health, Key};
 use crate::reconcile::{LocalKeys, build};
 
 /// One site's agent.
@@ -226,18 +228,31 @@ impl Agent {
         Some(result)
     }
 
-    /// A failover's first step: builds `choices` (the groups moved, the
-    /// lines not yet); the operations written. A failure is left to the
-    /// full build that follows.
-    fn build_step(&mut self, choices: &Choices) -> usize {
-        let Some(result) = self.build_now(choices, true) else { return 0 };
+    /// A failover's first step when route groups move: their routes
+    /// replaced in place (see [`crate::reconcile::move_groups`]); the
+    /// operations written. A failure is left to the full build that follows.
+    fn move_groups(&mut self, before: &Choices, after: &Choices) -> usize {
+        let Some(config) = self.applied.as_ref().and_then(|a| a.config.as_ref()) else { return 0 };
+        let keys = &self.keys;
+        let result = off_workers(self.datapath.blocks(), || {
+            crate::reconcile::move_groups(&mut *self.datapath, config, keys, before, after)
+        });
         result.map_or_else(
             |e| {
-                tracing::warn!(site = %self.settings.site, error = %e, "a failover's first step failed");
+                tracing::warn!(site = %self.settings.site, error = %e, "a failover's route groups not moved first");
                 0
             },
             |ops| ops.len(),
         )
+    }
+
+    /// The probes' health if a target flipped since `seen` (judged while
+    /// the agent was writing), to decide again.
+    fn flipped_since(&self, seen: &BTreeMap<Key, Health>) -> Option<BTreeMap<Key, Health>> {
+        let prober = self.prober.as_ref()?;
+        let now = prober.health.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let flipped = now.iter().any(|(k, h)| seen.get(k).is_none_or(|s| s.up != h.up));
+        flipped.then_some(now)
     }
 
     /// Observes the datapath after a configuration is applied, so that a
@@ -254,12 +269,15 @@ impl Agent {
     /// Feeds the failover machine an event and does what it answers; true
     /// when traffic moved (or the datapath was written).
     ///
-    /// A decision that moves route groups and lines together (an access
-    /// point gone: its groups to the other one, its line to the next) is
-    /// built in two steps: the groups first — routes only, what brings
-    /// traffic back — then the lines, whose pins, fence and endpoints cost
-    /// an observation and an nft process (180 ms of east-ap-outage's
-    /// 260 ms in debug builds).
+    /// Traffic first: route groups that a decision moves are written at
+    /// once, by themselves (a route replaced per prefix, no observation).
+    /// Flips judged while that was written — an access point's segments go
+    /// quiet a few milliseconds apart — are decided before anything else,
+    /// and their groups moved the same way. Only then do lines move: their
+    /// pins, fence and endpoints cost an nft process and an observation
+    /// (250–350 ms in a debug build), and a group whose tunnel went quiet
+    /// just after the first decision waited for them (a 460 ms outage in
+    /// one of ten east-ap-outage runs; 1,044 ms in CI).
     ///
     /// A line moved because the path in use failed goes to its new line by
     /// itself before the full build: pins, endpoints, then the policy with
@@ -267,25 +285,48 @@ impl Agent {
     /// [`crate::reconcile::move_lines`]); the full build checks everything.
     fn failover(&mut self, event: Event) -> bool {
         let before = self.machine.active().clone();
-        let actions = self.machine.step(event, Instant::now());
-        self.wake_at = wake(&actions);
-        let mut built = false;
-        for action in actions {
-            if let Action::Build { moved, .. } = action {
-                let after = self.machine.active().clone();
-                // Operations of the first steps, logged with the whole move
-                // by the build that completes it.
-                let mut earlier = 0;
-                if after.groups != before.groups && after.paths != before.paths {
-                    earlier += self.build_step(&Choices { groups: after.groups.clone(), paths: before.paths.clone() });
-                }
-                if after.paths != before.paths {
-                    earlier += self.move_failed_lines(&before, &after);
-                }
-                built |= self.reconcile_with(&after, &moved, earlier);
-            }
+        let mut seen = match &event {
+            Event::Probed(health) => Some(health.clone()),
+            _ => None,
+        };
+        if tracing::enabled!(tracing::Level::DEBUG)
+            && let Some(health) = &seen
+        {
+            tracing::debug!(site = %self.settings.site, health = %crate::probe::describe(health, Instant::now()), "probes changed");
         }
-        built
+        let mut actions = self.machine.step(event, Instant::now());
+        let mut moved = Vec::new();
+        let mut groups = before.groups.clone();
+        let mut earlier = 0;
+        let mut decided = false;
+        // Bounded: each round needs a flip judged during the one before.
+        for _ in 0..8 {
+            self.wake_at = wake(&actions);
+            for action in &actions {
+                if let Action::Build { moved: m, .. } = action {
+                    decided = true;
+                    tracing::debug!(site = %self.settings.site, moved = %m.join(", "), "decided");
+                    moved.extend(m.iter().cloned());
+                }
+            }
+            let after = self.machine.active().clone();
+            if after.groups == groups {
+                break;
+            }
+            earlier += self.move_groups(&Choices { groups, paths: before.paths.clone() }, &after);
+            groups = after.groups;
+            let Some(fresh) = seen.as_ref().and_then(|s| self.flipped_since(s)) else { break };
+            seen = Some(fresh.clone());
+            actions = self.machine.step(Event::Probed(fresh), Instant::now());
+        }
+        if !decided {
+            return false;
+        }
+        let after = self.machine.active().clone();
+        if after.paths != before.paths {
+            earlier += self.move_failed_lines(&before, &after);
+        }
+        self.reconcile_with(&after, &moved, earlier)
     }
 
     /// Moves the lines that moved from `before` to `after` because the path

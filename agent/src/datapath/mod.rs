@@ -205,7 +205,10 @@ pub struct Owned {
     pub policy: Option<Policy>,
 }
 
-/// One write to the datapath.
+/// One write to the datapath. `ReplaceRoute` routes a prefix in a table
+/// through an interface whichever it went through before (one write, never
+/// a moment without a route): a failover's route groups, written ahead of
+/// the full build that checks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     DeletePolicy,
@@ -221,6 +224,7 @@ pub enum Op {
     AddAddress { tunnel: String, address: String },
     SetPeer { tunnel: String, public_key: String, peer: PeerSpec },
     AddRoute(Route),
+    ReplaceRoute(Route),
     SetPolicy(Policy),
 }
 
@@ -553,6 +557,16 @@ pub fn step(owned: &mut Owned, op: &Op) -> Result<(), DatapathError> {
             if !owned.routes.insert(r.clone()) {
                 return illegal(format!("route {} exists", r.prefix));
             }
+        }
+        Op::ReplaceRoute(r) => {
+            if !owned.tunnels.contains_key(&r.interface) && !owned.lans.contains_key(&r.interface) {
+                return illegal(format!("no tunnel or bound LAN {} to route through", r.interface));
+            }
+            if !owned.domains.values().any(|d| d.table == r.table) {
+                return illegal(format!("no domain has table {}", r.table));
+            }
+            owned.routes.retain(|o| (o.table, &o.prefix) != (r.table, &r.prefix));
+            owned.routes.insert(r.clone());
         }
         Op::DeleteRoute(r) => {
             if !owned.routes.remove(r) {

@@ -390,6 +390,60 @@ mod tests {
         assert_eq!(m.moves().get(&Moved::Line { peer: EAST.into() }), Some(&1));
     }
 
+    /// An access point dies: the fibre path to it is judged down a moment
+    /// before its tunnel (in the lab, its other segments' tunnels up to an
+    /// interval later still). The same fibre still reaches the west access
+    /// point and nothing of the east one answered since, so the group
+    /// leaves at once, not when each tunnel is judged; it comes back only
+    /// once everything of the east one has answered for the hold-down. Had
+    /// the fibre itself failed (the west one quiet too), it would stay.
+    #[test]
+    fn an_access_point_gone_loses_its_groups_before_its_tunnels_are_judged() {
+        let t0 = Instant::now();
+        let death = t0 + ms(1000);
+        let west_answers = |h: &mut BTreeMap<Key, Health>, at: Instant| {
+            for line in ["fiber", "lte"] {
+                h.get_mut(&path(line, WEST)).expect("path").last_reply = Some(at);
+            }
+            h.get_mut(&tunnel(WEST)).expect("tunnel").last_reply = Some(at);
+        };
+        let judged = death + ms(150);
+        // The fibre itself failed: the west access point is quiet over it too.
+        let (mut m, mut h) = settled(t0);
+        for k in h.keys().cloned().collect::<Vec<_>>() {
+            h.get_mut(&k).expect("target").last_reply = Some(death);
+        }
+        *h.get_mut(&path("fiber", EAST)).expect("fibre") = health(false, judged, Some(death));
+        m.step(Event::Probed(h.clone()), judged);
+        assert_eq!(group(&m), EAST, "a failed local line is a line switch");
+        // The east access point died: the fibre still reaches the west one.
+        let (mut m, mut h) = settled(t0);
+        for k in h.keys().cloned().collect::<Vec<_>>() {
+            h.get_mut(&k).expect("target").last_reply = Some(death);
+        }
+        west_answers(&mut h, judged);
+        *h.get_mut(&path("fiber", EAST)).expect("fibre") = health(false, judged, Some(death));
+        assert!(h[&tunnel(EAST)].up, "the tunnel is not judged yet");
+        m.step(Event::Probed(h.clone()), judged);
+        assert_eq!(group(&m), WEST, "gone: its groups leave with the path's judgment");
+        // It returns: every target of it answers again.
+        let back = judged + ms(500);
+        west_answers(&mut h, back);
+        for k in [path("fiber", EAST), path("lte", EAST), tunnel(EAST)] {
+            let e = h.get_mut(&k).expect("target");
+            if !e.up {
+                *e = health(true, back, Some(back));
+            }
+            e.last_reply = Some(back);
+        }
+        m.step(Event::Probed(h.clone()), back);
+        assert_eq!(group(&m), WEST, "not before the hold-down");
+        m.step(Event::Tick, back + HOLD_DOWN - ms(1));
+        assert_eq!(group(&m), WEST, "not before the hold-down");
+        m.step(Event::Tick, back + HOLD_DOWN);
+        assert_eq!(group(&m), EAST, "back after it");
+    }
+
     /// A cut fibre's lines move first by themselves (`failed_lines`: the path
     /// in use is judged down); the move back to the fibre after the
     /// hold-down, away from an LTE line that still answers, is not one.
@@ -714,21 +768,29 @@ mod tests {
             };
             // 1. Never stuck on a down candidate while another is up, beyond the grace.
             let limit = (SWITCH_GRACE + ms(300)).as_millis() as u64;
-            for (t, chosen, _, state) in &run {
+            // (The other one answers: judged up, and alive for the last 300
+            // ms — a peer that died is left before its tunnel is judged.)
+            for (i, (t, chosen, _, state)) in run.iter().enumerate() {
                 let (up, since) = tunnel_up(state, chosen).expect("chosen is probed");
                 let other = if chosen == EAST { WEST } else { EAST };
                 let (other_up, other_since) = tunnel_up(state, other).expect("other is probed");
-                if !up && other_up {
+                let alive = run[..=i].iter().rev().take_while(|m| m.0 + 300 >= *t).all(|m| m.2.alive(other));
+                if !up && other_up && alive {
                     let stuck = t - since.max(other_since);
                     prop_assert!(stuck <= limit, "at {t} ms the group is on {chosen}, down since {since}, while {other} is up since {other_since}");
                 }
             }
-            // 2. A move to a candidate while the current one is up: only once it has been up for the hold-down.
-            for pair in run.windows(2) {
+            // 2. A move to a candidate while the current one is up: only once
+            // it has been up for the hold-down — unless the current one was
+            // unreachable (dead, or every line cut) in the last 400 ms: it is
+            // gone before its tunnel is judged when a path to it failed and
+            // the same line still reaches the other.
+            for (i, pair) in run.windows(2).enumerate() {
                 let ((_, before, _, _), (t, after, _, state)) = (&pair[0], &pair[1]);
                 if before != after {
                     let (cur_up, _) = tunnel_up(state, before).expect("probed");
-                    if cur_up {
+                    let died = run[..=i + 1].iter().rev().take_while(|m| m.0 + 400 >= *t).any(|m| !m.2.alive(before) || !(m.2.line_up("fiber") || m.2.line_up("lte")));
+                    if cur_up && !died {
                         let (_, since) = tunnel_up(state, after).expect("probed");
                         prop_assert!(t - since >= HOLD_DOWN.as_millis() as u64, "at {t} ms moved from {before} (up) to {after}, up since {since}");
                     }

@@ -111,6 +111,43 @@ pub fn choices(i: Inputs<'_>) -> Choices {
             .and_then(path_key)
             .and_then(|k| health(&k))
     };
+    // A peer is gone when a path to it failed while the same local line
+    // still reaches another peer, and nothing of it — no tunnel of any
+    // segment, no other line — answered since: every segment's groups leave
+    // it at once, rather than each when its own tunnel is judged (up to a
+    // probe interval apart, and each a decision and a build of its own).
+    // A line that failed under the peer (the local one) reaches no other
+    // peer either; a line switch is told by a line answering.
+    let peer_targets = |peer: &str| -> Vec<Key> {
+        let mut keys = Vec::new();
+        for s in &config.segments {
+            for p in s.peers.iter().filter(|p| p.name == peer) {
+                keys.push(Key::tunnel(&s.segment, peer));
+                keys.extend(p.endpoints.iter().filter_map(path_key));
+            }
+        }
+        keys
+    };
+    let gone = |peer: &str| -> bool {
+        let targets = peer_targets(peer);
+        targets.iter().any(|key| {
+            let Key::Path { local, .. } = key else { return false };
+            let Some(quiet) = health(key).filter(|h| !h.up).and_then(|h| Some(h.last_reply? + h.interval * 2)) else {
+                return false;
+            };
+            let later = |h: &Health| h.last_reply.is_some_and(|t| t > quiet);
+            let line_works = config
+                .segments
+                .iter()
+                .flat_map(|s| s.peers.iter().filter(|p| p.name != peer && probes_lines(p)))
+                .flat_map(|p| &p.endpoints)
+                .filter_map(path_key)
+                .filter(|k| matches!(k, Key::Path { local: l, .. } if l == local))
+                .filter_map(|k| health(&k))
+                .any(|h| h.up && later(&h));
+            line_works && !targets.iter().filter_map(health).any(|h| later(&h))
+        })
+    };
     let members: BTreeSet<&str> = config
         .segments
         .iter()
@@ -119,11 +156,20 @@ pub fn choices(i: Inputs<'_>) -> Choices {
     let group_rank = |seg: &str, group: &str, peer: &str| {
         let current = active.groups.get(&(seg.to_string(), group.to_string())).is_some_and(|c| c == peer);
         let down_for = |h: &Health| h.since.map_or(Duration::MAX, |s| now.saturating_duration_since(s));
+        if gone(peer) {
+            return 2;
+        }
         match health(&Key::tunnel(seg, peer)) {
             None => 0,
             // A member site is the only way in to itself: back at once.
             Some(h) if h.up && members.contains(peer) => 0,
-            Some(h) if h.up => u8::from(!settled(&h, current)),
+            // Back to a peer once its tunnel and everything else of it that
+            // answers has been up for the hold-down (a peer left because it
+            // was gone may come back before its tunnel was ever judged down).
+            Some(h) if h.up => {
+                let steady = peer_targets(peer).iter().filter_map(health).all(|t| !t.up || settled(&t, current));
+                u8::from(!(settled(&h, current) && steady))
+            }
             // A member site that went quiet may be switching lines.
             Some(h) if members.contains(peer) => {
                 if current && down_for(&h) < SITE_GRACE {

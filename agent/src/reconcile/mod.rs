@@ -4,7 +4,7 @@
 mod desired;
 mod lines;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use musubi_proto::v1::SiteConfig;
 
@@ -88,6 +88,35 @@ pub fn build_wanted(dp: &mut dyn Datapath, want: &Owned, pins: &BTreeSet<Pin>) -
         }
         dp.apply(&again)?;
         ops.extend(again);
+    }
+    Ok(ops)
+}
+
+/// A failover's first step when route groups move: each route the groups
+/// moved now go through is written in place of the one it replaces (one
+/// netlink request each, no observation, no moment without a route). Only a
+/// prefix that `after` routes through one interface is replaced; the full
+/// build that follows deletes what is left and checks everything.
+pub fn move_groups(
+    dp: &mut dyn Datapath,
+    config: &SiteConfig,
+    keys: &LocalKeys,
+    before: &Choices,
+    after: &Choices,
+) -> Result<Vec<Op>, ReconcileError> {
+    let old = desired_with(config, keys, before)?.routes;
+    let new = desired_with(config, keys, after)?.routes;
+    let mut ways: BTreeMap<(u32, &str), usize> = BTreeMap::new();
+    for r in &new {
+        *ways.entry((r.table, r.prefix.as_str())).or_default() += 1;
+    }
+    let ops: Vec<Op> = new
+        .iter()
+        .filter(|r| !old.contains(*r) && ways.get(&(r.table, r.prefix.as_str())) == Some(&1))
+        .map(|r| Op::ReplaceRoute(r.clone()))
+        .collect();
+    if !ops.is_empty() {
+        dp.apply(&ops)?;
     }
     Ok(ops)
 }
@@ -532,6 +561,46 @@ mod tests {
         );
         let want = wanted(&c, &keys, &moved, &hops).expect("wanted").0;
         assert!(dp.diff(&want).expect("diff").is_empty(), "everything as wanted");
+    }
+
+    /// A failover's groups go first, alone: one route replaced per prefix
+    /// (no deletion, no moment without a route), nothing else written; the
+    /// full build after it has nothing left to do.
+    #[test]
+    fn moved_groups_replace_their_routes_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let state = StateDir::new(dir.path());
+        let mut c = two_lines(pb::Region::East);
+        c.segments[0].route_groups = vec![pb::RouteGroup {
+            name: "all".into(),
+            prefixes: vec!["10.0.0.0/8".into(), "172.16.0.0/12".into()],
+            candidates: vec!["ap-east".into(), "ap-west".into()],
+        }];
+        let hops = fibre_and_lte_hops();
+        let keys = keys(&state, &c);
+        let mut dp = Fake::new();
+        let before = first_choices(&c, &hops);
+        build(&mut dp, &c, &keys, &before, &hops).expect("first build");
+        let group = ("office".to_string(), "all".to_string());
+        assert_eq!(before.groups[&group], "ap-east");
+        let mut after = before.clone();
+        after.groups.insert(group, "ap-west".into());
+        let ops = move_groups(&mut dp, &c, &keys, &before, &after).expect("groups");
+        let routed: Vec<(&str, &str)> = ops
+            .iter()
+            .map(|o| match o {
+                Op::ReplaceRoute(r) => (r.prefix.as_str(), r.interface.as_str()),
+                other => panic!("only routes replaced: {other:?}"),
+            })
+            .collect();
+        assert_eq!(routed, vec![("10.0.0.0/8", "mi-office"), ("172.16.0.0/12", "mi-office")]);
+        let via = |prefix: &str| -> Vec<String> {
+            dp.owned().routes.iter().filter(|r| r.prefix == prefix).map(|r| r.interface.clone()).collect()
+        };
+        assert_eq!(via("10.0.0.0/8"), vec!["mi-office".to_string()], "the old route replaced, not beside it");
+        let want = wanted(&c, &keys, &after, &hops).expect("wanted").0;
+        assert!(dp.diff(&want).expect("diff").is_empty(), "the full build finds nothing to do");
+        assert!(move_groups(&mut dp, &c, &keys, &after, &after).expect("again").is_empty(), "nothing moved");
     }
 
     #[test]

@@ -31,7 +31,7 @@ impl Linux {
                         writes += 1;
                     }
                     for prefix in ["0.0.0.0/0", "::/0"] {
-                        netlink::add_route(&handle, table, prefix, None).await?;
+                        netlink::add_route(&handle, table, prefix, None, false).await?;
                         writes += 1;
                     }
                     Ok::<_, DatapathError>(writes)
@@ -139,7 +139,9 @@ impl Linux {
                 wireguard::remove_peer(tunnel, self.backend(), public_key)?;
                 self.writes += 1;
             }
-            Op::AddRoute(_) | Op::DeleteRoute(_) => self.routes(run, matches!(op, Op::AddRoute(_)))?,
+            Op::AddRoute(_) => self.routes(run, Write::Add)?,
+            Op::ReplaceRoute(_) => self.routes(run, Write::Replace)?,
+            Op::DeleteRoute(_) => self.routes(run, Write::Delete)?,
             Op::SetPolicy(p) => {
                 nft::set(p)?;
                 self.writes += 1;
@@ -184,24 +186,33 @@ impl Linux {
         Ok(())
     }
 
-    /// Adds (or deletes) the routes of `ops`, up to 64 requests in flight.
-    pub(super) fn routes(&mut self, ops: &[Op], add: bool) -> Result<(), DatapathError> {
+    /// Adds, replaces or deletes the routes of `ops`, up to 64 requests in
+    /// flight.
+    pub(super) fn routes(&mut self, ops: &[Op], write: Write) -> Result<(), DatapathError> {
         let routes: Vec<Route> = ops
             .iter()
             .filter_map(|o| match o {
-                Op::AddRoute(r) | Op::DeleteRoute(r) => Some(r.clone()),
+                Op::AddRoute(r) | Op::ReplaceRoute(r) | Op::DeleteRoute(r) => Some(r.clone()),
                 _ => None,
             })
             .collect();
         let n = routes.len() as u64;
         let handle = self.handle.clone();
-        block_on(&self.rt, route_batch(handle, routes, add))??;
+        block_on(&self.rt, route_batch(handle, routes, write))??;
         self.writes += n;
         Ok(())
     }
 }
 
-async fn route_batch(handle: Handle, routes: Vec<Route>, add: bool) -> Result<(), DatapathError> {
+/// How a run of routes is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Write {
+    Add,
+    Replace,
+    Delete,
+}
+
+async fn route_batch(handle: Handle, routes: Vec<Route>, write: Write) -> Result<(), DatapathError> {
     use futures::{StreamExt, TryStreamExt};
     let index: BTreeMap<String, u32> = netlink::links(&handle).await?.into_iter().map(|l| (l.name, l.index)).collect();
     let mut requests: Vec<(u32, String, u32)> = Vec::with_capacity(routes.len());
@@ -210,10 +221,11 @@ async fn route_batch(handle: Handle, routes: Vec<Route>, add: bool) -> Result<()
             *index.get(&r.interface).ok_or_else(|| DatapathError::missing(format!("interface {}", r.interface)))?;
         requests.push((r.table, r.prefix, oif));
     }
-    if add {
+    if write != Write::Delete {
+        let replace = write == Write::Replace;
         futures::stream::iter(requests.into_iter().map(|(table, prefix, oif)| {
             let handle = handle.clone();
-            async move { netlink::add_route(&handle, table, &prefix, Some(oif)).await }
+            async move { netlink::add_route(&handle, table, &prefix, Some(oif), replace).await }
         }))
         .buffer_unordered(64)
         .try_collect::<Vec<()>>()
@@ -325,6 +337,7 @@ pub fn describe(op: &Op) -> String {
         Op::AddAddress { tunnel, address } => format!("adding {address} to {tunnel}"),
         Op::SetPeer { tunnel, peer, .. } => format!("setting peer {} on {tunnel}", peer.name),
         Op::AddRoute(r) => format!("adding route {} in table {} via {}", r.prefix, r.table, r.interface),
+        Op::ReplaceRoute(r) => format!("routing {} in table {} via {}", r.prefix, r.table, r.interface),
         Op::SetPolicy(_) => "writing the policy".into(),
     }
 }

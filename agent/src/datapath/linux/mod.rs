@@ -194,6 +194,7 @@ impl Datapath for Linux {
                 matches!(
                     (&ops[i], o),
                     (Op::AddRoute(_), Op::AddRoute(_))
+                        | (Op::ReplaceRoute(_), Op::ReplaceRoute(_))
                         | (Op::DeleteRoute(_), Op::DeleteRoute(_))
                         | (Op::SetPeer { .. }, Op::SetPeer { .. })
                 )

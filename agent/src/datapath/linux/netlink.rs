@@ -245,9 +245,19 @@ fn route_message(table: u32, prefix: &str, oif: Option<u32>) -> Result<RouteMess
     })
 }
 
-pub async fn add_route(handle: &Handle, table: u32, prefix: &str, oif: Option<u32>) -> Result<(), DatapathError> {
+/// Adds a route; with `replace`, in place of the one to the same prefix
+/// (NLM_F_REPLACE: the kernel swaps it in one step).
+pub async fn add_route(
+    handle: &Handle,
+    table: u32,
+    prefix: &str,
+    oif: Option<u32>,
+    replace: bool,
+) -> Result<(), DatapathError> {
     let msg = route_message(table, prefix, oif)?;
-    handle.route().add(msg).execute().await.map_err(|e| nl(&format!("adding route {prefix} in table {table}"), e))
+    let request = handle.route().add(msg);
+    let request = if replace { request.replace() } else { request };
+    request.execute().await.map_err(|e| nl(&format!("adding route {prefix} in table {table}"), e))
 }
 
 pub async fn del_route(handle: &Handle, msg: RouteMessage) -> Result<(), DatapathError> {
