@@ -143,11 +143,16 @@ impl Linux {
             Op::ReplaceRoute(_) => self.routes(run, Write::Replace)?,
             Op::DeleteRoute(_) => self.routes(run, Write::Delete)?,
             Op::SetPolicy(p) => {
+                // Unknown if the write fails half-way.
+                self.policy_seen = None;
                 nft::set(p)?;
+                self.policy_seen = Some(Some(p.clone()));
                 self.writes += 1;
             }
             Op::DeletePolicy => {
+                self.policy_seen = None;
                 nft::delete()?;
+                self.policy_seen = Some(None);
                 self.writes += 1;
             }
         }

@@ -136,7 +136,11 @@ impl Linux {
             owned.routes.insert(Route { table: r.table, prefix: r.prefix.clone(), interface });
         }
         let nft_started = std::time::Instant::now();
-        owned.policy = nft::observe()?;
+        owned.policy = match (&self.policy_seen, self.trust_policy) {
+            (Some(seen), true) => seen.clone(),
+            _ => nft::observe()?,
+        };
+        self.policy_seen = Some(owned.policy.clone());
         tracing::debug!(
             netlink_ms,
             wireguard_ms,
@@ -155,6 +159,7 @@ impl Linux {
         if fresh && self.quiet() {
             if !self.trust_policy {
                 let policy = nft::observe()?;
+                self.policy_seen = Some(policy.clone());
                 if let Some((owned, _)) = self.cache.as_mut() {
                     owned.policy = policy;
                 }
