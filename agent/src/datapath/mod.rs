@@ -116,18 +116,25 @@ pub struct Route {
 
 /// The flows allowed between segments, as one object: the nftables table the
 /// agent owns is replaced whole (atomically) when it changes, and is
-/// recognised by its digest.
+/// recognised by its digest — except its fence, the line addresses not in
+/// use ([`PolicySpec::unused_lines`]), which lives in two sets of the table
+/// and is rewritten alone when a line moves ([`Op::SetFence`]: a few
+/// elements rather than the whole table through nft's JSON parser).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Policy {
-    /// SHA-256 of the specification, hex; what observation reads back.
+    /// SHA-256 of the specification without its fence, hex; what
+    /// observation reads back.
     pub digest: String,
+    /// The fence: what the table's sets hold.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub fence: BTreeSet<IpAddr>,
     /// What the table holds; absent when observed.
     pub spec: Option<PolicySpec>,
 }
 
 impl PartialEq for Policy {
     fn eq(&self, other: &Self) -> bool {
-        self.digest == other.digest
+        self.digest == other.digest && self.fence == other.fence
     }
 }
 impl Eq for Policy {}
@@ -135,9 +142,16 @@ impl Eq for Policy {}
 impl Policy {
     pub fn new(spec: PolicySpec) -> Self {
         use sha2::Digest as _;
-        let text = serde_json::to_vec(&spec).unwrap_or_default();
+        let fence = spec.unused_lines.clone();
+        let unfenced = PolicySpec { unused_lines: BTreeSet::new(), ..spec.clone() };
+        let text = serde_json::to_vec(&unfenced).unwrap_or_default();
         let digest = sha2::Sha256::digest(&text).iter().map(|b| format!("{b:02x}")).collect();
-        Policy { digest, spec: Some(spec) }
+        Policy { digest, fence, spec: Some(spec) }
+    }
+
+    /// An observed policy: its digest and fence, no specification.
+    pub fn observed(digest: String, fence: BTreeSet<IpAddr>) -> Self {
+        Policy { digest, fence, spec: None }
     }
 }
 
@@ -208,7 +222,8 @@ pub struct Owned {
 /// One write to the datapath. `ReplaceRoute` routes a prefix in a table
 /// through an interface whichever it went through before (one write, never
 /// a moment without a route): a failover's route groups, written ahead of
-/// the full build that checks.
+/// the full build that checks. `SetFence` rewrites only the policy's fence
+/// (the table with its rules must be there).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     DeletePolicy,
@@ -226,6 +241,7 @@ pub enum Op {
     AddRoute(Route),
     ReplaceRoute(Route),
     SetPolicy(Policy),
+    SetFence(BTreeSet<IpAddr>),
 }
 
 pub trait Datapath: Send {
@@ -300,6 +316,10 @@ pub fn shadow(owned: &mut Owned, ops: &[Op]) -> bool {
                 None => return false,
             },
             Op::SetPolicy(policy) => owned.policy = Some(policy.clone()),
+            Op::SetFence(fence) => match owned.policy.as_mut() {
+                Some(p) => p.fence = fence.clone(),
+                None => return false,
+            },
             Op::DeletePolicy => owned.policy = None,
             _ => return false,
         }
@@ -385,7 +405,8 @@ pub fn plan(actual: &Owned, desired: &Owned) -> Vec<Op> {
     if let Some(p) = &desired.policy
         && actual.policy.as_ref() != Some(p)
     {
-        creations.push(Op::SetPolicy(p.clone()));
+        let fence_only = actual.policy.as_ref().is_some_and(|a| a.digest == p.digest);
+        creations.push(if fence_only { Op::SetFence(p.fence.clone()) } else { Op::SetPolicy(p.clone()) });
     }
     // Peers after every tunnel exists, so a datapath can set the tunnels'
     // peers side by side.
@@ -465,6 +486,10 @@ pub fn step(owned: &mut Owned, op: &Op) -> Result<(), DatapathError> {
                 return illegal("a policy without its specification".into());
             }
             owned.policy = Some(p.clone());
+        }
+        Op::SetFence(fence) => {
+            let Some(p) = owned.policy.as_mut() else { return illegal("a fence without a policy".into()) };
+            p.fence = fence.clone();
         }
         Op::DeletePolicy => {
             if owned.policy.take().is_none() {
@@ -609,7 +634,7 @@ mod tests {
         t.peers.insert("KE".into(), peer("192.0.2.1:51820", &["10.0.0.0/8"]));
         t.peers.insert("KW".into(), peer("192.0.2.2:51820", &["100.64.0.2/32"]));
         o.tunnels.insert(t.name.clone(), t);
-        o.policy = Some(Policy { digest: "a".into(), spec: None });
+        o.policy = Some(Policy::observed("a".into(), BTreeSet::new()));
         o
     }
 
@@ -622,7 +647,7 @@ mod tests {
         let t = desired.tunnels.get_mut("mw-office").expect("tunnel");
         t.peers.insert("KE".into(), peer("198.51.100.1:51820", &["100.64.0.1/32"]));
         t.peers.insert("KW".into(), peer("192.0.2.2:51820", &["10.0.0.0/8", "100.64.0.2/32"]));
-        desired.policy = Some(Policy { digest: "b".into(), spec: None });
+        desired.policy = Some(Policy::observed("b".into(), BTreeSet::new()));
         let mut kept = owned();
         let ops = plan(&kept, &desired);
         assert!(!ops.is_empty());
@@ -643,12 +668,42 @@ mod tests {
         let mut desired = owned();
         let t = desired.tunnels.get_mut("mw-office").expect("tunnel");
         t.peers.insert("KE".into(), peer("198.51.100.1:51820", &["10.0.0.0/8"]));
-        desired.policy = Some(Policy { digest: "fenced".into(), spec: None });
+        desired.policy = Some(Policy::observed("fenced".into(), BTreeSet::new()));
         let ops = plan(&owned(), &desired);
         let at = |f: &dyn Fn(&Op) -> bool| ops.iter().position(f).expect("planned");
         let fence = at(&|o| matches!(o, Op::SetPolicy(_)));
         let endpoint = at(&|o| matches!(o, Op::SetPeer { public_key, .. } if public_key == "KE"));
         assert!(fence < endpoint, "{ops:?}");
+    }
+
+    /// A line move changes only the policy's fence: the digest (the rules)
+    /// stays, and the plan rewrites the fence's sets alone, which the kept
+    /// observation and the fake follow.
+    #[test]
+    fn a_fence_alone_is_rewritten_alone() {
+        let spec = PolicySpec {
+            tunnel_ports: [51820].into(),
+            unused_lines: ["192.0.2.1".parse().expect("ip")].into(),
+            ..Default::default()
+        };
+        let moved = PolicySpec { unused_lines: ["198.51.100.1".parse().expect("ip")].into(), ..spec.clone() };
+        let (before, after) = (Policy::new(spec), Policy::new(moved));
+        assert_eq!(before.digest, after.digest, "the fence is not in the digest");
+        assert_ne!(before, after, "but two fences differ");
+        let mut kept = owned();
+        kept.policy = Some(before.clone());
+        let mut desired = owned();
+        desired.policy = Some(after.clone());
+        let ops = plan(&kept, &desired);
+        assert_eq!(ops, vec![Op::SetFence(after.fence.clone())]);
+        assert!(shadow(&mut kept, &ops));
+        assert!(plan(&kept, &desired).is_empty());
+        let mut fake = owned();
+        fake.policy = Some(before);
+        step(&mut fake, &ops[0]).expect("the fake takes it");
+        assert_eq!(fake.policy, Some(after));
+        fake.policy = None;
+        assert!(step(&mut fake, &ops[0]).is_err(), "no fence without a policy");
     }
 
     /// Writes that raise notifications (routes, tunnels), or that name a

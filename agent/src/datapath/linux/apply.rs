@@ -9,7 +9,7 @@ use rtnetlink::Handle;
 use super::netlink;
 use super::runtime::block_on;
 use super::{DomainMode, Linux, WireguardMode, nft, wireguard};
-use crate::datapath::{DatapathError, Op, Route};
+use crate::datapath::{DatapathError, Op, Policy, Route};
 
 impl Linux {
     /// Applies one operation, or a run of one kind that goes together: the
@@ -147,6 +147,12 @@ impl Linux {
                 self.policy_seen = None;
                 nft::set(p)?;
                 self.policy_seen = Some(Some(p.clone()));
+                self.writes += 1;
+            }
+            Op::SetFence(fence) => {
+                let seen = self.policy_seen.take();
+                nft::set_fence(fence)?;
+                self.policy_seen = seen.map(|p| p.map(|p| Policy { fence: fence.clone(), ..p }));
                 self.writes += 1;
             }
             Op::DeletePolicy => {
@@ -344,5 +350,6 @@ pub fn describe(op: &Op) -> String {
         Op::AddRoute(r) => format!("adding route {} in table {} via {}", r.prefix, r.table, r.interface),
         Op::ReplaceRoute(r) => format!("routing {} in table {} via {}", r.prefix, r.table, r.interface),
         Op::SetPolicy(_) => "writing the policy".into(),
+        Op::SetFence(f) => format!("fencing {} line addresses not in use", f.len()),
     }
 }

@@ -194,21 +194,17 @@ fn ruleset(policy: &Policy, spec: &PolicySpec) -> Value {
             Some(DROP_COMMENT.into()),
         ));
     }
-    if !spec.unused_lines.is_empty() && !spec.tunnel_ports.is_empty() {
+    if !spec.tunnel_ports.is_empty() {
         cmds.push(json!({ "add": { "chain": {
             "family": "inet", "table": TABLE, "name": "input",
             "type": "filter", "hook": "input", "prio": 0, "policy": "accept"
         } } }));
         let ports: Vec<Value> = spec.tunnel_ports.iter().map(|p| json!(p)).collect();
         for v6 in [false, true] {
-            let family = if v6 { "ip6" } else { "ip" };
-            let addrs: Vec<String> =
-                spec.unused_lines.iter().filter(|a| a.is_ipv6() == v6).map(ToString::to_string).collect();
-            if addrs.is_empty() {
-                continue;
-            }
+            let (family, set, kind) = fence_set(v6);
+            cmds.push(json!({ "add": { "set": { "family": "inet", "table": TABLE, "name": set, "type": kind } } }));
             let mut r = json!({ "family": "inet", "table": TABLE, "chain": "input", "expr": [
-                json!({ "match": { "op": "==", "left": { "payload": { "protocol": family, "field": "saddr" } }, "right": names(addrs) } }),
+                json!({ "match": { "op": "==", "left": { "payload": { "protocol": family, "field": "saddr" } }, "right": format!("@{set}") } }),
                 meta("l4proto", json!("udp")),
                 json!({ "match": { "op": "==", "left": { "payload": { "protocol": "udp", "field": "dport" } }, "right": { "set": ports } } }),
                 json!({ "counter": null }),
@@ -217,8 +213,46 @@ fn ruleset(policy: &Policy, spec: &PolicySpec) -> Value {
             r["comment"] = json!("musubi: tunnel packets from a line not in use");
             cmds.push(json!({ "add": { "rule": r } }));
         }
+        cmds.extend(fence_elements(&spec.unused_lines));
     }
     json!({ "nftables": cmds })
+}
+
+/// The fence's set for one family: (payload protocol, set name, set type).
+fn fence_set(v6: bool) -> (&'static str, &'static str, &'static str) {
+    if v6 { ("ip6", "unused6", "ipv6_addr") } else { ("ip", "unused4", "ipv4_addr") }
+}
+
+/// Commands that add `fence`'s addresses to the fence's sets.
+fn fence_elements(fence: &BTreeSet<std::net::IpAddr>) -> Vec<Value> {
+    [false, true]
+        .into_iter()
+        .filter_map(|v6| {
+            let (_, set, _) = fence_set(v6);
+            let elem: Vec<String> = fence.iter().filter(|a| a.is_ipv6() == v6).map(ToString::to_string).collect();
+            (!elem.is_empty()).then(
+                || json!({ "add": { "element": { "family": "inet", "table": TABLE, "name": set, "elem": elem } } }),
+            )
+        })
+        .collect()
+}
+
+/// Rewrites only the fence: both sets emptied and filled in one
+/// transaction (the table and its rules must be there).
+pub fn set_fence(fence: &BTreeSet<std::net::IpAddr>) -> Result<(), DatapathError> {
+    apply(json!({ "nftables": fence_update(fence) }))
+}
+
+fn fence_update(fence: &BTreeSet<std::net::IpAddr>) -> Vec<Value> {
+    let mut cmds: Vec<Value> = [false, true]
+        .into_iter()
+        .map(|v6| {
+            let (_, name, kind) = fence_set(v6);
+            json!({ "flush": { "set": { "family": "inet", "table": TABLE, "name": name, "type": kind } } })
+        })
+        .collect();
+    cmds.extend(fence_elements(fence));
+    cmds
 }
 
 /// A set of inclusive port ranges, a single port as itself.
@@ -367,8 +401,17 @@ pub fn observe() -> Result<Option<Policy>, DatapathError> {
     let Some(listing) = list()? else { return Ok(None) };
     let digest =
         rules(&listing).find_map(|r| r["comment"].as_str().and_then(|c| c.strip_prefix(MARK)).map(String::from));
+    let fence = listing["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.get("set"))
+        .filter(|s| matches!(s["name"].as_str(), Some("unused4" | "unused6")))
+        .flat_map(|s| s["elem"].as_array().into_iter().flatten())
+        .filter_map(|e| e.as_str().and_then(|a| a.parse().ok()))
+        .collect();
     // A table without the mark is not one the agent finished: replace it.
-    Ok(Some(Policy { digest: digest.unwrap_or_default(), spec: None }))
+    Ok(Some(Policy::observed(digest.unwrap_or_default(), fence)))
 }
 
 fn rules(listing: &Value) -> impl Iterator<Item = &Value> {
@@ -423,10 +466,16 @@ mod tests {
                 ports,
             });
         }
+        spec.tunnel_ports = [51820, 51821].into();
+        spec.unused_lines = ["192.0.2.1".parse().expect("ip"), "2001:db8::1".parse().expect("ip")].into();
         let policy = Policy::new(spec.clone());
-        let value = ruleset(&policy, &spec);
+        let mut value = ruleset(&policy, &spec);
+        // A line move's fence rewrite after it, in the same transaction.
+        let moved: BTreeSet<std::net::IpAddr> = ["198.51.100.1".parse().expect("ip")].into();
+        value["nftables"].as_array_mut().expect("commands").extend(fence_update(&moved));
         let typed: Nftables = serde_json::from_value(value).expect("the crate's schema takes it");
         let text = serde_json::to_string(&typed).expect("encodes");
+        assert!(text.contains("@unused4") && text.contains("@unused6") && text.contains("198.51.100.1"), "{text}");
         assert!(text.contains(SPOOF_COMMENT) && text.contains("split horizon"), "{text}");
         assert!(text.contains("replies of policy office-tcp") && text.contains("sport"), "{text}");
         // The segment without IPv6 prefixes drops every IPv6 packet of its tunnel.
