@@ -91,6 +91,8 @@ pub(super) fn tcp_receiver(listener: TcpListener, flow: Arc<Flow>, stop: Arc<Ato
     let (mut pending, mut buf) = (Vec::new(), [0u8; 4096]);
     while !stop.load(Ordering::Relaxed) {
         match conn.read(&mut buf) {
+            // The sender stops with the drill, maybe first: not a break.
+            Ok(0) if stop.load(Ordering::Relaxed) => return,
             Ok(0) => return flow.broke("the sender closed the connection".into()),
             Ok(n) => {
                 pending.extend_from_slice(&buf[..n]);
@@ -128,7 +130,14 @@ pub(super) fn sender(mut out: Sender, stream: u32, flow: Arc<Flow>, stop: Arc<At
             }
             Sender::Tcp(conn) => {
                 if let Err(e) = conn.write_all(&packet(stream, seq)) {
-                    return flow.broke(format!("sending: {e}"));
+                    // The receiver stops with the drill, maybe first, and
+                    // closing a socket with data unread resets the
+                    // connection: a broken pipe then is the drill's end
+                    // (it failed policy-flow-during-ap-outage once, loaded).
+                    if !stop.load(Ordering::Relaxed) {
+                        flow.broke(format!("sending: {e}"));
+                    }
+                    return;
                 }
             }
         }
