@@ -118,18 +118,17 @@ pub fn choices(i: Inputs<'_>) -> Choices {
     // probe interval apart, and each a decision and a build of its own).
     // A line that failed under the peer (the local one) reaches no other
     // peer either; a line switch is told by a line answering.
-    let peer_targets = |peer: &str| -> Vec<Key> {
-        let mut keys = Vec::new();
-        for s in &config.segments {
-            for p in s.peers.iter().filter(|p| p.name == peer) {
-                keys.push(Key::tunnel(&s.segment, peer));
-                keys.extend(p.endpoints.iter().filter_map(path_key));
-            }
+    // Every target of each peer (its tunnels, its paths), gathered once: an
+    // access point ranks thousands of groups against thousands of peers.
+    let mut targets_of: BTreeMap<&str, Vec<Key>> = BTreeMap::new();
+    for s in &config.segments {
+        for p in &s.peers {
+            let keys = targets_of.entry(p.name.as_str()).or_default();
+            keys.push(Key::tunnel(&s.segment, &p.name));
+            keys.extend(p.endpoints.iter().filter_map(path_key));
         }
-        keys
-    };
-    let gone = |peer: &str| -> bool {
-        let targets = peer_targets(peer);
+    }
+    let is_gone = |peer: &str, targets: &[Key]| -> bool {
         targets.iter().any(|key| {
             let Key::Path { local, .. } = key else { return false };
             let Some(quiet) = health(key).filter(|h| !h.up).and_then(|h| Some(h.last_reply? + h.interval * 2)) else {
@@ -148,6 +147,8 @@ pub fn choices(i: Inputs<'_>) -> Choices {
             line_works && !targets.iter().filter_map(health).any(|h| later(&h))
         })
     };
+    let gone: BTreeSet<&str> =
+        targets_of.iter().filter(|(peer, targets)| is_gone(peer, targets)).map(|(peer, _)| *peer).collect();
     let members: BTreeSet<&str> = config
         .segments
         .iter()
@@ -156,7 +157,7 @@ pub fn choices(i: Inputs<'_>) -> Choices {
     let group_rank = |seg: &str, group: &str, peer: &str| {
         let current = active.groups.get(&(seg.to_string(), group.to_string())).is_some_and(|c| c == peer);
         let down_for = |h: &Health| h.since.map_or(Duration::MAX, |s| now.saturating_duration_since(s));
-        if gone(peer) {
+        if gone.contains(peer) {
             return 2;
         }
         match health(&Key::tunnel(seg, peer)) {
@@ -167,7 +168,12 @@ pub fn choices(i: Inputs<'_>) -> Choices {
             // answers has been up for the hold-down (a peer left because it
             // was gone may come back before its tunnel was ever judged down).
             Some(h) if h.up => {
-                let steady = peer_targets(peer).iter().filter_map(health).all(|t| !t.up || settled(&t, current));
+                let steady = targets_of
+                    .get(peer)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(health)
+                    .all(|t| !t.up || settled(&t, current));
                 u8::from(!(settled(&h, current) && steady))
             }
             // A member site that went quiet may be switching lines.
