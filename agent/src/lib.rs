@@ -5,6 +5,7 @@
 pub mod client;
 pub mod datapath;
 pub mod failover;
+pub mod metrics;
 pub mod probe;
 pub mod reconcile;
 pub mod simulate;

@@ -25,6 +25,10 @@ use prost::Message;
 #[derive(Parser, Debug)]
 #[command(name = "musubi-agent", version, about = "Musubi site agent")]
 struct Cli {
+    /// Log lines as `text` or `json` (one object per line: timestamp,
+    /// level, target, message, then the event's fields).
+    #[arg(long, global = true, env = "MUSUBI_LOG_FORMAT", default_value = "text")]
+    log_format: musubi_process::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -86,6 +90,13 @@ enum Command {
         /// before traffic moves back to it (no flapping).
         #[arg(long, env = "MUSUBI_HOLD_DOWN_S", default_value_t = 3.0, value_parser = hold_down)]
         hold_down_s: f64,
+        /// Serve Prometheus metrics on this address (`GET /metrics`): each
+        /// peer's and line path's health, moves, builds [default: off].
+        #[arg(long, env = "MUSUBI_METRICS")]
+        metrics: Option<std::net::SocketAddr>,
+        /// Allow a metrics address that is not a loopback one.
+        #[arg(long)]
+        metrics_public: bool,
         #[command(flatten)]
         modes: Modes,
     },
@@ -152,8 +163,9 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    musubi_process::logs("info");
-    match run(Cli::parse()).await {
+    let cli = Cli::parse();
+    musubi_process::logs_as("info", cli.log_format);
+    match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", musubi_process::error_text(e.as_ref()));
@@ -209,6 +221,8 @@ async fn run(cli: Cli) -> Result<()> {
             datapath,
             upkeep_s,
             hold_down_s,
+            metrics,
+            metrics_public,
             modes,
         } => {
             let token = match token_file {
@@ -226,6 +240,10 @@ async fn run(cli: Cli) -> Result<()> {
             settings.probe = datapath == "linux";
             settings.hold_down = Duration::from_secs_f64(hold_down_s);
             let agent = Agent::new(settings, open_datapath(&datapath, &state, modes)?)?;
+            if let Some(addr) = metrics {
+                musubi_process::metrics::serve(addr, metrics_public, std::sync::Arc::new(agent.metrics().registry()))
+                    .await?;
+            }
             tokio::select! {
                 r = agent.run() => r?,
                 _ = musubi_process::shutdown() => tracing::info!(site, "stopping; the datapath stays as it is"),

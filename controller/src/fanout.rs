@@ -61,6 +61,16 @@ pub enum Kept {
     Encoded(Bytes),
 }
 
+impl Kept {
+    /// The configuration's size encoded.
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            Kept::Whole(c) => prost::Message::encoded_len(&**c),
+            Kept::Encoded(b) => b.len(),
+        }
+    }
+}
+
 /// A kept configuration that no longer decodes. Never sent as an empty
 /// configuration in its place: an agent that applied one would remove every
 /// tunnel of its site.
@@ -385,6 +395,9 @@ impl Fanout {
             took_ms = started.elapsed().as_millis() as u64,
             "intent revision followed"
         );
+        let metrics = crate::metrics::get();
+        metrics.follow_duration.observe(started.elapsed().as_secs_f64());
+        metrics.sites.set(i64::try_from(state.stored.intent.sites.len()).unwrap_or(i64::MAX));
         self.count(sent);
         Ok(())
     }

@@ -4,6 +4,7 @@
 //! allocation, compilation, plans — is `musubi_core`'s.
 
 pub mod fanout;
+pub mod metrics;
 pub mod pki;
 pub mod server;
 pub mod sites;

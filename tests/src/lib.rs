@@ -314,6 +314,18 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts the agent of `site` with state in `state`; `token` enrols it.
     pub fn start(site: &str, controller: &str, state: &Path, token: Option<&str>, ca: &Path) -> AgentProcess {
+        Self::start_with(site, controller, state, token, ca, &[])
+    }
+
+    /// [`AgentProcess::start`] with more arguments to `musubi-agent run`.
+    pub fn start_with(
+        site: &str,
+        controller: &str,
+        state: &Path,
+        token: Option<&str>,
+        ca: &Path,
+        extra: &[&str],
+    ) -> AgentProcess {
         std::fs::create_dir_all(state).expect("state dir");
         let log = state.with_extension("log");
         let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("agent log");
@@ -325,6 +337,7 @@ impl AgentProcess {
         if let Some(t) = token {
             cmd.args(["--token", t]);
         }
+        cmd.args(extra);
         let child = cmd
             .env("MUSUBI_LOG", "info")
             .env("NO_COLOR", "1")
@@ -373,4 +386,25 @@ pub fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `GET path` from `127.0.0.1:port` (HTTP/1.0): the body, or `None` if the
+/// server does not answer 200. Bounded: 2 s to connect, 5 s to read.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.split_whitespace().nth(1).is_some_and(|c| c == "200").then(|| body.to_string())
+}
+
+/// The value of the sample `series` (its name and labels exactly as
+/// written, e.g. `musubi_agent_line_moves_total` or
+/// `x{a="b"}`) in Prometheus' text format.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.split_whitespace().next()?.parse().ok())
 }

@@ -372,3 +372,105 @@ fn the_newest_agent_of_a_site_stays_and_a_removed_site_is_dropped() {
     let status = pki.status(&address);
     assert!(status["sites"].as_array().expect("sites").iter().all(|s| s["site"] != "nishi-hall"));
 }
+
+/// Both daemons' `/metrics` follow what happens — an apply, an enrolment, a
+/// session, a configuration sent and applied, a refused token — and the
+/// controller's JSON log lines carry the documented fields.
+#[test]
+fn metrics_follow_applies_sessions_and_refusals_and_logs_are_json() {
+    let metrics = free_port();
+    let listen = format!("127.0.0.1:{metrics}");
+    let e = embedded(&["--metrics", &listen, "--log-format", "json"]);
+    let scrape = |port| musubi_tests::http_get(port, "/metrics").expect("metrics answer 200");
+    let value = |text: &str, series: &str| musubi_tests::metric(text, series);
+
+    let sites = e.pki.status(&e.address)["sites"].as_array().map_or(0, Vec::len) as f64;
+    let before = scrape(metrics);
+    assert_eq!(value(&before, "musubi_controller_applies_total{outcome=\"applied\"}"), Some(1.0), "{before}");
+    assert!(sites >= 3.0 && value(&before, "musubi_controller_sites") == Some(sites), "{sites} sites: {before}");
+    assert!(
+        value(&before, "musubi_controller_store_operation_duration_seconds_count{operation=\"commit\"}")
+            .is_some_and(|n| n >= 1.0),
+        "the apply's commit is timed: {before}"
+    );
+    assert_eq!(value(&before, "musubi_controller_agent_sessions"), Some(0.0));
+
+    // A refused token, then an agent that enrols and converges.
+    let mut rogue =
+        AgentProcess::start("kita-hall", &e.address, &e.dir.path().join("rogue"), Some("not-a-token"), &e.pki.ca());
+    assert!(
+        eventually(Duration::from_secs(20), || value(
+            &scrape(metrics),
+            "musubi_controller_agent_refusals_total{reason=\"bad_token\"}"
+        ) == Some(1.0)),
+        "a bad token is counted: {}",
+        scrape(metrics)
+    );
+    rogue.kill_hard();
+    let agent_metrics = free_port();
+    let agent_listen = format!("127.0.0.1:{agent_metrics}");
+    let token = e.pki.token(&e.address, "kita-hall", "10m");
+    let mut agent = AgentProcess::start_with(
+        "kita-hall",
+        &e.address,
+        &e.dir.path().join("kita-hall"),
+        Some(&token),
+        &e.pki.ca(),
+        &["--metrics", &agent_listen],
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || value(&scrape(metrics), "musubi_controller_agents_in_sync")
+            == Some(1.0)),
+        "the agent in sync: {}",
+        scrape(metrics)
+    );
+    let during = scrape(metrics);
+    assert_eq!(value(&during, "musubi_controller_agent_sessions"), Some(1.0), "{during}");
+    assert_eq!(value(&during, "musubi_controller_enrolments_total"), Some(1.0), "{during}");
+    assert!(value(&during, "musubi_controller_configurations_sent_total").is_some_and(|n| n >= 1.0), "{during}");
+    assert!(value(&during, "musubi_controller_configurations_sent_bytes_total").is_some_and(|n| n > 100.0), "{during}");
+
+    let at_agent = scrape(agent_metrics);
+    let revision = reported(site_row(&e.pki.status(&e.address), "kita-hall"), "applied_revision") as f64;
+    assert!(revision >= 1.0);
+    assert_eq!(value(&at_agent, "musubi_agent_applied_revision"), Some(revision), "{at_agent}");
+    assert_eq!(value(&at_agent, "musubi_agent_controller_connected"), Some(1.0), "{at_agent}");
+    assert!(value(&at_agent, "musubi_agent_configurations_received_total").is_some_and(|n| n >= 1.0), "{at_agent}");
+    assert!(value(&at_agent, "musubi_agent_datapath_writes_total").is_some_and(|n| n >= 1.0), "{at_agent}");
+    // Loopback only unless asked.
+    let out = std::process::Command::new(musubi_tests::bin("musubi-agent"))
+        .args(["run", "--site", "x", "--controller", "127.0.0.1:1", "--datapath", "fake", "--metrics", "0.0.0.0:0"])
+        .arg("--state")
+        .arg(e.dir.path().join("x"))
+        .output()
+        .expect("run the agent");
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not a loopback address"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    agent.kill_hard();
+    assert!(
+        eventually(Duration::from_secs(30), || value(&scrape(metrics), "musubi_controller_agent_sessions")
+            == Some(0.0)),
+        "the session ends: {}",
+        scrape(metrics)
+    );
+    assert_eq!(value(&scrape(metrics), "musubi_controller_agents_in_sync"), Some(0.0));
+
+    // Every log line is one JSON object with the documented fields.
+    let log = log(e.dir.path());
+    let lines: Vec<serde_json::Value> =
+        log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|err| panic!("not JSON ({err}): {l}"))).collect();
+    assert!(lines.len() > 3, "{log}");
+    for l in &lines {
+        for field in ["timestamp", "level", "target", "message"] {
+            assert!(l[field].is_string(), "{field} missing: {l}");
+        }
+    }
+    assert!(
+        lines.iter().any(|l| l["message"] == "site enrolled" && l["site"] == "kita-hall"),
+        "the event's own fields by name: {log}"
+    );
+}

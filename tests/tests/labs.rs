@@ -451,6 +451,16 @@ fn every_shipped_drill_passes() {
                     && f["received"].as_u64().is_some_and(|r| r > 0)
             })
             && report["paths"].as_array().is_some_and(|p| !p.is_empty() && p.iter().all(|p| p["pass"] == true));
+        // office-a's agent runs through every drill: its metrics' move
+        // counters, scraped before and after, went up at least as often as
+        // its log names one thing moved; a line cut moves its lines.
+        let office_a = report["moves"].as_array().and_then(|m| m.iter().find(|m| m["site"] == "office-a")).cloned();
+        let counted = |what: &str| office_a.as_ref().and_then(|m| m["counted"][what].as_u64());
+        let logged = office_a.as_ref().and_then(|m| m["moves"].as_u64()).unwrap_or(0);
+        let scraped = counted("route_groups").zip(counted("lines")).is_some_and(|(g, l)| g + l >= logged);
+        if !scraped || (name == "primary-line-cut" && counted("lines").is_none_or(|l| l < 1)) {
+            failed.push(format!("{name}: office-a's metrics do not count its moves: {office_a:?}"));
+        }
         if !good {
             // Keep the agents' logs of a failed drill beside its reports.
             let logs = reports.join("logs").join(&name);

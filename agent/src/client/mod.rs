@@ -50,6 +50,7 @@ pub struct Agent {
     wake_at: Option<Instant>,
     /// The interfaces' keys, read (or made) when a configuration is applied.
     keys: LocalKeys,
+    metrics: crate::metrics::Metrics,
 }
 
 impl std::fmt::Debug for Agent {
@@ -77,9 +78,12 @@ impl Agent {
             machine,
             wake_at: None,
             keys: Default::default(),
+            metrics: Default::default(),
         };
         if agent.settings.probe {
-            agent.prober = Some(crate::probe::Prober::start());
+            let prober = crate::probe::Prober::start();
+            agent.metrics.watch_health(prober.health.clone());
+            agent.prober = Some(prober);
         }
         if let Some(update) = applied {
             tracing::info!(site = %agent.settings.site, revision = update.revision, "restoring the last applied configuration");
@@ -95,6 +99,11 @@ impl Agent {
 
     pub fn writes(&self) -> u64 {
         self.datapath.writes()
+    }
+
+    /// The agent's metrics (see [`crate::metrics`]).
+    pub fn metrics(&self) -> crate::metrics::Metrics {
+        self.metrics.clone()
     }
 
     /// Applies a configuration; on failure keeps the previous one and reports.
@@ -121,11 +130,14 @@ impl Agent {
         );
         self.wake_at = wake(&actions);
         let active = self.machine.active().clone();
+        let started = Instant::now();
         let result =
             off_workers(self.datapath.blocks(), || build(&mut *self.datapath, config, &self.keys, &active, &self.hops));
+        self.metrics.built(&active, self.datapath.writes(), started.elapsed());
         match result {
             Ok(ops) => {
                 tracing::info!(site = %self.settings.site, revision = update.revision, writes = ops.len(), "configuration applied");
+                self.metrics.revision.set(i64::try_from(update.revision).unwrap_or(i64::MAX));
                 self.errors.clear();
                 if let Err(e) = self.settings.state.save_applied(&update) {
                     self.errors.push(e.to_string());
@@ -222,9 +234,11 @@ impl Agent {
     ) -> Option<Result<Vec<crate::datapath::Op>, crate::reconcile::ReconcileError>> {
         let config = self.applied.as_ref().and_then(|a| a.config.as_ref())?;
         self.datapath.trust_policy(trust_policy);
+        let started = Instant::now();
         let result =
             off_workers(self.datapath.blocks(), || build(&mut *self.datapath, config, &self.keys, choices, &self.hops));
         self.datapath.trust_policy(false);
+        self.metrics.built(choices, self.datapath.writes(), started.elapsed());
         Some(result)
     }
 
@@ -323,6 +337,7 @@ impl Agent {
             return false;
         }
         let after = self.machine.active().clone();
+        self.metrics.moved(&before, &after);
         if after.paths != before.paths {
             earlier += self.move_failed_lines(&before, &after);
         }

@@ -13,6 +13,22 @@ use super::Agent;
 use super::enrol::channel;
 use super::settings::url;
 
+/// Sets a gauge to 1 while it lives.
+struct Connected(prometheus_client::metrics::gauge::Gauge);
+
+impl Connected {
+    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.set(1);
+        Connected(gauge.clone())
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.set(0);
+    }
+}
+
 /// Why a session ended.
 pub(super) enum End {
     /// The controller refused us (revoked, removed, wrong identity): wait long.
@@ -34,6 +50,7 @@ impl Agent {
             Err(s) => return Err(ended(s)),
         };
         tracing::info!(site = %self.settings.site, controller = %address, "stream open");
+        let _connected = Connected::new(&self.metrics.connected);
         // Report where we stand (the controller may not send anything).
         tx.send(self.status(Vec::new())).await.map_err(|e| broken(&e))?;
         let renewal = tokio::time::sleep(Duration::ZERO);
@@ -66,6 +83,7 @@ impl Agent {
                     match message {
                         Ok(Some(pb::ControllerMessage { body: Some(pb::controller_message::Body::Config(update)) })) => {
                             self.configs_received += 1;
+                            self.metrics.configurations.inc();
                             let keys = self.apply(update);
                             tx.send(self.status(keys)).await.map_err(|e| broken(&e))?;
                         }

@@ -28,6 +28,10 @@ use prost::Message;
 #[derive(Parser, Debug)]
 #[command(name = "musubi-controller", version, about = "Musubi controller")]
 struct Cli {
+    /// Log lines as `text` or `json` (one object per line: timestamp,
+    /// level, target, message, then the event's fields).
+    #[arg(long, global = true, env = "MUSUBI_LOG_FORMAT", default_value = "text")]
+    log_format: musubi_process::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -80,6 +84,13 @@ enum Command {
         /// Client certificate and key for etcd, PEM.
         #[arg(long, num_args = 2, value_names = ["CERT", "KEY"])]
         etcd_client_cert: Option<Vec<PathBuf>>,
+        /// Serve Prometheus metrics on this address (`GET /metrics`)
+        /// [default: off].
+        #[arg(long, env = "MUSUBI_METRICS")]
+        metrics: Option<SocketAddr>,
+        /// Allow a metrics address that is not a loopback one.
+        #[arg(long)]
+        metrics_public: bool,
     },
     /// Create the PKI directory: a CA (or adopt an external one), the
     /// controller's server certificate and an admin operator certificate.
@@ -134,6 +145,8 @@ struct ServeFile {
     pki: Option<PathBuf>,
     max_intent_mib: Option<usize>,
     etcd: Option<EtcdFile>,
+    metrics: Option<SocketAddr>,
+    metrics_public: Option<bool>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -167,8 +180,9 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    musubi_process::logs("info");
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    musubi_process::logs_as("info", cli.log_format);
+    let result = match cli.command {
         serve @ Command::Serve { .. } => serve_command(serve).await,
         Command::CompileAll { paths, out, allocations } => compile_all(paths, out, allocations),
         Command::Init { pki, server_names, admin, ca } => init(pki, server_names, admin, ca),
@@ -198,6 +212,8 @@ async fn serve_command(command: Command) -> Result<()> {
         etcd_user,
         etcd_ca,
         etcd_client_cert,
+        metrics,
+        metrics_public,
     } = command
     else {
         bail!("not a serve command");
@@ -228,6 +244,10 @@ async fn serve_command(command: Command) -> Result<()> {
     }
     let max = max_intent_mib.or(file.max_intent_mib).unwrap_or(DEFAULT_MAX_INTENT_BYTES / 1024 / 1024);
     tokio::spawn(memory_report());
+    if let Some(addr) = metrics.or(file.metrics) {
+        let public = metrics_public || file.metrics_public.unwrap_or(false);
+        musubi_process::metrics::serve(addr, public, musubi_controller::metrics::get().registry()).await?;
+    }
     serve(listen, store, pki, max, etcd, agents).await
 }
 
@@ -280,6 +300,7 @@ async fn serve(
     };
     let store = Arc::new(AnyStore::open(&url, etcd).await.with_context(|| format!("opening the store {url:?}"))?);
     let fanout = Fanout::start(store.clone()).await.context("compiling the sites' configurations")?;
+    musubi_controller::metrics::get().sites.set(i64::try_from(fanout.sites().len()).unwrap_or(i64::MAX));
     let max = max_intent_mib * 1024 * 1024;
     let operator = tonic::service::interceptor::InterceptedService::new(
         OperatorServer::new(OperatorService::new(store.clone(), max, fanout.clone()))

@@ -116,6 +116,7 @@ impl<S: IntentStore + 'static> AgentService<S> {
                     && (r.active || peer.issued_ms < r.at_ms)
                 {
                     tracing::warn!(site, "refused a revoked site certificate");
+                    crate::metrics::get().refused("revoked");
                     return Err(Status::permission_denied(format!("the certificate of site `{site}` is revoked")));
                 }
                 Ok(Some(peer))
@@ -205,22 +206,24 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
         }
         let req = request.into_inner();
         let site = req.site.as_str();
-        let refuse = |status: Status| {
+        let refuse = |reason: &'static str, status: Status| {
             tracing::warn!(site, reason = %status.message(), "enrolment refused");
+            crate::metrics::get().refused(reason);
             Err(status)
         };
         if self.fanout.subscribe(site).is_none() {
-            return refuse(Status::not_found(format!("site `{site}` is not in the intent")));
+            return refuse("unknown_site", Status::not_found(format!("site `{site}` is not in the intent")));
         }
         if self.fanout.revocation(site).is_some_and(|r| r.active) {
-            return refuse(Status::permission_denied(format!("site `{site}` is revoked")));
+            return refuse("revoked", Status::permission_denied(format!("site `{site}` is revoked")));
         }
         match sites::redeem(&*self.store, &req.token, site, now_ms()).await {
             Ok(()) => {}
             Err(TokenError::Store(e)) => return Err(internal(e)),
-            Err(e) => return refuse(Status::permission_denied(e.to_string())),
+            Err(e) => return refuse("bad_token", Status::permission_denied(e.to_string())),
         }
         let response = self.issue(&req.csr_pem, site)?;
+        crate::metrics::get().enrolments.inc();
         tracing::info!(site, not_after_ms = response.not_after_unix_ms, "site enrolled");
         Ok(Response::new(response))
     }
@@ -230,6 +233,7 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
         let Identity::Site(site) = peer.identity else { return Err(Status::permission_denied("not a site")) };
         let response = self.issue(&request.get_ref().csr_pem, &site)?;
         tracing::info!(site, not_after_ms = response.not_after_unix_ms, "site certificate renewed");
+        crate::metrics::get().renewals.inc();
         Ok(Response::new(response))
     }
 
@@ -251,6 +255,7 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
             && *certified != hello.site
         {
             tracing::warn!(certificate = %certified, hello = %hello.site, "refused a Hello naming another site");
+            crate::metrics::get().refused("wrong_site");
             return Err(Status::permission_denied(format!(
                 "this certificate is for site `{certified}`; it cannot speak for `{}`",
                 hello.site
@@ -259,10 +264,12 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
         let site = hello.site.clone();
         let Some(feed) = self.fanout.subscribe(&site) else {
             tracing::warn!(site, "refused an agent for a site not in the intent");
+            crate::metrics::get().refused("unknown_site");
             return Err(Status::not_found(format!("site `{site}` is not in the intent")));
         };
         if let Feed::Gone(reason) = &*feed.borrow() {
             tracing::warn!(site, reason, "refused an agent");
+            crate::metrics::get().refused("removed");
             return Err(Status::permission_denied(reason.clone()));
         }
         self.take_keys(&site, &hello.keys).await?;
@@ -293,6 +300,7 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
                 }),
                 ..Default::default()
             },
+            counted_in_sync: false,
         };
         tracing::info!(site, version = %hello.agent_version, applied = hello.applied_revision, "agent connected");
         tokio::spawn(session.run(inbound, feed, tx, presence, hello.applied_digest, (stream, replaced)));
@@ -309,9 +317,26 @@ async fn end(tx: &mpsc::Sender<Out>, status: Status) {
 struct Session<S> {
     service: AgentService<S>,
     status: pb::SiteStatus,
+    /// Whether this session is counted in `agents_in_sync`.
+    counted_in_sync: bool,
 }
 
 impl<S: IntentStore + 'static> Session<S> {
+    /// Counts this session's agent among those in sync while it is
+    /// (`None`: the session ends).
+    fn in_sync(&mut self, now: Option<bool>) {
+        let now = now.unwrap_or(false);
+        if now != self.counted_in_sync {
+            let gauge = &crate::metrics::get().in_sync;
+            if now {
+                gauge.inc()
+            } else {
+                gauge.dec()
+            };
+            self.counted_in_sync = now;
+        }
+    }
+
     /// Stores the agent's status with what the site should have (from the
     /// site's own feed: the fan-out's lock may be held by a recompile).
     async fn publish_status(&mut self, presence: &crate::store::presence::Presence, feed: &watch::Receiver<Feed>) {
@@ -320,6 +345,11 @@ impl<S: IntentStore + 'static> Session<S> {
             self.status.desired_digest.clone_from(&d.digest);
         }
         self.status.last_seen_unix_ms = now_ms();
+        let in_sync =
+            self.status.status.as_ref().is_some_and(|s| {
+                !self.status.desired_digest.is_empty() && s.applied_digest == self.status.desired_digest
+            });
+        self.in_sync(Some(in_sync));
         match serde_json::to_vec(&self.status) {
             Ok(json) => {
                 if let Err(e) = presence.set(json).await {
@@ -341,6 +371,7 @@ impl<S: IntentStore + 'static> Session<S> {
     ) {
         use pb::agent_message::Body as In;
         let site = self.status.site.clone();
+        let _session = crate::metrics::Held::new(&crate::metrics::get().sessions);
         let mut stop = self.service.stop.clone();
         let mut keepalive = tokio::time::interval(self.service.settings.keepalive);
         keepalive.tick().await;
@@ -366,6 +397,9 @@ impl<S: IntentStore + 'static> Session<S> {
             tokio::select! {
                 permit = tx.reserve(), if pending.is_some() => {
                     let (Ok(permit), Some(d)) = (permit, pending.take()) else { break };
+                    let metrics = crate::metrics::get();
+                    metrics.configurations_sent.inc();
+                    metrics.configuration_bytes.inc_by(d.config.encoded_len() as u64);
                     permit.send(Out::Config(d.clone()));
                     sent += 1;
                     tracing::debug!(site, revision = d.revision, digest = %d.digest, "configuration sent");
@@ -422,6 +456,7 @@ impl<S: IntentStore + 'static> Session<S> {
             tracing::warn!(site, error = %e, "cannot record last status");
         }
         drop(presence);
+        self.in_sync(None);
         {
             let mut open = self.service.open.lock().unwrap_or_else(|p| p.into_inner());
             if open.get(&site).is_some_and(|(s, _)| *s == stream) {

@@ -217,6 +217,15 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         let result =
             apply_on(&*self.store, &current, &parsed, mode(req.merge, &remove), Some(req.expected_revision), change)
                 .await;
+        let outcome = match &result {
+            Ok(a) if a.audit.is_some() => "applied",
+            Ok(_) if req.dry_run => "dry_run",
+            Ok(_) => "unchanged",
+            Err(ApplyError::Invalid(_)) => "invalid",
+            Err(ApplyError::Store(StoreError::Conflict { .. })) => "conflict",
+            Err(_) => "failed",
+        };
+        crate::metrics::get().applied(outcome, started.elapsed());
         let response = match result {
             Ok(a) => {
                 if let Some(after) = &a.after {

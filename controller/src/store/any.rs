@@ -56,86 +56,130 @@ impl AnyStore {
 
 impl IntentStore for AnyStore {
     async fn load(&self) -> Result<Stored, StoreError> {
-        match self {
-            AnyStore::Embedded(s) => s.load().await,
-            AnyStore::Etcd(s) => s.load().await,
-        }
+        timed("load", async {
+            match self {
+                AnyStore::Embedded(s) => s.load().await,
+                AnyStore::Etcd(s) => s.load().await,
+            }
+        })
+        .await
     }
 
     async fn revision(&self) -> Result<u64, StoreError> {
-        match self {
-            AnyStore::Embedded(s) => s.revision().await,
-            AnyStore::Etcd(s) => s.revision().await,
-        }
+        timed("revision", async {
+            match self {
+                AnyStore::Embedded(s) => s.revision().await,
+                AnyStore::Etcd(s) => s.revision().await,
+            }
+        })
+        .await
     }
 
     async fn commit(&self, expected: u64, writes: WriteSet) -> Result<(), StoreError> {
-        match self {
-            AnyStore::Embedded(s) => s.commit(expected, writes).await,
-            AnyStore::Etcd(s) => s.commit(expected, writes).await,
-        }
+        timed("commit", async {
+            match self {
+                AnyStore::Embedded(s) => s.commit(expected, writes).await,
+                AnyStore::Etcd(s) => s.commit(expected, writes).await,
+            }
+        })
+        .await
     }
 
     async fn history(&self) -> Result<Vec<AuditEntry>, StoreError> {
-        match self {
-            AnyStore::Embedded(s) => s.history().await,
-            AnyStore::Etcd(s) => s.history().await,
-        }
+        timed("history", async {
+            match self {
+                AnyStore::Embedded(s) => s.history().await,
+                AnyStore::Etcd(s) => s.history().await,
+            }
+        })
+        .await
     }
 
     async fn put_public_keys(&self, site: &str, keys: &[(String, String)]) -> Result<(), StoreError> {
-        match self {
-            AnyStore::Embedded(s) => s.put_public_keys(site, keys).await,
-            AnyStore::Etcd(s) => s.put_public_keys(site, keys).await,
-        }
+        timed("put_public_keys", async {
+            match self {
+                AnyStore::Embedded(s) => s.put_public_keys(site, keys).await,
+                AnyStore::Etcd(s) => s.put_public_keys(site, keys).await,
+            }
+        })
+        .await
     }
 
     async fn announce(&self, site: &str, ttl: std::time::Duration) -> Result<super::presence::Presence, StoreError> {
-        match self {
-            AnyStore::Embedded(s) => s.announce(site, ttl).await,
-            AnyStore::Etcd(s) => s.announce(site, ttl).await,
-        }
+        timed("announce", async {
+            match self {
+                AnyStore::Embedded(s) => s.announce(site, ttl).await,
+                AnyStore::Etcd(s) => s.announce(site, ttl).await,
+            }
+        })
+        .await
     }
 
     async fn present(&self) -> Result<std::collections::BTreeMap<String, Vec<u8>>, StoreError> {
-        match self {
-            AnyStore::Embedded(s) => s.present().await,
-            AnyStore::Etcd(s) => s.present().await,
-        }
+        timed("present", async {
+            match self {
+                AnyStore::Embedded(s) => s.present().await,
+                AnyStore::Etcd(s) => s.present().await,
+            }
+        })
+        .await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        match self {
-            AnyStore::Embedded(s) => s.list(prefix).await,
-            AnyStore::Etcd(s) => s.list(prefix).await,
-        }
+        timed("list", async {
+            match self {
+                AnyStore::Embedded(s) => s.list(prefix).await,
+                AnyStore::Etcd(s) => s.list(prefix).await,
+            }
+        })
+        .await
     }
 
     async fn swap(&self, key: &str, expected: Guard, value: Option<Vec<u8>>) -> Result<bool, StoreError> {
-        match self {
-            AnyStore::Embedded(s) => s.swap(key, expected, value).await,
-            AnyStore::Etcd(s) => s.swap(key, expected, value).await,
-        }
+        timed("swap", async {
+            match self {
+                AnyStore::Embedded(s) => s.swap(key, expected, value).await,
+                AnyStore::Etcd(s) => s.swap(key, expected, value).await,
+            }
+        })
+        .await
     }
 
     async fn subscribe_sites(&self) -> Result<tokio::sync::watch::Receiver<u64>, StoreError> {
-        match self {
-            AnyStore::Embedded(s) => s.subscribe_sites().await,
-            AnyStore::Etcd(s) => s.subscribe_sites().await,
-        }
+        timed("subscribe_sites", async {
+            match self {
+                AnyStore::Embedded(s) => s.subscribe_sites().await,
+                AnyStore::Etcd(s) => s.subscribe_sites().await,
+            }
+        })
+        .await
     }
 
     async fn subscribe(&self) -> Result<tokio::sync::watch::Receiver<u64>, StoreError> {
-        match self {
-            AnyStore::Embedded(s) => s.subscribe().await,
-            AnyStore::Etcd(s) => s.subscribe().await,
-        }
+        timed("subscribe", async {
+            match self {
+                AnyStore::Embedded(s) => s.subscribe().await,
+                AnyStore::Etcd(s) => s.subscribe().await,
+            }
+        })
+        .await
     }
 
     async fn changes_since(&self, after: u64) -> Result<Vec<(u64, Vec<KeyChange>)>, StoreError> {
-        match self {
-            AnyStore::Embedded(s) => s.changes_since(after).await,
-            AnyStore::Etcd(s) => s.changes_since(after).await,
-        }
+        timed("changes_since", async {
+            match self {
+                AnyStore::Embedded(s) => s.changes_since(after).await,
+                AnyStore::Etcd(s) => s.changes_since(after).await,
+            }
+        })
+        .await
     }
+}
+
+/// Runs a store operation, timing it into the controller's metrics.
+async fn timed<T>(operation: &'static str, f: impl std::future::Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let out = f.await;
+    crate::metrics::get().store(operation, started.elapsed());
+    out
 }

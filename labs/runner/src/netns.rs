@@ -137,3 +137,45 @@ pub fn remove(ns: &str) -> Result<(), NetnsError> {
 pub fn unmount(path: &Path) {
     let _ = Command::new("umount").arg(path).stderr(std::process::Stdio::null()).status();
 }
+
+/// `GET path` from `addr` inside network namespace `ns` (an agent's
+/// loopback-only metrics): the response's body. A thread of its own enters
+/// the namespace, so the caller's stays as it was. Bounded: 2 s to connect,
+/// 5 s to read.
+pub fn http_get(ns: &str, addr: std::net::SocketAddr, path: &str) -> Result<String, NetnsError> {
+    use std::io::{Read as _, Write as _};
+    use std::time::Duration;
+    let file = PathBuf::from(format!("/run/netns/{ns}"));
+    let io = |what, source| NetnsError::Io { what, path: file.clone(), source };
+    let handle = std::fs::File::open(&file).map_err(|e| io("opening", e))?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    let fetched = std::thread::scope(|s| {
+        s.spawn(|| -> std::io::Result<String> {
+            nix::sched::setns(&handle, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+            let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(request.as_bytes())?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        })
+        .join()
+    });
+    let response = fetched
+        .map_err(|_| io("reading through", std::io::Error::other("the thread panicked")))?
+        .map_err(|e| io("reading through", e))?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((response.as_str(), ""));
+    if !head.starts_with("HTTP/1.") || head.split_whitespace().nth(1).is_none_or(|c| c != "200") {
+        return Err(NetnsError::Failed {
+            command: format!("GET http://{addr}{path} in {ns}"),
+            stderr: head.lines().next().unwrap_or_default().to_string(),
+        });
+    }
+    Ok(body.to_string())
+}
+
+/// The value of the sample `name` (without labels) in Prometheus' text
+/// format.
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.split_whitespace().next()?.parse().ok())
+}

@@ -207,6 +207,10 @@ pub(crate) fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration, etcd: bool
     Ok(())
 }
 
+/// Where each lab agent serves its metrics, on its router's own loopback.
+pub(crate) const AGENT_METRICS: std::net::SocketAddr =
+    std::net::SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9464));
+
 /// Starts (or restarts) the agent of router `node` for `site`, with a new
 /// one-time token.
 pub(crate) fn start_agent(lab: &Lab, controller: &str, controller_ip: &str, node: &str, site: &str) -> Result<u32> {
@@ -230,7 +234,8 @@ pub(crate) fn start_agent(lab: &Lab, controller: &str, controller_ip: &str, node
         .arg(&token_file)
         .arg("--ca")
         .arg(lab.dir.join("pki").join("ca.pem"))
-        .args(["--wireguard", &modes.wireguard, "--domains", &modes.domains]);
+        .args(["--wireguard", &modes.wireguard, "--domains", &modes.domains])
+        .args(["--metrics", &AGENT_METRICS.to_string()]);
     // Every router of a lab shares this machine's cores, and each of the
     // agents' wireguard-go processes (one per tunnel, a dozen per router)
     // would run a Go scheduler per core: one each (the operator's own

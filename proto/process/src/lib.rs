@@ -5,13 +5,57 @@
 
 use std::io::Write;
 
-/// Logs to standard error, filtered by `MUSUBI_LOG` (default `default`).
+pub mod metrics;
+
+/// Logs to standard error as text, filtered by `MUSUBI_LOG` (default
+/// `default`).
 pub fn logs(default: &str) {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MUSUBI_LOG").unwrap_or_else(|_| default.into()))
-        .init();
+    logs_as(default, LogFormat::Text);
+}
+
+/// How the daemons write their logs (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// One human-readable line per event (colours on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, for a log shipper. Its fields are stable:
+    /// `timestamp` (RFC 3339, UTC), `level` (`ERROR` … `TRACE`), `target`
+    /// (the module that logged), `message`, then the event's own fields by
+    /// name (`site`, `revision`, `error`, …), numbers as numbers.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("unknown log format {other:?}: expected text or json")),
+        }
+    }
+}
+
+/// Logs to standard error in `format`, filtered by `MUSUBI_LOG` (default
+/// `default`).
+pub fn logs_as(default: &str, format: LogFormat) {
+    let filter = || tracing_subscriber::EnvFilter::try_from_env("MUSUBI_LOG").unwrap_or_else(|_| default.into());
+    match format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_env_filter(filter())
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter())
+            .init(),
+    }
 }
 
 /// An error and its causes on one line, `a: b: c`. Musubi's error messages

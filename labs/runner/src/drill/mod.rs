@@ -415,11 +415,17 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
         })
         .collect();
     let moves: Vec<Moves> = logs
-        .moves()
+        .moves(&w)
         .into_iter()
-        .map(|(site, moves)| {
+        .map(|(site, moved)| {
             let limit = drill.pass.max_moves.get(&site).copied();
-            Moves { pass: limit.is_none_or(|l| moves <= l), site, moves, limit }
+            Moves {
+                pass: limit.is_none_or(|l| moved.most <= l),
+                site,
+                moves: moved.most,
+                limit,
+                counted: moved.counted,
+            }
         })
         .collect();
     let pass = flows.iter().all(|f| f.pass)

@@ -52,6 +52,8 @@ pub(super) struct Moves {
     pub(super) moves: u64,
     pub(super) limit: Option<u64>,
     pub(super) pass: bool,
+    /// What the agent's move counters went up by (its metrics).
+    pub(super) counted: Option<super::moves::Counters>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -141,10 +143,20 @@ pub(super) fn markdown(r: &Report) -> String {
         }
     }
     let _ = writeln!(md, "\nThe most times one of each site's route groups or peer lines moved:\n");
-    let _ = writeln!(md, "| site | moves | limit | |\n| --- | ---: | ---: | --- |");
+    let _ =
+        writeln!(md, "| site | moves | limit | | counted: groups | lines |\n| --- | ---: | ---: | --- | ---: | ---: |");
     for m in &r.moves {
         let limit = m.limit.map_or("–".to_string(), |l| l.to_string());
-        let _ = writeln!(md, "| {} | {} | {limit} | {} |", m.site, m.moves, if m.pass { "✓" } else { "✗" });
+        let (groups, lines) = m
+            .counted
+            .map_or(("–".to_string(), "–".to_string()), |c| (c.route_groups.to_string(), c.lines.to_string()));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {limit} | {} | {groups} | {lines} |",
+            m.site,
+            m.moves,
+            if m.pass { "✓" } else { "✗" }
+        );
     }
     for (t, ok) in &r.matrix_checks {
         let _ = writeln!(md, "\nMatrix at {t:.1} s: {}", if *ok { "as the intent says ✓" } else { "DIFFERS ✗" });
