@@ -12,11 +12,15 @@
 #   linux-image-amd64,          and VRF modules) booted under QEMU, its
 #   busybox-static, cpio,       initramfs built from Debian's
 #   zstd, xz-utils
+#   chromium, chromium-driver,  the dashboard's test in a real browser
+#   python3-selenium,           (headless), Japanese labels in its
+#   fonts-ipafont-gothic        screenshots
 ensure_packages() {
   local packages=(build-essential pkg-config protobuf-compiler libprotobuf-dev etcd-server wireguard-go wireguard-tools
     nftables iproute2 iputils-ping python3 util-linux)
   if [ "${1:-}" = kernel-lab ]; then
-    packages+=(qemu-system-x86 linux-image-amd64 busybox-static cpio zstd xz-utils)
+    packages+=(qemu-system-x86 linux-image-amd64 busybox-static cpio zstd xz-utils
+      chromium chromium-driver python3-selenium fonts-ipafont-gothic)
   fi
   local missing=() p
   for p in "${packages[@]}"; do

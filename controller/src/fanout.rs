@@ -542,6 +542,22 @@ impl Fanout {
         self.lock().stored.intent.sites.keys().cloned().collect()
     }
 
+    /// `f` of the intent as this replica follows it.
+    pub fn with_intent<T>(&self, f: impl FnOnce(&musubi_core::intent::Intent) -> T) -> T {
+        f(&self.lock().stored.intent)
+    }
+
+    /// Each site of the intent: (name, tenant, access point, region).
+    pub fn site_facts(&self) -> Vec<(String, String, bool, musubi_core::intent::Region)> {
+        self.lock()
+            .stored
+            .intent
+            .sites
+            .values()
+            .map(|s| (s.name.clone(), s.tenant.clone(), s.is_access_point(), s.region))
+            .collect()
+    }
+
     pub fn revision(&self) -> u64 {
         self.lock().stored.revision
     }

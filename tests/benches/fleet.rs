@@ -126,10 +126,12 @@ async fn fleet(sites: usize, rounds: usize) {
     let listen = format!("127.0.0.1:{port}");
     let store = format!("file://{}", dir.join("store").display());
     let pki_dir = pki.dir.display().to_string();
+    let dashboard = free_port();
+    let dashboard_at = format!("127.0.0.1:{dashboard}");
     let controller = Controller::start_logged(
         port,
         &store,
-        &["serve", "--pki", &pki_dir, "--listen", &listen, "--store", &store],
+        &["serve", "--pki", &pki_dir, "--listen", &listen, "--store", &store, "--dashboard", &dashboard_at],
         &dir.join("controller.log"),
     );
     raise_nofile(controller.pid());
@@ -163,6 +165,7 @@ async fn fleet(sites: usize, rounds: usize) {
     println!("  enrol + converge ({} agents):     {}", names.len(), ms(t.elapsed()));
     let (rss, _) = rss_mib(controller.pid());
     println!("  controller RSS, converged:       {rss:.0} MiB");
+    page(dashboard, &names, &dir);
 
     // Every site changes: the probe interval is in every configuration. First
     // as the whole intent, then as the Settings document alone (a merge).
@@ -225,6 +228,46 @@ async fn fleet(sites: usize, rounds: usize) {
     let (rss, peak) = rss_mib(controller.pid());
     println!("  controller RSS now {rss:.0} MiB, peak {peak:.0} MiB");
     drop(fleet);
+}
+
+/// The dashboard's page for the whole fleet: the summary's answer (median
+/// of 5), and the page loaded in headless Chromium (when installed) until
+/// every site is drawn.
+fn page(port: u16, names: &[String], dir: &std::path::Path) {
+    let mut took: Vec<Duration> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            let body = musubi_tests::http_get(port, "/api/summary").expect("the summary");
+            assert!(body.len() > names.len() * 50, "a row per site");
+            t.elapsed()
+        })
+        .collect();
+    took.sort();
+    println!("  dashboard summary ({} sites):   {} (median of 5)", names.len(), ms(took[2]));
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("browser/dashboard.py");
+    if !std::path::Path::new("/usr/bin/chromium").exists() {
+        println!("  dashboard page: no chromium here");
+        return;
+    }
+    let ap = names.iter().find(|n| n.starts_with("ap-")).cloned().unwrap_or_default();
+    let out = std::process::Command::new("/usr/bin/python3")
+        .arg(&script)
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .arg(dir.join("shots"))
+        .args(["--sites", &format!("{ap},{}", names.last().cloned().unwrap_or_default())])
+        .output()
+        .expect("python3");
+    let figures: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    println!(
+        "  dashboard page in Chromium:      loaded {} s ({} sites drawn){}",
+        figures["loaded_s"],
+        figures["sites_shown"],
+        if out.status.success() {
+            String::new()
+        } else {
+            format!(" — {}", String::from_utf8_lossy(&out.stderr).trim())
+        }
+    );
 }
 
 #[tokio::main]

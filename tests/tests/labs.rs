@@ -334,6 +334,39 @@ fn prefecture_lab_matches_verify_and_follows_an_intent_change() {
     eprintln!(
         "policy removed → the last SSH through started {passed:?} and the first refused {blocked:?} after the apply returned"
     );
+
+    // The dashboard in a real browser (headless Chromium in the
+    // controller's node, where the dashboard listens on loopback): every
+    // site shown and ok, then the east access point stopped — its tile
+    // turns red within 2 s. Screenshots in target/dashboard/.
+    let status = lab.cli(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    let sites: Vec<String> =
+        status["sites"].as_array().into_iter().flatten().filter_map(|r| r["site"].as_str().map(String::from)).collect();
+    assert!(sites.len() >= 5 && sites.iter().any(|s| s == "ap-east"), "{sites:?}");
+    let shots = repo("target/dashboard");
+    let stop = format!("ip netns pids ml-{}-ap-east | xargs -r kill -9", lab.name);
+    let browser = lab.exec(
+        "controller",
+        &[
+            "/usr/bin/python3",
+            &repo("tests/browser/dashboard.py").display().to_string(),
+            "http://127.0.0.1:7480/",
+            &shots.display().to_string(),
+            "--sites",
+            &sites.join(","),
+            "--ap",
+            "ap-east",
+            "--stop",
+            &stop,
+        ],
+    );
+    assert!(browser.status.success(), "the browser test: {}", text(&browser));
+    let figures: serde_json::Value = serde_json::from_slice(&browser.stdout).expect("the browser's figures");
+    eprintln!("dashboard in Chromium: {figures}");
+    assert_eq!(figures["sites_shown"].as_u64(), Some(sites.len() as u64), "{figures}");
+    assert!(figures["ap_red_after_s"].as_f64().is_some_and(|s| s <= 2.0), "ap-east red within 2 s: {figures}");
+    assert!(shots.join("dashboard-ap-down.png").exists() && shots.join("dashboard-healthy.png").exists());
 }
 
 #[test]

@@ -91,6 +91,15 @@ enum Command {
         /// Allow a metrics address that is not a loopback one.
         #[arg(long)]
         metrics_public: bool,
+        /// Serve the operations dashboard on this loopback address
+        /// (read-only, plain text: put a TLS proxy in front to show it
+        /// elsewhere) [default: off].
+        #[arg(long, env = "MUSUBI_DASHBOARD")]
+        dashboard: Option<SocketAddr>,
+        /// A directory of drill reports (`musubi lab drill --out`) the
+        /// dashboard lists.
+        #[arg(long)]
+        dashboard_reports: Option<PathBuf>,
     },
     /// Create the PKI directory: a CA (or adopt an external one), the
     /// controller's server certificate and an admin operator certificate.
@@ -147,6 +156,8 @@ struct ServeFile {
     etcd: Option<EtcdFile>,
     metrics: Option<SocketAddr>,
     metrics_public: Option<bool>,
+    dashboard: Option<SocketAddr>,
+    dashboard_reports: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -214,6 +225,8 @@ async fn serve_command(command: Command) -> Result<()> {
         etcd_client_cert,
         metrics,
         metrics_public,
+        dashboard,
+        dashboard_reports,
     } = command
     else {
         bail!("not a serve command");
@@ -248,7 +261,8 @@ async fn serve_command(command: Command) -> Result<()> {
         let public = metrics_public || file.metrics_public.unwrap_or(false);
         musubi_process::metrics::serve(addr, public, musubi_controller::metrics::get().registry()).await?;
     }
-    serve(listen, store, pki, max, etcd, agents).await
+    let dashboard = dashboard.or(file.dashboard).map(|addr| (addr, dashboard_reports.or(file.dashboard_reports)));
+    serve(listen, store, pki, max, etcd, agents, dashboard).await
 }
 
 /// Logs the allocator's figures every 10 s at debug level (target
@@ -281,6 +295,7 @@ async fn serve(
     max_intent_mib: usize,
     etcd: EtcdConfig,
     agents: AgentSettings,
+    dashboard: Option<(SocketAddr, Option<PathBuf>)>,
 ) -> Result<()> {
     let mut builder = tonic::transport::Server::builder();
     let authority = match &pki {
@@ -301,6 +316,10 @@ async fn serve(
     let store = Arc::new(AnyStore::open(&url, etcd).await.with_context(|| format!("opening the store {url:?}"))?);
     let fanout = Fanout::start(store.clone()).await.context("compiling the sites' configurations")?;
     musubi_controller::metrics::get().sites.set(i64::try_from(fanout.sites().len()).unwrap_or(i64::MAX));
+    if let Some((addr, reports)) = dashboard {
+        let every = Duration::from_millis(500);
+        musubi_controller::dashboard::serve(addr, store.clone(), fanout.clone(), reports, every).await?;
+    }
     let max = max_intent_mib * 1024 * 1024;
     let operator = tonic::service::interceptor::InterceptedService::new(
         OperatorServer::new(OperatorService::new(store.clone(), max, fanout.clone()))

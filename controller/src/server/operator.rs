@@ -330,31 +330,44 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
 
     async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let req = request.into_inner();
-        let present = self.store.present().await.map_err(store_status)?;
-        let seen = sites::seen(&*self.store).await.map_err(store_status)?;
-        let mut names = self.fanout.sites();
-        if !req.site.is_empty() {
-            if !names.contains(&req.site) {
-                return Err(Status::not_found(format!("site `{}` is not in the intent", req.site)));
-            }
-            names = vec![req.site.clone()];
+        let only = (!req.site.is_empty()).then_some(req.site.as_str());
+        if let Some(site) = only
+            && !self.fanout.sites().iter().any(|s| s == site)
+        {
+            return Err(Status::not_found(format!("site `{site}` is not in the intent")));
         }
-        let rows = names
-            .into_iter()
-            .map(|site| {
-                let desired = self.fanout.desired(&site);
-                let live = present.get(&site);
-                let reported = live.or_else(|| seen.get(&site)).and_then(|v| serde_json::from_slice(v).ok());
-                pb::SiteState {
-                    connected: live.is_some(),
-                    revoked: self.fanout.revocation(&site).is_some_and(|r| r.active),
-                    desired_revision: desired.as_ref().map_or(0, |d| d.revision),
-                    desired_digest: desired.map(|d| d.digest.clone()).unwrap_or_default(),
-                    reported,
-                    site,
-                }
-            })
-            .collect();
+        let rows = site_states(&*self.store, &self.fanout, only).await.map_err(store_status)?;
         Ok(Response::new(pb::StatusResponse { sites: rows }))
     }
+}
+
+/// Every site's state (or only `only`'s): connected to a replica, what it
+/// reported last (live, or when it was last seen), what it should have.
+pub async fn site_states<S: IntentStore>(
+    store: &S,
+    fanout: &Fanout,
+    only: Option<&str>,
+) -> Result<Vec<pb::SiteState>, StoreError> {
+    let present = store.present().await?;
+    let seen = sites::seen(store).await?;
+    let names = match only {
+        Some(site) => vec![site.to_string()],
+        None => fanout.sites(),
+    };
+    Ok(names
+        .into_iter()
+        .map(|site| {
+            let desired = fanout.desired(&site);
+            let live = present.get(&site);
+            let reported = live.or_else(|| seen.get(&site)).and_then(|v| serde_json::from_slice(v).ok());
+            pb::SiteState {
+                connected: live.is_some(),
+                revoked: fanout.revocation(&site).is_some_and(|r| r.active),
+                desired_revision: desired.as_ref().map_or(0, |d| d.revision),
+                desired_digest: desired.map(|d| d.digest.clone()).unwrap_or_default(),
+                reported,
+                site,
+            }
+        })
+        .collect())
 }

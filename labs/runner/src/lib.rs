@@ -128,6 +128,17 @@ pub enum LabCommand {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Bring the lab controller's dashboard to this host: its page on
+    /// `--listen` (a loopback address), until interrupted.
+    #[command(
+        after_help = "Example:\n  sudo musubi lab dashboard --listen 127.0.0.1:7480   # then open http://127.0.0.1:7480/"
+    )]
+    Dashboard {
+        #[arg(long)]
+        lab: Option<String>,
+        #[arg(long, default_value = "127.0.0.1:7480")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 /// The niceness a lab runs at: its controller, agents, their WireGuard and
@@ -230,6 +241,13 @@ pub fn main(command: LabCommand) -> Result<()> {
             let ip = ctl.mgmt_ipv4.clone().context("the controller has no mgmt-ipv4")?;
             let pid = start_agent(&lab, controller, &ip, &node, site)?;
             println!("agent of {site} started in {node} (pid {pid})");
+            Ok(())
+        }
+        LabCommand::Dashboard { lab, listen } => {
+            let lab = Lab::find(lab)?;
+            let controller = lab.topology()?.controller()?.0.clone();
+            println!("the dashboard of lab {}: http://{listen}/ (Ctrl-C ends)", lab.name);
+            netns::forward(listen, &lab.ns(&controller), crate::up::DASHBOARD)?;
             Ok(())
         }
         LabCommand::Exec { lab, node, command } => {

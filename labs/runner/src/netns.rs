@@ -179,3 +179,35 @@ pub fn http_get(ns: &str, addr: std::net::SocketAddr, path: &str) -> Result<Stri
 pub fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.split_whitespace().next()?.parse().ok())
 }
+
+/// Forwards TCP connections to `listen` (a loopback address of this host)
+/// to `to` inside network namespace `ns`, each on threads of its own, until
+/// the process ends.
+pub fn forward(listen: std::net::SocketAddr, ns: &str, to: std::net::SocketAddr) -> Result<(), NetnsError> {
+    let file = PathBuf::from(format!("/run/netns/{ns}"));
+    let io = |what, source| NetnsError::Io { what, path: file.clone(), source };
+    if !listen.ip().is_loopback() {
+        return Err(io("forwarding to", std::io::Error::other(format!("{listen} is not a loopback address"))));
+    }
+    let listener = std::net::TcpListener::bind(listen).map_err(|e| io("forwarding to", e))?;
+    for client in listener.incoming() {
+        let Ok(client) = client else { continue };
+        let file = file.clone();
+        std::thread::spawn(move || -> std::io::Result<()> {
+            let handle = std::fs::File::open(&file)?;
+            nix::sched::setns(&handle, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+            let server = std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(2))?;
+            let (mut c_in, mut s_out) = (client.try_clone()?, server.try_clone()?);
+            let up = std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c_in, &mut s_out);
+                let _ = s_out.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut s_in, mut c_out) = (server, client);
+            let _ = std::io::copy(&mut s_in, &mut c_out);
+            let _ = c_out.shutdown(std::net::Shutdown::Write);
+            let _ = up.join();
+            Ok(())
+        });
+    }
+    Ok(())
+}

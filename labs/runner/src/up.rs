@@ -146,6 +146,12 @@ pub(crate) fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration, etcd: bool
     };
     let mut serve = lab.command(&controller, &sibling("musubi-controller").display().to_string());
     serve.args(["serve", "--pki"]).arg(&pki).arg("--store").arg(&store).args(["--listen", &format!("0.0.0.0:{PORT}")]);
+    // The dashboard and metrics on the controller's own loopback (`musubi
+    // lab dashboard` brings the dashboard to this host's).
+    serve
+        .args(["--dashboard", &DASHBOARD.to_string(), "--dashboard-reports"])
+        .arg(lab.dir.join("drills"))
+        .args(["--metrics", &CONTROLLER_METRICS.to_string()]);
     lab.spawn(&controller, "controller", serve)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while lab.musubi(&controller).arg("history").stdout(Stdio::null()).stderr(Stdio::null()).status()?.code() != Some(0)
@@ -206,6 +212,13 @@ pub(crate) fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration, etcd: bool
     println!("lab {} up in {:.1} s: every agent in sync, every tunnel up", lab.name, started.elapsed().as_secs_f64());
     Ok(())
 }
+
+/// Where the lab's controller serves its dashboard and its metrics, on its
+/// node's own loopback.
+pub(crate) const DASHBOARD: std::net::SocketAddr =
+    std::net::SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 7480));
+pub(crate) const CONTROLLER_METRICS: std::net::SocketAddr =
+    std::net::SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9463));
 
 /// Where each lab agent serves its metrics, on its router's own loopback.
 pub(crate) const AGENT_METRICS: std::net::SocketAddr =
