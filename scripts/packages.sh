@@ -15,12 +15,13 @@
 #   chromium, chromium-driver,  the dashboard's test in a real browser
 #   python3-selenium,           (headless), Japanese labels in its
 #   fonts-ipafont-gothic        screenshots
+#   curl                        the dashboard's TLS test
 ensure_packages() {
   local packages=(build-essential pkg-config protobuf-compiler libprotobuf-dev etcd-server wireguard-go wireguard-tools
     nftables iproute2 iputils-ping python3 util-linux)
   if [ "${1:-}" = kernel-lab ]; then
     packages+=(qemu-system-x86 linux-image-amd64 busybox-static cpio zstd xz-utils
-      chromium chromium-driver python3-selenium fonts-ipafont-gothic)
+      chromium chromium-driver python3-selenium fonts-ipafont-gothic curl)
   fi
   local missing=() p
   for p in "${packages[@]}"; do

@@ -258,7 +258,16 @@ async fn run(cli: Cli) -> Result<()> {
             let started = Instant::now();
             let mut fleet = simulate::start(&operator, names, &root).await?;
             println!("{} agents enrolling", fleet.sites.len());
-            match fleet.until(Duration::from_secs(seconds), |_| true).await {
+            let progress = musubi_process::progress::Progress::new(fleet.sites.len() as u64, "agents applied");
+            let mut applied = std::collections::HashSet::new();
+            let counted = |a: &musubi_agent::client::Applied| {
+                applied.insert(a.site.clone());
+                progress.set(applied.len() as u64);
+                true
+            };
+            let done = fleet.until(Duration::from_secs(seconds), counted).await;
+            progress.finish();
+            match done {
                 Some((last, _)) => {
                     println!("every agent applied a configuration after {:.2} s", (last - started).as_secs_f64())
                 }

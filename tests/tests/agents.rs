@@ -474,3 +474,38 @@ fn metrics_follow_applies_sessions_and_refusals_and_logs_are_json() {
         "the event's own fields by name: {log}"
     );
 }
+
+/// The dashboard over TLS: an operator's certificate gets the page and its
+/// data; no certificate, or a site's, gets nothing.
+#[test]
+fn the_dashboard_over_tls_answers_only_operators() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let e = embedded(&["--dashboard", &listen, "--dashboard-tls"]);
+    let mut agent = enrol(&e.pki, &e.address, &e.address, e.dir.path(), "kita-hall");
+    let site_cert = e.dir.path().join("kita-hall/tls");
+    assert!(
+        eventually(Duration::from_secs(20), || site_cert.join("site.pem").exists()),
+        "the agent enrolled: {}",
+        agent.log_text()
+    );
+    let url = format!("https://127.0.0.1:{port}/api/summary");
+    let curl = |identity: Option<(&Path, &Path)>| {
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args(["-sS", "--max-time", "10", "--cacert"]).arg(e.pki.ca());
+        if let Some((cert, key)) = identity {
+            cmd.arg("--cert").arg(cert).arg("--key").arg(key);
+        }
+        cmd.arg(&url).output().expect("curl")
+    };
+    let operator = curl(Some((&e.pki.cert(), &e.pki.key())));
+    assert!(operator.status.success(), "{}", String::from_utf8_lossy(&operator.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&operator.stdout).expect("the summary");
+    assert!(summary["rows"].as_array().is_some_and(|r| r.iter().any(|r| r["site"] == "kita-hall")), "{summary}");
+    let anonymous = curl(None);
+    assert!(!anonymous.status.success() && anonymous.stdout.is_empty(), "no certificate, no page");
+    let site = curl(Some((&site_cert.join("site.pem"), &site_cert.join("site-key.pem"))));
+    assert!(!site.status.success() && site.stdout.is_empty(), "a site's certificate, no page");
+    assert!(log(e.dir.path()).contains("refused a client without an operator certificate"), "{}", log(e.dir.path()));
+    agent.kill_hard();
+}

@@ -272,6 +272,8 @@ fn prefecture_lab_matches_verify_and_follows_an_intent_change() {
     // The intent in a real etcd.
     let up = lab.up(&repo("labs/prefecture/topology.clab.yml"), &["--etcd"]);
     assert!(up.status.success(), "{}", text(&up));
+    // Not a terminal: lines only, no progress bar drawn over them.
+    assert!(!text(&up).contains(['\r', '\u{1b}']), "no bar in a pipe: {:?}", text(&up));
     assert!(text(&up).contains("store etcd://"), "{}", text(&up));
     // Every pair, overlapping municipalities included: what verify says, and
     // nothing reaches where it must not.

@@ -91,11 +91,14 @@ enum Command {
         /// Allow a metrics address that is not a loopback one.
         #[arg(long)]
         metrics_public: bool,
-        /// Serve the operations dashboard on this loopback address
-        /// (read-only, plain text: put a TLS proxy in front to show it
-        /// elsewhere) [default: off].
+        /// Serve the operations dashboard (read-only) on this address: in
+        /// plain text on a loopback address, otherwise over TLS to clients
+        /// holding an operator certificate [default: off].
         #[arg(long, env = "MUSUBI_DASHBOARD")]
         dashboard: Option<SocketAddr>,
+        /// Serve the dashboard over TLS on a loopback address too.
+        #[arg(long)]
+        dashboard_tls: bool,
         /// A directory of drill reports (`musubi lab drill --out`) the
         /// dashboard lists.
         #[arg(long)]
@@ -157,7 +160,16 @@ struct ServeFile {
     metrics: Option<SocketAddr>,
     metrics_public: Option<bool>,
     dashboard: Option<SocketAddr>,
+    dashboard_tls: Option<bool>,
     dashboard_reports: Option<PathBuf>,
+}
+
+/// Where and how the dashboard is served.
+#[derive(Debug)]
+struct Dashboard {
+    addr: SocketAddr,
+    tls: bool,
+    reports: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -226,6 +238,7 @@ async fn serve_command(command: Command) -> Result<()> {
         metrics,
         metrics_public,
         dashboard,
+        dashboard_tls,
         dashboard_reports,
     } = command
     else {
@@ -261,7 +274,11 @@ async fn serve_command(command: Command) -> Result<()> {
         let public = metrics_public || file.metrics_public.unwrap_or(false);
         musubi_process::metrics::serve(addr, public, musubi_controller::metrics::get().registry()).await?;
     }
-    let dashboard = dashboard.or(file.dashboard).map(|addr| (addr, dashboard_reports.or(file.dashboard_reports)));
+    let dashboard = dashboard.or(file.dashboard).map(|addr| Dashboard {
+        addr,
+        tls: dashboard_tls || file.dashboard_tls.unwrap_or(false) || !addr.ip().is_loopback(),
+        reports: dashboard_reports.or(file.dashboard_reports),
+    });
     serve(listen, store, pki, max, etcd, agents, dashboard).await
 }
 
@@ -295,7 +312,7 @@ async fn serve(
     max_intent_mib: usize,
     etcd: EtcdConfig,
     agents: AgentSettings,
-    dashboard: Option<(SocketAddr, Option<PathBuf>)>,
+    dashboard: Option<Dashboard>,
 ) -> Result<()> {
     let mut builder = tonic::transport::Server::builder();
     let authority = match &pki {
@@ -316,9 +333,21 @@ async fn serve(
     let store = Arc::new(AnyStore::open(&url, etcd).await.with_context(|| format!("opening the store {url:?}"))?);
     let fanout = Fanout::start(store.clone()).await.context("compiling the sites' configurations")?;
     musubi_controller::metrics::get().sites.set(i64::try_from(fanout.sites().len()).unwrap_or(i64::MAX));
-    if let Some((addr, reports)) = dashboard {
+    if let Some(d) = dashboard {
         let every = Duration::from_millis(500);
-        musubi_controller::dashboard::serve(addr, store.clone(), fanout.clone(), reports, every).await?;
+        let paths = pki.as_deref().map(Paths::new);
+        let tls = match (&paths, d.tls) {
+            (Some(p), true) => Some(p),
+            (None, true) if !d.addr.ip().is_loopback() => {
+                bail!(
+                    "the dashboard on {} needs TLS, and this controller runs --insecure: use a loopback address",
+                    d.addr
+                )
+            }
+            (None, true) => bail!("--dashboard-tls needs the controller's PKI (it runs --insecure)"),
+            (_, false) => None,
+        };
+        musubi_controller::dashboard::serve(d.addr, tls, store.clone(), fanout.clone(), d.reports, every).await?;
     }
     let max = max_intent_mib * 1024 * 1024;
     let operator = tonic::service::interceptor::InterceptedService::new(

@@ -2,8 +2,9 @@
 //! (assets built into the binary, nothing fetched from elsewhere), fed by a
 //! summary of every site and live changes over server-sent events.
 //!
-//! Read-only, and in plain text: served on a loopback address only (put an
-//! operator-authenticating TLS proxy in front to show it elsewhere).
+//! Read-only. On a loopback address in plain text; anywhere else (or with
+//! `--dashboard-tls`) over TLS with the controller's certificate, to
+//! clients holding an operator certificate of its CA (see [`tls`]).
 //!
 //! - `GET /` the page; `/app.js`, `/app.css` its code and style.
 //! - `GET /api/summary` every site, one small row each (its state, peers up).
@@ -29,6 +30,8 @@ use futures::StreamExt as _;
 use musubi_proto::v1 as pb;
 use tokio::sync::watch;
 
+pub mod tls;
+
 use crate::fanout::Fanout;
 use crate::store::{IntentStore, StoreError};
 
@@ -36,9 +39,11 @@ use crate::store::{IntentStore, StoreError};
 #[derive(Debug, thiserror::Error)]
 pub enum DashboardError {
     #[error(
-        "the dashboard on {0}: not a loopback address (it is served in plain text and read-only: put an operator-authenticating TLS proxy in front)"
+        "the dashboard on {0}: not a loopback address, and this controller has no PKI for TLS (--insecure): serve it on a loopback address"
     )]
     NotLoopback(SocketAddr),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("the dashboard on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -145,14 +150,16 @@ struct Shared<S> {
 /// `every` while a page listens for changes.
 pub async fn serve<S: IntentStore + 'static>(
     addr: SocketAddr,
+    tls: Option<&crate::pki::Paths>,
     store: Arc<S>,
     fanout: Arc<Fanout>,
     reports: Option<PathBuf>,
     every: Duration,
 ) -> Result<SocketAddr, DashboardError> {
-    if !addr.ip().is_loopback() {
+    if tls.is_none() && !addr.ip().is_loopback() {
         return Err(DashboardError::NotLoopback(addr));
     }
+    let tls = tls.map(tls::config).transpose()?;
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| DashboardError::Bind { addr, source })?;
     let bound = listener.local_addr().map_err(|source| DashboardError::Bind { addr, source })?;
     let (summary, _) = watch::channel(Arc::new(Summary::default()));
@@ -170,12 +177,20 @@ pub async fn serve<S: IntentStore + 'static>(
         .route("/api/drills", get(drills::<S>))
         .route("/drills/{file}", get(drill_file::<S>))
         .with_state(shared);
+    let over = if tls.is_some() { "TLS, operator certificates" } else { "plain text" };
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        let served = match tls {
+            Some(config) => {
+                let listener = tls::Listener { tcp: listener, acceptor: tokio_rustls::TlsAcceptor::from(config) };
+                axum::serve(listener, app).await
+            }
+            None => axum::serve(listener, app).await,
+        };
+        if let Err(e) = served {
             tracing::error!(error = %e, "the dashboard stopped");
         }
     });
-    tracing::info!(%bound, "serving the dashboard");
+    tracing::info!(%bound, over, "serving the dashboard");
     Ok(bound)
 }
 

@@ -182,10 +182,12 @@ pub(crate) fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration, etcd: bool
     // every configuration (the desired digests stop changing).
     let deadline = Instant::now() + wait;
     let mut settled: Option<(Vec<String>, Instant)> = None;
+    let progress = musubi_process::progress::Progress::new(sites.len() as u64, "agents in sync");
     loop {
         let out = lab.musubi(&controller).args(["status", "--json"]).output()?;
         let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         let synced = sites.iter().filter(|s| in_sync(&status, s)).count();
+        progress.set(synced as u64);
         if synced == sites.len() {
             let digests: Vec<String> = status["sites"]
                 .as_array()
@@ -209,6 +211,7 @@ pub(crate) fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration, etcd: bool
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+    progress.finish();
     println!("lab {} up in {:.1} s: every agent in sync, every tunnel up", lab.name, started.elapsed().as_secs_f64());
     Ok(())
 }

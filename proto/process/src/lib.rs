@@ -6,6 +6,7 @@
 use std::io::Write;
 
 pub mod metrics;
+pub mod progress;
 
 /// Logs to standard error as text, filtered by `MUSUBI_LOG` (default
 /// `default`).

@@ -175,9 +175,11 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
         let (flow, stop) = (flow.clone(), stop.clone());
         threads.push(std::thread::spawn(move || sender(out, i as u32, flow, stop, started)));
     }
+    // On a terminal, a bar of the drill's steps under the live lines.
+    let progress = musubi_process::progress::Progress::new(drill.steps.len() as u64, "steps");
     // The live view: each flow's packets per second.
     {
-        let (flows, stop) = (flows.clone(), stop.clone());
+        let (flows, stop, progress) = (flows.clone(), stop.clone(), progress.clone());
         threads.push(std::thread::spawn(move || {
             let mut last: Vec<u64> = vec![0; flows.len()];
             let mut tick = Instant::now();
@@ -193,7 +195,7 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
                     let _ = write!(line, "  {}→{} {:>5}/s", f.spec.from, f.spec.to, r - *l);
                     *l = r;
                 }
-                println!("{line}");
+                progress.line(&line);
             }
         }));
     }
@@ -205,7 +207,7 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
     let mut failure: Option<anyhow::Error> = None;
     let note = |timeline: &mut Vec<(f64, String)>, what: String| {
         let t = started.elapsed().as_secs_f64();
-        println!("  {t:>6.1} s ▶ {what}");
+        progress.line(&format!("  {t:>6.1} s ▶ {what}"));
         timeline.push((t, what));
     };
     // Keeps the sites' dark windows (no line at all) up to date.
@@ -296,6 +298,7 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
             }
             Ok(())
         })();
+        progress.inc();
         track(&damage, &mut dark);
         if let Err(e) = result {
             failure = Some(e);
@@ -446,6 +449,7 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
         matrix_checks,
         pass,
     };
+    progress.finish();
     let markdown = markdown(&report);
     println!("\n{markdown}");
     let base = out.join(&drill.name);
