@@ -27,6 +27,13 @@ pub struct Operation {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SiteState {
+    /// As on the dashboard: `ok`, `degraded`, `down`, `offline`, `never`,
+    /// `revoked`.
+    pub state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
     /// Why an agent was refused: `unknown_site`, `revoked`, `bad_token`,
     /// `wrong_site`, `no_hello`, `not_a_site`.
@@ -45,6 +52,7 @@ pub struct Metrics {
     pub sessions: Gauge,
     pub in_sync: Gauge,
     pub sites: Gauge,
+    pub sites_by_state: Family<SiteState, Gauge>,
     pub enrolments: Counter,
     pub renewals: Counter,
     pub refusals: Family<Reason, Counter>,
@@ -69,6 +77,7 @@ impl Metrics {
             sessions: Gauge::default(),
             in_sync: Gauge::default(),
             sites: Gauge::default(),
+            sites_by_state: Family::default(),
             enrolments: Counter::default(),
             renewals: Counter::default(),
             refusals: Family::default(),
@@ -103,6 +112,11 @@ impl Metrics {
             m.in_sync.clone(),
         );
         r.register("sites", "Sites in the intent", m.sites.clone());
+        r.register(
+            "sites_by_state",
+            "Sites by state, from every replica's agents' reports (recounted every 10 s)",
+            m.sites_by_state.clone(),
+        );
         r.register("enrolments", "Sites enrolled with a join token", m.enrolments.clone());
         r.register("renewals", "Site certificates renewed", m.renewals.clone());
         r.register("agent_refusals", "Agents refused, by reason", m.refusals.clone());
@@ -149,5 +163,30 @@ impl Held {
 impl Drop for Held {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+/// The states a site can be in, as counted in `sites_by_state`.
+pub const STATES: [&str; 6] = ["ok", "degraded", "down", "offline", "never", "revoked"];
+
+/// Recounts the sites by state every `every`, from the store's reports.
+pub async fn count_states<S: crate::store::IntentStore + 'static>(
+    store: Arc<S>,
+    fanout: Arc<crate::fanout::Fanout>,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match crate::dashboard::summarise(&*store, &fanout).await {
+            Ok(summary) => {
+                for state in STATES {
+                    let n = summary.rows.iter().filter(|r| r.state == state).count();
+                    get().sites_by_state.get_or_create(&SiteState { state }).set(i64::try_from(n).unwrap_or(i64::MAX));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "counting the sites by state"),
+        }
     }
 }

@@ -458,6 +458,17 @@ fn metrics_follow_applies_sessions_and_refusals_and_logs_are_json() {
         scrape(metrics)
     );
     assert_eq!(value(&scrape(metrics), "musubi_controller_agents_in_sync"), Some(0.0));
+    // Recounted every 10 s: kita-hall was seen and is gone (offline), the
+    // others never connected.
+    assert!(
+        eventually(Duration::from_secs(25), || {
+            let now = scrape(metrics);
+            value(&now, "musubi_controller_sites_by_state{state=\"offline\"}") == Some(1.0)
+                && value(&now, "musubi_controller_sites_by_state{state=\"never\"}") == Some(sites - 1.0)
+        }),
+        "sites by state: {}",
+        scrape(metrics)
+    );
 
     // Every log line is one JSON object with the documented fields.
     let log = log(e.dir.path());

@@ -164,6 +164,14 @@ struct ServeFile {
     dashboard_reports: Option<PathBuf>,
 }
 
+/// What the controller serves beside its gRPC APIs.
+#[derive(Debug)]
+struct Extras {
+    dashboard: Option<Dashboard>,
+    /// Whether the metrics count the sites by state.
+    count_states: bool,
+}
+
 /// Where and how the dashboard is served.
 #[derive(Debug)]
 struct Dashboard {
@@ -270,7 +278,8 @@ async fn serve_command(command: Command) -> Result<()> {
     }
     let max = max_intent_mib.or(file.max_intent_mib).unwrap_or(DEFAULT_MAX_INTENT_BYTES / 1024 / 1024);
     tokio::spawn(memory_report());
-    if let Some(addr) = metrics.or(file.metrics) {
+    let metrics = metrics.or(file.metrics);
+    if let Some(addr) = metrics {
         let public = metrics_public || file.metrics_public.unwrap_or(false);
         musubi_process::metrics::serve(addr, public, musubi_controller::metrics::get().registry()).await?;
     }
@@ -279,7 +288,8 @@ async fn serve_command(command: Command) -> Result<()> {
         tls: dashboard_tls || file.dashboard_tls.unwrap_or(false) || !addr.ip().is_loopback(),
         reports: dashboard_reports.or(file.dashboard_reports),
     });
-    serve(listen, store, pki, max, etcd, agents, dashboard).await
+    let extras = Extras { dashboard, count_states: metrics.is_some() };
+    serve(listen, store, pki, max, etcd, agents, extras).await
 }
 
 /// Logs the allocator's figures every 10 s at debug level (target
@@ -312,7 +322,7 @@ async fn serve(
     max_intent_mib: usize,
     etcd: EtcdConfig,
     agents: AgentSettings,
-    dashboard: Option<Dashboard>,
+    extras: Extras,
 ) -> Result<()> {
     let mut builder = tonic::transport::Server::builder();
     let authority = match &pki {
@@ -333,7 +343,11 @@ async fn serve(
     let store = Arc::new(AnyStore::open(&url, etcd).await.with_context(|| format!("opening the store {url:?}"))?);
     let fanout = Fanout::start(store.clone()).await.context("compiling the sites' configurations")?;
     musubi_controller::metrics::get().sites.set(i64::try_from(fanout.sites().len()).unwrap_or(i64::MAX));
-    if let Some(d) = dashboard {
+    if extras.count_states {
+        let every = Duration::from_secs(10);
+        tokio::spawn(musubi_controller::metrics::count_states(store.clone(), fanout.clone(), every));
+    }
+    if let Some(d) = extras.dashboard {
         let every = Duration::from_millis(500);
         let paths = pki.as_deref().map(Paths::new);
         let tls = match (&paths, d.tls) {

@@ -114,7 +114,7 @@ pub fn row(state: &pb::SiteState, tenant: &str, access_point: bool, region: &'st
 }
 
 /// Computes the summary from the store and the fan-out.
-async fn summarise<S: IntentStore>(store: &S, fanout: &Fanout) -> Result<Summary, StoreError> {
+pub async fn summarise<S: IntentStore>(store: &S, fanout: &Fanout) -> Result<Summary, StoreError> {
     let facts: HashMap<String, (String, bool, &'static str)> = fanout
         .site_facts()
         .into_iter()
