@@ -16,12 +16,15 @@
 #   python3-selenium,           (headless), Japanese labels in its
 #   fonts-ipafont-gothic        screenshots
 #   curl                        the dashboard's TLS test
+#   python3-jsonschema, -yaml,  the .clab.yml files checked against
+#   -regex                      containerlab's schema
 ensure_packages() {
   local packages=(build-essential pkg-config protobuf-compiler libprotobuf-dev etcd-server wireguard-go wireguard-tools
     nftables iproute2 iputils-ping python3 util-linux)
   if [ "${1:-}" = kernel-lab ]; then
     packages+=(qemu-system-x86 linux-image-amd64 busybox-static cpio zstd xz-utils
-      chromium chromium-driver python3-selenium fonts-ipafont-gothic curl)
+      chromium chromium-driver python3-selenium fonts-ipafont-gothic curl
+      python3-jsonschema python3-yaml python3-regex)
   fi
   local missing=() p
   for p in "${packages[@]}"; do

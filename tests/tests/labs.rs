@@ -533,3 +533,35 @@ fn every_shipped_drill_passes() {
     assert_eq!(reported, Some(logged), "office-a's status counts the moves its log tells");
     assert!(failed.is_empty(), "drills failed:\n{}", failed.join("\n"));
 }
+
+/// Every shipped `.clab.yml` is valid against containerlab's own schema
+/// (labs/schema), and the check does reject a broken one.
+#[test]
+fn clab_files_are_valid_against_containerlabs_schema() {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo("labs"))
+        .expect("labs")
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".clab.yml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 2, "{files:?}");
+    let check = |files: &[PathBuf]| {
+        Command::new("/usr/bin/python3")
+            .arg(repo("labs/schema/check.py"))
+            .arg(repo("labs/schema/clab.schema.json"))
+            .args(files)
+            .output()
+            .expect("python3")
+    };
+    let out = check(&files);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(text(&out).matches(": valid").count(), files.len(), "{}", text(&out));
+    let dir = tempfile::tempdir().expect("tmp");
+    let broken = dir.path().join("broken.clab.yml");
+    let good = std::fs::read_to_string(&files[0]).expect("topology");
+    std::fs::write(&broken, good.replacen("kind: linux", "kind: 42", 1)).expect("write");
+    let out = check(&[broken]);
+    assert!(!out.status.success() && text(&out).contains("is not valid"), "{}", text(&out));
+}
