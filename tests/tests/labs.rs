@@ -565,3 +565,79 @@ fn clab_files_are_valid_against_containerlabs_schema() {
     let out = check(&[broken]);
     assert!(!out.status.success() && text(&out).contains("is not valid"), "{}", text(&out));
 }
+
+/// The container image's parts hold together without a container engine
+/// (none installs here): the packages its last stage installs are the ones
+/// the namespace labs run on, the binaries it copies are the workspace's,
+/// every Musubi node of the clab files starts with its role, and the
+/// entrypoint does for each role what the lab runner does.
+#[test]
+fn the_container_image_and_its_entrypoint_hold_together() {
+    let containerfile = std::fs::read_to_string(repo("Containerfile")).expect("Containerfile");
+    let last = &containerfile[containerfile.rfind("\nFROM ").expect("stages")..];
+    let install =
+        last.split("--no-install-recommends").nth(1).expect("an apt-get install").lines().next().unwrap_or("");
+    let packages: Vec<&str> = install.split_whitespace().take_while(|w| !w.starts_with('&') && *w != "\\").collect();
+    for p in ["wireguard-go", "nftables", "iproute2"] {
+        assert!(packages.contains(&p), "{p} in the image: {packages:?}");
+    }
+    for p in &packages {
+        let out = Command::new("dpkg").args(["-s", p]).output().expect("dpkg");
+        assert!(out.status.success(), "{p} is not a package the labs run on here");
+    }
+    let copied: Vec<&str> = last
+        .lines()
+        .filter(|l| l.starts_with("COPY --from=build"))
+        .flat_map(|l| l.split_whitespace().filter_map(|w| w.strip_prefix("/src/target/release/")))
+        .collect();
+    assert_eq!(copied, ["musubi", "musubi-controller", "musubi-agent"]);
+    for b in copied {
+        assert!(bin(b).exists());
+    }
+
+    for topology in ["labs/minimal/topology.clab.yml", "labs/prefecture/topology.clab.yml"] {
+        let text = std::fs::read_to_string(repo(topology)).expect("topology");
+        let doc: serde_json::Value = yaml_serde::from_str(&text).expect("yaml");
+        for (name, node) in doc["topology"]["nodes"].as_object().expect("nodes") {
+            if node["image"] != "musubi:latest" {
+                continue;
+            }
+            let want = match node["labels"]["musubi.role"].as_str() {
+                Some("controller") => "controller".to_string(),
+                Some("router") => format!("router {}", node["labels"]["musubi.site"].as_str().unwrap_or_default()),
+                other => panic!("{topology}: {name} has role {other:?}"),
+            };
+            assert_eq!(node["cmd"].as_str(), Some(want.as_str()), "{topology}: {name}");
+        }
+    }
+
+    let lab = tempfile::tempdir().expect("tmp");
+    let node = |args: &[&str]| {
+        Command::new("sh")
+            .arg(repo("labs/container/musubi-node"))
+            .args(args)
+            .env("LAB", lab.path())
+            .env("INTENT", repo("labs/minimal/intent.yaml"))
+            .env("MUSUBI_NODE_DRY_RUN", "1")
+            .output()
+            .expect("sh")
+    };
+    let out = node(&["controller"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    assert!(said.contains("musubi-controller init --pki") && said.contains("musubi-controller serve --pki"), "{said}");
+    assert!(said.contains(&format!("musubi apply -f {} --yes", repo("labs/minimal/intent.yaml").display())), "{said}");
+    for site in ["ap-east", "ap-west", "office-a", "office-b"] {
+        assert!(said.contains(&format!("musubi token create --site {site} --ttl 24h")), "{site}: {said}");
+    }
+    let controller = std::fs::read_to_string(lab.path().join("controller")).expect("the controller's address");
+    std::fs::write(lab.path().join("tokens/office-a"), "token").expect("token");
+    let out = node(&["router", "office-a"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("musubi-agent run --site office-a --controller {}", controller.trim())),
+        "{}",
+        text(&out)
+    );
+    assert!(!node(&["nonsense"]).status.success());
+}
