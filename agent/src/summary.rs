@@ -18,12 +18,25 @@ pub enum ConfigError {
     UnknownCandidate { segment: String, group: String, candidate: String },
 }
 
+/// `1 peer`, `2 peers` (the nouns here take an `s`).
+fn things(n: usize, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
+}
+
+/// A protobuf enum value as the intent spells it: `ROLE_ACCESS_POINT` →
+/// `access-point`, `LINE_KIND_DARK_FIBER` → `dark-fiber`.
+fn spelling(name: &str, prefix: &str) -> String {
+    name.strip_prefix(prefix).unwrap_or(name).to_ascii_lowercase().replace('_', "-")
+}
+
 /// Checks the configuration and describes it.
 pub fn summarise(c: &SiteConfig) -> Result<String, ConfigError> {
     let mut out = String::new();
-    let _ = writeln!(out, "site {} (tenant {}, {:?}, {:?})", c.site, c.tenant, c.role(), c.region());
+    let (role, region) = (spelling(c.role().as_str_name(), "ROLE_"), spelling(c.region().as_str_name(), "REGION_"));
+    let _ = writeln!(out, "site {} (tenant {}, {role}, {region})", c.site, c.tenant);
     for l in &c.lines {
-        let _ = writeln!(out, "  line {} {:?} priority {} at {}", l.name, l.kind(), l.priority, l.address);
+        let kind = spelling(l.kind().as_str_name(), "LINE_KIND_");
+        let _ = writeln!(out, "  line {} {kind} priority {} at {}", l.name, l.priority, l.address);
     }
     let mut tables: Vec<(u32, &str)> = Vec::new();
     for s in &c.segments {
@@ -75,11 +88,11 @@ pub fn summarise(c: &SiteConfig) -> Result<String, ConfigError> {
         }
         let _ = writeln!(
             out,
-            "    {} peers ({keyed} with keys), {} route groups, {} policy rules, {} imports",
-            s.peers.len(),
-            s.route_groups.len(),
-            s.policy.len(),
-            s.imports.len()
+            "    {} ({keyed} with keys), {}, {}, {}",
+            things(s.peers.len(), "peer"),
+            things(s.route_groups.len(), "route group"),
+            things(s.policy.len(), "policy rule"),
+            things(s.imports.len(), "import")
         );
     }
     Ok(out)
@@ -112,7 +125,14 @@ mod tests {
         if let Some(d) = c.segments[1].domain.as_mut() {
             d.table = 1001;
         }
-        assert!(summarise(&c).expect("valid").contains("segment b: vrf mv-b table 1001"));
+        let text = summarise(&c).expect("valid");
+        assert!(text.contains("segment b: vrf mv-b table 1001"), "{text}");
+        // Counts in words, the intent's spellings.
+        assert!(text.contains("    1 peer (0 with keys), 1 route group, 0 policy rules, 0 imports"), "{text}");
+        c.set_role(musubi_proto::v1::Role::AccessPoint);
+        c.set_region(musubi_proto::v1::Region::West);
+        let text = summarise(&c).expect("valid");
+        assert!(text.starts_with("site s (tenant , access-point, west)"), "{text}");
         c.segments[0].route_groups[0].candidates.push("ap-west".into());
         assert!(matches!(summarise(&c), Err(ConfigError::UnknownCandidate { .. })));
         c.segments[0].route_groups[0].candidates.pop();
