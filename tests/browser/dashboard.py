@@ -47,6 +47,7 @@ def main():
     p.add_argument("--stop")
     p.add_argument("--ap")
     p.add_argument("--healthy-within", type=float, default=60.0)
+    p.add_argument("--any-state", action="store_true", help="load and measure only (sites need not be ok)")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     options = webdriver.ChromeOptions()
@@ -62,6 +63,14 @@ def main():
         if not loaded:
             fail("the page never received its summary", driver, a.out)
         figures["loaded_s"] = round(time.monotonic() - started, 3)
+        timing = driver.execute_script(
+            "const n = performance.getEntriesByType('navigation')[0];"
+            "return {render: window.musubiRender, nav: n && {response_end: n.responseEnd, dom_ready: n.domContentLoadedEventEnd}};"
+        )
+        if timing and timing.get("render"):
+            r = timing["render"]
+            figures["summary_received_ms"] = round(r["received_ms"])
+            figures["render_ms"] = round(r["rendered_ms"] - r["received_ms"])
         figures["sites_shown"] = int(loaded)
         sites = [s for s in a.sites.split(",") if s]
 
@@ -71,6 +80,9 @@ def main():
         missing = [s for s, e in states().items() if e is None]
         if missing:
             fail(f"no tile for {missing}", driver, a.out)
+        if a.any_state:
+            print(json.dumps(figures))
+            return
         healthy = until(a.healthy_within, lambda: all(e.get_attribute("data-state") == "ok" for e in states().values()), 0.25)
         if not healthy:
             bad = {s: e.get_attribute("data-state") for s, e in states().items() if e.get_attribute("data-state") != "ok"}

@@ -52,6 +52,7 @@ function counts() {
 }
 
 function summary(s) {
+  const received = performance.now();
   document.getElementById("revision").textContent = s.revision;
   document.getElementById("map").classList.toggle("compact", s.rows.length > COMPACT_ABOVE);
   for (const r of document.querySelectorAll(".aps, .sites")) r.replaceChildren();
@@ -66,6 +67,8 @@ function summary(s) {
     document.querySelector(`#region-${region} .sites`).append(...frag[region][1]);
   }
   counts();
+  // For the browser test: when the rows arrived, how long drawing them took.
+  window.musubiRender = { rows: s.rows.length, received_ms: received, rendered_ms: performance.now() };
   document.body.setAttribute("data-loaded", String(s.rows.length));
 }
 
