@@ -254,7 +254,7 @@ fn page(port: u16, names: &[String], dir: &std::path::Path) {
         .arg(&script)
         .arg(format!("http://127.0.0.1:{port}/"))
         .arg(dir.join("shots"))
-        .args(["--sites", &format!("{ap},{}", names.last().cloned().unwrap_or_default())])
+        .args(["--sites", &ap, "--any-state"])
         .output()
         .expect("python3");
     let figures: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();

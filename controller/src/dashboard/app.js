@@ -44,17 +44,19 @@ function place(row) {
   region.append(tile(row));
 }
 
-function counts() {
-  const by = {};
-  for (const r of rows.values()) by[r.state] = (by[r.state] || 0) + 1;
+// Sites by state, as the controller counted them (a large fleet's page
+// holds only some of the rows).
+function counts(by) {
   const ul = document.getElementById("counts");
   ul.replaceChildren(...ORDER.filter((s) => by[s]).map((s) => el("li", { "data-state": s, id: "count-" + s }, `${LABELS[s]}: ${by[s]}`)));
 }
 
+// Every row (s.partial false), or — a large fleet — the access points and
+// the sites not ok, the others on demand ("show every site").
 function summary(s) {
   const received = performance.now();
   document.getElementById("revision").textContent = s.revision;
-  document.getElementById("map").classList.toggle("compact", s.rows.length > COMPACT_ABOVE);
+  document.getElementById("map").classList.toggle("compact", s.total > COMPACT_ABOVE);
   for (const r of document.querySelectorAll(".aps, .sites")) r.replaceChildren();
   rows.clear();
   const frag = { east: [[], []], west: [[], []] };
@@ -66,10 +68,29 @@ function summary(s) {
     document.querySelector(`#region-${region} .aps`).append(...frag[region][0]);
     document.querySelector(`#region-${region} .sites`).append(...frag[region][1]);
   }
-  counts();
+  counts(s.counts);
+  const more = document.getElementById("more");
+  more.hidden = !s.partial;
+  if (s.partial) {
+    const hidden = s.total - s.rows.length;
+    more.replaceChildren(
+      el("span", {}, `正常な拠点 ${hidden} か所は省略 / ${hidden} sites ok, not drawn `),
+      el("button", { type: "button", id: "show-all", onclick: showAll }, "すべて表示 / show every site"));
+  }
   // For the browser test: when the rows arrived, how long drawing them took.
   window.musubiRender = { rows: s.rows.length, received_ms: received, rendered_ms: performance.now() };
-  document.body.setAttribute("data-loaded", String(s.rows.length));
+  document.body.setAttribute("data-loaded", String(s.total));
+}
+
+async function showAll() {
+  const s = await (await fetch("/api/summary")).json();
+  summary({ ...s, total: s.rows.length, partial: false, counts: tally(s.rows) });
+}
+
+function tally(list) {
+  const by = {};
+  for (const r of list) by[r.state] = (by[r.state] || 0) + 1;
+  return by;
 }
 
 function changes(c) {
@@ -79,7 +100,7 @@ function changes(c) {
     const b = document.getElementById("site-" + r.site);
     if (b) paint(b, r); else place(r);
   }
-  counts();
+  counts(c.counts);
   const open = document.getElementById("detail").dataset.site;
   if (open && c.rows.some((r) => r.site === open)) detail(open);
 }

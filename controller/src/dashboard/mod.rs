@@ -79,6 +79,35 @@ pub struct Summary {
     pub rows: Vec<Row>,
 }
 
+/// Above this many sites, a page first receives only the access points and
+/// the sites not ok (with every state's count); the rest on demand.
+pub const SUMMARY_FIRST_ABOVE: usize = 400;
+
+/// Sites by state.
+pub fn counts(rows: &[Row]) -> std::collections::BTreeMap<&'static str, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for r in rows {
+        *out.entry(r.state).or_insert(0) += 1;
+    }
+    out
+}
+
+/// What a page receives first: every row, or — above
+/// [`SUMMARY_FIRST_ABOVE`] sites — the access points and the sites not ok,
+/// with every state's count and the number of sites (`partial`).
+pub fn opening(s: &Summary) -> serde_json::Value {
+    let partial = s.rows.len() > SUMMARY_FIRST_ABOVE;
+    let rows: Vec<&Row> = s.rows.iter().filter(|r| !partial || r.role == "access-point" || r.state != "ok").collect();
+    serde_json::json!({
+        "revision": s.revision,
+        "at_unix_ms": s.at_unix_ms,
+        "total": s.rows.len(),
+        "partial": partial,
+        "counts": counts(&s.rows),
+        "rows": rows,
+    })
+}
+
 /// A site's row from its state.
 pub fn row(state: &pb::SiteState, tenant: &str, access_point: bool, region: &'static str) -> Row {
     let status = state.reported.as_ref().and_then(|r| r.status.as_ref());
@@ -254,7 +283,7 @@ async fn events<S: IntentStore + 'static>(State(shared): State<Arc<Shared<S>>>) 
     };
     let rx = shared.summary.subscribe();
     let sent: HashMap<String, Row> = first.rows.iter().map(|r| (r.site.clone(), r.clone())).collect();
-    let opening = Ok::<_, std::convert::Infallible>(Event::default().event("summary").data(to_json(&first)));
+    let opening = Ok::<_, std::convert::Infallible>(Event::default().event("summary").data(to_json(&opening(&first))));
     let stream = futures::stream::once(async move { opening }).chain(futures::stream::unfold(
         (rx, sent),
         |(mut rx, mut sent)| async move {
@@ -265,9 +294,12 @@ async fn events<S: IntentStore + 'static>(State(shared): State<Arc<Shared<S>>>) 
                 if changed.is_empty() {
                     continue;
                 }
-                let event = Ok(Event::default().event("changes").data(to_json(
-                    &serde_json::json!({ "revision": now.revision, "at_unix_ms": now.at_unix_ms, "rows": changed }),
-                )));
+                let event = Ok(Event::default().event("changes").data(to_json(&serde_json::json!({
+                    "revision": now.revision,
+                    "at_unix_ms": now.at_unix_ms,
+                    "counts": counts(&now.rows),
+                    "rows": changed,
+                }))));
                 for r in &now.rows {
                     sent.insert(r.site.clone(), r.clone());
                 }
@@ -394,6 +426,36 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    /// Above 400 sites a page first receives the access points and the
+    /// sites not ok, and every state's count; below, every row.
+    #[test]
+    fn a_large_fleets_opening_holds_what_is_not_ok_and_every_count() {
+        let mk = |site: String, role: &'static str, state: &'static str| Row {
+            site,
+            tenant: "t".into(),
+            role,
+            region: "east",
+            state,
+            peers_up: 0,
+            peers: 0,
+            applied: 1,
+            desired: 1,
+        };
+        let mut rows: Vec<Row> =
+            (0..500).map(|i| mk(format!("s{i}"), "site", if i % 100 == 0 { "down" } else { "ok" })).collect();
+        rows.push(mk("ap-east".into(), "access-point", "ok"));
+        let s = Summary { revision: 3, at_unix_ms: 0, rows };
+        let o = opening(&s);
+        assert_eq!(o["partial"], true);
+        assert_eq!(o["total"], 501);
+        assert_eq!(o["counts"]["ok"], 496);
+        assert_eq!(o["counts"]["down"], 5);
+        let sent: Vec<&str> = o["rows"].as_array().expect("rows").iter().filter_map(|r| r["site"].as_str()).collect();
+        assert_eq!(sent, ["s0", "s100", "s200", "s300", "s400", "ap-east"]);
+        let small = Summary { revision: 3, at_unix_ms: 0, rows: s.rows[..10].to_vec() };
+        assert_eq!(opening(&small)["rows"].as_array().map(Vec::len), Some(10));
     }
 
     /// A site's colour on the map follows what its agent last reported.
