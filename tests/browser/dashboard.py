@@ -88,6 +88,9 @@ def main():
             bad = {s: e.get_attribute("data-state") for s, e in states().items() if e.get_attribute("data-state") != "ok"}
             fail(f"not every site ok: {bad}", driver, a.out)
         figures["healthy_after_s"] = round(time.monotonic() - started, 3)
+        # verify's matrix by segment: a header row and a row per segment.
+        matrix = until(10, lambda: driver.find_elements(By.CSS_SELECTOR, "#matrix tr"))
+        figures["matrix_rows"] = max(len(matrix) - 1, 0)
         # The detail of the first site opens from the keyboard.
         first = states()[sites[0]]
         first.send_keys("\n")

@@ -367,6 +367,8 @@ fn prefecture_lab_matches_verify_and_follows_an_intent_change() {
     let figures: serde_json::Value = serde_json::from_slice(&browser.stdout).expect("the browser's figures");
     eprintln!("dashboard in Chromium: {figures}");
     assert_eq!(figures["sites_shown"].as_u64(), Some(sites.len() as u64), "{figures}");
+    // The prefecture's six segments, each a row of the reachability matrix.
+    assert_eq!(figures["matrix_rows"].as_u64(), Some(6), "{figures}");
     assert!(figures["ap_red_after_s"].as_f64().is_some_and(|s| s <= 2.0), "ap-east red within 2 s: {figures}");
     assert!(shots.join("dashboard-ap-down.png").exists() && shots.join("dashboard-healthy.png").exists());
 }

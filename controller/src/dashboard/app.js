@@ -139,13 +139,25 @@ async function detail(site) {
   document.getElementById("detail-body").replaceChildren(facts, peers, active);
 }
 
+// verify's matrix, by segment: what an endpoint of the row's segment may
+// send to one of the column's (it depends only on the two segments).
 async function segments() {
   const s = await (await fetch("/api/segments")).json();
+  const flows = (from, to) => s.policies.filter((p) => p.from === from && p.to === to).map((p) => p.flow);
+  const cell = (from, to) => {
+    if (from === to) return el("td", { class: "up", title: "same segment: everything" }, "● all");
+    const f = flows(from, to);
+    return f.length ? el("td", { title: "policies allow" }, "◐ " + f.join(", ")) : el("td", { class: "none" }, "·");
+  };
+  const matrix = el("table", { id: "matrix" },
+    el("caption", {}, "到達性（送信元 → 宛先） / reachability (from → to): ● 同一セグメント / same segment, ◐ ポリシーが許可 / policy allows, · なし / nothing"),
+    el("tr", {}, el("th", { scope: "col" }, "from \\ to"), ...s.segments.map((to) => el("th", { scope: "col" }, to))),
+    ...s.segments.map((from) => el("tr", {}, el("th", { scope: "row" }, from), ...s.segments.map((to) => cell(from, to)))));
   const t = el("table", {},
-    el("caption", {}, "セグメント間で許可された通信 / what each segment may send to another (same segment: all)"),
+    el("caption", {}, "ポリシー / policies"),
     el("tr", {}, ...["ポリシー / policy", "送信元 / from", "宛先 / to", "通信 / flow"].map((h) => el("th", { scope: "col" }, h))),
     ...s.policies.map((p) => el("tr", {}, el("td", {}, p.policy), el("td", {}, p.from), el("td", {}, p.to), el("td", {}, p.flow))));
-  document.getElementById("segments").replaceChildren(el("p", {}, "セグメント / segments: " + s.segments.join(", ")), t);
+  document.getElementById("segments").replaceChildren(matrix, t);
 }
 
 async function history() {
