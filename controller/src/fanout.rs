@@ -49,6 +49,9 @@ pub struct Delivery {
     /// SHA-256 (hex) of the encoded configuration without its revision.
     pub digest: String,
     pub config: Kept,
+    /// The configuration's size encoded, in bytes (known from the digest's
+    /// encoding: an access point's is not encoded again to count it).
+    pub size: usize,
 }
 
 /// How a configuration is kept until it is sent. An access point's (10,000
@@ -59,16 +62,6 @@ pub struct Delivery {
 pub enum Kept {
     Whole(Arc<SiteConfig>),
     Encoded(Bytes),
-}
-
-impl Kept {
-    /// The configuration's size encoded.
-    pub fn encoded_len(&self) -> usize {
-        match self {
-            Kept::Whole(c) => prost::Message::encoded_len(&**c),
-            Kept::Encoded(b) => b.len(),
-        }
-    }
 }
 
 /// A kept configuration that no longer decodes. Never sent as an empty
@@ -205,7 +198,7 @@ pub struct Primed {
 impl State {
     /// What a site's agent gets, with its digest; a member site's compiled
     /// configuration moves from `raw` to `packed` on the way.
-    fn deliverable(&mut self, site: &str) -> Option<(String, Kept)> {
+    fn deliverable(&mut self, site: &str) -> Option<(String, Kept, usize)> {
         let member = self.stored.intent.sites.get(site).is_some_and(|s| !s.is_access_point());
         let raw = match self.raw.get(site) {
             Some(_) if member => {
@@ -227,10 +220,12 @@ impl State {
         let keyless = raw.segments.iter().any(|s| s.peers.iter().any(|p| p.public_key.is_empty()));
         let config = if keyless { Arc::new(deliverable(&raw)) } else { raw };
         if !member {
-            return Some((digest(&config), Kept::Whole(config)));
+            let encoded = config.encode_to_vec();
+            return Some((digest_of(&encoded), Kept::Whole(config), encoded.len()));
         }
         let bytes = if keyless { Bytes::from(config.encode_to_vec()) } else { self.packed.get(site)?.clone() };
-        Some((digest_of(&bytes), Kept::Encoded(bytes)))
+        let size = bytes.len();
+        Some((digest_of(&bytes), Kept::Encoded(bytes), size))
     }
 
     /// Puts the site's current configuration (or its refusal) on its feed,
@@ -238,13 +233,13 @@ impl State {
     fn publish(&mut self, site: &str) -> bool {
         let feed = if self.revoked.get(site).is_some_and(|r| r.active) {
             Feed::Gone(format!("site `{site}` is revoked"))
-        } else if let Some((digest, config)) = self.deliverable(site) {
+        } else if let Some((digest, config, size)) = self.deliverable(site) {
             if let Some(Feed::Config(d)) = self.feeds.get(site).map(|f| f.borrow().clone())
                 && d.digest == digest
             {
                 return false;
             }
-            Feed::Config(Arc::new(Delivery { revision: self.stored.revision, digest, config }))
+            Feed::Config(Arc::new(Delivery { revision: self.stored.revision, digest, config, size }))
         } else {
             Feed::Gone(format!("site `{site}` is not in the intent"))
         };

@@ -399,7 +399,7 @@ impl<S: IntentStore + 'static> Session<S> {
                     let (Ok(permit), Some(d)) = (permit, pending.take()) else { break };
                     let metrics = crate::metrics::get();
                     metrics.configurations_sent.inc();
-                    metrics.configuration_bytes.inc_by(d.config.encoded_len() as u64);
+                    metrics.configuration_bytes.inc_by(d.size as u64);
                     permit.send(Out::Config(d.clone()));
                     sent += 1;
                     tracing::debug!(site, revision = d.revision, digest = %d.digest, "configuration sent");
@@ -475,7 +475,7 @@ mod tests {
     use crate::fanout::Kept;
 
     fn delivery(config: Kept) -> Arc<Delivery> {
-        Arc::new(Delivery { revision: 7, digest: "d".into(), config })
+        Arc::new(Delivery { revision: 7, digest: "d".into(), config, size: 0 })
     }
 
     /// A kept configuration that does not decode ends the session with an
