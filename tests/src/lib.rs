@@ -401,10 +401,3 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     let (head, body) = response.split_once("\r\n\r\n")?;
     head.split_whitespace().nth(1).is_some_and(|c| c == "200").then(|| body.to_string())
 }
-
-/// The value of the sample `series` (its name and labels exactly as
-/// written, e.g. `musubi_agent_line_moves_total` or
-/// `x{a="b"}`) in Prometheus' text format.
-pub fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.split_whitespace().next()?.parse().ok())
-}

@@ -382,7 +382,7 @@ fn metrics_follow_applies_sessions_and_refusals_and_logs_are_json() {
     let listen = format!("127.0.0.1:{metrics}");
     let e = embedded(&["--metrics", &listen, "--log-format", "json"]);
     let scrape = |port| musubi_tests::http_get(port, "/metrics").expect("metrics answer 200");
-    let value = |text: &str, series: &str| musubi_tests::metric(text, series);
+    let value = |text: &str, series: &str| musubi_lab::netns::sample(text, series);
 
     let sites = e.pki.status(&e.address)["sites"].as_array().map_or(0, Vec::len) as f64;
     let before = scrape(metrics);

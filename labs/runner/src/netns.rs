@@ -174,8 +174,8 @@ pub fn http_get(ns: &str, addr: std::net::SocketAddr, path: &str) -> Result<Stri
     Ok(body.to_string())
 }
 
-/// The value of the sample `name` (without labels) in Prometheus' text
-/// format.
+/// The value of the sample `name` in Prometheus' text format: its name,
+/// and its labels exactly as written (`x_total`, `x{a="b"}`).
 pub fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.split_whitespace().next()?.parse().ok())
 }
