@@ -238,6 +238,8 @@ pub struct Prober {
     pub health: Healths,
     /// Woken when a peer goes up or down.
     pub changed: Arc<Notify>,
+    /// Bumped to have every socket probe its targets at once.
+    kick: watch::Sender<u64>,
 }
 
 impl Prober {
@@ -246,8 +248,19 @@ impl Prober {
         let (tx, rx) = watch::channel(Work::default());
         let health: Healths = Arc::default();
         let changed = Arc::new(Notify::new());
-        tokio::spawn(supervise(rx, health.clone(), changed.clone()));
-        Prober { work: tx, health, changed }
+        let (kick, kicked) = watch::channel(0);
+        tokio::spawn(supervise(rx, health.clone(), changed.clone(), kicked));
+        Prober { work: tx, health, changed, kick }
+    }
+
+    /// Probes every target (but member sites) at once, off schedule: after a
+    /// line switch, so that the peers the site sends nothing else to (the
+    /// other region's access point, which reaches the site directly) hear
+    /// from its new line now, and roam to it, rather than at their next
+    /// probe (up to an interval later: 26–34 ms of every line cut, towards
+    /// the site).
+    pub fn probe_now(&self) {
+        self.kick.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Probes `targets` and answers the underlay probes of `answer`'s addresses.
@@ -273,7 +286,7 @@ impl Prober {
     }
 }
 
-async fn supervise(mut rx: watch::Receiver<Work>, health: Healths, changed: Arc<Notify>) {
+async fn supervise(mut rx: watch::Receiver<Work>, health: Healths, changed: Arc<Notify>, kicked: watch::Receiver<u64>) {
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     loop {
         let Work { targets, answer } = rx.borrow_and_update().clone();
@@ -291,7 +304,7 @@ async fn supervise(mut rx: watch::Receiver<Work>, health: Healths, changed: Arc<
         for ((interface, local), targets) in by_socket {
             // Underlay sockets answer only the peers' line addresses.
             let only = matches!(targets[0].key, Key::Path { .. }).then(|| answer.clone());
-            let task = socket_loop(interface, local, targets, only, health.clone(), changed.clone());
+            let task = socket_loop(interface, local, targets, only, health.clone(), changed.clone(), kicked.clone());
             tasks.push(tokio::spawn(task));
         }
         if !answer.is_empty() {
@@ -360,6 +373,7 @@ async fn socket_loop(
     only: Option<Arc<BTreeSet<IpAddr>>>,
     health: Healths,
     changed: Arc<Notify>,
+    mut kicked: watch::Receiver<u64>,
 ) {
     // The interface may appear a moment after the configuration.
     let sock = loop {
@@ -390,29 +404,44 @@ async fn socket_loop(
         health: &health,
         changed: &changed,
     };
+    kicked.mark_unchanged();
+    let mut kick_open = true;
     loop {
+        let deadline = next_deadline(ctx.targets, ctx.states, Instant::now());
         tokio::select! {
-            _ = ticker.tick() => {
-                // What has arrived is read before anything is judged: after
-                // the agent was held up (a busy machine), the tick and the
-                // replies are ready together, and judging first declared
-                // every target down, then up again a moment later — and a
-                // route group moved on the way (flapping-line, 3.1 s).
-                for _ in 0..DRAIN_LIMIT {
-                    let Ok((n, from)) = sock.try_recv_from(&mut buf) else { break };
-                    if let Some(to) = take(&mut buf[..n], from, &mut ctx) {
-                        let _ = sock.try_send_to(&buf[..17], to);
+            // Off schedule, every target at once (see `Prober::probe_now`);
+            // the schedule stands.
+            kick = kicked.changed(), if kick_open => {
+                if kick.is_err() {
+                    kick_open = false;
+                    continue;
+                }
+                let now = Instant::now();
+                for (t, st) in ctx.targets.iter().zip(ctx.states.iter_mut()).filter(|(t, _)| !t.member) {
+                    seq += 1;
+                    let _ = sock.try_send_to(&request(seq, now - epoch), SocketAddr::new(t.address, PORT));
+                    st.sent.push_back((seq, now, false));
+                    while st.sent.len() > WINDOW + 8 {
+                        st.sent.pop_front();
                     }
                 }
+            }
+            // A target that stops answering is judged at its detection time,
+            // not at the tick after it (which came up to a tick late, and a
+            // whole tick late every time: the tick that sends the last probe
+            // before the detection time falls short of it by the reply's
+            // round trip).
+            _ = until(deadline) => {
+                drain(&sock, &mut buf, &mut ctx);
+                evaluate(ctx.targets, ctx.states, ctx.health, ctx.changed, None);
+            }
+            _ = ticker.tick() => {
+                drain(&sock, &mut buf, &mut ctx);
                 let now = Instant::now();
                 for (t, st) in ctx.targets.iter().zip(ctx.states.iter_mut()) {
                     if now + tick / 2 >= st.next {
                         seq += 1;
-                        let mut msg = [0u8; 17];
-                        msg[0] = REQUEST;
-                        msg[1..9].copy_from_slice(&seq.to_be_bytes());
-                        msg[9..17].copy_from_slice(&(now - epoch).as_nanos().min(u128::from(u64::MAX)).to_be_bytes()[8..]);
-                        let _ = sock.send_to(&msg, SocketAddr::new(t.address, PORT)).await;
+                        let _ = sock.send_to(&request(seq, now - epoch), SocketAddr::new(t.address, PORT)).await;
                         st.sent.push_back((seq, now, false));
                         while st.sent.len() > WINDOW + 8 {
                             st.sent.pop_front();
@@ -435,6 +464,53 @@ async fn socket_loop(
                 }
             }
         }
+    }
+}
+
+/// A probe: its sequence number and when it was sent.
+fn request(seq: u64, since_epoch: Duration) -> [u8; 17] {
+    let mut msg = [0u8; 17];
+    msg[0] = REQUEST;
+    msg[1..9].copy_from_slice(&seq.to_be_bytes());
+    msg[9..17].copy_from_slice(&since_epoch.as_nanos().min(u128::from(u64::MAX)).to_be_bytes()[8..]);
+    msg
+}
+
+/// Takes what has arrived on `sock`, before anything is judged: after the
+/// agent was held up (a busy machine), a tick (or a detection time) and the
+/// replies are ready together, and judging first declared every target
+/// down, then up again a moment later — and a route group moved on the way
+/// (flapping-line, 3.1 s).
+fn drain(sock: &UdpSocket, buf: &mut [u8; 64], ctx: &mut Context<'_>) {
+    for _ in 0..DRAIN_LIMIT {
+        let Ok((n, from)) = sock.try_recv_from(buf) else { break };
+        if let Some(to) = take(&mut buf[..n], from, ctx) {
+            let _ = sock.try_send_to(&buf[..17], to);
+        }
+    }
+}
+
+/// The next detection time of `targets` still up at `now` — each one's last
+/// answer plus interval × multiplier, and a millisecond — for a socket of
+/// few targets (the many of an access point are judged at its ticks).
+fn next_deadline(targets: &[Target], states: &[State], now: Instant) -> Option<Instant> {
+    if targets.len() > FINE_TARGETS {
+        return None;
+    }
+    targets
+        .iter()
+        .zip(states)
+        .filter(|(t, _)| !t.member)
+        .filter_map(|(t, st)| Some(st.last_reply? + t.interval * t.multiplier + Duration::from_millis(1)))
+        .filter(|at| *at > now)
+        .min()
+}
+
+/// Sleeps until `at`; forever without one.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -624,5 +700,54 @@ mod tests {
         assert_eq!(tick(&targets(2, 20)), Duration::from_millis(10), "never below 10 ms");
         assert_eq!(tick(&targets(2000, 50)), Duration::from_millis(50));
         assert_eq!(tick(&targets(2000, 300)), Duration::from_millis(50));
+    }
+
+    /// `probe_now` sends every target a probe at once, off its schedule
+    /// (real sockets on the loopback; a target probed every 10 s).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn probe_now_probes_at_once() {
+        let peer = std::net::UdpSocket::bind(("127.0.0.3", PORT)).expect("the peer's socket");
+        peer.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let probe = pb::ProbeSettings { interval_ms: 10_000, multiplier: 3 };
+        let local = IpAddr::from([127, 0, 0, 1]);
+        let target = Target::new(Key::tunnel("office", "ap"), "lo", local, IpAddr::from([127, 0, 0, 3]), probe);
+        let prober = Prober::start();
+        prober.set(vec![target], BTreeSet::new());
+        let mut buf = [0u8; 64];
+        let (n, _) = peer.recv_from(&mut buf).expect("the first probe");
+        assert_eq!((n, buf[0]), (17, REQUEST));
+        let first = u64::from_be_bytes(buf[1..9].try_into().expect("seq"));
+        let asked = Instant::now();
+        prober.probe_now();
+        let (n, _) = peer.recv_from(&mut buf).expect("a probe at once");
+        assert_eq!((n, buf[0]), (17, REQUEST));
+        assert!(u64::from_be_bytes(buf[1..9].try_into().expect("seq")) > first);
+        assert!(asked.elapsed() < Duration::from_secs(2), "not at its next interval: {:?}", asked.elapsed());
+    }
+
+    /// A site's targets are judged at their detection time: the earliest
+    /// last answer + interval × multiplier (+ 1 ms) of those that answered
+    /// and are not past it; members and large sockets only at ticks.
+    #[test]
+    fn a_sites_targets_are_judged_at_their_detection_time() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let ts = targets(3, 50);
+        let state = |last: Option<u64>| State {
+            started: t0,
+            last_reply: last.map(|l| t0 + ms(l)),
+            sent: VecDeque::new(),
+            next: t0,
+        };
+        let states = [state(Some(40)), state(Some(10)), state(None)];
+        assert_eq!(next_deadline(&ts, &states, t0 + ms(100)), Some(t0 + ms(161)), "the earlier answer's");
+        assert_eq!(next_deadline(&ts, &states, t0 + ms(170)), Some(t0 + ms(191)), "one past: the next");
+        assert_eq!(next_deadline(&ts, &states, t0 + ms(200)), None, "every one past");
+        let mut members = ts.clone();
+        members.iter_mut().for_each(|t| t.member = true);
+        assert_eq!(next_deadline(&members, &states, t0), None);
+        let many = targets(FINE_TARGETS + 1, 50);
+        let states: Vec<State> = many.iter().map(|_| state(Some(10))).collect();
+        assert_eq!(next_deadline(&many, &states, t0), None);
     }
 }

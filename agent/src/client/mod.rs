@@ -283,20 +283,16 @@ impl Agent {
     /// Feeds the failover machine an event and does what it answers; true
     /// when traffic moved (or the datapath was written).
     ///
-    /// Traffic first: route groups that a decision moves are written at
-    /// once, by themselves (a route replaced per prefix, no observation).
-    /// Flips judged while that was written — an access point's segments go
-    /// quiet a few milliseconds apart — are decided before anything else,
-    /// and their groups moved the same way. Only then do lines move: their
-    /// pins, fence and endpoints cost an nft process and an observation
-    /// (250–350 ms in a debug build), and a group whose tunnel went quiet
-    /// just after the first decision waited for them (a 460 ms outage in
-    /// one of ten east-ap-outage runs; 1,044 ms in CI).
-    ///
-    /// A line moved because the path in use failed goes to its new line by
-    /// itself before the full build: pins, endpoints, then the policy with
-    /// the new fence, without observing first (see
-    /// [`crate::reconcile::move_lines`]); the full build checks everything.
+    /// Traffic first: what a decision moves is written at once, by itself —
+    /// route groups as a route replaced per prefix, a line whose path failed
+    /// as its pins, fence and endpoints (see [`crate::reconcile::move_lines`];
+    /// a few milliseconds, no nft process, no observation). Flips judged
+    /// while that was written — an access point's segments go quiet a few
+    /// milliseconds apart, a line's paths to two access points too — are
+    /// decided next, and moved the same way, before the full build that
+    /// checks everything (it observes: tens of milliseconds, and a group
+    /// whose tunnel went quiet just after the first decision waited for it
+    /// — a 460 ms outage in one of ten east-ap-outage runs; 1,044 ms in CI).
     fn failover(&mut self, event: Event) -> bool {
         let before = self.machine.active().clone();
         let mut seen = match &event {
@@ -310,7 +306,8 @@ impl Agent {
         }
         let mut actions = self.machine.step(event, Instant::now());
         let mut moved = Vec::new();
-        let mut groups = before.groups.clone();
+        // What is written so far.
+        let mut done = before.clone();
         let mut earlier = 0;
         let mut decided = false;
         // Bounded: each round needs a flip judged during the one before.
@@ -324,11 +321,16 @@ impl Agent {
                 }
             }
             let after = self.machine.active().clone();
-            if after.groups == groups {
+            if after == done {
                 break;
             }
-            earlier += self.move_groups(&Choices { groups, paths: before.paths.clone() }, &after);
-            groups = after.groups;
+            if after.groups != done.groups {
+                earlier += self.move_groups(&done, &after);
+            }
+            if after.paths != done.paths {
+                earlier += self.move_failed_lines(&done, &after);
+            }
+            done = after;
             let Some(fresh) = seen.as_ref().and_then(|s| self.flipped_since(s)) else { break };
             seen = Some(fresh.clone());
             actions = self.machine.step(Event::Probed(fresh), Instant::now());
@@ -338,9 +340,6 @@ impl Agent {
         }
         let after = self.machine.active().clone();
         self.metrics.moved(&before, &after);
-        if after.paths != before.paths {
-            earlier += self.move_failed_lines(&before, &after);
-        }
         self.reconcile_with(&after, &moved, earlier)
     }
 
@@ -362,7 +361,12 @@ impl Agent {
             crate::reconcile::move_lines(&mut *self.datapath, config, keys, after, hops, &failed)
         });
         match result {
-            Ok(ops) => ops.len(),
+            Ok(ops) => {
+                if let Some(p) = &self.prober {
+                    p.probe_now();
+                }
+                ops.len()
+            }
             Err(e) => {
                 // The full build that follows tries again.
                 tracing::warn!(site = %self.settings.site, error = %e, "a failed line's peers not moved first");

@@ -68,7 +68,6 @@ impl Agent {
                     }
                 }
                 _ = health_changed(&changed) => {
-                    settle().await;
                     self.probed();
                     tx.send(self.status(Vec::new())).await.map_err(|e| broken(&e))?;
                 }
@@ -101,16 +100,6 @@ impl Agent {
             }
         }
     }
-}
-
-/// A moment for the flips that come together (a line's tunnels, every peer
-/// behind it) to be seen together before choosing, and for a flip that is
-/// undone at once to be seen undone: with 5 ms, a tunnel judged down and up
-/// again 11 ms later (its peer's answers held up) moved a route group to
-/// the other access point for a hold-down (1 of 40 drills; the move cost
-/// no traffic, the fail-back came late for the drill's end).
-pub(super) async fn settle() {
-    tokio::time::sleep(Duration::from_millis(20)).await;
 }
 
 /// When the failover machine asked to be woken (never, if it did not).

@@ -8,7 +8,7 @@ use rand::Rng;
 
 use super::Agent;
 use super::enrol::enrol;
-use super::session::{End, health_changed, settle, woken};
+use super::session::{End, health_changed, woken};
 use super::settings::AgentError;
 
 impl Agent {
@@ -63,7 +63,6 @@ impl Agent {
                         }
                     }
                     _ = health_changed(&changed) => {
-                        settle().await;
                         self.probed();
                     }
                     _ = woken(self.wake_at) => {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use musubi_proto::v1::SiteConfig;
 
-use super::{Choices, Inputs, SITE_GRACE, SWITCH_GRACE, choices, first_choices};
+use super::{Choices, Inputs, LONE_TUNNEL_SETTLE, SITE_GRACE, SWITCH_GRACE, choices, first_choices};
 use crate::datapath::Hops;
 use crate::probe::{Health, Key};
 
@@ -188,11 +188,17 @@ impl Machine {
             .values()
             .filter_map(|h| h.since)
             .flat_map(|s| [s + SITE_GRACE, s + SWITCH_GRACE, s + self.hold_down]);
+        // A quiet tunnel's settle ends.
+        let settled = self
+            .health
+            .iter()
+            .filter(|(k, h)| matches!(k, Key::Tunnel { .. }) && !h.up)
+            .filter_map(|(_, h)| Some(h.since? + LONE_TUNNEL_SETTLE));
         let undecided =
             self.health.iter().filter(|(k, h)| matches!(k, Key::Tunnel { .. }) && !h.up).filter_map(|(_, h)| {
                 Some(h.last_reply? + super::quiet_window(h, slowest) + slowest.max(h.interval) * 2)
             });
-        periods.chain(undecided).filter(|t| *t > now).min()
+        periods.chain(settled).chain(undecided).filter(|t| *t > now).min()
     }
 }
 
@@ -426,6 +432,12 @@ mod tests {
         assert!(h[&tunnel(EAST)].up, "the tunnel is not judged yet");
         m.step(Event::Probed(h.clone()), judged);
         assert_eq!(group(&m), WEST, "gone: its groups leave with the path's judgment");
+        assert_eq!(line_to(&m, EAST), "fiber", "no line moves towards an access point that is gone");
+        // Its other line is judged down too: still nothing moves.
+        *h.get_mut(&path("lte", EAST)).expect("lte") = health(false, judged + ms(20), Some(death));
+        m.step(Event::Probed(h.clone()), judged + ms(20));
+        assert_eq!((group(&m), line_to(&m, EAST)), (WEST, "fiber"));
+        assert_eq!(m.moves().get(&Moved::Line { peer: EAST.into() }), None, "{:?}", m.moves());
         // It returns: every target of it answers again.
         let back = judged + ms(500);
         west_answers(&mut h, back);
@@ -494,12 +506,12 @@ mod tests {
         let t = dead + ms(150);
         *h.get_mut(&tunnel(EAST)).expect("tunnel") = health(false, t, Some(dead));
         m.step(Event::Probed(h.clone()), t);
-        assert_eq!(group(&m), WEST, "nothing to the east AP answers after its tunnel went quiet");
+        assert_eq!(group(&m), EAST, "a tunnel alone is given a moment to be undone");
         for line in ["fiber", "lte"] {
             *h.get_mut(&path(line, EAST)).expect("path") = health(false, t + ms(10), Some(dead));
         }
         m.step(Event::Probed(h.clone()), t + ms(10));
-        assert_eq!(group(&m), WEST);
+        assert_eq!(group(&m), WEST, "its paths failed with it: at once");
         // Back: the east answers again from `back`.
         let back = dead + ms(5000);
         for k in [tunnel(EAST), path("fiber", EAST), path("lte", EAST)] {
@@ -540,8 +552,12 @@ mod tests {
         *h.get_mut(&tunnel(EAST)).expect("tunnel") = health(false, t, Some(quiet));
         let actions = m.step(Event::Probed(h.clone()), t);
         assert_eq!(group(&m), EAST, "not known yet whether the fibre failed with the tunnel");
-        let wake = actions.iter().find_map(|a| if let Action::WakeAt(w) = a { Some(*w) } else { None });
-        assert_eq!(wake, Some(quiet + ms(200)), "woken when the path must have answered again");
+        let wake =
+            |actions: &[Action]| actions.iter().find_map(|a| if let Action::WakeAt(w) = a { Some(*w) } else { None });
+        assert_eq!(wake(&actions), Some(t + LONE_TUNNEL_SETTLE), "the settle ends first");
+        let actions = m.step(Event::Tick, t + LONE_TUNNEL_SETTLE);
+        assert_eq!(group(&m), EAST, "still not known");
+        assert_eq!(wake(&actions), Some(quiet + ms(200)), "woken when the path must have answered again");
         // Every path answered at +190 ms (no event: answers that flip nothing raise none).
         for k in h.keys().filter(|k| matches!(k, Key::Path { .. })).cloned().collect::<Vec<_>>() {
             h.get_mut(&k).expect("path").last_reply = Some(quiet + ms(190));
@@ -549,6 +565,40 @@ mod tests {
         m.step(Event::Probed(h.clone()), quiet + ms(190));
         assert_eq!(group(&m), WEST, "the path answered clearly after the tunnel went quiet: the peer's own failure");
         assert_eq!(line_to(&m, EAST), "fiber", "its line is fine");
+    }
+
+    /// A tunnel judged down alone while its line answers clearly (a busy
+    /// host held the peer's answers up) and up again 11 ms later moves
+    /// nothing; one that stays down moves its group once it has been down
+    /// for [`LONE_TUNNEL_SETTLE`], at the wake-up the machine asked for.
+    #[test]
+    fn a_lone_tunnel_flip_undone_at_once_moves_nothing() {
+        let t0 = Instant::now();
+        let (mut m, mut h) = settled(t0);
+        let quiet = t0 + ms(1000);
+        let t = quiet + ms(200);
+        for k in h.keys().filter(|k| matches!(k, Key::Path { .. })).cloned().collect::<Vec<_>>() {
+            h.get_mut(&k).expect("path").last_reply = Some(t - ms(5));
+        }
+        *h.get_mut(&tunnel(EAST)).expect("tunnel") = health(false, t, Some(quiet));
+        let actions = m.step(Event::Probed(h.clone()), t);
+        assert_eq!(group(&m), EAST, "not at the flip");
+        let wake = actions.iter().find_map(|a| if let Action::WakeAt(w) = a { Some(*w) } else { None });
+        assert_eq!(wake, Some(t + LONE_TUNNEL_SETTLE));
+        // Its answers arrive 11 ms later.
+        let mut back = h.clone();
+        *back.get_mut(&tunnel(EAST)).expect("tunnel") = health(true, t + ms(11), Some(t + ms(11)));
+        m.step(Event::Probed(back), t + ms(11));
+        m.step(Event::Tick, t + LONE_TUNNEL_SETTLE);
+        assert_eq!(group(&m), EAST, "undone: nothing moved");
+        assert!(m.moves().is_empty(), "{:?}", m.moves());
+        // The same flip, not undone: the group leaves at the wake-up.
+        let (mut m, _) = settled(t0);
+        m.step(Event::Probed(h.clone()), t);
+        m.step(Event::Tick, t + LONE_TUNNEL_SETTLE - ms(1));
+        assert_eq!(group(&m), EAST);
+        m.step(Event::Tick, t + LONE_TUNNEL_SETTLE);
+        assert_eq!(group(&m), WEST, "its own failure: the group leaves");
     }
 
     /// The east access point dies; the fibre path to it is judged down

@@ -28,6 +28,14 @@ const SWITCH_GRACE: Duration = Duration::from_secs(2);
 /// follows it). Only a site gone for longer is sought over the interconnect.
 const SITE_GRACE: Duration = Duration::from_secs(1);
 
+/// How long a tunnel that went quiet alone (its line still answers) must
+/// stay down before its route groups leave: a busy host can hold a peer's
+/// answers up just past the detection time, and a tunnel judged down and up
+/// again 11 ms later moved a group to the other access point for a whole
+/// hold-down (1 of 40 drills). Everything else is decided at the flip:
+/// a path judged down, an access point gone.
+pub const LONE_TUNNEL_SETTLE: Duration = Duration::from_millis(20);
+
 /// The health of a probe target, as the prober knows it.
 pub type HealthOf<'a> = &'a dyn Fn(&Key) -> Option<Health>;
 
@@ -214,13 +222,22 @@ pub fn choices(i: Inputs<'_>) -> Choices {
                             && now.saturating_duration_since(*at) < SWITCH_GRACE
                     });
                 let switching = switching || switched || (undecided && outlived.is_some());
-                if switching && current { 0 } else { 2 }
+                // Its own failure, unless it is undone at once.
+                let settling = !path_failed && down_for(&h) < LONE_TUNNEL_SETTLE;
+                if (switching || settling) && current { 0 } else { 2 }
             }
         }
     };
     let path_rank = |peer: &str, e: &pb::Endpoint| {
         let Some(key) = path_key(e) else { return 3 };
         let current = active.paths.get(peer).is_some_and(|(l, r)| *l == e.local_line && *r == e.remote_line);
+        // A peer that is gone keeps its line: its other paths are only not
+        // judged yet, and a move towards it (pins, fence, endpoints) would
+        // be written for nothing while its groups move away — then moved
+        // back when those paths are judged down too.
+        if gone.contains(peer) {
+            return if current { 0 } else { 2 };
+        }
         match health(&key) {
             None => 0,
             Some(h) if h.up => u8::from(!settled(&h, current)),

@@ -147,11 +147,19 @@ impl Linux {
                 self.policy_seen = None;
                 nft::set(p)?;
                 self.policy_seen = Some(Some(p.clone()));
+                if !p.fence.is_empty() {
+                    self.fence.warm();
+                }
                 self.writes += 1;
             }
             Op::SetFence(fence) => {
                 let seen = self.policy_seen.take();
-                nft::set_fence(fence)?;
+                // A process of its own, which reports nft's error, only
+                // when the kept session could not.
+                if let Err(why) = self.fence.write(fence) {
+                    tracing::debug!(why, "the fence written by an nft process of its own");
+                    nft::set_fence(fence)?;
+                }
                 self.policy_seen = seen.map(|p| p.map(|p| Policy { fence: fence.clone(), ..p }));
                 self.writes += 1;
             }

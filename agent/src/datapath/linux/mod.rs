@@ -25,6 +25,7 @@
 mod apply;
 mod capabilities;
 mod doctor;
+mod fence;
 pub mod netlink;
 pub mod nft;
 mod observe;
@@ -95,6 +96,8 @@ pub struct Linux {
     /// nft process (100 ms here, and 2 s once in a drill's busiest moment,
     /// when route notifications had dropped the kept observation).
     policy_seen: Option<Option<Policy>>,
+    /// The fence's writer: a kept `nft -i` (see [`fence`]).
+    fence: fence::Writer,
 }
 
 /// How long an observation is trusted without a notification. WireGuard
@@ -138,6 +141,7 @@ impl Linux {
             pinned: None,
             trust_policy: false,
             policy_seen: None,
+            fence: fence::Writer::default(),
         })
     }
 
