@@ -237,16 +237,84 @@ fn inside(prefix: &str, nets: &[ipnetwork::IpNetwork]) -> bool {
 }
 
 /// The prefixes of `set` that no other one of it contains (an nftables
-/// set of intervals refuses overlaps).
+/// set of intervals refuses overlaps). In order of family, network and
+/// length, a prefix inside another one is inside the last one kept (the
+/// kept ones never overlap): one pass after a sort, where comparing every
+/// pair cost an access point of 2,000 members a third of a simulated
+/// fleet's CPU (every member's enrolment rebuilds it).
 fn outermost(set: &BTreeSet<String>) -> BTreeSet<String> {
-    let nets: Vec<ipnetwork::IpNetwork> = set.iter().filter_map(|p| p.parse().ok()).collect();
-    set.iter()
-        .filter(|p| {
-            let Ok(n) = p.parse::<ipnetwork::IpNetwork>() else { return false };
-            !nets
+    let mut nets: Vec<(ipnetwork::IpNetwork, &String)> =
+        set.iter().filter_map(|p| Some((p.parse::<ipnetwork::IpNetwork>().ok()?, p))).collect();
+    let start = |n: &ipnetwork::IpNetwork| match n.network() {
+        std::net::IpAddr::V4(a) => (false, u128::from(u32::from(a))),
+        std::net::IpAddr::V6(a) => (true, u128::from(a)),
+    };
+    nets.sort_by_key(|(n, _)| (start(n), n.prefix()));
+    let mut kept: BTreeSet<String> = BTreeSet::new();
+    let mut last: Option<ipnetwork::IpNetwork> = None;
+    for (n, text) in nets {
+        let inside =
+            last.is_some_and(|o| o.is_ipv4() == n.is_ipv4() && o.prefix() < n.prefix() && o.contains(n.network()));
+        if !inside {
+            kept.insert(text.clone());
+            last = Some(n);
+        }
+    }
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Every pair compared: what [`outermost`] must agree with.
+    fn outermost_by_pairs(set: &BTreeSet<String>) -> BTreeSet<String> {
+        let nets: Vec<ipnetwork::IpNetwork> = set.iter().filter_map(|p| p.parse().ok()).collect();
+        set.iter()
+            .filter(|p| {
+                let Ok(n) = p.parse::<ipnetwork::IpNetwork>() else { return false };
+                !nets.iter().any(|o| {
+                    *o != n && o.is_ipv4() == n.is_ipv4() && o.prefix() < n.prefix() && o.contains(n.network())
+                })
+            })
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn outermost_keeps_what_nothing_else_contains() {
+        let set: BTreeSet<String> = [
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "10.1.2.0/24",
+            "11.0.0.0/24",
+            "10.2.0.0/16",
+            "fd00::/8",
+            "fd00:1::/32",
+            "::/0",
+        ]
+        .map(String::from)
+        .into();
+        let want: BTreeSet<String> = ["10.0.0.0/8", "11.0.0.0/24", "::/0"].map(String::from).into();
+        assert_eq!(outermost(&set), want);
+    }
+
+    proptest! {
+        /// The same as comparing every pair, on random nested prefixes of both families.
+        #[test]
+        fn outermost_agrees_with_every_pair(prefixes in proptest::collection::vec((any::<bool>(), 0u8..4, 0u8..4, 8u8..=28), 0..40)) {
+            let set: BTreeSet<String> = prefixes
                 .iter()
-                .any(|o| *o != n && o.is_ipv4() == n.is_ipv4() && o.prefix() < n.prefix() && o.contains(n.network()))
-        })
-        .cloned()
-        .collect()
+                .map(|(v6, a, b, len)| {
+                    if *v6 {
+                        canonical(&format!("fd{a:02x}:{b:x}::/{}", u32::from(*len) + 4)).expect("prefix")
+                    } else {
+                        canonical(&format!("10.{a}.{b}.0/{len}")).expect("prefix")
+                    }
+                })
+                .collect();
+            prop_assert_eq!(outermost(&set), outermost_by_pairs(&set));
+        }
+    }
 }
