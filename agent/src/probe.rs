@@ -366,6 +366,16 @@ struct State {
     next: Instant,
 }
 
+impl State {
+    /// Notes probe `seq` sent at `now`, keeping the last few for the loss window.
+    fn sent_at(&mut self, seq: u64, now: Instant) {
+        self.sent.push_back((seq, now, false));
+        while self.sent.len() > WINDOW + 8 {
+            self.sent.pop_front();
+        }
+    }
+}
+
 async fn socket_loop(
     interface: String,
     local: IpAddr,
@@ -420,10 +430,7 @@ async fn socket_loop(
                 for (t, st) in ctx.targets.iter().zip(ctx.states.iter_mut()).filter(|(t, _)| !t.member) {
                     seq += 1;
                     let _ = sock.try_send_to(&request(seq, now - epoch), SocketAddr::new(t.address, PORT));
-                    st.sent.push_back((seq, now, false));
-                    while st.sent.len() > WINDOW + 8 {
-                        st.sent.pop_front();
-                    }
+                    st.sent_at(seq, now);
                 }
             }
             // A target that stops answering is judged at its detection time,
@@ -442,10 +449,7 @@ async fn socket_loop(
                     if now + tick / 2 >= st.next {
                         seq += 1;
                         let _ = sock.send_to(&request(seq, now - epoch), SocketAddr::new(t.address, PORT)).await;
-                        st.sent.push_back((seq, now, false));
-                        while st.sent.len() > WINDOW + 8 {
-                            st.sent.pop_front();
-                        }
+                        st.sent_at(seq, now);
                         // On a fixed schedule: `now + every` would slip
                         // behind a tick that comes a little early and skip
                         // it, probing every other tick.

@@ -188,17 +188,17 @@ impl Machine {
             .values()
             .filter_map(|h| h.since)
             .flat_map(|s| [s + SITE_GRACE, s + SWITCH_GRACE, s + self.hold_down]);
-        // A quiet tunnel's settle ends.
-        let settled = self
-            .health
-            .iter()
-            .filter(|(k, h)| matches!(k, Key::Tunnel { .. }) && !h.up)
-            .filter_map(|(_, h)| Some(h.since? + LONE_TUNNEL_SETTLE));
-        let undecided =
-            self.health.iter().filter(|(k, h)| matches!(k, Key::Tunnel { .. }) && !h.up).filter_map(|(_, h)| {
-                Some(h.last_reply? + super::quiet_window(h, slowest) + slowest.max(h.interval) * 2)
-            });
-        periods.chain(settled).chain(undecided).filter(|t| *t > now).min()
+        // Per quiet tunnel: when its settle ends, and when the path beside
+        // it must have answered.
+        let quiet = self.health.iter().filter(|(k, h)| matches!(k, Key::Tunnel { .. }) && !h.up).flat_map(|(_, h)| {
+            [
+                h.since.map(|s| s + LONE_TUNNEL_SETTLE),
+                h.last_reply.map(|l| l + super::quiet_window(h, slowest) + slowest.max(h.interval) * 2),
+            ]
+            .into_iter()
+            .flatten()
+        });
+        periods.chain(quiet).filter(|t| *t > now).min()
     }
 }
 
