@@ -11,3 +11,4 @@ pub mod reconcile;
 pub mod simulate;
 pub mod state;
 pub mod summary;
+pub mod trust;

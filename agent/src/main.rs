@@ -97,6 +97,15 @@ enum Command {
         /// Allow a metrics address that is not a loopback one.
         #[arg(long)]
         metrics_public: bool,
+        /// The routing tables configurations may use, FIRST-LAST; one
+        /// outside is refused [default: 256 to 2147483647].
+        #[arg(long, env = "MUSUBI_TABLES", value_parser = musubi_agent::trust::parse_tables)]
+        tables: Option<(u32, u32)>,
+        /// The interfaces a segment may take as its LAN, comma-separated; a
+        /// configuration naming another is refused [default: any interface
+        /// that is not Musubi's and no line leaves on].
+        #[arg(long, env = "MUSUBI_LAN_INTERFACES", value_delimiter = ',')]
+        lan_interfaces: Option<Vec<String>>,
         #[command(flatten)]
         modes: Modes,
     },
@@ -223,6 +232,8 @@ async fn run(cli: Cli) -> Result<()> {
             hold_down_s,
             metrics,
             metrics_public,
+            tables,
+            lan_interfaces,
             modes,
         } => {
             let token = match token_file {
@@ -239,6 +250,10 @@ async fn run(cli: Cli) -> Result<()> {
             settings.upkeep = (upkeep_s > 0.0).then(|| Duration::from_secs_f64(upkeep_s));
             settings.probe = datapath == "linux";
             settings.hold_down = Duration::from_secs_f64(hold_down_s);
+            if let Some(tables) = tables {
+                settings.trust.tables = tables;
+            }
+            settings.trust.lan_interfaces = lan_interfaces.map(|l| l.into_iter().collect());
             let agent = Agent::new(settings, open_datapath(&datapath, &state, modes)?)?;
             if let Some(addr) = metrics {
                 musubi_process::metrics::serve(addr, metrics_public, std::sync::Arc::new(agent.metrics().registry()))

@@ -40,6 +40,29 @@ pub enum StateError {
     },
     #[error("no random source: {0}")]
     Random(#[source] getrandom::Error),
+    #[error(
+        "refusing segment name `{0}`: a segment's key is a file named after it (lowercase letters, digits and dashes, at most 63)"
+    )]
+    SegmentName(String),
+}
+
+/// A name as an error message may show it: 64 characters, controls as `?`.
+pub fn shown(name: &str) -> String {
+    name.chars().take(64).map(|c| if c.is_control() { '?' } else { c }).collect()
+}
+
+/// Whether `segment` may name a file of the state directory: what the
+/// intent's validation allows a segment to be called, so `../`, `/` and
+/// hidden names can never reach the disk whatever a controller sends.
+pub fn plain_segment(segment: &str) -> bool {
+    segment.len() <= 63
+        && segment.starts_with(|c: char| c.is_ascii_lowercase())
+        && segment.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// [`plain_segment`] as a result: the refusal names the segment as shown.
+pub fn check_segment(segment: &str) -> Result<(), StateError> {
+    if plain_segment(segment) { Ok(()) } else { Err(StateError::SegmentName(shown(segment))) }
 }
 
 fn file_err(path: &Path, source: std::io::Error) -> StateError {
@@ -167,6 +190,7 @@ impl StateDir {
     }
 
     pub fn ensure_key(&self, segment: &str) -> Result<(String, bool), StateError> {
+        check_segment(segment)?;
         let path = self.key_file(segment);
         if let Some(text) = read_optional(&path)? {
             return Ok((self.public_of_text(segment, &path, &text)?, false));
@@ -212,5 +236,23 @@ impl StateDir {
 
     pub fn enrolled(&self) -> bool {
         self.cert().exists() && self.cert_key().exists() && self.ca().exists()
+    }
+}
+
+#[cfg(test)]
+mod segment_name_tests {
+    use super::{StateDir, StateError, plain_segment};
+
+    #[test]
+    fn a_segment_name_never_leaves_the_keys_directory() {
+        let dir = tempfile::tempdir().expect("dir");
+        let state = StateDir::new(&dir.path().join("state"));
+        for bad in ["../escaped", "a/b", "", ".hidden", "Office", "x\u{1b}[2J", &"a".repeat(64)] {
+            assert!(!plain_segment(bad), "{bad:?}");
+            assert!(matches!(state.ensure_key(bad), Err(StateError::SegmentName(_))), "{bad:?}");
+        }
+        assert!(!dir.path().join("state/escaped.key").exists() && !dir.path().join("escaped.key").exists());
+        let (_, made) = state.ensure_key("office").expect("a plain name");
+        assert!(made && dir.path().join("state/keys/office.key").exists());
     }
 }

@@ -45,7 +45,41 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// The intent reader on hostile input: one mapping of `keys` keys, every
+/// thousandth written twice (duplicate detection must not compare pairs).
+fn reader(keys: usize, rounds: usize) {
+    let mut text = String::with_capacity(keys * 16);
+    for i in 0..keys {
+        text.push_str(&format!("k{i}: {i}\n"));
+        if i % 1000 == 999 {
+            text.push_str(&format!("k{i}: again\n"));
+        }
+    }
+    let mut times: Vec<Duration> = (0..rounds)
+        .map(|_| {
+            let t = Instant::now();
+            let parsed = parse_str("keys.yaml", &text);
+            let took = t.elapsed();
+            assert!(!parsed.diagnostics.is_empty());
+            took
+        })
+        .collect();
+    times.sort();
+    println!(
+        "reader: one mapping of {keys} keys ({} bytes, {} written twice): median {} (min {}, max {}) over {rounds}",
+        text.len(),
+        keys / 1000,
+        ms(percentile(&times, 0.5)),
+        ms(times[0]),
+        ms(times[times.len() - 1])
+    );
+}
+
 fn main() {
+    reader(env("MUSUBI_BENCH_KEYS", 100_000), env("MUSUBI_BENCH_ROUNDS", 5));
+    if std::env::var("MUSUBI_BENCH_ONLY").is_ok_and(|v| v == "reader") {
+        return;
+    }
     let sites = env("MUSUBI_BENCH_SITES", 10_000);
     let segments = env("MUSUBI_BENCH_SEGMENTS", 5);
     let rounds = env("MUSUBI_BENCH_ROUNDS", 5);

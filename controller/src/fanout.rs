@@ -342,6 +342,11 @@ impl Fanout {
         Ok(fanout)
     }
 
+    /// What `actor` may do under the bindings of the intent followed last.
+    pub fn rights(&self, actor: &str) -> musubi_core::access::Rights {
+        musubi_core::access::rights(&self.lock().stored.intent, actor)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -56,6 +56,7 @@ pub struct Metrics {
     pub enrolments: Counter,
     pub renewals: Counter,
     pub refusals: Family<Reason, Counter>,
+    pub statuses_coalesced: Counter,
     registry: Arc<Registry>,
 }
 
@@ -81,6 +82,7 @@ impl Metrics {
             enrolments: Counter::default(),
             renewals: Counter::default(),
             refusals: Family::default(),
+            statuses_coalesced: Counter::default(),
             registry: Arc::default(),
         };
         let mut r = Registry::with_prefix("musubi_controller");
@@ -120,6 +122,11 @@ impl Metrics {
         r.register("enrolments", "Sites enrolled with a join token", m.enrolments.clone());
         r.register("renewals", "Site certificates renewed", m.renewals.clone());
         r.register("agent_refusals", "Agents refused, by reason", m.refusals.clone());
+        r.register(
+            "agent_statuses_coalesced",
+            "Agents' status reports folded into a later write (an agent reporting more than 10 times a second)",
+            m.statuses_coalesced.clone(),
+        );
         Metrics { registry: Arc::new(r), ..m }
     }
 

@@ -31,6 +31,18 @@ pub enum PkiError {
     Certificate(String),
     #[error("the certificate signing request is unreadable or its signature is wrong: {0}")]
     Request(String),
+    #[error("`{name}` cannot name an operator: {why}")]
+    OperatorName { name: String, why: &'static str },
+}
+
+/// Names an operator may have. An operator's certificate and key are files
+/// of the PKI directory named after it, beside the CA's and the server's:
+/// a name must stay a plain file name and never be theirs.
+pub fn check_operator_name(name: &str) -> Result<(), PkiError> {
+    match musubi_core::access::operator_name_problem(name) {
+        Some(why) => Err(PkiError::OperatorName { name: musubi_core::words::printable(name, 80).into_owned(), why }),
+        None => Ok(()),
+    }
 }
 
 fn cert_err(e: impl std::fmt::Display) -> PkiError {
@@ -178,6 +190,7 @@ impl Authority {
     }
 
     pub fn issue_operator(&self, name: &str, lifetime: Duration) -> Result<(String, String), PkiError> {
+        check_operator_name(name)?;
         self.issue_with_key(leaf_params(SanType::URI(uri(OPERATOR_URI, name)?), name, lifetime, false))
     }
 
@@ -220,6 +233,7 @@ pub fn init(
     admin: &str,
     external: Option<(&Path, &Path)>,
 ) -> Result<Initialised, PkiError> {
+    check_operator_name(admin)?;
     let paths = Paths::new(dir);
     std::fs::create_dir_all(dir).map_err(|e| PkiError::File { path: dir.to_path_buf(), source: e })?;
     if paths.ca().exists() {
@@ -358,6 +372,29 @@ mod tests {
         let other = init(other.path(), &[], "x", None)?;
         let mismatch = init(third.path(), &[], "ops", Some((&ca, &other.paths.ca_key())));
         assert!(matches!(mismatch, Err(PkiError::Certificate(m)) if m.contains("does not belong")));
+        Ok(())
+    }
+
+    #[test]
+    fn an_operator_name_cannot_be_a_pki_file_or_a_path() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let made = init(dir.path(), &["localhost".into()], "admin", None)?;
+        let ca = Authority::load(&made.paths)?;
+        let before = std::fs::read_dir(dir.path())?.count();
+        for bad in ["ca", "server", "ca-key", "admin-key", "../etc/x", "a/b", "", "Admin", "-x", ".hidden", "x y"] {
+            let refused = ca.issue_operator(bad, Duration::from_secs(60));
+            assert!(matches!(refused, Err(PkiError::OperatorName { .. })), "`{bad}` was accepted");
+        }
+        let e = ca.issue_operator("ca", Duration::from_secs(60)).err().ok_or("accepted")?;
+        assert_eq!(
+            e.to_string(),
+            "`ca` cannot name an operator: the PKI directory's own files (the CA, the server, keys) use that name"
+        );
+        assert!(matches!(init(tempfile::tempdir()?.path(), &[], "server", None), Err(PkiError::OperatorName { .. })));
+        for good in ["noc-east", "city-kita.admin", "ops_2"] {
+            ca.issue_operator(good, Duration::from_secs(60))?;
+        }
+        assert_eq!(std::fs::read_dir(dir.path())?.count(), before, "issuing writes nothing by itself");
         Ok(())
     }
 

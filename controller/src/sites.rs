@@ -12,7 +12,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::store::layout::{REVOKED, SEEN, TOKENS};
+use crate::store::layout::{KEY_OWNERS, REVOKED, REVOKED_OPERATORS, SEEN, TOKENS};
 use crate::store::{Guard, IntentStore, StoreError};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,7 +52,7 @@ fn decode<T: for<'de> Deserialize<'de>>(key: &str, value: &[u8]) -> Result<T, St
 }
 
 /// Reads one key exactly (not the keys it is a prefix of).
-async fn get<S: IntentStore>(store: &S, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+pub(crate) async fn get<S: IntentStore>(store: &S, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
     Ok(store.list(key).await?.into_iter().find(|(k, _)| k == key).map(|(_, v)| v))
 }
 
@@ -113,7 +113,65 @@ pub struct Revocation {
 }
 
 pub async fn revoke<S: IntentStore>(store: &S, site: &str, now_ms: u64, restore: bool) -> Result<u64, StoreError> {
+    revoke_key(store, &format!("{REVOKED}{site}"), now_ms, restore).await
+}
+
+/// Claims WireGuard public key `key` for `site`'s `segment`: `None` when it
+/// is theirs (newly or already), else who holds it (`site/segment`).
+pub async fn claim_key<S: IntentStore>(
+    store: &S,
+    key: &str,
+    site: &str,
+    segment: &str,
+) -> Result<Option<String>, StoreError> {
+    let index = format!("{KEY_OWNERS}{}", hash(key));
+    let owner = format!("{site}/{segment}");
+    if store.swap(&index, Guard::Absent, Some(owner.clone().into_bytes())).await? {
+        return Ok(None);
+    }
+    let held = get(store, &index).await?.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default();
+    Ok((held != owner).then_some(held))
+}
+
+/// A site removed from the intent: the certificates issued to it until now
+/// are refused from now on, should a site of that name come back (it enrols
+/// again with a new token). An active revocation stays active.
+pub async fn retire<S: IntentStore>(store: &S, site: &str, now_ms: u64) -> Result<(), StoreError> {
     let key = format!("{REVOKED}{site}");
+    let active = match get(store, &key).await? {
+        Some(v) => decode::<Revocation>(&key, &v)?.active,
+        None => false,
+    };
+    store.swap(&key, Guard::Any, Some(encode(&key, &Revocation { at_ms: now_ms, active })?)).await.map(|_| ())
+}
+
+/// Refuses operator `name`'s certificates issued before `now_ms` (every
+/// replica reads it on every call), or lifts that with `restore`.
+pub async fn revoke_operator<S: IntentStore>(
+    store: &S,
+    name: &str,
+    now_ms: u64,
+    restore: bool,
+) -> Result<u64, StoreError> {
+    revoke_key(store, &format!("{REVOKED_OPERATORS}{name}"), now_ms, restore).await
+}
+
+/// Operator `name`'s revocation, if it was ever revoked.
+pub async fn operator_revocation<S: IntentStore>(store: &S, name: &str) -> Result<Option<Revocation>, StoreError> {
+    let key = format!("{REVOKED_OPERATORS}{name}");
+    get(store, &key).await?.map(|v| decode(&key, &v)).transpose()
+}
+
+impl Revocation {
+    /// Does it refuse a certificate issued at `issued_ms`? While active,
+    /// every one; once lifted, those issued before it.
+    pub fn refuses(&self, issued_ms: u64) -> bool {
+        self.active || issued_ms < self.at_ms
+    }
+}
+
+async fn revoke_key<S: IntentStore>(store: &S, key: &str, now_ms: u64, restore: bool) -> Result<u64, StoreError> {
+    let key = key.to_string();
     let record = if restore {
         let Some(current) = get(store, &key).await? else { return Ok(0) };
         Revocation { active: false, ..decode(&key, &current)? }

@@ -63,7 +63,9 @@ fn build(seed: u64, tenants: usize, shared: usize, private: usize, sites_per_ten
     let mut k = 0;
     for t in 0..tenants {
         let name = format!("t{t}");
-        intent.tenants.insert(name.clone(), Arc::new(Tenant { name, description: format!("自治体{t}") }));
+        intent
+            .tenants
+            .insert(name.clone(), Arc::new(Tenant { name, national: false, description: format!("自治体{t}") }));
     }
     let all_tenants: Vec<String> = (1..tenants).map(|t| format!("t{t}")).collect();
     for s in 0..shared {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use musubi_controller::store::IntentStore;
-use musubi_controller::store::apply::{Accepted, Change, Mode, NO_KEYS, apply, apply_on};
+use musubi_controller::store::apply::{Accepted, Change, Hold, Mode, NO_KEYS, apply, apply_on};
 use musubi_controller::store::embedded::Embedded;
 use musubi_controller::store::etcd::{Etcd, EtcdConfig};
 use musubi_controller::store::layout::Stored;
@@ -28,7 +28,16 @@ fn env(name: &str, default: usize) -> usize {
 async fn merge<S: IntentStore>(store: &S, kept: &Stored, text: &str) -> (Duration, Accepted) {
     let t = Instant::now();
     let parsed = parse_str("merged.yaml", text);
-    let change = Change { actor: "bench", now_ms: 0, dry_run: false, note: None, keys: &NO_KEYS, before_commit: None };
+    let change = Change {
+        actor: "bench",
+        now_ms: 0,
+        dry_run: false,
+        note: None,
+        keys: &NO_KEYS,
+        before_commit: None,
+        hold: Hold::Never,
+        approver: None,
+    };
     let done = apply_on(store, kept, &parsed, Mode::Merge { remove: &[] }, Some(kept.revision), change);
     let done = done.await.expect("merge");
     (t.elapsed(), done)

@@ -79,6 +79,7 @@ async fn apply(client: &mut OperatorClient<Channel>, text: String, expected: u64
             dry_run: false,
             merge,
             remove: Vec::new(),
+            propose: false,
         })
         .await
         .expect("apply")

@@ -2,6 +2,7 @@
 //! embedded store and on a real etcd, driven by the `musubi` CLI and by
 //! concurrent gRPC clients; a `kill -9` in the middle of a stream of applies.
 
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,9 +35,16 @@ impl Store {
 }
 
 fn musubi(controller: &Controller, args: &[&str]) -> Output {
+    musubi_remembering(controller, args, Path::new(""))
+}
+
+/// `musubi` keeping what it remembers (the verified head) in `state` (empty:
+/// nothing remembered).
+fn musubi_remembering(controller: &Controller, args: &[&str], state: &Path) -> Output {
     Command::new(bin("musubi"))
-        .args(["--color", "never", "--controller", &controller.address()])
+        .args(["--color", "never", "--insecure", "--controller", &controller.address()])
         .args(args)
+        .env("MUSUBI_STATE_DIR", state)
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .output()
         .expect("run musubi")
@@ -82,7 +90,7 @@ async fn kita_description(c: &mut OperatorClient<Channel>) -> String {
 }
 
 async fn chain(c: &mut OperatorClient<Channel>) -> Vec<musubi_core::audit::AuditEntry> {
-    let h = c.history(pb::HistoryRequest {}).await.expect("history").into_inner();
+    let h = c.history(pb::HistoryRequest::default()).await.expect("history").into_inner();
     h.entries.iter().map(audit_from_pb).collect()
 }
 
@@ -265,6 +273,7 @@ async fn racing_clients_lose_no_update() {
                         dry_run: false,
                         merge: false,
                         remove: Vec::new(),
+                        propose: false,
                     };
                     match c.apply(request).await {
                         Ok(r) => won.push((r.into_inner().revision, format!("{who}-{i}"))),
@@ -311,6 +320,7 @@ async fn kill_9_during_applies_keeps_the_last_acknowledged_intent() {
                     dry_run: false,
                     merge: false,
                     remove: Vec::new(),
+                    propose: false,
                 };
                 match c.apply(request).await {
                     Ok(r) => {
@@ -353,6 +363,7 @@ async fn kill_9_during_applies_keeps_the_last_acknowledged_intent() {
                 dry_run: true,
                 merge: false,
                 remove: Vec::new(),
+                propose: false,
             })
             .await
             .expect("dry run")
@@ -386,18 +397,24 @@ fn config_file_and_graceful_sigterm() {
     assert!(text(&out.stderr).contains("listen_port"), "{}", text(&out.stderr));
 }
 
+/// `musubi apply` of the document `marked(mark)` (from a multi-threaded
+/// test: the CLI blocks).
+fn apply_marked(controller: &Controller, mark: &str) {
+    let out = tokio::task::block_in_place(|| {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("p.yaml");
+        std::fs::write(&file, &marked(mark)[0].text).expect("write");
+        musubi(controller, &["apply", "-f", &file.to_string_lossy(), "--yes"])
+    });
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_verify_names_a_tampered_entry() {
     let etcd = EtcdServer::start();
     let controller = Controller::start(&format!("etcd://{}", etcd.endpoint()));
     for mark in ["one", "two", "three"] {
-        let out = tokio::task::block_in_place(|| {
-            let dir = tempfile::tempdir().expect("tmp");
-            let file = dir.path().join("p.yaml");
-            std::fs::write(&file, &marked(mark)[0].text).expect("write");
-            musubi(&controller, &["apply", "-f", &file.to_string_lossy(), "--yes"])
-        });
-        assert!(out.status.success(), "{}", text(&out.stderr));
+        apply_marked(&controller, mark);
     }
     let ok = tokio::task::block_in_place(|| musubi(&controller, &["history", "--verify"]));
     assert!(ok.status.success(), "{}", text(&ok.stderr));
@@ -426,6 +443,70 @@ async fn history_verify_names_a_tampered_entry() {
         text(&out.stderr).contains("audit entry 1 (revision 2) was altered"),
         "{}{}",
         text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_verify_finds_an_edited_change_record_a_removed_entry_and_a_rewritten_history() {
+    let etcd = EtcdServer::start();
+    let controller = Controller::start(&format!("etcd://{}", etcd.endpoint()));
+    let state = tempfile::tempdir().expect("tmp");
+    let apply = |mark: &str| apply_marked(&controller, mark);
+    let verify =
+        || tokio::task::block_in_place(|| musubi_remembering(&controller, &["history", "--verify"], state.path()));
+    for mark in ["one", "two", "three"] {
+        apply(mark);
+    }
+    let ok = verify();
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    assert!(text(&ok.stdout).contains("change records of 3 revisions checked"), "{}", text(&ok.stdout));
+
+    // Someone with write access to etcd edits what revision 2 changed: the
+    // entries are intact, the records no longer hash to what entry 2 holds.
+    let mut raw = etcd_client::Client::connect([etcd.endpoint()], None).await.expect("etcd");
+    let key = "/musubi/v1/changes/00000000000000000002";
+    let found = raw.get(key, None).await.expect("get");
+    let original = found.kvs().first().expect("change records of revision 2").value().to_vec();
+    let edited = String::from_utf8(original.clone()).expect("utf-8").replacen("two", "TWO", 1);
+    assert_ne!(edited.as_bytes(), &original[..], "revision 2's records mention its mark");
+    raw.put(key, edited, None).await.expect("put");
+    let out = verify();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(text(&out.stderr).contains("the change records of revision 2 were altered"), "{}", text(&out.stderr));
+    raw.put(key, original, None).await.expect("put back");
+    assert!(verify().status.success());
+
+    // An entry removed from the middle of the chain.
+    let entry = "/musubi/v1/audit/00000000000000000002";
+    let kept = raw.get(entry, None).await.expect("get").kvs().first().expect("entry 2").value().to_vec();
+    raw.delete(entry, None).await.expect("delete");
+    let out = verify();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("does not link to the entry before it"), "{}", text(&out.stderr));
+    raw.put(entry, kept, None).await.expect("put back");
+    assert!(verify().status.success());
+
+    // The whole history rewritten: a consistent new chain from scratch, as
+    // someone with the store could make, served at the same address. It
+    // verifies on its own, but it no longer holds the head this CLI verified.
+    let (port, store) = (controller.port, controller.store.clone());
+    let mut controller = controller;
+    controller.kill_hard();
+    raw.delete("/musubi/v1/", Some(etcd_client::DeleteOptions::new().with_prefix())).await.expect("wipe");
+    let listen = format!("127.0.0.1:{port}");
+    let controller =
+        Controller::start_with(port, &store, &["serve", "--insecure", "--listen", &listen, "--store", &store]);
+    for mark in ["one", "two", "three", "four"] {
+        apply_marked(&controller, mark);
+    }
+    let fresh = tokio::task::block_in_place(|| musubi(&controller, &["history", "--verify"]));
+    assert!(fresh.status.success(), "the new chain is consistent: {}", text(&fresh.stderr));
+    let out = tokio::task::block_in_place(|| musubi_remembering(&controller, &["history", "--verify"], state.path()));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("no longer extends the head verified before (revision 3"),
+        "{}",
         text(&out.stderr)
     );
 }

@@ -71,6 +71,12 @@ fn the_production_datapath_runs_in_a_real_kernel() {
         }
         env.push_str(&format!("KERNEL_LAB_STEPS=\"{steps}\"\n"));
     }
+    // The guest's other knobs (tests/kernel/guest), passed on when set here.
+    for name in ["DRILLS", "DRILL_RATE", "TIME_SCALE", "GUEST_PROFILE", "MUSUBI_LOG"] {
+        if let Ok(value) = std::env::var(name) {
+            env.push_str(&format!("export {name}=\"{value}\"\n"));
+        }
+    }
     std::fs::write(out.join("env"), env).expect("env");
     let status = Command::new(repo("tests/kernel/boot"))
         .arg(repo("tests/kernel/guest"))

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use musubi_controller::fanout::{Fanout, Kept, Priming, deliverable, digest};
 use musubi_controller::store::apply::{
-    ApplyError, BeforeCommit, Change, Mode, RollbackError, apply, apply_on, rollback,
+    ApplyError, BeforeCommit, Change, Hold, Mode, RollbackError, apply, apply_on, rollback,
 };
 use musubi_controller::store::embedded::Embedded;
 use musubi_controller::store::etcd::{Etcd, EtcdConfig};
@@ -411,6 +411,8 @@ async fn fanout_takes_an_applys_configurations_only_for_that_content() {
             note: None,
             keys: &keys.keys,
             before_commit: Some(&hook),
+            hold: Hold::Never,
+            approver: None,
         };
         let done =
             apply_on(&*store, &current, &parsed, Mode::Replace, Some(current.revision), change).await.expect("apply");
@@ -478,6 +480,8 @@ async fn a_plan_takes_its_before_side_from_the_fanout_and_equals_one_compiled_af
             note: None,
             keys: &keys.keys,
             before_commit: ask.then_some(&asking as &dyn BeforeCommit),
+            hold: Hold::Never,
+            approver: None,
         };
         let done =
             apply_on(&*store, &current, &parsed, Mode::Replace, Some(current.revision), change).await.expect("plan");

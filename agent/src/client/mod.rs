@@ -63,6 +63,11 @@ impl Agent {
     /// An agent that starts from the configuration it last applied, if any,
     /// and re-applies it (writing nothing when the datapath still matches).
     pub fn new(settings: Settings, datapath: Box<dyn Datapath>) -> Result<Self, AgentError> {
+        if let Some(plain) =
+            settings.controllers.iter().find(|c| c.starts_with("http://")).filter(|_| !settings.insecure)
+        {
+            return Err(AgentError::PlainText(plain.clone()));
+        }
         let applied = settings.state.load_applied()?;
         let machine = Machine::new(settings.hold_down, settings.probe);
         let mut agent = Agent {
@@ -107,8 +112,23 @@ impl Agent {
     }
 
     /// Applies a configuration; on failure keeps the previous one and reports.
+    /// A configuration that names a segment no intent could hold is refused
+    /// before anything touches the disk or the kernel.
     fn apply(&mut self, update: pb::ConfigUpdate) -> Vec<pb::InterfaceKey> {
         let Some(config) = &update.config else { return Vec::new() };
+        // The interfaces the site's lines leave on, read from the kernel
+        // (nothing written): a LAN is never one of them.
+        let resolved = self.look_up(&crate::probe::paths(config));
+        let lines: std::collections::BTreeSet<String> =
+            resolved.iter().flatten().flat_map(|h| h.values().map(|hop| hop.interface.clone())).collect();
+        // What this site trusts its controller with (names, tables, LANs):
+        // a configuration reaching outside it is refused whole, before the
+        // disk or the kernel is touched; the one applied stays.
+        if let Err(e) = crate::trust::check(config, &self.settings.trust, &lines) {
+            tracing::error!(site = %self.settings.site, revision = update.revision, error = %e, "configuration refused");
+            self.errors = vec![e.to_string()];
+            return Vec::new();
+        }
         let mut new_keys = Vec::new();
         match self.settings.state.local_keys(config.segments.iter().map(|s| s.segment.as_str())) {
             Ok((keys, new)) => {
@@ -123,7 +143,7 @@ impl Agent {
             }
             Err(e) => self.errors.push(e.to_string()),
         }
-        self.resolve(crate::probe::paths(config));
+        self.take_hops(resolved);
         let actions = self.machine.step(
             Event::Configured { config: std::sync::Arc::new(config.clone()), hops: self.hops.clone() },
             Instant::now(),
@@ -388,10 +408,23 @@ impl Agent {
     /// only: without health there is nothing to choose between lines);
     /// true when that changed.
     fn resolve(&mut self, paths: Vec<(std::net::IpAddr, std::net::IpAddr)>) -> bool {
-        if self.prober.is_none() {
-            return false;
-        }
-        match off_workers(self.datapath.blocks(), || self.datapath.hops(&paths)) {
+        let found = self.look_up(&paths);
+        self.take_hops(found)
+    }
+
+    /// How each path's outer packets would leave, read from the datapath
+    /// (nothing written); `None` without probing.
+    fn look_up(
+        &mut self,
+        paths: &[(std::net::IpAddr, std::net::IpAddr)],
+    ) -> Option<Result<Hops, crate::datapath::DatapathError>> {
+        self.prober.is_some().then(|| off_workers(self.datapath.blocks(), || self.datapath.hops(paths)))
+    }
+
+    /// Keeps what [`Agent::look_up`] found; true when the hops changed.
+    fn take_hops(&mut self, found: Option<Result<Hops, crate::datapath::DatapathError>>) -> bool {
+        let Some(found) = found else { return false };
+        match found {
             Ok(h) if h != self.hops => {
                 self.hops = h;
                 true
@@ -421,4 +454,55 @@ impl Agent {
 /// When the machine asked to be woken, if it did.
 fn wake(actions: &[Action]) -> Option<Instant> {
     actions.iter().find_map(|a| if let Action::WakeAt(at) = a { Some(*at) } else { None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::StateDir;
+
+    fn update(lan: &str) -> pb::ConfigUpdate {
+        let tunnel = |name: &str, listen_port| pb::WireguardInterface {
+            name: name.into(),
+            listen_port,
+            addresses: vec!["100.64.0.10/32".into()],
+            faces: pb::PeerRole::AccessPoint as i32,
+        };
+        let config = pb::SiteConfig {
+            site: "kita-hall".into(),
+            segments: vec![pb::SegmentConfig {
+                segment: "lgwan".into(),
+                domain: Some(pb::RoutingDomain { vrf: "mv-lgwan".into(), table: 1000 }),
+                tunnels: vec![tunnel("me-lgwan", 51820), tunnel("mw-lgwan", 51821)],
+                attachment: Some(pb::Attachment { interface: lan.into(), prefixes: vec!["10.0.1.0/24".into()] }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        pb::ConfigUpdate { revision: 7, digest: format!("d-{lan}"), config: Some(config) }
+    }
+
+    #[test]
+    fn a_configuration_outside_what_the_site_trusts_touches_neither_disk_nor_datapath() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut settings = Settings::new("kita-hall", vec!["127.0.0.1:1".into()], StateDir::new(dir.path()));
+        settings.trust.lan_interfaces = Some(["eth3".to_string()].into());
+        let mut agent = Agent::new(settings, Box::new(crate::datapath::fake::Fake::new())).expect("agent");
+        let keys = agent.apply(update("eth2"));
+        assert!(keys.is_empty());
+        assert_eq!(agent.writes(), 0, "nothing reached the datapath");
+        assert!(agent.errors.iter().any(|e| e.contains("LAN interface `eth2` refused")), "{:?}", agent.errors);
+        let written: Vec<_> = std::fs::read_dir(dir.path()).expect("state").flatten().map(|e| e.file_name()).collect();
+        assert!(written.is_empty(), "nothing written to the state directory: {written:?}");
+        assert!(agent.applied.is_none());
+
+        // The LAN the site lists: applied, a key made for the segment.
+        let keys = agent.apply(update("eth3"));
+        assert_eq!(keys.len(), 1, "{:?}", agent.errors);
+        assert!(agent.writes() > 0 && agent.errors.is_empty(), "{:?}", agent.errors);
+        // A later configuration outside the limits leaves the applied one.
+        agent.apply(update("mw-evil"));
+        assert_eq!(agent.applied.as_ref().map(|a| a.digest.as_str()), Some("d-eth3"));
+        assert!(agent.errors.iter().any(|e| e.contains("Musubi's own")), "{:?}", agent.errors);
+    }
 }

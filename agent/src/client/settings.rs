@@ -28,6 +28,10 @@ pub enum AgentError {
     Key(#[source] rcgen::Error),
     #[error("certificate: {0}")]
     Certificate(String),
+    #[error(
+        "refusing plain text to {0}: use https:// (the default) with the controller's CA, or --insecure for a controller started with --insecure"
+    )]
+    PlainText(String),
 }
 
 /// How an agent runs.
@@ -58,6 +62,8 @@ pub struct Settings {
     /// How long a better candidate must have been up before route groups
     /// move back to it (no flapping).
     pub hold_down: Duration,
+    /// What configurations from the controller may ask for (see [`crate::trust`]).
+    pub trust: crate::trust::Limits,
 }
 
 impl Settings {
@@ -75,6 +81,7 @@ impl Settings {
             upkeep: None,
             probe: false,
             hold_down: Duration::from_secs(3),
+            trust: crate::trust::Limits::default(),
         }
     }
 }

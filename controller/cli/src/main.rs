@@ -42,6 +42,10 @@ struct Cli {
     cert: Option<PathBuf>,
     #[arg(long, global = true, env = "MUSUBI_KEY", requires = "cert")]
     key: Option<PathBuf>,
+    /// Talk plain text (`http://`) to a controller started with `--insecure`.
+    /// Without it the CLI never sends anything unencrypted.
+    #[arg(long, global = true, env = "MUSUBI_INSECURE")]
+    insecure: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -87,6 +91,24 @@ enum RemoteCommand {
         /// the whole intent (removing every object); refused without it.
         #[arg(long)]
         allow_destroy_all: bool,
+        /// Wait for a second operator's approval even if no national object
+        /// changes (a national change always waits, once operators are bound).
+        #[arg(long)]
+        propose: bool,
+    },
+    /// Changes waiting for a second operator's approval.
+    #[command(after_help = "Example:\n  musubi pending")]
+    Pending,
+    /// Show the plan a pending change applies now, then approve and apply it
+    /// (another operator than its proposer, with the scope of what it changes).
+    #[command(after_help = "Example:\n  musubi approve 3f9c2a7d41e0b5c8")]
+    Approve {
+        id: String,
+        #[arg(long)]
+        yes: bool,
+        /// Show the plan and stop.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Show objects of the controller's intent as YAML: all, a kind, or one object.
     #[command(after_help = "Example:\n  musubi get site kita-hall")]
@@ -94,7 +116,10 @@ enum RemoteCommand {
     /// The audit chain: who changed what, when, at which revision.
     #[command(after_help = "Example:\n  musubi history --verify")]
     History {
-        /// Check every link of the chain; exit 1 and name the first broken one.
+        /// Check every link of the chain and every revision's change records
+        /// against it, and that the chain still holds the head verified last
+        /// time (remembered under MUSUBI_STATE_DIR, else ~/.local/state/musubi);
+        /// exit 1 and name the first broken one.
         #[arg(long)]
         verify: bool,
     },
@@ -107,6 +132,9 @@ enum RemoteCommand {
         yes: bool,
         #[arg(long)]
         dry_run: bool,
+        /// Wait for a second operator's approval (as `apply --propose`).
+        #[arg(long)]
+        propose: bool,
     },
     /// The controller's whole intent as YAML (apply it elsewhere, or keep it).
     #[command(after_help = "Example:\n  musubi export > intent-backup.yaml")]
@@ -119,6 +147,10 @@ enum RemoteCommand {
     #[command(subcommand)]
     #[command(after_help = "Example:\n  musubi site revoke kita-hall")]
     Site(SiteCommand),
+    /// Operators' credentials (admins only).
+    #[command(subcommand)]
+    #[command(after_help = "Example:\n  musubi operator revoke kita-ops")]
+    Operator(OperatorCommand),
     /// Sites and their agents: connected, applied and desired configuration,
     /// last seen, tunnel health. With a site name, the detail.
     #[command(after_help = "Example:\n  musubi status kita-hall")]
@@ -139,6 +171,18 @@ enum TokenCommand {
         /// How long the token stays valid: 90s, 30m, 1h, 2d.
         #[arg(long, default_value = "1h", value_parser = remote::parse_duration)]
         ttl: std::time::Duration,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum OperatorCommand {
+    /// Refuse an operator's certificate from its next call, on every replica.
+    #[command(after_help = "Example:\n  musubi operator revoke kita-ops --restore")]
+    Revoke {
+        name: String,
+        /// Let certificates issued from now on in again; the earlier ones stay refused.
+        #[arg(long)]
+        restore: bool,
     },
 }
 
@@ -275,7 +319,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Remote(command) => {
-            let tls = remote::Tls { ca: cli.ca, identity: cli.cert.zip(cli.key) };
+            let tls = remote::Tls { ca: cli.ca, identity: cli.cert.zip(cli.key), insecure: cli.insecure };
             remote(command, &cli.controller, &tls, color)
         }
         Command::Local(command) => run(command, color),
@@ -298,19 +342,26 @@ fn remote(command: RemoteCommand, controller: &str, tls: &remote::Tls, color: bo
     runtime.block_on(async {
         let mut client = remote::connect(controller, tls).await?;
         match command {
-            RemoteCommand::Apply { files, yes, dry_run, merge, remove, allow_destroy_all } => {
-                let how = remote::Apply { yes, dry_run, merge, remove: &remove, allow_destroy_all };
+            RemoteCommand::Apply { files, yes, dry_run, merge, remove, allow_destroy_all, propose } => {
+                let how = remote::Apply { yes, dry_run, merge, remove: &remove, allow_destroy_all, propose };
                 remote::apply(&mut client, &files, how, color).await
             }
+            RemoteCommand::Pending => remote::pending(&mut client).await,
+            RemoteCommand::Approve { id, yes, dry_run } => remote::approve(&mut client, id, yes, dry_run, color).await,
             RemoteCommand::Get { kind, name } => remote::get(&mut client, kind, name).await,
-            RemoteCommand::History { verify } => remote::history(&mut client, verify).await,
-            RemoteCommand::Rollback { to, yes, dry_run } => {
-                remote::rollback(&mut client, to, yes, dry_run, color).await
+            RemoteCommand::History { verify } => {
+                remote::history(&mut client, verify, remote::verified_head_file(controller, tls)).await
+            }
+            RemoteCommand::Rollback { to, yes, dry_run, propose } => {
+                remote::rollback(&mut client, to, yes, dry_run, propose, color).await
             }
             RemoteCommand::Export => remote::export(&mut client).await,
             RemoteCommand::Token(TokenCommand::Create { site, ttl }) => remote::token(&mut client, site, ttl).await,
             RemoteCommand::Site(SiteCommand::Revoke { name, restore }) => {
                 remote::revoke(&mut client, name, restore).await
+            }
+            RemoteCommand::Operator(OperatorCommand::Revoke { name, restore }) => {
+                remote::revoke_operator(&mut client, name, restore).await
             }
             RemoteCommand::Status { site, json } => remote::site_status(&mut client, site, json).await,
         }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use musubi_core::api;
-use musubi_core::audit::verify;
+use musubi_core::audit::{self, verify};
 use musubi_core::diagnostic::render;
 use musubi_core::intent::source::{SourceFile, SourceMap};
 use musubi_core::{load, plan};
@@ -23,16 +23,35 @@ pub type Client = OperatorClient<Channel>;
 pub struct Tls {
     pub ca: Option<PathBuf>,
     pub identity: Option<(PathBuf, PathBuf)>,
+    /// Plain text allowed (`--insecure`).
+    pub insecure: bool,
 }
 
-pub async fn connect(address: &str, tls: &Tls) -> Result<Client> {
+/// The controller's URL: as written, else `https://` with a certificate and
+/// `http://` only with `--insecure`; plain text is never chosen silently.
+fn url(address: &str, tls: &Tls) -> Result<String> {
     let url = if address.contains("://") {
         address.to_string()
-    } else if tls.identity.is_some() {
+    } else if tls.identity.is_some() || !tls.insecure {
         format!("https://{address}")
     } else {
         format!("http://{address}")
     };
+    if url.starts_with("http://") && !tls.insecure {
+        bail!(
+            "refusing plain text to {url}: use https:// with --ca, --cert and --key, or --insecure for a controller started with --insecure"
+        );
+    }
+    if url.starts_with("https://") && tls.identity.is_none() {
+        bail!(
+            "no operator certificate for {url}: give --cert and --key (and --ca), or --insecure for a controller started with --insecure"
+        );
+    }
+    Ok(url)
+}
+
+pub async fn connect(address: &str, tls: &Tls) -> Result<Client> {
+    let url = url(address, tls)?;
     let mut endpoint = Channel::from_shared(url.clone()).with_context(|| format!("`{url}` is not a URL"))?;
     if url.starts_with("https://") {
         let ca = tls.ca.as_deref().context("an https:// controller needs --ca (or MUSUBI_CA)")?;
@@ -77,6 +96,19 @@ pub async fn revoke(client: &mut Client, site: String, restore: bool) -> Result<
         println!("site `{site}` may enrol again with a new token; its earlier certificates stay refused");
     } else {
         println!("site `{site}` revoked: its agent is disconnected and its certificate refused");
+    }
+    Ok(())
+}
+
+pub async fn revoke_operator(client: &mut Client, name: String, restore: bool) -> Result<()> {
+    client.revoke_operator(pb::RevokeOperatorRequest { name: name.clone(), restore }).await.map_err(status)?;
+    if restore {
+        println!(
+            "operator `{name}` may call again with a certificate issued from now on (musubi-controller operator {name}); \
+             its earlier certificates stay refused"
+        );
+    } else {
+        println!("operator `{name}` revoked: every replica refuses its certificate from its next call");
     }
     Ok(())
 }
@@ -270,6 +302,18 @@ fn show_plan(sites: &[pb::PlanChange], summary: &str, color: bool) -> bool {
 }
 
 fn print_applied(r: &pb::ApplyResponse) {
+    if !r.pending_id.is_empty() {
+        println!(
+            "Proposed as change {}: nothing applied yet. It touches national objects (or was proposed), so another \
+             operator with their scope approves it: `musubi approve {}` (before {} UTC, and while the intent stays \
+             at revision {}).",
+            r.pending_id,
+            r.pending_id,
+            format_time(r.pending_expires_unix_ms / 1000),
+            r.revision
+        );
+        return;
+    }
     match &r.audit {
         Some(a) => {
             // One line of counts, however many objects changed (the
@@ -298,10 +342,12 @@ pub struct Apply<'a> {
     pub remove: &'a [String],
     /// Files that declare no object may replace the whole intent.
     pub allow_destroy_all: bool,
+    /// Wait for a second operator's approval whatever the change touches.
+    pub propose: bool,
 }
 
 pub async fn apply(client: &mut Client, paths: &[PathBuf], how: Apply<'_>, color: bool) -> Result<()> {
-    let Apply { yes, dry_run, merge, remove, allow_destroy_all } = how;
+    let Apply { yes, dry_run, merge, remove, allow_destroy_all, propose } = how;
     let remove = remove.to_vec();
     let files = load::read_sources(paths)?;
     let documents = api::documents(&files);
@@ -328,7 +374,8 @@ pub async fn apply(client: &mut Client, paths: &[PathBuf], how: Apply<'_>, color
         println!("Nothing applied.");
         return Ok(());
     }
-    let request = pb::ApplyRequest { documents, expected_revision: planned.revision, dry_run: false, merge, remove };
+    let request =
+        pb::ApplyRequest { documents, expected_revision: planned.revision, dry_run: false, merge, remove, propose };
     let applied = client.apply(request).await.map_err(status)?.into_inner();
     if report(&applied.diagnostics, &files, color) {
         return Err(Reported.into());
@@ -345,24 +392,60 @@ pub async fn get(client: &mut Client, kind: Option<String>, name: Option<String>
     Ok(())
 }
 
-pub async fn history(client: &mut Client, check: bool) -> Result<()> {
-    let r = client.history(pb::HistoryRequest {}).await.map_err(status)?.into_inner();
+pub async fn history(client: &mut Client, check: bool, remembered: Option<PathBuf>) -> Result<()> {
+    let r = client.history(pb::HistoryRequest { with_changes: check }).await.map_err(status)?.into_inner();
     for e in &r.entries {
         let secs = e.time_ms / 1000;
         println!("{:>6}  {}  {:<20}  {}", e.revision, format_time(secs), e.actor, e.summary);
     }
     if check {
         let chain: Vec<_> = r.entries.iter().map(api::audit_from_pb).collect();
-        match verify(&chain) {
-            Ok(()) => println!(
-                "audit chain verified: {}, head {}",
-                musubi_core::words::count(chain.len(), "entry"),
-                chain.last().map_or("-", |e| &e.hash[..16])
-            ),
-            Err(e) => bail!("audit chain broken: {e}"),
+        let records: std::collections::BTreeMap<u64, Vec<u8>> =
+            r.changes.into_iter().map(|c| (c.revision, c.records)).collect();
+        if let Err(e) = verify(&chain).and_then(|()| audit::verify_changes(&chain, &records)) {
+            bail!("audit chain broken: {e}");
         }
+        // The head verified last time must still be in the chain.
+        let earlier = remembered.as_deref().and_then(|p| std::fs::read_to_string(p).ok());
+        if let Some((revision, hash)) = earlier.as_deref().and_then(|t| t.trim().split_once(' '))
+            && let Ok(revision) = revision.parse::<u64>()
+            && let Err(e) = audit::extends(&chain, revision, hash)
+        {
+            bail!("audit chain broken: {e}");
+        }
+        if let (Some(path), Some(head)) = (&remembered, chain.last()) {
+            let _ = path.parent().map(std::fs::create_dir_all);
+            std::fs::write(path, format!("{} {}\n", head.revision, head.hash))
+                .with_context(|| format!("remembering the verified head in {}", path.display()))?;
+        }
+        let covered = chain.iter().filter(|e| !e.changes.is_empty()).count();
+        println!(
+            "audit chain verified: {}, change records of {} checked, head {}",
+            musubi_core::words::count(chain.len(), "entry"),
+            musubi_core::words::count(covered, "revision"),
+            chain.last().map_or("-", |e| &e.hash[..16])
+        );
     }
     Ok(())
+}
+
+/// Where the CLI remembers the last head it verified of the deployment at
+/// `address` (one file per CA and address) under `MUSUBI_STATE_DIR`, else
+/// `$XDG_STATE_HOME/musubi` or `~/.local/state/musubi`; `None` with an empty
+/// `MUSUBI_STATE_DIR`.
+pub fn verified_head_file(address: &str, tls: &Tls) -> Option<PathBuf> {
+    let dir = match std::env::var_os("MUSUBI_STATE_DIR") {
+        Some(d) if d.is_empty() => return None,
+        Some(d) => PathBuf::from(d),
+        None => match std::env::var_os("XDG_STATE_HOME") {
+            Some(d) if !d.is_empty() => PathBuf::from(d).join("musubi"),
+            _ => PathBuf::from(std::env::var_os("HOME")?).join(".local/state/musubi"),
+        },
+    };
+    let ca = tls.ca.as_deref().and_then(|p| std::fs::read(p).ok()).unwrap_or_default();
+    let mut id = ca;
+    id.extend_from_slice(address.as_bytes());
+    Some(dir.join(format!("verified-head-{}", &audit::sha256_hex(&id)[..16])))
 }
 
 /// UTC `YYYY-MM-DD hh:mm:ss` without a calendar crate (civil-from-days).
@@ -381,9 +464,16 @@ fn format_time(secs: u64) -> String {
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-pub async fn rollback(client: &mut Client, to: u64, yes: bool, dry_run: bool, color: bool) -> Result<()> {
+pub async fn rollback(
+    client: &mut Client,
+    to: u64,
+    yes: bool,
+    dry_run: bool,
+    propose: bool,
+    color: bool,
+) -> Result<()> {
     let planned = client
-        .rollback(pb::RollbackRequest { to_revision: to, expected_revision: 0, dry_run: true })
+        .rollback(pb::RollbackRequest { to_revision: to, expected_revision: 0, dry_run: true, propose: false })
         .await
         .map_err(status)?
         .into_inner();
@@ -397,8 +487,47 @@ pub async fn rollback(client: &mut Client, to: u64, yes: bool, dry_run: bool, co
         println!("Nothing applied.");
         return Ok(());
     }
-    let request = pb::RollbackRequest { to_revision: to, expected_revision: planned.revision, dry_run: false };
+    let request = pb::RollbackRequest { to_revision: to, expected_revision: planned.revision, dry_run: false, propose };
     let applied = client.rollback(request).await.map_err(status)?.into_inner();
+    print_applied(&applied);
+    Ok(())
+}
+
+/// The changes waiting for a second operator.
+pub async fn pending(client: &mut Client) -> Result<()> {
+    let r = client.list_pending(pb::ListPendingRequest {}).await.map_err(status)?.into_inner();
+    if r.changes.is_empty() {
+        println!("No change waits for approval.");
+    }
+    for p in &r.changes {
+        println!(
+            "{}  proposed {} by {:<20}  at revision {}, expires {}  {}",
+            p.id,
+            format_time(p.created_unix_ms / 1000),
+            p.proposer,
+            p.revision,
+            format_time(p.expires_unix_ms / 1000),
+            p.summary
+        );
+    }
+    Ok(())
+}
+
+/// Shows the plan a pending change applies now, asks, and approves it.
+pub async fn approve(client: &mut Client, id: String, yes: bool, dry_run: bool, color: bool) -> Result<()> {
+    let planned =
+        client.approve(pb::ApproveRequest { id: id.clone(), dry_run: true }).await.map_err(status)?.into_inner();
+    if report(&planned.diagnostics, &[], color) {
+        return Err(Reported.into());
+    }
+    if !show_plan(&planned.sites, &planned.summary, color) || dry_run {
+        return Ok(());
+    }
+    if !yes && !confirm(&format!("Approve change {id} and apply it to revision {}?", planned.revision))? {
+        println!("Nothing approved.");
+        return Ok(());
+    }
+    let applied = client.approve(pb::ApproveRequest { id, dry_run: false }).await.map_err(status)?.into_inner();
     print_applied(&applied);
     Ok(())
 }
@@ -412,7 +541,22 @@ pub async fn export(client: &mut Client) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::format_time;
+    use super::{Tls, format_time, url};
+
+    #[test]
+    fn plain_text_only_with_insecure() {
+        let cert =
+            Tls { ca: Some("ca.pem".into()), identity: Some(("a.pem".into(), "a-key.pem".into())), insecure: false };
+        let none = Tls { ca: None, identity: None, insecure: false };
+        let insecure = Tls { insecure: true, ..Tls::default() };
+        assert_eq!(url("ctl:7400", &cert).ok().as_deref(), Some("https://ctl:7400"));
+        assert_eq!(url("ctl:7400", &insecure).ok().as_deref(), Some("http://ctl:7400"));
+        assert_eq!(url("http://ctl:7400", &insecure).ok().as_deref(), Some("http://ctl:7400"));
+        let refused = url("http://ctl:7400", &cert).expect_err("http:// without --insecure");
+        assert!(refused.to_string().starts_with("refusing plain text to http://ctl:7400"), "{refused}");
+        let refused = url("ctl:7400", &none).expect_err("no certificate, no --insecure");
+        assert!(refused.to_string().contains("no operator certificate"), "{refused}");
+    }
 
     #[test]
     fn formats_utc() {

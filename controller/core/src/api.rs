@@ -113,6 +113,7 @@ pub fn audit_to_pb(e: &AuditEntry) -> pb::AuditRecord {
         summary: e.summary.clone(),
         previous: e.previous.clone(),
         hash: e.hash.clone(),
+        changes: e.changes.clone(),
     }
 }
 
@@ -124,5 +125,6 @@ pub fn audit_from_pb(e: &pb::AuditRecord) -> AuditEntry {
         summary: e.summary.clone(),
         previous: e.previous.clone(),
         hash: e.hash.clone(),
+        changes: e.changes.clone(),
     }
 }

@@ -31,31 +31,67 @@ pub struct AuditEntry {
     pub summary: String,
     /// `hash` of the previous entry, or [`GENESIS`].
     pub previous: String,
+    /// SHA-256 of the change records of this revision as stored (every
+    /// intent key before and after, hex): an edited record no longer
+    /// matches. Empty in entries written before it existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub changes: String,
     /// SHA-256 over `previous` and this entry's fields, hex.
     pub hash: String,
 }
 
-fn digest(previous: &str, revision: u64, time_ms: u64, actor: &str, summary: &str) -> String {
+fn digest(previous: &str, revision: u64, time_ms: u64, actor: &str, summary: &str, changes: &str) -> String {
     let mut h = Sha256::new();
-    // Length-prefixed fields: no two different entries encode alike.
-    for field in
-        [previous.as_bytes(), &revision.to_be_bytes(), &time_ms.to_be_bytes(), actor.as_bytes(), summary.as_bytes()]
-    {
+    // Length-prefixed fields: no two different entries encode alike. The
+    // change records' hash counts when present (older entries keep theirs).
+    let fields =
+        [previous.as_bytes(), &revision.to_be_bytes(), &time_ms.to_be_bytes(), actor.as_bytes(), summary.as_bytes()];
+    for field in fields.into_iter().chain((!changes.is_empty()).then_some(changes.as_bytes())) {
         h.update((field.len() as u64).to_be_bytes());
         h.update(field);
     }
-    h.finalize().iter().fold(String::with_capacity(64), |mut s, b| {
+    hex(&h.finalize())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
         let _ = write!(s, "{b:02x}");
         s
     })
 }
 
+/// SHA-256 of `bytes`, hex: what an entry's `changes` holds of its records.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
 impl AuditEntry {
     /// The entry that follows `previous` (or starts the chain).
     pub fn next(previous: Option<&AuditEntry>, revision: u64, time_ms: u64, actor: &str, summary: &str) -> AuditEntry {
+        Self::with_changes(previous, revision, time_ms, actor, summary, "")
+    }
+
+    /// The entry that follows `previous`, for a revision whose change
+    /// records hash to `changes` (see [`sha256_hex`]).
+    pub fn with_changes(
+        previous: Option<&AuditEntry>,
+        revision: u64,
+        time_ms: u64,
+        actor: &str,
+        summary: &str,
+        changes: &str,
+    ) -> AuditEntry {
         let prev = previous.map_or(GENESIS, |p| p.hash.as_str()).to_string();
-        let hash = digest(&prev, revision, time_ms, actor, summary);
-        AuditEntry { revision, time_ms, actor: actor.to_string(), summary: summary.to_string(), previous: prev, hash }
+        let hash = digest(&prev, revision, time_ms, actor, summary, changes);
+        AuditEntry {
+            revision,
+            time_ms,
+            actor: actor.to_string(),
+            summary: summary.to_string(),
+            previous: prev,
+            changes: changes.to_string(),
+            hash,
+        }
     }
 }
 
@@ -67,6 +103,14 @@ pub enum ChainError {
     Altered { index: usize, revision: u64 },
     #[error("audit entry {index} (revision {revision}) is not after revision {previous}")]
     OutOfOrder { index: usize, revision: u64, previous: u64 },
+    #[error("the change records of revision {revision} were altered: they no longer hash to what its entry holds")]
+    ChangesAltered { revision: u64 },
+    #[error("the change records of revision {revision} are missing")]
+    ChangesMissing { revision: u64 },
+    #[error(
+        "the history no longer extends the head verified before (revision {revision}, {hash:.16}…): it was rewritten or cut"
+    )]
+    Rewritten { revision: u64, hash: String },
 }
 
 /// Checks a whole chain, oldest first; names the first broken link.
@@ -82,12 +126,38 @@ pub fn verify(chain: &[AuditEntry]) -> Result<(), ChainError> {
         {
             return Err(ChainError::OutOfOrder { index, revision: e.revision, previous: p.revision });
         }
-        if digest(&e.previous, e.revision, e.time_ms, &e.actor, &e.summary) != e.hash {
+        if digest(&e.previous, e.revision, e.time_ms, &e.actor, &e.summary, &e.changes) != e.hash {
             return Err(ChainError::Altered { index, revision: e.revision });
         }
         prev = Some(e);
     }
     Ok(())
+}
+
+/// Checks every entry's change records, as stored (`records`: revision →
+/// the bytes of its change records): an entry that hashes its records must
+/// find them, unaltered.
+pub fn verify_changes(chain: &[AuditEntry], records: &BTreeMap<u64, Vec<u8>>) -> Result<(), ChainError> {
+    for e in chain.iter().filter(|e| !e.changes.is_empty()) {
+        match records.get(&e.revision) {
+            None => return Err(ChainError::ChangesMissing { revision: e.revision }),
+            Some(bytes) if sha256_hex(bytes) != e.changes => {
+                return Err(ChainError::ChangesAltered { revision: e.revision });
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Does `chain` still hold the head verified earlier (`revision`, `hash`)?
+/// A history that was rewritten, or cut before it, does not.
+pub fn extends(chain: &[AuditEntry], revision: u64, hash: &str) -> Result<(), ChainError> {
+    if chain.iter().any(|e| e.revision == revision && e.hash == hash) {
+        Ok(())
+    } else {
+        Err(ChainError::Rewritten { revision, hash: hash.to_string() })
+    }
 }
 
 fn clauses<T: Eq>(out: &mut Vec<String>, kind: Kind, old: &BTreeMap<String, Arc<T>>, new: &BTreeMap<String, Arc<T>>) {
@@ -113,12 +183,47 @@ pub fn summarise(old: &Intent, new: &Intent) -> String {
     clauses(&mut out, Kind::Segment, &old.segments, &new.segments);
     clauses(&mut out, Kind::Site, &old.sites, &new.sites);
     clauses(&mut out, Kind::Policy, &old.policies, &new.policies);
+    clauses(&mut out, Kind::Operator, &old.operators, &new.operators);
     if out.is_empty() { "no change".into() } else { out.join(", ") }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn change_records_are_part_of_the_chain() {
+        let records: BTreeMap<u64, Vec<u8>> =
+            (1..=3).map(|r| (r, format!("[{{\"key\":\"k{r}\"}}]").into_bytes())).collect();
+        let mut chain: Vec<AuditEntry> = Vec::new();
+        for (r, bytes) in &records {
+            let e = AuditEntry::with_changes(
+                chain.last(),
+                *r,
+                1_700_000_000_000,
+                "operator:a",
+                "~site s",
+                &sha256_hex(bytes),
+            );
+            chain.push(e);
+        }
+        assert_eq!(verify(&chain), Ok(()));
+        assert_eq!(verify_changes(&chain, &records), Ok(()));
+        let mut edited = records.clone();
+        edited.insert(2, b"[{\"key\":\"k2\",\"current\":\"evil\"}]".to_vec());
+        assert_eq!(verify_changes(&chain, &edited), Err(ChainError::ChangesAltered { revision: 2 }));
+        let mut removed = records.clone();
+        removed.remove(&3);
+        assert_eq!(verify_changes(&chain, &removed), Err(ChainError::ChangesMissing { revision: 3 }));
+        // The records' hash is in the entry's own: replacing it breaks the entry.
+        let mut forged = chain.clone();
+        forged[1].changes = sha256_hex(&edited[&2]);
+        assert_eq!(verify(&forged), Err(ChainError::Altered { index: 1, revision: 2 }));
+        // A head seen before must still be there.
+        assert_eq!(extends(&chain, 2, &chain[1].hash), Ok(()));
+        let rewritten: Vec<AuditEntry> = chain[..1].to_vec();
+        assert!(matches!(extends(&rewritten, 2, &chain[1].hash), Err(ChainError::Rewritten { revision: 2, .. })));
+    }
 
     fn chain(n: u64) -> Vec<AuditEntry> {
         let mut out: Vec<AuditEntry> = Vec::new();

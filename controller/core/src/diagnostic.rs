@@ -102,16 +102,26 @@ pub fn render(diags: &[Diagnostic], sources: &SourceMap, color: bool) -> String 
     }
     let config = Config::default();
     let mut buffer = if color { termcolor::Buffer::ansi() } else { termcolor::Buffer::no_color() };
+    // A line longer than this is not quoted (a value of a megabyte on one
+    // line would be printed whole); the note still says where.
+    const QUOTED_LINE: usize = 400;
+    let quotable = |loc: &Loc| {
+        let Some(text) = sources.files.get(loc.file).map(|f| f.text.as_str()) else { return false };
+        let (start, end) = (loc.range.start.min(text.len()), loc.range.end.min(text.len()));
+        let from = text[..start].rfind('\n').map_or(0, |i| i + 1);
+        let to = text[end..].find('\n').map_or(text.len(), |i| end + i);
+        to - from <= QUOTED_LINE && text.is_char_boundary(start) && text.is_char_boundary(end)
+    };
     for d in diags {
         let mut labels = Vec::new();
-        if let Some(loc) = &d.loc {
+        if let Some(loc) = d.loc.as_ref().filter(|l| quotable(l)) {
             let label = Label::primary(loc.file, loc.range.clone());
             labels.push(match &d.expected {
                 Some(e) => label.with_message(format!("expected {e}")),
                 None => label,
             });
         }
-        for (loc, note) in &d.related {
+        for (loc, note) in d.related.iter().filter(|(l, _)| quotable(l)) {
             labels.push(Label::secondary(loc.file, loc.range.clone()).with_message(note.clone()));
         }
         let mut notes = Vec::new();
@@ -129,4 +139,23 @@ pub fn render(diags: &[Diagnostic], sources: &SourceMap, color: bool) -> String 
     let n = diags.len();
     out.push_str(&format!("{n} error{} found\n", if n == 1 { "" } else { "s" }));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::render;
+    use crate::intent::parse::parse_str;
+
+    #[test]
+    fn a_long_line_is_not_quoted_whole_and_escapes_stay_escaped() {
+        // A description that is a list holding a string of 100,000 bytes,
+        // in a tenant whose name carries a terminal escape.
+        let long = "x".repeat(100_000);
+        let text = format!("kind: Tenant\nname: \"t\\e[2J\"\ndescription: [\"{long}\"]\n");
+        let parsed = parse_str("t.yaml", &text);
+        let out = render(&parsed.diagnostics, &parsed.sources, false);
+        assert!(out.contains("t.yaml:3:"), "the place is still given: {out:.600}");
+        assert!(out.len() < 2_000, "{} bytes rendered: {out:.600}", out.len());
+        assert!(!out.contains('\u{1b}') && out.contains("tenant `t\\u{1b}[2J`"), "{out:.600}");
+    }
 }

@@ -6,13 +6,15 @@
 //! their stable numbers, [`compile`] turns intent, allocations and agents'
 //! public keys into one `SiteConfig` per site (whole, or only what a change
 //! touches), [`plan`] diffs two states for the operator, [`verify`] proves the
-//! reachability matrix and isolation, and [`audit`] hashes the change chain.
+//! reachability matrix and isolation, [`audit`] hashes the change chain, and
+//! [`access`] judges who may change and read what.
 //!
 //! No clock, no network, no async runtime, no store: the only I/O is reading
 //! intent files in [`load`]. The controller daemon, the operator CLI and the
 //! lab runner build on it; a test keeps tokio, tonic, redb, etcd-client and
 //! nix out of this crate's dependency tree.
 
+pub mod access;
 pub mod allocate;
 pub mod api;
 pub mod audit;

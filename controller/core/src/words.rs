@@ -67,6 +67,39 @@ pub fn change_counts(summary: &str) -> String {
     out.join(", ")
 }
 
+/// How much of a value a diagnostic quotes.
+pub const QUOTED_BYTES: usize = 120;
+
+/// A value as a diagnostic quotes it: [`printable`], at most [`QUOTED_BYTES`].
+pub fn quoted(text: &str) -> std::borrow::Cow<'_, str> {
+    printable(text, QUOTED_BYTES)
+}
+
+/// `text` as it may be printed to a terminal: control characters (escape
+/// sequences, bells, carriage returns, C1 controls, bidirectional
+/// overrides) written as `\u{…}` escapes, and at most `max_bytes` of the
+/// text kept, with how long it was. For anything a site, a YAML file or a
+/// client sent that reaches an operator's screen or a log line.
+pub fn printable(text: &str, max_bytes: usize) -> std::borrow::Cow<'_, str> {
+    let hostile = |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if text.len() <= max_bytes && !text.chars().any(hostile) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::new();
+    for c in text.chars() {
+        if out.len() >= max_bytes {
+            out.push_str(&format!("… ({} bytes)", text.len()));
+            break;
+        }
+        if hostile(c) {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,5 +126,13 @@ mod tests {
         assert_eq!(change_counts("no change"), "no change");
         // Something else is shown as it is, never miscounted.
         assert_eq!(change_counts("rolled back to 7"), "rolled back to 7");
+    }
+
+    #[test]
+    fn control_characters_are_escaped_and_long_text_cut() {
+        assert_eq!(printable("office-a", 64), "office-a");
+        assert_eq!(printable("a\u{1b}[2Jb\r\u{9b}c\u{202e}", 64), "a\\u{1b}[2Jb\\u{d}\\u{9b}c\\u{202e}");
+        let long = "é".repeat(100);
+        assert_eq!(printable(&long, 11), format!("{}… (200 bytes)", "é".repeat(6)));
     }
 }

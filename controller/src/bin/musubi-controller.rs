@@ -56,9 +56,14 @@ enum Command {
         #[arg(long, env = "MUSUBI_STORE")]
         store: Option<StoreUrl>,
         /// Serve plain-text gRPC without client certificates (no enrolment;
-        /// the actor is `local`). Trusted networks and tests only.
+        /// the actor is `local`). Trusted networks and tests only: on an
+        /// address that is not loopback it also needs `--insecure-public`.
         #[arg(long)]
         insecure: bool,
+        /// Allow `--insecure` on an address other hosts can reach: anyone
+        /// who reaches it may change the intent.
+        #[arg(long, requires = "insecure")]
+        insecure_public: bool,
         /// The PKI directory made by `musubi-controller init` (CA, server
         /// certificate) [default: /var/lib/musubi/pki].
         #[arg(long, env = "MUSUBI_PKI")]
@@ -154,6 +159,7 @@ struct ServeFile {
     #[serde(default, deserialize_with = "store_url")]
     store: Option<StoreUrl>,
     insecure: Option<bool>,
+    insecure_public: Option<bool>,
     pki: Option<PathBuf>,
     max_intent_mib: Option<usize>,
     etcd: Option<EtcdFile>,
@@ -235,6 +241,7 @@ async fn serve_command(command: Command) -> Result<()> {
         listen,
         store,
         insecure,
+        insecure_public,
         pki,
         site_cert_lifetime_s,
         keepalive_s,
@@ -268,6 +275,12 @@ async fn serve_command(command: Command) -> Result<()> {
     };
     let listen = listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7400)));
     let insecure = insecure || file.insecure.unwrap_or(false);
+    if insecure && !listen.ip().is_loopback() && !(insecure_public || file.insecure_public.unwrap_or(false)) {
+        bail!(
+            "refusing plain text on {listen}: anyone who reaches it could change the intent. Serve with the PKI \
+             (drop --insecure), listen on a loopback address, or add --insecure-public if this network is trusted"
+        );
+    }
     let pki = (!insecure).then(|| pki.or(file.pki).unwrap_or_else(|| PathBuf::from("/var/lib/musubi/pki")));
     let mut agents = AgentSettings { controller: name.unwrap_or_else(|| listen.to_string()), ..Default::default() };
     if let Some(s) = site_cert_lifetime_s {
@@ -324,7 +337,16 @@ async fn serve(
     agents: AgentSettings,
     extras: Extras,
 ) -> Result<()> {
-    let mut builder = tonic::transport::Server::builder();
+    // Limits per connection: an agent holds one stream and an operator's
+    // call a few; a peer that opens many, or goes silent under an open
+    // connection, is cut off instead of holding the controller's memory.
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
+        .http2_max_header_list_size(Some(16 * 1024))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_keepalive(Some(Duration::from_secs(60)));
     let authority = match &pki {
         Some(dir) => {
             let paths = Paths::new(dir);
@@ -388,6 +410,9 @@ async fn serve(
         .context("serving")?;
     Ok(())
 }
+
+/// Streams one connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 32;
 
 fn init(dir: PathBuf, server_names: Vec<String>, admin: String, ca: Option<Vec<PathBuf>>) -> Result<()> {
     let external = ca.as_ref().and_then(|v| Some((v.first()?.as_path(), v.get(1)?.as_path())));

@@ -192,6 +192,11 @@ pub async fn serve<S: IntentStore + 'static>(
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| DashboardError::Bind { addr, source })?;
     let bound = listener.local_addr().map_err(|source| DashboardError::Bind { addr, source })?;
     let (summary, _) = watch::channel(Arc::new(Summary::default()));
+    // The dashboard shows every site: once operators are bound, only those
+    // who may read everything (admins, auditors) are served it.
+    let rights = fanout.clone();
+    let reads_everything: tls::Allowed =
+        Arc::new(move |name: &str| rights.rights(&format!("operator:{name}")).reads_everything());
     let shared = Arc::new(Shared { store, fanout, summary, reports });
     tokio::spawn(follow(shared.clone(), every));
     let app = axum::Router::new()
@@ -210,7 +215,8 @@ pub async fn serve<S: IntentStore + 'static>(
     tokio::spawn(async move {
         let served = match tls {
             Some(config) => {
-                let listener = tls::Listener { tcp: listener, acceptor: tokio_rustls::TlsAcceptor::from(config) };
+                let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                let listener = tls::Listener { tcp: listener, acceptor, allowed: reads_everything };
                 axum::serve(listener, app).await
             }
             None => axum::serve(listener, app).await,

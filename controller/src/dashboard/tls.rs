@@ -53,10 +53,15 @@ pub fn config(paths: &Paths) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
-/// Accepts TLS connections whose client holds an operator certificate.
+/// Whether the operator of this name may see the dashboard.
+pub type Allowed = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// Accepts TLS connections whose client holds an operator certificate of
+/// an operator `allowed` lets in.
 pub struct Listener {
     pub tcp: TcpListener,
     pub acceptor: TlsAcceptor,
+    pub allowed: Allowed,
 }
 
 impl std::fmt::Debug for Listener {
@@ -94,10 +99,14 @@ impl axum::serve::Listener for Listener {
             };
             let who = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| pki::peer(c.as_ref()));
             match who.map(|p| p.identity) {
-                Some(Identity::Operator(name)) => {
+                Some(Identity::Operator(name)) if (self.allowed)(&name) => {
                     tracing::debug!(%addr, operator = %name, "dashboard: operator connected");
                     return (tls, addr);
                 }
+                Some(Identity::Operator(name)) => tracing::warn!(
+                    %addr, operator = %name,
+                    "dashboard: refused an operator without the admin or auditor role (it shows every site)"
+                ),
                 _ => tracing::warn!(%addr, "dashboard: refused a client without an operator certificate"),
             }
         }

@@ -113,7 +113,7 @@ impl<S: IntentStore + 'static> AgentService<S> {
         match &peer.identity {
             Identity::Site(site) => {
                 if let Some(r) = self.fanout.revocation(site)
-                    && (r.active || peer.issued_ms < r.at_ms)
+                    && r.refuses(peer.issued_ms)
                 {
                     tracing::warn!(site, "refused a revoked site certificate");
                     crate::metrics::get().refused("revoked");
@@ -144,6 +144,21 @@ impl<S: IntentStore + 'static> AgentService<S> {
                 fresh.push((k.segment.clone(), k.public_key.clone()));
             }
         }
+        // A key is one interface's: a site that reports another site's
+        // would receive the traffic its peers encrypt for that one. Each key
+        // is claimed once in the store (one compare-and-swap per new key).
+        let mut owned = Vec::with_capacity(fresh.len());
+        for (segment, key) in fresh {
+            match sites::claim_key(&*self.store, &key, site, &segment).await.map_err(internal)? {
+                None => owned.push((segment, key)),
+                Some(owner) => {
+                    tracing::warn!(site, segment = %segment, owner = %owner,
+                        "refused a WireGuard public key another site registered");
+                    crate::metrics::get().refused("duplicate_key");
+                }
+            }
+        }
+        let fresh = owned;
         if !fresh.is_empty() {
             self.store.put_public_keys(site, &fresh).await.map_err(internal)?;
             let segments: Vec<&str> = fresh.iter().map(|(s, _)| s.as_str()).collect();
@@ -160,6 +175,42 @@ impl<S: IntentStore + 'static> AgentService<S> {
         Ok(pb::EnrollResponse { certificate_pem, ca_pem: authority.ca_pem.clone(), not_after_unix_ms })
     }
 }
+
+/// `text` made printable in place, at most `max` bytes of it (untouched,
+/// without a copy, when it already is).
+fn fit(text: &mut String, max: usize) {
+    if let std::borrow::Cow::Owned(clean) = musubi_core::words::printable(text, max) {
+        *text = clean;
+    }
+}
+
+/// What an agent reports, made fit for an operator's terminal and the
+/// store: control characters escaped, every text field and the list of
+/// errors bounded. An agent is trusted with its own site's figures, not
+/// with what the operations centre's screens print.
+fn tidy(mut status: pb::Status) -> pb::Status {
+    const ERRORS: usize = 32;
+    status.errors.truncate(ERRORS);
+    for e in &mut status.errors {
+        fit(e, 1024);
+    }
+    fit(&mut status.applied_digest, 128);
+    for p in &mut status.peers {
+        for text in [&mut p.segment, &mut p.peer, &mut p.path] {
+            fit(text, 256);
+        }
+    }
+    for a in &mut status.active {
+        for text in [&mut a.segment, &mut a.route_group, &mut a.peer, &mut a.local_line] {
+            fit(text, 256);
+        }
+    }
+    status
+}
+
+/// Join tokens are a few dozen bytes; a certificate request's PEM under 2 KiB.
+const MAX_TOKEN_BYTES: usize = 256;
+const MAX_CSR_BYTES: usize = 8 * 1024;
 
 fn no_ca() -> Status {
     Status::failed_precondition("this controller runs without a CA (--insecure): there is nothing to enrol with")
@@ -205,6 +256,20 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
             return Err(no_ca());
         }
         let req = request.into_inner();
+        // Looked at before anything is looked up or logged: a name an intent
+        // could hold, a token and a request of a few KiB.
+        if !musubi_core::validate::object_name_ok(&req.site) {
+            crate::metrics::get().refused("bad_request");
+            tracing::warn!(site = %musubi_core::words::printable(&req.site, 64), "enrolment refused: not a site name");
+            return Err(Status::invalid_argument("not a site name: lowercase letters, digits and dashes, at most 63"));
+        }
+        if req.token.len() > MAX_TOKEN_BYTES || req.csr_pem.len() > MAX_CSR_BYTES {
+            crate::metrics::get().refused("bad_request");
+            tracing::warn!(site = req.site, "enrolment refused: token or request too large");
+            return Err(Status::invalid_argument(format!(
+                "a join token is at most {MAX_TOKEN_BYTES} bytes and a certificate request at most {MAX_CSR_BYTES}"
+            )));
+        }
         let site = req.site.as_str();
         let refuse = |reason: &'static str, status: Status| {
             tracing::warn!(site, reason = %status.message(), "enrolment refused");
@@ -217,12 +282,15 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
         if self.fanout.revocation(site).is_some_and(|r| r.active) {
             return refuse("revoked", Status::permission_denied(format!("site `{site}` is revoked")));
         }
+        // The certificate is made before the token is spent: a request that
+        // does not parse leaves the token as it was. It is given out only
+        // once the token is spent.
+        let response = self.issue(&req.csr_pem, site)?;
         match sites::redeem(&*self.store, &req.token, site, now_ms()).await {
             Ok(()) => {}
             Err(TokenError::Store(e)) => return Err(internal(e)),
             Err(e) => return refuse("bad_token", Status::permission_denied(e.to_string())),
         }
-        let response = self.issue(&req.csr_pem, site)?;
         crate::metrics::get().enrolments.inc();
         tracing::info!(site, not_after_ms = response.not_after_unix_ms, "site enrolled");
         Ok(Response::new(response))
@@ -231,6 +299,15 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
     async fn renew(&self, request: Request<pb::RenewRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
         let Some(peer) = self.site_of(&request)? else { return Err(no_ca()) };
         let Identity::Site(site) = peer.identity else { return Err(Status::permission_denied("not a site")) };
+        if request.get_ref().csr_pem.len() > MAX_CSR_BYTES {
+            return Err(Status::invalid_argument(format!("a certificate request is at most {MAX_CSR_BYTES} bytes")));
+        }
+        // A site removed from the intent gets no new certificate.
+        if self.fanout.desired(&site).is_none() {
+            tracing::warn!(site, "renewal refused: the site is no longer served");
+            crate::metrics::get().refused("unknown_site");
+            return Err(Status::permission_denied(format!("site `{site}` is no longer served")));
+        }
         let response = self.issue(&request.get_ref().csr_pem, &site)?;
         tracing::info!(site, not_after_ms = response.not_after_unix_ms, "site certificate renewed");
         crate::metrics::get().renewals.inc();
@@ -285,6 +362,10 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
             let _ = older.send(());
         }
         let (tx, rx) = mpsc::channel(8);
+        let mut hello = hello;
+        for text in [&mut hello.agent_version, &mut hello.applied_digest] {
+            fit(text, 128);
+        }
         let session = Session {
             service: self.clone(),
             status: pb::SiteStatus {
@@ -313,6 +394,9 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
 async fn end(tx: &mpsc::Sender<Out>, status: Status) {
     let _ = tokio::time::timeout(Duration::from_secs(1), tx.send(Out::end(status))).await;
 }
+
+/// The shortest time between two writes of one agent's status.
+const STATUS_EVERY: Duration = Duration::from_millis(100);
 
 struct Session<S> {
     service: AgentService<S>,
@@ -384,6 +468,12 @@ impl<S: IntentStore + 'static> Session<S> {
         // same moment), and a configuration overtaken by a newer one before
         // it left is never sent.
         let mut pending: Option<Arc<Delivery>>;
+        // At most one status write per STATUS_EVERY for each agent: a report
+        // arriving sooner is kept and written when the interval is up (the
+        // newest one wins), so an agent that floods loses nothing but the
+        // store and the replicas are spared.
+        let mut published = tokio::time::Instant::now();
+        let mut unwritten = false;
         loop {
             let current = feed.borrow_and_update().clone();
             match current {
@@ -405,6 +495,11 @@ impl<S: IntentStore + 'static> Session<S> {
                     tracing::debug!(site, revision = d.revision, digest = %d.digest, "configuration sent");
                     sent_digest = d.digest.clone();
                     self.publish_status(&presence, &feed).await;
+                    (published, unwritten) = (tokio::time::Instant::now(), false);
+                }
+                _ = tokio::time::sleep_until(published + STATUS_EVERY), if unwritten => {
+                    self.publish_status(&presence, &feed).await;
+                    (published, unwritten) = (tokio::time::Instant::now(), false);
                 }
                 changed = feed.changed() => if changed.is_err() {
                     end(&tx, Status::permission_denied(format!("site `{site}` is no longer served"))).await;
@@ -419,8 +514,16 @@ impl<S: IntentStore + 'static> Session<S> {
                                 Err(e) => tracing::warn!(site, error = %e, "cannot record keys"),
                             }
                         }
-                        self.status.status = Some(status);
-                        self.publish_status(&presence, &feed).await;
+                        self.status.status = Some(tidy(status));
+                        if published.elapsed() >= STATUS_EVERY {
+                            self.publish_status(&presence, &feed).await;
+                            (published, unwritten) = (tokio::time::Instant::now(), false);
+                        } else {
+                            if unwritten {
+                                crate::metrics::get().statuses_coalesced.inc();
+                            }
+                            unwritten = true;
+                        }
                     }
                     Ok(Some(_)) => {} // a second Hello or an unknown message: ignored
                     Ok(None) => break,
@@ -481,6 +584,22 @@ mod tests {
     /// A kept configuration that does not decode ends the session with an
     /// error; it is never sent as an empty configuration, which an agent
     /// would apply by removing every tunnel.
+    #[test]
+    fn what_an_agent_reports_is_tidied_before_an_operator_sees_it() {
+        let status = pb::Status {
+            errors: (0..100).map(|i| format!("error {i}\u{1b}]0;owned\u{7}{}", "x".repeat(5000))).collect(),
+            peers: vec![pb::PeerHealth { peer: "ap-east\r\u{1b}[2K".into(), ..Default::default() }],
+            active: vec![pb::ActivePath { local_line: "\u{9b}31m".into(), ..Default::default() }],
+            ..Default::default()
+        };
+        let tidy = tidy(status);
+        assert_eq!(tidy.errors.len(), 32);
+        assert!(tidy.errors.iter().all(|e| e.len() < 1100 && !e.chars().any(char::is_control)));
+        assert!(tidy.errors[0].starts_with("error 0\\u{1b}]0;owned\\u{7}xxx"), "{}", &tidy.errors[0][..40]);
+        assert_eq!(tidy.peers[0].peer, "ap-east\\u{d}\\u{1b}[2K");
+        assert_eq!(tidy.active[0].local_line, "\\u{9b}31m");
+    }
+
     #[test]
     fn an_undecodable_configuration_is_never_sent_as_an_empty_one() {
         // A field 1 (string) whose length runs past the end.

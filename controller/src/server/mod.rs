@@ -12,15 +12,23 @@ use crate::pki::{self, Identity};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Actor(pub String);
 
+/// When the caller's operator certificate was issued (Unix ms): a
+/// revocation refuses certificates issued before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Issued(pub u64);
+
 /// Checks operator calls: with mutual TLS only an operator certificate may
 /// call (its name becomes the actor); without TLS the actor is `local`.
 pub fn operator_auth(mtls: bool) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync {
     move |mut request: Request<()>| {
         let actor = if mtls {
             let peer = request.peer_certs().and_then(|certs| certs.first().and_then(|c| pki::peer(c)));
-            match peer.map(|p| p.identity) {
-                Some(Identity::Operator(name)) => format!("operator:{name}"),
-                Some(Identity::Site(site)) => {
+            match peer.map(|p| (p.identity, p.issued_ms)) {
+                Some((Identity::Operator(name), issued_ms)) => {
+                    request.extensions_mut().insert(Issued(issued_ms));
+                    format!("operator:{name}")
+                }
+                Some((Identity::Site(site), _)) => {
                     tracing::warn!(site, "refused an operator call made with a site certificate");
                     return Err(Status::permission_denied("a site certificate cannot use the operator API"));
                 }

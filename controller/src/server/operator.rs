@@ -8,11 +8,13 @@ use musubi_proto::v1 as pb;
 use musubi_proto::v1::operator_server::Operator;
 use tonic::{Request, Response, Status};
 
+use crate::approvals::{self, Pending};
 use crate::fanout::Fanout;
 use crate::sites;
-use crate::store::apply::{Accepted, ApplyError, Change, Mode, NO_KEYS, RollbackError, apply_on, rollback};
+use crate::store::apply::{Accepted, ApplyError, Change, Hold, Mode, NO_KEYS, RollbackError, apply_on, rollback_held};
 use crate::store::layout::Stored;
 use crate::store::{IntentStore, StoreError};
+use musubi_core::access::{self, Rights};
 use musubi_core::api;
 use musubi_core::compile::PublicKeys;
 use musubi_core::intent::Kind;
@@ -54,6 +56,31 @@ impl<S> OperatorService<S> {
 }
 
 impl<S: IntentStore> OperatorService<S> {
+    /// The caller's rights under the current intent's bindings, and that
+    /// intent; a caller the bindings do not name gets nothing (logged).
+    async fn rights<T>(&self, request: &Request<T>, call: &str) -> Result<(Rights, Arc<Stored>), Status> {
+        let current = self.current().await.map_err(store_status)?;
+        let rights = access::rights(&current.intent, &actor(request));
+        // A revoked operator is refused on every replica from its next call:
+        // each call reads the revocation from the store.
+        if let (Some(name), Some(super::Issued(issued_ms))) =
+            (rights.operator.as_deref(), request.extensions().get::<super::Issued>())
+            && let Some(r) = sites::operator_revocation(&*self.store, name).await.map_err(store_status)?
+            && r.refuses(*issued_ms)
+        {
+            tracing::warn!(actor = %rights.actor, call, "refused: the operator's certificate is revoked");
+            return Err(Status::unauthenticated(format!("the certificate of {} is revoked", rights.actor)));
+        }
+        if !rights.is_bound() {
+            tracing::warn!(actor = %rights.actor, call, "refused: the operator has no role");
+            return Err(Status::permission_denied(format!(
+                "{} has no role in this deployment (an admin binds it with an Operator object)",
+                rights.actor
+            )));
+        }
+        Ok((rights, current))
+    }
+
     /// The store's current state: the kept one while the store (any
     /// replica's writes included) is still at its revision, else read
     /// afresh. Should another replica commit in between, the commit of a
@@ -107,6 +134,19 @@ fn apply_status(e: ApplyError) -> Result<pb::ApplyResponse, Status> {
 
 fn failure(e: ApplyError) -> Status {
     match e {
+        ApplyError::NotApprover { approver, refusals } => {
+            let what: Vec<String> = refusals.iter().map(|r| r.to_string()).collect();
+            tracing::warn!(actor = %approver, refused = %what.join("; "), "refused: the approver lacks the scope of the change");
+            Status::permission_denied(format!(
+                "{approver} may not approve this change: it changes objects outside this operator's roles:\n  {}",
+                what.join("\n  ")
+            ))
+        }
+        ApplyError::Forbidden { actor, refusals } => {
+            let what: Vec<String> = refusals.iter().map(|r| r.to_string()).collect();
+            tracing::warn!(actor = %actor, refused = %what.join("; "), "change refused: outside the operator's roles");
+            Status::permission_denied(format!("{actor} may not make this change:\n  {}", what.join("\n  ")))
+        }
         ApplyError::Store(e) => store_status(e),
         ApplyError::Alloc(e) => Status::failed_precondition(e.to_string()),
         other @ (ApplyError::Compile(_) | ApplyError::Invalid(_)) => Status::internal(other.to_string()),
@@ -147,6 +187,135 @@ fn accepted(a: Accepted) -> pb::ApplyResponse {
         affected_sites: a.plan.affected().into_iter().map(String::from).collect(),
         audit: a.audit.as_ref().map(api::audit_to_pb),
         summary: a.summary,
+        ..Default::default()
+    }
+}
+
+/// What an Apply (or an approved proposal) applies.
+#[derive(Debug, Clone, Copy)]
+struct Documents<'a> {
+    documents: &'a [pb::Document],
+    merge: bool,
+    remove: &'a [String],
+}
+
+/// How a change by `who` waits for approval: a plain-text caller (the
+/// controller's own loopback, which has no second operator) never does.
+fn hold_for(who: &str, propose: bool) -> Hold {
+    match (who, propose) {
+        ("local", _) => Hold::Never,
+        (_, true) => Hold::Always,
+        (_, false) => Hold::IfNational,
+    }
+}
+
+impl<S: IntentStore + 'static> OperatorService<S> {
+    /// Applies `how` for `who` against `current` at `expected`, held as
+    /// `hold` says (a held change becomes a proposal), approved by
+    /// `approver` (see [`Change::approver`]).
+    #[allow(clippy::too_many_arguments)]
+    async fn apply_documents(
+        &self,
+        who: &str,
+        current: Arc<Stored>,
+        how: Documents<'_>,
+        expected: u64,
+        dry_run: bool,
+        hold: Hold,
+        approver: Option<&str>,
+    ) -> Result<pb::ApplyResponse, Status> {
+        let started = std::time::Instant::now();
+        let parsed = self.parse(how.documents)?;
+        let remove = removals(how.merge, how.remove)?;
+        // Compiled with the fan-out's keys, the new configurations are the
+        // ones the fan-out needs for this revision: handed over, not compiled twice.
+        let keys = self.fanout.public_keys();
+        let priming = self.fanout.priming(&keys);
+        let change = Change {
+            actor: who,
+            now_ms: now_ms(),
+            dry_run,
+            note: None,
+            keys: &keys.keys,
+            before_commit: Some(&priming),
+            hold,
+            approver,
+        };
+        let result = apply_on(&*self.store, &current, &parsed, mode(how.merge, &remove), Some(expected), change).await;
+        let outcome = match &result {
+            Ok(a) if a.audit.is_some() => "applied",
+            Ok(a) if a.held => "proposed",
+            Ok(_) if dry_run => "dry_run",
+            Ok(_) => "unchanged",
+            Err(ApplyError::Invalid(_)) => "invalid",
+            Err(ApplyError::Store(StoreError::Conflict { .. })) => "conflict",
+            Err(ApplyError::Forbidden { .. } | ApplyError::NotApprover { .. }) => "forbidden",
+            Err(_) => "failed",
+        };
+        crate::metrics::get().applied(outcome, started.elapsed());
+        let a = match result {
+            Ok(a) => a,
+            Err(e) => return apply_status(e),
+        };
+        if let Some(after) = &a.after {
+            self.keep(after.clone());
+            self.retire_removed(&current, after).await?;
+        }
+        if let Some(audit) = &a.audit {
+            let took_ms = started.elapsed().as_millis() as u64;
+            tracing::info!(revision = a.revision, actor = %who, summary = %audit.summary, took_ms, "intent applied");
+        }
+        if !a.held {
+            return Ok(accepted(a));
+        }
+        let pending = Pending {
+            documents: how.documents.iter().map(|d| (d.name.clone(), d.text.clone())).collect(),
+            merge: how.merge,
+            remove: how.remove.to_vec(),
+            ..self.proposal(who, &a)?
+        };
+        self.propose(pending, a).await
+    }
+
+    /// Every site `before` had and `after` has not: its certificates are
+    /// refused from now on, should the name come back.
+    async fn retire_removed(&self, before: &Stored, after: &Stored) -> Result<(), Status> {
+        let now = now_ms();
+        for site in before.intent.sites.keys().filter(|s| !after.intent.sites.contains_key(*s)) {
+            sites::retire(&*self.store, site, now).await.map_err(store_status)?;
+            tracing::info!(site = %site, "site removed from the intent: its certificates are refused from now on");
+        }
+        Ok(())
+    }
+
+    /// A proposal of `who` for the held change `a`, without its content.
+    fn proposal(&self, who: &str, a: &Accepted) -> Result<Pending, Status> {
+        let now = now_ms();
+        Ok(Pending {
+            id: approvals::new_id().map_err(store_status)?,
+            proposer: who.to_string(),
+            created_ms: now,
+            expires_ms: now + approvals::DEFAULT_TTL_MS,
+            revision: a.revision,
+            summary: a.summary.clone(),
+            documents: Vec::new(),
+            merge: false,
+            remove: Vec::new(),
+            rollback_to: None,
+        })
+    }
+
+    /// Keeps `pending` and answers with its plan and its id.
+    async fn propose(&self, pending: Pending, a: Accepted) -> Result<pb::ApplyResponse, Status> {
+        approvals::propose(&*self.store, &pending).await.map_err(store_status)?;
+        tracing::info!(
+            id = %pending.id, proposer = %pending.proposer, revision = pending.revision, summary = %pending.summary,
+            "change proposed: it waits for a second operator's approval"
+        );
+        let mut response = accepted(a);
+        response.pending_id = pending.id;
+        response.pending_expires_unix_ms = pending.expires_ms;
+        Ok(response)
     }
 }
 
@@ -168,17 +337,29 @@ impl<S> OperatorService<S> {
 #[tonic::async_trait]
 impl<S: IntentStore + 'static> Operator for OperatorService<S> {
     async fn validate(&self, request: Request<pb::ValidateRequest>) -> Result<Response<pb::ValidateResponse>, Status> {
+        self.rights(&request, "validate").await?;
         let parsed = self.parse(&request.get_ref().documents)?;
         let diagnostics = validate::check(&parsed).iter().map(api::diagnostic_to_pb).collect();
         Ok(Response::new(pb::ValidateResponse { diagnostics }))
     }
 
     async fn plan(&self, request: Request<pb::PlanRequest>) -> Result<Response<pb::PlanResponse>, Status> {
+        let who = actor(&request);
+        self.rights(&request, "plan").await?;
         let req = request.into_inner();
         let parsed = self.parse(&req.documents)?;
         let remove = removals(req.merge, &req.remove)?;
         let current = self.current().await.map_err(store_status)?;
-        let change = Change { actor: "", now_ms: 0, dry_run: true, note: None, keys: &NO_KEYS, before_commit: None };
+        let change = Change {
+            actor: &who,
+            now_ms: 0,
+            dry_run: true,
+            note: None,
+            keys: &NO_KEYS,
+            before_commit: None,
+            hold: Hold::Never,
+            approver: None,
+        };
         match apply_on(&*self.store, &current, &parsed, mode(req.merge, &remove), None, change).await {
             Ok(a) => Ok(Response::new(pb::PlanResponse {
                 revision: a.revision,
@@ -196,67 +377,33 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
     }
 
     async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
-        let started = std::time::Instant::now();
         let who = actor(&request);
+        let (_, current) = self.rights(&request, "apply").await?;
         let req = request.into_inner();
-        let parsed = self.parse(&req.documents)?;
-        let remove = removals(req.merge, &req.remove)?;
-        let current = self.current().await.map_err(store_status)?;
-        // Compiled with the fan-out's keys, the new configurations are the
-        // ones the fan-out needs for this revision: handed over, not compiled twice.
-        let keys = self.fanout.public_keys();
-        let priming = self.fanout.priming(&keys);
-        let change = Change {
-            actor: &who,
-            now_ms: now_ms(),
-            dry_run: req.dry_run,
-            note: None,
-            keys: &keys.keys,
-            before_commit: Some(&priming),
-        };
-        let result =
-            apply_on(&*self.store, &current, &parsed, mode(req.merge, &remove), Some(req.expected_revision), change)
-                .await;
-        let outcome = match &result {
-            Ok(a) if a.audit.is_some() => "applied",
-            Ok(_) if req.dry_run => "dry_run",
-            Ok(_) => "unchanged",
-            Err(ApplyError::Invalid(_)) => "invalid",
-            Err(ApplyError::Store(StoreError::Conflict { .. })) => "conflict",
-            Err(_) => "failed",
-        };
-        crate::metrics::get().applied(outcome, started.elapsed());
-        let response = match result {
-            Ok(a) => {
-                if let Some(after) = &a.after {
-                    self.keep(after.clone());
-                }
-                if let Some(audit) = &a.audit {
-                    let took_ms = started.elapsed().as_millis() as u64;
-                    tracing::info!(revision = a.revision, actor = %who, summary = %audit.summary, took_ms, "intent applied");
-                }
-                accepted(a)
-            }
-            Err(e) => apply_status(e)?,
-        };
+        let how = Documents { documents: &req.documents, merge: req.merge, remove: &req.remove };
+        let hold = hold_for(&who, req.propose);
+        let response = self.apply_documents(&who, current, how, req.expected_revision, req.dry_run, hold, None).await?;
         Ok(Response::new(response))
     }
 
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let (rights, current) = self.rights(&request, "get").await?;
         let req = request.into_inner();
         let kind = if req.kind.is_empty() {
             None
         } else {
             Some(Kind::parse(&req.kind).ok_or_else(|| {
                 Status::invalid_argument(format!(
-                    "unknown kind `{}`; expected one of Tenant, Segment, Site, Policy, Settings",
+                    "unknown kind `{}`; expected one of Tenant, Segment, Site, Policy, Settings, Operator",
                     req.kind
                 ))
             })?)
         };
-        let current = self.current().await.map_err(store_status)?;
+        // What the caller may not read is as absent as what is not there.
         let (yaml, count) = export::select(&current.intent, |k, name| {
-            kind.is_none_or(|want| want == k) && (req.name.is_empty() || req.name == name)
+            kind.is_none_or(|want| want == k)
+                && (req.name.is_empty() || req.name == name)
+                && rights.may_read(&current.intent, k, name)
         })
         .map_err(|e| Status::internal(e.to_string()))?;
         if count == 0 && !req.name.is_empty() {
@@ -265,18 +412,40 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         Ok(Response::new(pb::GetResponse { revision: current.revision, yaml, count: count as u32 }))
     }
 
-    async fn history(&self, _request: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+    async fn history(&self, request: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+        let (rights, _) = self.rights(&request, "history").await?;
+        everything(&rights, "the history")?;
         let entries = self.store.history().await.map_err(store_status)?;
-        Ok(Response::new(pb::HistoryResponse { entries: entries.iter().map(api::audit_to_pb).collect() }))
+        let changes = if request.get_ref().with_changes {
+            let records = self.store.list(crate::store::layout::CHANGES).await.map_err(store_status)?;
+            records
+                .into_iter()
+                .filter_map(|(key, records)| {
+                    let revision = key.strip_prefix(crate::store::layout::CHANGES)?.parse().ok()?;
+                    Some(pb::RevisionChanges { revision, records })
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(pb::HistoryResponse { entries: entries.iter().map(api::audit_to_pb).collect(), changes }))
     }
 
     async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
         let who = actor(&request);
+        let (_, current) = self.rights(&request, "rollback").await?;
         let req = request.into_inner();
         let expected = (!req.dry_run).then_some(req.expected_revision);
-        match rollback(&*self.store, req.to_revision, expected, &who, now_ms(), req.dry_run).await {
+        let hold = hold_for(&who, req.propose);
+        match rollback_held(&*self.store, req.to_revision, expected, &who, now_ms(), req.dry_run, hold, None).await {
+            Ok(a) if a.held => {
+                let pending = Pending { rollback_to: Some(req.to_revision), ..self.proposal(&who, &a)? };
+                Ok(Response::new(self.propose(pending, a).await?))
+            }
             Ok(a) => {
-                if a.audit.is_some() {
+                if let Some(after) = &a.after {
+                    self.keep(after.clone());
+                    self.retire_removed(&current, after).await?;
                     tracing::info!(revision = a.revision, actor = %who, to = req.to_revision, "intent rolled back");
                 }
                 Ok(Response::new(accepted(a)))
@@ -288,8 +457,117 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         }
     }
 
-    async fn export(&self, _request: Request<pb::ExportRequest>) -> Result<Response<pb::ExportResponse>, Status> {
-        let current = self.current().await.map_err(store_status)?;
+    async fn list_pending(
+        &self,
+        request: Request<pb::ListPendingRequest>,
+    ) -> Result<Response<pb::ListPendingResponse>, Status> {
+        let (rights, _) = self.rights(&request, "list_pending").await?;
+        let all = approvals::list(&*self.store, now_ms()).await.map_err(store_status)?;
+        // Admins and auditors see every proposal; others their own.
+        let changes = all
+            .into_iter()
+            .filter(|p| rights.reads_everything() || p.proposer == rights.actor)
+            .map(|p| pb::PendingChange {
+                id: p.id,
+                proposer: p.proposer,
+                created_unix_ms: p.created_ms,
+                expires_unix_ms: p.expires_ms,
+                revision: p.revision,
+                summary: p.summary,
+            })
+            .collect();
+        Ok(Response::new(pb::ListPendingResponse { changes }))
+    }
+
+    async fn approve(&self, request: Request<pb::ApproveRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let who = actor(&request);
+        let (rights, current) = self.rights(&request, "approve").await?;
+        let req = request.into_inner();
+        let now = now_ms();
+        let id = musubi_core::words::quoted(&req.id).into_owned();
+        let pending = approvals::get(&*self.store, &req.id)
+            .await
+            .map_err(store_status)?
+            .filter(|p| p.expires_ms > now)
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no pending change `{id}`: approved, expired or never proposed (musubi pending lists them)"
+                ))
+            })?;
+        if pending.proposer == who {
+            tracing::warn!(actor = %who, id = %pending.id, "refused: an operator approving its own proposal");
+            return Err(Status::permission_denied(format!(
+                "{who} proposed change {id}: another operator approves it (the two-person rule)"
+            )));
+        }
+        if current.revision != pending.revision {
+            return Err(Status::aborted(format!(
+                "the intent moved from revision {} to {} since change {id} was proposed: its plan no longer holds; \
+                 propose it again",
+                pending.revision, current.revision
+            )));
+        }
+        // The approver needs the scope of every object the change touches:
+        // judged where every change is (the apply), a rollback by admins only.
+        if pending.rollback_to.is_some() && !rights.admin {
+            tracing::warn!(actor = %who, id = %pending.id, "refused: the approver lacks the scope of the change");
+            return Err(Status::permission_denied(format!(
+                "{who} may not approve change {id}: it changes objects outside this operator's roles"
+            )));
+        }
+        let documents: Vec<pb::Document> = pending
+            .documents
+            .iter()
+            .map(|(name, text)| pb::Document { name: name.clone(), text: text.clone() })
+            .collect();
+        let response = match pending.rollback_to {
+            Some(to) => {
+                let expected = (!req.dry_run).then_some(pending.revision);
+                match rollback_held(
+                    &*self.store,
+                    to,
+                    expected,
+                    &pending.proposer,
+                    now,
+                    req.dry_run,
+                    Hold::Never,
+                    Some(&who),
+                )
+                .await
+                {
+                    Ok(a) => {
+                        if let Some(after) = &a.after {
+                            self.keep(after.clone());
+                            self.retire_removed(&current, after).await?;
+                        }
+                        accepted(a)
+                    }
+                    Err(RollbackError::NoSuchRevision { target, current }) => {
+                        return Err(Status::invalid_argument(
+                            RollbackError::NoSuchRevision { target, current }.to_string(),
+                        ));
+                    }
+                    Err(RollbackError::Apply(e)) => apply_status(e)?,
+                }
+            }
+            None => {
+                let how = Documents { documents: &documents, merge: pending.merge, remove: &pending.remove };
+                let proposer = pending.proposer.clone();
+                self.apply_documents(&proposer, current, how, pending.revision, req.dry_run, Hold::Never, Some(&who))
+                    .await?
+            }
+        };
+        if !req.dry_run && response.audit.is_some() {
+            approvals::remove(&*self.store, &pending.id).await.map_err(store_status)?;
+            tracing::info!(id = %pending.id, proposer = %pending.proposer, approver = %who, revision = response.revision,
+                "pending change approved and applied");
+        }
+        Ok(Response::new(response))
+    }
+
+    async fn export(&self, request: Request<pb::ExportRequest>) -> Result<Response<pb::ExportResponse>, Status> {
+        let (rights, current) = self.rights(&request, "export").await?;
+        everything(&rights, "an export of the whole intent")?;
         let yaml = export::to_yaml(&current.intent).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::ExportResponse { revision: current.revision, yaml }))
     }
@@ -299,10 +577,12 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         request: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         let who = actor(&request);
+        let (rights, current) = self.rights(&request, "create_token").await?;
         let req = request.into_inner();
         if self.fanout.subscribe(&req.site).is_none() {
             return Err(Status::not_found(format!("site `{}` is not in the intent", req.site)));
         }
+        manages(&rights, &current, &req.site, "create a join token for")?;
         if req.ttl_seconds == 0 || req.ttl_seconds > 7 * 86_400 {
             return Err(Status::invalid_argument("a token lives between 1 s and 7 days (--ttl)"));
         }
@@ -318,7 +598,9 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         request: Request<pb::RevokeSiteRequest>,
     ) -> Result<Response<pb::RevokeSiteResponse>, Status> {
         let who = actor(&request);
+        let (rights, current) = self.rights(&request, "revoke_site").await?;
         let req = request.into_inner();
+        manages(&rights, &current, &req.site, if req.restore { "restore" } else { "revoke" })?;
         let at = sites::revoke(&*self.store, &req.site, now_ms(), req.restore).await.map_err(store_status)?;
         if req.restore {
             tracing::warn!(site = %req.site, actor = %who, "site revocation lifted");
@@ -328,17 +610,70 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         Ok(Response::new(pb::RevokeSiteResponse { at_unix_ms: at }))
     }
 
+    async fn revoke_operator(
+        &self,
+        request: Request<pb::RevokeOperatorRequest>,
+    ) -> Result<Response<pb::RevokeSiteResponse>, Status> {
+        let (rights, _) = self.rights(&request, "revoke_operator").await?;
+        let req = request.into_inner();
+        if !rights.admin {
+            tracing::warn!(actor = %rights.actor, operator = %req.name, "refused: revoking an operator needs admin");
+            return Err(Status::permission_denied(format!(
+                "{} may not revoke operators: it needs admin",
+                rights.actor
+            )));
+        }
+        if let Some(why) = access::operator_name_problem(&req.name) {
+            return Err(Status::invalid_argument(format!("`{}`: {why}", musubi_core::words::quoted(&req.name))));
+        }
+        if !req.restore && rights.operator.as_deref() == Some(req.name.as_str()) {
+            return Err(Status::invalid_argument("an operator cannot revoke its own certificate"));
+        }
+        let at = sites::revoke_operator(&*self.store, &req.name, now_ms(), req.restore).await.map_err(store_status)?;
+        if req.restore {
+            tracing::warn!(operator = %req.name, actor = %rights.actor, "operator revocation lifted");
+        } else {
+            tracing::warn!(operator = %req.name, actor = %rights.actor, "operator revoked");
+        }
+        Ok(Response::new(pb::RevokeSiteResponse { at_unix_ms: at }))
+    }
+
     async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let (rights, current) = self.rights(&request, "status").await?;
         let req = request.into_inner();
         let only = (!req.site.is_empty()).then_some(req.site.as_str());
+        let readable = |site: &str| rights.may_read(&current.intent, Kind::Site, site);
         if let Some(site) = only
-            && !self.fanout.sites().iter().any(|s| s == site)
+            && (!self.fanout.sites().iter().any(|s| s == site) || !readable(site))
         {
             return Err(Status::not_found(format!("site `{site}` is not in the intent")));
         }
-        let rows = site_states(&*self.store, &self.fanout, only).await.map_err(store_status)?;
+        let mut rows = site_states(&*self.store, &self.fanout, only).await.map_err(store_status)?;
+        rows.retain(|r| readable(&r.site));
         Ok(Response::new(pb::StatusResponse { sites: rows }))
     }
+}
+
+/// Refuses (and logs) a caller who may not read `what`: everything.
+fn everything(rights: &Rights, what: &str) -> Result<(), Status> {
+    if rights.reads_everything() {
+        return Ok(());
+    }
+    tracing::warn!(actor = %rights.actor, what, "refused: needs the admin or auditor role");
+    Err(Status::permission_denied(format!("{} may not read {what}: it needs the admin or auditor role", rights.actor)))
+}
+
+/// Refuses (and logs) a caller who may not `verb` `site`'s agent.
+fn manages(rights: &Rights, current: &Stored, site: &str, verb: &str) -> Result<(), Status> {
+    if rights.may_manage_site(&current.intent, site) {
+        return Ok(());
+    }
+    let scope = access::site_scope(&current.intent, site);
+    tracing::warn!(actor = %rights.actor, site, verb, "refused: the site is outside the operator's tenants");
+    Err(Status::permission_denied(format!(
+        "{} may not {verb} site `{site}`: it is {scope}, outside this operator's roles",
+        rights.actor
+    )))
 }
 
 /// Every site's state (or only `only`'s): connected to a replica, what it

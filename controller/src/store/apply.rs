@@ -9,6 +9,7 @@ use musubi_proto::v1::SiteConfig;
 
 use super::layout::{self, Stored};
 use super::{IntentStore, StoreError};
+use musubi_core::access::{self, Refusal};
 use musubi_core::allocate::{AllocError, reallocate};
 use musubi_core::audit::{AuditEntry, summarise};
 use musubi_core::compile::{CompileError, Index, PublicKeys, incremental};
@@ -30,6 +31,12 @@ pub enum ApplyError {
     Compile(#[from] CompileError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The caller's roles do not cover every object the change touches.
+    #[error("{actor} may not make this change: {}", refusals.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("; "))]
+    Forbidden { actor: String, refusals: Vec<Refusal> },
+    /// The approver's roles do not cover every object the change touches.
+    #[error("{approver} may not approve this change: {}", refusals.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("; "))]
+    NotApprover { approver: String, refusals: Vec<Refusal> },
 }
 
 /// What an accepted change did.
@@ -46,6 +53,21 @@ pub struct Accepted {
     /// The store's state after the commit, without the agents' public keys
     /// (an apply does not read them); `None` when nothing was written.
     pub after: Option<Arc<Stored>>,
+    /// Planned but held for a second operator's approval (see [`Hold`]):
+    /// nothing was written.
+    pub held: bool,
+}
+
+/// When a change waits for a second operator instead of being written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Hold {
+    /// Written now (approved already, or nobody approves: dry runs, plans).
+    #[default]
+    Never,
+    /// Held if it touches a national object once operators are bound.
+    IfNational,
+    /// Held whatever it touches (an admin asked for a second pair of eyes).
+    Always,
 }
 
 /// What an apply shares with a fan-out. Asked for the configurations it
@@ -165,6 +187,7 @@ pub fn merged(current: &Intent, parsed: &Parsed, remove: &[ObjectRef]) -> Result
             Kind::Segment => put(&mut out.segments, &from.segments, &obj.name),
             Kind::Site => put(&mut out.sites, &from.sites, &obj.name),
             Kind::Policy => put(&mut out.policies, &from.policies, &obj.name),
+            Kind::Operator => put(&mut out.operators, &from.operators, &obj.name),
         }
     }
     let mut problems = Vec::new();
@@ -175,12 +198,13 @@ pub fn merged(current: &Intent, parsed: &Parsed, remove: &[ObjectRef]) -> Result
             Kind::Segment => out.segments.remove(&obj.name).is_some(),
             Kind::Site => out.sites.remove(&obj.name).is_some(),
             Kind::Policy => out.policies.remove(&obj.name).is_some(),
+            Kind::Operator => out.operators.remove(&obj.name).is_some(),
         };
         let word = obj.kind.word();
         let problem = if obj.kind == Kind::Settings {
             Some((
                 "the settings cannot be removed".to_string(),
-                "a Tenant, Segment, Site or Policy to remove".to_string(),
+                "a Tenant, Segment, Site, Policy or Operator to remove".to_string(),
             ))
         } else if parsed.sources.object(obj).is_some() {
             Some(("declared and removed in one apply".to_string(), format!("either a {word} document or its removal")))
@@ -230,7 +254,16 @@ pub async fn apply<S: IntentStore>(
     dry_run: bool,
 ) -> Result<Accepted, ApplyError> {
     let current = store.load().await?;
-    let change = Change { actor, now_ms, dry_run, note: None, keys: &NO_KEYS, before_commit: None };
+    let change = Change {
+        actor,
+        now_ms,
+        dry_run,
+        note: None,
+        keys: &NO_KEYS,
+        before_commit: None,
+        hold: Hold::Never,
+        approver: None,
+    };
     apply_on(store, &current, parsed, Mode::Replace, Some(expected), change).await
 }
 
@@ -262,6 +295,10 @@ pub struct Change<'a> {
     pub keys: &'a PublicKeys,
     /// Given the compiled configurations before the commit.
     pub before_commit: Option<&'a dyn BeforeCommit>,
+    pub hold: Hold,
+    /// The second operator approving the change: judged like the actor,
+    /// and named after the note in the audit summary.
+    pub approver: Option<&'a str>,
 }
 
 /// No public keys: plans alone.
@@ -277,11 +314,27 @@ async fn apply_intent<S: IntentStore>(
     expected: Option<u64>,
     change: Change<'_>,
 ) -> Result<Accepted, ApplyError> {
+    // Judged by the bindings in force before the change, plans included.
+    let refusals = access::check_change(&access::rights(&current.intent, change.actor), &current.intent, new);
+    if !refusals.is_empty() {
+        return Err(ApplyError::Forbidden { actor: change.actor.to_string(), refusals });
+    }
+    if let Some(approver) = change.approver {
+        let refusals = access::check_change(&access::rights(&current.intent, approver), &current.intent, new);
+        if !refusals.is_empty() {
+            return Err(ApplyError::NotApprover { approver: approver.to_string(), refusals });
+        }
+    }
+    let held = match change.hold {
+        Hold::Never => false,
+        Hold::IfNational => access::needs_approval(&current.intent, new),
+        Hold::Always => true,
+    };
     let (expected, dry_run) = match expected {
         Some(e) if e != current.revision => {
             return Err(StoreError::Conflict { expected: e, actual: current.revision }.into());
         }
-        Some(e) => (e, change.dry_run),
+        Some(e) => (e, change.dry_run || held),
         None => (current.revision, true),
     };
     let mut alloc = current.allocations.clone();
@@ -293,13 +346,17 @@ async fn apply_intent<S: IntentStore>(
             let n = compiled.len();
             musubi_core::par::free(compiled, n);
         }
-        return Ok(Accepted { revision: current.revision, plan, affected, audit: None, summary, after: None });
+        let held = held && summary != "no change";
+        return Ok(Accepted { revision: current.revision, plan, affected, audit: None, summary, after: None, held });
     }
-    if let Some(note) = change.note {
-        summary = format!("{note}: {summary}");
+    let approved = change.approver.map(|by| format!("approved by {by}"));
+    let prefix: Vec<&str> = change.note.into_iter().chain(approved.as_deref()).collect();
+    if !prefix.is_empty() {
+        summary = format!("{}: {summary}", prefix.join(", "));
     }
-    let audit = AuditEntry::next(current.head.as_ref(), expected + 1, change.now_ms, change.actor, &summary);
-    let writes = layout::write_set(current, new, &alloc, &audit)?;
+    let (writes, audit) = layout::write_set(current, new, &alloc, expected + 1, |changes| {
+        AuditEntry::with_changes(current.head.as_ref(), expected + 1, change.now_ms, change.actor, &summary, changes)
+    })?;
     match (change.before_commit, compiled) {
         (Some(hook), Some(configs)) => hook.compiled(audit.revision, new, &alloc, configs),
         (None, Some(configs)) => {
@@ -316,7 +373,8 @@ async fn apply_intent<S: IntentStore>(
         allocations: alloc,
         keys: PublicKeys::new(),
     };
-    Ok(Accepted { revision: audit.revision, plan, affected, audit: Some(audit), summary, after: Some(Arc::new(after)) })
+    let after = Some(Arc::new(after));
+    Ok(Accepted { revision: audit.revision, plan, affected, audit: Some(audit), summary, after, held: false })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -340,6 +398,22 @@ pub async fn rollback<S: IntentStore>(
     now_ms: u64,
     dry_run: bool,
 ) -> Result<Accepted, RollbackError> {
+    rollback_held(store, target, expected, actor, now_ms, dry_run, Hold::Never, None).await
+}
+
+/// [`rollback`], held as `hold` says, approved by `approver` (see
+/// [`Change::approver`]).
+#[allow(clippy::too_many_arguments)]
+pub async fn rollback_held<S: IntentStore>(
+    store: &S,
+    target: u64,
+    expected: Option<u64>,
+    actor: &str,
+    now_ms: u64,
+    dry_run: bool,
+    hold: Hold,
+    approver: Option<&str>,
+) -> Result<Accepted, RollbackError> {
     let current = store.load().await.map_err(ApplyError::from)?;
     if target == 0 || target >= current.revision {
         return Err(RollbackError::NoSuchRevision { target, current: current.revision });
@@ -357,7 +431,7 @@ pub async fn rollback<S: IntentStore>(
         &current,
         &old,
         expected,
-        Change { actor, now_ms, dry_run, note: Some(&note), keys: &NO_KEYS, before_commit: None },
+        Change { actor, now_ms, dry_run, note: Some(&note), keys: &NO_KEYS, before_commit: None, hold, approver },
     )
     .await?)
 }

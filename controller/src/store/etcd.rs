@@ -21,8 +21,8 @@ use super::presence::{Presence, renew_every};
 use super::{Guard, IntentStore, StoreError};
 use musubi_core::audit::AuditEntry;
 
-/// How to reach etcd.
-#[derive(Debug, Clone, Default)]
+/// How to reach etcd. Its `Debug` leaves the password out.
+#[derive(Clone, Default)]
 pub struct EtcdConfig {
     /// `host:port` or `https://host:port`, one per cluster member.
     pub endpoints: Vec<String>,
@@ -31,6 +31,37 @@ pub struct EtcdConfig {
     pub ca: Option<PathBuf>,
     /// Client certificate and key for mutual TLS.
     pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl std::fmt::Debug for EtcdConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdConfig")
+            .field("endpoints", &self.endpoints)
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .field("ca", &self.ca)
+            .field("client_cert", &self.client_cert)
+            .finish()
+    }
+}
+
+impl EtcdConfig {
+    /// Refuses settings that would not do what they say: a client
+    /// certificate is only presented over TLS (which the CA turns on), and
+    /// a password never crosses the network in plain text.
+    pub fn check(&self) -> Result<(), StoreError> {
+        let tls = self.ca.is_some();
+        if self.client_cert.is_some() && !tls {
+            return Err(StoreError::Misconfigured(
+                "an etcd client certificate needs the CA of the etcd servers (--etcd-ca): without it the connection is plain text and the certificate is never shown",
+            ));
+        }
+        if self.user.is_some() && !tls {
+            return Err(StoreError::Misconfigured(
+                "an etcd user and password need TLS (--etcd-ca): etcd would receive the password in plain text",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone)]
@@ -55,6 +86,7 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, StoreError> {
 
 impl Etcd {
     pub async fn connect(config: &EtcdConfig) -> Result<Self, StoreError> {
+        config.check()?;
         let mut options =
             ConnectOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(30));
         if let Some((user, password)) = &config.user {
@@ -401,5 +433,25 @@ async fn follow_sites(store: Etcd, tx: tokio::sync::watch::Sender<u64>, mut star
             tx.send_modify(|n| *n += 1);
             start = at + 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_go_in_plain_text_and_a_certificate_is_never_dropped() {
+        let plain = EtcdConfig { endpoints: vec!["127.0.0.1:2379".into()], ..Default::default() };
+        assert!(plain.check().is_ok(), "no secret, plain text: allowed (a local etcd)");
+        let with_cert = EtcdConfig { client_cert: Some(("c.pem".into(), "k.pem".into())), ..plain.clone() };
+        let e = with_cert.check().expect_err("a client certificate without a CA");
+        assert!(e.to_string().contains("needs the CA"), "{e}");
+        let with_password = EtcdConfig { user: Some(("musubi".into(), "secret".into())), ..plain.clone() };
+        let e = with_password.check().expect_err("a password without TLS");
+        assert!(e.to_string().contains("plain text") && !e.to_string().contains("secret"), "{e}");
+        assert!(!format!("{with_password:?}").contains("secret"));
+        let tls = EtcdConfig { ca: Some("ca.pem".into()), ..with_password };
+        assert!(EtcdConfig { client_cert: with_cert.client_cert, ..tls }.check().is_ok());
     }
 }

@@ -6,7 +6,7 @@
 //! | `/musubi/v1/revision` | the intent revision, decimal; every commit compares it |
 //! | `/musubi/v1/head` | the newest [`AuditEntry`] (its hash starts the next link) |
 //! | `/musubi/v1/intent/settings` | [`Settings`] |
-//! | `/musubi/v1/intent/{tenant,segment,site,policy}/<name>` | the object |
+//! | `/musubi/v1/intent/{tenant,segment,site,policy,operator}/<name>` | the object (an operator: its roles and tenants) |
 //! | `/musubi/v1/alloc/segment/<name>`, `/musubi/v1/alloc/site/<name>` | its allocation |
 //! | `/musubi/v1/audit/<revision, 20 digits>` | the [`AuditEntry`] of that revision |
 //! | `/musubi/v1/keys/<site>/<segment>` | the agent's WireGuard public key for that segment (base64) |
@@ -14,6 +14,8 @@
 //! | `/musubi/v1/seen/<site>` | the agent's last status, kept after it disconnects |
 //! | `/musubi/v1/tokens/<SHA-256 of the token, hex>` | a join token's [`site`, expiry, use] record; the token itself is never stored |
 //! | `/musubi/v1/revoked/<site>` | a revocation: certificates issued before it are refused |
+//! | `/musubi/v1/revoked-operators/<name>` | an operator's revocation, read on every operator call |
+//! | `/musubi/v1/key-owners/<SHA-256 of a public key, hex>` | `site/segment`: the one interface a WireGuard public key may belong to |
 //! | `/musubi/v1/changes/<revision, 20 digits>` | [`KeyChange`] records: each intent key that revision changed, before and after (watches replay them forwards, rollbacks backwards) |
 //!
 //! The intent revision is Musubi's own counter (1, 2, 3 …), kept in the head
@@ -41,6 +43,7 @@ pub const TENANT: &str = "/musubi/v1/intent/tenant/";
 pub const SEGMENT: &str = "/musubi/v1/intent/segment/";
 pub const SITE: &str = "/musubi/v1/intent/site/";
 pub const POLICY: &str = "/musubi/v1/intent/policy/";
+pub const OPERATOR: &str = "/musubi/v1/intent/operator/";
 pub const ALLOC_SEGMENT: &str = "/musubi/v1/alloc/segment/";
 pub const ALLOC_SITE: &str = "/musubi/v1/alloc/site/";
 pub const AUDIT: &str = "/musubi/v1/audit/";
@@ -51,6 +54,8 @@ pub const PRESENCE: &str = "/musubi/v1/presence/";
 pub const SEEN: &str = "/musubi/v1/seen/";
 pub const TOKENS: &str = "/musubi/v1/tokens/";
 pub const REVOKED: &str = "/musubi/v1/revoked/";
+pub const REVOKED_OPERATORS: &str = "/musubi/v1/revoked-operators/";
+pub const KEY_OWNERS: &str = "/musubi/v1/key-owners/";
 
 pub fn public_key_key(site: &str, segment: &str) -> String {
     format!("{KEYS}{site}/{segment}")
@@ -133,14 +138,16 @@ fn diff_map<T: Serialize + PartialEq>(
     Ok(())
 }
 
-/// The writes that turn `old` into (`intent`, `allocations`), plus the new
-/// head and its audit record.
+/// The writes that turn `old` into (`intent`, `allocations`) at `revision`,
+/// plus the new head and its audit record: `entry` makes it from the SHA-256
+/// of the revision's change records (as written), so the chain covers them.
 pub fn write_set(
     old: &Stored,
     intent: &Intent,
     allocations: &Allocations,
-    audit: &AuditEntry,
-) -> Result<WriteSet, StoreError> {
+    revision: u64,
+    entry: impl FnOnce(&str) -> AuditEntry,
+) -> Result<(WriteSet, AuditEntry), StoreError> {
     let mut w = WriteSet::default();
     let mut log = Vec::new();
     if old.revision == 0 || old.intent.settings != intent.settings {
@@ -153,17 +160,20 @@ pub fn write_set(
     diff_map(&mut w, Some(&mut log), SEGMENT, &old.intent.segments, &intent.segments)?;
     diff_map(&mut w, Some(&mut log), SITE, &old.intent.sites, &intent.sites)?;
     diff_map(&mut w, Some(&mut log), POLICY, &old.intent.policies, &intent.policies)?;
+    diff_map(&mut w, Some(&mut log), OPERATOR, &old.intent.operators, &intent.operators)?;
     // Allocations are logged too, so that a watcher can follow the whole
     // compiled state from change records alone (rollback ignores them).
     diff_map(&mut w, Some(&mut log), ALLOC_SEGMENT, &old.allocations.segments, &allocations.segments)?;
     diff_map(&mut w, Some(&mut log), ALLOC_SITE, &old.allocations.sites, &allocations.sites)?;
-    let changes_key = changes_key(audit.revision);
-    w.puts.push((changes_key.clone(), json(&changes_key, &log)?));
-    let audit_json = json(HEAD, audit)?;
+    let changes_key = changes_key(revision);
+    let records = json(&changes_key, &log)?;
+    let audit = entry(&musubi_core::audit::sha256_hex(&records));
+    w.puts.push((changes_key, records));
+    let audit_json = json(HEAD, &audit)?;
     w.puts.push((audit_key(audit.revision), audit_json.clone()));
     w.puts.push((HEAD.to_string(), audit_json));
     w.puts.push((REVISION.to_string(), audit.revision.to_string().into_bytes()));
-    Ok(w)
+    Ok((w, audit))
 }
 
 /// The intent revision stored at [`REVISION`] (a decimal number).
@@ -206,6 +216,8 @@ pub fn set_intent_key(intent: &mut Intent, key: &str, value: Option<&[u8]>) -> R
         put(&mut intent.sites, name, key, value)?;
     } else if let Some(name) = key.strip_prefix(POLICY) {
         put(&mut intent.policies, name, key, value)?;
+    } else if let Some(name) = key.strip_prefix(OPERATOR) {
+        put(&mut intent.operators, name, key, value)?;
     }
     Ok(())
 }

@@ -39,6 +39,10 @@ pub enum StoreError {
     },
     #[error("{path} is in use by another controller")]
     Locked { path: String },
+    /// A store configuration that would send secrets in plain text or
+    /// silently drop what was asked for.
+    #[error("refusing the etcd settings: {0}")]
+    Misconfigured(&'static str),
     /// The backend failed or could not be reached: etcd's client error,
     /// redb's, or the file or random source the store needed. Messages
     /// carry the cause, which is also kept as the source.

@@ -182,6 +182,9 @@ pub(crate) fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration, etcd: bool
     // every configuration (the desired digests stop changing).
     let deadline = Instant::now() + wait;
     let mut settled: Option<(Vec<String>, Instant)> = None;
+    // How often every agent was in sync and then one was not again: an
+    // agent whose tunnels keep going down is not "still coming up".
+    let mut lost = 0u32;
     let progress = musubi_process::progress::Progress::new(sites.len() as u64, "agents in sync");
     loop {
         let out = lab.musubi(&controller).args(["status", "--json"]).output()?;
@@ -204,9 +207,20 @@ pub(crate) fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration, etcd: bool
                 _ => settled = Some((digests, Instant::now())),
             }
         } else {
+            lost += u32::from(settled.is_some());
             settled = None;
         }
         if Instant::now() > deadline {
+            if lost > 0 {
+                bail!(
+                    "{synced} of {} agents in sync after {} s, but never every one of them for 0.75 s together \
+                     (in sync, every tunnel up, configurations unchanged): {} a tunnel went down or a \
+                     configuration changed again (the agents' logs say `traffic moved` when a path failed)",
+                    sites.len(),
+                    wait.as_secs(),
+                    count(lost as usize, "time")
+                );
+            }
             bail!("{synced} of {} agents in sync after {} s", sites.len(), wait.as_secs());
         }
         std::thread::sleep(Duration::from_millis(250));

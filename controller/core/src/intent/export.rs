@@ -1,6 +1,6 @@
 //! An intent written back as YAML documents in the form operators write
-//! (the form [`super::parse`] reads): settings, then tenants, segments, sites
-//! and policies, each by name. Reading the output gives the same intent.
+//! (the form [`super::parse`] reads): settings, then tenants, segments, sites,
+//! policies and operators, each by name. Reading the output gives the same intent.
 
 use serde::Serialize;
 
@@ -10,6 +10,19 @@ use super::{Intent, Kind, NumRange, Probe, ProbeOverride, YamlName};
 struct TenantDoc<'a> {
     kind: &'static str,
     name: &'a str,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    national: bool,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    description: &'a str,
+}
+
+#[derive(Serialize)]
+struct OperatorDoc<'a> {
+    kind: &'static str,
+    name: &'a str,
+    roles: Vec<&'static str>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    tenants: &'a [String],
     #[serde(skip_serializing_if = "str::is_empty")]
     description: &'a str,
 }
@@ -138,7 +151,7 @@ pub fn select(intent: &Intent, keep: impl Fn(Kind, &str) -> bool) -> Result<(Str
     }
     for t in intent.tenants.values().filter(|t| keep(Kind::Tenant, &t.name)) {
         count += 1;
-        doc(&mut out, &TenantDoc { kind: "Tenant", name: &t.name, description: &t.description })?;
+        doc(&mut out, &TenantDoc { kind: "Tenant", name: &t.name, national: t.national, description: &t.description })?;
     }
     for g in intent.segments.values().filter(|g| keep(Kind::Segment, &g.name)) {
         count += 1;
@@ -214,6 +227,19 @@ pub fn select(intent: &Intent, keep: impl Fn(Kind, &str) -> bool) -> Result<(Str
             },
         )?;
     }
+    for o in intent.operators.values().filter(|o| keep(Kind::Operator, &o.name)) {
+        count += 1;
+        doc(
+            &mut out,
+            &OperatorDoc {
+                kind: "Operator",
+                name: &o.name,
+                roles: o.roles.iter().map(|r| r.yaml()).collect(),
+                tenants: &o.tenants,
+                description: &o.description,
+            },
+        )?;
+    }
     Ok((out, count))
 }
 
@@ -224,7 +250,7 @@ mod tests {
 
     #[test]
     fn shipped_topologies_survive_a_round_trip() {
-        for path in ["minimal.yaml", "prefecture.yaml"] {
+        for path in ["minimal.yaml", "prefecture.yaml", "two-cities.yaml"] {
             let text = std::fs::read_to_string(format!("{}/../../topologies/{path}", env!("CARGO_MANIFEST_DIR")))
                 .expect("read");
             let first = parse_str(path, &text);

@@ -24,6 +24,8 @@ pub enum Kind {
     Site,
     Policy,
     Settings,
+    /// An operator identity's roles and tenants (see [`crate::access`]).
+    Operator,
 }
 
 /// An enum spelt as a fixed word in YAML, both ways.
@@ -40,7 +42,8 @@ pub trait YamlName: Copy + 'static {
 }
 
 impl YamlName for Kind {
-    const ALL: &'static [Kind] = &[Kind::Tenant, Kind::Segment, Kind::Site, Kind::Policy, Kind::Settings];
+    const ALL: &'static [Kind] =
+        &[Kind::Tenant, Kind::Segment, Kind::Site, Kind::Policy, Kind::Settings, Kind::Operator];
 
     fn yaml(self) -> &'static str {
         match self {
@@ -49,6 +52,7 @@ impl YamlName for Kind {
             Kind::Site => "Site",
             Kind::Policy => "Policy",
             Kind::Settings => "Settings",
+            Kind::Operator => "Operator",
         }
     }
 }
@@ -71,6 +75,7 @@ impl Kind {
             Kind::Site => "site",
             Kind::Policy => "policy",
             Kind::Settings => "settings",
+            Kind::Operator => "operator",
         }
     }
 }
@@ -88,6 +93,9 @@ pub struct Intent {
     pub segments: BTreeMap<String, Arc<Segment>>,
     pub sites: BTreeMap<String, Arc<Site>>,
     pub policies: BTreeMap<String, Arc<Policy>>,
+    /// Who may do what (empty: every operator certificate is an admin).
+    #[serde(default)]
+    pub operators: BTreeMap<String, Arc<Operator>>,
 }
 
 impl Intent {
@@ -101,6 +109,49 @@ impl Intent {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tenant {
     pub name: String,
+    /// A national body: its segments are national objects, changed by
+    /// admins only.
+    #[serde(default)]
+    pub national: bool,
+    pub description: String,
+}
+
+/// What an operator may do: every role is a set of rights over the
+/// operator's tenants (admin and auditor: over everything).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OperatorRole {
+    /// Everything: national objects, operators, every tenant.
+    Admin,
+    /// Changes its tenants' objects; tokens and revocations for their sites.
+    Operator,
+    /// Reads its tenants' objects and their sites' status.
+    Viewer,
+    /// Reads everything and the history; changes nothing.
+    Auditor,
+}
+
+impl YamlName for OperatorRole {
+    const ALL: &'static [OperatorRole] =
+        &[OperatorRole::Admin, OperatorRole::Operator, OperatorRole::Viewer, OperatorRole::Auditor];
+
+    fn yaml(self) -> &'static str {
+        match self {
+            OperatorRole::Admin => "admin",
+            OperatorRole::Operator => "operator",
+            OperatorRole::Viewer => "viewer",
+            OperatorRole::Auditor => "auditor",
+        }
+    }
+}
+
+/// An operator identity (the name in its certificate) and what it may do.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Operator {
+    pub name: String,
+    pub roles: Vec<OperatorRole>,
+    /// The tenants its operator and viewer roles act for.
+    pub tenants: Vec<String>,
     pub description: String,
 }
 

@@ -69,7 +69,7 @@ impl std::fmt::Display for ObjectRef {
         if self.kind == Kind::Settings {
             return f.write_str("settings");
         }
-        write!(f, "{} `{}`", self.kind.word(), self.name)
+        write!(f, "{} `{}`", self.kind.word(), crate::words::quoted(&self.name))
     }
 }
 

@@ -4,9 +4,12 @@
 
 mod capacity;
 mod names;
+mod operators;
 mod prefixes;
 mod references;
 mod sites;
+
+pub use names::object_name_ok;
 
 use crate::diagnostic::Diagnostic;
 use crate::intent::Intent;
@@ -18,7 +21,7 @@ type Rule = fn(&Intent, &SourceMap, &mut Vec<Diagnostic>);
 
 /// Every rule, in the order their unlocated problems are reported. Capacity
 /// counts the whole intent, so a change-only check runs it on all of it.
-const RULES: [Rule; 4] = [names::check, references::check, sites::check, prefixes::check];
+const RULES: [Rule; 5] = [names::check, references::check, sites::check, prefixes::check, operators::check];
 const WHOLE_INTENT_RULES: [Rule; 1] = [capacity::check];
 
 fn run(rules: &[Rule], intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnostic>) {
@@ -60,6 +63,7 @@ pub fn validate_change(old: &Intent, new: &Intent, sources: &SourceMap) -> Vec<D
         tenants: new.tenants.clone(),
         segments: new.segments.clone(),
         policies: new.policies.clone(),
+        operators: new.operators.clone(),
         sites: Default::default(),
     };
     for (name, site) in &new.sites {

@@ -4,6 +4,7 @@
 use crate::diagnostic::Diagnostic;
 use crate::intent::source::{ObjectRef, SourceMap};
 use crate::intent::{IFNAME_MAX, Intent, Kind, SEGMENT_NAME_MAX, WG_PREFIX};
+use crate::words::quoted;
 
 /// DNS label length: names end up in certificate SANs.
 const NAME_MAX: usize = 63;
@@ -18,15 +19,21 @@ fn name_ok(name: &str, max: usize) -> bool {
     well_formed(name) && name.len() <= max
 }
 
+/// Whether `name` could name an object of an intent (a site, a segment…):
+/// what a server checks before it looks a name up or logs it.
+pub fn object_name_ok(name: &str) -> bool {
+    name_ok(name, NAME_MAX)
+}
+
 fn check_name(sources: &SourceMap, obj: &ObjectRef, field: &str, name: &str, max: usize, out: &mut Vec<Diagnostic>) {
     if !well_formed(name) {
         out.push(
-            Diagnostic::at(sources, obj, field, format!("\"{name}\" is not a valid name"))
+            Diagnostic::at(sources, obj, field, format!("\"{}\" is not a valid name", quoted(name)))
                 .expected("lowercase letters, digits and dashes, starting with a letter"),
         );
     } else if name.len() > max {
         out.push(
-            Diagnostic::at(sources, obj, field, format!("\"{name}\" is {} bytes long", name.len()))
+            Diagnostic::at(sources, obj, field, format!("\"{}\" is {} bytes long", quoted(name), name.len()))
                 .expected(format!("at most {max} bytes")),
         );
     }

@@ -6,6 +6,7 @@ use crate::intent::source::{ObjectRef, SourceMap};
 use crate::intent::{Intent, Kind, Region, nets_overlap};
 
 fn dangling(sources: &SourceMap, obj: &ObjectRef, field: &str, kind: Kind, name: &str) -> Diagnostic {
+    let name = crate::words::quoted(name);
     Diagnostic::at(sources, obj, field, format!("{} `{name}` is not declared", kind.word()))
         .expected(format!("the name of a declared {}", kind.word()))
 }

@@ -13,7 +13,7 @@ use super::source::{Loc, ObjectRef, SourceFile, SourceMap};
 use super::tree::{self, Node, Value};
 use super::{Intent, Kind, YamlName};
 use crate::diagnostic::Diagnostic;
-use objects::{read_policy, read_segment, read_settings, read_site, read_tenant};
+use objects::{read_operator, read_policy, read_segment, read_settings, read_site, read_tenant};
 use reader::Reader;
 
 /// The result of reading YAML: the intent (possibly partial), where it came
@@ -107,7 +107,7 @@ fn read_object(p: &mut Parsed, file: usize, index: usize, doc: &Node, settings_s
         |key: &str| entries.iter().find(|(k, _)| matches!(&k.value, Value::Str(s) if s == key)).map(|(_, v)| v);
     let kinds = Kind::options();
     let Some(kind_node) = lookup("kind") else {
-        r.error(doc, "kind", "missing field `kind`", "one of Tenant, Segment, Site, Policy, Settings");
+        r.error(doc, "kind", "missing field `kind`", "one of Tenant, Segment, Site, Policy, Settings, Operator");
         return None;
     };
     let kind = r.choice(kind_node, "kind", &kinds)?;
@@ -155,6 +155,7 @@ fn read_object(p: &mut Parsed, file: usize, index: usize, doc: &Node, settings_s
         Kind::Segment => read_segment(&mut r, doc, name),
         Kind::Site => read_site(&mut r, doc, name),
         Kind::Policy => read_policy(&mut r, doc, name),
+        Kind::Operator => read_operator(&mut r, doc, name),
         Kind::Settings => {
             *settings_seen = true;
             read_settings(&mut r, doc);

@@ -10,11 +10,30 @@ use crate::intent::tree::Node;
 use crate::intent::*;
 
 pub(super) fn read_tenant(r: &mut Reader<'_>, doc: &Node, name: String) {
-    let Some(f) = r.map(doc, "", &["kind", "name", "description"]) else {
+    let Some(f) = r.map(doc, "", &["kind", "name", "national", "description"]) else {
         return;
     };
+    let national = r.opt_bool(&f, "", "national").unwrap_or_default();
     let description = r.opt_string(&f, "", "description").unwrap_or_default();
-    r.p.intent.tenants.insert(name.clone(), Arc::new(Tenant { name, description }));
+    r.p.intent.tenants.insert(name.clone(), Arc::new(Tenant { name, national, description }));
+}
+
+pub(super) fn read_operator(r: &mut Reader<'_>, doc: &Node, name: String) {
+    let Some(f) = r.map(doc, "", &["kind", "name", "roles", "tenants", "description"]) else {
+        return;
+    };
+    let mut roles = Vec::new();
+    match Reader::get(&f, "roles") {
+        Some(n) => {
+            for (path, item) in r.list(n, "roles", "roles") {
+                roles.extend(r.choice(item, &path, &OperatorRole::options()));
+            }
+        }
+        None => r.missing(doc, "", "roles", "a list of roles: admin, operator, viewer, auditor"),
+    }
+    let tenants = r.string_list(&f, "", "tenants");
+    let description = r.opt_string(&f, "", "description").unwrap_or_default();
+    r.p.intent.operators.insert(name.clone(), Arc::new(Operator { name, roles, tenants, description }));
 }
 
 pub(super) fn read_segment(r: &mut Reader<'_>, doc: &Node, name: String) {

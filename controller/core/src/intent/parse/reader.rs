@@ -113,6 +113,17 @@ impl Reader<'_> {
         Self::get(f, key).and_then(|n| self.string(n, &join(path, key)))
     }
 
+    pub(super) fn opt_bool(&mut self, f: &Fields<'_>, path: &str, key: &str) -> Option<bool> {
+        let n = Self::get(f, key)?;
+        match n.value {
+            Value::Bool(b) => Some(b),
+            _ => {
+                self.error(n, &join(path, key), format!("found {}", n.describe()), "true or false");
+                None
+            }
+        }
+    }
+
     pub(super) fn int(&mut self, n: &Node, path: &str, min: u32, max: u32) -> Option<u32> {
         let expected = format!("an integer from {min} to {max}");
         match n.value {
