@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Guard, IntentStore, StoreError};
+use crate::store::{Event, Guard, IntentStore, StoreError, Write};
 
 pub const PENDING: &str = "/musubi/v1/pending/";
 
@@ -52,7 +52,19 @@ pub fn new_id() -> Result<String, StoreError> {
 pub async fn propose<S: IntentStore>(store: &S, pending: &Pending) -> Result<(), StoreError> {
     let k = key(&pending.id);
     let value = serde_json::to_vec(pending).map_err(|source| StoreError::Encode { key: k.clone(), source })?;
-    if store.swap(&k, Guard::Absent, Some(value)).await? {
+    let what = match pending.rollback_to {
+        Some(to) => format!("rollback to {to}: {}", pending.summary),
+        None => pending.summary.clone(),
+    };
+    let event = Event {
+        time_ms: pending.created_ms,
+        actor: pending.proposer.clone(),
+        summary: format!(
+            "change {} proposed at revision {}, waiting for approval: {what}",
+            pending.id, pending.revision
+        ),
+    };
+    if store.record(event, Some(Write { key: k.clone(), guard: Guard::Absent, value: Some(value) })).await?.is_some() {
         Ok(())
     } else {
         Err(StoreError::corrupt(&k, "a proposal with this id exists already"))

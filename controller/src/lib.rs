@@ -9,5 +9,6 @@ pub mod fanout;
 pub mod metrics;
 pub mod pki;
 pub mod server;
+pub mod signing;
 pub mod sites;
 pub mod store;

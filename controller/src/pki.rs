@@ -2,7 +2,11 @@
 //!
 //! `musubi-controller init` makes (or adopts) a CA in the data directory and
 //! issues the controller's server certificate and an admin operator
-//! certificate. Agents enrol with a one-time token and a certificate signing
+//! certificate. The CA it makes has two levels: a root (`ca.pem`, the
+//! certificate everyone trusts; its key `ca-key.pem` belongs offline) and
+//! an issuing CA signed by it (`issuing.pem`, `issuing-key.pem`) that the
+//! replicas sign with; every certificate they issue carries the issuing
+//! CA's certificate after its own. Agents enrol with a one-time token and a certificate signing
 //! request; only the request's public key is used, so an agent cannot ask
 //! for a name it was not given. Identities travel as URI subject alternative
 //! names: `musubi://site/<name>` and `musubi://operator/<name>`.
@@ -88,6 +92,13 @@ impl Paths {
     pub fn ca_key(&self) -> PathBuf {
         self.dir.join("ca-key.pem")
     }
+    /// The issuing (intermediate) CA replicas sign with, when there is one.
+    pub fn issuing(&self) -> PathBuf {
+        self.dir.join("issuing.pem")
+    }
+    pub fn issuing_key(&self) -> PathBuf {
+        self.dir.join("issuing-key.pem")
+    }
     pub fn server(&self) -> PathBuf {
         self.dir.join("server.pem")
     }
@@ -159,16 +170,32 @@ fn random<const N: usize>() -> [u8; N] {
 /// The CA, loaded for signing.
 #[derive(Debug)]
 pub struct Authority {
+    /// The root everyone trusts (`ca.pem`).
     pub ca_pem: String,
     issuer: Issuer<'static, KeyPair>,
+    /// The issuing CA's certificate, sent after every certificate it
+    /// signs; empty when the root signs itself (a single-level CA).
+    chain: String,
 }
 
 impl Authority {
+    /// The issuing CA of the directory if it has one, else its root.
     pub fn load(paths: &Paths) -> Result<Self, PkiError> {
         let ca_pem = read(&paths.ca())?;
-        let key = KeyPair::from_pem(&read(&paths.ca_key())?).map_err(cert_err)?;
-        let issuer = Issuer::from_ca_cert_pem(&ca_pem, key).map_err(cert_err)?;
-        Ok(Authority { ca_pem, issuer })
+        let (cert, key_path) = if paths.issuing().exists() {
+            (read(&paths.issuing())?, paths.issuing_key())
+        } else {
+            (ca_pem.clone(), paths.ca_key())
+        };
+        let key = KeyPair::from_pem(&read(&key_path)?).map_err(cert_err)?;
+        let issuer = Issuer::from_ca_cert_pem(&cert, key).map_err(cert_err)?;
+        let chain = if paths.issuing().exists() { cert } else { String::new() };
+        Ok(Authority { ca_pem, issuer, chain })
+    }
+
+    /// A certificate as it is handed out: itself, then the issuing CA's.
+    fn with_chain(&self, pem: String) -> String {
+        if self.chain.is_empty() { pem } else { pem + &self.chain }
     }
 
     /// A site certificate for the public key of `csr_pem`, valid for `lifetime`.
@@ -179,14 +206,14 @@ impl Authority {
         let not_after = (params.not_after.unix_timestamp() as u64) * 1000;
         let signed = CertificateSigningRequestParams { params, public_key: request.public_key };
         let cert = signed.signed_by(&self.issuer).map_err(cert_err)?;
-        Ok((cert.pem(), not_after))
+        Ok((self.with_chain(cert.pem()), not_after))
     }
 
     /// A new key and certificate for an operator (or the controller itself).
     fn issue_with_key(&self, params: CertificateParams) -> Result<(String, String), PkiError> {
         let key = KeyPair::generate().map_err(cert_err)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(cert_err)?;
-        Ok((cert.pem(), key.serialize_pem()))
+        Ok((self.with_chain(cert.pem()), key.serialize_pem()))
     }
 
     pub fn issue_operator(&self, name: &str, lifetime: Duration) -> Result<(String, String), PkiError> {
@@ -222,11 +249,76 @@ pub struct Initialised {
     pub paths: Paths,
     pub admin: String,
     pub external_ca: bool,
+    /// The CA was there already, prepared by `ca issuing`.
+    pub prepared: bool,
 }
 
-/// Creates the PKI directory: a new CA (or the given external one), the
-/// server certificate for `server_names` and an operator certificate for
-/// `admin`. Refuses to overwrite an existing CA.
+fn ca_params(common_name: &str, path_length: u8, lifetime: Duration) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    p.distinguished_name.push(DnType::CommonName, common_name);
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_length));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let now = SystemTime::now();
+    p.not_before = offset(now - CLOCK_SLACK);
+    p.not_after = offset(now + lifetime);
+    let serial: [u8; 16] = random();
+    p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial[..]));
+    p
+}
+
+/// A new root CA in `dir` (`ca.pem`, `ca-key.pem`), valid for `lifetime`;
+/// it may sign one level of CAs below it. Refuses to overwrite a CA.
+pub fn make_root(dir: &Path, lifetime: Duration) -> Result<Paths, PkiError> {
+    let paths = Paths::new(dir);
+    std::fs::create_dir_all(dir).map_err(|e| PkiError::File { path: dir.to_path_buf(), source: e })?;
+    if paths.ca().exists() {
+        return Err(PkiError::Exists { path: paths.ca().display().to_string() });
+    }
+    let key = KeyPair::generate().map_err(cert_err)?;
+    let cert = ca_params("Musubi root CA", 1, lifetime).self_signed(&key).map_err(cert_err)?;
+    write(&paths.ca_key(), &key.serialize_pem(), true)?;
+    write(&paths.ca(), &cert.pem(), false)?;
+    Ok(paths)
+}
+
+/// Signs a new issuing CA with the root in `root` and writes it into `dir`
+/// (`issuing.pem`, `issuing-key.pem`) with the root's certificate, never its
+/// key. Replaces an earlier issuing CA of the same root (renewal); refuses a
+/// directory that trusts another root.
+pub fn make_issuing(root: &Paths, dir: &Path, lifetime: Duration) -> Result<Paths, PkiError> {
+    let root_pem = read(&root.ca())?;
+    let root_key = KeyPair::from_pem(&read(&root.ca_key())?).map_err(cert_err)?;
+    let issuer = Issuer::from_ca_cert_pem(&root_pem, root_key).map_err(cert_err)?;
+    let paths = Paths::new(dir);
+    std::fs::create_dir_all(dir).map_err(|e| PkiError::File { path: dir.to_path_buf(), source: e })?;
+    if paths.ca().exists() && read(&paths.ca())? != root_pem {
+        return Err(PkiError::Certificate(format!(
+            "{} trusts another root CA; an issuing CA goes beside the root that signed it",
+            paths.ca().display()
+        )));
+    }
+    let key = KeyPair::generate().map_err(cert_err)?;
+    let mut params = ca_params("Musubi issuing CA", 0, lifetime);
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(&key, &issuer).map_err(cert_err)?;
+    write(&paths.issuing_key(), &key.serialize_pem(), true)?;
+    write(&paths.issuing(), &cert.pem(), false)?;
+    if !paths.ca().exists() {
+        write(&paths.ca(), &root_pem, false)?;
+    }
+    Ok(paths)
+}
+
+/// How long the issuing CA `init` makes is valid.
+const ISSUING_LIFETIME: Duration = Duration::from_secs(2 * 365 * 86_400);
+
+/// Creates the PKI directory: a new root and issuing CA (or the given
+/// external CA), the server certificate for `server_names` and an operator
+/// certificate for `admin`. A directory that `ca issuing` prepared (the
+/// root's certificate and an issuing CA, no server certificate yet) gets
+/// its server and admin certificates from that issuing CA. Refuses to
+/// overwrite an existing CA.
 pub fn init(
     dir: &Path,
     server_names: &[String],
@@ -236,10 +328,12 @@ pub fn init(
     check_operator_name(admin)?;
     let paths = Paths::new(dir);
     std::fs::create_dir_all(dir).map_err(|e| PkiError::File { path: dir.to_path_buf(), source: e })?;
-    if paths.ca().exists() {
+    let prepared = paths.ca().exists() && paths.issuing().exists() && !paths.server().exists();
+    if paths.ca().exists() && !(prepared && external.is_none()) {
         return Err(PkiError::Exists { path: paths.ca().display().to_string() });
     }
     match external {
+        _ if prepared => {}
         Some((cert, key)) => {
             let (cert, key) = (read(cert)?, read(key)?);
             // Check that they belong together before adopting them.
@@ -254,19 +348,8 @@ pub fn init(
             write(&paths.ca(), &cert, false)?;
         }
         None => {
-            let key = KeyPair::generate().map_err(cert_err)?;
-            let mut p = CertificateParams::default();
-            p.distinguished_name = DistinguishedName::new();
-            p.distinguished_name.push(DnType::CommonName, "Musubi CA");
-            p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-            p.key_usages =
-                vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-            let now = SystemTime::now();
-            p.not_before = offset(now - Duration::from_secs(60));
-            p.not_after = offset(now + Duration::from_secs(10 * 365 * 86_400));
-            let cert = p.self_signed(&key).map_err(cert_err)?;
-            write(&paths.ca_key(), &key.serialize_pem(), true)?;
-            write(&paths.ca(), &cert.pem(), false)?;
+            make_root(dir, Duration::from_secs(20 * 365 * 86_400))?;
+            make_issuing(&paths, dir, ISSUING_LIFETIME)?;
         }
     }
     let authority = Authority::load(&paths)?;
@@ -277,7 +360,7 @@ pub fn init(
     let (cert, key) = authority.issue_operator(admin, year)?;
     write(&paths.operator_key(admin), &key, true)?;
     write(&paths.operator(admin), &cert, false)?;
-    Ok(Initialised { paths, admin: admin.to_string(), external_ca: external.is_some() })
+    Ok(Initialised { paths, admin: admin.to_string(), external_ca: external.is_some(), prepared })
 }
 
 /// A verified client certificate (DER), as the TLS layer hands it over.
@@ -398,9 +481,15 @@ mod tests {
         Ok(())
     }
 
+    /// The first certificate of a PEM chain, DER.
     fn rustls_pemfile_der(pem: &str) -> Vec<u8> {
         use base64::Engine;
-        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let body: String = pem
+            .lines()
+            .skip_while(|l| !l.starts_with("-----BEGIN"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("-----END"))
+            .collect();
         base64::engine::general_purpose::STANDARD.decode(body).unwrap_or_default()
     }
 }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::store::layout::{KEY_OWNERS, REVOKED, REVOKED_OPERATORS, SEEN, TOKENS};
-use crate::store::{Guard, IntentStore, StoreError};
+use crate::store::{Event, Guard, IntentStore, StoreError, Write};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRecord {
@@ -77,8 +77,16 @@ pub async fn create_token<S: IntentStore>(
         created_ms: now_ms,
         used_ms: None,
     };
-    store.swap(&key, Guard::Absent, Some(encode(&key, &record)?)).await?;
-    Ok((token, expires_ms))
+    let event = Event {
+        time_ms: now_ms,
+        actor: actor.to_string(),
+        summary: format!("join token created for site {site}, valid {} s", ttl.as_secs()),
+    };
+    let write = Write { value: Some(encode(&key, &record)?), key, guard: Guard::Absent };
+    match store.record(event, Some(write)).await? {
+        Some(_) => Ok((token, expires_ms)),
+        None => Err(StoreError::backend("random source", "a new join token collided with a kept one")),
+    }
 }
 
 /// Spends `token` for `site`. A token presented for the wrong site is not
@@ -97,10 +105,18 @@ pub async fn redeem<S: IntentStore>(store: &S, token: &str, site: &str, now_ms: 
         return Err(TokenError::Expired { ago_s: (now_ms - record.expires_ms) / 1000 });
     }
     record.used_ms = Some(now_ms);
-    if store.swap(&key, Guard::Holds(current), Some(encode(&key, &record)?)).await? {
-        Ok(())
-    } else {
-        Err(TokenError::Used { used_ms: now_ms })
+    let event = Event {
+        time_ms: now_ms,
+        actor: format!("site:{site}"),
+        summary: format!(
+            "join token of site {site} spent: certificate issued (token created by {})",
+            record.created_by
+        ),
+    };
+    let write = Write { value: Some(encode(&key, &record)?), key, guard: Guard::Holds(current) };
+    match store.record(event, Some(write)).await? {
+        Some(_) => Ok(()),
+        None => Err(TokenError::Used { used_ms: now_ms }),
     }
 }
 
@@ -112,37 +128,71 @@ pub struct Revocation {
     pub active: bool,
 }
 
-pub async fn revoke<S: IntentStore>(store: &S, site: &str, now_ms: u64, restore: bool) -> Result<u64, StoreError> {
-    revoke_key(store, &format!("{REVOKED}{site}"), now_ms, restore).await
+pub async fn revoke<S: IntentStore>(
+    store: &S,
+    site: &str,
+    actor: &str,
+    now_ms: u64,
+    restore: bool,
+) -> Result<u64, StoreError> {
+    revoke_key(store, &format!("{REVOKED}{site}"), &format!("site {site}"), actor, now_ms, restore).await
 }
 
-/// Claims WireGuard public key `key` for `site`'s `segment`: `None` when it
-/// is theirs (newly or already), else who holds it (`site/segment`).
-pub async fn claim_key<S: IntentStore>(
-    store: &S,
-    key: &str,
-    site: &str,
-    segment: &str,
-) -> Result<Option<String>, StoreError> {
+/// Whose a WireGuard public key is, as [`claim_key`] found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Claimed now, for this site and segment.
+    New,
+    /// Theirs already.
+    Theirs,
+    /// Another interface's (`site/segment`).
+    Other(String),
+}
+
+/// Claims WireGuard public key `key` for `site`'s `segment`.
+pub async fn claim_key<S: IntentStore>(store: &S, key: &str, site: &str, segment: &str) -> Result<Claim, StoreError> {
     let index = format!("{KEY_OWNERS}{}", hash(key));
     let owner = format!("{site}/{segment}");
     if store.swap(&index, Guard::Absent, Some(owner.clone().into_bytes())).await? {
-        return Ok(None);
+        return Ok(Claim::New);
     }
     let held = get(store, &index).await?.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default();
-    Ok((held != owner).then_some(held))
+    Ok(if held == owner { Claim::Theirs } else { Claim::Other(held) })
+}
+
+/// The audit entry of keys newly registered for `site`: (segment, key).
+pub async fn keys_registered<S: IntentStore>(
+    store: &S,
+    site: &str,
+    keys: &[(String, String)],
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let list: Vec<String> =
+        keys.iter().map(|(segment, key)| format!("{segment} sha256:{}", &hash(key)[..16])).collect();
+    let event = Event {
+        time_ms: now_ms,
+        actor: format!("site:{site}"),
+        summary: format!("WireGuard keys registered for site {site}: {}", list.join(", ")),
+    };
+    store.record(event, None).await.map(|_| ())
 }
 
 /// A site removed from the intent: the certificates issued to it until now
 /// are refused from now on, should a site of that name come back (it enrols
 /// again with a new token). An active revocation stays active.
-pub async fn retire<S: IntentStore>(store: &S, site: &str, now_ms: u64) -> Result<(), StoreError> {
+pub async fn retire<S: IntentStore>(store: &S, site: &str, actor: &str, now_ms: u64) -> Result<(), StoreError> {
     let key = format!("{REVOKED}{site}");
     let active = match get(store, &key).await? {
         Some(v) => decode::<Revocation>(&key, &v)?.active,
         None => false,
     };
-    store.swap(&key, Guard::Any, Some(encode(&key, &Revocation { at_ms: now_ms, active })?)).await.map(|_| ())
+    let event = Event {
+        time_ms: now_ms,
+        actor: actor.to_string(),
+        summary: format!("site {site} removed from the intent: the certificates issued to it are refused"),
+    };
+    let value = Some(encode(&key, &Revocation { at_ms: now_ms, active })?);
+    store.record(event, Some(Write { key, guard: Guard::Any, value })).await.map(|_| ())
 }
 
 /// Refuses operator `name`'s certificates issued before `now_ms` (every
@@ -150,10 +200,11 @@ pub async fn retire<S: IntentStore>(store: &S, site: &str, now_ms: u64) -> Resul
 pub async fn revoke_operator<S: IntentStore>(
     store: &S,
     name: &str,
+    actor: &str,
     now_ms: u64,
     restore: bool,
 ) -> Result<u64, StoreError> {
-    revoke_key(store, &format!("{REVOKED_OPERATORS}{name}"), now_ms, restore).await
+    revoke_key(store, &format!("{REVOKED_OPERATORS}{name}"), &format!("operator {name}"), actor, now_ms, restore).await
 }
 
 /// Operator `name`'s revocation, if it was ever revoked.
@@ -170,15 +221,26 @@ impl Revocation {
     }
 }
 
-async fn revoke_key<S: IntentStore>(store: &S, key: &str, now_ms: u64, restore: bool) -> Result<u64, StoreError> {
+/// Revokes (or restores) `what` at `key`, with its audit entry.
+async fn revoke_key<S: IntentStore>(
+    store: &S,
+    key: &str,
+    what: &str,
+    actor: &str,
+    now_ms: u64,
+    restore: bool,
+) -> Result<u64, StoreError> {
     let key = key.to_string();
-    let record = if restore {
+    let (record, summary) = if restore {
         let Some(current) = get(store, &key).await? else { return Ok(0) };
-        Revocation { active: false, ..decode(&key, &current)? }
+        let record = Revocation { active: false, ..decode(&key, &current)? };
+        (record, format!("{what} restored: certificates issued before its revocation stay refused"))
     } else {
-        Revocation { at_ms: now_ms, active: true }
+        (Revocation { at_ms: now_ms, active: true }, format!("{what} revoked"))
     };
-    store.swap(&key, Guard::Any, Some(encode(&key, &record)?)).await?;
+    let event = Event { time_ms: now_ms, actor: actor.to_string(), summary };
+    let value = Some(encode(&key, &record)?);
+    store.record(event, Some(Write { key, guard: Guard::Any, value })).await?;
     Ok(record.at_ms)
 }
 

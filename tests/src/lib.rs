@@ -242,6 +242,11 @@ impl Pki {
             .output()
             .expect("musubi-controller init");
         assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+        // The root's key goes offline, as the ceremony says: nothing a
+        // test runs may need it (replicas sign with the issuing CA).
+        let offline = dir.join("offline-root");
+        std::fs::create_dir_all(&offline).expect("offline dir");
+        std::fs::rename(dir.join("ca-key.pem"), offline.join("ca-key.pem")).expect("the root key moved offline");
         Pki { dir: dir.to_path_buf() }
     }
     pub fn ca(&self) -> PathBuf {

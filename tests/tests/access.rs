@@ -39,7 +39,12 @@ fn issue(pki: &Pki, name: &str) {
 fn revision(pki: &Pki, address: &str) -> String {
     let out = pki.musubi(address, &["history"]);
     assert!(out.status.success(), "history: {}", text(&out.stderr));
-    text(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count().to_string()
+    // Changes of intent only: events (`12.1`) do not move the revision.
+    let changes = text(&out.stdout)
+        .lines()
+        .filter(|l| l.split_whitespace().next().is_some_and(|label| !label.contains('.')))
+        .count();
+    changes.to_string()
 }
 
 /// A merge of `yaml` as `name`.
@@ -272,6 +277,8 @@ async fn a_national_change_waits_for_a_second_admin() {
     let history = text(&run("admin", &["history"]).stdout);
     let last = history.lines().rfind(|l| !l.trim().is_empty()).unwrap_or_default().to_string();
     assert!(last.contains("operator:admin ") && last.contains("approved by operator:admin-2: ~settings"), "{history}");
+    let proposed = history.lines().find(|l| l.contains(&format!("change {id} proposed"))).unwrap_or_default();
+    assert!(proposed.contains("operator:admin ") && proposed.contains("~settings"), "{history}");
     let again = run("admin-2", &["approve", &id, "--yes"]);
     assert!(!again.status.success() && text(&again.stderr).contains("no pending change"), "{}", text(&again.stderr));
 
@@ -363,4 +370,73 @@ fn a_revoked_operator_is_refused_by_every_replica_from_its_next_call() {
         .output()
         .expect("musubi");
     assert!(!with_old.status.success(), "the certificate issued before the revocation stays refused");
+
+    // Both are entries of the audit chain, which still verifies, with who did them.
+    let history = pki.musubi(&at_b, &["history", "--verify"]);
+    let shown = text(&history.stdout);
+    assert!(history.status.success(), "{shown}{}", text(&history.stderr));
+    let line = |what: &str| shown.lines().find(|l| l.contains(what)).map(str::to_string);
+    let revoked = line("operator kita-ops revoked").unwrap_or_else(|| panic!("no revocation entry: {shown}"));
+    assert!(revoked.contains("operator:admin"), "{revoked}");
+    assert!(line("operator kita-ops restored").is_some(), "no restore entry: {shown}");
+    assert!(shown.contains("2 events beside the intent"), "{shown}");
+}
+
+/// Every entry a replica writes is signed with its server key; an operator
+/// revoked from a host that reaches etcd (`musubi-controller operator
+/// revoke`) is refused and its entry signed too; an entry appended by
+/// someone with etcd access but no replica's key is found by `--verify`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_chain_is_signed_and_an_entry_without_a_replicas_key_is_found() {
+    let d = Deployment::new(&["kita-ops"]);
+    let pki = &d.pki;
+    let (_controller, address) = d.replica();
+    let run = |name: &str, args: &[&str]| tokio::task::block_in_place(|| as_operator(pki, name, &address, args));
+    tokio::task::block_in_place(|| d.bind(&address));
+    assert!(run("admin", &["token", "create", "--site", "kita-hall", "--ttl", "10m"]).status.success());
+    let verify = || tokio::task::block_in_place(|| pki.musubi(&address, &["history", "--verify"]));
+    let out = verify();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("2 signed by a controller of this CA"), "{}", text(&out.stdout));
+
+    // Revoked without the API, straight into etcd, from the controller's host.
+    assert!(run("kita-ops", &["get", "sites"]).status.success());
+    let pki_dir = pki.dir.display().to_string();
+    let revoke = tokio::task::block_in_place(|| {
+        Command::new(bin("musubi-controller"))
+            .args(["operator", "revoke", "kita-ops", "--store", &d.store, "--pki", &pki_dir])
+            .output()
+            .expect("musubi-controller")
+    });
+    assert!(revoke.status.success(), "{}", text(&revoke.stderr));
+    let refused = run("kita-ops", &["get", "sites"]);
+    assert!(!refused.status.success() && text(&refused.stderr).contains("revoked"), "{}", text(&refused.stderr));
+    let out = verify();
+    let shown = text(&out.stdout);
+    assert!(out.status.success() && shown.contains("3 signed by a controller of this CA"), "{shown}");
+    assert!(shown.lines().any(|l| l.contains("operator kita-ops revoked") && l.contains("local:")), "{shown}");
+
+    // Someone with write access to etcd appends an entry that links and
+    // hashes correctly, but cannot sign it.
+    let mut raw = etcd_client::Client::connect([d.etcd.endpoint()], None).await.expect("etcd");
+    let head = raw.get("/musubi/v1/head", None).await.expect("get").kvs()[0].value().to_vec();
+    let head: musubi_core::audit::AuditEntry = serde_json::from_slice(&head).expect("head");
+    let forged = musubi_core::audit::AuditEntry::event(
+        Some(&head),
+        head.revision,
+        head.time_ms + 1,
+        "operator:admin",
+        "operator kita-ops restored",
+    );
+    let json = serde_json::to_string(&forged).expect("json");
+    let key = format!("/musubi/v1/audit/{:020}.{:010}", forged.revision, forged.event);
+    raw.put(key, json.clone(), None).await.expect("put");
+    raw.put("/musubi/v1/head", json, None).await.expect("put");
+    let out = verify();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains(&format!("audit entry {} is not signed", forged.label())),
+        "{}",
+        text(&out.stderr)
+    );
 }

@@ -673,6 +673,22 @@ fn a_public_key_another_site_registered_is_refused() {
     assert!(line.contains("segment=lgwan") && line.contains("kita-hall/lgwan"), "{line}");
     // kita-hall's key stays kita-hall's: its configuration is unchanged and in sync.
     assert!(in_sync(site_row(&pki.status(&address), "kita-hall")));
+    // The tokens, their use and kita-hall's keys are entries of the audit
+    // chain; nishi-hall's refused key is not.
+    let history = pki.musubi(&address, &["history", "--verify"]);
+    let shown = String::from_utf8_lossy(&history.stdout).to_string();
+    assert!(history.status.success(), "{shown}{}", String::from_utf8_lossy(&history.stderr));
+    for site in ["kita-hall", "nishi-hall"] {
+        assert!(shown.contains(&format!("join token created for site {site}")), "{shown}");
+        let spent = format!("join token of site {site} spent");
+        assert!(shown.lines().any(|l| l.contains(&spent) && l.contains(&format!("site:{site}"))), "{shown}");
+    }
+    let keys: Vec<&str> = shown.lines().filter(|l| l.contains("WireGuard keys registered")).collect();
+    assert!(keys.iter().any(|l| l.contains("site kita-hall: ") && l.contains("lgwan sha256:")), "{shown}");
+    assert!(
+        !keys.iter().any(|l| l.contains("site nishi-hall") && l.contains("lgwan")),
+        "the refused key was registered: {shown}"
+    );
 }
 
 /// An agent that reports its status hundreds of times a second costs the
@@ -721,4 +737,64 @@ fn an_agent_flooding_status_reports_is_written_at_most_ten_times_a_second() {
     let row = e.pki.status(&e.address);
     let errors = &site_row(&row, "kita-hall")["reported"]["status"]["errors"];
     assert_eq!(errors[0], format!("report {}", reports - 1), "the newest report is kept: {row}");
+}
+
+/// The CA ceremony of docs/security.md: a root made apart, an issuing CA
+/// signed with it and carried to the replica's PKI directory without the
+/// root's key, `init` there; agents and operators work; a renewed issuing
+/// CA is trusted beside the certificates the old one signed.
+#[test]
+fn the_root_ca_stays_offline_and_a_renewed_issuing_ca_is_trusted() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (root, pki_dir) = (dir.path().join("root"), dir.path().join("pki"));
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(musubi_tests::bin("musubi-controller")).args(args).output().expect("run");
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    let (r, p) = (root.to_str().expect("utf-8"), pki_dir.to_str().expect("utf-8"));
+    let (ok, out) = run(&["ca", "root", "--dir", r]);
+    assert!(ok, "{out}");
+    let (ok, out) = run(&["ca", "issuing", "--root", r, "--pki", p]);
+    assert!(ok, "{out}");
+    let (ok, out) = run(&["init", "--pki", p]);
+    assert!(ok && out.contains("issuing"), "{out}");
+    assert!(!pki_dir.join("ca-key.pem").exists(), "the root's key never reaches the replica");
+    assert_eq!(std::fs::read(pki_dir.join("ca.pem")).ok(), std::fs::read(root.join("ca.pem")).ok());
+    let pki = Pki { dir: pki_dir.clone() };
+    // Certificates carry the issuing CA after their own.
+    let admin = std::fs::read_to_string(pki.cert()).expect("admin certificate");
+    assert_eq!(admin.matches("BEGIN CERTIFICATE").count(), 2, "{admin}");
+
+    let port = free_port();
+    let store = format!("file://{}", dir.path().join("store").display());
+    let address = format!("127.0.0.1:{port}");
+    let mut first = controller(dir.path(), &pki, &store, port);
+    apply(&pki, &address, dir.path(), &topology("prefecture.yaml"));
+    let _kita = enrol(&pki, &address, &address, dir.path(), "kita-hall");
+    assert!(eventually(Duration::from_secs(20), || in_sync(site_row(&pki.status(&address), "kita-hall"))));
+
+    // Another root cannot slip an issuing CA into this directory.
+    let other = dir.path().join("other-root");
+    assert!(run(&["ca", "root", "--dir", other.to_str().expect("utf-8")]).0);
+    let (ok, out) = run(&["ca", "issuing", "--root", other.to_str().expect("utf-8"), "--pki", p]);
+    assert!(!ok && out.contains("trusts another root CA"), "{out}");
+
+    // A renewed issuing CA: the controller restarts with it; the admin's and
+    // kita-hall's certificates from the old one still verify (same root),
+    // and a new site's certificate comes from the new one.
+    let before = std::fs::read(pki_dir.join("issuing.pem")).expect("issuing");
+    let (ok, out) = run(&["ca", "issuing", "--root", r, "--pki", p]);
+    assert!(ok, "{out}");
+    assert_ne!(std::fs::read(pki_dir.join("issuing.pem")).ok(), Some(before));
+    first.kill_hard();
+    let _second = controller(dir.path(), &pki, &store, port);
+    assert!(eventually(Duration::from_secs(20), || in_sync(site_row(&pki.status(&address), "kita-hall"))));
+    let _minami = enrol(&pki, &address, &address, dir.path(), "minami-hall");
+    assert!(eventually(Duration::from_secs(20), || in_sync(site_row(&pki.status(&address), "minami-hall"))));
+    let issued = std::fs::read_to_string(dir.path().join("minami-hall").join("tls").join("site.pem")).expect("site");
+    let issuing = std::fs::read_to_string(pki_dir.join("issuing.pem")).expect("issuing");
+    assert!(issued.ends_with(&issuing), "minami-hall's chain ends with the renewed issuing CA");
 }

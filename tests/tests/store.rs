@@ -15,7 +15,7 @@ use musubi_controller::store::apply::{
 use musubi_controller::store::embedded::Embedded;
 use musubi_controller::store::etcd::{Etcd, EtcdConfig};
 use musubi_controller::store::watch::{apply_changes, watch};
-use musubi_controller::store::{IntentStore, StoreError};
+use musubi_controller::store::{Event, Guard, IntentStore, StoreError, Write};
 use musubi_core::audit::verify;
 use musubi_core::compile::compile;
 use musubi_core::intent::parse::{Parsed, parse_str};
@@ -209,6 +209,40 @@ async fn conformance<S: IntentStore + 'static>(store: Arc<S>) {
         tokio::time::timeout(Duration::from_secs(10), late.recv()).await.expect("in time").expect("open").expect("ok");
     assert_eq!(next.revision, last.revision);
     verify(&store.history().await.expect("history")).expect("chain verifies");
+
+    // Events beside the intent (a join token here) are links of the same
+    // chain, written with their record: both or neither.
+    let at = store.load().await.expect("load");
+    let token =
+        Write { key: "/musubi/v1/tokens/conformance".into(), guard: Guard::Absent, value: Some(b"{}".to_vec()) };
+    let event = |s: &str| Event { time_ms: T0 + 20, actor: "operator:a".into(), summary: s.into() };
+    let created = store.record(event("token created"), Some(token.clone())).await.expect("record").expect("written");
+    assert_eq!((created.revision, created.event), (at.revision, 1));
+    let before = store.history().await.expect("history");
+    assert_eq!(before.last(), Some(&created));
+    assert_eq!(store.record(event("token again"), Some(token)).await.expect("record"), None, "its guard failed");
+    assert_eq!(store.history().await.expect("history"), before, "no entry without its write");
+    let second = store.record(event("site revoked"), None).await.expect("record").expect("written");
+    assert_eq!((second.revision, second.event, second.previous.as_str()), (at.revision, 2, created.hash.as_str()));
+    // A change planned before those events commits after them, linked to the
+    // newest: nothing cut out of the chain.
+    let change = Change {
+        actor: "dave@ops",
+        now_ms: T0 + 21,
+        dry_run: false,
+        note: None,
+        keys: &musubi_controller::store::apply::NO_KEYS,
+        before_commit: None,
+        hold: Hold::Never,
+        approver: None,
+    };
+    let later = apply_on(&*store, &at, &prefecture_plus_branch(), Mode::Replace, Some(at.revision), change)
+        .await
+        .expect("applied after the events");
+    let history = store.history().await.expect("history");
+    let head = history.last().expect("head");
+    assert_eq!((head.revision, head.event, head.previous.as_str()), (later.revision, 0, second.hash.as_str()));
+    verify(&history).expect("chain verifies with its events");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,7 +267,7 @@ async fn three_member_etcd_cluster_conforms_and_survives_losing_a_member() {
     cluster.kill_member(0);
     let deadline = Instant::now() + Duration::from_secs(20);
     let applied = loop {
-        match apply(&*store, &prefecture_plus_branch(), before.revision, "local", T0 + 100, false).await {
+        match apply(&*store, &prefecture(), before.revision, "local", T0 + 100, false).await {
             Ok(a) => break a,
             Err(e) => {
                 assert!(Instant::now() < deadline, "no write after losing a member: {e}");
@@ -242,7 +276,7 @@ async fn three_member_etcd_cluster_conforms_and_survives_losing_a_member() {
         }
     };
     assert_eq!(applied.revision, before.revision + 1);
-    assert_eq!(store.load().await.expect("load").intent, prefecture_plus_branch().intent);
+    assert_eq!(store.load().await.expect("load").intent, prefecture().intent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

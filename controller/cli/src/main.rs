@@ -350,7 +350,8 @@ fn remote(command: RemoteCommand, controller: &str, tls: &remote::Tls, color: bo
             RemoteCommand::Approve { id, yes, dry_run } => remote::approve(&mut client, id, yes, dry_run, color).await,
             RemoteCommand::Get { kind, name } => remote::get(&mut client, kind, name).await,
             RemoteCommand::History { verify } => {
-                remote::history(&mut client, verify, remote::verified_head_file(controller, tls)).await
+                remote::history(&mut client, verify, remote::verified_head_file(controller, tls), tls.ca.as_deref())
+                    .await
             }
             RemoteCommand::Rollback { to, yes, dry_run, propose } => {
                 remote::rollback(&mut client, to, yes, dry_run, propose, color).await

@@ -392,11 +392,22 @@ pub async fn get(client: &mut Client, kind: Option<String>, name: Option<String>
     Ok(())
 }
 
-pub async fn history(client: &mut Client, check: bool, remembered: Option<PathBuf>) -> Result<()> {
+pub async fn history(
+    client: &mut Client,
+    check: bool,
+    remembered: Option<PathBuf>,
+    ca: Option<&std::path::Path>,
+) -> Result<()> {
     let r = client.history(pb::HistoryRequest { with_changes: check }).await.map_err(status)?.into_inner();
-    for e in &r.entries {
+    for e in r.entries.iter().map(api::audit_from_pb) {
         let secs = e.time_ms / 1000;
-        println!("{:>6}  {}  {:<20}  {}", e.revision, format_time(secs), e.actor, e.summary);
+        println!(
+            "{:>8}  {}  {:<20}  {}",
+            e.label(),
+            format_time(secs),
+            e.actor,
+            musubi_core::words::printable(&e.summary, 4096)
+        );
     }
     if check {
         let chain: Vec<_> = r.entries.iter().map(api::audit_from_pb).collect();
@@ -405,6 +416,18 @@ pub async fn history(client: &mut Client, check: bool, remembered: Option<PathBu
         if let Err(e) = verify(&chain).and_then(|()| audit::verify_changes(&chain, &records)) {
             bail!("audit chain broken: {e}");
         }
+        // Signatures, against the CA this CLI trusts (none in plain text).
+        let signed = match ca {
+            Some(path) => {
+                let ca = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                let signers = r.signers.into_iter().collect();
+                match musubi_controller::signing::verify(&chain, &signers, &ca) {
+                    Ok(n) => Some(n),
+                    Err(e) => bail!("audit chain broken: {e}"),
+                }
+            }
+            None => None,
+        };
         // The head verified last time must still be in the chain.
         let earlier = remembered.as_deref().and_then(|p| std::fs::read_to_string(p).ok());
         if let Some((revision, hash)) = earlier.as_deref().and_then(|t| t.trim().split_once(' '))
@@ -419,9 +442,15 @@ pub async fn history(client: &mut Client, check: bool, remembered: Option<PathBu
                 .with_context(|| format!("remembering the verified head in {}", path.display()))?;
         }
         let covered = chain.iter().filter(|e| !e.changes.is_empty()).count();
+        let events = chain.iter().filter(|e| e.event != 0).count();
+        let signatures = match signed {
+            Some(n) => format!("{n} signed by a controller of this CA"),
+            None => "signatures not checked (no CA)".to_string(),
+        };
         println!(
-            "audit chain verified: {}, change records of {} checked, head {}",
+            "audit chain verified: {} ({} beside the intent; {signatures}), change records of {} checked, head {}",
             musubi_core::words::count(chain.len(), "entry"),
+            musubi_core::words::count(events, "event"),
             musubi_core::words::count(covered, "revision"),
             chain.last().map_or("-", |e| &e.hash[..16])
         );

@@ -114,6 +114,9 @@ pub fn audit_to_pb(e: &AuditEntry) -> pb::AuditRecord {
         previous: e.previous.clone(),
         hash: e.hash.clone(),
         changes: e.changes.clone(),
+        event: e.event,
+        signer: e.signer.clone(),
+        signature: e.signature.clone(),
     }
 }
 
@@ -126,5 +129,8 @@ pub fn audit_from_pb(e: &pb::AuditRecord) -> AuditEntry {
         previous: e.previous.clone(),
         hash: e.hash.clone(),
         changes: e.changes.clone(),
+        event: e.event,
+        signer: e.signer.clone(),
+        signature: e.signature.clone(),
     }
 }

@@ -1,7 +1,10 @@
 //! The audit chain: every accepted change of intent appends an entry naming
 //! who, when, what and the resulting revision, linked to the previous entry by
 //! a SHA-256 hash so that editing, dropping or reordering any entry breaks
-//! every link after it.
+//! every link after it. Events beside the intent (join tokens created and
+//! spent, revocations and restores, WireGuard keys registered, changes
+//! proposed for approval) are entries of the same chain: they keep the
+//! intent revision they happened at and count up `event` within it.
 //!
 //! Pure: the caller supplies the time and the actor.
 
@@ -36,17 +39,40 @@ pub struct AuditEntry {
     /// matches. Empty in entries written before it existed.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub changes: String,
+    /// 0 for a change of intent; 1, 2 … for the events after it at the
+    /// same revision.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub event: u32,
     /// SHA-256 over `previous` and this entry's fields, hex.
     pub hash: String,
+    /// The certificate whose key signed `hash` (SHA-256 of its DER, hex);
+    /// empty in unsigned entries.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub signer: String,
+    /// The signature over `hash`, base64; not part of the hash.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub signature: String,
 }
 
-fn digest(previous: &str, revision: u64, time_ms: u64, actor: &str, summary: &str, changes: &str) -> String {
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn digest(e: &AuditEntry) -> String {
     let mut h = Sha256::new();
     // Length-prefixed fields: no two different entries encode alike. The
-    // change records' hash counts when present (older entries keep theirs).
-    let fields =
-        [previous.as_bytes(), &revision.to_be_bytes(), &time_ms.to_be_bytes(), actor.as_bytes(), summary.as_bytes()];
-    for field in fields.into_iter().chain((!changes.is_empty()).then_some(changes.as_bytes())) {
+    // change records' hash and the event number count when present (older
+    // entries keep their hashes).
+    let fields = [
+        e.previous.as_bytes(),
+        &e.revision.to_be_bytes(),
+        &e.time_ms.to_be_bytes(),
+        e.actor.as_bytes(),
+        e.summary.as_bytes(),
+    ];
+    let event = e.event.to_be_bytes();
+    let optional = [(!e.changes.is_empty()).then_some(e.changes.as_bytes()), (e.event != 0).then_some(&event[..])];
+    for field in fields.into_iter().chain(optional.into_iter().flatten()) {
         h.update((field.len() as u64).to_be_bytes());
         h.update(field);
     }
@@ -81,17 +107,43 @@ impl AuditEntry {
         summary: &str,
         changes: &str,
     ) -> AuditEntry {
-        let prev = previous.map_or(GENESIS, |p| p.hash.as_str()).to_string();
-        let hash = digest(&prev, revision, time_ms, actor, summary, changes);
-        AuditEntry {
+        let mut e = AuditEntry {
             revision,
             time_ms,
             actor: actor.to_string(),
             summary: summary.to_string(),
-            previous: prev,
+            previous: previous.map_or(GENESIS, |p| p.hash.as_str()).to_string(),
             changes: changes.to_string(),
-            hash,
-        }
+            event: 0,
+            hash: String::new(),
+            signer: String::new(),
+            signature: String::new(),
+        };
+        e.hash = digest(&e);
+        e
+    }
+
+    /// An event beside the intent (a token, a revocation, a key), after
+    /// `previous`, at intent revision `revision` (which it does not change).
+    pub fn event(previous: Option<&AuditEntry>, revision: u64, time_ms: u64, actor: &str, summary: &str) -> AuditEntry {
+        let event = match previous {
+            Some(p) if p.revision == revision => p.event.saturating_add(1),
+            _ => 1,
+        };
+        let mut e = Self::with_changes(previous, revision, time_ms, actor, summary, "");
+        e.event = event;
+        e.hash = digest(&e);
+        e
+    }
+
+    /// Where it stands in the chain: its revision, then its event number.
+    pub fn position(&self) -> (u64, u32) {
+        (self.revision, self.event)
+    }
+
+    /// `12` for a change of intent, `12.3` for the third event after it.
+    pub fn label(&self) -> String {
+        if self.event == 0 { self.revision.to_string() } else { format!("{}.{}", self.revision, self.event) }
     }
 }
 
@@ -101,8 +153,8 @@ pub enum ChainError {
     Unlinked { index: usize, revision: u64 },
     #[error("audit entry {index} (revision {revision}) was altered: its hash does not match its content")]
     Altered { index: usize, revision: u64 },
-    #[error("audit entry {index} (revision {revision}) is not after revision {previous}")]
-    OutOfOrder { index: usize, revision: u64, previous: u64 },
+    #[error("audit entry {index} ({label}) is not after {previous}")]
+    OutOfOrder { index: usize, label: String, previous: String },
     #[error("the change records of revision {revision} were altered: they no longer hash to what its entry holds")]
     ChangesAltered { revision: u64 },
     #[error("the change records of revision {revision} are missing")]
@@ -122,11 +174,11 @@ pub fn verify(chain: &[AuditEntry]) -> Result<(), ChainError> {
             return Err(ChainError::Unlinked { index, revision: e.revision });
         }
         if let Some(p) = prev
-            && e.revision <= p.revision
+            && e.position() <= p.position()
         {
-            return Err(ChainError::OutOfOrder { index, revision: e.revision, previous: p.revision });
+            return Err(ChainError::OutOfOrder { index, label: e.label(), previous: p.label() });
         }
-        if digest(&e.previous, e.revision, e.time_ms, &e.actor, &e.summary, &e.changes) != e.hash {
+        if digest(e) != e.hash {
             return Err(ChainError::Altered { index, revision: e.revision });
         }
         prev = Some(e);
@@ -138,7 +190,7 @@ pub fn verify(chain: &[AuditEntry]) -> Result<(), ChainError> {
 /// the bytes of its change records): an entry that hashes its records must
 /// find them, unaltered.
 pub fn verify_changes(chain: &[AuditEntry], records: &BTreeMap<u64, Vec<u8>>) -> Result<(), ChainError> {
-    for e in chain.iter().filter(|e| !e.changes.is_empty()) {
+    for e in chain.iter().filter(|e| !e.changes.is_empty() && e.event == 0) {
         match records.get(&e.revision) {
             None => return Err(ChainError::ChangesMissing { revision: e.revision }),
             Some(bytes) if sha256_hex(bytes) != e.changes => {
@@ -153,7 +205,7 @@ pub fn verify_changes(chain: &[AuditEntry], records: &BTreeMap<u64, Vec<u8>>) ->
 /// Does `chain` still hold the head verified earlier (`revision`, `hash`)?
 /// A history that was rewritten, or cut before it, does not.
 pub fn extends(chain: &[AuditEntry], revision: u64, hash: &str) -> Result<(), ChainError> {
-    if chain.iter().any(|e| e.revision == revision && e.hash == hash) {
+    if chain.iter().any(|e| e.hash == hash) {
         Ok(())
     } else {
         Err(ChainError::Rewritten { revision, hash: hash.to_string() })
@@ -254,6 +306,34 @@ mod tests {
         let mut c = chain(5);
         c[3] = AuditEntry::next(Some(&c[2]), 40, 1, "local", "-site everything");
         assert_eq!(verify(&c), Err(ChainError::Unlinked { index: 4, revision: 50 }));
+    }
+
+    #[test]
+    fn events_count_up_within_a_revision_and_are_links_of_the_chain() {
+        let mut c = chain(2);
+        let t = AuditEntry::event(c.last(), 20, 5, "operator:a", "token created for site s");
+        assert_eq!((t.revision, t.event, t.label()), (20, 1, "20.1".to_string()));
+        c.push(t);
+        let k = AuditEntry::event(c.last(), 20, 6, "site:s", "keys registered");
+        assert_eq!(k.label(), "20.2");
+        c.push(k);
+        c.push(AuditEntry::next(c.last(), 30, 7, "operator:a", "~site s"));
+        c.push(AuditEntry::event(c.last(), 30, 8, "operator:a", "site s revoked"));
+        assert_eq!(c[5].label(), "30.1");
+        assert_eq!(verify(&c), Ok(()));
+        // An event's number is part of its hash.
+        let mut renumbered = c.clone();
+        renumbered[3].event = 7;
+        assert_eq!(verify(&renumbered), Err(ChainError::Altered { index: 3, revision: 20 }));
+        // Dropping an event breaks the next link, as dropping a change does.
+        let mut dropped = c.clone();
+        dropped.remove(2);
+        assert_eq!(verify(&dropped), Err(ChainError::Unlinked { index: 2, revision: 20 }));
+        // The first event before any change of intent is at revision 0.
+        assert_eq!(AuditEntry::event(None, 0, 1, "operator:a", "x").label(), "0.1");
+        // Entries without an event number keep the hash they had.
+        let json = serde_json::to_string(&c[0]).unwrap_or_default();
+        assert!(!json.contains("event"), "{json}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use musubi_controller::pki::{self, Authority, Paths};
 use musubi_controller::server::agent::{AgentService, AgentSettings};
 use musubi_controller::server::operator::{DEFAULT_MAX_INTENT_BYTES, OperatorService};
 use musubi_controller::server::operator_auth;
+use musubi_controller::store::IntentStore;
 use musubi_controller::store::any::{AnyStore, StoreUrl};
 use musubi_controller::store::etcd::EtcdConfig;
 use musubi_core::allocate::reallocate;
@@ -129,15 +130,36 @@ enum Command {
         #[arg(long, num_args = 2, value_names = ["CERT", "KEY"])]
         ca: Option<Vec<PathBuf>>,
     },
-    /// Issue another operator certificate from the CA in the PKI directory.
-    #[command(after_help = "Example:\n  musubi-controller operator noc-east --pki /etc/musubi/pki --days 90")]
+    /// Issue another operator certificate from the CA in the PKI directory
+    /// (`operator NAME`), or revoke an operator in the store every replica
+    /// reads on every call (`operator revoke NAME`, without the API: for
+    /// an etcd store, from any host that reaches it).
+    #[command(
+        after_help = "Examples:\n  musubi-controller operator noc-east --pki /etc/musubi/pki --days 90\n  musubi-controller operator revoke noc-east --config /etc/musubi/controller.yaml"
+    )]
     Operator {
-        name: String,
+        /// NAME, or `revoke NAME`.
+        #[arg(required = true, num_args = 1..=2, value_name = "NAME")]
+        words: Vec<String>,
         #[arg(long, default_value = "/var/lib/musubi/pki")]
         pki: PathBuf,
         #[arg(long, default_value_t = 365)]
         days: u64,
+        /// With `revoke`: lift the revocation (certificates issued before it stay refused).
+        #[arg(long)]
+        restore: bool,
+        /// With `revoke`: the store, as `serve --store` (an embedded store
+        /// is the running controller's own: use `musubi operator revoke`).
+        #[arg(long, env = "MUSUBI_STORE")]
+        store: Option<StoreUrl>,
+        /// With `revoke`: the controller's configuration file (its store and etcd settings).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
+    /// The offline root and the online issuing CA (see docs/security.md,
+    /// "The CA ceremony").
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Validate an intent and write `<site>.pb` and `<site>.json` for every site.
     #[command(after_help = "Example:\n  musubi-controller compile-all topologies/prefecture.yaml --out configs/")]
     CompileAll {
@@ -148,6 +170,32 @@ enum Command {
         /// Allocations file, read if present and updated (keeps numbers stable).
         #[arg(long)]
         allocations: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Make a root CA (certificate and key) in DIR: on an offline machine.
+    #[command(after_help = "Example:\n  musubi-controller ca root --dir /media/offline/musubi-root")]
+    Root {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 7300)]
+        days: u64,
+    },
+    /// Sign a new issuing CA with the root in ROOT and put it, with the
+    /// root's certificate (never its key), into the PKI directory that
+    /// replicas serve from.
+    #[command(
+        after_help = "Example:\n  musubi-controller ca issuing --root /media/offline/musubi-root --pki /media/transfer/pki --days 730"
+    )]
+    Issuing {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long, default_value = "/var/lib/musubi/pki")]
+        pki: PathBuf,
+        #[arg(long, default_value_t = 730)]
+        days: u64,
     },
 }
 
@@ -223,7 +271,19 @@ async fn main() -> ExitCode {
         serve @ Command::Serve { .. } => serve_command(serve).await,
         Command::CompileAll { paths, out, allocations } => compile_all(paths, out, allocations),
         Command::Init { pki, server_names, admin, ca } => init(pki, server_names, admin, ca),
-        Command::Operator { name, pki, days } => operator(name, pki, days),
+        Command::Operator { words, pki, days, restore, store, config } => match words.as_slice() {
+            [name] if !restore && store.is_none() && config.is_none() => operator(name, pki, days),
+            [name] => Err(anyhow::anyhow!(
+                "--restore, --store and --config go with `operator revoke {name}`; `operator {name}` issues a certificate"
+            )),
+            [verb, name] if verb == "revoke" => revoke_operator(name, restore, store, config, Some(pki)).await,
+            [verb, _] => {
+                Err(anyhow::anyhow!("unknown `operator {verb}`; expected `operator NAME` or `operator revoke NAME`"))
+            }
+            _ => Err(anyhow::anyhow!("expected `operator NAME` or `operator revoke NAME`")),
+        },
+        Command::Ca(CaCommand::Root { dir, days }) => ca_root(dir, days),
+        Command::Ca(CaCommand::Issuing { root, pki, days }) => ca_issuing(root, pki, days),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -363,6 +423,16 @@ async fn serve(
         None => None,
     };
     let store = Arc::new(AnyStore::open(&url, etcd).await.with_context(|| format!("opening the store {url:?}"))?);
+    if let Some(dir) = &pki {
+        // Audit entries this replica writes are signed with its server key;
+        // the store keeps the certificate chain that vouches for it.
+        let signer = musubi_controller::signing::Signer::load(&Paths::new(dir))?;
+        let key = format!("{}{}", musubi_controller::signing::SIGNERS, signer.fingerprint);
+        let pem = signer.chain_pem.clone().into_bytes();
+        store.swap(&key, musubi_controller::store::Guard::Absent, Some(pem)).await.context("keeping the signer")?;
+        tracing::info!(signer = %signer.fingerprint, "audit entries are signed with the server key");
+        musubi_controller::signing::install(signer);
+    }
     let fanout = Fanout::start(store.clone()).await.context("compiling the sites' configurations")?;
     musubi_controller::metrics::get().sites.set(i64::try_from(fanout.sites().len()).unwrap_or(i64::MAX));
     if extras.count_states {
@@ -418,8 +488,24 @@ fn init(dir: PathBuf, server_names: Vec<String>, admin: String, ca: Option<Vec<P
     let external = ca.as_ref().and_then(|v| Some((v.first()?.as_path(), v.get(1)?.as_path())));
     let made = pki::init(&dir, &server_names, &admin, external)?;
     let p = &made.paths;
-    println!("CA:          {}{}", p.ca().display(), if made.external_ca { " (external)" } else { "" });
-    println!("CA key:      {} (0600)", p.ca_key().display());
+    if made.external_ca {
+        println!("CA:          {} (external)", p.ca().display());
+        println!("CA key:      {} (0600)", p.ca_key().display());
+    } else {
+        println!("root CA:     {} (what agents and operators trust)", p.ca().display());
+        if p.ca_key().exists() {
+            println!(
+                "root key:    {} (0600): move it offline; only `musubi-controller ca issuing` needs it",
+                p.ca_key().display()
+            );
+        }
+        println!(
+            "issuing CA:  {} + {} (0600){}: what this replica signs with",
+            p.issuing().display(),
+            p.issuing_key().display(),
+            if made.prepared { ", prepared by `ca issuing`" } else { "" }
+        );
+    }
     println!("server:      {} for {}", p.server().display(), server_names.join(", "));
     println!(
         "operator:    {} + {} (0600), identity operator:{admin}",
@@ -430,7 +516,72 @@ fn init(dir: PathBuf, server_names: Vec<String>, admin: String, ca: Option<Vec<P
     Ok(())
 }
 
-fn operator(name: String, dir: PathBuf, days: u64) -> Result<()> {
+/// `operator revoke NAME`: written to the store directly, with its audit
+/// entry; every replica reads it on the operator's next call.
+async fn revoke_operator(
+    name: &str,
+    restore: bool,
+    store: Option<StoreUrl>,
+    config: Option<PathBuf>,
+    pki: Option<PathBuf>,
+) -> Result<()> {
+    if let Some(why) = musubi_core::access::operator_name_problem(name) {
+        bail!("`{}`: {why}", musubi_core::words::quoted(name));
+    }
+    let file = config.as_deref().map(ServeFile::read).transpose()?.unwrap_or_default();
+    let etcd_file = file.etcd.unwrap_or_default();
+    let etcd = EtcdConfig {
+        endpoints: Vec::new(),
+        user: etcd_file.user.map(|u| (u, std::env::var("MUSUBI_ETCD_PASSWORD").unwrap_or_default())),
+        ca: etcd_file.ca,
+        client_cert: etcd_file.client_cert.zip(etcd_file.client_key),
+    };
+    let Some(url) = store.or(file.store) else {
+        bail!("which store? --store etcd://HOST:PORT or --config FILE (the controller's)");
+    };
+    let store = AnyStore::open(&url, etcd).await.context("opening the store")?;
+    if let Some(dir) = pki.filter(|d| Paths::new(d).server_key().exists()) {
+        // Signed like a replica's entries: a chain signed so far stays whole.
+        let signer = musubi_controller::signing::Signer::load(&Paths::new(&dir))?;
+        let key = format!("{}{}", musubi_controller::signing::SIGNERS, signer.fingerprint);
+        store.swap(&key, musubi_controller::store::Guard::Absent, Some(signer.chain_pem.clone().into_bytes())).await?;
+        musubi_controller::signing::install(signer);
+    }
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let actor = format!("local:{user}");
+    let at = musubi_controller::sites::revoke_operator(&store, name, &actor, pki::now_ms(), restore).await?;
+    if restore {
+        println!("operator {name}: revocation lifted; certificates issued before {at} (Unix ms) stay refused");
+    } else {
+        println!("operator {name}: revoked at {at} (Unix ms); every replica refuses it from its next call");
+    }
+    Ok(())
+}
+
+fn ca_root(dir: PathBuf, days: u64) -> Result<()> {
+    let made = pki::make_root(&dir, Duration::from_secs(days * 86_400))?;
+    println!(
+        "root CA {} + {} (0600): keep the key offline; it signs issuing CAs only ({})",
+        made.ca().display(),
+        made.ca_key().display(),
+        "musubi-controller ca issuing"
+    );
+    Ok(())
+}
+
+fn ca_issuing(root: PathBuf, dir: PathBuf, days: u64) -> Result<()> {
+    let paths = pki::make_issuing(&Paths::new(&root), &dir, Duration::from_secs(days * 86_400))?;
+    println!(
+        "issuing CA {} + {} (0600), root certificate {}: replicas sign with the issuing CA; the root's key stays where it is",
+        paths.issuing().display(),
+        paths.issuing_key().display(),
+        paths.ca().display()
+    );
+    Ok(())
+}
+
+fn operator(name: &str, dir: PathBuf, days: u64) -> Result<()> {
+    let name = name.to_string();
     let paths = Paths::new(&dir);
     let authority = Authority::load(&paths)?;
     let (cert, key) = authority.issue_operator(&name, Duration::from_secs(days * 86_400))?;

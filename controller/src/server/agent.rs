@@ -148,10 +148,15 @@ impl<S: IntentStore + 'static> AgentService<S> {
         // would receive the traffic its peers encrypt for that one. Each key
         // is claimed once in the store (one compare-and-swap per new key).
         let mut owned = Vec::with_capacity(fresh.len());
+        let mut new = Vec::new();
         for (segment, key) in fresh {
             match sites::claim_key(&*self.store, &key, site, &segment).await.map_err(internal)? {
-                None => owned.push((segment, key)),
-                Some(owner) => {
+                sites::Claim::New => {
+                    new.push((segment.clone(), key.clone()));
+                    owned.push((segment, key));
+                }
+                sites::Claim::Theirs => owned.push((segment, key)),
+                sites::Claim::Other(owner) => {
                     tracing::warn!(site, segment = %segment, owner = %owner,
                         "refused a WireGuard public key another site registered");
                     crate::metrics::get().refused("duplicate_key");
@@ -159,6 +164,9 @@ impl<S: IntentStore + 'static> AgentService<S> {
             }
         }
         let fresh = owned;
+        if !new.is_empty() {
+            sites::keys_registered(&*self.store, site, &new, now_ms()).await.map_err(internal)?;
+        }
         if !fresh.is_empty() {
             self.store.put_public_keys(site, &fresh).await.map_err(internal)?;
             let segments: Vec<&str> = fresh.iter().map(|(s, _)| s.as_str()).collect();

@@ -259,7 +259,7 @@ impl<S: IntentStore + 'static> OperatorService<S> {
         };
         if let Some(after) = &a.after {
             self.keep(after.clone());
-            self.retire_removed(&current, after).await?;
+            self.retire_removed(&current, after, who).await?;
         }
         if let Some(audit) = &a.audit {
             let took_ms = started.elapsed().as_millis() as u64;
@@ -279,10 +279,10 @@ impl<S: IntentStore + 'static> OperatorService<S> {
 
     /// Every site `before` had and `after` has not: its certificates are
     /// refused from now on, should the name come back.
-    async fn retire_removed(&self, before: &Stored, after: &Stored) -> Result<(), Status> {
+    async fn retire_removed(&self, before: &Stored, after: &Stored, who: &str) -> Result<(), Status> {
         let now = now_ms();
         for site in before.intent.sites.keys().filter(|s| !after.intent.sites.contains_key(*s)) {
-            sites::retire(&*self.store, site, now).await.map_err(store_status)?;
+            sites::retire(&*self.store, site, who, now).await.map_err(store_status)?;
             tracing::info!(site = %site, "site removed from the intent: its certificates are refused from now on");
         }
         Ok(())
@@ -428,7 +428,22 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         } else {
             Vec::new()
         };
-        Ok(Response::new(pb::HistoryResponse { entries: entries.iter().map(api::audit_to_pb).collect(), changes }))
+        let signers = if request.get_ref().with_changes {
+            let kept = self.store.list(crate::signing::SIGNERS).await.map_err(store_status)?;
+            kept.into_iter()
+                .filter_map(|(key, pem)| {
+                    let fingerprint = key.strip_prefix(crate::signing::SIGNERS)?.to_string();
+                    Some((fingerprint, String::from_utf8(pem).ok()?))
+                })
+                .collect()
+        } else {
+            Default::default()
+        };
+        Ok(Response::new(pb::HistoryResponse {
+            entries: entries.iter().map(api::audit_to_pb).collect(),
+            changes,
+            signers,
+        }))
     }
 
     async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
@@ -445,7 +460,7 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
             Ok(a) => {
                 if let Some(after) = &a.after {
                     self.keep(after.clone());
-                    self.retire_removed(&current, after).await?;
+                    self.retire_removed(&current, after, &who).await?;
                     tracing::info!(revision = a.revision, actor = %who, to = req.to_revision, "intent rolled back");
                 }
                 Ok(Response::new(accepted(a)))
@@ -538,7 +553,7 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
                     Ok(a) => {
                         if let Some(after) = &a.after {
                             self.keep(after.clone());
-                            self.retire_removed(&current, after).await?;
+                            self.retire_removed(&current, after, &who).await?;
                         }
                         accepted(a)
                     }
@@ -601,7 +616,7 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         let (rights, current) = self.rights(&request, "revoke_site").await?;
         let req = request.into_inner();
         manages(&rights, &current, &req.site, if req.restore { "restore" } else { "revoke" })?;
-        let at = sites::revoke(&*self.store, &req.site, now_ms(), req.restore).await.map_err(store_status)?;
+        let at = sites::revoke(&*self.store, &req.site, &who, now_ms(), req.restore).await.map_err(store_status)?;
         if req.restore {
             tracing::warn!(site = %req.site, actor = %who, "site revocation lifted");
         } else {
@@ -629,7 +644,9 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         if !req.restore && rights.operator.as_deref() == Some(req.name.as_str()) {
             return Err(Status::invalid_argument("an operator cannot revoke its own certificate"));
         }
-        let at = sites::revoke_operator(&*self.store, &req.name, now_ms(), req.restore).await.map_err(store_status)?;
+        let at = sites::revoke_operator(&*self.store, &req.name, &rights.actor, now_ms(), req.restore)
+            .await
+            .map_err(store_status)?;
         if req.restore {
             tracing::warn!(operator = %req.name, actor = %rights.actor, "operator revocation lifted");
         } else {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use super::embedded::Embedded;
 use super::etcd::{Etcd, EtcdConfig};
 use super::layout::{KeyChange, Stored, WriteSet};
-use super::{Guard, IntentStore, StoreError};
+use super::{Event, Guard, IntentStore, StoreError, Write};
 use musubi_core::audit::AuditEntry;
 
 #[derive(Debug, Clone)]
@@ -130,6 +130,23 @@ impl IntentStore for AnyStore {
             match self {
                 AnyStore::Embedded(s) => s.list(prefix).await,
                 AnyStore::Etcd(s) => s.list(prefix).await,
+            }
+        })
+        .await
+    }
+
+    async fn head(&self) -> Result<(u64, Option<AuditEntry>), StoreError> {
+        match self {
+            AnyStore::Embedded(s) => s.head().await,
+            AnyStore::Etcd(s) => s.head().await,
+        }
+    }
+
+    async fn record(&self, event: Event, write: Option<Write>) -> Result<Option<AuditEntry>, StoreError> {
+        timed("record", async {
+            match self {
+                AnyStore::Embedded(s) => s.record(event, write).await,
+                AnyStore::Etcd(s) => s.record(event, write).await,
             }
         })
         .await

@@ -282,6 +282,10 @@ pub async fn apply_on<S: IntentStore>(
     apply_intent(store, current, &new, expected, change).await
 }
 
+/// How often a commit links its entry again after events appended
+/// meanwhile, before it reports a conflict.
+const RELINKS: u32 = 20;
+
 /// Who makes a change, when, and how.
 #[derive(Debug, Clone, Copy)]
 pub struct Change<'a> {
@@ -354,18 +358,41 @@ async fn apply_intent<S: IntentStore>(
     if !prefix.is_empty() {
         summary = format!("{}: {summary}", prefix.join(", "));
     }
-    let (writes, audit) = layout::write_set(current, new, &alloc, expected + 1, |changes| {
-        AuditEntry::with_changes(current.head.as_ref(), expected + 1, change.now_ms, change.actor, &summary, changes)
-    })?;
-    match (change.before_commit, compiled) {
-        (Some(hook), Some(configs)) => hook.compiled(audit.revision, new, &alloc, configs),
-        (None, Some(configs)) => {
-            let n = configs.len();
-            musubi_core::par::free(configs, n);
+    let mut head = current.head.clone();
+    let mut compiled = compiled;
+    let mut relinked = 0;
+    let audit = loop {
+        let (writes, audit) = layout::write_set(current, head.as_ref(), new, &alloc, expected + 1, |changes| {
+            let mut e =
+                AuditEntry::with_changes(head.as_ref(), expected + 1, change.now_ms, change.actor, &summary, changes);
+            crate::signing::sign(&mut e);
+            e
+        })?;
+        match (change.before_commit, compiled.take()) {
+            (Some(hook), Some(configs)) => hook.compiled(audit.revision, new, &alloc, configs),
+            (None, Some(configs)) => {
+                let n = configs.len();
+                musubi_core::par::free(configs, n);
+            }
+            (_, None) => {}
         }
-        (_, None) => {}
-    }
-    store.commit(expected, writes).await?;
+        match store.commit(expected, writes).await {
+            Ok(()) => break audit,
+            // Still at `expected`, but an event (a token, a key, a
+            // revocation) was appended to the chain since the plan: link
+            // to it instead, the plan itself is unchanged.
+            Err(StoreError::Conflict { actual, .. }) if actual == expected && relinked < RELINKS => {
+                relinked += 1;
+                let (now, newest) = store.head().await?;
+                if now != expected {
+                    return Err(StoreError::Conflict { expected, actual: now }.into());
+                }
+                tracing::debug!(revision = expected + 1, relinked, "an audit event came first; linking after it");
+                head = newest;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let after = Stored {
         revision: audit.revision,
         head: Some(audit.clone()),

@@ -12,7 +12,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::layout::{self, Stored, WriteSet};
 use super::presence::{Presence, renew_every};
-use super::{Guard, IntentStore, StoreError};
+use super::{Event, Guard, IntentStore, StoreError, Write};
 use musubi_core::audit::AuditEntry;
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("musubi");
@@ -114,7 +114,8 @@ impl Embedded {
                 Some(v) => layout::revision_value(v.value())?,
                 None => 0,
             };
-            if current != expected {
+            let head = table.get(layout::HEAD).map_err(backend)?.map(|v| v.value().to_vec());
+            if current != expected || !holds(&writes.head, head.as_ref()) {
                 // Dropping the transaction without commit writes nothing.
                 return Err(StoreError::Conflict { expected, actual: current });
             }
@@ -131,7 +132,68 @@ impl Embedded {
     }
 }
 
+fn holds(guard: &Guard, current: Option<&Vec<u8>>) -> bool {
+    match guard {
+        Guard::Any => true,
+        Guard::Absent => current.is_none(),
+        Guard::Holds(v) => current == Some(v),
+    }
+}
+
+impl Embedded {
+    fn record_blocking(&self, event: Event, write: Option<Write>) -> Result<Option<AuditEntry>, StoreError> {
+        let tx = self.db.begin_write().map_err(backend)?;
+        let entry = {
+            let mut table = tx.open_table(KV).map_err(backend)?;
+            if let Some(w) = &write {
+                let current = table.get(w.key.as_str()).map_err(backend)?.map(|v| v.value().to_vec());
+                if !holds(&w.guard, current.as_ref()) {
+                    return Ok(None);
+                }
+                match &w.value {
+                    Some(v) => table.insert(w.key.as_str(), v.as_slice()).map(|_| ()).map_err(backend)?,
+                    None => table.remove(w.key.as_str()).map(|_| ()).map_err(backend)?,
+                }
+            }
+            let revision = match table.get(layout::REVISION).map_err(backend)? {
+                Some(v) => layout::revision_value(v.value())?,
+                None => 0,
+            };
+            let head = table.get(layout::HEAD).map_err(backend)?.map(|v| layout::parse_head(v.value())).transpose()?;
+            let mut entry = AuditEntry::event(head.as_ref(), revision, event.time_ms, &event.actor, &event.summary);
+            crate::signing::sign(&mut entry);
+            let bytes = layout::head_bytes(&entry)?;
+            table.insert(layout::entry_key(&entry).as_str(), bytes.as_slice()).map_err(backend)?;
+            table.insert(layout::HEAD, bytes.as_slice()).map_err(backend)?;
+            entry
+        };
+        tx.commit().map_err(backend)?;
+        Ok(Some(entry))
+    }
+}
+
 impl IntentStore for Embedded {
+    async fn head(&self) -> Result<(u64, Option<AuditEntry>), StoreError> {
+        let this = self.clone();
+        let pairs = tokio::task::spawn_blocking(move || this.pairs(&[layout::REVISION, layout::HEAD]))
+            .await
+            .map_err(backend)??;
+        let s = layout::decode(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+        Ok((s.revision, s.head))
+    }
+
+    async fn record(&self, event: Event, write: Option<Write>) -> Result<Option<AuditEntry>, StoreError> {
+        let notify =
+            write.as_ref().is_some_and(|w| w.key.starts_with(layout::KEYS) || w.key.starts_with(layout::REVOKED));
+        let this = self.clone();
+        let entry =
+            tokio::task::spawn_blocking(move || this.record_blocking(event, write)).await.map_err(backend)??;
+        if entry.is_some() && notify {
+            self.sites.send_modify(|n| *n += 1);
+        }
+        Ok(entry)
+    }
+
     async fn revision(&self) -> Result<u64, StoreError> {
         // Only this process writes the file, and every commit moves it.
         Ok(*self.latest.borrow())
@@ -245,12 +307,7 @@ impl IntentStore for Embedded {
             {
                 let mut table = tx.open_table(KV).map_err(backend)?;
                 let current = table.get(key.as_str()).map_err(backend)?.map(|v| v.value().to_vec());
-                let holds = match &expected {
-                    Guard::Any => true,
-                    Guard::Absent => current.is_none(),
-                    Guard::Holds(v) => current.as_ref() == Some(v),
-                };
-                if !holds {
+                if !holds(&expected, current.as_ref()) {
                     return Ok(false);
                 }
                 match &value {

@@ -18,7 +18,7 @@ use etcd_client::{
 
 use super::layout::{self, Stored, WriteSet};
 use super::presence::{Presence, renew_every};
-use super::{Guard, IntentStore, StoreError};
+use super::{Event, Guard, IntentStore, StoreError, Write};
 use musubi_core::audit::AuditEntry;
 
 /// How to reach etcd. Its `Debug` leaves the password out.
@@ -68,6 +68,9 @@ impl EtcdConfig {
 pub struct Etcd {
     client: Client,
     endpoints: Vec<String>,
+    /// One event appended at a time from this process: appenders that
+    /// race for the head only lose to other replicas.
+    appending: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -100,7 +103,7 @@ impl Etcd {
             options = options.with_tls(tls);
         }
         let client = Client::connect(&config.endpoints, Some(options)).await.map_err(backend)?;
-        Ok(Etcd { client, endpoints: config.endpoints.clone() })
+        Ok(Etcd { client, endpoints: config.endpoints.clone(), appending: Default::default() })
     }
 
     /// A KV client whose messages may be as large as a national intent
@@ -168,7 +171,7 @@ impl Etcd {
     }
 
     /// The intent revision and head record as etcd has them now.
-    async fn head(&self) -> Result<(u64, Option<Vec<u8>>), StoreError> {
+    async fn head_raw(&self) -> Result<(u64, Option<Vec<u8>>), StoreError> {
         let (revision, at) = self.position().await?;
         let head = self
             .kv()
@@ -189,7 +192,8 @@ impl Etcd {
         };
         let mut ops: Vec<TxnOp> = writes.deletes.iter().map(|k| TxnOp::delete(k.as_str(), None)).collect();
         ops.extend(writes.puts.iter().map(|(k, v)| TxnOp::put(k.as_str(), v.clone(), None)));
-        let txn = Txn::new().when([guard]).and_then(ops).or_else([TxnOp::get(layout::REVISION, None)]);
+        let compares: Vec<Compare> = std::iter::once(guard).chain(compare(layout::HEAD, &writes.head)).collect();
+        let txn = Txn::new().when(compares).and_then(ops).or_else([TxnOp::get(layout::REVISION, None)]);
         let resp = self.kv().txn(txn).await.map_err(backend)?;
         if resp.succeeded() {
             return Ok(());
@@ -206,7 +210,84 @@ impl Etcd {
     }
 }
 
+/// The etcd comparison a guard on `key` makes (none for [`Guard::Any`]).
+fn compare(key: &str, guard: &Guard) -> Option<Compare> {
+    match guard {
+        Guard::Any => None,
+        Guard::Absent => Some(Compare::create_revision(key, CompareOp::Equal, 0)),
+        Guard::Holds(v) => Some(Compare::value(key, CompareOp::Equal, v.clone())),
+    }
+}
+
+impl Etcd {
+    /// One attempt at appending `event` after the head read just before:
+    /// `Ok(Err(()))` when the head moved meanwhile (try again).
+    async fn record_once(
+        &self,
+        event: &Event,
+        write: Option<&Write>,
+    ) -> Result<Result<Option<AuditEntry>, ()>, StoreError> {
+        let (revision, raw) = self.head_raw().await?;
+        let head = raw.as_deref().map(layout::parse_head).transpose()?;
+        let mut entry = AuditEntry::event(head.as_ref(), revision, event.time_ms, &event.actor, &event.summary);
+        crate::signing::sign(&mut entry);
+        let bytes = layout::head_bytes(&entry)?;
+        let head_guard = raw.clone().map_or(Guard::Absent, Guard::Holds);
+        let mut compares: Vec<Compare> = compare(layout::HEAD, &head_guard).into_iter().collect();
+        let mut ops = vec![
+            TxnOp::put(layout::entry_key(&entry), bytes.clone(), None),
+            TxnOp::put(layout::HEAD, bytes.clone(), None),
+        ];
+        if let Some(w) = write {
+            compares.extend(compare(&w.key, &w.guard));
+            ops.push(match &w.value {
+                Some(v) => TxnOp::put(w.key.as_str(), v.clone(), None),
+                None => TxnOp::delete(w.key.as_str(), None),
+            });
+        }
+        let txn = Txn::new().when(compares).and_then(ops).or_else([TxnOp::get(layout::HEAD, None)]);
+        let resp = match self.kv().txn(txn).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The answer may be lost while the transaction committed:
+                // our entry at the head means it did.
+                tokio::time::sleep(PAUSE).await;
+                return match self.head_raw().await {
+                    Ok((_, Some(now))) if now == bytes => Ok(Ok(Some(entry))),
+                    Ok(_) => Ok(Err(())),
+                    Err(_) => Err(backend(e)),
+                };
+            }
+        };
+        if resp.succeeded() {
+            return Ok(Ok(Some(entry)));
+        }
+        let now = resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g.kvs().first().map(|kv| kv.value().to_vec())),
+            _ => None,
+        });
+        // The head held: the write's own guard failed.
+        Ok(if now == Some(raw) { Ok(None) } else { Err(()) })
+    }
+}
+
 impl IntentStore for Etcd {
+    async fn head(&self) -> Result<(u64, Option<AuditEntry>), StoreError> {
+        let (revision, raw) = retrying(|| self.head_raw()).await?;
+        Ok((revision, raw.as_deref().map(layout::parse_head).transpose()?))
+    }
+
+    async fn record(&self, event: Event, write: Option<Write>) -> Result<Option<AuditEntry>, StoreError> {
+        let _one = self.appending.lock().await;
+        for attempt in 1..=ATTEMPTS {
+            match retrying(|| self.record_once(&event, write.as_ref())).await? {
+                Ok(done) => return Ok(done),
+                Err(()) => tracing::debug!(attempt, "the audit head moved while an event was appended; again"),
+            }
+        }
+        Err(backend("the audit head kept moving: another replica appends without pause"))
+    }
+
     async fn load(&self) -> Result<Stored, StoreError> {
         retrying(|| self.load_once()).await
     }
@@ -226,7 +307,7 @@ impl IntentStore for Etcd {
                     tracing::debug!(attempt, error = %e, "etcd unreachable during a commit; checking the head");
                     attempt += 1;
                     tokio::time::sleep(PAUSE).await;
-                    match self.head().await {
+                    match self.head_raw().await {
                         Ok((rev, head)) if rev == expected + 1 && head.is_some() && head == ours => return Ok(()),
                         Ok((rev, _)) if rev != expected => {
                             return Err(StoreError::Conflict { expected, actual: rev });

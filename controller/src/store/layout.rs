@@ -9,6 +9,7 @@
 //! | `/musubi/v1/intent/{tenant,segment,site,policy,operator}/<name>` | the object (an operator: its roles and tenants) |
 //! | `/musubi/v1/alloc/segment/<name>`, `/musubi/v1/alloc/site/<name>` | its allocation |
 //! | `/musubi/v1/audit/<revision, 20 digits>` | the [`AuditEntry`] of that revision |
+//! | `/musubi/v1/audit/<revision, 20 digits>.<event, 10 digits>` | an event's [`AuditEntry`] (token, revocation, key, proposal) after that revision |
 //! | `/musubi/v1/keys/<site>/<segment>` | the agent's WireGuard public key for that segment (base64) |
 //! | `/musubi/v1/presence/<site>` | the agent's [`SiteStatus`](musubi_proto::v1::SiteStatus) (JSON); lives while the agent is connected (lease or expiry) |
 //! | `/musubi/v1/seen/<site>` | the agent's last status, kept after it disconnects |
@@ -66,6 +67,33 @@ pub fn audit_key(revision: u64) -> String {
     format!("{AUDIT}{revision:020}")
 }
 
+/// Where `entry` is kept: a change of intent under its revision, an event
+/// just after it (the keys sort as the chain runs).
+pub fn entry_key(entry: &AuditEntry) -> String {
+    match entry.event {
+        0 => audit_key(entry.revision),
+        n => format!("{AUDIT}{:020}.{n:010}", entry.revision),
+    }
+}
+
+/// An audit entry as the head record (and its own record) holds it.
+pub fn head_bytes(entry: &AuditEntry) -> Result<Vec<u8>, StoreError> {
+    json(HEAD, entry)
+}
+
+/// The head record read back.
+pub fn parse_head(value: &[u8]) -> Result<AuditEntry, StoreError> {
+    parse(HEAD, value)
+}
+
+/// The head record as stored: what a write that links to `head` compares.
+pub fn head_guard(head: Option<&AuditEntry>) -> Result<super::Guard, StoreError> {
+    Ok(match head {
+        None => super::Guard::Absent,
+        Some(h) => super::Guard::Holds(json(HEAD, h)?),
+    })
+}
+
 pub fn changes_key(revision: u64) -> String {
     format!("{CHANGES}{revision:020}")
 }
@@ -96,6 +124,10 @@ pub struct Stored {
 pub struct WriteSet {
     pub puts: Vec<(String, Vec<u8>)>,
     pub deletes: Vec<String>,
+    /// What the head record must still be: the new entry links to it, and
+    /// an event appended since (which does not move the revision) would
+    /// otherwise be cut out of the chain.
+    pub head: super::Guard,
 }
 
 fn json_text<T: Serialize>(key: &str, value: &T) -> Result<String, StoreError> {
@@ -140,9 +172,11 @@ fn diff_map<T: Serialize + PartialEq>(
 
 /// The writes that turn `old` into (`intent`, `allocations`) at `revision`,
 /// plus the new head and its audit record: `entry` makes it from the SHA-256
-/// of the revision's change records (as written), so the chain covers them.
+/// of the revision's change records (as written), so the chain covers them,
+/// linked to `head` (the head record the commit will require).
 pub fn write_set(
     old: &Stored,
+    head: Option<&AuditEntry>,
     intent: &Intent,
     allocations: &Allocations,
     revision: u64,
@@ -169,8 +203,9 @@ pub fn write_set(
     let records = json(&changes_key, &log)?;
     let audit = entry(&musubi_core::audit::sha256_hex(&records));
     w.puts.push((changes_key, records));
+    w.head = head_guard(head)?;
     let audit_json = json(HEAD, &audit)?;
-    w.puts.push((audit_key(audit.revision), audit_json.clone()));
+    w.puts.push((entry_key(&audit), audit_json.clone()));
     w.puts.push((HEAD.to_string(), audit_json));
     w.puts.push((REVISION.to_string(), audit.revision.to_string().into_bytes()));
     Ok((w, audit))
@@ -306,6 +341,6 @@ pub fn intent_at(
 pub fn decode_history<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Result<Vec<AuditEntry>, StoreError> {
     let mut out: Vec<AuditEntry> =
         pairs.into_iter().filter(|(k, _)| k.starts_with(AUDIT)).map(|(k, v)| parse(k, v)).collect::<Result<_, _>>()?;
-    out.sort_by_key(|e| e.revision);
+    out.sort_by_key(AuditEntry::position);
     Ok(out)
 }

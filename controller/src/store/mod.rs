@@ -68,11 +68,28 @@ impl StoreError {
 }
 
 /// The condition of [`IntentStore::swap`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Guard {
+    #[default]
     Any,
     Absent,
     Holds(Vec<u8>),
+}
+
+/// An event beside the intent, for the audit chain: who, when, what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub time_ms: u64,
+    pub actor: String,
+    pub summary: String,
+}
+
+/// One key set (or, with `None`, deleted) if its guard holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    pub key: String,
+    pub guard: Guard,
+    pub value: Option<Vec<u8>>,
 }
 
 /// A backend of the intent store. Its futures are `Send` so that a server
@@ -124,6 +141,18 @@ pub trait IntentStore: Send + Sync {
         expected: Guard,
         value: Option<Vec<u8>>,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// The intent revision and the head of the audit chain, as stored now.
+    fn head(&self) -> impl Future<Output = Result<(u64, Option<AuditEntry>), StoreError>> + Send;
+
+    /// Writes `write` if its guard holds and appends `event` to the audit
+    /// chain after the current head, atomically: both or neither.
+    /// `Ok(None)` when the guard did not hold (nothing was written).
+    fn record(
+        &self,
+        event: Event,
+        write: Option<Write>,
+    ) -> impl Future<Output = Result<Option<AuditEntry>, StoreError>> + Send;
 
     /// A counter that moves whenever an agent's public key or a revocation
     /// changes, from this controller or any other.
