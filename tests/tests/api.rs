@@ -480,6 +480,22 @@ async fn history_verify_finds_an_edited_change_record_a_removed_entry_and_a_rewr
     raw.put(key, original, None).await.expect("put back");
     assert!(verify().status.success());
 
+    // An intent object edited in the store, outside any apply: the chain
+    // is intact, but it does not end with the intent the store holds.
+    let tenant =
+        raw.get("/musubi/v1/intent/tenant/", Some(etcd_client::GetOptions::new().with_prefix())).await.expect("get");
+    let kv = tenant.kvs().first().expect("a tenant");
+    let (tkey, tvalue) = (kv.key().to_vec(), kv.value().to_vec());
+    let mut object: serde_json::Value = serde_json::from_slice(&tvalue).expect("json");
+    object["description"] = serde_json::Value::String("edited in etcd".into());
+    raw.put(tkey.clone(), serde_json::to_vec(&object).expect("json"), None).await.expect("put");
+    let out = verify();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(text(&out.stderr).contains("it was changed outside an apply"), "{}", text(&out.stderr));
+    raw.put(tkey, tvalue, None).await.expect("put back");
+    let ok = verify();
+    assert!(text(&ok.stdout).contains("matches every digest and the store"), "{}", text(&ok.stdout));
+
     // An entry removed from the middle of the chain.
     let entry = "/musubi/v1/audit/00000000000000000002";
     let kept = raw.get(entry, None).await.expect("get").kvs().first().expect("entry 2").value().to_vec();

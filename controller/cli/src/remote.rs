@@ -416,6 +416,13 @@ pub async fn history(
         if let Err(e) = verify(&chain).and_then(|()| audit::verify_changes(&chain, &records)) {
             bail!("audit chain broken: {e}");
         }
+        // The intent each change left, replayed from the change records,
+        // and the one the store holds now.
+        let stored = (!r.intent_digest.is_empty()).then_some(r.intent_digest.as_str());
+        let replayed = match audit::verify_intent(&chain, &records, stored) {
+            Ok(done) => done,
+            Err(e) => bail!("audit chain broken: {e}"),
+        };
         // Signatures, against the CA this CLI trusts (none in plain text).
         let signed = match ca {
             Some(path) => {
@@ -447,8 +454,13 @@ pub async fn history(
             Some(n) => format!("{n} signed by a controller of this CA"),
             None => "signatures not checked (no CA)".to_string(),
         };
+        let intent = if replayed {
+            "the intent replayed from them matches every digest and the store"
+        } else {
+            "the intent not replayed (change records of early revisions missing)"
+        };
         println!(
-            "audit chain verified: {} ({} beside the intent; {signatures}), change records of {} checked, head {}",
+            "audit chain verified: {} ({} beside the intent; {signatures}), change records of {} checked, {intent}, head {}",
             musubi_core::words::count(chain.len(), "entry"),
             musubi_core::words::count(events, "event"),
             musubi_core::words::count(covered, "revision"),

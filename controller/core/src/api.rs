@@ -117,6 +117,7 @@ pub fn audit_to_pb(e: &AuditEntry) -> pb::AuditRecord {
         event: e.event,
         signer: e.signer.clone(),
         signature: e.signature.clone(),
+        intent: e.intent.clone(),
     }
 }
 
@@ -132,5 +133,6 @@ pub fn audit_from_pb(e: &pb::AuditRecord) -> AuditEntry {
         event: e.event,
         signer: e.signer.clone(),
         signature: e.signature.clone(),
+        intent: e.intent.clone(),
     }
 }

@@ -45,6 +45,11 @@ pub struct AuditEntry {
     pub event: u32,
     /// SHA-256 over `previous` and this entry's fields, hex.
     pub hash: String,
+    /// SHA-256 of the intent this change left in the store (see
+    /// [`intent_digest`]), hex; empty in events and in entries written
+    /// before it existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub intent: String,
     /// The certificate whose key signed `hash` (SHA-256 of its DER, hex);
     /// empty in unsigned entries.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -58,7 +63,7 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
-fn digest(e: &AuditEntry) -> String {
+fn digest_of(e: &AuditEntry) -> String {
     let mut h = Sha256::new();
     // Length-prefixed fields: no two different entries encode alike. The
     // change records' hash and the event number count when present (older
@@ -71,7 +76,11 @@ fn digest(e: &AuditEntry) -> String {
         e.summary.as_bytes(),
     ];
     let event = e.event.to_be_bytes();
-    let optional = [(!e.changes.is_empty()).then_some(e.changes.as_bytes()), (e.event != 0).then_some(&event[..])];
+    let optional = [
+        (!e.changes.is_empty()).then_some(e.changes.as_bytes()),
+        (e.event != 0).then_some(&event[..]),
+        (!e.intent.is_empty()).then_some(e.intent.as_bytes()),
+    ];
     for field in fields.into_iter().chain(optional.into_iter().flatten()) {
         h.update((field.len() as u64).to_be_bytes());
         h.update(field);
@@ -115,11 +124,12 @@ impl AuditEntry {
             previous: previous.map_or(GENESIS, |p| p.hash.as_str()).to_string(),
             changes: changes.to_string(),
             event: 0,
+            intent: String::new(),
             hash: String::new(),
             signer: String::new(),
             signature: String::new(),
         };
-        e.hash = digest(&e);
+        e.hash = digest_of(&e);
         e
     }
 
@@ -132,8 +142,16 @@ impl AuditEntry {
         };
         let mut e = Self::with_changes(previous, revision, time_ms, actor, summary, "");
         e.event = event;
-        e.hash = digest(&e);
+        e.hash = digest_of(&e);
         e
+    }
+
+    /// The same entry holding `digest`, the SHA-256 of the intent it left
+    /// (its hash made again to cover it).
+    pub fn leaving(mut self, digest: &str) -> AuditEntry {
+        self.intent = digest.to_string();
+        self.hash = digest_of(&self);
+        self
     }
 
     /// Where it stands in the chain: its revision, then its event number.
@@ -160,6 +178,14 @@ pub enum ChainError {
     #[error("the change records of revision {revision} are missing")]
     ChangesMissing { revision: u64 },
     #[error(
+        "the intent after revision {revision} is not what its entry holds: the change records up to it do not add up to its digest"
+    )]
+    IntentDiffers { revision: u64 },
+    #[error(
+        "the intent in the store is not the one the audit chain ends with (revision {revision}): it was changed outside an apply"
+    )]
+    StoreDiffers { revision: u64 },
+    #[error(
         "the history no longer extends the head verified before (revision {revision}, {hash:.16}…): it was rewritten or cut"
     )]
     Rewritten { revision: u64, hash: String },
@@ -178,7 +204,7 @@ pub fn verify(chain: &[AuditEntry]) -> Result<(), ChainError> {
         {
             return Err(ChainError::OutOfOrder { index, label: e.label(), previous: p.label() });
         }
-        if digest(e) != e.hash {
+        if digest_of(e) != e.hash {
             return Err(ChainError::Altered { index, revision: e.revision });
         }
         prev = Some(e);
@@ -200,6 +226,69 @@ pub fn verify_changes(chain: &[AuditEntry], records: &BTreeMap<u64, Vec<u8>>) ->
         }
     }
     Ok(())
+}
+
+/// Where the intent's keys start in the store: what [`intent_digest`]
+/// covers of the change records.
+pub const INTENT_KEYS: &str = "/musubi/v1/intent/";
+
+/// SHA-256 of an intent as stored: over every intent key in key order, the
+/// key and the SHA-256 of its stored value (JSON), each length-prefixed.
+/// `pairs` must come in key order.
+pub fn intent_digest<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> String {
+    let mut h = Sha256::new();
+    for (key, value) in pairs {
+        h.update((key.len() as u64).to_be_bytes());
+        h.update(key.as_bytes());
+        h.update(Sha256::digest(value));
+    }
+    hex(&h.finalize())
+}
+
+/// One change record as [`verify_intent`] reads it.
+#[derive(Deserialize)]
+struct Record {
+    key: String,
+    current: Option<String>,
+}
+
+/// Replays the change records of every revision, oldest first, and checks
+/// the intent digest of every entry that holds one against the intent the
+/// records add up to; then that `stored` (the digest of the intent in the
+/// store now, if known) is the one the chain ends with. Says whether the
+/// replay could run (records of every change of intent are needed).
+pub fn verify_intent(
+    chain: &[AuditEntry],
+    records: &BTreeMap<u64, Vec<u8>>,
+    stored: Option<&str>,
+) -> Result<bool, ChainError> {
+    let changes: Vec<&AuditEntry> = chain.iter().filter(|e| e.event == 0).collect();
+    if changes.iter().any(|e| !records.contains_key(&e.revision)) {
+        return Ok(false);
+    }
+    let mut intent: BTreeMap<String, String> = BTreeMap::new();
+    let mut last: Option<(u64, String)> = None;
+    for e in changes {
+        let list: Vec<Record> = serde_json::from_slice(&records[&e.revision])
+            .map_err(|_| ChainError::ChangesAltered { revision: e.revision })?;
+        for r in list.into_iter().filter(|r| r.key.starts_with(INTENT_KEYS)) {
+            match r.current {
+                Some(v) => intent.insert(r.key, v),
+                None => intent.remove(&r.key),
+            };
+        }
+        let now = intent_digest(intent.iter().map(|(k, v)| (k.as_str(), v.as_bytes())));
+        if !e.intent.is_empty() && e.intent != now {
+            return Err(ChainError::IntentDiffers { revision: e.revision });
+        }
+        last = Some((e.revision, now));
+    }
+    if let (Some(stored), Some((revision, replayed))) = (stored, last)
+        && stored != replayed
+    {
+        return Err(ChainError::StoreDiffers { revision });
+    }
+    Ok(true)
 }
 
 /// Does `chain` still hold the head verified earlier (`revision`, `hash`)?
@@ -334,6 +423,35 @@ mod tests {
         // Entries without an event number keep the hash they had.
         let json = serde_json::to_string(&c[0]).unwrap_or_default();
         assert!(!json.contains("event"), "{json}");
+    }
+
+    #[test]
+    fn the_intent_digest_follows_the_change_records() {
+        let record = |key: &str, v: Option<&str>| serde_json::json!({"key": key, "previous": null, "current": v});
+        let site = "/musubi/v1/intent/site/a";
+        let alloc = "/musubi/v1/alloc/site/a";
+        let r1 = serde_json::to_vec(&[record(site, Some("{\"n\":1}")), record(alloc, Some("{}"))]).unwrap_or_default();
+        let r2 = serde_json::to_vec(&[record(site, None)]).unwrap_or_default();
+        let d1 = intent_digest([(site, &b"{\"n\":1}"[..])]);
+        let d2 = intent_digest([]);
+        let mut chain = vec![AuditEntry::with_changes(None, 1, 1, "a", "+site a", &sha256_hex(&r1)).leaving(&d1)];
+        chain.push(AuditEntry::event(chain.last(), 1, 2, "a", "site a revoked"));
+        chain.push(AuditEntry::with_changes(chain.last(), 2, 3, "a", "-site a", &sha256_hex(&r2)).leaving(&d2));
+        assert_eq!(verify(&chain), Ok(()));
+        let records: BTreeMap<u64, Vec<u8>> = [(1, r1.clone()), (2, r2)].into();
+        assert_eq!(verify_intent(&chain, &records, Some(&d2)), Ok(true));
+        // The store holds another intent than the chain ends with.
+        assert_eq!(verify_intent(&chain, &records, Some(&d1)), Err(ChainError::StoreDiffers { revision: 2 }));
+        // Records that no longer add up to an entry's digest.
+        let other = serde_json::to_vec(&[record(site, Some("{\"n\":2}"))]).unwrap_or_default();
+        let edited: BTreeMap<u64, Vec<u8>> = [(1, other), (2, records[&2].clone())].into();
+        assert_eq!(verify_intent(&chain, &edited, None), Err(ChainError::IntentDiffers { revision: 1 }));
+        // Without every revision's records, no replay.
+        assert_eq!(verify_intent(&chain, &[(2, records[&2].clone())].into(), None), Ok(false));
+        // The digest is inside the hash.
+        let mut forged = chain.clone();
+        forged[0].intent = d2.clone();
+        assert_eq!(verify(&forged), Err(ChainError::Altered { index: 0, revision: 1 }));
     }
 
     #[test]

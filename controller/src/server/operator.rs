@@ -428,6 +428,12 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         } else {
             Vec::new()
         };
+        let intent_digest = if request.get_ref().with_changes {
+            let pairs = self.store.list(crate::store::layout::INTENT).await.map_err(store_status)?;
+            musubi_core::audit::intent_digest(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+        } else {
+            String::new()
+        };
         let signers = if request.get_ref().with_changes {
             let kept = self.store.list(crate::signing::SIGNERS).await.map_err(store_status)?;
             kept.into_iter()
@@ -443,6 +449,7 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
             entries: entries.iter().map(api::audit_to_pb).collect(),
             changes,
             signers,
+            intent_digest,
         }))
     }
 

@@ -362,12 +362,20 @@ async fn apply_intent<S: IntentStore>(
     let mut compiled = compiled;
     let mut relinked = 0;
     let audit = loop {
-        let (writes, audit) = layout::write_set(current, head.as_ref(), new, &alloc, expected + 1, |changes| {
-            let mut e =
-                AuditEntry::with_changes(head.as_ref(), expected + 1, change.now_ms, change.actor, &summary, changes);
-            crate::signing::sign(&mut e);
-            e
-        })?;
+        let (writes, audit) =
+            layout::write_set(current, head.as_ref(), new, &alloc, expected + 1, |changes, intent| {
+                let mut e = AuditEntry::with_changes(
+                    head.as_ref(),
+                    expected + 1,
+                    change.now_ms,
+                    change.actor,
+                    &summary,
+                    changes,
+                )
+                .leaving(intent);
+                crate::signing::sign(&mut e);
+                e
+            })?;
         match (change.before_commit, compiled.take()) {
             (Some(hook), Some(configs)) => hook.compiled(audit.revision, new, &alloc, configs),
             (None, Some(configs)) => {

@@ -49,7 +49,7 @@ pub const ALLOC_SEGMENT: &str = "/musubi/v1/alloc/segment/";
 pub const ALLOC_SITE: &str = "/musubi/v1/alloc/site/";
 pub const AUDIT: &str = "/musubi/v1/audit/";
 pub const CHANGES: &str = "/musubi/v1/changes/";
-pub const INTENT: &str = "/musubi/v1/intent/";
+pub const INTENT: &str = musubi_core::audit::INTENT_KEYS;
 pub const KEYS: &str = "/musubi/v1/keys/";
 pub const PRESENCE: &str = "/musubi/v1/presence/";
 pub const SEEN: &str = "/musubi/v1/seen/";
@@ -172,15 +172,16 @@ fn diff_map<T: Serialize + PartialEq>(
 
 /// The writes that turn `old` into (`intent`, `allocations`) at `revision`,
 /// plus the new head and its audit record: `entry` makes it from the SHA-256
-/// of the revision's change records (as written), so the chain covers them,
-/// linked to `head` (the head record the commit will require).
+/// of the revision's change records (as written) and the digest of the
+/// intent they leave ([`intent_digest`]), so the chain covers both, linked
+/// to `head` (the head record the commit will require).
 pub fn write_set(
     old: &Stored,
     head: Option<&AuditEntry>,
     intent: &Intent,
     allocations: &Allocations,
     revision: u64,
-    entry: impl FnOnce(&str) -> AuditEntry,
+    entry: impl FnOnce(&str, &str) -> AuditEntry,
 ) -> Result<(WriteSet, AuditEntry), StoreError> {
     let mut w = WriteSet::default();
     let mut log = Vec::new();
@@ -201,7 +202,7 @@ pub fn write_set(
     diff_map(&mut w, Some(&mut log), ALLOC_SITE, &old.allocations.sites, &allocations.sites)?;
     let changes_key = changes_key(revision);
     let records = json(&changes_key, &log)?;
-    let audit = entry(&musubi_core::audit::sha256_hex(&records));
+    let audit = entry(&musubi_core::audit::sha256_hex(&records), &intent_digest(intent)?);
     w.puts.push((changes_key, records));
     w.head = head_guard(head)?;
     let audit_json = json(HEAD, &audit)?;
@@ -209,6 +210,31 @@ pub fn write_set(
     w.puts.push((HEAD.to_string(), audit_json));
     w.puts.push((REVISION.to_string(), audit.revision.to_string().into_bytes()));
     Ok((w, audit))
+}
+
+/// The digest of `intent` as the store holds it (every intent key and its
+/// JSON, in key order; see [`musubi_core::audit::intent_digest`]).
+pub fn intent_digest(intent: &Intent) -> Result<String, StoreError> {
+    fn each<T: Serialize>(
+        out: &mut Vec<(String, String)>,
+        prefix: &str,
+        map: &BTreeMap<String, Arc<T>>,
+    ) -> Result<(), StoreError> {
+        for (name, value) in map {
+            let key = format!("{prefix}{name}");
+            let text = json_text(&key, value)?;
+            out.push((key, text));
+        }
+        Ok(())
+    }
+    let mut pairs = vec![(SETTINGS.to_string(), json_text(SETTINGS, &intent.settings)?)];
+    each(&mut pairs, TENANT, &intent.tenants)?;
+    each(&mut pairs, SEGMENT, &intent.segments)?;
+    each(&mut pairs, SITE, &intent.sites)?;
+    each(&mut pairs, POLICY, &intent.policies)?;
+    each(&mut pairs, OPERATOR, &intent.operators)?;
+    pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    Ok(musubi_core::audit::intent_digest(pairs.iter().map(|(k, v)| (k.as_str(), v.as_bytes()))))
 }
 
 /// The intent revision stored at [`REVISION`] (a decimal number).
