@@ -16,6 +16,8 @@
 //! | `/musubi/v1/tokens/<SHA-256 of the token, hex>` | a join token's [`site`, expiry, use] record; the token itself is never stored |
 //! | `/musubi/v1/revoked/<site>` | a revocation: certificates issued before it are refused |
 //! | `/musubi/v1/revoked-operators/<name>` | an operator's revocation, read on every operator call |
+//! | `/musubi/v1/signers/<SHA-256 of a certificate, hex>` | the certificate chain (PEM) of a key that signs audit entries (a replica's server key) |
+//! | `/musubi/v1/pending/<id>` | a change proposed for approval |
 //! | `/musubi/v1/key-owners/<SHA-256 of a public key, hex>` | `site/segment`: the one interface a WireGuard public key may belong to |
 //! | `/musubi/v1/changes/<revision, 20 digits>` | [`KeyChange`] records: each intent key that revision changed, before and after (watches replay them forwards, rollbacks backwards) |
 //!
