@@ -169,6 +169,11 @@ pub fn choices(i: Inputs<'_>) -> Choices {
             return 2;
         }
         match health(&Key::tunnel(seg, peer)) {
+            // A member site whose tunnel has not answered yet (an access
+            // point just restarted: the site's WireGuard retries its
+            // handshake only every 5 s) is reached over the interconnect,
+            // through the access point it still answers, until it does.
+            None if members.contains(peer) => 1,
             None => 0,
             // A member site is the only way in to itself: back at once.
             Some(h) if h.up && members.contains(peer) => 0,
@@ -339,4 +344,90 @@ pub fn choose(
 pub fn first_choices(config: &SiteConfig, hops: &Hops) -> Choices {
     let routed = |e: &pb::Endpoint| path(config, e).is_some_and(|pair| hops.contains_key(&pair));
     choose(config, &|_, _, _| 0, &|_, e| if routed(e) { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An east access point: member site `office-b` (reached directly) and
+    /// the west access point over the interconnect, both candidates of
+    /// office-b's route group, the member first.
+    fn access_point() -> SiteConfig {
+        let peer = |name: &str, role: pb::PeerRole| pb::Peer {
+            name: name.into(),
+            interface: format!("mv-{name}"),
+            role: role.into(),
+            public_key: format!("key-of-{name}"),
+            ..Default::default()
+        };
+        SiteConfig {
+            site: "ap-east".into(),
+            segments: vec![pb::SegmentConfig {
+                segment: "office".into(),
+                peers: vec![peer("office-b", pb::PeerRole::Site), peer("ap-west", pb::PeerRole::AccessPoint)],
+                route_groups: vec![pb::RouteGroup {
+                    name: "office-b".into(),
+                    prefixes: vec!["10.2.0.0/24".into()],
+                    candidates: vec!["office-b".into(), "ap-west".into()],
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// An access point that just restarted has not heard its member yet
+    /// (the member's WireGuard retries its handshake only every 5 s): the
+    /// member is reached through the other access point, which it still
+    /// answers, until its own tunnel answers; then directly at once.
+    #[test]
+    fn a_member_not_heard_yet_is_reached_over_the_interconnect_until_it_answers() {
+        let config = access_point();
+        let now = Instant::now();
+        let up = Health {
+            up: true,
+            since: Some(now - Duration::from_secs(60)),
+            last_reply: Some(now),
+            interval: Duration::from_millis(50),
+            ..Default::default()
+        };
+        let restored = first_choices(&config, &Hops::new());
+        let key = ("office".to_string(), "office-b".to_string());
+        assert_eq!(restored.groups[&key], "office-b", "the restored configuration routes the member directly");
+        let pick = |member: Option<Health>| {
+            let west = up.clone();
+            let health = move |k: &Key| match k {
+                Key::Tunnel { peer, .. } if peer == "ap-west" => Some(west.clone()),
+                Key::Tunnel { peer, .. } if peer == "office-b" => member.clone(),
+                _ => None,
+            };
+            let inputs = Inputs {
+                config: &config,
+                health: Some(&health),
+                hops: &Hops::new(),
+                active: &restored,
+                line_moved: &BTreeMap::new(),
+                hold_down: Duration::from_secs(3),
+                now,
+            };
+            choices(inputs).groups[&key].clone()
+        };
+        assert_eq!(pick(None), "ap-west", "not heard yet: over the interconnect");
+        let answered = Health { since: Some(now), ..up.clone() };
+        assert_eq!(pick(Some(answered)), "office-b", "heard: directly, without a hold-down");
+        // Neither heard yet (both just started): the other access point,
+        // whose own split horizon drops what it cannot deliver yet.
+        let unheard = |_: &Key| None;
+        let inputs = Inputs {
+            config: &config,
+            health: Some(&unheard),
+            hops: &Hops::new(),
+            active: &restored,
+            line_moved: &BTreeMap::new(),
+            hold_down: Duration::from_secs(3),
+            now,
+        };
+        assert_eq!(choices(inputs).groups[&key], "ap-west");
+    }
 }
