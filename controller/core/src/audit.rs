@@ -236,11 +236,22 @@ pub const INTENT_KEYS: &str = "/musubi/v1/intent/";
 /// key and the SHA-256 of its stored value (JSON), each length-prefixed.
 /// `pairs` must come in key order.
 pub fn intent_digest<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> String {
+    intent_digest_of_hashes(pairs.into_iter().map(|(k, v)| (k, value_hash(v))))
+}
+
+/// The SHA-256 of one stored value, as [`intent_digest`] takes it.
+pub fn value_hash(value: &[u8]) -> [u8; 32] {
+    Sha256::digest(value).into()
+}
+
+/// [`intent_digest`] from each key and the [`value_hash`] of its value
+/// (kept by a caller that hashes only what changed), in key order.
+pub fn intent_digest_of_hashes<'a>(pairs: impl IntoIterator<Item = (&'a str, [u8; 32])>) -> String {
     let mut h = Sha256::new();
     for (key, value) in pairs {
         h.update((key.len() as u64).to_be_bytes());
         h.update(key.as_bytes());
-        h.update(Sha256::digest(value));
+        h.update(value);
     }
     hex(&h.finalize())
 }

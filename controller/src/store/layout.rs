@@ -217,26 +217,54 @@ pub fn write_set(
 /// The digest of `intent` as the store holds it (every intent key and its
 /// JSON, in key order; see [`musubi_core::audit::intent_digest`]).
 pub fn intent_digest(intent: &Intent) -> Result<String, StoreError> {
-    fn each<T: Serialize>(
-        out: &mut Vec<(String, String)>,
+    // Objects are shared (`Arc`) from one revision to the next: each one's
+    // hash is kept with the object itself, and only objects not seen
+    // before are serialised again (a one-site change hashes one site, not
+    // ten thousand). The cache holds the objects it hashed, so an address
+    // is never reused while its hash is kept; it keeps only the newest
+    // intent's objects.
+    type Kept = BTreeMap<String, (Arc<dyn std::any::Any + Send + Sync>, [u8; 32])>;
+    static CACHE: std::sync::Mutex<Kept> = std::sync::Mutex::new(BTreeMap::new());
+    fn each<T: Serialize + Send + Sync + 'static>(
+        out: &mut Vec<(String, [u8; 32])>,
+        kept: &mut Kept,
+        fresh: &mut Kept,
         prefix: &str,
         map: &BTreeMap<String, Arc<T>>,
     ) -> Result<(), StoreError> {
         for (name, value) in map {
             let key = format!("{prefix}{name}");
-            let text = json_text(&key, value)?;
-            out.push((key, text));
+            let known = kept
+                .remove(&key)
+                .filter(|(object, _)| std::ptr::eq(Arc::as_ptr(object) as *const (), Arc::as_ptr(value) as *const ()));
+            let (object, hash) = match known {
+                Some(k) => k,
+                None => {
+                    let object: Arc<dyn std::any::Any + Send + Sync> = value.clone();
+                    (object, musubi_core::audit::value_hash(json_text(&key, value)?.as_bytes()))
+                }
+            };
+            out.push((key.clone(), hash));
+            fresh.insert(key, (object, hash));
         }
         Ok(())
     }
-    let mut pairs = vec![(SETTINGS.to_string(), json_text(SETTINGS, &intent.settings)?)];
-    each(&mut pairs, TENANT, &intent.tenants)?;
-    each(&mut pairs, SEGMENT, &intent.segments)?;
-    each(&mut pairs, SITE, &intent.sites)?;
-    each(&mut pairs, POLICY, &intent.policies)?;
-    each(&mut pairs, OPERATOR, &intent.operators)?;
-    pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    Ok(musubi_core::audit::intent_digest(pairs.iter().map(|(k, v)| (k.as_str(), v.as_bytes()))))
+    let mut kept = CACHE.lock().map(|mut k| std::mem::take(&mut *k)).unwrap_or_default();
+    let mut fresh = Kept::new();
+    let settings = musubi_core::audit::value_hash(json_text(SETTINGS, &intent.settings)?.as_bytes());
+    // Key order: operator/ < policy/ < segment/ < settings < site/ < tenant/.
+    let mut pairs = Vec::with_capacity(intent.sites.len() + intent.segments.len() + 16);
+    each(&mut pairs, &mut kept, &mut fresh, OPERATOR, &intent.operators)?;
+    each(&mut pairs, &mut kept, &mut fresh, POLICY, &intent.policies)?;
+    each(&mut pairs, &mut kept, &mut fresh, SEGMENT, &intent.segments)?;
+    pairs.push((SETTINGS.to_string(), settings));
+    each(&mut pairs, &mut kept, &mut fresh, SITE, &intent.sites)?;
+    each(&mut pairs, &mut kept, &mut fresh, TENANT, &intent.tenants)?;
+    debug_assert!(pairs.windows(2).all(|w| w[0].0 < w[1].0), "intent keys in key order");
+    if let Ok(mut k) = CACHE.lock() {
+        *k = fresh;
+    }
+    Ok(musubi_core::audit::intent_digest_of_hashes(pairs.iter().map(|(k, h)| (k.as_str(), *h))))
 }
 
 /// The intent revision stored at [`REVISION`] (a decimal number).
@@ -371,4 +399,54 @@ pub fn decode_history<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) 
         pairs.into_iter().filter(|(k, _)| k.starts_with(AUDIT)).map(|(k, v)| parse(k, v)).collect::<Result<_, _>>()?;
     out.sort_by_key(AuditEntry::position);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The digest with every object serialised afresh, in sorted key order.
+    fn plain(intent: &Intent) -> String {
+        let mut pairs: Vec<(String, String)> =
+            vec![(SETTINGS.to_string(), json_text(SETTINGS, &intent.settings).unwrap_or_default())];
+        let mut add = |prefix: &str, items: Vec<(&String, String)>| {
+            pairs.extend(items.into_iter().map(|(n, v)| (format!("{prefix}{n}"), v)));
+        };
+        let text = |v: &dyn erased::Json| v.text();
+        add(TENANT, intent.tenants.iter().map(|(n, v)| (n, text(&**v))).collect());
+        add(SEGMENT, intent.segments.iter().map(|(n, v)| (n, text(&**v))).collect());
+        add(SITE, intent.sites.iter().map(|(n, v)| (n, text(&**v))).collect());
+        add(POLICY, intent.policies.iter().map(|(n, v)| (n, text(&**v))).collect());
+        add(OPERATOR, intent.operators.iter().map(|(n, v)| (n, text(&**v))).collect());
+        pairs.sort();
+        musubi_core::audit::intent_digest(pairs.iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
+    }
+
+    mod erased {
+        pub trait Json {
+            fn text(&self) -> String;
+        }
+        impl<T: serde::Serialize> Json for T {
+            fn text(&self) -> String {
+                serde_json::to_string(self).unwrap_or_default()
+            }
+        }
+    }
+
+    #[test]
+    fn the_kept_hashes_give_the_digest_of_the_whole_intent() {
+        let text = "kind: Tenant\nname: t\n---\nkind: Tenant\nname: u\n";
+        let first = musubi_core::intent::parse::parse_str("a", text).intent;
+        assert_eq!(intent_digest(&first).ok(), Some(plain(&first)));
+        // One object changed, the others shared: hashed from the cache, same as afresh.
+        let mut second = first.clone();
+        Arc::make_mut(second.tenants.get_mut("u").expect("u")).description = "changed".into();
+        let digest = intent_digest(&second).ok();
+        assert_eq!(digest, Some(plain(&second)));
+        assert_ne!(digest, intent_digest(&first).ok());
+        // Removed and added objects count too.
+        let mut third = second.clone();
+        third.tenants.remove("t");
+        assert_eq!(intent_digest(&third).ok(), Some(plain(&third)));
+    }
 }
