@@ -167,6 +167,17 @@ fn random<const N: usize>() -> [u8; N] {
     b
 }
 
+/// A CA certificate and its key file, ready to sign.
+fn load_issuer(cert_pem: &str, key: &Path) -> Result<Issuer<'static, KeyPair>, PkiError> {
+    let key = KeyPair::from_pem(&read(key)?).map_err(cert_err)?;
+    Issuer::from_ca_cert_pem(cert_pem, key).map_err(cert_err)
+}
+
+/// Creates `dir` and its parents.
+fn create_dir(dir: &Path) -> Result<(), PkiError> {
+    std::fs::create_dir_all(dir).map_err(|e| PkiError::File { path: dir.to_path_buf(), source: e })
+}
+
 /// The CA, loaded for signing.
 #[derive(Debug)]
 pub struct Authority {
@@ -182,14 +193,12 @@ impl Authority {
     /// The issuing CA of the directory if it has one, else its root.
     pub fn load(paths: &Paths) -> Result<Self, PkiError> {
         let ca_pem = read(&paths.ca())?;
-        let (cert, key_path) = if paths.issuing().exists() {
-            (read(&paths.issuing())?, paths.issuing_key())
+        let (issuer, chain) = if paths.issuing().exists() {
+            let cert = read(&paths.issuing())?;
+            (load_issuer(&cert, &paths.issuing_key())?, cert)
         } else {
-            (ca_pem.clone(), paths.ca_key())
+            (load_issuer(&ca_pem, &paths.ca_key())?, String::new())
         };
-        let key = KeyPair::from_pem(&read(&key_path)?).map_err(cert_err)?;
-        let issuer = Issuer::from_ca_cert_pem(&cert, key).map_err(cert_err)?;
-        let chain = if paths.issuing().exists() { cert } else { String::new() };
         Ok(Authority { ca_pem, issuer, chain })
     }
 
@@ -271,7 +280,7 @@ fn ca_params(common_name: &str, path_length: u8, lifetime: Duration) -> Certific
 /// it may sign one level of CAs below it. Refuses to overwrite a CA.
 pub fn make_root(dir: &Path, lifetime: Duration) -> Result<Paths, PkiError> {
     let paths = Paths::new(dir);
-    std::fs::create_dir_all(dir).map_err(|e| PkiError::File { path: dir.to_path_buf(), source: e })?;
+    create_dir(dir)?;
     if paths.ca().exists() {
         return Err(PkiError::Exists { path: paths.ca().display().to_string() });
     }
@@ -288,10 +297,9 @@ pub fn make_root(dir: &Path, lifetime: Duration) -> Result<Paths, PkiError> {
 /// directory that trusts another root.
 pub fn make_issuing(root: &Paths, dir: &Path, lifetime: Duration) -> Result<Paths, PkiError> {
     let root_pem = read(&root.ca())?;
-    let root_key = KeyPair::from_pem(&read(&root.ca_key())?).map_err(cert_err)?;
-    let issuer = Issuer::from_ca_cert_pem(&root_pem, root_key).map_err(cert_err)?;
+    let issuer = load_issuer(&root_pem, &root.ca_key())?;
     let paths = Paths::new(dir);
-    std::fs::create_dir_all(dir).map_err(|e| PkiError::File { path: dir.to_path_buf(), source: e })?;
+    create_dir(dir)?;
     if paths.ca().exists() && read(&paths.ca())? != root_pem {
         return Err(PkiError::Certificate(format!(
             "{} trusts another root CA; an issuing CA goes beside the root that signed it",
@@ -327,7 +335,7 @@ pub fn init(
 ) -> Result<Initialised, PkiError> {
     check_operator_name(admin)?;
     let paths = Paths::new(dir);
-    std::fs::create_dir_all(dir).map_err(|e| PkiError::File { path: dir.to_path_buf(), source: e })?;
+    create_dir(dir)?;
     let prepared = paths.ca().exists() && paths.issuing().exists() && !paths.server().exists();
     if paths.ca().exists() && !(prepared && external.is_none()) {
         return Err(PkiError::Exists { path: paths.ca().display().to_string() });

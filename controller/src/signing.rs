@@ -16,6 +16,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, UnixTime};
 
 use crate::pki::{self, Paths, PkiError};
+use crate::store::{Guard, IntentStore, StoreError};
 use musubi_core::audit::{AuditEntry, sha256_hex};
 
 /// Where signers' certificate chains are kept.
@@ -57,15 +58,31 @@ impl Signer {
     }
 }
 
+/// Why a signer could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("keeping the signer's certificate in the store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Makes the server key of `paths` sign every entry this process writes,
+/// its certificate chain kept in `store` where `history --verify` finds it.
+/// Gives the certificate's fingerprint.
+pub async fn install_from<S: IntentStore>(store: &S, paths: &Paths) -> Result<String, InstallError> {
+    let signer = Signer::load(paths)?;
+    let key = format!("{SIGNERS}{}", signer.fingerprint);
+    store.swap(&key, Guard::Absent, Some(signer.chain_pem.clone().into_bytes())).await?;
+    let fingerprint = signer.fingerprint.clone();
+    install(signer);
+    Ok(fingerprint)
+}
+
 /// Makes `signer` sign every entry this process writes from now on.
 /// Once per process; a second call changes nothing and says so.
 pub fn install(signer: Signer) -> bool {
     SIGNER.set(signer).is_ok()
-}
-
-/// The signer installed, if any.
-pub fn installed() -> Option<&'static Signer> {
-    SIGNER.get()
 }
 
 /// Signs `entry` if this process has a signer (a controller serving over

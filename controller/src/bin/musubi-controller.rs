@@ -15,7 +15,6 @@ use musubi_controller::pki::{self, Authority, Paths};
 use musubi_controller::server::agent::{AgentService, AgentSettings};
 use musubi_controller::server::operator::{DEFAULT_MAX_INTENT_BYTES, OperatorService};
 use musubi_controller::server::operator_auth;
-use musubi_controller::store::IntentStore;
 use musubi_controller::store::any::{AnyStore, StoreUrl};
 use musubi_controller::store::etcd::EtcdConfig;
 use musubi_core::allocate::reallocate;
@@ -248,6 +247,25 @@ fn store_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<StoreUrl>,
     s.map(|s| s.parse().map_err(serde::de::Error::custom)).transpose()
 }
 
+/// The etcd client settings of a configuration file's `etcd:`, each
+/// overridden by its flag when given (the password from
+/// `MUSUBI_ETCD_PASSWORD`).
+fn etcd_config(
+    file: EtcdFile,
+    user: Option<String>,
+    ca: Option<PathBuf>,
+    client_cert: Option<Vec<PathBuf>>,
+) -> EtcdConfig {
+    EtcdConfig {
+        endpoints: Vec::new(),
+        user: user.or(file.user).map(|u| (u, std::env::var("MUSUBI_ETCD_PASSWORD").unwrap_or_default())),
+        ca: ca.or(file.ca),
+        client_cert: client_cert
+            .and_then(|v| Some((v.first()?.clone(), v.get(1)?.clone())))
+            .or(file.client_cert.zip(file.client_key)),
+    }
+}
+
 impl ServeFile {
     fn read(path: &std::path::Path) -> Result<ServeFile> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -320,15 +338,7 @@ async fn serve_command(command: Command) -> Result<()> {
         bail!("not a serve command");
     };
     let file = config.as_deref().map(ServeFile::read).transpose()?.unwrap_or_default();
-    let etcd_file = file.etcd.unwrap_or_default();
-    let etcd = EtcdConfig {
-        endpoints: Vec::new(),
-        user: etcd_user.or(etcd_file.user).map(|u| (u, std::env::var("MUSUBI_ETCD_PASSWORD").unwrap_or_default())),
-        ca: etcd_ca.or(etcd_file.ca),
-        client_cert: etcd_client_cert
-            .and_then(|v| Some((v.first()?.clone(), v.get(1)?.clone())))
-            .or(etcd_file.client_cert.zip(etcd_file.client_key)),
-    };
+    let etcd = etcd_config(file.etcd.unwrap_or_default(), etcd_user, etcd_ca, etcd_client_cert);
     let store = match store.or(file.store) {
         Some(s) => s,
         None => "file:///var/lib/musubi".parse().map_err(anyhow::Error::msg)?,
@@ -424,14 +434,9 @@ async fn serve(
     };
     let store = Arc::new(AnyStore::open(&url, etcd).await.with_context(|| format!("opening the store {url:?}"))?);
     if let Some(dir) = &pki {
-        // Audit entries this replica writes are signed with its server key;
-        // the store keeps the certificate chain that vouches for it.
-        let signer = musubi_controller::signing::Signer::load(&Paths::new(dir))?;
-        let key = format!("{}{}", musubi_controller::signing::SIGNERS, signer.fingerprint);
-        let pem = signer.chain_pem.clone().into_bytes();
-        store.swap(&key, musubi_controller::store::Guard::Absent, Some(pem)).await.context("keeping the signer")?;
-        tracing::info!(signer = %signer.fingerprint, "audit entries are signed with the server key");
-        musubi_controller::signing::install(signer);
+        // Audit entries this replica writes are signed with its server key.
+        let signer = musubi_controller::signing::install_from(&*store, &Paths::new(dir)).await?;
+        tracing::info!(%signer, "audit entries are signed with the server key");
     }
     let fanout = Fanout::start(store.clone()).await.context("compiling the sites' configurations")?;
     musubi_controller::metrics::get().sites.set(i64::try_from(fanout.sites().len()).unwrap_or(i64::MAX));
@@ -529,23 +534,14 @@ async fn revoke_operator(
         bail!("`{}`: {why}", musubi_core::words::quoted(name));
     }
     let file = config.as_deref().map(ServeFile::read).transpose()?.unwrap_or_default();
-    let etcd_file = file.etcd.unwrap_or_default();
-    let etcd = EtcdConfig {
-        endpoints: Vec::new(),
-        user: etcd_file.user.map(|u| (u, std::env::var("MUSUBI_ETCD_PASSWORD").unwrap_or_default())),
-        ca: etcd_file.ca,
-        client_cert: etcd_file.client_cert.zip(etcd_file.client_key),
-    };
+    let etcd = etcd_config(file.etcd.unwrap_or_default(), None, None, None);
     let Some(url) = store.or(file.store) else {
         bail!("which store? --store etcd://HOST:PORT or --config FILE (the controller's)");
     };
     let store = AnyStore::open(&url, etcd).await.context("opening the store")?;
     if let Some(dir) = pki.filter(|d| Paths::new(d).server_key().exists()) {
         // Signed like a replica's entries: a chain signed so far stays whole.
-        let signer = musubi_controller::signing::Signer::load(&Paths::new(&dir))?;
-        let key = format!("{}{}", musubi_controller::signing::SIGNERS, signer.fingerprint);
-        store.swap(&key, musubi_controller::store::Guard::Absent, Some(signer.chain_pem.clone().into_bytes())).await?;
-        musubi_controller::signing::install(signer);
+        musubi_controller::signing::install_from(&store, &Paths::new(&dir)).await?;
     }
     let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
     let actor = format!("local:{user}");
@@ -561,10 +557,9 @@ async fn revoke_operator(
 fn ca_root(dir: PathBuf, days: u64) -> Result<()> {
     let made = pki::make_root(&dir, Duration::from_secs(days * 86_400))?;
     println!(
-        "root CA {} + {} (0600): keep the key offline; it signs issuing CAs only ({})",
+        "root CA {} + {} (0600): keep the key offline; it signs issuing CAs only (musubi-controller ca issuing)",
         made.ca().display(),
-        made.ca_key().display(),
-        "musubi-controller ca issuing"
+        made.ca_key().display()
     );
     Ok(())
 }
@@ -581,16 +576,15 @@ fn ca_issuing(root: PathBuf, dir: PathBuf, days: u64) -> Result<()> {
 }
 
 fn operator(name: &str, dir: PathBuf, days: u64) -> Result<()> {
-    let name = name.to_string();
     let paths = Paths::new(&dir);
     let authority = Authority::load(&paths)?;
-    let (cert, key) = authority.issue_operator(&name, Duration::from_secs(days * 86_400))?;
-    pki::write(&paths.operator_key(&name), &key, true)?;
-    pki::write(&paths.operator(&name), &cert, false)?;
+    let (cert, key) = authority.issue_operator(name, Duration::from_secs(days * 86_400))?;
+    pki::write(&paths.operator_key(name), &key, true)?;
+    pki::write(&paths.operator(name), &cert, false)?;
     println!(
         "{} + {} (0600), identity operator:{name}",
-        paths.operator(&name).display(),
-        paths.operator_key(&name).display()
+        paths.operator(name).display(),
+        paths.operator_key(name).display()
     );
     Ok(())
 }

@@ -416,32 +416,30 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         let (rights, _) = self.rights(&request, "history").await?;
         everything(&rights, "the history")?;
         let entries = self.store.history().await.map_err(store_status)?;
-        let changes = if request.get_ref().with_changes {
-            let records = self.store.list(crate::store::layout::CHANGES).await.map_err(store_status)?;
-            records
+        // What `--verify` checks the entries against: every revision's
+        // change records, the digest of the intent keys as stored, the
+        // signers' certificate chains.
+        let (changes, intent_digest, signers) = if request.get_ref().with_changes {
+            let list = async |prefix: &'static str| self.store.list(prefix).await.map_err(store_status);
+            let changes = list(crate::store::layout::CHANGES)
+                .await?
                 .into_iter()
                 .filter_map(|(key, records)| {
                     let revision = key.strip_prefix(crate::store::layout::CHANGES)?.parse().ok()?;
                     Some(pb::RevisionChanges { revision, records })
                 })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let intent_digest = if request.get_ref().with_changes {
-            let pairs = self.store.list(crate::store::layout::INTENT).await.map_err(store_status)?;
-            musubi_core::audit::intent_digest(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
-        } else {
-            String::new()
-        };
-        let signers = if request.get_ref().with_changes {
-            let kept = self.store.list(crate::signing::SIGNERS).await.map_err(store_status)?;
-            kept.into_iter()
+                .collect();
+            let intent = list(crate::store::layout::INTENT).await?;
+            let digest = musubi_core::audit::intent_digest(intent.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+            let signers = list(crate::signing::SIGNERS)
+                .await?
+                .into_iter()
                 .filter_map(|(key, pem)| {
                     let fingerprint = key.strip_prefix(crate::signing::SIGNERS)?.to_string();
                     Some((fingerprint, String::from_utf8(pem).ok()?))
                 })
-                .collect()
+                .collect();
+            (changes, digest, signers)
         } else {
             Default::default()
         };

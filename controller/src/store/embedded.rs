@@ -140,20 +140,40 @@ fn holds(guard: &Guard, current: Option<&Vec<u8>>) -> bool {
     }
 }
 
+/// Sets `key` to `value` (`None` removes it) in `table` if `guard` holds;
+/// says whether it wrote.
+fn write_guarded(
+    table: &mut redb::Table<'_, &str, &[u8]>,
+    key: &str,
+    guard: &Guard,
+    value: Option<&[u8]>,
+) -> Result<bool, StoreError> {
+    let current = table.get(key).map_err(backend)?.map(|v| v.value().to_vec());
+    if !holds(guard, current.as_ref()) {
+        return Ok(false);
+    }
+    match value {
+        Some(v) => table.insert(key, v).map(|_| ()).map_err(backend)?,
+        None => table.remove(key).map(|_| ()).map_err(backend)?,
+    }
+    Ok(true)
+}
+
+/// Whether writing `key` moves [`IntentStore::subscribe_sites`]: a public
+/// key or a revocation.
+fn moves_sites(key: &str) -> bool {
+    key.starts_with(layout::KEYS) || key.starts_with(layout::REVOKED)
+}
+
 impl Embedded {
     fn record_blocking(&self, event: Event, write: Option<Write>) -> Result<Option<AuditEntry>, StoreError> {
         let tx = self.db.begin_write().map_err(backend)?;
         let entry = {
             let mut table = tx.open_table(KV).map_err(backend)?;
-            if let Some(w) = &write {
-                let current = table.get(w.key.as_str()).map_err(backend)?.map(|v| v.value().to_vec());
-                if !holds(&w.guard, current.as_ref()) {
-                    return Ok(None);
-                }
-                match &w.value {
-                    Some(v) => table.insert(w.key.as_str(), v.as_slice()).map(|_| ()).map_err(backend)?,
-                    None => table.remove(w.key.as_str()).map(|_| ()).map_err(backend)?,
-                }
+            if let Some(w) = &write
+                && !write_guarded(&mut table, &w.key, &w.guard, w.value.as_deref())?
+            {
+                return Ok(None);
             }
             let revision = match table.get(layout::REVISION).map_err(backend)? {
                 Some(v) => layout::revision_value(v.value())?,
@@ -183,8 +203,7 @@ impl IntentStore for Embedded {
     }
 
     async fn record(&self, event: Event, write: Option<Write>) -> Result<Option<AuditEntry>, StoreError> {
-        let notify =
-            write.as_ref().is_some_and(|w| w.key.starts_with(layout::KEYS) || w.key.starts_with(layout::REVOKED));
+        let notify = write.as_ref().is_some_and(|w| moves_sites(&w.key));
         let this = self.clone();
         let entry =
             tokio::task::spawn_blocking(move || this.record_blocking(event, write)).await.map_err(backend)??;
@@ -301,18 +320,13 @@ impl IntentStore for Embedded {
 
     async fn swap(&self, key: &str, expected: Guard, value: Option<Vec<u8>>) -> Result<bool, StoreError> {
         let (this, key) = (self.clone(), key.to_string());
-        let notify = key.starts_with(layout::KEYS) || key.starts_with(layout::REVOKED);
+        let notify = moves_sites(&key);
         let wrote = tokio::task::spawn_blocking(move || {
             let tx = this.db.begin_write().map_err(backend)?;
             {
                 let mut table = tx.open_table(KV).map_err(backend)?;
-                let current = table.get(key.as_str()).map_err(backend)?.map(|v| v.value().to_vec());
-                if !holds(&expected, current.as_ref()) {
+                if !write_guarded(&mut table, &key, &expected, value.as_deref())? {
                     return Ok(false);
-                }
-                match &value {
-                    Some(v) => table.insert(key.as_str(), v.as_slice()).map(|_| ()).map_err(backend)?,
-                    None => table.remove(key.as_str()).map(|_| ()).map_err(backend)?,
                 }
             }
             tx.commit().map_err(backend)?;

@@ -210,6 +210,14 @@ impl Etcd {
     }
 }
 
+/// Sets `key` to `value`, or deletes it with `None`.
+fn write_op(key: &str, value: Option<Vec<u8>>) -> TxnOp {
+    match value {
+        Some(v) => TxnOp::put(key, v, None),
+        None => TxnOp::delete(key, None),
+    }
+}
+
 /// The etcd comparison a guard on `key` makes (none for [`Guard::Any`]).
 fn compare(key: &str, guard: &Guard) -> Option<Compare> {
     match guard {
@@ -240,10 +248,7 @@ impl Etcd {
         ];
         if let Some(w) = write {
             compares.extend(compare(&w.key, &w.guard));
-            ops.push(match &w.value {
-                Some(v) => TxnOp::put(w.key.as_str(), v.clone(), None),
-                None => TxnOp::delete(w.key.as_str(), None),
-            });
+            ops.push(write_op(&w.key, w.value.clone()));
         }
         let txn = Txn::new().when(compares).and_then(ops).or_else([TxnOp::get(layout::HEAD, None)]);
         let resp = match self.kv().txn(txn).await {
@@ -383,21 +388,9 @@ impl IntentStore for Etcd {
     }
 
     async fn swap(&self, key: &str, expected: Guard, value: Option<Vec<u8>>) -> Result<bool, StoreError> {
-        let guard = match &expected {
-            Guard::Any => None,
-            Guard::Absent => Some(Compare::create_revision(key, CompareOp::Equal, 0)),
-            Guard::Holds(v) => Some(Compare::value(key, CompareOp::Equal, v.clone())),
-        };
-        let op = match value {
-            Some(v) => TxnOp::put(key, v, None),
-            None => TxnOp::delete(key, None),
-        };
+        let guard: Vec<Compare> = compare(key, &expected).into_iter().collect();
         // A lost answer is not retried: the caller reads again and decides.
-        let resp = self
-            .kv()
-            .txn(Txn::new().when(guard.into_iter().collect::<Vec<_>>()).and_then([op]))
-            .await
-            .map_err(backend)?;
+        let resp = self.kv().txn(Txn::new().when(guard).and_then([write_op(key, value)])).await.map_err(backend)?;
         Ok(resp.succeeded())
     }
 
