@@ -196,10 +196,11 @@ pub fn keys(config: &SiteConfig, hops: &Hops) -> BTreeSet<Key> {
     targets(config).into_iter().chain(path_targets(config, hops)).map(|t| t.key).collect()
 }
 
-/// The (local line address, peer line address) pairs of [`path_targets`],
-/// for resolving their hops.
+/// The (local line address, peer line address) pairs of [`path_targets`]
+/// and of the peers this router follows, for resolving their hops.
 pub fn paths(config: &SiteConfig) -> Vec<(IpAddr, IpAddr)> {
-    let pairs: BTreeSet<(IpAddr, IpAddr)> = underlay(config).map(|(_, pair)| pair).collect();
+    let pairs: BTreeSet<(IpAddr, IpAddr)> =
+        underlay(config).map(|(_, pair)| pair).chain(crate::reconcile::followed_paths(config)).collect();
     pairs.into_iter().collect()
 }
 

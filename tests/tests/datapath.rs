@@ -434,3 +434,106 @@ fn a_restarted_agent_adopts_its_tunnels_without_losing_a_packet() {
     assert!(reaches(&lab, "h1a", "10.10.2.10"), "alpha works again");
     drop(second);
 }
+
+/// An access point with two lines, reached on its first line's address by a
+/// member whose only line is on the subnet of its second line (through the
+/// carrier's router): its answers must leave on the first line, from the
+/// first line's address. Kernel WireGuard answers from the address it was
+/// reached at only while the route from it leaves by the interface the
+/// packet came in on; otherwise from the second line's address, which the
+/// member's fence drops — found in the kernel lab, where the prefecture
+/// lab's members on the wide-area Ethernet never brought a tunnel up.
+#[test]
+fn an_access_point_answers_a_member_on_the_line_it_was_reached_on() {
+    if skip_without_root() {
+        return;
+    }
+    let mut net = Net::new("mans");
+    // Two carrier networks (bridges) and the router between them.
+    for (bridge, _) in [("fib", ()), ("wae", ())] {
+        net.host(bridge);
+        net.ok(bridge, "ip link add br0 type bridge && ip link set br0 up");
+    }
+    net.router("carrier");
+    net.router("ap");
+    net.router("branch");
+    net.host("h");
+    for (node, port, bridge, address) in [
+        ("carrier", "c0", "fib", "192.0.2.254/24"),
+        ("carrier", "c1", "wae", "198.51.100.254/24"),
+        ("ap", "u0", "fib", "192.0.2.1/24"),
+        ("ap", "u1", "wae", "198.51.100.1/24"),
+        ("branch", "u0", "wae", "198.51.100.22/24"),
+    ] {
+        let end = format!("p-{node}-{port}");
+        net.link(node, port, bridge, &end);
+        net.ok(bridge, &format!("ip link set {end} master br0"));
+        net.ok(node, &format!("ip addr add {address} dev {port}"));
+    }
+    net.ok("carrier", "sysctl -qw net.ipv4.ip_forward=1");
+    net.ok("ap", "ip route add default via 192.0.2.254 dev u0");
+    net.ok("branch", "ip route add default via 198.51.100.254 dev u0");
+    net.link("branch", "lan", "h", "eth0");
+    net.ok("branch", "ip addr add 10.40.1.1/24 dev lan");
+    net.ok("h", "ip addr add 10.40.1.10/24 dev eth0 && ip route add default via 10.40.1.1");
+
+    let mut keys = String::new();
+    let mut states = BTreeMap::new();
+    for (router, site) in [("ap", "ap-east"), ("branch", "branch")] {
+        let state = net.dir().join(format!("state-{router}"));
+        let (public, _) = StateDir::new(&state).ensure_key("alpha").expect("key");
+        keys.push_str(&format!("{site}:\n  alpha: \"{public}\"\n"));
+        states.insert(router, state);
+    }
+    let keys_file = net.dir().join("keys.yaml");
+    std::fs::write(&keys_file, keys).expect("keys");
+    let intent = Path::new(env!("CARGO_MANIFEST_DIR")).join("intents/answers.yaml");
+    let apply = |router: &str, site: &str| -> u64 {
+        let out = Command::new(bin("musubi"))
+            .args(["compile", "--format", "json", "--site", site, "--keys"])
+            .arg(&keys_file)
+            .arg(&intent)
+            .output()
+            .expect("musubi compile");
+        assert!(out.status.success(), "compile {site}: {}", String::from_utf8_lossy(&out.stderr));
+        let config = net.dir().join(format!("{site}.json"));
+        std::fs::write(&config, &out.stdout).expect("config");
+        let mut cmd = net.command(router, &bin("musubi-agent"));
+        cmd.env("MUSUBI_DOMAINS", modes().1)
+            .arg("apply")
+            .arg("--config")
+            .arg(&config)
+            .arg("--state")
+            .arg(&states[router]);
+        let out = cmd.output().expect("musubi-agent apply");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "apply in {router}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        text.lines().find_map(reconcile_line).expect("a reconcile line").1
+    };
+    apply("ap", "ap-east");
+    apply("branch", "branch");
+
+    // From the first line's address, out of the first line through the
+    // carrier; from the second's, out of the second, as the main table says.
+    let first = net.ok("ap", "ip route get 198.51.100.22 from 192.0.2.1");
+    assert!(first.contains("via 192.0.2.254 dev u0"), "answers from 192.0.2.1 leave: {first}");
+    let second = net.ok("ap", "ip route get 198.51.100.22 from 198.51.100.1");
+    assert!(second.contains("dev u1") && !second.contains("via"), "answers from 198.51.100.1 leave: {second}");
+    let plain = net.ok("ap", "ip route get 198.51.100.22");
+    assert!(plain.contains("dev u1"), "other packets to the member stay as the operator routes them: {plain}");
+    assert_eq!(apply("ap", "ap-east"), 0, "the source pins are adopted as they are");
+
+    // The branch's tunnel to ap-east (over the carrier to 192.0.2.1) comes up.
+    let handshake = || {
+        let _ = net.sh("h", "ping -c 1 -W 1 100.64.0.1");
+        let out = net.sh("branch", "wg show me-alpha latest-handshakes");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.split_whitespace().nth(1).is_some_and(|t| t != "0")
+    };
+    assert!(
+        eventually(scaled(Duration::from_secs(15)), handshake),
+        "no handshake between the branch and ap-east: {}\n{}",
+        net.ok("branch", "wg show all"),
+        net.ok("ap", "wg show all; ip rule; ip route show table all | grep -v local")
+    );
+}

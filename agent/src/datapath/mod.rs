@@ -94,14 +94,27 @@ pub struct Hop {
 /// The hop of each underlay path: (local line address, peer line address).
 pub type Hops = BTreeMap<(IpAddr, IpAddr), Hop>;
 
-/// An underlay route the agent pins in the main table so that the outer
-/// packets to `destination` (a peer's line address) leave on the chosen
-/// local line, from its address `source`.
+/// An underlay route the agent pins so that the outer packets to
+/// `destination` (a peer's line address) leave on a local line, from its
+/// address `source`.
+///
+/// A line the router picks (`follow` false) is pinned in the main table:
+/// every packet to the peer's address leaves on it. A line the router
+/// follows (`follow` true: an access point answering its member sites) is
+/// pinned for packets *from* `source` only — a table of that line's, looked
+/// up by a rule `from source` — and only where the main table would send
+/// them out of another interface: the answers to a member that reached
+/// this line's address leave on this line. Kernel WireGuard answers from
+/// the address it was reached at only while the route from that address
+/// leaves on the interface the packet came in by; otherwise it answers from
+/// another line's address, which the member's fence drops (its tunnel never
+/// comes up).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Pin {
     pub destination: IpAddr,
     pub source: IpAddr,
     pub hop: Hop,
+    pub follow: bool,
 }
 impl Eq for PeerSpec {}
 

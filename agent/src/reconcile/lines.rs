@@ -48,18 +48,38 @@ pub fn path(config: &SiteConfig, e: &pb::Endpoint) -> Option<(std::net::IpAddr, 
 }
 
 /// The underlay routes that send each peer's outer packets over its active
-/// path (where the path's hop is known).
+/// path (where the path's hop is known), and for the peers this router
+/// follows, each of their paths pinned by its source (see [`Pin`]).
 pub fn pins(config: &SiteConfig, choices: &Choices, hops: &Hops) -> BTreeSet<Pin> {
     let mut out = BTreeSet::new();
     for seg in &config.segments {
-        for p in seg.peers.iter().filter(|p| picks_line(config, p)) {
-            let Some((source, destination)) = active_endpoint(p, choices).and_then(|e| path(config, e)) else {
-                continue;
-            };
-            if let Some(hop) = hops.get(&(source, destination)) {
-                out.insert(Pin { destination, source, hop: hop.clone() });
+        for p in &seg.peers {
+            if picks_line(config, p) {
+                let Some((source, destination)) = active_endpoint(p, choices).and_then(|e| path(config, e)) else {
+                    continue;
+                };
+                if let Some(hop) = hops.get(&(source, destination)) {
+                    out.insert(Pin { destination, source, hop: hop.clone(), follow: false });
+                }
+            } else {
+                for (source, destination) in p.endpoints.iter().filter_map(|e| path(config, e)) {
+                    if let Some(hop) = hops.get(&(source, destination)) {
+                        out.insert(Pin { destination, source, hop: hop.clone(), follow: true });
+                    }
+                }
             }
         }
     }
     out
+}
+
+/// The (local line address, peer line address) pairs of the peers this
+/// router follows, whose hops its source pins need.
+pub fn followed_paths(config: &SiteConfig) -> impl Iterator<Item = (std::net::IpAddr, std::net::IpAddr)> + '_ {
+    config
+        .segments
+        .iter()
+        .flat_map(|s| s.peers.iter().filter(|p| !picks_line(config, p)))
+        .flat_map(|p| &p.endpoints)
+        .filter_map(|e| path(config, e))
 }

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use musubi_proto::v1::SiteConfig;
 
 pub use self::desired::{LocalKey, LocalKeys, canonical, desired, desired_with};
-pub use self::lines::{active_endpoint, line_address, path, picks_line, pins, probes_lines};
+pub use self::lines::{active_endpoint, followed_paths, line_address, path, picks_line, pins, probes_lines};
 use crate::datapath::{Datapath, DatapathError, Hops, Op, Owned, Pin, Policy};
 use crate::failover::Choices;
 use crate::state::StateError;
@@ -168,10 +168,10 @@ pub fn move_lines(
 /// agent picks that are not in use (see [`PolicySpec::unused_lines`]).
 fn fence(want: &mut Owned, config: &SiteConfig, pins: &BTreeSet<Pin>) {
     let Some(mut spec) = want.policy.as_ref().and_then(|p| p.spec.clone()) else { return };
-    if pins.is_empty() {
+    let used: BTreeSet<std::net::IpAddr> = pins.iter().filter(|p| !p.follow).map(|p| p.destination).collect();
+    if used.is_empty() {
         return;
     }
-    let used: BTreeSet<std::net::IpAddr> = pins.iter().map(|p| p.destination).collect();
     spec.unused_lines = config
         .segments
         .iter()
@@ -521,10 +521,21 @@ mod tests {
         assert_eq!(tunnel("me-office")["K1"].endpoint, "198.51.100.1:51820");
         assert!(tunnel("mm-office")["K3"].roams && !tunnel("me-office")["K1"].roams);
         let pins = pins(&c, &moved, &hops);
+        let of = |follow: bool| {
+            pins.iter()
+                .filter(|p| p.follow == follow)
+                .map(|p| (p.destination, p.source, p.hop.interface.as_str()))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
-            pins.iter().map(|p| (p.destination, p.source, p.hop.interface.as_str())).collect::<Vec<_>>(),
+            of(false),
             vec![(ip("198.51.100.1"), ip("198.51.100.11"), "eth3"), (ip("198.51.100.2"), ip("198.51.100.11"), "eth3")],
             "outer packets to both access points leave on the mobile line"
+        );
+        assert_eq!(
+            of(true),
+            vec![(ip("192.0.2.3"), ip("192.0.2.11"), "eth2"), (ip("198.51.100.3"), ip("198.51.100.11"), "eth3")],
+            "the member is followed: its every path with a hop is pinned by its source, whatever line it uses"
         );
         let mut fenced = want.clone();
         fenced.policy = Some(Policy::new(PolicySpec::default()));

@@ -10,6 +10,7 @@
 //! | WireGuard interfaces, VRFs | names starting `me-`, `mw-`, `mm-`, `mi-` / `mv-` |
 //! | routes | protocol [`PROTOCOL`] (77), in any table |
 //! | rules (table mode) | priority [`RULE_PRIORITY`] (5200) and protocol 77 |
+//! | source pins | rules in priority [`LINE_RULE_PRIORITY`] (5300), protocol 77, to [`LINE_TABLES`] + N |
 //! | nftables | the table `inet musubi` |
 //!
 //! A segment's table ends in an `unreachable` default (metric
@@ -51,6 +52,20 @@ pub const PROTOCOL: u8 = 77;
 /// Priority of the agent's rules in table mode: after the local table (0),
 /// before the main table (32766). 1000 is where the kernel puts VRF rules.
 pub const RULE_PRIORITY: u32 = 5200;
+/// The lines' tables: the source pins of the `N`th line address this
+/// router follows peers on (sorted) are in table `LINE_TABLES + N`.
+pub const LINE_TABLES: u32 = 0x6d75_0000;
+/// How many line tables there can be.
+const LINE_TABLE_COUNT: u32 = 256;
+/// Priority of the rules `from <line address> lookup <its line table>`:
+/// after the segments' rules of table mode, before the main table.
+pub const LINE_RULE_PRIORITY: u32 = 5300;
+
+/// Whether `table` is one of the lines' tables.
+pub fn is_line_table(table: u32) -> bool {
+    (LINE_TABLES..LINE_TABLES + LINE_TABLE_COUNT).contains(&table)
+}
+
 /// Metric of the agent's routes.
 pub const ROUTE_METRIC: u32 = 100;
 /// Metric of the unreachable default that closes a segment's table (the

@@ -332,9 +332,11 @@ pub async fn del_rule(handle: &Handle, msg: RuleMessage) -> Result<(), DatapathE
 /// The main table (`ip route show table main`).
 pub const MAIN_TABLE: u32 = 254;
 
-/// A route of the main table, as the underlay's hops need it.
+/// A route of the main table or of a line's table, as the underlay's hops
+/// and pins need it.
 #[derive(Debug, Clone)]
 pub struct MainRoute {
+    pub table: u32,
     pub destination: IpAddr,
     pub length: u8,
     pub oif: Option<u32>,
@@ -354,14 +356,17 @@ fn address(a: &RouteAddress) -> Option<IpAddr> {
     }
 }
 
-/// The unicast routes of the main table, both families.
+/// The unicast routes of the main table and of the lines' tables
+/// ([`super::LINE_TABLES`]), both families.
 pub async fn main_routes(handle: &Handle) -> Result<Vec<MainRoute>, DatapathError> {
     let mut out = Vec::new();
     for msg in all_routes(handle).await? {
-        if table_of(&msg) != MAIN_TABLE || msg.header.kind != RouteType::Unicast {
+        let table = table_of(&msg);
+        if !(table == MAIN_TABLE || super::is_line_table(table)) || msg.header.kind != RouteType::Unicast {
             continue;
         }
         let mut route = MainRoute {
+            table,
             destination: match msg.header.address_family {
                 AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
                 _ => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
@@ -389,21 +394,22 @@ pub async fn main_routes(handle: &Handle) -> Result<Vec<MainRoute>, DatapathErro
     Ok(out)
 }
 
-/// Pins `destination` (a host route in the main table, the agent's
-/// protocol) to interface `oif`, through `gateway`, from `source`.
+/// Pins `destination` (a host route in `table`, the agent's protocol) to
+/// interface `oif`, through `gateway`, from `source`.
 pub async fn add_pin(
     handle: &Handle,
+    table: u32,
     destination: IpAddr,
     source: IpAddr,
     oif: u32,
     gateway: Option<IpAddr>,
 ) -> Result<(), DatapathError> {
-    let what = format!("pinning {destination} to interface {oif}");
+    let what = format!("pinning {destination} to interface {oif} in table {table}");
     let full = if destination.is_ipv4() { 32 } else { 128 };
     let mut builder = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(destination, full)
         .map_err(|e| DatapathError::Invalid(format!("{what}: {e}")))?
-        .table_id(MAIN_TABLE)
+        .table_id(table)
         .protocol(RouteProtocol::Other(PROTOCOL))
         .output_interface(oif)
         .pref_source(source)
@@ -412,4 +418,57 @@ pub async fn add_pin(
         builder = builder.gateway(g).map_err(|e| DatapathError::Invalid(format!("{what}: {e}")))?;
     }
     handle.route().add(builder.build()).replace().execute().await.map_err(|e| nl(&what, e))
+}
+
+/// A rule `from SOURCE lookup TABLE` of the agent's (its protocol, in
+/// [`super::LINE_RULE_PRIORITY`]): a followed line's source pins.
+#[derive(Debug, Clone)]
+pub struct SourceRule {
+    pub source: Option<IpAddr>,
+    pub table: u32,
+    pub message: RuleMessage,
+}
+
+/// The agent's source rules, both families.
+pub async fn source_rules(handle: &Handle) -> Result<Vec<SourceRule>, DatapathError> {
+    let mut out = Vec::new();
+    for version in [IpVersion::V4, IpVersion::V6] {
+        let mut stream = handle.rule().get(version).execute();
+        while let Some(msg) = stream.try_next().await.map_err(|e| nl("listing rules", e))? {
+            let mut rule = SourceRule { source: None, table: u32::from(msg.header.table), message: msg.clone() };
+            let (mut priority, mut ours) = (0, false);
+            for a in &msg.attributes {
+                match a {
+                    RuleAttribute::Priority(p) => priority = *p,
+                    RuleAttribute::Protocol(p) => ours = *p == RouteProtocol::Other(PROTOCOL),
+                    RuleAttribute::Table(t) => rule.table = *t,
+                    RuleAttribute::Source(a) => rule.source = Some(*a),
+                    _ => {}
+                }
+            }
+            if ours && priority == super::LINE_RULE_PRIORITY {
+                out.push(rule);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `from SOURCE lookup TABLE` in [`super::LINE_RULE_PRIORITY`], the agent's protocol.
+pub async fn add_source_rule(handle: &Handle, source: IpAddr, table: u32) -> Result<(), DatapathError> {
+    let request = handle.rule().add().table_id(table).priority(super::LINE_RULE_PRIORITY).action(RuleAction::ToTable);
+    let what = format!("adding the rule from {source} → table {table}");
+    let protocol = RuleAttribute::Protocol(RouteProtocol::Other(PROTOCOL));
+    match source {
+        IpAddr::V4(a) => {
+            let mut r = request.v4().source_prefix(a, 32);
+            r.message_mut().attributes.push(protocol);
+            r.execute().await.map_err(|e| nl(&what, e))
+        }
+        IpAddr::V6(a) => {
+            let mut r = request.v6().source_prefix(a, 128);
+            r.message_mut().attributes.push(protocol);
+            r.execute().await.map_err(|e| nl(&what, e))
+        }
+    }
 }

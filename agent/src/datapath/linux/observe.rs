@@ -22,8 +22,10 @@ impl Linux {
                 netlink::owned_rules(&handle).await?,
             ))
         })??;
-        // The main table holds only the underlay pins (see `pin`), kept apart.
-        let routes: Vec<_> = routes.into_iter().filter(|r| r.table != netlink::MAIN_TABLE).collect();
+        // The main table and the lines' tables hold only the underlay pins
+        // (see `pin`), kept apart.
+        let routes: Vec<_> =
+            routes.into_iter().filter(|r| r.table != netlink::MAIN_TABLE && !super::is_line_table(r.table)).collect();
         let netlink_ms = started.elapsed().as_secs_f64() * 1e3;
         let by_index: BTreeMap<u32, &Link> = links.iter().map(|l| (l.index, l)).collect();
         let mut owned = Owned::default();

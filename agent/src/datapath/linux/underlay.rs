@@ -30,7 +30,12 @@ impl Linux {
             // that interface (never one of the agent's own pins).
             let best = routes
                 .iter()
-                .filter(|r| !r.ours && r.oif == Some(index) && contains(r.destination, r.length, remote))
+                .filter(|r| {
+                    !r.ours
+                        && r.table == netlink::MAIN_TABLE
+                        && r.oif == Some(index)
+                        && contains(r.destination, r.length, remote)
+                })
                 .max_by_key(|r| (r.length, std::cmp::Reverse(r.metric)));
             if let Some(r) = best {
                 out.insert((local, remote), Hop { interface: link.name.clone(), gateway: r.gateway });
@@ -51,15 +56,25 @@ impl Linux {
         }
         self.pinned = None;
         let handle = self.handle.clone();
-        let (links, routes) = block_on(&self.rt, async move {
-            Ok::<_, DatapathError>((netlink::links(&handle).await?, netlink::main_routes(&handle).await?))
+        let (links, routes, rules) = block_on(&self.rt, async move {
+            Ok::<_, DatapathError>((
+                netlink::links(&handle).await?,
+                netlink::main_routes(&handle).await?,
+                netlink::source_rules(&handle).await?,
+            ))
         })??;
         let index: BTreeMap<&str, u32> = links.iter().map(|l| (l.name.as_str(), l.index)).collect();
-        let mut wanted: BTreeMap<IpAddr, (u32, Option<IpAddr>, IpAddr)> = BTreeMap::new();
-        for p in pins {
+        // (table, destination) → (interface, gateway, source).
+        let mut wanted: BTreeMap<(u32, IpAddr), (u32, Option<IpAddr>, IpAddr)> = BTreeMap::new();
+        for p in pins.iter().filter(|p| !p.follow) {
             if let Some(i) = index.get(p.hop.interface.as_str()) {
-                wanted.entry(p.destination).or_insert((*i, p.hop.gateway, p.source));
+                wanted.entry((netlink::MAIN_TABLE, p.destination)).or_insert((*i, p.hop.gateway, p.source));
             }
+        }
+        let mut rules_wanted = BTreeSet::new();
+        for p in source_pins(pins, &routes, &index) {
+            wanted.entry((p.table, p.destination)).or_insert((p.oif, p.gateway, p.source));
+            rules_wanted.insert((p.source, p.table));
         }
         let mut stale = Vec::new();
         let mut changed = BTreeSet::new();
@@ -67,28 +82,42 @@ impl Linux {
             let full = if r.destination.is_ipv4() { 32 } else { 128 };
             let same = r.length == full
                 && wanted
-                    .get(&r.destination)
+                    .get(&(r.table, r.destination))
                     .is_some_and(|w| (Some(w.0), w.1, Some(w.2)) == (r.oif, r.gateway, r.source));
             if same {
-                wanted.remove(&r.destination);
+                wanted.remove(&(r.table, r.destination));
             } else {
                 stale.push(r.message.clone());
-                changed.insert(r.destination);
+                if r.table == netlink::MAIN_TABLE {
+                    changed.insert(r.destination);
+                }
             }
         }
-        changed.extend(wanted.keys().copied());
-        let writes = (stale.len() + wanted.len()) as u64;
+        changed.extend(wanted.keys().filter(|(t, _)| *t == netlink::MAIN_TABLE).map(|(_, d)| *d));
+        let mut stale_rules = Vec::new();
+        for r in rules {
+            if !r.source.is_some_and(|s| rules_wanted.remove(&(s, r.table))) {
+                stale_rules.push(r.message);
+            }
+        }
+        let writes = (stale.len() + wanted.len() + stale_rules.len() + rules_wanted.len()) as u64;
         if writes == 0 {
             self.pinned = Some(pins.clone());
             return Ok(changed);
         }
         let handle = self.handle.clone();
         block_on(&self.rt, async move {
+            for m in stale_rules {
+                netlink::del_rule(&handle, m).await?;
+            }
             for m in stale {
                 netlink::del_route(&handle, m).await?;
             }
-            for (destination, (oif, gateway, source)) in wanted {
-                netlink::add_pin(&handle, destination, source, oif, gateway).await?;
+            for ((table, destination), (oif, gateway, source)) in wanted {
+                netlink::add_pin(&handle, table, destination, source, oif, gateway).await?;
+            }
+            for (source, table) in rules_wanted {
+                netlink::add_source_rule(&handle, source, table).await?;
             }
             Ok::<_, DatapathError>(())
         })??;
@@ -96,6 +125,48 @@ impl Linux {
         self.pinned = Some(pins.clone());
         Ok(changed)
     }
+}
+
+/// A route in a line's table: packets from `source` to `destination` leave
+/// by interface `oif`, through `gateway`.
+struct SourcePin {
+    table: u32,
+    source: IpAddr,
+    destination: IpAddr,
+    oif: u32,
+    gateway: Option<IpAddr>,
+}
+
+/// The source pins `pins` need: one for each followed path whose hop leaves
+/// on another interface (or through another gateway) than the main table
+/// would send packets to its destination. Each source address has a table,
+/// numbered by its rank among the followed sources.
+fn source_pins(pins: &BTreeSet<Pin>, routes: &[netlink::MainRoute], index: &BTreeMap<&str, u32>) -> Vec<SourcePin> {
+    let sources: BTreeSet<IpAddr> = pins.iter().filter(|p| p.follow).map(|p| p.source).collect();
+    let mut out = Vec::new();
+    for p in pins.iter().filter(|p| p.follow) {
+        let Some(&oif) = index.get(p.hop.interface.as_str()) else { continue };
+        // Where the main table sends it, whatever the source.
+        let natural = routes
+            .iter()
+            .filter(|r| r.table == netlink::MAIN_TABLE && contains(r.destination, r.length, p.destination))
+            .max_by_key(|r| (r.length, std::cmp::Reverse(r.metric)));
+        if natural.is_some_and(|r| r.oif == Some(oif) && r.gateway == p.hop.gateway) {
+            continue;
+        }
+        let rank = sources.iter().position(|s| *s == p.source).unwrap_or_default() as u32;
+        if rank >= super::LINE_TABLE_COUNT {
+            continue;
+        }
+        out.push(SourcePin {
+            table: super::LINE_TABLES + rank,
+            source: p.source,
+            destination: p.destination,
+            oif,
+            gateway: p.hop.gateway,
+        });
+    }
+    out
 }
 
 /// Whether `prefix/length` contains `ip` (same family).
