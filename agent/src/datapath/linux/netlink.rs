@@ -271,19 +271,37 @@ pub struct OwnedRule {
     pub table: u32,
     pub iif: Option<String>,
     pub oif: Option<String>,
+    /// `from` (the source pins' rules).
+    pub source: Option<IpAddr>,
     pub v6: bool,
     pub message: RuleMessage,
 }
 
 /// The rules in the agent's priority that carry its protocol number.
 pub async fn owned_rules(handle: &Handle) -> Result<Vec<OwnedRule>, DatapathError> {
+    rules_in(handle, RULE_PRIORITY).await
+}
+
+/// The agent's source rules ([`super::LINE_RULE_PRIORITY`]), both families.
+pub async fn source_rules(handle: &Handle) -> Result<Vec<OwnedRule>, DatapathError> {
+    rules_in(handle, super::LINE_RULE_PRIORITY).await
+}
+
+/// The rules in `priority` that carry the agent's protocol number.
+async fn rules_in(handle: &Handle, wanted: u32) -> Result<Vec<OwnedRule>, DatapathError> {
     let mut out = Vec::new();
     for version in [IpVersion::V4, IpVersion::V6] {
         let v6 = matches!(version, IpVersion::V6);
         let mut stream = handle.rule().get(version).execute();
         while let Some(msg) = stream.try_next().await.map_err(|e| nl("listing rules", e))? {
-            let mut rule =
-                OwnedRule { table: u32::from(msg.header.table), iif: None, oif: None, v6, message: msg.clone() };
+            let mut rule = OwnedRule {
+                table: u32::from(msg.header.table),
+                iif: None,
+                oif: None,
+                source: None,
+                v6,
+                message: msg.clone(),
+            };
             let (mut priority, mut ours) = (0, false);
             for a in &msg.attributes {
                 match a {
@@ -292,10 +310,11 @@ pub async fn owned_rules(handle: &Handle) -> Result<Vec<OwnedRule>, DatapathErro
                     RuleAttribute::Table(t) => rule.table = *t,
                     RuleAttribute::Iifname(n) => rule.iif = Some(n.clone()),
                     RuleAttribute::Oifname(n) => rule.oif = Some(n.clone()),
+                    RuleAttribute::Source(a) => rule.source = Some(*a),
                     _ => {}
                 }
             }
-            if ours && priority == RULE_PRIORITY {
+            if ours && priority == wanted {
                 out.push(rule);
             }
         }
@@ -418,40 +437,6 @@ pub async fn add_pin(
         builder = builder.gateway(g).map_err(|e| DatapathError::Invalid(format!("{what}: {e}")))?;
     }
     handle.route().add(builder.build()).replace().execute().await.map_err(|e| nl(&what, e))
-}
-
-/// A rule `from SOURCE lookup TABLE` of the agent's (its protocol, in
-/// [`super::LINE_RULE_PRIORITY`]): a followed line's source pins.
-#[derive(Debug, Clone)]
-pub struct SourceRule {
-    pub source: Option<IpAddr>,
-    pub table: u32,
-    pub message: RuleMessage,
-}
-
-/// The agent's source rules, both families.
-pub async fn source_rules(handle: &Handle) -> Result<Vec<SourceRule>, DatapathError> {
-    let mut out = Vec::new();
-    for version in [IpVersion::V4, IpVersion::V6] {
-        let mut stream = handle.rule().get(version).execute();
-        while let Some(msg) = stream.try_next().await.map_err(|e| nl("listing rules", e))? {
-            let mut rule = SourceRule { source: None, table: u32::from(msg.header.table), message: msg.clone() };
-            let (mut priority, mut ours) = (0, false);
-            for a in &msg.attributes {
-                match a {
-                    RuleAttribute::Priority(p) => priority = *p,
-                    RuleAttribute::Protocol(p) => ours = *p == RouteProtocol::Other(PROTOCOL),
-                    RuleAttribute::Table(t) => rule.table = *t,
-                    RuleAttribute::Source(a) => rule.source = Some(*a),
-                    _ => {}
-                }
-            }
-            if ours && priority == super::LINE_RULE_PRIORITY {
-                out.push(rule);
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// `from SOURCE lookup TABLE` in [`super::LINE_RULE_PRIORITY`], the agent's protocol.
