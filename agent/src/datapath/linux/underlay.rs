@@ -28,16 +28,7 @@ impl Linux {
             let Some(link) = links.iter().find(|l| l.index == index) else { continue };
             // The operator's most specific route to the peer's address out of
             // that interface (never one of the agent's own pins).
-            let best = routes
-                .iter()
-                .filter(|r| {
-                    !r.ours
-                        && r.table == netlink::MAIN_TABLE
-                        && r.oif == Some(index)
-                        && contains(r.destination, r.length, remote)
-                })
-                .max_by_key(|r| (r.length, std::cmp::Reverse(r.metric)));
-            if let Some(r) = best {
+            if let Some(r) = main_route(&routes, remote, |r| !r.ours && r.oif == Some(index)) {
                 out.insert((local, remote), Hop { interface: link.name.clone(), gateway: r.gateway });
             }
         }
@@ -147,11 +138,8 @@ fn source_pins(pins: &BTreeSet<Pin>, routes: &[netlink::MainRoute], index: &BTre
     for p in pins.iter().filter(|p| p.follow) {
         let Some(&oif) = index.get(p.hop.interface.as_str()) else { continue };
         // Where the main table sends it, whatever the source.
-        let natural = routes
-            .iter()
-            .filter(|r| r.table == netlink::MAIN_TABLE && contains(r.destination, r.length, p.destination))
-            .max_by_key(|r| (r.length, std::cmp::Reverse(r.metric)));
-        if natural.is_some_and(|r| r.oif == Some(oif) && r.gateway == p.hop.gateway) {
+        if main_route(routes, p.destination, |_| true).is_some_and(|r| r.oif == Some(oif) && r.gateway == p.hop.gateway)
+        {
             continue;
         }
         let rank = sources.iter().position(|s| *s == p.source).unwrap_or_default() as u32;
@@ -167,6 +155,19 @@ fn source_pins(pins: &BTreeSet<Pin>, routes: &[netlink::MainRoute], index: &BTre
         });
     }
     out
+}
+
+/// The main table's route to `to` among those `keep` keeps, as the kernel
+/// picks it: the most specific, then the lowest metric.
+fn main_route(
+    routes: &[netlink::MainRoute],
+    to: IpAddr,
+    keep: impl Fn(&netlink::MainRoute) -> bool,
+) -> Option<&netlink::MainRoute> {
+    routes
+        .iter()
+        .filter(|r| r.table == netlink::MAIN_TABLE && contains(r.destination, r.length, to) && keep(r))
+        .max_by_key(|r| (r.length, std::cmp::Reverse(r.metric)))
 }
 
 /// Whether `prefix/length` contains `ip` (same family).
