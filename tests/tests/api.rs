@@ -249,6 +249,122 @@ fn merge_changes_only_the_declared_objects_on_two_replicas() {
     assert!(get(&a, "Tenant", "city-kita").contains("merged on b"));
 }
 
+/// Operators of different sites do not refuse each other: 100 `musubi apply
+/// --merge` processes, each changing its own site, started together against
+/// one controller on etcd, are all applied — each its own revision and audit
+/// entry, validated whole. A merge of an object someone changed after it was
+/// planned is still refused (a removal too), and one of another object is
+/// moved onto the newest revision, which its audit entry says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_merges_of_different_sites_all_apply_and_a_same_object_race_is_refused() {
+    let etcd = EtcdServer::start();
+    let controller = Controller::start(&format!("etcd://{}", etcd.endpoint()));
+    let dir = tempfile::tempdir().expect("tmp");
+    let intent = musubi_core::generate::generate(110, 2);
+    let whole = dir.path().join("generated.yaml");
+    std::fs::write(&whole, &intent).expect("write");
+    let out = musubi(&controller, &["apply", "-f", &whole.to_string_lossy(), "--yes"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let base = revision(&controller);
+
+    // Each member site's own document with a description of its own.
+    let site_doc = |name: &str, description: &str| {
+        let doc = intent
+            .split("---\n")
+            .find(|d| d.starts_with(&format!("kind: Site\nname: {name}\n")))
+            .expect("the generated site");
+        format!("{doc}description: {description}\n")
+    };
+    let files: Vec<(String, String)> = (0..100)
+        .map(|i| {
+            let name = format!("site-0-{i}");
+            let path = dir.path().join(format!("{name}.yaml"));
+            std::fs::write(&path, site_doc(&name, &format!("merged by {name}'s operator"))).expect("write");
+            (name, path.to_string_lossy().into_owned())
+        })
+        .collect();
+    let started = Instant::now();
+    let children: Vec<_> = files
+        .iter()
+        .map(|(_, path)| {
+            Command::new(bin("musubi"))
+                .args(["--color", "never", "--insecure", "--controller", &controller.address()])
+                .args(["apply", "--merge", "-f", path, "--yes"])
+                .env("MUSUBI_STATE_DIR", "")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("run musubi")
+        })
+        .collect();
+    let outputs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().expect("wait")).collect();
+    let took = started.elapsed();
+    let mut applied: Vec<u64> = Vec::new();
+    for ((name, _), out) in files.iter().zip(&outputs) {
+        assert!(out.status.success(), "{name}: {}{}", text(&out.stdout), text(&out.stderr));
+        let stdout = text(&out.stdout);
+        let revision = stdout
+            .split("Applied revision ")
+            .nth(1)
+            .and_then(|r| r.split(':').next())
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: no revision in {stdout}"));
+        applied.push(revision);
+    }
+    applied.sort();
+    assert_eq!(applied, (base + 1..=base + 100).collect::<Vec<_>>(), "each merge its own revision");
+    let export = text(&musubi(&controller, &["export"]).stdout);
+    for (name, _) in &files {
+        assert!(export.contains(&format!("merged by {name}'s operator")), "{name}'s change is not in the intent");
+    }
+    let mut c = client(&controller).await;
+    let history = chain(&mut c).await;
+    verify(&history).expect("chain verifies");
+    let merges: Vec<_> = history.iter().filter(|e| e.revision > base && e.event == 0).collect();
+    assert_eq!(merges.len(), 100, "one audit entry per merge");
+    let moved = merges.iter().filter(|e| e.summary.contains("planned at revision")).count();
+    println!(
+        "100 concurrent merges of different sites: all applied in {:.2} s ({:.0} per second), {moved} of them planned against an older revision",
+        took.as_secs_f64(),
+        100.0 / took.as_secs_f64()
+    );
+
+    // The same object, planned twice at one revision: the second is refused.
+    let merge = |name: &str, description: &str| {
+        vec![pb::Document { name: format!("{name}.yaml"), text: site_doc(name, description) }]
+    };
+    let plan = |docs: Vec<pb::Document>, remove: Vec<String>| pb::PlanRequest { documents: docs, merge: true, remove };
+    let first = merge("site-0-100", "first");
+    let second = merge("site-0-100", "second");
+    let other = merge("site-0-101", "another operator's");
+    let planned = c.plan(plan(first.clone(), Vec::new())).await.expect("plan").into_inner().revision;
+    assert_eq!(planned, base + 100);
+    let apply = |documents: Vec<pb::Document>, remove: Vec<String>| pb::ApplyRequest {
+        documents,
+        expected_revision: planned,
+        dry_run: false,
+        merge: true,
+        remove,
+        propose: false,
+    };
+    let won = c.apply(apply(first, Vec::new())).await.expect("first merge").into_inner();
+    assert_eq!(won.revision, planned + 1);
+    let lost = c.apply(apply(second, Vec::new())).await.expect_err("the same site again");
+    assert_eq!(lost.code(), tonic::Code::Aborted);
+    let expected = format!("site `site-0-100` changed in revision {}, after revision {planned}", planned + 1);
+    assert!(lost.message().contains(&expected), "{}", lost.message());
+    let lost = c.apply(apply(Vec::new(), vec!["Site/site-0-100".into()])).await.expect_err("its removal");
+    assert!(lost.message().contains(&expected), "{}", lost.message());
+    // Another site, planned at the same revision: moved onto the newest.
+    let moved = c.apply(apply(other, Vec::new())).await.expect("another site").into_inner();
+    assert_eq!(moved.revision, planned + 2);
+    let entry = moved.audit.expect("an audit entry");
+    assert!(entry.summary.starts_with(&format!("planned at revision {planned}: ")), "{}", entry.summary);
+    assert_eq!(revision(&controller), planned + 2, "a refused merge wrote something");
+    let site = text(&musubi(&controller, &["get", "Site", "site-0-100"]).stdout);
+    assert!(site.contains("description: first"), "{site}");
+}
+
 /// 2 clients × 100 applies, each planned against the revision it saw.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_clients_lose_no_update() {

@@ -11,7 +11,9 @@ use tonic::{Request, Response, Status};
 use crate::approvals::{self, Pending};
 use crate::fanout::Fanout;
 use crate::sites;
-use crate::store::apply::{Accepted, ApplyError, Change, Hold, Mode, NO_KEYS, RollbackError, apply_on, rollback_held};
+use crate::store::apply::{
+    self, Accepted, ApplyError, Change, Hold, Mode, NO_KEYS, RollbackError, apply_on, rollback_held,
+};
 use crate::store::layout::Stored;
 use crate::store::{IntentStore, StoreError};
 use musubi_core::access::{self, Rights};
@@ -22,6 +24,10 @@ use musubi_core::intent::export;
 use musubi_core::intent::parse::{Parsed, parse_files};
 use musubi_core::intent::source::ObjectRef;
 use musubi_core::validate;
+
+/// How often a merge is moved onto a revision another replica committed
+/// meanwhile before its conflict is reported.
+const REBASES: u32 = 16;
 
 /// The largest intent (all documents together) the API accepts by default.
 pub const DEFAULT_MAX_INTENT_BYTES: usize = 32 * 1024 * 1024;
@@ -35,11 +41,15 @@ pub struct OperatorService<S> {
     /// public keys): reading 10,000 sites back from the store for every
     /// apply would cost more than the apply.
     kept: std::sync::Mutex<Option<Arc<Stored>>>,
+    /// Held by a change that writes, from its plan to its commit: this
+    /// replica's writes go one at a time, so a merge planned against an
+    /// older revision is moved onto the newest once, not raced again.
+    writing: tokio::sync::Mutex<()>,
 }
 
 impl<S> OperatorService<S> {
     pub fn new(store: Arc<S>, max_intent_bytes: usize, fanout: Arc<Fanout>) -> Self {
-        OperatorService { store, max_intent_bytes, fanout, kept: Default::default() }
+        OperatorService { store, max_intent_bytes, fanout, kept: Default::default(), writing: Default::default() }
     }
 
     fn kept(&self) -> Option<Arc<Stored>> {
@@ -148,6 +158,7 @@ fn failure(e: ApplyError) -> Status {
             Status::permission_denied(format!("{actor} may not make this change:\n  {}", what.join("\n  ")))
         }
         ApplyError::Store(e) => store_status(e),
+        e @ ApplyError::ObjectChanged { .. } => Status::aborted(e.to_string()),
         ApplyError::Alloc(e) => Status::failed_precondition(e.to_string()),
         other @ (ApplyError::Compile(_) | ApplyError::Invalid(_)) => Status::internal(other.to_string()),
     }
@@ -229,19 +240,56 @@ impl<S: IntentStore + 'static> OperatorService<S> {
         let remove = removals(how.merge, how.remove)?;
         // Compiled with the fan-out's keys, the new configurations are the
         // ones the fan-out needs for this revision: handed over, not compiled twice.
-        let keys = self.fanout.public_keys();
-        let priming = self.fanout.priming(&keys);
-        let change = Change {
-            actor: who,
-            now_ms: now_ms(),
-            dry_run,
-            note: None,
-            keys: &keys.keys,
-            before_commit: Some(&priming),
-            hold,
-            approver,
+        let _writing = if dry_run { None } else { Some(self.writing.lock().await) };
+        // Whatever committed while this change waited for its turn.
+        let mut current = if dry_run { current } else { self.current().await.map_err(store_status)? };
+        let mut rebased = None;
+        let mut attempts = 0;
+        let result = loop {
+            // A merge planned against an older revision is applied to the
+            // current intent when none of its objects changed since (as
+            // Kubernetes' resourceVersion per object): operators of
+            // different sites do not refuse each other's changes.
+            let mut at = expected;
+            if how.merge && !dry_run && approver.is_none() && expected < current.revision {
+                let objects = parsed.sources.declared().chain(remove.iter());
+                if let Some((object, revision)) =
+                    apply::changed_since(&*self.store, expected, objects).await.map_err(store_status)?
+                {
+                    let e = ApplyError::ObjectChanged { object: object.to_string(), revision, planned: expected };
+                    crate::metrics::get().applied("conflict", started.elapsed());
+                    return apply_status(e);
+                }
+                at = current.revision;
+                rebased = Some(format!("planned at revision {expected}"));
+            }
+            let keys = self.fanout.public_keys();
+            let priming = self.fanout.priming(&keys);
+            let change = Change {
+                actor: who,
+                now_ms: now_ms(),
+                dry_run,
+                note: rebased.as_deref(),
+                keys: &keys.keys,
+                before_commit: Some(&priming),
+                hold,
+                approver,
+            };
+            let result = apply_on(&*self.store, &current, &parsed, mode(how.merge, &remove), Some(at), change).await;
+            // Another replica committed in between: the merge is checked
+            // and moved onto its revision in turn.
+            if how.merge
+                && !dry_run
+                && approver.is_none()
+                && attempts < REBASES
+                && matches!(result, Err(ApplyError::Store(StoreError::Conflict { .. })))
+            {
+                attempts += 1;
+                current = self.current().await.map_err(store_status)?;
+                continue;
+            }
+            break result;
         };
-        let result = apply_on(&*self.store, &current, &parsed, mode(how.merge, &remove), Some(expected), change).await;
         let outcome = match &result {
             Ok(a) if a.audit.is_some() => "applied",
             Ok(a) if a.held => "proposed",

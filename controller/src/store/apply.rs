@@ -34,6 +34,12 @@ pub enum ApplyError {
     /// The caller's roles do not cover every object the change touches.
     #[error("{actor} may not make this change: {}", refusals.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("; "))]
     Forbidden { actor: String, refusals: Vec<Refusal> },
+    /// A merge planned at `planned` declares or removes an object that a
+    /// later revision changed: applying it would undo that change unseen.
+    #[error(
+        "{object} changed in revision {revision}, after revision {planned} this change was planned against; plan again against the current intent"
+    )]
+    ObjectChanged { object: String, revision: u64, planned: u64 },
     /// The approver's roles do not cover every object the change touches.
     #[error("{approver} may not approve this change: {}", refusals.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("; "))]
     NotApprover { approver: String, refusals: Vec<Refusal> },
@@ -280,6 +286,25 @@ pub async fn apply_on<S: IntentStore>(
 ) -> Result<Accepted, ApplyError> {
     let new = proposed(&current.intent, parsed, mode)?;
     apply_intent(store, current, &new, expected, change).await
+}
+
+/// The first of `objects` that a revision after `planned` changed, with
+/// that revision (the latest one that did): a merge planned at `planned`
+/// that declares or removes none of them can be applied to the current
+/// intent instead, as if it had been planned against it.
+pub async fn changed_since<'a, S: IntentStore>(
+    store: &S,
+    planned: u64,
+    objects: impl IntoIterator<Item = &'a ObjectRef>,
+) -> Result<Option<(&'a ObjectRef, u64)>, StoreError> {
+    let changes = store.changes_since(planned).await?;
+    let mut last: BTreeMap<&str, u64> = BTreeMap::new();
+    for (revision, keys) in &changes {
+        for k in keys {
+            last.insert(k.key.as_str(), *revision);
+        }
+    }
+    Ok(objects.into_iter().find_map(|o| last.get(layout::object_key(o).as_str()).map(|r| (o, *r))))
 }
 
 /// How often a commit links its entry again after events appended

@@ -35,7 +35,8 @@ use serde::de::DeserializeOwned;
 use super::StoreError;
 use musubi_core::allocate::Allocations;
 use musubi_core::audit::AuditEntry;
-use musubi_core::intent::Intent;
+use musubi_core::intent::source::ObjectRef;
+use musubi_core::intent::{Intent, Kind};
 use musubi_core::sorted::{Side, merge};
 
 pub const PREFIX: &str = "/musubi/v1/";
@@ -94,6 +95,19 @@ pub fn head_guard(head: Option<&AuditEntry>) -> Result<super::Guard, StoreError>
         None => super::Guard::Absent,
         Some(h) => super::Guard::Holds(json(HEAD, h)?),
     })
+}
+
+/// The key an intent object is stored at.
+pub fn object_key(object: &ObjectRef) -> String {
+    let prefix = match object.kind {
+        Kind::Settings => return SETTINGS.to_string(),
+        Kind::Tenant => TENANT,
+        Kind::Segment => SEGMENT,
+        Kind::Site => SITE,
+        Kind::Policy => POLICY,
+        Kind::Operator => OPERATOR,
+    };
+    format!("{prefix}{}", object.name)
 }
 
 pub fn changes_key(revision: u64) -> String {
