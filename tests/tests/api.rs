@@ -251,7 +251,7 @@ fn merge_changes_only_the_declared_objects_on_two_replicas() {
 
 /// Operators of different sites do not refuse each other: 100 `musubi apply
 /// --merge` processes, each changing its own site, started together against
-/// one controller on etcd, are all applied — each its own revision and audit
+/// two controller replicas on one etcd, are all applied — each its own revision and audit
 /// entry, validated whole. A merge of an object someone changed after it was
 /// planned is still refused (a removal too), and one of another object is
 /// moved onto the newest revision, which its audit entry says.
@@ -259,6 +259,8 @@ fn merge_changes_only_the_declared_objects_on_two_replicas() {
 async fn concurrent_merges_of_different_sites_all_apply_and_a_same_object_race_is_refused() {
     let etcd = EtcdServer::start();
     let controller = Controller::start(&format!("etcd://{}", etcd.endpoint()));
+    // Every other operator talks to a second replica on the same etcd.
+    let replica = Controller::start(&format!("etcd://{}", etcd.endpoint()));
     let dir = tempfile::tempdir().expect("tmp");
     let intent = musubi_core::generate::generate(110, 2);
     let whole = dir.path().join("generated.yaml");
@@ -286,9 +288,11 @@ async fn concurrent_merges_of_different_sites_all_apply_and_a_same_object_race_i
     let started = Instant::now();
     let children: Vec<_> = files
         .iter()
-        .map(|(_, path)| {
+        .enumerate()
+        .map(|(i, (_, path))| {
+            let to = if i % 2 == 0 { &controller } else { &replica };
             Command::new(bin("musubi"))
-                .args(["--color", "never", "--insecure", "--controller", &controller.address()])
+                .args(["--color", "never", "--insecure", "--controller", &to.address()])
                 .args(["apply", "--merge", "-f", path, "--yes"])
                 .env("MUSUBI_STATE_DIR", "")
                 .stdout(std::process::Stdio::piped())
@@ -324,7 +328,7 @@ async fn concurrent_merges_of_different_sites_all_apply_and_a_same_object_race_i
     assert_eq!(merges.len(), 100, "one audit entry per merge");
     let moved = merges.iter().filter(|e| e.summary.contains("planned at revision")).count();
     println!(
-        "100 concurrent merges of different sites: all applied in {:.2} s ({:.0} per second), {moved} of them planned against an older revision",
+        "100 concurrent merges of different sites on two replicas: all applied in {:.2} s ({:.0} per second), {moved} of them planned against an older revision",
         took.as_secs_f64(),
         100.0 / took.as_secs_f64()
     );
