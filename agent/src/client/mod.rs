@@ -360,7 +360,18 @@ impl Agent {
         }
         let after = self.machine.active().clone();
         self.metrics.moved(&before, &after);
-        self.reconcile_with(&after, &moved, earlier)
+        let built = self.reconcile_with(&after, &moved, earlier);
+        // A line moved back (not a failed one, whose first step probed
+        // already): the access point the site sends nothing but probes to
+        // follows it at its next probe, up to an interval later — 26–59 ms
+        // without traffic towards the site on every return to its
+        // preferred line in primary-line-cut. Probed now, it follows now.
+        if after.paths != before.paths
+            && let Some(p) = &self.prober
+        {
+            p.probe_now();
+        }
+        built
     }
 
     /// Moves the lines that moved from `before` to `after` because the path

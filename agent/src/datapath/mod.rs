@@ -293,6 +293,19 @@ pub trait Datapath: Send {
     fn hops(&mut self, _paths: &[(IpAddr, IpAddr)]) -> Result<Hops, DatapathError> {
         Ok(Hops::new())
     }
+    /// Starts writing the fence of a line switch before the pins and the
+    /// endpoints, without waiting for it: the [`Op::SetFence`] of the same
+    /// addresses that follows collects the answer instead of writing again.
+    /// A datapath that writes nothing ahead ignores it.
+    fn fence_ahead(&mut self, _fence: &BTreeSet<IpAddr>) {}
+    /// Writes the pins of `pins` that the last [`Datapath::pin`] did not
+    /// write, and nothing else: a line switch's outer packets leave over
+    /// the new line at once, and the [`Datapath::pin`] of the full build that
+    /// follows removes what is stale. A datapath that cannot tell does
+    /// [`Datapath::pin`] whole.
+    fn pin_ahead(&mut self, pins: &BTreeSet<Pin>) -> Result<(), DatapathError> {
+        self.pin(pins).map(|_| ())
+    }
     /// Makes the pinned underlay routes exactly `pins`; returns the
     /// destinations whose pin changed (was added, moved or removed).
     fn pin(&mut self, _pins: &BTreeSet<Pin>) -> Result<BTreeSet<IpAddr>, DatapathError> {

@@ -129,11 +129,13 @@ pub fn move_groups(
 /// the new line from here on) — written without observing first (setting a
 /// peer is idempotent, the fence is replaced whole), which saves the
 /// observation that a line's link going down forces (42 ms of 126 ms in a
-/// debug build). The fence goes first, as in [`build`]: the access point
-/// answers over the new line as soon as the first packet from it arrives,
-/// and a fence written after the endpoints dropped those answers for as
-/// long as its write took (an nft process: 35–54 ms of every line cut,
-/// towards the site only).
+/// debug build). The fence is sent first ([`Datapath::fence_ahead`]), as
+/// [`build`] puts it first: the access point answers over the new line as
+/// soon as the first packet from it arrives, and a fence written after the
+/// endpoints dropped those answers for as long as its write took (an nft
+/// process: 35–54 ms of every line cut, towards the site only). Its answer
+/// is read after the endpoints: nft writes it while the pins and endpoints
+/// are written, instead of before them.
 pub fn move_lines(
     dp: &mut dyn Datapath,
     config: &SiteConfig,
@@ -145,7 +147,14 @@ pub fn move_lines(
     let started = std::time::Instant::now();
     let (want, pins) = wanted(config, keys, choices, hops)?;
     let planned = started.elapsed();
-    dp.pin(&pins)?;
+    // nft writes the fence while the pins and the endpoints are written;
+    // its answer is read last (it took as long as the pins, 9–10 ms of a
+    // lab line cut's 27 ms after the decision, when it was awaited first).
+    let fence = want.policy.as_ref().map(|p| p.fence.clone());
+    if let Some(f) = &fence {
+        dp.fence_ahead(f);
+    }
+    dp.pin_ahead(&pins)?;
     tracing::debug!(
         planned_ms = planned.as_secs_f64() * 1e3,
         pinned_ms = (started.elapsed() - planned).as_secs_f64() * 1e3,
@@ -157,7 +166,7 @@ pub fn move_lines(
             .filter(|(_, p)| peers.contains(&p.name) && !p.roams && !p.endpoint.is_empty())
             .map(|(key, p)| Op::SetPeer { tunnel: t.name.clone(), public_key: key.clone(), peer: p.clone() })
     });
-    let ops: Vec<Op> = want.policy.as_ref().map(|p| Op::SetFence(p.fence.clone())).into_iter().chain(moved).collect();
+    let ops: Vec<Op> = moved.chain(fence.map(Op::SetFence)).collect();
     if !ops.is_empty() {
         dp.apply(&ops)?;
     }
@@ -549,9 +558,45 @@ mod tests {
         assert_eq!(spec.tunnel_ports, BTreeSet::from([51900, 51901, 51902]));
     }
 
-    /// A failed line's first step sets the policy's new fence, then the
-    /// moved peers' endpoints; the full build after it finds the peers
-    /// already there, and nothing else moved.
+    /// A datapath that notes the order of the calls a line switch makes.
+    #[derive(Default)]
+    struct Noting {
+        inner: Fake,
+        calls: Vec<String>,
+    }
+
+    impl Datapath for Noting {
+        fn observe(&mut self) -> Result<Owned, crate::datapath::DatapathError> {
+            self.inner.observe()
+        }
+        fn apply(&mut self, ops: &[Op]) -> Result<(), crate::datapath::DatapathError> {
+            self.calls.extend(ops.iter().map(|o| match o {
+                Op::SetFence(f) => format!("fence {}", f.len()),
+                Op::SetPeer { .. } => "peer".to_string(),
+                _ => "other".to_string(),
+            }));
+            self.inner.apply(ops)
+        }
+        fn writes(&self) -> u64 {
+            self.inner.writes()
+        }
+        fn fence_ahead(&mut self, fence: &BTreeSet<std::net::IpAddr>) {
+            self.calls.push(format!("fence ahead {}", fence.len()));
+        }
+        fn pin(&mut self, pins: &BTreeSet<Pin>) -> Result<BTreeSet<std::net::IpAddr>, crate::datapath::DatapathError> {
+            self.calls.push("pin".into());
+            self.inner.pin(pins)
+        }
+        fn pin_ahead(&mut self, pins: &BTreeSet<Pin>) -> Result<(), crate::datapath::DatapathError> {
+            self.calls.push("pin ahead".into());
+            self.inner.pin_ahead(pins)
+        }
+    }
+
+    /// A failed line's first step sends the policy's new fence ahead, then
+    /// pins, sets the moved peers' endpoints and reads the fence's answer;
+    /// the full build after it finds the peers already there, and nothing
+    /// else moved.
     #[test]
     fn a_failed_lines_first_step_moves_the_fence_then_its_peers() {
         let dir = tempfile::tempdir().expect("tmp");
@@ -559,13 +604,22 @@ mod tests {
         let c = two_lines(pb::Region::East);
         let hops = fibre_and_lte_hops();
         let keys = keys(&state, &c);
-        let mut dp = Fake::new();
+        let mut noting = Noting::default();
         let first = first_choices(&c, &hops);
-        build(&mut dp, &c, &keys, &first, &hops).expect("first build");
+        build(&mut noting, &c, &keys, &first, &hops).expect("first build");
+        noting.calls.clear();
         let down = |e: &pb::Endpoint| e.local_line == "fiber";
         let moved = choose(&c, &|_, _, _| 0, &|_, e| if down(e) { 2 } else { u8::from(e.remote_line != "inet") });
         let peers = BTreeSet::from(["ap-east".to_string()]);
-        let ops = move_lines(&mut dp, &c, &keys, &moved, &hops, &peers).expect("first step");
+        let ops = move_lines(&mut noting, &c, &keys, &moved, &hops, &peers).expect("first step");
+        let fenced = ops.iter().find_map(|o| if let Op::SetFence(f) = o { Some(f.len()) } else { None });
+        let fenced = fenced.expect("a fence");
+        assert_eq!(
+            noting.calls,
+            [format!("fence ahead {fenced}"), "pin ahead".into(), "peer".into(), format!("fence {fenced}")],
+            "the fence sent before the new pins, its answer read after the endpoints"
+        );
+        let mut dp = noting.inner;
         let set: Vec<(&str, &str)> = ops
             .iter()
             .filter_map(|o| match o {
@@ -574,7 +628,6 @@ mod tests {
             })
             .collect();
         assert_eq!(set, vec![("K1", "198.51.100.1:51820")], "only the moved peer, on its new line: {ops:?}");
-        assert!(matches!(ops.first(), Some(Op::SetFence(_))), "the fence first, alone: {ops:?}");
         let rest = build(&mut dp, &c, &keys, &moved, &hops).expect("full build");
         assert!(
             !rest.iter().any(|o| matches!(o, Op::SetPeer { public_key, .. } if public_key == "K1")),

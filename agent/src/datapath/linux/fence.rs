@@ -85,6 +85,8 @@ pub struct Writer {
     /// `nft`, or a command that runs it elsewhere (a test's namespace).
     program: Vec<String>,
     session: Option<Session>,
+    /// A fence sent ahead and when, its answer not read yet.
+    sent: Option<(BTreeSet<IpAddr>, Instant)>,
 }
 
 impl Default for Writer {
@@ -102,7 +104,7 @@ impl std::fmt::Debug for Writer {
 impl Writer {
     /// A writer that runs `program` (then `-i`) for its session.
     pub fn with_program(program: Vec<String>) -> Writer {
-        Writer { program, session: None }
+        Writer { program, session: None, sent: None }
     }
 
     /// Starts the session ahead of the first write (a line cut should not
@@ -118,16 +120,40 @@ impl Writer {
     }
 
     /// Makes the fence exactly `fence`; `Err` says why the session could
-    /// not (it is ended: the next write starts another).
+    /// not (it is ended: the next write starts another). A fence sent ahead
+    /// ([`Writer::send`]) with the same addresses is only waited for.
     pub fn write(&mut self, fence: &BTreeSet<IpAddr>) -> Result<(), String> {
-        let result = self.try_write(fence);
+        let result = match self.sent.take() {
+            Some((ahead, at)) if &ahead == fence => self.answer(fence, at),
+            // Another fence was sent ahead: its answer is read first.
+            Some((ahead, at)) => self.answer(&ahead, at).and_then(|()| self.try_write(fence)),
+            None => self.try_write(fence),
+        };
         if result.is_err() {
             self.session = None;
         }
         result
     }
 
-    fn try_write(&mut self, fence: &BTreeSet<IpAddr>) -> Result<(), String> {
+    /// Sends `fence` to the session without waiting for its answer, which
+    /// the next [`Writer::write`] reads. A failure ends the session; the
+    /// write then starts another.
+    pub fn send(&mut self, fence: &BTreeSet<IpAddr>) {
+        if let Some((ahead, at)) = self.sent.take()
+            && self.answer(&ahead, at).is_err()
+        {
+            self.session = None;
+        }
+        match self.try_send(fence) {
+            Ok(()) => self.sent = Some((fence.clone(), Instant::now())),
+            Err(e) => {
+                tracing::debug!(error = %e, "the fence not sent ahead");
+                self.session = None;
+            }
+        }
+    }
+
+    fn try_send(&mut self, fence: &BTreeSet<IpAddr>) -> Result<(), String> {
         if self.session.is_none() {
             self.session = Some(Session::start(&self.program).map_err(|e| format!("starting nft -i: {e}"))?);
         }
@@ -136,7 +162,19 @@ impl Writer {
         while session.lines.try_recv().is_ok() {}
         session.stdin.write_all(script(fence).as_bytes()).map_err(|e| format!("writing to nft -i: {e}"))?;
         session.stdin.flush().map_err(|e| format!("writing to nft -i: {e}"))?;
-        let deadline = Instant::now() + ANSWER_WITHIN;
+        Ok(())
+    }
+
+    fn try_write(&mut self, fence: &BTreeSet<IpAddr>) -> Result<(), String> {
+        self.try_send(fence)?;
+        self.answer(fence, Instant::now())
+    }
+
+    /// Reads the answer to `fence`, sent at `sent`: both sets listed, and
+    /// exactly `fence` in them.
+    fn answer(&mut self, fence: &BTreeSet<IpAddr>, sent: Instant) -> Result<(), String> {
+        let session = self.session.as_mut().ok_or("no nft session")?;
+        let deadline = sent + ANSWER_WITHIN;
         let mut listing = Vec::new();
         let mut ends = 0;
         while ends < 2 {
@@ -275,5 +313,27 @@ mod tests {
         assert!(w.session.is_none(), "a failed session is ended");
         run(&["nft", "-f", "-"], Some(table));
         w.write(&ips(&["192.0.2.2"])).expect("a new session");
+
+        // Sent ahead, the fence lands without a write; the write of the same
+        // addresses reads its answer; one of others reads it, then writes.
+        let pid = w.session.as_ref().map(|s| s.child.id());
+        w.send(&ips(&["192.0.2.3"]));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while elements(&run(&["nft", "list", "table", "inet", "musubi"], None)) != Ok(ips(&["192.0.2.3"])) {
+            assert!(Instant::now() < deadline, "the fence sent ahead never landed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        w.write(&ips(&["192.0.2.3"])).expect("its answer read");
+        assert!(w.sent.is_none(), "nothing left to read");
+        w.send(&ips(&["192.0.2.4"]));
+        w.write(&ips(&["192.0.2.5"])).expect("another fence after the one sent ahead");
+        assert_eq!(elements(&run(&["nft", "list", "table", "inet", "musubi"], None)), Ok(ips(&["192.0.2.5"])));
+        assert_eq!(w.session.as_ref().map(|s| s.child.id()), pid, "still the one session");
+        // A fence sent ahead that nft refuses fails the write that reads it.
+        run(&["nft", "delete", "table", "inet", "musubi"], None);
+        w.send(&ips(&["192.0.2.6"]));
+        let err = w.write(&ips(&["192.0.2.6"])).expect_err("no table");
+        assert!(err.starts_with("nft: Error"), "{err}");
+        assert!(w.session.is_none(), "a failed session is ended");
     }
 }

@@ -260,4 +260,12 @@ impl Datapath for Linux {
     fn pin(&mut self, pins: &BTreeSet<Pin>) -> Result<BTreeSet<IpAddr>, DatapathError> {
         Linux::pin(self, pins)
     }
+
+    fn pin_ahead(&mut self, pins: &BTreeSet<Pin>) -> Result<(), DatapathError> {
+        Linux::pin_ahead(self, pins)
+    }
+
+    fn fence_ahead(&mut self, fence: &BTreeSet<IpAddr>) {
+        self.fence.send(fence);
+    }
 }
