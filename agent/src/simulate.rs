@@ -91,8 +91,20 @@ pub fn scratch() -> std::io::Result<tempfile::TempDir> {
 }
 
 /// Enrols and starts one agent per site (tokens made through the operator
-/// API), with state under `root/<site>`.
+/// API), with state under `root/<site>`, each listing the operator's
+/// controller only.
 pub async fn start(operator: &Operator, sites: Vec<String>, root: &Path) -> Result<Fleet, SimulateError> {
+    start_with(operator, vec![operator.controller.clone()], sites, root).await
+}
+
+/// [`start`], each agent listing `controllers` (replicas of one
+/// deployment) and starting at one of them at random.
+pub async fn start_with(
+    operator: &Operator,
+    controllers: Vec<String>,
+    sites: Vec<String>,
+    root: &Path,
+) -> Result<Fleet, SimulateError> {
     use futures::StreamExt;
     let client = operator.connect().await?;
     let (tx, events) = mpsc::unbounded_channel();
@@ -111,7 +123,7 @@ pub async fn start(operator: &Operator, sites: Vec<String>, root: &Path) -> Resu
         let (site, token) = made?;
         let mut state = StateDir::new(&root.join(&site));
         state.sync = false;
-        let mut settings = Settings::new(&site, vec![operator.controller.clone()], state);
+        let mut settings = Settings::new(&site, controllers.clone(), state);
         settings.token = Some(token);
         settings.ca = Some(operator.ca.clone());
         let agent = Agent::new(settings, Box::new(Fake::new()))?.with_events(tx.clone());

@@ -798,3 +798,92 @@ fn the_root_ca_stays_offline_and_a_renewed_issuing_ca_is_trusted() {
     let issuing = std::fs::read_to_string(pki_dir.join("issuing.pem")).expect("issuing");
     assert!(issued.ends_with(&issuing), "minami-hall's chain ends with the renewed issuing CA");
 }
+
+/// Replicas share the agents: three controllers on a three-member etcd
+/// cluster, 302 simulated agents (in-memory datapaths, mutual TLS), each
+/// listing every replica and starting at one at random. The replica with the
+/// most agents is killed: they are all on the other two within 5 s, and
+/// nothing is sent again to an agent whose configuration is current (no
+/// agent applies anything, so no datapath write). Restarted, nothing flaps:
+/// no agent moves, nothing is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_agents_and_a_lost_replica_resends_nothing() {
+    use musubi_agent::simulate::{self, Operator};
+    let value = |text: &str, series: &str| musubi_lab::netns::sample(text, series).unwrap_or(0.0);
+    let etcd = EtcdServer::cluster(3);
+    let store = format!("etcd://{}", etcd.endpoints().join(","));
+    let dir = tempfile::tempdir().expect("tmp");
+    let pki = Pki::init(&dir.path().join("pki"));
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let start = |(port, metrics): (u16, u16)| {
+        let listen = format!("127.0.0.1:{metrics}");
+        controller_with(dir.path(), &pki, &store, port, &["--metrics", &listen])
+    };
+    let mut replicas: Vec<Controller> = ports.iter().map(|p| start(*p)).collect();
+    let addresses: Vec<String> = ports.iter().map(|(p, _)| format!("127.0.0.1:{p}")).collect();
+    apply(&pki, &addresses[0], dir.path(), &musubi_core::generate::generate(300, 2));
+    let scrape = |i: usize| musubi_tests::http_get(ports[i].1, "/metrics").unwrap_or_default();
+    let sessions = |i: usize| value(&scrape(i), "musubi_controller_agent_sessions") as usize;
+    let sent = |i: usize| value(&scrape(i), "musubi_controller_configurations_sent_total") as u64;
+
+    let operator = Operator { controller: addresses[0].clone(), ca: pki.ca(), cert: pki.cert(), key: pki.key() };
+    let names = simulate::sites(&operator, usize::MAX).await.expect("sites");
+    assert_eq!(names.len(), 302);
+    let state = simulate::scratch().expect("agents' state");
+    let mut fleet =
+        simulate::start_with(&operator, addresses.clone(), names.clone(), state.path()).await.expect("fleet");
+    fleet.until(Duration::from_secs(120), |_| true).await.expect("every agent got a configuration");
+    // Converged: every agent connected, and nothing applied for 3 s (the
+    // access points' configurations follow the members' keys).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut quiet_since = Instant::now();
+    loop {
+        assert!(Instant::now() < deadline, "the fleet did not settle");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if fleet.events.try_recv().is_ok() {
+            while fleet.events.try_recv().is_ok() {}
+            quiet_since = Instant::now();
+        }
+        let all: usize = (0..3).map(sessions).sum();
+        if all == names.len() && quiet_since.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+    }
+    let spread: Vec<usize> = (0..3).map(sessions).collect();
+    assert!(spread.iter().all(|n| *n > 50), "the agents spread over every replica: {spread:?}");
+
+    // The replica with the most agents goes.
+    let victim = (0..3).max_by_key(|i| spread[*i]).expect("a replica");
+    let others: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+    let sent_before: Vec<u64> = others.iter().map(|i| sent(*i)).collect();
+    replicas[victim].kill_hard();
+    let killed = Instant::now();
+    let moved = loop {
+        let all: usize = others.iter().map(|i| sessions(*i)).sum();
+        if all == names.len() {
+            break killed.elapsed();
+        }
+        assert!(killed.elapsed() < Duration::from_secs(30), "only {all} agents on the other replicas after 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!(
+        "{} agents of a killed replica (of {spread:?}) on the other two in {} ms",
+        spread[victim],
+        moved.as_millis()
+    );
+    assert!(moved < Duration::from_secs(5), "agents took {moved:?} to reach another replica");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sent_after: Vec<u64> = others.iter().map(|i| sent(*i)).collect();
+    assert_eq!(sent_after, sent_before, "configurations sent again to agents that had them");
+    assert!(fleet.events.try_recv().is_err(), "an agent applied a configuration after moving");
+
+    // Back again: nobody moves to it, nothing is sent.
+    replicas[victim] = start(ports[victim]);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let now: Vec<usize> = (0..3).map(sessions).collect();
+    assert_eq!(now[victim], 0, "agents moved back to the restarted replica: {now:?}");
+    assert_eq!(others.iter().map(|i| now[*i]).sum::<usize>(), names.len(), "{now:?}");
+    assert_eq!(others.iter().map(|i| sent(*i)).collect::<Vec<_>>(), sent_before, "something was sent on the restart");
+    assert_eq!(sent(victim), 0);
+    assert!(fleet.events.try_recv().is_err(), "an agent applied a configuration after the restart");
+}

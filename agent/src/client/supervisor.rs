@@ -16,7 +16,10 @@ impl Agent {
     /// some controller open.
     pub async fn run(mut self) -> Result<(), AgentError> {
         let mut attempt: u32 = 0;
-        let mut next = 0usize;
+        // Each agent starts at a replica of its own choosing: a fleet spreads
+        // over every controller it lists, and a replica that goes takes only
+        // its share along (the next attempt goes to the one after it).
+        let mut next = rand::rng().random_range(0..self.settings.controllers.len().max(1));
         loop {
             if let Err(e) = enrol(&self.settings).await {
                 match e {
