@@ -11,7 +11,9 @@
 //!
 //! Needs release binaries: `cargo build --release --bins`, then
 //! `cargo bench -p musubi-tests --bench fleet`. `MUSUBI_BENCH_FLEET`
-//! (default `2000,10000`) and `MUSUBI_BENCH_ROUNDS` (default 50) change the sizes.
+//! (default `2000,10000`) and `MUSUBI_BENCH_ROUNDS` (default 50) change the
+//! sizes. `MUSUBI_BENCH_REPLICAS=3` runs the replicas' measurement instead
+//! (see [`replicas`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -278,6 +280,106 @@ fn page(port: u16, names: &[String], dir: &std::path::Path) {
     }
 }
 
+/// `MUSUBI_BENCH_REPLICAS=3`: three controllers on a three-member etcd
+/// cluster share the fleet (each agent lists every replica and starts at
+/// one at random); the replica with the most agents is killed, and the
+/// bench measures how long its agents take to be on the others, what the
+/// survivors send and spend meanwhile, and that nothing moves when it is
+/// back.
+async fn replicas(sites: usize, count: usize) {
+    println!("{count} replicas on a {count}-member etcd, {sites} sites × 5 segments");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().to_path_buf();
+    let etcd = musubi_tests::EtcdServer::cluster(count);
+    let store = format!("etcd://{}", etcd.endpoints().join(","));
+    let pki = Pki::init(&dir.join("pki"));
+    let pki_dir = pki.dir.display().to_string();
+    let ports: Vec<(u16, u16)> = (0..count).map(|_| (free_port(), free_port())).collect();
+    let start = |i: usize| {
+        let (port, metrics) = ports[i];
+        let (listen, metrics) = (format!("127.0.0.1:{port}"), format!("127.0.0.1:{metrics}"));
+        let args = ["serve", "--pki", &pki_dir, "--listen", &listen, "--store", &store, "--metrics", &metrics];
+        let c = Controller::start_logged(port, &store, &args, &dir.join(format!("controller-{i}.log")));
+        raise_nofile(c.pid());
+        c
+    };
+    let mut controllers: Vec<Controller> = (0..count).map(start).collect();
+    let addresses: Vec<String> = ports.iter().map(|(p, _)| format!("127.0.0.1:{p}")).collect();
+    let scrape = |i: usize, series: &str| {
+        let text = musubi_tests::http_get(ports[i].1, "/metrics").unwrap_or_default();
+        musubi_lab::netns::sample(&text, series).unwrap_or(0.0)
+    };
+    let sessions = |i: usize| scrape(i, "musubi_controller_agent_sessions") as usize;
+    let sent = |i: usize| scrape(i, "musubi_controller_configurations_sent_total") as u64;
+    let operator = Operator { controller: addresses[0].clone(), ca: pki.ca(), cert: pki.cert(), key: pki.key() };
+    let mut client = operator.connect().await.expect("operator");
+    let intent = parse_str("generated.yaml", &generate(sites, 5)).intent;
+    let (_, took) = apply(&mut client, yaml(&intent), 0, false).await;
+    println!("  import into etcd:                {}", ms(took));
+    let names: Vec<String> = intent.sites.keys().cloned().collect();
+    let agents = simulate::scratch().expect("agents' state directory");
+    let t = Instant::now();
+    let mut fleet =
+        simulate::start_with(&operator, addresses.clone(), names.clone(), agents.path()).await.expect("fleet");
+    fleet.until(Duration::from_secs(900), |_| true).await.expect("not every agent got a configuration");
+    let mut settled = false;
+    for _ in 0..1200 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        while fleet.events.try_recv().is_ok() {}
+        if (0..count).map(sessions).sum::<usize>() == names.len() && converged(&mut client).await {
+            settled = true;
+            break;
+        }
+    }
+    assert!(settled, "the fleet did not converge");
+    while fleet.events.try_recv().is_ok() {}
+    let spread: Vec<usize> = (0..count).map(sessions).collect();
+    println!("  enrol + converge:                {} (agents per replica {spread:?})", ms(t.elapsed()));
+    let rss: Vec<String> = controllers.iter().map(|c| format!("{:.0}", rss_mib(c.pid()).0)).collect();
+    println!("  controllers' RSS, converged:     {} MiB", rss.join(" / "));
+
+    let victim = (0..count).max_by_key(|i| spread[*i]).expect("a replica");
+    let others: Vec<usize> = (0..count).filter(|i| *i != victim).collect();
+    let sent_before: Vec<u64> = others.iter().map(|i| sent(*i)).collect();
+    let cpu_before: Vec<f64> = others.iter().map(|i| cpu_seconds(controllers[*i].pid())).collect();
+    controllers[victim].kill_hard();
+    let killed = Instant::now();
+    let moved = loop {
+        if others.iter().map(|i| sessions(*i)).sum::<usize>() == names.len() {
+            break killed.elapsed();
+        }
+        assert!(killed.elapsed() < Duration::from_secs(120), "the agents did not reach the other replicas");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let resent: u64 = others.iter().zip(&sent_before).map(|(i, b)| sent(*i) - b).sum();
+    let cpu: Vec<String> =
+        others.iter().zip(&cpu_before).map(|(i, b)| format!("{:.2}", cpu_seconds(controllers[*i].pid()) - b)).collect();
+    let mut applied = 0;
+    while fleet.events.try_recv().is_ok() {
+        applied += 1;
+    }
+    println!(
+        "  replica {victim} killed: its {} agents on the others in {} (polled every 100 ms); configurations sent again {resent}, applied {applied}; survivors' CPU {} s",
+        spread[victim],
+        ms(moved),
+        cpu.join(" / ")
+    );
+    controllers[victim] = start(victim);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let now: Vec<usize> = (0..count).map(sessions).collect();
+    let resent: u64 = others.iter().zip(&sent_before).map(|(i, b)| sent(*i) - b).sum();
+    let mut applied = 0;
+    while fleet.events.try_recv().is_ok() {
+        applied += 1;
+    }
+    println!(
+        "  restarted, 10 s later: agents per replica {now:?}; sent by the restarted one {}, again by the others {resent}; applied {applied}",
+        sent(victim)
+    );
+    drop(fleet);
+}
+
 #[tokio::main]
 async fn main() {
     raise_nofile(std::process::id());
@@ -287,6 +389,12 @@ async fn main() {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let rounds = std::env::var("MUSUBI_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
+    if let Some(count) = std::env::var("MUSUBI_BENCH_REPLICAS").ok().and_then(|v| v.parse().ok()).filter(|c| *c > 1) {
+        for n in sizes {
+            replicas(n, count).await;
+        }
+        return;
+    }
     for n in sizes {
         fleet(n, rounds).await;
     }
