@@ -83,6 +83,10 @@ enum Command {
         /// etcd user name; the password is read from MUSUBI_ETCD_PASSWORD.
         #[arg(long)]
         etcd_user: Option<String>,
+        /// Seconds of etcd's own key history to keep; older revisions are
+        /// compacted away [default: 60].
+        #[arg(long)]
+        etcd_history_s: Option<u64>,
         /// CA bundle of the etcd servers (enables TLS to etcd).
         #[arg(long)]
         etcd_ca: Option<PathBuf>,
@@ -223,6 +227,8 @@ struct Extras {
     dashboard: Option<Dashboard>,
     /// Whether the metrics count the sites by state.
     count_states: bool,
+    /// How much of etcd's own key history to keep.
+    history: Duration,
 }
 
 /// Where and how the dashboard is served.
@@ -326,6 +332,7 @@ async fn serve_command(command: Command) -> Result<()> {
         name,
         max_intent_mib,
         etcd_user,
+        etcd_history_s,
         etcd_ca,
         etcd_client_cert,
         metrics,
@@ -371,7 +378,8 @@ async fn serve_command(command: Command) -> Result<()> {
         tls: dashboard_tls || file.dashboard_tls.unwrap_or(false) || !addr.ip().is_loopback(),
         reports: dashboard_reports.or(file.dashboard_reports),
     });
-    let extras = Extras { dashboard, count_states: metrics.is_some() };
+    let history = etcd_history_s.map_or(musubi_controller::store::etcd::HISTORY, |s| Duration::from_secs(s.max(1)));
+    let extras = Extras { dashboard, count_states: metrics.is_some(), history };
     serve(listen, store, pki, max, etcd, agents, extras).await
 }
 
@@ -433,6 +441,9 @@ async fn serve(
         None => None,
     };
     let store = Arc::new(AnyStore::open(&url, etcd).await.with_context(|| format!("opening the store {url:?}"))?);
+    if let AnyStore::Etcd(etcd) = &*store {
+        etcd.compact_history(extras.history);
+    }
     if let Some(dir) = &pki {
         // Audit entries this replica writes are signed with its server key.
         let signer = musubi_controller::signing::install_from(&*store, &Paths::new(dir)).await?;
