@@ -243,6 +243,9 @@ impl<S: IntentStore + 'static> OperatorService<S> {
         let _writing = if dry_run { None } else { Some(self.writing.lock().await) };
         // Whatever committed while this change waited for its turn.
         let mut current = if dry_run { current } else { self.current().await.map_err(store_status)? };
+        // Only a merge that writes, by its own operator (an approval applies
+        // what was proposed at its revision), is moved onto a newer one.
+        let may_rebase = how.merge && !dry_run && approver.is_none();
         let mut rebased = None;
         let mut attempts = 0;
         let result = loop {
@@ -251,7 +254,7 @@ impl<S: IntentStore + 'static> OperatorService<S> {
             // Kubernetes' resourceVersion per object): operators of
             // different sites do not refuse each other's changes.
             let mut at = expected;
-            if how.merge && !dry_run && approver.is_none() && expected < current.revision {
+            if may_rebase && expected < current.revision {
                 let objects = parsed.sources.declared().chain(remove.iter());
                 if let Some((object, revision)) =
                     apply::changed_since(&*self.store, expected, objects).await.map_err(store_status)?
@@ -278,11 +281,7 @@ impl<S: IntentStore + 'static> OperatorService<S> {
             let result = apply_on(&*self.store, &current, &parsed, mode(how.merge, &remove), Some(at), change).await;
             // Another replica committed in between: the merge is checked
             // and moved onto its revision in turn.
-            if how.merge
-                && !dry_run
-                && approver.is_none()
-                && attempts < REBASES
-                && matches!(result, Err(ApplyError::Store(StoreError::Conflict { .. })))
+            if may_rebase && attempts < REBASES && matches!(result, Err(ApplyError::Store(StoreError::Conflict { .. })))
             {
                 attempts += 1;
                 current = self.current().await.map_err(store_status)?;

@@ -144,14 +144,13 @@ impl Etcd {
             loop {
                 ticker.tick().await;
                 let now = std::time::Instant::now();
-                let revision = match store.kv().get(layout::REVISION, None).await {
-                    Ok(resp) => resp.header().map(|h| h.revision()),
+                match store.position().await {
+                    Ok((_, at)) => seen.push_back((now, at)),
                     Err(e) => {
                         tracing::debug!(error = %e, "etcd's revision not read; no compaction now");
                         continue;
                     }
-                };
-                seen.extend(revision.map(|r| (now, r)));
+                }
                 let mut target = None;
                 while seen.front().is_some_and(|(at, _)| now.duration_since(*at) >= keep) {
                     target = seen.pop_front().map(|(_, r)| r);
