@@ -146,6 +146,7 @@ impl Collector for LiveCollector {
                 Key::Path { local, remote } => {
                     paths.push((vec![("local", local.to_string()), ("remote", remote.to_string())], h));
                 }
+                Key::Heard { .. } => {}
             }
         }
         for (what, rows) in [("peer", &peers), ("path", &paths)] {

@@ -19,7 +19,7 @@
 //! Health feeds the agent's status (up, round-trip time, loss over the last
 //! [`WINDOW`] probes) and its failover.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -53,6 +53,11 @@ pub enum Key {
     Tunnel { segment: String, peer: String },
     /// An underlay path: from a local line's address to a peer's line address.
     Path { local: IpAddr, remote: IpAddr },
+    /// A peer's line address whose own underlay probes arrive here (not a
+    /// target: [`Prober::snapshot`] gives when it was last heard, as
+    /// `last_reply`). An access point tells by it a member whose tunnel
+    /// alone went quiet from one switching lines.
+    Heard { remote: IpAddr },
 }
 
 impl Key {
@@ -136,6 +141,7 @@ pub fn describe(health: &BTreeMap<Key, Health>, now: Instant) -> String {
             let name = match k {
                 Key::Tunnel { segment, peer } => format!("{segment}/{peer}"),
                 Key::Path { local, remote } => format!("{local}->{remote}"),
+                Key::Heard { remote } => format!("heard {remote}"),
             };
             format!("{name} {} since {} last {}", if h.up { "up" } else { "down" }, ago(h.since), ago(h.last_reply))
         })
@@ -145,6 +151,13 @@ pub fn describe(health: &BTreeMap<Key, Health>, now: Instant) -> String {
 
 /// Health by target.
 pub type Healths = Arc<Mutex<BTreeMap<Key, Health>>>;
+
+/// When each peer line address's underlay probes last arrived.
+pub type Heard = Arc<Mutex<HashMap<IpAddr, Instant>>>;
+
+fn note_heard(heard: &Heard, from: IpAddr) {
+    heard.lock().unwrap_or_else(|p| p.into_inner()).insert(from, Instant::now());
+}
 
 /// The peers a configuration asks to probe: every peer with a key, at its
 /// tunnel address, with the timing of its first path.
@@ -237,6 +250,8 @@ struct Work {
 pub struct Prober {
     work: watch::Sender<Work>,
     pub health: Healths,
+    /// When the peers' line addresses were last heard.
+    heard: Heard,
     /// Woken when a peer goes up or down.
     pub changed: Arc<Notify>,
     /// Bumped to have every socket probe its targets at once.
@@ -248,10 +263,11 @@ impl Prober {
     pub fn start() -> Prober {
         let (tx, rx) = watch::channel(Work::default());
         let health: Healths = Arc::default();
+        let heard: Heard = Arc::default();
         let changed = Arc::new(Notify::new());
         let (kick, kicked) = watch::channel(0);
-        tokio::spawn(supervise(rx, health.clone(), changed.clone(), kicked));
-        Prober { work: tx, health, changed, kick }
+        tokio::spawn(supervise(rx, health.clone(), heard.clone(), changed.clone(), kicked));
+        Prober { work: tx, health, heard, changed, kick }
     }
 
     /// Probes every target (but member sites) at once, off schedule: after a
@@ -285,9 +301,26 @@ impl Prober {
     pub fn get(&self, key: &Key) -> Option<Health> {
         self.health.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
     }
+
+    /// Every target's health, and when each peer line address was last
+    /// heard ([`Key::Heard`], always up: it never flips).
+    pub fn snapshot(&self) -> BTreeMap<Key, Health> {
+        let mut out = self.health.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        out.extend(heard.iter().map(|(remote, at)| {
+            (Key::Heard { remote: *remote }, Health { up: true, last_reply: Some(*at), ..Health::default() })
+        }));
+        out
+    }
 }
 
-async fn supervise(mut rx: watch::Receiver<Work>, health: Healths, changed: Arc<Notify>, kicked: watch::Receiver<u64>) {
+async fn supervise(
+    mut rx: watch::Receiver<Work>,
+    health: Healths,
+    heard: Heard,
+    changed: Arc<Notify>,
+    kicked: watch::Receiver<u64>,
+) {
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     loop {
         let Work { targets, answer } = rx.borrow_and_update().clone();
@@ -297,6 +330,7 @@ async fn supervise(mut rx: watch::Receiver<Work>, health: Healths, changed: Arc<
         {
             let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
             h.retain(|key, _| targets.iter().any(|t| &t.key == key));
+            heard.lock().unwrap_or_else(|p| p.into_inner()).retain(|a, _| answer.contains(a));
         }
         let mut by_socket: BTreeMap<(String, IpAddr), Vec<Target>> = BTreeMap::new();
         for t in targets {
@@ -305,11 +339,12 @@ async fn supervise(mut rx: watch::Receiver<Work>, health: Healths, changed: Arc<
         for ((interface, local), targets) in by_socket {
             // Underlay sockets answer only the peers' line addresses.
             let only = matches!(targets[0].key, Key::Path { .. }).then(|| answer.clone());
-            let task = socket_loop(interface, local, targets, only, health.clone(), changed.clone(), kicked.clone());
+            let shared = Shared { health: health.clone(), heard: heard.clone(), changed: changed.clone() };
+            let task = socket_loop(interface, local, targets, only, shared, kicked.clone());
             tasks.push(tokio::spawn(task));
         }
         if !answer.is_empty() {
-            tasks.push(tokio::spawn(answer_loop(answer)));
+            tasks.push(tokio::spawn(answer_loop(answer, heard.clone())));
         }
         if rx.changed().await.is_err() {
             return;
@@ -332,8 +367,9 @@ fn socket(interface: Option<&str>, local: IpAddr) -> std::io::Result<UdpSocket> 
     UdpSocket::from_std(s.into())
 }
 
-/// Answers underlay probes arriving at any address, from `answer`'s only.
-async fn answer_loop(answer: Arc<BTreeSet<IpAddr>>) {
+/// Answers underlay probes arriving at any address, from `answer`'s only,
+/// noting when each was heard.
+async fn answer_loop(answer: Arc<BTreeSet<IpAddr>>, heard: Heard) {
     let wildcard = [IpAddr::from([0u8; 4]), IpAddr::from([0u16; 8])];
     let mut socks = Vec::new();
     for local in wildcard {
@@ -343,12 +379,14 @@ async fn answer_loop(answer: Arc<BTreeSet<IpAddr>>) {
         }
     }
     let serve = |sock: UdpSocket| {
-        let answer = answer.clone();
+        let (answer, heard) = (answer.clone(), heard.clone());
         async move {
             let mut buf = [0u8; 64];
             loop {
                 let Ok((n, from)) = sock.recv_from(&mut buf).await else { continue };
-                if n >= 17 && buf[0] == REQUEST && answer.contains(&from.ip().to_canonical()) {
+                let ip = from.ip().to_canonical();
+                if n >= 17 && buf[0] == REQUEST && answer.contains(&ip) {
+                    note_heard(&heard, ip);
                     buf[0] = REPLY;
                     let _ = sock.send_to(&buf[..17], from).await;
                 }
@@ -377,13 +415,19 @@ impl State {
     }
 }
 
+/// What every socket's loop writes to.
+struct Shared {
+    health: Healths,
+    heard: Heard,
+    changed: Arc<Notify>,
+}
+
 async fn socket_loop(
     interface: String,
     local: IpAddr,
     targets: Vec<Target>,
     only: Option<Arc<BTreeSet<IpAddr>>>,
-    health: Healths,
-    changed: Arc<Notify>,
+    shared: Shared,
     mut kicked: watch::Receiver<u64>,
 ) {
     // The interface may appear a moment after the configuration.
@@ -412,8 +456,9 @@ async fn socket_loop(
         states: &mut states,
         by_address: &by_address,
         only: only.as_deref(),
-        health: &health,
-        changed: &changed,
+        health: &shared.health,
+        heard: &shared.heard,
+        changed: &shared.changed,
     };
     kicked.mark_unchanged();
     let mut kick_open = true;
@@ -544,6 +589,7 @@ struct Context<'a> {
     by_address: &'a std::collections::HashMap<IpAddr, usize>,
     only: Option<&'a BTreeSet<IpAddr>>,
     health: &'a Healths,
+    heard: &'a Heard,
     changed: &'a Notify,
 }
 
@@ -557,6 +603,10 @@ fn take(msg: &mut [u8], from: SocketAddr, ctx: &mut Context<'_>) -> Option<Socke
     match msg[0] {
         REQUEST if ctx.only.is_none_or(|o| o.contains(&from.ip())) => {
             msg[0] = REPLY;
+            // An underlay socket's request: a peer's line is heard.
+            if ctx.only.is_some() {
+                note_heard(ctx.heard, from.ip());
+            }
             if let Some(&i) = ctx.by_address.get(&from.ip())
                 && ctx.targets[i].member
             {
@@ -633,6 +683,7 @@ fn evaluate(targets: &[Target], states: &[State], health: &Healths, changed: &No
                 Key::Path { local, remote } => {
                     tracing::info!(%local, %remote, interface = %t.interface, up, "line path {state}")
                 }
+                Key::Heard { .. } => {}
             }
         }
         entry.up = up;

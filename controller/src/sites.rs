@@ -248,6 +248,46 @@ pub async fn revocations<S: IntentStore>(store: &S) -> Result<BTreeMap<String, R
     store.list(REVOKED).await?.into_iter().map(|(k, v)| Ok((k[REVOKED.len()..].to_string(), decode(&k, &v)?))).collect()
 }
 
+/// Above this many peers and route groups, a status is stored condensed.
+const CONDENSE_ABOVE: usize = 64;
+
+/// Leaves out of a large status (an access point's: every member's tunnel
+/// in every segment, every member's route group) what is as it should be —
+/// peers up, judged, without loss, whose line never moved; route groups on
+/// their own site, never moved — counting them instead
+/// (`peers_up_omitted`, `active_omitted`). What an operator looks for
+/// stays: every peer down, lossy or moved, every group elsewhere.
+pub fn condense(status: &mut musubi_proto::v1::Status) {
+    if status.peers.len() + status.active.len() <= CONDENSE_ABOVE {
+        return;
+    }
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    let before = status.peers.len();
+    status.peers.retain(|p| !(p.up && p.judged && p.loss_permille == 0 && p.line_moves == 0 && p.path.is_empty()));
+    status.peers_up_omitted = status.peers_up_omitted.saturating_add(count(before - status.peers.len()));
+    let before = status.active.len();
+    status.active.retain(|a| !(a.peer == a.route_group && a.moves == 0));
+    status.active_omitted = status.active_omitted.saturating_add(count(before - status.active.len()));
+}
+
+/// An agent's status as the store keeps it (its presence record while it
+/// is connected, its last-seen record after): protobuf, about a quarter of
+/// its JSON — an access point reports every member's tunnels, and its
+/// record is rewritten at every acknowledgement.
+pub fn encode_status(status: &musubi_proto::v1::SiteStatus) -> Vec<u8> {
+    prost::Message::encode_to_vec(status)
+}
+
+/// A stored status: protobuf, or the JSON that earlier versions wrote
+/// (it begins with `{`, which no protobuf encoding of it does: field 15
+/// as a group). `None` for neither.
+pub fn decode_status(value: &[u8]) -> Option<musubi_proto::v1::SiteStatus> {
+    if value.first() == Some(&b'{') {
+        return serde_json::from_slice(value).ok();
+    }
+    prost::Message::decode(value).ok()
+}
+
 /// Keeps an agent's last status after it disconnects.
 pub async fn record_seen<S: IntentStore>(store: &S, site: &str, status: &[u8]) -> Result<(), StoreError> {
     store.swap(&format!("{SEEN}{site}"), Guard::Any, Some(status.to_vec())).await.map(|_| ())
@@ -255,4 +295,89 @@ pub async fn record_seen<S: IntentStore>(store: &S, site: &str, status: &[u8]) -
 
 pub async fn seen<S: IntentStore>(store: &S) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
     Ok(store.list(SEEN).await?.into_iter().map(|(k, v)| (k[SEEN.len()..].to_string(), v)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use musubi_proto::v1 as pb;
+
+    use super::*;
+
+    /// An access point's status: every member's tunnel in every segment,
+    /// and a route group per member and segment.
+    fn access_point(members: usize, segments: usize) -> pb::SiteStatus {
+        let mut status = pb::Status {
+            applied_revision: 41,
+            applied_digest: "9f2c".repeat(16),
+            at_unix_ms: 1_796_000_000_000,
+            ..Default::default()
+        };
+        for s in 0..segments {
+            for m in 0..members {
+                let (segment, peer) = (format!("segment-{s}"), format!("school-{m:05}"));
+                status.peers.push(pb::PeerHealth {
+                    segment: segment.clone(),
+                    peer: peer.clone(),
+                    up: m % 97 != 0,
+                    rtt_us: 800 + (m as u32 * 7) % 3000,
+                    loss_permille: u32::from(m % 50 == 0),
+                    judged: true,
+                    ..Default::default()
+                });
+                status.active.push(pb::ActivePath {
+                    segment,
+                    route_group: peer.clone(),
+                    peer,
+                    local_line: "fiber".into(),
+                    moves: u64::from(m % 100 == 0),
+                });
+            }
+        }
+        pb::SiteStatus {
+            site: "ap-east".into(),
+            agent_version: "0.1.0".into(),
+            controller: "controller-1".into(),
+            connected_unix_ms: 1_796_000_000_000,
+            last_seen_unix_ms: 1_796_000_100_000,
+            status: Some(status),
+            desired_revision: 41,
+            desired_digest: "9f2c".repeat(16),
+        }
+    }
+
+    /// The stored status of an access point with 2,000 members in 5
+    /// segments: protobuf, and condensed to what is not as it should be —
+    /// a small fraction of the JSON earlier versions wrote (which still
+    /// reads); the totals an operator sees are the same.
+    #[test]
+    fn a_stored_status_is_condensed_protobuf_and_old_json_still_reads() {
+        let full = access_point(2_000, 5);
+        let json = serde_json::to_vec(&full).expect("json");
+        let protobuf = encode_status(&full);
+        let mut condensed = full.clone();
+        condense(condensed.status.as_mut().expect("status"));
+        let stored = encode_status(&condensed);
+        eprintln!(
+            "access point, 2,000 members x 5 segments: JSON {} bytes, protobuf {} bytes, stored (condensed) {} bytes",
+            json.len(),
+            protobuf.len(),
+            stored.len()
+        );
+        assert!(stored.len() * 20 < json.len(), "stored {} bytes, JSON {}", stored.len(), json.len());
+        let (f, c) = (full.status.as_ref().expect("full"), condensed.status.as_ref().expect("condensed"));
+        let up = |s: &pb::Status| s.peers.iter().filter(|p| p.up).count() + s.peers_up_omitted as usize;
+        assert_eq!((up(c), c.peers.len() + c.peers_up_omitted as usize), (up(f), f.peers.len()), "peers up / total");
+        assert_eq!(c.active.len() + c.active_omitted as usize, f.active.len(), "route groups");
+        assert!(c.peers.iter().all(|p| !p.up || p.loss_permille > 0), "every peer kept is down or lossy");
+        assert!(c.active.iter().all(|a| a.moves > 0), "every route group kept has moved");
+        assert!(c.peers.iter().any(|p| !p.up), "the peers down are kept");
+        assert_eq!(decode_status(&stored).as_ref(), Some(&condensed), "protobuf reads back");
+        assert_eq!(decode_status(&json).as_ref(), Some(&full), "JSON of earlier versions reads");
+        assert_eq!(decode_status(b"\xff\xff not a status"), None, "neither: nothing");
+        // A small site's status is kept whole.
+        let mut site = access_point(3, 2);
+        let whole = site.clone();
+        condense(site.status.as_mut().expect("status"));
+        assert_eq!(site, whole);
+    }
 }

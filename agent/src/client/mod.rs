@@ -284,8 +284,11 @@ impl Agent {
     /// the agent was writing), to decide again.
     fn flipped_since(&self, seen: &BTreeMap<Key, Health>) -> Option<BTreeMap<Key, Health>> {
         let prober = self.prober.as_ref()?;
-        let now = prober.health.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let flipped = now.iter().any(|(k, h)| seen.get(k).is_none_or(|s| s.up != h.up));
+        let now = prober.snapshot();
+        let flipped = now
+            .iter()
+            .filter(|(k, _)| !matches!(k, Key::Heard { .. }))
+            .any(|(k, h)| seen.get(k).is_none_or(|s| s.up != h.up));
         flipped.then_some(now)
     }
 
@@ -408,8 +411,7 @@ impl Agent {
 
     /// The probes' health changed.
     fn probed(&mut self) -> bool {
-        let Some(health) = self.prober.as_ref().map(|p| p.health.lock().unwrap_or_else(|e| e.into_inner()).clone())
-        else {
+        let Some(health) = self.prober.as_ref().map(crate::probe::Prober::snapshot) else {
             return false;
         };
         self.failover(Event::Probed(health))

@@ -102,6 +102,9 @@ impl Agent {
                 at_unix_ms: now_ms(),
                 configs_received: self.configs_received,
                 datapath_writes: self.datapath.writes(),
+                // The controller condenses what it stores; the agent reports all.
+                peers_up_omitted: 0,
+                active_omitted: 0,
             })),
         }
     }

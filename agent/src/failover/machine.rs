@@ -742,6 +742,7 @@ mod tests {
                         let peer = if *remote == ip("192.0.2.1") { EAST } else { WEST };
                         world.alive(peer) && world.line_up(line)
                     }
+                    Key::Heard { .. } => unreachable!("a site's probes have no heard lines"),
                 };
                 if t % 50 == p.phase % 50 && answers {
                     p.last_reply = Some(t);

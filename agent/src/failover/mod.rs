@@ -189,9 +189,11 @@ pub fn choices(i: Inputs<'_>) -> Choices {
                     .all(|t| !t.up || settled(&t, current));
                 u8::from(!(settled(&h, current) && steady))
             }
-            // A member site that went quiet may be switching lines.
+            // A member site that went quiet may be switching lines — not
+            // one still heard on every line it was heard on: its tunnel
+            // alone failed, and it has moved its own traffic already.
             Some(h) if members.contains(peer) => {
-                if current && down_for(&h) < SITE_GRACE {
+                if current && down_for(&h) < SITE_GRACE && !member_heard_after(config, health, peer, &h, now) {
                     0
                 } else {
                     2
@@ -290,6 +292,47 @@ pub(crate) fn quiet_window(tunnel: &Health, path_interval: Duration) -> Duration
 fn answered_after(path: &Health, tunnel: &Health) -> bool {
     let Some(tunnel_last) = tunnel.last_reply else { return true };
     path.last_reply.is_some_and(|l| l > tunnel_last + quiet_window(tunnel, path.interval))
+}
+
+/// Whether a member site whose tunnel to this access point went quiet is
+/// still heard over its lines: its underlay probes ([`Key::Heard`]) arrived
+/// clearly after the tunnel's last answer (beyond the [`quiet_window`]) on
+/// a line, and no line that was heard until about then has missed two of
+/// its probes since. Then the tunnel failed alone (a site switching lines
+/// falls silent on the line it leaves) and the site's prefixes need not
+/// wait for it. A slowly probed line not heard since is not known yet and
+/// does not count: moving a member's prefixes a moment early costs a move,
+/// and they come back as soon as its tunnel answers; waiting for the grace
+/// costs the traffic entering here a second.
+fn member_heard_after(config: &SiteConfig, health: HealthOf<'_>, member: &str, tunnel: &Health, now: Instant) -> bool {
+    let Some(quiet) = tunnel.last_reply else { return false };
+    let default = config.probe.unwrap_or_default();
+    // Each line of the member, with the fastest probing of it towards this
+    // router's lines (it is heard at that pace).
+    let mut lines: BTreeMap<std::net::IpAddr, pb::ProbeSettings> = BTreeMap::new();
+    let endpoints =
+        config.segments.iter().flat_map(|s| s.peers.iter().filter(|p| p.name == member)).flat_map(|p| &p.endpoints);
+    for e in endpoints {
+        let Ok(address) = e.address.parse() else { continue };
+        let probe = e.probe.unwrap_or(default);
+        let fastest = lines.entry(address).or_insert(probe);
+        if probe.interval_ms < fastest.interval_ms {
+            *fastest = probe;
+        }
+    }
+    let mut heard_after = false;
+    for (remote, probe) in lines {
+        let Some(last) = health(&Key::Heard { remote }).and_then(|h| h.last_reply) else { continue };
+        let interval = Duration::from_millis(u64::from(probe.interval_ms.max(10)));
+        let silent = now.saturating_duration_since(last) > interval * 2;
+        if last > quiet + quiet_window(tunnel, interval) {
+            heard_after = true;
+        } else if silent && last + interval * probe.multiplier.max(1) > quiet {
+            // Heard until about when the tunnel went quiet, not since.
+            return false;
+        }
+    }
+    heard_after
 }
 
 /// What the agent has chosen among the alternatives a configuration gives.
@@ -420,5 +463,80 @@ mod tests {
         // Neither heard yet (both just started): the other access point,
         // whose own split horizon drops what it cannot deliver yet.
         assert_eq!(pick(None, None), "ap-west");
+    }
+
+    /// A member whose tunnel to this access point went quiet keeps its
+    /// prefixes for the grace while it may be switching lines — but not
+    /// when it is still heard on every line it was heard on: its tunnel
+    /// alone failed (a drill: office-a's office tunnel to ap-west blocked,
+    /// its lines up; office-b's traffic to office-a, which enters at
+    /// ap-west, waited 1,130 ms for the grace).
+    #[test]
+    fn a_member_still_heard_on_its_lines_is_not_given_the_line_switch_grace() {
+        let mut config = access_point();
+        let line = |address: &str, interval_ms: u32| pb::Endpoint {
+            address: address.into(),
+            probe: Some(pb::ProbeSettings { interval_ms, multiplier: 3 }),
+            ..Default::default()
+        };
+        // A fibre probed every 50 ms, a mobile line every 100 ms.
+        config.segments[0].peers[0].endpoints = vec![line("192.0.2.12", 50), line("198.51.100.12", 100)];
+        let t0 = Instant::now() + Duration::from_secs(1);
+        let now = t0 + Duration::from_millis(150);
+        let quiet = Health {
+            up: false,
+            since: Some(now),
+            last_reply: Some(t0),
+            interval: Duration::from_millis(50),
+            ..Default::default()
+        };
+        let west =
+            Health { up: true, since: Some(t0 - Duration::from_secs(60)), last_reply: Some(now), ..quiet.clone() };
+        let active = first_choices(&config, &Hops::new());
+        let key = ("office".to_string(), "office-b".to_string());
+        let fibre: std::net::IpAddr = "192.0.2.12".parse().expect("address");
+        // The group's pick when each line was last heard (ms from t0).
+        let pick = |fibre_ms: Option<i64>, mobile_ms: Option<i64>| {
+            let heard = |ms: Option<i64>| {
+                ms.map(|ms| {
+                    let at = if ms >= 0 {
+                        t0 + Duration::from_millis(ms.unsigned_abs())
+                    } else {
+                        t0 - Duration::from_millis(ms.unsigned_abs())
+                    };
+                    Health { up: true, last_reply: Some(at), ..Default::default() }
+                })
+            };
+            let (fibre_heard, mobile_heard, quiet, west) =
+                (heard(fibre_ms), heard(mobile_ms), quiet.clone(), west.clone());
+            let health = move |k: &Key| match k {
+                Key::Tunnel { peer, .. } if peer == "ap-west" => Some(west.clone()),
+                Key::Tunnel { .. } => Some(quiet.clone()),
+                Key::Heard { remote } if *remote == fibre => fibre_heard.clone(),
+                Key::Heard { .. } => mobile_heard.clone(),
+                Key::Path { .. } => None,
+            };
+            let inputs = Inputs {
+                config: &config,
+                health: Some(&health),
+                hops: &Hops::new(),
+                active: &active,
+                line_moved: &BTreeMap::new(),
+                hold_down: Duration::from_secs(3),
+                now,
+            };
+            choices(inputs).groups[&key].clone()
+        };
+        assert_eq!(
+            pick(Some(140), Some(130)),
+            "ap-west",
+            "heard since on the fibre, the mobile line not due yet: at once"
+        );
+        assert_eq!(pick(Some(140), None), "ap-west", "its only line heard since: at once");
+        assert_eq!(pick(Some(140), Some(-60)), "office-b", "the mobile line fell silent with the tunnel: switching");
+        assert_eq!(pick(Some(20), Some(130)), "office-b", "the fibre fell silent with the tunnel: switching");
+        assert_eq!(pick(Some(140), Some(-900)), "ap-west", "a line silent long before the tunnel does not count");
+        assert_eq!(pick(None, None), "office-b", "not heard at all: the grace");
+        assert_eq!(pick(Some(90), None), "office-b", "heard within the quiet window only: not known yet");
     }
 }

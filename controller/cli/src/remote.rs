@@ -168,6 +168,9 @@ pub async fn site_status(client: &mut Client, site: Option<String>, json: bool) 
                     p.segment, p.peer, p.rtt_us, p.loss_permille
                 );
             }
+            if st.peers_up_omitted > 0 {
+                println!("peer:        and {} more up, without loss, never moved", st.peers_up_omitted);
+            }
             for a in &st.active {
                 println!(
                     "path:        {:<12} {:<24} via {} on {} (moved {})",
@@ -177,6 +180,9 @@ pub async fn site_status(client: &mut Client, site: Option<String>, json: bool) 
                     a.local_line,
                     times(a.moves)
                 );
+            }
+            if st.active_omitted > 0 {
+                println!("path:        and {} more route groups on their own site, never moved", st.active_omitted);
             }
         }
         return Ok(());
@@ -188,7 +194,8 @@ pub async fn site_status(client: &mut Client, site: Option<String>, json: bool) 
     for s in &resp.sites {
         let reported = s.reported.clone().unwrap_or_default();
         let st = reported.status.clone().unwrap_or_default();
-        let up = st.peers.iter().filter(|p| p.up).count();
+        let omitted = st.peers_up_omitted as usize;
+        let up = st.peers.iter().filter(|p| p.up).count() + omitted;
         let connected = if s.revoked {
             "revoked"
         } else if s.connected {
@@ -209,7 +216,7 @@ pub async fn site_status(client: &mut Client, site: Option<String>, json: bool) 
             format!("r{}", s.desired_revision),
             sync,
             ago(reported.last_seen_unix_ms),
-            format!("{up}/{}", st.peers.len()),
+            format!("{up}/{}", st.peers.len() + omitted),
             moves(&st),
             st.errors.len()
         );

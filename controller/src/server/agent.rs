@@ -442,13 +442,8 @@ impl<S: IntentStore + 'static> Session<S> {
                 !self.status.desired_digest.is_empty() && s.applied_digest == self.status.desired_digest
             });
         self.in_sync(Some(in_sync));
-        match serde_json::to_vec(&self.status) {
-            Ok(json) => {
-                if let Err(e) = presence.set(json).await {
-                    tracing::warn!(site = %self.status.site, error = %e, "cannot store agent status");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot encode agent status"),
+        if let Err(e) = presence.set(sites::encode_status(&self.status)).await {
+            tracing::warn!(site = %self.status.site, error = %e, "cannot store agent status");
         }
     }
 
@@ -502,8 +497,12 @@ impl<S: IntentStore + 'static> Session<S> {
                     sent += 1;
                     tracing::debug!(site, revision = d.revision, digest = %d.digest, "configuration sent");
                     sent_digest = d.digest.clone();
-                    self.publish_status(&presence, &feed).await;
-                    (published, unwritten) = (tokio::time::Instant::now(), false);
+                    // Written with the agent's acknowledgement, which comes
+                    // within the interval: one write per change, not two.
+                    if !unwritten && published.elapsed() >= STATUS_EVERY {
+                        published = tokio::time::Instant::now();
+                    }
+                    unwritten = true;
                 }
                 _ = tokio::time::sleep_until(published + STATUS_EVERY), if unwritten => {
                     self.publish_status(&presence, &feed).await;
@@ -522,7 +521,9 @@ impl<S: IntentStore + 'static> Session<S> {
                                 Err(e) => tracing::warn!(site, error = %e, "cannot record keys"),
                             }
                         }
-                        self.status.status = Some(tidy(status));
+                        let mut status = tidy(status);
+                        sites::condense(&mut status);
+                        self.status.status = Some(status);
                         if published.elapsed() >= STATUS_EVERY {
                             self.publish_status(&presence, &feed).await;
                             (published, unwritten) = (tokio::time::Instant::now(), false);
@@ -561,9 +562,7 @@ impl<S: IntentStore + 'static> Session<S> {
             }
         }
         self.status.last_seen_unix_ms = now_ms();
-        if let Ok(json) = serde_json::to_vec(&self.status)
-            && let Err(e) = sites::record_seen(&*self.service.store, &site, &json).await
-        {
+        if let Err(e) = sites::record_seen(&*self.service.store, &site, &sites::encode_status(&self.status)).await {
             tracing::warn!(site, error = %e, "cannot record last status");
         }
         drop(presence);

@@ -763,7 +763,7 @@ pub async fn site_states<S: IntentStore>(
         .map(|site| {
             let desired = fanout.desired(&site);
             let live = present.get(&site);
-            let reported = live.or_else(|| seen.get(&site)).and_then(|v| serde_json::from_slice(v).ok());
+            let reported = live.or_else(|| seen.get(&site)).and_then(|v| sites::decode_status(v));
             pb::SiteState {
                 connected: live.is_some(),
                 revoked: fanout.revocation(&site).is_some_and(|r| r.active),
