@@ -109,29 +109,32 @@ pub async fn start_with(
     let client = operator.connect().await?;
     let (tx, events) = mpsc::unbounded_channel();
     let mut tasks = Vec::with_capacity(sites.len());
-    // Tokens are made a few at a time: each is a store write of its own.
-    let mut tokens = futures::stream::iter(sites.clone())
-        .map(|site| {
+    // Tokens are made a hundred sites at a time (one audit entry each
+    // batch), a few batches in flight; agents start as their batch arrives.
+    let batches: Vec<Vec<String>> = sites.chunks(100).map(<[String]>::to_vec).collect();
+    let mut tokens = futures::stream::iter(batches)
+        .map(|batch| {
             let mut client = client.clone();
             async move {
-                let made = client.create_token(pb::CreateTokenRequest { site: site.clone(), ttl_seconds: 3600 }).await;
-                made.map(|r| (site, r.into_inner().token)).map_err(|s| op_err(s.message()))
+                let made = client.create_tokens(pb::CreateTokensRequest { sites: batch, ttl_seconds: 3600 }).await;
+                made.map(|r| r.into_inner().tokens).map_err(|s| op_err(s.message()))
             }
         })
-        .buffered(32);
-    while let Some(made) = tokens.next().await {
-        let (site, token) = made?;
-        let mut state = StateDir::new(&root.join(&site));
-        state.sync = false;
-        let mut settings = Settings::new(&site, controllers.clone(), state);
-        settings.token = Some(token);
-        settings.ca = Some(operator.ca.clone());
-        let agent = Agent::new(settings, Box::new(Fake::new()))?.with_events(tx.clone());
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = agent.run().await {
-                tracing::error!(site, error = %e, "simulated agent stopped");
-            }
-        }));
+        .buffered(4);
+    while let Some(batch) = tokens.next().await {
+        for pb::SiteToken { site, token, .. } in batch? {
+            let mut state = StateDir::new(&root.join(&site));
+            state.sync = false;
+            let mut settings = Settings::new(&site, controllers.clone(), state);
+            settings.token = Some(token);
+            settings.ca = Some(operator.ca.clone());
+            let agent = Agent::new(settings, Box::new(Fake::new()))?.with_events(tx.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = agent.run().await {
+                    tracing::error!(site, error = %e, "simulated agent stopped");
+                }
+            }));
+        }
     }
     Ok(Fleet { events, sites, tasks })
 }

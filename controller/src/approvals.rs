@@ -64,7 +64,7 @@ pub async fn propose<S: IntentStore>(store: &S, pending: &Pending) -> Result<(),
             pending.id, pending.revision
         ),
     };
-    if store.record(event, Some(Write { key: k.clone(), guard: Guard::Absent, value: Some(value) })).await?.is_some() {
+    if store.record(event, vec![Write { key: k.clone(), guard: Guard::Absent, value: Some(value) }]).await?.is_some() {
         Ok(())
     } else {
         Err(StoreError::corrupt(&k, "a proposal with this id exists already"))

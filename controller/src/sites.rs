@@ -6,6 +6,7 @@
 //! "used", so two agents racing with one token cannot both win.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -58,6 +59,11 @@ pub(crate) async fn get<S: IntentStore>(store: &S, key: &str) -> Result<Option<V
 
 /// Makes a single-use token for `site`, valid for `ttl`. Returns the token
 /// (shown once, never stored) and its expiry.
+/// Most sites in one batch of join tokens: one transaction within etcd's
+/// default limit of 128 operations (the audit entry and its head, then a
+/// record per token).
+pub const TOKENS_PER_BATCH: usize = 100;
+
 pub async fn create_token<S: IntentStore>(
     store: &S,
     site: &str,
@@ -65,26 +71,52 @@ pub async fn create_token<S: IntentStore>(
     actor: &str,
     now_ms: u64,
 ) -> Result<(String, u64), StoreError> {
-    let mut secret = [0u8; 32];
-    getrandom::fill(&mut secret).map_err(|e| StoreError::backend("random source", e.to_string()))?;
-    let token = format!("mst_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret));
-    let key = format!("{TOKENS}{}", hash(&token));
+    let mut made = create_tokens(store, &[site.to_string()], ttl, actor, now_ms).await?;
+    made.pop().ok_or_else(|| StoreError::backend("join tokens", "no token made"))
+}
+
+/// Join tokens for `sites` (at most [`TOKENS_PER_BATCH`]), in their order:
+/// their records and one audit entry naming every site, atomically — an
+/// enrolment of thousands of sites appends tens of entries to the chain,
+/// not thousands, each a serialised append (and on etcd a replicated one).
+pub async fn create_tokens<S: IntentStore>(
+    store: &S,
+    sites: &[String],
+    ttl: Duration,
+    actor: &str,
+    now_ms: u64,
+) -> Result<Vec<(String, u64)>, StoreError> {
+    if sites.len() > TOKENS_PER_BATCH {
+        return Err(StoreError::backend(
+            "join tokens",
+            format!("{} sites in one batch; at most {TOKENS_PER_BATCH}", sites.len()),
+        ));
+    }
     let expires_ms = now_ms + ttl.as_millis() as u64;
-    let record = TokenRecord {
-        site: site.to_string(),
-        expires_ms,
-        created_by: actor.to_string(),
-        created_ms: now_ms,
-        used_ms: None,
+    let mut tokens = Vec::with_capacity(sites.len());
+    let mut writes = Vec::with_capacity(sites.len());
+    for site in sites {
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret).map_err(|e| StoreError::backend("random source", e.to_string()))?;
+        let token = format!("mst_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret));
+        let key = format!("{TOKENS}{}", hash(&token));
+        let record = TokenRecord {
+            site: site.clone(),
+            expires_ms,
+            created_by: actor.to_string(),
+            created_ms: now_ms,
+            used_ms: None,
+        };
+        writes.push(Write { value: Some(encode(&key, &record)?), key, guard: Guard::Absent });
+        tokens.push((token, expires_ms));
+    }
+    let summary = match sites {
+        [site] => format!("join token created for site {site}, valid {} s", ttl.as_secs()),
+        _ => format!("join tokens created for {} sites, valid {} s: {}", sites.len(), ttl.as_secs(), sites.join(", ")),
     };
-    let event = Event {
-        time_ms: now_ms,
-        actor: actor.to_string(),
-        summary: format!("join token created for site {site}, valid {} s", ttl.as_secs()),
-    };
-    let write = Write { value: Some(encode(&key, &record)?), key, guard: Guard::Absent };
-    match store.record(event, Some(write)).await? {
-        Some(_) => Ok((token, expires_ms)),
+    let event = Event { time_ms: now_ms, actor: actor.to_string(), summary };
+    match store.record(event, writes).await? {
+        Some(_) => Ok(tokens),
         None => Err(StoreError::backend("random source", "a new join token collided with a kept one")),
     }
 }
@@ -92,6 +124,29 @@ pub async fn create_token<S: IntentStore>(
 /// Spends `token` for `site`. A token presented for the wrong site is not
 /// spent (it stays usable by its own site).
 pub async fn redeem<S: IntentStore>(store: &S, token: &str, site: &str, now_ms: u64) -> Result<(), TokenError> {
+    let spent = check(store, token, site, now_ms).await?;
+    let event = Event { time_ms: now_ms, actor: format!("site:{site}"), summary: spent.summary() };
+    match store.record(event, vec![spent.write]).await? {
+        Some(_) => Ok(()),
+        None => Err(TokenError::Used { used_ms: now_ms }),
+    }
+}
+
+/// A token found good for its site, and the write that spends it.
+struct Spent {
+    site: String,
+    created_by: String,
+    write: Write,
+}
+
+impl Spent {
+    fn summary(&self) -> String {
+        format!("join token of site {} spent: certificate issued (token created by {})", self.site, self.created_by)
+    }
+}
+
+/// Checks `token` for `site` at `now_ms`: the write that spends it, or why not.
+async fn check<S: IntentStore>(store: &S, token: &str, site: &str, now_ms: u64) -> Result<Spent, TokenError> {
     let key = format!("{TOKENS}{}", hash(token));
     let current = get(store, &key).await?.ok_or(TokenError::Unknown)?;
     let mut record: TokenRecord = decode(&key, &current)?;
@@ -105,18 +160,126 @@ pub async fn redeem<S: IntentStore>(store: &S, token: &str, site: &str, now_ms: 
         return Err(TokenError::Expired { ago_s: (now_ms - record.expires_ms) / 1000 });
     }
     record.used_ms = Some(now_ms);
-    let event = Event {
-        time_ms: now_ms,
-        actor: format!("site:{site}"),
-        summary: format!(
-            "join token of site {site} spent: certificate issued (token created by {})",
-            record.created_by
-        ),
-    };
     let write = Write { value: Some(encode(&key, &record)?), key, guard: Guard::Holds(current) };
-    match store.record(event, Some(write)).await? {
-        Some(_) => Ok(()),
-        None => Err(TokenError::Used { used_ms: now_ms }),
+    Ok(Spent { site: site.to_string(), created_by: record.created_by, write })
+}
+
+/// One redemption waiting for its batch.
+struct Pending {
+    token: String,
+    site: String,
+    now_ms: u64,
+    done: tokio::sync::oneshot::Sender<Result<(), TokenError>>,
+}
+
+/// Spends join tokens in batches: the redemptions that arrive while one
+/// batch is being recorded are checked one by one and recorded together —
+/// their writes (each guarded by the record it read) and one audit entry
+/// naming every site, atomically. An enrolment of thousands of agents
+/// appends tens of entries, not thousands (each a serialised append, on
+/// etcd a replicated one: 2,000 agents on three replicas took 90 s to
+/// enrol, mostly waiting for their turn). Should a guard fail (a token
+/// spent meanwhile, on another replica), each of the batch is tried on
+/// its own, so that only that one is refused.
+pub struct Redeemer<S> {
+    store: Arc<S>,
+    queue: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Pending>>,
+}
+
+impl<S> std::fmt::Debug for Redeemer<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redeemer").finish_non_exhaustive()
+    }
+}
+
+impl<S> Redeemer<S> {
+    pub fn new(store: Arc<S>) -> Redeemer<S> {
+        Redeemer { store, queue: std::sync::OnceLock::new() }
+    }
+}
+
+impl<S: IntentStore + 'static> Redeemer<S> {
+    /// Spends `token` for `site`, in the next batch.
+    pub async fn redeem(&self, token: &str, site: &str, now_ms: u64) -> Result<(), TokenError> {
+        let queue = self.queue.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(spend_batches(self.store.clone(), rx));
+            tx
+        });
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let pending = Pending { token: token.to_string(), site: site.to_string(), now_ms, done };
+        if queue.send(pending).is_err() {
+            return Err(StoreError::backend("join tokens", "the redemption queue stopped").into());
+        }
+        answer.await.unwrap_or_else(|_| Err(StoreError::backend("join tokens", "a redemption was dropped").into()))
+    }
+}
+
+async fn spend_batches<S: IntentStore>(store: Arc<S>, mut queue: tokio::sync::mpsc::UnboundedReceiver<Pending>) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < TOKENS_PER_BATCH {
+            match queue.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        spend(&*store, batch).await;
+    }
+}
+
+async fn spend<S: IntentStore>(store: &S, batch: Vec<Pending>) {
+    let checks = futures::future::join_all(batch.iter().map(|p| check(store, &p.token, &p.site, p.now_ms))).await;
+    let mut good: Vec<(Pending, Spent)> = Vec::new();
+    for (p, checked) in batch.into_iter().zip(checks) {
+        match checked {
+            // The same token twice in one batch: the first spends it.
+            Ok(spent) if good.iter().any(|(_, s)| s.write.key == spent.write.key) => {
+                let _ = p.done.send(Err(TokenError::Used { used_ms: p.now_ms }));
+            }
+            Ok(spent) => good.push((p, spent)),
+            Err(e) => {
+                let _ = p.done.send(Err(e));
+            }
+        }
+    }
+    let Some(now_ms) = good.iter().map(|(p, _)| p.now_ms).max() else { return };
+    let (actor, summary) = match &good[..] {
+        [(_, spent)] => (format!("site:{}", spent.site), spent.summary()),
+        _ => {
+            let sites: Vec<String> =
+                good.iter().map(|(_, s)| format!("{} (token created by {})", s.site, s.created_by)).collect();
+            let summary =
+                format!("join tokens of {} sites spent: certificates issued: {}", good.len(), sites.join(", "));
+            ("controller:enrolment".to_string(), summary)
+        }
+    };
+    let event = Event { time_ms: now_ms, actor, summary };
+    let writes: Vec<Write> = good.iter().map(|(_, s)| s.write.clone()).collect();
+    match store.record(event, writes).await {
+        Ok(Some(_)) => {
+            for (p, _) in good {
+                let _ = p.done.send(Ok(()));
+            }
+        }
+        // A guard failed: someone spent one of them meanwhile. Each on its own.
+        Ok(None) if good.len() > 1 => {
+            for (p, _) in good {
+                let result = redeem(store, &p.token, &p.site, p.now_ms).await;
+                let _ = p.done.send(result);
+            }
+        }
+        Ok(None) => {
+            for (p, _) in good {
+                let _ = p.done.send(Err(TokenError::Used { used_ms: p.now_ms }));
+            }
+        }
+        Err(e) => {
+            let message = e.to_string();
+            for (p, _) in good {
+                let _ = p.done.send(Err(StoreError::backend("join tokens", message.clone()).into()));
+            }
+        }
     }
 }
 
@@ -174,7 +337,7 @@ pub async fn keys_registered<S: IntentStore>(
         actor: format!("site:{site}"),
         summary: format!("WireGuard keys registered for site {site}: {}", list.join(", ")),
     };
-    store.record(event, None).await.map(|_| ())
+    store.record(event, Vec::new()).await.map(|_| ())
 }
 
 /// A site removed from the intent: the certificates issued to it until now
@@ -192,7 +355,7 @@ pub async fn retire<S: IntentStore>(store: &S, site: &str, actor: &str, now_ms: 
         summary: format!("site {site} removed from the intent: the certificates issued to it are refused"),
     };
     let value = Some(encode(&key, &Revocation { at_ms: now_ms, active })?);
-    store.record(event, Some(Write { key, guard: Guard::Any, value })).await.map(|_| ())
+    store.record(event, vec![Write { key, guard: Guard::Any, value }]).await.map(|_| ())
 }
 
 /// Refuses operator `name`'s certificates issued before `now_ms` (every
@@ -240,7 +403,7 @@ async fn revoke_key<S: IntentStore>(
     };
     let event = Event { time_ms: now_ms, actor: actor.to_string(), summary };
     let value = Some(encode(&key, &record)?);
-    store.record(event, Some(Write { key, guard: Guard::Any, value })).await?;
+    store.record(event, vec![Write { key, guard: Guard::Any, value }]).await?;
     Ok(record.at_ms)
 }
 
@@ -254,9 +417,10 @@ const CONDENSE_ABOVE: usize = 64;
 /// Leaves out of a large status (an access point's: every member's tunnel
 /// in every segment, every member's route group) what is as it should be —
 /// peers up, judged, without loss, whose line never moved; route groups on
-/// their own site, never moved — counting them instead
-/// (`peers_up_omitted`, `active_omitted`). What an operator looks for
-/// stays: every peer down, lossy or moved, every group elsewhere.
+/// their own site, never moved — and peers not judged yet (members still
+/// enrolling), counting them instead (`peers_up_omitted`,
+/// `active_omitted`, `peers_unjudged_omitted`). What an operator looks for
+/// stays: every peer judged down, lossy or moved, every group elsewhere.
 pub fn condense(status: &mut musubi_proto::v1::Status) {
     if status.peers.len() + status.active.len() <= CONDENSE_ABOVE {
         return;
@@ -265,6 +429,9 @@ pub fn condense(status: &mut musubi_proto::v1::Status) {
     let before = status.peers.len();
     status.peers.retain(|p| !(p.up && p.judged && p.loss_permille == 0 && p.line_moves == 0 && p.path.is_empty()));
     status.peers_up_omitted = status.peers_up_omitted.saturating_add(count(before - status.peers.len()));
+    let before = status.peers.len();
+    status.peers.retain(|p| p.judged || p.line_moves > 0 || !p.path.is_empty());
+    status.peers_unjudged_omitted = status.peers_unjudged_omitted.saturating_add(count(before - status.peers.len()));
     let before = status.active.len();
     status.active.retain(|a| !(a.peer == a.route_group && a.moves == 0));
     status.active_omitted = status.active_omitted.saturating_add(count(before - status.active.len()));
@@ -318,10 +485,11 @@ mod tests {
                 status.peers.push(pb::PeerHealth {
                     segment: segment.clone(),
                     peer: peer.clone(),
-                    up: m % 97 != 0,
+                    up: m % 97 != 0 && m < 1_900,
                     rtt_us: 800 + (m as u32 * 7) % 3000,
                     loss_permille: u32::from(m % 50 == 0),
-                    judged: true,
+                    // The last hundred members are still enrolling.
+                    judged: m < 1_900,
                     ..Default::default()
                 });
                 status.active.push(pb::ActivePath {
@@ -366,9 +534,14 @@ mod tests {
         assert!(stored.len() * 20 < json.len(), "stored {} bytes, JSON {}", stored.len(), json.len());
         let (f, c) = (full.status.as_ref().expect("full"), condensed.status.as_ref().expect("condensed"));
         let up = |s: &pb::Status| s.peers.iter().filter(|p| p.up).count() + s.peers_up_omitted as usize;
-        assert_eq!((up(c), c.peers.len() + c.peers_up_omitted as usize), (up(f), f.peers.len()), "peers up / total");
+        let total = |s: &pb::Status| s.peers.len() + (s.peers_up_omitted + s.peers_unjudged_omitted) as usize;
+        assert_eq!((up(c), total(c)), (up(f), f.peers.len()), "peers up / total");
+        assert_eq!(c.peers_unjudged_omitted, 500, "the members still enrolling are counted");
         assert_eq!(c.active.len() + c.active_omitted as usize, f.active.len(), "route groups");
-        assert!(c.peers.iter().all(|p| !p.up || p.loss_permille > 0), "every peer kept is down or lossy");
+        assert!(
+            c.peers.iter().all(|p| p.judged && (!p.up || p.loss_permille > 0)),
+            "every peer kept is judged down or lossy"
+        );
         assert!(c.active.iter().all(|a| a.moves > 0), "every route group kept has moved");
         assert!(c.peers.iter().any(|p| !p.up), "the peers down are kept");
         assert_eq!(decode_status(&stored).as_ref(), Some(&condensed), "protobuf reads back");

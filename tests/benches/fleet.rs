@@ -337,6 +337,11 @@ async fn replicas(sites: usize, count: usize) {
     println!("  enrol + converge:                {} (agents per replica {spread:?})", ms(t.elapsed()));
     let rss: Vec<String> = controllers.iter().map(|c| format!("{:.0}", rss_mib(c.pid()).0)).collect();
     println!("  controllers' RSS, converged:     {} MiB", rss.join(" / "));
+    let etcd_state = |etcd: &musubi_tests::EtcdServer| {
+        let rss: Vec<String> = etcd.pids().iter().map(|p| format!("{:.0}", rss_mib(*p).0)).collect();
+        format!("{:.0} MiB on disk (three members), RSS {} MiB", etcd.disk_bytes() as f64 / 1048576.0, rss.join(" / "))
+    };
+    println!("  etcd, converged:                 {}", etcd_state(&etcd));
 
     let victim = (0..count).max_by_key(|i| spread[*i]).expect("a replica");
     let others: Vec<usize> = (0..count).filter(|i| *i != victim).collect();
@@ -377,6 +382,7 @@ async fn replicas(sites: usize, count: usize) {
         "  restarted, 10 s later: agents per replica {now:?}; sent by the restarted one {}, again by the others {resent}; applied {applied}",
         sent(victim)
     );
+    println!("  etcd at the end:                 {}", etcd_state(&etcd));
     drop(fleet);
 }
 

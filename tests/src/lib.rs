@@ -111,6 +111,28 @@ impl EtcdServer {
         self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect()
     }
 
+    /// Bytes on disk of every member's data directory (its backend and
+    /// write-ahead log).
+    pub fn disk_bytes(&self) -> u64 {
+        fn walk(dir: &Path) -> u64 {
+            let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+            entries
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => walk(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        }
+        walk(self._dir.path())
+    }
+
+    /// Every member's process id.
+    pub fn pids(&self) -> Vec<u32> {
+        self.members.iter().map(Child::id).collect()
+    }
+
     /// Stops one member (`kill -9`).
     pub fn kill_member(&mut self, i: usize) {
         let _ = self.members[i].kill();

@@ -216,14 +216,33 @@ async fn conformance<S: IntentStore + 'static>(store: Arc<S>) {
     let token =
         Write { key: "/musubi/v1/tokens/conformance".into(), guard: Guard::Absent, value: Some(b"{}".to_vec()) };
     let event = |s: &str| Event { time_ms: T0 + 20, actor: "operator:a".into(), summary: s.into() };
-    let created = store.record(event("token created"), Some(token.clone())).await.expect("record").expect("written");
+    let created = store.record(event("token created"), vec![token.clone()]).await.expect("record").expect("written");
     assert_eq!((created.revision, created.event), (at.revision, 1));
     let before = store.history().await.expect("history");
     assert_eq!(before.last(), Some(&created));
-    assert_eq!(store.record(event("token again"), Some(token)).await.expect("record"), None, "its guard failed");
+    assert_eq!(store.record(event("token again"), vec![token]).await.expect("record"), None, "its guard failed");
     assert_eq!(store.history().await.expect("history"), before, "no entry without its write");
-    let second = store.record(event("site revoked"), None).await.expect("record").expect("written");
-    assert_eq!((second.revision, second.event, second.previous.as_str()), (at.revision, 2, created.hash.as_str()));
+    let first_second = store.record(event("site revoked"), Vec::new()).await.expect("record").expect("written");
+    assert_eq!(
+        (first_second.revision, first_second.event, first_second.previous.as_str()),
+        (at.revision, 2, created.hash.as_str())
+    );
+    // Several writes with one event (join tokens made for many sites at
+    // once): all or nothing — one guard that fails writes none of them.
+    let batch: Vec<Write> = (0..3)
+        .map(|i| Write {
+            key: format!("/musubi/v1/tokens/batch-{i}"),
+            guard: Guard::Absent,
+            value: Some(b"{}".to_vec()),
+        })
+        .collect();
+    let mut clashing = batch.clone();
+    clashing.push(Write { key: "/musubi/v1/tokens/conformance".into(), ..batch[0].clone() });
+    assert_eq!(store.record(event("tokens, one clashing"), clashing).await.expect("record"), None);
+    assert_eq!(store.list("/musubi/v1/tokens/batch-").await.expect("list").len(), 0, "none of the batch written");
+    let second = store.record(event("tokens for 3 sites"), batch).await.expect("record").expect("written");
+    assert_eq!(store.list("/musubi/v1/tokens/batch-").await.expect("list").len(), 3, "the whole batch written");
+    assert_eq!((second.event, second.previous.as_str()), (3, first_second.hash.as_str()));
     // A change planned before those events commits after them, linked to the
     // newest: nothing cut out of the chain.
     let change = Change {
@@ -526,4 +545,67 @@ async fn a_plan_takes_its_before_side_from_the_fanout_and_equals_one_compiled_af
     assert_eq!(stale_answered, 0, "the fan-out answered for keys of another generation");
     assert_eq!(held.sites.len(), fanout.sites().len(), "a change of settings reaches every site");
     assert_eq!(held, afresh, "the plan from the fan-out's configurations differs from one compiled afresh");
+}
+
+/// Join tokens made and spent in batches on a real etcd: 250 tokens in
+/// three audit entries; 250 agents enrolling at once spend them in a
+/// handful of entries, not 250; the same token presented twice at once
+/// is spent once; a token for another site is refused without failing
+/// the rest of its batch; the chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_tokens_are_made_and_spent_in_batches_of_one_audit_entry() {
+    use musubi_controller::sites::{self, Redeemer, TokenError};
+    let server = EtcdServer::start();
+    let store = Arc::new(connect(&server).await);
+    let sites: Vec<String> = (0..250).map(|i| format!("school-{i:03}")).collect();
+    let ttl = Duration::from_secs(600);
+    let now = 1_796_000_000_000;
+    let mut tokens = Vec::new();
+    for batch in sites.chunks(sites::TOKENS_PER_BATCH) {
+        tokens.extend(sites::create_tokens(&*store, batch, ttl, "operator:ops", now).await.expect("tokens"));
+    }
+    assert_eq!(tokens.len(), 250);
+    let spare = sites::create_token(&*store, "spare", ttl, "operator:ops", now).await.expect("token").0;
+    let made = store.history().await.expect("history").len();
+    assert_eq!(made, 4, "one audit entry per hundred tokens, and one for the spare");
+    let too_many: Vec<String> = (0..101).map(|i| format!("s{i}")).collect();
+    assert!(sites::create_tokens(&*store, &too_many, ttl, "operator:ops", now).await.is_err(), "101 in one batch");
+
+    let redeemer = Arc::new(Redeemer::new(store.clone()));
+    let mut spending = tokio::task::JoinSet::new();
+    for (site, (token, _)) in sites.iter().zip(&tokens) {
+        let (redeemer, site, token) = (redeemer.clone(), site.clone(), token.clone());
+        spending.spawn(async move { (site.clone(), redeemer.redeem(&token, &site, now + 1).await) });
+    }
+    // The first token again, at once, and the spare one for another site.
+    let (again, elsewhere) = (redeemer.clone(), redeemer.clone());
+    let first = tokens[0].0.clone();
+    spending.spawn(async move { ("replay".into(), again.redeem(&first, "school-000", now + 1).await) });
+    spending.spawn(async move { ("other-site".into(), elsewhere.redeem(&spare, "school-999", now + 1).await) });
+    let mut spent = 0;
+    let mut refused = BTreeMap::new();
+    while let Some(joined) = spending.join_next().await {
+        match joined.expect("task") {
+            (_, Ok(())) => spent += 1,
+            (site, Err(e)) => {
+                refused.insert(site, e);
+            }
+        }
+    }
+    // school-000 is spent once: by its agent or by the replay, whichever came first.
+    assert_eq!(spent, 250, "every token spent once; refused: {refused:?}");
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(refused.values().any(|e| matches!(e, TokenError::Used { .. })), "the replay: {refused:?}");
+    assert!(matches!(refused.get("other-site"), Some(TokenError::OtherSite { .. })), "{refused:?}");
+    let history = store.history().await.expect("history");
+    let entries = history.len() - made;
+    eprintln!("250 tokens spent in {entries} audit entries");
+    assert!(entries <= 25, "{entries} audit entries for 250 redemptions");
+    assert!(
+        history.iter().any(|e| e.summary.starts_with("join tokens of ") && e.summary.contains("school-123")),
+        "a batch's entry names its sites"
+    );
+    verify(&history).expect("chain verifies");
+    // Spent is spent.
+    assert!(matches!(sites::redeem(&*store, &tokens[5].0, "school-005", now + 2).await, Err(TokenError::Used { .. })));
 }

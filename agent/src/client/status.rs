@@ -105,6 +105,7 @@ impl Agent {
                 // The controller condenses what it stores; the agent reports all.
                 peers_up_omitted: 0,
                 active_omitted: 0,
+                peers_unjudged_omitted: 0,
             })),
         }
     }

@@ -163,11 +163,15 @@ enum RemoteCommand {
 
 #[derive(Subcommand, Debug)]
 enum TokenCommand {
-    /// Make a single-use token that lets one site's agent enrol.
-    #[command(after_help = "Example:\n  musubi token create --site kita-hall --ttl 30m")]
+    /// Make a single-use token that lets one site's agent enrol (for
+    /// several sites: one token each, one audit entry per hundred).
+    #[command(
+        after_help = "Example:\n  musubi token create --site kita-hall --ttl 30m\n  musubi token create --site kita-hall --site minami-school --ttl 2d > tokens.txt"
+    )]
     Create {
-        #[arg(long)]
-        site: String,
+        /// The site; repeat for several (printed as `site token` lines).
+        #[arg(long, required = true)]
+        site: Vec<String>,
         /// How long the token stays valid: 90s, 30m, 1h, 2d.
         #[arg(long, default_value = "1h", value_parser = remote::parse_duration)]
         ttl: std::time::Duration,

@@ -79,7 +79,27 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_secs(n * factor))
 }
 
-pub async fn token(client: &mut Client, site: String, ttl: std::time::Duration) -> Result<()> {
+pub async fn token(client: &mut Client, sites: Vec<String>, ttl: std::time::Duration) -> Result<()> {
+    if let [site] = &sites[..] {
+        return one_token(client, site.clone(), ttl).await;
+    }
+    let mut made = 0;
+    for batch in sites.chunks(100) {
+        let req = pb::CreateTokensRequest { sites: batch.to_vec(), ttl_seconds: ttl.as_secs() };
+        let resp = client.create_tokens(req).await.map_err(status)?.into_inner();
+        for t in resp.tokens {
+            println!("{} {}", t.site, t.token);
+            made += 1;
+        }
+    }
+    eprintln!(
+        "{made} single-use join tokens (`site token` per line), valid for {} s; they are shown only once",
+        ttl.as_secs()
+    );
+    Ok(())
+}
+
+async fn one_token(client: &mut Client, site: String, ttl: std::time::Duration) -> Result<()> {
     let resp = client
         .create_token(pb::CreateTokenRequest { site: site.clone(), ttl_seconds: ttl.as_secs() })
         .await
@@ -171,6 +191,9 @@ pub async fn site_status(client: &mut Client, site: Option<String>, json: bool) 
             if st.peers_up_omitted > 0 {
                 println!("peer:        and {} more up, without loss, never moved", st.peers_up_omitted);
             }
+            if st.peers_unjudged_omitted > 0 {
+                println!("peer:        and {} more not judged yet", st.peers_unjudged_omitted);
+            }
             for a in &st.active {
                 println!(
                     "path:        {:<12} {:<24} via {} on {} (moved {})",
@@ -216,7 +239,7 @@ pub async fn site_status(client: &mut Client, site: Option<String>, json: bool) 
             format!("r{}", s.desired_revision),
             sync,
             ago(reported.last_seen_unix_ms),
-            format!("{up}/{}", st.peers.len() + omitted),
+            format!("{up}/{}", st.peers.len() + omitted + st.peers_unjudged_omitted as usize),
             moves(&st),
             st.errors.len()
         );

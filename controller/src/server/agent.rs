@@ -62,6 +62,8 @@ pub struct AgentService<S> {
     stop: tokio::sync::watch::Receiver<bool>,
     /// The open stream of each site on this replica: a newer one closes it.
     open: Arc<std::sync::Mutex<OpenStreams>>,
+    /// Join tokens are spent in batches, one audit entry each.
+    redeemer: Arc<sites::Redeemer<S>>,
 }
 
 // Not derived: that would ask `S: Clone`, and the store is shared behind an `Arc`.
@@ -74,6 +76,7 @@ impl<S> Clone for AgentService<S> {
             settings: self.settings.clone(),
             stop: self.stop.clone(),
             open: self.open.clone(),
+            redeemer: self.redeemer.clone(),
         }
     }
 }
@@ -86,7 +89,8 @@ impl<S> AgentService<S> {
         settings: AgentSettings,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
-        AgentService { store, fanout, authority, settings, stop, open: Arc::default() }
+        let redeemer = Arc::new(sites::Redeemer::new(store.clone()));
+        AgentService { store, fanout, authority, settings, stop, open: Arc::default(), redeemer }
     }
 }
 
@@ -294,7 +298,7 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
         // does not parse leaves the token as it was. It is given out only
         // once the token is spent.
         let response = self.issue(&req.csr_pem, site)?;
-        match sites::redeem(&*self.store, &req.token, site, now_ms()).await {
+        match self.redeemer.redeem(&req.token, site, now_ms()).await {
             Ok(()) => {}
             Err(TokenError::Store(e)) => return Err(internal(e)),
             Err(e) => return refuse("bad_token", Status::permission_denied(e.to_string())),
@@ -390,6 +394,7 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
                 ..Default::default()
             },
             counted_in_sync: false,
+            status_every: STATUS_EVERY,
         };
         tracing::info!(site, version = %hello.agent_version, applied = hello.applied_revision, "agent connected");
         tokio::spawn(session.run(inbound, feed, tx, presence, hello.applied_digest, (stream, replaced)));
@@ -406,11 +411,21 @@ async fn end(tx: &mpsc::Sender<Out>, status: Status) {
 /// The shortest time between two writes of one agent's status.
 const STATUS_EVERY: Duration = Duration::from_millis(100);
 
+/// The shortest time between two writes of a status record of `bytes`:
+/// [`STATUS_EVERY`], and a second per megabyte — an access point's record
+/// while thousands of its members enrol (each acknowledged configuration a
+/// new record) is written at most about a megabyte a second.
+fn status_every(bytes: usize) -> Duration {
+    STATUS_EVERY.max(Duration::from_micros(bytes as u64))
+}
+
 struct Session<S> {
     service: AgentService<S>,
     status: pb::SiteStatus,
     /// Whether this session is counted in `agents_in_sync`.
     counted_in_sync: bool,
+    /// The shortest time to the next status write (see [`status_every`]).
+    status_every: Duration,
 }
 
 impl<S: IntentStore + 'static> Session<S> {
@@ -442,7 +457,9 @@ impl<S: IntentStore + 'static> Session<S> {
                 !self.status.desired_digest.is_empty() && s.applied_digest == self.status.desired_digest
             });
         self.in_sync(Some(in_sync));
-        if let Err(e) = presence.set(sites::encode_status(&self.status)).await {
+        let record = sites::encode_status(&self.status);
+        self.status_every = status_every(record.len());
+        if let Err(e) = presence.set(record).await {
             tracing::warn!(site = %self.status.site, error = %e, "cannot store agent status");
         }
     }
@@ -471,7 +488,7 @@ impl<S: IntentStore + 'static> Session<S> {
         // same moment), and a configuration overtaken by a newer one before
         // it left is never sent.
         let mut pending: Option<Arc<Delivery>>;
-        // At most one status write per STATUS_EVERY for each agent: a report
+        // At most one status write per `status_every` for each agent: a report
         // arriving sooner is kept and written when the interval is up (the
         // newest one wins), so an agent that floods loses nothing but the
         // store and the replicas are spared.
@@ -499,12 +516,12 @@ impl<S: IntentStore + 'static> Session<S> {
                     sent_digest = d.digest.clone();
                     // Written with the agent's acknowledgement, which comes
                     // within the interval: one write per change, not two.
-                    if !unwritten && published.elapsed() >= STATUS_EVERY {
+                    if !unwritten && published.elapsed() >= self.status_every {
                         published = tokio::time::Instant::now();
                     }
                     unwritten = true;
                 }
-                _ = tokio::time::sleep_until(published + STATUS_EVERY), if unwritten => {
+                _ = tokio::time::sleep_until(published + self.status_every), if unwritten => {
                     self.publish_status(&presence, &feed).await;
                     (published, unwritten) = (tokio::time::Instant::now(), false);
                 }
@@ -524,7 +541,7 @@ impl<S: IntentStore + 'static> Session<S> {
                         let mut status = tidy(status);
                         sites::condense(&mut status);
                         self.status.status = Some(status);
-                        if published.elapsed() >= STATUS_EVERY {
+                        if published.elapsed() >= self.status_every {
                             self.publish_status(&presence, &feed).await;
                             (published, unwritten) = (tokio::time::Instant::now(), false);
                         } else {
@@ -583,6 +600,15 @@ mod tests {
 
     use super::*;
     use crate::fanout::Kept;
+
+    /// A small record may be written every 100 ms; a megabyte one (an
+    /// access point's while its members enrol) once a second.
+    #[test]
+    fn large_status_records_are_written_less_often() {
+        assert_eq!(status_every(300), STATUS_EVERY);
+        assert_eq!(status_every(15_000), STATUS_EVERY);
+        assert_eq!(status_every(1_500_000), Duration::from_millis(1_500));
+    }
 
     fn delivery(config: Kept) -> Arc<Delivery> {
         Arc::new(Delivery { revision: 7, digest: "d".into(), config, size: 0 })

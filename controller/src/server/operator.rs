@@ -660,6 +660,45 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         Ok(Response::new(pb::CreateTokenResponse { token, expires_unix_ms: expires }))
     }
 
+    async fn create_tokens(
+        &self,
+        request: Request<pb::CreateTokensRequest>,
+    ) -> Result<Response<pb::CreateTokensResponse>, Status> {
+        let who = actor(&request);
+        let (rights, current) = self.rights(&request, "create_token").await?;
+        let req = request.into_inner();
+        if req.sites.is_empty() || req.sites.len() > sites::TOKENS_PER_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "{} sites: a batch of join tokens is for 1 to {} sites",
+                req.sites.len(),
+                sites::TOKENS_PER_BATCH
+            )));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for site in &req.sites {
+            if !seen.insert(site.as_str()) {
+                return Err(Status::invalid_argument(format!("site `{site}` is named twice in the batch")));
+            }
+            if self.fanout.subscribe(site).is_none() {
+                return Err(Status::not_found(format!("site `{site}` is not in the intent")));
+            }
+            manages(&rights, &current, site, "create a join token for")?;
+        }
+        if req.ttl_seconds == 0 || req.ttl_seconds > 7 * 86_400 {
+            return Err(Status::invalid_argument("a token lives between 1 s and 7 days (--ttl)"));
+        }
+        let ttl = std::time::Duration::from_secs(req.ttl_seconds);
+        let made = sites::create_tokens(&*self.store, &req.sites, ttl, &who, now_ms()).await.map_err(store_status)?;
+        tracing::info!(sites = req.sites.len(), actor = %who, ttl_s = req.ttl_seconds, "join tokens created");
+        let tokens = req
+            .sites
+            .into_iter()
+            .zip(made)
+            .map(|(site, (token, expires_unix_ms))| pb::SiteToken { site, token, expires_unix_ms })
+            .collect();
+        Ok(Response::new(pb::CreateTokensResponse { tokens }))
+    }
+
     async fn revoke_site(
         &self,
         request: Request<pb::RevokeSiteRequest>,

@@ -142,11 +142,11 @@ impl IntentStore for AnyStore {
         }
     }
 
-    async fn record(&self, event: Event, write: Option<Write>) -> Result<Option<AuditEntry>, StoreError> {
+    async fn record(&self, event: Event, writes: Vec<Write>) -> Result<Option<AuditEntry>, StoreError> {
         timed("record", async {
             match self {
-                AnyStore::Embedded(s) => s.record(event, write).await,
-                AnyStore::Etcd(s) => s.record(event, write).await,
+                AnyStore::Embedded(s) => s.record(event, writes).await,
+                AnyStore::Etcd(s) => s.record(event, writes).await,
             }
         })
         .await

@@ -166,14 +166,15 @@ fn moves_sites(key: &str) -> bool {
 }
 
 impl Embedded {
-    fn record_blocking(&self, event: Event, write: Option<Write>) -> Result<Option<AuditEntry>, StoreError> {
+    fn record_blocking(&self, event: Event, writes: Vec<Write>) -> Result<Option<AuditEntry>, StoreError> {
         let tx = self.db.begin_write().map_err(backend)?;
         let entry = {
             let mut table = tx.open_table(KV).map_err(backend)?;
-            if let Some(w) = &write
-                && !write_guarded(&mut table, &w.key, &w.guard, w.value.as_deref())?
-            {
-                return Ok(None);
+            for w in &writes {
+                // A guard that fails drops the transaction: nothing written.
+                if !write_guarded(&mut table, &w.key, &w.guard, w.value.as_deref())? {
+                    return Ok(None);
+                }
             }
             let revision = match table.get(layout::REVISION).map_err(backend)? {
                 Some(v) => layout::revision_value(v.value())?,
@@ -202,11 +203,11 @@ impl IntentStore for Embedded {
         Ok((s.revision, s.head))
     }
 
-    async fn record(&self, event: Event, write: Option<Write>) -> Result<Option<AuditEntry>, StoreError> {
-        let notify = write.as_ref().is_some_and(|w| moves_sites(&w.key));
+    async fn record(&self, event: Event, writes: Vec<Write>) -> Result<Option<AuditEntry>, StoreError> {
+        let notify = writes.iter().any(|w| moves_sites(&w.key));
         let this = self.clone();
         let entry =
-            tokio::task::spawn_blocking(move || this.record_blocking(event, write)).await.map_err(backend)??;
+            tokio::task::spawn_blocking(move || this.record_blocking(event, writes)).await.map_err(backend)??;
         if entry.is_some() && notify {
             self.sites.send_modify(|n| *n += 1);
         }

@@ -274,11 +274,7 @@ fn compare(key: &str, guard: &Guard) -> Option<Compare> {
 impl Etcd {
     /// One attempt at appending `event` after the head read just before:
     /// `Ok(Err(()))` when the head moved meanwhile (try again).
-    async fn record_once(
-        &self,
-        event: &Event,
-        write: Option<&Write>,
-    ) -> Result<Result<Option<AuditEntry>, ()>, StoreError> {
+    async fn record_once(&self, event: &Event, writes: &[Write]) -> Result<Result<Option<AuditEntry>, ()>, StoreError> {
         let (revision, raw) = self.head_raw().await?;
         let head = raw.as_deref().map(layout::parse_head).transpose()?;
         let mut entry = AuditEntry::event(head.as_ref(), revision, event.time_ms, &event.actor, &event.summary);
@@ -290,7 +286,7 @@ impl Etcd {
             TxnOp::put(layout::entry_key(&entry), bytes.clone(), None),
             TxnOp::put(layout::HEAD, bytes.clone(), None),
         ];
-        if let Some(w) = write {
+        for w in writes {
             compares.extend(compare(&w.key, &w.guard));
             ops.push(write_op(&w.key, w.value.clone()));
         }
@@ -326,10 +322,10 @@ impl IntentStore for Etcd {
         Ok((revision, raw.as_deref().map(layout::parse_head).transpose()?))
     }
 
-    async fn record(&self, event: Event, write: Option<Write>) -> Result<Option<AuditEntry>, StoreError> {
+    async fn record(&self, event: Event, writes: Vec<Write>) -> Result<Option<AuditEntry>, StoreError> {
         let _one = self.appending.lock().await;
         for attempt in 1..=ATTEMPTS {
-            match retrying(|| self.record_once(&event, write.as_ref())).await? {
+            match retrying(|| self.record_once(&event, &writes)).await? {
                 Ok(done) => return Ok(done),
                 Err(()) => tracing::debug!(attempt, "the audit head moved while an event was appended; again"),
             }

@@ -145,13 +145,13 @@ pub trait IntentStore: Send + Sync {
     /// The intent revision and the head of the audit chain, as stored now.
     fn head(&self) -> impl Future<Output = Result<(u64, Option<AuditEntry>), StoreError>> + Send;
 
-    /// Writes `write` if its guard holds and appends `event` to the audit
-    /// chain after the current head, atomically: both or neither.
-    /// `Ok(None)` when the guard did not hold (nothing was written).
+    /// Writes `writes` if every one's guard holds and appends `event` to the
+    /// audit chain after the current head, atomically: all or nothing.
+    /// `Ok(None)` when a guard did not hold (nothing was written).
     fn record(
         &self,
         event: Event,
-        write: Option<Write>,
+        writes: Vec<Write>,
     ) -> impl Future<Output = Result<Option<AuditEntry>, StoreError>> + Send;
 
     /// A counter that moves whenever an agent's public key or a revocation
