@@ -290,6 +290,9 @@ async fn replicas(sites: usize, count: usize) {
     println!("{count} replicas on a {count}-member etcd, {sites} sites × 5 segments");
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().to_path_buf();
+    if std::env::var_os("MUSUBI_BENCH_KEEP").is_some() {
+        println!("  logs kept in {}", tmp.keep().display());
+    }
     let etcd = musubi_tests::EtcdServer::cluster(count);
     let store = format!("etcd://{}", etcd.endpoints().join(","));
     let pki = Pki::init(&dir.join("pki"));
@@ -342,6 +345,14 @@ async fn replicas(sites: usize, count: usize) {
         format!("{:.0} MiB on disk (three members), RSS {} MiB", etcd.disk_bytes() as f64 / 1048576.0, rss.join(" / "))
     };
     println!("  etcd, converged:                 {}", etcd_state(&etcd));
+    // Where the enrolment's time went: CPU of each process since it started.
+    let cpu = |pids: Vec<u32>| pids.iter().map(|p| format!("{:.1}", cpu_seconds(*p))).collect::<Vec<_>>().join(" / ");
+    println!(
+        "  CPU so far, s: controllers {}; etcd members {}; the simulator (this process) {:.1}",
+        cpu(controllers.iter().map(Controller::pid).collect()),
+        cpu(etcd.pids()),
+        cpu_seconds(std::process::id())
+    );
 
     let victim = (0..count).max_by_key(|i| spread[*i]).expect("a replica");
     let others: Vec<usize> = (0..count).filter(|i| *i != victim).collect();

@@ -203,6 +203,21 @@ async fn conformance<S: IntentStore + 'static>(store: Arc<S>) {
     }
     assert!(gone_at.is_some(), "a dropped presence was not withdrawn");
 
+    // A site's agent moved to another session (another replica) while the
+    // old one still wrote: the old one's late writes and its withdrawal
+    // leave the new one's record as it is (on etcd the old session's last
+    // status replaced the record under its own lease, and revoking that
+    // lease deleted it: 1,163 of 10,000 connected agents shown offline).
+    let old = store.announce("kita-hall", Duration::from_secs(30)).await.expect("announce");
+    let new = store.announce("kita-hall", Duration::from_secs(30)).await.expect("announce");
+    new.set(b"new".to_vec()).await.expect("set");
+    old.set(b"old".to_vec()).await.expect("a late write is not an error");
+    assert_eq!(store.present().await.expect("present").get("kita-hall"), Some(&b"new".to_vec()), "the newer holder's");
+    drop(old);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.present().await.expect("present").get("kita-hall"), Some(&b"new".to_vec()), "still there");
+    drop(new);
+
     // A watcher from a later revision starts after it.
     let mut late = watch(store.clone(), last.revision - 1).await.expect("watch");
     let next =

@@ -14,7 +14,7 @@ mod settings;
 mod status;
 pub mod supervisor;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use musubi_proto::v1 as pb;
@@ -333,6 +333,8 @@ impl Agent {
         let mut done = before.clone();
         let mut earlier = 0;
         let mut decided = false;
+        // The peers whose failed line's first step probed every tunnel after it.
+        let mut probed: BTreeSet<String> = BTreeSet::new();
         // Bounded: each round needs a flip judged during the one before.
         for _ in 0..8 {
             self.wake_at = wake(&actions);
@@ -351,7 +353,9 @@ impl Agent {
                 earlier += self.move_groups(&done, &after);
             }
             if after.paths != done.paths {
-                earlier += self.move_failed_lines(&done, &after);
+                let (ops, moved) = self.move_failed_lines(&done, &after);
+                earlier += ops;
+                probed.extend(moved);
             }
             done = after;
             let Some(fresh) = seen.as_ref().and_then(|s| self.flipped_since(s)) else { break };
@@ -369,26 +373,27 @@ impl Agent {
         // follows it at its next probe, up to an interval later — 26–59 ms
         // without traffic towards the site on every return to its
         // preferred line in primary-line-cut. Probed now, it follows now.
-        if after.paths != before.paths
-            && let Some(p) = &self.prober
-        {
+        let unprobed =
+            after.paths.iter().any(|(peer, path)| before.paths.get(peer) != Some(path) && !probed.contains(peer));
+        if unprobed && let Some(p) = &self.prober {
             p.probe_now();
         }
         built
     }
 
     /// Moves the lines that moved from `before` to `after` because the path
-    /// in use failed, by themselves; the operations written.
-    fn move_failed_lines(&mut self, before: &Choices, after: &Choices) -> usize {
+    /// in use failed, by themselves; the operations written, and the peers
+    /// moved (every tunnel is probed after them).
+    fn move_failed_lines(&mut self, before: &Choices, after: &Choices) -> (usize, BTreeSet<String>) {
         let (Some(config), Some(prober)) = (self.applied.as_ref().and_then(|a| a.config.as_ref()), &self.prober) else {
-            return 0;
+            return (0, BTreeSet::new());
         };
         let failed = {
             let health = prober.health.lock().unwrap_or_else(|e| e.into_inner());
             crate::failover::failed_lines(config, before, after, &|k| health.get(k).cloned())
         };
         if failed.is_empty() {
-            return 0;
+            return (0, BTreeSet::new());
         }
         let (keys, hops) = (&self.keys, &self.hops);
         let result = off_workers(self.datapath.blocks(), || {
@@ -396,15 +401,13 @@ impl Agent {
         });
         match result {
             Ok(ops) => {
-                if let Some(p) = &self.prober {
-                    p.probe_now();
-                }
-                ops.len()
+                prober.probe_now();
+                (ops.len(), failed)
             }
             Err(e) => {
                 // The full build that follows tries again.
                 tracing::warn!(site = %self.settings.site, error = %e, "a failed line's peers not moved first");
-                0
+                (0, BTreeSet::new())
             }
         }
     }

@@ -398,11 +398,17 @@ impl IntentStore for Etcd {
         });
         let mut revoker = self.client.clone();
         let setter = self.clone();
+        // Only while the record is this holder's (its lease): a session
+        // that another one of the same site replaced (the agent moved to
+        // another replica) must not take the record back with a late write,
+        // or its withdrawal (revoking its lease) deletes the live one.
         let set: super::presence::Setter = Box::new(move |value: Vec<u8>| {
             let (store, key) = (setter.clone(), key.clone());
             Box::pin(async move {
                 let put = etcd_client::PutOptions::new().with_lease(lease);
-                store.kv().put(key.as_str(), value, Some(put)).await.map(|_| ()).map_err(backend)
+                let own = Compare::lease(key.as_str(), CompareOp::Equal, lease);
+                let txn = Txn::new().when([own]).and_then([TxnOp::put(key.as_str(), value, Some(put))]);
+                store.kv().txn(txn).await.map(|_| ()).map_err(backend)
             })
         });
         Ok(Presence::new(
