@@ -182,8 +182,7 @@ struct Pending {
 /// spent meanwhile, on another replica), each of the batch is tried on
 /// its own, so that only that one is refused.
 pub struct Redeemer<S> {
-    store: Arc<S>,
-    queue: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Pending>>,
+    batches: Batches<S, Pending>,
 }
 
 impl<S> std::fmt::Debug for Redeemer<S> {
@@ -192,39 +191,60 @@ impl<S> std::fmt::Debug for Redeemer<S> {
     }
 }
 
-impl<S> Redeemer<S> {
-    pub fn new(store: Arc<S>) -> Redeemer<S> {
-        Redeemer { store, queue: std::sync::OnceLock::new() }
-    }
-}
-
 impl<S: IntentStore + 'static> Redeemer<S> {
+    pub fn new(store: Arc<S>) -> Redeemer<S> {
+        Redeemer { batches: Batches::new(store, |store, batch| Box::pin(async move { spend(&*store, batch).await })) }
+    }
+
     /// Spends `token` for `site`, in the next batch.
     pub async fn redeem(&self, token: &str, site: &str, now_ms: u64) -> Result<(), TokenError> {
-        let queue = self.queue.get_or_init(|| {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            tokio::spawn(spend_batches(self.store.clone(), rx));
-            tx
-        });
         let (done, answer) = tokio::sync::oneshot::channel();
         let pending = Pending { token: token.to_string(), site: site.to_string(), now_ms, done };
-        if queue.send(pending).is_err() {
+        if !self.batches.push(pending) {
             return Err(StoreError::backend("join tokens", "the redemption queue stopped").into());
         }
         answer.await.unwrap_or_else(|_| Err(StoreError::backend("join tokens", "a redemption was dropped").into()))
     }
 }
 
-async fn spend_batches<S: IntentStore>(store: Arc<S>, mut queue: tokio::sync::mpsc::UnboundedReceiver<Pending>) {
-    while let Some(first) = queue.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < TOKENS_PER_BATCH {
-            match queue.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
-        spend(&*store, batch).await;
+/// What a batch of `T` is handed to, with the store.
+type Handler<S, T> = fn(Arc<S>, Vec<T>) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Items handled in batches by a task started with the first one (group
+/// commit): the task takes what the queue holds, up to
+/// [`TOKENS_PER_BATCH`] at a time, waiting only for the first; the next
+/// batch is what arrived while one was handled.
+struct Batches<S, T> {
+    store: Arc<S>,
+    handle: Handler<S, T>,
+    queue: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<T>>,
+}
+
+impl<S: Send + Sync + 'static, T: Send + 'static> Batches<S, T> {
+    fn new(store: Arc<S>, handle: Handler<S, T>) -> Batches<S, T> {
+        Batches { store, handle, queue: std::sync::OnceLock::new() }
+    }
+
+    /// Queues `item`; false if the task is gone.
+    fn push(&self, item: T) -> bool {
+        let queue = self.queue.get_or_init(|| {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<T>();
+            let (store, handle) = (self.store.clone(), self.handle);
+            tokio::spawn(async move {
+                while let Some(first) = rx.recv().await {
+                    let mut batch = vec![first];
+                    while batch.len() < TOKENS_PER_BATCH {
+                        match rx.try_recv() {
+                            Ok(item) => batch.push(item),
+                            Err(_) => break,
+                        }
+                    }
+                    handle(store.clone(), batch).await;
+                }
+            });
+            tx
+        });
+        queue.send(item).is_ok()
     }
 }
 
@@ -323,21 +343,79 @@ pub async fn claim_key<S: IntentStore>(store: &S, key: &str, site: &str, segment
     Ok(if held == owner { Claim::Theirs } else { Claim::Other(held) })
 }
 
-/// The audit entry of keys newly registered for `site`: (segment, key).
-pub async fn keys_registered<S: IntentStore>(
-    store: &S,
-    site: &str,
-    keys: &[(String, String)],
-    now_ms: u64,
-) -> Result<(), StoreError> {
+/// "WireGuard keys registered for site S: segment sha256:…, …".
+fn keys_summary(site: &str, keys: &[(String, String)]) -> String {
+    format!("WireGuard keys registered for site {site}: {}", key_list(keys))
+}
+
+fn key_list(keys: &[(String, String)]) -> String {
     let list: Vec<String> =
         keys.iter().map(|(segment, key)| format!("{segment} sha256:{}", &hash(key)[..16])).collect();
-    let event = Event {
-        time_ms: now_ms,
-        actor: format!("site:{site}"),
-        summary: format!("WireGuard keys registered for site {site}: {}", list.join(", ")),
+    list.join(", ")
+}
+
+/// One site's new keys, waiting for their batch.
+struct NewKeys {
+    site: String,
+    keys: Vec<(String, String)>,
+    now_ms: u64,
+    done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// Appends the audit entries of keys newly registered — one per site,
+/// every agent's first status — in batches: the registrations that arrive
+/// while one batch is appended become one entry naming every site and key
+/// (10,000 agents enrolling on three replicas queued behind 10,000
+/// serialised appends: the operator's batches of join tokens waited
+/// seconds each behind them).
+pub struct KeysAudit<S> {
+    batches: Batches<S, NewKeys>,
+}
+
+impl<S> std::fmt::Debug for KeysAudit<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeysAudit").finish_non_exhaustive()
+    }
+}
+
+impl<S: IntentStore + 'static> KeysAudit<S> {
+    pub fn new(store: Arc<S>) -> KeysAudit<S> {
+        KeysAudit {
+            batches: Batches::new(store, |store, batch| Box::pin(async move { append_keys(&*store, batch).await })),
+        }
+    }
+
+    /// Records that `site` registered `keys`, in the next batch.
+    pub async fn registered(&self, site: &str, keys: &[(String, String)], now_ms: u64) -> Result<(), StoreError> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let new = NewKeys { site: site.to_string(), keys: keys.to_vec(), now_ms, done };
+        if !self.batches.push(new) {
+            return Err(StoreError::backend("audit", "the key registrations' queue stopped"));
+        }
+        match answer.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(StoreError::backend("audit", message)),
+            Err(_) => Err(StoreError::backend("audit", "a key registration was dropped")),
+        }
+    }
+}
+
+async fn append_keys<S: IntentStore>(store: &S, batch: Vec<NewKeys>) {
+    let Some(now_ms) = batch.iter().map(|n| n.now_ms).max() else { return };
+    let event = match &batch[..] {
+        [one] => {
+            Event { time_ms: now_ms, actor: format!("site:{}", one.site), summary: keys_summary(&one.site, &one.keys) }
+        }
+        _ => {
+            let sites: Vec<String> = batch.iter().map(|n| format!("{}: {}", n.site, key_list(&n.keys))).collect();
+            let summary = format!("WireGuard keys registered for {} sites: {}", batch.len(), sites.join("; "));
+            Event { time_ms: now_ms, actor: "controller:enrolment".to_string(), summary }
+        }
     };
-    store.record(event, Vec::new()).await.map(|_| ())
+    let result = store.record(event, Vec::new()).await.map(|_| ()).map_err(|e| e.to_string());
+    for n in batch {
+        let _ = n.done.send(result.clone());
+    }
 }
 
 /// A site removed from the intent: the certificates issued to it until now

@@ -624,3 +624,33 @@ async fn join_tokens_are_made_and_spent_in_batches_of_one_audit_entry() {
     // Spent is spent.
     assert!(matches!(sites::redeem(&*store, &tokens[5].0, "school-005", now + 2).await, Err(TokenError::Used { .. })));
 }
+
+/// New WireGuard keys' audit entries, from many agents at once, are
+/// appended in batches on a real etcd: 300 sites' registrations in a
+/// handful of entries, each site and key named; the chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_keys_audit_entries_are_appended_in_batches() {
+    use musubi_controller::sites::KeysAudit;
+    let server = EtcdServer::start();
+    let store = Arc::new(connect(&server).await);
+    let audit = Arc::new(KeysAudit::new(store.clone()));
+    let key = |i: usize| base64::engine::general_purpose::STANDARD.encode([i as u8; 32]);
+    let mut registering = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        let (audit, site) = (audit.clone(), format!("school-{i:03}"));
+        let keys = vec![("lgwan".to_string(), key(i)), ("inet".to_string(), key(i + 1))];
+        registering.spawn(async move { audit.registered(&site, &keys, 1_796_000_000_000).await });
+    }
+    while let Some(done) = registering.join_next().await {
+        done.expect("task").expect("recorded");
+    }
+    let history = store.history().await.expect("history");
+    eprintln!("300 sites' new keys in {} audit entries", history.len());
+    assert!(history.len() <= 30, "{} entries for 300 registrations", history.len());
+    let all: String = history.iter().map(|e| e.summary.as_str()).collect::<Vec<_>>().join("\n");
+    for i in [0, 150, 299] {
+        assert!(all.contains(&format!("school-{i:03}")), "school-{i:03} named");
+    }
+    assert_eq!(all.matches(" sha256:").count(), 600, "every key named once");
+    verify(&history).expect("chain verifies");
+}

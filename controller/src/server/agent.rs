@@ -64,6 +64,8 @@ pub struct AgentService<S> {
     open: Arc<std::sync::Mutex<OpenStreams>>,
     /// Join tokens are spent in batches, one audit entry each.
     redeemer: Arc<sites::Redeemer<S>>,
+    /// New keys' audit entries, appended in batches.
+    keys_audit: Arc<sites::KeysAudit<S>>,
 }
 
 // Not derived: that would ask `S: Clone`, and the store is shared behind an `Arc`.
@@ -77,11 +79,12 @@ impl<S> Clone for AgentService<S> {
             stop: self.stop.clone(),
             open: self.open.clone(),
             redeemer: self.redeemer.clone(),
+            keys_audit: self.keys_audit.clone(),
         }
     }
 }
 
-impl<S> AgentService<S> {
+impl<S: IntentStore + 'static> AgentService<S> {
     pub fn new(
         store: Arc<S>,
         fanout: Arc<Fanout>,
@@ -90,7 +93,8 @@ impl<S> AgentService<S> {
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         let redeemer = Arc::new(sites::Redeemer::new(store.clone()));
-        AgentService { store, fanout, authority, settings, stop, open: Arc::default(), redeemer }
+        let keys_audit = Arc::new(sites::KeysAudit::new(store.clone()));
+        AgentService { store, fanout, authority, settings, stop, open: Arc::default(), redeemer, keys_audit }
     }
 }
 
@@ -169,7 +173,7 @@ impl<S: IntentStore + 'static> AgentService<S> {
         }
         let fresh = owned;
         if !new.is_empty() {
-            sites::keys_registered(&*self.store, site, &new, now_ms()).await.map_err(internal)?;
+            self.keys_audit.registered(site, &new, now_ms()).await.map_err(internal)?;
         }
         if !fresh.is_empty() {
             self.store.put_public_keys(site, &fresh).await.map_err(internal)?;
