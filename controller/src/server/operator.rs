@@ -646,7 +646,10 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         let who = actor(&request);
         let (rights, current) = self.rights(&request, "create_token").await?;
         let req = request.into_inner();
-        if self.fanout.subscribe(&req.site).is_none() {
+        // The intent as read for this call, not the fan-out, which follows a
+        // commit a moment after it returns (a token asked for right after an
+        // import found no such site).
+        if !current.intent.sites.contains_key(&req.site) {
             return Err(Status::not_found(format!("site `{}` is not in the intent", req.site)));
         }
         manages(&rights, &current, &req.site, "create a join token for")?;
@@ -679,7 +682,7 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
             if !seen.insert(site.as_str()) {
                 return Err(Status::invalid_argument(format!("site `{site}` is named twice in the batch")));
             }
-            if self.fanout.subscribe(site).is_none() {
+            if !current.intent.sites.contains_key(site) {
                 return Err(Status::not_found(format!("site `{site}` is not in the intent")));
             }
             manages(&rights, &current, site, "create a join token for")?;
