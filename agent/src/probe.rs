@@ -92,17 +92,16 @@ pub struct Target {
 /// other peers (see [`Target::member`]).
 pub const MEMBER_SLOWDOWN: u32 = 4;
 
+/// A probe setting's interval and multiplier as probing uses them (at
+/// least 10 ms, at least once).
+pub fn timing(probe: pb::ProbeSettings) -> (Duration, u32) {
+    (Duration::from_millis(u64::from(probe.interval_ms.max(10))), probe.multiplier.max(1))
+}
+
 impl Target {
     fn new(key: Key, interface: &str, local: IpAddr, address: IpAddr, probe: pb::ProbeSettings) -> Target {
-        Target {
-            key,
-            interface: interface.to_string(),
-            local,
-            address,
-            interval: Duration::from_millis(u64::from(probe.interval_ms.max(10))),
-            multiplier: probe.multiplier.max(1),
-            member: false,
-        }
+        let (interval, multiplier) = timing(probe);
+        Target { key, interface: interface.to_string(), local, address, interval, multiplier, member: false }
     }
 
     /// How often this target is probed.

@@ -10,6 +10,18 @@
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/musubi.v1.rs"));
     include!(concat!(env!("OUT_DIR"), "/musubi.v1.serde.rs"));
+
+    impl Status {
+        /// Peers up, those a stored record only counts included.
+        pub fn peers_up(&self) -> usize {
+            self.peers.iter().filter(|p| p.up).count() + self.peers_up_omitted as usize
+        }
+
+        /// Every peer, those a stored record only counts included.
+        pub fn peers_total(&self) -> usize {
+            self.peers.len() + (self.peers_up_omitted as usize) + (self.peers_unjudged_omitted as usize)
+        }
+    }
 }
 
 #[cfg(feature = "grpc")]

@@ -323,11 +323,11 @@ fn member_heard_after(config: &SiteConfig, health: HealthOf<'_>, member: &str, t
     let mut heard_after = false;
     for (remote, probe) in lines {
         let Some(last) = health(&Key::Heard { remote }).and_then(|h| h.last_reply) else { continue };
-        let interval = Duration::from_millis(u64::from(probe.interval_ms.max(10)));
+        let (interval, multiplier) = crate::probe::timing(probe);
         let silent = now.saturating_duration_since(last) > interval * 2;
         if last > quiet + quiet_window(tunnel, interval) {
             heard_after = true;
-        } else if silent && last + interval * probe.multiplier.max(1) > quiet {
+        } else if silent && last + interval * multiplier > quiet {
             // Heard until about when the tunnel went quiet, not since.
             return false;
         }

@@ -217,8 +217,7 @@ pub async fn site_status(client: &mut Client, site: Option<String>, json: bool) 
     for s in &resp.sites {
         let reported = s.reported.clone().unwrap_or_default();
         let st = reported.status.clone().unwrap_or_default();
-        let omitted = st.peers_up_omitted as usize;
-        let up = st.peers.iter().filter(|p| p.up).count() + omitted;
+        let up = st.peers_up();
         let connected = if s.revoked {
             "revoked"
         } else if s.connected {
@@ -239,7 +238,7 @@ pub async fn site_status(client: &mut Client, site: Option<String>, json: bool) 
             format!("r{}", s.desired_revision),
             sync,
             ago(reported.last_seen_unix_ms),
-            format!("{up}/{}", st.peers.len() + omitted + st.peers_unjudged_omitted as usize),
+            format!("{up}/{}", st.peers_total()),
             moves(&st),
             st.errors.len()
         );

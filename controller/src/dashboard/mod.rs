@@ -111,10 +111,8 @@ pub fn opening(s: &Summary) -> serde_json::Value {
 /// A site's row from its state.
 pub fn row(state: &pb::SiteState, tenant: &str, access_point: bool, region: &'static str) -> Row {
     let status = state.reported.as_ref().and_then(|r| r.status.as_ref());
-    let omitted = status.map_or(0, |s| s.peers_up_omitted as usize);
-    let unjudged = status.map_or(0, |s| s.peers_unjudged_omitted as usize);
-    let peers = status.map_or(0, |s| s.peers.len()) + omitted + unjudged;
-    let peers_up = status.map_or(0, |s| s.peers.iter().filter(|p| p.up).count()) + omitted;
+    let peers = status.map_or(0, pb::Status::peers_total);
+    let peers_up = status.map_or(0, pb::Status::peers_up);
     let applied = status.map_or(0, |s| s.applied_revision);
     let in_sync = status.is_some_and(|s| !state.desired_digest.is_empty() && s.applied_digest == state.desired_digest);
     let errors = status.is_some_and(|s| !s.errors.is_empty());

@@ -646,17 +646,7 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         let who = actor(&request);
         let (rights, current) = self.rights(&request, "create_token").await?;
         let req = request.into_inner();
-        // The intent as read for this call, not the fan-out, which follows a
-        // commit a moment after it returns (a token asked for right after an
-        // import found no such site).
-        if !current.intent.sites.contains_key(&req.site) {
-            return Err(Status::not_found(format!("site `{}` is not in the intent", req.site)));
-        }
-        manages(&rights, &current, &req.site, "create a join token for")?;
-        if req.ttl_seconds == 0 || req.ttl_seconds > 7 * 86_400 {
-            return Err(Status::invalid_argument("a token lives between 1 s and 7 days (--ttl)"));
-        }
-        let ttl = std::time::Duration::from_secs(req.ttl_seconds);
+        let ttl = token_request(&rights, &current, std::slice::from_ref(&req.site), req.ttl_seconds)?;
         let (token, expires) =
             sites::create_token(&*self.store, &req.site, ttl, &who, now_ms()).await.map_err(store_status)?;
         tracing::info!(site = %req.site, actor = %who, ttl_s = req.ttl_seconds, "join token created");
@@ -678,19 +668,10 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
             )));
         }
         let mut seen = std::collections::BTreeSet::new();
-        for site in &req.sites {
-            if !seen.insert(site.as_str()) {
-                return Err(Status::invalid_argument(format!("site `{site}` is named twice in the batch")));
-            }
-            if !current.intent.sites.contains_key(site) {
-                return Err(Status::not_found(format!("site `{site}` is not in the intent")));
-            }
-            manages(&rights, &current, site, "create a join token for")?;
+        if let Some(twice) = req.sites.iter().find(|site| !seen.insert(site.as_str())) {
+            return Err(Status::invalid_argument(format!("site `{twice}` is named twice in the batch")));
         }
-        if req.ttl_seconds == 0 || req.ttl_seconds > 7 * 86_400 {
-            return Err(Status::invalid_argument("a token lives between 1 s and 7 days (--ttl)"));
-        }
-        let ttl = std::time::Duration::from_secs(req.ttl_seconds);
+        let ttl = token_request(&rights, &current, &req.sites, req.ttl_seconds)?;
         let made = sites::create_tokens(&*self.store, &req.sites, ttl, &who, now_ms()).await.map_err(store_status)?;
         tracing::info!(sites = req.sites.len(), actor = %who, ttl_s = req.ttl_seconds, "join tokens created");
         let tokens = req
@@ -775,6 +756,29 @@ fn everything(rights: &Rights, what: &str) -> Result<(), Status> {
 }
 
 /// Refuses (and logs) a caller who may not `verb` `site`'s agent.
+/// What a request for join tokens must hold, whether for one site or many:
+/// every site in the intent as read for this call (not the fan-out's, which
+/// follows a commit a moment after it returns: a token asked for right
+/// after an import found no such site), each one the operator manages, and
+/// a life between 1 s and 7 days. Gives that life.
+fn token_request(
+    rights: &Rights,
+    current: &Stored,
+    sites: &[String],
+    ttl_seconds: u64,
+) -> Result<std::time::Duration, Status> {
+    for site in sites {
+        if !current.intent.sites.contains_key(site) {
+            return Err(Status::not_found(format!("site `{site}` is not in the intent")));
+        }
+        manages(rights, current, site, "create a join token for")?;
+    }
+    if ttl_seconds == 0 || ttl_seconds > 7 * 86_400 {
+        return Err(Status::invalid_argument("a token lives between 1 s and 7 days (--ttl)"));
+    }
+    Ok(std::time::Duration::from_secs(ttl_seconds))
+}
+
 fn manages(rights: &Rights, current: &Stored, site: &str, verb: &str) -> Result<(), Status> {
     if rights.may_manage_site(&current.intent, site) {
         return Ok(());
