@@ -14,6 +14,8 @@ use musubi_controller::store::apply::{
 };
 use musubi_controller::store::embedded::Embedded;
 use musubi_controller::store::etcd::{Etcd, EtcdConfig};
+use musubi_controller::store::generations::Limits;
+use musubi_controller::store::layout;
 use musubi_controller::store::watch::{apply_changes, watch};
 use musubi_controller::store::{Event, Guard, IntentStore, StoreError, Write};
 use musubi_core::audit::verify;
@@ -289,6 +291,127 @@ async fn embedded_store_conforms() {
 async fn etcd_store_conforms() {
     let server = EtcdServer::start();
     conformance(Arc::new(connect(&server).await)).await;
+}
+
+/// Every change committed as a new generation (a store that believes one
+/// transaction carries 4 operations and 400 bytes): the whole suite holds,
+/// change records in parts included, and nothing is left staged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_conforms_when_every_change_is_a_new_generation() {
+    let server = EtcdServer::start();
+    let store = connect(&server).await.with_limits(Limits { ops: 4, bytes: 400 });
+    conformance(Arc::new(store)).await;
+    let raw = raw_keys(&server).await;
+    assert!(raw.iter().any(|k| k == layout::GENERATION), "changes went to generations");
+    let generation = raw_value(&server, layout::GENERATION).await;
+    assert!(raw.iter().any(|k| k.starts_with(layout::CHANGE_PARTS)), "change records in parts");
+    for k in &raw {
+        assert!(!k.starts_with(layout::INTENT) && !k.starts_with(layout::ALLOC), "{k} outside the generation");
+        assert!(!k.starts_with(layout::STAGING), "{k}: left staged");
+        if let Some(rest) = k.strip_prefix(layout::GENERATIONS) {
+            assert!(rest.starts_with(&format!("{generation}/")), "{k}: an old generation left behind");
+        }
+    }
+}
+
+/// All the keys etcd holds.
+async fn raw_keys(server: &EtcdServer) -> Vec<String> {
+    let mut raw = etcd_client::Client::connect([server.endpoint()], None).await.expect("raw client");
+    let all = etcd_client::GetOptions::new().with_prefix().with_keys_only();
+    let resp = raw.get("/", Some(all)).await.expect("get");
+    resp.kvs().iter().map(|kv| kv.key_str().expect("utf-8").to_string()).collect()
+}
+
+async fn raw_value(server: &EtcdServer, key: &str) -> String {
+    let mut raw = etcd_client::Client::connect([server.endpoint()], None).await.expect("raw client");
+    let resp = raw.get(key, None).await.expect("get");
+    resp.kvs().first().map(|kv| kv.value_str().expect("utf-8").to_string()).unwrap_or_default()
+}
+
+/// A national intent into an etcd started with no flags (128 operations and
+/// 1.5 MiB per transaction): the import is written as a generation and made
+/// current at once; everyday changes, watchers, the audit chain and
+/// rollback work as before; a generation whose writer died half-way is
+/// swept away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_sites_import_into_an_etcd_with_default_limits() {
+    let server = EtcdServer::start();
+    let store = Arc::new(connect(&server).await);
+    let mut watcher = watch(store.clone(), 0).await.expect("watch");
+    let national = parse_str("national.yaml", &musubi_core::generate::generate(10_000, 2));
+    assert!(national.diagnostics.is_empty(), "{:?}", national.diagnostics.first());
+    let started = Instant::now();
+    let first = apply(&*store, &national, 0, "local", T0, false).await.expect("import into a default etcd");
+    println!("10,000 sites imported into a default etcd in {:?}", started.elapsed());
+    assert_eq!(first.revision, 1);
+    let loaded = store.load().await.expect("load");
+    assert_eq!(loaded.intent, national.intent, "read back whole");
+    assert_eq!(loaded.allocations.sites.len(), national.intent.sites.len());
+    let keys = raw_keys(&server).await;
+    assert!(!keys.iter().any(|k| k.starts_with(layout::INTENT)), "the import lives in its generation");
+    assert!(!keys.iter().any(|k| k.starts_with(layout::STAGING)), "nothing left staged");
+
+    // An everyday change: one transaction, into the current generation.
+    let mut one_more = parse_str("national.yaml", &musubi_core::generate::generate(10_000, 2));
+    let site = one_more.intent.sites.keys().find(|n| n.starts_with("site-")).cloned().expect("a member site");
+    Arc::make_mut(one_more.intent.sites.get_mut(&site).expect("site")).description = "moved".into();
+    let second = apply(&*store, &one_more, 1, "alice@ops", T0 + 1, false).await.expect("one-site change");
+    assert_eq!(store.load().await.expect("load").intent.sites[&site].description, "moved");
+    assert!(
+        raw_keys(&server).await.iter().filter(|k| k.starts_with(layout::GENERATIONS)).count()
+            == keys.iter().filter(|k| k.starts_with(layout::GENERATIONS)).count(),
+        "written in place, no new generation"
+    );
+
+    // A watcher from the start sees both revisions with every key changed
+    // (the import's change record was stored in parts).
+    let mut replayed = musubi_core::intent::Intent::default();
+    for expected in [1, 2] {
+        let revision = tokio::time::timeout(Duration::from_secs(30), watcher.recv())
+            .await
+            .expect("in time")
+            .expect("open")
+            .expect("read");
+        assert_eq!(revision.revision, expected);
+        apply_changes(&mut replayed, &revision).expect("replay");
+    }
+    assert_eq!(replayed, one_more.intent, "the watcher's copy equals the intent");
+
+    // The audit chain verifies against the change records and the stored intent.
+    let history = store.history().await.expect("history");
+    verify(&history).expect("chain");
+    let records: BTreeMap<u64, Vec<u8>> = store
+        .list(layout::CHANGES)
+        .await
+        .expect("changes")
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(layout::CHANGES)?.parse().ok()?, v)))
+        .collect();
+    musubi_core::audit::verify_changes(&history, &records).expect("change records match the chain");
+    let intent_keys = store.list(layout::INTENT).await.expect("intent keys");
+    assert!(intent_keys.len() > 10_000);
+    let digest = musubi_core::audit::intent_digest(intent_keys.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+    assert!(musubi_core::audit::verify_intent(&history, &records, Some(&digest)).expect("intent verifies"));
+
+    // Rollback to the import: a forward change, the site's description back.
+    let back = rollback(&*store, 1, Some(second.revision), "alice@ops", T0 + 2, false).await.expect("rollback");
+    assert_eq!(back.revision, 3);
+    assert_eq!(store.load().await.expect("load").intent, national.intent);
+
+    // A controller that died while writing a generation: its lease expires
+    // and the sweep removes what it wrote; the intent is untouched.
+    let mut raw = etcd_client::Client::connect([server.endpoint()], None).await.expect("raw client");
+    let lease = raw.lease_grant(1, None).await.expect("lease").id();
+    let dead = "00000000000000000004-deadbeefdeadbeef";
+    raw.put(format!("{}{dead}", layout::STAGING), lease.to_string(), None).await.expect("put");
+    raw.put(format!("{}{dead}/intent/site/ghost", layout::GENERATIONS), "{}", None).await.expect("put");
+    raw.put(format!("{}{dead}/00000000", layout::CHANGE_PARTS), "[", None).await.expect("put");
+    store.sweep_staged().await;
+    assert!(raw_keys(&server).await.iter().any(|k| k.contains(dead)), "kept while its writer's lease lives");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    store.sweep_staged().await;
+    assert!(!raw_keys(&server).await.iter().any(|k| k.contains(dead)), "swept once the lease is gone");
+    assert_eq!(store.load().await.expect("load").intent, national.intent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,9 +3,10 @@
 //! on the intent revision key.
 //!
 //! etcd limits a transaction to `--max-txn-ops` operations (128 by default)
-//! and a request to `--max-request-bytes` (1.5 MiB): importing a large intent
-//! in one atomic change needs both raised, e.g. `--max-txn-ops 100000
-//! --max-request-bytes 67108864`.
+//! and a request to `--max-request-bytes` (1.5 MiB). A change within them is
+//! one transaction; a larger one (a first import) is written as a new
+//! generation in batches and made current by one small transaction
+//! ([`super::generations`]), so etcd runs with its defaults.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,7 +16,9 @@ use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn, TxnOp,
     TxnOpResponse,
 };
+use futures::StreamExt;
 
+use super::generations::{self, ETCD_DEFAULTS, Limits, Parts};
 use super::layout::{self, Stored, WriteSet};
 use super::presence::{Presence, renew_every};
 use super::{Event, Guard, IntentStore, StoreError, Write};
@@ -71,6 +74,8 @@ pub struct Etcd {
     /// One event appended at a time from this process: appenders that
     /// race for the head only lose to other replicas.
     appending: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// What one transaction may carry (etcd's defaults).
+    limits: Limits,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -103,7 +108,14 @@ impl Etcd {
             options = options.with_tls(tls);
         }
         let client = Client::connect(&config.endpoints, Some(options)).await.map_err(backend)?;
-        Ok(Etcd { client, endpoints: config.endpoints.clone(), appending: Default::default() })
+        Ok(Etcd { client, endpoints: config.endpoints.clone(), appending: Default::default(), limits: ETCD_DEFAULTS })
+    }
+
+    /// The same store, committing as if one transaction could carry only
+    /// `limits` (tests make every change a new generation this way).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// A KV client whose messages may be as large as a national intent
@@ -155,6 +167,7 @@ impl Etcd {
                 while seen.front().is_some_and(|(at, _)| now.duration_since(*at) >= keep) {
                     target = seen.pop_front().map(|(_, r)| r);
                 }
+                store.sweep_staged().await;
                 let Some(target) = target else { continue };
                 match store.client.kv_client().compact(target, None).await {
                     Ok(_) => tracing::debug!(revision = target, "etcd's history compacted"),
@@ -191,19 +204,70 @@ where
 
 impl Etcd {
     async fn load_once(&self) -> Result<Stored, StoreError> {
-        let mut kv = self.kv();
         // Every later read is pinned to the revision this one saw.
-        let first = kv.get(layout::REVISION, None).await.map_err(backend)?;
-        let at = first.header().map(|h| h.revision()).ok_or_else(|| backend("response without a header"))?;
-        let mut pairs: Vec<(String, Vec<u8>)> = first
-            .kvs()
-            .iter()
-            .map(|kv| Ok((kv.key_str().map_err(backend)?.to_string(), kv.value().to_vec())))
-            .collect::<Result<_, StoreError>>()?;
-        for prefix in [layout::HEAD, layout::INTENT, layout::ALLOC, layout::KEYS] {
+        let (revision, generation, at) = self.position_and_generation().await?;
+        let mut pairs = vec![(layout::REVISION.to_string(), revision.to_string().into_bytes())];
+        for prefix in [layout::HEAD, layout::KEYS] {
             pairs.extend(self.range(prefix, at).await?);
         }
-        layout::decode(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+        for prefix in [layout::INTENT, layout::ALLOC] {
+            pairs.extend(self.range_generation(prefix, generation.as_deref(), at).await?);
+        }
+        let mut stored = layout::decode(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+        stored.revision = revision;
+        Ok(stored)
+    }
+
+    /// The intent revision, the generation holding the intent keys and the
+    /// etcd revision both were read at, in one read.
+    async fn position_and_generation(&self) -> Result<(u64, Option<String>, i64), StoreError> {
+        let txn = Txn::new().and_then([TxnOp::get(layout::REVISION, None), TxnOp::get(layout::GENERATION, None)]);
+        let resp = self.kv().txn(txn).await.map_err(backend)?;
+        let at = resp.header().map(|h| h.revision()).ok_or_else(|| backend("response without a header"))?;
+        let (mut revision, mut generation) = (0, None);
+        for r in resp.op_responses() {
+            let TxnOpResponse::Get(g) = r else { continue };
+            for kv in g.kvs() {
+                match kv.key() {
+                    k if k == layout::REVISION.as_bytes() => revision = layout::revision_value(kv.value())?,
+                    k if k == layout::GENERATION.as_bytes() => {
+                        let g = kv.value_str().map_err(|e| StoreError::corrupt(layout::GENERATION, e))?;
+                        generation = Some(g.to_string());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok((revision, generation, at))
+    }
+
+    /// The keys under the layout's `prefix` as `generation` stores them,
+    /// under the layout's names.
+    async fn range_generation(
+        &self,
+        prefix: &str,
+        generation: Option<&str>,
+        at: i64,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let pairs = self.range(&generations::stored(prefix, generation), at).await?;
+        Ok(pairs.into_iter().filter_map(|(k, v)| Some((generations::unstored(&k, generation)?, v))).collect())
+    }
+
+    /// Change records as stored, those in parts joined again.
+    async fn join_parts(&self, pairs: Vec<(String, Vec<u8>)>) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::with_capacity(pairs.len());
+        for (key, value) in pairs {
+            match Parts::read(&value) {
+                Some(parts) if key.starts_with(layout::CHANGES) => {
+                    let found = self.range(&generations::parts_prefix(&parts.parts), 0).await?;
+                    let record = generations::join(&parts, &found)
+                        .ok_or_else(|| StoreError::corrupt(key.as_str(), "parts of the change record are missing"))?;
+                    out.push((key, record));
+                }
+                _ => out.push((key, value)),
+            }
+        }
+        Ok(out)
     }
 
     /// The intent revision now, and the etcd revision it was read at.
@@ -228,29 +292,237 @@ impl Etcd {
         Ok((revision, head))
     }
 
-    async fn commit_once(&self, expected: u64, writes: &WriteSet) -> Result<(), StoreError> {
-        let guard = if expected == 0 {
+    /// The guard of a commit planned at `expected`.
+    fn revision_guard(expected: u64) -> Compare {
+        if expected == 0 {
             Compare::create_revision(layout::REVISION, CompareOp::Equal, 0)
         } else {
             Compare::value(layout::REVISION, CompareOp::Equal, expected.to_string())
-        };
-        let mut ops: Vec<TxnOp> = writes.deletes.iter().map(|k| TxnOp::delete(k.as_str(), None)).collect();
-        ops.extend(writes.puts.iter().map(|(k, v)| TxnOp::put(k.as_str(), v.clone(), None)));
-        let compares: Vec<Compare> = std::iter::once(guard).chain(compare(layout::HEAD, &writes.head)).collect();
-        let txn = Txn::new().when(compares).and_then(ops).or_else([TxnOp::get(layout::REVISION, None)]);
-        let resp = self.kv().txn(txn).await.map_err(backend)?;
-        if resp.succeeded() {
-            return Ok(());
         }
-        let actual = resp
-            .op_responses()
+    }
+
+    /// The intent revision in a failed transaction's answer.
+    fn actual_revision(resp: etcd_client::TxnResponse) -> u64 {
+        resp.op_responses()
             .into_iter()
             .find_map(|r| match r {
                 TxnOpResponse::Get(g) => g.kvs().first().and_then(|kv| layout::revision_value(kv.value()).ok()),
                 _ => None,
             })
-            .unwrap_or(0);
-        Err(StoreError::Conflict { expected, actual })
+            .unwrap_or(0)
+    }
+
+    async fn commit_once(&self, expected: u64, writes: &WriteSet) -> Result<(), StoreError> {
+        let (revision, generation, at) = self.position_and_generation().await?;
+        if revision != expected {
+            return Err(StoreError::Conflict { expected, actual: revision });
+        }
+        if !generations::fits(writes, self.limits) {
+            return self.commit_generation(expected, writes, generation, at).await;
+        }
+        // Unchanged since the read above (a generation moves only with the
+        // revision, which the guard compares).
+        let key = |k: &str| generations::stored(k, generation.as_deref());
+        let mut ops: Vec<TxnOp> = writes.deletes.iter().map(|k| TxnOp::delete(key(k), None)).collect();
+        ops.extend(writes.puts.iter().map(|(k, v)| TxnOp::put(key(k), v.clone(), None)));
+        let compares: Vec<Compare> =
+            std::iter::once(Self::revision_guard(expected)).chain(compare(layout::HEAD, &writes.head)).collect();
+        let txn = Txn::new().when(compares).and_then(ops).or_else([TxnOp::get(layout::REVISION, None)]);
+        let resp = self.kv().txn(txn).await.map_err(backend)?;
+        if resp.succeeded() {
+            return Ok(());
+        }
+        Err(StoreError::Conflict { expected, actual: Self::actual_revision(resp) })
+    }
+
+    /// A change too large for one transaction: the whole state after it
+    /// written as a new generation in batches, then made current (see
+    /// [`generations`]).
+    async fn commit_generation(
+        &self,
+        expected: u64,
+        writes: &WriteSet,
+        generation: Option<String>,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        self.sweep_staged().await;
+        let mut state: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        for prefix in [layout::INTENT, layout::ALLOC] {
+            state.extend(self.range_generation(prefix, generation.as_deref(), at).await?);
+        }
+        let (mut last_puts, mut last_deletes) = (Vec::new(), Vec::new());
+        for k in &writes.deletes {
+            if generations::generational(k) {
+                state.remove(k);
+            } else {
+                last_deletes.push(k.clone());
+            }
+        }
+        for (k, v) in &writes.puts {
+            if generations::generational(k) {
+                state.insert(k.clone(), v.clone());
+            } else {
+                last_puts.push((k.clone(), v.clone()));
+            }
+        }
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id).map_err(|e| StoreError::backend("random source", e.to_string()))?;
+        let next = format!("{:020}-{}", expected + 1, id.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        let staging = self.stage(&next).await?;
+        let result = async {
+            let mut staged: Vec<(String, Vec<u8>)> =
+                state.into_iter().map(|(k, v)| (generations::stored(&k, Some(&next)), v)).collect();
+            let keys = staged.len();
+            // Large values beside the intent (the change record) go in parts.
+            let part = self.limits.bytes / 2;
+            let mut final_puts = Vec::new();
+            for (k, v) in last_puts {
+                if v.len() > part && k.starts_with(layout::CHANGES) {
+                    let (marker, parts) = generations::split(&v, &next, part);
+                    staged.extend(parts);
+                    final_puts.push((k, marker));
+                } else {
+                    final_puts.push((k, v));
+                }
+            }
+            let batches = generations::batches(staged, self.limits);
+            let count = batches.len();
+            let kv = self.kv();
+            // A few batches in flight at once: each is a round trip and a
+            // disk sync on every member.
+            let mut pending = futures::stream::iter(batches.into_iter().map(|batch| {
+                let mut kv = kv.clone();
+                async move {
+                    let ops: Vec<TxnOp> = batch.into_iter().map(|(k, v)| TxnOp::put(k, v, None)).collect();
+                    kv.txn(Txn::new().and_then(ops)).await.map(|_| ()).map_err(backend)
+                }
+            }))
+            .buffer_unordered(4);
+            while let Some(done) = pending.next().await {
+                done?;
+            }
+            drop(pending);
+            let mut ops: Vec<TxnOp> = last_deletes.iter().map(|k| TxnOp::delete(k.as_str(), None)).collect();
+            ops.extend(final_puts.into_iter().map(|(k, v)| TxnOp::put(k, v, None)));
+            ops.push(TxnOp::put(layout::GENERATION, next.as_str(), None));
+            ops.push(TxnOp::delete(staging_key(&next), None));
+            let everything = Some(etcd_client::DeleteOptions::new().with_prefix());
+            match &generation {
+                Some(old) => ops.push(TxnOp::delete(generations::generation_prefix(old), everything.clone())),
+                None => {
+                    ops.push(TxnOp::delete(layout::INTENT, everything.clone()));
+                    ops.push(TxnOp::delete(layout::ALLOC, everything.clone()));
+                }
+            }
+            let compares: Vec<Compare> =
+                std::iter::once(Self::revision_guard(expected)).chain(compare(layout::HEAD, &writes.head)).collect();
+            let txn = Txn::new().when(compares).and_then(ops).or_else([TxnOp::get(layout::REVISION, None)]);
+            let resp = self.kv().txn(txn).await.map_err(backend)?;
+            if resp.succeeded() {
+                tracing::info!(
+                    generation = %next,
+                    keys,
+                    batches = count,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "a change too large for one etcd transaction committed as a new generation"
+                );
+                return Ok(());
+            }
+            Err(StoreError::Conflict { expected, actual: Self::actual_revision(resp) })
+        }
+        .await;
+        if result.is_err() {
+            // Not current: nothing reads it. Swept now, or by any replica
+            // once the lease is gone if this fails too.
+            self.drop_generation(&next).await;
+        }
+        staging.finish().await;
+        result
+    }
+
+    /// Names a generation being written under a lease kept alive until
+    /// [`Staging::finish`].
+    async fn stage(&self, generation: &str) -> Result<Staging, StoreError> {
+        let mut client = self.client.clone();
+        let lease = client.lease_grant(STAGING_TTL.as_secs() as i64, None).await.map_err(backend)?.id();
+        self.kv().put(staging_key(generation), lease.to_string(), None).await.map_err(backend)?;
+        let mut keeper_client = client.clone();
+        let keeper = tokio::spawn(async move {
+            if let Ok((mut keeper, mut stream)) = keeper_client.lease_keep_alive(lease).await {
+                while keeper.keep_alive().await.is_ok() && matches!(stream.message().await, Ok(Some(_))) {
+                    tokio::time::sleep(STAGING_TTL / 3).await;
+                }
+            }
+        });
+        Ok(Staging { client, lease, keeper })
+    }
+
+    /// Deletes a generation that is not current: its keys, its change
+    /// record's parts and its staging record.
+    async fn drop_generation(&self, generation: &str) {
+        let everything = || Some(etcd_client::DeleteOptions::new().with_prefix());
+        let ops = [
+            TxnOp::delete(generations::generation_prefix(generation), everything()),
+            TxnOp::delete(generations::parts_prefix(generation), everything()),
+            TxnOp::delete(staging_key(generation), None),
+        ];
+        // Never the current one (a commit that made it current deleted its
+        // staging record in the same transaction).
+        let not_current = Compare::value(layout::GENERATION, CompareOp::NotEqual, generation);
+        let absent = Compare::create_revision(layout::GENERATION, CompareOp::Equal, 0);
+        for guard in [not_current, absent] {
+            match self.kv().txn(Txn::new().when([guard]).and_then(ops.clone())).await {
+                Ok(r) if r.succeeded() => {
+                    tracing::info!(%generation, "a generation that never became current swept away");
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(%generation, error = %e, "a staged generation not swept; the next sweep will");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Sweeps away generations whose writer died half-way (its lease is
+    /// gone): every replica does, before a large commit and with each
+    /// history compaction.
+    pub async fn sweep_staged(&self) {
+        let Ok(staged) = self.range(layout::STAGING, 0).await else { return };
+        for (key, lease) in staged {
+            let Some(generation) = key.strip_prefix(layout::STAGING) else { continue };
+            let lease: i64 = std::str::from_utf8(&lease).ok().and_then(|l| l.parse().ok()).unwrap_or(0);
+            let alive = match self.client.clone().lease_time_to_live(lease, None).await {
+                Ok(r) => r.ttl() > 0,
+                Err(_) => false,
+            };
+            if !alive {
+                self.drop_generation(generation).await;
+            }
+        }
+    }
+}
+
+/// How long a staged generation outlives its writer.
+const STAGING_TTL: Duration = Duration::from_secs(10);
+
+fn staging_key(generation: &str) -> String {
+    format!("{}{generation}", layout::STAGING)
+}
+
+/// A generation being written: its lease, kept alive.
+struct Staging {
+    client: Client,
+    lease: i64,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl Staging {
+    async fn finish(mut self) {
+        self.keeper.abort();
+        let _ = self.client.lease_revoke(self.lease).await;
     }
 }
 
@@ -430,7 +702,18 @@ impl IntentStore for Etcd {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        retrying(|| self.range(prefix, 0)).await
+        if generations::generational(prefix) {
+            return retrying(|| async {
+                let (_, generation, at) = self.position_and_generation().await?;
+                self.range_generation(prefix, generation.as_deref(), at).await
+            })
+            .await;
+        }
+        let pairs = retrying(|| self.range(prefix, 0)).await?;
+        if layout::CHANGES.starts_with(prefix) || prefix.starts_with(layout::CHANGES) {
+            return retrying(|| self.join_parts(pairs.clone())).await;
+        }
+        Ok(pairs)
     }
 
     async fn swap(&self, key: &str, expected: Guard, value: Option<Vec<u8>>) -> Result<bool, StoreError> {
@@ -465,6 +748,7 @@ impl IntentStore for Etcd {
                 .collect::<Result<Vec<(String, Vec<u8>)>, StoreError>>()
         })
         .await?;
+        let pairs = retrying(|| self.join_parts(pairs.clone())).await?;
         layout::decode_changes(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
     }
 }

@@ -19,7 +19,11 @@
 //! | `/musubi/v1/signers/<SHA-256 of a certificate, hex>` | the certificate chain (PEM) of a key that signs audit entries (a replica's server key) |
 //! | `/musubi/v1/pending/<id>` | a change proposed for approval |
 //! | `/musubi/v1/key-owners/<SHA-256 of a public key, hex>` | `site/segment`: the one interface a WireGuard public key may belong to |
-//! | `/musubi/v1/changes/<revision, 20 digits>` | [`KeyChange`] records: each intent key that revision changed, before and after (watches replay them forwards, rollbacks backwards) |
+//! | `/musubi/v1/changes/<revision, 20 digits>` | [`KeyChange`] records: each intent key that revision changed, before and after (watches replay them forwards, rollbacks backwards); on etcd, a record too large for one request names its parts instead |
+//! | `/musubi/v1/generation` | etcd: the generation that holds the intent and allocation keys, once a change too large for one etcd transaction was committed ([`super::generations`]) |
+//! | `/musubi/v1/g/<generation>/intent/…`, `/musubi/v1/g/<generation>/alloc/…` | etcd: the intent and allocation keys of that generation |
+//! | `/musubi/v1/staging/<generation>` | etcd: a generation being written, with its writer's lease (swept when the lease is gone) |
+//! | `/musubi/v1/change-parts/<generation>/<part, 8 digits>` | etcd: the bytes of a large change record, in order |
 //!
 //! The intent revision is Musubi's own counter (1, 2, 3 …), kept in the head
 //! entry: every accepted change adds one, whatever else the backend stores.
@@ -52,6 +56,10 @@ pub const ALLOC_SEGMENT: &str = "/musubi/v1/alloc/segment/";
 pub const ALLOC_SITE: &str = "/musubi/v1/alloc/site/";
 pub const AUDIT: &str = "/musubi/v1/audit/";
 pub const CHANGES: &str = "/musubi/v1/changes/";
+pub const GENERATION: &str = "/musubi/v1/generation";
+pub const GENERATIONS: &str = "/musubi/v1/g/";
+pub const STAGING: &str = "/musubi/v1/staging/";
+pub const CHANGE_PARTS: &str = "/musubi/v1/change-parts/";
 pub const INTENT: &str = musubi_core::audit::INTENT_KEYS;
 pub const KEYS: &str = "/musubi/v1/keys/";
 pub const PRESENCE: &str = "/musubi/v1/presence/";

@@ -12,6 +12,7 @@ pub mod any;
 pub mod apply;
 pub mod embedded;
 pub mod etcd;
+pub mod generations;
 pub mod layout;
 pub mod presence;
 pub mod watch;

@@ -128,8 +128,6 @@ pub(crate) fn up(lab: &Lab, path: &Path, clab: &Clab, wait: Duration, etcd: bool
                 "http://127.0.0.1:2380",
             ])
             .args(["--initial-cluster", "lab=http://127.0.0.1:2380"])
-            // Whole intents are committed in one transaction.
-            .args(["--max-txn-ops", "100000", "--max-request-bytes", "67108864"])
             .args(["--logger", "zap", "--log-level", "error"]);
         lab.spawn(&controller, "etcd", server)?;
         let deadline = Instant::now() + Duration::from_secs(20);
