@@ -354,6 +354,21 @@ async fn replicas(sites: usize, count: usize) {
         cpu_seconds(std::process::id())
     );
 
+    // Nothing changes for 20 s: what holding the agents costs (presence,
+    // keepalives, etcd's own upkeep).
+    let idle = |pids: Vec<u32>| pids.iter().map(|p| cpu_seconds(*p)).collect::<Vec<f64>>();
+    let (etcd_before, controllers_before) =
+        (idle(etcd.pids()), idle(controllers.iter().map(Controller::pid).collect()));
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let per_second = |after: Vec<f64>, before: Vec<f64>| {
+        after.iter().zip(&before).map(|(a, b)| format!("{:.2}", (a - b) / 20.0)).collect::<Vec<_>>().join(" / ")
+    };
+    println!(
+        "  idle 20 s, CPU s per s: etcd members {}; controllers {}",
+        per_second(idle(etcd.pids()), etcd_before),
+        per_second(idle(controllers.iter().map(Controller::pid).collect()), controllers_before)
+    );
+
     let victim = (0..count).max_by_key(|i| spread[*i]).expect("a replica");
     let others: Vec<usize> = (0..count).filter(|i| *i != victim).collect();
     let sent_before: Vec<u64> = others.iter().map(|i| sent(*i)).collect();

@@ -314,6 +314,53 @@ async fn etcd_store_conforms_when_every_change_is_a_new_generation() {
     }
 }
 
+/// A replica holds its agents' presence records with one etcd lease (not
+/// one per agent: 10,000 agents renewed 3,000 leases a second); when that
+/// lease is lost (revoked here, as an expiry after etcd was out of reach
+/// would), the records come back under a new one, each with its last value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_records_share_one_lease_and_come_back_when_it_is_lost() {
+    let server = EtcdServer::start();
+    let store = connect(&server).await;
+    let mut held = Vec::new();
+    for i in 0..50 {
+        let p = store.announce(&format!("site-{i}"), Duration::from_secs(10)).await.expect("announce");
+        p.set(format!("status {i}").into_bytes()).await.expect("set");
+        held.push(p);
+    }
+    let mut raw = etcd_client::Client::connect([server.endpoint()], None).await.expect("raw client");
+    let leases = raw.leases().await.expect("leases");
+    assert_eq!(leases.leases().len(), 1, "one lease for 50 records");
+    let present = store.present().await.expect("present");
+    assert_eq!(present.len(), 50);
+    assert_eq!(present.get("site-7"), Some(&b"status 7".to_vec()));
+
+    raw.lease_revoke(leases.leases()[0].id()).await.expect("revoke");
+    assert!(store.present().await.expect("present").is_empty(), "gone with their lease");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let present = store.present().await.expect("present");
+        if present.len() == 50 {
+            assert_eq!(present.get("site-7"), Some(&b"status 7".to_vec()), "its last value");
+            break;
+        }
+        assert!(Instant::now() < deadline, "records not back under a new lease: {} of 50", present.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let leases = raw.leases().await.expect("leases");
+    assert_eq!(leases.leases().len(), 1, "a new lease, one for all");
+    // Still held: a later status is written, a withdrawal deletes.
+    held[7].set(b"later".to_vec()).await.expect("set");
+    assert_eq!(store.present().await.expect("present").get("site-7"), Some(&b"later".to_vec()));
+    drop(held.remove(7));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while store.present().await.expect("present").contains_key("site-7") {
+        assert!(Instant::now() < deadline, "a dropped record was not withdrawn");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(store.present().await.expect("present").len(), 49);
+}
+
 /// All the keys etcd holds.
 async fn raw_keys(server: &EtcdServer) -> Vec<String> {
     let mut raw = etcd_client::Client::connect([server.endpoint()], None).await.expect("raw client");

@@ -415,6 +415,9 @@ async fn end(tx: &mpsc::Sender<Out>, status: Status) {
 /// The shortest time between two writes of one agent's status.
 const STATUS_EVERY: Duration = Duration::from_millis(100);
 
+/// How soon a status or keys the store refused are written again.
+const STATUS_RETRY: Duration = Duration::from_secs(1);
+
 /// The shortest time between two writes of a status record of `bytes`:
 /// [`STATUS_EVERY`], and a second per megabyte — an access point's record
 /// while thousands of its members enrol (each acknowledged configuration a
@@ -450,7 +453,37 @@ impl<S: IntentStore + 'static> Session<S> {
 
     /// Stores the agent's status with what the site should have (from the
     /// site's own feed: the fan-out's lock may be held by a recompile).
-    async fn publish_status(&mut self, presence: &crate::store::presence::Presence, feed: &watch::Receiver<Feed>) {
+    /// Records the keys the agent reported unless they were already (a
+    /// failure is tried again with the next status write). Says whether
+    /// they are recorded.
+    async fn record_keys(
+        &mut self,
+        site: &str,
+        reported: &[pb::InterfaceKey],
+        taken: &mut Vec<pb::InterfaceKey>,
+    ) -> bool {
+        if reported == taken.as_slice() {
+            return true;
+        }
+        match self.service.take_keys(site, reported).await {
+            Ok(()) => {
+                taken.clear();
+                taken.extend_from_slice(reported);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(site, error = %e, "cannot record keys; trying again");
+                false
+            }
+        }
+    }
+
+    /// Says whether it was written.
+    async fn publish_status(
+        &mut self,
+        presence: &crate::store::presence::Presence,
+        feed: &watch::Receiver<Feed>,
+    ) -> bool {
         if let Feed::Config(d) = &*feed.borrow() {
             self.status.desired_revision = d.revision;
             self.status.desired_digest.clone_from(&d.digest);
@@ -463,8 +496,16 @@ impl<S: IntentStore + 'static> Session<S> {
         self.in_sync(Some(in_sync));
         let record = sites::encode_status(&self.status);
         self.status_every = status_every(record.len());
-        if let Err(e) = presence.set(record).await {
-            tracing::warn!(site = %self.status.site, error = %e, "cannot store agent status");
+        match presence.set(record).await {
+            Ok(()) => true,
+            Err(e) => {
+                // Kept and written again (the store may be overloaded for a
+                // moment): a status written once per configuration that is
+                // lost leaves the site shown as never connected.
+                tracing::warn!(site = %self.status.site, error = %e, "cannot store agent status; trying again");
+                self.status_every = self.status_every.max(STATUS_RETRY);
+                false
+            }
         }
     }
 
@@ -483,9 +524,10 @@ impl<S: IntentStore + 'static> Session<S> {
         let mut stop = self.service.stop.clone();
         let mut keepalive = tokio::time::interval(self.service.settings.keepalive);
         keepalive.tick().await;
-        self.publish_status(&presence, &feed).await;
+        let mut unwritten = !self.publish_status(&presence, &feed).await;
         let mut sent = 0u64;
         let mut taken_keys: Vec<pb::InterfaceKey> = Vec::new();
+        let mut reported_keys: Vec<pb::InterfaceKey> = Vec::new();
         // The newest configuration not yet handed to the stream. The
         // session keeps reading the agent while the stream is full (an
         // access point's agent may be sending its own large status at the
@@ -497,7 +539,6 @@ impl<S: IntentStore + 'static> Session<S> {
         // newest one wins), so an agent that floods loses nothing but the
         // store and the replicas are spared.
         let mut published = tokio::time::Instant::now();
-        let mut unwritten = false;
         loop {
             let current = feed.borrow_and_update().clone();
             match current {
@@ -526,8 +567,12 @@ impl<S: IntentStore + 'static> Session<S> {
                     unwritten = true;
                 }
                 _ = tokio::time::sleep_until(published + self.status_every), if unwritten => {
-                    self.publish_status(&presence, &feed).await;
-                    (published, unwritten) = (tokio::time::Instant::now(), false);
+                    let keys = self.record_keys(&site, &reported_keys, &mut taken_keys).await;
+                    unwritten = !self.publish_status(&presence, &feed).await || !keys;
+                    published = tokio::time::Instant::now();
+                    if !keys {
+                        self.status_every = self.status_every.max(STATUS_RETRY);
+                    }
                 }
                 changed = feed.changed() => if changed.is_err() {
                     end(&tx, Status::permission_denied(format!("site `{site}` is no longer served"))).await;
@@ -536,18 +581,17 @@ impl<S: IntentStore + 'static> Session<S> {
                 message = inbound.message() => match message {
                     Ok(Some(pb::AgentMessage { body: Some(In::Status(status)) })) => {
                         // Keys the agent reported before, and that were taken, are not looked at again.
-                        if status.keys != taken_keys {
-                            match self.service.take_keys(&site, &status.keys).await {
-                                Ok(()) => taken_keys.clone_from(&status.keys),
-                                Err(e) => tracing::warn!(site, error = %e, "cannot record keys"),
-                            }
-                        }
+                        reported_keys.clone_from(&status.keys);
+                        let keys = self.record_keys(&site, &reported_keys, &mut taken_keys).await;
                         let mut status = tidy(status);
                         sites::condense(&mut status);
                         self.status.status = Some(status);
                         if published.elapsed() >= self.status_every {
-                            self.publish_status(&presence, &feed).await;
-                            (published, unwritten) = (tokio::time::Instant::now(), false);
+                            unwritten = !self.publish_status(&presence, &feed).await || !keys;
+                            published = tokio::time::Instant::now();
+                            if !keys {
+                                self.status_every = self.status_every.max(STATUS_RETRY);
+                            }
                         } else {
                             if unwritten {
                                 crate::metrics::get().statuses_coalesced.inc();

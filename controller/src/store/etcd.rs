@@ -76,6 +76,8 @@ pub struct Etcd {
     appending: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// What one transaction may carry (etcd's defaults).
     limits: Limits,
+    /// The presence leases, by time-to-live in seconds.
+    leases: std::sync::Arc<tokio::sync::Mutex<BTreeMap<i64, tokio::sync::watch::Receiver<i64>>>>,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -108,7 +110,13 @@ impl Etcd {
             options = options.with_tls(tls);
         }
         let client = Client::connect(&config.endpoints, Some(options)).await.map_err(backend)?;
-        Ok(Etcd { client, endpoints: config.endpoints.clone(), appending: Default::default(), limits: ETCD_DEFAULTS })
+        Ok(Etcd {
+            client,
+            endpoints: config.endpoints.clone(),
+            appending: Default::default(),
+            limits: ETCD_DEFAULTS,
+            leases: Default::default(),
+        })
     }
 
     /// The same store, committing as if one transaction could carry only
@@ -505,6 +513,90 @@ impl Etcd {
     }
 }
 
+/// A presence record as its holder last wrote it.
+struct Owned {
+    key: String,
+    /// The etcd revision of the holder's last write of it.
+    written: i64,
+    value: Vec<u8>,
+}
+
+impl Etcd {
+    /// Writes the holder's value under `lease` if the record is still the
+    /// holder's. Says whether it wrote.
+    async fn write_owned(&self, o: &mut Owned, lease: i64) -> bool {
+        self.write_owned_checked(o, lease).await.unwrap_or(false)
+    }
+
+    async fn write_owned_checked(&self, o: &mut Owned, lease: i64) -> Result<bool, StoreError> {
+        let own = Compare::mod_revision(o.key.as_str(), CompareOp::Equal, o.written);
+        let put = etcd_client::PutOptions::new().with_lease(lease);
+        let txn = Txn::new().when([own]).and_then([TxnOp::put(o.key.as_str(), o.value.clone(), Some(put))]);
+        let resp = self.kv().txn(txn).await.map_err(backend)?;
+        if resp.succeeded() {
+            o.written = resp.header().map_or(o.written, |h| h.revision());
+        }
+        Ok(resp.succeeded())
+    }
+
+    /// The lease this process holds its agents' presence records with, one
+    /// per time-to-live (one per replica in practice): renewing one lease
+    /// per connected agent cost etcd thousands of renewals a second at
+    /// 10,000 agents. When it expires (etcd out of reach for longer than
+    /// the time-to-live) a new one is granted and published.
+    async fn shared_lease(&self, ttl: Duration) -> Result<tokio::sync::watch::Receiver<i64>, StoreError> {
+        let seconds = ttl.as_secs().max(1) as i64;
+        let mut leases = self.leases.lock().await;
+        if let Some(l) = leases.get(&seconds) {
+            return Ok(l.clone());
+        }
+        let mut client = self.client.clone();
+        let id = client.lease_grant(seconds, None).await.map_err(backend)?.id();
+        let (tx, rx) = tokio::sync::watch::channel(id);
+        tokio::spawn(keep_lease(client, seconds, tx));
+        leases.insert(seconds, rx.clone());
+        Ok(rx)
+    }
+}
+
+/// Renews the lease `tx` holds; grants and publishes a new one when it has
+/// expired.
+async fn keep_lease(mut client: Client, seconds: i64, tx: tokio::sync::watch::Sender<i64>) {
+    let every = renew_every(Duration::from_secs(seconds as u64));
+    loop {
+        let id = *tx.borrow();
+        let mut expired = false;
+        if let Ok((mut keeper, mut stream)) = client.lease_keep_alive(id).await {
+            while keeper.keep_alive().await.is_ok() {
+                match stream.message().await {
+                    Ok(Some(r)) if r.ttl() > 0 => tokio::time::sleep(every).await,
+                    Ok(Some(_)) => {
+                        expired = true;
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+        }
+        if expired {
+            match client.lease_grant(seconds, None).await {
+                Ok(granted) => {
+                    tracing::warn!(
+                        old = id,
+                        new = granted.id(),
+                        "the presence lease expired; records move to a new one"
+                    );
+                    if tx.send(granted.id()).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "no new presence lease yet"),
+            }
+        }
+        tokio::time::sleep(PAUSE).await;
+    }
+}
+
 /// How long a staged generation outlives its writer.
 const STAGING_TTL: Duration = Duration::from_secs(10);
 
@@ -652,48 +744,86 @@ impl IntentStore for Etcd {
     }
 
     async fn announce(&self, site: &str, ttl: Duration) -> Result<Presence, StoreError> {
-        let seconds = ttl.as_secs().max(1) as i64;
         let key = format!("{}{site}", layout::PRESENCE);
-        let mut client = self.client.clone();
-        let lease = client.lease_grant(seconds, None).await.map_err(backend)?.id();
-        let put = etcd_client::PutOptions::new().with_lease(lease);
-        self.kv().put(key.as_str(), "", Some(put)).await.map_err(backend)?;
-        let renew = tokio::spawn(async move {
-            loop {
-                if let Ok((mut keeper, mut stream)) = client.lease_keep_alive(lease).await {
-                    while keeper.keep_alive().await.is_ok() && matches!(stream.message().await, Ok(Some(_))) {
-                        tokio::time::sleep(renew_every(Duration::from_secs(seconds as u64))).await;
+        let mut lease = self.shared_lease(ttl).await?;
+        let current = *lease.borrow_and_update();
+        let put = etcd_client::PutOptions::new().with_lease(current);
+        let resp = self.kv().put(key.as_str(), "", Some(put)).await.map_err(backend)?;
+        let at = resp.header().map(|h| h.revision()).ok_or_else(|| backend("response without a header"))?;
+        // The record is this holder's while its modification is the
+        // holder's own last write: a session that another one of the same
+        // site replaced (the agent moved to another replica) must not take
+        // it back with a late write, nor delete the live one on its way out.
+        let owned = std::sync::Arc::new(tokio::sync::Mutex::new(Owned { key, written: at, value: Vec::new() }));
+        // When the replica's lease changes (the old one expired: etcd was
+        // out of reach for longer than the time-to-live), the record moves
+        // to the new one, or is written again if it expired with the old.
+        let follow = {
+            let (store, owned) = (self.clone(), owned.clone());
+            tokio::spawn(async move {
+                while lease.changed().await.is_ok() {
+                    let id = *lease.borrow_and_update();
+                    let mut o = owned.lock().await;
+                    if !store.write_owned(&mut o, id).await {
+                        let absent = Compare::create_revision(o.key.as_str(), CompareOp::Equal, 0);
+                        let put = etcd_client::PutOptions::new().with_lease(id);
+                        let txn = Txn::new().when([absent]).and_then([TxnOp::put(
+                            o.key.as_str(),
+                            o.value.clone(),
+                            Some(put),
+                        )]);
+                        if let Ok(r) = store.kv().txn(txn).await
+                            && r.succeeded()
+                        {
+                            o.written = r.header().map_or(o.written, |h| h.revision());
+                        }
                     }
                 }
-                tokio::time::sleep(PAUSE).await;
-            }
-        });
-        let mut revoker = self.client.clone();
-        let setter = self.clone();
-        // Only while the record is this holder's (its lease): a session
-        // that another one of the same site replaced (the agent moved to
-        // another replica) must not take the record back with a late write,
-        // or its withdrawal (revoking its lease) deletes the live one.
+            })
+        };
+        let setter = (self.clone(), owned.clone(), self.leases.clone(), ttl.as_secs().max(1) as i64);
         let set: super::presence::Setter = Box::new(move |value: Vec<u8>| {
-            let (store, key) = (setter.clone(), key.clone());
+            let (store, owned, leases, seconds) = setter.clone();
             Box::pin(async move {
-                let put = etcd_client::PutOptions::new().with_lease(lease);
-                let own = Compare::lease(key.as_str(), CompareOp::Equal, lease);
-                let txn = Txn::new().when([own]).and_then([TxnOp::put(key.as_str(), value, Some(put))]);
-                store.kv().txn(txn).await.map(|_| ()).map_err(backend)
+                let id = leases.lock().await.get(&seconds).map(|l| *l.borrow()).unwrap_or_default();
+                let mut o = owned.lock().await;
+                o.value = value;
+                store.write_owned_checked(&mut o, id).await.map(|_| ())
             })
         });
-        Ok(Presence::new(
-            renew,
+        let withdraw = {
+            let (store, owned) = (self.clone(), owned.clone());
             move || {
                 if let Ok(handle) = tokio::runtime::Handle::try_current() {
                     handle.spawn(async move {
-                        let _ = revoker.lease_revoke(lease).await;
+                        let o = owned.lock().await;
+                        let own = Compare::mod_revision(o.key.as_str(), CompareOp::Equal, o.written);
+                        let _ = store
+                            .kv()
+                            .txn(Txn::new().when([own]).and_then([TxnOp::delete(o.key.as_str(), None)]))
+                            .await;
                     });
                 }
-            },
-            set,
-        ))
+            }
+        };
+        // A crashed holder's record expires: moved to a lease of its own
+        // that nobody renews.
+        let forget = {
+            let (store, owned) = (self.clone(), owned);
+            move || {
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    handle.spawn(async move {
+                        let Ok(lease) = store.client.clone().lease_grant(ttl.as_secs().max(1) as i64, None).await
+                        else {
+                            return;
+                        };
+                        let mut o = owned.lock().await;
+                        store.write_owned(&mut o, lease.id()).await;
+                    });
+                }
+            }
+        };
+        Ok(Presence::new(follow, withdraw, set).on_forget(forget))
     }
 
     async fn present(&self) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {

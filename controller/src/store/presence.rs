@@ -12,6 +12,9 @@ use tokio::task::JoinHandle;
 pub struct Presence {
     renew: JoinHandle<()>,
     withdraw: Option<Box<dyn FnOnce() + Send + Sync>>,
+    /// What [`Presence::forget`] does beside ending the renewal (a shared
+    /// lease is renewed for every record: the record must leave it).
+    forget: Option<Box<dyn FnOnce() + Send + Sync>>,
     set: Setter,
 }
 
@@ -27,7 +30,12 @@ impl std::fmt::Debug for Presence {
 
 impl Presence {
     pub(crate) fn new(renew: JoinHandle<()>, withdraw: impl FnOnce() + Send + Sync + 'static, set: Setter) -> Self {
-        Presence { renew, withdraw: Some(Box::new(withdraw)), set }
+        Presence { renew, withdraw: Some(Box::new(withdraw)), forget: None, set }
+    }
+
+    pub(crate) fn on_forget(mut self, forget: impl FnOnce() + Send + Sync + 'static) -> Self {
+        self.forget = Some(Box::new(forget));
+        self
     }
 
     /// Replaces the value every replica reads from this record.
@@ -38,6 +46,9 @@ impl Presence {
     /// Stops renewing without withdrawing: the record expires after its TTL.
     pub fn forget(mut self) {
         self.withdraw = None;
+        if let Some(forget) = self.forget.take() {
+            forget();
+        }
     }
 }
 
