@@ -7,7 +7,7 @@
 //! a hold-down ends). Nothing in here reads a clock, sleeps or does I/O, so
 //! a timeline (a drill's, a recorded defect's) replays in a unit test.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,6 +64,11 @@ pub struct Machine {
     line_moved: BTreeMap<String, Instant>,
     /// How many times each moved since the machine started.
     moves: BTreeMap<Moved, u64>,
+    /// The tunnels, (segment, peer), that were up at some step before.
+    ever_up: BTreeSet<(String, String)>,
+    /// Route groups, (segment, group, candidate), that were on that first
+    /// candidate while its tunnel was up: placed there.
+    placed: BTreeSet<(String, String, String)>,
 }
 
 impl Machine {
@@ -77,6 +82,8 @@ impl Machine {
             active: Choices::default(),
             line_moved: BTreeMap::new(),
             moves: BTreeMap::new(),
+            ever_up: BTreeSet::new(),
+            placed: BTreeSet::new(),
         }
     }
 
@@ -119,6 +126,7 @@ impl Machine {
             self.active = next.clone();
             actions.push(Action::Build { choices: next, moved });
         }
+        self.note_placements();
         if let Some(at) = self.next_wake(now) {
             actions.push(Action::WakeAt(at));
         }
@@ -147,9 +155,21 @@ impl Machine {
         let mut changed = Vec::new();
         for ((segment, group), peer) in &next.groups {
             let before = self.active.groups.get(&(segment.clone(), group.clone()));
-            if before.is_some_and(|b| b != peer) {
+            if let Some(before) = before.filter(|b| *b != peer) {
                 moved.push(format!("{segment}/{group} → {peer}"));
-                changed.push(Moved::Group { segment: segment.clone(), group: group.clone() });
+                // Placing a group is not a failover: only a group that was
+                // on its first candidate while that answered (not an
+                // access point's member before it enrolled, nor a site
+                // whose home access point has not answered since it
+                // started) counts moves, and only away from a tunnel that
+                // answered once.
+                let was_up = self.ever_up.contains(&(segment.clone(), before.clone()));
+                let placed = self
+                    .first_candidate(segment, group)
+                    .is_some_and(|c| self.placed.contains(&(segment.clone(), group.clone(), c.to_string())));
+                if was_up && placed {
+                    changed.push(Moved::Group { segment: segment.clone(), group: group.clone() });
+                }
             }
         }
         for (peer, (local, remote)) in &next.paths {
@@ -166,6 +186,37 @@ impl Machine {
             *self.moves.entry(m).or_default() += 1;
         }
         moved
+    }
+
+    /// Notes the tunnels up now and the groups on their first candidate
+    /// while it is up (see [`Machine::record`]).
+    fn note_placements(&mut self) {
+        let up = |h: &Health| h.up;
+        for (key, h) in &self.health {
+            if let Key::Tunnel { segment, peer } = key
+                && up(h)
+                && !self.ever_up.contains(&(segment.clone(), peer.clone()))
+            {
+                self.ever_up.insert((segment.clone(), peer.clone()));
+            }
+        }
+        let mut placed = Vec::new();
+        for ((segment, group), peer) in &self.active.groups {
+            let first = self.first_candidate(segment, group).is_some_and(|c| c == peer);
+            let answers = self.health.get(&Key::tunnel(segment, peer)).is_some_and(up);
+            if first && answers && !self.placed.contains(&(segment.clone(), group.clone(), peer.clone())) {
+                placed.push((segment.clone(), group.clone(), peer.clone()));
+            }
+        }
+        self.placed.extend(placed);
+    }
+
+    /// A route group's first candidate with a key: where it goes when
+    /// everything answers.
+    fn first_candidate(&self, segment: &str, group: &str) -> Option<&str> {
+        let seg = self.config.as_ref()?.segments.iter().find(|s| s.segment == segment)?;
+        let keyed = |c: &&String| seg.peers.iter().any(|p| p.name == **c && !p.public_key.is_empty());
+        seg.route_groups.iter().find(|g| g.name == group)?.candidates.iter().find(keyed).map(String::as_str)
     }
 
     /// The next moment a choice may change without a new event: when a
@@ -532,6 +583,44 @@ mod tests {
             "{actions:?}"
         );
         assert_eq!(m.moves().get(&Moved::Group { segment: "office".into(), group: "all".into() }), Some(&2));
+    }
+
+    /// Placing a group is not a move: a site whose home access point has not
+    /// answered since it started sends to the other one, then to its home
+    /// when that first answers — no failover counted (an access point's
+    /// 10,000 members counted one move each as they enrolled, and a status
+    /// record that keeps every moved group stayed large). A failover after
+    /// that counts.
+    #[test]
+    fn a_groups_first_placement_is_not_counted_as_a_move() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(HOLD_DOWN, true);
+        m.step(Event::Configured { config: Arc::new(site()), hops: hops() }, t0);
+        let long_ago = t0 - Duration::from_secs(60);
+        let mut h: BTreeMap<Key, Health> =
+            crate::probe::keys(&site(), &hops()).into_iter().map(|k| (k, health(true, long_ago, Some(t0)))).collect();
+        for k in [tunnel(EAST), path("fiber", EAST), path("lte", EAST)] {
+            *h.get_mut(&k).expect("target") = health(false, t0, None);
+        }
+        m.step(Event::Probed(h.clone()), t0 + ms(10));
+        assert_eq!(group(&m), WEST, "the home access point never answered");
+        let back = t0 + ms(2000);
+        for k in [tunnel(EAST), path("fiber", EAST), path("lte", EAST)] {
+            *h.get_mut(&k).expect("target") = health(true, back, Some(back));
+        }
+        m.step(Event::Probed(h.clone()), back);
+        m.step(Event::Tick, back + HOLD_DOWN);
+        assert_eq!(group(&m), EAST, "home once it answers, after the hold-down");
+        let key = Moved::Group { segment: "office".into(), group: "all".into() };
+        assert_eq!(m.moves().get(&key), None, "placed, never moved: {:?}", m.moves());
+        // Now a real failover.
+        let dead = back + ms(10_000);
+        for k in [tunnel(EAST), path("fiber", EAST), path("lte", EAST)] {
+            *h.get_mut(&k).expect("target") = health(false, dead, Some(dead - ms(150)));
+        }
+        m.step(Event::Probed(h.clone()), dead);
+        assert_eq!(group(&m), WEST);
+        assert_eq!(m.moves().get(&key), Some(&1), "a failover counts");
     }
 
     /// The east access point's WireGuard dies while its lines still answer.
