@@ -10,7 +10,10 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
+
 use std::time::Duration;
+use tokio::sync::Notify;
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn, TxnOp,
@@ -77,7 +80,8 @@ pub struct Etcd {
     /// What one transaction may carry (etcd's defaults).
     limits: Limits,
     /// The presence leases, by time-to-live in seconds.
-    leases: std::sync::Arc<tokio::sync::Mutex<BTreeMap<i64, tokio::sync::watch::Receiver<i64>>>>,
+    #[allow(clippy::type_complexity)]
+    leases: Arc<tokio::sync::Mutex<BTreeMap<i64, (tokio::sync::watch::Receiver<i64>, Arc<Notify>)>>>,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -547,38 +551,56 @@ impl Etcd {
     async fn shared_lease(&self, ttl: Duration) -> Result<tokio::sync::watch::Receiver<i64>, StoreError> {
         let seconds = ttl.as_secs().max(1) as i64;
         let mut leases = self.leases.lock().await;
-        if let Some(l) = leases.get(&seconds) {
+        if let Some((l, _)) = leases.get(&seconds) {
             return Ok(l.clone());
         }
         let mut client = self.client.clone();
         let id = client.lease_grant(seconds, None).await.map_err(backend)?.id();
         let (tx, rx) = tokio::sync::watch::channel(id);
-        tokio::spawn(keep_lease(client, seconds, tx));
-        leases.insert(seconds, rx.clone());
+        let check = Arc::new(Notify::new());
+        tokio::spawn(keep_lease(client, seconds, tx, check.clone()));
+        leases.insert(seconds, (rx.clone(), check));
         Ok(rx)
     }
 }
 
 /// Renews the lease `tx` holds; grants and publishes a new one when it has
 /// expired.
-async fn keep_lease(mut client: Client, seconds: i64, tx: tokio::sync::watch::Sender<i64>) {
+async fn keep_lease(mut client: Client, seconds: i64, tx: tokio::sync::watch::Sender<i64>, check: Arc<Notify>) {
     let every = renew_every(Duration::from_secs(seconds as u64));
+    // Every call is bounded: a keep-alive stream that stops answering
+    // (a busy member, a busy host) must not hold the renewal up until the
+    // lease has expired unnoticed — at 10,000 agents that cut a replica
+    // off from every new agent.
+    let bounded = async |f: std::pin::Pin<Box<dyn Future<Output = Option<i64>> + Send + '_>>| {
+        tokio::time::timeout(every, f).await.ok().flatten()
+    };
     loop {
         let id = *tx.borrow();
-        let mut expired = false;
-        if let Ok((mut keeper, mut stream)) = client.lease_keep_alive(id).await {
-            while keeper.keep_alive().await.is_ok() {
-                match stream.message().await {
-                    Ok(Some(r)) if r.ttl() > 0 => tokio::time::sleep(every).await,
-                    Ok(Some(_)) => {
-                        expired = true;
-                        break;
-                    }
+        if let Ok(Ok((mut keeper, mut stream))) = tokio::time::timeout(every, client.lease_keep_alive(id)).await {
+            loop {
+                let answered = bounded(Box::pin(async {
+                    keeper.keep_alive().await.ok()?;
+                    Some(stream.message().await.ok()??.ttl())
+                }))
+                .await;
+                match answered {
+                    Some(ttl) if ttl > 0 => {}
                     _ => break,
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = check.notified() => {}
                 }
             }
         }
-        if expired {
+        // The stream ended, stalled or said the lease is gone: is it?
+        let remaining = match tokio::time::timeout(every, client.lease_time_to_live(id, None)).await {
+            Ok(Ok(r)) => Some(r.ttl()),
+            Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.code() == tonic::Code::NotFound => Some(-1),
+            _ => None, // etcd out of reach: ask again
+        };
+        if remaining.is_some_and(|ttl| ttl <= 0) {
             match client.lease_grant(seconds, None).await {
                 Ok(granted) => {
                     tracing::warn!(
@@ -589,6 +611,7 @@ async fn keep_lease(mut client: Client, seconds: i64, tx: tokio::sync::watch::Se
                     if tx.send(granted.id()).is_err() {
                         return;
                     }
+                    continue;
                 }
                 Err(e) => tracing::warn!(error = %e, "no new presence lease yet"),
             }
@@ -748,7 +771,16 @@ impl IntentStore for Etcd {
         let mut lease = self.shared_lease(ttl).await?;
         let current = *lease.borrow_and_update();
         let put = etcd_client::PutOptions::new().with_lease(current);
-        let resp = self.kv().put(key.as_str(), "", Some(put)).await.map_err(backend)?;
+        let resp = match self.kv().put(key.as_str(), "", Some(put)).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The lease may be gone: the keeper checks it now.
+                if let Some((_, check)) = self.leases.lock().await.get(&(ttl.as_secs().max(1) as i64)) {
+                    check.notify_one();
+                }
+                return Err(backend(e));
+            }
+        };
         let at = resp.header().map(|h| h.revision()).ok_or_else(|| backend("response without a header"))?;
         // The record is this holder's while its modification is the
         // holder's own last write: a session that another one of the same
@@ -785,7 +817,7 @@ impl IntentStore for Etcd {
         let set: super::presence::Setter = Box::new(move |value: Vec<u8>| {
             let (store, owned, leases, seconds) = setter.clone();
             Box::pin(async move {
-                let id = leases.lock().await.get(&seconds).map(|l| *l.borrow()).unwrap_or_default();
+                let id = leases.lock().await.get(&seconds).map(|(l, _)| *l.borrow()).unwrap_or_default();
                 let mut o = owned.lock().await;
                 o.value = value;
                 store.write_owned_checked(&mut o, id).await.map(|_| ())
