@@ -365,8 +365,29 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
             crate::metrics::get().refused("removed");
             return Err(Status::permission_denied(reason.clone()));
         }
-        self.take_keys(&site, &hello.keys).await?;
-        let presence = self.store.announce(&site, self.settings.presence_ttl).await.map_err(internal)?;
+        // A store that refuses for a moment (overloaded while thousands of
+        // agents reconnect) does not turn the agent away: its keys are
+        // recorded again from the session, its presence asked again.
+        let unrecorded = match self.take_keys(&site, &hello.keys).await {
+            Ok(()) => Vec::new(),
+            Err(e) if e.code() == tonic::Code::Internal => {
+                tracing::warn!(site, error = %e.message(), "cannot record keys yet; trying again from the session");
+                hello.keys.clone()
+            }
+            Err(e) => return Err(e),
+        };
+        let mut attempt = 1;
+        let presence = loop {
+            match self.store.announce(&site, self.settings.presence_ttl).await {
+                Ok(p) => break p,
+                Err(e) if attempt < ANNOUNCE_ATTEMPTS => {
+                    tracing::debug!(site, attempt, error = %e, "presence not announced; again");
+                    attempt += 1;
+                    tokio::time::sleep(ANNOUNCE_PAUSE).await;
+                }
+                Err(e) => return Err(internal(e)),
+            }
+        };
         // One stream per site: the newest stays (an agent that reconnects
         // before its old stream timed out must not be locked out).
         let (replace, replaced) = tokio::sync::oneshot::channel();
@@ -399,6 +420,7 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
             },
             counted_in_sync: false,
             status_every: STATUS_EVERY,
+            unrecorded,
         };
         tracing::info!(site, version = %hello.agent_version, applied = hello.applied_revision, "agent connected");
         tokio::spawn(session.run(inbound, feed, tx, presence, hello.applied_digest, (stream, replaced)));
@@ -414,6 +436,11 @@ async fn end(tx: &mpsc::Sender<Out>, status: Status) {
 
 /// The shortest time between two writes of one agent's status.
 const STATUS_EVERY: Duration = Duration::from_millis(100);
+
+/// Attempts at announcing an agent's presence before its stream is
+/// refused, and the pause between them.
+const ANNOUNCE_ATTEMPTS: u32 = 3;
+const ANNOUNCE_PAUSE: Duration = Duration::from_millis(300);
 
 /// How soon a status or keys the store refused are written again.
 const STATUS_RETRY: Duration = Duration::from_secs(1);
@@ -433,6 +460,8 @@ struct Session<S> {
     counted_in_sync: bool,
     /// The shortest time to the next status write (see [`status_every`]).
     status_every: Duration,
+    /// Keys from the agent's hello that the store did not take yet.
+    unrecorded: Vec<pb::InterfaceKey>,
 }
 
 impl<S: IntentStore + 'static> Session<S> {
@@ -527,7 +556,8 @@ impl<S: IntentStore + 'static> Session<S> {
         let mut unwritten = !self.publish_status(&presence, &feed).await;
         let mut sent = 0u64;
         let mut taken_keys: Vec<pb::InterfaceKey> = Vec::new();
-        let mut reported_keys: Vec<pb::InterfaceKey> = Vec::new();
+        let mut reported_keys: Vec<pb::InterfaceKey> = std::mem::take(&mut self.unrecorded);
+        unwritten |= !reported_keys.is_empty();
         // The newest configuration not yet handed to the stream. The
         // session keeps reading the agent while the stream is full (an
         // access point's agent may be sending its own large status at the

@@ -70,9 +70,27 @@ impl EtcdConfig {
     }
 }
 
+/// How the clients of a store connect.
+fn options(config: &EtcdConfig) -> Result<ConnectOptions, StoreError> {
+    let mut options =
+        ConnectOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(30));
+    if let Some((user, password)) = &config.user {
+        options = options.with_user(user.clone(), password.clone());
+    }
+    if let Some(ca) = &config.ca {
+        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?));
+        if let Some((cert, key)) = &config.client_cert {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        options = options.with_tls(tls);
+    }
+    Ok(options)
+}
+
 #[derive(Clone)]
 pub struct Etcd {
     client: Client,
+    config: EtcdConfig,
     endpoints: Vec<String>,
     /// One event appended at a time from this process: appenders that
     /// race for the head only lose to other replicas.
@@ -101,21 +119,11 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, StoreError> {
 impl Etcd {
     pub async fn connect(config: &EtcdConfig) -> Result<Self, StoreError> {
         config.check()?;
-        let mut options =
-            ConnectOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(30));
-        if let Some((user, password)) = &config.user {
-            options = options.with_user(user.clone(), password.clone());
-        }
-        if let Some(ca) = &config.ca {
-            let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?));
-            if let Some((cert, key)) = &config.client_cert {
-                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
-            }
-            options = options.with_tls(tls);
-        }
+        let options = options(config)?;
         let client = Client::connect(&config.endpoints, Some(options)).await.map_err(backend)?;
         Ok(Etcd {
             client,
+            config: config.clone(),
             endpoints: config.endpoints.clone(),
             appending: Default::default(),
             limits: ETCD_DEFAULTS,
@@ -554,7 +562,11 @@ impl Etcd {
         if let Some((l, _)) = leases.get(&seconds) {
             return Ok(l.clone());
         }
-        let mut client = self.client.clone();
+        // A connection of its own: renewals must not queue behind the
+        // thousands of writes of agents reconnecting at once (the lease
+        // expired under them).
+        let mut client =
+            Client::connect(&self.config.endpoints, Some(options(&self.config)?)).await.map_err(backend)?;
         let id = client.lease_grant(seconds, None).await.map_err(backend)?.id();
         let (tx, rx) = tokio::sync::watch::channel(id);
         let check = Arc::new(Notify::new());
@@ -567,17 +579,21 @@ impl Etcd {
 /// Renews the lease `tx` holds; grants and publishes a new one when it has
 /// expired.
 async fn keep_lease(mut client: Client, seconds: i64, tx: tokio::sync::watch::Sender<i64>, check: Arc<Notify>) {
-    let every = renew_every(Duration::from_secs(seconds as u64));
+    // Renewed every second (one lease per replica: a renewal a second is
+    // nothing), each call given a third of the time-to-live.
+    let ttl = Duration::from_secs(seconds as u64);
+    let every = renew_every(ttl).min(Duration::from_secs(1));
+    let bound = renew_every(ttl);
     // Every call is bounded: a keep-alive stream that stops answering
     // (a busy member, a busy host) must not hold the renewal up until the
     // lease has expired unnoticed — at 10,000 agents that cut a replica
     // off from every new agent.
     let bounded = async |f: std::pin::Pin<Box<dyn Future<Output = Option<i64>> + Send + '_>>| {
-        tokio::time::timeout(every, f).await.ok().flatten()
+        tokio::time::timeout(bound, f).await.ok().flatten()
     };
     loop {
         let id = *tx.borrow();
-        if let Ok(Ok((mut keeper, mut stream))) = tokio::time::timeout(every, client.lease_keep_alive(id)).await {
+        if let Ok(Ok((mut keeper, mut stream))) = tokio::time::timeout(bound, client.lease_keep_alive(id)).await {
             loop {
                 let answered = bounded(Box::pin(async {
                     keeper.keep_alive().await.ok()?;
@@ -595,7 +611,7 @@ async fn keep_lease(mut client: Client, seconds: i64, tx: tokio::sync::watch::Se
             }
         }
         // The stream ended, stalled or said the lease is gone: is it?
-        let remaining = match tokio::time::timeout(every, client.lease_time_to_live(id, None)).await {
+        let remaining = match tokio::time::timeout(bound, client.lease_time_to_live(id, None)).await {
             Ok(Ok(r)) => Some(r.ttl()),
             Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.code() == tonic::Code::NotFound => Some(-1),
             _ => None, // etcd out of reach: ask again
