@@ -151,6 +151,13 @@ fn three_agents_enrol_converge_and_a_one_site_change_reaches_only_that_site() {
         assert_eq!(received(&after, s), received(&before, s), "{s} was sent a configuration it did not need");
     }
     assert_eq!(received(&after, "kita-hall"), received(&before, "kita-hall") + 1, "exactly one message");
+    // A connected agent is seen now, not when its status was last written
+    // (ap-east's and minami-hall's, seconds ago: nothing reached them since).
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
+    for s in sites {
+        let seen = musubi_tests::number(&site_row(&after, s)["reported"]["last_seen_unix_ms"]);
+        assert!(now_ms.abs_diff(seen) < 1_500, "{s} last seen {} ms ago while connected", now_ms.saturating_sub(seen));
+    }
 
     let text = pki.musubi(&address, &["status"]);
     let table = String::from_utf8_lossy(&text.stdout);

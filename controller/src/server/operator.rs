@@ -809,7 +809,13 @@ pub async fn site_states<S: IntentStore>(
         .map(|site| {
             let desired = fanout.desired(&site);
             let live = present.get(&site);
-            let reported = live.or_else(|| seen.get(&site)).and_then(|v| sites::decode_status(v));
+            let mut reported = live.or_else(|| seen.get(&site)).and_then(|v| sites::decode_status(v));
+            // A live record is renewed while the agent's stream lives: the
+            // agent is seen now, not when its status was last written
+            // (once per configuration: "18m ago" for a healthy agent).
+            if let Some(r) = reported.as_mut().filter(|_| live.is_some()) {
+                r.last_seen_unix_ms = now_ms();
+            }
             pb::SiteState {
                 connected: live.is_some(),
                 revoked: fanout.revocation(&site).is_some_and(|r| r.active),
