@@ -98,8 +98,7 @@ pub struct Etcd {
     /// What one transaction may carry (etcd's defaults).
     limits: Limits,
     /// The presence leases, by time-to-live in seconds.
-    #[allow(clippy::type_complexity)]
-    leases: Arc<tokio::sync::Mutex<BTreeMap<i64, (tokio::sync::watch::Receiver<i64>, Arc<Notify>)>>>,
+    leases: Arc<tokio::sync::Mutex<BTreeMap<i64, SharedLease>>>,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -345,8 +344,20 @@ impl Etcd {
         let key = |k: &str| generations::stored(k, generation.as_deref());
         let mut ops: Vec<TxnOp> = writes.deletes.iter().map(|k| TxnOp::delete(key(k), None)).collect();
         ops.extend(writes.puts.iter().map(|(k, v)| TxnOp::put(key(k), v.clone(), None)));
+        self.guarded_commit(expected, &writes.head, Vec::new(), ops).await
+    }
+
+    /// Runs `ops` if the store is still at revision `expected` with the
+    /// head record `head` and `also` holds; a conflict otherwise.
+    async fn guarded_commit(
+        &self,
+        expected: u64,
+        head: &Guard,
+        also: Vec<Compare>,
+        ops: Vec<TxnOp>,
+    ) -> Result<(), StoreError> {
         let compares: Vec<Compare> =
-            std::iter::once(Self::revision_guard(expected)).chain(compare(layout::HEAD, &writes.head)).collect();
+            std::iter::once(Self::revision_guard(expected)).chain(compare(layout::HEAD, head)).chain(also).collect();
         let txn = Txn::new().when(compares).and_then(ops).or_else([TxnOp::get(layout::REVISION, None)]);
         let resp = self.kv().txn(txn).await.map_err(backend)?;
         if resp.succeeded() {
@@ -435,21 +446,15 @@ impl Etcd {
                     ops.push(TxnOp::delete(layout::ALLOC, everything.clone()));
                 }
             }
-            let compares: Vec<Compare> =
-                std::iter::once(Self::revision_guard(expected)).chain(compare(layout::HEAD, &writes.head)).collect();
-            let txn = Txn::new().when(compares).and_then(ops).or_else([TxnOp::get(layout::REVISION, None)]);
-            let resp = self.kv().txn(txn).await.map_err(backend)?;
-            if resp.succeeded() {
-                tracing::info!(
-                    generation = %next,
-                    keys,
-                    batches = count,
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "a change too large for one etcd transaction committed as a new generation"
-                );
-                return Ok(());
-            }
-            Err(StoreError::Conflict { expected, actual: Self::actual_revision(resp) })
+            self.guarded_commit(expected, &writes.head, Vec::new(), ops).await?;
+            tracing::info!(
+                generation = %next,
+                keys,
+                batches = count,
+                took_ms = started.elapsed().as_millis() as u64,
+                "a change too large for one etcd transaction committed as a new generation"
+            );
+            Ok(())
         }
         .await;
         if result.is_err() {
@@ -533,17 +538,19 @@ struct Owned {
     value: Vec<u8>,
 }
 
-impl Etcd {
-    /// Writes the holder's value under `lease` if the record is still the
-    /// holder's. Says whether it wrote.
-    async fn write_owned(&self, o: &mut Owned, lease: i64) -> bool {
-        self.write_owned_checked(o, lease).await.unwrap_or(false)
+impl Owned {
+    /// The record is still the holder's.
+    fn own(&self) -> Compare {
+        Compare::mod_revision(self.key.as_str(), CompareOp::Equal, self.written)
     }
+}
 
-    async fn write_owned_checked(&self, o: &mut Owned, lease: i64) -> Result<bool, StoreError> {
-        let own = Compare::mod_revision(o.key.as_str(), CompareOp::Equal, o.written);
+impl Etcd {
+    /// Writes the holder's value under `lease` if `guard` holds (the record
+    /// is still the holder's, or absent). Says whether it wrote.
+    async fn put_owned(&self, o: &mut Owned, lease: i64, guard: Compare) -> Result<bool, StoreError> {
         let put = etcd_client::PutOptions::new().with_lease(lease);
-        let txn = Txn::new().when([own]).and_then([TxnOp::put(o.key.as_str(), o.value.clone(), Some(put))]);
+        let txn = Txn::new().when([guard]).and_then([TxnOp::put(o.key.as_str(), o.value.clone(), Some(put))]);
         let resp = self.kv().txn(txn).await.map_err(backend)?;
         if resp.succeeded() {
             o.written = resp.header().map_or(o.written, |h| h.revision());
@@ -556,10 +563,10 @@ impl Etcd {
     /// per connected agent cost etcd thousands of renewals a second at
     /// 10,000 agents. When it expires (etcd out of reach for longer than
     /// the time-to-live) a new one is granted and published.
-    async fn shared_lease(&self, ttl: Duration) -> Result<tokio::sync::watch::Receiver<i64>, StoreError> {
+    async fn shared_lease(&self, ttl: Duration) -> Result<SharedLease, StoreError> {
         let seconds = ttl.as_secs().max(1) as i64;
         let mut leases = self.leases.lock().await;
-        if let Some((l, _)) = leases.get(&seconds) {
+        if let Some(l) = leases.get(&seconds) {
             return Ok(l.clone());
         }
         // A connection of its own: renewals must not queue behind the
@@ -569,11 +576,21 @@ impl Etcd {
             Client::connect(&self.config.endpoints, Some(options(&self.config)?)).await.map_err(backend)?;
         let id = client.lease_grant(seconds, None).await.map_err(backend)?.id();
         let (tx, rx) = tokio::sync::watch::channel(id);
-        let check = Arc::new(Notify::new());
-        tokio::spawn(keep_lease(client, seconds, tx, check.clone()));
-        leases.insert(seconds, (rx.clone(), check));
-        Ok(rx)
+        let lease = SharedLease { seconds, id: rx, check: Arc::new(Notify::new()) };
+        tokio::spawn(keep_lease(client, seconds, tx, lease.check.clone()));
+        leases.insert(seconds, lease.clone());
+        Ok(lease)
     }
+}
+
+/// A presence lease shared by a replica's records.
+#[derive(Clone)]
+struct SharedLease {
+    seconds: i64,
+    /// The lease now (a new one when it expired).
+    id: tokio::sync::watch::Receiver<i64>,
+    /// Asks the renewal to check the lease at once.
+    check: Arc<Notify>,
 }
 
 /// Renews the lease `tx` holds; grants and publishes a new one when it has
@@ -784,16 +801,13 @@ impl IntentStore for Etcd {
 
     async fn announce(&self, site: &str, ttl: Duration) -> Result<Presence, StoreError> {
         let key = format!("{}{site}", layout::PRESENCE);
-        let mut lease = self.shared_lease(ttl).await?;
-        let current = *lease.borrow_and_update();
-        let put = etcd_client::PutOptions::new().with_lease(current);
+        let lease = self.shared_lease(ttl).await?;
+        let put = etcd_client::PutOptions::new().with_lease(*lease.id.borrow());
         let resp = match self.kv().put(key.as_str(), "", Some(put)).await {
             Ok(r) => r,
             Err(e) => {
                 // The lease may be gone: the keeper checks it now.
-                if let Some((_, check)) = self.leases.lock().await.get(&(ttl.as_secs().max(1) as i64)) {
-                    check.notify_one();
-                }
+                lease.check.notify_one();
                 return Err(backend(e));
             }
         };
@@ -802,41 +816,33 @@ impl IntentStore for Etcd {
         // holder's own last write: a session that another one of the same
         // site replaced (the agent moved to another replica) must not take
         // it back with a late write, nor delete the live one on its way out.
-        let owned = std::sync::Arc::new(tokio::sync::Mutex::new(Owned { key, written: at, value: Vec::new() }));
+        let owned = Arc::new(tokio::sync::Mutex::new(Owned { key, written: at, value: Vec::new() }));
         // When the replica's lease changes (the old one expired: etcd was
         // out of reach for longer than the time-to-live), the record moves
         // to the new one, or is written again if it expired with the old.
         let follow = {
-            let (store, owned) = (self.clone(), owned.clone());
+            let (store, owned, mut changes) = (self.clone(), owned.clone(), lease.id.clone());
             tokio::spawn(async move {
-                while lease.changed().await.is_ok() {
-                    let id = *lease.borrow_and_update();
+                while changes.changed().await.is_ok() {
+                    let id = *changes.borrow_and_update();
                     let mut o = owned.lock().await;
-                    if !store.write_owned(&mut o, id).await {
+                    let own = o.own();
+                    if !matches!(store.put_owned(&mut o, id, own).await, Ok(true)) {
                         let absent = Compare::create_revision(o.key.as_str(), CompareOp::Equal, 0);
-                        let put = etcd_client::PutOptions::new().with_lease(id);
-                        let txn = Txn::new().when([absent]).and_then([TxnOp::put(
-                            o.key.as_str(),
-                            o.value.clone(),
-                            Some(put),
-                        )]);
-                        if let Ok(r) = store.kv().txn(txn).await
-                            && r.succeeded()
-                        {
-                            o.written = r.header().map_or(o.written, |h| h.revision());
-                        }
+                        let _ = store.put_owned(&mut o, id, absent).await;
                     }
                 }
             })
         };
-        let setter = (self.clone(), owned.clone(), self.leases.clone(), ttl.as_secs().max(1) as i64);
+        let setter = (self.clone(), owned.clone(), lease.id.clone());
         let set: super::presence::Setter = Box::new(move |value: Vec<u8>| {
-            let (store, owned, leases, seconds) = setter.clone();
+            let (store, owned, id) = setter.clone();
             Box::pin(async move {
-                let id = leases.lock().await.get(&seconds).map(|(l, _)| *l.borrow()).unwrap_or_default();
+                let id = *id.borrow();
                 let mut o = owned.lock().await;
                 o.value = value;
-                store.write_owned_checked(&mut o, id).await.map(|_| ())
+                let own = o.own();
+                store.put_owned(&mut o, id, own).await.map(|_| ())
             })
         });
         let withdraw = {
@@ -845,11 +851,8 @@ impl IntentStore for Etcd {
                 if let Ok(handle) = tokio::runtime::Handle::try_current() {
                     handle.spawn(async move {
                         let o = owned.lock().await;
-                        let own = Compare::mod_revision(o.key.as_str(), CompareOp::Equal, o.written);
-                        let _ = store
-                            .kv()
-                            .txn(Txn::new().when([own]).and_then([TxnOp::delete(o.key.as_str(), None)]))
-                            .await;
+                        let txn = Txn::new().when([o.own()]).and_then([TxnOp::delete(o.key.as_str(), None)]);
+                        let _ = store.kv().txn(txn).await;
                     });
                 }
             }
@@ -857,16 +860,14 @@ impl IntentStore for Etcd {
         // A crashed holder's record expires: moved to a lease of its own
         // that nobody renews.
         let forget = {
-            let (store, owned) = (self.clone(), owned);
+            let (store, owned, seconds) = (self.clone(), owned, lease.seconds);
             move || {
                 if let Ok(handle) = tokio::runtime::Handle::try_current() {
                     handle.spawn(async move {
-                        let Ok(lease) = store.client.clone().lease_grant(ttl.as_secs().max(1) as i64, None).await
-                        else {
-                            return;
-                        };
+                        let Ok(alone) = store.client.clone().lease_grant(seconds, None).await else { return };
                         let mut o = owned.lock().await;
-                        store.write_owned(&mut o, lease.id()).await;
+                        let own = o.own();
+                        let _ = store.put_owned(&mut o, alone.id(), own).await;
                     });
                 }
             }
