@@ -446,7 +446,11 @@ impl Etcd {
                     ops.push(TxnOp::delete(layout::ALLOC, everything.clone()));
                 }
             }
-            self.guarded_commit(expected, &writes.head, Vec::new(), ops).await?;
+            // Only while it is still staged: a replica that found its lease
+            // gone (this writer stalled past it) may have swept it, whole or
+            // in part, and it must not become current then.
+            let staged = Compare::version(staging_key(&next), CompareOp::Greater, 0);
+            self.guarded_commit(expected, &writes.head, vec![staged], ops).await?;
             tracing::info!(
                 generation = %next,
                 keys,
