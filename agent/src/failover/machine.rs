@@ -64,11 +64,17 @@ pub struct Machine {
     line_moved: BTreeMap<String, Instant>,
     /// How many times each moved since the machine started.
     moves: BTreeMap<Moved, u64>,
-    /// The tunnels, (segment, peer), that were up at some step before.
-    ever_up: BTreeSet<(String, String)>,
+    /// The tunnels that were up at some step before.
+    ever_up: BTreeSet<Key>,
+    /// Each route group's first candidate with a key, (segment, group) →
+    /// peer: where it goes when everything answers (from the configuration).
+    first: BTreeMap<(String, String), String>,
     /// Route groups, (segment, group, candidate), that were on that first
     /// candidate while its tunnel was up: placed there.
     placed: BTreeSet<(String, String, String)>,
+    /// The groups not placed on their first candidate yet: the only ones
+    /// a step looks at (an access point has thousands of groups).
+    unplaced: BTreeSet<(String, String)>,
 }
 
 impl Machine {
@@ -83,7 +89,9 @@ impl Machine {
             line_moved: BTreeMap::new(),
             moves: BTreeMap::new(),
             ever_up: BTreeSet::new(),
+            first: BTreeMap::new(),
             placed: BTreeSet::new(),
+            unplaced: BTreeSet::new(),
         }
     }
 
@@ -104,6 +112,15 @@ impl Machine {
                 // Health of targets the new configuration no longer has goes.
                 let keep = crate::probe::keys(&config, &hops);
                 self.health.retain(|k, _| keep.contains(k));
+                self.first = first_candidates(&config);
+                self.unplaced = self
+                    .first
+                    .iter()
+                    .filter(|((segment, group), peer)| {
+                        !self.placed.contains(&(segment.clone(), group.clone(), (*peer).clone()))
+                    })
+                    .map(|(k, _)| k.clone())
+                    .collect();
                 self.config = Some(config);
                 self.hops = hops;
                 true
@@ -163,10 +180,9 @@ impl Machine {
                 // whose home access point has not answered since it
                 // started) counts moves, and only away from a tunnel that
                 // answered once.
-                let was_up = self.ever_up.contains(&(segment.clone(), before.clone()));
-                let placed = self
-                    .first_candidate(segment, group)
-                    .is_some_and(|c| self.placed.contains(&(segment.clone(), group.clone(), c.to_string())));
+                let was_up = self.ever_up.contains(&Key::tunnel(segment, before));
+                let id = (segment.clone(), group.clone());
+                let placed = self.first.contains_key(&id) && !self.unplaced.contains(&id);
                 if was_up && placed {
                     changed.push(Moved::Group { segment: segment.clone(), group: group.clone() });
                 }
@@ -191,32 +207,25 @@ impl Machine {
     /// Notes the tunnels up now and the groups on their first candidate
     /// while it is up (see [`Machine::record`]).
     fn note_placements(&mut self) {
-        let up = |h: &Health| h.up;
         for (key, h) in &self.health {
-            if let Key::Tunnel { segment, peer } = key
-                && up(h)
-                && !self.ever_up.contains(&(segment.clone(), peer.clone()))
-            {
-                self.ever_up.insert((segment.clone(), peer.clone()));
+            if matches!(key, Key::Tunnel { .. }) && h.up && !self.ever_up.contains(key) {
+                self.ever_up.insert(key.clone());
             }
         }
-        let mut placed = Vec::new();
-        for ((segment, group), peer) in &self.active.groups {
-            let first = self.first_candidate(segment, group).is_some_and(|c| c == peer);
-            let answers = self.health.get(&Key::tunnel(segment, peer)).is_some_and(up);
-            if first && answers && !self.placed.contains(&(segment.clone(), group.clone(), peer.clone())) {
-                placed.push((segment.clone(), group.clone(), peer.clone()));
-            }
+        let placed: Vec<(String, String)> = self
+            .unplaced
+            .iter()
+            .filter(|g| {
+                let (Some(first), Some(now)) = (self.first.get(*g), self.active.groups.get(*g)) else { return false };
+                first == now && self.health.get(&Key::tunnel(&g.0, first)).is_some_and(|h| h.up)
+            })
+            .cloned()
+            .collect();
+        for g in placed {
+            self.unplaced.remove(&g);
+            let first = self.first.get(&g).cloned().unwrap_or_default();
+            self.placed.insert((g.0, g.1, first));
         }
-        self.placed.extend(placed);
-    }
-
-    /// A route group's first candidate with a key: where it goes when
-    /// everything answers.
-    fn first_candidate(&self, segment: &str, group: &str) -> Option<&str> {
-        let seg = self.config.as_ref()?.segments.iter().find(|s| s.segment == segment)?;
-        let keyed = |c: &&String| seg.peers.iter().any(|p| p.name == **c && !p.public_key.is_empty());
-        seg.route_groups.iter().find(|g| g.name == group)?.candidates.iter().find(keyed).map(String::as_str)
     }
 
     /// The next moment a choice may change without a new event: when a
@@ -251,6 +260,21 @@ impl Machine {
         });
         periods.chain(quiet).filter(|t| *t > now).min()
     }
+}
+
+/// Each route group's first candidate with a key, (segment, group) → peer.
+fn first_candidates(config: &SiteConfig) -> BTreeMap<(String, String), String> {
+    let mut out = BTreeMap::new();
+    for seg in &config.segments {
+        let keyed: BTreeSet<&str> =
+            seg.peers.iter().filter(|p| !p.public_key.is_empty()).map(|p| p.name.as_str()).collect();
+        for g in &seg.route_groups {
+            if let Some(c) = g.candidates.iter().find(|c| keyed.contains(c.as_str())) {
+                out.insert((seg.segment.clone(), g.name.clone()), c.clone());
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
