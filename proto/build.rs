@@ -22,6 +22,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .codec_path("crate::codec::Lean")
         .compile_fds(fds)?;
 
+    // The Agent service once more, as the controller serves it: same
+    // routes and messages, but its stream carries `crate::wire::Outgoing`
+    // (a ControllerMessage on the wire whose configuration is written from
+    // bytes the controller keeps).
+    if grpc {
+        let method = |name: &str, route: &str, input: &str, output: &str| {
+            tonic_build::manual::Method::builder()
+                .name(name)
+                .route_name(route)
+                .input_type(input)
+                .output_type(output)
+                .codec_path("crate::codec::Lean")
+        };
+        let agent = tonic_build::manual::Service::builder()
+            .name("Agent")
+            .package("musubi.v1")
+            .method(method("enroll", "Enroll", "crate::v1::EnrollRequest", "crate::v1::EnrollResponse").build())
+            .method(method("renew", "Renew", "crate::v1::RenewRequest", "crate::v1::EnrollResponse").build())
+            .method(
+                method("sync", "Sync", "crate::v1::AgentMessage", "crate::wire::Outgoing")
+                    .client_streaming()
+                    .server_streaming()
+                    .build(),
+            )
+            .build();
+        tonic_build::manual::Builder::new().build_client(false).build_transport(false).compile(&[agent]);
+    }
+
     let descriptors = std::fs::read(&descriptor_path)?;
     pbjson_build::Builder::new()
         .register_descriptors(&descriptors)?

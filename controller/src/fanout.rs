@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use musubi_proto::v1::{self as pb, SiteConfig};
 use prost::Message;
@@ -31,7 +32,28 @@ use musubi_core::compile::{CompileError, PublicKeys, compile, incremental};
 
 /// How long the fan-out waits after a key or revocation change before
 /// reading them, so that many agents enrolling at once cost one recompile.
-const SETTLE: std::time::Duration = std::time::Duration::from_millis(250);
+const SETTLE: Duration = Duration::from_millis(250);
+
+/// The longest pause between two reloads of keys and revocations (see
+/// [`next_reload`]).
+const RELOAD_GAP_MAX: Duration = Duration::from_secs(2);
+
+/// When the fan-out reads keys and revocations again after a change seen
+/// at `now`, the last reload having started at `last` and taken `took`:
+/// [`SETTLE`] after the change, and no sooner than four times the last
+/// reload's cost after it started (at most [`RELOAD_GAP_MAX`]). A reload
+/// reads every key and republishes the access points that changed (ten of
+/// 10,000 peers at 10,000 sites: a few hundred milliseconds, and as much
+/// again for each access point's agent); while thousands of agents enrol
+/// it is kept to a quarter of the time instead of running back to back. In a
+/// small deployment a reload costs milliseconds and only the settle counts.
+pub fn next_reload(now: Instant, last: Option<(Instant, Duration)>) -> Instant {
+    let settled = now + SETTLE;
+    match last {
+        Some((started, took)) => settled.max(started + (took * 4).min(RELOAD_GAP_MAX)),
+        None => settled,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum FanoutError {
@@ -76,6 +98,15 @@ pub struct Undecodable {
 }
 
 impl Delivery {
+    /// The configuration encoded, without its revision: a member site's as
+    /// kept, an access point's encoded now.
+    pub fn encoded(&self) -> Bytes {
+        match &self.config {
+            Kept::Whole(c) => Bytes::from(c.encode_to_vec()),
+            Kept::Encoded(b) => b.clone(),
+        }
+    }
+
     pub fn to_pb(&self) -> Result<pb::ConfigUpdate, Undecodable> {
         let config = match &self.config {
             Kept::Whole(c) => SiteConfig { revision: self.revision, ..(**c).clone() },
@@ -123,7 +154,14 @@ pub fn digest(config: &SiteConfig) -> String {
 }
 
 fn digest_of(encoded: &[u8]) -> String {
-    Sha256::digest(encoded).iter().map(|b| format!("{b:02x}")).collect()
+    // Hex without a string per byte: 10,000 digests for a change of settings.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(64);
+    for b in Sha256::digest(encoded) {
+        hex.push(char::from(HEX[usize::from(b >> 4)]));
+        hex.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    hex
 }
 
 #[derive(Debug, Default)]
@@ -288,6 +326,7 @@ impl Fanout {
         let mut revisions = crate::store::watch::watch(store.clone(), from).await?;
         let weak = Arc::downgrade(&fanout);
         tokio::spawn(async move {
+            let mut last_reload: Option<(Instant, Duration)> = None;
             loop {
                 tokio::select! {
                     r = revisions.recv() => match r {
@@ -311,7 +350,7 @@ impl Fanout {
                             // Keep serving what we have, and follow again from where we are.
                             tracing::error!(error = %e, "the intent watch failed; following again");
                             loop {
-                                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                                tokio::time::sleep(Duration::from_secs(1)).await;
                                 let Some(at) = weak.upgrade().map(|f| f.revision()) else { return };
                                 match crate::store::watch::watch(store.clone(), at).await {
                                     Ok(again) => {
@@ -329,12 +368,14 @@ impl Fanout {
                             return;
                         }
                         // Let a burst of enrolments land, then read them all at once.
-                        tokio::time::sleep(SETTLE).await;
+                        tokio::time::sleep_until(next_reload(Instant::now(), last_reload).into()).await;
                         sites_changed.borrow_and_update();
                         let Some(f) = weak.upgrade() else { return };
+                        let started = Instant::now();
                         if let Err(e) = f.reload_sites(&*store).await {
                             tracing::warn!(error = %e, "cannot read public keys and revocations");
                         }
+                        last_reload = Some((started, started.elapsed()));
                     }
                 }
             }
@@ -357,7 +398,7 @@ impl Fanout {
 
     /// Replays one revision and republishes the sites it changed.
     pub fn apply_revision(&self, rev: &Revision) -> Result<(), FanoutError> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let mut state = self.lock();
         if rev.revision <= state.stored.revision {
             return Ok(());
@@ -402,12 +443,24 @@ impl Fanout {
         Ok(())
     }
 
-    /// Rereads public keys and revocations and republishes what they change.
-    async fn reload_sites<S: IntentStore>(&self, store: &S) -> Result<(), FanoutError> {
+    /// Rereads public keys and revocations and republishes what they change
+    /// (off the threads that serve the agents' streams: access points'
+    /// configurations are spliced, encoded and hashed).
+    async fn reload_sites<S: IntentStore>(self: &Arc<Self>, store: &S) -> Result<(), FanoutError> {
         let pairs = store.list(layout::KEYS).await?;
-        let keys = layout::decode(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?.keys;
         let revoked = revocations(store).await?;
-        self.update_sites(keys, revoked)
+        let fanout = self.clone();
+        match tokio::task::spawn_blocking(move || {
+            let keys = layout::decode(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?.keys;
+            drop(pairs);
+            fanout.update_sites(keys, revoked)
+        })
+        .await
+        {
+            Ok(done) => done,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Ok(()), // the runtime is shutting down
+        }
     }
 
     /// Takes new public keys and revocations.
@@ -564,5 +617,33 @@ impl Fanout {
 
     pub fn published(&self) -> u64 {
         self.published.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_digest_is_the_sha256_in_lowercase_hex() {
+        assert_eq!(digest_of(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
+
+    #[test]
+    fn keys_are_reloaded_after_the_settle_and_no_more_than_a_quarter_of_the_time() {
+        let t = Instant::now();
+        // The first change, and one after a cheap reload: the settle alone.
+        assert_eq!(next_reload(t, None), t + SETTLE);
+        assert_eq!(next_reload(t + ms(300), Some((t, ms(5)))), t + ms(300) + SETTLE);
+        // Back to back after a reload of 400 ms: 1.6 s after it started.
+        assert_eq!(next_reload(t + ms(400), Some((t, ms(400)))), t + ms(1600));
+        // A change long after an expensive reload waits only the settle.
+        assert_eq!(next_reload(t + ms(5000), Some((t, ms(400)))), t + ms(5000) + SETTLE);
+        // However slow the last reload was, the next comes within the cap.
+        assert_eq!(next_reload(t + ms(100), Some((t, ms(3000)))), t + RELOAD_GAP_MAX);
     }
 }

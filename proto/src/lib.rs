@@ -73,3 +73,158 @@ pub mod codec {
         }
     }
 }
+
+#[cfg(feature = "grpc")]
+/// What the controller sends on an agent's stream, with each configuration
+/// as the bytes the fan-out already holds.
+///
+/// On the wire an [`Outgoing`] is a [`v1::ControllerMessage`]: an agent
+/// decodes it as one. The configuration's bytes are written as they are,
+/// followed by its revision (protobuf keeps the last value of a scalar
+/// field), so a configuration the fan-out keeps encoded is neither decoded
+/// nor encoded again for each agent it goes to.
+pub mod wire {
+    use prost::bytes::{Buf, BufMut, Bytes};
+    use prost::encoding::{self, DecodeContext, WireType};
+
+    use crate::v1;
+
+    /// `ControllerMessage.config`, `ConfigUpdate.revision`, `.digest` and `.config`.
+    const BODY_CONFIG: u32 = 1;
+    const BODY_KEEPALIVE: u32 = 2;
+    const UPDATE_REVISION: u32 = 1;
+    const UPDATE_DIGEST: u32 = 2;
+    const UPDATE_CONFIG: u32 = 3;
+    /// `SiteConfig.revision`.
+    const CONFIG_REVISION: u32 = 5;
+
+    /// A [`v1::ControllerMessage`] as the controller writes it.
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum Outgoing {
+        /// A `ConfigUpdate` whose `SiteConfig` is `config` (encoded, its own
+        /// revision left unset) with `revision` set.
+        Config {
+            revision: u64,
+            digest: String,
+            config: Bytes,
+        },
+        Keepalive(v1::Keepalive),
+    }
+
+    impl Default for Outgoing {
+        fn default() -> Self {
+            Outgoing::Keepalive(v1::Keepalive::default())
+        }
+    }
+
+    fn revision_len(revision: u64) -> usize {
+        if revision == 0 { 0 } else { encoding::uint64::encoded_len(CONFIG_REVISION, &revision) }
+    }
+
+    /// The `SiteConfig`'s length on the wire, its revision included.
+    fn config_len(revision: u64, config: &Bytes) -> usize {
+        config.len() + revision_len(revision)
+    }
+
+    fn update_len(revision: u64, digest: &String, config: &Bytes) -> usize {
+        let inner = config_len(revision, config);
+        (if revision == 0 { 0 } else { encoding::uint64::encoded_len(UPDATE_REVISION, &revision) })
+            + (if digest.is_empty() { 0 } else { encoding::string::encoded_len(UPDATE_DIGEST, digest) })
+            + encoding::key_len(UPDATE_CONFIG)
+            + encoding::encoded_len_varint(inner as u64)
+            + inner
+    }
+
+    impl prost::Message for Outgoing {
+        fn encode_raw(&self, buf: &mut impl BufMut) {
+            match self {
+                Outgoing::Config { revision, digest, config } => {
+                    encoding::encode_key(BODY_CONFIG, WireType::LengthDelimited, buf);
+                    encoding::encode_varint(update_len(*revision, digest, config) as u64, buf);
+                    if *revision != 0 {
+                        encoding::uint64::encode(UPDATE_REVISION, revision, buf);
+                    }
+                    if !digest.is_empty() {
+                        encoding::string::encode(UPDATE_DIGEST, digest, buf);
+                    }
+                    encoding::encode_key(UPDATE_CONFIG, WireType::LengthDelimited, buf);
+                    encoding::encode_varint(config_len(*revision, config) as u64, buf);
+                    buf.put_slice(config);
+                    if *revision != 0 {
+                        encoding::uint64::encode(CONFIG_REVISION, revision, buf);
+                    }
+                }
+                Outgoing::Keepalive(k) => encoding::message::encode(BODY_KEEPALIVE, k, buf),
+            }
+        }
+
+        /// Never read by this process (agents read a `ControllerMessage`):
+        /// every field is skipped.
+        fn merge_field(
+            &mut self,
+            tag: u32,
+            wire_type: WireType,
+            buf: &mut impl Buf,
+            ctx: DecodeContext,
+        ) -> Result<(), prost::DecodeError> {
+            encoding::skip_field(wire_type, tag, buf, ctx)
+        }
+
+        fn encoded_len(&self) -> usize {
+            match self {
+                Outgoing::Config { revision, digest, config } => {
+                    let inner = update_len(*revision, digest, config);
+                    encoding::key_len(BODY_CONFIG) + encoding::encoded_len_varint(inner as u64) + inner
+                }
+                Outgoing::Keepalive(k) => encoding::message::encoded_len(BODY_KEEPALIVE, k),
+            }
+        }
+
+        fn clear(&mut self) {
+            *self = Outgoing::default();
+        }
+    }
+
+    #[allow(clippy::all, clippy::pedantic, clippy::unwrap_used, missing_docs)]
+    mod generated {
+        include!(concat!(env!("OUT_DIR"), "/musubi.v1.Agent.rs"));
+    }
+
+    /// The `musubi.v1.Agent` service as the controller serves it: the
+    /// generated one's routes and messages, [`Outgoing`] on the stream.
+    pub use generated::agent_server;
+
+    #[cfg(test)]
+    mod tests {
+        use prost::Message;
+
+        use super::*;
+
+        fn config(revision: u64) -> v1::SiteConfig {
+            v1::SiteConfig { site: "site-a".into(), tenant: "pref".into(), revision, ..Default::default() }
+        }
+
+        #[test]
+        fn an_outgoing_configuration_is_the_controller_message_an_agent_decodes() {
+            for revision in [0, 1, 300, u64::MAX] {
+                let kept = Bytes::from(config(0).encode_to_vec());
+                let out = Outgoing::Config { revision, digest: "ab12".into(), config: kept };
+                let bytes = out.encode_to_vec();
+                assert_eq!(bytes.len(), out.encoded_len(), "revision {revision}");
+                let read = v1::ControllerMessage::decode(bytes.as_slice()).expect("decodes");
+                let want = v1::ControllerMessage {
+                    body: Some(v1::controller_message::Body::Config(v1::ConfigUpdate {
+                        revision,
+                        digest: "ab12".into(),
+                        config: Some(config(revision)),
+                    })),
+                };
+                assert_eq!(read, want, "revision {revision}");
+                assert_eq!(bytes, want.encode_to_vec(), "the bytes prost writes, revision {revision}");
+            }
+            let keepalive = Outgoing::Keepalive(v1::Keepalive { unix_ms: 17 });
+            let read = v1::ControllerMessage::decode(keepalive.encode_to_vec().as_slice()).expect("decodes");
+            assert_eq!(read.body, Some(v1::controller_message::Body::Keepalive(v1::Keepalive { unix_ms: 17 })));
+        }
+    }
+}

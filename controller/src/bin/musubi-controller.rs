@@ -21,8 +21,8 @@ use musubi_core::allocate::reallocate;
 use musubi_core::compile::{PublicKeys, compile};
 use musubi_core::diagnostic::render;
 use musubi_core::{load, validate};
-use musubi_proto::v1::agent_server::AgentServer;
 use musubi_proto::v1::operator_server::OperatorServer;
+use musubi_proto::wire::agent_server::AgentServer;
 use prost::Message;
 
 #[derive(Parser, Debug)]

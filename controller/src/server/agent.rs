@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use base64::Engine;
 use musubi_proto::v1 as pb;
-use musubi_proto::v1::agent_server::Agent;
+use musubi_proto::wire::Outgoing;
+use musubi_proto::wire::agent_server::Agent;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -232,7 +233,7 @@ fn no_ca() -> Status {
     Status::failed_precondition("this controller runs without a CA (--insecure): there is nothing to enrol with")
 }
 
-type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
+type SyncStream = Pin<Box<dyn Stream<Item = Result<Outgoing, Status>> + Send>>;
 
 /// What a session hands to its stream, turned into a message only as the
 /// stream sends it. Kept to a pointer's size: tokio's channel allocates its
@@ -248,20 +249,17 @@ impl Out {
         Out::End(Box::new(status))
     }
 
-    fn into_message(self) -> Result<pb::ControllerMessage, Status> {
-        use pb::controller_message::Body;
-        let body = match self {
-            Out::Config(d) => match d.to_pb() {
-                Ok(update) => Body::Config(update),
-                Err(e) => {
-                    tracing::error!(error = %e, "ending the session rather than send an empty configuration");
-                    return Err(Status::internal(e.to_string()));
-                }
-            },
-            Out::Keepalive => Body::Keepalive(pb::Keepalive { unix_ms: now_ms() }),
-            Out::End(status) => return Err(*status),
-        };
-        Ok(pb::ControllerMessage { body: Some(body) })
+    /// The message as the stream writes it: a configuration goes as the
+    /// bytes the fan-out keeps (a member site's), or encoded once here (an
+    /// access point's, kept as a structure), never decoded on the way.
+    fn into_message(self) -> Result<Outgoing, Status> {
+        match self {
+            Out::Config(d) => {
+                Ok(Outgoing::Config { revision: d.revision, digest: d.digest.clone(), config: d.encoded() })
+            }
+            Out::Keepalive => Ok(Outgoing::Keepalive(pb::Keepalive { unix_ms: now_ms() })),
+            Out::End(status) => Err(*status),
+        }
     }
 }
 
@@ -711,26 +709,25 @@ mod tests {
         assert_eq!(tidy.active[0].local_line, "\\u{9b}31m");
     }
 
+    /// What an agent decodes from a sent configuration, kept encoded or
+    /// whole: the configuration with the delivery's revision. Bytes that
+    /// do not decode are sent as they are and fail the agent's decoding;
+    /// they never reach it as an empty configuration, which it would apply
+    /// by removing every tunnel.
     #[test]
-    fn an_undecodable_configuration_is_never_sent_as_an_empty_one() {
+    fn a_configuration_is_sent_as_kept_with_its_revision() {
+        let config = pb::SiteConfig { site: "office-a".into(), tenant: "t".into(), ..Default::default() };
+        for kept in [Kept::Encoded(config.encode_to_vec().into()), Kept::Whole(Arc::new(config.clone()))] {
+            let out = Out::Config(delivery(kept)).into_message().expect("a message");
+            let read = pb::ControllerMessage::decode(out.encode_to_vec().as_slice()).expect("decodes");
+            let Some(pb::controller_message::Body::Config(update)) = read.body else { panic!("no configuration") };
+            let sent = update.config.expect("a configuration");
+            assert_eq!((sent.site.as_str(), sent.revision, update.revision), ("office-a", 7, 7));
+            assert_eq!(pb::SiteConfig { revision: 0, ..sent }, config);
+        }
         // A field 1 (string) whose length runs past the end.
         let broken = Out::Config(delivery(Kept::Encoded(prost::bytes::Bytes::from_static(&[0x0a, 0x40, b'x']))));
-        match broken.into_message() {
-            Err(status) => {
-                assert_eq!(status.code(), tonic::Code::Internal);
-                assert!(status.message().contains("does not decode"), "{}", status.message());
-            }
-            Ok(m) => panic!("sent {m:?}"),
-        }
-        // The same path with a configuration that decodes sends it whole.
-        let config = pb::SiteConfig { site: "office-a".into(), tenant: "t".into(), ..Default::default() };
-        let good = Out::Config(delivery(Kept::Encoded(config.encode_to_vec().into())));
-        let Ok(pb::ControllerMessage { body: Some(pb::controller_message::Body::Config(update)) }) =
-            good.into_message()
-        else {
-            panic!("no configuration sent");
-        };
-        let sent = update.config.expect("a configuration");
-        assert_eq!((sent.site.as_str(), sent.revision, update.revision), ("office-a", 7, 7));
+        let out = broken.into_message().expect("sent as kept").encode_to_vec();
+        assert!(pb::ControllerMessage::decode(out.as_slice()).is_err(), "an agent cannot read it");
     }
 }
