@@ -247,13 +247,39 @@ pub fn value_hash(value: &[u8]) -> [u8; 32] {
 /// [`intent_digest`] from each key and the [`value_hash`] of its value
 /// (kept by a caller that hashes only what changed), in key order.
 pub fn intent_digest_of_hashes<'a>(pairs: impl IntoIterator<Item = (&'a str, [u8; 32])>) -> String {
-    let mut h = Sha256::new();
+    let mut digest = IntentDigest::default();
     for (key, value) in pairs {
-        h.update((key.len() as u64).to_be_bytes());
-        h.update(key.as_bytes());
-        h.update(value);
+        digest.push(&[key], &value);
     }
-    hex(&h.finalize())
+    digest.finish()
+}
+
+/// [`intent_digest_of_hashes`] fed one key at a time, each key given in
+/// parts (a prefix and a name: no key string is built).
+#[derive(Default, Clone)]
+pub struct IntentDigest(Sha256);
+
+impl std::fmt::Debug for IntentDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IntentDigest")
+    }
+}
+
+impl IntentDigest {
+    /// The next key (the concatenation of `key`), in key order, and the
+    /// [`value_hash`] of its value.
+    pub fn push(&mut self, key: &[&str], value_hash: &[u8; 32]) {
+        let len: usize = key.iter().map(|part| part.len()).sum();
+        self.0.update((len as u64).to_be_bytes());
+        for part in key {
+            self.0.update(part.as_bytes());
+        }
+        self.0.update(value_hash);
+    }
+
+    pub fn finish(self) -> String {
+        hex(&self.0.finalize())
+    }
 }
 
 /// One change record as [`verify_intent`] reads it.

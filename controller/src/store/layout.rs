@@ -244,49 +244,60 @@ pub fn intent_digest(intent: &Intent) -> Result<String, StoreError> {
     // before are serialised again (a one-site change hashes one site, not
     // ten thousand). The cache holds the objects it hashed, so an address
     // is never reused while its hash is kept; it keeps only the newest
-    // intent's objects.
+    // intent's objects, by kind and name, updated in place (no key is
+    // formatted and no map rebuilt for the objects that did not change).
     type Kept = BTreeMap<String, (Arc<dyn std::any::Any + Send + Sync>, [u8; 32])>;
-    static CACHE: std::sync::Mutex<Kept> = std::sync::Mutex::new(BTreeMap::new());
+    static CACHE: std::sync::Mutex<[Kept; 5]> = std::sync::Mutex::new([const { BTreeMap::new() }; 5]);
     fn each<T: Serialize + Send + Sync + 'static>(
-        out: &mut Vec<(String, [u8; 32])>,
+        digest: &mut musubi_core::audit::IntentDigest,
         kept: &mut Kept,
-        fresh: &mut Kept,
         prefix: &str,
         map: &BTreeMap<String, Arc<T>>,
     ) -> Result<(), StoreError> {
+        let hash_of = |name: &str, value: &Arc<T>| {
+            json_text(&format!("{prefix}{name}"), value).map(|j| musubi_core::audit::value_hash(j.as_bytes()))
+        };
         for (name, value) in map {
-            let key = format!("{prefix}{name}");
-            let known = kept
-                .remove(&key)
-                .filter(|(object, _)| std::ptr::eq(Arc::as_ptr(object) as *const (), Arc::as_ptr(value) as *const ()));
-            let (object, hash) = match known {
-                Some(k) => k,
+            let object: Arc<dyn std::any::Any + Send + Sync> = value.clone();
+            let hash = match kept.get_mut(name.as_str()) {
+                Some((known, hash)) if Arc::ptr_eq(known, &object) => *hash,
+                Some(entry) => {
+                    *entry = (object, hash_of(name, value)?);
+                    entry.1
+                }
                 None => {
-                    let object: Arc<dyn std::any::Any + Send + Sync> = value.clone();
-                    (object, musubi_core::audit::value_hash(json_text(&key, value)?.as_bytes()))
+                    let hash = hash_of(name, value)?;
+                    kept.insert(name.clone(), (object, hash));
+                    hash
                 }
             };
-            out.push((key.clone(), hash));
-            fresh.insert(key, (object, hash));
+            digest.push(&[prefix, name], &hash);
+        }
+        // Every name of `map` is kept now: more means some left the intent.
+        if kept.len() > map.len() {
+            kept.retain(|name, _| map.contains_key(name));
         }
         Ok(())
     }
-    let mut kept = CACHE.lock().map(|mut k| std::mem::take(&mut *k)).unwrap_or_default();
-    let mut fresh = Kept::new();
-    let settings = musubi_core::audit::value_hash(json_text(SETTINGS, &intent.settings)?.as_bytes());
-    // Key order: operator/ < policy/ < segment/ < settings < site/ < tenant/.
-    let mut pairs = Vec::with_capacity(intent.sites.len() + intent.segments.len() + 16);
-    each(&mut pairs, &mut kept, &mut fresh, OPERATOR, &intent.operators)?;
-    each(&mut pairs, &mut kept, &mut fresh, POLICY, &intent.policies)?;
-    each(&mut pairs, &mut kept, &mut fresh, SEGMENT, &intent.segments)?;
-    pairs.push((SETTINGS.to_string(), settings));
-    each(&mut pairs, &mut kept, &mut fresh, SITE, &intent.sites)?;
-    each(&mut pairs, &mut kept, &mut fresh, TENANT, &intent.tenants)?;
-    debug_assert!(pairs.windows(2).all(|w| w[0].0 < w[1].0), "intent keys in key order");
-    if let Ok(mut k) = CACHE.lock() {
-        *k = fresh;
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    let result = (|| {
+        let [operators, policies, segments, sites, tenants] = &mut *cache;
+        let mut digest = musubi_core::audit::IntentDigest::default();
+        // Key order: operator/ < policy/ < segment/ < settings < site/ < tenant/.
+        each(&mut digest, operators, OPERATOR, &intent.operators)?;
+        each(&mut digest, policies, POLICY, &intent.policies)?;
+        each(&mut digest, segments, SEGMENT, &intent.segments)?;
+        let settings = musubi_core::audit::value_hash(json_text(SETTINGS, &intent.settings)?.as_bytes());
+        digest.push(&[SETTINGS], &settings);
+        each(&mut digest, sites, SITE, &intent.sites)?;
+        each(&mut digest, tenants, TENANT, &intent.tenants)?;
+        Ok(digest.finish())
+    })();
+    if result.is_err() {
+        // Half updated: start afresh next time.
+        *cache = Default::default();
     }
-    Ok(musubi_core::audit::intent_digest_of_hashes(pairs.iter().map(|(k, h)| (k.as_str(), *h))))
+    result
 }
 
 /// The intent revision stored at [`REVISION`] (a decimal number).
@@ -470,5 +481,15 @@ mod tests {
         let mut third = second.clone();
         third.tenants.remove("t");
         assert_eq!(intent_digest(&third).ok(), Some(plain(&third)));
+        // A rename: as many objects as before, one of them new.
+        let mut fourth = third.clone();
+        let mut v = (*fourth.tenants["u"]).clone();
+        v.name = "v".into();
+        fourth.tenants.remove("u");
+        fourth.tenants.insert("v".into(), Arc::new(v));
+        assert_eq!(intent_digest(&fourth).ok(), Some(plain(&fourth)));
+        // And back to an intent whose objects are no longer kept.
+        assert_eq!(intent_digest(&first).ok(), Some(plain(&first)));
+        assert_eq!(intent_digest(&fourth).ok(), Some(plain(&fourth)));
     }
 }

@@ -125,13 +125,17 @@ pub(super) fn check_underlay_against<'a>(
     sources: &SourceMap,
     out: &mut Vec<Diagnostic>,
 ) {
-    let wanted: HashMap<std::net::IpAddr, LineAt<'a>> = fresh
+    // Sorted by address: looked up for each line of 10,000 sites, by
+    // comparison, not by hashing.
+    let mut wanted: Vec<(std::net::IpAddr, LineAt<'a>)> = fresh
         .iter()
         .flat_map(|(name, site)| site.lines.iter().enumerate().map(|(i, l)| (l.address, (name.as_str(), i, l))))
         .collect();
+    wanted.sort_by_key(|(address, _)| *address);
     for (other, site) in others {
         for (j, line) in site.lines.iter().enumerate() {
-            let Some(&mine) = wanted.get(&line.address) else { continue };
+            let Ok(at) = wanted.binary_search_by_key(&line.address, |(address, _)| *address) else { continue };
+            let mine = wanted[at].1;
             let theirs = (other.as_str(), j, line);
             let (later, first) = if mine.0 > theirs.0 { (mine, theirs) } else { (theirs, mine) };
             out.push(address_in_use(sources, later, first));
