@@ -25,9 +25,16 @@ use musubi_core::intent::parse::{Parsed, parse_files};
 use musubi_core::intent::source::ObjectRef;
 use musubi_core::validate;
 
-/// How often a merge is moved onto a revision another replica committed
-/// meanwhile before its conflict is reported.
-const REBASES: u32 = 16;
+/// How long a merge keeps being moved onto revisions other replicas
+/// committed meanwhile before its conflict is reported. A count alone was
+/// not enough: 100 merges of different sites started together on two
+/// replicas, the first replica's 50 commits can come between every attempt
+/// of one merge on the second (16 attempts lost in a CI run). Each lost
+/// attempt means another change committed, so the wait is bounded by the
+/// others' work, and by this.
+const REBASE_FOR: std::time::Duration = std::time::Duration::from_secs(20);
+/// And at most this many times.
+const REBASES: u32 = 1_000;
 
 /// The largest intent (all documents together) the API accepts by default.
 pub const DEFAULT_MAX_INTENT_BYTES: usize = 32 * 1024 * 1024;
@@ -281,7 +288,10 @@ impl<S: IntentStore + 'static> OperatorService<S> {
             let result = apply_on(&*self.store, &current, &parsed, mode(how.merge, &remove), Some(at), change).await;
             // Another replica committed in between: the merge is checked
             // and moved onto its revision in turn.
-            if may_rebase && attempts < REBASES && matches!(result, Err(ApplyError::Store(StoreError::Conflict { .. })))
+            if may_rebase
+                && attempts < REBASES
+                && started.elapsed() < REBASE_FOR
+                && matches!(result, Err(ApplyError::Store(StoreError::Conflict { .. })))
             {
                 attempts += 1;
                 current = self.current().await.map_err(store_status)?;

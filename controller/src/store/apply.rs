@@ -285,7 +285,7 @@ pub async fn apply_on<S: IntentStore>(
     change: Change<'_>,
 ) -> Result<Accepted, ApplyError> {
     let new = proposed(&current.intent, parsed, mode)?;
-    apply_intent(store, current, &new, expected, change).await
+    apply_intent(store, current, new, expected, change).await
 }
 
 /// The first of `objects` that a revision after `planned` changed, with
@@ -339,10 +339,13 @@ pub static NO_KEYS: std::sync::LazyLock<PublicKeys> = std::sync::LazyLock::new(P
 async fn apply_intent<S: IntentStore>(
     store: &S,
     current: &Stored,
-    new: &Intent,
+    proposed: Cow<'_, Intent>,
     expected: Option<u64>,
     change: Change<'_>,
 ) -> Result<Accepted, ApplyError> {
+    // Owned (a merge, a rollback): kept as the state after the commit
+    // without copying 10,000 sites' map once more.
+    let new: &Intent = &proposed;
     // Judged by the bindings in force before the change, plans included.
     let refusals = access::check_change(&access::rights(&current.intent, change.actor), &current.intent, new);
     if !refusals.is_empty() {
@@ -429,7 +432,7 @@ async fn apply_intent<S: IntentStore>(
     let after = Stored {
         revision: audit.revision,
         head: Some(audit.clone()),
-        intent: new.clone(),
+        intent: proposed.into_owned(),
         allocations: alloc,
         keys: PublicKeys::new(),
     };
@@ -489,7 +492,7 @@ pub async fn rollback_held<S: IntentStore>(
     Ok(apply_intent(
         store,
         &current,
-        &old,
+        Cow::Owned(old),
         expected,
         Change { actor, now_ms, dry_run, note: Some(&note), keys: &NO_KEYS, before_commit: None, hold, approver },
     )
