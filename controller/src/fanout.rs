@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use musubi_proto::v1::{self as pb, SiteConfig};
 use prost::Message;
 use prost::bytes::Bytes;
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::sites::{Revocation, revocations};
@@ -154,14 +153,7 @@ pub fn digest(config: &SiteConfig) -> String {
 }
 
 fn digest_of(encoded: &[u8]) -> String {
-    // Hex without a string per byte: 10,000 digests for a change of settings.
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut hex = String::with_capacity(64);
-    for b in Sha256::digest(encoded) {
-        hex.push(char::from(HEX[usize::from(b >> 4)]));
-        hex.push(char::from(HEX[usize::from(b & 0xf)]));
-    }
-    hex
+    musubi_core::audit::sha256_hex(encoded)
 }
 
 #[derive(Debug, Default)]

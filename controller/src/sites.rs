@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::store::layout::{KEY_OWNERS, REVOKED, REVOKED_OPERATORS, SEEN, TOKENS};
 use crate::store::{Event, Guard, IntentStore, StoreError, Write};
@@ -41,7 +40,7 @@ pub enum TokenError {
 }
 
 fn hash(token: &str) -> String {
-    Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    musubi_core::audit::sha256_hex(token.as_bytes())
 }
 
 fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {

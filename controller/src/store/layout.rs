@@ -258,16 +258,19 @@ pub fn intent_digest(intent: &Intent) -> Result<String, StoreError> {
             json_text(&format!("{prefix}{name}"), value).map(|j| musubi_core::audit::value_hash(j.as_bytes()))
         };
         for (name, value) in map {
-            let object: Arc<dyn std::any::Any + Send + Sync> = value.clone();
             let hash = match kept.get_mut(name.as_str()) {
-                Some((known, hash)) if Arc::ptr_eq(known, &object) => *hash,
+                Some((known, hash))
+                    if std::ptr::eq(Arc::as_ptr(known) as *const (), Arc::as_ptr(value) as *const ()) =>
+                {
+                    *hash
+                }
                 Some(entry) => {
-                    *entry = (object, hash_of(name, value)?);
+                    *entry = (value.clone(), hash_of(name, value)?);
                     entry.1
                 }
                 None => {
                     let hash = hash_of(name, value)?;
-                    kept.insert(name.clone(), (object, hash));
+                    kept.insert(name.clone(), (value.clone(), hash));
                     hash
                 }
             };
