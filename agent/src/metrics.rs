@@ -247,6 +247,7 @@ mod tests {
                 loss_permille: 250,
                 last_reply: None,
                 interval: Duration::ZERO,
+                up_before: None,
             },
         );
         m.watch_health(health);

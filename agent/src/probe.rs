@@ -126,6 +126,9 @@ pub struct Health {
     pub last_reply: Option<Instant>,
     /// How often it is probed.
     pub interval: Duration,
+    /// While it is judged down: since when it had been up before (given
+    /// back as `since` if the judgment proves wrong — see [`Answer::late`]).
+    pub up_before: Option<Instant>,
 }
 
 /// One line per target, for a debug log: up or down, for how long, and how
@@ -621,6 +624,10 @@ fn take(msg: &mut [u8], from: SocketAddr, ctx: &mut Context<'_>) -> Option<Socke
             let got = u64::from_be_bytes(s);
             let now = Instant::now();
             let st = &mut ctx.states[i];
+            // The first probe sent after the last answer: if this answers
+            // it, no probe was lost — only answered late.
+            let first_since_last = st.sent.iter().find(|e| st.last_reply.is_some_and(|l| e.1 > l)).map(|e| e.0);
+            let late = first_since_last == Some(got);
             let mut rtt = None;
             for entry in st.sent.iter_mut().filter(|e| e.0 == got) {
                 entry.2 = true;
@@ -628,7 +635,8 @@ fn take(msg: &mut [u8], from: SocketAddr, ctx: &mut Context<'_>) -> Option<Socke
             }
             st.last_reply = Some(now);
             // Only this target can have changed.
-            evaluate(&ctx.targets[i..=i], &ctx.states[i..=i], ctx.health, ctx.changed, rtt.map(|r| (0, r)));
+            let answer = rtt.map(|rtt| Answer { index: 0, rtt, late });
+            evaluate(&ctx.targets[i..=i], &ctx.states[i..=i], ctx.health, ctx.changed, answer);
             None
         }
         _ => None,
@@ -653,7 +661,23 @@ fn judged_up(t: &Target, st: &State, now: Instant) -> bool {
     !t.member && unanswered < t.multiplier as usize
 }
 
-fn evaluate(targets: &[Target], states: &[State], health: &Healths, changed: &Notify, rtt: Option<(usize, Duration)>) {
+/// An answer a target's judgment follows.
+#[derive(Debug, Clone, Copy)]
+struct Answer {
+    /// Which of the targets judged answered.
+    index: usize,
+    rtt: Duration,
+    /// It answers the first probe sent after the target's previous answer:
+    /// nothing was lost, the answers were only slow (a busy host held them
+    /// up). A target judged down in between was judged wrongly: it gets
+    /// back the `since` of its time up, as if it had never been down, and
+    /// what moved away from it may move back at once — instead of every
+    /// quiet tunnel waiting to see whether its answers were only late
+    /// before its groups move (20 ms of every tunnel lost alone).
+    late: bool,
+}
+
+fn evaluate(targets: &[Target], states: &[State], health: &Healths, changed: &Notify, answer: Option<Answer>) {
     let now = Instant::now();
     let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
     let mut flipped = false;
@@ -671,7 +695,12 @@ fn evaluate(targets: &[Target], states: &[State], health: &Healths, changed: &No
         let lost = settled.iter().filter(|a| !**a).count();
         let loss_permille = if settled.is_empty() { 0 } else { (lost * 1000 / settled.len()) as u32 };
         let entry = h.entry(t.key.clone()).or_default();
-        if entry.up != up || entry.since.is_none() {
+        let late = answer.is_some_and(|a| a.index == i && a.late);
+        if up && !entry.up && late && entry.up_before.is_some() {
+            entry.since = entry.up_before.take();
+            tracing::debug!(key = ?t.key, "answers were late, not lost: up all along");
+        } else if entry.up != up || entry.since.is_none() {
+            entry.up_before = if entry.up && !up { entry.since } else { None };
             entry.since = Some(now);
         }
         if entry.up != up {
@@ -689,10 +718,10 @@ fn evaluate(targets: &[Target], states: &[State], health: &Healths, changed: &No
         entry.loss_permille = loss_permille;
         entry.last_reply = st.last_reply;
         entry.interval = t.interval;
-        if let Some((j, r)) = rtt
-            && j == i
+        if let Some(a) = answer
+            && a.index == i
         {
-            entry.rtt_us = u32::try_from(r.as_micros()).unwrap_or(u32::MAX);
+            entry.rtt_us = u32::try_from(a.rtt.as_micros()).unwrap_or(u32::MAX);
         }
     }
     drop(h);
@@ -713,6 +742,66 @@ mod tests {
                 Target::new(Key::tunnel("office", &format!("s{i}")), "mm-office", address, address, probe)
             })
             .collect()
+    }
+
+    /// A target judged down whose answers then arrive late — the first
+    /// probe sent after its last answer is answered, so none was lost — is
+    /// up all along: it gets back the `since` of its time up. One whose
+    /// first probes went unanswered and a later one is answered is up anew.
+    #[test]
+    fn late_answers_undo_a_wrong_judgment_and_a_real_return_is_up_anew() {
+        let ms = Duration::from_millis;
+        let reply = |seq: u64| {
+            let mut msg = [0u8; 17];
+            msg[0] = REPLY;
+            msg[1..9].copy_from_slice(&seq.to_be_bytes());
+            msg
+        };
+        for (answered, late) in [(1u64, true), (3, false)] {
+            let targets = targets(1, 50);
+            let from = SocketAddr::new(targets[0].address, PORT);
+            let key = targets[0].key.clone();
+            let now = Instant::now();
+            let up_since = now - ms(60_000);
+            let health: Healths = Arc::default();
+            health.lock().expect("lock").insert(
+                key.clone(),
+                Health { up: true, since: Some(up_since), interval: ms(50), ..Default::default() },
+            );
+            // Answered 300 ms ago; the three probes since, unanswered.
+            let mut states = vec![State {
+                started: now - ms(60_000),
+                last_reply: Some(now - ms(300)),
+                sent: [(1, 250), (2, 200), (3, 150)].iter().map(|&(seq, ago)| (seq, now - ms(ago), false)).collect(),
+                next: now,
+            }];
+            let changed = Notify::new();
+            evaluate(&targets, &states, &health, &changed, None);
+            let down = health.lock().expect("lock")[&key].clone();
+            assert!(!down.up, "three probes unanswered for 300 ms: down");
+            assert_eq!(down.up_before, Some(up_since), "its time up is kept while it is down");
+            let by_address: HashMap<IpAddr, usize> = [(targets[0].address, 0)].into_iter().collect();
+            let heard: Heard = Arc::default();
+            let mut ctx = Context {
+                targets: &targets,
+                states: &mut states,
+                by_address: &by_address,
+                only: None,
+                health: &health,
+                heard: &heard,
+                changed: &changed,
+            };
+            let mut msg = reply(answered);
+            assert_eq!(take(&mut msg, from, &mut ctx), None, "a reply is not answered");
+            let back = health.lock().expect("lock")[&key].clone();
+            assert!(back.up, "probe {answered} answered: up");
+            if late {
+                assert_eq!(back.since, Some(up_since), "answers late, none lost: up all along");
+            } else {
+                assert!(back.since.is_some_and(|s| s > down.since.expect("down since")), "up anew: {back:?}");
+            }
+            assert_eq!(back.up_before, None);
+        }
     }
 
     /// Down after `multiplier` probes unanswered and the detection time:

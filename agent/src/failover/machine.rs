@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use musubi_proto::v1::SiteConfig;
 
-use super::{Choices, Inputs, LONE_TUNNEL_SETTLE, SITE_GRACE, SWITCH_GRACE, choices, first_choices};
+use super::{Choices, Inputs, SITE_GRACE, SWITCH_GRACE, choices, first_choices};
 use crate::datapath::Hops;
 use crate::probe::{Health, Key};
 
@@ -248,16 +248,11 @@ impl Machine {
             .values()
             .filter_map(|h| h.since)
             .flat_map(|s| [s + SITE_GRACE, s + SWITCH_GRACE, s + self.hold_down]);
-        // Per quiet tunnel: when its settle ends, and when the path beside
-        // it must have answered.
-        let quiet = self.health.iter().filter(|(k, h)| matches!(k, Key::Tunnel { .. }) && !h.up).flat_map(|(_, h)| {
-            [
-                h.since.map(|s| s + LONE_TUNNEL_SETTLE),
-                h.last_reply.map(|l| l + super::quiet_window(h, slowest) + slowest.max(h.interval) * 2),
-            ]
-            .into_iter()
-            .flatten()
-        });
+        // Per quiet tunnel: when the path beside it must have answered.
+        let quiet =
+            self.health.iter().filter(|(k, h)| matches!(k, Key::Tunnel { .. }) && !h.up).filter_map(|(_, h)| {
+                h.last_reply.map(|l| l + super::quiet_window(h, slowest) + slowest.max(h.interval) * 2)
+            });
         periods.chain(quiet).filter(|t| *t > now).min()
     }
 }
@@ -581,12 +576,13 @@ mod tests {
         let t = dead + ms(150);
         *h.get_mut(&tunnel(EAST)).expect("tunnel") = health(false, t, Some(dead));
         m.step(Event::Probed(h.clone()), t);
-        assert_eq!(group(&m), EAST, "a tunnel alone is given a moment to be undone");
+        assert_eq!(group(&m), WEST, "no line answered after the tunnel went quiet: at once");
         for line in ["fiber", "lte"] {
             *h.get_mut(&path(line, EAST)).expect("path") = health(false, t + ms(10), Some(dead));
         }
         m.step(Event::Probed(h.clone()), t + ms(10));
-        assert_eq!(group(&m), WEST, "its paths failed with it: at once");
+        assert_eq!(group(&m), WEST, "its paths failed with it: it stays");
+        assert_eq!(m.moves().values().max(), Some(&1), "one move");
         // Back: the east answers again from `back`.
         let back = dead + ms(5000);
         for k in [tunnel(EAST), path("fiber", EAST), path("lte", EAST)] {
@@ -667,9 +663,6 @@ mod tests {
         assert_eq!(group(&m), EAST, "not known yet whether the fibre failed with the tunnel");
         let wake =
             |actions: &[Action]| actions.iter().find_map(|a| if let Action::WakeAt(w) = a { Some(*w) } else { None });
-        assert_eq!(wake(&actions), Some(t + LONE_TUNNEL_SETTLE), "the settle ends first");
-        let actions = m.step(Event::Tick, t + LONE_TUNNEL_SETTLE);
-        assert_eq!(group(&m), EAST, "still not known");
         assert_eq!(wake(&actions), Some(quiet + ms(200)), "woken when the path must have answered again");
         // Every path answered at +190 ms (no event: answers that flip nothing raise none).
         for k in h.keys().filter(|k| matches!(k, Key::Path { .. })).cloned().collect::<Vec<_>>() {
@@ -680,12 +673,15 @@ mod tests {
         assert_eq!(line_to(&m, EAST), "fiber", "its line is fine");
     }
 
-    /// A tunnel judged down alone while its line answers clearly (a busy
-    /// host held the peer's answers up) and up again 11 ms later moves
-    /// nothing; one that stays down moves its group once it has been down
-    /// for [`LONE_TUNNEL_SETTLE`], at the wake-up the machine asked for.
+    /// A tunnel judged down alone while its line answers clearly moves its
+    /// group at the flip: its own failure (nothing waits to see whether the
+    /// answers were only late). When they were — a busy host held them up,
+    /// and they arrive 11 ms later — the prober gives the tunnel back its
+    /// time up, and the group comes back at once, not after a hold-down.
+    /// A tunnel that really went quiet and answers again is a new time up:
+    /// the group stays away for the hold-down.
     #[test]
-    fn a_lone_tunnel_flip_undone_at_once_moves_nothing() {
+    fn a_lone_tunnel_flip_moves_at_once_and_a_wrong_one_is_undone_at_once() {
         let t0 = Instant::now();
         let (mut m, mut h) = settled(t0);
         let quiet = t0 + ms(1000);
@@ -693,25 +689,24 @@ mod tests {
         for k in h.keys().filter(|k| matches!(k, Key::Path { .. })).cloned().collect::<Vec<_>>() {
             h.get_mut(&k).expect("path").last_reply = Some(t - ms(5));
         }
+        let up_since = h[&tunnel(EAST)].since.expect("up since");
         *h.get_mut(&tunnel(EAST)).expect("tunnel") = health(false, t, Some(quiet));
-        let actions = m.step(Event::Probed(h.clone()), t);
-        assert_eq!(group(&m), EAST, "not at the flip");
-        let wake = actions.iter().find_map(|a| if let Action::WakeAt(w) = a { Some(*w) } else { None });
-        assert_eq!(wake, Some(t + LONE_TUNNEL_SETTLE));
-        // Its answers arrive 11 ms later.
-        let mut back = h.clone();
-        *back.get_mut(&tunnel(EAST)).expect("tunnel") = health(true, t + ms(11), Some(t + ms(11)));
-        m.step(Event::Probed(back), t + ms(11));
-        m.step(Event::Tick, t + LONE_TUNNEL_SETTLE);
-        assert_eq!(group(&m), EAST, "undone: nothing moved");
-        assert!(m.moves().is_empty(), "{:?}", m.moves());
-        // The same flip, not undone: the group leaves at the wake-up.
+        m.step(Event::Probed(h.clone()), t);
+        assert_eq!(group(&m), WEST, "its own failure: the group leaves at the flip");
+        // Its answers arrive 11 ms later: up all along (the prober's `since`).
+        let mut late = h.clone();
+        *late.get_mut(&tunnel(EAST)).expect("tunnel") = health(true, up_since, Some(t + ms(11)));
+        m.step(Event::Probed(late), t + ms(11));
+        assert_eq!(group(&m), EAST, "a wrong judgment undone at once");
+        // The same flip, then answers to new probes: up again from now on.
         let (mut m, _) = settled(t0);
         m.step(Event::Probed(h.clone()), t);
-        m.step(Event::Tick, t + LONE_TUNNEL_SETTLE - ms(1));
-        assert_eq!(group(&m), EAST);
-        m.step(Event::Tick, t + LONE_TUNNEL_SETTLE);
-        assert_eq!(group(&m), WEST, "its own failure: the group leaves");
+        let mut back = h.clone();
+        *back.get_mut(&tunnel(EAST)).expect("tunnel") = health(true, t + ms(60), Some(t + ms(60)));
+        m.step(Event::Probed(back.clone()), t + ms(60));
+        assert_eq!(group(&m), WEST, "back up anew: the hold-down runs");
+        m.step(Event::Probed(back), t + ms(60) + HOLD_DOWN);
+        assert_eq!(group(&m), EAST, "after the hold-down");
     }
 
     /// The east access point dies; the fibre path to it is judged down

@@ -28,14 +28,6 @@ const SWITCH_GRACE: Duration = Duration::from_secs(2);
 /// follows it). Only a site gone for longer is sought over the interconnect.
 const SITE_GRACE: Duration = Duration::from_secs(1);
 
-/// How long a tunnel that went quiet alone (its line still answers) must
-/// stay down before its route groups leave: a busy host can hold a peer's
-/// answers up just past the detection time, and a tunnel judged down and up
-/// again 11 ms later moved a group to the other access point for a whole
-/// hold-down (1 of 40 drills). Everything else is decided at the flip:
-/// a path judged down, an access point gone.
-pub const LONE_TUNNEL_SETTLE: Duration = Duration::from_millis(20);
-
 /// The health of a probe target, as the prober knows it.
 pub type HealthOf<'a> = &'a dyn Fn(&Key) -> Option<Health>;
 
@@ -229,9 +221,11 @@ pub fn choices(i: Inputs<'_>) -> Choices {
                             && now.saturating_duration_since(*at) < SWITCH_GRACE
                     });
                 let switching = switching || switched || (undecided && outlived.is_some());
-                // Its own failure, unless it is undone at once.
-                let settling = !path_failed && down_for(&h) < LONE_TUNNEL_SETTLE;
-                if (switching || settling) && current { 0 } else { 2 }
+                // Otherwise its own failure: the groups leave at once. (A
+                // tunnel judged down only because a busy host held its
+                // answers up gets back its time up from the prober when
+                // they arrive, and its groups come back at once.)
+                if switching && current { 0 } else { 2 }
             }
         }
     };

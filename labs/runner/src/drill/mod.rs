@@ -104,6 +104,8 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
     let logs = Logs::mark(&w);
     // Receivers: every host listens on every stream's port.
     let started = Instant::now();
+    let started_unix_s =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
     let stop = Arc::new(AtomicBool::new(false));
     let flows: Vec<Arc<Flow>> = drill.streams.iter().map(|s| Arc::new(Flow::new(s.clone()))).collect();
     let mut threads = Vec::new();
@@ -439,6 +441,7 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
         drill: drill.name.clone(),
         description: drill.description.trim().to_string(),
         lab: w.lab.name.clone(),
+        started_unix_s,
         duration_s: f64::from(end) / 1e6,
         max_outage_ms: drill.pass.max_outage_ms,
         timeline,

@@ -61,6 +61,9 @@ pub(super) struct Report {
     pub(super) drill: String,
     pub(super) description: String,
     pub(super) lab: String,
+    /// When the drill's clock (every `_s` figure) started, in seconds since
+    /// the Unix epoch: to find a step or a gap in the agents' logs.
+    pub(super) started_unix_s: f64,
     pub(super) duration_s: f64,
     pub(super) max_outage_ms: u64,
     pub(super) timeline: Vec<(f64, String)>,
