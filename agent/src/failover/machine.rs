@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use musubi_proto::v1::SiteConfig;
+use musubi_proto::v1::{self as pb, SiteConfig};
 
 use super::{Choices, Inputs, SITE_GRACE, SWITCH_GRACE, choices, first_choices};
 use crate::datapath::Hops;
@@ -253,7 +253,31 @@ impl Machine {
             self.health.iter().filter(|(k, h)| matches!(k, Key::Tunnel { .. }) && !h.up).filter_map(|(_, h)| {
                 h.last_reply.map(|l| l + super::quiet_window(h, slowest) + slowest.max(h.interval) * 2)
             });
-        periods.chain(quiet).filter(|t| *t > now).min()
+        // A member site's quiet tunnel, during its grace: whether the site
+        // is still heard on its lines is known when their next probes
+        // arrive — which raises no event. Checked again at the pace it is
+        // probed, one wake-up for all of them (before, it waited for the
+        // wake-up above: 400 ms of one far-tunnel-lost in five, when the
+        // fibre's probe arrived just after the tunnel was judged).
+        let members = self.quiet_members_in_grace(now).min().map(|every| now + every);
+        periods.chain(quiet).chain(members).filter(|t| *t > now).min()
+    }
+
+    /// The probe interval of each member site's tunnel that is down and
+    /// still in its [`SITE_GRACE`].
+    fn quiet_members_in_grace(&self, now: Instant) -> impl Iterator<Item = Duration> + '_ {
+        let config = self.config.as_deref();
+        self.health.iter().filter_map(move |(k, h)| {
+            let Key::Tunnel { segment, peer } = k else { return None };
+            let in_grace = !h.up && h.since.is_some_and(|s| now.saturating_duration_since(s) < SITE_GRACE);
+            let member = config?
+                .segments
+                .iter()
+                .filter(|s| s.segment == *segment)
+                .flat_map(|s| &s.peers)
+                .any(|p| p.name == *peer && p.role() == pb::PeerRole::Site);
+            (in_grace && member).then_some(h.interval.max(Duration::from_millis(10)))
+        })
     }
 }
 
@@ -707,6 +731,51 @@ mod tests {
         assert_eq!(group(&m), WEST, "back up anew: the hold-down runs");
         m.step(Event::Probed(back), t + ms(60) + HOLD_DOWN);
         assert_eq!(group(&m), EAST, "after the hold-down");
+    }
+
+    /// On an access point: a member's tunnel is judged down a moment
+    /// before the probe of the member's fibre arrives (heard only within
+    /// the quiet window): not known yet whether the member is switching
+    /// lines, its prefixes stay. The machine asks to be woken one probe
+    /// interval later; the fibre has been heard since: the tunnel failed
+    /// alone and the prefixes go over the interconnect then, not at the
+    /// end of the grace or a path's wake-up 400 ms after.
+    #[test]
+    fn a_quiet_member_is_looked_at_again_at_the_pace_it_is_probed() {
+        let mut config = super::super::tests::access_point();
+        config.segments[0].peers[0].endpoints = vec![pb::Endpoint {
+            address: "192.0.2.12".into(),
+            probe: Some(pb::ProbeSettings { interval_ms: 50, multiplier: 3 }),
+            ..Default::default()
+        }];
+        let t0 = Instant::now();
+        let mut m = Machine::new(HOLD_DOWN, true);
+        m.step(Event::Configured { config: Arc::new(config), hops: Hops::new() }, t0);
+        let member = Key::tunnel("office", "office-b");
+        let fibre = Key::Heard { remote: ip("192.0.2.12") };
+        let mut h: BTreeMap<Key, Health> = [
+            (member.clone(), health(true, t0 - Duration::from_secs(60), Some(t0))),
+            (Key::tunnel("office", "ap-west"), health(true, t0 - Duration::from_secs(60), Some(t0))),
+            (fibre.clone(), health(true, t0 - Duration::from_secs(60), Some(t0))),
+        ]
+        .into_iter()
+        .collect();
+        m.step(Event::Probed(h.clone()), t0);
+        let prefixes = |m: &Machine| m.active().groups[&("office".to_string(), "office-b".to_string())].clone();
+        assert_eq!(prefixes(&m), "office-b");
+        let quiet = t0 + ms(1000);
+        let judged = quiet + ms(150);
+        *h.get_mut(&member).expect("member") = health(false, judged, Some(quiet));
+        h.get_mut(&fibre).expect("fibre").last_reply = Some(quiet + ms(90));
+        let actions = m.step(Event::Probed(h.clone()), judged);
+        assert_eq!(prefixes(&m), "office-b", "not known yet: the grace");
+        let wake = actions.iter().find_map(|a| if let Action::WakeAt(w) = a { Some(*w) } else { None });
+        assert_eq!(wake, Some(judged + ms(50)), "looked at again one probe interval later");
+        h.get_mut(&fibre).expect("fibre").last_reply = Some(judged + ms(10));
+        m.step(Event::Probed(h.clone()), judged + ms(50));
+        assert_eq!(prefixes(&m), "ap-west", "heard since on its fibre: its tunnel failed alone");
+        // Past the grace nothing is looked at again for it.
+        assert!(m.quiet_members_in_grace(judged + SITE_GRACE).next().is_none());
     }
 
     /// The east access point dies; the fibre path to it is judged down

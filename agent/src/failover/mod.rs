@@ -390,7 +390,7 @@ mod tests {
     /// An east access point: member site `office-b` (reached directly) and
     /// the west access point over the interconnect, both candidates of
     /// office-b's route group, the member first.
-    fn access_point() -> SiteConfig {
+    pub(super) fn access_point() -> SiteConfig {
         let peer = |name: &str, role: pb::PeerRole| pb::Peer {
             name: name.into(),
             interface: format!("mv-{name}"),
