@@ -18,6 +18,8 @@ pub(crate) fn down(lab: &Lab) -> Result<()> {
         .unwrap_or_default();
     for pid in &pids {
         let _ = Command::new("kill").arg(pid.trim()).stderr(Stdio::null()).status();
+        // A drill's stopped node is frozen: it hears the request once it runs.
+        let _ = Command::new("kill").args(["-CONT", pid.trim()]).stderr(Stdio::null()).status();
     }
     let deadline = Instant::now() + Duration::from_secs(3);
     while pids.iter().any(|p| Path::new(&format!("/proc/{}", p.trim())).exists()) && Instant::now() < deadline {

@@ -1,7 +1,7 @@
 //! Faults made the way they happen: a cut line is a black hole at the
 //! router (nftables drops everything on the interface; the link stays up),
-//! a stopped node loses every process and goes dark, a partitioned node
-//! loses its management interface. Every fault can be mended, and the drill
+//! a stopped node freezes and goes dark (its processes are killed when it
+//! is restored), a partitioned node loses its management interface. Every fault can be mended, and the drill
 //! mends them all at its end, whatever happened.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -83,15 +83,26 @@ impl Damage {
     }
 }
 
-/// Kills every process of `node` and blacks out all its interfaces.
+/// The processes in `node`'s network namespace (the runner's own excluded).
+fn node_pids(w: &World, node: &str) -> Result<Vec<String>> {
+    let out = Command::new("ip").args(["netns", "pids", &w.lab.ns(node)]).output().context("ip netns pids")?;
+    let me = std::process::id().to_string();
+    Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().filter(|p| *p != me).map(String::from).collect())
+}
+
+/// Freezes every process of `node` and blacks out all its interfaces: from
+/// outside, a router that died. Its processes are killed only when it is
+/// restored. Killing them here made the lab's shared kernel unregister the
+/// node's TUN devices in the middle of the measurement, under the host-wide
+/// RTNL lock that every other router's route writes need (held 1–3 s on a
+/// loaded machine, while it waits for RCU); a real router's death does not
+/// touch its neighbours' kernels.
 pub(super) fn stop_node(w: &World, damage: &mut Damage, node: &str) -> Result<()> {
     if node == w.controller {
         bail!("the controller cannot be stopped in a drill; `partition: {node}` cuts it off");
     }
-    let out = Command::new("ip").args(["netns", "pids", &w.lab.ns(node)]).output().context("ip netns pids")?;
-    let me = std::process::id().to_string();
-    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter(|p| *p != me) {
-        let _ = Command::new("kill").args(["-9", pid]).status();
+    for pid in node_pids(w, node)? {
+        let _ = Command::new("kill").args(["-STOP", &pid]).status();
     }
     let links = w.lab.sh(node, "ip -o link show")?;
     for name in links.lines().filter_map(|l| l.split(':').nth(1)).map(|n| n.trim().split('@').next().unwrap_or("")) {
@@ -104,9 +115,35 @@ pub(super) fn stop_node(w: &World, damage: &mut Damage, node: &str) -> Result<()
     Ok(())
 }
 
+/// Kills the frozen processes of a stopped `node` and waits (at most
+/// [`GONE_WITHIN`]) until none is left in its namespace, so that its
+/// restarted agent finds its interfaces' names free.
+fn kill_frozen(w: &World, node: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + GONE_WITHIN;
+    loop {
+        let pids = node_pids(w, node)?;
+        if pids.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("{node}: processes {} still there {GONE_WITHIN:?} after being killed", pids.join(", "));
+        }
+        for pid in &pids {
+            let _ = Command::new("kill").args(["-9", pid]).stderr(Stdio::null()).status();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// How long the killed processes of a restored node may take to go.
+const GONE_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Mends every black hole of `node`; a stopped router gets its agent back
 /// (which restores its last configuration, controller or not).
 pub(super) fn restore_node(w: &World, damage: &mut Damage, node: &str) -> Result<()> {
+    if damage.stopped.contains(node) {
+        kill_frozen(w, node)?;
+    }
     damage.mend(&w.lab, node, None)?;
     if damage.stopped.remove(node)
         && let Some((site, _)) = w.router.iter().find(|(_, r)| *r == node)

@@ -274,7 +274,7 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
                 }
                 Step::Stop(node) => {
                     stop_node(&w, &mut damage, node)?;
-                    note(&mut timeline, format!("stop {node}: its processes killed, every interface dark"));
+                    note(&mut timeline, format!("stop {node}: its processes frozen, every interface dark"));
                 }
                 Step::Partition(node) => {
                     damage.cut(&w.lab, node, "eth0")?;
