@@ -225,8 +225,13 @@ impl Datapath for Linux {
                 )
             };
             let end = i + 1 + ops[i + 1..].iter().take_while(|o| batched(o)).count();
+            let run = std::time::Instant::now();
             self.apply_run(&ops[i..end])
                 .map_err(|e| DatapathError::During { op: describe(&ops[i]), source: Box::new(e) })?;
+            if run.elapsed() > crate::reconcile::SLOW_STEP {
+                let ms = run.elapsed().as_secs_f64() * 1e3;
+                tracing::warn!(op = describe(&ops[i]), operations = end - i, ms, "a datapath write was slow");
+            }
             tracing::debug!(op = describe(&ops[i]), until = end, ms = started.elapsed().as_secs_f64() * 1e3, "applied");
             i = end;
         }

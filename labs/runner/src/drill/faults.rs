@@ -1,5 +1,6 @@
 //! Faults made the way they happen: a cut line is a black hole at the
-//! router (nftables drops everything on the interface; the link stays up),
+//! carrier's end of it (nftables drops every frame on that port; the
+//! router's link stays up),
 //! a stopped node freezes and goes dark (its processes are killed when it
 //! is restored), a partitioned node loses its management interface. Every fault can be mended, and the drill
 //! mends them all at its end, whatever happened.
@@ -34,19 +35,22 @@ pub(super) fn nft(lab: &Lab, node: &str, script: &str) -> Result<()> {
 }
 
 impl Damage {
-    /// Makes `node`'s black holes exactly its cut interfaces.
+    /// Makes `node`'s black holes exactly its cut interfaces: every frame
+    /// in or out of each dropped at the device (netdev ingress and egress,
+    /// so a carrier's bridge port and a router's own interface alike; a
+    /// sender is not told, as over a line that died).
     fn sync(&self, lab: &Lab, node: &str) -> Result<()> {
-        let mut script = format!("add table inet {CUT_TABLE}\ndelete table inet {CUT_TABLE}\n");
+        let mut script = format!("add table netdev {CUT_TABLE}\ndelete table netdev {CUT_TABLE}\n");
         if let Some(set) = self.cut.get(node).filter(|s| !s.is_empty()) {
-            let names = set.iter().map(|i| format!("\"{i}\"")).collect::<Vec<_>>().join(", ");
-            writeln!(
-                script,
-                "table inet {CUT_TABLE} {{
-  chain input {{ type filter hook input priority -300; iifname {{ {names} }} drop; }}
-  chain output {{ type filter hook output priority -300; oifname {{ {names} }} drop; }}
-  chain forward {{ type filter hook forward priority -300; iifname {{ {names} }} drop; oifname {{ {names} }} drop; }}
-}}"
-            )?;
+            writeln!(script, "table netdev {CUT_TABLE} {{")?;
+            for (i, name) in set.iter().enumerate() {
+                writeln!(
+                    script,
+                    "  chain in{i} {{ type filter hook ingress device \"{name}\" priority -500; policy drop; }}
+  chain out{i} {{ type filter hook egress device \"{name}\" priority -500; policy drop; }}"
+                )?;
+            }
+            writeln!(script, "}}")?;
         }
         nft(lab, node, &script)
     }
@@ -74,11 +78,10 @@ impl Damage {
         if self.stopped.contains(router) {
             return true;
         }
-        let cut = self.cut.get(router);
         let lines = w.lines.get(site).map(Vec::as_slice).unwrap_or_default();
         !lines.is_empty()
             && lines.iter().all(|l| {
-                w.line_if.get(&(site.to_string(), l.clone())).is_some_and(|i| cut.is_some_and(|c| c.contains(i)))
+                w.cut_point(site, l).is_ok_and(|(node, i)| self.cut.get(&node).is_some_and(|c| c.contains(&i)))
             })
     }
 }

@@ -246,8 +246,9 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
                 Step::Wait(d) => std::thread::sleep(*d),
                 Step::Cut(SiteLine { site, line }) => {
                     let (router, ifname) = w.line(site, line)?;
-                    damage.cut(&w.lab, &router, &ifname)?;
-                    note(&mut timeline, format!("cut line {line} of {site} ({router} {ifname})"));
+                    let (node, port) = w.cut_point(site, line)?;
+                    damage.cut(&w.lab, &node, &port)?;
+                    note(&mut timeline, format!("cut line {line} of {site} ({router} {ifname}, at {node} {port})"));
                 }
                 Step::Block(SiteTunnel { site, tunnel }) => {
                     let router = w.router_of(site)?;
@@ -255,18 +256,18 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
                     note(&mut timeline, format!("block tunnel {tunnel} of {site} ({router}), its lines up"));
                 }
                 Step::Restore(Restore::Line(SiteLine { site, line })) => {
-                    let (router, ifname) = w.line(site, line)?;
-                    damage.mend(&w.lab, &router, Some(&ifname))?;
+                    let (node, port) = w.cut_point(site, line)?;
+                    damage.mend(&w.lab, &node, Some(&port))?;
                     note(&mut timeline, format!("restore line {line} of {site}"));
                 }
                 Step::Flap(Flap { site, line, down, up, times }) => {
-                    let (router, ifname) = w.line(site, line)?;
+                    let (node, port) = w.cut_point(site, line)?;
                     note(&mut timeline, format!("flap line {line} of {site}: {times} × ({down:?} down, {up:?} up)"));
                     for _ in 0..*times {
-                        damage.cut(&w.lab, &router, &ifname)?;
+                        damage.cut(&w.lab, &node, &port)?;
                         track(&damage, &mut dark);
                         std::thread::sleep(*down);
-                        damage.mend(&w.lab, &router, Some(&ifname))?;
+                        damage.mend(&w.lab, &node, Some(&port))?;
                         track(&damage, &mut dark);
                         std::thread::sleep(*up);
                     }
