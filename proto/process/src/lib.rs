@@ -7,6 +7,7 @@ use std::io::Write;
 
 pub mod metrics;
 pub mod progress;
+pub mod session;
 
 /// Logs to standard error as text, filtered by `MUSUBI_LOG` (default
 /// `default`).

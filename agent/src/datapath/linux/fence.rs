@@ -15,69 +15,23 @@
 //! fence with a process of its own instead, which reports nft's error.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::IpAddr;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use musubi_process::session::{Ended, Line, Session};
 
 use super::nft::TABLE;
 
 /// How long a write waits for nft's listing before it gives up on the session.
 pub const ANSWER_WITHIN: Duration = Duration::from_millis(500);
 
-/// A line of nft's output.
-enum Line {
-    Out(String),
-    Err(String),
-}
-
-/// A running `nft -i` and its output, line by line.
-struct Session {
-    child: Child,
-    stdin: ChildStdin,
-    lines: mpsc::Receiver<Line>,
-}
-
-impl Session {
-    fn start(program: &[String]) -> std::io::Result<Session> {
-        let (first, rest) = program.split_first().ok_or_else(|| std::io::Error::other("no nft program"))?;
-        let mut child = Command::new(first)
-            .args(rest)
-            .arg("-i")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let (tx, lines) = mpsc::channel();
-        let stdin = child.stdin.take().ok_or_else(|| std::io::Error::other("nft's stdin"))?;
-        let out = child.stdout.take().ok_or_else(|| std::io::Error::other("nft's stdout"))?;
-        let err = child.stderr.take().ok_or_else(|| std::io::Error::other("nft's stderr"))?;
-        // The readers end when nft does (end of file).
-        let tx2 = tx.clone();
-        std::thread::Builder::new().name("nft-out".into()).spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(Line::Out(line)).is_err() {
-                    break;
-                }
-            }
-        })?;
-        std::thread::Builder::new().name("nft-err".into()).spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx2.send(Line::Err(line)).is_err() {
-                    break;
-                }
-            }
-        })?;
-        Ok(Session { child, stdin, lines })
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts `program` (then `-i`).
+fn start(program: &[String]) -> std::io::Result<Session> {
+    let (first, rest) = program.split_first().ok_or_else(|| std::io::Error::other("no nft program"))?;
+    let mut command = Command::new(first);
+    command.args(rest).arg("-i");
+    Session::start(command)
 }
 
 /// Writes the fence through a kept `nft -i` session (started on first use).
@@ -112,7 +66,7 @@ impl Writer {
     /// the write.
     pub fn warm(&mut self) {
         if self.session.is_none() {
-            match Session::start(&self.program) {
+            match start(&self.program) {
                 Ok(s) => self.session = Some(s),
                 Err(e) => tracing::debug!(error = %e, "nft -i not started ahead"),
             }
@@ -155,14 +109,10 @@ impl Writer {
 
     fn try_send(&mut self, fence: &BTreeSet<IpAddr>) -> Result<(), String> {
         if self.session.is_none() {
-            self.session = Some(Session::start(&self.program).map_err(|e| format!("starting nft -i: {e}"))?);
+            self.session = Some(start(&self.program).map_err(|e| format!("starting nft -i: {e}"))?);
         }
         let session = self.session.as_mut().ok_or("no nft session")?;
-        // What an earlier, abandoned write left unread.
-        while session.lines.try_recv().is_ok() {}
-        session.stdin.write_all(script(fence).as_bytes()).map_err(|e| format!("writing to nft -i: {e}"))?;
-        session.stdin.flush().map_err(|e| format!("writing to nft -i: {e}"))?;
-        Ok(())
+        session.send(&script(fence)).map_err(|e| format!("writing to nft -i: {e}"))
     }
 
     fn try_write(&mut self, fence: &BTreeSet<IpAddr>) -> Result<(), String> {
@@ -179,16 +129,14 @@ impl Writer {
         let mut ends = 0;
         while ends < 2 {
             let left = deadline.saturating_duration_since(Instant::now());
-            match session.lines.recv_timeout(left) {
+            match session.next(left) {
                 Ok(Line::Out(line)) => {
                     ends += usize::from(line == "}");
                     listing.push(line);
                 }
                 Ok(Line::Err(line)) => return Err(format!("nft: {line}")),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    return Err(format!("nft -i did not answer within {ANSWER_WITHIN:?}"));
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => return Err("nft -i ended".into()),
+                Err(Ended::Silent) => return Err(format!("nft -i did not answer within {ANSWER_WITHIN:?}")),
+                Err(Ended::Gone) => return Err("nft -i ended".into()),
             }
         }
         let found = elements(&listing.join("\n"))?;
