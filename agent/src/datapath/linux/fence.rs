@@ -179,6 +179,8 @@ pub fn elements(listing: &str) -> Result<BTreeSet<IpAddr>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write as _;
+    use std::process::Stdio;
 
     fn ips(list: &[&str]) -> BTreeSet<IpAddr> {
         list.iter().map(|a| a.parse().expect("address")).collect()
@@ -252,9 +254,9 @@ mod tests {
             let listed = run(&["nft", "list", "table", "inet", "musubi"], None);
             assert_eq!(elements(&listed), Ok(fence.clone()), "{listed}");
         }
-        let pid = w.session.as_ref().map(|s| s.child.id());
+        let pid = w.session.as_ref().map(|s| s.pid());
         w.write(&ips(&["192.0.2.9"])).expect("written");
-        assert_eq!(w.session.as_ref().map(|s| s.child.id()), pid, "one session for every write");
+        assert_eq!(w.session.as_ref().map(|s| s.pid()), pid, "one session for every write");
         run(&["nft", "delete", "table", "inet", "musubi"], None);
         let err = w.write(&ips(&["192.0.2.1"])).expect_err("no table");
         assert!(err.starts_with("nft: Error"), "{err}");
@@ -264,7 +266,7 @@ mod tests {
 
         // Sent ahead, the fence lands without a write; the write of the same
         // addresses reads its answer; one of others reads it, then writes.
-        let pid = w.session.as_ref().map(|s| s.child.id());
+        let pid = w.session.as_ref().map(|s| s.pid());
         w.send(&ips(&["192.0.2.3"]));
         let deadline = Instant::now() + Duration::from_secs(5);
         while elements(&run(&["nft", "list", "table", "inet", "musubi"], None)) != Ok(ips(&["192.0.2.3"])) {
@@ -276,7 +278,7 @@ mod tests {
         w.send(&ips(&["192.0.2.4"]));
         w.write(&ips(&["192.0.2.5"])).expect("another fence after the one sent ahead");
         assert_eq!(elements(&run(&["nft", "list", "table", "inet", "musubi"], None)), Ok(ips(&["192.0.2.5"])));
-        assert_eq!(w.session.as_ref().map(|s| s.child.id()), pid, "still the one session");
+        assert_eq!(w.session.as_ref().map(|s| s.pid()), pid, "still the one session");
         // A fence sent ahead that nft refuses fails the write that reads it.
         run(&["nft", "delete", "table", "inet", "musubi"], None);
         w.send(&ips(&["192.0.2.6"]));
