@@ -82,11 +82,16 @@ impl Lab {
     }
 
     /// Starts a long-running process in `node`, detached from this one, its
-    /// output in the node's directory and its PID recorded for `down`.
+    /// output appended to its log in the node's directory and its PID recorded for `down`.
     pub(crate) fn spawn(&self, node: &str, what: &str, mut cmd: Command) -> Result<u32> {
         use std::os::unix::process::CommandExt;
         std::fs::create_dir_all(self.node_dir(node))?;
-        let log = std::fs::File::create(self.node_dir(node).join(format!("{what}.log")))?;
+        // Appended to: a restarted agent's log follows its predecessor's,
+        // so a drill's whole story stays (a lab's directory goes at `down`).
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.node_dir(node).join(format!("{what}.log")))?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
