@@ -349,6 +349,10 @@ impl Agent {
             if after == done {
                 break;
             }
+            // Counted as written: a group that left and came back within
+            // one failover (a judgment undone at once) moved twice, as the
+            // log says.
+            self.metrics.moved(&done, &after);
             if after.groups != done.groups {
                 earlier += self.move_groups(&done, &after);
             }
@@ -366,7 +370,6 @@ impl Agent {
             return false;
         }
         let after = self.machine.active().clone();
-        self.metrics.moved(&before, &after);
         let built = self.reconcile_with(&after, &moved, earlier);
         // A line moved back (not a failed one, whose first step probed
         // already): the access point the site sends nothing but probes to

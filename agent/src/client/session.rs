@@ -41,13 +41,17 @@ impl Agent {
     pub(super) async fn session(&mut self, address: &str) -> Result<(), End> {
         let broken = |e: &dyn std::fmt::Display| End::Broken(e.to_string());
         let tls = self.tls().map_err(|e| broken(&e))?;
-        let channel = channel(&url(address, self.settings.insecure), tls).await.map_err(|e| broken(&e))?;
+        let target = url(address, self.settings.insecure);
+        let channel = self.failing_over(channel(&target, tls)).await.map_err(|e| broken(&e))?;
         let mut client = AgentClient::new(channel).max_decoding_message_size(usize::MAX);
         let (tx, rx) = mpsc::channel(8);
         tx.send(self.hello().map_err(|e| broken(&e))?).await.map_err(|e| broken(&e))?;
-        let mut inbound = match client.sync(ReceiverStream::new(rx)).await {
-            Ok(r) => r.into_inner(),
-            Err(s) => return Err(ended(s)),
+        let silence = self.settings.silence;
+        let opened = self.failing_over(tokio::time::timeout(silence, client.sync(ReceiverStream::new(rx)))).await;
+        let mut inbound = match opened {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(s)) => return Err(ended(s)),
+            Err(_) => return Err(End::Broken(format!("the controller did not open the stream within {silence:?}"))),
         };
         tracing::info!(site = %self.settings.site, controller = %address, "stream open");
         let _connected = Connected::new(&self.metrics.connected);
@@ -96,6 +100,32 @@ impl Agent {
                         tracing::warn!(site = %self.settings.site, error = %e, "certificate renewal failed; will retry");
                     }
                     renewal.as_mut().reset(tokio::time::Instant::now() + self.until_renewal());
+                }
+            }
+        }
+    }
+}
+
+impl Agent {
+    /// Awaits `step` — opening a stream: up to a connect timeout, or as
+    /// long as a controller that accepts and never answers keeps it — while
+    /// the failover goes on, the probes' events and the machine's wake-ups
+    /// handled as they come. (An access point restarted while its
+    /// controller was unreachable judged every peer within 100 ms of
+    /// restoring its configuration but moved nothing until its connection
+    /// attempt gave up 5 s later; its sites came back to it after their
+    /// 3 s hold-down, and a loaded drill lost a flow for 1.8 s.)
+    async fn failing_over<T>(&mut self, step: impl std::future::Future<Output = T>) -> T {
+        tokio::pin!(step);
+        let changed = self.prober.as_ref().map(|p| p.changed.clone());
+        loop {
+            tokio::select! {
+                out = &mut step => return out,
+                _ = health_changed(&changed) => {
+                    self.probed();
+                }
+                _ = woken(self.wake_at) => {
+                    self.probed();
                 }
             }
         }
