@@ -11,6 +11,11 @@
 //! operation; [`linux`] builds them in the kernel (WireGuard, VRFs or
 //! routing tables, rules, nftables).
 
+/// A datapath write, or a failover's first step of writes, that takes
+/// longer than this is logged as slow (a few milliseconds is usual; longer
+/// means the router's kernel held the writes).
+pub const SLOW: std::time::Duration = std::time::Duration::from_millis(100);
+
 mod error;
 pub mod fake;
 pub mod linux;

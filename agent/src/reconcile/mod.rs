@@ -169,16 +169,13 @@ pub fn move_lines(
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     let (planned_ms, pinned_ms, written_ms) = (ms(planned), ms(pinned - planned), ms(started.elapsed() - pinned));
     // A few milliseconds; longer means the router's kernel held the writes.
-    if started.elapsed() > SLOW_STEP {
+    if started.elapsed() > crate::datapath::SLOW {
         tracing::warn!(planned_ms, pinned_ms, written_ms, "a failed line's first step was slow");
     } else {
         tracing::debug!(planned_ms, pinned_ms, written_ms, "a failed line's first step");
     }
     Ok(ops)
 }
-
-/// A failover's first step that takes longer than this is logged as slow.
-pub const SLOW_STEP: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Adds to `want`'s policy the line addresses of the peers whose line the
 /// agent picks that are not in use (see [`PolicySpec::unused_lines`]).

@@ -228,7 +228,7 @@ impl Datapath for Linux {
             let run = std::time::Instant::now();
             self.apply_run(&ops[i..end])
                 .map_err(|e| DatapathError::During { op: describe(&ops[i]), source: Box::new(e) })?;
-            if run.elapsed() > crate::reconcile::SLOW_STEP {
+            if run.elapsed() > super::SLOW {
                 let ms = run.elapsed().as_secs_f64() * 1e3;
                 tracing::warn!(op = describe(&ops[i]), operations = end - i, ms, "a datapath write was slow");
             }
