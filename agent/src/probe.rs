@@ -695,8 +695,44 @@ struct Answer {
     late: bool,
 }
 
+/// Which of a socket's underlay paths failed with another one: a path over
+/// the same local line was judged down, and this one went quiet about when
+/// it did (its last answer not clearly later: within an interval) and has
+/// missed two probes since. The line under both failed; the paths over one
+/// line to two access points are probed half an interval apart, and
+/// without this the second was judged up to an interval after the first —
+/// the traffic to that access point (a fibre cut: the flows in from the
+/// other region) stayed on the dead line that much longer. Nothing is kept:
+/// it holds while the first path is down and this one silent, and each is
+/// judged on its own again as soon as it answers.
+fn failed_with_their_line(targets: &[Target], states: &[State], now: Instant) -> Vec<bool> {
+    let is_path = |t: &Target| !t.member && matches!(t.key, Key::Path { .. });
+    // The last answers of the paths judged down.
+    let down: Vec<(usize, Instant)> = targets
+        .iter()
+        .zip(states)
+        .enumerate()
+        .filter(|(_, (t, st))| is_path(t) && !judged_up(t, st, now))
+        .filter_map(|(i, (_, st))| Some((i, st.last_reply?)))
+        .collect();
+    targets
+        .iter()
+        .zip(states)
+        .enumerate()
+        .map(|(i, (t, st))| {
+            let Some(last) = st.last_reply.filter(|_| is_path(t) && !down.is_empty()) else { return false };
+            let silent = now.saturating_duration_since(last) >= t.interval * 2;
+            let missed = st.sent.iter().filter(|e| e.1 > last).count() >= 2;
+            silent
+                && missed
+                && down.iter().any(|&(j, quiet)| j != i && last <= quiet + t.interval.max(targets[j].interval))
+        })
+        .collect()
+}
+
 fn evaluate(targets: &[Target], states: &[State], health: &Healths, changed: &Notify, answer: Option<Answer>) {
     let now = Instant::now();
+    let with_line = if targets.len() > 1 { failed_with_their_line(targets, states, now) } else { Vec::new() };
     let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
     let mut flipped = false;
     for (i, (t, st)) in targets.iter().zip(states).enumerate() {
@@ -706,7 +742,8 @@ fn evaluate(targets: &[Target], states: &[State], health: &Healths, changed: &No
         if st.last_reply.is_none() && now - st.started <= detect.max(GRACE) {
             continue;
         }
-        let up = judged_up(t, st, now);
+        let line_failed = with_line.get(i).copied().unwrap_or(false);
+        let up = judged_up(t, st, now) && !line_failed;
         // Probes old enough to have been answered.
         let settled: Vec<bool> =
             st.sent.iter().filter(|e| e.2 || now - e.1 > detect).map(|e| e.2).rev().take(WINDOW).collect();
@@ -727,7 +764,7 @@ fn evaluate(targets: &[Target], states: &[State], health: &Healths, changed: &No
             match &t.key {
                 Key::Tunnel { segment, peer } => tracing::info!(%segment, %peer, up, "peer {state}"),
                 Key::Path { local, remote } => {
-                    tracing::info!(%local, %remote, interface = %t.interface, up, "line path {state}")
+                    tracing::info!(%local, %remote, interface = %t.interface, up, line_failed, "line path {state}")
                 }
                 Key::Heard { .. } => {}
             }
@@ -863,6 +900,65 @@ mod tests {
         assert!(!judged_up(&member, &state(&[50]), t0 + ms(160)));
         // Never answered: not up.
         assert!(!judged_up(t, &State { last_reply: None, ..state(&[]) }, t0 + ms(10)));
+    }
+
+    /// A line cut: the path over it to one access point is judged down
+    /// and the path over the same line to the other one, probed half an
+    /// interval later, goes down with it (not an interval later on its
+    /// own). Not when the other path answered after the first went quiet
+    /// (only that access point failed), nor when it missed fewer than two
+    /// probes (a stall sent nothing), nor for a tunnel; and each is judged
+    /// on its own again once it answers.
+    #[test]
+    fn a_path_goes_down_with_its_line_when_a_sibling_over_it_is_judged_down() {
+        let ms = Duration::from_millis;
+        let now = Instant::now();
+        let t0 = now - ms(151);
+        let local = IpAddr::from([192, 0, 2, 10]);
+        let probe = pb::ProbeSettings { interval_ms: 50, multiplier: 3 };
+        let path = |last: u8| {
+            let remote = IpAddr::from([198, 51, 100, last]);
+            Target::new(Key::Path { local, remote }, "eth1", local, remote, probe)
+        };
+        let targets = vec![path(1), path(2), Target::new(Key::tunnel("office", "ap"), "eth1", local, local, probe)];
+        // Last answered at `last` ms after t0, probes sent at `sent`.
+        let state = |last: u64, sent: &[u64]| State {
+            started: t0 - ms(60_000),
+            last_reply: Some(t0 + ms(last)),
+            sent: sent.iter().enumerate().map(|(i, &at)| (i as u64, t0 + ms(at), false)).collect(),
+            next: now,
+        };
+        let judge = |states: &[State]| {
+            let health: Healths = Arc::default();
+            for t in &targets {
+                health.lock().expect("lock").insert(
+                    t.key.clone(),
+                    Health { up: true, since: Some(t0 - ms(60_000)), interval: ms(50), ..Default::default() },
+                );
+            }
+            evaluate(&targets, states, &health, &Notify::new(), None);
+            let h = health.lock().expect("lock");
+            targets.iter().map(|t| h[&t.key].up).collect::<Vec<_>>()
+        };
+        // The cut: the first path last answered at 0 (probes at 50, 100,
+        // 150 unanswered: down by itself), the second at 25 (probes at 75,
+        // 125 unanswered, 126 ms silent), the tunnel at 20 likewise.
+        let cut = [state(0, &[50, 100, 150]), state(25, &[75, 125]), state(20, &[70, 120])];
+        assert_eq!(judge(&cut), [false, false, true], "both paths over the line down together");
+        // Only the first access point failed: the second path answered
+        // since (at 125 ms, clearly after the first went quiet).
+        let one = [state(0, &[50, 100, 150]), state(125, &[125]), state(20, &[70, 120])];
+        assert_eq!(judge(&one), [false, true, true]);
+        // Quiet for long, but went quiet much later than the first (its
+        // access point died earlier): its own judgment decides.
+        let later = [state(0, &[50, 100, 150]), state(60, &[75, 125]), state(20, &[70, 120])];
+        assert_eq!(judge(&later), [false, true, true], "last answer more than an interval after the first's");
+        // A stall: the second sent one probe since its answer.
+        let stalled = [state(0, &[50, 100, 150]), state(25, &[75]), state(20, &[70, 120])];
+        assert_eq!(judge(&stalled), [false, true, true]);
+        // The first answers again: the second, not yet judged on its own, is up.
+        let back = [state(150, &[50, 100, 150]), state(25, &[75, 125]), state(20, &[70, 120])];
+        assert_eq!(judge(&back), [true, true, true]);
     }
 
     /// A site's few targets are judged every fifth of their interval (down
