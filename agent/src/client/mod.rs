@@ -478,7 +478,10 @@ fn wake(actions: &[Action]) -> Option<Instant> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::probe::{Health, Key};
     use crate::state::StateDir;
+    use session::End;
+    use std::time::Duration;
 
     fn update(lan: &str) -> pb::ConfigUpdate {
         let tunnel = |name: &str, listen_port| pb::WireguardInterface {
@@ -499,6 +502,114 @@ mod tests {
             ..Default::default()
         };
         pb::ConfigUpdate { revision: 7, digest: format!("d-{lan}"), config: Some(config) }
+    }
+
+    /// Two access points, one route group on the first: what an agent
+    /// that starts while its controller cannot be reached works from.
+    fn two_access_points() -> pb::ConfigUpdate {
+        let ap = |name: &str, interface: &str, address: &str| pb::Peer {
+            name: name.into(),
+            role: pb::PeerRole::AccessPoint as i32,
+            public_key: format!("{name}-key"),
+            allowed_prefixes: vec![format!("{address}/32")],
+            interface: interface.into(),
+            ..Default::default()
+        };
+        let tunnel = |name: &str, listen_port| pb::WireguardInterface {
+            name: name.into(),
+            listen_port,
+            addresses: vec!["100.64.0.10/32".into()],
+            faces: pb::PeerRole::AccessPoint as i32,
+        };
+        let config = pb::SiteConfig {
+            site: "kita-hall".into(),
+            segments: vec![pb::SegmentConfig {
+                segment: "lgwan".into(),
+                domain: Some(pb::RoutingDomain { vrf: "mv-lgwan".into(), table: 1000 }),
+                tunnels: vec![tunnel("me-lgwan", 51820), tunnel("mw-lgwan", 51821)],
+                peers: vec![ap("ap-east", "me-lgwan", "100.64.0.1"), ap("ap-west", "mw-lgwan", "100.64.0.2")],
+                route_groups: vec![pb::RouteGroup {
+                    name: "lgwan".into(),
+                    prefixes: vec!["10.0.0.0/16".into()],
+                    candidates: vec!["ap-east".into(), "ap-west".into()],
+                }],
+                attachment: Some(pb::Attachment { interface: "eth3".into(), prefixes: vec!["10.0.1.0/24".into()] }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        pb::ConfigUpdate { revision: 3, digest: "d-two".into(), config: Some(config) }
+    }
+
+    /// An agent whose controller accepts its connection and never answers
+    /// (a controller partitioned half-way, a stalled one) keeps failing
+    /// over while it waits for the stream to open: its home access point
+    /// goes quiet 300 ms into the wait, and by the time the opening gives
+    /// up (the silence, 2 s here) the route group is on the other one.
+    /// (The failover used to wait for the opening: a restored access point
+    /// moved its groups 5 s late.) The probes' health is set by hand: the
+    /// tunnels here are not real interfaces.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_failover_goes_on_while_a_silent_controller_holds_the_stream_open() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listener");
+        let address = format!("http://{}", listener.local_addr().expect("address"));
+        // Accepts and holds every connection, says nothing.
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut settings = Settings::new("kita-hall", vec![address.clone()], StateDir::new(dir.path()));
+        settings.insecure = true;
+        settings.probe = true;
+        settings.silence = Duration::from_secs(2);
+        let mut agent = Agent::new(settings, Box::new(crate::datapath::fake::Fake::new())).expect("agent");
+        agent.apply(two_access_points());
+        assert!(agent.errors.is_empty(), "{:?}", agent.errors);
+        let prober = agent.prober.as_ref().expect("probing");
+        let (health, changed) = (prober.health.clone(), prober.changed.clone());
+        let group = ("lgwan".to_string(), "lgwan".to_string());
+        let set = move |peer: &str, up: bool| {
+            let now = Instant::now();
+            let h = Health {
+                up,
+                since: Some(if up { now - Duration::from_secs(60) } else { now }),
+                last_reply: Some(if up { now } else { now - Duration::from_millis(151) }),
+                interval: Duration::from_millis(50),
+                ..Default::default()
+            };
+            health.lock().expect("health").insert(Key::tunnel("lgwan", peer), h);
+            changed.notify_one();
+        };
+        set("ap-east", true);
+        set("ap-west", true);
+        agent.probed();
+        assert_eq!(agent.machine.active().groups.get(&group).map(String::as_str), Some("ap-east"));
+
+        let quiet = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            set("ap-east", false);
+        });
+        let began = Instant::now();
+        let ended = tokio::time::timeout(Duration::from_secs(20), agent.session(&address)).await;
+        let waited = began.elapsed();
+        quiet.await.expect("the access point went quiet");
+        silent.abort();
+        match ended {
+            Ok(Err(End::Broken(why))) => assert!(why.contains("did not open the stream"), "{why}"),
+            Ok(Err(End::Refused(why))) => panic!("refused: {why}"),
+            Ok(Ok(())) => panic!("a silent controller opened a stream"),
+            Err(_) => panic!("the opening was not bounded by the silence"),
+        }
+        assert!(waited >= Duration::from_secs(2), "gave up after {waited:?}");
+        assert_eq!(
+            agent.machine.active().groups.get(&group).map(String::as_str),
+            Some("ap-west"),
+            "moved while the stream was opening"
+        );
+        assert!(agent.writes() > 0);
     }
 
     #[test]
