@@ -47,8 +47,9 @@ const FEW_SITES: usize = 64;
 /// national scale) is checked without visiting the unchanged ones beyond
 /// their lines and prefixes: every rule runs on the intent without them
 /// (access points, tenants, segments, policies and settings are all there),
-/// then the changed sites' underlay addresses and prefixes are compared with
-/// theirs — the only rules that relate one member site to another. Any
+/// then the changed sites' new underlay addresses and prefixes (those the
+/// same site did not have in `old`) are compared with theirs — the only
+/// rules that relate one member site to another. Any
 /// other change checks the whole of `new`, as [`validate`] does.
 pub fn validate_change(old: &Intent, new: &Intent, sources: &SourceMap) -> Vec<Diagnostic> {
     // Tenants matter to validation (who may use a segment), not to compiling.
@@ -77,8 +78,8 @@ pub fn validate_change(old: &Intent, new: &Intent, sources: &SourceMap) -> Vec<D
     let others = new.sites.iter().filter(|(n, s)| !s.is_access_point() && !changed.contains(n.as_str()));
     let fresh: Vec<(&String, &crate::intent::Site)> =
         changed.iter().filter_map(|n| new.sites.get_key_value(*n)).map(|(n, s)| (n, &**s)).collect();
-    sites::check_underlay_against(&fresh, others.clone(), sources, &mut out);
-    prefixes::check_against(&fresh, others, sources, &mut out);
+    sites::check_underlay_against(&fresh, old, others.clone(), sources, &mut out);
+    prefixes::check_against(&fresh, old, others, sources, &mut out);
     sort(&mut out);
     out
 }

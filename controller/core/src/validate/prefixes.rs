@@ -74,16 +74,24 @@ fn overlap(sources: &SourceMap, segment: &str, told: PrefixAt<'_>, other: Prefix
 /// told to the changed site.
 pub(super) fn check_against<'a>(
     fresh: &[(&String, &crate::intent::Site)],
+    old: &Intent,
     others: impl Iterator<Item = (&'a String, &'a std::sync::Arc<crate::intent::Site>)>,
     sources: &SourceMap,
     out: &mut Vec<Diagnostic>,
 ) {
-    // segment → the changed sites' prefixes there, sorted by segment: looked
-    // up for each attachment of 10,000 sites, by comparison, not by hashing.
+    // segment → the changed sites' new prefixes there (a prefix the site
+    // had in that segment before was checked against the unchanged sites
+    // then), sorted by segment: looked up for each attachment of 10,000
+    // sites, by comparison, not by hashing. None new: nothing to walk.
+    let had = |name: &str, segment: &str, p: &ipnetwork::IpNetwork| {
+        old.sites
+            .get(name)
+            .is_some_and(|s| s.attachments.iter().any(|a| a.segment == segment && a.prefixes.contains(p)))
+    };
     let mut wanted: Vec<(&str, Vec<PrefixAt<'_>>)> = Vec::new();
     for (name, site) in fresh {
         for (i, a) in site.attachments.iter().enumerate() {
-            for (k, p) in a.prefixes.iter().enumerate() {
+            for (k, p) in a.prefixes.iter().enumerate().filter(|(_, p)| !had(name, &a.segment, p)) {
                 let at = match wanted.binary_search_by(|(s, _)| (*s).cmp(a.segment.as_str())) {
                     Ok(at) => at,
                     Err(at) => {
@@ -94,6 +102,9 @@ pub(super) fn check_against<'a>(
                 wanted[at].1.push((*p, name.as_str(), i, k));
             }
         }
+    }
+    if wanted.is_empty() {
+        return;
     }
     for (other, site) in others {
         for (oi, a) in site.attachments.iter().enumerate() {

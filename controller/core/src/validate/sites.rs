@@ -121,16 +121,25 @@ fn check_underlay(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnostic
 /// in name order is the one told, as the whole check tells it.
 pub(super) fn check_underlay_against<'a>(
     fresh: &[(&'a String, &'a crate::intent::Site)],
+    old: &Intent,
     others: impl Iterator<Item = (&'a String, &'a std::sync::Arc<crate::intent::Site>)>,
     sources: &SourceMap,
     out: &mut Vec<Diagnostic>,
 ) {
-    // Sorted by address: looked up for each line of 10,000 sites, by
-    // comparison, not by hashing.
+    // The changed sites' new addresses (one the site had before was checked
+    // against the unchanged sites then), sorted: looked up for each line of
+    // 10,000 sites, by comparison, not by hashing. None new: nothing to walk.
+    let had = |name: &str, address: std::net::IpAddr| {
+        old.sites.get(name).is_some_and(|s| s.lines.iter().any(|l| l.address == address))
+    };
     let mut wanted: Vec<(std::net::IpAddr, LineAt<'a>)> = fresh
         .iter()
         .flat_map(|(name, site)| site.lines.iter().enumerate().map(|(i, l)| (l.address, (name.as_str(), i, l))))
+        .filter(|(address, (name, ..))| !had(name, *address))
         .collect();
+    if wanted.is_empty() {
+        return;
+    }
     wanted.sort_by_key(|(address, _)| *address);
     for (other, site) in others {
         for (j, line) in site.lines.iter().enumerate() {
