@@ -54,7 +54,7 @@ async fn run<S: IntentStore>(name: &str, store: &S, base: &Parsed, rounds: usize
     for i in 0..rounds {
         let name = &names[(i * 7919) % names.len()];
         let site = Arc::make_mut(current.intent.sites.get_mut(name).expect("site"));
-        site.lines[0].address = format!("203.0.113.{}", i % 250 + 1).parse().expect("addr");
+        site.lines[0].address = format!("203.0.{}.{}", 113 + i / 250, i % 250 + 1).parse().expect("addr");
         let t = Instant::now();
         store.load().await.expect("load");
         load.push(t.elapsed());

@@ -257,27 +257,36 @@ pub fn intent_digest(intent: &Intent) -> Result<String, StoreError> {
         let hash_of = |name: &str, value: &Arc<T>| {
             json_text(&format!("{prefix}{name}"), value).map(|j| musubi_core::audit::value_hash(j.as_bytes()))
         };
+        // Both in name order: walked side by side, not searched per name.
+        let mut known = kept.iter_mut().peekable();
+        let mut stale = false;
+        let mut fresh = Vec::new();
         for (name, value) in map {
-            let hash = match kept.get_mut(name.as_str()) {
-                Some((known, hash))
-                    if std::ptr::eq(Arc::as_ptr(known) as *const (), Arc::as_ptr(value) as *const ()) =>
+            while known.next_if(|(k, _)| k.as_str() < name.as_str()).is_some() {
+                stale = true;
+            }
+            let hash = match known.next_if(|(k, _)| *k == name) {
+                Some((_, (same, hash)))
+                    if std::ptr::eq(Arc::as_ptr(same) as *const (), Arc::as_ptr(value) as *const ()) =>
                 {
                     *hash
                 }
-                Some(entry) => {
+                Some((_, entry)) => {
                     *entry = (value.clone(), hash_of(name, value)?);
                     entry.1
                 }
                 None => {
                     let hash = hash_of(name, value)?;
-                    kept.insert(name.clone(), (value.clone(), hash));
+                    fresh.push((name.clone(), (value.clone() as Arc<dyn std::any::Any + Send + Sync>, hash)));
                     hash
                 }
             };
             digest.push(&[prefix, name], &hash);
         }
-        // Every name of `map` is kept now: more means some left the intent.
-        if kept.len() > map.len() {
+        stale |= known.next().is_some();
+        kept.extend(fresh);
+        // Names no longer in `map` leave.
+        if stale {
             kept.retain(|name, _| map.contains_key(name));
         }
         Ok(())
@@ -494,5 +503,19 @@ mod tests {
         // And back to an intent whose objects are no longer kept.
         assert_eq!(intent_digest(&first).ok(), Some(plain(&first)));
         assert_eq!(intent_digest(&fourth).ok(), Some(plain(&fourth)));
+        // Names walked side by side with the kept ones: added before, between
+        // and after them, one removed from the middle, in one change.
+        let many = "kind: Tenant\nname: b\n---\nkind: Tenant\nname: d\n---\nkind: Tenant\nname: f\n";
+        let fifth = musubi_core::intent::parse::parse_str("b", many).intent;
+        assert_eq!(intent_digest(&fifth).ok(), Some(plain(&fifth)));
+        let mut sixth = fifth.clone();
+        sixth.tenants.remove("d");
+        for name in ["a", "c", "e", "g"] {
+            let mut t = (*fifth.tenants["b"]).clone();
+            t.name = name.into();
+            sixth.tenants.insert(name.into(), Arc::new(t));
+        }
+        assert_eq!(intent_digest(&sixth).ok(), Some(plain(&sixth)));
+        assert_eq!(intent_digest(&fifth).ok(), Some(plain(&fifth)));
     }
 }
