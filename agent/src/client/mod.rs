@@ -515,30 +515,15 @@ mod tests {
             interface: interface.into(),
             ..Default::default()
         };
-        let tunnel = |name: &str, listen_port| pb::WireguardInterface {
-            name: name.into(),
-            listen_port,
-            addresses: vec!["100.64.0.10/32".into()],
-            faces: pb::PeerRole::AccessPoint as i32,
-        };
-        let config = pb::SiteConfig {
-            site: "kita-hall".into(),
-            segments: vec![pb::SegmentConfig {
-                segment: "lgwan".into(),
-                domain: Some(pb::RoutingDomain { vrf: "mv-lgwan".into(), table: 1000 }),
-                tunnels: vec![tunnel("me-lgwan", 51820), tunnel("mw-lgwan", 51821)],
-                peers: vec![ap("ap-east", "me-lgwan", "100.64.0.1"), ap("ap-west", "mw-lgwan", "100.64.0.2")],
-                route_groups: vec![pb::RouteGroup {
-                    name: "lgwan".into(),
-                    prefixes: vec!["10.0.0.0/16".into()],
-                    candidates: vec!["ap-east".into(), "ap-west".into()],
-                }],
-                attachment: Some(pb::Attachment { interface: "eth3".into(), prefixes: vec!["10.0.1.0/24".into()] }),
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        pb::ConfigUpdate { revision: 3, digest: "d-two".into(), config: Some(config) }
+        let mut update = update("eth3");
+        let segment = &mut update.config.as_mut().expect("config").segments[0];
+        segment.peers = vec![ap("ap-east", "me-lgwan", "100.64.0.1"), ap("ap-west", "mw-lgwan", "100.64.0.2")];
+        segment.route_groups = vec![pb::RouteGroup {
+            name: "lgwan".into(),
+            prefixes: vec!["10.0.0.0/16".into()],
+            candidates: vec!["ap-east".into(), "ap-west".into()],
+        }];
+        update
     }
 
     /// An agent whose controller accepts its connection and never answers
