@@ -705,14 +705,15 @@ struct Answer {
 /// other region) stayed on the dead line that much longer. Nothing is kept:
 /// it holds while the first path is down and this one silent, and each is
 /// judged on its own again as soon as it answers.
-fn failed_with_their_line(targets: &[Target], states: &[State], now: Instant) -> Vec<bool> {
+/// `own` is each target's own judgment ([`judged_up`]).
+fn failed_with_their_line(targets: &[Target], states: &[State], own: &[bool], now: Instant) -> Vec<bool> {
     let is_path = |t: &Target| !t.member && matches!(t.key, Key::Path { .. });
     // The last answers of the paths judged down.
     let down: Vec<(usize, Instant)> = targets
         .iter()
         .zip(states)
         .enumerate()
-        .filter(|(_, (t, st))| is_path(t) && !judged_up(t, st, now))
+        .filter(|(i, (t, _))| is_path(t) && !own[*i])
         .filter_map(|(i, (_, st))| Some((i, st.last_reply?)))
         .collect();
     targets
@@ -732,7 +733,8 @@ fn failed_with_their_line(targets: &[Target], states: &[State], now: Instant) ->
 
 fn evaluate(targets: &[Target], states: &[State], health: &Healths, changed: &Notify, answer: Option<Answer>) {
     let now = Instant::now();
-    let with_line = if targets.len() > 1 { failed_with_their_line(targets, states, now) } else { Vec::new() };
+    let own: Vec<bool> = targets.iter().zip(states).map(|(t, st)| judged_up(t, st, now)).collect();
+    let with_line = if targets.len() > 1 { failed_with_their_line(targets, states, &own, now) } else { Vec::new() };
     let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
     let mut flipped = false;
     for (i, (t, st)) in targets.iter().zip(states).enumerate() {
@@ -743,7 +745,7 @@ fn evaluate(targets: &[Target], states: &[State], health: &Healths, changed: &No
             continue;
         }
         let line_failed = with_line.get(i).copied().unwrap_or(false);
-        let up = judged_up(t, st, now) && !line_failed;
+        let up = own[i] && !line_failed;
         // Probes old enough to have been answered.
         let settled: Vec<bool> =
             st.sent.iter().filter(|e| e.2 || now - e.1 > detect).map(|e| e.2).rev().take(WINDOW).collect();
