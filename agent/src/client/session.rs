@@ -108,14 +108,15 @@ impl Agent {
 
 impl Agent {
     /// Awaits `step` — opening a stream: up to a connect timeout, or as
-    /// long as a controller that accepts and never answers keeps it — while
+    /// long as a controller that accepts and never answers keeps it; the
+    /// wait between attempts without a controller (the supervisor) — while
     /// the failover goes on, the probes' events and the machine's wake-ups
     /// handled as they come. (An access point restarted while its
     /// controller was unreachable judged every peer within 100 ms of
     /// restoring its configuration but moved nothing until its connection
     /// attempt gave up 5 s later; its sites came back to it after their
     /// 3 s hold-down, and a loaded drill lost a flow for 1.8 s.)
-    async fn failing_over<T>(&mut self, step: impl std::future::Future<Output = T>) -> T {
+    pub(super) async fn failing_over<T>(&mut self, step: impl std::future::Future<Output = T>) -> T {
         tokio::pin!(step);
         let changed = self.prober.as_ref().map(|p| p.changed.clone());
         loop {
@@ -133,7 +134,7 @@ impl Agent {
 }
 
 /// When the failover machine asked to be woken (never, if it did not).
-pub(super) async fn woken(at: Option<std::time::Instant>) {
+async fn woken(at: Option<std::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
         None => std::future::pending().await,
@@ -141,7 +142,7 @@ pub(super) async fn woken(at: Option<std::time::Instant>) {
 }
 
 /// A peer went up or down (never, without probing).
-pub(super) async fn health_changed(changed: &Option<std::sync::Arc<tokio::sync::Notify>>) {
+async fn health_changed(changed: &Option<std::sync::Arc<tokio::sync::Notify>>) {
     match changed {
         Some(n) => n.notified().await,
         None => std::future::pending().await,

@@ -8,7 +8,7 @@ use rand::Rng;
 
 use super::Agent;
 use super::enrol::enrol;
-use super::session::{End, health_changed, woken};
+use super::session::End;
 use super::settings::AgentError;
 
 impl Agent {
@@ -49,7 +49,6 @@ impl Agent {
             }
             // Headless between attempts, but still upkeeping.
             let until = tokio::time::Instant::now() + self.backoff(attempt);
-            let changed = self.prober.as_ref().map(|p| p.changed.clone());
             let mut last = tokio::time::Instant::now();
             while let Some(period) = self.settings.upkeep {
                 let now = tokio::time::Instant::now();
@@ -58,20 +57,11 @@ impl Agent {
                 }
                 // Failover goes on without a controller.
                 let upkeep_at = last + period;
-                tokio::select! {
-                    _ = tokio::time::sleep_until(upkeep_at.min(until)) => {
-                        if tokio::time::Instant::now() >= upkeep_at {
-                            self.refresh_hops();
-                            self.upkeep();
-                            last = tokio::time::Instant::now();
-                        }
-                    }
-                    _ = health_changed(&changed) => {
-                        self.probed();
-                    }
-                    _ = woken(self.wake_at) => {
-                        self.probed();
-                    }
+                self.failing_over(tokio::time::sleep_until(upkeep_at.min(until))).await;
+                if tokio::time::Instant::now() >= upkeep_at {
+                    self.refresh_hops();
+                    self.upkeep();
+                    last = tokio::time::Instant::now();
                 }
             }
             tokio::time::sleep_until(until).await;
