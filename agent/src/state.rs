@@ -110,6 +110,16 @@ fn parse_key(path: &Path, text: &[u8]) -> Result<[u8; 32], StateError> {
     bytes.try_into().map_err(|_| unreadable(path, "not a 32-byte key"))
 }
 
+/// A new private key as a key file holds it: base64, clamped as `wg
+/// genkey` writes it.
+fn new_private_key() -> Result<String, StateError> {
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(StateError::Random)?;
+    key[0] &= 248;
+    key[31] = (key[31] & 127) | 64;
+    Ok(format!("{}\n", STANDARD.encode(key)))
+}
+
 /// The private key in a key file (base64, as `wg genkey` writes it).
 pub fn private_key(path: &Path) -> Result<[u8; 32], StateError> {
     let text = std::fs::read(path).map_err(|e| file_err(path, e))?;
@@ -195,13 +205,75 @@ impl StateDir {
         if let Some(text) = read_optional(&path)? {
             return Ok((self.public_of_text(segment, &path, &text)?, false));
         }
-        let mut key = [0u8; 32];
-        getrandom::fill(&mut key).map_err(StateError::Random)?;
-        // Clamped as `wg genkey` writes it.
-        key[0] &= 248;
-        key[31] = (key[31] & 127) | 64;
-        write_file(&path, format!("{}\n", STANDARD.encode(key)).as_bytes(), true)?;
-        Ok((public_of(&key), true))
+        let text = new_private_key()?;
+        write_file(&path, text.as_bytes(), true)?;
+        Ok((public_of(&parse_key(&path, text.as_bytes())?), true))
+    }
+
+    /// Where a key rotation's next key of `segment` waits until the switch.
+    pub fn next_key_file(&self, segment: &str) -> PathBuf {
+        self.root.join("keys").join(format!("{segment}.next"))
+    }
+
+    /// Where the id of the last key rotation acted on is kept.
+    fn rotation_file(&self) -> PathBuf {
+        self.root.join("keys").join("rotation")
+    }
+
+    /// Acts on key rotation `id` in `phase` for `segments` (see
+    /// [`pb::KeyRotation`]), once per id and phase: *prepare* makes a next
+    /// key per segment beside the current one (kept until the switch);
+    /// *switch* makes each next key the segment's key; *fresh* (after a
+    /// revocation) replaces every key with a new one. Gives the segments
+    /// whose key changed (their public halves go to the controller).
+    pub fn rotate(&self, id: u64, phase: pb::KeyPhase, segments: &[&str]) -> Result<Vec<String>, StateError> {
+        let done = format!("{id} {}", phase.as_str_name());
+        if read_optional(&self.rotation_file())?.is_some_and(|t| String::from_utf8_lossy(&t).trim() == done) {
+            return Ok(Vec::new());
+        }
+        let mut changed = Vec::new();
+        for segment in segments {
+            check_segment(segment)?;
+            let (key, next) = (self.key_file(segment), self.next_key_file(segment));
+            match phase {
+                pb::KeyPhase::Prepare => {
+                    if read_optional(&next)?.is_none() {
+                        write_file(&next, new_private_key()?.as_bytes(), true)?;
+                    }
+                }
+                pb::KeyPhase::Switch => {
+                    // Without a next key (made on another disk), the current
+                    // one stays: the controller takes it back as the site's.
+                    if read_optional(&next)?.is_some() {
+                        std::fs::rename(&next, &key).map_err(|e| file_err(&next, e))?;
+                        changed.push(segment.to_string());
+                    }
+                }
+                pb::KeyPhase::Fresh => {
+                    write_file(&key, new_private_key()?.as_bytes(), true)?;
+                    let _ = std::fs::remove_file(&next);
+                    changed.push(segment.to_string());
+                }
+                pb::KeyPhase::Unspecified => return Ok(Vec::new()),
+            }
+        }
+        if phase != pb::KeyPhase::Prepare {
+            write_file(&self.rotation_file(), done.as_bytes(), false)?;
+        }
+        Ok(changed)
+    }
+
+    /// The public halves of the next keys made for `segments`.
+    pub fn next_public_keys(&self, segments: &[&str]) -> Result<BTreeMap<String, String>, StateError> {
+        let mut out = BTreeMap::new();
+        for segment in segments {
+            check_segment(segment)?;
+            let path = self.next_key_file(segment);
+            if let Some(text) = read_optional(&path)? {
+                out.insert(segment.to_string(), public_of(&parse_key(&path, &text)?));
+            }
+        }
+        Ok(out)
     }
 
     /// Public keys of every segment that has a key, by segment.

@@ -8,6 +8,7 @@ pub mod dashboard;
 pub mod fanout;
 pub mod metrics;
 pub mod pki;
+pub mod rotation;
 pub mod server;
 pub mod signing;
 pub mod sites;

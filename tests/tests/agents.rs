@@ -894,3 +894,120 @@ async fn replicas_share_the_agents_and_a_lost_replica_resends_nothing() {
     assert_eq!(sent(victim), 0);
     assert!(fleet.events.try_recv().is_err(), "an agent applied a configuration after the restart");
 }
+
+/// What `site`'s agent applied last: each segment's peers' (current, next) keys.
+fn applied_keys(state: &Path) -> std::collections::BTreeMap<(String, String), (String, String)> {
+    let Ok(bytes) = std::fs::read(state.join("applied.pb")) else { return Default::default() };
+    let Ok(update) = <pb::ConfigUpdate as prost::Message>::decode(bytes.as_slice()) else { return Default::default() };
+    update
+        .config
+        .iter()
+        .flat_map(|c| &c.segments)
+        .flat_map(|s| {
+            s.peers
+                .iter()
+                .map(|p| ((s.segment.clone(), p.name.clone()), (p.public_key.clone(), p.next_public_key.clone())))
+        })
+        .collect()
+}
+
+/// The public half of a key file the agent holds.
+fn public_of_file(path: &Path) -> String {
+    use base64::Engine;
+    let text = std::fs::read_to_string(path).expect("key file");
+    let bytes: [u8; 32] =
+        base64::engine::general_purpose::STANDARD.decode(text.trim()).expect("base64").try_into().expect("32 bytes");
+    let secret = x25519_dalek::StaticSecret::from(bytes);
+    base64::engine::general_purpose::STANDARD.encode(x25519_dalek::PublicKey::from(&secret).as_bytes())
+}
+
+/// A site's keys rotated on demand, make before break: the access point
+/// holds the next key before the site switches (the audit entry counts the
+/// peers that did), the site's new private key never left it and its peer
+/// uses its public half; every step is an audit entry and `musubi status`
+/// shows the keys' age. Then the keys revoked: the access point drops the
+/// revoked key within a second, the agent makes fresh ones, and they come
+/// back on the access point.
+#[test]
+fn a_site_rotates_its_keys_make_before_break_and_a_revoked_key_is_dropped_at_once() {
+    let Embedded { dir, pki, address, controller: _controller, .. } = embedded(&[]);
+    let sites = ["ap-east", "kita-hall"];
+    let _agents: Vec<AgentProcess> = sites.iter().map(|s| enrol(&pki, &address, &address, dir.path(), s)).collect();
+    let (ap, kita) = (dir.path().join("ap-east"), dir.path().join("kita-hall"));
+    let juki = ("juki".to_string(), "kita-hall".to_string());
+    let key_of = |state: &Path| applied_keys(state).get(&juki).map(|k| k.0.clone()).unwrap_or_default();
+    assert!(
+        eventually(Duration::from_secs(30), || converged(&pki, &address, &sites, 1) && !key_of(&ap).is_empty()),
+        "agents did not converge: {}",
+        pki.status(&address)
+    );
+    let old = key_of(&ap);
+    assert_eq!(old, public_of_file(&kita.join("keys/juki.key")), "the access point holds the site's key");
+
+    let out = pki.musubi(&address, &["site", "rotate-keys", "kita-hall", "--reason", "drill", "--wait", "30s"]);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "rotate-keys: {said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("switch") && said.contains("done"), "{said}");
+    eprintln!("{said}");
+    let new = public_of_file(&kita.join("keys/juki.key"));
+    assert_ne!(new, old, "the site has a new key");
+    assert!(!kita.join("keys/juki.next").exists(), "the next key became the key");
+    assert!(
+        eventually(Duration::from_secs(10), || applied_keys(&ap).get(&juki) == Some(&(new.clone(), String::new()))),
+        "the access point holds the new key alone: {:?}",
+        applied_keys(&ap).get(&juki)
+    );
+    let history = String::from_utf8_lossy(&pki.musubi(&address, &["history"]).stdout).to_string();
+    for step in [
+        "key rotation of site kita-hall asked for",
+        "WireGuard keys of site kita-hall switched to the next ones",
+        "1 connected peers held them first",
+        "key rotation of site kita-hall done",
+    ] {
+        assert!(history.contains(step), "no `{step}` in the audit log:\n{history}");
+    }
+    let status = String::from_utf8_lossy(&pki.musubi(&address, &["status", "kita-hall"]).stdout).to_string();
+    assert!(status.contains("keys:        registered"), "{status}");
+    // A second rotation while none is under way is accepted; asking twice is not.
+    let again = pki.musubi(&address, &["site", "rotate-keys", "kita-hall"]);
+    assert!(again.status.success());
+    let twice = pki.musubi(&address, &["site", "rotate-keys", "kita-hall"]);
+    assert!(!twice.status.success(), "a second rotation while one is under way");
+    assert!(String::from_utf8_lossy(&twice.stderr).contains("under way"), "{}", String::from_utf8_lossy(&twice.stderr));
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            site_row(&pki.status(&address), "kita-hall")["key_rotation"].as_str().unwrap_or("").is_empty()
+        }),
+        "the second rotation did not end"
+    );
+
+    // Revoked: the access point drops the key within a second.
+    let revoked = public_of_file(&kita.join("keys/juki.key"));
+    assert!(eventually(Duration::from_secs(10), || key_of(&ap) == revoked));
+    let started = Instant::now();
+    let out = pki.musubi(&address, &["site", "revoke-keys", "kita-hall", "--reason", "router stolen"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        eventually(Duration::from_secs(5), || key_of(&ap) != revoked),
+        "the access point still holds the revoked key"
+    );
+    let dropped = started.elapsed();
+    eprintln!("revoked key dropped by the access point after {} ms", dropped.as_millis());
+    assert!(dropped < Duration::from_secs(1), "the revoked key was held {dropped:?}");
+    // The agent makes fresh keys; the access point takes them.
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            let k = key_of(&ap);
+            !k.is_empty() && k != revoked && k == public_of_file(&kita.join("keys/juki.key"))
+        }),
+        "no fresh key on the access point: {:?}",
+        applied_keys(&ap).get(&juki)
+    );
+    let history = String::from_utf8_lossy(&pki.musubi(&address, &["history"]).stdout).to_string();
+    assert!(history.contains("WireGuard keys of site kita-hall revoked") && history.contains("router stolen"));
+    assert!(
+        eventually(Duration::from_secs(10), || String::from_utf8_lossy(&pki.musubi(&address, &["history"]).stdout)
+            .contains("site kita-hall registered fresh WireGuard keys")),
+        "the fresh keys' audit entry"
+    );
+}

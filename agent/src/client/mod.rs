@@ -50,6 +50,9 @@ pub struct Agent {
     wake_at: Option<Instant>,
     /// The interfaces' keys, read (or made) when a configuration is applied.
     keys: LocalKeys,
+    /// The next keys of a key rotation that prepares, reported with every
+    /// status until the switch.
+    next_keys: Vec<pb::InterfaceKey>,
     metrics: crate::metrics::Metrics,
 }
 
@@ -83,6 +86,7 @@ impl Agent {
             machine,
             wake_at: None,
             keys: Default::default(),
+            next_keys: Vec::new(),
             metrics: Default::default(),
         };
         if agent.settings.probe {
@@ -130,9 +134,41 @@ impl Agent {
             return Vec::new();
         }
         let mut new_keys = Vec::new();
-        match self.settings.state.local_keys(config.segments.iter().map(|s| s.segment.as_str())) {
+        let segments: Vec<&str> = config.segments.iter().map(|s| s.segment.as_str()).collect();
+        // A key rotation: the next keys made (prepare), taken (switch) or
+        // fresh ones made (after a revocation), before the keys are read.
+        let mut rotated = Vec::new();
+        self.next_keys.clear();
+        if let Some(r) = &config.key_rotation {
+            match self.settings.state.rotate(r.id, r.phase(), &segments) {
+                Ok(changed) => {
+                    if !changed.is_empty() {
+                        tracing::info!(site = %self.settings.site, rotation = r.id, phase = r.phase().as_str_name(),
+                            segments = ?changed, "WireGuard keys rotated");
+                    }
+                    rotated = changed;
+                }
+                Err(e) => self.errors.push(e.to_string()),
+            }
+            if r.phase() == pb::KeyPhase::Prepare {
+                match self.settings.state.next_public_keys(&segments) {
+                    Ok(next) => {
+                        self.next_keys = next
+                            .into_iter()
+                            .map(|(segment, public_key)| pb::InterfaceKey {
+                                segment,
+                                interface: String::new(),
+                                public_key,
+                            })
+                            .collect()
+                    }
+                    Err(e) => self.errors.push(e.to_string()),
+                }
+            }
+        }
+        match self.settings.state.local_keys(segments.iter().copied()) {
             Ok((keys, new)) => {
-                for seg in config.segments.iter().filter(|s| new.contains(&s.segment)) {
+                for seg in config.segments.iter().filter(|s| new.contains(&s.segment) || rotated.contains(&s.segment)) {
                     new_keys.push(pb::InterfaceKey {
                         segment: seg.segment.clone(),
                         interface: String::new(),

@@ -106,6 +106,7 @@ impl Agent {
                 peers_up_omitted: 0,
                 active_omitted: 0,
                 peers_unjudged_omitted: 0,
+                next_keys: self.next_keys.clone(),
             })),
         }
     }
@@ -127,6 +128,7 @@ impl Agent {
                 keys,
                 applied_revision,
                 applied_digest,
+                next_keys: self.next_keys.clone(),
             })),
         })
     }

@@ -246,16 +246,52 @@ pub struct Owned {
 pub enum Op {
     DeletePolicy,
     DeleteRoute(Route),
-    RemovePeer { tunnel: String, public_key: String },
-    RemoveAddress { tunnel: String, address: String },
-    UnbindLan { interface: String, domain: String },
-    DeleteTunnel { name: String },
-    DeleteDomain { name: String },
+    RemovePeer {
+        tunnel: String,
+        public_key: String,
+    },
+    RemoveAddress {
+        tunnel: String,
+        address: String,
+    },
+    UnbindLan {
+        interface: String,
+        domain: String,
+    },
+    DeleteTunnel {
+        name: String,
+    },
+    DeleteDomain {
+        name: String,
+    },
     CreateDomain(Domain),
-    CreateTunnel { name: String, domain: String, listen_port: u32, public_key: String, key_file: PathBuf },
-    BindLan { interface: String, domain: String },
-    AddAddress { tunnel: String, address: String },
-    SetPeer { tunnel: String, public_key: String, peer: PeerSpec },
+    CreateTunnel {
+        name: String,
+        domain: String,
+        listen_port: u32,
+        public_key: String,
+        key_file: PathBuf,
+    },
+    BindLan {
+        interface: String,
+        domain: String,
+    },
+    AddAddress {
+        tunnel: String,
+        address: String,
+    },
+    SetPeer {
+        tunnel: String,
+        public_key: String,
+        peer: PeerSpec,
+    },
+    /// A new private key on an existing tunnel (a key rotation's switch):
+    /// its peers, addresses and routes stay.
+    SetKey {
+        tunnel: String,
+        public_key: String,
+        key_file: PathBuf,
+    },
     AddRoute(Route),
     ReplaceRoute(Route),
     SetPolicy(Policy),
@@ -346,6 +382,10 @@ pub fn shadow(owned: &mut Owned, ops: &[Op]) -> bool {
                 }
                 None => return false,
             },
+            Op::SetKey { tunnel, public_key, .. } => match owned.tunnels.get_mut(tunnel) {
+                Some(t) => t.public_key.clone_from(public_key),
+                None => return false,
+            },
             Op::SetPolicy(policy) => owned.policy = Some(policy.clone()),
             Op::SetFence(fence) => match owned.policy.as_mut() {
                 Some(p) => p.fence = fence.clone(),
@@ -364,10 +404,10 @@ pub fn plan(actual: &Owned, desired: &Owned) -> Vec<Op> {
     for r in actual.routes.difference(&desired.routes) {
         removals.push(Op::DeleteRoute(r.clone()));
     }
+    // A new key alone is set in place (a rotation loses no route).
     let recreate = |a: &Tunnel, d: &Tunnel| {
         a.domain != d.domain
             || a.listen_port != d.listen_port
-            || a.public_key != d.public_key
             || actual.domains.get(&a.domain) != desired.domains.get(&d.domain)
     };
     if actual.policy.is_some() && desired.policy.is_none() {
@@ -417,6 +457,12 @@ pub fn plan(actual: &Owned, desired: &Owned) -> Vec<Op> {
                 name: name.clone(),
                 domain: d.domain.clone(),
                 listen_port: d.listen_port,
+                public_key: d.public_key.clone(),
+                key_file: d.key_file.clone(),
+            });
+        } else if existing.is_some_and(|a| a.public_key != d.public_key) {
+            creations.push(Op::SetKey {
+                tunnel: name.clone(),
                 public_key: d.public_key.clone(),
                 key_file: d.key_file.clone(),
             });
@@ -586,6 +632,10 @@ pub fn step(owned: &mut Owned, op: &Op) -> Result<(), DatapathError> {
             if !t.addresses.remove(address) {
                 return illegal(format!("{address} is not on {tunnel}"));
             }
+        }
+        Op::SetKey { tunnel, public_key, .. } => {
+            let Some(t) = owned.tunnels.get_mut(tunnel) else { return illegal(format!("no tunnel {tunnel}")) };
+            t.public_key.clone_from(public_key);
         }
         Op::SetPeer { tunnel, public_key, peer } => {
             let Some(t) = owned.tunnels.get_mut(tunnel) else { return illegal(format!("no tunnel {tunnel}")) };

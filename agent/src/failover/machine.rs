@@ -340,6 +340,7 @@ mod tests {
             interface: format!("m{n}-office"),
             role: pb::PeerRole::AccessPoint.into(),
             public_key: format!("K{n}"),
+            next_public_key: String::new(),
             endpoints: vec![endpoint("fiber", &format!("192.0.2.{n}")), endpoint("lte", &format!("192.0.2.{n}"))],
             allowed_prefixes: vec![format!("100.64.0.{n}/32")],
         };

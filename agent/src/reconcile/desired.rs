@@ -163,19 +163,24 @@ pub fn desired_with(config: &SiteConfig, keys: &LocalKeys, choices: &Choices) ->
             if wg.faces() == pb::PeerRole::Interconnect {
                 spec.interconnects.insert(wg.name.clone());
             }
-            let peers = keyed
-                .iter()
-                .filter(|(_, p)| p.interface == wg.name)
-                .map(|(name, p)| {
-                    let spec = PeerSpec {
-                        name: name.to_string(),
-                        endpoint: active_endpoint(p, choices).map(endpoint).unwrap_or_default(),
-                        allowed_ips: allowed.remove(name).unwrap_or_default(),
-                        roams: !picks_line(config, p),
-                    };
-                    (p.public_key.clone(), spec)
-                })
-                .collect();
+            let mut peers = BTreeMap::new();
+            for (name, p) in keyed.iter().filter(|(_, p)| p.interface == wg.name) {
+                let spec = PeerSpec {
+                    name: name.to_string(),
+                    endpoint: active_endpoint(p, choices).map(endpoint).unwrap_or_default(),
+                    allowed_ips: allowed.remove(name).unwrap_or_default(),
+                    roams: !picks_line(config, p),
+                };
+                // A peer rotating its keys: its next key beside, allowed
+                // nothing, so that its first handshake with that key is
+                // accepted the moment it switches (make before break).
+                if !p.next_public_key.is_empty() && p.next_public_key != p.public_key {
+                    let next =
+                        PeerSpec { name: format!("{name} (next key)"), allowed_ips: BTreeSet::new(), ..spec.clone() };
+                    peers.insert(p.next_public_key.clone(), next);
+                }
+                peers.insert(p.public_key.clone(), spec);
+            }
             owned.tunnels.insert(
                 wg.name.clone(),
                 Tunnel {

@@ -459,6 +459,7 @@ mod tests {
             interface: interface.into(),
             role: role.into(),
             public_key: format!("K{n}"),
+            next_public_key: String::new(),
             endpoints: vec![
                 endpoint("fiber", "fiber", &format!("192.0.2.{n}")),
                 endpoint("fiber", "inet", &format!("198.51.100.{n}")),

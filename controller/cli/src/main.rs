@@ -200,6 +200,28 @@ enum SiteCommand {
         #[arg(long)]
         restore: bool,
     },
+    /// Rotate a site's WireGuard keys, make before break: its agent makes
+    /// new keys on the site, every peer holds them before they are used.
+    #[command(after_help = "Example:\n  musubi site rotate-keys kita-hall --reason \"yearly\" --wait 60s")]
+    RotateKeys {
+        name: String,
+        /// Why, for the audit log.
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Wait until the rotation is done, at most this long (30s, 2m).
+        #[arg(long, value_parser = remote::parse_duration)]
+        wait: Option<std::time::Duration>,
+    },
+    /// Revoke a site's WireGuard keys at once (a compromised router): its
+    /// peers drop them and refuse them from then on; its agent makes fresh
+    /// ones. With `musubi site revoke` as well, the site stays out.
+    #[command(after_help = "Example:\n  musubi site revoke-keys kita-hall --reason \"router stolen\"")]
+    RevokeKeys {
+        name: String,
+        /// Why, for the audit log.
+        #[arg(long, required = true)]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -364,6 +386,12 @@ fn remote(command: RemoteCommand, controller: &str, tls: &remote::Tls, color: bo
             RemoteCommand::Token(TokenCommand::Create { site, ttl }) => remote::token(&mut client, site, ttl).await,
             RemoteCommand::Site(SiteCommand::Revoke { name, restore }) => {
                 remote::revoke(&mut client, name, restore).await
+            }
+            RemoteCommand::Site(SiteCommand::RotateKeys { name, reason, wait }) => {
+                remote::rotate_keys(&mut client, name, reason, wait).await
+            }
+            RemoteCommand::Site(SiteCommand::RevokeKeys { name, reason }) => {
+                remote::revoke_keys(&mut client, name, reason).await
             }
             RemoteCommand::Operator(OperatorCommand::Revoke { name, restore }) => {
                 remote::revoke_operator(&mut client, name, restore).await

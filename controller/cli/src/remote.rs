@@ -120,6 +120,49 @@ pub async fn revoke(client: &mut Client, site: String, restore: bool) -> Result<
     Ok(())
 }
 
+pub async fn rotate_keys(
+    client: &mut Client,
+    site: String,
+    reason: String,
+    wait: Option<std::time::Duration>,
+) -> Result<()> {
+    let started = std::time::Instant::now();
+    let resp =
+        client.rotate_keys(pb::RotateKeysRequest { site: site.clone(), reason }).await.map_err(status)?.into_inner();
+    println!(
+        "key rotation {} of site `{site}` asked for: its agent makes the new keys, its peers take them first",
+        resp.id
+    );
+    let Some(wait) = wait else { return Ok(()) };
+    let mut last = String::new();
+    while started.elapsed() < wait {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let state = client.status(pb::StatusRequest { site: site.clone() }).await.map_err(status)?.into_inner();
+        let Some(s) = state.sites.first() else { continue };
+        if s.key_rotation != last {
+            last.clone_from(&s.key_rotation);
+            if !last.is_empty() {
+                println!("{:>6} ms  {last}", started.elapsed().as_millis());
+            }
+        }
+        if s.key_rotation.is_empty() && s.keys_since_unix_ms >= resp.id {
+            println!("{:>6} ms  done: site `{site}` holds its new keys", started.elapsed().as_millis());
+            return Ok(());
+        }
+    }
+    anyhow::bail!("the key rotation of site `{site}` was not done within {wait:?} (phase: {last})")
+}
+
+pub async fn revoke_keys(client: &mut Client, site: String, reason: String) -> Result<()> {
+    let resp = client.revoke_keys(pb::RotateKeysRequest { site: site.clone(), reason }).await.map_err(status)?;
+    println!(
+        "WireGuard keys of site `{site}` revoked (rotation {}): its peers drop them now and refuse them from now on; \
+         its agent makes fresh ones (`musubi site revoke {site}` keeps it out)",
+        resp.into_inner().id
+    );
+    Ok(())
+}
+
 pub async fn revoke_operator(client: &mut Client, name: String, restore: bool) -> Result<()> {
     client.revoke_operator(pb::RevokeOperatorRequest { name: name.clone(), restore }).await.map_err(status)?;
     if restore {
@@ -146,6 +189,20 @@ fn ago(ms: u64) -> String {
     }
 }
 
+/// "registered 3d ago", with a rotation under way.
+fn key_age(s: &pb::SiteState) -> String {
+    let age = if s.keys_since_unix_ms == 0 {
+        "age unknown".to_string()
+    } else {
+        let days = musubi_controller::pki::now_ms().saturating_sub(s.keys_since_unix_ms) / 86_400_000;
+        if days == 0 { format!("registered {}", ago(s.keys_since_unix_ms)) } else { format!("{days} days old") }
+    };
+    match s.key_rotation.as_str() {
+        "" => age,
+        phase => format!("{age}, rotating ({phase})"),
+    }
+}
+
 pub async fn site_status(client: &mut Client, site: Option<String>, json: bool) -> Result<()> {
     let resp =
         client.status(pb::StatusRequest { site: site.clone().unwrap_or_default() }).await.map_err(status)?.into_inner();
@@ -166,6 +223,7 @@ pub async fn site_status(client: &mut Client, site: Option<String>, json: bool) 
             println!("controller:  {}", reported.controller);
             println!("agent:       {}", reported.agent_version);
             println!("last seen:   {}", ago(reported.last_seen_unix_ms));
+            println!("keys:        {}", key_age(s));
             println!("desired:     r{} {}", s.desired_revision, short(&s.desired_digest));
             let sync = if in_sync(s) == Some(true) { " (in sync)" } else { " (not in sync)" };
             println!("applied:     r{} {}{}", st.applied_revision, short(&st.applied_digest), sync);
@@ -211,7 +269,7 @@ pub async fn site_status(client: &mut Client, site: Option<String>, json: bool) 
         return Ok(());
     }
     println!(
-        "{:<24} {:<10} {:>8} {:>8} {:<8} {:<10} {:>8} {:>6} {:>6}",
+        "{:<24} {:<10} {:>8} {:>8} {:<8} {:<10} {:>8} {:>6} {:>6}  KEYS",
         "SITE", "CONNECTED", "APPLIED", "DESIRED", "SYNC", "SEEN", "TUNNELS", "MOVES", "ERRORS"
     );
     for s in &resp.sites {
@@ -231,7 +289,7 @@ pub async fn site_status(client: &mut Client, site: Option<String>, json: bool) 
             Some(false) => "no",
         };
         println!(
-            "{:<24} {:<10} {:>8} {:>8} {:<8} {:<10} {:>8} {:>6} {:>6}",
+            "{:<24} {:<10} {:>8} {:>8} {:<8} {:<10} {:>8} {:>6} {:>6}  {}",
             s.site,
             connected,
             format!("r{}", st.applied_revision),
@@ -240,7 +298,8 @@ pub async fn site_status(client: &mut Client, site: Option<String>, json: bool) 
             ago(reported.last_seen_unix_ms),
             format!("{up}/{}", st.peers_total()),
             moves(&st),
-            st.errors.len()
+            st.errors.len(),
+            key_age(s)
         );
     }
     Ok(())

@@ -25,6 +25,7 @@ pub mod intent;
 pub mod load;
 pub mod par;
 pub mod plan;
+pub mod rotation;
 pub mod sorted;
 pub mod validate;
 pub mod verify;

@@ -87,6 +87,11 @@ enum Command {
         /// compacted away [default: 60].
         #[arg(long)]
         etcd_history_s: Option<u64>,
+        /// Rotate every site's WireGuard keys once they are this many days
+        /// old (make before break, spread over the last quarter of the
+        /// period); 0: only on demand [default: 30].
+        #[arg(long)]
+        key_rotation_days: Option<u64>,
         /// CA bundle of the etcd servers (enables TLS to etcd).
         #[arg(long)]
         etcd_ca: Option<PathBuf>,
@@ -219,7 +224,16 @@ struct ServeFile {
     dashboard: Option<SocketAddr>,
     dashboard_tls: Option<bool>,
     dashboard_reports: Option<PathBuf>,
+    key_rotation_days: Option<u64>,
 }
+
+/// Scheduled key rotations under way at once, fleet-wide (an access
+/// point's puts a key beside one of every member's peers).
+const ROTATIONS_AT_ONCE: usize = 4;
+
+/// How often key rotations are moved on: a rotation's switch follows the
+/// last peer's acknowledgement within this.
+const ROTATION_STEP: Duration = Duration::from_millis(200);
 
 /// What the controller serves beside its gRPC APIs.
 #[derive(Debug)]
@@ -229,6 +243,8 @@ struct Extras {
     count_states: bool,
     /// How much of etcd's own key history to keep.
     history: Duration,
+    /// Scheduled key rotations.
+    rotations: musubi_core::rotation::Schedule,
 }
 
 /// Where and how the dashboard is served.
@@ -333,6 +349,7 @@ async fn serve_command(command: Command) -> Result<()> {
         max_intent_mib,
         etcd_user,
         etcd_history_s,
+        key_rotation_days,
         etcd_ca,
         etcd_client_cert,
         metrics,
@@ -379,7 +396,11 @@ async fn serve_command(command: Command) -> Result<()> {
         reports: dashboard_reports.or(file.dashboard_reports),
     });
     let history = etcd_history_s.map_or(musubi_controller::store::etcd::HISTORY, |s| Duration::from_secs(s.max(1)));
-    let extras = Extras { dashboard, count_states: metrics.is_some(), history };
+    let rotations = musubi_core::rotation::Schedule {
+        period_ms: key_rotation_days.or(file.key_rotation_days).unwrap_or(30).saturating_mul(86_400_000),
+        at_once: ROTATIONS_AT_ONCE,
+    };
+    let extras = Extras { dashboard, count_states: metrics.is_some(), history, rotations };
     serve(listen, store, pki, max, etcd, agents, extras).await
 }
 
@@ -451,6 +472,12 @@ async fn serve(
     }
     let fanout = Fanout::start(store.clone()).await.context("compiling the sites' configurations")?;
     musubi_controller::metrics::get().sites.set(i64::try_from(fanout.sites().len()).unwrap_or(i64::MAX));
+    tokio::spawn(musubi_controller::rotation::drive(
+        store.clone(),
+        Arc::downgrade(&fanout),
+        ROTATION_STEP,
+        extras.rotations,
+    ));
     if extras.count_states {
         let every = Duration::from_secs(10);
         tokio::spawn(musubi_controller::metrics::count_states(store.clone(), fanout.clone(), every));

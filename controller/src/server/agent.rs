@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
+use musubi_core::rotation;
 use musubi_proto::v1 as pb;
 use musubi_proto::wire::Outgoing;
 use musubi_proto::wire::agent_server::Agent;
@@ -104,6 +105,14 @@ fn internal(e: impl std::fmt::Display) -> Status {
     Status::unavailable(e.to_string())
 }
 
+/// The keys an agent reported, its next keys (a rotation's) among them
+/// under their entries' names (`+next/<segment>`).
+fn reported(keys: &[pb::InterfaceKey], next: &[pb::InterfaceKey]) -> Vec<pb::InterfaceKey> {
+    let mut all = keys.to_vec();
+    all.extend(next.iter().map(|k| pb::InterfaceKey { segment: rotation::next_entry(&k.segment), ..k.clone() }));
+    all
+}
+
 /// A WireGuard public key: 32 bytes, base64.
 fn valid_key(key: &str) -> bool {
     base64::engine::general_purpose::STANDARD.decode(key).is_ok_and(|b| b.len() == 32)
@@ -135,18 +144,32 @@ impl<S: IntentStore + 'static> AgentService<S> {
     }
 
     /// Stores the public keys an agent reported that are new, well-formed
-    /// and for segments its site is attached to.
+    /// and for segments its site is attached to. Next keys (a rotation's,
+    /// see [`reported`]) are taken only while the site's rotation prepares;
+    /// while it switches, a current key other than the one the controller
+    /// switched to is the agent's old one, not yet replaced: ignored.
     async fn take_keys(&self, site: &str, keys: &[pb::InterfaceKey]) -> Result<(), Status> {
         let known = self.fanout.keys(site);
         let segments = self.fanout.segments(site);
+        let phase = known.get(rotation::ROTATION).and_then(|t| rotation::Rotation::parse(t)).map(|r| r.phase);
         let mut fresh = Vec::new();
         for k in keys {
-            if !segments.contains(&k.segment) {
+            let (segment, next) = match k.segment.strip_prefix(rotation::NEXT) {
+                Some(segment) => (segment, true),
+                None => (k.segment.as_str(), false),
+            };
+            if !segments.contains(segment) {
                 tracing::warn!(site, segment = %k.segment, "ignored a key for a segment the site is not attached to");
                 continue;
             }
             if !valid_key(&k.public_key) {
                 tracing::warn!(site, segment = %k.segment, "ignored a malformed WireGuard public key");
+                continue;
+            }
+            if next && phase != Some(rotation::Phase::Prepare) {
+                continue;
+            }
+            if !next && phase == Some(rotation::Phase::Switch) && known.contains_key(segment) {
                 continue;
             }
             if known.get(&k.segment) != Some(&k.public_key) {
@@ -155,26 +178,31 @@ impl<S: IntentStore + 'static> AgentService<S> {
         }
         // A key is one interface's: a site that reports another site's
         // would receive the traffic its peers encrypt for that one. Each key
-        // is claimed once in the store (one compare-and-swap per new key).
+        // is claimed once in the store (one compare-and-swap per new key);
+        // a revoked key's claim is the revocation's.
         let mut owned = Vec::with_capacity(fresh.len());
         let mut new = Vec::new();
-        for (segment, key) in fresh {
-            match sites::claim_key(&*self.store, &key, site, &segment).await.map_err(internal)? {
+        for (entry, key) in fresh {
+            let segment = entry.strip_prefix(rotation::NEXT).unwrap_or(&entry);
+            match sites::claim_key(&*self.store, &key, site, segment).await.map_err(internal)? {
                 sites::Claim::New => {
-                    new.push((segment.clone(), key.clone()));
-                    owned.push((segment, key));
+                    new.push((entry.clone(), key.clone()));
+                    owned.push((entry, key));
                 }
-                sites::Claim::Theirs => owned.push((segment, key)),
+                sites::Claim::Theirs => owned.push((entry, key)),
                 sites::Claim::Other(owner) => {
-                    tracing::warn!(site, segment = %segment, owner = %owner,
-                        "refused a WireGuard public key another site registered");
+                    tracing::warn!(site, segment = %entry, owner = %owner,
+                        "refused a WireGuard public key another site registered, or a revoked one");
                     crate::metrics::get().refused("duplicate_key");
                 }
             }
         }
-        let fresh = owned;
+        let mut fresh = owned;
         if !new.is_empty() {
             self.keys_audit.registered(site, &new, now_ms()).await.map_err(internal)?;
+        }
+        if fresh.iter().any(|(entry, _)| rotation::is_segment_key(entry)) {
+            fresh.push((rotation::SINCE.to_string(), now_ms().to_string()));
         }
         if !fresh.is_empty() {
             self.store.put_public_keys(site, &fresh).await.map_err(internal)?;
@@ -366,11 +394,12 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
         // A store that refuses for a moment (overloaded while thousands of
         // agents reconnect) does not turn the agent away: its keys are
         // recorded again from the session, its presence asked again.
-        let unrecorded = match self.take_keys(&site, &hello.keys).await {
+        let hello_keys = reported(&hello.keys, &hello.next_keys);
+        let unrecorded = match self.take_keys(&site, &hello_keys).await {
             Ok(()) => Vec::new(),
             Err(e) if e.code() == tonic::Code::Internal => {
                 tracing::warn!(site, error = %e.message(), "cannot record keys yet; trying again from the session");
-                hello.keys.clone()
+                hello_keys
             }
             Err(e) => return Err(e),
         };
@@ -609,7 +638,7 @@ impl<S: IntentStore + 'static> Session<S> {
                 message = inbound.message() => match message {
                     Ok(Some(pb::AgentMessage { body: Some(In::Status(status)) })) => {
                         // Keys the agent reported before, and that were taken, are not looked at again.
-                        reported_keys.clone_from(&status.keys);
+                        reported_keys = reported(&status.keys, &status.next_keys);
                         let keys = self.record_keys(&site, &reported_keys, &mut taken_keys).await;
                         let mut status = tidy(status);
                         sites::condense(&mut status);

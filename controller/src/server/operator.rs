@@ -228,6 +228,40 @@ fn hold_for(who: &str, propose: bool) -> Hold {
 }
 
 impl<S: IntentStore + 'static> OperatorService<S> {
+    /// `musubi site rotate-keys` (or, with `revoke`, `revoke-keys`): an
+    /// operator who manages the site, a site in the intent, a reason kept
+    /// printable for the audit entry.
+    async fn keys_call(
+        &self,
+        request: Request<pb::RotateKeysRequest>,
+        revoke: bool,
+    ) -> Result<Response<pb::RotateKeysResponse>, Status> {
+        let who = actor(&request);
+        let (rights, current) = self.rights(&request, if revoke { "revoke_keys" } else { "rotate_keys" }).await?;
+        let req = request.into_inner();
+        if !current.intent.sites.contains_key(&req.site) {
+            return Err(Status::not_found(format!("site `{}` is not in the intent", req.site)));
+        }
+        manages(&rights, &current, &req.site, if revoke { "revoke the keys of" } else { "rotate the keys of" })?;
+        let reason = musubi_core::words::printable(&req.reason, 200);
+        let done = if revoke {
+            crate::rotation::revoke(&*self.store, &req.site, &who, &reason, now_ms()).await
+        } else {
+            crate::rotation::request(&*self.store, &req.site, &who, &reason, now_ms()).await
+        };
+        let id = done.map_err(|e| match e {
+            crate::rotation::RotationError::Store(e) => store_status(e),
+            crate::rotation::RotationError::Raced(_) => Status::aborted(e.to_string()),
+            other => Status::failed_precondition(other.to_string()),
+        })?;
+        if revoke {
+            tracing::warn!(site = %req.site, actor = %who, id, "WireGuard keys revoked");
+        } else {
+            tracing::info!(site = %req.site, actor = %who, id, "key rotation asked for");
+        }
+        Ok(Response::new(pb::RotateKeysResponse { id }))
+    }
+
     /// Applies `how` for `who` against `current` at `expected`, held as
     /// `hold` says (a held change becomes a proposal), approved by
     /// `approver` (see [`Change::approver`]).
@@ -740,6 +774,20 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         Ok(Response::new(pb::RevokeSiteResponse { at_unix_ms: at }))
     }
 
+    async fn rotate_keys(
+        &self,
+        request: Request<pb::RotateKeysRequest>,
+    ) -> Result<Response<pb::RotateKeysResponse>, Status> {
+        self.keys_call(request, false).await
+    }
+
+    async fn revoke_keys(
+        &self,
+        request: Request<pb::RotateKeysRequest>,
+    ) -> Result<Response<pb::RotateKeysResponse>, Status> {
+        self.keys_call(request, true).await
+    }
+
     async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let (rights, current) = self.rights(&request, "status").await?;
         let req = request.into_inner();
@@ -826,7 +874,10 @@ pub async fn site_states<S: IntentStore>(
             if let Some(r) = reported.as_mut().filter(|_| live.is_some()) {
                 r.last_seen_unix_ms = now_ms();
             }
+            let (keys_since_unix_ms, key_rotation) = crate::rotation::key_state(&fanout.keys(&site));
             pb::SiteState {
+                keys_since_unix_ms,
+                key_rotation,
                 connected: live.is_some(),
                 revoked: fanout.revocation(&site).is_some_and(|r| r.active),
                 desired_revision: desired.as_ref().map_or(0, |d| d.revision),

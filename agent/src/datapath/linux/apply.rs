@@ -85,6 +85,11 @@ impl Linux {
                     Ok::<_, DatapathError>(writes + 1)
                 })??;
             }
+            Op::SetKey { tunnel, key_file, .. } => {
+                let private = crate::state::private_key(key_file).map_err(|e| DatapathError::Key(Box::new(e)))?;
+                wireguard::set_private_key(tunnel, self.backend(), private)?;
+                self.writes += 1;
+            }
             Op::DeleteTunnel { name } => {
                 let name = name.clone();
                 self.writes += block_on(&self.rt, async move {
@@ -355,6 +360,7 @@ pub fn describe(op: &Op) -> String {
         Op::BindLan { interface, domain } => format!("binding {interface} to {domain}"),
         Op::AddAddress { tunnel, address } => format!("adding {address} to {tunnel}"),
         Op::SetPeer { tunnel, peer, .. } => format!("setting peer {} on {tunnel}", peer.name),
+        Op::SetKey { tunnel, .. } => format!("setting a new key on {tunnel}"),
         Op::AddRoute(r) => format!("adding route {} in table {} via {}", r.prefix, r.table, r.interface),
         Op::ReplaceRoute(r) => format!("routing {} in table {} via {}", r.prefix, r.table, r.interface),
         Op::SetPolicy(_) => "writing the policy".into(),

@@ -121,6 +121,15 @@ pub fn configure(name: &str, backend: Backend, private: [u8; 32], listen_port: u
         .map_err(|e| err(&format!("configuring {name}"), e))
 }
 
+/// Sets a new private key on an existing interface, leaving its port and
+/// peers (a key rotation's switch; WireGuard starts new sessions with it).
+pub fn set_private_key(name: &str, backend: Backend, private: [u8; 32]) -> Result<(), DatapathError> {
+    DeviceUpdate::new()
+        .set_private_key(Key(private))
+        .apply(&iface(name)?, backend)
+        .map_err(|e| err(&format!("setting the key of {name}"), e))
+}
+
 /// Allowed IPs of one peer per netlink message with kernel WireGuard. A
 /// generic-netlink request is at most 8 KiB here, and one allowed IP takes
 /// about 28 bytes; an access point's interconnect peer carries thousands.

@@ -220,8 +220,19 @@ pub fn rekey(
     let index = Index::new(intent, alloc, keys);
     let mut out = BTreeSet::new();
     let mut whole: BTreeSet<&str> = BTreeSet::new();
-    for (name, segment) in changed {
+    for (name, entry) in changed {
         let Some(site) = intent.sites.get(name) else { continue };
+        // A rotation's phase is in the site's own configuration; a next key
+        // is on the same peers as the segment's key; `+since` on none.
+        let segment = match entry.strip_prefix(crate::rotation::NEXT) {
+            Some(segment) => segment,
+            None if entry == crate::rotation::ROTATION => {
+                whole.insert(site.name.as_str());
+                continue;
+            }
+            None if !crate::rotation::is_segment_key(entry) => continue,
+            None => entry.as_str(),
+        };
         let (east, west) = index.access_points(segment);
         let aps = [east, west].into_iter().flatten().filter(|ap| ap.name != *name);
         if site.is_access_point() {

@@ -92,6 +92,15 @@ impl Index<'_> {
                 .collect(),
             segments,
             probe: Some(convert::probe(settings.probe)),
+            key_rotation: crate::rotation::rotation(self.keys, name).map(|r| pb::KeyRotation {
+                id: r.id,
+                phase: match r.phase {
+                    crate::rotation::Phase::Prepare => pb::KeyPhase::Prepare,
+                    crate::rotation::Phase::Switch => pb::KeyPhase::Switch,
+                    crate::rotation::Phase::Fresh => pb::KeyPhase::Fresh,
+                }
+                .into(),
+            }),
         })
     }
 
@@ -257,10 +266,18 @@ impl Index<'_> {
         };
         let mut allowed = host_prefixes(self.tunnel(&remote.name)?);
         allowed.extend(extra);
+        let keys = self.keys.get(&remote.name);
+        let public_key = keys.and_then(|k| k.get(segment)).cloned().unwrap_or_default();
+        let next_public_key = keys
+            .and_then(|k| crate::rotation::next_key(k, segment))
+            .filter(|next| **next != public_key)
+            .cloned()
+            .unwrap_or_default();
         Ok(pb::Peer {
             name: remote.name.clone(),
             role: role.into(),
-            public_key: self.keys.get(&remote.name).and_then(|k| k.get(segment)).cloned().unwrap_or_default(),
+            public_key,
+            next_public_key,
             endpoints: self.endpoints(local, remote, port),
             allowed_prefixes: allowed,
             interface: tunnel_name(interface, segment),

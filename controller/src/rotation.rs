@@ -1,0 +1,314 @@
+//! WireGuard key rotation, make before break, driven by the controller (the
+//! phases are [`musubi_core::rotation`]'s): asked for by an operator
+//! ([`request`]) or by the schedule, a rotation moves from prepare to
+//! switch once every connected peer of the site holds the site's next keys
+//! (acknowledged: its agent applied the configuration that carries them),
+//! and ends once the site's agent applied the switch. A revocation
+//! ([`revoke`]) drops the keys at once. Every step is one guarded write
+//! with its audit entry: replicas may all drive, one of them wins each step.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use musubi_core::rotation::{self, Phase, Rotation, Schedule};
+use musubi_proto::v1::{self as pb, SiteConfig};
+
+use crate::fanout::{Fanout, Kept};
+use crate::store::layout::{KEY_OWNERS, KEYS, public_key_key};
+use crate::store::{Event, Guard, IntentStore, StoreError, Write};
+
+/// Why a rotation cannot be asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum RotationError {
+    #[error("site `{0}` has no WireGuard keys registered yet: nothing to rotate")]
+    NoKeys(String),
+    #[error("a key rotation of site `{site}` is under way already ({phase})")]
+    UnderWay { site: String, phase: &'static str },
+    #[error("the key rotation of site `{0}` changed under this request; ask again")]
+    Raced(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn short(key: &str) -> String {
+    musubi_core::audit::sha256_hex(key.as_bytes())[..16].to_string()
+}
+
+/// The site's entries under the keys prefix as the store holds them now.
+async fn entries<S: IntentStore>(store: &S, site: &str) -> Result<BTreeMap<String, String>, StoreError> {
+    let prefix = format!("{KEYS}{site}/");
+    Ok(store
+        .list(&prefix)
+        .await?
+        .into_iter()
+        .map(|(k, v)| (k[prefix.len()..].to_string(), String::from_utf8_lossy(&v).into_owned()))
+        .collect())
+}
+
+fn put(site: &str, entry: &str, guard: Guard, value: Option<String>) -> Write {
+    Write { key: public_key_key(site, entry), guard, value: value.map(String::into_bytes) }
+}
+
+/// Asks for a rotation of `site`'s keys (its id: `now_ms`).
+pub async fn request<S: IntentStore>(
+    store: &S,
+    site: &str,
+    actor: &str,
+    reason: &str,
+    now_ms: u64,
+) -> Result<u64, RotationError> {
+    let held = entries(store, site).await?;
+    if let Some(r) = held.get(rotation::ROTATION).and_then(|t| Rotation::parse(t)) {
+        return Err(RotationError::UnderWay { site: site.to_string(), phase: r.phase.as_str() });
+    }
+    if !held.keys().any(|k| rotation::is_segment_key(k)) {
+        return Err(RotationError::NoKeys(site.to_string()));
+    }
+    let r = Rotation { id: now_ms, phase: Phase::Prepare };
+    let why = if reason.is_empty() { String::new() } else { format!(": {reason}") };
+    let event = Event {
+        time_ms: now_ms,
+        actor: actor.to_string(),
+        summary: format!("key rotation of site {site} asked for (rotation {}){why}", r.id),
+    };
+    let writes = vec![put(site, rotation::ROTATION, Guard::Absent, Some(r.text()))];
+    match store.record(event, writes).await? {
+        Some(_) => Ok(r.id),
+        None => Err(RotationError::Raced(site.to_string())),
+    }
+}
+
+/// Revokes `site`'s keys at once: its current and next keys are dropped
+/// (every peer removes them from its tunnels with the next configuration),
+/// their claims become the revocation's (no site may register them again),
+/// and the agent is asked for fresh keys. A site that must stay out is
+/// revoked as well (`musubi site revoke`).
+pub async fn revoke<S: IntentStore>(
+    store: &S,
+    site: &str,
+    actor: &str,
+    reason: &str,
+    now_ms: u64,
+) -> Result<u64, RotationError> {
+    let held = entries(store, site).await?;
+    let keys: Vec<(&String, &String)> =
+        held.iter().filter(|(k, _)| *k != rotation::ROTATION && *k != rotation::SINCE).collect();
+    if keys.is_empty() {
+        return Err(RotationError::NoKeys(site.to_string()));
+    }
+    let r = Rotation { id: now_ms, phase: Phase::Fresh };
+    let mut writes = vec![put(site, rotation::ROTATION, Guard::Any, Some(r.text()))];
+    writes.push(put(site, rotation::SINCE, Guard::Any, None));
+    let mut listed = Vec::new();
+    for (entry, key) in &keys {
+        writes.push(put(site, entry, Guard::Any, None));
+        writes.push(Write {
+            key: format!("{KEY_OWNERS}{}", musubi_core::audit::sha256_hex(key.as_bytes())),
+            guard: Guard::Any,
+            value: Some(format!("revoked:{site}/{entry}").into_bytes()),
+        });
+        listed.push(format!("{entry} sha256:{}", short(key)));
+    }
+    let why = if reason.is_empty() { String::new() } else { format!(": {reason}") };
+    let event = Event {
+        time_ms: now_ms,
+        actor: actor.to_string(),
+        summary: format!("WireGuard keys of site {site} revoked ({}){why}", listed.join(", ")),
+    };
+    match store.record(event, writes).await? {
+        Some(_) => Ok(r.id),
+        None => Err(RotationError::Raced(site.to_string())),
+    }
+}
+
+/// Whether `config` holds `key` for peer `site` in `segment`, as its current
+/// or its next key.
+fn holds(config: &SiteConfig, site: &str, segment: &str, key: &str) -> bool {
+    let Some(seg) = config.segments.iter().find(|s| s.segment == segment) else { return false };
+    let Ok(i) = seg.peers.binary_search_by(|p| p.name.as_str().cmp(site)) else { return false };
+    let p = &seg.peers[i];
+    p.public_key == key || p.next_public_key == key
+}
+
+/// `f` of the configuration the fan-out holds for `site` (decoded if kept
+/// encoded), if it holds one.
+fn with_config<T>(fanout: &Fanout, site: &str, f: impl FnOnce(&SiteConfig) -> T) -> Option<(String, T)> {
+    let d = fanout.desired(site)?;
+    let out = match &d.config {
+        Kept::Whole(c) => f(c),
+        Kept::Encoded(b) => f(&prost::Message::decode(b.clone()).ok()?),
+    };
+    Some((d.digest.clone(), out))
+}
+
+/// The digest each present agent has applied, from its presence record.
+async fn applied<S: IntentStore>(store: &S) -> Result<BTreeMap<String, String>, StoreError> {
+    Ok(store
+        .present()
+        .await?
+        .into_iter()
+        .filter_map(|(site, v)| {
+            let status = crate::sites::decode_status(&v)?.status?;
+            Some((site, status.applied_digest))
+        })
+        .collect())
+}
+
+/// How a rotation stands, for one step of the driver.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    Wait(String),
+    Switch { peers: usize },
+}
+
+/// The prepare phase: every segment's next key is registered, and every
+/// peer whose agent is connected applied a configuration holding it.
+fn prepared(fanout: &Fanout, site: &str, keys: &BTreeMap<String, String>, applied: &BTreeMap<String, String>) -> Next {
+    let segments = fanout.segments(site);
+    let mut next = BTreeMap::new();
+    for seg in &segments {
+        match keys.get(&rotation::next_entry(seg)) {
+            Some(k) => next.insert(seg.clone(), k.clone()),
+            None => return Next::Wait(format!("the next key of {seg}")),
+        };
+    }
+    let Some((_, peers)) = with_config(fanout, site, |c| {
+        c.segments
+            .iter()
+            .flat_map(|s| s.peers.iter().map(move |p| (s.segment.clone(), p.name.clone())))
+            .collect::<BTreeSet<(String, String)>>()
+    }) else {
+        return Next::Wait("the site's configuration".into());
+    };
+    let names: BTreeSet<&String> = peers.iter().map(|(_, p)| p).collect();
+    let mut held_by = 0;
+    for peer in names {
+        let Some(applied) = applied.get(peer) else { continue };
+        let holds_all = with_config(fanout, peer, |c| {
+            peers
+                .iter()
+                .filter(|(_, p)| p == peer)
+                .all(|(seg, _)| next.get(seg).is_some_and(|k| holds(c, site, seg, k)))
+        });
+        match holds_all {
+            Some((digest, true)) if digest == *applied => held_by += 1,
+            _ => return Next::Wait(format!("peer {peer}")),
+        }
+    }
+    Next::Switch { peers: held_by }
+}
+
+/// One step of every rotation under way, then the schedule's new ones.
+/// Returns how many writes it made.
+pub async fn step<S: IntentStore>(
+    store: &S,
+    fanout: &Fanout,
+    now_ms: u64,
+    schedule: Schedule,
+) -> Result<usize, StoreError> {
+    let all = fanout.public_keys().keys;
+    let under_way: Vec<(&String, Rotation)> =
+        all.keys().filter_map(|site| Some((site, rotation::rotation(&all, site)?))).collect();
+    let mut writes = 0;
+    let applied =
+        if under_way.iter().any(|(_, r)| r.phase != Phase::Fresh) { applied(store).await? } else { BTreeMap::new() };
+    for (site, r) in &under_way {
+        let keys = &all[*site];
+        let guard = Guard::Holds(r.text().into_bytes());
+        let (summary, w) = match r.phase {
+            Phase::Prepare => match prepared(fanout, site, keys, &applied) {
+                Next::Switch { peers } => {
+                    let mut w = vec![
+                        put(site, rotation::ROTATION, guard, Some(Rotation { phase: Phase::Switch, ..*r }.text())),
+                        put(site, rotation::SINCE, Guard::Any, Some(now_ms.to_string())),
+                    ];
+                    let mut listed = Vec::new();
+                    for (entry, key) in keys.iter() {
+                        let Some(seg) = entry.strip_prefix(rotation::NEXT) else { continue };
+                        w.push(put(site, seg, Guard::Any, Some(key.clone())));
+                        w.push(put(site, entry, Guard::Any, None));
+                        listed.push(format!("{seg} sha256:{}", short(key)));
+                    }
+                    let summary = format!(
+                        "WireGuard keys of site {site} switched to the next ones ({}); {peers} connected peers held them first",
+                        listed.join(", ")
+                    );
+                    (summary, w)
+                }
+                Next::Wait(_) => continue,
+            },
+            Phase::Switch => {
+                let Some((digest, ())) = with_config(fanout, site, |_| ()) else { continue };
+                if applied.get(*site) != Some(&digest) {
+                    continue;
+                }
+                let summary = format!("key rotation of site {site} done (rotation {})", r.id);
+                (summary, vec![put(site, rotation::ROTATION, guard, None)])
+            }
+            Phase::Fresh => {
+                let segments = fanout.segments(site);
+                if segments.is_empty() || !segments.iter().all(|s| keys.contains_key(s)) {
+                    continue;
+                }
+                let summary = format!("site {site} registered fresh WireGuard keys after their revocation");
+                (summary, vec![put(site, rotation::ROTATION, guard, None)])
+            }
+        };
+        let event = Event { time_ms: now_ms, actor: "controller:keys".to_string(), summary };
+        if store.record(event, w).await?.is_some() {
+            tracing::info!(site = %site, id = r.id, phase = r.phase.as_str(), "key rotation moved on");
+            writes += 1;
+        }
+    }
+    if schedule.period_ms > 0 {
+        let rotating: BTreeSet<String> = under_way.iter().map(|(s, _)| (*s).clone()).collect();
+        let since: BTreeMap<String, u64> =
+            all.keys().filter_map(|s| Some((s.clone(), rotation::since(&all, s)?))).collect();
+        for site in rotation::due(now_ms, &since, &rotating, schedule) {
+            match request(store, &site, "controller:schedule", "scheduled: keys older than the period", now_ms).await {
+                Ok(_) => writes += 1,
+                Err(RotationError::Store(e)) => return Err(e),
+                Err(e) => tracing::debug!(site, error = %e, "scheduled rotation not started"),
+            }
+        }
+    }
+    Ok(writes)
+}
+
+/// Drives rotations every `every` until the fan-out is dropped.
+pub async fn drive<S: IntentStore + 'static>(
+    store: Arc<S>,
+    fanout: std::sync::Weak<Fanout>,
+    every: Duration,
+    schedule: Schedule,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(f) = fanout.upgrade() else { return };
+        if let Err(e) = step(&*store, &f, crate::pki::now_ms(), schedule).await {
+            tracing::warn!(error = %e, "key rotations: cannot move on; trying again");
+        }
+    }
+}
+
+/// A site's key state for `musubi status`: when its keys were registered,
+/// and the phase of a rotation under way.
+pub fn key_state(keys: &BTreeMap<String, String>) -> (u64, String) {
+    let since = keys.get(rotation::SINCE).and_then(|t| t.parse().ok()).unwrap_or(0);
+    let phase = keys.get(rotation::ROTATION).and_then(|t| Rotation::parse(t)).map(|r| r.phase.as_str());
+    (since, phase.unwrap_or_default().to_string())
+}
+
+/// The keys of a site an agent should be told of, for tests: its peers'
+/// view of `site` in `segment` (current key, next key).
+pub fn seen_by(fanout: &Fanout, peer: &str, site: &str, segment: &str) -> Option<(String, String)> {
+    with_config(fanout, peer, |c| {
+        let seg = c.segments.iter().find(|s| s.segment == segment)?;
+        let p: &pb::Peer = seg.peers.iter().find(|p| p.name == site)?;
+        Some((p.public_key.clone(), p.next_public_key.clone()))
+    })?
+    .1
+}
