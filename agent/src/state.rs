@@ -242,8 +242,10 @@ impl StateDir {
                     }
                 }
                 pb::KeyPhase::Switch => {
-                    // Without a next key (made on another disk), the current
-                    // one stays: the controller takes it back as the site's.
+                    // Without a next key (the state directory was replaced
+                    // since the prepare), the current one stays: the agent
+                    // reports it when it next connects, and its peers take
+                    // it back.
                     if read_optional(&next)?.is_some() {
                         std::fs::rename(&next, &key).map_err(|e| file_err(&next, e))?;
                         changed.push(segment.to_string());
@@ -308,6 +310,52 @@ impl StateDir {
 
     pub fn enrolled(&self) -> bool {
         self.cert().exists() && self.cert_key().exists() && self.ca().exists()
+    }
+}
+
+#[cfg(test)]
+mod rotation_tests {
+    use super::StateDir;
+    use musubi_proto::v1::KeyPhase;
+
+    /// Prepare makes a next key beside each current one (once, however
+    /// often the configuration comes); switch makes it the key; each phase
+    /// of a rotation acts once; fresh replaces every key. Private keys stay
+    /// 0600 files.
+    #[test]
+    fn a_rotation_prepares_switches_once_and_fresh_keys_replace_revoked_ones() {
+        let dir = tempfile::tempdir().expect("dir");
+        let state = StateDir::new(dir.path());
+        let segments = ["office", "guest"];
+        let (keys, _) = state.local_keys(segments).expect("keys");
+        let first = |s: &str| keys[s].public_key.clone();
+        assert!(state.rotate(7, KeyPhase::Prepare, &segments).expect("prepare").is_empty(), "nothing switched yet");
+        let next = state.next_public_keys(&segments).expect("next");
+        assert_eq!(next.len(), 2);
+        assert!(segments.iter().all(|s| next[*s] != first(s)), "new keys");
+        state.rotate(7, KeyPhase::Prepare, &segments).expect("again");
+        assert_eq!(state.next_public_keys(&segments).expect("next"), next, "the next keys are made once");
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(state.next_key_file("office")).expect("next key").permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        // The public keys reported in a Hello are still the current ones.
+        assert_eq!(state.public_keys().expect("public")["office"], first("office"));
+
+        let switched = state.rotate(7, KeyPhase::Switch, &segments).expect("switch");
+        assert_eq!(switched, vec!["office".to_string(), "guest".to_string()]);
+        let (now, made) = state.local_keys(segments).expect("keys");
+        assert!(made.is_empty());
+        assert!(segments.iter().all(|s| now[*s].public_key == next[*s]), "the next keys are the keys");
+        assert!(state.next_public_keys(&segments).expect("next").is_empty());
+        assert!(state.rotate(7, KeyPhase::Switch, &segments).expect("once").is_empty(), "a switch acts once");
+
+        let fresh = state.rotate(9, KeyPhase::Fresh, &segments).expect("fresh");
+        assert_eq!(fresh.len(), 2);
+        let (after, _) = state.local_keys(segments).expect("keys");
+        assert!(segments.iter().all(|s| after[*s].public_key != now[*s].public_key), "fresh keys");
+        assert!(state.rotate(9, KeyPhase::Fresh, &segments).expect("once").is_empty(), "fresh acts once");
+        assert!(state.rotate(9, KeyPhase::Prepare, &["../x"]).is_err(), "segment names are checked");
     }
 }
 

@@ -523,3 +523,93 @@ fn compiling_on_every_core_equals_compiling_one_site_at_a_time() {
         assert_eq!(**configs.get(name).expect("kept"), *config, "{name}");
     }
 }
+
+/// Every site's keys, one per attached segment, named after both.
+fn keys_of(intent: &Intent) -> PublicKeys {
+    intent
+        .sites
+        .values()
+        .map(|s| {
+            (
+                s.name.clone(),
+                s.attachments.iter().map(|a| (a.segment.clone(), format!("{}/{}", s.name, a.segment))).collect(),
+            )
+        })
+        .collect()
+}
+
+/// A key rotation as the public keys record it: a member's and an access
+/// point's next keys appear beside their keys on every peer that holds
+/// them (and nowhere else), each site's own phase in its configuration;
+/// the incremental rekey of those entries gives what compiling everything
+/// does, at every phase.
+#[test]
+fn a_rotations_next_keys_reach_exactly_the_peers_and_rekeying_them_equals_compiling() {
+    use musubi_core::compile::incremental::rekey;
+    use musubi_core::rotation::{NEXT, ROTATION, SINCE, next_entry};
+    let parsed = parse_str("generated.yaml", &musubi_core::generate::generate(60, 3));
+    assert!(parsed.diagnostics.is_empty(), "{:?}", parsed.diagnostics);
+    let intent = parsed.intent;
+    let alloc = allocate(&intent, &Allocations::default()).expect("allocate");
+    let before = keys_of(&intent);
+    let member = intent.sites.values().find(|s| !s.is_access_point()).expect("a member").name.clone();
+    let ap = intent.sites.values().find(|s| s.is_access_point()).expect("an access point").name.clone();
+    let mut configs: BTreeMap<String, Arc<SiteConfig>> =
+        compile(&intent, &alloc, &before).expect("compile").into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+    let mut keys = before.clone();
+    let mut changed = BTreeSet::new();
+    for site in [&member, &ap] {
+        let segments: Vec<String> = intent.sites[site].attachments.iter().map(|a| a.segment.clone()).collect();
+        let k = keys.get_mut(site).expect("keys");
+        for seg in &segments {
+            k.insert(next_entry(seg), format!("{site}/{seg}/next"));
+            changed.insert((site.clone(), next_entry(seg)));
+        }
+        k.insert(ROTATION.into(), "42 prepare".into());
+        k.insert(SINCE.into(), "1".into());
+        changed.insert((site.clone(), ROTATION.to_string()));
+        changed.insert((site.clone(), SINCE.to_string()));
+    }
+    let touched = rekey(&intent, &alloc, &keys, &changed, &mut configs).expect("rekey");
+    let fresh = compile(&intent, &alloc, &keys).expect("compile");
+    for (name, config) in &fresh {
+        assert_eq!(**configs.get(name).expect("kept"), *config, "{name}");
+        let holds_next = config.segments.iter().flat_map(|s| &s.peers).filter(|p| !p.next_public_key.is_empty());
+        for p in holds_next {
+            assert!(p.name == member || p.name == ap, "{name} holds a next key of {}", p.name);
+            assert!(p.next_public_key.starts_with(&p.name) && p.next_public_key.ends_with("/next"));
+        }
+        let rotating = config.key_rotation.as_ref().map(|r| (r.id, r.phase()));
+        let expect = (name == &member || name == &ap).then_some((42, musubi_proto::v1::KeyPhase::Prepare));
+        assert_eq!(rotating, expect, "{name}");
+    }
+    let peers_of = |site: &str| {
+        fresh.values().filter(|c| c.segments.iter().any(|s| s.peers.iter().any(|p| p.name == site))).count()
+    };
+    assert!(peers_of(&ap) > 10, "an access point's next key reaches every member");
+    assert!(touched.contains(&member) && touched.contains(&ap) && touched.len() >= peers_of(&ap));
+    // The switch: the next keys become the keys, the entries go.
+    let mut switched = keys.clone();
+    let mut changed = BTreeSet::new();
+    for site in [&member, &ap] {
+        let k = switched.get_mut(site).expect("keys");
+        let next: Vec<(String, String)> =
+            k.iter().filter(|(e, _)| e.starts_with(NEXT)).map(|(e, v)| (e.clone(), v.clone())).collect();
+        for (entry, key) in next {
+            let seg = entry[NEXT.len()..].to_string();
+            k.remove(&entry);
+            k.insert(seg.clone(), key);
+            changed.insert((site.clone(), seg));
+            changed.insert((site.clone(), entry));
+        }
+        k.insert(ROTATION.into(), "42 switch".into());
+        changed.insert((site.clone(), ROTATION.to_string()));
+    }
+    rekey(&intent, &alloc, &switched, &changed, &mut configs).expect("rekey");
+    let fresh = compile(&intent, &alloc, &switched).expect("compile");
+    for (name, config) in &fresh {
+        assert_eq!(**configs.get(name).expect("kept"), *config, "{name}");
+        assert!(config.segments.iter().flat_map(|s| &s.peers).all(|p| p.next_public_key.is_empty()), "{name}");
+    }
+    assert_eq!(fresh[&member].key_rotation.as_ref().map(|r| r.phase()), Some(musubi_proto::v1::KeyPhase::Switch));
+}

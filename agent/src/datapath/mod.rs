@@ -740,6 +740,47 @@ mod tests {
         assert_eq!(kept.tunnels["mw-office"].peers["KW"].endpoint, "192.0.2.2:51820");
     }
 
+    /// A key rotation's switch: the tunnel's new key is set in place — no
+    /// tunnel deleted and made again, its peers, addresses and routes kept —
+    /// and a peer's next key held beside the current one is promoted by
+    /// moving the addresses to it and removing the old one. The kept
+    /// observation follows both.
+    #[test]
+    fn a_new_key_is_set_in_place_and_a_peers_next_key_takes_its_addresses() {
+        let mut before = owned();
+        let t = before.tunnels.get_mut("mw-office").expect("tunnel");
+        t.peers.insert("KE2".into(), PeerSpec { allowed_ips: BTreeSet::new(), ..peer("192.0.2.1:51820", &[]) });
+        before.routes.insert(Route { table: 1000, prefix: "10.0.0.0/8".into(), interface: "mw-office".into() });
+        before.domains.insert("office".into(), Domain { name: "office".into(), table: 1000 });
+        let mut after = before.clone();
+        let t = after.tunnels.get_mut("mw-office").expect("tunnel");
+        t.public_key = "K2".into();
+        t.key_file = PathBuf::from("keys/office.key");
+        t.peers.remove("KE");
+        t.peers.insert("KE2".into(), peer("192.0.2.1:51820", &["10.0.0.0/8"]));
+        let ops = plan(&before, &after);
+        assert!(
+            !ops.iter().any(|o| matches!(o, Op::DeleteTunnel { .. } | Op::CreateTunnel { .. } | Op::DeleteRoute(_))),
+            "{ops:?}"
+        );
+        assert!(ops.contains(&Op::SetKey {
+            tunnel: "mw-office".into(),
+            public_key: "K2".into(),
+            key_file: PathBuf::from("keys/office.key")
+        }));
+        assert!(ops.contains(&Op::RemovePeer { tunnel: "mw-office".into(), public_key: "KE".into() }));
+        assert!(ops.iter().any(|o| matches!(o, Op::SetPeer { public_key, peer, .. }
+            if public_key == "KE2" && peer.allowed_ips.contains("10.0.0.0/8"))));
+        let mut kept = before.clone();
+        assert!(shadow(&mut kept, &ops), "{ops:?}");
+        assert!(plan(&kept, &after).is_empty(), "{:?}", plan(&kept, &after));
+        let mut stepped = before;
+        for op in &ops {
+            step(&mut stepped, op).expect("legal");
+        }
+        assert!(plan(&stepped, &after).is_empty());
+    }
+
     /// A line move: the policy that drops the old line's tunnel packets is
     /// written before the endpoint moves (after it, a packet still on its
     /// way over the old line made WireGuard roam back, and the tunnel was

@@ -421,6 +421,29 @@ mod tests {
         }
     }
 
+    /// A member rotating its keys: its next key is held beside the current
+    /// one on the same tunnel, at the same endpoint, allowed nothing (its
+    /// first handshake with it is accepted; no packet of its is taken by
+    /// it) — and not at all once it is the current key.
+    #[test]
+    fn a_peers_next_key_is_held_beside_its_key_allowed_nothing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let state = StateDir::new(dir.path());
+        let mut c = access_point();
+        c.segments[0].peers[1].next_public_key = "KA2".into();
+        let keys = keys(&state, &c);
+        let want = desired(&c, &keys).expect("desired");
+        let peers = &want.tunnels["mm-office"].peers;
+        assert_eq!(peers["KA2"].allowed_ips, BTreeSet::new());
+        assert_eq!(peers["KA2"].endpoint, peers["KA"].endpoint);
+        assert!(peers["KA"].allowed_ips.contains("100.64.0.3/32"), "the current key keeps the addresses");
+        assert!(!want.tunnels["mi-office"].peers.contains_key("KA2"), "only on the member's tunnel");
+        c.segments[0].peers[1].public_key = "KA2".into();
+        let switched = desired(&c, &keys).expect("desired");
+        assert_eq!(switched.tunnels["mm-office"].peers.len(), 1);
+        assert!(switched.tunnels["mm-office"].peers["KA2"].allowed_ips.contains("100.64.0.3/32"));
+    }
+
     #[test]
     fn the_fake_refuses_illegal_operations() {
         let mut owned = Owned::default();

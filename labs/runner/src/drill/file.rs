@@ -91,6 +91,10 @@ pub(super) enum Step {
     Restore(Restore),
     Flap(Flap),
     Expect(Expectation),
+    /// `musubi site rotate-keys SITE --wait`: the site's WireGuard keys
+    /// rotated, make before break, while the streams run.
+    #[serde(rename = "rotate-keys")]
+    RotateKeys(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use self::faults::{Damage, nft, restore_node, stop_node};
 use self::file::{Expectation, Flap, Restore, SiteLine, SiteTunnel, Step, read};
@@ -276,6 +276,21 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
                 Step::Stop(node) => {
                     stop_node(&w, &mut damage, node)?;
                     note(&mut timeline, format!("stop {node}: its processes frozen, every interface dark"));
+                }
+                Step::RotateKeys(site) => {
+                    note(&mut timeline, format!("rotate the WireGuard keys of {site}"));
+                    let out = w
+                        .lab
+                        .musubi(&w.controller)
+                        .args(["site", "rotate-keys", site, "--reason", "drill", "--wait", "60s"])
+                        .output()
+                        .context("musubi site rotate-keys")?;
+                    let said = String::from_utf8_lossy(&out.stdout);
+                    if !out.status.success() {
+                        bail!("rotating the keys of {site}: {said}{}", String::from_utf8_lossy(&out.stderr));
+                    }
+                    let phases: Vec<&str> = said.lines().skip(1).map(str::trim).collect();
+                    note(&mut timeline, format!("keys of {site} rotated: {}", phases.join("; ")));
                 }
                 Step::Partition(node) => {
                     damage.cut(&w.lab, node, "eth0")?;

@@ -169,6 +169,9 @@ impl World {
                     self.line(site, line)?;
                 }
                 Step::Stop(n) | Step::Partition(n) | Step::Restore(Restore::Node(n)) => self.node(n)?,
+                Step::RotateKeys(site) => {
+                    self.router_of(site)?;
+                }
                 _ => {}
             }
         }
