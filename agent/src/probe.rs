@@ -256,8 +256,9 @@ pub struct Prober {
     heard: Heard,
     /// Woken when a peer goes up or down.
     pub changed: Arc<Notify>,
-    /// Bumped to have every socket probe its targets at once.
-    kick: watch::Sender<u64>,
+    /// Bumped to have every socket probe its targets at once: (every
+    /// kick, the kicks that include member sites).
+    kick: watch::Sender<(u64, u64)>,
 }
 
 impl Prober {
@@ -267,7 +268,7 @@ impl Prober {
         let health: Healths = Arc::default();
         let heard: Heard = Arc::default();
         let changed = Arc::new(Notify::new());
-        let (kick, kicked) = watch::channel(0);
+        let (kick, kicked) = watch::channel((0, 0));
         tokio::spawn(supervise(rx, health.clone(), heard.clone(), changed.clone(), kicked));
         Prober { work: tx, health, heard, changed, kick }
     }
@@ -279,7 +280,20 @@ impl Prober {
     /// probe (up to an interval later: 26–34 ms of every line cut, towards
     /// the site).
     pub fn probe_now(&self) {
-        self.kick.send_modify(|n| *n = n.wrapping_add(1));
+        self.kick.send_modify(|n| n.0 = n.0.wrapping_add(1));
+    }
+
+    /// Probes every target at once, member sites too: after a key switch,
+    /// so that every peer's new session starts now. WireGuard starts a
+    /// handshake for the first packet to a peer without a session; a peer
+    /// that took the new key before this router switched had its own
+    /// attempt refused and tries again only after 5 s, and an access point
+    /// probes its members only every few intervals.
+    pub fn probe_all_now(&self) {
+        self.kick.send_modify(|n| {
+            n.0 = n.0.wrapping_add(1);
+            n.1 = n.1.wrapping_add(1);
+        });
     }
 
     /// Probes `targets` and answers the underlay probes of `answer`'s addresses.
@@ -321,7 +335,7 @@ async fn supervise(
     health: Healths,
     heard: Heard,
     changed: Arc<Notify>,
-    kicked: watch::Receiver<u64>,
+    kicked: watch::Receiver<(u64, u64)>,
 ) {
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     loop {
@@ -430,7 +444,7 @@ async fn socket_loop(
     targets: Vec<Target>,
     only: Option<Arc<BTreeSet<IpAddr>>>,
     shared: Shared,
-    mut kicked: watch::Receiver<u64>,
+    mut kicked: watch::Receiver<(u64, u64)>,
 ) {
     // The interface may appear a moment after the configuration.
     let sock = loop {
@@ -459,7 +473,7 @@ async fn socket_loop(
         heard: &shared.heard,
         changed: &shared.changed,
     };
-    kicked.mark_unchanged();
+    let mut members_kicked = kicked.borrow_and_update().1;
     let mut kick_open = true;
     loop {
         let deadline = next_deadline(ctx.targets, ctx.states, Instant::now());
@@ -472,7 +486,9 @@ async fn socket_loop(
                     continue;
                 }
                 let now = Instant::now();
-                for (t, st) in ctx.targets.iter().zip(ctx.states.iter_mut()).filter(|(t, _)| !t.member) {
+                let all = kicked.borrow_and_update().1;
+                let members = std::mem::replace(&mut members_kicked, all) != all;
+                for (t, st) in ctx.targets.iter().zip(ctx.states.iter_mut()).filter(|(t, _)| members || !t.member) {
                     seq += 1;
                     let _ = sock.try_send_to(&request(seq, now - epoch), SocketAddr::new(t.address, PORT));
                     st.sent_at(seq, now);
@@ -973,6 +989,35 @@ mod tests {
         assert_eq!(tick(&targets(2, 20)), Duration::from_millis(10), "never below 10 ms");
         assert_eq!(tick(&targets(2000, 50)), Duration::from_millis(50));
         assert_eq!(tick(&targets(2000, 300)), Duration::from_millis(50));
+    }
+
+    /// A member site is left out of `probe_now` (an access point's
+    /// thousands) and probed by `probe_all_now` (after a key switch).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn probe_all_now_probes_the_member_sites_too() {
+        let peer = std::net::UdpSocket::bind(("127.0.0.4", PORT)).expect("the member's socket");
+        peer.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+        let probe = pb::ProbeSettings { interval_ms: 10_000, multiplier: 3 };
+        let local = IpAddr::from([127, 0, 0, 1]);
+        let mut target = Target::new(Key::tunnel("office", "school"), "lo", local, IpAddr::from([127, 0, 0, 4]), probe);
+        target.member = true;
+        let prober = Prober::start();
+        prober.set(vec![target], BTreeSet::new());
+        let mut buf = [0u8; 64];
+        let (n, _) = peer.recv_from(&mut buf).expect("the first probe");
+        assert_eq!((n, buf[0]), (17, REQUEST));
+        prober.probe_now();
+        assert!(peer.recv_from(&mut buf).is_err(), "probe_now left the member alone");
+        peer.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let asked = Instant::now();
+        prober.probe_all_now();
+        let (n, _) = peer.recv_from(&mut buf).expect("a probe at once");
+        assert_eq!((n, buf[0]), (17, REQUEST));
+        assert!(asked.elapsed() < Duration::from_secs(2), "not at its next interval: {:?}", asked.elapsed());
+        // And once: the next kick without members leaves it alone again.
+        peer.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+        prober.probe_now();
+        assert!(peer.recv_from(&mut buf).is_err());
     }
 
     /// `probe_now` sends every target a probe at once, off its schedule

@@ -200,6 +200,11 @@ impl Agent {
                 }
                 if let Some(p) = &self.prober {
                     p.set_for(config, &self.hops);
+                    // New keys: every peer's session starts now (see
+                    // `Prober::probe_all_now`).
+                    if !rotated.is_empty() {
+                        p.probe_all_now();
+                    }
                 }
                 if let Some(events) = &self.events {
                     let _ = events.send(Applied {
