@@ -9,9 +9,9 @@
 //! touched, and a configuration equal (by digest) to the one already on the
 //! feed is never published again.
 //!
-//! Peers whose public key is not known yet are left out of what is
-//! delivered (an agent cannot build a tunnel without it); they appear when
-//! the key arrives.
+//! Peers whose public key is not known yet are delivered without one (an
+//! agent builds nothing towards them); their tunnels come when the key
+//! arrives.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -129,23 +129,15 @@ pub enum Feed {
     Gone(String),
 }
 
-/// The configuration an agent can build: peers without a key left out.
+/// The configuration an agent is sent: the compiled one without its
+/// revision. Peers whose key is not known yet are in it (an agent builds
+/// no tunnel, probe or route to them — the protocol's rule — but an access
+/// point keeps answering the underlay probes of their lines: a member
+/// whose keys were revoked, and that is making fresh ones, keeps its lines
+/// meanwhile, instead of moving off every line and fencing the one its
+/// access points then reach it on).
 pub fn deliverable(raw: &SiteConfig) -> SiteConfig {
-    let mut c = raw.clone();
-    c.revision = 0;
-    for seg in &mut c.segments {
-        let missing: BTreeSet<String> =
-            seg.peers.iter().filter(|p| p.public_key.is_empty()).map(|p| p.name.clone()).collect();
-        if missing.is_empty() {
-            continue;
-        }
-        seg.peers.retain(|p| !missing.contains(&p.name));
-        for g in &mut seg.route_groups {
-            g.candidates.retain(|c| !missing.contains(c));
-        }
-        seg.route_groups.retain(|g| !g.candidates.is_empty());
-    }
-    c
+    SiteConfig { revision: 0, ..raw.clone() }
 }
 
 pub fn digest(config: &SiteConfig) -> String {
@@ -245,15 +237,13 @@ impl State {
                 Arc::new(SiteConfig::decode(packed.clone()).ok()?)
             }
         };
-        // Once every peer has its key (the steady state) the delivered
-        // configuration is the compiled one: share it rather than copy.
-        let keyless = raw.segments.iter().any(|s| s.peers.iter().any(|p| p.public_key.is_empty()));
-        let config = if keyless { Arc::new(deliverable(&raw)) } else { raw };
+        // The delivered configuration is the compiled one: shared, not copied.
+        let config = raw;
         if !member {
             let encoded = config.encode_to_vec();
             return Some((digest_of(&encoded), Kept::Whole(config), encoded.len()));
         }
-        let bytes = if keyless { Bytes::from(config.encode_to_vec()) } else { self.packed.get(site)?.clone() };
+        let bytes = self.packed.get(site)?.clone();
         let size = bytes.len();
         Some((digest_of(&bytes), Kept::Encoded(bytes), size))
     }

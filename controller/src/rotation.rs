@@ -18,6 +18,10 @@ use crate::fanout::{Fanout, Kept};
 use crate::store::layout::{KEY_OWNERS, KEYS, public_key_key};
 use crate::store::{Event, Guard, IntentStore, StoreError, Write};
 
+/// How long a rotation may prepare (every connected peer to hold the next
+/// keys) before it is given up.
+pub const PREPARE_LIMIT: Duration = Duration::from_secs(600);
+
 /// Why a rotation cannot be asked for.
 #[derive(Debug, thiserror::Error)]
 pub enum RotationError {
@@ -94,9 +98,8 @@ pub async fn revoke<S: IntentStore>(
     let held = entries(store, site).await?;
     let keys: Vec<(&String, &String)> =
         held.iter().filter(|(k, _)| *k != rotation::ROTATION && *k != rotation::SINCE).collect();
-    if keys.is_empty() {
-        return Err(RotationError::NoKeys(site.to_string()));
-    }
+    // Without keys (revoked before, the site kept out, then let back in)
+    // it only asks the agent for fresh ones.
     let r = Rotation { id: now_ms, phase: Phase::Fresh };
     let mut writes = vec![put(site, rotation::ROTATION, Guard::Any, Some(r.text()))];
     writes.push(put(site, rotation::SINCE, Guard::Any, None));
@@ -114,7 +117,11 @@ pub async fn revoke<S: IntentStore>(
     let event = Event {
         time_ms: now_ms,
         actor: actor.to_string(),
-        summary: format!("WireGuard keys of site {site} revoked ({}){why}", listed.join(", ")),
+        summary: if listed.is_empty() {
+            format!("fresh WireGuard keys asked of site {site} (none registered){why}")
+        } else {
+            format!("WireGuard keys of site {site} revoked ({}){why}", listed.join(", "))
+        },
     };
     match store.record(event, writes).await? {
         Some(_) => Ok(r.id),
@@ -216,6 +223,35 @@ pub async fn step<S: IntentStore>(
     for (site, r) in &under_way {
         let keys = &all[*site];
         let guard = Guard::Holds(r.text().into_bytes());
+        // A rotation that cannot end is given up, so that it does not hold
+        // a place of the schedule's for ever: the site is no longer served
+        // (removed from the intent, or revoked), or its peers never all
+        // held the next keys (a peer that cannot apply its configuration).
+        // The site keeps its current keys; the next ones are dropped.
+        let gone = fanout.desired(site).is_none();
+        if gone || (r.phase == Phase::Prepare && now_ms.saturating_sub(r.id) > PREPARE_LIMIT.as_millis() as u64) {
+            let why = if gone {
+                "the site is not served (removed from the intent, or revoked)".to_string()
+            } else {
+                let waiting = match prepared(fanout, site, keys, &applied) {
+                    Next::Wait(what) => what,
+                    Next::Switch { .. } => "the switch".to_string(),
+                };
+                format!(
+                    "not every peer held the next keys within {} s (waiting for {waiting})",
+                    PREPARE_LIMIT.as_secs()
+                )
+            };
+            let mut w = vec![put(site, rotation::ROTATION, guard, None)];
+            w.extend(keys.keys().filter(|e| e.starts_with(rotation::NEXT)).map(|e| put(site, e, Guard::Any, None)));
+            let summary = format!("key rotation of site {site} given up (rotation {}): {why}; its keys stay", r.id);
+            let event = Event { time_ms: now_ms, actor: "controller:keys".to_string(), summary };
+            if store.record(event, w).await?.is_some() {
+                tracing::warn!(site = %site, id = r.id, reason = %why, "key rotation given up");
+                writes += 1;
+            }
+            continue;
+        }
         let (summary, w) = match r.phase {
             Phase::Prepare => match prepared(fanout, site, keys, &applied) {
                 Next::Switch { peers } => {

@@ -1011,3 +1011,39 @@ fn a_site_rotates_its_keys_make_before_break_and_a_revoked_key_is_dropped_at_onc
         "the fresh keys' audit entry"
     );
 }
+
+/// Keys rotated by the schedule alone (`--key-rotation-period`, here a few
+/// seconds): each site's keys, once older than the period less its own
+/// offset, are rotated by `controller:schedule`, make before break, and the
+/// peers end holding the sites' current keys.
+#[test]
+fn keys_older_than_the_period_are_rotated_by_the_schedule() {
+    let Embedded { dir, pki, address, controller: _controller, .. } = embedded(&["--key-rotation-period", "4s"]);
+    let sites = ["ap-east", "kita-hall"];
+    let _agents: Vec<AgentProcess> = sites.iter().map(|s| enrol(&pki, &address, &address, dir.path(), s)).collect();
+    let (ap, kita) = (dir.path().join("ap-east"), dir.path().join("kita-hall"));
+    let juki = ("juki".to_string(), "kita-hall".to_string());
+    assert!(
+        eventually(Duration::from_secs(30), || applied_keys(&ap).contains_key(&juki)),
+        "no key on the access point"
+    );
+    let first = public_of_file(&kita.join("keys/juki.key"));
+    let history = || String::from_utf8_lossy(&pki.musubi(&address, &["history"]).stdout).to_string();
+    assert!(
+        eventually(Duration::from_secs(40), || {
+            let h = history();
+            sites.iter().all(|s| h.contains(&format!("key rotation of site {s} done")))
+        }),
+        "the schedule did not rotate both sites' keys:\n{}",
+        history()
+    );
+    let h = history();
+    assert!(h.contains("controller:schedule") && h.contains("scheduled: keys older than the period"), "{h}");
+    assert_ne!(public_of_file(&kita.join("keys/juki.key")), first, "kita-hall's key changed");
+    // Between rotations, the access point holds kita-hall's key of the moment.
+    assert!(
+        eventually(Duration::from_secs(20), || applied_keys(&ap).get(&juki).map(|k| k.0.clone())
+            == Some(public_of_file(&kita.join("keys/juki.key")))),
+        "the access point does not hold kita-hall's current key"
+    );
+}

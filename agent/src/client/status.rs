@@ -50,7 +50,8 @@ impl Agent {
                 c.segments
                     .iter()
                     .flat_map(|s| {
-                        s.peers.iter().map(|p| match &self.prober {
+                        // A peer without a key yet has no tunnel to report.
+                        s.peers.iter().filter(|p| !p.public_key.is_empty()).map(|p| match &self.prober {
                             Some(prober) => {
                                 let h = prober.get(&Key::tunnel(&s.segment, &p.name));
                                 let judged = h.is_some();

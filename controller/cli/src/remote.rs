@@ -67,16 +67,7 @@ pub async fn connect(address: &str, tls: &Tls) -> Result<Client> {
 
 /// `90s`, `30m`, `1h`, `2d`, or plain seconds.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = number.parse().map_err(|_| format!("`{s}` is not a duration (like 90s, 30m, 1h, 2d)"))?;
-    let factor = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("unknown unit `{unit}` in `{s}`; use s, m, h or d")),
-    };
-    Ok(std::time::Duration::from_secs(n * factor))
+    musubi_core::words::duration(s)
 }
 
 pub async fn token(client: &mut Client, sites: Vec<String>, ttl: std::time::Duration) -> Result<()> {

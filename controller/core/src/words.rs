@@ -100,6 +100,21 @@ pub fn printable(text: &str, max_bytes: usize) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// A duration as operators write one: `90s`, `30m`, `1h`, `2d` (a bare
+/// number is seconds).
+pub fn duration(s: &str) -> Result<std::time::Duration, String> {
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = number.parse().map_err(|_| format!("`{s}` is not a duration (like 90s, 30m, 1h, 2d)"))?;
+    let factor = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("unknown unit `{unit}` in `{s}`; use s, m, h or d")),
+    };
+    Ok(std::time::Duration::from_secs(n.saturating_mul(factor)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

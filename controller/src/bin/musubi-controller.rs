@@ -87,11 +87,11 @@ enum Command {
         /// compacted away [default: 60].
         #[arg(long)]
         etcd_history_s: Option<u64>,
-        /// Rotate every site's WireGuard keys once they are this many days
-        /// old (make before break, spread over the last quarter of the
-        /// period); 0: only on demand [default: 30].
-        #[arg(long)]
-        key_rotation_days: Option<u64>,
+        /// Rotate every site's WireGuard keys once they are this old
+        /// (make before break, spread over the last quarter of the period):
+        /// 30d, 12h, 90s; 0: only on demand [default: 30d].
+        #[arg(long, value_parser = musubi_core::words::duration)]
+        key_rotation_period: Option<Duration>,
         /// CA bundle of the etcd servers (enables TLS to etcd).
         #[arg(long)]
         etcd_ca: Option<PathBuf>,
@@ -224,8 +224,18 @@ struct ServeFile {
     dashboard: Option<SocketAddr>,
     dashboard_tls: Option<bool>,
     dashboard_reports: Option<PathBuf>,
-    key_rotation_days: Option<u64>,
+    #[serde(default, deserialize_with = "period")]
+    key_rotation_period: Option<Duration>,
 }
+
+/// `key_rotation_period: 30d` in `--config`.
+fn period<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text: Option<String> = serde::Deserialize::deserialize(d)?;
+    text.map(|t| musubi_core::words::duration(&t).map_err(serde::de::Error::custom)).transpose()
+}
+
+/// How old WireGuard keys get before they are rotated.
+const DEFAULT_KEY_ROTATION: Duration = Duration::from_secs(30 * 86_400);
 
 /// Scheduled key rotations under way at once, fleet-wide (an access
 /// point's puts a key beside one of every member's peers).
@@ -349,7 +359,7 @@ async fn serve_command(command: Command) -> Result<()> {
         max_intent_mib,
         etcd_user,
         etcd_history_s,
-        key_rotation_days,
+        key_rotation_period,
         etcd_ca,
         etcd_client_cert,
         metrics,
@@ -397,7 +407,12 @@ async fn serve_command(command: Command) -> Result<()> {
     });
     let history = etcd_history_s.map_or(musubi_controller::store::etcd::HISTORY, |s| Duration::from_secs(s.max(1)));
     let rotations = musubi_core::rotation::Schedule {
-        period_ms: key_rotation_days.or(file.key_rotation_days).unwrap_or(30).saturating_mul(86_400_000),
+        period_ms: key_rotation_period
+            .or(file.key_rotation_period)
+            .unwrap_or(DEFAULT_KEY_ROTATION)
+            .as_millis()
+            .try_into()
+            .unwrap_or(u64::MAX),
         at_once: ROTATIONS_AT_ONCE,
     };
     let extras = Extras { dashboard, count_states: metrics.is_some(), history, rotations };

@@ -95,6 +95,10 @@ pub(super) enum Step {
     /// rotated, make before break, while the streams run.
     #[serde(rename = "rotate-keys")]
     RotateKeys(String),
+    /// `musubi site revoke-keys SITE`: the site's keys revoked (its peers
+    /// drop them at once; it comes back with fresh ones).
+    #[serde(rename = "revoke-keys")]
+    RevokeKeys(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -292,6 +292,18 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
                     let phases: Vec<&str> = said.lines().skip(1).map(str::trim).collect();
                     note(&mut timeline, format!("keys of {site} rotated: {}", phases.join("; ")));
                 }
+                Step::RevokeKeys(site) => {
+                    let out = w
+                        .lab
+                        .musubi(&w.controller)
+                        .args(["site", "revoke-keys", site, "--reason", "drill"])
+                        .output()
+                        .context("musubi site revoke-keys")?;
+                    if !out.status.success() {
+                        bail!("revoking the keys of {site}: {}", String::from_utf8_lossy(&out.stderr));
+                    }
+                    note(&mut timeline, format!("revoked the WireGuard keys of {site}"));
+                }
                 Step::Partition(node) => {
                     damage.cut(&w.lab, node, "eth0")?;
                     note(&mut timeline, format!("partition {node} from the management network"));

@@ -169,7 +169,7 @@ impl World {
                     self.line(site, line)?;
                 }
                 Step::Stop(n) | Step::Partition(n) | Step::Restore(Restore::Node(n)) => self.node(n)?,
-                Step::RotateKeys(site) => {
+                Step::RotateKeys(site) | Step::RevokeKeys(site) => {
                     self.router_of(site)?;
                 }
                 _ => {}
