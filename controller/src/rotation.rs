@@ -70,15 +70,30 @@ pub async fn request<S: IntentStore>(
         return Err(RotationError::NoKeys(site.to_string()));
     }
     let r = Rotation { id: now_ms, phase: Phase::Prepare };
-    let why = if reason.is_empty() { String::new() } else { format!(": {reason}") };
-    let event = Event {
-        time_ms: now_ms,
-        actor: actor.to_string(),
-        summary: format!("key rotation of site {site} asked for (rotation {}){why}", r.id),
-    };
+    let summary = format!("key rotation of site {site} asked for (rotation {}){}", r.id, because(reason));
     let writes = vec![put(site, rotation::ROTATION, Guard::Absent, Some(r.text()))];
+    asked(store, site, actor, now_ms, summary, writes).await?;
+    Ok(r.id)
+}
+
+/// ": reason", or nothing.
+fn because(reason: &str) -> String {
+    if reason.is_empty() { String::new() } else { format!(": {reason}") }
+}
+
+/// Writes what an operator (or the schedule) asked for with its audit
+/// entry; a guard that failed means another request came first.
+async fn asked<S: IntentStore>(
+    store: &S,
+    site: &str,
+    actor: &str,
+    now_ms: u64,
+    summary: String,
+    writes: Vec<Write>,
+) -> Result<(), RotationError> {
+    let event = Event { time_ms: now_ms, actor: actor.to_string(), summary };
     match store.record(event, writes).await? {
-        Some(_) => Ok(r.id),
+        Some(_) => Ok(()),
         None => Err(RotationError::Raced(site.to_string())),
     }
 }
@@ -113,20 +128,13 @@ pub async fn revoke<S: IntentStore>(
         });
         listed.push(format!("{entry} sha256:{}", short(key)));
     }
-    let why = if reason.is_empty() { String::new() } else { format!(": {reason}") };
-    let event = Event {
-        time_ms: now_ms,
-        actor: actor.to_string(),
-        summary: if listed.is_empty() {
-            format!("fresh WireGuard keys asked of site {site} (none registered){why}")
-        } else {
-            format!("WireGuard keys of site {site} revoked ({}){why}", listed.join(", "))
-        },
+    let summary = if listed.is_empty() {
+        format!("fresh WireGuard keys asked of site {site} (none registered){}", because(reason))
+    } else {
+        format!("WireGuard keys of site {site} revoked ({}){}", listed.join(", "), because(reason))
     };
-    match store.record(event, writes).await? {
-        Some(_) => Ok(r.id),
-        None => Err(RotationError::Raced(site.to_string())),
-    }
+    asked(store, site, actor, now_ms, summary, writes).await?;
+    Ok(r.id)
 }
 
 /// Whether `config` holds `key` for peer `site` in `segment`, as its current
