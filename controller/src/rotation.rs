@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use musubi_core::rotation::{self, Phase, Rotation, Schedule};
-use musubi_proto::v1::{self as pb, SiteConfig};
+use musubi_proto::v1::SiteConfig;
 
 use crate::fanout::{Fanout, Kept};
-use crate::store::layout::{KEY_OWNERS, KEYS, public_key_key};
+use crate::store::layout::{KEYS, public_key_key};
 use crate::store::{Event, Guard, IntentStore, StoreError, Write};
 
 /// How long a rotation may prepare (every connected peer to hold the next
@@ -33,10 +33,6 @@ pub enum RotationError {
     Raced(String),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-fn short(key: &str) -> String {
-    musubi_core::audit::sha256_hex(key.as_bytes())[..16].to_string()
 }
 
 /// The site's entries under the keys prefix as the store holds them now.
@@ -63,7 +59,7 @@ pub async fn request<S: IntentStore>(
     now_ms: u64,
 ) -> Result<u64, RotationError> {
     let held = entries(store, site).await?;
-    if let Some(r) = held.get(rotation::ROTATION).and_then(|t| Rotation::parse(t)) {
+    if let Some(r) = rotation::site_rotation(&held) {
         return Err(RotationError::UnderWay { site: site.to_string(), phase: r.phase.as_str() });
     }
     if !held.keys().any(|k| rotation::is_segment_key(k)) {
@@ -122,16 +118,16 @@ pub async fn revoke<S: IntentStore>(
     for (entry, key) in &keys {
         writes.push(put(site, entry, Guard::Any, None));
         writes.push(Write {
-            key: format!("{KEY_OWNERS}{}", musubi_core::audit::sha256_hex(key.as_bytes())),
+            key: crate::sites::owner_index(key),
             guard: Guard::Any,
             value: Some(format!("revoked:{site}/{entry}").into_bytes()),
         });
-        listed.push(format!("{entry} sha256:{}", short(key)));
+        listed.push(((*entry).clone(), (*key).clone()));
     }
     let summary = if listed.is_empty() {
         format!("fresh WireGuard keys asked of site {site} (none registered){}", because(reason))
     } else {
-        format!("WireGuard keys of site {site} revoked ({}){}", listed.join(", "), because(reason))
+        format!("WireGuard keys of site {site} revoked ({}){}", crate::sites::key_list(&listed), because(reason))
     };
     asked(store, site, actor, now_ms, summary, writes).await?;
     Ok(r.id)
@@ -272,11 +268,11 @@ pub async fn step<S: IntentStore>(
                         let Some(seg) = entry.strip_prefix(rotation::NEXT) else { continue };
                         w.push(put(site, seg, Guard::Any, Some(key.clone())));
                         w.push(put(site, entry, Guard::Any, None));
-                        listed.push(format!("{seg} sha256:{}", short(key)));
+                        listed.push((seg.to_string(), key.clone()));
                     }
                     let summary = format!(
                         "WireGuard keys of site {site} switched to the next ones ({}); {peers} connected peers held them first",
-                        listed.join(", ")
+                        crate::sites::key_list(&listed)
                     );
                     (summary, w)
                 }
@@ -341,18 +337,6 @@ pub async fn drive<S: IntentStore + 'static>(
 /// A site's key state for `musubi status`: when its keys were registered,
 /// and the phase of a rotation under way.
 pub fn key_state(keys: &BTreeMap<String, String>) -> (u64, String) {
-    let since = keys.get(rotation::SINCE).and_then(|t| t.parse().ok()).unwrap_or(0);
-    let phase = keys.get(rotation::ROTATION).and_then(|t| Rotation::parse(t)).map(|r| r.phase.as_str());
-    (since, phase.unwrap_or_default().to_string())
-}
-
-/// The keys of a site an agent should be told of, for tests: its peers'
-/// view of `site` in `segment` (current key, next key).
-pub fn seen_by(fanout: &Fanout, peer: &str, site: &str, segment: &str) -> Option<(String, String)> {
-    with_config(fanout, peer, |c| {
-        let seg = c.segments.iter().find(|s| s.segment == segment)?;
-        let p: &pb::Peer = seg.peers.iter().find(|p| p.name == site)?;
-        Some((p.public_key.clone(), p.next_public_key.clone()))
-    })?
-    .1
+    let phase = rotation::site_rotation(keys).map(|r| r.phase.as_str());
+    (rotation::site_since(keys).unwrap_or(0), phase.unwrap_or_default().to_string())
 }

@@ -333,7 +333,7 @@ pub enum Claim {
 
 /// Claims WireGuard public key `key` for `site`'s `segment`.
 pub async fn claim_key<S: IntentStore>(store: &S, key: &str, site: &str, segment: &str) -> Result<Claim, StoreError> {
-    let index = format!("{KEY_OWNERS}{}", hash(key));
+    let index = owner_index(key);
     let owner = format!("{site}/{segment}");
     if store.swap(&index, Guard::Absent, Some(owner.clone().into_bytes())).await? {
         return Ok(Claim::New);
@@ -347,7 +347,13 @@ fn keys_summary(site: &str, keys: &[(String, String)]) -> String {
     format!("WireGuard keys registered for site {site}: {}", key_list(keys))
 }
 
-fn key_list(keys: &[(String, String)]) -> String {
+/// The store key that says which interface a public key belongs to.
+pub(crate) fn owner_index(key: &str) -> String {
+    format!("{KEY_OWNERS}{}", hash(key))
+}
+
+/// "segment sha256:…, …": keys named in audit entries by a short hash.
+pub(crate) fn key_list(keys: &[(String, String)]) -> String {
     let list: Vec<String> =
         keys.iter().map(|(segment, key)| format!("{segment} sha256:{}", &hash(key)[..16])).collect();
     list.join(", ")

@@ -85,7 +85,12 @@ impl Rotation {
 
 /// The rotation under way at `site`, if any.
 pub fn rotation(keys: &PublicKeys, site: &str) -> Option<Rotation> {
-    keys.get(site).and_then(|k| k.get(ROTATION)).and_then(|t| Rotation::parse(t))
+    keys.get(site).and_then(site_rotation)
+}
+
+/// The rotation under way, from one site's entries.
+pub fn site_rotation(site_keys: &BTreeMap<String, String>) -> Option<Rotation> {
+    site_keys.get(ROTATION).and_then(|t| Rotation::parse(t))
 }
 
 /// The next key of `site`'s `segment`, if a rotation prepares one. Cheap
@@ -100,7 +105,12 @@ pub fn next_key<'a>(site_keys: &'a BTreeMap<String, String>, segment: &str) -> O
 
 /// When `site`'s current keys were registered, if known.
 pub fn since(keys: &PublicKeys, site: &str) -> Option<u64> {
-    keys.get(site).and_then(|k| k.get(SINCE)).and_then(|t| t.trim().parse().ok())
+    keys.get(site).and_then(site_since)
+}
+
+/// When the current keys were registered, from one site's entries.
+pub fn site_since(site_keys: &BTreeMap<String, String>) -> Option<u64> {
+    site_keys.get(SINCE).and_then(|t| t.trim().parse().ok())
 }
 
 /// How scheduled rotations are spread.

@@ -151,7 +151,7 @@ impl<S: IntentStore + 'static> AgentService<S> {
     async fn take_keys(&self, site: &str, keys: &[pb::InterfaceKey]) -> Result<(), Status> {
         let known = self.fanout.keys(site);
         let segments = self.fanout.segments(site);
-        let phase = known.get(rotation::ROTATION).and_then(|t| rotation::Rotation::parse(t)).map(|r| r.phase);
+        let phase = rotation::site_rotation(&known).map(|r| r.phase);
         let mut fresh = Vec::new();
         for k in keys {
             let (segment, next) = match k.segment.strip_prefix(rotation::NEXT) {
