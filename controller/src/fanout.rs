@@ -222,30 +222,27 @@ impl State {
     /// configuration moves from `raw` to `packed` on the way.
     fn deliverable(&mut self, site: &str) -> Option<(String, Kept, usize)> {
         let member = self.stored.intent.sites.get(site).is_some_and(|s| !s.is_access_point());
-        let raw = match self.raw.get(site) {
-            Some(_) if member => {
-                let raw = self.raw.remove(site)?;
+        // The delivered configuration is the compiled one, shared, not
+        // copied: a member's as its kept bytes (encoded once, when it
+        // leaves `raw`, and never decoded here), an access point's whole.
+        if member {
+            if let Some(raw) = self.raw.remove(site) {
                 self.packed.insert(site.to_string(), Bytes::from(raw.encode_to_vec()));
-                raw
             }
+            let bytes = self.packed.get(site)?.clone();
+            let size = bytes.len();
+            return Some((digest_of(&bytes), Kept::Encoded(bytes), size));
+        }
+        let config = match self.raw.get(site) {
             Some(raw) => {
                 self.packed.remove(site);
                 raw.clone()
             }
-            None => {
-                let packed = self.packed.get(site)?;
-                Arc::new(SiteConfig::decode(packed.clone()).ok()?)
-            }
+            // A member that became an access point, not recompiled yet.
+            None => Arc::new(SiteConfig::decode(self.packed.get(site)?.clone()).ok()?),
         };
-        // The delivered configuration is the compiled one: shared, not copied.
-        let config = raw;
-        if !member {
-            let encoded = config.encode_to_vec();
-            return Some((digest_of(&encoded), Kept::Whole(config), encoded.len()));
-        }
-        let bytes = self.packed.get(site)?.clone();
-        let size = bytes.len();
-        Some((digest_of(&bytes), Kept::Encoded(bytes), size))
+        let encoded = config.encode_to_vec();
+        Some((digest_of(&encoded), Kept::Whole(config), encoded.len()))
     }
 
     /// Puts the site's current configuration (or its refusal) on its feed,
