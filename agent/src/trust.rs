@@ -23,8 +23,9 @@ use musubi_proto::v1 as pb;
 use crate::state::{plain_segment, shown};
 
 /// Prefixes of the WireGuard interfaces Musubi makes (east, west, members,
-/// interconnect) and of its VRFs: a LAN interface never has one.
-pub const TUNNEL_PREFIXES: [&str; 4] = ["me-", "mw-", "mm-", "mi-"];
+/// interconnect, a mutual aid's east and west) and of its VRFs: a LAN
+/// interface never has one.
+pub const TUNNEL_PREFIXES: [&str; 6] = ["me-", "mw-", "mm-", "mi-", "ae-", "aw-"];
 pub const VRF_PREFIX: &str = "mv-";
 
 /// What this site allows a controller to ask for.

@@ -561,8 +561,27 @@ impl Fanout {
             .intent
             .sites
             .get(site)
-            .map(|s| s.attachments.iter().map(|a| a.segment.clone()).collect())
+            .map(|s| {
+                // An access point also keys the segments it aids.
+                let aided = state.stored.intent.aided_by(site).map(str::to_string);
+                s.attachments.iter().map(|a| a.segment.clone()).chain(aided).collect()
+            })
             .unwrap_or_default()
+    }
+
+    /// The segments that declare mutual aid, as an intent of their own
+    /// (what the aid operations look names up in; cheap to take).
+    pub fn aid_intent(&self) -> musubi_core::intent::Intent {
+        let state = self.lock();
+        let segments = state
+            .stored
+            .intent
+            .segments
+            .iter()
+            .filter(|(_, s)| !s.aid.is_empty())
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        musubi_core::intent::Intent { segments, ..Default::default() }
     }
 
     pub fn revocation(&self, site: &str) -> Option<Revocation> {

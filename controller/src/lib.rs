@@ -3,6 +3,7 @@
 //! operator gRPC servers, and the PKI. The pure work — parsing, validation,
 //! allocation, compilation, plans — is `musubi_core`'s.
 
+pub mod aid;
 pub mod approvals;
 pub mod dashboard;
 pub mod fanout;

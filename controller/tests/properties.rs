@@ -78,6 +78,7 @@ fn build(seed: u64, tenants: usize, shared: usize, private: usize, sites_per_ten
                 prefixes: vec![net(&format!("10.{s}.0.0/16"))],
                 shared_with: all_tenants.clone(),
                 description: String::new(),
+                aid: vec![],
             }),
         );
     }
@@ -92,6 +93,7 @@ fn build(seed: u64, tenants: usize, shared: usize, private: usize, sites_per_ten
                     prefixes: vec![net("192.168.0.0/16")],
                     shared_with: vec![],
                     description: String::new(),
+                    aid: vec![],
                 }),
             );
         }
@@ -128,6 +130,45 @@ fn build(seed: u64, tenants: usize, shared: usize, private: usize, sites_per_ten
             add_site(&mut intent, &mut rng, t, site_no, &mut k);
             site_no += 1;
         }
+    }
+    // Sometimes a second pair, carrying no segment of its own, aids the
+    // first private segment (mutual aid: on its members and on the pair).
+    if let Some(aided) = intent.segments.keys().find(|s| s.starts_with('p')).cloned()
+        && rng.coin()
+    {
+        let nation = Tenant { name: "nation".into(), national: true, description: String::new() };
+        intent.tenants.insert("nation".into(), Arc::new(nation));
+        intent.segments.insert(
+            "nat0".into(),
+            Arc::new(Segment {
+                name: "nat0".into(),
+                tenant: "nation".into(),
+                prefixes: vec![net("172.16.0.0/16")],
+                ..Default::default()
+            }),
+        );
+        for (region, name) in [(Region::East, "aid-e"), (Region::West, "aid-w")] {
+            intent.sites.insert(
+                name.into(),
+                Arc::new(Site {
+                    name: name.into(),
+                    tenant: "nation".into(),
+                    role: Role::AccessPoint,
+                    region,
+                    lines: vec![line("fiber", 1, k)],
+                    attachments: vec![Attachment { segment: "nat0".into(), interface: None, prefixes: vec![] }],
+                    description: String::new(),
+                }),
+            );
+            k += 1;
+        }
+        Arc::make_mut(intent.segments.get_mut(&aided).expect("segment")).aid = vec![Aid {
+            name: "aid0".into(),
+            access_points: vec!["aid-e".into(), "aid-w".into()],
+            activation: if rng.coin() { Activation::Automatic } else { Activation::Manual },
+            max_duration_s: 3600,
+            description: String::new(),
+        }];
     }
     if shared >= 2 && rng.coin() {
         intent.policies.insert(
@@ -384,7 +425,10 @@ proptest! {
         let alloc = allocate(&intent, &Allocations::default()).expect("alloc");
         for (name, cfg) in compiled(&intent, &alloc) {
             let site = &intent.sites[&name];
-            let attached: BTreeSet<&str> = site.attachments.iter().map(|a| a.segment.as_str()).collect();
+            // An access point also holds the segments whose aid names it.
+            let attached: BTreeSet<&str> =
+                site.attachments.iter().map(|a| a.segment.as_str()).chain(intent.aided_by(&name)).collect();
+            let aids = |seg: &str, peer: &str| intent.segments[seg].aid.iter().any(|a| a.access_points.iter().any(|p| p == peer));
             let mut tables = HashSet::new();
             let mut vrfs = HashSet::new();
             for seg in &cfg.segments {
@@ -392,10 +436,11 @@ proptest! {
                 let domain = seg.domain.as_ref().expect("domain");
                 prop_assert!(tables.insert(domain.table), "{}: table {} shared by two segments", name, domain.table);
                 prop_assert!(vrfs.insert(domain.vrf.clone()));
-                // Every peer is a site attached to this very segment.
+                // Every peer is a site attached to this very segment (or
+                // an access point of its aid).
                 for peer in &seg.peers {
                     let other = &intent.sites[&peer.name];
-                    prop_assert!(other.attachment(&seg.segment).is_some(), "{}: peer {} is not in segment {}", name, peer.name, seg.segment);
+                    prop_assert!(other.attachment(&seg.segment).is_some() || aids(&seg.segment, &peer.name), "{}: peer {} is not in segment {}", name, peer.name, seg.segment);
                 }
                 // Routed prefixes belong to this segment or to one linked by a policy.
                 let mut allowed: Vec<IpNetwork> = intent.segments[&seg.segment].prefixes.clone();

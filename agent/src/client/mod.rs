@@ -394,6 +394,16 @@ impl Agent {
             // one failover (a judgment undone at once) moved twice, as the
             // log says.
             self.metrics.moved(&done, &after);
+            if let Some(config) = self.config().filter(|c| c.segments.iter().any(|s| !s.aids.is_empty())) {
+                let (was, now) =
+                    (crate::failover::aids_in_use(config, &done), crate::failover::aids_in_use(config, &after));
+                for aid in now.difference(&was) {
+                    tracing::warn!(site = %self.settings.site, aid = %aid, "mutual aid in use: another network's access points carry this segment");
+                }
+                for aid in was.difference(&now) {
+                    tracing::info!(site = %self.settings.site, aid = %aid, "mutual aid no longer in use");
+                }
+            }
             if after.groups != done.groups {
                 earlier += self.move_groups(&done, &after);
             }

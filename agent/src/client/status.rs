@@ -108,6 +108,10 @@ impl Agent {
                 active_omitted: 0,
                 peers_unjudged_omitted: 0,
                 next_keys: self.next_keys.clone(),
+                aids_in_use: self
+                    .config()
+                    .map(|c| crate::failover::aids_in_use(c, self.machine.active()).into_iter().collect())
+                    .unwrap_or_default(),
             })),
         }
     }

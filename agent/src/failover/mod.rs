@@ -245,7 +245,21 @@ pub fn choices(i: Inputs<'_>) -> Choices {
             Some(_) => 2,
         }
     };
-    choose(config, &group_rank, &path_rank)
+    let current = |seg: &str, group: &str| active.groups.get(&(seg.to_string(), group.to_string())).cloned();
+    choose(config, &group_rank, &path_rank, &current)
+}
+
+/// The mutual aids the choices use: a route group on one of an aid's
+/// access points.
+pub fn aids_in_use(config: &SiteConfig, choices: &Choices) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for seg in config.segments.iter().filter(|s| !s.aids.is_empty()) {
+        for g in &seg.route_groups {
+            let Some(c) = choices.groups.get(&(seg.segment.clone(), g.name.clone())) else { continue };
+            out.extend(seg.aids.iter().filter(|a| a.access_points.contains(c)).map(|a| a.name.clone()));
+        }
+    }
+    out
 }
 
 /// The peers whose line moved from `before` to `after` because the path in
@@ -353,14 +367,28 @@ pub fn choose(
     config: &SiteConfig,
     group_rank: &dyn Fn(&str, &str, &str) -> u8,
     path_rank: &dyn Fn(&str, &pb::Endpoint) -> u8,
+    current: &dyn Fn(&str, &str) -> Option<String>,
 ) -> Choices {
     let mut out = Choices::default();
     for seg in &config.segments {
         let keyed: BTreeSet<&str> =
             seg.peers.iter().filter(|p| !p.public_key.is_empty()).map(|p| p.name.as_str()).collect();
         for g in &seg.route_groups {
-            let candidates = g.candidates.iter().filter(|c| keyed.contains(c.as_str()));
-            if let Some(c) = best(candidates, |c| group_rank(&seg.segment, &g.name, c)) {
+            let rank = |c: &String| group_rank(&seg.segment, &g.name, c);
+            let keyed_candidates = || g.candidates.iter().filter(|c| keyed.contains(c.as_str()));
+            let aid_of = |c: &str| seg.aids.iter().find(|a| a.access_points.iter().any(|p| p == c));
+            // The segment's own candidates first; an aid's only while it is
+            // open: activated by an operator, or (automatic) while none of
+            // the own is usable — no own candidate up and settled, and the
+            // group either on an aid already or every own one down.
+            let own_best = keyed_candidates().filter(|c| aid_of(c).is_none()).map(&rank).min().unwrap_or(u8::MAX);
+            let current = current(&seg.segment, &g.name);
+            let on_aid = current.is_some_and(|c| aid_of(&c).is_some());
+            let open = |c: &String| match aid_of(c) {
+                None => true,
+                Some(a) => a.active || (a.automatic && (own_best >= 2 || (own_best == 1 && on_aid))),
+            };
+            if let Some(c) = best(keyed_candidates().filter(|c| open(c)), |c| rank(c)) {
                 out.groups.insert((seg.segment.clone(), g.name.clone()), c.clone());
             }
         }
@@ -380,7 +408,7 @@ pub fn choose(
 /// candidate with a key, every peer's first path the router has a route for.
 pub fn first_choices(config: &SiteConfig, hops: &Hops) -> Choices {
     let routed = |e: &pb::Endpoint| path(config, e).is_some_and(|pair| hops.contains_key(&pair));
-    choose(config, &|_, _, _| 0, &|_, e| if routed(e) { 0 } else { 1 })
+    choose(config, &|_, _, _| 0, &|_, e| if routed(e) { 0 } else { 1 }, &|_, _| None)
 }
 
 #[cfg(test)]
@@ -412,6 +440,100 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    /// A member site of `pref-lan` with its own pair and an aiding one.
+    fn aided_member(automatic: bool, active: bool) -> SiteConfig {
+        let peer = |name: &str| pb::Peer {
+            name: name.into(),
+            interface: format!("m-{name}"),
+            role: pb::PeerRole::AccessPoint.into(),
+            public_key: format!("key-of-{name}"),
+            ..Default::default()
+        };
+        SiteConfig {
+            site: "office-a".into(),
+            segments: vec![pb::SegmentConfig {
+                segment: "pref-lan".into(),
+                peers: ["loc-east", "loc-west", "nat-east", "nat-west"].into_iter().map(peer).collect(),
+                route_groups: vec![pb::RouteGroup {
+                    name: "pref-lan".into(),
+                    prefixes: vec!["10.20.0.0/16".into()],
+                    candidates: ["loc-east", "loc-west", "nat-east", "nat-west"].map(String::from).to_vec(),
+                }],
+                aids: vec![pb::AidConfig {
+                    name: "pref-aid".into(),
+                    access_points: vec!["nat-east".into(), "nat-west".into()],
+                    automatic,
+                    active,
+                    max_duration_ms: 3_600_000,
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// Mutual aid is dormant while one of the segment's own access points
+    /// answers; an automatic one opens when both are down and closes only
+    /// once one of them is back for the hold-down; a manual one only when
+    /// activated (then it is one more candidate, after the own ones).
+    #[test]
+    fn an_aid_opens_when_both_own_access_points_are_down_and_closes_after_the_hold_down() {
+        let now = Instant::now();
+        let h = |up: bool, since_s: u64| Health {
+            up,
+            since: Some(now - Duration::from_secs(since_s)),
+            last_reply: Some(now - Duration::from_secs(if up { 0 } else { since_s })),
+            interval: Duration::from_millis(50),
+            ..Default::default()
+        };
+        let key = ("pref-lan".to_string(), "pref-lan".to_string());
+        let pick = |config: &SiteConfig, own: [Health; 2], current: &str| {
+            let active = Choices { groups: BTreeMap::from([(key.clone(), current.to_string())]), ..Default::default() };
+            let health = move |k: &Key| match k {
+                Key::Tunnel { peer, .. } if peer == "loc-east" => Some(own[0].clone()),
+                Key::Tunnel { peer, .. } if peer == "loc-west" => Some(own[1].clone()),
+                Key::Tunnel { .. } => Some(h(true, 600)),
+                _ => None,
+            };
+            let inputs = Inputs {
+                config,
+                health: Some(&health),
+                hops: &Hops::new(),
+                active: &active,
+                line_moved: &BTreeMap::new(),
+                hold_down: Duration::from_secs(3),
+                now,
+            };
+            let c = choices(inputs);
+            (c.groups.get(&key).cloned().unwrap_or_default(), aids_in_use(config, &c).into_iter().collect::<Vec<_>>())
+        };
+        let automatic = aided_member(true, false);
+        assert_eq!(first_choices(&automatic, &Hops::new()).groups[&key], "loc-east", "dormant at the start");
+        assert_eq!(pick(&automatic, [h(true, 600), h(true, 600)], "loc-east").0, "loc-east");
+        assert_eq!(pick(&automatic, [h(false, 1), h(true, 600)], "loc-east").0, "loc-west", "the own pair first");
+        assert_eq!(
+            pick(&automatic, [h(false, 1), h(false, 1)], "loc-west"),
+            ("nat-east".to_string(), vec!["pref-aid".to_string()]),
+            "both own down: the aid opens"
+        );
+        assert_eq!(pick(&automatic, [h(true, 1), h(false, 9)], "nat-east").0, "nat-east", "own back, not settled");
+        assert_eq!(
+            pick(&automatic, [h(true, 1), h(false, 9)], "loc-west").0,
+            "loc-east",
+            "not on the aid: an own one up, even unsettled, keeps it closed"
+        );
+        assert_eq!(
+            pick(&automatic, [h(true, 4), h(false, 9)], "nat-east"),
+            ("loc-east".to_string(), vec![]),
+            "back for the hold-down: the aid closes"
+        );
+        let manual = aided_member(false, false);
+        assert_eq!(pick(&manual, [h(false, 1), h(false, 1)], "loc-west").0, "loc-east", "never on its own");
+        let activated = aided_member(false, true);
+        assert_eq!(pick(&activated, [h(false, 1), h(false, 1)], "loc-west").0, "nat-east", "activated");
+        assert_eq!(pick(&activated, [h(true, 600), h(true, 600)], "loc-east").0, "loc-east", "after the own pair");
     }
 
     /// An access point that just restarted has not heard its member yet

@@ -16,7 +16,7 @@ use musubi_core::diagnostic::{Diagnostic, render};
 use musubi_core::intent::source::{ObjectRef, SourceMap};
 use musubi_core::intent::{Intent, Kind};
 use musubi_core::words::count;
-use musubi_core::{generate, load, plan, validate};
+use musubi_core::{generate, load, plan, validate, verify};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -147,6 +147,15 @@ enum RemoteCommand {
     #[command(subcommand)]
     #[command(after_help = "Example:\n  musubi site revoke kita-hall")]
     Site(SiteCommand),
+    /// Mutual aid between networks: open a declared aid (a segment's `aid`)
+    /// for a while, or close it. With operators' roles declared, an
+    /// activation needs an operator of each network (the aided segment's and
+    /// the aiding access points'); `musubi status` shows every aid.
+    #[command(subcommand)]
+    #[command(
+        after_help = "Example:\n  musubi aid activate pref-via-national --reason \"typhoon: local APs flooded\" --for 12h"
+    )]
+    Aid(AidCommand),
     /// Operators' credentials (admins only).
     #[command(subcommand)]
     #[command(after_help = "Example:\n  musubi operator revoke kita-ops")]
@@ -175,6 +184,31 @@ enum TokenCommand {
         /// How long the token stays valid: 90s, 30m, 1h, 2d.
         #[arg(long, default_value = "1h", value_parser = remote::parse_duration)]
         ttl: std::time::Duration,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AidCommand {
+    /// Let the aided segment's sites use the aiding access points now
+    /// (after their own pair), until it expires or is deactivated.
+    #[command(after_help = "Example:\n  musubi aid activate pref-via-national --reason \"drill\" --for 30m")]
+    Activate {
+        name: String,
+        /// Why, for the audit log.
+        #[arg(long, required = true)]
+        reason: String,
+        /// How long (at most the aid's max_duration, which is the default).
+        #[arg(long = "for", value_parser = remote::parse_duration)]
+        duration: Option<std::time::Duration>,
+    },
+    /// Close an operator's activation before its time (automatic use still
+    /// follows the sites' own view of their access points).
+    #[command(after_help = "Example:\n  musubi aid deactivate pref-via-national --reason \"local APs back\"")]
+    Deactivate {
+        name: String,
+        /// Why, for the audit log.
+        #[arg(long, required = true)]
+        reason: String,
     },
 }
 
@@ -235,6 +269,63 @@ enum Command {
     #[command(subcommand)]
     #[command(after_help = "Example:\n  sudo musubi lab up labs/minimal/topology.clab.yml")]
     Lab(lab::LabCommand),
+}
+
+/// `verify` for each mutual aid: the matrix and the isolation check again,
+/// on configurations compiled with the aid open (what the sites hold while
+/// an operator's activation lasts; an automatic one uses the same entries).
+fn verify_aids(intent: &musubi_core::intent::Intent, alloc: &Allocations, without: &verify::Matrix) -> Result<()> {
+    for seg in intent.segments.values() {
+        for aid in &seg.aid {
+            let mut keys = PublicKeys::new();
+            keys.entry(musubi_core::aid::ACTIVATIONS.to_string()).or_default().insert(
+                aid.name.clone(),
+                musubi_core::aid::Activation { until_unix_ms: u64::MAX, reason: String::new() }.text(),
+            );
+            let configs = compile(intent, alloc, &keys)?;
+            println!(
+                "\nWith aid {} open (segment {} through {}, {}):\n",
+                aid.name,
+                seg.name,
+                aid.access_points.join(" and "),
+                musubi_core::intent::YamlName::yaml(aid.activation)
+            );
+            // What may reach what follows from segments and policies: an
+            // aid moves where its segment's traffic enters, nothing else.
+            let with = verify::matrix(intent);
+            print!("{}", verify::render(&with, &|_, _| None));
+            let same = with.endpoints == without.endpoints && with.cells == without.cells;
+            println!("{}", if same { "the same as without it" } else { "DIFFERENT from without it" });
+            let problems = verify::isolation(intent, &configs);
+            for p in &problems {
+                println!("isolation violated with aid {}: {p}", aid.name);
+            }
+            if !problems.is_empty() {
+                bail!("{} across segments with aid {} open", count(problems.len(), "way"), aid.name);
+            }
+            let carriers: Vec<String> = aid
+                .access_points
+                .iter()
+                .filter_map(|ap| {
+                    let c = configs.get(ap)?;
+                    let s = c.segments.iter().find(|s| s.segment == seg.name)?;
+                    let others: Vec<&str> =
+                        c.segments.iter().filter(|o| o.segment != seg.name).map(|o| o.segment.as_str()).collect();
+                    Some(format!(
+                        "{ap} carries it in routing table {} of its own (beside {}), {} member peers, no policy into another segment",
+                        s.domain.as_ref().map_or(0, |d| d.table),
+                        if others.is_empty() { "nothing".to_string() } else { others.join(", ") },
+                        s.peers.iter().filter(|p| p.role() == musubi_proto::v1::PeerRole::Site).count()
+                    ))
+                })
+                .collect();
+            for c in carriers {
+                println!("{c}");
+            }
+            println!("Isolation holds with the aid open: {}", count(configs.len(), "site"));
+        }
+    }
+    Ok(())
 }
 
 /// Commands that work on local files.
@@ -393,6 +484,12 @@ fn remote(command: RemoteCommand, controller: &str, tls: &remote::Tls, color: bo
             RemoteCommand::Site(SiteCommand::RevokeKeys { name, reason }) => {
                 remote::revoke_keys(&mut client, name, reason).await
             }
+            RemoteCommand::Aid(AidCommand::Activate { name, reason, duration }) => {
+                remote::aid(&mut client, name, reason, duration, true).await
+            }
+            RemoteCommand::Aid(AidCommand::Deactivate { name, reason }) => {
+                remote::aid(&mut client, name, reason, None, false).await
+            }
             RemoteCommand::Operator(OperatorCommand::Revoke { name, restore }) => {
                 remote::revoke_operator(&mut client, name, restore).await
             }
@@ -522,7 +619,7 @@ fn run(command: LocalCommand, color: bool) -> Result<()> {
                     count(configs.len(), "site"),
                     count(segments, "segment configuration")
                 );
-                Ok(())
+                verify_aids(&intent, &alloc, &m)
             } else {
                 for p in &problems {
                     println!("isolation violated: {p}");

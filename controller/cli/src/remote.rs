@@ -154,6 +154,50 @@ pub async fn revoke_keys(client: &mut Client, site: String, reason: String) -> R
     Ok(())
 }
 
+pub async fn aid(
+    client: &mut Client,
+    name: String,
+    reason: String,
+    duration: Option<std::time::Duration>,
+    open: bool,
+) -> Result<()> {
+    let req = pb::AidRequest { name: name.clone(), reason, duration_s: duration.map_or(0, |d| d.as_secs()) };
+    if !open {
+        client.deactivate_aid(req).await.map_err(status)?;
+        println!(
+            "mutual aid `{name}` deactivated: the aiding access points carry the segment only if it opens on its own"
+        );
+        return Ok(());
+    }
+    let resp = client.activate_aid(req).await.map_err(status)?.into_inner();
+    if resp.until_unix_ms == 0 {
+        println!(
+            "activation of mutual aid `{name}` asked for; it opens when an operator of {} asks too (within 15 min)",
+            resp.waiting_for
+        );
+    } else {
+        let left = resp.until_unix_ms.saturating_sub(now_unix_ms()) / 1000;
+        println!(
+            "mutual aid `{name}` active for {}: its sites use the aiding access points when their own do not answer",
+            left_text(left.max(1))
+        );
+    }
+    Ok(())
+}
+
+/// Seconds left, to the minute: "11h59m", "4m10s".
+fn left_text(secs: u64) -> String {
+    match secs {
+        s if s >= 3600 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{s}s"),
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 pub async fn revoke_operator(client: &mut Client, name: String, restore: bool) -> Result<()> {
     client.revoke_operator(pb::RevokeOperatorRequest { name: name.clone(), restore }).await.map_err(status)?;
     if restore {
@@ -256,6 +300,9 @@ pub async fn site_status(client: &mut Client, site: Option<String>, json: bool) 
             if st.active_omitted > 0 {
                 println!("path:        and {} more route groups on their own site, never moved", st.active_omitted);
             }
+            for a in &st.aids_in_use {
+                println!("aid:         {a} IN USE (another network's access points carry its segment)");
+            }
         }
         return Ok(());
     }
@@ -292,6 +339,30 @@ pub async fn site_status(client: &mut Client, site: Option<String>, json: bool) 
             st.errors.len(),
             key_age(s)
         );
+    }
+    if !resp.aids.is_empty() {
+        println!();
+        println!(
+            "{:<24} {:<16} {:<24} {:<10} {:<22} IN USE AT",
+            "AID", "SEGMENT", "ACCESS POINTS", "OPENS", "ACTIVATED"
+        );
+        for a in &resp.aids {
+            let activated = if a.active_until_unix_ms == 0 {
+                "no".to_string()
+            } else {
+                let left = a.active_until_unix_ms.saturating_sub(now_unix_ms()) / 1000;
+                format!("yes, {} left", left_text(left))
+            };
+            let in_use = if a.in_use_at.is_empty() { "-".to_string() } else { a.in_use_at.join(", ") };
+            println!(
+                "{:<24} {:<16} {:<24} {:<10} {:<22} {in_use}",
+                a.name,
+                a.segment,
+                a.access_points.join(","),
+                a.activation,
+                activated
+            );
+        }
     }
     Ok(())
 }

@@ -33,10 +33,19 @@ pub struct SegmentAllocation {
     /// by the next allocation; nothing else of theirs moves.
     #[serde(default)]
     pub second_port: u16,
+    /// The listen ports of a site's tunnels to its mutual aid's east and
+    /// west access points; given when the segment first declares an aid
+    /// (0 before), kept after.
+    #[serde(default, skip_serializing_if = "no_ports")]
+    pub aid_ports: [u16; 2],
     /// /31: the east access point takes the first address, the west the second.
     pub interconnect_ipv4: Ipv4Network,
     /// /127, same order.
     pub interconnect_ipv6: Ipv6Network,
+}
+
+fn no_ports(p: &[u16; 2]) -> bool {
+    *p == [0, 0]
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,23 +140,35 @@ pub fn reallocate(intent: &Intent, alloc: &mut Allocations) -> Result<bool, Allo
         .filter(|(k, a)| a.second_port == 0 && intent.segments.contains_key(*k))
         .map(|(k, _)| k.clone())
         .collect();
+    // Segments that declare an aid and have no ports for it yet (new
+    // segments among them get theirs below, with the rest).
+    let without_aid_ports: Vec<String> = intent
+        .segments
+        .values()
+        .filter(|s| !s.aid.is_empty() && alloc.segments.get(&s.name).is_some_and(|a| no_ports(&a.aid_ports)))
+        .map(|s| s.name.clone())
+        .collect();
     if gone_segments.is_empty()
         && new_segments.is_empty()
         && gone_sites.is_empty()
         && new_sites.is_empty()
         && without_second.is_empty()
+        && without_aid_ports.is_empty()
     {
         return Ok(false);
     }
     let s = &intent.settings;
     let mut segments = Vec::new();
     let mut second_ports = Vec::new();
-    if !new_segments.is_empty() || !without_second.is_empty() {
+    let mut aid_ports = Vec::new();
+    if !new_segments.is_empty() || !without_second.is_empty() || !without_aid_ports.is_empty() {
         let kept = alloc.segments.iter().filter(|(k, _)| intent.segments.contains_key(*k)).map(|(_, a)| a);
         let mut tables = range_pool(s.routing_tables, kept.clone().map(|a| a.table));
         let mut ports = range_pool(
             s.wireguard_ports,
-            kept.clone().flat_map(|a| [u32::from(a.port), u32::from(a.second_port)]).filter(|p| *p != 0),
+            kept.clone()
+                .flat_map(|a| [a.port, a.second_port, a.aid_ports[0], a.aid_ports[1]].map(u32::from))
+                .filter(|p| *p != 0),
         );
         let ports_exhausted = |name: &str| AllocError::Exhausted {
             what: "wireguard_ports",
@@ -157,6 +178,14 @@ pub fn reallocate(intent: &Intent, alloc: &mut Allocations) -> Result<bool, Allo
         for name in &without_second {
             let port = ports.take().ok_or_else(|| ports_exhausted(name))?;
             second_ports.push((name.clone(), (s.wireguard_ports.first + port as u32) as u16));
+        }
+        let mut take_pair = |name: &str| -> Result<[u16; 2], AllocError> {
+            let east = ports.take().ok_or_else(|| ports_exhausted(name))?;
+            let west = ports.take().ok_or_else(|| ports_exhausted(name))?;
+            Ok([east, west].map(|p| (s.wireguard_ports.first + p as u32) as u16))
+        };
+        for name in &without_aid_ports {
+            aid_ports.push((name.clone(), take_pair(name)?));
         }
         // Interconnects are counted in pairs of addresses.
         let mut ic4 = Pool::new(
@@ -178,8 +207,9 @@ pub fn reallocate(intent: &Intent, alloc: &mut Allocations) -> Result<bool, Allo
             let table = tables.take().ok_or_else(|| {
                 exhausted("routing_tables", format!("{}-{}", s.routing_tables.first, s.routing_tables.last))
             })?;
-            let port = ports.take().ok_or_else(|| ports_exhausted(name))?;
-            let second = ports.take().ok_or_else(|| ports_exhausted(name))?;
+            let [port, second] = take_pair(name)?;
+            let aided = intent.segments.get(*name).is_some_and(|s| !s.aid.is_empty());
+            let aid = if aided { take_pair(name)? } else { [0, 0] };
             let i4 =
                 ic4.take().ok_or_else(|| exhausted("interconnect_addresses.ipv4", s.interconnect_ipv4.to_string()))?;
             let i6 =
@@ -191,8 +221,9 @@ pub fn reallocate(intent: &Intent, alloc: &mut Allocations) -> Result<bool, Allo
                 (*name).clone(),
                 SegmentAllocation {
                     table: s.routing_tables.first + table as u32,
-                    port: (s.wireguard_ports.first + port as u32) as u16,
-                    second_port: (s.wireguard_ports.first + second as u32) as u16,
+                    port,
+                    second_port: second,
+                    aid_ports: aid,
                     interconnect_ipv4: Ipv4Network::new(a4, 31).unwrap(),
                     interconnect_ipv6: Ipv6Network::new(a6, 127).unwrap(),
                 },
@@ -233,6 +264,11 @@ pub fn reallocate(intent: &Intent, alloc: &mut Allocations) -> Result<bool, Allo
     for (name, port) in second_ports {
         if let Some(a) = alloc.segments.get_mut(&name) {
             a.second_port = port;
+        }
+    }
+    for (name, ports) in aid_ports {
+        if let Some(a) = alloc.segments.get_mut(&name) {
+            a.aid_ports = ports;
         }
     }
     alloc.segments.extend(segments);

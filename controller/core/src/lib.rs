@@ -15,6 +15,7 @@
 //! nix out of this crate's dependency tree.
 
 pub mod access;
+pub mod aid;
 pub mod allocate;
 pub mod api;
 pub mod audit;

@@ -11,12 +11,13 @@
 //! segment routes, accepts from a peer or imports must lie in that segment's
 //! own prefixes or in those of a segment a policy links it to (or be a
 //! tunnel address, which lies in no segment); imports and policy rules name
-//! only linked segments; a segment's peers are the sites attached to it.
+//! only linked segments; a segment's peers are the sites attached to it
+//! (and the access points of its mutual aids).
 //! The tunnels are checked as the agents build them: each belongs to its
 //! segment by name; every peer is on one of its segment's tunnels; a tunnel
 //! that faces an access point or the interconnect (whose one peer the
 //! agent allows every address, routing choosing) holds exactly one peer,
-//! an access point of the segment.
+//! an access point of the segment (or of its mutual aid).
 //! A violation is a way a packet could cross into a segment it must not.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -223,7 +224,8 @@ pub fn isolation(intent: &Intent, configs: &BTreeMap<String, SiteConfig>) -> Vec
                 for p in &peer.allowed_prefixes {
                     check(format!("peer `{}`", peer.name), p, &mut problems);
                 }
-                if intent.sites.get(&peer.name).and_then(|s| s.attachment(&seg.segment)).is_none() {
+                let attached = intent.sites.get(&peer.name).and_then(|s| s.attachment(&seg.segment)).is_some();
+                if !attached && !aiding(intent, &peer.name, &seg.segment) {
                     problems
                         .push(format!("{site}/{}: peer `{}` is not attached to the segment", seg.segment, peer.name));
                 }
@@ -260,6 +262,11 @@ pub fn isolation(intent: &Intent, configs: &BTreeMap<String, SiteConfig>) -> Vec
 }
 
 /// The tunnel rules of the module's description, for one segment of `site`.
+/// Whether `site` is an access point that aids `segment`.
+fn aiding(intent: &Intent, site: &str, segment: &str) -> bool {
+    intent.segments.get(segment).is_some_and(|s| s.aid.iter().any(|a| a.access_points.iter().any(|n| n == site)))
+}
+
 fn tunnels(intent: &Intent, site: &str, seg: &musubi_proto::v1::SegmentConfig, problems: &mut Vec<String>) {
     use musubi_proto::v1::PeerRole;
     let at = format!("{site}/{}", seg.segment);

@@ -493,6 +493,8 @@ async fn serve(
         ROTATION_STEP,
         extras.rotations,
     ));
+    // Operators' aid activations close when they expire (a second late at most).
+    tokio::spawn(musubi_controller::aid::drive(store.clone(), Arc::downgrade(&fanout), Duration::from_secs(1)));
     if extras.count_states {
         let every = Duration::from_secs(10);
         tokio::spawn(musubi_controller::metrics::count_states(store.clone(), fanout.clone(), every));

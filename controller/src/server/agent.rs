@@ -507,6 +507,20 @@ impl<S: IntentStore + 'static> Session<S> {
         }
     }
 
+    /// Audits a change of the mutual aids the site uses (an automatic
+    /// activation happens on the site; this is where it becomes an entry).
+    /// A failed write is logged: the site's status shows the aid either way.
+    async fn audit_aids(&self, site: &str, before: Option<&[String]>, now: &[String]) {
+        let intent = self.service.fanout.aid_intent();
+        for summary in crate::aid::reported(&intent, site, before, now) {
+            tracing::warn!(site, "{summary}");
+            let event = crate::store::Event { time_ms: now_ms(), actor: format!("site:{site}"), summary };
+            if let Err(e) = self.service.store.record(event, Vec::new()).await {
+                tracing::warn!(site, error = %e, "cannot audit a mutual aid's use");
+            }
+        }
+    }
+
     /// Stores the agent's status with what the site should have (from the
     /// site's own feed: the fan-out's lock may be held by a recompile).
     /// Records the keys the agent reported unless they were already (a
@@ -640,6 +654,10 @@ impl<S: IntentStore + 'static> Session<S> {
                         // Keys the agent reported before, and that were taken, are not looked at again.
                         reported_keys = reported(&status.keys, &status.next_keys);
                         let keys = self.record_keys(&site, &reported_keys, &mut taken_keys).await;
+                        let before = self.status.status.as_ref().map(|s| s.aids_in_use.clone());
+                        if before.as_deref().unwrap_or(&[]) != status.aids_in_use.as_slice() {
+                            self.audit_aids(&site, before.as_deref(), &status.aids_in_use).await;
+                        }
                         let mut status = tidy(status);
                         sites::condense(&mut status);
                         self.status.status = Some(status);

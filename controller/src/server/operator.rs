@@ -262,6 +262,63 @@ impl<S: IntentStore + 'static> OperatorService<S> {
         Ok(Response::new(pb::RotateKeysResponse { id }))
     }
 
+    async fn aid_call(
+        &self,
+        request: Request<pb::AidRequest>,
+        open: bool,
+    ) -> Result<Response<pb::AidResponse>, Status> {
+        let who = actor(&request);
+        let (rights, current) = self.rights(&request, if open { "activate_aid" } else { "deactivate_aid" }).await?;
+        let req = request.into_inner();
+        let Some((segment, aid)) = current.intent.aid(&req.name) else {
+            return Err(Status::not_found(format!("no segment declares an aid named `{}`", req.name)));
+        };
+        // Each network speaks for itself: the aided segment's operators and
+        // the aiding access points' (an admin speaks for both).
+        let sides = crate::aid::Sides {
+            segment: rights.may_change(&access::scope(&current.intent, Kind::Segment, &segment.name)),
+            aiding: aid.access_points.iter().all(|ap| rights.may_manage_site(&current.intent, ap)),
+        };
+        if !sides.segment && !sides.aiding {
+            tracing::warn!(actor = %who, aid = %req.name, "refused: neither network of the aid is the operator's");
+            return Err(Status::permission_denied(format!(
+                "{who} may not {} aid `{}`: it speaks for neither segment `{}`'s network nor the aiding access points'",
+                if open { "activate" } else { "deactivate" },
+                req.name,
+                segment.name
+            )));
+        }
+        let reason = musubi_core::words::printable(&req.reason, 200);
+        let as_status = |e: crate::aid::AidError| match e {
+            crate::aid::AidError::Store(e) => store_status(e),
+            crate::aid::AidError::Raced(_) => Status::aborted(e.to_string()),
+            crate::aid::AidError::Unknown(_) => Status::not_found(e.to_string()),
+            other => Status::failed_precondition(other.to_string()),
+        };
+        let store = &*self.store;
+        if !open {
+            crate::aid::deactivate(store, &current.intent, &req.name, &who, &reason, now_ms())
+                .await
+                .map_err(as_status)?;
+            tracing::warn!(aid = %req.name, actor = %who, "mutual aid deactivated");
+            return Ok(Response::new(pb::AidResponse::default()));
+        }
+        let duration = (req.duration_s > 0).then(|| std::time::Duration::from_secs(req.duration_s));
+        let done = crate::aid::activate(store, &current.intent, &req.name, &who, sides, &reason, duration, now_ms())
+            .await
+            .map_err(as_status)?;
+        Ok(Response::new(match done {
+            crate::aid::Activated::Open(until) => {
+                tracing::warn!(aid = %req.name, actor = %who, until, "mutual aid activated");
+                pb::AidResponse { until_unix_ms: until, waiting_for: String::new() }
+            }
+            crate::aid::Activated::Waiting(other) => {
+                tracing::info!(aid = %req.name, actor = %who, waiting_for = other, "mutual aid activation asked for");
+                pb::AidResponse { until_unix_ms: 0, waiting_for: other.to_string() }
+            }
+        }))
+    }
+
     /// Applies `how` for `who` against `current` at `expected`, held as
     /// `hold` says (a held change becomes a proposal), approved by
     /// `approver` (see [`Change::approver`]).
@@ -788,6 +845,14 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         self.keys_call(request, true).await
     }
 
+    async fn activate_aid(&self, request: Request<pb::AidRequest>) -> Result<Response<pb::AidResponse>, Status> {
+        self.aid_call(request, true).await
+    }
+
+    async fn deactivate_aid(&self, request: Request<pb::AidRequest>) -> Result<Response<pb::AidResponse>, Status> {
+        self.aid_call(request, false).await
+    }
+
     async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let (rights, current) = self.rights(&request, "status").await?;
         let req = request.into_inner();
@@ -800,7 +865,11 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         }
         let mut rows = site_states(&*self.store, &self.fanout, only).await.map_err(store_status)?;
         rows.retain(|r| readable(&r.site));
-        Ok(Response::new(pb::StatusResponse { sites: rows }))
+        let aids = aid_states(&current.intent, &self.fanout.public_keys().keys, &rows)
+            .into_iter()
+            .filter(|a| rights.may_read(&current.intent, Kind::Segment, &a.segment))
+            .collect();
+        Ok(Response::new(pb::StatusResponse { sites: rows, aids }))
     }
 }
 
@@ -847,6 +916,42 @@ fn manages(rights: &Rights, current: &Stored, site: &str, verb: &str) -> Result<
         "{} may not {verb} site `{site}`: it is {scope}, outside this operator's roles",
         rights.actor
     )))
+}
+
+/// Every aid of the intent: its operators' activation, and which of
+/// `rows` (connected sites) report using it.
+pub fn aid_states(
+    intent: &musubi_core::intent::Intent,
+    keys: &musubi_core::compile::PublicKeys,
+    rows: &[pb::SiteState],
+) -> Vec<pb::AidState> {
+    let activations = musubi_core::aid::activations(keys);
+    let mut out = Vec::new();
+    for seg in intent.segments.values() {
+        for aid in &seg.aid {
+            let activation = activations.get(aid.name.as_str());
+            out.push(pb::AidState {
+                name: aid.name.clone(),
+                segment: seg.name.clone(),
+                access_points: aid.access_points.clone(),
+                activation: musubi_core::intent::YamlName::yaml(aid.activation).to_string(),
+                active_until_unix_ms: activation.map_or(0, |a| a.until_unix_ms),
+                reason: activation.map(|a| a.reason.clone()).unwrap_or_default(),
+                in_use_at: rows
+                    .iter()
+                    .filter(|r| r.connected)
+                    .filter(|r| {
+                        r.reported
+                            .as_ref()
+                            .and_then(|s| s.status.as_ref())
+                            .is_some_and(|s| s.aids_in_use.contains(&aid.name))
+                    })
+                    .map(|r| r.site.clone())
+                    .collect(),
+            });
+        }
+    }
+    out
 }
 
 /// Every site's state (or only `only`'s): connected to a replica, what it

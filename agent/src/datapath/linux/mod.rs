@@ -74,8 +74,9 @@ pub const UNREACHABLE_METRIC: u32 = 4_278_198_272;
 
 /// Name prefixes of the agent's WireGuard interfaces: a site's tunnels to
 /// the east and the west access point, an access point's to its members
-/// and to the interconnect.
-const TUNNEL_PREFIXES: [&str; 4] = ["me-", "mw-", "mm-", "mi-"];
+/// and to the interconnect, a site's to a mutual aid's east and west
+/// access point.
+const TUNNEL_PREFIXES: [&str; 6] = ["me-", "mw-", "mm-", "mi-", "ae-", "aw-"];
 
 /// The segment of one of the agent's tunnels, from its name.
 fn tunnel_segment(name: &str) -> Option<&str> {

@@ -89,8 +89,7 @@ pub fn access_points_of<'a>(
     for name in members {
         for site in [old.sites.get(*name), new.sites.get(*name)].into_iter().flatten() {
             for a in &site.attachments {
-                let (east, west) = index.access_points(&a.segment);
-                aps.extend([east, west].into_iter().flatten().map(|ap| ap.name.as_str()));
+                aps.extend(index.serving(&a.segment).into_iter().map(|ap| ap.name.as_str()));
             }
         }
     }
@@ -105,10 +104,10 @@ pub fn slice(index: &Index<'_>, ap: &Site, members: &[&str]) -> Result<SiteConfi
     let mut config = SiteConfig { site: ap.name.clone(), ..Default::default() };
     let mut members: Vec<&Site> = members.iter().filter_map(|m| index.intent.sites.get(*m)).map(|m| &**m).collect();
     members.sort_by(|a, b| a.name.cmp(&b.name));
-    for a in &ap.attachments {
-        let mut seg = musubi_proto::v1::SegmentConfig { segment: a.segment.clone(), ..Default::default() };
+    for segment in index.carried(ap) {
+        let mut seg = musubi_proto::v1::SegmentConfig { segment: segment.to_string(), ..Default::default() };
         for m in &members {
-            if let (Some(peer), group) = entries(index, ap, &a.segment, Some(m))? {
+            if let (Some(peer), group) = entries(index, ap, segment, Some(m))? {
                 seg.peers.push(peer);
                 seg.route_groups.extend(group);
             }
@@ -221,6 +220,14 @@ pub fn rekey(
     let mut out = BTreeSet::new();
     let mut whole: BTreeSet<&str> = BTreeSet::new();
     for (name, entry) in changed {
+        if name == crate::aid::ACTIVATIONS {
+            // An operator's activation is in the configurations of the
+            // aided segment's members.
+            if let Some((segment, _)) = intent.aid(entry) {
+                whole.extend(index.members(&segment.name).iter().copied());
+            }
+            continue;
+        }
         let Some(site) = intent.sites.get(name) else { continue };
         // A rotation's phase is in the site's own configuration; a next key
         // is on the same peers as the segment's key; `+since` on none.
@@ -233,8 +240,7 @@ pub fn rekey(
             None if !crate::rotation::is_segment_key(entry) => continue,
             None => entry.as_str(),
         };
-        let (east, west) = index.access_points(segment);
-        let aps = [east, west].into_iter().flatten().filter(|ap| ap.name != *name);
+        let aps = index.serving(segment).into_iter().filter(|ap| ap.name != *name);
         if site.is_access_point() {
             whole.extend(index.members(segment).iter().copied());
             whole.extend(aps.map(|ap| ap.name.as_str()));

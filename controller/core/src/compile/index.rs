@@ -8,7 +8,10 @@ use std::sync::OnceLock;
 
 use super::PublicKeys;
 use crate::allocate::Allocations;
-use crate::intent::{Intent, Policy, Region, Site};
+use crate::intent::{Aid, Intent, Policy, Region, Site};
+
+/// A mutual aid with its aiding pair: (aid, east, west).
+pub type AidPair<'a> = (&'a Aid, Option<&'a Site>, Option<&'a Site>);
 
 #[derive(Debug)]
 pub struct Index<'a> {
@@ -19,6 +22,10 @@ pub struct Index<'a> {
     west: HashMap<&'a str, &'a Site>,
     members: OnceLock<HashMap<&'a str, Vec<&'a str>>>,
     policies: HashMap<&'a str, Vec<&'a Policy>>,
+    /// Each segment's mutual aids.
+    aids: HashMap<&'a str, Vec<AidPair<'a>>>,
+    /// The segments each access point aids (carries without being attached).
+    aiding: HashMap<&'a str, Vec<&'a str>>,
 }
 
 impl<'a> Index<'a> {
@@ -31,7 +38,24 @@ impl<'a> Index<'a> {
             west: HashMap::new(),
             members: OnceLock::new(),
             policies: HashMap::new(),
+            aids: HashMap::new(),
+            aiding: HashMap::new(),
         };
+        for seg in intent.segments.values().filter(|s| !s.aid.is_empty()) {
+            for aid in &seg.aid {
+                let aps: Vec<&Site> =
+                    aid.access_points.iter().filter_map(|n| intent.sites.get(n)).map(|s| &**s).collect();
+                let region = |r: Region| aps.iter().copied().find(|s| s.is_access_point() && s.region == r);
+                let (east, west) = (region(Region::East), region(Region::West));
+                for ap in [east, west].into_iter().flatten() {
+                    let aided = ix.aiding.entry(ap.name.as_str()).or_default();
+                    if !aided.contains(&seg.name.as_str()) && ap.attachment(&seg.name).is_none() {
+                        aided.push(seg.name.as_str());
+                    }
+                }
+                ix.aids.entry(seg.name.as_str()).or_default().push((aid, east, west));
+            }
+        }
         for site in intent.sites.values().filter(|s| s.is_access_point()) {
             let map = if site.region == Region::East { &mut ix.east } else { &mut ix.west };
             for a in &site.attachments {
@@ -50,6 +74,57 @@ impl<'a> Index<'a> {
     /// The (east, west) access points of a segment.
     pub fn access_points(&self, segment: &str) -> (Option<&'a Site>, Option<&'a Site>) {
         (self.east.get(segment).copied(), self.west.get(segment).copied())
+    }
+
+    /// A segment's mutual aids, in declaration order.
+    pub fn aids(&self, segment: &str) -> &[AidPair<'a>] {
+        self.aids.get(segment).map_or(&[], Vec::as_slice)
+    }
+
+    /// The segments an access point aids.
+    pub fn aided(&self, ap: &str) -> &[&'a str] {
+        self.aiding.get(ap).map_or(&[], Vec::as_slice)
+    }
+
+    /// The (east, west) pair `ap` belongs to for `segment`: the segment's
+    /// own, or the aid's pair when `ap` aids it.
+    pub fn pair_of(&self, ap: &Site, segment: &str) -> (Option<&'a Site>, Option<&'a Site>) {
+        if ap.attachment(segment).is_some() {
+            return self.access_points(segment);
+        }
+        self.aids(segment)
+            .iter()
+            .find(|(_, e, w)| [e, w].into_iter().flatten().any(|s| s.name == ap.name))
+            .map_or((None, None), |(_, e, w)| (*e, *w))
+    }
+
+    /// Every access point that holds `segment`'s member sites as peers:
+    /// its own pair and the pairs that aid it.
+    pub fn serving(&self, segment: &str) -> Vec<&'a Site> {
+        let (east, west) = self.access_points(segment);
+        let mut out: Vec<&'a Site> = [east, west].into_iter().flatten().collect();
+        for (_, e, w) in self.aids(segment) {
+            for s in [e, w].into_iter().flatten() {
+                if !out.iter().any(|o| o.name == s.name) {
+                    out.push(s);
+                }
+            }
+        }
+        out
+    }
+
+    /// The segments `site` carries: its attachments, and on an access point
+    /// the segments it aids.
+    pub fn carried<'s>(&'s self, site: &'s Site) -> Vec<&'s str> {
+        let mut out: Vec<&'s str> = site.attachments.iter().map(|a| a.segment.as_str()).collect();
+        if site.is_access_point() {
+            for s in self.aided(&site.name) {
+                if !out.contains(s) {
+                    out.push(s);
+                }
+            }
+        }
+        out
     }
 
     /// Non-AP sites attached to a segment, by name.

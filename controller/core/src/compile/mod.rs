@@ -72,7 +72,7 @@ impl Index<'_> {
         let site = self.intent.sites.get(name).ok_or_else(|| CompileError::UnknownSite(name.to_string()))?;
         let settings = &self.intent.settings;
         let mut segments =
-            site.attachments.iter().map(|a| self.segment(site, &a.segment)).collect::<Result<Vec<_>, _>>()?;
+            self.carried(site).into_iter().map(|seg| self.segment(site, seg)).collect::<Result<Vec<_>, _>>()?;
         segments.sort_by(|a, b| a.segment.cmp(&b.segment));
         Ok(SiteConfig {
             site: site.name.clone(),
@@ -124,7 +124,11 @@ impl Index<'_> {
                 .as_ref()
                 .map(|ifname| pb::Attachment { interface: ifname.clone(), prefixes: convert::prefixes(&a.prefixes) })
         });
-        let (east, west) = self.access_points(segment);
+        let (east, west) =
+            if site.is_access_point() { self.pair_of(site, segment) } else { self.access_points(segment) };
+        // An access point aiding the segment carries its members, not its policy.
+        let aiding = site.is_access_point() && site.attachment(segment).is_none();
+        let aids = if site.is_access_point() { &[][..] } else { self.aids(segment) };
         let mut tunnels = Vec::new();
         let mut tunnel = |kind: Tunnel, port: u16, addresses: Vec<String>, faces: pb::PeerRole| {
             tunnels.push(pb::WireguardInterface {
@@ -138,6 +142,7 @@ impl Index<'_> {
         let mut route_groups = Vec::new();
         let mut policy = Vec::new();
         let mut imports = Vec::new();
+        let mut aid_configs = Vec::new();
         if site.is_access_point() {
             let (own_end, other) = if site.region == Region::East { (0, west) } else { (1, east) };
             tunnel(Tunnel::Members, sa.port, own.clone(), pb::PeerRole::Site);
@@ -161,7 +166,7 @@ impl Index<'_> {
                     });
                 }
             }
-            for p in self.policies(segment) {
+            for p in self.policies(segment).iter().filter(|_| !aiding) {
                 let (Some(from), Some(to)) = (self.intent.segments.get(&p.from), self.intent.segments.get(&p.to))
                 else {
                     continue;
@@ -178,7 +183,7 @@ impl Index<'_> {
                     });
                 }
             }
-            for linked in self.linked_segments(segment) {
+            for linked in self.linked_segments(segment).into_iter().filter(|_| !aiding) {
                 imports.push(pb::SegmentImport {
                     segment: linked.to_string(),
                     table: self.segment_alloc(linked)?.table,
@@ -186,15 +191,39 @@ impl Index<'_> {
                 });
             }
         } else {
-            let (home, away) = if site.region == Region::East { (east, west) } else { (west, east) };
-            let candidates: Vec<String> = [home, away].into_iter().flatten().map(|s| s.name.clone()).collect();
+            let east_home = site.region == Region::East;
+            fn home_first<T>(east_home: bool, e: T, w: T) -> [T; 2] {
+                if east_home { [e, w] } else { [w, e] }
+            }
+            // The segment's own pair first, then its aid's, each access
+            // point on a tunnel of its own.
+            let mut candidates: Vec<String> =
+                home_first(east_home, east, west).into_iter().flatten().map(|s| s.name.clone()).collect();
+            let mut aps: Vec<&Site> = [east, west].into_iter().flatten().collect();
+            for (aid, ae, aw) in aids {
+                candidates.extend(home_first(east_home, *ae, *aw).into_iter().flatten().map(|s| s.name.clone()));
+                aps.extend([ae, aw].into_iter().flatten().copied());
+                if ae.is_some() {
+                    tunnel(Tunnel::EastAid, sa.aid_ports[0], own.clone(), pb::PeerRole::AccessPoint);
+                }
+                if aw.is_some() {
+                    tunnel(Tunnel::WestAid, sa.aid_ports[1], own.clone(), pb::PeerRole::AccessPoint);
+                }
+                aid_configs.push(pb::AidConfig {
+                    name: aid.name.clone(),
+                    access_points: [ae, aw].into_iter().flatten().map(|s| s.name.clone()).collect(),
+                    automatic: aid.activation == crate::intent::Activation::Automatic,
+                    active: self.keys.get(crate::aid::ACTIVATIONS).is_some_and(|a| a.contains_key(&aid.name)),
+                    max_duration_ms: aid.max_duration_s.saturating_mul(1000),
+                });
+            }
             if east.is_some() {
                 tunnel(Tunnel::EastAccessPoint, sa.port, own.clone(), pb::PeerRole::AccessPoint);
             }
             if west.is_some() {
                 tunnel(Tunnel::WestAccessPoint, sa.second_port, own.clone(), pb::PeerRole::AccessPoint);
             }
-            for ap in [east, west].into_iter().flatten() {
+            for ap in aps {
                 peers.push(self.peer(site, ap, segment, pb::PeerRole::AccessPoint, Vec::new())?);
             }
             for routed in std::iter::once(segment).chain(self.linked_segments(segment)) {
@@ -220,6 +249,7 @@ impl Index<'_> {
             attachment,
             policy,
             imports,
+            aids: aid_configs,
         })
     }
 
@@ -236,7 +266,7 @@ impl Index<'_> {
     ) -> Result<(pb::Peer, Option<pb::RouteGroup>), CompileError> {
         let peer = self.peer(ap, member, segment, pb::PeerRole::Site, Vec::new())?;
         let prefixes = member.attachment(segment).map(|a| convert::prefixes(&a.prefixes)).unwrap_or_default();
-        let (east, west) = self.access_points(segment);
+        let (east, west) = self.pair_of(ap, segment);
         let other = if ap.region == Region::East { west } else { east };
         let candidates = std::iter::once(member.name.clone()).chain(other.map(|o| o.name.clone())).collect();
         let group = (!prefixes.is_empty()).then(|| pb::RouteGroup { name: member.name.clone(), prefixes, candidates });
@@ -257,9 +287,16 @@ impl Index<'_> {
         extra: Vec<String>,
     ) -> Result<pb::Peer, CompileError> {
         let sa = self.segment_alloc(segment)?;
+        // An access point that aids the segment (it is not attached): a
+        // site's tunnel to it is one of the aid's, on the aid's ports.
+        let aids = |ap: &Site| ap.attachment(segment).is_none();
         let (interface, port) = match role {
+            pb::PeerRole::AccessPoint if aids(remote) && remote.region == Region::West => (Tunnel::WestAid, sa.port),
+            pb::PeerRole::AccessPoint if aids(remote) => (Tunnel::EastAid, sa.port),
             pb::PeerRole::AccessPoint if remote.region == Region::West => (Tunnel::WestAccessPoint, sa.port),
             pb::PeerRole::AccessPoint => (Tunnel::EastAccessPoint, sa.port),
+            pb::PeerRole::Site if aids(local) && local.region == Region::West => (Tunnel::Members, sa.aid_ports[1]),
+            pb::PeerRole::Site if aids(local) => (Tunnel::Members, sa.aid_ports[0]),
             pb::PeerRole::Site if local.region == Region::West => (Tunnel::Members, sa.second_port),
             pb::PeerRole::Site => (Tunnel::Members, sa.port),
             pb::PeerRole::Interconnect | pb::PeerRole::Unspecified => (Tunnel::Interconnect, sa.second_port),

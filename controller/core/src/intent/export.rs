@@ -37,6 +37,18 @@ struct SegmentDoc<'a> {
     shared_with: &'a [String],
     #[serde(skip_serializing_if = "str::is_empty")]
     description: &'a str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    aid: Vec<AidDoc<'a>>,
+}
+
+#[derive(Serialize)]
+struct AidDoc<'a> {
+    name: &'a str,
+    access_points: &'a [String],
+    activation: &'static str,
+    max_duration: String,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    description: &'a str,
 }
 
 #[derive(Serialize)]
@@ -164,6 +176,17 @@ pub fn select(intent: &Intent, keep: impl Fn(Kind, &str) -> bool) -> Result<(Str
                 prefixes: strings(&g.prefixes),
                 shared_with: &g.shared_with,
                 description: &g.description,
+                aid: g
+                    .aid
+                    .iter()
+                    .map(|a| AidDoc {
+                        name: &a.name,
+                        access_points: &a.access_points,
+                        activation: a.activation.yaml(),
+                        max_duration: crate::words::duration_text(a.max_duration_s),
+                        description: &a.description,
+                    })
+                    .collect(),
             },
         )?;
     }

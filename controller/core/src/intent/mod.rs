@@ -165,6 +165,65 @@ pub struct Segment {
     /// Other tenants whose sites may attach to this segment.
     pub shared_with: Vec<String>,
     pub description: String,
+    /// Mutual aid: another network's access points this segment may use in
+    /// an emergency, declared in peacetime.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aid: Vec<Aid>,
+}
+
+/// Mutual aid (相互乗り入れ): when a segment's own access points cannot be
+/// reached, its sites may use another network's pair. Pre-staged on every
+/// site and on the aiding pair (a disaster may cut the controller off too),
+/// dormant until its condition holds, isolated like any segment there.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Aid {
+    /// Unique across the intent: `musubi aid activate NAME`.
+    pub name: String,
+    /// The aiding pair: an east and a west access point of another network.
+    pub access_points: Vec<String>,
+    pub activation: Activation,
+    /// How long one activation lasts at most, in seconds; then isolation
+    /// is restored.
+    pub max_duration_s: u64,
+    pub description: String,
+}
+
+/// When an aid is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Activation {
+    /// On its own, at a site that reaches neither of the segment's access
+    /// points, for as long as that lasts (at most the aid's duration).
+    #[default]
+    Automatic,
+    /// Only after an operator activates it (`musubi aid activate`).
+    Manual,
+}
+
+impl YamlName for Activation {
+    const ALL: &'static [Activation] = &[Activation::Automatic, Activation::Manual];
+
+    fn yaml(self) -> &'static str {
+        match self {
+            Activation::Automatic => "automatic",
+            Activation::Manual => "manual",
+        }
+    }
+}
+
+impl Intent {
+    /// The segments whose aid names `ap`.
+    pub fn aided_by<'a>(&'a self, ap: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.segments
+            .values()
+            .filter(move |s| s.aid.iter().any(|a| a.access_points.iter().any(|n| n == ap)))
+            .map(|s| s.name.as_str())
+    }
+
+    /// An aid by name, with its segment.
+    pub fn aid(&self, name: &str) -> Option<(&Segment, &Aid)> {
+        self.segments.values().find_map(|s| s.aid.iter().find(|a| a.name == name).map(|a| (&**s, a)))
+    }
 }
 
 impl Segment {
@@ -447,9 +506,10 @@ pub const IFNAME_MAX: usize = 15;
 pub const WG_PREFIX: &str = "mw-";
 /// Prefixes of every WireGuard interface Musubi owns, by what it faces: a
 /// site's tunnel to the east access point, to the west one; an access
-/// point's tunnel to its member sites, to the other access point. All the
+/// point's tunnel to its member sites, to the other access point; a site's
+/// tunnel to its segment's mutual aid's east and west access point. All the
 /// same length, so one rule of segment-name length covers them.
-pub const TUNNEL_PREFIXES: [&str; 4] = ["me-", WG_PREFIX, "mm-", "mi-"];
+pub const TUNNEL_PREFIXES: [&str; 6] = ["me-", WG_PREFIX, "mm-", "mi-", "ae-", "aw-"];
 /// Prefix of every VRF device Musubi owns.
 pub const VRF_PREFIX: &str = "mv-";
 /// Longest segment name that still fits in an interface name.
@@ -466,6 +526,10 @@ pub enum Tunnel {
     Members,
     /// An access point's tunnel to the other access point.
     Interconnect,
+    /// A site's tunnel to its segment's mutual aid's east access point.
+    EastAid,
+    /// … and to its west one.
+    WestAid,
 }
 
 /// The interface name of a segment's tunnel.
@@ -475,6 +539,8 @@ pub fn tunnel_name(tunnel: Tunnel, segment: &str) -> String {
         Tunnel::WestAccessPoint => TUNNEL_PREFIXES[1],
         Tunnel::Members => TUNNEL_PREFIXES[2],
         Tunnel::Interconnect => TUNNEL_PREFIXES[3],
+        Tunnel::EastAid => TUNNEL_PREFIXES[4],
+        Tunnel::WestAid => TUNNEL_PREFIXES[5],
     };
     format!("{prefix}{segment}")
 }

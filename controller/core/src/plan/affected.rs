@@ -68,10 +68,19 @@ pub fn affected_sites(old: &Intent, new: &Intent) -> BTreeSet<String> {
                     // Every member's peer list and candidates name the AP.
                     segments.insert(a.segment.clone());
                 } else {
-                    // The AP pair holds a peer and a route group for the site.
+                    // The AP pair holds a peer and a route group for the
+                    // site, and so do the pairs that aid the segment.
                     out.extend(
                         aps.iter().flatten().filter(|ap| ap.attachment(&a.segment).is_some()).map(|ap| ap.name.clone()),
                     );
+                    for intent in [old, new] {
+                        out.extend(aid_access_points(intent, &a.segment));
+                    }
+                }
+            }
+            if site.is_access_point() {
+                for intent in [old, new] {
+                    segments.extend(intent.aided_by(name).map(str::to_string));
                 }
             }
         }
@@ -99,6 +108,20 @@ pub fn affected_sites(old: &Intent, new: &Intent) -> BTreeSet<String> {
                 out.insert(site.name.clone());
             }
         }
+        for segment in &segments {
+            out.extend(aid_access_points(intent, segment));
+        }
     }
     out
+}
+
+/// The access points that aid `segment` in `intent`.
+fn aid_access_points(intent: &Intent, segment: &str) -> Vec<String> {
+    intent
+        .segments
+        .get(segment)
+        .into_iter()
+        .flat_map(|s| &s.aid)
+        .flat_map(|a| a.access_points.iter().cloned())
+        .collect()
 }

@@ -2,6 +2,7 @@
 //! reported with its object, field and position: an operator fixes a file in
 //! one round, not one error at a time.
 
+mod aid;
 mod capacity;
 mod names;
 mod operators;
@@ -21,7 +22,7 @@ type Rule = fn(&Intent, &SourceMap, &mut Vec<Diagnostic>);
 
 /// Every rule, in the order their unlocated problems are reported. Capacity
 /// counts the whole intent, so a change-only check runs it on all of it.
-const RULES: [Rule; 5] = [names::check, references::check, sites::check, prefixes::check, operators::check];
+const RULES: [Rule; 6] = [names::check, references::check, sites::check, prefixes::check, operators::check, aid::check];
 const WHOLE_INTENT_RULES: [Rule; 1] = [capacity::check];
 
 fn run(rules: &[Rule], intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnostic>) {

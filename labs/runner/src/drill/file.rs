@@ -156,11 +156,36 @@ impl<'de> Deserialize<'de> for Restore {
 }
 
 /// What an `expect` step checks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(super) enum Expectation {
     /// Every pair reaches, or does not reach, each other as the intent says.
     Matrix,
+    /// How many packets of a segment some routers forward over a while
+    /// (entering from the segment's tunnels or domain): `{forwarded:
+    /// {sites: [nat-east, nat-west], segment: pref-lan, for: 2s, max: 0}}`
+    /// — none of it crosses them — or `min: 1` — it does.
+    Forwarded(Forwarded),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Forwarded {
+    pub(super) sites: Vec<String>,
+    pub(super) segment: String,
+    /// How long to count (default 1 s).
+    #[serde(rename = "for", default = "one_second", deserialize_with = "duration")]
+    pub(super) window: Duration,
+    /// At least this many packets in all (default 0).
+    #[serde(default)]
+    pub(super) min: u64,
+    /// At most this many (default: no limit).
+    #[serde(default)]
+    pub(super) max: Option<u64>,
+}
+
+fn one_second() -> Duration {
+    Duration::from_secs(1)
 }
 
 /// `2s`, `1.5s`, `500ms`, or a bare number of seconds; 0 to 1 h.

@@ -136,6 +136,44 @@ pub(super) fn line_counts(w: &World, sites: &BTreeSet<String>) -> Result<BTreeMa
     Ok(out)
 }
 
+/// The table of a `forwarded` count (beside the line counters').
+const FORWARD_TABLE: &str = "musubi-drill-forwarded";
+
+/// Packets of `segment` that each of `sites`' routers forwards during
+/// `window`: entering from one of the segment's tunnels or its domain, on
+/// their way elsewhere (probes end at the router and do not count). Counted
+/// before any filter of the agent's, so a packet the router would drop
+/// counts too.
+pub(super) fn forwarded(w: &World, sites: &[String], segment: &str, window: Duration) -> Result<BTreeMap<String, u64>> {
+    let mut names: Vec<String> =
+        musubi_core::intent::TUNNEL_PREFIXES.iter().map(|p| format!("\"{p}{segment}\"")).collect();
+    names.push(format!("\"{}\"", musubi_core::intent::vrf_name(segment)));
+    let script = format!(
+        "add table inet {FORWARD_TABLE}\ndelete table inet {FORWARD_TABLE}\ntable inet {FORWARD_TABLE} {{\n  chain forward {{\n    type filter hook forward priority -350; policy accept;\n    iifname {{ {} }} counter comment \"segment\"\n  }}\n}}\n",
+        names.join(", ")
+    );
+    for site in sites {
+        nft(&w.lab, &w.router[site], &script)?;
+    }
+    std::thread::sleep(window);
+    let mut out = BTreeMap::new();
+    for site in sites {
+        let router = &w.router[site];
+        let text = w.lab.sh(router, &format!("nft -j list table inet {FORWARD_TABLE}"))?;
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        let packets = v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|o| o.get("rule"))
+            .flat_map(|r| r["expr"].as_array().into_iter().flatten().filter_map(|e| e["counter"]["packets"].as_u64()))
+            .sum();
+        nft(&w.lab, router, &format!("delete table inet {FORWARD_TABLE}\n"))?;
+        out.insert(site.clone(), packets);
+    }
+    Ok(out)
+}
+
 /// Counters of outer packets (WireGuard, not probes) per line interface and
 /// access point, in `site`'s router.
 pub(super) fn install_counters(w: &World, site: &str) -> Result<()> {

@@ -38,7 +38,7 @@ use self::faults::{Damage, nft, restore_node, stop_node};
 use self::file::{Expectation, Flap, Restore, SiteLine, SiteTunnel, Step, read};
 use self::measure::{install_counters, line_counts, outage, stall};
 use self::moves::Logs;
-use self::report::{FlowResult, Gap, Moves, PathResult, Report, markdown, svg};
+use self::report::{FlowResult, ForwardedCheck, Gap, Moves, PathResult, Report, markdown, svg};
 use self::traffic::{Flow, Sender, in_netns, micros, parse, sender, steady, tcp_receiver};
 use self::world::world;
 use crate::check::check;
@@ -77,6 +77,24 @@ fn preferred_share(w: &world::World, site: &str, counts: &measure::LineCounts) -
 /// per second; `scale` multiplies the drill's times (waits, flaps, the
 /// longest outage allowed), for a lab whose probe timers and hold-down were
 /// multiplied by as much (the kernel lab's emulated guest).
+/// The controller's audit chain, one line per entry (`musubi history`).
+fn audit_lines(w: &world::World) -> Result<Vec<String>> {
+    let out = w.lab.musubi(&w.controller).arg("history").output().context("musubi history")?;
+    if !out.status.success() {
+        bail!("musubi history: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim().to_string()).collect())
+}
+
+/// The audit entries written since the chain had `before` of them (none
+/// when it could not be read then or now).
+fn audit_since(w: &world::World, before: usize) -> Vec<String> {
+    match audit_lines(w) {
+        Ok(lines) if before <= lines.len() => lines[before..].to_vec(),
+        _ => Vec::new(),
+    }
+}
+
 pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale: u32) -> Result<()> {
     let mut drill = read(file)?;
     if let Some(rate) = rate {
@@ -102,6 +120,7 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
     }
 
     let logs = Logs::mark(&w);
+    let audit_before = audit_lines(&w).map_or(usize::MAX, |l| l.len());
     // Receivers: every host listens on every stream's port.
     let started = Instant::now();
     let started_unix_s =
@@ -206,6 +225,7 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
     let mut timeline: Vec<(f64, String)> = Vec::new();
     let mut dark: BTreeMap<String, Vec<(u32, Option<u32>)>> = BTreeMap::new();
     let mut matrix_checks = Vec::new();
+    let mut forwarded_checks: Vec<ForwardedCheck> = Vec::new();
     let mut failure: Option<anyhow::Error> = None;
     let note = |timeline: &mut Vec<(f64, String)>, what: String| {
         let t = started.elapsed().as_secs_f64();
@@ -318,6 +338,32 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
                         restore_node(&w, &mut damage, n)?;
                     }
                     note(&mut timeline, "restore everything".into());
+                }
+                Step::Expect(Expectation::Forwarded(f)) => {
+                    let at = started.elapsed().as_secs_f64();
+                    let counted = measure::forwarded(&w, &f.sites, &f.segment, f.window)?;
+                    let total: u64 = counted.values().sum();
+                    let pass = total >= f.min && f.max.is_none_or(|m| total <= m);
+                    let each: Vec<String> = counted.iter().map(|(s, n)| format!("{s} {n}")).collect();
+                    note(
+                        &mut timeline,
+                        format!(
+                            "{total} packets of {} forwarded in {:.1} s ({}){}",
+                            f.segment,
+                            f.window.as_secs_f64(),
+                            each.join(", "),
+                            if pass { "" } else { " — NOT as expected" }
+                        ),
+                    );
+                    forwarded_checks.push(ForwardedCheck {
+                        at_s: at,
+                        segment: f.segment.clone(),
+                        window_s: f.window.as_secs_f64(),
+                        sites: counted.into_iter().collect(),
+                        min: f.min,
+                        max: f.max,
+                        pass,
+                    });
                 }
                 Step::Expect(Expectation::Matrix) => {
                     note(&mut timeline, "expect the matrix".into());
@@ -464,7 +510,8 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
     let pass = flows.iter().all(|f| f.pass)
         && paths.iter().all(|p| p.pass)
         && moves.iter().all(|m| m.pass)
-        && matrix_checks.iter().all(|m| m.1);
+        && matrix_checks.iter().all(|m| m.1)
+        && forwarded_checks.iter().all(|f| f.pass);
     let report = Report {
         drill: drill.name.clone(),
         description: drill.description.trim().to_string(),
@@ -478,6 +525,8 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
         paths_after_s: back_after,
         moves,
         matrix_checks,
+        forwarded_checks,
+        audit: audit_since(&w, audit_before),
         pass,
     };
     progress.finish();

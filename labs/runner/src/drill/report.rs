@@ -74,6 +74,22 @@ pub(super) struct Report {
     pub(super) paths_after_s: Option<f64>,
     pub(super) moves: Vec<Moves>,
     pub(super) matrix_checks: Vec<(f64, bool)>,
+    pub(super) forwarded_checks: Vec<ForwardedCheck>,
+    /// The controller's audit entries written during the drill.
+    pub(super) audit: Vec<String>,
+    pub(super) pass: bool,
+}
+
+/// An `expect: forwarded` step: packets of a segment the routers forwarded.
+#[derive(Debug, serde::Serialize)]
+pub(super) struct ForwardedCheck {
+    pub(super) at_s: f64,
+    pub(super) segment: String,
+    pub(super) window_s: f64,
+    /// Per router's site, packets.
+    pub(super) sites: Vec<(String, u64)>,
+    pub(super) min: u64,
+    pub(super) max: Option<u64>,
     pub(super) pass: bool,
 }
 
@@ -163,6 +179,36 @@ pub(super) fn markdown(r: &Report) -> String {
     }
     for (t, ok) in &r.matrix_checks {
         let _ = writeln!(md, "\nMatrix at {t:.1} s: {}", if *ok { "as the intent says ✓" } else { "DIFFERS ✗" });
+    }
+    if !r.forwarded_checks.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nPackets of a segment forwarded by routers, counted as they enter from its tunnels:\n\n| at | segment | for | routers: packets | expected | |\n| ---: | --- | ---: | --- | --- | --- |"
+        );
+        for f in &r.forwarded_checks {
+            let each: Vec<String> = f.sites.iter().map(|(s, n)| format!("{s}: {n}")).collect();
+            let expected = match f.max {
+                Some(max) if max == f.min => format!("exactly {max}"),
+                Some(max) => format!("{} to {max}", f.min),
+                None => format!("at least {}", f.min),
+            };
+            let _ = writeln!(
+                md,
+                "| {:.1} s | {} | {:.1} s | {} | {expected} | {} |",
+                f.at_s,
+                f.segment,
+                f.window_s,
+                each.join(", "),
+                if f.pass { "✓" } else { "✗" }
+            );
+        }
+    }
+    if !r.audit.is_empty() {
+        let _ = writeln!(md, "\nAudit entries written during the drill:\n\n```");
+        for line in &r.audit {
+            let _ = writeln!(md, "{line}");
+        }
+        let _ = writeln!(md, "```");
     }
     md
 }

@@ -172,6 +172,14 @@ impl World {
                 Step::RotateKeys(site) | Step::RevokeKeys(site) => {
                     self.router_of(site)?;
                 }
+                Step::Expect(super::file::Expectation::Forwarded(f)) => {
+                    for site in &f.sites {
+                        self.router_of(site)?;
+                    }
+                    if f.max.is_some_and(|max| max < f.min) {
+                        bail!("expect forwarded: max {} is below min {}", f.max.unwrap_or_default(), f.min);
+                    }
+                }
                 _ => {}
             }
         }

@@ -37,14 +37,56 @@ pub(super) fn read_operator(r: &mut Reader<'_>, doc: &Node, name: String) {
 }
 
 pub(super) fn read_segment(r: &mut Reader<'_>, doc: &Node, name: String) {
-    let Some(f) = r.map(doc, "", &["kind", "name", "tenant", "prefixes", "shared_with", "description"]) else {
+    let Some(f) = r.map(doc, "", &["kind", "name", "tenant", "prefixes", "shared_with", "description", "aid"]) else {
         return;
     };
     let tenant = r.req_string(&f, doc, "", "tenant").unwrap_or_default();
     let prefixes = r.networks(&f, "", "prefixes");
     let shared_with = r.string_list(&f, "", "shared_with");
     let description = r.opt_string(&f, "", "description").unwrap_or_default();
-    r.p.intent.segments.insert(name.clone(), Arc::new(Segment { name, tenant, prefixes, shared_with, description }));
+    let mut aid = Vec::new();
+    if let Some(n) = Reader::get(&f, "aid") {
+        for (path, item) in r.list(n, "aid", "aid") {
+            aid.extend(read_aid(r, item, &path));
+        }
+    }
+    r.p.intent
+        .segments
+        .insert(name.clone(), Arc::new(Segment { name, tenant, prefixes, shared_with, description, aid }));
+}
+
+fn read_aid(r: &mut Reader<'_>, n: &Node, path: &str) -> Option<Aid> {
+    let f = r.map(n, path, &["name", "access_points", "activation", "max_duration", "description"])?;
+    let name = r.req_string(&f, n, path, "name");
+    let access_points = r.string_list(&f, path, "access_points");
+    if Reader::get(&f, "access_points").is_none() {
+        r.missing(n, path, "access_points", "the aiding pair: an east and a west access point");
+    }
+    let activation = Reader::get(&f, "activation")
+        .and_then(|v| r.choice(v, &join(path, "activation"), &Activation::options()))
+        .unwrap_or_default();
+    let max_duration_s = match Reader::get(&f, "max_duration") {
+        Some(v) => {
+            let p = join(path, "max_duration");
+            r.string(v, &p).and_then(|s| match crate::words::duration(&s) {
+                Ok(d) if d.as_secs() > 0 => Some(d.as_secs()),
+                Ok(_) => {
+                    r.error(v, &p, "an aid must last some time", "a duration like 6h or 3d");
+                    None
+                }
+                Err(why) => {
+                    r.error(v, &p, why, "a duration like 6h or 3d");
+                    None
+                }
+            })
+        }
+        None => {
+            r.missing(n, path, "max_duration", "how long one activation lasts at most, like 72h");
+            None
+        }
+    };
+    let description = r.opt_string(&f, path, "description").unwrap_or_default();
+    Some(Aid { name: name?, access_points, activation, max_duration_s: max_duration_s?, description })
 }
 
 pub(super) fn read_site(r: &mut Reader<'_>, doc: &Node, name: String) {
