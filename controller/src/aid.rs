@@ -7,6 +7,7 @@
 //! (the controller may be cut off too) and are audited when their agents
 //! report them ([`reported`]).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -107,38 +108,31 @@ pub async fn activate<S: IntentStore>(
     let ask_key = public_key_key(ACTIVATIONS, &format!("{name}{ASKED}"));
     let mut writes = Vec::new();
     let mut by = String::new();
-    if !(sides.segment && sides.aiding) {
-        // The other network's request, if one waits.
-        let waiting = held(store, &format!("{name}{ASKED}")).await?;
-        let other = waiting.as_ref().and_then(|v| Ask::parse(&String::from_utf8_lossy(v)));
-        match other {
-            Some(ask)
-                if ask.segment != sides.segment && now_ms < ask.at_ms.saturating_add(ASK_LIMIT.as_millis() as u64) =>
-            {
-                by = format!(
-                    " (asked by {} for {})",
-                    ask.actor,
-                    Sides { segment: ask.segment, aiding: !ask.segment }.word()
-                );
-                writes.push(Write { key: ask_key, guard: Guard::Holds(waiting.unwrap_or_default()), value: None });
-            }
-            _ => {
-                let ask = Ask { segment: sides.segment, at_ms: now_ms, actor: actor.to_string() };
-                let other = Sides { segment: !sides.segment, aiding: sides.segment };
-                let summary = format!(
-                    "activation of {what} asked for {}{}; waits for an operator of {}",
-                    sides.word(),
-                    because(reason),
-                    other.word()
-                );
-                let write = Write { key: ask_key, guard: Guard::Any, value: Some(ask.text().into_bytes()) };
-                let event = Event { time_ms: now_ms, actor: actor.to_string(), summary };
-                return match store.record(event, vec![write]).await? {
-                    Some(_) => Ok(Activated::Waiting(other.word())),
-                    None => Err(AidError::Raced(name.to_string())),
-                };
-            }
-        }
+    // The other network's request, if one waits: this one completes it.
+    let waiting = held(store, &format!("{name}{ASKED}")).await?;
+    let other = waiting.as_ref().and_then(|v| Ask::parse(&String::from_utf8_lossy(v))).filter(|ask| {
+        let speaks = if ask.segment { sides.aiding } else { sides.segment };
+        speaks && now_ms < ask.at_ms.saturating_add(ASK_LIMIT.as_millis() as u64)
+    });
+    if let Some(ask) = &other {
+        let side = Sides { segment: ask.segment, aiding: !ask.segment };
+        by = format!(" (asked by {} for {})", ask.actor, side.word());
+        writes.push(Write { key: ask_key.clone(), guard: Guard::Holds(waiting.unwrap_or_default()), value: None });
+    } else if !(sides.segment && sides.aiding) {
+        let ask = Ask { segment: sides.segment, at_ms: now_ms, actor: actor.to_string() };
+        let other = Sides { segment: !sides.segment, aiding: sides.segment };
+        let summary = format!(
+            "activation of {what} asked for {}{}; waits for an operator of {}",
+            sides.word(),
+            because(reason),
+            other.word()
+        );
+        let write = Write { key: ask_key, guard: Guard::Any, value: Some(ask.text().into_bytes()) };
+        let event = Event { time_ms: now_ms, actor: actor.to_string(), summary };
+        return match store.record(event, vec![write]).await? {
+            Some(_) => Ok(Activated::Waiting(other.word())),
+            None => Err(AidError::Raced(name.to_string())),
+        };
     }
     let until = now_ms.saturating_add(duration.as_millis() as u64);
     let activation = Activation { until_unix_ms: until, reason: reason.to_string() };
@@ -202,6 +196,17 @@ pub async fn deactivate<S: IntentStore>(
         Some(_) => Ok(()),
         None => Err(AidError::Raced(name.to_string())),
     }
+}
+
+/// Every operator's activation as the store holds it now, by aid name.
+pub async fn activations<S: IntentStore>(store: &S) -> Result<BTreeMap<String, Activation>, StoreError> {
+    let prefix = format!("{KEYS}{ACTIVATIONS}/");
+    Ok(store
+        .list(&prefix)
+        .await?
+        .into_iter()
+        .filter_map(|(k, v)| Some((k[prefix.len()..].to_string(), Activation::parse(&String::from_utf8_lossy(&v))?)))
+        .collect())
 }
 
 /// Closes every activation that expired at `now_ms` (and any whose aid is no

@@ -440,3 +440,85 @@ async fn the_audit_chain_is_signed_and_an_entry_without_a_replicas_key_is_found(
         text(&out.stderr)
     );
 }
+
+/// Mutual aid across two networks once roles exist: the city's operator
+/// asks for the national pair's aid of its segment and an admin (the
+/// aiding network) completes the request; a viewer is refused; a longer
+/// activation than the aid's duration is refused; the activation shows in
+/// `musubi status` and ends when it expires; every step is an audit entry.
+#[test]
+fn an_aid_opens_when_both_networks_ask_and_closes_when_it_expires() {
+    let d = Deployment::new(&["kita-ops", "minami-view"]);
+    let (pki, dir) = (&d.pki, &d.dir);
+    let (_controller, address) = d.replica();
+    let aid =
+        "aid: [{name: kita-via-national, access_points: [nat-east, nat-west], activation: manual, max_duration: 1h}]";
+    let with_aid = topology("two-cities.yaml").replacen(
+        "name: kita-lan\ntenant: city-kita\nprefixes: [10.1.0.0/16]\n",
+        &format!("name: kita-lan\ntenant: city-kita\nprefixes: [10.1.0.0/16]\n{aid}\n"),
+        1,
+    );
+    assert!(with_aid.contains("kita-via-national"), "kita-lan's document changed in two-cities.yaml");
+    let pair = |name: &str, region: &str, address: &str| {
+        format!(
+            "---\nkind: Site\nname: {name}\ntenant: nation\nrole: access-point\nregion: {region}\n\
+             lines: [{{name: fiber, kind: dark-fiber, priority: 1, address: {address}}}]\n\
+             attachments: [{{segment: nat-core}}]\n"
+        )
+    };
+    let intent = format!(
+        "{with_aid}\n---\nkind: Segment\nname: nat-core\ntenant: nation\nprefixes: [10.250.0.0/16]\n{}{}",
+        pair("nat-east", "east", "192.0.2.101"),
+        pair("nat-west", "west", "192.0.2.102")
+    );
+    let file = dir.path().join("aid.yaml");
+    std::fs::write(&file, intent).expect("write");
+    let out = pki.musubi(&address, &["apply", "-f", file.to_str().expect("utf-8"), "--yes"]);
+    assert!(out.status.success(), "the admin's first apply: {}", text(&out.stderr));
+    let status = || text(&pki.musubi(&address, &["status"]).stdout);
+    let row = |s: &str| s.lines().find(|l| l.starts_with("kita-via-national")).unwrap_or_default().to_string();
+    assert!(row(&status()).contains("manual     no"), "declared, not active:\n{}", status());
+
+    let activate = |name: &str, args: &[&str]| {
+        let mut all = vec!["aid", "activate", "kita-via-national", "--reason", "river flooded"];
+        all.extend_from_slice(args);
+        as_operator(pki, name, &address, &all)
+    };
+    let refused = activate("minami-view", &[]);
+    assert!(!refused.status.success(), "a viewer of another city activated the aid");
+    assert!(text(&refused.stderr).contains("speaks for neither"), "{}", text(&refused.stderr));
+    let too_long = activate("kita-ops", &["--for", "2h"]);
+    assert!(
+        !too_long.status.success() && text(&too_long.stderr).contains("lasts at most 1h"),
+        "{}",
+        text(&too_long.stderr)
+    );
+
+    // The city asks; the aid waits for the aiding network.
+    let asked = activate("kita-ops", &["--for", "3s"]);
+    assert!(asked.status.success(), "{}", text(&asked.stderr));
+    assert!(text(&asked.stdout).contains("aiding access points' network asks too"), "{}", text(&asked.stdout));
+    assert!(row(&status()).contains("manual     no"), "not active on one network's word:\n{}", status());
+    // An admin completes it.
+    let opened = activate("admin", &["--for", "3s"]);
+    assert!(opened.status.success(), "{}", text(&opened.stderr));
+    assert!(text(&opened.stdout).contains("active for"), "{}", text(&opened.stdout));
+    assert!(row(&status()).contains("yes, "), "active:\n{}", status());
+    let history = || text(&pki.musubi(&address, &["history"]).stdout);
+    let h = history();
+    assert!(
+        h.contains("activation of mutual aid kita-via-national (segment kita-lan through nat-east and nat-west) asked for the aided segment's network: river flooded")
+            && h.contains("activated (asked by operator:kita-ops for the aided segment's network) for 3s: river flooded"),
+        "{h}"
+    );
+
+    // It expires: closed by the controller within a second of its end.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !history().contains("expired: isolation restored") {
+        assert!(std::time::Instant::now() < until, "the activation did not expire:\n{}", history());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(row(&status()).contains("manual     no"), "expired:\n{}", status());
+    let gone = as_operator(pki, "kita-ops", &address, &["aid", "deactivate", "kita-via-national", "--reason", "done"]);
+    assert!(!gone.status.success() && text(&gone.stderr).contains("is not active"), "{}", text(&gone.stderr));
+}

@@ -536,6 +536,59 @@ fn every_shipped_drill_passes() {
     assert!(failed.is_empty(), "drills failed:\n{}", failed.join("\n"));
 }
 
+/// The mutual-aid lab's drill (labs/mutual-aid): both access points of the
+/// prefecture's network die; its segment continues through the national
+/// pair within the outage limit, the national segment's flows see nothing,
+/// and once the prefecture's pair is back no packet of its segment crosses
+/// the national pair; the sites' use of the aid is in the audit chain.
+#[test]
+fn the_mutual_aid_drill_passes() {
+    if skip_without_root() {
+        return;
+    }
+    let lab = Lab::new("la");
+    let up = lab.up(&repo("labs/mutual-aid/topology.clab.yml"), &[]);
+    assert!(up.status.success(), "{}", text(&up));
+    let reports = repo("target/drill-reports");
+    std::fs::create_dir_all(&reports).expect("reports directory");
+    let drill = repo("labs/mutual-aid/drills/local-aps-lost.yaml");
+    let out = lab.musubi(&[
+        "lab",
+        "drill",
+        "--lab",
+        &lab.name,
+        "--out",
+        &reports.display().to_string(),
+        &drill.display().to_string(),
+    ]);
+    let md = std::fs::read_to_string(reports.join("local-aps-lost.md")).unwrap_or_else(|_| text(&out));
+    eprintln!("{md}");
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(reports.join("local-aps-lost.json")).expect("report"))
+            .expect("json");
+    assert_eq!(report["pass"], true);
+    let checks = report["forwarded_checks"].as_array().cloned().unwrap_or_default();
+    let total = |c: &serde_json::Value| -> u64 {
+        c["sites"].as_array().into_iter().flatten().filter_map(|s| s[1].as_u64()).sum()
+    };
+    assert_eq!(checks.len(), 3, "{checks:?}");
+    assert_eq!((total(&checks[0]), total(&checks[2])), (0, 0), "nothing crosses the national pair in peacetime");
+    assert!(total(&checks[1]) >= 1000, "the national pair carried the segment: {checks:?}");
+    for f in report["flows"].as_array().into_iter().flatten() {
+        assert_eq!(f["leaked"], 0, "{f}");
+        if f["segment"] == "lgwan" {
+            assert!(f["outage_ms"].as_f64().is_some_and(|o| o < 100.0), "the national segment saw it: {f}");
+        }
+    }
+    let audit: Vec<String> =
+        report["audit"].as_array().into_iter().flatten().filter_map(|l| l.as_str().map(String::from)).collect();
+    for site in ["office-a", "office-b"] {
+        let said = |what: &str| audit.iter().any(|l| l.contains(&format!("site:{site}")) && l.contains(what));
+        assert!(said("pref-via-national") && said("in use at site") && said("no longer in use"), "{site}: {audit:?}");
+    }
+}
+
 /// Every shipped `.clab.yml` is valid against containerlab's own schema
 /// (labs/schema), and the check does reject a broken one.
 #[test]

@@ -75,6 +75,11 @@ pub struct Machine {
     /// The groups not placed on their first candidate yet: the only ones
     /// a step looks at (an access point has thousands of groups).
     unplaced: BTreeSet<(String, String)>,
+    /// Since when each mutual aid has been in use without a break.
+    aid_since: BTreeMap<String, Instant>,
+    /// Aids used for their whole `max_duration`: closed, until the segment
+    /// is back on an access point of its own.
+    aid_expired: BTreeSet<String>,
 }
 
 impl Machine {
@@ -92,7 +97,14 @@ impl Machine {
             first: BTreeMap::new(),
             placed: BTreeSet::new(),
             unplaced: BTreeSet::new(),
+            aid_since: BTreeMap::new(),
+            aid_expired: BTreeSet::new(),
         }
+    }
+
+    /// Aids closed because they were used for their whole duration.
+    pub fn expired_aids(&self) -> &BTreeSet<String> {
+        &self.aid_expired
     }
 
     /// What is built (as the last [`Action::Build`] said).
@@ -136,6 +148,7 @@ impl Machine {
             Event::Tick => false,
         };
         let Some(config) = self.config.clone() else { return Vec::new() };
+        self.expire_aids(&config, now);
         let next = self.decide(&config, now);
         let mut actions = Vec::new();
         if first || next != self.active {
@@ -144,6 +157,7 @@ impl Machine {
             actions.push(Action::Build { choices: next, moved });
         }
         self.note_placements();
+        self.track_aids(&config, now);
         if let Some(at) = self.next_wake(now) {
             actions.push(Action::WakeAt(at));
         }
@@ -162,8 +176,49 @@ impl Machine {
             active: &self.active,
             line_moved: &self.line_moved,
             hold_down: self.hold_down,
+            expired_aids: &self.aid_expired,
             now,
         })
+    }
+
+    /// Closes the aids used for their whole `max_duration` by `now`.
+    fn expire_aids(&mut self, config: &SiteConfig, now: Instant) {
+        for aid in config.segments.iter().flat_map(|s| &s.aids).filter(|a| a.max_duration_ms > 0) {
+            let limit = Duration::from_millis(aid.max_duration_ms);
+            if self.aid_since.get(&aid.name).is_some_and(|since| now >= *since + limit) {
+                self.aid_expired.insert(aid.name.clone());
+            }
+        }
+    }
+
+    /// Notes when each aid's use began (at the step it was first chosen),
+    /// forgets aids no longer used, and reopens an expired aid once its
+    /// segment is back on one of its own access points that answers.
+    fn track_aids(&mut self, config: &SiteConfig, now: Instant) {
+        let in_use = super::aids_in_use(config, &self.active);
+        for a in &in_use {
+            self.aid_since.entry(a.clone()).or_insert(now);
+        }
+        let expired = &self.aid_expired;
+        self.aid_since.retain(|a, _| in_use.contains(a) || expired.contains(a));
+        let mut home_again = Vec::new();
+        for seg in &config.segments {
+            for aid in seg.aids.iter().filter(|a| self.aid_expired.contains(&a.name)) {
+                let home = seg.route_groups.iter().any(|g| {
+                    self.active.groups.get(&(seg.segment.clone(), g.name.clone())).is_some_and(|c| {
+                        !aid.access_points.contains(c)
+                            && self.health.get(&Key::tunnel(&seg.segment, c)).is_some_and(|h| h.up)
+                    })
+                });
+                if home {
+                    home_again.push(aid.name.clone());
+                }
+            }
+        }
+        for name in home_again {
+            self.aid_expired.remove(&name);
+            self.aid_since.remove(&name);
+        }
     }
 
     /// Notes what moved from the active choices to `next`; returns it, named.
@@ -260,7 +315,13 @@ impl Machine {
         // wake-up above: 400 ms of one far-tunnel-lost in five, when the
         // fibre's probe arrived just after the tunnel was judged).
         let members = self.quiet_members_in_grace(now).min().map(|every| now + every);
-        periods.chain(quiet).chain(members).filter(|t| *t > now).min()
+        // An aid in use closes at the end of its duration.
+        let config = self.config.as_deref();
+        let aids = self.aid_since.iter().filter_map(|(name, since)| {
+            let aid = config?.segments.iter().flat_map(|s| &s.aids).find(|a| a.name == *name)?;
+            (aid.max_duration_ms > 0).then(|| *since + Duration::from_millis(aid.max_duration_ms))
+        });
+        periods.chain(quiet).chain(members).chain(aids).filter(|t| *t > now).min()
     }
 
     /// The probe interval of each member site's tunnel that is down and
@@ -416,6 +477,64 @@ mod tests {
         m.step(Event::Configured { config: Arc::new(site()), hops: hops() }, t0);
         m.step(Event::Probed(all.clone()), t0);
         (m, all)
+    }
+
+    /// An aid used for its whole duration closes (isolation restored) even
+    /// while the segment's own pair is still down; the machine wakes for
+    /// it; the aid may open again only after the segment was back on its
+    /// own pair.
+    #[test]
+    fn an_aid_used_for_its_whole_duration_closes_until_the_own_pair_is_back() {
+        let config = Arc::new(super::super::tests::aided_member(true, false));
+        let key = ("pref-lan".to_string(), "pref-lan".to_string());
+        let on = |m: &Machine| m.active().groups.get(&key).cloned().unwrap_or_default();
+        let t0 = Instant::now();
+        let long_ago = t0 - Duration::from_secs(60);
+        let tunnel_of = |peer: &str| Key::tunnel("pref-lan", peer);
+        let mut h: BTreeMap<Key, Health> = ["loc-east", "loc-west", "nat-east", "nat-west"]
+            .into_iter()
+            .map(|p| (tunnel_of(p), health(true, long_ago, Some(t0))))
+            .collect();
+        let mut m = Machine::new(HOLD_DOWN, true);
+        m.step(Event::Configured { config: config.clone(), hops: Hops::new() }, t0);
+        m.step(Event::Probed(h.clone()), t0);
+        assert_eq!(on(&m), "loc-east");
+        // Both own access points die.
+        let cut = t0 + ms(1000);
+        for p in ["loc-east", "loc-west"] {
+            h.insert(tunnel_of(p), health(false, cut, Some(cut - ms(150))));
+        }
+        m.step(Event::Probed(h.clone()), cut);
+        assert_eq!(on(&m), "nat-east", "the aid opens");
+        let max = Duration::from_millis(3_600_000);
+        // Once the graces and hold-downs are over, the next wake-up is the
+        // end of the aid's duration.
+        let actions = m.step(Event::Tick, cut + ms(10_000));
+        assert!(
+            actions.iter().any(|a| matches!(a, Action::WakeAt(at) if *at == cut + max)),
+            "wakes when the aid's duration ends: {actions:?}"
+        );
+        m.step(Event::Tick, cut + max - ms(1));
+        assert_eq!(on(&m), "nat-east", "still within its duration");
+        m.step(Event::Tick, cut + max);
+        assert_ne!(on(&m), "nat-east", "closed at the end of its duration");
+        assert!(m.expired_aids().contains("pref-aid"));
+        m.step(Event::Tick, cut + max + ms(500));
+        assert!(!on(&m).starts_with("nat-"), "stays closed while the own pair is down");
+        // The own pair returns: the segment goes home; the aid may open again.
+        let back = cut + max + ms(1000);
+        for p in ["loc-east", "loc-west"] {
+            h.insert(tunnel_of(p), health(true, back, Some(back)));
+        }
+        m.step(Event::Probed(h.clone()), back);
+        assert_eq!(on(&m), "loc-east");
+        assert!(m.expired_aids().is_empty());
+        let again = back + ms(5000);
+        for p in ["loc-east", "loc-west"] {
+            h.insert(tunnel_of(p), health(false, again, Some(again - ms(150))));
+        }
+        m.step(Event::Probed(h.clone()), again);
+        assert_eq!(on(&m), "nat-east", "a new disaster opens it again, for a new duration");
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct Inputs<'a> {
     /// When the line to each peer last moved.
     pub line_moved: &'a BTreeMap<String, Instant>,
     pub hold_down: Duration,
+    /// Aids used for their whole duration: closed whatever their condition.
+    pub expired_aids: &'a BTreeSet<String>,
     pub now: Instant,
 }
 
@@ -69,7 +71,7 @@ impl std::fmt::Debug for Inputs<'_> {
 /// endpoints, best line first; a path the router has no route for is
 /// used only when nothing else is.
 pub fn choices(i: Inputs<'_>) -> Choices {
-    let Inputs { config, health, hops, active, line_moved, hold_down, now } = i;
+    let Inputs { config, health, hops, active, line_moved, hold_down, expired_aids, now } = i;
     let Some(health) = health else { return first_choices(config, hops) };
     let settled =
         |h: &Health, current: bool| current || h.since.is_none_or(|s| now.saturating_duration_since(s) >= hold_down);
@@ -246,7 +248,7 @@ pub fn choices(i: Inputs<'_>) -> Choices {
         }
     };
     let current = |seg: &str, group: &str| active.groups.get(&(seg.to_string(), group.to_string())).cloned();
-    choose(config, &group_rank, &path_rank, &current)
+    choose(config, &group_rank, &path_rank, &current, expired_aids)
 }
 
 /// The mutual aids the choices use: a route group on one of an aid's
@@ -368,6 +370,7 @@ pub fn choose(
     group_rank: &dyn Fn(&str, &str, &str) -> u8,
     path_rank: &dyn Fn(&str, &pb::Endpoint) -> u8,
     current: &dyn Fn(&str, &str) -> Option<String>,
+    expired_aids: &BTreeSet<String>,
 ) -> Choices {
     let mut out = Choices::default();
     for seg in &config.segments {
@@ -386,6 +389,7 @@ pub fn choose(
             let on_aid = current.is_some_and(|c| aid_of(&c).is_some());
             let open = |c: &String| match aid_of(c) {
                 None => true,
+                Some(a) if expired_aids.contains(&a.name) => false,
                 Some(a) => a.active || (a.automatic && (own_best >= 2 || (own_best == 1 && on_aid))),
             };
             if let Some(c) = best(keyed_candidates().filter(|c| open(c)), |c| rank(c)) {
@@ -408,7 +412,7 @@ pub fn choose(
 /// candidate with a key, every peer's first path the router has a route for.
 pub fn first_choices(config: &SiteConfig, hops: &Hops) -> Choices {
     let routed = |e: &pb::Endpoint| path(config, e).is_some_and(|pair| hops.contains_key(&pair));
-    choose(config, &|_, _, _| 0, &|_, e| if routed(e) { 0 } else { 1 }, &|_, _| None)
+    choose(config, &|_, _, _| 0, &|_, e| if routed(e) { 0 } else { 1 }, &|_, _| None, &BTreeSet::new())
 }
 
 #[cfg(test)]
@@ -443,7 +447,7 @@ mod tests {
     }
 
     /// A member site of `pref-lan` with its own pair and an aiding one.
-    fn aided_member(automatic: bool, active: bool) -> SiteConfig {
+    pub(super) fn aided_member(automatic: bool, active: bool) -> SiteConfig {
         let peer = |name: &str| pb::Peer {
             name: name.into(),
             interface: format!("m-{name}"),
@@ -504,6 +508,7 @@ mod tests {
                 active: &active,
                 line_moved: &BTreeMap::new(),
                 hold_down: Duration::from_secs(3),
+                expired_aids: &BTreeSet::new(),
                 now,
             };
             let c = choices(inputs);
@@ -569,6 +574,7 @@ mod tests {
                 active: &restored,
                 line_moved: &BTreeMap::new(),
                 hold_down: Duration::from_secs(3),
+                expired_aids: &BTreeSet::new(),
                 now,
             };
             choices(inputs).groups[&key].clone()
@@ -639,6 +645,7 @@ mod tests {
                 active: &active,
                 line_moved: &BTreeMap::new(),
                 hold_down: Duration::from_secs(3),
+                expired_aids: &BTreeSet::new(),
                 now,
             };
             choices(inputs).groups[&key].clone()

@@ -551,8 +551,13 @@ mod tests {
 
         // The fibre fails: lte→inet is the best path that answers.
         let down = |e: &pb::Endpoint| e.local_line == "fiber";
-        let moved =
-            choose(&c, &|_, _, _| 0, &|_, e| if down(e) { 2 } else { u8::from(e.remote_line != "inet") }, &|_, _| None);
+        let moved = choose(
+            &c,
+            &|_, _, _| 0,
+            &|_, e| if down(e) { 2 } else { u8::from(e.remote_line != "inet") },
+            &|_, _| None,
+            &Default::default(),
+        );
         assert_eq!(moved.paths["ap-east"], ("lte".to_string(), "inet".to_string()));
         let want = desired_with(&c, &keys(&state, &c), &moved).expect("desired");
         let tunnel = |name: &str| &want.tunnels[name].peers;
@@ -638,8 +643,13 @@ mod tests {
         build(&mut noting, &c, &keys, &first, &hops).expect("first build");
         noting.calls.clear();
         let down = |e: &pb::Endpoint| e.local_line == "fiber";
-        let moved =
-            choose(&c, &|_, _, _| 0, &|_, e| if down(e) { 2 } else { u8::from(e.remote_line != "inet") }, &|_, _| None);
+        let moved = choose(
+            &c,
+            &|_, _, _| 0,
+            &|_, e| if down(e) { 2 } else { u8::from(e.remote_line != "inet") },
+            &|_, _| None,
+            &Default::default(),
+        );
         let peers = BTreeSet::from(["ap-east".to_string()]);
         let ops = move_lines(&mut noting, &c, &keys, &moved, &hops, &peers).expect("first step");
         let fenced = ops.iter().find_map(|o| if let Op::SetFence(f) = o { Some(f.len()) } else { None });

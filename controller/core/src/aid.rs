@@ -45,6 +45,78 @@ pub fn activations(keys: &crate::compile::PublicKeys) -> BTreeMap<&str, Activati
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::allocate::{Allocations, allocate};
+    use crate::compile::{PublicKeys, compile};
+    use musubi_proto::v1::PeerRole;
+
+    /// labs/mutual-aid: pref-lan (own pair loc-east/loc-west) is aided by
+    /// the national pair nat-east/nat-west.
+    #[test]
+    fn an_aid_is_pre_staged_on_the_segments_sites_and_on_the_aiding_pair() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../labs/mutual-aid/intent.yaml");
+        let parsed = crate::intent::parse::parse_str("intent.yaml", &std::fs::read_to_string(path).expect("lab"));
+        assert!(parsed.diagnostics.is_empty(), "{:?}", parsed.diagnostics);
+        let intent = parsed.intent;
+        let alloc = allocate(&intent, &Allocations::default()).expect("allocate");
+        let sa = alloc.segments["pref-lan"];
+        assert!(sa.aid_ports.iter().all(|p| *p != 0) && sa.aid_ports[0] != sa.aid_ports[1], "{sa:?}");
+        assert_eq!(alloc.segments["lgwan"].aid_ports, [0, 0], "a segment without aid has no aid ports");
+        let mut keys = PublicKeys::new();
+        let configs = compile(&intent, &alloc, &keys).expect("compile");
+
+        // A member: its own pair first, then the aid's, each on a tunnel of its own.
+        let office = configs["office-a"].segments.iter().find(|s| s.segment == "pref-lan").expect("pref-lan");
+        let group = &office.route_groups[0];
+        assert_eq!(group.candidates, ["loc-east", "loc-west", "nat-east", "nat-west"]);
+        let tunnel = |peer: &str| office.peers.iter().find(|p| p.name == peer).map(|p| p.interface.clone());
+        assert_eq!(tunnel("nat-east").as_deref(), Some("ae-pref-lan"));
+        assert_eq!(tunnel("nat-west").as_deref(), Some("aw-pref-lan"));
+        assert_eq!(tunnel("loc-east").as_deref(), Some("me-pref-lan"));
+        let port = |name: &str| office.tunnels.iter().find(|t| t.name == name).map(|t| t.listen_port);
+        assert_eq!(
+            (port("ae-pref-lan"), port("aw-pref-lan")),
+            (Some(u32::from(sa.aid_ports[0])), Some(u32::from(sa.aid_ports[1])))
+        );
+        assert_eq!(office.aids.len(), 1);
+        let aid = &office.aids[0];
+        assert!(aid.automatic && !aid.active && aid.max_duration_ms == 72 * 3_600_000, "{aid:?}");
+        assert_eq!(aid.access_points, ["nat-east", "nat-west"]);
+        // lgwan, which has no aid, is as before.
+        let lgwan = configs["office-a"].segments.iter().find(|s| s.segment == "lgwan").expect("lgwan");
+        assert!(lgwan.aids.is_empty() && lgwan.tunnels.len() == 2);
+
+        // The aiding pair: the segment in a table of its own, its members
+        // as peers (reached on the aid's ports), the interconnect, no policy.
+        for (ap, other, port) in [("nat-east", "nat-west", sa.aid_ports[0]), ("nat-west", "nat-east", sa.aid_ports[1])]
+        {
+            let seg = configs[ap].segments.iter().find(|s| s.segment == "pref-lan").expect("aided segment");
+            assert_eq!(seg.domain.as_ref().map(|d| d.table), Some(sa.table));
+            let members: Vec<&str> =
+                seg.peers.iter().filter(|p| p.role() == PeerRole::Site).map(|p| p.name.as_str()).collect();
+            assert_eq!(members, ["office-a", "office-b"], "{ap}");
+            assert!(
+                seg.peers
+                    .iter()
+                    .filter(|p| p.role() == PeerRole::Site)
+                    .all(|p| p.endpoints.iter().all(|e| e.port == u32::from(port)))
+            );
+            assert!(seg.peers.iter().any(|p| p.name == other && p.role() == PeerRole::Interconnect), "{ap}");
+            assert!(seg.policy.is_empty() && seg.imports.is_empty() && seg.attachment.is_none());
+        }
+        // The segment's own pair is unchanged by the aid.
+        assert!(configs["loc-east"].segments.iter().all(|s| s.segment == "pref-lan"));
+        assert!(crate::verify::isolation(&intent, &configs).is_empty());
+
+        // An operator's activation: on the members' aid, and nowhere else.
+        keys.entry(ACTIVATIONS.into()).or_default().insert("pref-via-national".into(), "1 drill".into());
+        let active = compile(&intent, &alloc, &keys).expect("compile");
+        for (name, config) in &active {
+            let changed = config != &configs[name];
+            assert_eq!(changed, name.starts_with("office-"), "{name}");
+        }
+        let office = active["office-b"].segments.iter().find(|s| s.segment == "pref-lan").expect("pref-lan");
+        assert!(office.aids[0].active);
+    }
 
     #[test]
     fn an_activation_reads_back_and_expires_at_its_time() {

@@ -273,11 +273,15 @@ impl<S: IntentStore + 'static> OperatorService<S> {
         let Some((segment, aid)) = current.intent.aid(&req.name) else {
             return Err(Status::not_found(format!("no segment declares an aid named `{}`", req.name)));
         };
-        // Each network speaks for itself: the aided segment's operators and
-        // the aiding access points' (an admin speaks for both).
+        // Each network speaks for itself once roles are declared: the aided
+        // segment's tenant through an operator of that tenant (an admin only
+        // for a national segment), the aiding access points through those
+        // who manage them (admins: access points are national).
+        let roles = !current.intent.operators.is_empty() && who != "local";
+        let national = current.intent.tenants.get(&segment.tenant).is_none_or(|t| t.national);
         let sides = crate::aid::Sides {
-            segment: rights.may_change(&access::scope(&current.intent, Kind::Segment, &segment.name)),
-            aiding: aid.access_points.iter().all(|ap| rights.may_manage_site(&current.intent, ap)),
+            segment: !roles || if national { rights.admin } else { rights.write.contains(&segment.tenant) },
+            aiding: !roles || aid.access_points.iter().all(|ap| rights.may_manage_site(&current.intent, ap)),
         };
         if !sides.segment && !sides.aiding {
             tracing::warn!(actor = %who, aid = %req.name, "refused: neither network of the aid is the operator's");
@@ -865,7 +869,8 @@ impl<S: IntentStore + 'static> Operator for OperatorService<S> {
         }
         let mut rows = site_states(&*self.store, &self.fanout, only).await.map_err(store_status)?;
         rows.retain(|r| readable(&r.site));
-        let aids = aid_states(&current.intent, &self.fanout.public_keys().keys, &rows)
+        let activations = crate::aid::activations(&*self.store).await.map_err(store_status)?;
+        let aids = aid_states(&current.intent, &activations, &rows)
             .into_iter()
             .filter(|a| rights.may_read(&current.intent, Kind::Segment, &a.segment))
             .collect();
@@ -922,10 +927,9 @@ fn manages(rights: &Rights, current: &Stored, site: &str, verb: &str) -> Result<
 /// `rows` (connected sites) report using it.
 pub fn aid_states(
     intent: &musubi_core::intent::Intent,
-    keys: &musubi_core::compile::PublicKeys,
+    activations: &std::collections::BTreeMap<String, musubi_core::aid::Activation>,
     rows: &[pb::SiteState],
 ) -> Vec<pb::AidState> {
-    let activations = musubi_core::aid::activations(keys);
     let mut out = Vec::new();
     for seg in intent.segments.values() {
         for aid in &seg.aid {
