@@ -268,6 +268,13 @@ fn changed(before: &Intent, after: &Intent) -> Vec<(ObjectRef, Vec<Scope>)> {
             if is {
                 scopes.push(scope(after, kind, name));
             }
+            // Declaring or changing a segment's mutual aid stages it on
+            // another network's access points (national): the nation's
+            // change too. Withdrawing one is the segment's own.
+            let aid = |i: &Intent| i.segments.get(name).map(|s| s.aid.clone()).unwrap_or_default();
+            if kind == Kind::Segment && is && !aid(after).is_empty() && aid(before) != aid(after) {
+                scopes.push(Scope::National);
+            }
             scopes.sort();
             scopes.dedup();
             (ObjectRef::new(kind, name), scopes)
@@ -297,6 +304,27 @@ mod tests {
     }
     fn segment<'a>(i: &'a mut Intent, name: &str) -> &'a mut crate::intent::Segment {
         std::sync::Arc::make_mut(i.segments.get_mut(name).expect("segment"))
+    }
+
+    /// A city's operator may not stage its segment on national access
+    /// points by itself: declaring an aid is a national change (two admins);
+    /// withdrawing it is the city's own.
+    #[test]
+    fn declaring_a_mutual_aid_is_a_national_change() {
+        let before = intent();
+        let mut after = before.clone();
+        segment(&mut after, "kita-lan").aid = vec![crate::intent::Aid {
+            name: "kita-via-ap".into(),
+            access_points: vec!["ap-east".into(), "ap-west".into()],
+            max_duration_s: 3600,
+            ..Default::default()
+        }];
+        let kita = rights(&before, "operator:kita-ops");
+        let refused = check_change(&kita, &before, &after);
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(refused[0].scope, Scope::National);
+        assert!(needs_approval(&before, &after));
+        assert!(check_change(&kita, &after, &before).is_empty(), "withdrawing it is the city's");
     }
     fn operator<'a>(i: &'a mut Intent, name: &str) -> &'a mut crate::intent::Operator {
         std::sync::Arc::make_mut(i.operators.get_mut(name).expect("operator"))
