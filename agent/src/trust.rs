@@ -104,24 +104,27 @@ pub fn check(config: &pb::SiteConfig, limits: &Limits, line_interfaces: &BTreeSe
                 return Err(Untrusted::Table { segment, table, first, last });
             }
         }
-        let Some(lan) = seg.attachment.as_ref().map(|a| a.interface.as_str()).filter(|i| !i.is_empty()) else {
-            continue;
-        };
-        let refuse = |why: String| Untrusted::Lan { segment: segment.clone(), interface: shown(lan), why };
-        if !plain_ifname(lan) {
-            return Err(refuse("not an interface name (1 to 15 of letters, digits, `-_.@`)".into()));
-        }
-        if TUNNEL_PREFIXES.iter().chain([&VRF_PREFIX]).any(|p| lan.starts_with(p)) {
-            return Err(refuse("Musubi's own tunnels and VRFs are never a LAN".into()));
-        }
-        if line_interfaces.contains(lan) {
-            return Err(refuse("one of the site's lines leaves on it".into()));
-        }
-        if let Some(allowed) = &limits.lan_interfaces
-            && !allowed.contains(lan)
-        {
-            let list: Vec<&str> = allowed.iter().map(String::as_str).collect();
-            return Err(refuse(format!("this site's LAN interfaces are {} (--lan-interfaces)", list.join(", "))));
+        // The LAN, and a migration gateway's interface to the old network:
+        // both are bound to the segment, so both obey the same limits.
+        let lan = seg.attachment.as_ref().map(|a| a.interface.as_str());
+        let legacy = seg.legacy.as_ref().map(|l| l.interface.as_str());
+        for lan in [lan, legacy].into_iter().flatten().filter(|i| !i.is_empty()) {
+            let refuse = |why: String| Untrusted::Lan { segment: segment.clone(), interface: shown(lan), why };
+            if !plain_ifname(lan) {
+                return Err(refuse("not an interface name (1 to 15 of letters, digits, `-_.@`)".into()));
+            }
+            if TUNNEL_PREFIXES.iter().chain([&VRF_PREFIX]).any(|p| lan.starts_with(p)) {
+                return Err(refuse("Musubi's own tunnels and VRFs are never a LAN".into()));
+            }
+            if line_interfaces.contains(lan) {
+                return Err(refuse("one of the site's lines leaves on it".into()));
+            }
+            if let Some(allowed) = &limits.lan_interfaces
+                && !allowed.contains(lan)
+            {
+                let list: Vec<&str> = allowed.iter().map(String::as_str).collect();
+                return Err(refuse(format!("this site's LAN interfaces are {} (--lan-interfaces)", list.join(", "))));
+            }
         }
     }
     Ok(())

@@ -110,7 +110,7 @@ fn build(seed: u64, tenants: usize, shared: usize, private: usize, sites_per_ten
                 lines: vec![line("fiber", 1, k), line("lte", 2, k + 1)],
                 attachments: segment_names
                     .iter()
-                    .map(|s| Attachment { segment: s.clone(), interface: None, prefixes: vec![] })
+                    .map(|s| Attachment { segment: s.clone(), interface: None, prefixes: vec![], legacy: None })
                     .collect(),
                 description: String::new(),
             }),
@@ -156,7 +156,12 @@ fn build(seed: u64, tenants: usize, shared: usize, private: usize, sites_per_ten
                     role: Role::AccessPoint,
                     region,
                     lines: vec![line("fiber", 1, k)],
-                    attachments: vec![Attachment { segment: "nat0".into(), interface: None, prefixes: vec![] }],
+                    attachments: vec![Attachment {
+                        segment: "nat0".into(),
+                        interface: None,
+                        prefixes: vec![],
+                        legacy: None,
+                    }],
                     description: String::new(),
                 }),
             );
@@ -205,6 +210,7 @@ fn add_site(intent: &mut Intent, rng: &mut Rng, tenant: usize, n: usize, k: &mut
                 segment: seg.clone(),
                 interface: Some(format!("lan{i}")),
                 prefixes: vec![net(&prefix)],
+                legacy: None,
             });
         }
     }

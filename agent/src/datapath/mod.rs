@@ -130,6 +130,10 @@ pub struct Route {
     pub table: u32,
     pub prefix: String,
     pub interface: String,
+    /// A next hop on that interface (a migration gateway's route to its
+    /// old network); empty: on the interface itself.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub via: String,
 }
 
 /// The flows allowed between segments, as one object: the nftables table the
@@ -750,7 +754,12 @@ mod tests {
         let mut before = owned();
         let t = before.tunnels.get_mut("mw-office").expect("tunnel");
         t.peers.insert("KE2".into(), PeerSpec { allowed_ips: BTreeSet::new(), ..peer("192.0.2.1:51820", &[]) });
-        before.routes.insert(Route { table: 1000, prefix: "10.0.0.0/8".into(), interface: "mw-office".into() });
+        before.routes.insert(Route {
+            table: 1000,
+            prefix: "10.0.0.0/8".into(),
+            interface: "mw-office".into(),
+            via: String::new(),
+        });
         before.domains.insert("office".into(), Domain { name: "office".into(), table: 1000 });
         let mut after = before.clone();
         let t = after.tunnels.get_mut("mw-office").expect("tunnel");
@@ -833,7 +842,8 @@ mod tests {
     /// plan observes again.
     #[test]
     fn other_writes_are_not_shadowed() {
-        let route = Route { table: 1000, prefix: "10.0.0.0/8".into(), interface: "mw-office".into() };
+        let route =
+            Route { table: 1000, prefix: "10.0.0.0/8".into(), interface: "mw-office".into(), via: String::new() };
         assert!(!shadow(&mut owned(), &[Op::AddRoute(route)]));
         let elsewhere = Op::SetPeer { tunnel: "mw-guest".into(), public_key: "KE".into(), peer: peer("", &[]) };
         assert!(!shadow(&mut owned(), &[elsewhere]));

@@ -104,7 +104,12 @@ pub fn desired_with(config: &SiteConfig, keys: &LocalKeys, choices: &Choices) ->
         let routes = routed.entry(seg.segment.as_str()).or_default();
         let mut route = |prefix: &str, interface: &str| -> Result<String, ReconcileError> {
             let prefix = canonical(prefix)?;
-            owned.routes.insert(Route { table, prefix: prefix.clone(), interface: interface.to_string() });
+            owned.routes.insert(Route {
+                table,
+                prefix: prefix.clone(),
+                interface: interface.to_string(),
+                via: String::new(),
+            });
             routes.push((prefix.clone(), interface.to_string()));
             Ok(prefix)
         };
@@ -156,6 +161,28 @@ pub fn desired_with(config: &SiteConfig, keys: &LocalKeys, choices: &Choices) ->
             interfaces.insert(lan.interface.clone());
             for p in &lan.prefixes {
                 route(p, &lan.interface)?;
+            }
+        }
+        // A migration gateway: the old network's interface is bound to the
+        // segment like a LAN, and the legacy sites' prefixes go through the
+        // old network's router on it (and nowhere else).
+        if let Some(legacy) = &seg.legacy {
+            owned.lans.insert(legacy.interface.clone(), domain.vrf.clone());
+            interfaces.insert(legacy.interface.clone());
+            let via: std::net::IpAddr = legacy
+                .via
+                .parse()
+                .map_err(|_| ReconcileError::Prefix(format!("`{}` is not a next hop", legacy.via)))?;
+            for p in &legacy.prefixes {
+                let prefix = canonical(p)?;
+                sources.insert(prefix.clone());
+                owned.routes.insert(Route {
+                    table,
+                    prefix: prefix.clone(),
+                    interface: legacy.interface.clone(),
+                    via: via.to_string(),
+                });
+                routes.push((prefix, legacy.interface.clone()));
             }
         }
         for wg in &seg.tunnels {
@@ -224,6 +251,7 @@ pub fn desired_with(config: &SiteConfig, keys: &LocalKeys, choices: &Choices) ->
                         table: domain.table,
                         prefix: prefix.clone(),
                         interface: interface.clone(),
+                        via: String::new(),
                     });
                 }
             }

@@ -447,7 +447,7 @@ mod tests {
     #[test]
     fn the_fake_refuses_illegal_operations() {
         let mut owned = Owned::default();
-        let route = Route { table: 1, prefix: "10.0.0.0/8".into(), interface: "mw-x".into() };
+        let route = Route { table: 1, prefix: "10.0.0.0/8".into(), interface: "mw-x".into(), via: String::new() };
         assert!(step(&mut owned, &Op::DeleteDomain { name: "mv-x".into() }).is_err());
         assert!(step(&mut owned, &Op::AddRoute(route.clone())).is_err(), "route through a missing tunnel");
         let tunnel = Op::CreateTunnel {

@@ -96,14 +96,24 @@ pub struct Matrix {
 
 /// The expected reachability between every two endpoints.
 pub fn matrix(intent: &Intent) -> Matrix {
+    // A legacy site behind a migration gateway is an endpoint of its
+    // segment too: the two worlds reach each other through the gateway.
     let endpoints: Vec<Endpoint> = intent
         .sites
         .values()
         .flat_map(|s| {
-            s.attachments.iter().filter(|a| !a.prefixes.is_empty()).map(|a| Endpoint {
-                site: s.name.clone(),
-                segment: a.segment.clone(),
-                prefixes: a.prefixes.clone(),
+            s.attachments.iter().flat_map(|a| {
+                let own = (!a.prefixes.is_empty()).then(|| Endpoint {
+                    site: s.name.clone(),
+                    segment: a.segment.clone(),
+                    prefixes: a.prefixes.clone(),
+                });
+                let legacy = a.legacy.iter().flat_map(|l| &l.sites).map(|l| Endpoint {
+                    site: l.name.clone(),
+                    segment: a.segment.clone(),
+                    prefixes: l.prefixes.clone(),
+                });
+                own.into_iter().chain(legacy)
             })
         })
         .collect();
@@ -234,6 +244,9 @@ pub fn isolation(intent: &Intent, configs: &BTreeMap<String, SiteConfig>) -> Vec
                 for p in &a.prefixes {
                     check("LAN".into(), p, &mut problems);
                 }
+            }
+            for p in seg.legacy.iter().flat_map(|l| &l.prefixes) {
+                check("legacy network".into(), p, &mut problems);
             }
             tunnels(intent, site, seg, &mut problems);
             for import in &seg.imports {

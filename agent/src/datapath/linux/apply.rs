@@ -31,7 +31,7 @@ impl Linux {
                         writes += 1;
                     }
                     for prefix in ["0.0.0.0/0", "::/0"] {
-                        netlink::add_route(&handle, table, prefix, None, false).await?;
+                        netlink::add_route(&handle, table, prefix, None, None, false).await?;
                         writes += 1;
                     }
                     Ok::<_, DatapathError>(writes)
@@ -239,17 +239,21 @@ pub(super) enum Write {
 async fn route_batch(handle: Handle, routes: Vec<Route>, write: Write) -> Result<(), DatapathError> {
     use futures::{StreamExt, TryStreamExt};
     let index: BTreeMap<String, u32> = netlink::links(&handle).await?.into_iter().map(|l| (l.name, l.index)).collect();
-    let mut requests: Vec<(u32, String, u32)> = Vec::with_capacity(routes.len());
+    let mut requests: Vec<(u32, String, u32, Option<std::net::IpAddr>)> = Vec::with_capacity(routes.len());
     for r in routes {
         let oif =
             *index.get(&r.interface).ok_or_else(|| DatapathError::missing(format!("interface {}", r.interface)))?;
-        requests.push((r.table, r.prefix, oif));
+        let via = match r.via.as_str() {
+            "" => None,
+            text => Some(text.parse().map_err(|_| DatapathError::Invalid(format!("next hop `{text}`")))?),
+        };
+        requests.push((r.table, r.prefix, oif, via));
     }
     if write != Write::Delete {
         let replace = write == Write::Replace;
-        futures::stream::iter(requests.into_iter().map(|(table, prefix, oif)| {
+        futures::stream::iter(requests.into_iter().map(|(table, prefix, oif, via)| {
             let handle = handle.clone();
-            async move { netlink::add_route(&handle, table, &prefix, Some(oif), replace).await }
+            async move { netlink::add_route(&handle, table, &prefix, Some(oif), via, replace).await }
         }))
         .buffer_unordered(64)
         .try_collect::<Vec<()>>()
@@ -261,7 +265,7 @@ async fn route_batch(handle: Handle, routes: Vec<Route>, write: Write) -> Result
             .map(|o| ((o.table, o.prefix.clone(), o.oif), o))
             .collect();
         let mut messages = Vec::with_capacity(requests.len());
-        for (table, prefix, oif) in requests {
+        for (table, prefix, oif, _) in requests {
             let found = present.remove(&(table, prefix.clone(), Some(oif)));
             let o = found.ok_or_else(|| DatapathError::missing(format!("route {prefix} in table {table}")))?;
             messages.push(o.message);

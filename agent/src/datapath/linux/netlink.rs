@@ -173,6 +173,8 @@ pub struct OwnedRoute {
     pub prefix: String,
     /// `None` for the unreachable default that closes a segment's table.
     pub oif: Option<u32>,
+    /// The next hop, if any (empty: none).
+    pub via: String,
     pub message: RouteMessage,
 }
 
@@ -222,23 +224,36 @@ pub async fn owned_routes(handle: &Handle) -> Result<Vec<OwnedRoute>, DatapathEr
             _ => None,
         });
         let oif = if msg.header.kind == RouteType::Unreachable { None } else { oif };
+        let via = msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Gateway(g) => address(g),
+            _ => None,
+        });
         out.push(OwnedRoute {
             table: table_of(&msg),
             prefix: format!("{dest}/{}", msg.header.destination_prefix_length),
             oif,
+            via: via.map(|a| a.to_string()).unwrap_or_default(),
             message: msg,
         });
     }
     Ok(out)
 }
 
-fn route_message(table: u32, prefix: &str, oif: Option<u32>) -> Result<RouteMessage, DatapathError> {
+fn route_message(
+    table: u32,
+    prefix: &str,
+    oif: Option<u32>,
+    via: Option<IpAddr>,
+) -> Result<RouteMessage, DatapathError> {
     let (ip, len) = split(prefix)?;
-    let builder = RouteMessageBuilder::<IpAddr>::new()
+    let mut builder = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(ip, len)
         .map_err(|e| DatapathError::Invalid(format!("{prefix}: {e}")))?
         .table_id(table)
         .protocol(RouteProtocol::Other(PROTOCOL));
+    if let Some(via) = via {
+        builder = builder.gateway(via).map_err(|e| DatapathError::Invalid(format!("{prefix} via {via}: {e}")))?;
+    }
     Ok(match oif {
         Some(i) => builder.output_interface(i).priority(ROUTE_METRIC).build(),
         None => builder.kind(RouteType::Unreachable).priority(UNREACHABLE_METRIC).build(),
@@ -252,9 +267,10 @@ pub async fn add_route(
     table: u32,
     prefix: &str,
     oif: Option<u32>,
+    via: Option<IpAddr>,
     replace: bool,
 ) -> Result<(), DatapathError> {
-    let msg = route_message(table, prefix, oif)?;
+    let msg = route_message(table, prefix, oif, via)?;
     let request = handle.route().add(msg);
     let request = if replace { request.replace() } else { request };
     request.execute().await.map_err(|e| nl(&format!("adding route {prefix} in table {table}"), e))

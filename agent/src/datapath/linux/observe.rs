@@ -135,7 +135,7 @@ impl Linux {
         }
         for r in routes.iter().filter(|r| r.oif.is_some()) {
             let interface = r.oif.and_then(|i| by_index.get(&i)).map(|l| l.name.clone()).unwrap_or_default();
-            owned.routes.insert(Route { table: r.table, prefix: r.prefix.clone(), interface });
+            owned.routes.insert(Route { table: r.table, prefix: r.prefix.clone(), interface, via: r.via.clone() });
         }
         let nft_started = std::time::Instant::now();
         owned.policy = match (&self.policy_seen, self.trust_policy) {

@@ -26,6 +26,9 @@ pub struct Index<'a> {
     aids: HashMap<&'a str, Vec<AidPair<'a>>>,
     /// The segments each access point aids (carries without being attached).
     aiding: HashMap<&'a str, Vec<&'a str>>,
+    /// Prefixes of sites being cut over from the old network: (site,
+    /// segment) → the prefixes that still go through the gateway.
+    cutting_over: HashMap<&'a str, HashMap<&'a str, Vec<&'a ipnetwork::IpNetwork>>>,
 }
 
 impl<'a> Index<'a> {
@@ -40,7 +43,18 @@ impl<'a> Index<'a> {
             policies: HashMap::new(),
             aids: HashMap::new(),
             aiding: HashMap::new(),
+            cutting_over: HashMap::new(),
         };
+        for site in intent.sites.values() {
+            for a in site.attachments.iter().filter(|a| a.legacy.is_some()) {
+                for l in a.legacy.iter().flat_map(|l| &l.sites) {
+                    if let Some(to) = &l.cutover_to {
+                        let by_segment = ix.cutting_over.entry(to.as_str()).or_default();
+                        by_segment.entry(a.segment.as_str()).or_default().extend(&l.prefixes);
+                    }
+                }
+            }
+        }
         for seg in intent.segments.values().filter(|s| !s.aid.is_empty()) {
             for aid in &seg.aid {
                 let aps: Vec<&Site> =
@@ -74,6 +88,12 @@ impl<'a> Index<'a> {
     /// The (east, west) access points of a segment.
     pub fn access_points(&self, segment: &str) -> (Option<&'a Site>, Option<&'a Site>) {
         (self.east.get(segment).copied(), self.west.get(segment).copied())
+    }
+
+    /// The prefixes of `site` in `segment` that still go through a
+    /// migration gateway (it is being cut over to).
+    pub fn cutting_over(&self, site: &str, segment: &str) -> &[&'a ipnetwork::IpNetwork] {
+        self.cutting_over.get(site).and_then(|s| s.get(segment)).map_or(&[], Vec::as_slice)
     }
 
     /// A segment's mutual aids, in declaration order.

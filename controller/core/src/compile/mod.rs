@@ -250,6 +250,11 @@ impl Index<'_> {
             policy,
             imports,
             aids: aid_configs,
+            legacy: site.attachment(segment).and_then(|a| a.legacy.as_ref()).map(|l| pb::LegacyNetwork {
+                interface: l.interface.clone(),
+                via: l.via.to_string(),
+                prefixes: convert::prefixes(l.sites.iter().flat_map(|s| &s.prefixes)),
+            }),
         })
     }
 
@@ -265,7 +270,13 @@ impl Index<'_> {
         segment: &str,
     ) -> Result<(pb::Peer, Option<pb::RouteGroup>), CompileError> {
         let peer = self.peer(ap, member, segment, pb::PeerRole::Site, Vec::new())?;
-        let prefixes = member.attachment(segment).map(|a| convert::prefixes(&a.prefixes)).unwrap_or_default();
+        // A migration gateway's legacy sites are reached through it; a site
+        // being cut over is not reached at its prefixes yet (the gateway is).
+        let pending = self.cutting_over(&member.name, segment);
+        let prefixes = member
+            .attachment(segment)
+            .map(|a| convert::prefixes(a.all_prefixes().filter(|p| !pending.contains(p))))
+            .unwrap_or_default();
         let (east, west) = self.pair_of(ap, segment);
         let other = if ap.region == Region::East { west } else { east };
         let candidates = std::iter::once(member.name.clone()).chain(other.map(|o| o.name.clone())).collect();

@@ -81,6 +81,23 @@ struct AttachmentDoc<'a> {
     interface: Option<&'a str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     prefixes: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    legacy: Option<LegacyDoc<'a>>,
+}
+
+#[derive(Serialize)]
+struct LegacyDoc<'a> {
+    interface: &'a str,
+    via: String,
+    sites: Vec<LegacySiteDoc<'a>>,
+}
+
+#[derive(Serialize)]
+struct LegacySiteDoc<'a> {
+    name: &'a str,
+    prefixes: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cutover_to: Option<&'a str>,
 }
 
 /// A single port as a number, a range as `"first-last"`.
@@ -219,6 +236,19 @@ pub fn select(intent: &Intent, keep: impl Fn(Kind, &str) -> bool) -> Result<(Str
                         segment: &a.segment,
                         interface: a.interface.as_deref(),
                         prefixes: strings(&a.prefixes),
+                        legacy: a.legacy.as_ref().map(|l| LegacyDoc {
+                            interface: &l.interface,
+                            via: l.via.to_string(),
+                            sites: l
+                                .sites
+                                .iter()
+                                .map(|s| LegacySiteDoc {
+                                    name: &s.name,
+                                    prefixes: strings(&s.prefixes),
+                                    cutover_to: s.cutover_to.as_deref(),
+                                })
+                                .collect(),
+                        }),
                     })
                     .collect(),
             },

@@ -385,6 +385,42 @@ pub struct Attachment {
     /// LAN interface; optional on access points (a pure hub has no LAN).
     pub interface: Option<String>,
     pub prefixes: Vec<IpNetwork>,
+    /// Phased migration: this site is the segment's migration gateway to
+    /// an old dedicated network, whose sites are still on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub legacy: Option<Legacy>,
+}
+
+/// The old network behind a migration gateway: reached on one of the
+/// gateway's interfaces (bound to the segment), through the old network's
+/// router; its sites' prefixes are routed there, and nowhere else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Legacy {
+    pub interface: String,
+    /// The old network's router on that interface.
+    pub via: IpAddr,
+    pub sites: Vec<LegacySite>,
+}
+
+/// A site still on the old network.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegacySite {
+    pub name: String,
+    pub prefixes: Vec<IpNetwork>,
+    /// Being cut over to this Musubi site: the site is declared (same
+    /// prefixes) and comes up beside the old network, while its prefixes
+    /// still go through the gateway; removing this legacy entry completes
+    /// the cutover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutover_to: Option<String>,
+}
+
+impl Attachment {
+    /// Every prefix reached through this attachment: its LAN's and its
+    /// legacy sites'.
+    pub fn all_prefixes(&self) -> impl Iterator<Item = &IpNetwork> {
+        self.prefixes.iter().chain(self.legacy.iter().flat_map(|l| &l.sites).flat_map(|s| &s.prefixes))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]

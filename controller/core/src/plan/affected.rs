@@ -29,7 +29,16 @@ pub fn changed<'a, T: Eq>(old: &'a BTreeMap<String, Arc<T>>, new: &'a BTreeMap<S
 /// route groups.
 pub fn member_change<'a>(old: &'a Intent, new: &'a Intent) -> Option<Vec<&'a String>> {
     let sites = changed(&old.sites, &new.sites);
+    // A migration gateway's change may reach another site's entries on
+    // the access points (the site a legacy site is cut over to).
+    let gateway = |n: &String| {
+        [old.sites.get(n), new.sites.get(n)]
+            .into_iter()
+            .flatten()
+            .any(|s| s.attachments.iter().any(|a| a.legacy.is_some()))
+    };
     let member_only = old.settings == new.settings
+        && !sites.iter().any(|n| gateway(n))
         && changed(&old.segments, &new.segments).is_empty()
         && changed(&old.policies, &new.policies).is_empty()
         && sites

@@ -4,6 +4,7 @@
 
 mod aid;
 mod capacity;
+mod legacy;
 mod names;
 mod operators;
 mod prefixes;
@@ -22,7 +23,8 @@ type Rule = fn(&Intent, &SourceMap, &mut Vec<Diagnostic>);
 
 /// Every rule, in the order their unlocated problems are reported. Capacity
 /// counts the whole intent, so a change-only check runs it on all of it.
-const RULES: [Rule; 6] = [names::check, references::check, sites::check, prefixes::check, operators::check, aid::check];
+const RULES: [Rule; 7] =
+    [names::check, references::check, sites::check, prefixes::check, operators::check, aid::check, legacy::check];
 const WHOLE_INTENT_RULES: [Rule; 1] = [capacity::check];
 
 fn run(rules: &[Rule], intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnostic>) {
@@ -69,7 +71,10 @@ pub fn validate_change(old: &Intent, new: &Intent, sources: &SourceMap) -> Vec<D
         sites: Default::default(),
     };
     for (name, site) in &new.sites {
-        if site.is_access_point() || changed.contains(name.as_str()) {
+        // A migration gateway's legacy prefixes are checked against the
+        // changed sites' (the legacy rule sees the sites in `small`).
+        let gateway = site.attachments.iter().any(|a| a.legacy.is_some());
+        if site.is_access_point() || gateway || changed.contains(name.as_str()) {
             small.sites.insert(name.clone(), site.clone());
         }
     }

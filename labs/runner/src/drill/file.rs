@@ -99,6 +99,21 @@ pub(super) enum Step {
     /// drop them at once; it comes back with fresh ones).
     #[serde(rename = "revoke-keys")]
     RevokeKeys(String),
+    /// `musubi apply --merge -f FILE --yes`, FILE beside the drill file: a
+    /// change of intent (a cutover), one plan like any other.
+    Apply(String),
+    /// Starts a router's agent with a new one-time token (a site the
+    /// intent has gained since `lab up`), and waits until it is in sync.
+    Agent(String),
+    /// A command in a node (`sh -c`), e.g. moving a gateway address.
+    Exec(NodeCommand),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NodeCommand {
+    pub(super) node: String,
+    pub(super) command: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -73,10 +73,32 @@ fn preferred_share(w: &world::World, site: &str, counts: &measure::LineCounts) -
     if total == 0 { 0.0 } else { on as f64 / total as f64 }
 }
 
-/// Plays a drill on a running lab. `rate` replaces every stream's packets
-/// per second; `scale` multiplies the drill's times (waits, flaps, the
-/// longest outage allowed), for a lab whose probe timers and hold-down were
-/// multiplied by as much (the kernel lab's emulated guest).
+/// How long a started agent may take to enrol, apply and bring its tunnels up.
+const IN_SYNC_WITHIN: Duration = Duration::from_secs(30);
+
+/// Waits until `site` is connected, in sync and every tunnel of it is up.
+fn wait_in_sync(w: &world::World, site: &str) -> Result<()> {
+    let until = Instant::now() + IN_SYNC_WITHIN;
+    loop {
+        let out = w.lab.musubi(&w.controller).args(["status", "--json", site]).output().context("musubi status")?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let s = &v["sites"][0];
+        let reported = &s["reported"]["status"];
+        let synced = s["connected"] == true
+            && reported["applied_digest"]
+                .as_str()
+                .is_some_and(|d| !d.is_empty() && Some(d) == s["desired_digest"].as_str());
+        let peers = reported["peers"].as_array().cloned().unwrap_or_default();
+        if synced && !peers.is_empty() && peers.iter().all(|p| p["up"] == true && p["judged"] == true) {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            bail!("{site} was not in sync with every tunnel up within {IN_SYNC_WITHIN:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The controller's audit chain, one line per entry (`musubi history`).
 fn audit_lines(w: &world::World) -> Result<Vec<String>> {
     let out = w.lab.musubi(&w.controller).arg("history").output().context("musubi history")?;
@@ -95,6 +117,10 @@ fn audit_since(w: &world::World, before: usize) -> Vec<String> {
     }
 }
 
+/// Plays a drill on a running lab. `rate` replaces every stream's packets
+/// per second; `scale` multiplies the drill's times (waits, flaps, the
+/// longest outage allowed), for a lab whose probe timers and hold-down were
+/// multiplied by as much (the kernel lab's emulated guest).
 pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale: u32) -> Result<()> {
     let mut drill = read(file)?;
     if let Some(rate) = rate {
@@ -323,6 +349,45 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
                         bail!("revoking the keys of {site}: {}", String::from_utf8_lossy(&out.stderr));
                     }
                     note(&mut timeline, format!("revoked the WireGuard keys of {site}"));
+                }
+                Step::Apply(change) => {
+                    let beside = file.parent().unwrap_or(Path::new(".")).join(change);
+                    // Absolute: the command runs in the controller node's namespaces.
+                    let path = beside.canonicalize().with_context(|| format!("reading {}", beside.display()))?;
+                    let out = w
+                        .lab
+                        .musubi(&w.controller)
+                        .arg("apply")
+                        .arg("--merge")
+                        .arg("-f")
+                        .arg(&path)
+                        .arg("--yes")
+                        .output()
+                        .context("musubi apply")?;
+                    if !out.status.success() {
+                        bail!("applying {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+                    }
+                    let said = String::from_utf8_lossy(&out.stdout);
+                    let summary = said.lines().rev().find(|l| l.starts_with("Applied")).unwrap_or("applied").trim();
+                    note(&mut timeline, format!("apply {change}: {summary}"));
+                }
+                Step::Agent(node) => {
+                    let clab = w.lab.topology()?;
+                    let site = clab
+                        .topology
+                        .nodes
+                        .get(node)
+                        .and_then(|n| n.labels.get("musubi.site"))
+                        .with_context(|| format!("node {node} has no musubi.site label"))?
+                        .clone();
+                    crate::up::start_agent(&w.lab, &w.controller, &w.controller_ip, node, &site)?;
+                    note(&mut timeline, format!("agent of {site} started on {node}"));
+                    wait_in_sync(&w, &site)?;
+                    note(&mut timeline, format!("{site} in sync, its tunnels up"));
+                }
+                Step::Exec(file::NodeCommand { node, command }) => {
+                    w.lab.sh(node, command)?;
+                    note(&mut timeline, format!("{node}: {command}"));
                 }
                 Step::Partition(node) => {
                     damage.cut(&w.lab, node, "eth0")?;

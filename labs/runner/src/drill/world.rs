@@ -168,7 +168,10 @@ impl World {
                 | Step::Restore(Restore::Line(SiteLine { site, line })) => {
                     self.line(site, line)?;
                 }
-                Step::Stop(n) | Step::Partition(n) | Step::Restore(Restore::Node(n)) => self.node(n)?,
+                Step::Stop(n) | Step::Partition(n) | Step::Restore(Restore::Node(n)) | Step::Agent(n) => {
+                    self.node(n)?
+                }
+                Step::Exec(super::file::NodeCommand { node, .. }) => self.node(node)?,
                 Step::RotateKeys(site) | Step::RevokeKeys(site) => {
                     self.router_of(site)?;
                 }

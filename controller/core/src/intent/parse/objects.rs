@@ -182,11 +182,54 @@ fn unreachable_kind(a: &IpAddr) -> Option<&'static str> {
 }
 
 fn read_attachment(r: &mut Reader<'_>, n: &Node, path: &str) -> Option<Attachment> {
-    let f = r.map(n, path, &["segment", "interface", "prefixes"])?;
+    let f = r.map(n, path, &["segment", "interface", "prefixes", "legacy"])?;
     let segment = r.req_string(&f, n, path, "segment");
     let interface = r.opt_string(&f, path, "interface");
     let prefixes = r.networks(&f, path, "prefixes");
-    Some(Attachment { segment: segment?, interface, prefixes })
+    let legacy = Reader::get(&f, "legacy").and_then(|v| read_legacy(r, v, &join(path, "legacy")));
+    Some(Attachment { segment: segment?, interface, prefixes, legacy })
+}
+
+fn read_legacy(r: &mut Reader<'_>, n: &Node, path: &str) -> Option<Legacy> {
+    let f = r.map(n, path, &["interface", "via", "sites"])?;
+    let interface = r.req_string(&f, n, path, "interface");
+    let via = match Reader::get(&f, "via") {
+        Some(v) => {
+            let p = join(path, "via");
+            r.string(v, &p).and_then(|s| match s.parse::<IpAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    r.error(
+                        v,
+                        &p,
+                        format!("\"{s}\" is not an IP address"),
+                        "the old network's router on that interface",
+                    );
+                    None
+                }
+            })
+        }
+        None => {
+            r.missing(n, path, "via", "the old network's router on that interface");
+            None
+        }
+    };
+    let mut sites = Vec::new();
+    match Reader::get(&f, "sites") {
+        Some(v) => {
+            for (p, item) in r.list(v, &join(path, "sites"), "legacy sites") {
+                let Some(sf) = r.map(item, &p, &["name", "prefixes", "cutover_to"]) else { continue };
+                let name = r.req_string(&sf, item, &p, "name");
+                let prefixes = r.networks(&sf, &p, "prefixes");
+                let cutover_to = r.opt_string(&sf, &p, "cutover_to");
+                if let Some(name) = name {
+                    sites.push(LegacySite { name, prefixes, cutover_to });
+                }
+            }
+        }
+        None => r.missing(n, path, "sites", "the sites still on the old network, with their prefixes"),
+    }
+    Some(Legacy { interface: interface?, via: via?, sites })
 }
 
 pub(super) fn read_policy(r: &mut Reader<'_>, doc: &Node, name: String) {
