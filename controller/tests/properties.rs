@@ -131,6 +131,11 @@ fn build(seed: u64, tenants: usize, shared: usize, private: usize, sites_per_ten
             site_no += 1;
         }
     }
+    // Sometimes the first member of each private segment is its migration
+    // gateway to a legacy site (phased migration).
+    if rng.coin() {
+        add_legacy(&mut intent);
+    }
     // Sometimes a second pair, carrying no segment of its own, aids the
     // first private segment (mutual aid: on its members and on the pair).
     if let Some(aided) = intent.segments.keys().find(|s| s.starts_with('p')).cloned()
@@ -192,6 +197,81 @@ fn build(seed: u64, tenants: usize, shared: usize, private: usize, sites_per_ten
     intent
 }
 
+/// A legacy site per private segment, behind the segment's first member.
+fn add_legacy(intent: &mut Intent) {
+    let segments: Vec<String> = intent.segments.keys().filter(|s| s.starts_with('p')).cloned().collect();
+    for seg in segments {
+        let gateway = intent.sites.values().find(|s| !s.is_access_point() && s.attachment(&seg).is_some());
+        let Some(gateway) = gateway.map(|g| g.name.clone()) else { continue };
+        let site = Arc::make_mut(intent.sites.get_mut(&gateway).expect("gateway"));
+        let i = site.attachments.iter().position(|a| a.segment == seg).expect("attached");
+        site.attachments[i].legacy = Some(Legacy {
+            interface: format!("old{i}"),
+            via: "172.30.0.1".parse().expect("addr"),
+            sites: vec![LegacySite {
+                name: format!("old-{seg}"),
+                prefixes: vec![net(LEGACY_PREFIX)],
+                cutover_to: None,
+            }],
+        });
+    }
+}
+
+/// Every legacy site's prefix (in its private segment, no site's).
+const LEGACY_PREFIX: &str = "192.168.255.0/24";
+
+/// One step of a cutover in tenant `t`: a legacy site gets its Musubi site
+/// (`cutover_to`), or one being cut over loses its legacy entry.
+fn cutover_step(intent: &mut Intent, rng: &mut Rng, t: usize) -> bool {
+    let tenant = format!("t{t}");
+    let gateways: Vec<(String, usize)> = intent
+        .sites
+        .values()
+        .filter(|s| s.tenant == tenant)
+        .flat_map(|s| {
+            s.attachments.iter().enumerate().filter(|(_, a)| a.legacy.is_some()).map(|(i, _)| (s.name.clone(), i))
+        })
+        .collect();
+    if gateways.is_empty() {
+        return false;
+    }
+    let (gateway, i) = gateways[rng.below(gateways.len())].clone();
+    let site = Arc::make_mut(intent.sites.get_mut(&gateway).expect("gateway"));
+    let segment = site.attachments[i].segment.clone();
+    let legacy = site.attachments[i].legacy.as_mut().expect("legacy");
+    if legacy.sites[0].cutover_to.is_some() {
+        // Complete: the entry goes.
+        site.attachments[i].legacy = None;
+        return true;
+    }
+    let start = rng.below(50);
+    let Some(n) = (0..50).map(|i| 200 + (start + i) % 50).find(|n| !intent.sites.contains_key(&format!("c{n}"))) else {
+        return false;
+    };
+    let name = format!("c{n}");
+    let site = Arc::make_mut(intent.sites.get_mut(&gateway).expect("gateway"));
+    let legacy = site.attachments[i].legacy.as_mut().expect("legacy");
+    legacy.sites[0].cutover_to = Some(name.clone());
+    intent.sites.insert(
+        name.clone(),
+        Arc::new(Site {
+            name,
+            tenant,
+            role: Role::Site,
+            region: if rng.coin() { Region::East } else { Region::West },
+            lines: vec![line("fiber", 1, 55_000 + n * 2)],
+            attachments: vec![Attachment {
+                segment,
+                interface: Some("lan0".into()),
+                prefixes: vec![net(LEGACY_PREFIX)],
+                legacy: None,
+            }],
+            description: String::new(),
+        }),
+    );
+    true
+}
+
 fn add_site(intent: &mut Intent, rng: &mut Rng, tenant: usize, n: usize, k: &mut usize) {
     let tenant_name = format!("t{tenant}");
     let usable: Vec<String> =
@@ -250,6 +330,9 @@ fn mutate(intent: &mut Intent, rng: &mut Rng, t: usize) {
     let tenant = format!("t{t}");
     let own_sites: Vec<String> =
         intent.sites.values().filter(|s| s.tenant == tenant && !s.is_access_point()).map(|s| s.name.clone()).collect();
+    if rng.below(5) == 0 && cutover_step(intent, rng, t) {
+        return;
+    }
     match rng.below(4) {
         0 => {
             // Underlay addresses follow from the site number, so they stay unique.
@@ -260,6 +343,20 @@ fn mutate(intent: &mut Intent, rng: &mut Rng, t: usize) {
         1 if !own_sites.is_empty() => {
             let victim = &own_sites[rng.below(own_sites.len())];
             intent.sites.remove(victim);
+            // A site being cut over to goes with its legacy entry's pointer.
+            for site in intent.sites.values_mut() {
+                if site.attachments.iter().any(|a| {
+                    a.legacy.as_ref().is_some_and(|l| l.sites.iter().any(|l| l.cutover_to.as_ref() == Some(victim)))
+                }) {
+                    for a in &mut Arc::make_mut(site).attachments {
+                        for l in a.legacy.iter_mut().flat_map(|l| l.sites.iter_mut()) {
+                            if l.cutover_to.as_ref() == Some(victim) {
+                                l.cutover_to = None;
+                            }
+                        }
+                    }
+                }
+            }
         }
         2 if !own_sites.is_empty() => {
             let s = Arc::make_mut(intent.sites.get_mut(&own_sites[rng.below(own_sites.len())]).expect("site"));
@@ -663,4 +760,48 @@ fn a_rotations_next_keys_reach_exactly_the_peers_and_rekeying_them_equals_compil
         assert!(config.segments.iter().flat_map(|s| &s.peers).all(|p| p.next_public_key.is_empty()), "{name}");
     }
     assert_eq!(fresh[&member].key_rotation.as_ref().map(|r| r.phase()), Some(musubi_proto::v1::KeyPhase::Switch));
+}
+
+/// The generator's cutover is a valid one at each step (legacy, being cut
+/// over, on Musubi), and the access points route the legacy prefix to the
+/// gateway until the cutover completes, then to the new site.
+#[test]
+fn a_generated_cutover_is_valid_at_every_step() {
+    let legacy = LEGACY_PREFIX.to_string();
+    // The route groups of `segment` at the east access point holding the prefix.
+    let routed_to = |intent: &Intent, segment: &str| -> Vec<String> {
+        let alloc = allocate(intent, &Allocations::default()).expect("alloc");
+        let configs = compiled(intent, &alloc);
+        configs["ap-e"]
+            .segments
+            .iter()
+            .filter(|s| s.segment == segment)
+            .flat_map(|s| s.route_groups.iter())
+            .filter(|g| g.prefixes.contains(&legacy))
+            .map(|g| g.name.clone())
+            .collect()
+    };
+    let mut completed = 0;
+    for seed in 0..40u64 {
+        let mut intent = build(seed, 2, 1, 1, 3);
+        add_legacy(&mut intent);
+        valid(&intent);
+        let mut rng = Rng(seed);
+        // Tenant t0's gateway and segment, if it has one.
+        let Some((gateway, segment)) = intent.sites.values().filter(|s| s.tenant == "t0").find_map(|s| {
+            s.attachments.iter().find(|a| a.legacy.is_some()).map(|a| (s.name.clone(), a.segment.clone()))
+        }) else {
+            continue;
+        };
+        assert_eq!(routed_to(&intent, &segment), std::slice::from_ref(&gateway), "legacy");
+        assert!(cutover_step(&mut intent, &mut rng, 0));
+        valid(&intent);
+        let new = intent.sites.keys().find(|n| n.starts_with('c')).cloned().expect("the new site");
+        assert_eq!(routed_to(&intent, &segment), std::slice::from_ref(&gateway), "cutting over to {new}");
+        assert!(cutover_step(&mut intent, &mut rng, 0));
+        valid(&intent);
+        assert_eq!(routed_to(&intent, &segment), [new], "cut over");
+        completed += 1;
+    }
+    assert!(completed >= 10, "the generator cut over too rarely: {completed}");
 }

@@ -699,3 +699,83 @@ async fn etcds_own_history_is_compacted_and_the_intents_history_kept() {
     verify(&history).expect("chain verifies");
     assert_eq!(kita_description(&mut c).await, "three");
 }
+
+/// `musubi migration status` on the prefecture with one legacy site (Kita's
+/// school behind its city hall): legacy, then being cut over once its Musubi
+/// site is declared beside it (a plan like any other), on Musubi once the
+/// legacy entry goes; a cutover to a site that is not in the segment is
+/// refused with its position and changes nothing.
+#[test]
+fn migration_status_follows_a_cutover() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let controller = Controller::start(&format!("file://{}", dir.path().display()));
+    let out = musubi(&controller, &["apply", "-f", "topologies/prefecture.yaml", "--yes"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let status = |json: bool| {
+        let out = musubi(&controller, if json { &["migration", "status", "--json"] } else { &["migration", "status"] });
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let table = status(false);
+    eprintln!("{table}");
+    let row = |table: &str, site: &str| {
+        table
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some("lgwan") && l.split_whitespace().nth(2) == Some(site))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+    };
+    assert_eq!(
+        row(&table, "kita-school").as_deref(),
+        Some("pref-aoba lgwan kita-school legacy 10.2.24.0/24 through kita-hall (eth5, via 172.16.21.1)")
+    );
+    assert!(row(&table, "kita-hall").is_some_and(|r| r.contains("on Musubi agent never connected; migration gateway for 1 legacy site on eth5")), "{table}");
+    assert!(table.contains("pref-aoba/lgwan: 5 of 6 sites on Musubi (83%), 0 cutting over, 1 legacy"), "{table}");
+
+    // First plan: the school's Musubi site beside its legacy entry.
+    let intent = topology("prefecture.yaml");
+    let prepare = intent.replace(
+        "{name: kita-school, prefixes: [10.2.24.0/24]}",
+        "{name: kita-school, prefixes: [10.2.24.0/24], cutover_to: kita-school-new}",
+    ) + "---\nkind: Site\nname: kita-school-new\ntenant: city-kita\nregion: east\n\
+         lines: [{name: wae, kind: wide-area-ethernet, priority: 1, address: 198.51.100.24}]\n\
+         attachments: [{segment: lgwan, interface: eth2, prefixes: [10.2.24.0/24]}]\n";
+    let file = dir.path().join("prepare.yaml");
+    std::fs::write(&file, &prepare).expect("write");
+    // A cutover to a site that is not in the segment: refused, nothing applied.
+    let wrong = dir.path().join("wrong.yaml");
+    std::fs::write(
+        &wrong,
+        prepare.replace(
+            "segment: lgwan, interface: eth2, prefixes: [10.2.24.0/24]",
+            "segment: kita-inet, interface: eth2, prefixes: [192.168.24.0/24]",
+        ),
+    )
+    .expect("write");
+    let out = musubi(&controller, &["apply", "-f", &wrong.to_string_lossy(), "--yes"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("cutover_to"), "{}", text(&out.stderr));
+    assert_eq!(revision(&controller), 1);
+
+    let out = musubi(&controller, &["apply", "-f", &file.to_string_lossy(), "--yes"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_str(&status(true)).expect("json");
+    let school =
+        json["sites"].as_array().into_iter().flatten().find(|s| s["site"] == "kita-school").expect("kita-school");
+    assert_eq!(school["stage"], "cutting-over", "{school}");
+    assert_eq!(school["cutover_to"], "kita-school-new", "{school}");
+    assert!(json["sites"].as_array().into_iter().flatten().all(|s| s["site"] != "kita-school-new"), "listed once");
+
+    // Second plan: the legacy entry goes.
+    let complete = prepare.replace(
+        "\n    legacy:\n      interface: eth5\n      via: 172.16.21.1\n      sites:\n        - {name: kita-school, prefixes: [10.2.24.0/24], cutover_to: kita-school-new}",
+        "",
+    );
+    assert_ne!(complete, prepare);
+    std::fs::write(&file, &complete).expect("write");
+    let out = musubi(&controller, &["apply", "-f", &file.to_string_lossy(), "--yes"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = status(false);
+    assert!(row(&table, "kita-school").is_none(), "{table}");
+    assert!(row(&table, "kita-school-new").is_some_and(|r| r.contains("on Musubi")), "{table}");
+    assert!(table.contains("pref-aoba/lgwan: 6 of 6 sites on Musubi (100%), 0 cutting over, 0 legacy"), "{table}");
+}

@@ -589,6 +589,66 @@ fn the_mutual_aid_drill_passes() {
     }
 }
 
+/// The migration lab: a branch still on its old dedicated network reaches
+/// the migrated sites through the migration gateway (and the guest segment
+/// nothing), `musubi migration status` says so; the cutover drill moves it
+/// onto Musubi with traffic running, within the outage limit, the gateway's
+/// own flow untouched; afterwards the branch is a Musubi site in sync.
+#[test]
+fn the_migration_lab_and_its_cutover_drill() {
+    if skip_without_root() {
+        return;
+    }
+    let lab = Lab::new("lm");
+    let up = lab.up(&repo("labs/migration/topology.clab.yml"), &[]);
+    assert!(up.status.success(), "{}", text(&up));
+    let check = lab.musubi(&["lab", "check", &lab.name]);
+    assert!(check.status.success(), "{}", text(&check));
+    assert!(text(&check).contains("old-branch/office"), "the legacy site is an endpoint: {}", text(&check));
+    let stage = |site: &str| {
+        let out = lab.cli(&["migration", "status", "--json"]);
+        assert!(out.status.success(), "{}", text(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let rows = v["sites"].as_array().cloned().unwrap_or_default();
+        rows.iter().find(|r| r["site"] == site && r["segment"] == "office").map(|r| {
+            (r["stage"].as_str().unwrap_or_default().to_string(), r["detail"].as_str().unwrap_or_default().to_string())
+        })
+    };
+    assert_eq!(stage("old-branch").map(|s| s.0).as_deref(), Some("legacy"));
+    assert_eq!(stage("hq").map(|s| s.1).as_deref(), Some("in sync; migration gateway for 1 legacy site on eth4"));
+    assert_eq!(stage("branch"), None);
+
+    let reports = repo("target/drill-reports");
+    std::fs::create_dir_all(&reports).expect("reports directory");
+    let drill = repo("labs/migration/drills/cutover.yaml");
+    let out = lab.musubi(&[
+        "lab",
+        "drill",
+        "--lab",
+        &lab.name,
+        "--out",
+        &reports.display().to_string(),
+        &drill.display().to_string(),
+    ]);
+    let md = std::fs::read_to_string(reports.join("cutover.md")).unwrap_or_else(|_| text(&out));
+    eprintln!("{md}");
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(reports.join("cutover.json")).expect("report")).expect("json");
+    assert_eq!(report["pass"], true);
+    let flows = report["flows"].as_array().cloned().unwrap_or_default();
+    assert_eq!(flows.len(), 3, "{flows:?}");
+    for f in &flows {
+        assert_eq!(f["leaked"], 0, "{f}");
+        assert!(f["received"].as_u64().is_some_and(|r| r > 1000), "{f}");
+        if f["from"] == "host-hq" {
+            assert!(f["outage_ms"].as_f64().is_some_and(|o| o < 100.0), "the gateway's own flow saw it: {f}");
+        }
+    }
+    assert_eq!(stage("old-branch"), None);
+    assert_eq!(stage("branch"), Some(("on-musubi".to_string(), "in sync".to_string())));
+}
+
 /// Every shipped `.clab.yml` is valid against containerlab's own schema
 /// (labs/schema), and the check does reject a broken one.
 #[test]

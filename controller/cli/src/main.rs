@@ -156,6 +156,10 @@ enum RemoteCommand {
         after_help = "Example:\n  musubi aid activate pref-via-national --reason \"typhoon: local APs flooded\" --for 12h"
     )]
     Aid(AidCommand),
+    /// Phased migration from old dedicated networks.
+    #[command(subcommand)]
+    #[command(after_help = "Example:\n  musubi migration status")]
+    Migration(MigrationCommand),
     /// Operators' credentials (admins only).
     #[command(subcommand)]
     #[command(after_help = "Example:\n  musubi operator revoke kita-ops")]
@@ -209,6 +213,18 @@ enum AidCommand {
         /// Why, for the audit log.
         #[arg(long, required = true)]
         reason: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum MigrationCommand {
+    /// Per tenant and segment, which sites are on Musubi, which are still
+    /// legacy (behind a migration gateway) and which are being cut over;
+    /// only what the caller may read.
+    #[command(after_help = "Example:\n  musubi migration status --json")]
+    Status {
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -489,6 +505,9 @@ fn remote(command: RemoteCommand, controller: &str, tls: &remote::Tls, color: bo
             }
             RemoteCommand::Aid(AidCommand::Deactivate { name, reason }) => {
                 remote::aid(&mut client, name, reason, None, false).await
+            }
+            RemoteCommand::Migration(MigrationCommand::Status { json }) => {
+                remote::migration_status(&mut client, json).await
             }
             RemoteCommand::Operator(OperatorCommand::Revoke { name, restore }) => {
                 remote::revoke_operator(&mut client, name, restore).await

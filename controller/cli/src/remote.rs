@@ -723,6 +723,55 @@ pub async fn approve(client: &mut Client, id: String, yes: bool, dry_run: bool, 
     Ok(())
 }
 
+/// `musubi migration status`: the intent the caller may read and what its
+/// sites' agents report, as [`musubi_core::migration`] sees them.
+pub async fn migration_status(client: &mut Client, json: bool) -> Result<()> {
+    use musubi_core::migration::{self, Seen};
+    let got = client.get(pb::GetRequest::default()).await.map_err(status)?.into_inner();
+    let parsed = musubi_core::intent::parse::parse_str("intent", &got.yaml);
+    if let Some(d) = parsed.diagnostics.first() {
+        bail!("the controller's intent did not read back: {}", d.message);
+    }
+    let sites = client.status(pb::StatusRequest::default()).await.map_err(status)?.into_inner().sites;
+    let seen: std::collections::HashMap<&str, Seen> = sites
+        .iter()
+        .filter(|s| s.reported.is_some())
+        .map(|s| (s.site.as_str(), Seen { connected: s.connected, in_sync: in_sync(s) == Some(true) }))
+        .collect();
+    let rows = migration::report(&parsed.intent, &|site| seen.get(site).copied());
+    let tally = migration::tally(&rows);
+    if json {
+        let segments: Vec<serde_json::Value> = tally
+            .iter()
+            .map(|((tenant, segment), t)| serde_json::json!({"tenant": tenant, "segment": segment, "counts": t}))
+            .collect();
+        let out = serde_json::json!({"revision": got.revision, "sites": rows, "segments": segments});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("# revision {}", got.revision);
+    let w = |f: fn(&migration::Row) -> &str, head: &str| {
+        rows.iter().map(|r| f(r).chars().count()).chain([head.len()]).max().unwrap_or(0)
+    };
+    let (wt, ws, wi) = (w(|r| &r.tenant, "TENANT"), w(|r| &r.segment, "SEGMENT"), w(|r| &r.site, "SITE"));
+    println!("{:<wt$}  {:<ws$}  {:<wi$}  {:<12}  DETAIL", "TENANT", "SEGMENT", "SITE", "STAGE");
+    for r in &rows {
+        println!("{:<wt$}  {:<ws$}  {:<wi$}  {:<12}  {}", r.tenant, r.segment, r.site, r.stage.words(), r.detail);
+    }
+    println!();
+    for ((tenant, segment), t) in &tally {
+        let done = if t.total() == 0 { 100 } else { t.on_musubi * 100 / t.total() };
+        println!(
+            "{tenant}/{segment}: {} of {} on Musubi ({done}%), {} cutting over, {} legacy",
+            t.on_musubi,
+            musubi_core::words::count(t.total(), "site"),
+            t.cutting_over,
+            t.legacy
+        );
+    }
+    Ok(())
+}
+
 pub async fn export(client: &mut Client) -> Result<()> {
     let r = client.export(pb::ExportRequest {}).await.map_err(status)?.into_inner();
     println!("# Exported from musubi-controller at revision {}", r.revision);

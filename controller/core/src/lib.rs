@@ -24,6 +24,7 @@ pub mod diagnostic;
 pub mod generate;
 pub mod intent;
 pub mod load;
+pub mod migration;
 pub mod par;
 pub mod plan;
 pub mod rotation;
