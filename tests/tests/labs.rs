@@ -45,6 +45,23 @@ impl Lab {
     }
 
     /// The operator CLI against the lab's controller (`musubi lab cli`).
+    /// Plays a drill into target/drill-reports and prints its Markdown
+    /// report: the command's output and the JSON report (null when none
+    /// was written).
+    fn drill(&self, drill: &Path) -> (Output, serde_json::Value) {
+        let reports = repo("target/drill-reports");
+        std::fs::create_dir_all(&reports).expect("reports directory");
+        let (out_dir, file) = (reports.display().to_string(), drill.display().to_string());
+        let out = self.musubi(&["lab", "drill", "--lab", &self.name, "--out", &out_dir, &file]);
+        let name = drill.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+        let md = std::fs::read_to_string(reports.join(format!("{name}.md"))).unwrap_or_else(|_| text(&out));
+        eprintln!("{md}");
+        let report =
+            serde_json::from_str(&std::fs::read_to_string(reports.join(format!("{name}.json"))).unwrap_or_default())
+                .unwrap_or_default();
+        (out, report)
+    }
+
     fn cli(&self, args: &[&str]) -> Output {
         let mut all = vec!["lab", "cli", "--lab", &self.name, "--"];
         all.extend_from_slice(args);
@@ -449,8 +466,6 @@ fn every_shipped_drill_passes() {
     let lab = Lab::new("ld");
     let up = lab.up(&repo("labs/minimal/topology.clab.yml"), &[]);
     assert!(up.status.success(), "{}", text(&up));
-    let reports = repo("target/drill-reports");
-    std::fs::create_dir_all(&reports).expect("reports directory");
     let mut drills: Vec<PathBuf> = std::fs::read_dir(repo("labs/minimal/drills"))
         .expect("drills")
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -462,21 +477,8 @@ fn every_shipped_drill_passes() {
     // Every drill runs once: a failure fails the test (its report is
     // printed above and its agents' logs kept beside the reports).
     for drill in &drills {
-        let out = lab.musubi(&[
-            "lab",
-            "drill",
-            "--lab",
-            &lab.name,
-            "--out",
-            &reports.display().to_string(),
-            &drill.display().to_string(),
-        ]);
+        let (out, report) = lab.drill(drill);
         let name = drill.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
-        let md = std::fs::read_to_string(reports.join(format!("{name}.md"))).unwrap_or_else(|_| text(&out));
-        eprintln!("{md}");
-        let report: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(reports.join(format!("{name}.json"))).unwrap_or_default())
-                .unwrap_or_default();
         let flows = report["flows"].as_array().cloned().unwrap_or_default();
         let limit = report["max_outage_ms"].as_f64().unwrap_or(0.0);
         let good = out.status.success()
@@ -500,7 +502,7 @@ fn every_shipped_drill_passes() {
         }
         if !good {
             // Keep the agents' logs of a failed drill beside its reports.
-            let logs = reports.join("logs").join(&name);
+            let logs = repo("target/drill-reports").join("logs").join(&name);
             let _ = std::fs::create_dir_all(&logs);
             let nodes = lab.root.path().join(&lab.name).join("nodes");
             for node in std::fs::read_dir(&nodes).into_iter().flatten().flatten() {
@@ -549,24 +551,8 @@ fn the_mutual_aid_drill_passes() {
     let lab = Lab::new("la");
     let up = lab.up(&repo("labs/mutual-aid/topology.clab.yml"), &[]);
     assert!(up.status.success(), "{}", text(&up));
-    let reports = repo("target/drill-reports");
-    std::fs::create_dir_all(&reports).expect("reports directory");
-    let drill = repo("labs/mutual-aid/drills/local-aps-lost.yaml");
-    let out = lab.musubi(&[
-        "lab",
-        "drill",
-        "--lab",
-        &lab.name,
-        "--out",
-        &reports.display().to_string(),
-        &drill.display().to_string(),
-    ]);
-    let md = std::fs::read_to_string(reports.join("local-aps-lost.md")).unwrap_or_else(|_| text(&out));
-    eprintln!("{md}");
+    let (out, report) = lab.drill(&repo("labs/mutual-aid/drills/local-aps-lost.yaml"));
     assert!(out.status.success(), "{}", text(&out));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(reports.join("local-aps-lost.json")).expect("report"))
-            .expect("json");
     assert_eq!(report["pass"], true);
     let checks = report["forwarded_checks"].as_array().cloned().unwrap_or_default();
     let total = |c: &serde_json::Value| -> u64 {
@@ -618,23 +604,8 @@ fn the_migration_lab_and_its_cutover_drill() {
     assert_eq!(stage("hq").map(|s| s.1).as_deref(), Some("in sync; migration gateway for 1 legacy site on eth4"));
     assert_eq!(stage("branch"), None);
 
-    let reports = repo("target/drill-reports");
-    std::fs::create_dir_all(&reports).expect("reports directory");
-    let drill = repo("labs/migration/drills/cutover.yaml");
-    let out = lab.musubi(&[
-        "lab",
-        "drill",
-        "--lab",
-        &lab.name,
-        "--out",
-        &reports.display().to_string(),
-        &drill.display().to_string(),
-    ]);
-    let md = std::fs::read_to_string(reports.join("cutover.md")).unwrap_or_else(|_| text(&out));
-    eprintln!("{md}");
+    let (out, report) = lab.drill(&repo("labs/migration/drills/cutover.yaml"));
     assert!(out.status.success(), "{}", text(&out));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(reports.join("cutover.json")).expect("report")).expect("json");
     assert_eq!(report["pass"], true);
     let flows = report["flows"].as_array().cloned().unwrap_or_default();
     assert_eq!(flows.len(), 3, "{flows:?}");

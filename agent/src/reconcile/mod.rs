@@ -533,6 +533,18 @@ mod tests {
             .collect()
     }
 
+    /// The choices once the fibre fails: every path over it is judged down,
+    /// lte→inet is the best one that answers.
+    fn fibre_down(c: &SiteConfig) -> Choices {
+        choose(
+            c,
+            &|_, _, _| 0,
+            &|_, e| if e.local_line == "fiber" { 2 } else { u8::from(e.remote_line != "inet") },
+            &|_, _| None,
+            &Default::default(),
+        )
+    }
+
     #[test]
     fn lines_are_picked_pinned_and_fenced() {
         let dir = tempfile::tempdir().expect("tmp");
@@ -550,14 +562,7 @@ mod tests {
         );
 
         // The fibre fails: lte→inet is the best path that answers.
-        let down = |e: &pb::Endpoint| e.local_line == "fiber";
-        let moved = choose(
-            &c,
-            &|_, _, _| 0,
-            &|_, e| if down(e) { 2 } else { u8::from(e.remote_line != "inet") },
-            &|_, _| None,
-            &Default::default(),
-        );
+        let moved = fibre_down(&c);
         assert_eq!(moved.paths["ap-east"], ("lte".to_string(), "inet".to_string()));
         let want = desired_with(&c, &keys(&state, &c), &moved).expect("desired");
         let tunnel = |name: &str| &want.tunnels[name].peers;
@@ -642,14 +647,7 @@ mod tests {
         let first = first_choices(&c, &hops);
         build(&mut noting, &c, &keys, &first, &hops).expect("first build");
         noting.calls.clear();
-        let down = |e: &pb::Endpoint| e.local_line == "fiber";
-        let moved = choose(
-            &c,
-            &|_, _, _| 0,
-            &|_, e| if down(e) { 2 } else { u8::from(e.remote_line != "inet") },
-            &|_, _| None,
-            &Default::default(),
-        );
+        let moved = fibre_down(&c);
         let peers = BTreeSet::from(["ap-east".to_string()]);
         let ops = move_lines(&mut noting, &c, &keys, &moved, &hops, &peers).expect("first step");
         let fenced = ops.iter().find_map(|o| if let Op::SetFence(f) = o { Some(f.len()) } else { None });
