@@ -760,7 +760,7 @@ pub async fn migration_status(client: &mut Client, json: bool) -> Result<()> {
     }
     println!();
     for ((tenant, segment), t) in &tally {
-        let done = if t.total() == 0 { 100 } else { t.on_musubi * 100 / t.total() };
+        let done = if t.total() == 0 { 100 } else { (t.on_musubi * 200 + t.total()) / (2 * t.total()) };
         println!(
             "{tenant}/{segment}: {} of {} on Musubi ({done}%), {} cutting over, {} legacy",
             t.on_musubi,
