@@ -726,10 +726,19 @@ fn migration_status_follows_a_cutover() {
     };
     assert_eq!(
         row(&table, "kita-school").as_deref(),
-        Some("pref-aoba lgwan kita-school legacy 10.2.24.0/24 through kita-hall (eth5, via 172.16.21.1)")
+        Some("pref-aoba lgwan kita-school legacy 10.2.24.0/24 through kita-hall (eth7, via 172.16.21.1)")
     );
-    assert!(row(&table, "kita-hall").is_some_and(|r| r.contains("on Musubi agent never connected; migration gateway for 1 legacy site on eth5")), "{table}");
-    assert!(table.contains("pref-aoba/lgwan: 5 of 6 sites on Musubi (83%), 0 cutting over, 1 legacy"), "{table}");
+    assert!(
+        row(&table, "kita-hall")
+            .is_some_and(|r| r.contains("declared agent never connected; migration gateway for 1 legacy site on eth7")),
+        "{table}"
+    );
+    assert!(
+        table.contains(
+            "pref-aoba/lgwan: 0 of 6 sites on Musubi (0%), 5 declared (agent never connected), 0 cutting over, 1 legacy"
+        ),
+        "{table}"
+    );
 
     // First plan: the school's Musubi site beside its legacy entry.
     let intent = topology("prefecture.yaml");
@@ -767,7 +776,7 @@ fn migration_status_follows_a_cutover() {
 
     // Second plan: the legacy entry goes.
     let complete = prepare.replace(
-        "\n    legacy:\n      interface: eth5\n      via: 172.16.21.1\n      sites:\n        - {name: kita-school, prefixes: [10.2.24.0/24], cutover_to: kita-school-new}",
+        "\n    legacy:\n      interface: eth7\n      via: 172.16.21.1\n      sites:\n        - {name: kita-school, prefixes: [10.2.24.0/24], cutover_to: kita-school-new}",
         "",
     );
     assert_ne!(complete, prepare);
@@ -776,6 +785,11 @@ fn migration_status_follows_a_cutover() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let table = status(false);
     assert!(row(&table, "kita-school").is_none(), "{table}");
-    assert!(row(&table, "kita-school-new").is_some_and(|r| r.contains("on Musubi")), "{table}");
-    assert!(table.contains("pref-aoba/lgwan: 6 of 6 sites on Musubi (100%), 0 cutting over, 0 legacy"), "{table}");
+    assert!(row(&table, "kita-school-new").is_some_and(|r| r.contains("declared agent never connected")), "{table}");
+    assert!(
+        table.contains(
+            "pref-aoba/lgwan: 0 of 6 sites on Musubi (0%), 6 declared (agent never connected), 0 cutting over, 0 legacy"
+        ),
+        "{table}"
+    );
 }

@@ -296,6 +296,16 @@ fn prefecture_lab_matches_verify_and_follows_an_intent_change() {
     // nothing reaches where it must not.
     let check = lab.musubi(&["lab", "check", &lab.name]);
     assert!(check.status.success(), "{}", text(&check));
+    // Kita's school, still on its old network behind kita-hall, is one of
+    // the endpoints checked (LGWAN, and SSH into My Number by the policy).
+    assert!(text(&check).contains("kita-school/lgwan"), "{}", text(&check));
+    let migration = lab.cli(&["migration", "status"]);
+    assert!(migration.status.success(), "{}", text(&migration));
+    assert!(
+        text(&migration).contains("pref-aoba/lgwan: 5 of 6 sites on Musubi (83%), 0 declared (agent never connected), 0 cutting over, 1 legacy"),
+        "{}",
+        text(&migration)
+    );
 
     // Remove the policy: LGWAN's SSH into My Number stops within 2 s.
     let ssh = |lab: &Lab| {

@@ -762,9 +762,10 @@ pub async fn migration_status(client: &mut Client, json: bool) -> Result<()> {
     for ((tenant, segment), t) in &tally {
         let done = if t.total() == 0 { 100 } else { (t.on_musubi * 200 + t.total()) / (2 * t.total()) };
         println!(
-            "{tenant}/{segment}: {} of {} on Musubi ({done}%), {} cutting over, {} legacy",
+            "{tenant}/{segment}: {} of {} on Musubi ({done}%), {} declared (agent never connected), {} cutting over, {} legacy",
             t.on_musubi,
             musubi_core::words::count(t.total(), "site"),
+            t.declared,
             t.cutting_over,
             t.legacy
         );

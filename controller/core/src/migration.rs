@@ -22,8 +22,10 @@ pub struct Seen {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Stage {
-    /// A Musubi site of the segment.
+    /// A Musubi site of the segment whose agent has connected.
     OnMusubi,
+    /// Declared on Musubi, its agent never connected yet.
+    Declared,
     /// A legacy site with a Musubi site declared for it: the site runs
     /// beside the old network, its prefixes still through the gateway
     /// until the legacy entry is removed.
@@ -36,6 +38,7 @@ impl Stage {
     pub fn words(self) -> &'static str {
         match self {
             Stage::OnMusubi => "on Musubi",
+            Stage::Declared => "declared",
             Stage::CuttingOver => "cutting over",
             Stage::Legacy => "legacy",
         }
@@ -62,13 +65,14 @@ pub struct Row {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Tally {
     pub on_musubi: usize,
+    pub declared: usize,
     pub cutting_over: usize,
     pub legacy: usize,
 }
 
 impl Tally {
     pub fn total(&self) -> usize {
-        self.on_musubi + self.cutting_over + self.legacy
+        self.on_musubi + self.declared + self.cutting_over + self.legacy
     }
 }
 
@@ -135,7 +139,8 @@ pub fn report(intent: &Intent, seen: &dyn Fn(&str) -> Option<Seen>) -> Vec<Row> 
                 continue;
             }
             let Some(a) = site.attachment(&seg.name) else { continue };
-            let mut detail = agent(seen(&site.name)).to_string();
+            let state = seen(&site.name);
+            let mut detail = agent(state).to_string();
             if let Some(legacy) = &a.legacy {
                 detail.push_str(&format!(
                     "; migration gateway for {} legacy site{} on {}",
@@ -148,7 +153,7 @@ pub fn report(intent: &Intent, seen: &dyn Fn(&str) -> Option<Seen>) -> Vec<Row> 
                 tenant: seg.tenant.clone(),
                 segment: seg.name.clone(),
                 site: site.name.clone(),
-                stage: Stage::OnMusubi,
+                stage: if state.is_some() { Stage::OnMusubi } else { Stage::Declared },
                 cutover_to: None,
                 gateway: None,
                 detail,
@@ -166,6 +171,7 @@ pub fn tally(rows: &[Row]) -> BTreeMap<(String, String), Tally> {
         let t = out.entry((r.tenant.clone(), r.segment.clone())).or_default();
         match r.stage {
             Stage::OnMusubi => t.on_musubi += 1,
+            Stage::Declared => t.declared += 1,
             Stage::CuttingOver => t.cutting_over += 1,
             Stage::Legacy => t.legacy += 1,
         }
@@ -217,6 +223,13 @@ tenant: city
 region: east
 lines: [{name: f, kind: dark-fiber, priority: 1, address: 192.0.2.13}]
 attachments: [{segment: office, interface: eth1, prefixes: [10.10.9.0/24]}]
+---
+kind: Site
+name: new
+tenant: city
+region: west
+lines: [{name: f, kind: dark-fiber, priority: 1, address: 192.0.2.14}]
+attachments: [{segment: office, interface: eth1, prefixes: [10.10.10.0/24]}]
 "#;
 
     #[test]
@@ -230,16 +243,25 @@ attachments: [{segment: office, interface: eth1, prefixes: [10.10.9.0/24]}]
         };
         let rows = report(&parsed.intent, &seen);
         let got: Vec<(&str, Stage)> = rows.iter().map(|r| (r.site.as_str(), r.stage)).collect();
-        assert_eq!(got, [("hq", Stage::OnMusubi), ("old-a", Stage::Legacy), ("old-b", Stage::CuttingOver)]);
-        assert_eq!(rows[0].detail, "in sync; migration gateway for 2 legacy sites on eth4");
-        assert_eq!(rows[1].detail, "10.10.8.0/24 through hq (eth4, via 172.16.9.1)");
-        assert_eq!(rows[1].gateway.as_deref(), Some("hq"));
         assert_eq!(
-            rows[2].detail,
+            got,
+            [
+                ("hq", Stage::OnMusubi),
+                ("new", Stage::Declared),
+                ("old-a", Stage::Legacy),
+                ("old-b", Stage::CuttingOver)
+            ]
+        );
+        assert_eq!(rows[0].detail, "in sync; migration gateway for 2 legacy sites on eth4");
+        assert_eq!(rows[1].detail, "agent never connected");
+        assert_eq!(rows[2].detail, "10.10.8.0/24 through hq (eth4, via 172.16.9.1)");
+        assert_eq!(rows[2].gateway.as_deref(), Some("hq"));
+        assert_eq!(
+            rows[3].detail,
             "to branch (connected, not in sync yet); 10.10.9.0/24 still through hq until the legacy entry is removed"
         );
         let t = &tally(&rows)[&("city".to_string(), "office".to_string())];
-        assert_eq!((t.on_musubi, t.cutting_over, t.legacy, t.total()), (1, 1, 1, 3));
+        assert_eq!((t.on_musubi, t.declared, t.cutting_over, t.legacy, t.total()), (1, 1, 1, 1, 4));
 
         // The cutover completed: the entry gone, the branch a site like any other.
         let done = INTENT.replace("        - {name: old-b, prefixes: [10.10.9.0/24], cutover_to: branch}\n", "");
