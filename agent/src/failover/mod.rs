@@ -419,17 +419,22 @@ pub fn first_choices(config: &SiteConfig, hops: &Hops) -> Choices {
 mod tests {
     use super::*;
 
+    /// A peer with a key, on a tunnel named after it.
+    fn peer(name: &str, role: pb::PeerRole, tunnel: &str) -> pb::Peer {
+        pb::Peer {
+            name: name.into(),
+            interface: format!("{tunnel}{name}"),
+            role: role.into(),
+            public_key: format!("key-of-{name}"),
+            ..Default::default()
+        }
+    }
+
     /// An east access point: member site `office-b` (reached directly) and
     /// the west access point over the interconnect, both candidates of
     /// office-b's route group, the member first.
     pub(super) fn access_point() -> SiteConfig {
-        let peer = |name: &str, role: pb::PeerRole| pb::Peer {
-            name: name.into(),
-            interface: format!("mv-{name}"),
-            role: role.into(),
-            public_key: format!("key-of-{name}"),
-            ..Default::default()
-        };
+        let peer = |name: &str, role: pb::PeerRole| peer(name, role, "mv-");
         SiteConfig {
             site: "ap-east".into(),
             segments: vec![pb::SegmentConfig {
@@ -448,13 +453,7 @@ mod tests {
 
     /// A member site of `pref-lan` with its own pair and an aiding one.
     pub(super) fn aided_member(automatic: bool, active: bool) -> SiteConfig {
-        let peer = |name: &str| pb::Peer {
-            name: name.into(),
-            interface: format!("m-{name}"),
-            role: pb::PeerRole::AccessPoint.into(),
-            public_key: format!("key-of-{name}"),
-            ..Default::default()
-        };
+        let peer = |name: &str| peer(name, pb::PeerRole::AccessPoint, "m-");
         SiteConfig {
             site: "office-a".into(),
             segments: vec![pb::SegmentConfig {
