@@ -105,6 +105,12 @@ fn added_segment(s: &pb::SegmentConfig) -> Change {
     for w in &s.tunnels {
         c.details.push(tunnel(w));
     }
+    if let Some(l) = &s.legacy {
+        c.details.push(format!("legacy network {}", legacy(l)));
+    }
+    for a in &s.aids {
+        c.details.push(format!("mutual aid {}", aid(a)));
+    }
     c.details.push(format!(
         "{}, {}, {}",
         crate::words::count(s.peers.len(), "peer"),
@@ -112,6 +118,20 @@ fn added_segment(s: &pb::SegmentConfig) -> Change {
         crate::words::count(s.policy.len(), "policy rule")
     ));
     c
+}
+
+fn legacy(l: &pb::LegacyNetwork) -> String {
+    format!("{} via {} [{}]", l.interface, l.via, l.prefixes.join(", "))
+}
+
+fn aid(a: &pb::AidConfig) -> String {
+    format!(
+        "{} through {} ({}{})",
+        a.name,
+        a.access_points.join(" and "),
+        if a.automatic { "automatic" } else { "manual" },
+        if a.active { ", activated" } else { "" }
+    )
 }
 
 fn field<T: PartialEq + std::fmt::Debug>(
@@ -192,6 +212,20 @@ fn diff_segment(o: &pb::SegmentConfig, n: &pb::SegmentConfig) -> (Vec<String>, V
     });
     field(&mut d, "attachment", &o.attachment, &n.attachment, |x| {
         x.as_ref().map_or("(none)".into(), |x| format!("{} [{}]", x.interface, x.prefixes.join(", ")))
+    });
+    match (&o.legacy, &n.legacy) {
+        (Some(a), Some(b)) if a.interface == b.interface && a.via == b.via => {
+            list_field(
+                &mut d,
+                &format!("legacy network on {} via {}: prefixes", b.interface, b.via),
+                &a.prefixes,
+                &b.prefixes,
+            );
+        }
+        _ => field(&mut d, "legacy network", &o.legacy, &n.legacy, |x| x.as_ref().map_or("(none)".into(), legacy)),
+    }
+    field(&mut d, "mutual aid", &o.aids, &n.aids, |x| {
+        if x.is_empty() { "(none)".into() } else { x.iter().map(aid).collect::<Vec<_>>().join("; ") }
     });
     let mut children = diff_named(
         &o.peers,
@@ -311,4 +345,50 @@ fn diff_named_with<T: PartialEq>(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gateway(legacy: Option<pb::LegacyNetwork>, aids: Vec<pb::AidConfig>) -> BTreeMap<String, SiteConfig> {
+        let segment = pb::SegmentConfig { segment: "office".into(), legacy, aids, ..Default::default() };
+        BTreeMap::from([(
+            "hq".to_string(),
+            SiteConfig { site: "hq".into(), segments: vec![segment], ..Default::default() },
+        )])
+    }
+
+    fn details(plan: &Plan) -> Vec<String> {
+        plan.sites.iter().flat_map(|s| &s.children).flat_map(|c| c.details.clone()).collect()
+    }
+
+    /// A change of a migration gateway's legacy network or of a segment's
+    /// mutual aid says what changed (it read "order changed").
+    #[test]
+    fn legacy_networks_and_aids_are_shown() {
+        let old_net = pb::LegacyNetwork {
+            interface: "eth4".into(),
+            via: "172.16.9.1".into(),
+            prefixes: vec!["10.10.9.0/24".into()],
+        };
+        let more =
+            pb::LegacyNetwork { prefixes: vec!["10.10.9.0/24".into(), "10.10.8.0/24".into()], ..old_net.clone() };
+        let plan = diff(&gateway(Some(old_net.clone()), vec![]), &gateway(Some(more), vec![]));
+        assert_eq!(details(&plan), ["legacy network on eth4 via 172.16.9.1: prefixes: +10.10.8.0/24"]);
+        let plan = diff(&gateway(Some(old_net.clone()), vec![]), &gateway(None, vec![]));
+        assert_eq!(details(&plan), ["legacy network: eth4 via 172.16.9.1 [10.10.9.0/24] → (none)"]);
+        let aid = pb::AidConfig {
+            name: "via-national".into(),
+            access_points: vec!["nat-east".into(), "nat-west".into()],
+            automatic: false,
+            active: true,
+            max_duration_ms: 3_600_000,
+        };
+        let plan = diff(&gateway(None, vec![]), &gateway(None, vec![aid]));
+        assert_eq!(
+            details(&plan),
+            ["mutual aid: (none) → via-national through nat-east and nat-west (manual, activated)"]
+        );
+    }
 }
