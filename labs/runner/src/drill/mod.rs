@@ -81,15 +81,8 @@ fn wait_in_sync(w: &world::World, site: &str) -> Result<()> {
     let until = Instant::now() + IN_SYNC_WITHIN;
     loop {
         let out = w.lab.musubi(&w.controller).args(["status", "--json", site]).output().context("musubi status")?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        let s = &v["sites"][0];
-        let reported = &s["reported"]["status"];
-        let synced = s["connected"] == true
-            && reported["applied_digest"]
-                .as_str()
-                .is_some_and(|d| !d.is_empty() && Some(d) == s["desired_digest"].as_str());
-        let peers = reported["peers"].as_array().cloned().unwrap_or_default();
-        if synced && !peers.is_empty() && peers.iter().all(|p| p["up"] == true && p["judged"] == true) {
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if crate::up::in_sync(&status, site) {
             return Ok(());
         }
         if Instant::now() > until {
