@@ -235,7 +235,8 @@ pub fn isolation(intent: &Intent, configs: &BTreeMap<String, SiteConfig>) -> Vec
                     check(format!("peer `{}`", peer.name), p, &mut problems);
                 }
                 let attached = intent.sites.get(&peer.name).and_then(|s| s.attachment(&seg.segment)).is_some();
-                if !attached && !aiding(intent, &peer.name, &seg.segment) {
+                let aiding = intent.segments.get(&seg.segment).is_some_and(|s| s.aided_by(&peer.name));
+                if !attached && !aiding {
                     problems
                         .push(format!("{site}/{}: peer `{}` is not attached to the segment", seg.segment, peer.name));
                 }
@@ -275,11 +276,6 @@ pub fn isolation(intent: &Intent, configs: &BTreeMap<String, SiteConfig>) -> Vec
 }
 
 /// The tunnel rules of the module's description, for one segment of `site`.
-/// Whether `site` is an access point that aids `segment`.
-fn aiding(intent: &Intent, site: &str, segment: &str) -> bool {
-    intent.segments.get(segment).is_some_and(|s| s.aid.iter().any(|a| a.access_points.iter().any(|n| n == site)))
-}
-
 fn tunnels(intent: &Intent, site: &str, seg: &musubi_proto::v1::SegmentConfig, problems: &mut Vec<String>) {
     use musubi_proto::v1::PeerRole;
     let at = format!("{site}/{}", seg.segment);

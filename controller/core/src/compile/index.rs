@@ -46,7 +46,7 @@ impl<'a> Index<'a> {
             cutting_over: HashMap::new(),
         };
         for site in intent.sites.values() {
-            for a in site.attachments.iter().filter(|a| a.legacy.is_some()) {
+            for a in &site.attachments {
                 for l in a.legacy.iter().flat_map(|l| &l.sites) {
                     if let Some(to) = &l.cutover_to {
                         let by_segment = ix.cutting_over.entry(to.as_str()).or_default();

@@ -214,10 +214,7 @@ impl YamlName for Activation {
 impl Intent {
     /// The segments whose aid names `ap`.
     pub fn aided_by<'a>(&'a self, ap: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.segments
-            .values()
-            .filter(move |s| s.aid.iter().any(|a| a.access_points.iter().any(|n| n == ap)))
-            .map(|s| s.name.as_str())
+        self.segments.values().filter(move |s| s.aided_by(ap)).map(|s| s.name.as_str())
     }
 
     /// An aid by name, with its segment.
@@ -230,6 +227,11 @@ impl Segment {
     /// May sites and policies of `tenant` use this segment?
     pub fn usable_by(&self, tenant: &str) -> bool {
         self.tenant == tenant || self.shared_with.iter().any(|t| t == tenant)
+    }
+
+    /// Does one of this segment's aids name access point `ap`?
+    pub fn aided_by(&self, ap: &str) -> bool {
+        self.aid.iter().any(|a| a.access_points.iter().any(|n| n == ap))
     }
 }
 

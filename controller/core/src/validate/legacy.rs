@@ -18,8 +18,9 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
     if gateways.is_empty() {
         return;
     }
-    // Every prefix of each segment a gateway serves, with whose it is.
-    let mut taken: BTreeMap<&str, Vec<(IpNetwork, String)>> = BTreeMap::new();
+    // Every prefix of each segment a gateway serves, with whose it is
+    // (named only for a clash).
+    let mut taken: BTreeMap<&str, Vec<(IpNetwork, Owner<'_>)>> = BTreeMap::new();
     for (_, g) in &gateways {
         for a in g.attachments.iter().filter(|a| a.legacy.is_some()) {
             taken.entry(a.segment.as_str()).or_default();
@@ -28,9 +29,9 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
     for (name, site) in &intent.sites {
         for a in &site.attachments {
             if let Some(list) = taken.get_mut(a.segment.as_str()) {
-                list.extend(a.prefixes.iter().map(|p| (*p, format!("site `{name}`"))));
+                list.extend(a.prefixes.iter().map(|p| (*p, Owner::Site(name))));
                 for l in a.legacy.iter().flat_map(|l| &l.sites) {
-                    list.extend(l.prefixes.iter().map(|p| (*p, format!("legacy site `{}`", l.name))));
+                    list.extend(l.prefixes.iter().map(|p| (*p, Owner::Legacy(&l.name))));
                 }
             }
         }
@@ -104,11 +105,11 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                             .expected(format!("a prefix inside {}", list.join(" or "))),
                         );
                     }
-                    let own = format!("legacy site `{}`", l.name);
+                    let own = Owner::Legacy(&l.name);
                     // The site it is being cut over to holds the same prefixes.
-                    let successor = l.cutover_to.as_ref().map(|s| format!("site `{s}`"));
+                    let successor = l.cutover_to.as_deref().map(Owner::Site);
                     let clash = taken.get(a.segment.as_str()).into_iter().flatten().find(|(q, whose)| {
-                        nets_overlap(p, q) && !(*whose == own && q == p) && successor.as_ref() != Some(whose)
+                        nets_overlap(p, q) && !(*whose == own && q == p) && successor != Some(*whose)
                     });
                     if let Some((q, whose)) = clash {
                         out.push(
@@ -156,6 +157,22 @@ pub(super) fn check(intent: &Intent, sources: &SourceMap, out: &mut Vec<Diagnost
                     );
                 }
             }
+        }
+    }
+}
+
+/// Whose a prefix of a segment is: a Musubi site's or a legacy site's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner<'a> {
+    Site(&'a str),
+    Legacy(&'a str),
+}
+
+impl std::fmt::Display for Owner<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::Site(name) => write!(f, "site `{name}`"),
+            Owner::Legacy(name) => write!(f, "legacy site `{name}`"),
         }
     }
 }

@@ -145,18 +145,12 @@ fn read_line(r: &mut Reader<'_>, n: &Node, path: &str) -> Option<Line> {
     let address = match Reader::get(&f, "address") {
         Some(v) => {
             let p = join(path, "address");
-            r.string(v, &p).and_then(|s| match s.parse::<IpAddr>() {
-                Ok(a) => match unreachable_kind(&a) {
-                    Some(why) => {
-                        r.error(v, &p, format!("{a} is {why}: no other site could reach it"), LINE_ADDRESS);
-                        None
-                    }
-                    None => Some(a),
-                },
-                Err(_) => {
-                    r.error(v, &p, format!("\"{s}\" is not an IP address"), "an IPv4 or IPv6 address");
+            r.address(v, &p, "an IPv4 or IPv6 address").and_then(|a| match unreachable_kind(&a) {
+                Some(why) => {
+                    r.error(v, &p, format!("{a} is {why}: no other site could reach it"), LINE_ADDRESS);
                     None
                 }
+                None => Some(a),
             })
         }
         None => {
@@ -194,21 +188,7 @@ fn read_legacy(r: &mut Reader<'_>, n: &Node, path: &str) -> Option<Legacy> {
     let f = r.map(n, path, &["interface", "via", "sites"])?;
     let interface = r.req_string(&f, n, path, "interface");
     let via = match Reader::get(&f, "via") {
-        Some(v) => {
-            let p = join(path, "via");
-            r.string(v, &p).and_then(|s| match s.parse::<IpAddr>() {
-                Ok(a) => Some(a),
-                Err(_) => {
-                    r.error(
-                        v,
-                        &p,
-                        format!("\"{s}\" is not an IP address"),
-                        "the old network's router on that interface",
-                    );
-                    None
-                }
-            })
-        }
+        Some(v) => r.address(v, &join(path, "via"), "the old network's router on that interface"),
         None => {
             r.missing(n, path, "via", "the old network's router on that interface");
             None

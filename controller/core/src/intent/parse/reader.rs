@@ -1,6 +1,8 @@
 //! Reading fields of a YAML mapping into typed values, reporting every
 //! unknown field, wrong type or out-of-range value with its position.
 
+use std::net::IpAddr;
+
 use ipnetwork::IpNetwork;
 
 use super::Parsed;
@@ -94,6 +96,19 @@ impl Reader<'_> {
             Value::Str(s) => Some(s.clone()),
             _ => {
                 self.error(n, path, format!("found {}", n.describe()), "a string");
+                None
+            }
+        }
+    }
+
+    /// An IP address written as a string; anything else is an error
+    /// saying what was `expected`.
+    pub(super) fn address(&mut self, n: &Node, path: &str, expected: &str) -> Option<IpAddr> {
+        let s = self.string(n, path)?;
+        match s.parse::<IpAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.error(n, path, format!("\"{s}\" is not an IP address"), expected);
                 None
             }
         }
