@@ -231,13 +231,8 @@ pub fn main(command: LabCommand) -> Result<()> {
             let lab = Lab::find(lab)?;
             let clab = lab.topology()?;
             let (controller, ctl) = clab.controller()?;
-            let site = clab
-                .topology
-                .nodes
-                .get(&node)
-                .filter(|n| n.role() == "router")
-                .and_then(|n| n.labels.get("musubi.site"))
-                .with_context(|| format!("`{node}` is not a router of lab {}", lab.name))?;
+            let site =
+                clab.router_site(&node).with_context(|| format!("`{node}` is not a router of lab {}", lab.name))?;
             let ip = ctl.mgmt_ipv4.clone().context("the controller has no mgmt-ipv4")?;
             let pid = start_agent(&lab, controller, &ip, &node, site)?;
             println!("agent of {site} started in {node} (pid {pid})");

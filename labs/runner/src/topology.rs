@@ -54,6 +54,11 @@ impl Clab {
             .find(|(_, n)| n.role() == "controller")
             .context("the topology has no node labelled musubi.role: controller")
     }
+
+    /// The site whose router `node` is (`musubi.role: router`, `musubi.site`).
+    pub(crate) fn router_site(&self, node: &str) -> Option<&String> {
+        self.topology.nodes.get(node).filter(|n| n.role() == "router").and_then(|n| n.labels.get("musubi.site"))
+    }
 }
 
 impl Node {

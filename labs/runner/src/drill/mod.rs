@@ -367,11 +367,8 @@ pub fn run(lab: Lab, file: &Path, out: Option<PathBuf>, rate: Option<u32>, scale
                 Step::Agent(node) => {
                     let clab = w.lab.topology()?;
                     let site = clab
-                        .topology
-                        .nodes
-                        .get(node)
-                        .and_then(|n| n.labels.get("musubi.site"))
-                        .with_context(|| format!("node {node} has no musubi.site label"))?
+                        .router_site(node)
+                        .with_context(|| format!("`{node}` is not a router of lab {}", w.lab.name))?
                         .clone();
                     crate::up::start_agent(&w.lab, &w.controller, &w.controller_ip, node, &site)?;
                     note(&mut timeline, format!("agent of {site} started on {node}"));
