@@ -2,8 +2,11 @@
 //! phases are [`musubi_core::rotation`]'s): asked for by an operator
 //! ([`request`]) or by the schedule, a rotation moves from prepare to
 //! switch once every connected peer of the site holds the site's next keys
-//! (acknowledged: its agent applied the configuration that carries them),
-//! and ends once the site's agent applied the switch. A revocation
+//! (acknowledged: its agent applied the configuration that carries them);
+//! the switch names its instant, a little ahead, when the site and its
+//! peers all take the next keys; the rotation ends once that instant passed
+//! and the site's agent applied the switch: the next keys are recorded as
+//! the site's keys. A revocation
 //! ([`revoke`]) drops the keys at once. Every step is one guarded write
 //! with its audit entry: replicas may all drive, one of them wins each step.
 
@@ -68,7 +71,7 @@ pub async fn request<S: IntentStore>(
     if !held.keys().any(|k| rotation::is_segment_key(k)) {
         return Err(RotationError::NoKeys(site.to_string()));
     }
-    let r = Rotation { id: now_ms, phase: Phase::Prepare };
+    let r = Rotation { id: now_ms, phase: Phase::Prepare, switch_at: None };
     let summary = format!("key rotation of site {site} asked for (rotation {}){}", r.id, because(reason));
     let writes = vec![put(site, rotation::ROTATION, Guard::Absent, Some(r.text()))];
     asked(store, site, actor, now_ms, summary, writes).await?;
@@ -111,12 +114,13 @@ pub async fn revoke<S: IntentStore>(
 ) -> Result<u64, RotationError> {
     let held = entries(store, site).await?;
     let keys: Vec<(&String, &String)> =
-        held.iter().filter(|(k, _)| *k != rotation::ROTATION && *k != rotation::SINCE).collect();
+        held.iter().filter(|(k, _)| rotation::is_segment_key(k) || k.starts_with(rotation::NEXT)).collect();
     // Without keys (revoked before, the site kept out, then let back in)
     // it only asks the agent for fresh ones.
-    let r = Rotation { id: now_ms, phase: Phase::Fresh };
+    let r = Rotation { id: now_ms, phase: Phase::Fresh, switch_at: None };
     let mut writes = vec![put(site, rotation::ROTATION, Guard::Any, Some(r.text()))];
     writes.push(put(site, rotation::SINCE, Guard::Any, None));
+    writes.push(put(site, rotation::SWITCHED, Guard::Any, None));
     let mut listed = Vec::new();
     for (entry, key) in &keys {
         writes.push(put(site, entry, Guard::Any, None));
@@ -213,6 +217,20 @@ fn prepared(fanout: &Fanout, site: &str, keys: &BTreeMap<String, String>, applie
     Next::Switch { peers: held_by }
 }
 
+/// `hh:mm:ss.mmm UTC` of a Unix ms instant, for the audit entry.
+fn utc(ms: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!("{:02}:{:02}:{:02}.{:03} UTC", t.hour(), t.minute(), t.second(), t.millisecond())
+}
+
+/// The next keys a site's entries hold, by segment.
+fn next_keys(keys: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    keys.iter()
+        .filter_map(|(entry, key)| Some((entry.strip_prefix(rotation::NEXT)?.to_string(), key.clone())))
+        .collect()
+}
+
 /// One step of every rotation under way, then the schedule's new ones.
 /// Returns how many writes it made.
 pub async fn step<S: IntentStore>(
@@ -249,7 +267,8 @@ pub async fn step<S: IntentStore>(
                     PREPARE_LIMIT.as_secs()
                 )
             };
-            let mut w = vec![put(site, rotation::ROTATION, guard, None)];
+            let mut w =
+                vec![put(site, rotation::ROTATION, guard, None), put(site, rotation::SWITCHED, Guard::Any, None)];
             w.extend(keys.keys().filter(|e| e.starts_with(rotation::NEXT)).map(|e| put(site, e, Guard::Any, None)));
             let summary = format!("key rotation of site {site} given up (rotation {}): {why}; its keys stay", r.id);
             let event = Event { time_ms: now_ms, actor: "controller:keys".to_string(), summary };
@@ -260,34 +279,53 @@ pub async fn step<S: IntentStore>(
             continue;
         }
         let (summary, w) = match r.phase {
+            // The switch's instant is set ahead: the keys stay as they are
+            // until the rotation is done, the peers and the site acting on
+            // the instant each configuration carries.
             Phase::Prepare => match prepared(fanout, site, keys, &applied) {
                 Next::Switch { peers } => {
-                    let mut w = vec![
-                        put(site, rotation::ROTATION, guard, Some(Rotation { phase: Phase::Switch, ..*r }.text())),
-                        put(site, rotation::SINCE, Guard::Any, Some(now_ms.to_string())),
-                    ];
-                    let mut listed = Vec::new();
-                    for (entry, key) in keys.iter() {
-                        let Some(seg) = entry.strip_prefix(rotation::NEXT) else { continue };
-                        w.push(put(site, seg, Guard::Any, Some(key.clone())));
-                        w.push(put(site, entry, Guard::Any, None));
-                        listed.push((seg.to_string(), key.clone()));
-                    }
+                    let at = now_ms + rotation::switch_lead_ms(peers);
+                    let switch = Rotation { phase: Phase::Switch, switch_at: Some(at), ..*r };
+                    let w = vec![put(site, rotation::ROTATION, guard, Some(switch.text()))];
                     let summary = format!(
-                        "WireGuard keys of site {site} switched to the next ones ({}); {peers} connected peers held them first",
-                        crate::sites::key_list(&listed)
+                        "WireGuard keys of site {site} switch to the next ones ({}) at {}; {peers} connected peers held them first",
+                        crate::sites::key_list(&next_keys(keys)),
+                        utc(at)
                     );
                     (summary, w)
                 }
                 Next::Wait(_) => continue,
             },
+            // Done once the agent confirmed the switch (it reported its
+            // next keys as its keys): removing the rotation from its
+            // configuration before then would leave it on its old keys
+            // while its peers hold only the new ones. A switch without an
+            // instant (an earlier version's) is done once applied.
             Phase::Switch => {
-                let Some((digest, ())) = with_config(fanout, site, |_| ()) else { continue };
-                if applied.get(*site) != Some(&digest) {
+                let done = match r.switch_at {
+                    Some(at) => now_ms >= at && keys.get(rotation::SWITCHED) == Some(&r.id.to_string()),
+                    None => with_config(fanout, site, |_| ())
+                        .is_some_and(|(digest, ())| applied.get(*site) == Some(&digest)),
+                };
+                if !done {
                     continue;
                 }
-                let summary = format!("key rotation of site {site} done (rotation {})", r.id);
-                (summary, vec![put(site, rotation::ROTATION, guard, None)])
+                let mut w = vec![
+                    put(site, rotation::ROTATION, guard, None),
+                    put(site, rotation::SWITCHED, Guard::Any, None),
+                    put(site, rotation::SINCE, Guard::Any, Some(r.switch_at.unwrap_or(now_ms).to_string())),
+                ];
+                let listed = next_keys(keys);
+                for (seg, key) in &listed {
+                    w.push(put(site, seg, Guard::Any, Some(key.clone())));
+                    w.push(put(site, &rotation::next_entry(seg), Guard::Any, None));
+                }
+                let summary = format!(
+                    "key rotation of site {site} done (rotation {}): its keys are the next ones ({})",
+                    r.id,
+                    crate::sites::key_list(&listed)
+                );
+                (summary, w)
             }
             Phase::Fresh => {
                 let segments = fanout.segments(site);

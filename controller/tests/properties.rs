@@ -736,8 +736,33 @@ fn a_rotations_next_keys_reach_exactly_the_peers_and_rekeying_them_equals_compil
     };
     assert!(peers_of(&ap) > 10, "an access point's next key reaches every member");
     assert!(touched.contains(&member) && touched.contains(&ap) && touched.len() >= peers_of(&ap));
-    // The switch: the next keys become the keys, the entries go.
-    let mut switched = keys.clone();
+    // The switch: only the rotation's entry changes, naming the instant;
+    // every peer holding a next key is told the instant, and so is the site.
+    let mut switching = keys.clone();
+    let mut changed = BTreeSet::new();
+    for site in [&member, &ap] {
+        switching.get_mut(site).expect("keys").insert(ROTATION.into(), "42 switch 5000".into());
+        changed.insert((site.clone(), ROTATION.to_string()));
+    }
+    rekey(&intent, &alloc, &switching, &changed, &mut configs).expect("rekey");
+    let fresh = compile(&intent, &alloc, &switching).expect("compile");
+    for (name, config) in &fresh {
+        assert_eq!(**configs.get(name).expect("kept"), *config, "{name}");
+        for p in config.segments.iter().flat_map(|s| &s.peers) {
+            let expect = if p.next_public_key.is_empty() { 0 } else { 5000 };
+            assert_eq!(p.switch_at_unix_ms, expect, "{name}: peer {}", p.name);
+        }
+        if name == &member || name == &ap {
+            let r = config.key_rotation.as_ref().expect("rotation");
+            assert_eq!((r.phase(), r.switch_at_unix_ms), (musubi_proto::v1::KeyPhase::Switch, 5000), "{name}");
+        }
+    }
+    assert!(
+        fresh[&member].segments.iter().flat_map(|s| &s.peers).any(|p| p.name == ap && p.switch_at_unix_ms == 5000),
+        "a member is told its access point's instant"
+    );
+    // Done: the next keys become the keys, the entries go.
+    let mut switched = switching.clone();
     let mut changed = BTreeSet::new();
     for site in [&member, &ap] {
         let k = switched.get_mut(site).expect("keys");
@@ -750,16 +775,23 @@ fn a_rotations_next_keys_reach_exactly_the_peers_and_rekeying_them_equals_compil
             changed.insert((site.clone(), seg));
             changed.insert((site.clone(), entry));
         }
-        k.insert(ROTATION.into(), "42 switch".into());
+        k.remove(ROTATION);
         changed.insert((site.clone(), ROTATION.to_string()));
     }
     rekey(&intent, &alloc, &switched, &changed, &mut configs).expect("rekey");
     let fresh = compile(&intent, &alloc, &switched).expect("compile");
     for (name, config) in &fresh {
         assert_eq!(**configs.get(name).expect("kept"), *config, "{name}");
-        assert!(config.segments.iter().flat_map(|s| &s.peers).all(|p| p.next_public_key.is_empty()), "{name}");
+        assert!(
+            config
+                .segments
+                .iter()
+                .flat_map(|s| &s.peers)
+                .all(|p| p.next_public_key.is_empty() && p.switch_at_unix_ms == 0),
+            "{name}"
+        );
+        assert!(config.key_rotation.is_none(), "{name}");
     }
-    assert_eq!(fresh[&member].key_rotation.as_ref().map(|r| r.phase()), Some(musubi_proto::v1::KeyPhase::Switch));
 }
 
 /// The generator's cutover is a valid one at each step (legacy, being cut

@@ -960,7 +960,7 @@ fn a_site_rotates_its_keys_make_before_break_and_a_revoked_key_is_dropped_at_onc
     let history = String::from_utf8_lossy(&pki.musubi(&address, &["history"]).stdout).to_string();
     for step in [
         "key rotation of site kita-hall asked for",
-        "WireGuard keys of site kita-hall switched to the next ones",
+        "WireGuard keys of site kita-hall switch to the next ones",
         "1 connected peers held them first",
         "key rotation of site kita-hall done",
     ] {

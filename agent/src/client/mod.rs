@@ -13,6 +13,7 @@ mod session;
 mod settings;
 mod status;
 pub mod supervisor;
+mod switch;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
@@ -48,6 +49,8 @@ pub struct Agent {
     machine: Machine,
     /// When the machine asked to be woken (a grace or hold-down ends).
     wake_at: Option<Instant>,
+    /// When a key rotation's switch is due (this site's or a peer's).
+    switch_at: Option<Instant>,
     /// The interfaces' keys, read (or made) when a configuration is applied.
     keys: LocalKeys,
     /// The next keys of a key rotation that prepares, reported with every
@@ -85,6 +88,7 @@ impl Agent {
             hops: Default::default(),
             machine,
             wake_at: None,
+            switch_at: None,
             keys: Default::default(),
             next_keys: Vec::new(),
             metrics: Default::default(),
@@ -118,7 +122,10 @@ impl Agent {
     /// Applies a configuration; on failure keeps the previous one and reports.
     /// A configuration that names a segment no intent could hold is refused
     /// before anything touches the disk or the kernel.
-    fn apply(&mut self, update: pb::ConfigUpdate) -> Vec<pb::InterfaceKey> {
+    fn apply(&mut self, mut update: pb::ConfigUpdate) -> Vec<pb::InterfaceKey> {
+        // Peers whose key switch is due take their next keys.
+        let now_ms = settings::now_ms();
+        let ahead = update.config.as_mut().and_then(|c| switch::settle(c, now_ms));
         let Some(config) = &update.config else { return Vec::new() };
         // The interfaces the site's lines leave on, read from the kernel
         // (nothing written): a LAN is never one of them.
@@ -133,14 +140,18 @@ impl Agent {
             self.errors = vec![e.to_string()];
             return Vec::new();
         }
+        self.switch_at = ahead.map(|at| Instant::now() + std::time::Duration::from_millis(at - now_ms));
         let mut new_keys = Vec::new();
         let segments: Vec<&str> = config.segments.iter().map(|s| s.segment.as_str()).collect();
-        // A key rotation: the next keys made (prepare), taken (switch) or
-        // fresh ones made (after a revocation), before the keys are read.
+        // A key rotation: the next keys made (prepare), taken (switch, at
+        // its instant) or fresh ones made (after a revocation), before the
+        // keys are read.
         let mut rotated = Vec::new();
         self.next_keys.clear();
         if let Some(r) = &config.key_rotation {
-            match self.settings.state.rotate(r.id, r.phase(), &segments) {
+            let waits = r.phase() == pb::KeyPhase::Switch && !switch::own_switch_due(config, now_ms);
+            let acted = if waits { Ok(Vec::new()) } else { self.settings.state.rotate(r.id, r.phase(), &segments) };
+            match acted {
                 Ok(changed) => {
                     if !changed.is_empty() {
                         tracing::info!(site = %self.settings.site, rotation = r.id, phase = r.phase().as_str_name(),
@@ -150,7 +161,7 @@ impl Agent {
                 }
                 Err(e) => self.errors.push(e.to_string()),
             }
-            if r.phase() == pb::KeyPhase::Prepare {
+            if r.phase() == pb::KeyPhase::Prepare || waits {
                 match self.settings.state.next_public_keys(&segments) {
                     Ok(next) => {
                         self.next_keys = next
@@ -234,6 +245,15 @@ impl Agent {
             }
         }
         new_keys
+    }
+
+    /// A key rotation's switch is due (see [`switch`]): the configuration
+    /// applied last is applied again, its due switches taken.
+    fn switch_due(&mut self) -> Vec<pb::InterfaceKey> {
+        self.switch_at = None;
+        let Some(update) = self.applied.clone() else { return Vec::new() };
+        tracing::info!(site = %self.settings.site, revision = update.revision, "a key switch is due");
+        self.apply(update)
     }
 
     /// The configuration applied last.

@@ -81,6 +81,12 @@ impl Agent {
                         tx.send(self.status(Vec::new())).await.map_err(|e| broken(&e))?;
                     }
                 }
+                // A key rotation's switch, at its instant; this site's new
+                // keys reported (they confirm its switch).
+                _ = woken(self.switch_at) => {
+                    let keys = self.switch_due();
+                    tx.send(self.status(keys)).await.map_err(|e| broken(&e))?;
+                }
                 message = tokio::time::timeout(self.settings.silence, inbound.message()) => {
                     let message = message.map_err(|_| End::Broken("the controller went silent".into()))?;
                     match message {
@@ -127,6 +133,11 @@ impl Agent {
                 }
                 _ = woken(self.wake_at) => {
                     self.probed();
+                }
+                // Without a controller too: the peers switch at the instant
+                // (the new keys are reported by the next Hello).
+                _ = woken(self.switch_at) => {
+                    self.switch_due();
                 }
             }
         }

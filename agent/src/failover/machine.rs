@@ -402,6 +402,7 @@ mod tests {
             role: pb::PeerRole::AccessPoint.into(),
             public_key: format!("K{n}"),
             next_public_key: String::new(),
+            switch_at_unix_ms: 0,
             endpoints: vec![endpoint("fiber", &format!("192.0.2.{n}")), endpoint("lte", &format!("192.0.2.{n}"))],
             allowed_prefixes: vec![format!("100.64.0.{n}/32")],
         };

@@ -483,6 +483,7 @@ mod tests {
             role: role.into(),
             public_key: format!("K{n}"),
             next_public_key: String::new(),
+            switch_at_unix_ms: 0,
             endpoints: vec![
                 endpoint("fiber", "fiber", &format!("192.0.2.{n}")),
                 endpoint("fiber", "inet", &format!("198.51.100.{n}")),

@@ -6,13 +6,18 @@
 //! - `+next/<segment>`: the next key the agent made for that segment while
 //!   a rotation prepares; its peers hold it beside the current one;
 //! - `+rotation`: the rotation under way, `<id> <phase>`;
-//! - `+since`: when the current keys were registered (Unix ms).
+//! - `+since`: when the current keys were registered (Unix ms);
+//! - `+switched`: the rotation whose switch the agent confirmed (it reported
+//!   its next keys as its keys), until the rotation is done.
 //!
 //! A rotation goes: *prepare* (the agent makes its next keys and reports
 //! their public halves; every peer is given them and holds them with no
 //! addresses), then *switch* (once every connected peer holds them, one
-//! commit makes them the site's keys: the peers move the site's addresses
-//! to them while the agent switches its interfaces over), then done. A
+//! commit sets the switch's instant a little ahead, [`switch_lead_ms`]: at
+//! that instant the peers move the site's addresses to the next keys while
+//! the agent switches its interfaces over — all at once, not each when the
+//! commit reaches it), then done (once the instant passed and the agent
+//! confirmed the switch, the next keys are recorded as the site's keys). A
 //! revocation drops the keys at once and asks for *fresh* ones. What is due
 //! when is [`due`]: pure, `now` an argument.
 
@@ -26,6 +31,8 @@ pub const NEXT: &str = "+next/";
 pub const ROTATION: &str = "+rotation";
 /// The entry of when the current keys were registered.
 pub const SINCE: &str = "+since";
+/// The entry of the rotation whose switch the agent confirmed.
+pub const SWITCHED: &str = "+switched";
 
 /// Whether an entry of a site's keys is a segment's current key.
 pub fn is_segment_key(name: &str) -> bool {
@@ -58,28 +65,61 @@ impl Phase {
     }
 }
 
-/// A rotation under way: its id (when it was asked for, Unix ms) and phase.
+/// A rotation under way: its id (when it was asked for, Unix ms), phase
+/// and, once it switches, the switch's instant (Unix ms).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rotation {
     pub id: u64,
     pub phase: Phase,
+    pub switch_at: Option<u64>,
 }
 
 impl Rotation {
-    /// Reads `<id> <phase>`.
+    /// Reads `<id> <phase>` or `<id> switch <instant>`.
     pub fn parse(text: &str) -> Option<Rotation> {
-        let (id, phase) = text.trim().split_once(' ')?;
-        let phase = match phase {
+        let mut words = text.split_whitespace();
+        let id = words.next()?.parse().ok()?;
+        let phase = match words.next()? {
             "prepare" => Phase::Prepare,
             "switch" => Phase::Switch,
             "fresh" => Phase::Fresh,
             _ => return None,
         };
-        Some(Rotation { id: id.parse().ok()?, phase })
+        let switch_at = match words.next() {
+            Some(at) if phase == Phase::Switch => Some(at.parse().ok()?),
+            Some(_) => return None,
+            None => None,
+        };
+        if words.next().is_some() {
+            return None;
+        }
+        Some(Rotation { id, phase, switch_at })
     }
 
     pub fn text(&self) -> String {
-        format!("{} {}", self.id, self.phase.as_str())
+        match self.switch_at {
+            Some(at) => format!("{} {} {at}", self.id, self.phase.as_str()),
+            None => format!("{} {}", self.id, self.phase.as_str()),
+        }
+    }
+}
+
+/// How far ahead of the switch's commit its instant is set, for a site
+/// with `peers` peers: long enough for the commit to reach every peer's
+/// agent (the fan-out sends about a thousand configurations a second on a
+/// small controller; a lab's few arrive within 100 ms), so that all of them
+/// act at the instant rather than each when the commit arrives. One second,
+/// and a millisecond more per peer, at most a minute.
+pub fn switch_lead_ms(peers: usize) -> u64 {
+    (1_000 + peers as u64).min(60_000)
+}
+
+/// The peer's switch instant (Unix ms) to give its peers while `site_keys`
+/// say it switches (0: none), for `Peer.switch_at_unix_ms`.
+pub fn peer_switch_at(site_keys: &BTreeMap<String, String>) -> u64 {
+    match site_rotation(site_keys) {
+        Some(Rotation { phase: Phase::Switch, switch_at: Some(at), .. }) => at,
+        _ => 0,
     }
 }
 
@@ -168,9 +208,21 @@ mod tests {
     #[test]
     fn a_rotation_reads_back_and_nonsense_is_none() {
         for phase in [Phase::Prepare, Phase::Switch, Phase::Fresh] {
-            let r = Rotation { id: 1_796_000_000_123, phase };
+            let r = Rotation { id: 1_796_000_000_123, phase, switch_at: None };
             assert_eq!(Rotation::parse(&r.text()), Some(r));
         }
+        let r = Rotation { id: 7, phase: Phase::Switch, switch_at: Some(1_796_000_001_000) };
+        assert_eq!(r.text(), "7 switch 1796000001000");
+        assert_eq!(Rotation::parse(&r.text()), Some(r));
+        let keys = BTreeMap::from([(ROTATION.to_string(), r.text())]);
+        assert_eq!(peer_switch_at(&keys), 1_796_000_001_000);
+        assert_eq!(peer_switch_at(&BTreeMap::from([(ROTATION.to_string(), "7 switch".to_string())])), 0);
+        assert_eq!(Rotation::parse("7 prepare 12"), None, "only a switch has an instant");
+        assert_eq!(Rotation::parse("7 switch soon"), None);
+        assert_eq!(Rotation::parse("7 switch 1 2"), None);
+        assert_eq!(switch_lead_ms(3), 1_003);
+        assert_eq!(switch_lead_ms(10_000), 11_000);
+        assert_eq!(switch_lead_ms(1_000_000), 60_000);
         assert_eq!(Rotation::parse("12 later"), None);
         assert_eq!(Rotation::parse("x prepare"), None);
         assert_eq!(Rotation::parse(""), None);

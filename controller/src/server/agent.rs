@@ -6,7 +6,7 @@
 //! one removed from the intent, has its stream ended by the fan-out (within
 //! the store's notification delay) and is refused from then on.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -146,12 +146,15 @@ impl<S: IntentStore + 'static> AgentService<S> {
     /// Stores the public keys an agent reported that are new, well-formed
     /// and for segments its site is attached to. Next keys (a rotation's,
     /// see [`reported`]) are taken only while the site's rotation prepares;
-    /// while it switches, a current key other than the one the controller
-    /// switched to is the agent's old one, not yet replaced: ignored.
+    /// while it switches, current keys are not taken (the rotation's end
+    /// records the next keys as the site's), but current keys equal to every
+    /// next key confirm the switch (`+switched`).
     async fn take_keys(&self, site: &str, keys: &[pb::InterfaceKey]) -> Result<(), Status> {
         let known = self.fanout.keys(site);
         let segments = self.fanout.segments(site);
-        let phase = rotation::site_rotation(&known).map(|r| r.phase);
+        let under_way = rotation::site_rotation(&known);
+        let phase = under_way.map(|r| r.phase);
+        let mut switched = BTreeSet::new();
         let mut fresh = Vec::new();
         for k in keys {
             let (segment, next) = match k.segment.strip_prefix(rotation::NEXT) {
@@ -170,6 +173,9 @@ impl<S: IntentStore + 'static> AgentService<S> {
                 continue;
             }
             if !next && phase == Some(rotation::Phase::Switch) && known.contains_key(segment) {
+                if known.get(&rotation::next_entry(segment)) == Some(&k.public_key) {
+                    switched.insert(rotation::next_entry(segment));
+                }
                 continue;
             }
             if known.get(&k.segment) != Some(&k.public_key) {
@@ -203,6 +209,14 @@ impl<S: IntentStore + 'static> AgentService<S> {
         }
         if fresh.iter().any(|(entry, _)| rotation::is_segment_key(entry)) {
             fresh.push((rotation::SINCE.to_string(), now_ms().to_string()));
+        }
+        if let Some(r) = under_way.filter(|r| r.phase == rotation::Phase::Switch)
+            && !switched.is_empty()
+            && known.keys().filter(|e| e.starts_with(rotation::NEXT)).all(|e| switched.contains(e))
+            && known.get(rotation::SWITCHED) != Some(&r.id.to_string())
+        {
+            tracing::info!(site, rotation = r.id, "the agent switched to its next keys");
+            fresh.push((rotation::SWITCHED.to_string(), r.id.to_string()));
         }
         if !fresh.is_empty() {
             self.store.put_public_keys(site, &fresh).await.map_err(internal)?;

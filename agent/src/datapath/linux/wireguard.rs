@@ -83,7 +83,8 @@ pub fn start_userspace(program: &Path, name: &str, log: &Path) -> Result<(), Dat
     let status = Command::new(program)
         .arg(name)
         .env_remove("WG_PROCESS_FOREGROUND")
-        .env("LOG_LEVEL", "error")
+        // `MUSUBI_WIREGUARD_LOG=verbose` logs every handshake (debugging).
+        .env("LOG_LEVEL", std::env::var("MUSUBI_WIREGUARD_LOG").unwrap_or_else(|_| "error".into()))
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(out2)

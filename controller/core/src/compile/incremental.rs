@@ -229,23 +229,34 @@ pub fn rekey(
             continue;
         }
         let Some(site) = intent.sites.get(name) else { continue };
-        // A rotation's phase is in the site's own configuration; a next key
+        // A rotation's phase is in the site's own configuration and, with
+        // its switch's instant, on every peer of its segments; a next key
         // is on the same peers as the segment's key; `+since` on none.
-        let segment = match entry.strip_prefix(crate::rotation::NEXT) {
-            Some(segment) => segment,
+        let segments: Vec<&str> = match entry.strip_prefix(crate::rotation::NEXT) {
+            Some(segment) => vec![segment],
             None if entry == crate::rotation::ROTATION => {
                 whole.insert(site.name.as_str());
-                continue;
+                keys.get(name)
+                    .into_iter()
+                    .flat_map(|k| k.keys())
+                    .filter(|e| crate::rotation::is_segment_key(e))
+                    .map(String::as_str)
+                    .collect()
             }
             None if !crate::rotation::is_segment_key(entry) => continue,
-            None => entry.as_str(),
+            None => vec![entry.as_str()],
         };
-        let aps = index.serving(segment).into_iter().filter(|ap| ap.name != *name);
-        if site.is_access_point() {
-            whole.extend(index.members(segment).iter().copied());
-            whole.extend(aps.map(|ap| ap.name.as_str()));
-        } else {
-            for ap in aps {
+        let mut spliced = BTreeSet::new();
+        for segment in segments {
+            let aps = index.serving(segment).into_iter().filter(|ap| ap.name != *name);
+            if site.is_access_point() {
+                whole.extend(index.members(segment).iter().copied());
+                whole.extend(aps.map(|ap| ap.name.as_str()));
+                continue;
+            }
+            // A splice renders the member's peer in every segment of the
+            // access point's configuration: once per access point.
+            for ap in aps.filter(|ap| spliced.insert(ap.name.as_str())) {
                 if splice(&index, ap, name, Some(site), configs)? {
                     out.insert(ap.name.clone());
                 }

@@ -100,6 +100,7 @@ impl Index<'_> {
                     crate::rotation::Phase::Fresh => pb::KeyPhase::Fresh,
                 }
                 .into(),
+                switch_at_unix_ms: r.switch_at.unwrap_or(0),
             }),
         })
     }
@@ -321,11 +322,13 @@ impl Index<'_> {
             .filter(|next| **next != public_key)
             .cloned()
             .unwrap_or_default();
+        let switch_at_unix_ms = keys.filter(|_| !next_public_key.is_empty()).map_or(0, crate::rotation::peer_switch_at);
         Ok(pb::Peer {
             name: remote.name.clone(),
             role: role.into(),
             public_key,
             next_public_key,
+            switch_at_unix_ms,
             endpoints: self.endpoints(local, remote, port),
             allowed_prefixes: allowed,
             interface: tunnel_name(interface, segment),

@@ -1,0 +1,99 @@
+//! A key rotation's switch at its instant (see `KeyRotation` and
+//! `Peer.switch_at_unix_ms`): the controller sets the instant a little
+//! ahead, and every agent concerned acts on it then — the rotating site
+//! takes its next keys, its peers move its addresses to its next key and
+//! drop the old one — so that what a rotation loses is the spread of the
+//! agents' clocks and builds, not the spread of the commit's deliveries.
+
+use musubi_proto::v1 as pb;
+
+/// Takes, in `config`, the next key of every peer whose switch instant is
+/// at or before `now_ms` as its key; returns the earliest switch instant
+/// still ahead (a peer's or the site's own), when the agent must look again.
+pub fn settle(config: &mut pb::SiteConfig, now_ms: u64) -> Option<u64> {
+    let mut ahead = own_switch(config).filter(|at| *at > now_ms);
+    for peer in config.segments.iter_mut().flat_map(|s| s.peers.iter_mut()) {
+        let at = peer.switch_at_unix_ms;
+        if at == 0 || peer.next_public_key.is_empty() {
+            continue;
+        }
+        if at <= now_ms {
+            peer.public_key = std::mem::take(&mut peer.next_public_key);
+            peer.switch_at_unix_ms = 0;
+        } else {
+            ahead = Some(ahead.map_or(at, |a| a.min(at)));
+        }
+    }
+    ahead
+}
+
+/// The site's own switch instant, while its rotation switches (0: at once).
+fn own_switch(config: &pb::SiteConfig) -> Option<u64> {
+    config.key_rotation.as_ref().filter(|r| r.phase() == pb::KeyPhase::Switch).map(|r| r.switch_at_unix_ms)
+}
+
+/// Whether the site's own switch is due at `now_ms` (a switch without an
+/// instant is due at once).
+pub fn own_switch_due(config: &pb::SiteConfig, now_ms: u64) -> bool {
+    own_switch(config).is_some_and(|at| at <= now_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(name: &str, next: &str, at: u64) -> pb::Peer {
+        pb::Peer {
+            name: name.into(),
+            public_key: format!("{name}-old"),
+            next_public_key: next.into(),
+            switch_at_unix_ms: at,
+            ..Default::default()
+        }
+    }
+
+    /// A scripted timeline: two peers switch at 1,000 and 2,000, one holds
+    /// a next key with no instant yet (prepare), the site itself switches at
+    /// 1,500. Before each instant nothing changes and the earliest instant
+    /// ahead is asked for; at it the next key becomes the key, once.
+    #[test]
+    fn peers_take_their_next_keys_at_their_instant_and_not_before() {
+        let mut config = pb::SiteConfig {
+            segments: vec![pb::SegmentConfig {
+                segment: "office".into(),
+                peers: vec![peer("a", "a-new", 1_000), peer("b", "b-new", 2_000), peer("c", "c-new", 0)],
+                ..Default::default()
+            }],
+            key_rotation: Some(pb::KeyRotation { id: 1, phase: pb::KeyPhase::Switch.into(), switch_at_unix_ms: 1_500 }),
+            ..Default::default()
+        };
+        let keys = |c: &pb::SiteConfig| -> Vec<(String, String)> {
+            c.segments[0].peers.iter().map(|p| (p.public_key.clone(), p.next_public_key.clone())).collect()
+        };
+        let before = config.clone();
+        assert_eq!(settle(&mut config, 999), Some(1_000));
+        assert_eq!(config, before, "nothing before the first instant");
+        assert!(!own_switch_due(&config, 999));
+
+        assert_eq!(settle(&mut config, 1_000), Some(1_500), "the site's own instant is next");
+        assert_eq!(keys(&config)[0], ("a-new".to_string(), String::new()), "a switched at its instant");
+        assert_eq!(config.segments[0].peers[0].switch_at_unix_ms, 0);
+        assert_eq!(keys(&config)[1], ("b-old".to_string(), "b-new".to_string()), "b not yet");
+
+        assert!(own_switch_due(&config, 1_500));
+        assert_eq!(settle(&mut config, 1_500), Some(2_000));
+        assert_eq!(settle(&mut config, 2_500), None, "nothing ahead");
+        assert_eq!(keys(&config)[1], ("b-new".to_string(), String::new()));
+        assert_eq!(keys(&config)[2], ("c-old".to_string(), "c-new".to_string()), "prepare: held beside, not taken");
+        let settled = config.clone();
+        assert_eq!(settle(&mut config, 9_000), None);
+        assert_eq!(config, settled, "settling again changes nothing");
+
+        // A switch without an instant (asked before instants existed) is due at once.
+        config.key_rotation = Some(pb::KeyRotation { id: 2, phase: pb::KeyPhase::Switch.into(), switch_at_unix_ms: 0 });
+        assert!(own_switch_due(&config, 0));
+        config.key_rotation =
+            Some(pb::KeyRotation { id: 2, phase: pb::KeyPhase::Prepare.into(), switch_at_unix_ms: 0 });
+        assert!(!own_switch_due(&config, u64::MAX), "a prepare never switches");
+    }
+}
