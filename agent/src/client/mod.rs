@@ -49,8 +49,14 @@ pub struct Agent {
     machine: Machine,
     /// When the machine asked to be woken (a grace or hold-down ends).
     wake_at: Option<Instant>,
-    /// When a key rotation's switch is due (this site's or a peer's).
+    /// When a key rotation's switch is due (this site's or a peer's), or
+    /// when to look for a peer's handshake again.
     switch_at: Option<Instant>,
+    /// Whether this site's own switch waits for its instant.
+    own_switch_waits: bool,
+    /// The peers' key switches prepared when the configuration was
+    /// applied, by tunnel and next key (see [`Agent::switch_due`]).
+    switch_ops: Option<BTreeMap<(String, String), [crate::datapath::Op; 2]>>,
     /// The interfaces' keys, read (or made) when a configuration is applied.
     keys: LocalKeys,
     /// The next keys of a key rotation that prepares, reported with every
@@ -89,6 +95,8 @@ impl Agent {
             machine,
             wake_at: None,
             switch_at: None,
+            own_switch_waits: false,
+            switch_ops: None,
             keys: Default::default(),
             next_keys: Vec::new(),
             metrics: Default::default(),
@@ -123,9 +131,10 @@ impl Agent {
     /// A configuration that names a segment no intent could hold is refused
     /// before anything touches the disk or the kernel.
     fn apply(&mut self, mut update: pb::ConfigUpdate) -> Vec<pb::InterfaceKey> {
-        // Peers whose key switch is due take their next keys.
+        // Peers whose key switch came (and their site's handshake) take
+        // their next keys.
         let now_ms = settings::now_ms();
-        let ahead = update.config.as_mut().and_then(|c| switch::settle(c, now_ms));
+        let ahead = update.config.as_mut().and_then(|c| switch::settle(c, now_ms).ahead);
         let Some(config) = &update.config else { return Vec::new() };
         // The interfaces the site's lines leave on, read from the kernel
         // (nothing written): a LAN is never one of them.
@@ -140,7 +149,7 @@ impl Agent {
             self.errors = vec![e.to_string()];
             return Vec::new();
         }
-        self.switch_at = ahead.map(|at| Instant::now() + std::time::Duration::from_millis(at - now_ms));
+        self.switch_at = at_instant(ahead, now_ms);
         let mut new_keys = Vec::new();
         let segments: Vec<&str> = config.segments.iter().map(|s| s.segment.as_str()).collect();
         // A key rotation: the next keys made (prepare), taken (switch, at
@@ -148,8 +157,10 @@ impl Agent {
         // keys are read.
         let mut rotated = Vec::new();
         self.next_keys.clear();
+        self.own_switch_waits = false;
         if let Some(r) = &config.key_rotation {
             let waits = r.phase() == pb::KeyPhase::Switch && !switch::own_switch_due(config, now_ms);
+            self.own_switch_waits = waits;
             let acted = if waits { Ok(Vec::new()) } else { self.settings.state.rotate(r.id, r.phase(), &segments) };
             match acted {
                 Ok(changed) => {
@@ -205,6 +216,16 @@ impl Agent {
             Ok(ops) => {
                 tracing::info!(site = %self.settings.site, revision = update.revision, writes = ops.len(), "configuration applied");
                 self.metrics.revision.set(i64::try_from(update.revision).unwrap_or(i64::MAX));
+                // Peers that switch keys at an instant ahead: their first
+                // writes prepared now, not when the instant comes.
+                self.switch_ops = switch::peers_switch(config)
+                    .then(|| crate::reconcile::switch_ops(config, &self.keys, &active))
+                    .and_then(|r| {
+                        r.map_err(
+                            |e| tracing::warn!(site = %self.settings.site, error = %e, "a key switch not prepared"),
+                        )
+                        .ok()
+                    });
                 self.errors.clear();
                 if let Err(e) = self.settings.state.save_applied(&update) {
                     self.errors.push(e.to_string());
@@ -234,6 +255,7 @@ impl Agent {
             Err(e) => {
                 tracing::error!(site = %self.settings.site, revision = update.revision, error = %e, "configuration not applied");
                 self.errors = vec![e.to_string()];
+                self.switch_ops = None;
                 // The machine goes on from the configuration still applied.
                 if let Some(kept) = self.config().cloned() {
                     let hops = self.hops.clone();
@@ -247,13 +269,115 @@ impl Agent {
         new_keys
     }
 
-    /// A key rotation's switch is due (see [`switch`]): the configuration
-    /// applied last is applied again, its due switches taken.
+    /// A key rotation's switch is due (see [`switch`]). This site's own:
+    /// its next keys set on its tunnels in place at once and every peer
+    /// probed (each new session starts now). Peers that switch: the
+    /// operations prepared when the configuration was applied
+    /// ([`crate::reconcile::switch_ops`]) written at once, without
+    /// observing. Then the configuration is applied again whole.
     fn switch_due(&mut self) -> Vec<pb::InterfaceKey> {
         self.switch_at = None;
-        let Some(update) = self.applied.clone() else { return Vec::new() };
-        tracing::info!(site = %self.settings.site, revision = update.revision, "a key switch is due");
-        self.apply(update)
+        let Some(mut update) = self.applied.take() else { return Vec::new() };
+        let Some(config) = update.config.as_mut() else {
+            self.applied = Some(update);
+            return Vec::new();
+        };
+        let now_ms = settings::now_ms();
+        let rotated = match &config.key_rotation {
+            Some(r) if self.own_switch_waits && switch::own_switch_due(config, now_ms) => {
+                self.own_switch_waits = false;
+                self.switch_own(config, r.id)
+            }
+            _ => Vec::new(),
+        };
+        let settled = switch::settle(config, now_ms);
+        if !settled.switched.is_empty() {
+            let prepared = self.switch_ops.as_ref();
+            let pick = |i: usize| {
+                settled
+                    .switched
+                    .iter()
+                    .filter_map(move |(t, _, new)| prepared?.get(&(t.clone(), new.clone())))
+                    .map(move |ops| ops[i].clone())
+            };
+            // Every next key takes its addresses before an old key goes.
+            let ops: Vec<crate::datapath::Op> = pick(0).chain(pick(1)).collect();
+            let started = Instant::now();
+            let written = off_workers(self.datapath.blocks(), || self.datapath.apply(&ops));
+            match written {
+                Ok(()) => {
+                    tracing::info!(site = %self.settings.site, peers = settled.switched.len(), operations = ops.len(),
+                    took_us = started.elapsed().as_micros() as u64, "peers switched to their next keys")
+                }
+                Err(e) => tracing::warn!(site = %self.settings.site, error = %e, "peers' next keys not set first"),
+            }
+        }
+        if settled.switched.is_empty() && rotated.is_empty() {
+            self.applied = Some(update);
+            self.switch_at = at_instant(settled.ahead, now_ms);
+            return Vec::new();
+        }
+        // Kept while the configuration is applied again (a failure keeps
+        // the one applied).
+        self.applied = Some(update.clone());
+        let mut keys = self.apply(update);
+        keys.extend(self.keys_of(&rotated));
+        keys
+    }
+
+    /// This site's own switch, first: its next keys become its keys and are
+    /// set on its tunnels in place, every peer probed; the segments switched.
+    fn switch_own(&mut self, config: &pb::SiteConfig, id: u64) -> Vec<String> {
+        let segments: Vec<&str> = config.segments.iter().map(|s| s.segment.as_str()).collect();
+        let rotated = match self.settings.state.rotate(id, pb::KeyPhase::Switch, &segments) {
+            Ok(rotated) => rotated,
+            Err(e) => {
+                self.errors.push(e.to_string());
+                return Vec::new();
+            }
+        };
+        match self.settings.state.local_keys(segments.iter().copied()) {
+            Ok((keys, _)) => self.keys = keys,
+            Err(e) => self.errors.push(e.to_string()),
+        }
+        let ops: Vec<crate::datapath::Op> = config
+            .segments
+            .iter()
+            .filter(|s| rotated.contains(&s.segment))
+            .filter_map(|s| Some((s, self.keys.get(&s.segment)?)))
+            .flat_map(|(s, key)| {
+                s.tunnels.iter().map(|t| crate::datapath::Op::SetKey {
+                    tunnel: t.name.clone(),
+                    public_key: key.public_key.clone(),
+                    key_file: key.file.clone(),
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        let written = off_workers(self.datapath.blocks(), || self.datapath.apply(&ops));
+        match written {
+            Ok(()) => tracing::info!(site = %self.settings.site, rotation = id, segments = ?rotated,
+                took_us = started.elapsed().as_micros() as u64, "WireGuard keys switched"),
+            Err(e) => tracing::warn!(site = %self.settings.site, error = %e, "the new keys not set first"),
+        }
+        if let Some(p) = &self.prober {
+            p.probe_all_now();
+        }
+        rotated
+    }
+
+    /// The public keys of `segments`, to report.
+    fn keys_of(&self, segments: &[String]) -> Vec<pb::InterfaceKey> {
+        segments
+            .iter()
+            .filter_map(|s| {
+                Some(pb::InterfaceKey {
+                    segment: s.clone(),
+                    interface: String::new(),
+                    public_key: self.keys.get(s)?.public_key.clone(),
+                })
+            })
+            .collect()
     }
 
     /// The configuration applied last.
@@ -542,6 +666,11 @@ impl Agent {
 }
 
 /// When the machine asked to be woken, if it did.
+/// The instant of Unix ms `at`, as this process's clock runs (`now_ms`: now).
+fn at_instant(at: Option<u64>, now_ms: u64) -> Option<Instant> {
+    at.map(|at| Instant::now() + std::time::Duration::from_millis(at.saturating_sub(now_ms)))
+}
+
 fn wake(actions: &[Action]) -> Option<Instant> {
     actions.iter().find_map(|a| if let Action::WakeAt(at) = a { Some(*at) } else { None })
 }

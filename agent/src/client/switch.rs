@@ -3,28 +3,46 @@
 //! ahead, and every agent concerned acts on it then — the rotating site
 //! takes its next keys, its peers move its addresses to its next key and
 //! drop the old one — so that what a rotation loses is the spread of the
-//! agents' clocks and builds, not the spread of the commit's deliveries.
+//! agents' clocks and first writes, not the spread of the commit's
+//! deliveries. The first writes are prepared ahead and written without
+//! observing (see `Agent::switch_due`); the full build follows.
 
 use musubi_proto::v1 as pb;
 
+/// What [`settle`] did and asks for.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// The earliest switch instant still ahead (a peer's or this site's
+    /// own), when the agent must look again.
+    pub ahead: Option<u64>,
+    /// The peers that switched: their tunnel, the key they replaced and
+    /// their key now.
+    pub switched: Vec<(String, String, String)>,
+}
+
 /// Takes, in `config`, the next key of every peer whose switch instant is
-/// at or before `now_ms` as its key; returns the earliest switch instant
-/// still ahead (a peer's or the site's own), when the agent must look again.
-pub fn settle(config: &mut pb::SiteConfig, now_ms: u64) -> Option<u64> {
-    let mut ahead = own_switch(config).filter(|at| *at > now_ms);
+/// at or before `now_ms` as its key.
+pub fn settle(config: &mut pb::SiteConfig, now_ms: u64) -> Settled {
+    let mut out = Settled { ahead: own_switch(config).filter(|at| *at > now_ms), switched: Vec::new() };
     for peer in config.segments.iter_mut().flat_map(|s| s.peers.iter_mut()) {
         let at = peer.switch_at_unix_ms;
         if at == 0 || peer.next_public_key.is_empty() {
             continue;
         }
         if at <= now_ms {
-            peer.public_key = std::mem::take(&mut peer.next_public_key);
+            let old = std::mem::replace(&mut peer.public_key, std::mem::take(&mut peer.next_public_key));
             peer.switch_at_unix_ms = 0;
+            out.switched.push((peer.interface.clone(), old, peer.public_key.clone()));
         } else {
-            ahead = Some(ahead.map_or(at, |a| a.min(at)));
+            out.ahead = Some(out.ahead.map_or(at, |a| a.min(at)));
         }
     }
-    ahead
+    out
+}
+
+/// Whether a peer of `config` will switch keys at an instant ahead.
+pub fn peers_switch(config: &pb::SiteConfig) -> bool {
+    config.segments.iter().flat_map(|s| &s.peers).any(|p| p.switch_at_unix_ms != 0 && !p.next_public_key.is_empty())
 }
 
 /// The site's own switch instant, while its rotation switches (0: at once).
@@ -48,6 +66,7 @@ mod tests {
             public_key: format!("{name}-old"),
             next_public_key: next.into(),
             switch_at_unix_ms: at,
+            interface: format!("mm-{name}"),
             ..Default::default()
         }
     }
@@ -70,23 +89,26 @@ mod tests {
         let keys = |c: &pb::SiteConfig| -> Vec<(String, String)> {
             c.segments[0].peers.iter().map(|p| (p.public_key.clone(), p.next_public_key.clone())).collect()
         };
+        assert!(peers_switch(&config));
         let before = config.clone();
-        assert_eq!(settle(&mut config, 999), Some(1_000));
+        assert_eq!(settle(&mut config, 999), Settled { ahead: Some(1_000), switched: vec![] });
         assert_eq!(config, before, "nothing before the first instant");
         assert!(!own_switch_due(&config, 999));
 
-        assert_eq!(settle(&mut config, 1_000), Some(1_500), "the site's own instant is next");
+        let switched = vec![("mm-a".to_string(), "a-old".to_string(), "a-new".to_string())];
+        assert_eq!(settle(&mut config, 1_000), Settled { ahead: Some(1_500), switched }, "the site's own instant next");
         assert_eq!(keys(&config)[0], ("a-new".to_string(), String::new()), "a switched at its instant");
         assert_eq!(config.segments[0].peers[0].switch_at_unix_ms, 0);
         assert_eq!(keys(&config)[1], ("b-old".to_string(), "b-new".to_string()), "b not yet");
 
         assert!(own_switch_due(&config, 1_500));
-        assert_eq!(settle(&mut config, 1_500), Some(2_000));
-        assert_eq!(settle(&mut config, 2_500), None, "nothing ahead");
+        assert_eq!(settle(&mut config, 1_500).ahead, Some(2_000));
+        assert_eq!(settle(&mut config, 2_500).switched.len(), 1, "b");
         assert_eq!(keys(&config)[1], ("b-new".to_string(), String::new()));
         assert_eq!(keys(&config)[2], ("c-old".to_string(), "c-new".to_string()), "prepare: held beside, not taken");
+        assert!(!peers_switch(&config));
         let settled = config.clone();
-        assert_eq!(settle(&mut config, 9_000), None);
+        assert_eq!(settle(&mut config, 9_000), Settled::default(), "nothing ahead");
         assert_eq!(config, settled, "settling again changes nothing");
 
         // A switch without an instant (asked before instants existed) is due at once.

@@ -71,6 +71,7 @@ pub fn build_wanted(dp: &mut dyn Datapath, want: &Owned, pins: &BTreeSet<Pin>) -
     // peers whose endpoints a line switch moves: see `datapath::plan`.
     let mut ops = dp.diff(want)?;
     if !ops.is_empty() {
+        tracing::debug!(?ops, "writing");
         dp.apply(&ops)?;
     }
     if !moved.is_empty() {
@@ -90,6 +91,43 @@ pub fn build_wanted(dp: &mut dyn Datapath, want: &Owned, pins: &BTreeSet<Pin>) -
         ops.extend(again);
     }
     Ok(ops)
+}
+
+/// A key switch's first step, prepared before the switch comes: for every
+/// peer of `config` holding a next key (a rotating peer's, see
+/// `client::switch`), by its tunnel and next key, what takes it — the peer
+/// set whole under its next key (its addresses move with it), then its
+/// current key removed. Written without observing (one UAPI `set` per
+/// tunnel) when the switch comes; the full build follows. A roaming peer
+/// keeps the endpoint WireGuard learnt.
+pub fn switch_ops(
+    config: &SiteConfig,
+    keys: &LocalKeys,
+    choices: &Choices,
+) -> Result<BTreeMap<(String, String), [Op; 2]>, ReconcileError> {
+    let mut switched = config.clone();
+    let mut pairs = Vec::new();
+    for p in switched.segments.iter_mut().flat_map(|s| s.peers.iter_mut()).filter(|p| !p.next_public_key.is_empty()) {
+        let old = std::mem::replace(&mut p.public_key, std::mem::take(&mut p.next_public_key));
+        p.switch_at_unix_ms = 0;
+        pairs.push((p.interface.clone(), old, p.public_key.clone()));
+    }
+    if pairs.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let want = desired_with(&switched, keys, choices)?.tunnels;
+    let mut out = BTreeMap::new();
+    for (tunnel, old, new) in pairs {
+        let Some(peer) = want.get(&tunnel).and_then(|t| t.peers.get(&new)) else { continue };
+        let mut peer = peer.clone();
+        if peer.roams {
+            peer.endpoint.clear();
+        }
+        let set = Op::SetPeer { tunnel: tunnel.clone(), public_key: new.clone(), peer };
+        let remove = Op::RemovePeer { tunnel: tunnel.clone(), public_key: old };
+        out.insert((tunnel, new), [set, remove]);
+    }
+    Ok(out)
 }
 
 /// A failover's first step when route groups move: each route the groups
@@ -442,6 +480,39 @@ mod tests {
         let switched = desired(&c, &keys).expect("desired");
         assert_eq!(switched.tunnels["mm-office"].peers.len(), 1);
         assert!(switched.tunnels["mm-office"].peers["KA2"].allowed_ips.contains("100.64.0.3/32"));
+    }
+
+    /// A switch's first step, prepared: the switching peer's next key set
+    /// with its addresses, then its old key removed; what it leaves is what
+    /// the full build wants (nothing more to write).
+    #[test]
+    fn a_switch_moves_the_addresses_to_the_next_key_and_removes_the_old_one() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let state = StateDir::new(dir.path());
+        let mut before = access_point();
+        before.segments[0].peers[1].next_public_key = "KA2".into();
+        let keys = keys(&state, &before);
+        let mut dp = Fake::new();
+        let choices = Choices::default();
+        reconcile(&mut dp, &desired_with(&before, &keys, &choices).expect("desired")).expect("first");
+        let prepared = switch_ops(&before, &keys, &choices).expect("switch");
+        assert_eq!(prepared.len(), 1, "{prepared:?}");
+        let ops = &prepared[&("mm-office".to_string(), "KA2".to_string())];
+        match &ops[0] {
+            Op::SetPeer { tunnel, public_key, peer } => {
+                assert_eq!((tunnel.as_str(), public_key.as_str()), ("mm-office", "KA2"));
+                assert!(peer.allowed_ips.contains("100.64.0.3/32"), "{peer:?}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(ops[1], Op::RemovePeer { tunnel: "mm-office".into(), public_key: "KA".into() });
+        dp.apply(ops).expect("apply");
+        let mut after = before.clone();
+        after.segments[0].peers[1].public_key = "KA2".into();
+        after.segments[0].peers[1].next_public_key.clear();
+        let want = desired_with(&after, &keys, &choices).expect("desired");
+        assert!(dp.diff(&want).expect("diff").is_empty(), "the full build has nothing left to write");
+        assert!(switch_ops(&after, &keys, &choices).expect("none").is_empty());
     }
 
     #[test]
