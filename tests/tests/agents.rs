@@ -961,8 +961,9 @@ fn a_site_rotates_its_keys_make_before_break_and_a_revoked_key_is_dropped_at_onc
     for step in [
         "key rotation of site kita-hall asked for",
         "WireGuard keys of site kita-hall switch to the next ones",
-        "1 connected peers held them first",
+        "UTC; 1 connected peers held them first",
         "key rotation of site kita-hall done",
+        "its keys are the next ones (juki sha256:",
     ] {
         assert!(history.contains(step), "no `{step}` in the audit log:\n{history}");
     }
