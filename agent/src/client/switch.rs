@@ -9,6 +9,17 @@
 
 use musubi_proto::v1 as pb;
 
+/// How long after the instant the peers take the next key, the rotating
+/// site switching at the instant itself: its handshake (it probes every
+/// peer right after its switch) reaches each peer's next-key entry first,
+/// so that the peer, taking the key, finds a session and starts no
+/// handshake of its own. When both start one within a round trip of the
+/// other (crossed), each takes the other's initiation and drops the answer
+/// to its own, and wireguard-go starts none again for 5 s: the tunnel
+/// stayed dead until the failover moved traffic, 123–145 ms, in about one
+/// site rotation in 20 when both acted at the same instant.
+pub const PEER_LAG_MS: u64 = 20;
+
 /// What [`settle`] did and asks for.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Settled {
@@ -21,14 +32,14 @@ pub struct Settled {
 }
 
 /// Takes, in `config`, the next key of every peer whose switch instant is
-/// at or before `now_ms` as its key.
+/// [`PEER_LAG_MS`] or more before `now_ms` as its key.
 pub fn settle(config: &mut pb::SiteConfig, now_ms: u64) -> Settled {
     let mut out = Settled { ahead: own_switch(config).filter(|at| *at > now_ms), switched: Vec::new() };
     for peer in config.segments.iter_mut().flat_map(|s| s.peers.iter_mut()) {
-        let at = peer.switch_at_unix_ms;
-        if at == 0 || peer.next_public_key.is_empty() {
+        if peer.switch_at_unix_ms == 0 || peer.next_public_key.is_empty() {
             continue;
         }
+        let at = peer.switch_at_unix_ms.saturating_add(PEER_LAG_MS);
         if at <= now_ms {
             let old = std::mem::replace(&mut peer.public_key, std::mem::take(&mut peer.next_public_key));
             peer.switch_at_unix_ms = 0;
@@ -91,18 +102,23 @@ mod tests {
         };
         assert!(peers_switch(&config));
         let before = config.clone();
-        assert_eq!(settle(&mut config, 999), Settled { ahead: Some(1_000), switched: vec![] });
+        assert_eq!(settle(&mut config, 999), Settled { ahead: Some(1_000 + PEER_LAG_MS), switched: vec![] });
         assert_eq!(config, before, "nothing before the first instant");
         assert!(!own_switch_due(&config, 999));
 
         let switched = vec![("mm-a".to_string(), "a-old".to_string(), "a-new".to_string())];
-        assert_eq!(settle(&mut config, 1_000), Settled { ahead: Some(1_500), switched }, "the site's own instant next");
+        assert_eq!(settle(&mut config, 1_000 + PEER_LAG_MS - 1).switched, vec![], "the site's handshake first");
+        assert_eq!(
+            settle(&mut config, 1_000 + PEER_LAG_MS),
+            Settled { ahead: Some(1_500), switched },
+            "the site's own instant next"
+        );
         assert_eq!(keys(&config)[0], ("a-new".to_string(), String::new()), "a switched at its instant");
         assert_eq!(config.segments[0].peers[0].switch_at_unix_ms, 0);
         assert_eq!(keys(&config)[1], ("b-old".to_string(), "b-new".to_string()), "b not yet");
 
         assert!(own_switch_due(&config, 1_500));
-        assert_eq!(settle(&mut config, 1_500).ahead, Some(2_000));
+        assert_eq!(settle(&mut config, 1_500).ahead, Some(2_000 + PEER_LAG_MS));
         assert_eq!(settle(&mut config, 2_500).switched.len(), 1, "b");
         assert_eq!(keys(&config)[1], ("b-new".to_string(), String::new()));
         assert_eq!(keys(&config)[2], ("c-old".to_string(), "c-new".to_string()), "prepare: held beside, not taken");
