@@ -49,8 +49,7 @@ pub struct Agent {
     machine: Machine,
     /// When the machine asked to be woken (a grace or hold-down ends).
     wake_at: Option<Instant>,
-    /// When a key rotation's switch is due (this site's or a peer's), or
-    /// when to look for a peer's handshake again.
+    /// When a key rotation's switch is due (this site's or a peer's).
     switch_at: Option<Instant>,
     /// Whether this site's own switch waits for its instant.
     own_switch_waits: bool,
@@ -131,8 +130,7 @@ impl Agent {
     /// A configuration that names a segment no intent could hold is refused
     /// before anything touches the disk or the kernel.
     fn apply(&mut self, mut update: pb::ConfigUpdate) -> Vec<pb::InterfaceKey> {
-        // Peers whose key switch came (and their site's handshake) take
-        // their next keys.
+        // Peers whose key switch came take their next keys.
         let now_ms = settings::now_ms();
         let ahead = update.config.as_mut().and_then(|c| switch::settle(c, now_ms).ahead);
         let Some(config) = &update.config else { return Vec::new() };
@@ -665,12 +663,12 @@ impl Agent {
     }
 }
 
-/// When the machine asked to be woken, if it did.
 /// The instant of Unix ms `at`, as this process's clock runs (`now_ms`: now).
 fn at_instant(at: Option<u64>, now_ms: u64) -> Option<Instant> {
     at.map(|at| Instant::now() + std::time::Duration::from_millis(at.saturating_sub(now_ms)))
 }
 
+/// When the machine asked to be woken, if it did.
 fn wake(actions: &[Action]) -> Option<Instant> {
     actions.iter().find_map(|a| if let Action::WakeAt(at) = a { Some(*at) } else { None })
 }

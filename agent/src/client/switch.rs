@@ -41,8 +41,7 @@ pub fn settle(config: &mut pb::SiteConfig, now_ms: u64) -> Settled {
         }
         let at = peer.switch_at_unix_ms.saturating_add(PEER_LAG_MS);
         if at <= now_ms {
-            let old = std::mem::replace(&mut peer.public_key, std::mem::take(&mut peer.next_public_key));
-            peer.switch_at_unix_ms = 0;
+            let old = crate::reconcile::take_next_key(peer);
             out.switched.push((peer.interface.clone(), old, peer.public_key.clone()));
         } else {
             out.ahead = Some(out.ahead.map_or(at, |a| a.min(at)));

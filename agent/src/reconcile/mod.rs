@@ -93,6 +93,13 @@ pub fn build_wanted(dp: &mut dyn Datapath, want: &Owned, pins: &BTreeSet<Pin>) -
     Ok(ops)
 }
 
+/// Makes a rotating peer's next key its key (no switch left to wait for);
+/// returns the key it replaced.
+pub fn take_next_key(peer: &mut musubi_proto::v1::Peer) -> String {
+    peer.switch_at_unix_ms = 0;
+    std::mem::replace(&mut peer.public_key, std::mem::take(&mut peer.next_public_key))
+}
+
 /// A key switch's first step, prepared before the switch comes: for every
 /// peer of `config` holding a next key (a rotating peer's, see
 /// `client::switch`), by its tunnel and next key, what takes it — the peer
@@ -108,8 +115,7 @@ pub fn switch_ops(
     let mut switched = config.clone();
     let mut pairs = Vec::new();
     for p in switched.segments.iter_mut().flat_map(|s| s.peers.iter_mut()).filter(|p| !p.next_public_key.is_empty()) {
-        let old = std::mem::replace(&mut p.public_key, std::mem::take(&mut p.next_public_key));
-        p.switch_at_unix_ms = 0;
+        let old = take_next_key(p);
         pairs.push((p.interface.clone(), old, p.public_key.clone()));
     }
     if pairs.is_empty() {
