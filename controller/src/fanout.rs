@@ -401,10 +401,19 @@ impl Fanout {
         for site in &changed {
             sent += usize::from(state.publish(site));
         }
-        let removed: Vec<&String> = old.sites.keys().filter(|s| !state.stored.intent.sites.contains_key(*s)).collect();
+        // Side by side in name order: not 10,000 look-ups per revision.
+        let removed: Vec<String> = musubi_core::sorted::merge(&old.sites, &state.stored.intent.sites)
+            .filter_map(|side| match side {
+                musubi_core::sorted::Side::Left(name, _) => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
+        // The replaced intent is freed off the agents' path.
+        let sites = old.sites.len();
+        musubi_core::par::free(old, sites);
         for site in removed {
-            state.packed.remove(site);
-            if let Some(tx) = state.feeds.remove(site) {
+            state.packed.remove(&site);
+            if let Some(tx) = state.feeds.remove(&site) {
                 tx.send_replace(Feed::Gone(format!("site `{site}` was removed from the intent")));
             }
         }

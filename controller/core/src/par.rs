@@ -49,6 +49,16 @@ pub fn free<T: Send + 'static>(value: T, items: usize) {
     }
 }
 
+/// Lets go of a shared `value` holding `items` things: when this was its
+/// last holder it is freed as [`free`] frees (an intent of 10,000 sites
+/// replaced by the next one takes a millisecond or two to free, not to be
+/// spent before an operator's answer), else only the count goes down.
+pub fn release<T: Send + Sync + 'static>(value: std::sync::Arc<T>, items: usize) {
+    if let Some(last) = std::sync::Arc::into_inner(value) {
+        free(last, items);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -57,5 +67,30 @@ mod tests {
         let out = super::map(&items, |x| x * 3);
         assert_eq!(out, items.iter().map(|x| x * 3).collect::<Vec<_>>());
         assert_eq!(super::map(&items[..5], |x| x + 1), vec![1, 2, 3, 4, 5]);
+    }
+
+    /// Dropped where it was last held, whichever thread frees it.
+    struct Counted(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_released_value_is_freed_once_by_its_last_holder() {
+        let drops = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let shared = std::sync::Arc::new(Counted(drops.clone()));
+        super::release(shared.clone(), super::PARALLEL_FROM);
+        assert_eq!(drops.load(std::sync::atomic::Ordering::SeqCst), 0, "still held: not freed");
+        super::release(shared, super::PARALLEL_FROM);
+        // Freed on a thread of its own: bounded wait for it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while drops.load(std::sync::atomic::Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(drops.load(std::sync::atomic::Ordering::SeqCst), 1);
+        super::release(std::sync::Arc::new(Counted(drops.clone())), 1);
+        assert_eq!(drops.load(std::sync::atomic::Ordering::SeqCst), 2, "a small value is freed at once");
     }
 }

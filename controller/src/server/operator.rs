@@ -67,7 +67,10 @@ impl<S> OperatorService<S> {
     fn keep(&self, state: Arc<Stored>) {
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
         if kept.as_ref().is_none_or(|k| k.revision < state.revision) {
-            *kept = Some(state);
+            let sites = state.intent.sites.len();
+            if let Some(replaced) = kept.replace(state) {
+                musubi_core::par::release(replaced, sites);
+            }
         }
     }
 }
@@ -413,6 +416,9 @@ impl<S: IntentStore + 'static> OperatorService<S> {
             self.keep(after.clone());
             self.retire_removed(&current, after, who).await?;
         }
+        // The intent this change replaced is freed off the answer's path.
+        let sites = current.intent.sites.len();
+        musubi_core::par::release(current, sites);
         if let Some(audit) = &a.audit {
             let took_ms = started.elapsed().as_millis() as u64;
             tracing::info!(revision = a.revision, actor = %who, summary = %audit.summary, took_ms, "intent applied");
@@ -433,7 +439,13 @@ impl<S: IntentStore + 'static> OperatorService<S> {
     /// refused from now on, should the name come back.
     async fn retire_removed(&self, before: &Stored, after: &Stored, who: &str) -> Result<(), Status> {
         let now = now_ms();
-        for site in before.intent.sites.keys().filter(|s| !after.intent.sites.contains_key(*s)) {
+        // Side by side in name order: not 10,000 look-ups per apply.
+        let gone =
+            musubi_core::sorted::merge(&before.intent.sites, &after.intent.sites).filter_map(|side| match side {
+                musubi_core::sorted::Side::Left(name, _) => Some(name),
+                _ => None,
+            });
+        for site in gone {
             sites::retire(&*self.store, site, who, now).await.map_err(store_status)?;
             tracing::info!(site = %site, "site removed from the intent: its certificates are refused from now on");
         }

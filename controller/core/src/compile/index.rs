@@ -45,7 +45,10 @@ impl<'a> Index<'a> {
             aiding: HashMap::new(),
             cutting_over: HashMap::new(),
         };
-        for site in intent.sites.values() {
+        // Access points and migration gateways, without reading every
+        // site's attachments (see `notable`).
+        let notable = crate::intent::notable::notable(intent);
+        for (site, _) in notable.iter().filter(|(_, t)| t.gateway) {
             for a in &site.attachments {
                 for l in a.legacy.iter().flat_map(|l| &l.sites) {
                     if let Some(to) = &l.cutover_to {
@@ -70,7 +73,7 @@ impl<'a> Index<'a> {
                 ix.aids.entry(seg.name.as_str()).or_default().push((aid, east, west));
             }
         }
-        for site in intent.sites.values().filter(|s| s.is_access_point()) {
+        for (site, _) in notable.iter().filter(|(_, t)| t.access_point) {
             let map = if site.region == Region::East { &mut ix.east } else { &mut ix.west };
             for a in &site.attachments {
                 map.entry(a.segment.as_str()).or_insert(site);

@@ -5,6 +5,7 @@
 //! and [`parse`] for reading YAML.
 
 pub mod export;
+pub mod notable;
 pub mod parse;
 pub mod source;
 pub mod tree;

@@ -14,7 +14,33 @@ use crate::sorted::{Side, merge};
 
 /// Names present in only one map, or whose objects differ: one merge pass
 /// over both sorted maps.
+///
+/// Two snapshots of one intent share nearly every object: while both maps
+/// are as long and hold the same object at the same place, the names are
+/// not compared (an object is kept under its own name, so the same object
+/// means the same name) — reading 10,000 names on both sides cost more than
+/// the rest of the walk. The first place they differ falls back to the
+/// merge, which compares names.
 pub fn changed<'a, T: Eq>(old: &'a BTreeMap<String, Arc<T>>, new: &'a BTreeMap<String, Arc<T>>) -> Vec<&'a String> {
+    if old.len() == new.len() {
+        let mut out = Vec::new();
+        let mut aligned = true;
+        for ((ka, a), (kb, b)) in old.iter().zip(new.iter()) {
+            if Arc::ptr_eq(a, b) {
+                continue;
+            }
+            if ka != kb {
+                aligned = false;
+                break;
+            }
+            if a != b {
+                out.push(ka);
+            }
+        }
+        if aligned {
+            return out;
+        }
+    }
     merge(old, new)
         .filter_map(|side| match side {
             Side::Left(k, _) | Side::Right(k, _) => Some(k),
@@ -48,7 +74,7 @@ pub fn member_change<'a>(old: &'a Intent, new: &'a Intent) -> Option<Vec<&'a Str
 }
 
 fn access_points(intent: &Intent) -> Vec<&Site> {
-    intent.sites.values().filter(|s| s.is_access_point()).map(|s| &**s).collect()
+    crate::intent::notable::notable(intent).into_iter().filter(|(_, t)| t.access_point).map(|(s, _)| s).collect()
 }
 
 /// Sites whose configuration may differ between `old` and `new`, including
@@ -133,4 +159,29 @@ fn aid_access_points(intent: &Intent, segment: &str) -> Vec<String> {
         .flat_map(|s| &s.aid)
         .flat_map(|a| a.access_points.iter().cloned())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(entries: &[(&str, &Arc<u32>)]) -> BTreeMap<String, Arc<u32>> {
+        entries.iter().map(|(k, v)| (k.to_string(), Arc::clone(v))).collect()
+    }
+
+    #[test]
+    fn changed_names_are_found_whether_the_maps_line_up_or_not() {
+        let (one, two, three) = (Arc::new(1), Arc::new(2), Arc::new(3));
+        let old = map(&[("a", &one), ("b", &two), ("c", &three)]);
+        // Same length, same places: one object replaced, one equal copy.
+        let new = map(&[("a", &one), ("b", &Arc::new(20)), ("c", &Arc::new(3))]);
+        assert_eq!(changed(&old, &new), ["b"]);
+        // Same length, one name gone and another come: the merge takes over.
+        let new = map(&[("a", &one), ("c", &three), ("d", &two)]);
+        assert_eq!(changed(&old, &new), ["b", "d"]);
+        // Different lengths.
+        let new = map(&[("a", &one), ("c", &three)]);
+        assert_eq!(changed(&old, &new), ["b"]);
+        assert!(changed(&old, &old.clone()).is_empty());
+    }
 }

@@ -70,11 +70,16 @@ pub fn validate_change(old: &Intent, new: &Intent, sources: &SourceMap) -> Vec<D
         operators: new.operators.clone(),
         sites: Default::default(),
     };
-    for (name, site) in &new.sites {
-        // A migration gateway's legacy prefixes are checked against the
-        // changed sites' (the legacy rule sees the sites in `small`).
-        let gateway = site.attachments.iter().any(|a| a.legacy.is_some());
-        if site.is_access_point() || gateway || changed.contains(name.as_str()) {
+    // Access points, and migration gateways, whose legacy prefixes are
+    // checked against the changed sites' (the legacy rule sees the sites
+    // in `small`): found without reading every site (see `notable`).
+    for (site, _) in crate::intent::notable::notable(new) {
+        if let Some((name, site)) = new.sites.get_key_value(&site.name) {
+            small.sites.insert(name.clone(), site.clone());
+        }
+    }
+    for name in &changed {
+        if let Some((name, site)) = new.sites.get_key_value(*name) {
             small.sites.insert(name.clone(), site.clone());
         }
     }
