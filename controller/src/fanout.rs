@@ -401,8 +401,9 @@ impl Fanout {
         for site in &changed {
             sent += usize::from(state.publish(site));
         }
-        // Side by side in name order: not 10,000 look-ups per revision.
-        let removed: Vec<String> = musubi_core::sorted::merge(&old.sites, &state.stored.intent.sites)
+        // Side by side, not 10,000 look-ups per revision.
+        let removed: Vec<String> = musubi_core::sorted::differing(&old.sites, &state.stored.intent.sites)
+            .into_iter()
             .filter_map(|side| match side {
                 musubi_core::sorted::Side::Left(name, _) => Some(name.clone()),
                 _ => None,

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::intent::{Intent, Kind};
-use crate::sorted::{Side, merge};
+use crate::sorted::Side;
 
 /// Hash of "no previous entry".
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -339,12 +339,11 @@ pub fn extends(chain: &[AuditEntry], revision: u64, hash: &str) -> Result<(), Ch
 }
 
 fn clauses<T: Eq>(out: &mut Vec<String>, kind: Kind, old: &BTreeMap<String, Arc<T>>, new: &BTreeMap<String, Arc<T>>) {
-    for side in merge(old, new) {
+    for side in crate::sorted::differing(old, new) {
         let (sign, name) = match side {
             Side::Left(name, _) => ('-', name),
             Side::Right(name, _) => ('+', name),
-            Side::Both(name, a, b) if a != b => ('~', name),
-            Side::Both(..) => continue,
+            Side::Both(name, _, _) => ('~', name),
         };
         out.push(format!("{sign}{} {name}", kind.word()));
     }

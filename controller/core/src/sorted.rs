@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::iter::Peekable;
+use std::sync::Arc;
 
 /// Where a key was found.
 #[derive(Debug)]
@@ -48,6 +49,41 @@ impl<'a, A, B> Iterator for Merge<'a, A, B> {
 /// Every key of either map, in order, with the values it has on each side.
 pub fn merge<'a, A, B>(left: &'a BTreeMap<String, A>, right: &'a BTreeMap<String, B>) -> Merge<'a, A, B> {
     Merge { left: left.iter().peekable(), right: right.iter().peekable() }
+}
+
+/// Where two maps of shared objects differ: names on one side only, and
+/// names whose objects are neither the same one nor equal.
+///
+/// Two snapshots of one intent share nearly every object: while both maps
+/// are as long and hold the same object at the same place, the names are
+/// not compared (an object is kept under its own name, so the same object
+/// means the same name) — reading 10,000 names on both sides costs more
+/// than the rest of the walk. The first place they differ in name falls
+/// back to [`merge`], which compares every name.
+pub fn differing<'a, T: Eq>(
+    old: &'a BTreeMap<String, Arc<T>>,
+    new: &'a BTreeMap<String, Arc<T>>,
+) -> Vec<Side<'a, Arc<T>, Arc<T>>> {
+    if old.len() == new.len() {
+        let mut out = Vec::new();
+        let mut aligned = true;
+        for ((ka, a), (kb, b)) in old.iter().zip(new.iter()) {
+            if Arc::ptr_eq(a, b) {
+                continue;
+            }
+            if ka != kb {
+                aligned = false;
+                break;
+            }
+            if a != b {
+                out.push(Side::Both(ka, a, b));
+            }
+        }
+        if aligned {
+            return out;
+        }
+    }
+    merge(old, new).filter(|side| !matches!(side, Side::Both(_, a, b) if a == b)).collect()
 }
 
 #[cfg(test)]

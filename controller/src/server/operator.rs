@@ -439,11 +439,13 @@ impl<S: IntentStore + 'static> OperatorService<S> {
     /// refused from now on, should the name come back.
     async fn retire_removed(&self, before: &Stored, after: &Stored, who: &str) -> Result<(), Status> {
         let now = now_ms();
-        // Side by side in name order: not 10,000 look-ups per apply.
+        // Side by side, not 10,000 look-ups per apply.
         let gone =
-            musubi_core::sorted::merge(&before.intent.sites, &after.intent.sites).filter_map(|side| match side {
-                musubi_core::sorted::Side::Left(name, _) => Some(name),
-                _ => None,
+            musubi_core::sorted::differing(&before.intent.sites, &after.intent.sites).into_iter().filter_map(|side| {
+                match side {
+                    musubi_core::sorted::Side::Left(name, _) => Some(name),
+                    _ => None,
+                }
             });
         for site in gone {
             sites::retire(&*self.store, site, who, now).await.map_err(store_status)?;

@@ -165,12 +165,33 @@ fn json<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
 /// Writes for one map; with `log`, also a [`KeyChange`] for each written key.
 fn diff_map<T: Serialize + PartialEq>(
     out: &mut WriteSet,
-    mut log: Option<&mut Vec<KeyChange>>,
+    log: Option<&mut Vec<KeyChange>>,
     prefix: &str,
     old: &BTreeMap<String, T>,
     new: &BTreeMap<String, T>,
 ) -> Result<(), StoreError> {
-    for side in merge(old, new) {
+    write_sides(out, log, prefix, merge(old, new))
+}
+
+/// [`diff_map`] for maps of shared objects: an intent's (see
+/// [`musubi_core::sorted::differing`]).
+fn diff_shared<T: Serialize + Eq>(
+    out: &mut WriteSet,
+    log: Option<&mut Vec<KeyChange>>,
+    prefix: &str,
+    old: &BTreeMap<String, Arc<T>>,
+    new: &BTreeMap<String, Arc<T>>,
+) -> Result<(), StoreError> {
+    write_sides(out, log, prefix, musubi_core::sorted::differing(old, new))
+}
+
+fn write_sides<'a, T: Serialize + PartialEq + 'a>(
+    out: &mut WriteSet,
+    mut log: Option<&mut Vec<KeyChange>>,
+    prefix: &str,
+    sides: impl IntoIterator<Item = Side<'a, T, T>>,
+) -> Result<(), StoreError> {
+    for side in sides {
         let (name, before, after) = match side {
             Side::Left(name, a) => (name, Some(a), None),
             Side::Right(name, b) => (name, None, Some(b)),
@@ -215,11 +236,11 @@ pub fn write_set(
         log.push(KeyChange { key: SETTINGS.to_string(), previous, current });
         w.puts.push((SETTINGS.to_string(), json(SETTINGS, &intent.settings)?));
     }
-    diff_map(&mut w, Some(&mut log), TENANT, &old.intent.tenants, &intent.tenants)?;
-    diff_map(&mut w, Some(&mut log), SEGMENT, &old.intent.segments, &intent.segments)?;
-    diff_map(&mut w, Some(&mut log), SITE, &old.intent.sites, &intent.sites)?;
-    diff_map(&mut w, Some(&mut log), POLICY, &old.intent.policies, &intent.policies)?;
-    diff_map(&mut w, Some(&mut log), OPERATOR, &old.intent.operators, &intent.operators)?;
+    diff_shared(&mut w, Some(&mut log), TENANT, &old.intent.tenants, &intent.tenants)?;
+    diff_shared(&mut w, Some(&mut log), SEGMENT, &old.intent.segments, &intent.segments)?;
+    diff_shared(&mut w, Some(&mut log), SITE, &old.intent.sites, &intent.sites)?;
+    diff_shared(&mut w, Some(&mut log), POLICY, &old.intent.policies, &intent.policies)?;
+    diff_shared(&mut w, Some(&mut log), OPERATOR, &old.intent.operators, &intent.operators)?;
     // Allocations are logged too, so that a watcher can follow the whole
     // compiled state from change records alone (rollback ignores them).
     diff_map(&mut w, Some(&mut log), ALLOC_SEGMENT, &old.allocations.segments, &allocations.segments)?;

@@ -10,41 +10,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::intent::{Intent, Site};
-use crate::sorted::{Side, merge};
+use crate::sorted::Side;
 
-/// Names present in only one map, or whose objects differ: one merge pass
-/// over both sorted maps.
-///
-/// Two snapshots of one intent share nearly every object: while both maps
-/// are as long and hold the same object at the same place, the names are
-/// not compared (an object is kept under its own name, so the same object
-/// means the same name) — reading 10,000 names on both sides cost more than
-/// the rest of the walk. The first place they differ falls back to the
-/// merge, which compares names.
+/// Names present in only one map, or whose objects differ (see
+/// [`crate::sorted::differing`]).
 pub fn changed<'a, T: Eq>(old: &'a BTreeMap<String, Arc<T>>, new: &'a BTreeMap<String, Arc<T>>) -> Vec<&'a String> {
-    if old.len() == new.len() {
-        let mut out = Vec::new();
-        let mut aligned = true;
-        for ((ka, a), (kb, b)) in old.iter().zip(new.iter()) {
-            if Arc::ptr_eq(a, b) {
-                continue;
-            }
-            if ka != kb {
-                aligned = false;
-                break;
-            }
-            if a != b {
-                out.push(ka);
-            }
-        }
-        if aligned {
-            return out;
-        }
-    }
-    merge(old, new)
-        .filter_map(|side| match side {
-            Side::Left(k, _) | Side::Right(k, _) => Some(k),
-            Side::Both(k, a, b) => (a != b).then_some(k),
+    crate::sorted::differing(old, new)
+        .into_iter()
+        .map(|side| match side {
+            Side::Left(k, _) | Side::Right(k, _) | Side::Both(k, _, _) => k,
         })
         .collect()
 }
