@@ -458,10 +458,10 @@ proptest! {
             mutate(&mut intent, &mut rng, who);
             valid(&intent);
             alloc = allocate(&intent, &before).expect("alloc");
-            for (name, a) in &alloc.segments {
+            for (name, a) in alloc.segments.iter() {
                 if let Some(old) = before.segments.get(name) { prop_assert_eq!(a, old, "segment {} renumbered", name); }
             }
-            for (name, a) in &alloc.sites {
+            for (name, a) in alloc.sites.iter() {
                 if let Some(old) = before.sites.get(name) { prop_assert_eq!(a, old, "site {} renumbered", name); }
             }
             prop_assert_eq!(alloc.sites.len(), intent.sites.len());

@@ -90,7 +90,7 @@ async fn conformance<S: IntentStore + 'static>(store: Arc<S>) {
     assert_eq!(second.affected, ["ap-east", "ap-west", "kita-east"].map(String::from).into());
     let after = store.load().await.expect("load");
     assert_eq!(after.intent.sites.len(), 8);
-    for (name, a) in &loaded.allocations.sites {
+    for (name, a) in loaded.allocations.sites.iter() {
         assert_eq!(after.allocations.sites[name], *a, "{name} kept its tunnel addresses");
     }
     assert_eq!(after.allocations.segments, loaded.allocations.segments);

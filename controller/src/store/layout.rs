@@ -243,8 +243,13 @@ pub fn write_set(
     diff_shared(&mut w, Some(&mut log), OPERATOR, &old.intent.operators, &intent.operators)?;
     // Allocations are logged too, so that a watcher can follow the whole
     // compiled state from change records alone (rollback ignores them).
-    diff_map(&mut w, Some(&mut log), ALLOC_SEGMENT, &old.allocations.segments, &allocations.segments)?;
-    diff_map(&mut w, Some(&mut log), ALLOC_SITE, &old.allocations.sites, &allocations.sites)?;
+    // A change that allocated nothing shares the previous maps.
+    if !Arc::ptr_eq(&old.allocations.segments, &allocations.segments) {
+        diff_map(&mut w, Some(&mut log), ALLOC_SEGMENT, &old.allocations.segments, &allocations.segments)?;
+    }
+    if !Arc::ptr_eq(&old.allocations.sites, &allocations.sites) {
+        diff_map(&mut w, Some(&mut log), ALLOC_SITE, &old.allocations.sites, &allocations.sites)?;
+    }
     let changes_key = changes_key(revision);
     let records = json(&changes_key, &log)?;
     let audit = entry(&musubi_core::audit::sha256_hex(&records), &intent_digest(intent)?);
@@ -394,9 +399,9 @@ pub fn set_state_key(state: &mut Stored, key: &str, value: Option<&[u8]>) -> Res
         Ok(())
     }
     if let Some(name) = key.strip_prefix(ALLOC_SEGMENT) {
-        put(&mut state.allocations.segments, name, key, value)
+        put(Arc::make_mut(&mut state.allocations.segments), name, key, value)
     } else if let Some(name) = key.strip_prefix(ALLOC_SITE) {
-        put(&mut state.allocations.sites, name, key, value)
+        put(Arc::make_mut(&mut state.allocations.sites), name, key, value)
     } else {
         set_intent_key(&mut state.intent, key, value)
     }
@@ -417,9 +422,9 @@ pub fn decode<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Resul
             let public = std::str::from_utf8(value).map_err(|e| StoreError::corrupt(key, e))?;
             s.keys.entry(site.to_string()).or_default().insert(segment.to_string(), public.to_string());
         } else if let Some(name) = key.strip_prefix(ALLOC_SEGMENT) {
-            s.allocations.segments.insert(name.to_string(), parse(key, value)?);
+            Arc::make_mut(&mut s.allocations.segments).insert(name.to_string(), parse(key, value)?);
         } else if let Some(name) = key.strip_prefix(ALLOC_SITE) {
-            s.allocations.sites.insert(name.to_string(), parse(key, value)?);
+            Arc::make_mut(&mut s.allocations.sites).insert(name.to_string(), parse(key, value)?);
         }
     }
     Ok(s)
