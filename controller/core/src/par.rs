@@ -44,9 +44,30 @@ pub fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> 
 /// configurations takes a good part of a second, not to be spent on an
 /// operator's or an agent's time. A few are dropped here.
 pub fn free<T: Send + 'static>(value: T, items: usize) {
-    if items >= PARALLEL_FROM {
-        std::thread::spawn(move || drop(value));
+    if items < PARALLEL_FROM {
+        return;
     }
+    // One thread frees in turn whatever is handed to it: starting a thread
+    // per value cost more than a small value's freeing.
+    type Garbage = Box<dyn Send>;
+    static FREER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Garbage>>> = std::sync::OnceLock::new();
+    let tx = FREER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Garbage>();
+        // Should no thread be had, `rx` is gone with the closure, `send`
+        // fails below and each value is freed where it was handed over.
+        std::thread::Builder::new()
+            .name("musubi-free".into())
+            .spawn(move || {
+                for garbage in rx {
+                    drop(garbage);
+                }
+            })
+            .ok();
+        std::sync::Mutex::new(tx)
+    });
+    let garbage: Garbage = Box::new(value);
+    let sent = tx.lock().unwrap_or_else(|p| p.into_inner()).send(garbage);
+    drop(sent);
 }
 
 /// Lets go of a shared `value` holding `items` things: when this was its
