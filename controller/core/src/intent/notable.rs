@@ -5,11 +5,11 @@
 //! 10,000 sites, and a one-site change used to pay it several times (the
 //! plan's two compile indexes, the fan-out's, the change's validation).
 //! What a site is does not change while its object does not: the answers
-//! of the last few walks are kept with the objects (`Arc`) they were read
-//! from, and a walk over an intent sharing those objects reads only the
+//! of the last few walks are kept with the objects they were read from
+//! (weakly), and a walk over an intent sharing those objects reads only the
 //! sites that changed.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use super::{Intent, Site};
 
@@ -30,10 +30,13 @@ impl Traits {
     }
 }
 
-/// One walk's answers, in name order: the site objects it met (kept, so
-/// that an address is never reused while it is here) and their traits.
+/// One walk's answers, in name order: the site objects it met and their
+/// traits. The objects are held weakly: their content goes with the last
+/// intent holding them (the cache never frees a site's content on an
+/// operator's time), but their memory stays allocated while the cache
+/// holds them, so no other object takes their address.
 struct Walk {
-    sites: Vec<Arc<Site>>,
+    sites: Vec<Weak<Site>>,
     traits: Vec<Traits>,
     used: u64,
 }
@@ -72,8 +75,7 @@ pub fn notable(intent: &Intent) -> Vec<(&Site, Traits)> {
     let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
     cache.clock += 1;
     let clock = cache.clock;
-    let lines_up =
-        |w: &Walk| w.sites.len() == n && Arc::ptr_eq(&w.sites[0], first) && Arc::ptr_eq(&w.sites[n - 1], last);
+    let lines_up = |w: &Walk| w.sites.len() == n && same(&w.sites[0], first) && same(&w.sites[n - 1], last);
     let at = match cache.walks.iter().position(lines_up) {
         Some(i) => i,
         None if cache.walks.len() < WALKS => {
@@ -85,13 +87,16 @@ pub fn notable(intent: &Intent) -> Vec<(&Site, Traits)> {
     let walk = &mut cache.walks[at];
     walk.used = clock;
     if walk.sites.len() != n {
-        walk.sites = intent.sites.values().cloned().collect();
-        walk.traits = walk.sites.iter().map(|s| Traits::of(s)).collect();
+        let sites = intent.sites.values().map(Arc::downgrade).collect();
+        // The last hold on objects gone from every intent: freed off the
+        // caller's path.
+        crate::par::free(std::mem::replace(&mut walk.sites, sites), n);
+        walk.traits = intent.sites.values().map(|s| Traits::of(s)).collect();
     }
     let mut out = Vec::new();
     for (i, site) in intent.sites.values().enumerate() {
-        if !Arc::ptr_eq(&walk.sites[i], site) {
-            walk.sites[i] = site.clone();
+        if !same(&walk.sites[i], site) {
+            walk.sites[i] = Arc::downgrade(site);
             walk.traits[i] = Traits::of(site);
         }
         if walk.traits[i].notable() {
@@ -99,6 +104,12 @@ pub fn notable(intent: &Intent) -> Vec<(&Site, Traits)> {
         }
     }
     out
+}
+
+/// Whether the cache's `seen` is the object `site` (its memory is held,
+/// so an equal address is the same object).
+fn same(seen: &Weak<Site>, site: &Arc<Site>) -> bool {
+    std::ptr::eq(seen.as_ptr(), Arc::as_ptr(site))
 }
 
 #[cfg(test)]
