@@ -402,13 +402,8 @@ impl Fanout {
             sent += usize::from(state.publish(site));
         }
         // Side by side, not 10,000 look-ups per revision.
-        let removed: Vec<String> = musubi_core::sorted::differing(&old.sites, &state.stored.intent.sites)
-            .into_iter()
-            .filter_map(|side| match side {
-                musubi_core::sorted::Side::Left(name, _) => Some(name.clone()),
-                _ => None,
-            })
-            .collect();
+        let removed: Vec<String> =
+            musubi_core::sorted::removed(&old.sites, &state.stored.intent.sites).into_iter().cloned().collect();
         // The replaced intent is freed off the agents' path.
         let sites = old.sites.len();
         musubi_core::par::free(old, sites);

@@ -50,7 +50,7 @@ pub fn free<T: Send + 'static>(value: T, items: usize) {
     // One thread frees in turn whatever is handed to it: starting a thread
     // per value cost more than a small value's freeing.
     type Garbage = Box<dyn Send>;
-    static FREER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Garbage>>> = std::sync::OnceLock::new();
+    static FREER: std::sync::OnceLock<std::sync::mpsc::Sender<Garbage>> = std::sync::OnceLock::new();
     let tx = FREER.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel::<Garbage>();
         // Should no thread be had, `rx` is gone with the closure, `send`
@@ -63,10 +63,10 @@ pub fn free<T: Send + 'static>(value: T, items: usize) {
                 }
             })
             .ok();
-        std::sync::Mutex::new(tx)
+        tx
     });
     let garbage: Garbage = Box::new(value);
-    let sent = tx.lock().unwrap_or_else(|p| p.into_inner()).send(garbage);
+    let sent = tx.send(garbage);
     drop(sent);
 }
 

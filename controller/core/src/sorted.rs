@@ -86,6 +86,17 @@ pub fn differing<'a, T: Eq>(
     merge(old, new).filter(|side| !matches!(side, Side::Both(_, a, b) if a == b)).collect()
 }
 
+/// The names of `old` that `new` has not (see [`differing`]).
+pub fn removed<'a, T: Eq>(old: &'a BTreeMap<String, Arc<T>>, new: &'a BTreeMap<String, Arc<T>>) -> Vec<&'a String> {
+    differing(old, new)
+        .into_iter()
+        .filter_map(|side| match side {
+            Side::Left(name, _) => Some(name),
+            _ => None,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,5 +113,16 @@ mod tests {
             })
             .collect();
         assert_eq!(seen, ["a<1", "b>2", "c=3,30", "d<4"]);
+    }
+
+    #[test]
+    fn removed_names_are_those_only_the_old_map_has() {
+        let shared = Arc::new(1);
+        let old: BTreeMap<String, Arc<i32>> =
+            [("a", &shared), ("b", &Arc::new(2)), ("c", &Arc::new(3))].map(|(k, v)| (k.to_string(), v.clone())).into();
+        let new: BTreeMap<String, Arc<i32>> =
+            [("a", &shared), ("c", &Arc::new(30)), ("d", &Arc::new(4))].map(|(k, v)| (k.to_string(), v.clone())).into();
+        assert_eq!(removed(&old, &new), ["b"]);
+        assert!(removed(&old, &old.clone()).is_empty());
     }
 }

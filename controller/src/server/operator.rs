@@ -440,14 +440,7 @@ impl<S: IntentStore + 'static> OperatorService<S> {
     async fn retire_removed(&self, before: &Stored, after: &Stored, who: &str) -> Result<(), Status> {
         let now = now_ms();
         // Side by side, not 10,000 look-ups per apply.
-        let gone =
-            musubi_core::sorted::differing(&before.intent.sites, &after.intent.sites).into_iter().filter_map(|side| {
-                match side {
-                    musubi_core::sorted::Side::Left(name, _) => Some(name),
-                    _ => None,
-                }
-            });
-        for site in gone {
+        for site in musubi_core::sorted::removed(&before.intent.sites, &after.intent.sites) {
             sites::retire(&*self.store, site, who, now).await.map_err(store_status)?;
             tracing::info!(site = %site, "site removed from the intent: its certificates are refused from now on");
         }
