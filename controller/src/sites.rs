@@ -217,26 +217,49 @@ struct Batches<S, T> {
     store: Arc<S>,
     handle: Handler<S, T>,
     queue: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<T>>,
+    /// An item's share of a batch, and a batch's most (an item heavier
+    /// than that is a batch of its own).
+    weight: fn(&T) -> usize,
+    max: usize,
 }
 
 impl<S: Send + Sync + 'static, T: Send + 'static> Batches<S, T> {
     fn new(store: Arc<S>, handle: Handler<S, T>) -> Batches<S, T> {
-        Batches { store, handle, queue: std::sync::OnceLock::new() }
+        Batches { store, handle, queue: std::sync::OnceLock::new(), weight: |_| 1, max: TOKENS_PER_BATCH }
+    }
+
+    /// Batches of at most `max` by `weight` instead of [`TOKENS_PER_BATCH`] items.
+    fn weighed(self, weight: fn(&T) -> usize, max: usize) -> Batches<S, T> {
+        Batches { weight, max, ..self }
     }
 
     /// Queues `item`; false if the task is gone.
     fn push(&self, item: T) -> bool {
         let queue = self.queue.get_or_init(|| {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<T>();
-            let (store, handle) = (self.store.clone(), self.handle);
+            let (store, handle, weight, max) = (self.store.clone(), self.handle, self.weight, self.max);
             tokio::spawn(async move {
-                while let Some(first) = rx.recv().await {
+                // The item that did not fit the last batch begins the next.
+                let mut held = None;
+                loop {
+                    let first = match held.take() {
+                        Some(item) => item,
+                        None => match rx.recv().await {
+                            Some(item) => item,
+                            None => return,
+                        },
+                    };
+                    let mut total = weight(&first);
                     let mut batch = vec![first];
-                    while batch.len() < TOKENS_PER_BATCH {
-                        match rx.try_recv() {
-                            Ok(item) => batch.push(item),
-                            Err(_) => break,
+                    while total < max {
+                        let Ok(item) = rx.try_recv() else { break };
+                        let w = weight(&item);
+                        if total + w > max {
+                            held = Some(item);
+                            break;
                         }
+                        total += w;
+                        batch.push(item);
                     }
                     handle(store.clone(), batch).await;
                 }
@@ -348,7 +371,7 @@ fn keys_summary(site: &str, keys: &[(String, String)]) -> String {
 }
 
 /// The store key that says which interface a public key belongs to.
-pub(crate) fn owner_index(key: &str) -> String {
+pub fn owner_index(key: &str) -> String {
     format!("{KEY_OWNERS}{}", hash(key))
 }
 
@@ -359,68 +382,158 @@ pub(crate) fn key_list(keys: &[(String, String)]) -> String {
     list.join(", ")
 }
 
-/// One site's new keys, waiting for their batch.
-struct NewKeys {
+/// One site's keys, waiting for their batch.
+struct Registration {
     site: String,
-    keys: Vec<(String, String)>,
+    /// New keys, `(entry, key)`: claimed and audited.
+    claims: Vec<(String, String)>,
+    /// The site's key entries to record once the claims hold (the claimed
+    /// keys among them).
+    puts: Vec<(String, String)>,
     now_ms: u64,
-    done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    done: tokio::sync::oneshot::Sender<Result<bool, String>>,
 }
 
-/// Appends the audit entries of keys newly registered — one per site,
-/// every agent's first status — in batches: the registrations that arrive
-/// while one batch is appended become one entry naming every site and key
-/// (10,000 agents enrolling on three replicas queued behind 10,000
-/// serialised appends: the operator's batches of join tokens waited
-/// seconds each behind them).
-pub struct KeysAudit<S> {
-    batches: Batches<S, NewKeys>,
+impl Registration {
+    /// Its claims (each only where no one holds the key) and its puts.
+    fn writes(&self) -> Vec<Write> {
+        let claims = self.claims.iter().map(|(entry, key)| {
+            let segment = entry.strip_prefix(musubi_core::rotation::NEXT).unwrap_or(entry);
+            Write {
+                key: owner_index(key),
+                guard: Guard::Absent,
+                value: Some(format!("{}/{segment}", self.site).into_bytes()),
+            }
+        });
+        let puts = self.puts.iter().map(|(entry, key)| Write {
+            key: crate::store::layout::public_key_key(&self.site, entry),
+            guard: Guard::Any,
+            value: Some(key.clone().into_bytes()),
+        });
+        claims.chain(puts).collect()
+    }
+
+    fn weight(&self) -> usize {
+        self.claims.len() + self.puts.len()
+    }
 }
 
-impl<S> std::fmt::Debug for KeysAudit<S> {
+/// Registers agents' new WireGuard keys in batches (group commit): the
+/// registrations that arrive while one batch is recorded become one
+/// transaction — every key claimed for its interface, every site's key
+/// entries put, and one audit entry naming every site and key. While
+/// 10,000 agents enrol that is a few hundred transactions instead of six
+/// per agent (a claim per key, then the keys), each an fsync on the
+/// embedded store and a replicated write on etcd. A key someone already
+/// holds fails its batch's guard: then each of the batch is tried alone,
+/// and only the one whose key is held is turned back (nothing of it
+/// written), to its claims one by one ([`claim_key`]).
+pub struct Registrar<S> {
+    batches: Batches<S, Registration>,
+}
+
+impl<S> std::fmt::Debug for Registrar<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeysAudit").finish_non_exhaustive()
+        f.debug_struct("Registrar").finish_non_exhaustive()
     }
 }
 
-impl<S: IntentStore + 'static> KeysAudit<S> {
-    pub fn new(store: Arc<S>) -> KeysAudit<S> {
-        KeysAudit {
-            batches: Batches::new(store, |store, batch| Box::pin(async move { append_keys(&*store, batch).await })),
-        }
+/// Most writes in one batch of key registrations: with the audit entry and
+/// its head, within etcd's default limit of 128 operations per transaction.
+pub const REGISTRATION_WRITES: usize = 120;
+
+impl<S: IntentStore + 'static> Registrar<S> {
+    pub fn new(store: Arc<S>) -> Registrar<S> {
+        let batches = Batches::new(store, |store, batch| Box::pin(async move { register_batch(&*store, batch).await }))
+            .weighed(Registration::weight, REGISTRATION_WRITES);
+        Registrar { batches }
     }
 
-    /// Records that `site` registered `keys`, in the next batch.
-    pub async fn registered(&self, site: &str, keys: &[(String, String)], now_ms: u64) -> Result<(), StoreError> {
+    /// Claims `claims` (`(entry, key)`, none empty) for `site` and puts its
+    /// key entries `puts`, atomically with an audit entry, in the next
+    /// batch. `Ok(false)`: a key of `claims` is held already (by the site
+    /// itself or another one) and nothing of the site's was written.
+    pub async fn register(
+        &self,
+        site: &str,
+        claims: Vec<(String, String)>,
+        puts: Vec<(String, String)>,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
         let (done, answer) = tokio::sync::oneshot::channel();
-        let new = NewKeys { site: site.to_string(), keys: keys.to_vec(), now_ms, done };
-        if !self.batches.push(new) {
-            return Err(StoreError::backend("audit", "the key registrations' queue stopped"));
+        let registration = Registration { site: site.to_string(), claims, puts, now_ms, done };
+        if !self.batches.push(registration) {
+            return Err(StoreError::backend("public keys", "the key registrations' queue stopped"));
         }
         match answer.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(message)) => Err(StoreError::backend("audit", message)),
-            Err(_) => Err(StoreError::backend("audit", "a key registration was dropped")),
+            Ok(Ok(registered)) => Ok(registered),
+            Ok(Err(message)) => Err(StoreError::backend("public keys", message)),
+            Err(_) => Err(StoreError::backend("public keys", "a key registration was dropped")),
         }
     }
 }
 
-async fn append_keys<S: IntentStore>(store: &S, batch: Vec<NewKeys>) {
-    let Some(now_ms) = batch.iter().map(|n| n.now_ms).max() else { return };
-    let event = match &batch[..] {
-        [one] => {
-            Event { time_ms: now_ms, actor: format!("site:{}", one.site), summary: keys_summary(&one.site, &one.keys) }
-        }
+/// The audit entry of a batch's new keys.
+fn keys_event(batch: &[Registration]) -> Option<Event> {
+    let now_ms = batch.iter().map(|r| r.now_ms).max()?;
+    Some(match batch {
+        [one] => Event {
+            time_ms: now_ms,
+            actor: format!("site:{}", one.site),
+            summary: keys_summary(&one.site, &one.claims),
+        },
         _ => {
-            let sites: Vec<String> = batch.iter().map(|n| format!("{}: {}", n.site, key_list(&n.keys))).collect();
+            let sites: Vec<String> = batch.iter().map(|r| format!("{}: {}", r.site, key_list(&r.claims))).collect();
             let summary = format!("WireGuard keys registered for {} sites: {}", batch.len(), sites.join("; "));
             Event { time_ms: now_ms, actor: "controller:enrolment".to_string(), summary }
         }
-    };
-    let result = store.record(event, Vec::new()).await.map(|_| ()).map_err(|e| e.to_string());
-    for n in batch {
-        let _ = n.done.send(result.clone());
+    })
+}
+
+/// Records `batch` in one transaction: whether every guard held.
+async fn record_registrations<S: IntentStore>(store: &S, batch: &[Registration]) -> Result<bool, String> {
+    let Some(event) = keys_event(batch) else { return Ok(true) };
+    let writes: Vec<Write> = batch.iter().flat_map(Registration::writes).collect();
+    store.record(event, writes).await.map(|entry| entry.is_some()).map_err(|e| e.to_string())
+}
+
+async fn register_batch<S: IntentStore>(store: &S, batch: Vec<Registration>) {
+    // A key claimed twice in one batch (two sites, or one site for two
+    // interfaces) is claimed one by one instead: one transaction may not
+    // write a key twice (etcd refuses it).
+    let mut claimed = std::collections::HashSet::new();
+    let (batch, twice): (Vec<Registration>, Vec<Registration>) =
+        batch.into_iter().partition(|r| r.claims.iter().all(|(_, key)| claimed.insert(key.clone())));
+    for r in twice {
+        let _ = r.done.send(Ok(false));
     }
+    let result = record_registrations(store, &batch).await;
+    match result {
+        // A key of the batch is held already: each on its own.
+        Ok(false) if batch.len() > 1 => {
+            for r in batch {
+                let alone = record_registrations(store, std::slice::from_ref(&r)).await;
+                let _ = r.done.send(alone);
+            }
+        }
+        result => {
+            for r in batch {
+                let _ = r.done.send(result.clone());
+            }
+        }
+    }
+}
+
+/// The audit entry of `site`'s new keys claimed one by one (a batch's
+/// guard failed, see [`Registrar`]).
+pub async fn keys_claimed<S: IntentStore>(
+    store: &S,
+    site: &str,
+    keys: &[(String, String)],
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let event = Event { time_ms: now_ms, actor: format!("site:{site}"), summary: keys_summary(site, keys) };
+    store.record(event, Vec::new()).await.map(|_| ())
 }
 
 /// A site removed from the intent: the certificates issued to it until now

@@ -795,32 +795,76 @@ async fn join_tokens_are_made_and_spent_in_batches_of_one_audit_entry() {
     assert!(matches!(sites::redeem(&*store, &tokens[5].0, "school-005", now + 2).await, Err(TokenError::Used { .. })));
 }
 
-/// New WireGuard keys' audit entries, from many agents at once, are
-/// appended in batches on a real etcd: 300 sites' registrations in a
-/// handful of entries, each site and key named; the chain verifies.
+/// New WireGuard keys from many agents at once are registered in batches on
+/// a real etcd with its default limits: 300 sites' keys claimed, put and
+/// audited in a handful of transactions, each site and key named once.
+/// A site that reports a key another site holds meanwhile is turned back
+/// with nothing of it written, and the rest of its batch still lands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn new_keys_audit_entries_are_appended_in_batches() {
-    use musubi_controller::sites::KeysAudit;
+async fn new_keys_are_registered_in_batches() {
+    use musubi_controller::sites::{Registrar, owner_index};
     let server = EtcdServer::start();
     let store = Arc::new(connect(&server).await);
-    let audit = Arc::new(KeysAudit::new(store.clone()));
-    let key = |i: usize| base64::engine::general_purpose::STANDARD.encode([i as u8; 32]);
+    let registrar = Arc::new(Registrar::new(store.clone()));
+    let key = |i: usize, kind: u8| {
+        base64::engine::general_purpose::STANDARD.encode([i as u8, (i >> 8) as u8, kind, 7].repeat(8))
+    };
     let mut registering = tokio::task::JoinSet::new();
+    let now = 1_796_000_000_000;
     for i in 0..300 {
-        let (audit, site) = (audit.clone(), format!("school-{i:03}"));
-        let keys = vec![("lgwan".to_string(), key(i)), ("inet".to_string(), key(i + 1))];
-        registering.spawn(async move { audit.registered(&site, &keys, 1_796_000_000_000).await });
+        let (to, site) = (registrar.clone(), format!("school-{i:03}"));
+        let keys = vec![("lgwan".to_string(), key(i, 1)), ("inet".to_string(), key(i, 2))];
+        registering.spawn(async move { (site.clone(), to.register(&site, keys.clone(), keys, now).await) });
+        if i == 150 {
+            // Another site reporting school-140's key, among them.
+            let (to, keys) = (registrar.clone(), vec![("lgwan".to_string(), key(140, 1))]);
+            registering
+                .spawn(async move { ("intruder".to_string(), to.register("intruder", keys.clone(), keys, now).await) });
+        }
     }
+    // One key for two interfaces of one site.
+    let twin = vec![("lgwan".to_string(), key(999, 1)), ("inet".to_string(), key(999, 1))];
+    assert!(!registrar.register("twin", twin.clone(), twin, now).await.expect("no store failure"), "twin refused");
+    let mut turned_back = Vec::new();
     while let Some(done) = registering.join_next().await {
-        done.expect("task").expect("recorded");
+        let (site, registered) = done.expect("task");
+        if !registered.expect("no store failure") {
+            turned_back.push(site);
+        }
     }
+    assert_eq!(turned_back.len(), 1, "one of school-140 and the intruder: {turned_back:?}");
+    let winner = if turned_back[0] == "intruder" { "school-140" } else { "intruder" };
+    let owners: BTreeMap<String, Vec<u8>> = store.list(layout::KEY_OWNERS).await.expect("owners").into_iter().collect();
+    assert_eq!(owners.get(&owner_index(&key(140, 1))).map(Vec::as_slice), Some(format!("{winner}/lgwan").as_bytes()));
+    for site in [turned_back[0].as_str(), "twin"] {
+        let written = store.list(&layout::public_key_key(site, "")).await.expect("keys");
+        assert!(written.is_empty(), "nothing of {site} written: {written:?}");
+    }
+    let claimed = if winner == "intruder" { 599 } else { 600 };
+    assert_eq!(owners.len(), claimed, "every other key claimed");
+    assert_eq!(store.list(layout::KEYS).await.expect("keys").len(), claimed);
+    assert_eq!(
+        store.list(&layout::public_key_key("school-299", "inet")).await.expect("key")[0].1,
+        key(299, 2).into_bytes()
+    );
     let history = store.history().await.expect("history");
-    eprintln!("300 sites' new keys in {} audit entries", history.len());
-    assert!(history.len() <= 30, "{} entries for 300 registrations", history.len());
+    eprintln!("301 sites' new keys in {} audit entries", history.len());
+    // 30 sites a batch; the batch that met the held key was recorded site by site.
+    assert!(history.len() <= 45, "{} entries for 301 registrations", history.len());
     let all: String = history.iter().map(|e| e.summary.as_str()).collect::<Vec<_>>().join("\n");
     for i in [0, 150, 299] {
         assert!(all.contains(&format!("school-{i:03}")), "school-{i:03} named");
     }
-    assert_eq!(all.matches(" sha256:").count(), 600, "every key named once");
+    assert_eq!(all.matches(" sha256:").count(), claimed, "every key claimed named once");
     verify(&history).expect("chain verifies");
+
+    // etcd refuses a transaction that writes a key twice: said at once, not
+    // retried for seconds as if the audit head kept moving.
+    let twice = |v: &str| Write { key: "/musubi/v1/twice".into(), guard: Guard::Any, value: Some(v.into()) };
+    let event = Event { time_ms: now, actor: "test".into(), summary: "twice".into() };
+    let t = Instant::now();
+    let refused = store.record(event, vec![twice("a"), twice("b")]).await;
+    assert!(matches!(refused, Err(StoreError::Refused(_))), "{refused:?}");
+    assert!(t.elapsed() < Duration::from_secs(2), "refused after {:?}", t.elapsed());
+    assert_eq!(store.history().await.expect("history").len(), history.len(), "nothing appended");
 }

@@ -66,8 +66,8 @@ pub struct AgentService<S> {
     open: Arc<std::sync::Mutex<OpenStreams>>,
     /// Join tokens are spent in batches, one audit entry each.
     redeemer: Arc<sites::Redeemer<S>>,
-    /// New keys' audit entries, appended in batches.
-    keys_audit: Arc<sites::KeysAudit<S>>,
+    /// New keys claimed, recorded and audited in batches.
+    registrar: Arc<sites::Registrar<S>>,
 }
 
 // Not derived: that would ask `S: Clone`, and the store is shared behind an `Arc`.
@@ -81,7 +81,7 @@ impl<S> Clone for AgentService<S> {
             stop: self.stop.clone(),
             open: self.open.clone(),
             redeemer: self.redeemer.clone(),
-            keys_audit: self.keys_audit.clone(),
+            registrar: self.registrar.clone(),
         }
     }
 }
@@ -95,8 +95,8 @@ impl<S: IntentStore + 'static> AgentService<S> {
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         let redeemer = Arc::new(sites::Redeemer::new(store.clone()));
-        let keys_audit = Arc::new(sites::KeysAudit::new(store.clone()));
-        AgentService { store, fanout, authority, settings, stop, open: Arc::default(), redeemer, keys_audit }
+        let registrar = Arc::new(sites::Registrar::new(store.clone()));
+        AgentService { store, fanout, authority, settings, stop, open: Arc::default(), redeemer, registrar }
     }
 }
 
@@ -184,43 +184,64 @@ impl<S: IntentStore + 'static> AgentService<S> {
         }
         // A key is one interface's: a site that reports another site's
         // would receive the traffic its peers encrypt for that one. Each key
-        // is claimed once in the store (one compare-and-swap per new key);
-        // a revoked key's claim is the revocation's.
-        let mut owned = Vec::with_capacity(fresh.len());
-        let mut new = Vec::new();
-        for (entry, key) in fresh {
-            let segment = entry.strip_prefix(rotation::NEXT).unwrap_or(&entry);
-            match sites::claim_key(&*self.store, &key, site, segment).await.map_err(internal)? {
-                sites::Claim::New => {
-                    new.push((entry.clone(), key.clone()));
-                    owned.push((entry, key));
-                }
-                sites::Claim::Theirs => owned.push((entry, key)),
-                sites::Claim::Other(owner) => {
-                    tracing::warn!(site, segment = %entry, owner = %owner,
-                        "refused a WireGuard public key another site registered, or a revoked one");
-                    crate::metrics::get().refused("duplicate_key");
+        // is claimed once in the store; a revoked key's claim is the
+        // revocation's.
+        let now = now_ms();
+        let switch = under_way.filter(|r| {
+            r.phase == rotation::Phase::Switch
+                && !switched.is_empty()
+                && known.keys().filter(|e| e.starts_with(rotation::NEXT)).all(|e| switched.contains(e))
+                && known.get(rotation::SWITCHED) != Some(&r.id.to_string())
+        });
+        // The site's entries to put beside its keys.
+        let with_marks = |mut owned: Vec<(String, String)>| {
+            if owned.iter().any(|(entry, _)| rotation::is_segment_key(entry)) {
+                owned.push((rotation::SINCE.to_string(), now.to_string()));
+            }
+            if let Some(r) = switch {
+                owned.push((rotation::SWITCHED.to_string(), r.id.to_string()));
+            }
+            owned
+        };
+        if let Some(r) = switch {
+            tracing::info!(site, rotation = r.id, "the agent switched to its next keys");
+        }
+        // Usually every reported key is new: claimed, put and audited with
+        // other agents' in one batched transaction.
+        let registered = !fresh.is_empty()
+            && self.registrar.register(site, fresh.clone(), with_marks(fresh.clone()), now).await.map_err(internal)?;
+        let puts = if registered {
+            with_marks(fresh)
+        } else {
+            // A key held already (or none new): each claimed on its own.
+            let mut owned = Vec::with_capacity(fresh.len());
+            let mut new = Vec::new();
+            for (entry, key) in fresh {
+                let segment = entry.strip_prefix(rotation::NEXT).unwrap_or(&entry);
+                match sites::claim_key(&*self.store, &key, site, segment).await.map_err(internal)? {
+                    sites::Claim::New => {
+                        new.push((entry.clone(), key.clone()));
+                        owned.push((entry, key));
+                    }
+                    sites::Claim::Theirs => owned.push((entry, key)),
+                    sites::Claim::Other(owner) => {
+                        tracing::warn!(site, segment = %entry, owner = %owner,
+                            "refused a WireGuard public key another site registered, or a revoked one");
+                        crate::metrics::get().refused("duplicate_key");
+                    }
                 }
             }
-        }
-        let mut fresh = owned;
-        if !new.is_empty() {
-            self.keys_audit.registered(site, &new, now_ms()).await.map_err(internal)?;
-        }
-        if fresh.iter().any(|(entry, _)| rotation::is_segment_key(entry)) {
-            fresh.push((rotation::SINCE.to_string(), now_ms().to_string()));
-        }
-        if let Some(r) = under_way.filter(|r| r.phase == rotation::Phase::Switch)
-            && !switched.is_empty()
-            && known.keys().filter(|e| e.starts_with(rotation::NEXT)).all(|e| switched.contains(e))
-            && known.get(rotation::SWITCHED) != Some(&r.id.to_string())
-        {
-            tracing::info!(site, rotation = r.id, "the agent switched to its next keys");
-            fresh.push((rotation::SWITCHED.to_string(), r.id.to_string()));
-        }
-        if !fresh.is_empty() {
-            self.store.put_public_keys(site, &fresh).await.map_err(internal)?;
-            let segments: Vec<&str> = fresh.iter().map(|(s, _)| s.as_str()).collect();
+            let puts = with_marks(owned);
+            if !new.is_empty() {
+                sites::keys_claimed(&*self.store, site, &new, now).await.map_err(internal)?;
+            }
+            if !puts.is_empty() {
+                self.store.put_public_keys(site, &puts).await.map_err(internal)?;
+            }
+            puts
+        };
+        if !puts.is_empty() {
+            let segments: Vec<&str> = puts.iter().map(|(s, _)| s.as_str()).collect();
             tracing::info!(site, segments = ?segments, "public keys recorded");
         }
         Ok(())

@@ -24,7 +24,7 @@ use futures::StreamExt;
 use super::generations::{self, ETCD_DEFAULTS, Limits, Parts};
 use super::layout::{self, Stored, WriteSet};
 use super::presence::{Presence, renew_every};
-use super::{Event, Guard, IntentStore, StoreError, Write};
+use super::{Event, Guard, IntentStore, Refused, StoreError, Write};
 use musubi_core::audit::AuditEntry;
 
 /// How to reach etcd. Its `Debug` leaves the password out.
@@ -720,6 +720,11 @@ impl Etcd {
             Err(e) => {
                 // The answer may be lost while the transaction committed:
                 // our entry at the head means it did.
+                if let etcd_client::Error::GRpcStatus(status) = &e
+                    && status.code() == tonic::Code::InvalidArgument
+                {
+                    return Err(Refused { backend: "etcd", source: e.into() }.into());
+                }
                 tokio::time::sleep(PAUSE).await;
                 return match self.head_raw().await {
                     Ok((_, Some(now))) if now == bytes => Ok(Ok(Some(entry))),

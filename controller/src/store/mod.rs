@@ -53,6 +53,19 @@ pub enum StoreError {
         #[source]
         source: Cause,
     },
+    #[error(transparent)]
+    Refused(#[from] Refused),
+}
+
+/// The backend refused a request as malformed (etcd: a key written twice
+/// in one transaction, more operations than it allows): sending it again
+/// cannot help.
+#[derive(Debug, thiserror::Error)]
+#[error("{backend} refused the request: {source}")]
+pub struct Refused {
+    pub backend: &'static str,
+    #[source]
+    pub source: Cause,
 }
 
 /// The cause of a [`StoreError`], kept whole.
