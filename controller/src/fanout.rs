@@ -37,19 +37,41 @@ const SETTLE: Duration = Duration::from_millis(250);
 /// [`next_reload`]).
 const RELOAD_GAP_MAX: Duration = Duration::from_secs(2);
 
+/// A reload that republished more than this (an access point of some 7,000
+/// peers, or several smaller ones) keeps the next one [`RELOAD_GAP_MAX`]
+/// away, however quickly it ran.
+const REPUBLISHED_LARGE: usize = 1 << 20;
+
+/// The last reload of keys and revocations: when it started, how long it
+/// took, and how many bytes of configurations it republished.
+#[derive(Debug, Clone, Copy)]
+pub struct Reloaded {
+    pub started: Instant,
+    pub took: Duration,
+    pub republished: usize,
+}
+
 /// When the fan-out reads keys and revocations again after a change seen
-/// at `now`, the last reload having started at `last` and taken `took`:
-/// [`SETTLE`] after the change, and no sooner than four times the last
-/// reload's cost after it started (at most [`RELOAD_GAP_MAX`]). A reload
-/// reads every key and republishes the access points that changed (ten of
-/// 10,000 peers at 10,000 sites: a few hundred milliseconds, and as much
-/// again for each access point's agent); while thousands of agents enrol
-/// it is kept to a quarter of the time instead of running back to back. In a
-/// small deployment a reload costs milliseconds and only the settle counts.
-pub fn next_reload(now: Instant, last: Option<(Instant, Duration)>) -> Instant {
+/// at `now`: [`SETTLE`] after the change, and no sooner than four times
+/// the last reload's cost after it started (at most [`RELOAD_GAP_MAX`]). A
+/// reload reads every key and republishes the access points that changed
+/// (ten of 10,000 peers at 10,000 sites: a hundred milliseconds or more);
+/// while thousands of agents enrol it is kept to a quarter of the time
+/// instead of running back to back. Its cost is also downstream: every
+/// access point it republishes is sent whole to its agent, which applies
+/// it again — after a reload that republished a megabyte or more the next
+/// waits the whole gap (counting the reload alone, reloads made cheaper
+/// ran more often and cost the agents more than they saved: 33 reloads
+/// while 10,000 agents enrolled became 54, and the simulated agents' CPU
+/// rose by a fifth). In a small deployment a reload costs milliseconds,
+/// republishes kilobytes, and only the settle counts.
+pub fn next_reload(now: Instant, last: Option<Reloaded>) -> Instant {
     let settled = now + SETTLE;
     match last {
-        Some((started, took)) => settled.max(started + (took * 4).min(RELOAD_GAP_MAX)),
+        Some(Reloaded { republished, started, .. }) if republished >= REPUBLISHED_LARGE => {
+            settled.max(started + RELOAD_GAP_MAX)
+        }
+        Some(Reloaded { started, took, .. }) => settled.max(started + (took * 4).min(RELOAD_GAP_MAX)),
         None => settled,
     }
 }
@@ -69,20 +91,13 @@ pub struct Delivery {
     pub revision: u64,
     /// SHA-256 (hex) of the encoded configuration without its revision.
     pub digest: String,
-    pub config: Kept,
-    /// The configuration's size encoded, in bytes (known from the digest's
-    /// encoding: an access point's is not encoded again to count it).
-    pub size: usize,
-}
-
-/// How a configuration is kept until it is sent. An access point's (10,000
-/// peers, patched in place by every member change) stays a structure; a
-/// member site's is kept encoded: a tenth of the memory of the structure,
-/// and 10,000 of them.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Kept {
-    Whole(Arc<SiteConfig>),
-    Encoded(Bytes),
+    /// The configuration encoded, without its revision: encoded once, when
+    /// it is published (the digest is of these bytes), and sent as it is.
+    /// Not the structure: an access point's (10,000 peers) is patched in
+    /// place by every member change, which a structure shared with the
+    /// agents' sessions would turn into a copy each time; and a member
+    /// site's encoded is a tenth of its structure's memory, 10,000 times.
+    pub encoded: Bytes,
 }
 
 /// A kept configuration that no longer decodes. Never sent as an empty
@@ -97,27 +112,26 @@ pub struct Undecodable {
 }
 
 impl Delivery {
-    /// The configuration encoded, without its revision: a member site's as
-    /// kept, an access point's encoded now.
+    /// The configuration encoded, without its revision, as kept.
     pub fn encoded(&self) -> Bytes {
-        match &self.config {
-            Kept::Whole(c) => Bytes::from(c.encode_to_vec()),
-            Kept::Encoded(b) => b.clone(),
-        }
+        self.encoded.clone()
     }
 
     pub fn to_pb(&self) -> Result<pb::ConfigUpdate, Undecodable> {
-        let config = match &self.config {
-            Kept::Whole(c) => SiteConfig { revision: self.revision, ..(**c).clone() },
-            // Encoded by this process from a valid structure; should it not
-            // decode, the session ends with an error and the agent keeps
-            // what it has.
-            Kept::Encoded(b) => SiteConfig {
-                revision: self.revision,
-                ..SiteConfig::decode(b.clone()).map_err(|source| Undecodable { revision: self.revision, source })?
-            },
+        // Encoded by this process from a valid structure; should it not
+        // decode, the session ends with an error and the agent keeps what
+        // it has.
+        let config = SiteConfig {
+            revision: self.revision,
+            ..SiteConfig::decode(self.encoded.clone())
+                .map_err(|source| Undecodable { revision: self.revision, source })?
         };
         Ok(pb::ConfigUpdate { revision: self.revision, digest: self.digest.clone(), config: Some(config) })
+    }
+
+    /// The configuration, decoded.
+    pub fn decoded(&self) -> Result<SiteConfig, Undecodable> {
+        SiteConfig::decode(self.encoded.clone()).map_err(|source| Undecodable { revision: self.revision, source })
     }
 }
 
@@ -218,31 +232,29 @@ pub struct Primed {
 }
 
 impl State {
-    /// What a site's agent gets, with its digest; a member site's compiled
-    /// configuration moves from `raw` to `packed` on the way.
-    fn deliverable(&mut self, site: &str) -> Option<(String, Kept, usize)> {
+    /// What a site's agent gets, encoded, with its digest; a member site's
+    /// compiled configuration moves from `raw` to `packed` on the way.
+    fn deliverable(&mut self, site: &str) -> Option<(String, Bytes)> {
         let member = self.stored.intent.sites.get(site).is_some_and(|s| !s.is_access_point());
-        // The delivered configuration is the compiled one, shared, not
-        // copied: a member's as its kept bytes (encoded once, when it
-        // leaves `raw`, and never decoded here), an access point's whole.
-        if member {
+        // A member's as its kept bytes (encoded once, when it leaves `raw`,
+        // and never decoded here); an access point's encoded from the
+        // structure its members' changes patch.
+        let bytes = if member {
             if let Some(raw) = self.raw.remove(site) {
                 self.packed.insert(site.to_string(), Bytes::from(raw.encode_to_vec()));
             }
-            let bytes = self.packed.get(site)?.clone();
-            let size = bytes.len();
-            return Some((digest_of(&bytes), Kept::Encoded(bytes), size));
-        }
-        let config = match self.raw.get(site) {
-            Some(raw) => {
-                self.packed.remove(site);
-                raw.clone()
+            self.packed.get(site)?.clone()
+        } else {
+            match self.raw.get(site) {
+                Some(raw) => {
+                    self.packed.remove(site);
+                    Bytes::from(raw.encode_to_vec())
+                }
+                // A member that became an access point, not recompiled yet.
+                None => self.packed.get(site)?.clone(),
             }
-            // A member that became an access point, not recompiled yet.
-            None => Arc::new(SiteConfig::decode(self.packed.get(site)?.clone()).ok()?),
         };
-        let encoded = config.encode_to_vec();
-        Some((digest_of(&encoded), Kept::Whole(config), encoded.len()))
+        Some((digest_of(&bytes), bytes))
     }
 
     /// Puts the site's current configuration (or its refusal) on its feed,
@@ -250,13 +262,13 @@ impl State {
     fn publish(&mut self, site: &str) -> bool {
         let feed = if self.revoked.get(site).is_some_and(|r| r.active) {
             Feed::Gone(format!("site `{site}` is revoked"))
-        } else if let Some((digest, config, size)) = self.deliverable(site) {
+        } else if let Some((digest, encoded)) = self.deliverable(site) {
             if let Some(Feed::Config(d)) = self.feeds.get(site).map(|f| f.borrow().clone())
                 && d.digest == digest
             {
                 return false;
             }
-            Feed::Config(Arc::new(Delivery { revision: self.stored.revision, digest, config, size }))
+            Feed::Config(Arc::new(Delivery { revision: self.stored.revision, digest, encoded }))
         } else {
             Feed::Gone(format!("site `{site}` is not in the intent"))
         };
@@ -305,7 +317,7 @@ impl Fanout {
         let mut revisions = crate::store::watch::watch(store.clone(), from).await?;
         let weak = Arc::downgrade(&fanout);
         tokio::spawn(async move {
-            let mut last_reload: Option<(Instant, Duration)> = None;
+            let mut last_reload: Option<Reloaded> = None;
             loop {
                 tokio::select! {
                     r = revisions.recv() => match r {
@@ -351,10 +363,14 @@ impl Fanout {
                         sites_changed.borrow_and_update();
                         let Some(f) = weak.upgrade() else { return };
                         let started = Instant::now();
-                        if let Err(e) = f.reload_sites(&*store).await {
-                            tracing::warn!(error = %e, "cannot read public keys and revocations");
-                        }
-                        last_reload = Some((started, started.elapsed()));
+                        let republished = match f.reload_sites(&*store).await {
+                            Ok(bytes) => bytes,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot read public keys and revocations");
+                                0
+                            }
+                        };
+                        last_reload = Some(Reloaded { started, took: started.elapsed(), republished });
                     }
                 }
             }
@@ -430,7 +446,7 @@ impl Fanout {
     /// Rereads public keys and revocations and republishes what they change
     /// (off the threads that serve the agents' streams: access points'
     /// configurations are spliced, encoded and hashed).
-    async fn reload_sites<S: IntentStore>(self: &Arc<Self>, store: &S) -> Result<(), FanoutError> {
+    async fn reload_sites<S: IntentStore>(self: &Arc<Self>, store: &S) -> Result<usize, FanoutError> {
         let pairs = store.list(layout::KEYS).await?;
         let revoked = revocations(store).await?;
         let fanout = self.clone();
@@ -443,12 +459,13 @@ impl Fanout {
         {
             Ok(done) => done,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => Ok(()), // the runtime is shutting down
+            Err(_) => Ok(0), // the runtime is shutting down
         }
     }
 
-    /// Takes new public keys and revocations.
-    pub fn update_sites(&self, keys: PublicKeys, revoked: BTreeMap<String, Revocation>) -> Result<(), FanoutError> {
+    /// Takes new public keys and revocations; returns the size of the
+    /// configurations it republished, in bytes.
+    pub fn update_sites(&self, keys: PublicKeys, revoked: BTreeMap<String, Revocation>) -> Result<usize, FanoutError> {
         let mut state = self.lock();
         let mut changed_keys = BTreeSet::new();
         for (site, segs) in &keys {
@@ -478,17 +495,20 @@ impl Fanout {
             let State { stored, raw, .. } = &mut *state;
             touched.extend(incremental::rekey(&stored.intent, &stored.allocations, &stored.keys, &changed_keys, raw)?);
         }
-        let mut sent = 0;
+        let (mut sent, mut bytes) = (0, 0);
         for site in &touched {
-            if state.stored.intent.sites.contains_key(site) {
-                sent += usize::from(state.publish(site));
+            if state.stored.intent.sites.contains_key(site) && state.publish(site) {
+                sent += 1;
+                if let Some(Feed::Config(d)) = state.feeds.get(site).map(|f| f.borrow().clone()) {
+                    bytes += d.encoded.len();
+                }
             }
         }
         if !touched.is_empty() {
-            tracing::info!(keys = changed_keys.len(), published = sent, "public keys or revocations followed");
+            tracing::info!(keys = changed_keys.len(), published = sent, bytes, "public keys or revocations followed");
         }
         self.count(sent);
-        Ok(())
+        Ok(bytes)
     }
 
     /// The public keys to compile with, at their generation.
@@ -639,14 +659,21 @@ mod tests {
     #[test]
     fn keys_are_reloaded_after_the_settle_and_no_more_than_a_quarter_of_the_time() {
         let t = Instant::now();
+        let last = |took, republished| Some(Reloaded { started: t, took: ms(took), republished });
         // The first change, and one after a cheap reload: the settle alone.
         assert_eq!(next_reload(t, None), t + SETTLE);
-        assert_eq!(next_reload(t + ms(300), Some((t, ms(5)))), t + ms(300) + SETTLE);
+        assert_eq!(next_reload(t + ms(300), last(5, 40_000)), t + ms(300) + SETTLE);
         // Back to back after a reload of 400 ms: 1.6 s after it started.
-        assert_eq!(next_reload(t + ms(400), Some((t, ms(400)))), t + ms(1600));
+        assert_eq!(next_reload(t + ms(400), last(400, 0)), t + ms(1600));
         // A change long after an expensive reload waits only the settle.
-        assert_eq!(next_reload(t + ms(5000), Some((t, ms(400)))), t + ms(5000) + SETTLE);
+        assert_eq!(next_reload(t + ms(5000), last(400, 0)), t + ms(5000) + SETTLE);
         // However slow the last reload was, the next comes within the cap.
-        assert_eq!(next_reload(t + ms(100), Some((t, ms(3000)))), t + RELOAD_GAP_MAX);
+        assert_eq!(next_reload(t + ms(100), last(3000, 0)), t + RELOAD_GAP_MAX);
+        // A quick reload that republished megabytes (access points of
+        // thousands of peers, sent whole to their agents): the whole gap.
+        assert_eq!(next_reload(t + ms(150), last(100, 15 << 20)), t + RELOAD_GAP_MAX);
+        assert_eq!(next_reload(t + ms(150), last(100, (1 << 20) - 1)), t + ms(400));
+        // ... but a change long after it waits only the settle.
+        assert_eq!(next_reload(t + ms(5000), last(100, 15 << 20)), t + ms(5000) + SETTLE);
     }
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use musubi_core::rotation::{self, Phase, Rotation, Schedule};
 use musubi_proto::v1::SiteConfig;
 
-use crate::fanout::{Fanout, Kept};
+use crate::fanout::Fanout;
 use crate::store::layout::{KEYS, public_key_key};
 use crate::store::{Event, Guard, IntentStore, StoreError, Write};
 
@@ -153,10 +153,7 @@ fn holds(config: &SiteConfig, site: &str, segment: &str, key: &str) -> bool {
 /// encoded), if it holds one.
 fn with_config<T>(fanout: &Fanout, site: &str, f: impl FnOnce(&SiteConfig) -> T) -> Option<(String, T)> {
     let d = fanout.desired(site)?;
-    let out = match &d.config {
-        Kept::Whole(c) => f(c),
-        Kept::Encoded(b) => f(&prost::Message::decode(b.clone()).ok()?),
-    };
+    let out = f(&d.decoded().ok()?);
     Some((d.digest.clone(), out))
 }
 

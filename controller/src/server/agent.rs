@@ -660,7 +660,7 @@ impl<S: IntentStore + 'static> Session<S> {
                     let (Ok(permit), Some(d)) = (permit, pending.take()) else { break };
                     let metrics = crate::metrics::get();
                     metrics.configurations_sent.inc();
-                    metrics.configuration_bytes.inc_by(d.size as u64);
+                    metrics.configuration_bytes.inc_by(d.encoded.len() as u64);
                     permit.send(Out::Config(d.clone()));
                     sent += 1;
                     tracing::debug!(site, revision = d.revision, digest = %d.digest, "configuration sent");
@@ -757,7 +757,6 @@ mod tests {
     use prost::Message;
 
     use super::*;
-    use crate::fanout::Kept;
 
     /// A small record may be written every 100 ms; a megabyte one (an
     /// access point's while its members enrol) once a second.
@@ -768,8 +767,8 @@ mod tests {
         assert_eq!(status_every(1_500_000), Duration::from_millis(1_500));
     }
 
-    fn delivery(config: Kept) -> Arc<Delivery> {
-        Arc::new(Delivery { revision: 7, digest: "d".into(), config, size: 0 })
+    fn delivery(encoded: prost::bytes::Bytes) -> Arc<Delivery> {
+        Arc::new(Delivery { revision: 7, digest: "d".into(), encoded })
     }
 
     /// A kept configuration that does not decode ends the session with an
@@ -799,16 +798,14 @@ mod tests {
     #[test]
     fn a_configuration_is_sent_as_kept_with_its_revision() {
         let config = pb::SiteConfig { site: "office-a".into(), tenant: "t".into(), ..Default::default() };
-        for kept in [Kept::Encoded(config.encode_to_vec().into()), Kept::Whole(Arc::new(config.clone()))] {
-            let out = Out::Config(delivery(kept)).into_message().expect("a message");
-            let read = pb::ControllerMessage::decode(out.encode_to_vec().as_slice()).expect("decodes");
-            let Some(pb::controller_message::Body::Config(update)) = read.body else { panic!("no configuration") };
-            let sent = update.config.expect("a configuration");
-            assert_eq!((sent.site.as_str(), sent.revision, update.revision), ("office-a", 7, 7));
-            assert_eq!(pb::SiteConfig { revision: 0, ..sent }, config);
-        }
+        let out = Out::Config(delivery(config.encode_to_vec().into())).into_message().expect("a message");
+        let read = pb::ControllerMessage::decode(out.encode_to_vec().as_slice()).expect("decodes");
+        let Some(pb::controller_message::Body::Config(update)) = read.body else { panic!("no configuration") };
+        let sent = update.config.expect("a configuration");
+        assert_eq!((sent.site.as_str(), sent.revision, update.revision), ("office-a", 7, 7));
+        assert_eq!(pb::SiteConfig { revision: 0, ..sent }, config);
         // A field 1 (string) whose length runs past the end.
-        let broken = Out::Config(delivery(Kept::Encoded(prost::bytes::Bytes::from_static(&[0x0a, 0x40, b'x']))));
+        let broken = Out::Config(delivery(prost::bytes::Bytes::from_static(&[0x0a, 0x40, b'x'])));
         let out = broken.into_message().expect("sent as kept").encode_to_vec();
         assert!(pb::ControllerMessage::decode(out.as_slice()).is_err(), "an agent cannot read it");
     }
