@@ -310,6 +310,7 @@ impl ServeFile {
 /// are built in (`.cargo/config.toml`): a background thread returns freed
 /// pages within a second even while the controller is idle, and two arenas
 /// for the two cores keep freed memory in fewer places.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -394,6 +395,7 @@ async fn serve_command(command: Command) -> Result<()> {
         agents.keepalive = Duration::from_secs(s.max(1));
     }
     let max = max_intent_mib.or(file.max_intent_mib).unwrap_or(DEFAULT_MAX_INTENT_BYTES / 1024 / 1024);
+    #[cfg(not(feature = "system-allocator"))]
     tokio::spawn(memory_report());
     let metrics = metrics.or(file.metrics);
     if let Some(addr) = metrics {
@@ -419,6 +421,7 @@ async fn serve_command(command: Command) -> Result<()> {
     serve(listen, store, pki, max, etcd, agents, extras).await
 }
 
+#[cfg(not(feature = "system-allocator"))]
 /// Logs the allocator's figures every 10 s at debug level (target
 /// `memory`): what is allocated, what the allocator holds in use, and what
 /// is resident.

@@ -493,7 +493,7 @@ impl<S: IntentStore + 'static> Agent for AgentService<S> {
 /// Ends a stream with `status`, unless its agent has stopped reading for a
 /// second (the stream is closed either way once the session drops `tx`).
 async fn end(tx: &mpsc::Sender<Out>, status: Status) {
-    let _ = tokio::time::timeout(Duration::from_secs(1), tx.send(Out::end(status))).await;
+    let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), tx.send(Out::end(status)))).await;
 }
 
 /// The shortest time between two writes of one agent's status.
@@ -570,7 +570,10 @@ impl<S: IntentStore + 'static> Session<S> {
         if reported == taken.as_slice() {
             return true;
         }
-        match self.service.take_keys(site, reported).await {
+        // Boxed, as every store write the session awaits: the session's
+        // own future (one per connected agent, held for the connection's
+        // life) is as large as the largest thing it awaits — 12.9 KB before.
+        match Box::pin(self.service.take_keys(site, reported)).await {
             Ok(()) => {
                 taken.clear();
                 taken.extend_from_slice(reported);
@@ -601,7 +604,7 @@ impl<S: IntentStore + 'static> Session<S> {
         self.in_sync(Some(in_sync));
         let record = sites::encode_status(&self.status);
         self.status_every = status_every(record.len());
-        match presence.set(record).await {
+        match Box::pin(presence.set(record)).await {
             Ok(()) => true,
             Err(e) => {
                 // Kept and written again (the store may be overloaded for a
@@ -691,7 +694,7 @@ impl<S: IntentStore + 'static> Session<S> {
                         let keys = self.record_keys(&site, &reported_keys, &mut taken_keys).await;
                         let before = self.status.status.as_ref().map(|s| s.aids_in_use.clone());
                         if before.as_deref().unwrap_or(&[]) != status.aids_in_use.as_slice() {
-                            self.audit_aids(&site, before.as_deref(), &status.aids_in_use).await;
+                            Box::pin(self.audit_aids(&site, before.as_deref(), &status.aids_in_use)).await;
                         }
                         let mut status = tidy(status);
                         sites::condense(&mut status);
@@ -737,7 +740,8 @@ impl<S: IntentStore + 'static> Session<S> {
             }
         }
         self.status.last_seen_unix_ms = now_ms();
-        if let Err(e) = sites::record_seen(&*self.service.store, &site, &sites::encode_status(&self.status)).await {
+        let status = sites::encode_status(&self.status);
+        if let Err(e) = Box::pin(sites::record_seen(&*self.service.store, &site, &status)).await {
             tracing::warn!(site, error = %e, "cannot record last status");
         }
         drop(presence);
