@@ -210,9 +210,9 @@ impl<S: IntentStore + 'static> Redeemer<S> {
 type Handler<S, T> = fn(Arc<S>, Vec<T>) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Items handled in batches by a task started with the first one (group
-/// commit): the task takes what the queue holds, up to
-/// [`TOKENS_PER_BATCH`] at a time, waiting only for the first; the next
-/// batch is what arrived while one was handled.
+/// commit): the task takes what the queue holds, up to a batch's most
+/// ([`TOKENS_PER_BATCH`] items unless [`Batches::weighed`]), waiting only
+/// for the first; the next batch is what arrived while one was handled.
 struct Batches<S, T> {
     store: Arc<S>,
     handle: Handler<S, T>,
@@ -665,6 +665,36 @@ mod tests {
     use musubi_proto::v1 as pb;
 
     use super::*;
+
+    /// Batches by weight: what the queue holds is taken in order until the
+    /// next item would pass the most; that item begins the next batch, and
+    /// an item heavier than the most is a batch of its own.
+    #[tokio::test(flavor = "current_thread")]
+    async fn batches_are_cut_by_weight() {
+        type Seen = std::sync::Mutex<Vec<Vec<usize>>>;
+        type Item = (usize, tokio::sync::oneshot::Sender<()>);
+        let seen: Arc<Seen> = Arc::default();
+        let batches: Batches<Seen, Item> = Batches::new(seen.clone(), |seen, batch: Vec<Item>| {
+            Box::pin(async move {
+                seen.lock().expect("lock").push(batch.iter().map(|(w, _)| *w).collect());
+                for (_, done) in batch {
+                    let _ = done.send(());
+                }
+            })
+        })
+        .weighed(|(w, _)| *w, 120);
+        // Queued before the batching task first runs (one thread): it finds them all.
+        let mut answers = Vec::new();
+        for w in [50, 50, 30, 130, 10, 60, 50] {
+            let (done, answer) = tokio::sync::oneshot::channel();
+            assert!(batches.push((w, done)));
+            answers.push(answer);
+        }
+        for answer in answers {
+            answer.await.expect("handled");
+        }
+        assert_eq!(*seen.lock().expect("lock"), vec![vec![50, 50], vec![30], vec![130], vec![10, 60, 50]]);
+    }
 
     /// An access point's status: every member's tunnel in every segment,
     /// and a route group per member and segment.
