@@ -762,6 +762,40 @@ mod tests {
 
     use super::*;
 
+    /// A session's future lives as long as its agent's connection, one per
+    /// connected agent: the store writes it awaits are boxed, so that it
+    /// stays a few kilobytes: 12.9 KB with them inline (etcd's client calls
+    /// are in the controller's store type), 3.3 KB boxed.
+    #[tokio::test]
+    async fn a_sessions_future_stays_small() {
+        use tonic::codec::Codec;
+        let dir = tempfile::tempdir().expect("tmp");
+        // The controller's store type: either backend's futures are in it
+        // (etcd's client calls are the large ones).
+        let embedded = crate::store::embedded::Embedded::open(dir.path()).expect("store");
+        let store = Arc::new(crate::store::any::AnyStore::Embedded(embedded));
+        let fanout = Fanout::start(store.clone()).await.expect("fan-out");
+        let (_stop, stop) = watch::channel(false);
+        let service = AgentService::new(store.clone(), fanout, None, AgentSettings::default(), stop);
+        let session = Session {
+            service,
+            status: pb::SiteStatus::default(),
+            counted_in_sync: false,
+            status_every: STATUS_EVERY,
+            unrecorded: Vec::new(),
+        };
+        let decoder = musubi_proto::codec::Lean::<pb::ControllerMessage, pb::AgentMessage>::default().decoder();
+        let inbound = Streaming::new_request(decoder, tonic::body::Body::empty(), None, None);
+        let (_feed, feed) = watch::channel(Feed::Gone(String::new()));
+        let (tx, _rx) = mpsc::channel(8);
+        let presence = store.announce("office-a", Duration::from_secs(10)).await.expect("presence");
+        let (_replace, replaced) = tokio::sync::oneshot::channel();
+        let run = session.run(inbound, feed, tx, presence, String::new(), (0, replaced));
+        let size = std::mem::size_of_val(&run);
+        eprintln!("a session's future: {size} bytes");
+        assert!(size <= 6 * 1024, "a session's future is {size} bytes");
+    }
+
     /// A small record may be written every 100 ms; a megabyte one (an
     /// access point's while its members enrol) once a second.
     #[test]
