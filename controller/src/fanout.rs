@@ -112,24 +112,14 @@ pub struct Undecodable {
 }
 
 impl Delivery {
-    /// The configuration encoded, without its revision, as kept.
-    pub fn encoded(&self) -> Bytes {
-        self.encoded.clone()
-    }
-
     pub fn to_pb(&self) -> Result<pb::ConfigUpdate, Undecodable> {
-        // Encoded by this process from a valid structure; should it not
-        // decode, the session ends with an error and the agent keeps what
-        // it has.
-        let config = SiteConfig {
-            revision: self.revision,
-            ..SiteConfig::decode(self.encoded.clone())
-                .map_err(|source| Undecodable { revision: self.revision, source })?
-        };
+        let config = SiteConfig { revision: self.revision, ..self.decoded()? };
         Ok(pb::ConfigUpdate { revision: self.revision, digest: self.digest.clone(), config: Some(config) })
     }
 
-    /// The configuration, decoded.
+    /// The configuration, decoded. Encoded by this process from a valid
+    /// structure; should it not decode, the caller refuses to use it (a
+    /// session ends with an error and the agent keeps what it has).
     pub fn decoded(&self) -> Result<SiteConfig, Undecodable> {
         SiteConfig::decode(self.encoded.clone()).map_err(|source| Undecodable { revision: self.revision, source })
     }

@@ -208,17 +208,17 @@ impl<S: IntentStore + 'static> AgentService<S> {
         }
         // Usually every reported key is new: claimed, put and audited with
         // other agents' in one batched transaction.
-        let registered = !fresh.is_empty()
-            && self.registrar.register(site, fresh.clone(), with_marks(fresh.clone()), now).await.map_err(internal)?;
-        let puts = if registered {
-            with_marks(fresh)
+        let marked = with_marks(fresh.clone());
+        let puts = if !fresh.is_empty()
+            && self.registrar.register(site, fresh.clone(), marked.clone(), now).await.map_err(internal)?
+        {
+            marked
         } else {
             // A key held already (or none new): each claimed on its own.
             let mut owned = Vec::with_capacity(fresh.len());
             let mut new = Vec::new();
             for (entry, key) in fresh {
-                let segment = entry.strip_prefix(rotation::NEXT).unwrap_or(&entry);
-                match sites::claim_key(&*self.store, &key, site, segment).await.map_err(internal)? {
+                match sites::claim_key(&*self.store, &key, site, &entry).await.map_err(internal)? {
                     sites::Claim::New => {
                         new.push((entry.clone(), key.clone()));
                         owned.push((entry, key));
@@ -318,7 +318,7 @@ impl Out {
     fn into_message(self) -> Result<Outgoing, Status> {
         match self {
             Out::Config(d) => {
-                Ok(Outgoing::Config { revision: d.revision, digest: d.digest.clone(), config: d.encoded() })
+                Ok(Outgoing::Config { revision: d.revision, digest: d.digest.clone(), config: d.encoded.clone() })
             }
             Out::Keepalive => Ok(Outgoing::Keepalive(pb::Keepalive { unix_ms: now_ms() })),
             Out::End(status) => Err(*status),

@@ -718,13 +718,14 @@ impl Etcd {
         let resp = match self.kv().txn(txn).await {
             Ok(r) => r,
             Err(e) => {
-                // The answer may be lost while the transaction committed:
-                // our entry at the head means it did.
+                // Refused as malformed: it did not commit, and would not.
                 if let etcd_client::Error::GRpcStatus(status) = &e
                     && status.code() == tonic::Code::InvalidArgument
                 {
                     return Err(Refused { backend: "etcd", source: e.into() }.into());
                 }
+                // The answer may be lost while the transaction committed:
+                // our entry at the head means it did.
                 tokio::time::sleep(PAUSE).await;
                 return match self.head_raw().await {
                     Ok((_, Some(now))) if now == bytes => Ok(Ok(Some(entry))),
