@@ -21,6 +21,10 @@ use musubi_core::validate::validate;
 use musubi_proto::v1::SiteConfig;
 use prost::Message;
 
+/// The controller's allocator: its costs are part of what is measured.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Resident memory of this process.
 fn rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -31,6 +35,17 @@ fn rss_mib() -> f64 {
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0)
         / 1024.0
+}
+
+/// CPU time of this process (every thread), user + system, from
+/// `/proc/self/stat` (clock ticks of 10 ms).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command's closing parenthesis; utime and stime are
+    // the 14th and 15th of the whole line.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest.split_whitespace().map(|v| v.parse().unwrap_or(0.0)).collect();
+    f.get(11).zip(f.get(12)).map_or(0.0, |(u, s)| (u + s) / 100.0)
 }
 
 fn env(name: &str, default: usize) -> usize {
@@ -123,6 +138,42 @@ fn main() {
         ms(percentile(&full, 0.5)),
         intent.sites.len()
     );
+
+    // Every site changes (the probe interval, as a Settings merge): what an
+    // apply computes for its plan — every site compiled again, then the plan
+    // of every site's change, with every peer's probe timing in it.
+    {
+        let old = compile(&intent, &alloc, &keys).expect("compile");
+        let mut next = intent.clone();
+        next.settings.probe.interval_ms += 50;
+        let (mut compiles, mut diffs) = (Vec::new(), Vec::new());
+        let mut plan = musubi_core::plan::Plan::default();
+        let (mut compile_cpu, mut diff_cpu) = (0.0, 0.0);
+        for _ in 0..rounds {
+            let c0 = cpu_seconds();
+            let t = Instant::now();
+            let new = compile(&next, &alloc, &keys).expect("compile");
+            compiles.push(t.elapsed());
+            let c1 = cpu_seconds();
+            let t = Instant::now();
+            plan = musubi_core::plan::diff(&old, &new);
+            diffs.push(t.elapsed());
+            let c2 = cpu_seconds();
+            compile_cpu += c1 - c0;
+            diff_cpu += c2 - c1;
+        }
+        compiles.sort();
+        diffs.sort();
+        let peers: usize = plan.sites.iter().flat_map(|s| &s.children).map(|s| s.children.len()).sum();
+        println!(
+            "  every site changed (probe interval): compile {} + plan {} (medians of {rounds}; CPU per round {:.0} + {:.0} ms; {} sites, {peers} peers in the plan)",
+            ms(percentile(&compiles, 0.5)),
+            ms(percentile(&diffs, 0.5)),
+            compile_cpu * 1e3 / rounds as f64,
+            diff_cpu * 1e3 / rounds as f64,
+            plan.sites.len()
+        );
+    }
 
     // Incremental: one site's line moves to a new address. The site is
     // recompiled; its access points get that one peer replaced in place.

@@ -238,10 +238,17 @@ fn diff_segment(o: &pb::SegmentConfig, n: &pb::SegmentConfig) -> (Vec<String>, V
             field(&mut d, "public key", &a.public_key, &b.public_key, |k| {
                 if k.is_empty() { "(not yet known)".into() } else { k.clone() }
             });
-            let endpoints = |p: &pb::Peer| -> Vec<String> {
-                p.endpoints.iter().map(|e| format!("{}→{}:{}", e.local_line, e.address, e.port)).collect()
-            };
-            list_field(&mut d, "endpoints", &endpoints(a), &endpoints(b));
+            // Written out only when they differ: a change of the probe
+            // timing alone reaches every peer of every site.
+            fn place(e: &pb::Endpoint) -> (&str, &str, u32) {
+                (&e.local_line, &e.address, e.port)
+            }
+            if a.endpoints.iter().map(place).ne(b.endpoints.iter().map(place)) {
+                let endpoints = |p: &pb::Peer| -> Vec<String> {
+                    p.endpoints.iter().map(|e| format!("{}→{}:{}", e.local_line, e.address, e.port)).collect()
+                };
+                list_field(&mut d, "endpoints", &endpoints(a), &endpoints(b));
+            }
             if a.endpoints.iter().map(|e| &e.probe).ne(b.endpoints.iter().map(|e| &e.probe)) {
                 d.push("endpoint probe timing changed".into());
             }
@@ -321,29 +328,61 @@ fn diff_named_with<T: PartialEq>(
     inner: impl Fn(&T, &T) -> (Vec<String>, Vec<Change>),
     added: impl Fn(&T) -> Vec<String>,
 ) -> Vec<Change> {
+    let mut out = Vec::new();
+    let mut one = |n: &String, o: Option<&T>, x: Option<&T>| match (o, x) {
+        (None, Some(x)) => {
+            let mut c = Change::new(Action::Add, kind, n.clone());
+            c.details = added(x);
+            out.push(c);
+        }
+        (Some(_), None) => out.push(Change::new(Action::Remove, kind, n.clone())),
+        (Some(a), Some(b)) if a != b => {
+            let mut c = Change::new(Action::Change, kind, n.clone());
+            (c.details, c.children) = inner(a, b);
+            if c.details.is_empty() && c.children.is_empty() {
+                c.details.push("order changed".into());
+            }
+            out.push(c);
+        }
+        _ => {}
+    };
+    // Compiled lists come sorted by name: walked side by side, without
+    // indexing either (an access point's segment holds 2,000 peers).
+    let sorted = |v: &[T]| v.windows(2).all(|w| name(&w[0]) < name(&w[1]));
+    if sorted(old) && sorted(new) {
+        let (mut i, mut j) = (0, 0);
+        while i < old.len() || j < new.len() {
+            let order = match (old.get(i), new.get(j)) {
+                (Some(a), Some(b)) => name(a).cmp(name(b)),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                _ => std::cmp::Ordering::Greater,
+            };
+            match order {
+                std::cmp::Ordering::Less => {
+                    one(name(&old[i]), Some(&old[i]), None);
+                    i += 1;
+                }
+                std::cmp::Ordering::Greater => {
+                    one(name(&new[j]), None, Some(&new[j]));
+                    j += 1;
+                }
+                std::cmp::Ordering::Equal => {
+                    one(name(&new[j]), Some(&old[i]), Some(&new[j]));
+                    i += 1;
+                    j += 1;
+                }
+            }
+        }
+        drop(one);
+        return out;
+    }
     let old_by: BTreeMap<&String, &T> = old.iter().map(|x| (name(x), x)).collect();
     let new_by: BTreeMap<&String, &T> = new.iter().map(|x| (name(x), x)).collect();
-    let mut out = Vec::new();
     let names: std::collections::BTreeSet<&&String> = old_by.keys().chain(new_by.keys()).collect();
     for n in names {
-        match (old_by.get(*n), new_by.get(*n)) {
-            (None, Some(x)) => {
-                let mut c = Change::new(Action::Add, kind, (*n).clone());
-                c.details = added(x);
-                out.push(c);
-            }
-            (Some(_), None) => out.push(Change::new(Action::Remove, kind, (*n).clone())),
-            (Some(a), Some(b)) if a != b => {
-                let mut c = Change::new(Action::Change, kind, (*n).clone());
-                (c.details, c.children) = inner(a, b);
-                if c.details.is_empty() && c.children.is_empty() {
-                    c.details.push("order changed".into());
-                }
-                out.push(c);
-            }
-            _ => {}
-        }
+        one(n, old_by.get(*n).copied(), new_by.get(*n).copied());
     }
+    drop(one);
     out
 }
 
@@ -390,5 +429,56 @@ mod tests {
             details(&plan),
             ["mutual aid: (none) → via-national through nat-east and nat-west (manual, activated)"]
         );
+    }
+
+    fn hub(peers: Vec<pb::Peer>) -> BTreeMap<String, SiteConfig> {
+        let segment = pb::SegmentConfig { segment: "office".into(), peers, ..Default::default() };
+        BTreeMap::from([(
+            "ap-east".to_string(),
+            SiteConfig { site: "ap-east".into(), segments: vec![segment], ..Default::default() },
+        )])
+    }
+
+    fn peer(name: &str, address: &str, interval_ms: u32) -> pb::Peer {
+        pb::Peer {
+            name: name.into(),
+            endpoints: vec![pb::Endpoint {
+                local_line: "fiber".into(),
+                address: address.into(),
+                port: 51820,
+                probe: Some(pb::ProbeSettings { interval_ms, multiplier: 3 }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// Peers compiled in name order are walked side by side, others looked
+    /// up by name: the same plan either way, in name order.
+    #[test]
+    fn peers_in_any_order_make_one_plan() {
+        let old = vec![peer("a", "192.0.2.1", 1000), peer("b", "192.0.2.2", 1000), peer("c", "192.0.2.3", 1000)];
+        let new = vec![peer("b", "192.0.2.2", 1000), peer("c", "192.0.2.9", 1000), peer("d", "192.0.2.4", 1000)];
+        let sorted = diff(&hub(old.clone()), &hub(new.clone()));
+        let shuffled =
+            diff(&hub(old.iter().rev().cloned().collect()), &hub(vec![new[2].clone(), new[0].clone(), new[1].clone()]));
+        let peers = |plan: &Plan| -> Vec<(Action, String, Vec<String>)> {
+            plan.sites[0].children[0].children.iter().map(|c| (c.action, c.name.clone(), c.details.clone())).collect()
+        };
+        let expected = vec![
+            (Action::Remove, "a".to_string(), vec![]),
+            (
+                Action::Change,
+                "c".to_string(),
+                vec!["endpoints: -fiber→192.0.2.3:51820 +fiber→192.0.2.9:51820".to_string()],
+            ),
+            (Action::Add, "d".to_string(), vec![]),
+        ];
+        assert_eq!(peers(&sorted), expected);
+        assert_eq!(peers(&shuffled), expected);
+        // The probe timing alone: no endpoint written out.
+        let slower = diff(&hub(vec![peer("a", "192.0.2.1", 1000)]), &hub(vec![peer("a", "192.0.2.1", 1500)]));
+        assert_eq!(details(&slower), Vec::<String>::new());
+        assert_eq!(slower.sites[0].children[0].children[0].details, ["endpoint probe timing changed"]);
     }
 }
