@@ -867,3 +867,129 @@ async fn new_keys_are_registered_in_batches() {
     assert!(t.elapsed() < Duration::from_secs(2), "refused after {:?}", t.elapsed());
     assert_eq!(store.history().await.expect("history").len(), history.len(), "nothing appended");
 }
+
+/// Waits (10 s at most) until the fan-out shows `what`.
+async fn wait_for(what: &str, ok: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ok() {
+        assert!(Instant::now() < deadline, "the fan-out never saw {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The configuration the fan-out holds for `peer`, once its peer entry for
+/// `site` in `segment` carries `key` as its next key.
+async fn next_key_reaches(fanout: &Fanout, peer: &str, site: &str, segment: &str, key: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let d = fanout.desired(peer).expect("a delivery");
+        let config = d.decoded().expect("decodes");
+        let holds = config
+            .segments
+            .iter()
+            .filter(|s| s.segment == segment)
+            .flat_map(|s| &s.peers)
+            .any(|p| p.name == site && p.next_public_key == key);
+        if holds {
+            return d.digest.clone();
+        }
+        assert!(Instant::now() < deadline, "{peer}'s configuration never held {site}'s next key in {segment}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A connected agent's presence record saying it applied `digest`.
+async fn applied_digest<S: IntentStore>(
+    store: &S,
+    site: &str,
+    digest: &str,
+) -> musubi_controller::store::presence::Presence {
+    let presence = store.announce(site, Duration::from_secs(60)).await.expect("announce");
+    let status = musubi_proto::v1::SiteStatus {
+        site: site.to_string(),
+        status: Some(musubi_proto::v1::Status { applied_digest: digest.to_string(), ..Default::default() }),
+        ..Default::default()
+    };
+    presence.set(musubi_controller::sites::encode_status(&status)).await.expect("status");
+    presence
+}
+
+/// Key rotations on a scripted timeline (`rotation::step` takes the time):
+/// one whose connected peer never applies the next keys is given up once
+/// the prepare limit passed — the site keeps its keys, the next ones go;
+/// the next one switches at an instant ahead, and ends only when that
+/// instant passed and the site's agent confirmed the switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_moves_on_the_time_it_is_given() {
+    use musubi_controller::rotation::{self, PREPARE_LIMIT};
+    use musubi_core::rotation::{NEXT, Phase, SINCE, SWITCHED, Schedule, next_entry};
+    let (_dir, store, fanout) = prefecture_fanout().await;
+    give_every_key(&*store, &fanout).await;
+    let site = "kita-branch";
+    let no_schedule = Schedule { period_ms: 0, at_once: 1 };
+    let keys_before = fanout.keys(site);
+    let phase = |fanout: &Fanout| musubi_core::rotation::rotation(&fanout.public_keys().keys, site);
+    let step = async |now: u64| rotation::step(&*store, &fanout, now, no_schedule).await.expect("step");
+    // The site's agent registers its next keys (what a session writes).
+    let register_next = async |n: u8| {
+        let next: Vec<(String, String)> = ["kita-inet", "lgwan"]
+            .iter()
+            .map(|s| (next_entry(s), base64::engine::general_purpose::STANDARD.encode([n; 32])))
+            .collect();
+        store.put_public_keys(site, &next).await.expect("next keys");
+        next
+    };
+
+    // Asked for; ap-east is connected and stays on a configuration without
+    // the next key.
+    let t = T0 + 60_000;
+    let first = rotation::request(&*store, site, "operator:drill", "drill", t).await.expect("request");
+    wait_for("the rotation asked for", || phase(&fanout).is_some_and(|r| r.id == first)).await;
+    assert_eq!(step(t + 1).await, 0, "moved on before the next keys were registered");
+    let next = register_next(201).await;
+    next_key_reaches(&fanout, "ap-east", site, "lgwan", &next[1].1).await;
+    let _stale = applied_digest(&*store, "ap-east", "an older configuration").await;
+    let limit = PREPARE_LIMIT.as_millis() as u64;
+    assert_eq!(step(t + 1_000).await, 0, "switched while a connected peer lacked the next keys");
+    assert_eq!(step(first + limit).await, 0, "given up at the limit, not after it");
+    assert_eq!(phase(&fanout).map(|r| r.phase), Some(Phase::Prepare));
+    assert_eq!(step(first + limit + 1).await, 1, "not given up after the prepare limit");
+    wait_for("the rotation given up", || phase(&fanout).is_none()).await;
+    let history = store.history().await.expect("history");
+    let last = &history.last().expect("an entry").summary;
+    assert!(last.contains("given up") && last.contains("waiting for peer ap-east"), "{last}");
+    let keys = fanout.keys(site);
+    assert!(!keys.keys().any(|k| k.starts_with(NEXT)), "next keys kept after giving up: {keys:?}");
+    for (segment, key) in keys_before.iter().filter(|(k, _)| !k.starts_with('+')) {
+        assert_eq!(keys.get(segment), Some(key), "{segment}'s key changed by a rotation given up");
+    }
+    drop(_stale);
+
+    // Again, and ap-east applies the configuration with the next keys.
+    let t = first + limit + 10_000;
+    let second = rotation::request(&*store, site, "operator:drill", "drill", t).await.expect("request");
+    wait_for("the second rotation", || phase(&fanout).is_some_and(|r| r.id == second)).await;
+    let next = register_next(202).await;
+    next_key_reaches(&fanout, "ap-east", site, "lgwan", &next[1].1).await;
+    let holding = next_key_reaches(&fanout, "ap-east", site, "kita-inet", &next[0].1).await;
+    let _current = applied_digest(&*store, "ap-east", &holding).await;
+    assert_eq!(step(t + 5).await, 1, "did not switch once the connected peer held the next keys");
+    wait_for("the switch", || phase(&fanout).is_some_and(|r| r.phase == Phase::Switch)).await;
+    let at = phase(&fanout).and_then(|r| r.switch_at).expect("an instant");
+    assert_eq!(at, t + 5 + musubi_core::rotation::switch_lead_ms(1), "the instant: ahead by the lead for one peer");
+    // Not done before the instant, nor at it until the agent confirms.
+    assert_eq!(step(at - 1).await, 0);
+    assert_eq!(step(at).await, 0, "done before the site's agent confirmed the switch");
+    store.put_public_keys(site, &[(SWITCHED.to_string(), second.to_string())]).await.expect("switched");
+    wait_for("the confirmation", || fanout.keys(site).contains_key(SWITCHED)).await;
+    assert_eq!(step(at - 1).await, 0, "done before the instant");
+    assert_eq!(step(at).await, 1, "not done at the instant after the confirmation");
+    wait_for("the rotation done", || phase(&fanout).is_none()).await;
+    let keys = fanout.keys(site);
+    for (entry, key) in &next {
+        let segment = entry.strip_prefix(NEXT).expect("a next entry");
+        assert_eq!(keys.get(segment), Some(key), "{segment} is not on its next key");
+    }
+    assert_eq!(keys.get(SINCE), Some(&at.to_string()), "the keys' age counts from the instant");
+    assert!(!keys.keys().any(|k| k.starts_with(NEXT) || k == SWITCHED), "{keys:?}");
+}

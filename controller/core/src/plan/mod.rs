@@ -328,24 +328,24 @@ fn diff_named_with<T: PartialEq>(
     inner: impl Fn(&T, &T) -> (Vec<String>, Vec<Change>),
     added: impl Fn(&T) -> Vec<String>,
 ) -> Vec<Change> {
-    let mut out = Vec::new();
-    let mut one = |n: &String, o: Option<&T>, x: Option<&T>| match (o, x) {
+    let one = |n: &String, o: Option<&T>, x: Option<&T>| match (o, x) {
         (None, Some(x)) => {
             let mut c = Change::new(Action::Add, kind, n.clone());
             c.details = added(x);
-            out.push(c);
+            Some(c)
         }
-        (Some(_), None) => out.push(Change::new(Action::Remove, kind, n.clone())),
+        (Some(_), None) => Some(Change::new(Action::Remove, kind, n.clone())),
         (Some(a), Some(b)) if a != b => {
             let mut c = Change::new(Action::Change, kind, n.clone());
             (c.details, c.children) = inner(a, b);
             if c.details.is_empty() && c.children.is_empty() {
                 c.details.push("order changed".into());
             }
-            out.push(c);
+            Some(c)
         }
-        _ => {}
+        _ => None,
     };
+    let mut out = Vec::new();
     // Compiled lists come sorted by name: walked side by side, without
     // indexing either (an access point's segment holds 2,000 peers).
     let sorted = |v: &[T]| v.windows(2).all(|w| name(&w[0]) < name(&w[1]));
@@ -357,32 +357,29 @@ fn diff_named_with<T: PartialEq>(
                 (Some(_), None) => std::cmp::Ordering::Less,
                 _ => std::cmp::Ordering::Greater,
             };
-            match order {
+            out.extend(match order {
                 std::cmp::Ordering::Less => {
-                    one(name(&old[i]), Some(&old[i]), None);
                     i += 1;
+                    one(name(&old[i - 1]), Some(&old[i - 1]), None)
                 }
                 std::cmp::Ordering::Greater => {
-                    one(name(&new[j]), None, Some(&new[j]));
                     j += 1;
+                    one(name(&new[j - 1]), None, Some(&new[j - 1]))
                 }
                 std::cmp::Ordering::Equal => {
-                    one(name(&new[j]), Some(&old[i]), Some(&new[j]));
-                    i += 1;
-                    j += 1;
+                    (i, j) = (i + 1, j + 1);
+                    one(name(&new[j - 1]), Some(&old[i - 1]), Some(&new[j - 1]))
                 }
-            }
+            });
         }
-        drop(one);
         return out;
     }
     let old_by: BTreeMap<&String, &T> = old.iter().map(|x| (name(x), x)).collect();
     let new_by: BTreeMap<&String, &T> = new.iter().map(|x| (name(x), x)).collect();
     let names: std::collections::BTreeSet<&&String> = old_by.keys().chain(new_by.keys()).collect();
     for n in names {
-        one(n, old_by.get(*n).copied(), new_by.get(*n).copied());
+        out.extend(one(n, old_by.get(*n).copied(), new_by.get(*n).copied()));
     }
-    drop(one);
     out
 }
 
