@@ -866,6 +866,17 @@ async fn new_keys_are_registered_in_batches() {
     assert!(matches!(refused, Err(StoreError::Refused(_))), "{refused:?}");
     assert!(t.elapsed() < Duration::from_secs(2), "refused after {:?}", t.elapsed());
     assert_eq!(store.history().await.expect("history").len(), history.len(), "nothing appended");
+    // So are the other writes: an agent's keys past etcd's 128 operations,
+    // a value past its request limit.
+    let many: Vec<(String, String)> = (0..200).map(|i| (format!("seg-{i:03}"), key(1, 1))).collect();
+    let refused = store.put_public_keys("school-001", &many).await;
+    assert!(matches!(refused, Err(StoreError::Refused(_))), "{refused:?}");
+    // Past etcd's limit, then past its gRPC server's (2 MiB).
+    for size in [1_800_000, 2 << 20] {
+        let refused = store.swap("/musubi/v1/big", Guard::Any, Some(vec![b'x'; size])).await;
+        assert!(matches!(refused, Err(StoreError::Refused(_))), "{size} bytes: {refused:?}");
+    }
+    assert!(store.list(&layout::public_key_key("school-001", "seg-000")).await.expect("list").is_empty());
 }
 
 /// Waits (10 s at most) until the fan-out shows `what`.

@@ -111,6 +111,27 @@ fn backend(e: impl Into<super::Cause>) -> StoreError {
     StoreError::backend("etcd", e)
 }
 
+/// An error of etcd's client as a store error: a request etcd refused as
+/// malformed (InvalidArgument: a key written twice in one transaction, more
+/// operations or bytes than it allows; or a message larger than its gRPC
+/// server takes) is [`Refused`], which no retry can help; everything else
+/// is the backend's (unreachable, no leader, too many requests, …), which a
+/// retry may. etcd also answers InvalidArgument when its auth store moved
+/// under a request: that one passes on a retry.
+fn etcd(e: etcd_client::Error) -> StoreError {
+    if let etcd_client::Error::GRpcStatus(status) = &e {
+        let refused = match status.code() {
+            tonic::Code::InvalidArgument => !status.message().contains("auth store is old"),
+            tonic::Code::ResourceExhausted => status.message().contains("larger than max"),
+            _ => false,
+        };
+        if refused {
+            return Refused { backend: "etcd", source: e.into() }.into();
+        }
+    }
+    backend(e)
+}
+
 fn read(path: &PathBuf) -> Result<Vec<u8>, StoreError> {
     std::fs::read(path).map_err(|e| StoreError::backend("etcd", format!("cannot read {}: {e}", path.display())))
 }
@@ -119,7 +140,7 @@ impl Etcd {
     pub async fn connect(config: &EtcdConfig) -> Result<Self, StoreError> {
         config.check()?;
         let options = options(config)?;
-        let client = Client::connect(&config.endpoints, Some(options)).await.map_err(backend)?;
+        let client = Client::connect(&config.endpoints, Some(options)).await.map_err(etcd)?;
         Ok(Etcd {
             client,
             config: config.clone(),
@@ -146,8 +167,7 @@ impl Etcd {
 
     async fn range(&self, prefix: &str, revision: i64) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let mut kv = self.kv();
-        let resp =
-            kv.get(prefix, Some(GetOptions::new().with_prefix().with_revision(revision))).await.map_err(backend)?;
+        let resp = kv.get(prefix, Some(GetOptions::new().with_prefix().with_revision(revision))).await.map_err(etcd)?;
         resp.kvs().iter().map(|kv| Ok((kv.key_str().map_err(backend)?.to_string(), kv.value().to_vec()))).collect()
     }
 }
@@ -241,7 +261,7 @@ impl Etcd {
     /// etcd revision both were read at, in one read.
     async fn position_and_generation(&self) -> Result<(u64, Option<String>, i64), StoreError> {
         let txn = Txn::new().and_then([TxnOp::get(layout::REVISION, None), TxnOp::get(layout::GENERATION, None)]);
-        let resp = self.kv().txn(txn).await.map_err(backend)?;
+        let resp = self.kv().txn(txn).await.map_err(etcd)?;
         let at = resp.header().map(|h| h.revision()).ok_or_else(|| backend("response without a header"))?;
         let (mut revision, mut generation) = (0, None);
         for r in resp.op_responses() {
@@ -291,7 +311,7 @@ impl Etcd {
 
     /// The intent revision now, and the etcd revision it was read at.
     async fn position(&self) -> Result<(u64, i64), StoreError> {
-        let rev = self.kv().get(layout::REVISION, None).await.map_err(backend)?;
+        let rev = self.kv().get(layout::REVISION, None).await.map_err(etcd)?;
         let at = rev.header().map(|h| h.revision()).ok_or_else(|| backend("response without a header"))?;
         let revision = rev.kvs().first().map(|kv| layout::revision_value(kv.value())).transpose()?.unwrap_or(0);
         Ok((revision, at))
@@ -304,7 +324,7 @@ impl Etcd {
             .kv()
             .get(layout::HEAD, Some(GetOptions::new().with_revision(at)))
             .await
-            .map_err(backend)?
+            .map_err(etcd)?
             .kvs()
             .first()
             .map(|kv| kv.value().to_vec());
@@ -359,7 +379,7 @@ impl Etcd {
         let compares: Vec<Compare> =
             std::iter::once(Self::revision_guard(expected)).chain(compare(layout::HEAD, head)).chain(also).collect();
         let txn = Txn::new().when(compares).and_then(ops).or_else([TxnOp::get(layout::REVISION, None)]);
-        let resp = self.kv().txn(txn).await.map_err(backend)?;
+        let resp = self.kv().txn(txn).await.map_err(etcd)?;
         if resp.succeeded() {
             return Ok(());
         }
@@ -426,7 +446,7 @@ impl Etcd {
                 let mut kv = kv.clone();
                 async move {
                     let ops: Vec<TxnOp> = batch.into_iter().map(|(k, v)| TxnOp::put(k, v, None)).collect();
-                    kv.txn(Txn::new().and_then(ops)).await.map(|_| ()).map_err(backend)
+                    kv.txn(Txn::new().and_then(ops)).await.map(|_| ()).map_err(etcd)
                 }
             }))
             .buffer_unordered(4);
@@ -474,8 +494,8 @@ impl Etcd {
     /// [`Staging::finish`].
     async fn stage(&self, generation: &str) -> Result<Staging, StoreError> {
         let mut client = self.client.clone();
-        let lease = client.lease_grant(STAGING_TTL.as_secs() as i64, None).await.map_err(backend)?.id();
-        self.kv().put(staging_key(generation), lease.to_string(), None).await.map_err(backend)?;
+        let lease = client.lease_grant(STAGING_TTL.as_secs() as i64, None).await.map_err(etcd)?.id();
+        self.kv().put(staging_key(generation), lease.to_string(), None).await.map_err(etcd)?;
         let mut keeper_client = client.clone();
         let keeper = tokio::spawn(async move {
             if let Ok((mut keeper, mut stream)) = keeper_client.lease_keep_alive(lease).await {
@@ -555,7 +575,7 @@ impl Etcd {
     async fn put_owned(&self, o: &mut Owned, lease: i64, guard: Compare) -> Result<bool, StoreError> {
         let put = etcd_client::PutOptions::new().with_lease(lease);
         let txn = Txn::new().when([guard]).and_then([TxnOp::put(o.key.as_str(), o.value.clone(), Some(put))]);
-        let resp = self.kv().txn(txn).await.map_err(backend)?;
+        let resp = self.kv().txn(txn).await.map_err(etcd)?;
         if resp.succeeded() {
             o.written = resp.header().map_or(o.written, |h| h.revision());
         }
@@ -576,9 +596,8 @@ impl Etcd {
         // A connection of its own: renewals must not queue behind the
         // thousands of writes of agents reconnecting at once (the lease
         // expired under them).
-        let mut client =
-            Client::connect(&self.config.endpoints, Some(options(&self.config)?)).await.map_err(backend)?;
-        let id = client.lease_grant(seconds, None).await.map_err(backend)?.id();
+        let mut client = Client::connect(&self.config.endpoints, Some(options(&self.config)?)).await.map_err(etcd)?;
+        let id = client.lease_grant(seconds, None).await.map_err(etcd)?.id();
         let (tx, rx) = tokio::sync::watch::channel(id);
         let lease = SharedLease { seconds, id: rx, check: Arc::new(Notify::new()) };
         tokio::spawn(keep_lease(client, seconds, tx, lease.check.clone()));
@@ -719,18 +738,17 @@ impl Etcd {
             Ok(r) => r,
             Err(e) => {
                 // Refused as malformed: it did not commit, and would not.
-                if let etcd_client::Error::GRpcStatus(status) = &e
-                    && status.code() == tonic::Code::InvalidArgument
-                {
-                    return Err(Refused { backend: "etcd", source: e.into() }.into());
-                }
+                let e = match etcd(e) {
+                    refused @ StoreError::Refused(_) => return Err(refused),
+                    other => other,
+                };
                 // The answer may be lost while the transaction committed:
                 // our entry at the head means it did.
                 tokio::time::sleep(PAUSE).await;
                 return match self.head_raw().await {
                     Ok((_, Some(now))) if now == bytes => Ok(Ok(Some(entry))),
                     Ok(_) => Ok(Err(())),
-                    Err(_) => Err(backend(e)),
+                    Err(_) => Err(e),
                 };
             }
         };
@@ -806,7 +824,7 @@ impl IntentStore for Etcd {
             .map(|(segment, key)| TxnOp::put(layout::public_key_key(site, segment), key.as_str(), None))
             .collect();
         // Puts are idempotent: retrying after a lost answer is safe.
-        retrying(|| async { self.kv().txn(Txn::new().and_then(ops.clone())).await.map(|_| ()).map_err(backend) }).await
+        retrying(|| async { self.kv().txn(Txn::new().and_then(ops.clone())).await.map(|_| ()).map_err(etcd) }).await
     }
 
     async fn announce(&self, site: &str, ttl: Duration) -> Result<Presence, StoreError> {
@@ -818,7 +836,7 @@ impl IntentStore for Etcd {
             Err(e) => {
                 // The lease may be gone: the keeper checks it now.
                 lease.check.notify_one();
-                return Err(backend(e));
+                return Err(etcd(e));
             }
         };
         let at = resp.header().map(|h| h.revision()).ok_or_else(|| backend("response without a header"))?;
@@ -908,7 +926,7 @@ impl IntentStore for Etcd {
     async fn swap(&self, key: &str, expected: Guard, value: Option<Vec<u8>>) -> Result<bool, StoreError> {
         let guard: Vec<Compare> = compare(key, &expected).into_iter().collect();
         // A lost answer is not retried: the caller reads again and decides.
-        let resp = self.kv().txn(Txn::new().when(guard).and_then([write_op(key, value)])).await.map_err(backend)?;
+        let resp = self.kv().txn(Txn::new().when(guard).and_then([write_op(key, value)])).await.map_err(etcd)?;
         Ok(resp.succeeded())
     }
 
@@ -930,7 +948,7 @@ impl IntentStore for Etcd {
         // Keys sort by zero-padded revision: start the range just after `after`.
         let pairs = retrying(|| async {
             let options = GetOptions::new().with_range(layout::CHANGES.to_string() + "~");
-            let resp = self.kv().get(layout::changes_key(after + 1), Some(options)).await.map_err(backend)?;
+            let resp = self.kv().get(layout::changes_key(after + 1), Some(options)).await.map_err(etcd)?;
             resp.kvs()
                 .iter()
                 .map(|kv| Ok((kv.key_str().map_err(backend)?.to_string(), kv.value().to_vec())))
