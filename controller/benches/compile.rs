@@ -173,6 +173,20 @@ fn main() {
             diff_cpu * 1e3 / rounds as f64,
             plan.sites.len()
         );
+        let t = Instant::now();
+        let text = musubi_core::plan::render(&plan, false);
+        let render = t.elapsed();
+        if let Ok(path) = std::env::var("MUSUBI_BENCH_PLAN") {
+            std::fs::write(&path, &text).expect("the plan written out");
+        }
+        let wire: usize = musubi_core::api::plan_to_pb(&plan).iter().map(|c| c.encoded_len()).sum();
+        println!(
+            "  that plan: rendered {} lines, {:.1} MiB in {}; {:.1} MiB of protobuf in the apply's answer",
+            text.lines().count(),
+            text.len() as f64 / 1048576.0,
+            ms(render),
+            wire as f64 / 1048576.0
+        );
     }
 
     // Incremental: one site's line moves to a new address. The site is
