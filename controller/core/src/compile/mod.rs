@@ -45,6 +45,9 @@ impl Index<'_> {
     /// The configurations of `names`, in that order. Many sites (a change
     /// of settings, a segment, a policy) are compiled on every core.
     pub fn sites(&self, names: &[&str]) -> Result<Vec<(String, SiteConfig)>, CompileError> {
+        if names.len() >= crate::par::PARALLEL_FROM {
+            self.write_out_addresses();
+        }
         crate::par::map(names, |name| Ok((name.to_string(), self.site(name)?))).into_iter().collect()
     }
 }
@@ -55,7 +58,7 @@ fn by_priority(lines: &[Line]) -> Vec<&Line> {
     v
 }
 
-fn host_prefixes(t: &SiteAllocation) -> Vec<String> {
+pub(crate) fn host_prefixes(t: &SiteAllocation) -> Vec<String> {
     vec![format!("{}/32", t.tunnel_ipv4), format!("{}/128", t.tunnel_ipv6)]
 }
 
@@ -112,6 +115,14 @@ impl Index<'_> {
             .ok_or_else(|| CompileError::MissingAllocation { object: format!("segment `{segment}`") })
     }
 
+    /// A site's tunnel addresses as host prefixes.
+    fn host_prefixes_of(&self, site: &str) -> Result<Vec<String>, CompileError> {
+        match self.text(site) {
+            Some(t) => Ok(t.host.clone()),
+            None => Ok(host_prefixes(self.tunnel(site)?)),
+        }
+    }
+
     fn tunnel(&self, site: &str) -> Result<&SiteAllocation, CompileError> {
         self.alloc.sites.get(site).ok_or_else(|| CompileError::MissingAllocation { object: format!("site `{site}`") })
     }
@@ -119,7 +130,7 @@ impl Index<'_> {
     fn segment(&self, site: &Site, segment: &str) -> Result<pb::SegmentConfig, CompileError> {
         let seg = &self.intent.segments[segment];
         let sa = self.segment_alloc(segment)?;
-        let own = host_prefixes(self.tunnel(&site.name)?);
+        let own = self.host_prefixes_of(&site.name)?;
         let attachment = site.attachment(segment).and_then(|a| {
             a.interface
                 .as_ref()
@@ -313,7 +324,7 @@ impl Index<'_> {
             pb::PeerRole::Site => (Tunnel::Members, sa.port),
             pb::PeerRole::Interconnect | pb::PeerRole::Unspecified => (Tunnel::Interconnect, sa.second_port),
         };
-        let mut allowed = host_prefixes(self.tunnel(&remote.name)?);
+        let mut allowed = self.host_prefixes_of(&remote.name)?;
         allowed.extend(extra);
         let keys = self.keys.get(&remote.name);
         let public_key = keys.and_then(|k| k.get(segment)).cloned().unwrap_or_default();
@@ -339,16 +350,18 @@ impl Index<'_> {
     /// local line first, then best remote line.
     fn endpoints(&self, local: &Site, remote: &Site, port: u16) -> Vec<pb::Endpoint> {
         let settings = &self.intent.settings;
-        let remotes = by_priority(&remote.lines);
+        let mut remotes: Vec<(usize, &Line)> = remote.lines.iter().enumerate().collect();
+        remotes.sort_by_key(|(_, l)| l.priority);
+        let written = self.text(&remote.name);
         let mut out = Vec::new();
         for l in by_priority(&local.lines) {
-            for r in remotes.iter().filter(|r| r.address.is_ipv4() == l.address.is_ipv4()) {
+            for (i, r) in remotes.iter().filter(|(_, r)| r.address.is_ipv4() == l.address.is_ipv4()) {
                 let (pl, pr) = (settings.probe_for(l), settings.probe_for(r));
                 let slower: Probe = if pr.detect_ms() > pl.detect_ms() { pr } else { pl };
                 out.push(pb::Endpoint {
                     local_line: l.name.clone(),
                     remote_line: r.name.clone(),
-                    address: r.address.to_string(),
+                    address: written.and_then(|t| t.lines.get(*i)).map_or_else(|| r.address.to_string(), Clone::clone),
                     port: u32::from(port),
                     kind: convert::line_kind(r.kind).into(),
                     probe: Some(convert::probe(slower)),
@@ -356,5 +369,31 @@ impl Index<'_> {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Compiling many sites at once writes each site's addresses out once
+    /// and hands them to every peer; a site compiled alone writes its own.
+    /// The configurations are the same either way.
+    #[test]
+    fn addresses_written_out_once_make_the_same_configurations() {
+        let intent = crate::intent::parse::parse_str("gen.yaml", &crate::generate::generate(600, 3)).intent;
+        let alloc = crate::allocate::allocate(&intent, &Allocations::default()).expect("allocate");
+        let keys = PublicKeys::new();
+        let names: Vec<&str> = intent.sites.keys().map(String::as_str).collect();
+        assert!(names.len() >= crate::par::PARALLEL_FROM, "{} sites: too few to write out", names.len());
+        let together = Index::new(&intent, &alloc, &keys).sites(&names).expect("compile");
+        let alone = Index::new(&intent, &alloc, &keys);
+        let mut endpoints = 0;
+        for (name, config) in &together {
+            assert_eq!(config, &alone.site(name).expect("compile"), "{name}");
+            endpoints += config.segments.iter().flat_map(|s| &s.peers).map(|p| p.endpoints.len()).sum::<usize>();
+        }
+        assert!(alone.text(names[0]).is_none(), "a site compiled alone wrote out every site's addresses");
+        assert!(endpoints > 1000, "{endpoints} endpoints compared");
     }
 }
