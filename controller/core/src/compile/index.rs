@@ -179,10 +179,11 @@ impl<'a> Index<'a> {
     }
 
     /// Writes out every site's tunnel host prefixes and line addresses
-    /// once. Compiling every site writes each access point's out for each
-    /// of its 10,000 members' peers and each member's for its access
-    /// points, 400,000 addresses formatted where 40,000 differ; compiling
-    /// one site does not pay for the 10,000.
+    /// once. Compiling every site otherwise writes an access point's out
+    /// again in each of its members' configurations (10,000 of them), and
+    /// each member's in each of its access points' segments: hundreds of
+    /// thousands of addresses formatted where 40,000 differ. Compiling one
+    /// site does not pay for the 10,000.
     pub fn write_out_addresses(&self) {
         self.text.get_or_init(|| {
             self.intent
