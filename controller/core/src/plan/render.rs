@@ -31,7 +31,8 @@ fn named_after_sites(kind: &str) -> bool {
 
 /// What a change does, as text that two changes share when they are
 /// alike: its own name left out; its children's kept but for peers and
-/// route groups.
+/// route groups that change in place (added or removed, which one it is
+/// is the change).
 fn shape(c: &Change, out: &mut String) {
     out.push(c.action.sign());
     out.push_str(c.kind);
@@ -41,7 +42,7 @@ fn shape(c: &Change, out: &mut String) {
     }
     for child in &c.children {
         out.push('\x1e');
-        if !named_after_sites(child.kind) {
+        if !(named_after_sites(child.kind) && child.action == Action::Change) {
             out.push_str(&child.name);
         }
         shape(child, out);
@@ -205,6 +206,20 @@ mod tests {
 ";
         assert!(text.starts_with(expected), "{text}");
         assert!(text.contains("Plan: 0 sites to add, 8 to change, 0 to remove."), "{text}");
+
+        // Access points each gaining another member: not alike.
+        let gaining: Vec<Change> = (0..4)
+            .map(|i| {
+                let peer = change(Action::Add, "peer", &format!("new-{i}"), &[], vec![]);
+                let segment = change(Action::Change, "segment", "lgwan", &[], vec![peer]);
+                change(Action::Change, "site", &format!("ap-{i}"), &[], vec![segment])
+            })
+            .collect();
+        let text = render(&Plan { sites: gaining }, false);
+        for i in 0..4 {
+            assert!(text.contains(&format!("~ site ap-{i}\n    ~ segment lgwan\n        + peer new-{i}\n")), "{text}");
+        }
+        assert!(!text.contains("alike"), "{text}");
 
         // Three alike: each written.
         let few: Vec<Change> = ["b", "c", "d"].iter().map(|s| member(s, ["ap-e", "ap-w"])).collect();
