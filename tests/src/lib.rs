@@ -70,14 +70,37 @@ impl EtcdServer {
     }
 
     /// An `n`-member cluster.
+    ///
+    /// Ports are found free, then handed to etcd: in between, another
+    /// process's outgoing connection may take one (they come from the same
+    /// range), and that member exits at once. Such a cluster is started
+    /// again on new ports, at most three times, and said on stderr; a
+    /// member that fails otherwise fails the test with its log.
     pub fn cluster(n: usize) -> EtcdServer {
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            match Self::start_members(n) {
+                Ok(server) => return server,
+                Err(log) if attempt < ATTEMPTS && log.contains("address already in use") => {
+                    eprintln!("etcd: a port was taken before etcd bound it; starting again on new ports\n{log}");
+                }
+                Err(log) => panic!("etcd did not start: {log}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    /// Starts the members and waits until each listens; a member's log
+    /// when one exits or does not listen within 20 s.
+    fn start_members(n: usize) -> Result<EtcdServer, String> {
         let dir = tempfile::tempdir().expect("tmp");
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let initial: Vec<String> =
             ports.iter().enumerate().map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}")).collect();
         let mut members = Vec::new();
+        let log_of = |i: usize| dir.path().join(format!("etcd-{i}.log"));
         for (i, (client, peer)) in ports.iter().enumerate() {
-            let log = std::fs::File::create(dir.path().join(format!("etcd-{i}.log"))).expect("log");
+            let log = std::fs::File::create(log_of(i)).expect("log");
             let child = Command::new("etcd")
                 .args(["--name", &format!("m{i}"), "--data-dir"])
                 .arg(dir.path().join(format!("data-{i}")))
@@ -94,10 +117,41 @@ impl EtcdServer {
                 .expect("etcd is not installed: apt-get install etcd-server (scripts/test does it)");
             members.push(child);
         }
-        for (client, _) in &ports {
-            assert!(wait_for_port(*client, Duration::from_secs(20)), "etcd did not listen on {client}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut failed = None;
+        'wait: for (i, (client, _)) in ports.iter().enumerate() {
+            loop {
+                if std::net::TcpStream::connect(("127.0.0.1", *client)).is_ok() {
+                    break;
+                }
+                let exited = members.iter_mut().position(|m| m.try_wait().ok().flatten().is_some());
+                if exited.is_some() || Instant::now() >= deadline {
+                    let which = exited.unwrap_or(i);
+                    let log = std::fs::read_to_string(log_of(which)).unwrap_or_default();
+                    let how = if exited.is_some() { "exited" } else { "did not listen within 20 s" };
+                    failed = Some(format!("member m{which} on {} {how}:\n{log}", ports[which].0));
+                    break 'wait;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
-        EtcdServer { members, ports: ports.iter().map(|(c, _)| *c).collect(), _dir: dir }
+        // A port another process listens on answers too: a member that
+        // could not bind it has exited by now.
+        if failed.is_none() {
+            std::thread::sleep(Duration::from_millis(100));
+            if let Some(which) = members.iter_mut().position(|m| m.try_wait().ok().flatten().is_some()) {
+                let log = std::fs::read_to_string(log_of(which)).unwrap_or_default();
+                failed = Some(format!("member m{which} on {} exited:\n{log}", ports[which].0));
+            }
+        }
+        if let Some(why) = failed {
+            for m in &mut members {
+                let _ = m.kill();
+                let _ = m.wait();
+            }
+            return Err(why);
+        }
+        Ok(EtcdServer { members, ports: ports.iter().map(|(c, _)| *c).collect(), _dir: dir })
     }
 
     /// The first member's client address.
