@@ -118,31 +118,28 @@ impl EtcdServer {
             members.push(child);
         }
         let deadline = Instant::now() + Duration::from_secs(20);
+        let why = |which: usize, how: &str| {
+            let log = std::fs::read_to_string(log_of(which)).unwrap_or_default();
+            format!("member m{which} on {} {how}:\n{log}", ports[which].0)
+        };
+        let exited = |members: &mut [Child]| members.iter_mut().position(|m| m.try_wait().ok().flatten().is_some());
         let mut failed = None;
-        'wait: for (i, (client, _)) in ports.iter().enumerate() {
-            loop {
-                if std::net::TcpStream::connect(("127.0.0.1", *client)).is_ok() {
-                    break;
+        for (i, (client, _)) in ports.iter().enumerate() {
+            while failed.is_none() && std::net::TcpStream::connect(("127.0.0.1", *client)).is_err() {
+                if let Some(which) = exited(&mut members) {
+                    failed = Some(why(which, "exited"));
+                } else if Instant::now() >= deadline {
+                    failed = Some(why(i, "did not listen within 20 s"));
+                } else {
+                    std::thread::sleep(Duration::from_millis(50));
                 }
-                let exited = members.iter_mut().position(|m| m.try_wait().ok().flatten().is_some());
-                if exited.is_some() || Instant::now() >= deadline {
-                    let which = exited.unwrap_or(i);
-                    let log = std::fs::read_to_string(log_of(which)).unwrap_or_default();
-                    let how = if exited.is_some() { "exited" } else { "did not listen within 20 s" };
-                    failed = Some(format!("member m{which} on {} {how}:\n{log}", ports[which].0));
-                    break 'wait;
-                }
-                std::thread::sleep(Duration::from_millis(50));
             }
         }
         // A port another process listens on answers too: a member that
         // could not bind it has exited by now.
         if failed.is_none() {
             std::thread::sleep(Duration::from_millis(100));
-            if let Some(which) = members.iter_mut().position(|m| m.try_wait().ok().flatten().is_some()) {
-                let log = std::fs::read_to_string(log_of(which)).unwrap_or_default();
-                failed = Some(format!("member m{which} on {} exited:\n{log}", ports[which].0));
-            }
+            failed = exited(&mut members).map(|which| why(which, "exited"));
         }
         if let Some(why) = failed {
             for m in &mut members {

@@ -120,12 +120,13 @@ pub fn render(plan: &Plan, color: bool) -> String {
     for group in alike(&plan.sites, |_| true) {
         let first = &plan.sites[group[0]];
         write(&mut out, first, 0, color);
-        if group.len() > 1 {
-            let others: Vec<usize> = group[1..].to_vec();
+        if let [_, others @ ..] = group.as_slice()
+            && !others.is_empty()
+        {
             out.push_str(&format!(
                 "  and {} changing alike: {}\n",
                 crate::words::count(others.len(), "more site"),
-                named(&plan.sites, &others)
+                named(&plan.sites, others)
             ));
         }
         out.push('\n');
