@@ -40,6 +40,11 @@ impl Datapath for Fake {
         Ok(self.owned.clone())
     }
 
+    /// Planned against what it holds, without the copy an observation is.
+    fn diff(&mut self, desired: &Owned) -> Result<Vec<Op>, DatapathError> {
+        Ok(super::plan(&self.owned, desired))
+    }
+
     fn apply(&mut self, ops: &[Op]) -> Result<(), DatapathError> {
         let mut result = Ok(());
         for op in ops {

@@ -162,11 +162,13 @@ impl PartialEq for Policy {
 impl Eq for Policy {}
 
 impl Policy {
-    pub fn new(spec: PolicySpec) -> Self {
+    pub fn new(mut spec: PolicySpec) -> Self {
         use sha2::Digest as _;
-        let fence = spec.unused_lines.clone();
-        let unfenced = PolicySpec { unused_lines: BTreeSet::new(), ..spec.clone() };
-        let text = serde_json::to_vec(&unfenced).unwrap_or_default();
+        // The digest is of the specification without its fence (an empty
+        // set is not written): taken out while it is written, not copied.
+        let fence = std::mem::take(&mut spec.unused_lines);
+        let text = serde_json::to_vec(&spec).unwrap_or_default();
+        spec.unused_lines = fence.clone();
         let digest = sha2::Sha256::digest(&text).iter().map(|b| format!("{b:02x}")).collect();
         Policy { digest, fence, spec: Some(spec) }
     }

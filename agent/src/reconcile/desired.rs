@@ -35,9 +35,31 @@ fn endpoint(e: &pb::Endpoint) -> String {
 /// A prefix in the one spelling the kernel reads back (network address,
 /// compressed IPv6).
 pub fn canonical(prefix: &str) -> Result<String, ReconcileError> {
+    parsed(prefix).map(|(_, text)| text)
+}
+
+/// `prefix` parsed, and in the kernel's spelling ([`canonical`]). An IPv4
+/// network already spelled that way (as the controller writes them: an
+/// access point's configuration holds tens of thousands) is copied rather
+/// than written out again.
+fn parsed(prefix: &str) -> Result<(ipnetwork::IpNetwork, String), ReconcileError> {
     let net: ipnetwork::IpNetwork =
         prefix.parse().map_err(|e| ReconcileError::Prefix(format!("`{prefix}` is not a prefix: {e}")))?;
-    Ok(format!("{}/{}", net.network(), net.prefix()))
+    if net.is_ipv4() && net.ip() == net.network() && plain_v4_length(prefix) {
+        return Ok((net, prefix.to_string()));
+    }
+    let network = ipnetwork::IpNetwork::new(net.network(), net.prefix()).unwrap_or(net);
+    Ok((network, format!("{}/{}", net.network(), net.prefix())))
+}
+
+/// Whether a parsed IPv4 `prefix` has a length in decimal without a
+/// leading zero (not a netmask, not missing): the address before it is
+/// then as the kernel writes it, since the standard library's parser
+/// takes only dotted decimal without leading zeros.
+fn plain_v4_length(prefix: &str) -> bool {
+    let Some((_, length)) = prefix.split_once('/') else { return false };
+    let digits = length.bytes().all(|b| b.is_ascii_digit());
+    digits && (1..=2).contains(&length.len()) && (length == "0" || !length.starts_with('0'))
 }
 
 /// An interface address (`address/length`) in the kernel's spelling.
@@ -91,7 +113,9 @@ pub fn desired_with(config: &SiteConfig, keys: &LocalKeys, choices: &Choices) ->
     summarise(config)?;
     let mut owned = Owned::default();
     let mut spec = PolicySpec::default();
-    // Each segment's routes (prefix, interface), for the imports.
+    // Each segment's routes (prefix, interface), for the imports (kept
+    // only when a segment imports).
+    let imports = config.segments.iter().any(|s| !s.imports.is_empty());
     let mut routed: BTreeMap<&str, Vec<(String, String)>> = BTreeMap::new();
     for seg in &config.segments {
         let Some(domain) = &seg.domain else { continue };
@@ -104,18 +128,20 @@ pub fn desired_with(config: &SiteConfig, keys: &LocalKeys, choices: &Choices) ->
         let routes = routed.entry(seg.segment.as_str()).or_default();
         let mut route = |prefix: &str, interface: &str| -> Result<String, ReconcileError> {
             let prefix = canonical(prefix)?;
+            if imports {
+                routes.push((prefix.clone(), interface.to_string()));
+            }
             owned.routes.insert(Route {
                 table,
                 prefix: prefix.clone(),
                 interface: interface.to_string(),
                 via: String::new(),
             });
-            routes.push((prefix.clone(), interface.to_string()));
             Ok(prefix)
         };
         // What the segment's tunnels may carry as inner sources: its sites'
         // and linked segments' prefixes, its peers' tunnel addresses.
-        let mut sources = BTreeSet::new();
+        let mut sources: Vec<(ipnetwork::IpNetwork, String)> = Vec::new();
         for (name, peer) in &keyed {
             let set = allowed.entry(name).or_default();
             for p in &peer.allowed_prefixes {
@@ -123,11 +149,15 @@ pub fn desired_with(config: &SiteConfig, keys: &LocalKeys, choices: &Choices) ->
             }
         }
         for p in seg.peers.iter().flat_map(|p| &p.allowed_prefixes) {
-            sources.insert(canonical(p)?);
+            sources.push(parsed(p)?);
         }
         for g in &seg.route_groups {
-            let prefixes = g.prefixes.iter().map(|p| canonical(p)).collect::<Result<Vec<_>, _>>()?;
-            sources.extend(prefixes.iter().cloned());
+            let mut prefixes = Vec::with_capacity(g.prefixes.len());
+            for p in &g.prefixes {
+                let (net, prefix) = parsed(p)?;
+                sources.push((net, prefix.clone()));
+                prefixes.push(prefix);
+            }
             if let Some(member) = keyed.get(g.name.as_str()).filter(|p| p.role() == pb::PeerRole::Site) {
                 allowed.entry(member.name.as_str()).or_default().extend(prefixes.iter().cloned());
             }
@@ -143,7 +173,7 @@ pub fn desired_with(config: &SiteConfig, keys: &LocalKeys, choices: &Choices) ->
         }
         for import in &seg.imports {
             for p in &import.prefixes {
-                sources.insert(canonical(p)?);
+                sources.push(parsed(p)?);
             }
         }
         for (name, peer) in &keyed {
@@ -174,15 +204,17 @@ pub fn desired_with(config: &SiteConfig, keys: &LocalKeys, choices: &Choices) ->
                 .parse()
                 .map_err(|_| ReconcileError::Prefix(format!("`{}` is not a next hop", legacy.via)))?;
             for p in &legacy.prefixes {
-                let prefix = canonical(p)?;
-                sources.insert(prefix.clone());
+                let (net, prefix) = parsed(p)?;
+                sources.push((net, prefix.clone()));
                 owned.routes.insert(Route {
                     table,
                     prefix: prefix.clone(),
                     interface: legacy.interface.clone(),
                     via: via.to_string(),
                 });
-                routes.push((prefix, legacy.interface.clone()));
+                if imports {
+                    routes.push((prefix, legacy.interface.clone()));
+                }
             }
         }
         for wg in &seg.tunnels {
@@ -223,7 +255,7 @@ pub fn desired_with(config: &SiteConfig, keys: &LocalKeys, choices: &Choices) ->
         }
         spec.sources.insert(
             seg.segment.clone(),
-            Sources { tunnels: seg.tunnels.iter().map(|t| t.name.clone()).collect(), prefixes: outermost(&sources) },
+            Sources { tunnels: seg.tunnels.iter().map(|t| t.name.clone()).collect(), prefixes: outermost(sources) },
         );
         spec.segments.insert(seg.segment.clone(), interfaces);
         for rule in &seg.policy {
@@ -269,15 +301,14 @@ fn inside(prefix: &str, nets: &[ipnetwork::IpNetwork]) -> bool {
     nets.iter().any(|n| n.is_ipv4() == p.is_ipv4() && n.prefix() <= p.prefix() && n.contains(p.network()))
 }
 
-/// The prefixes of `set` that no other one of it contains (an nftables
-/// set of intervals refuses overlaps). In order of family, network and
-/// length, a prefix inside another one is inside the last one kept (the
-/// kept ones never overlap): one pass after a sort, where comparing every
-/// pair cost an access point of 2,000 members a third of a simulated
-/// fleet's CPU (every member's enrolment rebuilds it).
-fn outermost(set: &BTreeSet<String>) -> BTreeSet<String> {
-    let mut nets: Vec<(ipnetwork::IpNetwork, &String)> =
-        set.iter().filter_map(|p| Some((p.parse::<ipnetwork::IpNetwork>().ok()?, p))).collect();
+/// The prefixes of `nets` (parsed, in the kernel's spelling; repeats
+/// allowed) that no other one of them contains (an nftables set of
+/// intervals refuses overlaps). In order of family, network and length, a
+/// prefix inside another one is inside the last one kept (the kept ones
+/// never overlap): one pass after a sort, where comparing every pair cost
+/// an access point of 2,000 members a third of a simulated fleet's CPU
+/// (every member's enrolment rebuilds it).
+fn outermost(mut nets: Vec<(ipnetwork::IpNetwork, String)>) -> BTreeSet<String> {
     let start = |n: &ipnetwork::IpNetwork| match n.network() {
         std::net::IpAddr::V4(a) => (false, u128::from(u32::from(a))),
         std::net::IpAddr::V6(a) => (true, u128::from(a)),
@@ -289,7 +320,7 @@ fn outermost(set: &BTreeSet<String>) -> BTreeSet<String> {
         let inside =
             last.is_some_and(|o| o.is_ipv4() == n.is_ipv4() && o.prefix() < n.prefix() && o.contains(n.network()));
         if !inside {
-            kept.insert(text.clone());
+            kept.insert(text);
             last = Some(n);
         }
     }
@@ -300,6 +331,53 @@ fn outermost(set: &BTreeSet<String>) -> BTreeSet<String> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// `set` parsed, each prefix twice (repeats are allowed).
+    fn nets(set: &BTreeSet<String>) -> Vec<(ipnetwork::IpNetwork, String)> {
+        set.iter().chain(set).map(|p| parsed(p).expect("prefix")).collect()
+    }
+
+    /// The spelling of [`canonical`] written out in full, every time.
+    fn written_out(prefix: &str) -> Option<String> {
+        let net: ipnetwork::IpNetwork = prefix.parse().ok()?;
+        Some(format!("{}/{}", net.network(), net.prefix()))
+    }
+
+    /// Prefixes kept as written only when that is the kernel's spelling.
+    #[test]
+    fn a_prefix_is_kept_as_written_only_when_the_kernel_spells_it_so() {
+        for p in [
+            "10.1.2.0/24",
+            "0.0.0.0/0",
+            "10.1.2.3/32",
+            "10.1.2.3/24",
+            "10.1.2.0/024",
+            "10.1.2.0/00",
+            "010.1.2.0/24",
+            "10.1.2.0",
+            "10.1.2.0/255.255.255.0",
+            "10.1.2.0/+24",
+            "10.1.2.0/33",
+            "fd00:0:0::/48",
+            "FD00::/8",
+            "::/0",
+            "10.1.2.0/24 ",
+            "",
+        ] {
+            assert_eq!(canonical(p).ok(), written_out(p), "{p:?}");
+        }
+        assert_eq!(canonical("10.1.2.3/24").expect("prefix"), "10.1.2.0/24");
+        assert_eq!(canonical("10.1.2.0/024").expect("prefix"), "10.1.2.0/24");
+    }
+
+    proptest! {
+        /// The same spelling as written out in full, on random text near prefixes.
+        #[test]
+        fn canonical_spells_as_written_out(a in 0u16..300, b in 0u8..=255, zero in any::<bool>(), len in 0u8..40, lead in any::<bool>()) {
+            let p = format!("{}{a}.{b}.0.{}/{}{len}", if zero { "0" } else { "" }, b / 3, if lead { "0" } else { "" });
+            prop_assert_eq!(canonical(&p).ok(), written_out(&p));
+        }
+    }
 
     /// Every pair compared: what [`outermost`] must agree with.
     fn outermost_by_pairs(set: &BTreeSet<String>) -> BTreeSet<String> {
@@ -330,7 +408,7 @@ mod tests {
         .map(String::from)
         .into();
         let want: BTreeSet<String> = ["10.0.0.0/8", "11.0.0.0/24", "::/0"].map(String::from).into();
-        assert_eq!(outermost(&set), want);
+        assert_eq!(outermost(nets(&set)), want);
     }
 
     proptest! {
@@ -347,7 +425,7 @@ mod tests {
                     }
                 })
                 .collect();
-            prop_assert_eq!(outermost(&set), outermost_by_pairs(&set));
+            prop_assert_eq!(outermost(nets(&set)), outermost_by_pairs(&set));
         }
     }
 }

@@ -224,11 +224,17 @@ pub fn move_lines(
 /// Adds to `want`'s policy the line addresses of the peers whose line the
 /// agent picks that are not in use (see [`PolicySpec::unused_lines`]).
 fn fence(want: &mut Owned, config: &SiteConfig, pins: &BTreeSet<Pin>) {
-    let Some(mut spec) = want.policy.as_ref().and_then(|p| p.spec.clone()) else { return };
     let used: BTreeSet<std::net::IpAddr> = pins.iter().filter(|p| !p.follow).map(|p| p.destination).collect();
     if used.is_empty() {
         return;
     }
+    let mut spec = match want.policy.take() {
+        Some(Policy { spec: Some(spec), .. }) => spec,
+        kept => {
+            want.policy = kept;
+            return;
+        }
+    };
     spec.unused_lines = config
         .segments
         .iter()
