@@ -8,7 +8,7 @@ use std::sync::Arc;
 use base64::Engine;
 use std::time::{Duration, Instant};
 
-use musubi_controller::fanout::{Fanout, Priming, deliverable, digest};
+use musubi_controller::fanout::{FREEZE_AFTER, Fanout, Priming, deliverable, digest};
 use musubi_controller::store::apply::{
     ApplyError, BeforeCommit, Change, Hold, Mode, RollbackError, apply, apply_on, rollback,
 };
@@ -594,6 +594,51 @@ async fn fanout_keeps_member_configs_encoded_and_republishes_only_what_changed()
     let changed = changed_since(&fanout, &before);
     assert!(!changed.is_empty() && changed.iter().all(is_ap), "republished for a branch's key: {changed:?}");
     assert_eq!(fanout.published() - published, changed.len() as u64, "published configurations");
+}
+
+/// Access points no change reached for `FREEZE_AFTER` keep only their
+/// encoding (the bytes their agents are sent); a member's change then
+/// decodes them back before it is spliced in — through an intent revision
+/// and through a new key alike — and what every agent is sent is what
+/// compiling the stored intent gives, as if nothing had been set aside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_access_points_are_kept_encoded_and_a_change_reaches_them_all_the_same() {
+    let (_dir, store, fanout) = prefecture_fanout().await;
+    give_every_key(&*store, &fanout).await;
+    let stored = store.load().await.expect("load");
+    let aps = stored.intent.sites.values().filter(|s| s.is_access_point()).count();
+    assert!(aps >= 2, "the prefecture has access points");
+    let is_ap = |s: &String| stored.intent.sites[s].is_access_point();
+    let quiet = |fanout: &Fanout| fanout.changed_at() + FREEZE_AFTER;
+
+    // Not a millisecond early; then every access point, once.
+    let before = digests(&fanout);
+    assert_eq!(fanout.freeze_idle(quiet(&fanout) - Duration::from_millis(1)), 0, "set aside before its time");
+    assert_eq!(fanout.freeze_idle(quiet(&fanout)), aps, "access points set aside");
+    assert_eq!(fanout.freeze_idle(quiet(&fanout)), 0, "set aside twice");
+    assert_eq!(digests(&fanout), before, "deliveries changed by setting structures aside");
+    assert_deliveries_match_the_intent(&*store, &fanout).await;
+
+    // A new branch office, as an intent revision: spliced into the access
+    // points of its segment, which were set aside.
+    apply(&*store, &prefecture_plus_branch(), 1, "local", T0 + 1, false).await.expect("apply");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fanout.revision() < 2 {
+        assert!(Instant::now() < deadline, "the fan-out did not follow revision 2");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_deliveries_match_the_intent(&*store, &fanout).await;
+    let changed = changed_since(&fanout, &before);
+    assert!(changed.iter().any(is_ap), "no access point learned of the new branch: {changed:?}");
+
+    // Set aside again; the branch's key arrives.
+    assert_eq!(fanout.freeze_idle(quiet(&fanout)), aps, "access points set aside again");
+    let before = digests(&fanout);
+    give_keys(&*store, &fanout, "kita-east").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_deliveries_match_the_intent(&*store, &fanout).await;
+    let changed = changed_since(&fanout, &before);
+    assert!(!changed.is_empty() && changed.iter().all(is_ap), "republished for a branch's key: {changed:?}");
 }
 
 /// Marks the configurations an apply compiled, then hands them to the

@@ -434,6 +434,12 @@ fn confirm(question: &str) -> Result<bool> {
     Ok(answer.trim() == "yes")
 }
 
+/// Objects of each kind named in a plan's intent changes (the others
+/// counted: a first import adds 10,000 sites), and in a line of history or
+/// of the changes waiting for approval.
+const INTENT_CHANGES_SHOWN: usize = 20;
+const HISTORY_SHOWN: usize = 5;
+
 /// Prints the plan and the intent-level changes; false when nothing changes.
 /// Some changes (a description) change no site's configuration yet are
 /// changes of intent all the same.
@@ -446,7 +452,7 @@ fn show_plan(sites: &[pb::PlanChange], summary: &str, color: bool) -> bool {
         print!("{}", plan::render(&p, color));
     }
     if intent_changes {
-        println!("Intent changes: {summary}");
+        println!("Intent changes: {}", musubi_core::words::condensed(summary, INTENT_CHANGES_SHOWN));
     }
     intent_changes
 }
@@ -556,7 +562,7 @@ pub async fn history(
             e.label(),
             format_time(secs),
             e.actor,
-            musubi_core::words::printable(&e.summary, 4096)
+            musubi_core::words::printable(&musubi_core::words::condensed(&e.summary, HISTORY_SHOWN), 4096)
         );
     }
     if check {
@@ -698,7 +704,7 @@ pub async fn pending(client: &mut Client) -> Result<()> {
             p.proposer,
             p.revision,
             format_time(p.expires_unix_ms / 1000),
-            p.summary
+            musubi_core::words::condensed(&p.summary, HISTORY_SHOWN)
         );
     }
     Ok(())

@@ -67,6 +67,39 @@ pub fn change_counts(summary: &str) -> String {
     out.join(", ")
 }
 
+/// An audit summary ([`crate::audit::summarise`]) for a terminal: at
+/// most `shown` clauses of each kind and what happened to it, the others
+/// counted — `+site a, +site b and 9998 more sites added` rather than
+/// 10,000 clauses on one line (a first import's). A summary of another
+/// form is returned as it is.
+pub fn condensed(summary: &str, shown: usize) -> String {
+    let mut groups: Vec<((char, &str), Vec<&str>)> = Vec::new();
+    for clause in summary.split(", ") {
+        let Some(op @ ('+' | '~' | '-')) = clause.chars().next() else { return summary.to_string() };
+        let kind = clause[1..].split(' ').next().unwrap_or_default();
+        match groups.iter_mut().find(|(k, _)| *k == (op, kind)) {
+            Some((_, clauses)) => clauses.push(clause),
+            None => groups.push(((op, kind), vec![clause])),
+        }
+    }
+    let mut out: Vec<String> = Vec::new();
+    for ((op, kind), clauses) in groups {
+        // Naming one more is as short as counting it.
+        if clauses.len() <= shown + 1 {
+            out.extend(clauses.iter().map(|c| c.to_string()));
+            continue;
+        }
+        let verb = match op {
+            '+' => "added",
+            '~' => "changed",
+            _ => "removed",
+        };
+        let more = count(clauses.len() - shown, &format!("more {kind}"));
+        out.push(format!("{} and {more} {verb}", clauses[..shown].join(", ")));
+    }
+    out.join(", ")
+}
+
 /// How much of a value a diagnostic quotes.
 pub const QUOTED_BYTES: usize = 120;
 
@@ -152,6 +185,22 @@ mod tests {
         assert_eq!(change_counts("no change"), "no change");
         // Something else is shown as it is, never miscounted.
         assert_eq!(change_counts("rolled back to 7"), "rolled back to 7");
+    }
+
+    #[test]
+    fn a_long_summary_names_a_few_of_each_kind_and_counts_the_rest() {
+        let sites: Vec<String> = (0..10).map(|i| format!("+site s{i}")).collect();
+        let summary = format!("~settings, +tenant t, {}, ~site x, -policy p, -policy q, -policy r, -policy s", sites.join(", "));
+        assert_eq!(
+            condensed(&summary, 2),
+            "~settings, +tenant t, +site s0, +site s1 and 8 more sites added, ~site x, \
+             -policy p, -policy q and 2 more policies removed"
+        );
+        // Three of a kind with two shown: the third is named, not counted.
+        assert_eq!(condensed("+site a, +site b, +site c", 2), "+site a, +site b, +site c");
+        assert_eq!(condensed(&summary, 20), summary);
+        assert_eq!(condensed("no change", 2), "no change");
+        assert_eq!(condensed("rolled back to 7", 2), "rolled back to 7");
     }
 
     #[test]

@@ -353,7 +353,15 @@ impl Index<'_> {
         let mut remotes: Vec<(usize, &Line)> = remote.lines.iter().enumerate().collect();
         remotes.sort_by_key(|(_, l)| l.priority);
         let written = self.text(&remote.name);
-        let mut out = Vec::new();
+        // Sized exactly: an access point keeps its configuration's
+        // structure, 10,000 peers' endpoints, and a vector grown by pushes
+        // holds room for four.
+        let pairs = local
+            .lines
+            .iter()
+            .map(|l| remotes.iter().filter(|(_, r)| r.address.is_ipv4() == l.address.is_ipv4()).count())
+            .sum();
+        let mut out = Vec::with_capacity(pairs);
         for l in by_priority(&local.lines) {
             for (i, r) in remotes.iter().filter(|(_, r)| r.address.is_ipv4() == l.address.is_ipv4()) {
                 let (pl, pr) = (settings.probe_for(l), settings.probe_for(r));
