@@ -43,11 +43,11 @@ const RELOAD_GAP_MAX: Duration = Duration::from_secs(2);
 const REPUBLISHED_LARGE: usize = 1 << 20;
 
 /// How long access points' compiled structures are kept after the last
-/// change that reached them; then only their encoding is, and the next
-/// change decodes them again first (see [`Fanout::freeze_idle`]). At
-/// 10,000 sites the ten access points' structures are 57 MB of the
-/// controller's heap, their encodings 21 MB; decoding them back costs a
-/// change some 100 ms of CPU, once after every quiet minute.
+/// change that reached them; then only their encoding is, and a change
+/// that splices a member into one decodes it back first (see
+/// [`Fanout::freeze_idle`]). At 10,000 sites the ten access points'
+/// structures are 57 MB of the controller's heap, their encodings 21 MB;
+/// decoding one back costs a change about 10 ms, once after a quiet minute.
 pub const FREEZE_AFTER: Duration = Duration::from_secs(60);
 
 /// How often the fan-out looks for access points to set aside.
@@ -185,7 +185,8 @@ struct State {
     primed: Option<Primed>,
     /// Access points no change reached for [`FREEZE_AFTER`]: only their
     /// encoding is kept, in `packed` (the bytes their agents are sent),
-    /// until the next change decodes them back into `raw` ([`State::thaw`]).
+    /// until a change that splices a member into one decodes it back into
+    /// `raw` ([`thawing`]).
     frozen: BTreeSet<String>,
     /// When a change last reached `raw` (a revision followed, keys taken).
     changed_at: Instant,
@@ -257,6 +258,7 @@ impl State {
             match self.raw.get(site) {
                 Some(raw) => {
                     self.packed.remove(site);
+                    self.frozen.remove(site);
                     Bytes::from(raw.encode_to_vec())
                 }
                 // A member that became an access point, not recompiled yet.
@@ -295,29 +297,6 @@ impl State {
         set_aside
     }
 
-    /// Decodes the access points set aside back into `raw`, before a change
-    /// is compiled (a member's change is spliced into its access points'
-    /// structures); the change counts from `now`.
-    fn thaw(&mut self, now: Instant) -> Result<(), Undecodable> {
-        self.changed_at = now;
-        if self.frozen.is_empty() {
-            return Ok(());
-        }
-        let held: Vec<(String, Bytes)> = std::mem::take(&mut self.frozen)
-            .into_iter()
-            .filter(|n| !self.raw.contains_key(n))
-            .filter_map(|n| Some((n.clone(), self.packed.get(&n)?.clone())))
-            .collect();
-        let decoded = musubi_core::par::map(&held, |(_, bytes)| SiteConfig::decode(bytes.clone()));
-        let revision = self.stored.revision;
-        for ((name, _), config) in held.into_iter().zip(decoded) {
-            let config = config.map_err(|source| Undecodable { revision, source })?;
-            self.packed.remove(&name);
-            self.raw.insert(name, Arc::new(config));
-        }
-        Ok(())
-    }
-
     /// Puts the site's current configuration (or its refusal) on its feed,
     /// unless the feed already carries the same thing.
     fn publish(&mut self, site: &str) -> bool {
@@ -345,6 +324,44 @@ impl State {
             }
         }
     }
+}
+
+/// Decodes the access points set aside ([`Fanout::freeze_idle`]) that a
+/// change splices a member into, and only those: a one-site change after a
+/// quiet minute decodes its two access points, not every one.
+struct Thawing<D> {
+    decode: D,
+    failed: std::rc::Rc<std::cell::Cell<Option<Undecodable>>>,
+}
+
+impl<D> Thawing<D> {
+    /// A kept encoding that did not decode (its access point was left as it
+    /// was, and the change is not followed).
+    fn failed(&self) -> Result<(), Undecodable> {
+        self.failed.take().map_or(Ok(()), Err)
+    }
+}
+
+fn thawing<'a>(
+    frozen: &'a mut BTreeSet<String>,
+    packed: &'a HashMap<String, Bytes>,
+    revision: u64,
+) -> Thawing<impl FnMut(&str) -> Option<SiteConfig> + 'a> {
+    let failed = std::rc::Rc::new(std::cell::Cell::new(None));
+    let seen = failed.clone();
+    let decode = move |name: &str| {
+        if !frozen.remove(name) {
+            return None;
+        }
+        match SiteConfig::decode(packed.get(name)?.clone()) {
+            Ok(config) => Some(config),
+            Err(source) => {
+                seen.set(Some(Undecodable { revision, source }));
+                None
+            }
+        }
+    };
+    Thawing { decode, failed }
 }
 
 /// The fan-out of one controller replica.
@@ -476,7 +493,7 @@ impl Fanout {
         if rev.revision <= state.stored.revision {
             return Ok(());
         }
-        state.thaw(started)?;
+        state.changed_at = started;
         let old = state.stored.intent.clone();
         for c in &rev.changes {
             layout::set_state_key(&mut state.stored, &c.key, c.current.as_deref().map(str::as_bytes))?;
@@ -497,9 +514,21 @@ impl Fanout {
             read_back = Some(std::mem::replace(&mut state.stored.intent, p.intent));
             p.configs
         });
-        let State { stored, raw, .. } = &mut *state;
-        let changed =
-            incremental::recompile_with(&old, &stored.intent, &stored.allocations, &stored.keys, raw, compiled)?;
+        let changed = {
+            let State { stored, raw, packed, frozen, .. } = &mut *state;
+            let mut load = thawing(frozen, packed, stored.revision);
+            let changed = incremental::recompile_loading(
+                &old,
+                &stored.intent,
+                &stored.allocations,
+                &stored.keys,
+                raw,
+                compiled,
+                &mut load.decode,
+            )?;
+            load.failed()?;
+            changed
+        };
         let mut sent = 0;
         for site in &changed {
             sent += usize::from(state.publish(site));
@@ -577,11 +606,20 @@ impl Fanout {
         }
         state.revoked = revoked;
         if !changed_keys.is_empty() {
-            state.thaw(Instant::now())?;
+            state.changed_at = Instant::now();
             state.keys = Keys { generation: state.keys.generation + 1, keys: Arc::new(keys.clone()) };
             state.stored.keys = keys;
-            let State { stored, raw, .. } = &mut *state;
-            touched.extend(incremental::rekey(&stored.intent, &stored.allocations, &stored.keys, &changed_keys, raw)?);
+            let State { stored, raw, packed, frozen, .. } = &mut *state;
+            let mut load = thawing(frozen, packed, stored.revision);
+            touched.extend(incremental::rekey_loading(
+                &stored.intent,
+                &stored.allocations,
+                &stored.keys,
+                &changed_keys,
+                raw,
+                &mut load.decode,
+            )?);
+            load.failed()?;
         }
         let (mut sent, mut bytes) = (0, 0);
         for site in &touched {

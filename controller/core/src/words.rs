@@ -190,7 +190,8 @@ mod tests {
     #[test]
     fn a_long_summary_names_a_few_of_each_kind_and_counts_the_rest() {
         let sites: Vec<String> = (0..10).map(|i| format!("+site s{i}")).collect();
-        let summary = format!("~settings, +tenant t, {}, ~site x, -policy p, -policy q, -policy r, -policy s", sites.join(", "));
+        let summary =
+            format!("~settings, +tenant t, {}, ~site x, -policy p, -policy q, -policy r, -policy s", sites.join(", "));
         assert_eq!(
             condensed(&summary, 2),
             "~settings, +tenant t, +site s0, +site s1 and 8 more sites added, ~site x, \

@@ -34,6 +34,16 @@ pub fn recompile(
     recompile_with(old, new, alloc, keys, configs, None)
 }
 
+/// Gives the configuration of an access point that `configs` does not
+/// hold, for a member's entries to be spliced into (a caller that keeps
+/// some only encoded decodes it here); `None`: nothing is spliced into it.
+pub type Load<'a> = &'a mut dyn FnMut(&str) -> Option<SiteConfig>;
+
+/// A [`Load`] that has nothing.
+fn nothing(_: &str) -> Option<SiteConfig> {
+    None
+}
+
 /// [`recompile`], taking the configurations a change that is not a member
 /// change reaches from `compiled` when it holds every one of them — an
 /// apply's plan compiled them from the same intent, allocations and keys —
@@ -45,6 +55,20 @@ pub fn recompile_with(
     keys: &PublicKeys,
     configs: &mut BTreeMap<String, Arc<SiteConfig>>,
     compiled: Option<BTreeMap<String, SiteConfig>>,
+) -> Result<BTreeSet<String>, CompileError> {
+    recompile_loading(old, new, alloc, keys, configs, compiled, &mut nothing)
+}
+
+/// [`recompile_with`], asking `load` for the access points a member's
+/// change is spliced into that `configs` does not hold.
+pub fn recompile_loading(
+    old: &Intent,
+    new: &Intent,
+    alloc: &Allocations,
+    keys: &PublicKeys,
+    configs: &mut BTreeMap<String, Arc<SiteConfig>>,
+    compiled: Option<BTreeMap<String, SiteConfig>>,
+    load: Load<'_>,
 ) -> Result<BTreeSet<String>, CompileError> {
     let index = Index::new(new, alloc, keys);
     let mut out = BTreeSet::new();
@@ -70,7 +94,7 @@ pub fn recompile_with(
         update(&index, name, configs, &mut out)?;
         let member = new.sites.get(name).map(|s| &**s);
         for ap in access_points_of(&index, old, new, &[name]) {
-            if splice(&index, &new.sites[ap], name, member, configs)? {
+            if splice(&index, &new.sites[ap], name, member, configs, load)? {
                 out.insert(ap.to_string());
             }
         }
@@ -160,14 +184,20 @@ fn keep(name: String, fresh: SiteConfig, configs: &mut BTreeMap<String, Arc<Site
 }
 
 /// Replaces, inserts or removes one member's entries in an access point's
-/// configuration. Copies the configuration only when something differs.
+/// configuration (asking `load` for it if `configs` lacks it). Copies the
+/// configuration only when something differs.
 fn splice(
     index: &Index<'_>,
     ap: &Site,
     member_name: &str,
     member: Option<&Site>,
     configs: &mut BTreeMap<String, Arc<SiteConfig>>,
+    load: Load<'_>,
 ) -> Result<bool, CompileError> {
+    if !configs.contains_key(&ap.name) {
+        let Some(loaded) = load(&ap.name) else { return Ok(false) };
+        configs.insert(ap.name.clone(), Arc::new(loaded));
+    }
     let Some(config) = configs.get_mut(&ap.name) else { return Ok(false) };
     let mut wanted = Vec::with_capacity(config.segments.len());
     for seg in &config.segments {
@@ -216,6 +246,19 @@ pub fn rekey(
     changed: &BTreeSet<(String, String)>,
     configs: &mut BTreeMap<String, Arc<SiteConfig>>,
 ) -> Result<BTreeSet<String>, CompileError> {
+    rekey_loading(intent, alloc, keys, changed, configs, &mut nothing)
+}
+
+/// [`rekey`], asking `load` for the access points a member's key is
+/// spliced into that `configs` does not hold.
+pub fn rekey_loading(
+    intent: &Intent,
+    alloc: &Allocations,
+    keys: &PublicKeys,
+    changed: &BTreeSet<(String, String)>,
+    configs: &mut BTreeMap<String, Arc<SiteConfig>>,
+    load: Load<'_>,
+) -> Result<BTreeSet<String>, CompileError> {
     let index = Index::new(intent, alloc, keys);
     let mut out = BTreeSet::new();
     let mut whole: BTreeSet<&str> = BTreeSet::new();
@@ -257,7 +300,7 @@ pub fn rekey(
             // A splice renders the member's peer in every segment of the
             // access point's configuration: once per access point.
             for ap in aps.filter(|ap| spliced.insert(ap.name.as_str())) {
-                if splice(&index, ap, name, Some(site), configs)? {
+                if splice(&index, ap, name, Some(site), configs, load)? {
                     out.insert(ap.name.clone());
                 }
             }
