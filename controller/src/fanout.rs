@@ -517,7 +517,7 @@ impl Fanout {
         let changed = {
             let State { stored, raw, packed, frozen, .. } = &mut *state;
             let mut load = thawing(frozen, packed, stored.revision);
-            let changed = incremental::recompile_loading(
+            let changed = incremental::recompile_with(
                 &old,
                 &stored.intent,
                 &stored.allocations,

@@ -554,6 +554,17 @@ async fn prefecture_fanout() -> (tempfile::TempDir, Arc<Embedded>, Arc<Fanout>) 
     (dir, store, fanout)
 }
 
+/// Applies the prefecture with a new branch office (revision 2) and waits
+/// until the fan-out followed it.
+async fn add_branch<S: IntentStore>(store: &S, fanout: &Fanout) {
+    apply(store, &prefecture_plus_branch(), 1, "local", T0 + 1, false).await.expect("apply");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fanout.revision() < 2 {
+        assert!(Instant::now() < deadline, "the fan-out did not follow revision 2");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Every site's keys, each waited for.
 async fn give_every_key<S: IntentStore>(store: &S, fanout: &Fanout) {
     for site in fanout.sites() {
@@ -571,12 +582,7 @@ async fn fanout_keeps_member_configs_encoded_and_republishes_only_what_changed()
     // A new branch office: its own feed, and a route to it on its
     // segment's access points (its peer comes with its key); nobody else.
     let (before, published) = (digests(&fanout), fanout.published());
-    apply(&*store, &prefecture_plus_branch(), 1, "local", T0 + 1, false).await.expect("apply");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while fanout.revision() < 2 {
-        assert!(Instant::now() < deadline, "the fan-out did not follow revision 2");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    add_branch(&*store, &fanout).await;
     assert_deliveries_match_the_intent(&*store, &fanout).await;
     let stored = store.load().await.expect("load");
     let is_ap = |s: &String| stored.intent.sites[s].is_access_point();
@@ -621,12 +627,7 @@ async fn idle_access_points_are_kept_encoded_and_a_change_reaches_them_all_the_s
 
     // A new branch office, as an intent revision: spliced into the access
     // points of its segment, which were set aside.
-    apply(&*store, &prefecture_plus_branch(), 1, "local", T0 + 1, false).await.expect("apply");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while fanout.revision() < 2 {
-        assert!(Instant::now() < deadline, "the fan-out did not follow revision 2");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    add_branch(&*store, &fanout).await;
     assert_deliveries_match_the_intent(&*store, &fanout).await;
     let changed = changed_since(&fanout, &before);
     assert!(changed.iter().any(is_ap), "no access point learned of the new branch: {changed:?}");

@@ -31,7 +31,7 @@ pub fn recompile(
     keys: &PublicKeys,
     configs: &mut BTreeMap<String, Arc<SiteConfig>>,
 ) -> Result<BTreeSet<String>, CompileError> {
-    recompile_with(old, new, alloc, keys, configs, None)
+    recompile_with(old, new, alloc, keys, configs, None, &mut nothing)
 }
 
 /// Gives the configuration of an access point that `configs` does not
@@ -47,21 +47,9 @@ fn nothing(_: &str) -> Option<SiteConfig> {
 /// [`recompile`], taking the configurations a change that is not a member
 /// change reaches from `compiled` when it holds every one of them — an
 /// apply's plan compiled them from the same intent, allocations and keys —
-/// so that nothing is compiled twice.
+/// so that nothing is compiled twice; and asking `load` for the access
+/// points a member's change is spliced into that `configs` does not hold.
 pub fn recompile_with(
-    old: &Intent,
-    new: &Intent,
-    alloc: &Allocations,
-    keys: &PublicKeys,
-    configs: &mut BTreeMap<String, Arc<SiteConfig>>,
-    compiled: Option<BTreeMap<String, SiteConfig>>,
-) -> Result<BTreeSet<String>, CompileError> {
-    recompile_loading(old, new, alloc, keys, configs, compiled, &mut nothing)
-}
-
-/// [`recompile_with`], asking `load` for the access points a member's
-/// change is spliced into that `configs` does not hold.
-pub fn recompile_loading(
     old: &Intent,
     new: &Intent,
     alloc: &Allocations,
