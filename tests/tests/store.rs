@@ -751,30 +751,38 @@ async fn a_plan_takes_its_before_side_from_the_fanout_and_equals_one_compiled_af
     assert_eq!(fanout.revision(), current.revision, "the fan-out is behind the store");
     let mut parsed = prefecture();
     parsed.intent.settings.probe.interval_ms = current.intent.settings.probe.interval_ms + 50;
-    let keys = fanout.public_keys();
-    let stale = musubi_controller::fanout::Keys { generation: keys.generation + 1, keys: keys.keys.clone() };
-    let mut plans = Vec::new();
-    for (keys, ask) in [(&keys, true), (&keys, false), (&stale, true)] {
-        let asking = Asking { inner: fanout.priming(keys), answered: 0.into() };
-        let change = Change {
-            actor: "local",
-            now_ms: T0,
-            dry_run: true,
-            note: None,
-            keys: &keys.keys,
-            before_commit: ask.then_some(&asking as &dyn BeforeCommit),
-            hold: Hold::Never,
-            approver: None,
-        };
-        let done =
-            apply_on(&*store, &current, &parsed, Mode::Replace, Some(current.revision), change).await.expect("plan");
-        plans.push((done.plan, asking.answered.into_inner()));
+    // As the fan-out holds access points while changes come, then once
+    // they are set aside (kept encoded only: decoded for the plan).
+    for set_aside in [false, true] {
+        if set_aside {
+            assert!(fanout.freeze_idle(fanout.changed_at() + FREEZE_AFTER) > 0, "no access point set aside");
+        }
+        let keys = fanout.public_keys();
+        let stale = musubi_controller::fanout::Keys { generation: keys.generation + 1, keys: keys.keys.clone() };
+        let mut plans = Vec::new();
+        for (keys, ask) in [(&keys, true), (&keys, false), (&stale, true)] {
+            let asking = Asking { inner: fanout.priming(keys), answered: 0.into() };
+            let change = Change {
+                actor: "local",
+                now_ms: T0,
+                dry_run: true,
+                note: None,
+                keys: &keys.keys,
+                before_commit: ask.then_some(&asking as &dyn BeforeCommit),
+                hold: Hold::Never,
+                approver: None,
+            };
+            let done = apply_on(&*store, &current, &parsed, Mode::Replace, Some(current.revision), change)
+                .await
+                .expect("plan");
+            plans.push((done.plan, asking.answered.into_inner()));
+        }
+        let [(held, answered), (afresh, _), (_, stale_answered)] = <[_; 3]>::try_from(plans).expect("three plans");
+        assert_eq!(answered, 1, "the fan-out was not asked, or did not answer (set aside: {set_aside})");
+        assert_eq!(stale_answered, 0, "the fan-out answered for keys of another generation");
+        assert_eq!(held.sites.len(), fanout.sites().len(), "a change of settings reaches every site");
+        assert_eq!(held, afresh, "the plan from the fan-out's configurations differs (set aside: {set_aside})");
     }
-    let [(held, answered), (afresh, _), (_, stale_answered)] = <[_; 3]>::try_from(plans).expect("three plans");
-    assert_eq!(answered, 1, "the fan-out was not asked, or did not answer");
-    assert_eq!(stale_answered, 0, "the fan-out answered for keys of another generation");
-    assert_eq!(held.sites.len(), fanout.sites().len(), "a change of settings reaches every site");
-    assert_eq!(held, afresh, "the plan from the fan-out's configurations differs from one compiled afresh");
 }
 
 /// Join tokens made and spent in batches on a real etcd: 250 tokens in
