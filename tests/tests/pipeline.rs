@@ -31,7 +31,7 @@ fn generated_intent_compiles_for_every_site_and_agents_read_it() {
 
     run("musubi", &["generate", "--sites", "2500", "--segments", "3", "-o", &intent_s]);
     let v = run("musubi", &["validate", &intent_s]);
-    assert!(String::from_utf8_lossy(&v.stdout).contains("2504 sites"), "two groups, each with two access points");
+    assert!(String::from_utf8_lossy(&v.stdout).contains("2,504 sites"), "two groups, each with two access points");
 
     run("musubi-controller", &["compile-all", &intent_s, "--out", &out_a.to_string_lossy(), "--allocations", &alloc_s]);
     run("musubi-controller", &["compile-all", &intent_s, "--out", &out_b.to_string_lossy(), "--allocations", &alloc_s]);

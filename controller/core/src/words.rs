@@ -4,9 +4,22 @@
 
 use std::collections::BTreeMap;
 
-/// `noun` for `n` things: `1 site`, `0 sites`, `2 policies`, `3 addresses`.
+/// `noun` for `n` things: `1 site`, `0 sites`, `2 policies`, `10,010 sites`.
 pub fn count(n: usize, noun: &str) -> String {
-    if n == 1 { format!("1 {noun}") } else { format!("{n} {}", plural(noun)) }
+    if n == 1 { format!("1 {noun}") } else { format!("{} {}", number(n), plural(noun)) }
+}
+
+/// `n` with its thousands separated by commas: `10,010`.
+pub fn number(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// The plural of an English noun of Musubi's vocabulary (the last word of
@@ -165,6 +178,11 @@ mod tests {
 
     #[test]
     fn one_is_singular_and_the_rest_plural() {
+        assert_eq!(count(10_010, "site"), "10,010 sites");
+        assert_eq!(count(999, "peer"), "999 peers");
+        assert_eq!(number(0), "0");
+        assert_eq!(number(1_000), "1,000");
+        assert_eq!(number(1_234_567), "1,234,567");
         assert_eq!(count(1, "tenant"), "1 tenant");
         assert_eq!(count(0, "tenant"), "0 tenants");
         assert_eq!(count(2, "policy"), "2 policies");

@@ -137,15 +137,15 @@ pub fn render(plan: &Plan, color: bool) -> String {
     out.push_str(&bold(format!(
         "Plan: {} to add, {} to change, {} to remove.",
         crate::words::count(plan.count(Action::Add), "site"),
-        plan.count(Action::Change),
-        plan.count(Action::Remove)
+        crate::words::number(plan.count(Action::Change)),
+        crate::words::number(plan.count(Action::Remove))
     )));
     out.push('\n');
     let affected = plan.affected();
     let shown: Vec<&str> = affected.iter().take(AFFECTED_SHOWN).copied().collect();
     let more = affected.len().saturating_sub(AFFECTED_SHOWN);
-    let more = if more > 0 { format!(" and {more} more") } else { String::new() };
-    out.push_str(&format!("Affected sites ({}): {}{more}\n", affected.len(), shown.join(", ")));
+    let more = if more > 0 { format!(" and {} more", crate::words::number(more)) } else { String::new() };
+    out.push_str(&format!("Affected sites ({}): {}{more}\n", crate::words::number(affected.len()), shown.join(", ")));
     out
 }
 
