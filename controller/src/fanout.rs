@@ -186,7 +186,7 @@ struct State {
     /// Access points no change reached for [`FREEZE_AFTER`]: only their
     /// encoding is kept, in `packed` (the bytes their agents are sent),
     /// until a change that splices a member into one decodes it back into
-    /// `raw` ([`thawing`]).
+    /// `raw` ([`Thawing`]).
     frozen: BTreeSet<String>,
     /// When a change last reached `raw` (a revision followed, keys taken).
     changed_at: Instant,
@@ -329,39 +329,32 @@ impl State {
 /// Decodes the access points set aside ([`Fanout::freeze_idle`]) that a
 /// change splices a member into, and only those: a one-site change after a
 /// quiet minute decodes its two access points, not every one.
-struct Thawing<D> {
-    decode: D,
-    failed: std::rc::Rc<std::cell::Cell<Option<Undecodable>>>,
-}
-
-impl<D> Thawing<D> {
-    /// A kept encoding that did not decode (its access point was left as it
-    /// was, and the change is not followed).
-    fn failed(&self) -> Result<(), Undecodable> {
-        self.failed.take().map_or(Ok(()), Err)
-    }
-}
-
-fn thawing<'a>(
+struct Thawing<'a> {
     frozen: &'a mut BTreeSet<String>,
     packed: &'a HashMap<String, Bytes>,
     revision: u64,
-) -> Thawing<impl FnMut(&str) -> Option<SiteConfig> + 'a> {
-    let failed = std::rc::Rc::new(std::cell::Cell::new(None));
-    let seen = failed.clone();
-    let decode = move |name: &str| {
-        if !frozen.remove(name) {
+    /// A kept encoding that did not decode (its access point was left as
+    /// it was, and the change is not followed).
+    failed: Option<Undecodable>,
+}
+
+impl Thawing<'_> {
+    fn load(&mut self, name: &str) -> Option<SiteConfig> {
+        if !self.frozen.remove(name) {
             return None;
         }
-        match SiteConfig::decode(packed.get(name)?.clone()) {
+        match SiteConfig::decode(self.packed.get(name)?.clone()) {
             Ok(config) => Some(config),
             Err(source) => {
-                seen.set(Some(Undecodable { revision, source }));
+                self.failed = Some(Undecodable { revision: self.revision, source });
                 None
             }
         }
-    };
-    Thawing { decode, failed }
+    }
+
+    fn done(self) -> Result<(), Undecodable> {
+        self.failed.map_or(Ok(()), Err)
+    }
 }
 
 /// The fan-out of one controller replica.
@@ -516,7 +509,7 @@ impl Fanout {
         });
         let changed = {
             let State { stored, raw, packed, frozen, .. } = &mut *state;
-            let mut load = thawing(frozen, packed, stored.revision);
+            let mut thawing = Thawing { frozen, packed, revision: stored.revision, failed: None };
             let changed = incremental::recompile_with(
                 &old,
                 &stored.intent,
@@ -524,9 +517,9 @@ impl Fanout {
                 &stored.keys,
                 raw,
                 compiled,
-                &mut load.decode,
+                &mut |name| thawing.load(name),
             )?;
-            load.failed()?;
+            thawing.done()?;
             changed
         };
         let mut sent = 0;
@@ -610,16 +603,16 @@ impl Fanout {
             state.keys = Keys { generation: state.keys.generation + 1, keys: Arc::new(keys.clone()) };
             state.stored.keys = keys;
             let State { stored, raw, packed, frozen, .. } = &mut *state;
-            let mut load = thawing(frozen, packed, stored.revision);
-            touched.extend(incremental::rekey_loading(
+            let mut thawing = Thawing { frozen, packed, revision: stored.revision, failed: None };
+            touched.extend(incremental::rekey(
                 &stored.intent,
                 &stored.allocations,
                 &stored.keys,
                 &changed_keys,
                 raw,
-                &mut load.decode,
+                &mut |name| thawing.load(name),
             )?);
-            load.failed()?;
+            thawing.done()?;
         }
         let (mut sent, mut bytes) = (0, 0);
         for site in &touched {
@@ -639,8 +632,9 @@ impl Fanout {
 
     /// Sets aside the access points' compiled structures if no change
     /// reached them for [`FREEZE_AFTER`] before `now` (only their encoding
-    /// is kept, the bytes their agents are sent); the next change decodes
-    /// them back first. Returns how many were set aside.
+    /// is kept, the bytes their agents are sent); a change that splices a
+    /// member into one decodes that one back first. Returns how many were
+    /// set aside.
     pub fn freeze_idle(&self, now: Instant) -> usize {
         let set_aside = self.lock().freeze_idle(now);
         let n = set_aside.len();

@@ -718,7 +718,7 @@ fn a_rotations_next_keys_reach_exactly_the_peers_and_rekeying_them_equals_compil
         changed.insert((site.clone(), ROTATION.to_string()));
         changed.insert((site.clone(), SINCE.to_string()));
     }
-    let touched = rekey(&intent, &alloc, &keys, &changed, &mut configs).expect("rekey");
+    let touched = rekey(&intent, &alloc, &keys, &changed, &mut configs, &mut |_| None).expect("rekey");
     let fresh = compile(&intent, &alloc, &keys).expect("compile");
     for (name, config) in &fresh {
         assert_eq!(**configs.get(name).expect("kept"), *config, "{name}");
@@ -744,7 +744,7 @@ fn a_rotations_next_keys_reach_exactly_the_peers_and_rekeying_them_equals_compil
         switching.get_mut(site).expect("keys").insert(ROTATION.into(), "42 switch 5000".into());
         changed.insert((site.clone(), ROTATION.to_string()));
     }
-    rekey(&intent, &alloc, &switching, &changed, &mut configs).expect("rekey");
+    rekey(&intent, &alloc, &switching, &changed, &mut configs, &mut |_| None).expect("rekey");
     let fresh = compile(&intent, &alloc, &switching).expect("compile");
     for (name, config) in &fresh {
         assert_eq!(**configs.get(name).expect("kept"), *config, "{name}");
@@ -778,7 +778,7 @@ fn a_rotations_next_keys_reach_exactly_the_peers_and_rekeying_them_equals_compil
         k.remove(ROTATION);
         changed.insert((site.clone(), ROTATION.to_string()));
     }
-    rekey(&intent, &alloc, &switched, &changed, &mut configs).expect("rekey");
+    rekey(&intent, &alloc, &switched, &changed, &mut configs, &mut |_| None).expect("rekey");
     let fresh = compile(&intent, &alloc, &switched).expect("compile");
     for (name, config) in &fresh {
         assert_eq!(**configs.get(name).expect("kept"), *config, "{name}");

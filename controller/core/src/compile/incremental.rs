@@ -227,19 +227,9 @@ fn put<T>(v: &mut Vec<T>, name: &str, value: Option<T>, key: impl Fn(&T) -> &Str
 /// configuration changed. A member's key appears only on its segment's
 /// access points (its peer is replaced in place); an access point's key
 /// appears on every member of the segment and on the other access point.
+/// `load` is asked for the access points a member's key is spliced into
+/// that `configs` does not hold.
 pub fn rekey(
-    intent: &Intent,
-    alloc: &Allocations,
-    keys: &PublicKeys,
-    changed: &BTreeSet<(String, String)>,
-    configs: &mut BTreeMap<String, Arc<SiteConfig>>,
-) -> Result<BTreeSet<String>, CompileError> {
-    rekey_loading(intent, alloc, keys, changed, configs, &mut nothing)
-}
-
-/// [`rekey`], asking `load` for the access points a member's key is
-/// spliced into that `configs` does not hold.
-pub fn rekey_loading(
     intent: &Intent,
     alloc: &Allocations,
     keys: &PublicKeys,
