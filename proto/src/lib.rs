@@ -80,11 +80,12 @@ pub mod codec {
 ///
 /// On the wire an [`Outgoing`] is a [`v1::ControllerMessage`]: an agent
 /// decodes it as one. The configuration's bytes are written as they are,
-/// followed by its revision (protobuf keeps the last value of a scalar
-/// field), so a configuration the fan-out keeps encoded is neither decoded
-/// nor encoded again for each agent it goes to.
+/// preceded by its revision (protobuf reads fields in any order), so a
+/// configuration the fan-out keeps encoded is neither decoded nor encoded
+/// again for each agent it goes to — and, sent as [`Outgoing::framed`]'s
+/// pieces, not copied either.
 pub mod wire {
-    use prost::bytes::{Buf, BufMut, Bytes};
+    use prost::bytes::{Buf, BufMut, Bytes, BytesMut};
     use prost::encoding::{self, DecodeContext, WireType};
 
     use crate::v1;
@@ -135,8 +136,12 @@ pub mod wire {
             + inner
     }
 
-    impl prost::Message for Outgoing {
-        fn encode_raw(&self, buf: &mut impl BufMut) {
+    impl Outgoing {
+        /// Everything before the configuration's bytes (the whole message
+        /// for a keepalive): the `ConfigUpdate`'s revision and digest, the
+        /// `SiteConfig`'s length and its revision (written before the
+        /// configuration's fields: protobuf reads fields in any order).
+        fn encode_head(&self, buf: &mut impl BufMut) {
             match self {
                 Outgoing::Config { revision, digest, config } => {
                     encoding::encode_key(BODY_CONFIG, WireType::LengthDelimited, buf);
@@ -149,12 +154,38 @@ pub mod wire {
                     }
                     encoding::encode_key(UPDATE_CONFIG, WireType::LengthDelimited, buf);
                     encoding::encode_varint(config_len(*revision, config) as u64, buf);
-                    buf.put_slice(config);
                     if *revision != 0 {
                         encoding::uint64::encode(CONFIG_REVISION, revision, buf);
                     }
                 }
                 Outgoing::Keepalive(k) => encoding::message::encode(BODY_KEEPALIVE, k, buf),
+            }
+        }
+
+        /// The message as a gRPC stream carries it, in two pieces: the
+        /// five-byte prefix (uncompressed, the length) with everything
+        /// before the configuration's bytes, then those bytes — the
+        /// fan-out's own, shared, not copied (empty for a keepalive).
+        /// `None` for a message of 4 GiB or more, which gRPC cannot frame.
+        pub fn framed(&self) -> Option<(Bytes, Bytes)> {
+            let len = u32::try_from(prost::Message::encoded_len(self)).ok()?;
+            let rest = match self {
+                Outgoing::Config { config, .. } => config.clone(),
+                Outgoing::Keepalive(_) => Bytes::new(),
+            };
+            let mut head = BytesMut::with_capacity(5 + len as usize - rest.len());
+            head.put_u8(0);
+            head.put_u32(len);
+            self.encode_head(&mut head);
+            Some((head.freeze(), rest))
+        }
+    }
+
+    impl prost::Message for Outgoing {
+        fn encode_raw(&self, buf: &mut impl BufMut) {
+            self.encode_head(buf);
+            if let Outgoing::Config { config, .. } = self {
+                buf.put_slice(config);
             }
         }
 
@@ -201,7 +232,15 @@ pub mod wire {
         use super::*;
 
         fn config(revision: u64) -> v1::SiteConfig {
-            v1::SiteConfig { site: "site-a".into(), tenant: "pref".into(), revision, ..Default::default() }
+            // Fields on both sides of the revision's tag (5).
+            v1::SiteConfig {
+                site: "site-a".into(),
+                tenant: "pref".into(),
+                revision,
+                lines: vec![v1::Line { name: "fiber".into(), ..Default::default() }],
+                probe: Some(v1::ProbeSettings { interval_ms: 300, ..Default::default() }),
+                ..Default::default()
+            }
         }
 
         #[test]
@@ -220,11 +259,22 @@ pub mod wire {
                     })),
                 };
                 assert_eq!(read, want, "revision {revision}");
-                assert_eq!(bytes, want.encode_to_vec(), "the bytes prost writes, revision {revision}");
+                // Framed for gRPC: the prefix says uncompressed and the
+                // length; the configuration's bytes are the fan-out's own.
+                let (head, rest) = out.framed().expect("frames");
+                assert_eq!(head[0], 0, "not compressed");
+                assert_eq!(u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize, bytes.len());
+                assert_eq!([&head[5..], &rest[..]].concat(), bytes, "revision {revision}");
+                let Outgoing::Config { config, .. } = &out else { unreachable!() };
+                assert_eq!(rest.as_ptr(), config.as_ptr(), "shared, not copied");
             }
             let keepalive = Outgoing::Keepalive(v1::Keepalive { unix_ms: 17 });
             let read = v1::ControllerMessage::decode(keepalive.encode_to_vec().as_slice()).expect("decodes");
             assert_eq!(read.body, Some(v1::controller_message::Body::Keepalive(v1::Keepalive { unix_ms: 17 })));
+            let (head, rest) = keepalive.framed().expect("frames");
+            assert!(rest.is_empty());
+            assert_eq!(&head[5..], keepalive.encode_to_vec().as_slice());
+            assert_eq!(head.len(), 5 + keepalive.encoded_len());
         }
     }
 }

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 use musubi_controller::fanout::Fanout;
 use musubi_controller::pki::{self, Authority, Paths};
 use musubi_controller::server::agent::{AgentService, AgentSettings};
+use musubi_controller::server::framed::AgentRoutes;
 use musubi_controller::server::operator::{DEFAULT_MAX_INTENT_BYTES, OperatorService};
 use musubi_controller::server::operator_auth;
 use musubi_controller::store::any::{AnyStore, StoreUrl};
@@ -22,7 +23,6 @@ use musubi_core::compile::{PublicKeys, compile};
 use musubi_core::diagnostic::render;
 use musubi_core::{load, validate};
 use musubi_proto::v1::operator_server::OperatorServer;
-use musubi_proto::wire::agent_server::AgentServer;
 use prost::Message;
 
 #[derive(Parser, Debug)]
@@ -526,9 +526,8 @@ async fn serve(
         operator_auth(authority.is_some()),
     );
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let agent = AgentServer::new(AgentService::new(store, fanout.clone(), authority.clone(), agents, stopped))
-        .max_decoding_message_size(16 * 1024 * 1024)
-        .max_encoding_message_size(usize::MAX);
+    let agent =
+        AgentRoutes::new(AgentService::new(store, fanout.clone(), authority.clone(), agents, stopped), 16 << 20);
     let mode = if authority.is_some() { "mutual TLS" } else { "plain text: --insecure" };
     tracing::info!(%listen, store = ?url, revision = fanout.revision(), sites = fanout.sites().len(), mode, "serving");
     builder

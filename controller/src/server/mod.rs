@@ -2,6 +2,7 @@
 //! agent API, and who may call them.
 
 pub mod agent;
+pub mod framed;
 pub mod operator;
 
 use tonic::{Request, Status};
