@@ -156,7 +156,8 @@ async fn fleet(sites: usize, rounds: usize) {
     // What the controller keeps: the allocator returns the import's
     // transient allocations within seconds.
     tokio::time::sleep(Duration::from_secs(10)).await;
-    println!("  controller RSS, no agents:       {:.0} MiB 10 s later", rss_mib(controller.pid()).0);
+    let settled_rss = rss_mib(controller.pid()).0;
+    println!("  controller RSS, no agents:       {settled_rss:.0} MiB 10 s later");
     // Access points' compiled structures are set aside once no change
     // reached them for a minute (checked every 10 s): what an idle
     // controller holds.
@@ -197,6 +198,12 @@ async fn fleet(sites: usize, rounds: usize) {
     );
     let (rss, _) = rss_mib(controller.pid());
     println!("  controller RSS, converged:       {rss:.0} MiB");
+    // What a connection costs: the access points' structures are in use
+    // both 10 s after the import and right after convergence.
+    println!(
+        "  per connected agent:             {:.0} KiB (converged − 10 s after the import)",
+        (rss - settled_rss) * 1024.0 / names.len() as f64
+    );
     page(dashboard, &names, &dir);
 
     // Every site changes: the probe interval is in every configuration. First
