@@ -351,8 +351,8 @@ async fn replicas(sites: usize, count: usize) {
     let sent = |i: usize| scrape(i, "musubi_controller_configurations_sent_total") as u64;
     let operator = Operator { controller: addresses[0].clone(), ca: pki.ca(), cert: pki.cert(), key: pki.key() };
     let mut client = operator.connect().await.expect("operator");
-    let intent = parse_str("generated.yaml", &generate(sites, 5)).intent;
-    let (_, took) = apply(&mut client, yaml(&intent), 0, false).await;
+    let mut intent = parse_str("generated.yaml", &generate(sites, 5)).intent;
+    let (mut revision, took) = apply(&mut client, yaml(&intent), 0, false).await;
     println!("  import into etcd:                {}", ms(took));
     let names: Vec<String> = intent.sites.keys().cloned().collect();
     let agents = simulate::scratch().expect("agents' state directory");
@@ -403,6 +403,29 @@ async fn replicas(sites: usize, count: usize) {
         per_second(idle(etcd.pids()), etcd_before),
         per_second(idle(controllers.iter().map(Controller::pid).collect()), controllers_before)
     );
+
+    // Every site changes (the Settings document merged through replica 0):
+    // what each replica spends — each follows every site's change, and
+    // sends and hears only its own agents.
+    for _ in 0..2 {
+        intent.settings.probe.interval_ms += 50;
+        let before = idle(controllers.iter().map(Controller::pid).collect());
+        let t = Instant::now();
+        let (rev, _) = apply(&mut client, settings_yaml(&intent), revision, true).await;
+        revision = rev;
+        let (last, _) = fleet
+            .until(Duration::from_secs(120), |a| a.revision == revision)
+            .await
+            .expect("not every agent acknowledged the change");
+        let after = idle(controllers.iter().map(Controller::pid).collect());
+        let cpu: Vec<String> = after.iter().zip(&before).map(|(a, b)| format!("{:.2}", a - b)).collect();
+        println!(
+            "  every site changed (Settings merged): apply → last ack {}; CPU per replica {} s (agents {spread:?})",
+            ms(last - t),
+            cpu.join(" / ")
+        );
+    }
+    while fleet.events.try_recv().is_ok() {}
 
     let victim = (0..count).max_by_key(|i| spread[*i]).expect("a replica");
     let others: Vec<usize> = (0..count).filter(|i| *i != victim).collect();
