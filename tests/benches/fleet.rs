@@ -317,7 +317,8 @@ fn page(port: u16, names: &[String], dir: &std::path::Path) {
 
 /// `MUSUBI_BENCH_REPLICAS=3`: three controllers on a three-member etcd
 /// cluster share the fleet (each agent lists every replica and starts at
-/// one at random); the replica with the most agents is killed, and the
+/// one at random); every site is changed twice (the CPU each replica
+/// spends), then the replica with the most agents is killed, and the
 /// bench measures how long its agents take to be on the others, what the
 /// survivors send and spend meanwhile, and that nothing moves when it is
 /// back.
