@@ -392,17 +392,18 @@ async fn replicas(sites: usize, count: usize) {
 
     // Nothing changes for 20 s: what holding the agents costs (presence,
     // keepalives, etcd's own upkeep).
-    let idle = |pids: Vec<u32>| pids.iter().map(|p| cpu_seconds(*p)).collect::<Vec<f64>>();
-    let (etcd_before, controllers_before) =
-        (idle(etcd.pids()), idle(controllers.iter().map(Controller::pid).collect()));
-    tokio::time::sleep(Duration::from_secs(20)).await;
-    let per_second = |after: Vec<f64>, before: Vec<f64>| {
-        after.iter().zip(&before).map(|(a, b)| format!("{:.2}", (a - b) / 20.0)).collect::<Vec<_>>().join(" / ")
+    let controller_pids: Vec<u32> = controllers.iter().map(Controller::pid).collect();
+    let cpu_now = |pids: &[u32]| pids.iter().map(|p| cpu_seconds(*p)).collect::<Vec<f64>>();
+    // CPU seconds each process spent since `before`, divided by `per`.
+    let spent = |pids: &[u32], before: &[f64], per: f64| {
+        cpu_now(pids).iter().zip(before).map(|(a, b)| format!("{:.2}", (a - b) / per)).collect::<Vec<_>>().join(" / ")
     };
+    let (etcd_before, controllers_before) = (cpu_now(&etcd.pids()), cpu_now(&controller_pids));
+    tokio::time::sleep(Duration::from_secs(20)).await;
     println!(
         "  idle 20 s, CPU s per s: etcd members {}; controllers {}",
-        per_second(idle(etcd.pids()), etcd_before),
-        per_second(idle(controllers.iter().map(Controller::pid).collect()), controllers_before)
+        spent(&etcd.pids(), &etcd_before, 20.0),
+        spent(&controller_pids, &controllers_before, 20.0)
     );
 
     // Every site changes (the Settings document merged through replica 0):
@@ -410,7 +411,7 @@ async fn replicas(sites: usize, count: usize) {
     // sends and hears only its own agents.
     for _ in 0..2 {
         intent.settings.probe.interval_ms += 50;
-        let before = idle(controllers.iter().map(Controller::pid).collect());
+        let before = cpu_now(&controller_pids);
         let t = Instant::now();
         let (rev, _) = apply(&mut client, settings_yaml(&intent), revision, true).await;
         revision = rev;
@@ -418,12 +419,10 @@ async fn replicas(sites: usize, count: usize) {
             .until(Duration::from_secs(120), |a| a.revision == revision)
             .await
             .expect("not every agent acknowledged the change");
-        let after = idle(controllers.iter().map(Controller::pid).collect());
-        let cpu: Vec<String> = after.iter().zip(&before).map(|(a, b)| format!("{:.2}", a - b)).collect();
         println!(
             "  every site changed (Settings merged): apply → last ack {}; CPU per replica {} s (agents {spread:?})",
             ms(last - t),
-            cpu.join(" / ")
+            spent(&controller_pids, &before, 1.0)
         );
     }
     while fleet.events.try_recv().is_ok() {}

@@ -50,14 +50,10 @@ pub fn change_counts(summary: &str) -> String {
             settings = true;
             continue;
         }
-        let Some(op) = clause.chars().next() else { continue };
-        let at = match op {
-            '+' => 0,
-            '~' => 1,
-            '-' => 2,
-            _ => return summary.to_string(),
-        };
-        let Some(kind) = clause[1..].split(' ').next() else { continue };
+        if clause.is_empty() {
+            continue;
+        }
+        let Some((at, kind)) = parse_clause(clause) else { return summary.to_string() };
         if !kinds.contains(&kind) {
             kinds.push(kind);
         }
@@ -71,7 +67,7 @@ pub fn change_counts(summary: &str) -> String {
         out.push("settings changed".into());
     }
     for kind in kinds {
-        for (at, verb) in ["added", "changed", "removed"].iter().enumerate() {
+        for (at, verb) in VERBS.iter().enumerate() {
             if let Some(n) = counts.get(&(kind, at)) {
                 out.push(format!("{} {verb}", count(*n, kind)));
             }
@@ -80,35 +76,44 @@ pub fn change_counts(summary: &str) -> String {
     out.join(", ")
 }
 
+/// What happened to an object, by the index [`parse_clause`] gives.
+const VERBS: [&str; 3] = ["added", "changed", "removed"];
+
+/// A clause of an audit summary, `+site a`: what happened to it (an index
+/// into [`VERBS`]) and its kind; `None` for a clause of another form.
+fn parse_clause(clause: &str) -> Option<(usize, &str)> {
+    let at = match clause.chars().next()? {
+        '+' => 0,
+        '~' => 1,
+        '-' => 2,
+        _ => return None,
+    };
+    Some((at, clause[1..].split(' ').next().unwrap_or_default()))
+}
+
 /// An audit summary ([`crate::audit::summarise`]) for a terminal: at
 /// most `shown` clauses of each kind and what happened to it, the others
 /// counted — `+site a, +site b and 9998 more sites added` rather than
 /// 10,000 clauses on one line (a first import's). A summary of another
 /// form is returned as it is.
 pub fn condensed(summary: &str, shown: usize) -> String {
-    let mut groups: Vec<((char, &str), Vec<&str>)> = Vec::new();
+    let mut groups: Vec<((usize, &str), Vec<&str>)> = Vec::new();
     for clause in summary.split(", ") {
-        let Some(op @ ('+' | '~' | '-')) = clause.chars().next() else { return summary.to_string() };
-        let kind = clause[1..].split(' ').next().unwrap_or_default();
-        match groups.iter_mut().find(|(k, _)| *k == (op, kind)) {
+        let Some(group) = parse_clause(clause) else { return summary.to_string() };
+        match groups.iter_mut().find(|(g, _)| *g == group) {
             Some((_, clauses)) => clauses.push(clause),
-            None => groups.push(((op, kind), vec![clause])),
+            None => groups.push((group, vec![clause])),
         }
     }
     let mut out: Vec<String> = Vec::new();
-    for ((op, kind), clauses) in groups {
+    for ((at, kind), clauses) in groups {
         // Naming one more is as short as counting it.
         if clauses.len() <= shown + 1 {
             out.extend(clauses.iter().map(|c| c.to_string()));
             continue;
         }
-        let verb = match op {
-            '+' => "added",
-            '~' => "changed",
-            _ => "removed",
-        };
         let more = count(clauses.len() - shown, &format!("more {kind}"));
-        out.push(format!("{} and {more} {verb}", clauses[..shown].join(", ")));
+        out.push(format!("{} and {more} {}", clauses[..shown].join(", "), VERBS[at]));
     }
     out.join(", ")
 }

@@ -17,7 +17,7 @@ use http_body::Frame;
 use musubi_proto::codec::Lean;
 use musubi_proto::v1 as pb;
 use musubi_proto::wire::Outgoing;
-use musubi_proto::wire::agent_server::{Agent, AgentServer};
+use musubi_proto::wire::agent_server::{Agent, AgentServer, SERVICE_NAME};
 use prost::bytes::Bytes;
 use tokio_stream::Stream;
 use tonic::body::Body;
@@ -28,8 +28,12 @@ use tonic::{Request, Status, Streaming};
 use super::agent::AgentService;
 use crate::store::IntentStore;
 
-/// The Sync method's path.
-const SYNC: &str = "/musubi.v1.Agent/Sync";
+/// Whether `path` is the Sync method's: `/<service>/Sync`, the service's
+/// name as the generated server has it (a path this misses would still be
+/// answered, by the generated route, without the shared bytes).
+fn is_sync(path: &str) -> bool {
+    path.strip_prefix('/').and_then(|p| p.strip_prefix(SERVICE_NAME)) == Some("/Sync")
+}
 
 /// The agent service's routes: Sync answered here, the others by the
 /// generated server.
@@ -62,7 +66,7 @@ impl<S: IntentStore + 'static> AgentRoutes<S> {
 }
 
 impl<S> NamedService for AgentRoutes<S> {
-    const NAME: &'static str = <AgentServer<AgentService<S>> as NamedService>::NAME;
+    const NAME: &'static str = SERVICE_NAME;
 }
 
 impl<S: IntentStore + 'static> tower_service::Service<http::Request<Body>> for AgentRoutes<S> {
@@ -75,7 +79,7 @@ impl<S: IntentStore + 'static> tower_service::Service<http::Request<Body>> for A
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if request.uri().path() != SYNC {
+        if !is_sync(request.uri().path()) {
             return Box::pin(self.generated.call(request));
         }
         let service = self.service.clone();
@@ -198,6 +202,14 @@ mod tests {
             at = &at[5 + len..];
         }
         read
+    }
+
+    #[test]
+    fn only_the_sync_method_is_answered_here() {
+        assert!(is_sync("/musubi.v1.Agent/Sync"));
+        assert!(!is_sync("/musubi.v1.Agent/Enrol"));
+        assert!(!is_sync("/musubi.v1.Agent/Sync/more"));
+        assert!(!is_sync("/other.Agent/Sync"));
     }
 
     #[tokio::test]
