@@ -90,6 +90,25 @@ async fn apply(client: &mut OperatorClient<Channel>, text: String, expected: u64
     (resp.revision, t.elapsed())
 }
 
+/// [`apply`]s a change that reaches every site and waits until every agent
+/// acknowledged it. Returns the new revision, the call's time and the time
+/// from the call to the last acknowledgement.
+async fn apply_to_every_site(
+    client: &mut OperatorClient<Channel>,
+    fleet: &mut simulate::Fleet,
+    text: String,
+    expected: u64,
+    merge: bool,
+) -> (u64, Duration, Duration) {
+    let t = Instant::now();
+    let (revision, took) = apply(client, text, expected, merge).await;
+    let (last, _) = fleet
+        .until(Duration::from_secs(120), |a| a.revision == revision)
+        .await
+        .expect("not every agent acknowledged the change");
+    (revision, took, last - t)
+}
+
 fn yaml(intent: &Intent) -> String {
     to_yaml(intent).expect("export")
 }
@@ -214,19 +233,14 @@ async fn fleet(sites: usize, rounds: usize) {
         intent.settings.probe.interval_ms += 50;
         let text = if merge { settings_yaml(&intent) } else { yaml(&intent) };
         let (controller_cpu, fleet_cpu) = (cpu_seconds(controller.pid()), cpu_seconds(std::process::id()));
-        let t = Instant::now();
-        let (rev, took) = apply(&mut client, text, revision, merge).await;
+        let (rev, took, acked) = apply_to_every_site(&mut client, &mut fleet, text, revision, merge).await;
         revision = rev;
-        let (last, _) = fleet
-            .until(Duration::from_secs(120), |a| a.revision == revision)
-            .await
-            .expect("not every agent acknowledged the change");
         println!(
             "  every site changed ({}): apply call {} (in the controller {} ms), apply → last ack {}; CPU: controller {:.2} s, simulated agents {:.2} s",
             if merge { "Settings merged" } else { "whole intent" },
             ms(took),
             applied_ms(&dir.join("controller.log"), revision).map_or("?".into(), |t| t.to_string()),
-            ms(last - t),
+            ms(acked),
             cpu_seconds(controller.pid()) - controller_cpu,
             cpu_seconds(std::process::id()) - fleet_cpu,
         );
@@ -412,16 +426,12 @@ async fn replicas(sites: usize, count: usize) {
     for _ in 0..2 {
         intent.settings.probe.interval_ms += 50;
         let before = cpu_now(&controller_pids);
-        let t = Instant::now();
-        let (rev, _) = apply(&mut client, settings_yaml(&intent), revision, true).await;
+        let (rev, _, acked) =
+            apply_to_every_site(&mut client, &mut fleet, settings_yaml(&intent), revision, true).await;
         revision = rev;
-        let (last, _) = fleet
-            .until(Duration::from_secs(120), |a| a.revision == revision)
-            .await
-            .expect("not every agent acknowledged the change");
         println!(
             "  every site changed (Settings merged): apply → last ack {}; CPU per replica {} s (agents {spread:?})",
-            ms(last - t),
+            ms(acked),
             spent(&controller_pids, &before, 1.0)
         );
     }
